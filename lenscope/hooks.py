@@ -1,0 +1,182 @@
+"""Hook-point names and the small model surface lenscope relies on.
+
+Everything lenscope does goes through TransformerLens hook names
+(``hook_embed``, ``blocks.{layer}.hook_{kind}``), so a ``HookedTransformer``
+and a ``TransformerBridge`` are interchangeable. This module resolves the
+names, checks that a model has them, runs a forward pass with temporary hooks
+that stops as soon as the last residual stream is known (so the
+``[batch, pos, d_vocab]`` logits of a 262k-token vocabulary are never built),
+and decodes a residual-stream vector with the model's own final norm and
+unembedding (the logit lens of nostalgebraist, 2020).
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+Kind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
+KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+EMBED_HOOK = "hook_embed"
+
+HookFn = Callable[[Tensor, Any], Tensor | None]
+
+
+def hook_name(kind: str, layer: int) -> str:
+    """The TransformerLens hook name of ``kind`` at ``layer``.
+
+    Args:
+        kind: One of :data:`KINDS`.
+        layer: Block index.
+
+    Returns:
+        For example ``"blocks.3.hook_mlp_out"``.
+    """
+    return f"blocks.{layer}.hook_{check_kind(kind)}"
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it is a known hook-point type, else raise a ``ValueError``."""
+    if kind not in KINDS:
+        raise ValueError(
+            f"kind must be one of {KINDS} (the TransformerLens hook types "
+            f"blocks.L.hook_<kind>), got {kind!r}; pass e.g. kind='mlp_out'"
+        )
+    return kind
+
+
+def is_bridge(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (not a HookedTransformer)."""
+    return type(model).__name__ == "TransformerBridge" or any(
+        cls.__name__ == "TransformerBridge" for cls in type(model).__mro__
+    )
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The model's name as TransformerLens records it (``cfg.model_name``), or its class name."""
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", None) or type(model).__name__)
+
+
+def n_layers(model: torch.nn.Module) -> int:
+    """Number of transformer blocks."""
+    return int(model.cfg.n_layers)
+
+
+def check_hook_points(model: torch.nn.Module, names: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming the first hook point ``model`` lacks.
+
+    TransformerBridge's ``hooks()`` silently skips unknown names, so lenscope
+    checks them itself before a trace.
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise TypeError(
+            "model must be a TransformerLens HookedTransformer or TransformerBridge "
+            f"(an object with .hook_dict and .hooks()), got {type(model).__name__}; "
+            "load one with lenscope.load_model(...) or HookedTransformer.from_pretrained(...)"
+        )
+    missing = [name for name in names if name not in hook_dict]
+    if missing:
+        raise ValueError(
+            f"model {model_name(model)!r} lacks the hook point(s) {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}, which this trace needs; "
+            "for a TransformerBridge call model.enable_compatibility_mode() to get "
+            "TransformerLens hook names, or choose another kind"
+        )
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once its result is captured."""
+
+
+@contextlib.contextmanager
+def preserved_model(model: torch.nn.Module) -> Iterator[None]:
+    """Leave ``model`` as it was, whatever happens inside (exceptions, Ctrl-C).
+
+    Hooks are attached only through ``model.hooks()``, which removes them on
+    exit, so the user's own hooks stay and ours go. This restores the training
+    mode of every module and the grad flag of every parameter; lenscope never
+    writes weights.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+
+
+def run_to_final_resid(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    fwd_hooks: Sequence[tuple[str, HookFn]],
+    **forward_kwargs: Any,
+) -> Float[Tensor, "batch d_model"]:
+    """Run ``model`` with ``fwd_hooks`` and return the last position's final residual.
+
+    The forward pass is cut short by an exception at the last block's
+    ``hook_resid_post``, so neither the final norm nor the unembedding runs on
+    every position; decode the returned vector with :func:`decode_resid`.
+
+    Args:
+        model: HookedTransformer or TransformerBridge.
+        inputs: Tokens ``[batch pos]``, or a residual stream ``[batch pos d_model]``
+            together with ``start_at_layer`` (HookedTransformer only).
+        fwd_hooks: ``(hook_name, fn)`` pairs, attached for this call only.
+        **forward_kwargs: Passed to the model's forward, e.g. ``start_at_layer``
+            (HookedTransformer only) or ``past_kv_cache``; None values are dropped.
+
+    Returns:
+        The residual stream after the last block at the last position.
+    """
+    captured: list[Tensor] = []
+
+    def capture(resid: Tensor, hook: Any) -> None:
+        captured.append(resid[:, -1, :])
+        raise _StopForward
+
+    hooks = [*fwd_hooks, (hook_name("resid_post", n_layers(model) - 1), capture)]
+    kwargs = {key: value for key, value in forward_kwargs.items() if value is not None}
+    with model.hooks(fwd_hooks=hooks):
+        try:
+            model(inputs, **kwargs)
+        except _StopForward:
+            pass
+    if not captured:
+        raise RuntimeError(
+            f"the forward pass of {model_name(model)!r} never reached "
+            f"{hooks[-1][0]}; lenscope needs that hook point to fire"
+        )
+    return captured[0]
+
+
+def decode_resid(
+    model: torch.nn.Module, resid: Float[Tensor, "batch d_model"]
+) -> Float[Tensor, "batch d_vocab"]:
+    """Logits from final residual-stream vectors, in float32.
+
+    Applies the model's own final norm, unembedding and logit soft-cap, exactly
+    as its forward pass does after the last block.
+    """
+    x = resid.unsqueeze(1)
+    if is_bridge(model):
+        x = model.ln_final(x)
+        logits = model.unembed(x)
+    else:
+        if model.cfg.normalization_type is not None:
+            x = model.ln_final(x)
+        # HookedTransformer.unembed copies W_U.T on every call (671 MB on
+        # Gemma); a plain matmul on the parameter avoids it.
+        logits = x @ model.unembed.W_U + model.unembed.b_U
+    logits = logits[:, 0, :].float()
+    softcap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits

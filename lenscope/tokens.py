@@ -1,0 +1,180 @@
+"""Prompts, token labels, and where the subject sits among the tokens.
+
+The prompt is tokenised the way the model does by default
+(``model.to_tokens``: TransformerLens prepends BOS when the model's
+``cfg.default_prepend_bos`` says so, as it does for Gemma and GPT-2). The
+subject's token range is found on the decoded text, so it works for any
+tokenizer, including SentencePiece ones whose pieces carry their own spaces.
+"""
+
+import re
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+def _tokenizer(model: torch.nn.Module):
+    return getattr(model, "tokenizer", None)
+
+
+def prompt_tokens(model: torch.nn.Module, prompt: str | Tensor | Sequence[int]) -> Int[Tensor, " pos"]:
+    """The prompt's token ids, 1-D, on the model's device.
+
+    Args:
+        model: HookedTransformer or TransformerBridge.
+        prompt: Text (tokenised with the model's default BOS handling), or token ids.
+
+    Returns:
+        Token ids ``[pos]``.
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt must be non-empty text or token ids, got ''; pass a prompt")
+        if _tokenizer(model) is None:
+            raise ValueError(
+                f"model {type(model).__name__} has no tokenizer, so the prompt must be token "
+                f"ids, got text {prompt!r}; pass a 1-D LongTensor and subject=(start, end)"
+            )
+        tokens = model.to_tokens(prompt)[0]
+    else:
+        tokens = torch.as_tensor(prompt)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1 or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                "prompt must be text or a 1-D tensor of token ids, got a tensor of shape "
+                f"{tuple(tokens.shape)} and dtype {tokens.dtype}; pass e.g. model.to_tokens(text)[0]"
+            )
+        if tokens.numel() == 0:
+            raise ValueError("prompt must contain at least one token, got 0; pass a prompt")
+        if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+            raise ValueError(
+                f"token ids must lie in [0, {model.cfg.d_vocab}), got ids from "
+                f"{int(tokens.min())} to {int(tokens.max())}; tokenise with the model's tokenizer"
+            )
+    if tokens.shape[0] > model.cfg.n_ctx:
+        raise ValueError(
+            f"prompt must fit the model's context of {model.cfg.n_ctx} tokens, got "
+            f"{tokens.shape[0]}; shorten the prompt"
+        )
+    return tokens.long().to(model.cfg.device)
+
+
+def token_labels(model: torch.nn.Module, ids: Sequence[int] | Tensor) -> tuple[str, ...]:
+    """The text of each token id (``"<id 5>"`` when the model has no tokenizer)."""
+    ids = [int(i) for i in ids]
+    tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        return tuple(f"<id {i}>" for i in ids)
+    return tuple(tokenizer.decode([i]) for i in ids)
+
+
+def find_subject(
+    model: torch.nn.Module, tokens: Int[Tensor, " pos"], subject: str | tuple[int, int]
+) -> tuple[int, int]:
+    """Token range ``(start, end)`` (end exclusive) of the subject in the prompt.
+
+    Args:
+        model: Supplies the tokenizer.
+        tokens: The prompt's token ids.
+        subject: The subject's text (its first occurrence is used), or an
+            explicit token range.
+
+    Returns:
+        ``(start, end)`` covering every token that overlaps the subject's text.
+    """
+    n_pos = tokens.shape[0]
+    if isinstance(subject, tuple | list):
+        if (
+            len(subject) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in subject)
+            or not 0 <= subject[0] < subject[1] <= n_pos
+        ):
+            raise ValueError(
+                f"subject range must be (start, end) token positions with "
+                f"0 <= start < end <= {n_pos}, got {tuple(subject)}; pass e.g. (1, 4)"
+            )
+        return int(subject[0]), int(subject[1])
+    if not isinstance(subject, str):
+        raise TypeError(
+            f"subject must be text or a (start, end) token range, got {type(subject).__name__}"
+        )
+    tokenizer = _tokenizer(model)
+    labels = list(token_labels(model, tokens))
+    if not subject.strip():
+        raise ValueError(f"subject must be non-empty text, got {subject!r}; pass e.g. 'The Eiffel Tower'")
+    if tokenizer is None:
+        raise ValueError(
+            f"model has no tokenizer, so the subject must be a token range, got {subject!r}; "
+            "pass subject=(start, end)"
+        )
+    ids = tokens.tolist()
+    # Character end of each token in the decoded prompt, from decoding prefixes:
+    # robust to tokenizers whose pieces do not concatenate to the text.
+    ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    text = tokenizer.decode(ids)
+    char_start = text.find(subject)
+    if char_start < 0:
+        char_start = text.find(subject.strip())
+        subject = subject.strip()
+    if char_start < 0:
+        raise ValueError(
+            f"subject {subject!r} must occur in the prompt, but the prompt tokenised as "
+            f"{labels}; check spelling and case, or pass subject=(start, end) token positions"
+        )
+    char_end = char_start + len(subject)
+    starts = [0, *ends[:-1]]
+    overlapping = [i for i in range(n_pos) if starts[i] < char_end and ends[i] > char_start]
+    return overlapping[0], overlapping[-1] + 1
+
+
+def answer_token(model: torch.nn.Module, answer: str | int) -> int:
+    """The single token id of an answer given as text or id."""
+    if isinstance(answer, bool) or not isinstance(answer, str | int):
+        raise TypeError(f"answer must be text or a token id, got {type(answer).__name__}")
+    if isinstance(answer, int):
+        if not 0 <= answer < model.cfg.d_vocab:
+            raise ValueError(
+                f"answer token id must lie in [0, {model.cfg.d_vocab}), got {answer}"
+            )
+        return answer
+    tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(
+            f"model has no tokenizer, so the answer must be a token id, got {answer!r}"
+        )
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(
+            f"answer must be a single token, but {answer!r} tokenises as "
+            f"{list(token_labels(model, ids))}; pass one token (mind the leading space, "
+            f"e.g. ' Paris') or its id"
+        )
+    return int(ids[0])
+
+
+_CAPITALISED_SPAN = re.compile(r"[A-Z][\w'\-\.]*(?:\s+(?:of|the|de|du|von|van|der|[A-Z][\w'\-\.]*))*")
+
+
+def guess_subject(prompt: str) -> str:
+    """Guess the subject of a factual prompt: its longest capitalised span.
+
+    Leading articles join the span ("The Eiffel Tower"); a capitalised first
+    word alone (a sentence start such as "In") loses to any longer span.
+
+    Args:
+        prompt: The prompt text.
+
+    Returns:
+        The guessed subject text.
+    """
+    spans = [m.group(0).strip() for m in _CAPITALISED_SPAN.finditer(prompt)]
+    spans = [re.sub(r"\s+(?:of|the|de|du|von|van|der)$", "", s) for s in spans]
+    if not spans:
+        raise ValueError(
+            f"could not guess a subject in {prompt!r} (no capitalised words); "
+            "pass the subject explicitly"
+        )
+    return max(spans, key=lambda s: (len(s.split()), len(s)))

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny, seeded, offline TransformerLens models with a word tokenizer."""
+
+import warnings
+
+import pytest
+import torch
+
+TINY_WORDS = (
+    "the eiffel tower is located in city of paris rome space needle seattle "
+    "colosseum big ben london france italy capital a an and"
+).split()
+TINY_PROMPT = "The Eiffel Tower is located in the city of"
+TINY_SUBJECT = "The Eiffel Tower"
+
+
+def make_tiny_tokenizer(tmp_dir):
+    """A word-level fast tokenizer (GPT-2 style leading-space tokens) with a BOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<unk>": 1, "<pad>": 2}
+    for word in TINY_WORDS + [w.capitalize() for w in TINY_WORDS]:
+        for piece in (word, "\u0120" + word):
+            vocab.setdefault(piece, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    # TransformerLens reloads the tokenizer by name, so give it a local one.
+    tok.save_pretrained(tmp_dir)
+    return AutoTokenizer.from_pretrained(tmp_dir)
+
+
+def make_tiny_model(tokenizer=None, *, n_layers=4, positional="rotary", normalization="LN",
+                    d_vocab=None, seed=0, dtype=torch.float32):
+    """A randomly initialised HookedTransformer small enough for exhaustive checks."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=d_vocab or (len(tokenizer) if tokenizer is not None else 64),
+        n_ctx=32,
+        act_fn="gelu",
+        normalization_type=normalization,
+        positional_embedding_type=positional,
+        seed=seed,
+        default_prepend_bos=True,
+        dtype=dtype,
+        model_name=f"tiny-{positional}-{n_layers}l",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    """4-layer rotary model with the word tokenizer (BOS prepended)."""
+    return make_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_tokenizer():
+    """4-layer model with learned absolute positions and no tokenizer."""
+    return make_tiny_model(None, positional="standard")
