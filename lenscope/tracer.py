@@ -70,7 +70,8 @@ class CausalTracer:
         strategy: str = "auto",
         progress: bool = True,
     ) -> None:
-        check_hook_points(model, [EMBED_HOOK, hook_name("resid_post", n_layers(model) - 1)])
+        check_hook_points(model, [EMBED_HOOK])
+        check_hook_points(model, [hook_name("resid_post", n_layers(model) - 1)])
         _check_positive_finite("noise_multiplier", noise_multiplier, allow_zero=True)
         if batch_size is not None:
             _check_batch_size(batch_size)

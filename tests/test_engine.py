@@ -1,0 +1,131 @@
+"""The vectorised sweep against a plain reference loop, written independently here."""
+
+import math
+
+import pytest
+import torch
+
+import lenscope
+from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_model
+
+SAMPLES = 3
+
+
+def reference_trace(model, tokens, subject_range, noise, kind, window, answer, cells):
+    """One run_with_hooks per cell, full logits, nothing shared: the obvious implementation."""
+    n_layers = model.cfg.n_layers
+    start, end = subject_range
+    _, clean_cache = model.run_with_cache(tokens[None])
+    batch = tokens[None].repeat(noise.shape[0], 1)
+
+    def add_noise(embed, hook):
+        embed = embed.clone()
+        embed[:, start:end] += noise
+        return embed
+
+    def restorer(name, pos):
+        def hook(act, hook):
+            act = act.clone()
+            act[:, pos] = clean_cache[name][0, pos]
+            return act
+
+        return hook
+
+    def score(extra_hooks):
+        logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", add_noise), *extra_hooks])
+        return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer].mean().item()
+
+    out = torch.full((n_layers, tokens.shape[0]), math.nan)
+    for layer, pos in cells:
+        lo = max(0, layer - window // 2)
+        hi = min(n_layers, layer - window // 2 + window)
+        names = [f"blocks.{j}.hook_{kind}" for j in range(lo, hi)]
+        out[layer, pos] = score([(name, restorer(name, pos)) for name in names])
+    return out, score([])
+
+
+@pytest.fixture(scope="module")
+def tokens_and_noise(tiny_model):
+    tokens = tiny_model.to_tokens(TINY_PROMPT)[0]
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(SAMPLES, 3, tiny_model.cfg.d_model, generator=generator) * 2.0
+    return tokens, noise
+
+
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("kind", lenscope.KINDS)
+def test_engine_matches_reference_loop(tiny_model, tokens_and_noise, kind, window, strategy):
+    tokens, noise = tokens_and_noise
+    tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=7)
+    result = tracer.trace(tokens, (1, 4), kind=kind, window=window, noise_tensor=noise, samples=SAMPLES)
+    cells = [(layer, pos) for layer in range(4) for pos in range(tokens.shape[0])]
+    expected, corrupted = reference_trace(
+        tiny_model, tokens, (1, 4), noise, kind, window, result.answer_id, cells
+    )
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
+    assert result.corrupted_score == pytest.approx(corrupted, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+def test_layer_range_and_positions_subset(tiny_model, tokens_and_noise, strategy):
+    tokens, noise = tokens_and_noise
+    tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False)
+    result = tracer.trace(
+        tokens, (1, 4), kind="mlp_out", window=3, noise_tensor=noise, samples=SAMPLES,
+        layers=[1, 2], positions=[0, 3, 5, 9],
+    )
+    cells = [(layer, pos) for layer in (1, 2) for pos in (0, 3, 5, 9)]
+    expected, _ = reference_trace(tiny_model, tokens, (1, 4), noise, "mlp_out", 3, result.answer_id, cells)
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0, equal_nan=True)
+    assert result.scores.isnan().sum() == 4 * 10 - 8
+    assert (result.top_ids[0] == -1).all() and result.top_probs[0].isnan().all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 64, None])
+def test_every_chunking_gives_the_same_scores(tiny_model, tokens_and_noise, batch_size):
+    """Chunking and the automatic batch size change speed, never the numbers."""
+    tokens, noise = tokens_and_noise
+    reference = lenscope.CausalTracer(tiny_model, strategy="full", progress=False, batch_size=1000)
+    expected = reference.trace(tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES)
+    for strategy in ("full", "prefix"):
+        tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=batch_size)
+        got = tracer.trace(tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES)
+        torch.testing.assert_close(got.scores, expected.scores, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.top_probs, expected.top_probs, atol=1e-6, rtol=0)
+        assert torch.equal(got.top_ids[..., 0], expected.top_ids[..., 0])
+
+
+def test_prefix_strategy_on_model_with_learned_positions(tiny_model_no_tokenizer):
+    """Absolute position embeddings: the prefix path must keep the positions of the suffix."""
+    model = tiny_model_no_tokenizer
+    tokens = torch.tensor([0, 5, 9, 11, 3, 7, 20, 8])
+    noise = torch.randn(2, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    results = {
+        strategy: lenscope.CausalTracer(model, strategy=strategy, progress=False).trace(
+            tokens, (2, 4), kind="resid_pre", window=2, noise_tensor=noise, samples=2, answer=3
+        )
+        for strategy in ("full", "prefix")
+    }
+    torch.testing.assert_close(results["prefix"].scores, results["full"].scores, atol=1e-6, rtol=0)
+    cells = [(layer, pos) for layer in range(4) for pos in range(8)]
+    expected, _ = reference_trace(model, tokens, (2, 4), noise, "resid_pre", 2, 3, cells)
+    torch.testing.assert_close(results["prefix"].scores, expected, atol=1e-5, rtol=0)
+
+
+def test_auto_batch_size_is_bounded(tiny_model):
+    from lenscope.engine import auto_batch_size
+
+    rows = auto_batch_size(tiny_model, n_pos=10, samples=10)
+    assert 10 <= rows <= 4096
+
+
+def test_restore_windows_follow_rome():
+    from lenscope.engine import restore_windows
+
+    cells = torch.tensor([[0, 0], [5, 0], [17, 0]])
+    windows = restore_windows(cells, 10, 18)
+    # ROME: layers [l - w//2, l - w//2 + w) clipped to [0, n_layers)
+    assert windows[0].nonzero().flatten().tolist() == list(range(0, 5))
+    assert windows[1].nonzero().flatten().tolist() == list(range(0, 10))
+    assert windows[2].nonzero().flatten().tolist() == list(range(12, 18))
