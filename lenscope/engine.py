@@ -220,25 +220,54 @@ def _plan_batches(
     """Split cells into batches ``(cell indices, start layer, first position)``.
 
     ``full``: any cells together, from layer 0 and position 0. ``prefix``:
-    cells sharing a position, ordered by first restored layer so a batch
-    starts as late as its earliest cell allows.
+    cells sharing their first restored layer, cut into runs of consecutive
+    positions by a small dynamic programme that minimises the token-layers
+    computed (a batch runs positions from its earliest cell's on) plus a
+    fixed cost per forward pass, so batches stay large enough to be
+    efficient without computing much beyond the minimal work.
     """
+    n_layer = windows.shape[1]
     first_layer = windows.float().argmax(dim=1)
-    batches: list[tuple[Tensor, int, int]] = []
     if strategy == "full":
         per_batch = max(1, rows_for(n_pos) // samples)
         order = torch.arange(len(cells))
-        for i in range(0, len(cells), per_batch):
-            batches.append((order[i : i + per_batch], 0, 0))
-        return batches
-    for pos in cells[:, 1].unique().tolist():
-        members = torch.nonzero(cells[:, 1] == pos).flatten()
-        members = members[torch.argsort(first_layer[members], descending=True, stable=True)]
-        per_batch = max(1, rows_for(n_pos - pos) // samples)
-        for i in range(0, len(members), per_batch):
-            chunk = members[i : i + per_batch]
-            batches.append((chunk, int(first_layer[chunk].min()), pos))
+        return [(order[i : i + per_batch], 0, 0) for i in range(0, len(cells), per_batch)]
+    batches: list[tuple[Tensor, int, int]] = []
+    for start in first_layer.unique().tolist():
+        members = torch.nonzero(first_layer == start).flatten()
+        members = members[torch.argsort(cells[members, 1], stable=True)]
+        positions = cells[members, 1].tolist()
+        for lo, hi in _cut_runs(positions, n_pos, samples, rows_for):
+            batches.append((members[lo:hi], start, positions[lo]))
     return batches
+
+
+# Cost of one forward pass beyond its token-layers, in token-layers: small
+# batches use the CPU's matrix units poorly and pay Python/hook overhead.
+_FORWARD_OVERHEAD = 96
+
+
+def _cut_runs(
+    positions: list[int], n_pos: int, samples: int, rows_for: Callable[[int], int]
+) -> list[tuple[int, int]]:
+    """Cut sorted ``positions`` into ``[lo, hi)`` runs of least total cost."""
+    count = len(positions)
+    best = [0.0] + [float("inf")] * count
+    cut = [0] * (count + 1)
+    for hi in range(1, count + 1):
+        for lo in range(hi - 1, -1, -1):
+            rows = (hi - lo) * samples
+            if rows > max(samples, rows_for(n_pos - positions[lo])):
+                break
+            cost = best[lo] + rows * (n_pos - positions[lo]) + _FORWARD_OVERHEAD
+            if cost < best[hi]:
+                best[hi], cut[hi] = cost, lo
+    runs = []
+    hi = count
+    while hi > 0:
+        runs.append((cut[hi], hi))
+        hi = cut[hi]
+    return runs[::-1]
 
 
 def _frozen_cache(kv_cache: Any, start: int, pos: int, copies: int) -> Any:
@@ -282,9 +311,11 @@ def sweep(
 ) -> SweepOutput:
     """Restore every cell in ``cells`` (``[layer, pos]`` rows) and score it.
 
-    Rows of a batch are ``(cell, sample)`` pairs, cell-major. Returns the
-    metric averaged over samples and the top-k of the sample-averaged
-    next-token distribution for each traced cell.
+    Rows of a batch are ``(cell, sample)`` pairs, cell-major. The final
+    residuals of all batches are decoded together in large chunks, so the
+    unembedding matrix (671 MB for Gemma) is read a few times per trace rather
+    than once per forward pass. Returns the metric averaged over samples and
+    the top-k of the sample-averaged next-token distribution of each cell.
     """
     n_layer, n_pos = n_layers(model), tokens.shape[0]
     samples = noise.shape[0]
@@ -294,11 +325,9 @@ def sweep(
         return batch_size or auto_batch_size(model, length, samples)
 
     batches = _plan_batches(cells, windows, strategy, rows_for, n_pos, samples)
-    scores = torch.full((n_layer, n_pos), float("nan"))
-    top_ids = torch.full((n_layer, n_pos, top_k), -1, dtype=torch.long)
-    top_probs = torch.full((n_layer, n_pos, top_k), float("nan"))
     names = [hook_name(kind, layer) for layer in range(n_layer)]
-
+    order: list[Tensor] = []
+    finals: list[Tensor] = []
     for members, start, pos0 in tqdm(batches, desc=description or "trace", disable=not progress):
         batch_cells, batch_windows = cells[members], windows[members]
         onehot = torch.nn.functional.one_hot(batch_cells[:, 1] - pos0, n_pos - pos0).bool()
@@ -308,33 +337,57 @@ def sweep(
             if not restore.any():
                 continue
             mask = einops.repeat(restore, "cell pos -> (cell sample) pos", sample=samples)
-            hooks.append(
-                (names[layer], _restore_hook(clean.activations[names[layer]][pos0:],
-                                             mask.to(tokens.device)))
-            )
+            clean_act = clean.activations[names[layer]][pos0:]
+            hooks.append((names[layer], _restore_hook(clean_act, mask.to(tokens.device))))
         if strategy == "full":
             inputs = einops.repeat(tokens, "pos -> rows pos", rows=len(members) * samples)
             hooks.insert(0, (EMBED_HOOK, _noise_hook(noise, subject_range)))
-            resid = run_to_final_resid(model, inputs, hooks)
+            finals.append(run_to_final_resid(model, inputs, hooks))
         else:
-            assert corrupted.resid_pre is not None
+            if corrupted.resid_pre is None:
+                raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre")
             inputs = einops.repeat(
                 corrupted.resid_pre[start][:, pos0:], "s p d -> (c s) p d", c=len(members)
             )
-            cache = (
-                _frozen_cache(corrupted.kv_cache, start, pos0, len(members)) if pos0 else None
+            cache = _frozen_cache(corrupted.kv_cache, start, pos0, len(members)) if pos0 else None
+            finals.append(
+                run_to_final_resid(model, inputs, hooks, start_at_layer=start, past_kv_cache=cache)
             )
-            resid = run_to_final_resid(
-                model, inputs, hooks, start_at_layer=start, past_kv_cache=cache
-            )
-        logits = decode_resid(model, resid)
+        order.append(members)
+    return _score_cells(
+        model, cells, torch.cat(order), torch.cat(finals), n_pos, samples, answer_id, metric, top_k
+    )
+
+
+def _score_cells(
+    model: torch.nn.Module,
+    cells: Int[Tensor, "cell 2"],
+    order: Int[Tensor, " cell"],
+    finals: Float[Tensor, "row d_model"],
+    n_pos: int,
+    samples: int,
+    answer_id: int,
+    metric: PatchingMetric,
+    top_k: int,
+) -> SweepOutput:
+    """Decode final residuals in chunks and reduce them to per-cell scores and top-k."""
+    n_layer = n_layers(model)
+    scores = torch.full((n_layer, n_pos), float("nan"))
+    top_ids = torch.full((n_layer, n_pos, top_k), -1, dtype=torch.long)
+    top_probs = torch.full((n_layer, n_pos, top_k), float("nan"))
+    # ~256 MB of float32 logits per chunk, whole cells only.
+    chunk_cells = max(1, (1 << 26) // (model.cfg.d_vocab * samples))
+    for first in range(0, len(order), chunk_cells):
+        members = order[first : first + chunk_cells]
+        rows = finals[first * samples : (first + len(members)) * samples]
+        logits = decode_resid(model, rows)
         per_copy = metric(logits, answer_id).float()
         cell_scores = einops.reduce(per_copy, "(cell sample) -> cell", "mean", sample=samples)
         probs = einops.reduce(
             torch.softmax(logits, dim=-1), "(cell sample) v -> cell v", "mean", sample=samples
         )
         best = probs.topk(top_k, dim=-1)
-        layer_idx, pos_idx = batch_cells[:, 0], batch_cells[:, 1]
+        layer_idx, pos_idx = cells[members, 0], cells[members, 1]
         scores[layer_idx, pos_idx] = cell_scores.cpu()
         top_ids[layer_idx, pos_idx] = best.indices.cpu()
         top_probs[layer_idx, pos_idx] = best.values.cpu()

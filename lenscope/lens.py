@@ -1,0 +1,843 @@
+"""Lens views: what every layer would predict if the model stopped there.
+
+The logit lens (nostalgebraist, "interpreting GPT: the logit lens", 2020)
+decodes an intermediate residual stream with the model's own final norm and
+unembedding; the tuned lens (Belrose et al., "Eliciting Latent Predictions
+from Transformers with the Tuned Lens", 2023, arXiv 2303.08112) first passes
+it through a learned affine translator per layer. :func:`lens_trajectory`
+computes such a prediction trajectory for a TransformerLens model at every
+``(layer, pos)`` of one hook-point type and keeps only what its plots need:
+per-cell statistics over the vocabulary (entropy, the answer's probability
+and rank, the top-1 probability, KL divergence from the final output) and
+the top-k tokens. The vocabulary axis is reduced right after decoding a chunk
+of layers, so ``[layer, pos, d_vocab]`` is never built for all layers at once
+(Gemma-3 has 262,144 tokens). :func:`lens_trace_cell` looks at one cell of a
+causal trace (Meng et al., 2022, arXiv 2202.05262) through the lens: the
+clean, corrupted and restored runs, with the trace's own noise and the
+engine's restoration hooks.
+
+Which hook point is decoded (``component``):
+
+* ``resid_pre``, ``resid_mid``, ``resid_post``: the residual stream at
+  ``blocks.{layer}.hook_{component}``, decoded directly (the logit lens
+  proper). ``resid_pre`` at layer 0 is the embedding; ``resid_post`` at the
+  last layer is the model's own output.
+* ``attn_out``, ``mlp_out``: a block's output *alone*, pushed through the
+  same final norm and unembedding, as in "direct logit" inspection. It is not
+  a residual stream, and the final norm is fitted to the residual stream (its
+  scale and mean come from the vector it is given), so these read-outs are an
+  approximation of the block's direct contribution to the logits.
+"""
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lenscope import engine
+from lenscope.hooks import (
+    EMBED_HOOK,
+    KINDS,
+    _StopForward,
+    check_hook_points,
+    decode_resid,
+    hook_name,
+    model_name,
+    n_layers,
+    preserved_model,
+)
+from lenscope.noise import draw_noise
+from lenscope.results import TraceResult
+from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
+
+COMPONENTS: tuple[str, ...] = KINDS
+"""Hook-point types a lens can decode (the TransformerLens ``blocks.L.hook_<component>``)."""
+
+STATISTICS: dict[str, tuple[str, str]] = {
+    "entropy": ("entropy", "nats"),
+    "answer_prob": ("answer probability", ""),
+    "answer_rank": ("answer rank", ""),
+    "top1_prob": ("top-1 probability", ""),
+    "kl_to_final": ("KL(final ‖ layer)", "nats"),
+}
+"""Per-cell statistics of a :class:`LensTrajectory`: name -> (readable name, units)."""
+
+STATISTIC_ALIASES: dict[str, str] = {"kl": "kl_to_final", "rank": "answer_rank"}
+"""Short names accepted wherever a statistic is named."""
+
+_FORMAT = "lenscope.LensTrajectory/1"
+_STAT_FIELDS = tuple(STATISTICS)
+_TENSOR_FIELDS = {
+    **{name: torch.float32 for name in _STAT_FIELDS},
+    "token_ids": torch.int64,
+    "top_ids": torch.int64,
+    "top_probs": torch.float32,
+}
+_DEFAULT_CHUNK_BYTES = 512 << 20
+
+
+def resolve_statistic(statistic: str) -> str:
+    """The canonical name of ``statistic`` (``"kl"`` -> ``"kl_to_final"``).
+
+    Args:
+        statistic: One of :data:`STATISTICS` or :data:`STATISTIC_ALIASES`.
+
+    Returns:
+        A key of :data:`STATISTICS`.
+
+    Raises:
+        ValueError: Unknown statistic.
+    """
+    name = STATISTIC_ALIASES.get(statistic, statistic) if isinstance(statistic, str) else None
+    if name not in STATISTICS:
+        raise ValueError(
+            f"statistic must be one of {tuple(STATISTICS)} (or the aliases "
+            f"{tuple(STATISTIC_ALIASES)}), got {statistic!r}; pass e.g. statistic='entropy'"
+        )
+    return name
+
+
+@runtime_checkable
+class LensDecoder(Protocol):
+    """What :func:`lens_trajectory` needs from a lens: hidden states in, logits out.
+
+    Any object with this ``forward`` works, e.g. a trained tuned lens from the
+    ``tuned-lens`` package (its ``TunedLens.forward(h, idx)`` has this shape),
+    or an affine translator followed by the model's unembedding. The logits
+    must cover the model's whole vocabulary, in the model's token order.
+    """
+
+    def forward(
+        self, hidden: Float[Tensor, "batch pos d_model"], layer: int
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits predicted from the hidden states of ``layer``."""
+        ...
+
+
+class LogitLens:
+    """The logit lens: the model's own final norm, unembedding and logit soft-cap.
+
+    The identity translator of the tuned-lens family (nostalgebraist, 2020):
+    ``layer`` is ignored, every hidden state goes through exactly what the
+    model applies after its last block (:func:`lenscope.hooks.decode_resid`),
+    so the last layer's ``resid_post`` decodes to the model's own logits.
+
+    Args:
+        model: HookedTransformer or TransformerBridge.
+    """
+
+    name = "logit lens"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        """Decode with ``model``'s own head."""
+        self.model = model
+
+    def forward(
+        self, hidden: Float[Tensor, "batch pos d_model"], layer: int
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Float32 logits of every position's hidden state.
+
+        Args:
+            hidden: Hidden states at one hook point.
+            layer: The layer they come from (unused: the logit lens has no translator).
+
+        Returns:
+            The logits, as the model's head would produce them from ``hidden``.
+        """
+        batch = hidden.shape[0]
+        flat = einops.rearrange(hidden, "batch pos d_model -> (batch pos) d_model")
+        logits = decode_resid(self.model, flat)
+        return einops.rearrange(logits, "(batch pos) d_vocab -> batch pos d_vocab", batch=batch)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        """``LogitLens(<model name>)``."""
+        return f"LogitLens({model_name(self.model)})"
+
+
+def _decoder_name(decoder: Any) -> str:
+    return str(getattr(decoder, "name", None) or type(decoder).__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LensTrajectory:
+    """A prediction trajectory: per ``(layer, pos)`` statistics of the lens's next-token guess.
+
+    Row ``layer`` holds what decoding ``hook_names[layer]`` predicts at each
+    position. All statistics are in float32 and use natural logarithms.
+
+    When the trajectory comes from several runs at once (the corrupted copies
+    of a causal trace, ``copies > 1``), the probabilities are first averaged
+    over copies, ``p̄ = mean_c softmax(logits_c)``, and every statistic and
+    the top-k are computed on that mean distribution, as the causal-tracing
+    engine does for its top-k. The answer's probability is then the mean of
+    the per-copy probabilities (ROME's score); entropy and KL are those of the
+    mean distribution, not the mean of per-copy entropies.
+
+    Attributes:
+        component: Hook-point type decoded (``"resid_post"`` etc., see :data:`COMPONENTS`).
+        hook_names: The hook name decoded at each layer (row).
+        tokens: Token labels of the prompt.
+        token_ids: The prompt's token ids.
+        model_name: The model's ``cfg.model_name``.
+        answer: The answer token's text.
+        answer_id: The answer token's id; by default the final output's top-1
+            token at the last position.
+        entropy: Entropy of the lens distribution, in nats.
+        answer_prob: Probability of the answer token.
+        answer_rank: Rank of the answer token, 1 = most probable (ties do not
+            push the answer down: rank is 1 + the number of strictly more probable tokens).
+        top1_prob: Probability of the most probable token.
+        kl_to_final: ``KL(final ‖ layer) = Σ p_final (log p_final - log p_layer)`` in
+            nats, with ``p_final`` the same run's output distribution at the same
+            position (decoded by the model's own head, not the lens): the
+            "forward KL" of tuned-lens and the loss its translators minimise
+            (Belrose et al., 2023, Section 3). It is 0 at the last ``resid_post`` layer.
+        top_ids: Top-k token ids of the lens distribution, most probable first.
+        top_probs: Their probabilities.
+        vocab: Text of every token id in ``top_ids`` and of the answer.
+        decoder: Name of the decoder (``"logit lens"`` for :class:`LogitLens`).
+        copies: Number of runs averaged (1 for a single clean run).
+        label: Name of the run, used as a panel title (``"clean"``, ``"corrupted"``, ...).
+        prompt: The prompt text, if it was given as text.
+        subject_range: ``(start, end)`` token positions of the subject, if known.
+        noise_std: Std of the noise added at ``hook_embed`` (corrupted and restored runs).
+        seed: Seed of that noise.
+        restored_hooks: Hook points restored to their clean activations.
+        restored_pos: Token position restored at those hook points.
+    """
+
+    component: str
+    hook_names: tuple[str, ...]
+    tokens: tuple[str, ...]
+    token_ids: Int[Tensor, " pos"]
+    model_name: str
+    answer: str
+    answer_id: int
+    entropy: Float[Tensor, "layer pos"]
+    answer_prob: Float[Tensor, "layer pos"]
+    answer_rank: Float[Tensor, "layer pos"]
+    top1_prob: Float[Tensor, "layer pos"]
+    kl_to_final: Float[Tensor, "layer pos"]
+    top_ids: Int[Tensor, "layer pos k"]
+    top_probs: Float[Tensor, "layer pos k"]
+    vocab: dict[int, str]
+    decoder: str = "logit lens"
+    copies: int = 1
+    label: str = "clean"
+    prompt: str | None = None
+    subject_range: tuple[int, int] | None = None
+    noise_std: float | None = None
+    seed: int | None = None
+    restored_hooks: tuple[str, ...] = ()
+    restored_pos: int | None = None
+
+    def __post_init__(self) -> None:
+        """Check that shapes agree with each other."""
+        if self.component not in COMPONENTS:
+            raise ValueError(
+                f"component must be one of {COMPONENTS}, got {self.component!r}; "
+                "pass e.g. component='resid_post'"
+            )
+        n_layer, n_pos = self.entropy.shape
+        problems = []
+        for name in _STAT_FIELDS:
+            shape = tuple(getattr(self, name).shape)
+            if shape != (n_layer, n_pos):
+                problems.append(f"{name} {shape} should be ({n_layer}, {n_pos})")
+        if self.token_ids.shape != (n_pos,) or len(self.tokens) != n_pos:
+            problems.append(
+                f"token_ids {tuple(self.token_ids.shape)} and {len(self.tokens)} tokens "
+                f"should both have {n_pos} positions"
+            )
+        if len(self.hook_names) != n_layer:
+            problems.append(f"{len(self.hook_names)} hook_names for {n_layer} layers")
+        if self.top_ids.shape[:2] != (n_layer, n_pos) or self.top_ids.shape != self.top_probs.shape:
+            problems.append(
+                f"top_ids {tuple(self.top_ids.shape)} and top_probs "
+                f"{tuple(self.top_probs.shape)} should be ({n_layer}, {n_pos}, k)"
+            )
+        if self.subject_range is not None:
+            start, end = self.subject_range
+            if not 0 <= start < end <= n_pos:
+                problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
+        if self.answer_id not in self.vocab:
+            problems.append(f"answer_id {self.answer_id} missing from vocab")
+        if problems:
+            raise ValueError(
+                f"inconsistent LensTrajectory with entropy {(n_layer, n_pos)}: "
+                + "; ".join(problems)
+            )
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers (rows)."""
+        return int(self.entropy.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        """Number of token positions (columns)."""
+        return int(self.entropy.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        """Number of top predictions kept per cell."""
+        return int(self.top_ids.shape[-1])
+
+    def statistic(self, name: str) -> Float[Tensor, "layer pos"]:
+        """The ``[layer, pos]`` grid of one statistic (a :data:`STATISTICS` key, or ``"kl"``)."""
+        return getattr(self, resolve_statistic(name))
+
+    def top_predictions(self, layer: int, pos: int) -> list[tuple[str, float]]:
+        """The lens's top-k ``(token, probability)`` at one cell (negative indices count back)."""
+        if not (-self.n_layers <= layer < self.n_layers and -self.n_pos <= pos < self.n_pos):
+            raise ValueError(
+                f"cell must lie in layers [0, {self.n_layers}) and positions "
+                f"[0, {self.n_pos}) (or count back from the end), got layer={layer}, "
+                f"pos={pos}; pass e.g. layer=-1, pos=-1 for the output at the last token"
+            )
+        return [
+            (self.vocab[int(i)], float(p))
+            for i, p in zip(self.top_ids[layer, pos], self.top_probs[layer, pos], strict=True)
+        ]
+
+    def with_label(self, label: str) -> "LensTrajectory":
+        """A copy with another run label (the panel title in :func:`plot_lens`)."""
+        return dataclasses.replace(self, label=label)
+
+    def to_dataframe(self) -> Any:
+        """A long table: one row per ``(layer, pos)`` cell with every statistic and the top-1."""
+        import pandas as pd
+
+        stats = {name: getattr(self, name).tolist() for name in _STAT_FIELDS}
+        rows = [
+            {
+                "label": self.label,
+                "component": self.component,
+                "hook_name": self.hook_names[layer],
+                "layer": layer,
+                "pos": pos,
+                "token": self.tokens[pos],
+                **{name: grid[layer][pos] for name, grid in stats.items()},
+                "top1": self.vocab[int(self.top_ids[layer, pos, 0])],
+            }
+            for layer in range(self.n_layers)
+            for pos in range(self.n_pos)
+        ]
+        frame = pd.DataFrame(rows)
+        frame["answer_rank"] = frame["answer_rank"].astype("int64")
+        return frame
+
+    def plot(self, statistic: str = "entropy", **kwargs: Any) -> Any:
+        """A plotly heatmap of one statistic; see :func:`lenscope.plotting.lens.plot_lens`."""
+        from lenscope.plotting.lens import plot_lens
+
+        return plot_lens(self, statistic=statistic, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (tensors as nested lists)."""
+        out: dict[str, Any] = {"format": _FORMAT}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                value = value.tolist()
+            elif field.name == "vocab":
+                value = {str(k): v for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LensTrajectory":
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format") != _FORMAT:
+            raise ValueError(
+                f"expected a dict saved by LensTrajectory.to_dict (format {_FORMAT!r}), "
+                f"got format {data.get('format')!r}; load it with the class that saved it"
+            )
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                continue
+            value = data[field.name]
+            if field.name in _TENSOR_FIELDS:
+                value = torch.tensor(value, dtype=_TENSOR_FIELDS[field.name])
+            elif field.name == "vocab":
+                value = {int(k): v for k, v in value.items()}
+            elif field.name in ("tokens", "hook_names", "restored_hooks"):
+                value = tuple(value)
+            elif field.name == "subject_range" and value is not None:
+                value = tuple(value)
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this trajectory as JSON; :meth:`load` reads it back exactly."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LensTrajectory":
+        """Read a trajectory written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class CellTrajectories(NamedTuple):
+    """A causal-trace cell through the lens: three runs with the same noise.
+
+    Unpacks as ``clean, corrupted, restored`` and plots with
+    ``plot_lens(*cell, statistic=...)``.
+    """
+
+    clean: LensTrajectory
+    corrupted: LensTrajectory
+    restored: LensTrajectory
+
+
+def check_component(component: str) -> str:
+    """Return ``component`` if it is a known hook-point type, else raise a ``ValueError``."""
+    if component not in COMPONENTS:
+        raise ValueError(
+            f"component must be one of {COMPONENTS} (the hook point decoded at every "
+            f"layer), got {component!r}; pass e.g. component='resid_post'"
+        )
+    return component
+
+
+def lens_trajectory(
+    model: torch.nn.Module,
+    prompt: str | Tensor | Sequence[int],
+    *,
+    component: str = "resid_post",
+    answer: str | int | None = None,
+    subject: str | tuple[int, int] | None = None,
+    decoder: LensDecoder | None = None,
+    top_k: int = 10,
+    layer_chunk: int | None = None,
+    label: str = "clean",
+) -> LensTrajectory:
+    """The prediction trajectory of one prompt through a lens.
+
+    Runs the model once, keeping ``blocks.{layer}.hook_{component}`` at every
+    layer and the final residual stream (the forward pass stops there), then
+    decodes ``layer_chunk`` layers at a time and reduces each chunk to
+    statistics and top-k before decoding the next.
+
+    Example:
+        >>> prompt = "The Eiffel Tower is located in the city of"
+        >>> traj = lens_trajectory(model, prompt)  # doctest: +SKIP
+        >>> traj.plot(statistic="entropy")  # doctest: +SKIP
+
+    Args:
+        model: HookedTransformer or TransformerBridge.
+        prompt: Text (tokenised with the model's default BOS handling) or 1-D token ids.
+        component: Hook-point type decoded at every layer; see the module docstring
+            for how ``attn_out`` and ``mlp_out`` are read.
+        answer: Token whose probability and rank are tracked (text or id);
+            default the model's top-1 prediction at the last position.
+        subject: The subject's text or token range, only to mark it in plots.
+        decoder: Lens that turns hidden states into logits; default :class:`LogitLens`.
+        top_k: Predictions kept per cell (for hover tables and cell text).
+        layer_chunk: Layers decoded at once; default as many as fit in about
+            512 MB of float32 ``[pos, d_vocab]`` buffers.
+        label: Name of this run in plots.
+
+    Returns:
+        The :class:`LensTrajectory`.
+    """
+    component = check_component(component)
+    n_layer = n_layers(model)
+    _check_top_k(top_k, model)
+    _check_layer_chunk(layer_chunk)
+    names = [hook_name(component, layer) for layer in range(n_layer)]
+    final_name = hook_name("resid_post", n_layer - 1)
+    check_hook_points(model, [*names, final_name])
+    tokens = prompt_tokens(model, prompt)
+    answer_id = None if answer is None else answer_token(model, answer)
+    subject_range = None if subject is None else find_subject(model, tokens, subject)
+    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
+
+    with preserved_model(model), torch.inference_mode():
+        hidden, final = _capture(model, tokens[None], [], names)
+        stats = _statistics(model, decoder, hidden, final, answer_id, top_k, layer_chunk)
+    return _make_trajectory(
+        model, stats, tokens, component, names, decoder, label=label,
+        prompt=prompt if isinstance(prompt, str) else None, subject_range=subject_range,
+    )
+
+
+def lens_trace_cell(
+    tracer_or_model: Any,
+    result: TraceResult,
+    layer: int,
+    pos: int,
+    *,
+    component: str = "resid_post",
+    decoder: LensDecoder | None = None,
+    noise_tensor: Float[Tensor, "samples subject_pos d_model"] | None = None,
+    top_k: int = 10,
+    layer_chunk: int | None = None,
+) -> CellTrajectories:
+    """One cell of a causal trace seen through the lens: clean, corrupted and restored runs.
+
+    The corrupted copies get exactly the trace's noise (regenerated from its
+    ``samples``, ``noise_std`` and ``seed`` with :func:`lenscope.noise.draw_noise`),
+    and the restored run puts the clean ``result.kind`` activation back at
+    ``pos`` in the cell's window of layers (:func:`lenscope.engine.restore_windows`)
+    with the engine's own hooks. So the restored trajectory's final answer
+    probability at the last position is the trace's score for that cell when
+    the trace's metric is ``"prob"``. The corrupted and restored trajectories
+    are averaged over the ``samples`` copies as :class:`LensTrajectory` describes.
+    Each run's ``kl_to_final`` is to its own final output, so restoring a
+    cell changes the restored run's KL at every layer of the positions it affects.
+
+    Args:
+        tracer_or_model: A :class:`~lenscope.tracer.CausalTracer` or its model.
+        result: The trace the cell belongs to, traced on this model.
+        layer: The cell's layer (row of ``result.scores``).
+        pos: The cell's token position.
+        component: Hook-point type decoded by the lens (need not be ``result.kind``).
+        decoder: Lens that turns hidden states into logits; default :class:`LogitLens`.
+        noise_tensor: The noise, for a trace that was given an explicit
+            ``noise_tensor`` (``result.seed is None``).
+        top_k: Predictions kept per cell.
+        layer_chunk: Layers decoded at once; see :func:`lens_trajectory`.
+
+    Returns:
+        ``CellTrajectories(clean, corrupted, restored)``, all tracking ``result.answer``.
+    """
+    model = getattr(tracer_or_model, "model", tracer_or_model)
+    if not isinstance(result, TraceResult):
+        raise TypeError(
+            f"result must be a TraceResult, got {type(result).__name__}; "
+            "pass the result of CausalTracer.trace"
+        )
+    component = check_component(component)
+    n_layer = n_layers(model)
+    if n_layer != result.n_layers:
+        raise ValueError(
+            f"result must come from this model: it has {result.n_layers} layers, the model "
+            f"{model_name(model)!r} has {n_layer}; pass the model that was traced"
+        )
+    if result.model_name != model_name(model):
+        warnings.warn(
+            f"result was traced on {result.model_name!r} but the model is "
+            f"{model_name(model)!r}; the lens assumes they are the same model",
+            stacklevel=2,
+        )
+    for name, value, size in (("layer", layer, result.n_layers), ("pos", pos, result.n_pos)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+            raise ValueError(
+                f"{name} must be an integer in [0, {size}) (a cell of result.scores), "
+                f"got {value!r}; pass e.g. the first two entries of result.peak()"
+            )
+    _check_top_k(top_k, model)
+    _check_layer_chunk(layer_chunk)
+
+    start, end = result.subject_range
+    d_model = int(model.cfg.d_model)
+    if noise_tensor is None:
+        if result.seed is None:
+            raise ValueError(
+                "result was traced with an explicit noise_tensor (its seed is None), so its "
+                "noise cannot be regenerated; pass the same tensor as noise_tensor=..."
+            )
+        noise = draw_noise(result.samples, end - start, d_model, result.noise_std, result.seed)
+    else:
+        expected = (result.samples, end - start, d_model)
+        if tuple(noise_tensor.shape) != expected:
+            raise ValueError(
+                f"noise_tensor must have shape (samples, subject tokens, d_model) = {expected}, "
+                f"got {tuple(noise_tensor.shape)}; pass the tensor the trace used"
+            )
+        noise = noise_tensor
+    noise = noise.to(model.cfg.device, model.cfg.dtype)
+
+    names = [hook_name(component, j) for j in range(n_layer)]
+    cell = torch.tensor([[layer, pos]])
+    window = engine.restore_windows(cell, result.window, n_layer)[0]
+    restored_names = [hook_name(result.kind, j) for j in range(n_layer) if window[j]]
+    final_name = hook_name("resid_post", n_layer - 1)
+    check_hook_points(model, [EMBED_HOOK, *names, *restored_names, final_name])
+    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
+    tokens = result.token_ids.to(model.cfg.device)
+    samples = result.samples
+
+    with preserved_model(model), torch.inference_mode():
+        clean_store: dict[str, Tensor] = {}
+        clean_hidden, clean_final = _capture(
+            model, tokens[None], [], names, keep=restored_names, store=clean_store
+        )
+        # Rows (copy sample): copy 0 is the corrupted run, copy 1 the restored one.
+        # The restore hooks come first so the lens reads the restored activation.
+        batch = einops.repeat(tokens, "pos -> rows pos", rows=2 * samples)
+        restore = torch.zeros(2 * samples, tokens.shape[0], dtype=torch.bool)
+        restore[samples:, pos] = True
+        restore = restore.to(tokens.device)
+        hooks: list[tuple[str, Any]] = [(EMBED_HOOK, engine._noise_hook(noise, (start, end)))]
+        hooks += [
+            (name, engine._restore_hook(clean_store[name][0], restore)) for name in restored_names
+        ]
+        hidden, final = _capture(model, batch, hooks, names)
+        runs = {
+            "clean": (clean_hidden, clean_final),
+            "corrupted": (hidden[:, :samples], final[:samples]),
+            "restored": (hidden[:, samples:], final[samples:]),
+        }
+        stats = {
+            run: _statistics(model, decoder, h, f, result.answer_id, top_k, layer_chunk)
+            for run, (h, f) in runs.items()
+        }
+
+    common = dict(
+        prompt=result.prompt, subject_range=result.subject_range, tokens_labels=result.tokens
+    )
+    clean = _make_trajectory(model, stats["clean"], tokens, component, names, decoder,
+                             label="clean", **common)
+    noisy = dict(copies=samples, noise_std=result.noise_std, seed=result.seed, **common)
+    corrupted = _make_trajectory(model, stats["corrupted"], tokens, component, names, decoder,
+                                 label="corrupted", **noisy)
+    lo, hi = result.window_layers(layer)
+    where = f"layer {lo}" if hi - lo == 1 else f"layers {lo}–{hi - 1}"
+    restored = _make_trajectory(
+        model, stats["restored"], tokens, component, names, decoder,
+        label=f"restored {result.kind} @ {where}, pos {pos}",
+        restored_hooks=tuple(restored_names), restored_pos=pos, **noisy,
+    )
+    return CellTrajectories(clean=clean, corrupted=corrupted, restored=restored)
+
+
+def _check_top_k(top_k: Any, model: torch.nn.Module) -> None:
+    d_vocab = int(model.cfg.d_vocab)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+        raise ValueError(
+            f"top_k must be an integer in [1, d_vocab={d_vocab}], got {top_k!r}; pass e.g. top_k=10"
+        )
+
+
+def _check_layer_chunk(layer_chunk: Any) -> None:
+    if layer_chunk is None:
+        return
+    if isinstance(layer_chunk, bool) or not isinstance(layer_chunk, int) or layer_chunk < 1:
+        raise ValueError(
+            f"layer_chunk must be a positive integer (layers decoded at once), got "
+            f"{layer_chunk!r}; pass e.g. layer_chunk=4, or None for automatic"
+        )
+
+
+def _check_decoder(decoder: Any) -> LensDecoder:
+    if not callable(getattr(decoder, "forward", None)):
+        raise TypeError(
+            f"decoder must have a method forward(hidden [batch, pos, d_model], layer) -> "
+            f"logits [batch, pos, d_vocab], got {type(decoder).__name__}; pass e.g. "
+            "LogitLens(model) or a trained tuned lens"
+        )
+    return decoder
+
+
+def _capture(
+    model: torch.nn.Module,
+    inputs: Int[Tensor, "batch pos"],
+    fwd_hooks: Sequence[tuple[str, Any]],
+    names: Sequence[str],
+    *,
+    keep: Sequence[str] = (),
+    store: dict[str, Tensor] | None = None,
+) -> tuple[Float[Tensor, "layer batch pos d_model"], Float[Tensor, "batch pos d_model"]]:
+    """Run ``inputs`` with ``fwd_hooks``; return ``names``' activations and the final residual.
+
+    The forward pass stops at the last block's ``hook_resid_post``, so the
+    model never builds its own ``[batch, pos, d_vocab]`` logits. Activations
+    of ``keep`` are also written into ``store``.
+    """
+    store = {} if store is None else store
+    final_name = hook_name("resid_post", n_layers(model) - 1)
+
+    def capture(name: str) -> Any:
+        def hook(act: Tensor, hook: Any) -> None:
+            store[name] = act.clone()
+
+        return hook
+
+    def stop(act: Tensor, hook: Any) -> None:
+        store["__final__"] = act.clone()
+        raise _StopForward
+
+    wanted = list(dict.fromkeys([*names, *keep]))
+    hooks = [*fwd_hooks, *((name, capture(name)) for name in wanted), (final_name, stop)]
+    with model.hooks(fwd_hooks=hooks):
+        try:
+            model(inputs)
+        except _StopForward:
+            pass
+    if "__final__" not in store:
+        raise RuntimeError(
+            f"the forward pass of {model_name(model)!r} never reached {final_name}; "
+            "lenscope needs that hook point to fire"
+        )
+    hidden = torch.stack([store[name] for name in names])
+    return hidden, store.pop("__final__")
+
+
+def _auto_layer_chunk(batch: int, n_pos: int, d_vocab: int, n_layer: int) -> int:
+    """Layers per chunk keeping the float32 ``[pos, d_vocab]`` buffers near 512 MB.
+
+    Chunks are balanced (18 layers that fit 7 at a time go as 6 + 6 + 6): a
+    bigger matrix product per chunk runs closer to the CPU's peak speed.
+    """
+    # Per copy: the unembedding's product and bias sum, and the log-softmax;
+    # then the copy-mean log-probs, probabilities, the KL's difference and a mask.
+    per_layer = 4 * n_pos * d_vocab * (3 * batch + 4)
+    fits = int(min(n_layer, max(1, _DEFAULT_CHUNK_BYTES // per_layer)))
+    return math.ceil(n_layer / math.ceil(n_layer / fits))
+
+
+def _log_probs(
+    logits: Float[Tensor, "*chunk batch pos d_vocab"],
+) -> Float[Tensor, "*chunk pos d_vocab"]:
+    """Log of the copy-mean distribution, ``log mean_c softmax(logits_c)``, computed stably.
+
+    Clamped to the smallest finite float32, so a token with probability 0
+    (a decoder masking it with ``-inf``) adds ``0 * finite = 0`` to sums of
+    ``p log p`` rather than NaN.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    copies = log_probs.shape[-3]
+    if copies == 1:
+        log_probs = log_probs.squeeze(-3)
+    else:
+        log_probs = torch.logsumexp(log_probs, dim=-3) - math.log(copies)
+    return log_probs.clamp_(min=torch.finfo(torch.float32).min)
+
+
+def _chunk_logits(
+    decoder: LensDecoder, hidden: Float[Tensor, "chunk batch pos d_model"], first: int,
+    d_vocab: int,
+) -> Float[Tensor, "chunk batch pos d_vocab"]:
+    """Decode consecutive layers ``first, first + 1, ...`` of ``hidden``.
+
+    The logit lens has no per-layer translator, so the whole chunk goes
+    through the unembedding in one matrix product: the ``[d_model, d_vocab]``
+    matrix (671 MB on Gemma-3) is then read once per chunk, not once per layer.
+    """
+    if isinstance(decoder, LogitLens):
+        n = hidden.shape[0]
+        flat = einops.rearrange(hidden, "chunk batch pos d_model -> (chunk batch) pos d_model")
+        logits = _decode(decoder, flat, first, d_vocab)
+        return einops.rearrange(
+            logits, "(chunk batch) pos d_vocab -> chunk batch pos d_vocab", chunk=n
+        )
+    return torch.stack(
+        [_decode(decoder, layer, first + i, d_vocab) for i, layer in enumerate(hidden)]
+    )
+
+
+def _statistics(
+    model: torch.nn.Module,
+    decoder: LensDecoder,
+    hidden: Float[Tensor, "layer batch pos d_model"],
+    final: Float[Tensor, "batch pos d_model"],
+    answer_id: int | None,
+    top_k: int,
+    layer_chunk: int | None,
+) -> dict[str, Any]:
+    """Statistics and top-k of every ``(layer, pos)``, decoding ``layer_chunk`` layers at a time."""
+    n_layer, batch, n_pos, _ = hidden.shape
+    d_vocab = int(model.cfg.d_vocab)
+    final_logits = decode_resid(model, einops.rearrange(final, "batch pos d -> (batch pos) d"))
+    final_logp = _log_probs(
+        einops.rearrange(final_logits, "(batch pos) d_vocab -> batch pos d_vocab", batch=batch)
+    )  # [pos, d_vocab]
+    del final_logits
+    if answer_id is None:
+        answer_id = int(final_logp[-1].argmax())
+    final_p = final_logp.exp()
+    chunk = layer_chunk or _auto_layer_chunk(batch, n_pos, d_vocab, n_layer)
+
+    parts: dict[str, list[Tensor]] = {name: [] for name in (*_STAT_FIELDS, "top_ids", "top_probs")}
+    for first in range(0, n_layer, chunk):
+        logits = _chunk_logits(decoder, hidden[first : first + chunk], first, d_vocab)
+        logp = _log_probs(logits)  # [chunk, pos, d_vocab]
+        del logits
+        probs = logp.exp()
+        # Sums over the vocabulary as batched dot products: no [chunk, pos, d_vocab] product.
+        entropy = -torch.einsum("c p v, c p v -> c p", probs, logp)
+        kl = torch.einsum("p v, c p v -> c p", final_p, final_logp - logp)
+        answer_logp = logp[..., answer_id]
+        rank = 1 + (logp > answer_logp[..., None]).sum(-1)
+        best = probs.topk(top_k, dim=-1)
+        parts["entropy"].append(entropy)
+        parts["answer_prob"].append(answer_logp.exp())
+        parts["answer_rank"].append(rank.float())
+        parts["top1_prob"].append(best.values[..., 0])
+        parts["kl_to_final"].append(kl)
+        parts["top_ids"].append(best.indices)
+        parts["top_probs"].append(best.values)
+        del logp, probs
+    out: dict[str, Any] = {name: torch.cat(grids).cpu() for name, grids in parts.items()}
+    for name in (*_STAT_FIELDS, "top_probs"):
+        out[name] = out[name].float()
+    out["answer_id"] = answer_id
+    return out
+
+
+def _decode(
+    decoder: LensDecoder, hidden: Float[Tensor, "batch pos d_model"], layer: int, d_vocab: int
+) -> Float[Tensor, "batch pos d_vocab"]:
+    logits = decoder.forward(hidden, layer)
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (*hidden.shape[:2], d_vocab):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"decoder.forward(hidden, layer) must return logits of shape (batch, pos, d_vocab) "
+            f"= {(*hidden.shape[:2], d_vocab)}, got {shape} at layer {layer}; the lens must "
+            "decode to the model's whole vocabulary"
+        )
+    return logits.float()
+
+
+def _make_trajectory(
+    model: torch.nn.Module,
+    stats: dict[str, Any],
+    tokens: Int[Tensor, " pos"],
+    component: str,
+    names: Sequence[str],
+    decoder: LensDecoder,
+    *,
+    label: str,
+    tokens_labels: tuple[str, ...] | None = None,
+    **fields: Any,
+) -> LensTrajectory:
+    answer_id = stats["answer_id"]
+    ids = sorted({answer_id, *stats["top_ids"].unique().tolist()})
+    vocab = dict(zip(ids, token_labels(model, ids), strict=True))
+    return LensTrajectory(
+        component=component,
+        hook_names=tuple(names),
+        tokens=tokens_labels if tokens_labels is not None else token_labels(model, tokens),
+        token_ids=tokens.cpu(),
+        model_name=model_name(model),
+        answer=vocab[answer_id],
+        answer_id=answer_id,
+        entropy=stats["entropy"],
+        answer_prob=stats["answer_prob"],
+        answer_rank=stats["answer_rank"],
+        top1_prob=stats["top1_prob"],
+        kl_to_final=stats["kl_to_final"],
+        top_ids=stats["top_ids"],
+        top_probs=stats["top_probs"],
+        vocab=vocab,
+        decoder=_decoder_name(decoder),
+        label=label,
+        **fields,
+    )

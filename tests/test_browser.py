@@ -1,0 +1,224 @@
+"""Exported trace heatmaps in a real headless Chromium: hover labels, linked hover, offline.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs
+them). Without them the tests skip locally and fail in CI (``CI=true``).
+Selenium is pointed at the system binaries so selenium-manager never
+downloads a browser.
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_PROMPT, TINY_SUBJECT
+
+import lenscope
+from lenscope.plotting import plot_traces, save_html
+from lenscope.plotting._common import NBSP, visible
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+INSTALL = "apt-get install -y chromium chromium-driver"
+
+# Viewport pixel of a heatmap cell, from plotly's axis layout.
+CELL_JS = """
+const gd = document.querySelector('.js-plotly-plot');
+const t = gd._fullData[arguments[0]];
+const xa = gd._fullLayout[t.xaxis.replace('x', 'xaxis')];
+const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
+const box = gd.getBoundingClientRect();
+return [box.left + xa._offset + xa.l2p(arguments[1]), box.top + ya._offset + ya.l2p(arguments[2])];
+"""
+# Text of every hover label, one line per SVG line.
+HOVER_JS = """
+return Array.from(document.querySelectorAll('g.hoverlayer g.hovertext')).map(g =>
+  Array.from(g.querySelectorAll('text tspan.line')).map(t => t.textContent).join('\\n')
+  || g.textContent);
+"""
+LINKED_JS = """
+const gd = document.querySelector('.js-plotly-plot');
+const mine = items => (items || []).filter(item => item.name === 'lenscope-linked-hover');
+return [mine(gd.layout.shapes).map(s => [s.xref, s.x0, s.x1, s.y0, s.y1]),
+        mine(gd.layout.annotations).map(a => [a.xref, a.text])];
+"""
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not path.exists() and shutil.which(path.name) is None:
+            return f"{path} not found"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by selenium, with a throw-away profile."""
+    reason = _missing()
+    if reason is not None:
+        message = (f"browser tests need Chromium and chromedriver: {reason}; "
+                   f"install with `{INSTALL}`")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+    profile = tempfile.mkdtemp(prefix="lenscope-chromium-")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}", "--window-size=1800,1000"):
+        options.add_argument(arg)
+    driver_path = CHROMEDRIVER if CHROMEDRIVER.exists() else shutil.which("chromedriver")
+    driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def traces(tiny_model):
+    """resid_post, mlp_out and attn_out traces of the Eiffel Tower prompt on the tiny model."""
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    return tracer.trace_kinds(TINY_PROMPT, subject=TINY_SUBJECT,
+                              kinds=("resid_post", "mlp_out", "attn_out"), samples=3, seed=0)
+
+
+def _open(driver, path: Path) -> None:
+    driver.get(path.resolve().as_uri())
+    deadline = time.monotonic() + 20
+    while not driver.execute_script(
+            "const gd = document.querySelector('.js-plotly-plot');"
+            "return !!(gd && gd._fullLayout && gd.calcdata);"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"plotly never drew {path}")
+        time.sleep(0.1)
+
+
+def _hover(driver, curve: int, pos: int, layer: int) -> list[str]:
+    """Move the real mouse pointer over one cell and return the hover labels' text."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    x, y = driver.execute_script(CELL_JS, curve, pos, layer)
+    deadline = time.monotonic() + 10
+    labels: list[str] = []
+    for nudge in range(100):
+        # Park the pointer elsewhere first, so every attempt is a fresh mouse move.
+        action = ActionBuilder(driver)
+        action.pointer_action.move_to_location(int(x) + nudge % 3, int(y) + nudge % 2)
+        action.perform()
+        time.sleep(0.15)
+        labels = driver.execute_script(HOVER_JS)
+        if labels or time.monotonic() > deadline:
+            break
+    return labels
+
+
+def _unhover(driver) -> None:
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    action = ActionBuilder(driver)
+    action.pointer_action.move_to_location(2, 2)
+    action.perform()
+    time.sleep(0.3)
+
+
+def _line(label: str, name: str) -> str:
+    """The hover-table line that starts with ``name``."""
+    lines = [line for line in label.split("\n") if line.startswith(name)]
+    assert lines, f"no {name!r} line in hover label {label!r}"
+    return lines[0]
+
+
+def test_hover_label_shows_token_layer_and_top1(browser, traces, tmp_path):
+    result = traces["mlp_out"]
+    layer, pos = 2, result.tokens.index(" Tower")
+    path = save_html(result.plot(), tmp_path / "trace.html")
+    _open(browser, path)
+
+    (label,) = _hover(browser, 0, pos, layer)
+
+    assert visible(" Tower") in _line(label, "token")
+    assert _line(label, "pos").replace(NBSP, " ").split()[1] == str(pos)
+    assert _line(label, "layer").replace(NBSP, " ").split()[1] == str(layer)
+    assert f"{float(result.scores[layer, pos]):.4g}" in _line(label, "score")
+    top_token, top_prob = result.top_predictions(layer, pos)[0]
+    first_row = label.split("\n")[label.split("\n").index("top-5 after restoring") + 1]
+    assert first_row.replace(NBSP, " ").split()[0] == "1"
+    assert visible(top_token) in first_row and f"{top_prob:.1%}" in first_row
+
+
+def test_untraced_cell_is_blank_and_says_so(browser, traces, tmp_path):
+    result = traces["resid_post"]
+    scores = result.scores.clone()
+    scores[1, 2] = math.nan
+    path = save_html(dataclasses.replace(result, scores=scores).plot(), tmp_path / "nan.html")
+    _open(browser, path)
+
+    (label,) = _hover(browser, 0, 2, 1)
+
+    assert "not traced" in _line(label, "score")
+    assert "top-5" not in label
+    assert browser.execute_script(
+        "return document.querySelector('.js-plotly-plot').calcdata[0][0].z[1][2]") is None
+
+
+def test_linked_hover_outlines_the_cell_in_every_panel(browser, traces, tmp_path):
+    path = save_html(plot_traces(traces), tmp_path / "three.html")
+    _open(browser, path)
+    layer, pos = 1, traces["mlp_out"].tokens.index(" Eiffel")
+
+    (label,) = _hover(browser, 1, pos, layer)  # the MLP panel
+    time.sleep(0.3)
+    shapes, notes = browser.execute_script(LINKED_JS)
+
+    assert visible(" Eiffel") in _line(label, "token")
+    assert sorted(s[0] for s in shapes) == ["x", "x2", "x3"]
+    assert all((s[1], s[2]) == (pos - 0.5, pos + 0.5) and s[3] < layer < s[4] for s in shapes)
+    expected = {"x": traces["resid_post"], "x3": traces["attn_out"]}
+    assert {n[0] for n in notes} == set(expected)
+    for axis, text in notes:
+        assert float(text) == pytest.approx(float(expected[axis].scores[layer, pos]), rel=1e-3)
+
+    _unhover(browser)
+    assert browser.execute_script(LINKED_JS) == [[], []]
+
+
+def test_exported_page_loads_nothing_from_the_network(browser, traces, tmp_path):
+    path = save_html(plot_traces(traces), tmp_path / "offline.html")
+    _open(browser, path)
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(r => r.name)")
+    assert [r for r in resources if r.startswith(("http:", "https:"))] == []
+    assert browser.execute_script("return typeof Plotly") == "object"
+
+
+def test_subject_and_title_render(browser, traces, tmp_path):
+    result = traces["mlp_out"]
+    path = save_html(result.plot(), tmp_path / "title.html")
+    _open(browser, path)
+    ticks = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.xtick text')).map(t => t.textContent)")
+    start, end = result.subject_range
+    assert [i for i, t in enumerate(ticks) if t.endswith("*")] == list(range(start, end))
+    title = browser.execute_script("return document.querySelector('.gtitle').textContent")
+    assert visible(result.answer) in title
+    assert f"{result.corrupted_score:.3g}" in title
+    assert torch.isfinite(result.scores).all()

