@@ -8,7 +8,8 @@ imported lazily so that ``import lenscope`` does not load plotly.
 
 from typing import Any
 
-from lenscope import metrics
+from lenscope import datasets, metrics
+from lenscope.datasets import DatasetSummary
 from lenscope.hooks import KINDS, hook_name
 from lenscope.lens import (
     CellTrajectories,
@@ -24,17 +25,21 @@ from lenscope.results import TraceResult
 from lenscope.tokens import guess_subject
 from lenscope.tracer import DEFAULT_KINDS, CausalTracer
 
-_PLOTTING = ("plot_trace", "plot_traces", "plot_lens", "save_html", "save_image")
+_PLOTTING = (
+    "plot_trace", "plot_traces", "plot_lens", "plot_dataset", "save_html", "save_image",
+)
 
 __all__ = [
     "DEFAULT_KINDS",
     "KINDS",
     "CausalTracer",
+    "DatasetSummary",
     "CellTrajectories",
     "LensDecoder",
     "LensTrajectory",
     "LogitLens",
     "TraceResult",
+    "datasets",
     "embedding_sigma",
     "guess_subject",
     "hook_name",

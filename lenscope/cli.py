@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", type=Path, help="also write the results as JSON")
     trace.add_argument("--batch-size", type=_positive_int, help="corrupted copies per forward pass")
     trace.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from lenscope.datasets import add_dataset_arguments, run_dataset_cli
+
+    dataset = sub.add_parser(
+        "dataset",
+        help="average causal traces over the ROME known facts and write an HTML report",
+        description="Keep the facts the model knows, trace them (resumable with --checkpoint) "
+        "and write ROME Figure-2 averages. Example: lenscope dataset --limit 20 --out report.html",
+    )
+    _add_model_args(dataset)
+    add_dataset_arguments(dataset)
+    dataset.set_defaults(run=run_dataset_cli)
     return parser
 
 

@@ -252,6 +252,18 @@ class CausalTracer:
             for kind, out in results.items()
         }
 
+    def filter_known(self, facts: Any, **options: Any) -> Any:
+        """Keep the facts this model knows; see :func:`lenscope.datasets.filter_known`."""
+        from lenscope.datasets import filter_known
+
+        return filter_known(self, facts, **options)
+
+    def trace_dataset(self, facts: Any, **options: Any) -> Any:
+        """Trace many facts and average them; see :func:`lenscope.datasets.trace_dataset`."""
+        from lenscope.datasets import trace_dataset
+
+        return trace_dataset(self, facts, **options)
+
     def _noise_std(self, noise: float | None, multiplier: float | None) -> float:
         if noise is not None:
             _check_positive_finite("noise", noise, allow_zero=True)

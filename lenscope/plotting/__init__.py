@@ -10,7 +10,17 @@ Jupyter (offline HTML with linked hover; static images through kaleido).
 """
 
 from lenscope.plotting._common import LINKED_HOVER_JS, save_html, save_image
+from lenscope.plotting.dataset import plot_dataset, save_dataset_report
 from lenscope.plotting.lens import plot_lens
 from lenscope.plotting.trace import plot_trace, plot_traces
 
-__all__ = ["LINKED_HOVER_JS", "plot_lens", "plot_trace", "plot_traces", "save_html", "save_image"]
+__all__ = [
+    "LINKED_HOVER_JS",
+    "plot_dataset",
+    "plot_lens",
+    "plot_trace",
+    "plot_traces",
+    "save_dataset_report",
+    "save_html",
+    "save_image",
+]

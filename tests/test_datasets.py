@@ -1,0 +1,518 @@
+"""Tests of lenscope.datasets: buckets, aggregation, checkpoints, bad facts, reports.
+
+Everything runs on the tiny 4-layer model of ``conftest.py`` with facts
+built from its word vocabulary (the model is random, so "known" is defined
+by its own top-1 where a test needs known facts).
+"""
+
+import json
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import lenscope.datasets as ds
+from lenscope.tokens import find_subject, prompt_tokens, token_labels
+from lenscope.tracer import CausalTracer
+
+SAMPLES = 2
+KINDS = ("resid_post", "mlp_out", "attn_out")
+FACTS = [
+    {"known_id": 10, "prompt": "The Eiffel Tower is located in the city of",
+     "subject": "The Eiffel Tower", "attribute": "Paris"},
+    {"known_id": 11, "prompt": "Paris is the capital of", "subject": "Paris",
+     "attribute": "France"},
+    {"known_id": 12, "prompt": "In the city of Big Ben and", "subject": "Big Ben",
+     "attribute": "London"},
+    {"known_id": 13, "prompt": "The Space Needle is located in", "subject": "The Space Needle",
+     "attribute": "Seattle"},
+    {"known_id": 14, "prompt": "The capital of France is Paris", "subject": "Paris",
+     "attribute": "France"},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine are ~50x slower with two
+    # competing intra-op threads than with one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tracer(tiny_model):
+    return CausalTracer(tiny_model, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """The uninterrupted run that resume tests compare against."""
+    return ds.trace_dataset(CausalTracer(tiny_model, progress=False), FACTS, samples=SAMPLES)
+
+
+def counting(monkeypatch, tracer, *, fail_after=None):
+    """Wrap ``tracer.trace_kinds``: count calls, optionally raise Ctrl-C after some."""
+    calls = []
+    original = tracer.trace_kinds
+
+    def wrapped(*args, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tracer, "trace_kinds", wrapped)
+    return calls
+
+
+def assert_same_aggregates(a, b):
+    assert [f.fact_id for f in a.facts] == [f.fact_id for f in b.facts]
+    assert a.ate() == b.ate() and a.clean_mean() == b.clean_mean()
+    for kind in a.kinds:
+        for stat in ("aie", "aie_ci"):
+            x, y = getattr(a, stat)(kind), getattr(b, stat)(kind)
+            assert torch.equal(torch.nan_to_num(x, nan=-9), torch.nan_to_num(y, nan=-9))
+
+
+# ------------------------------------------------------------------ buckets
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "labels", "expected"),
+    [
+        (
+            "The Eiffel Tower is located in the city of", "The Eiffel Tower",
+            ("<bos>", "The", " Eiffel", " Tower", " is", " located", " in", " the", " city", " of"),
+            {"first_subject": (1,), "middle_subject": (2,), "last_subject": (3,),
+             "first_subsequent": (4,), "further": (5, 6, 7, 8), "last": (9,)},
+        ),
+        (  # one-token subject: it is the last subject token, not the first
+            "Paris is the capital of", "Paris",
+            ("<bos>", "Paris", " is", " the", " capital", " of"),
+            {"first_subject": (), "middle_subject": (), "last_subject": (1,),
+             "first_subsequent": (2,), "further": (3, 4), "last": (5,)},
+        ),
+        (  # words before the subject belong to no bucket; one token after it is the last
+            "In the city of Big Ben and", "Big Ben",
+            ("<bos>", "In", " the", " city", " of", " Big", " Ben", " and"),
+            {"first_subject": (5,), "middle_subject": (), "last_subject": (6,),
+             "first_subsequent": (), "further": (), "last": (7,)},
+        ),
+        (  # subject at the very end: the last token takes precedence
+            "The capital of France is Paris", "Paris",
+            ("<bos>", "The", " capital", " of", " France", " is", " Paris"),
+            {"first_subject": (), "middle_subject": (), "last_subject": (),
+             "first_subsequent": (), "further": (), "last": (6,)},
+        ),
+        (
+            "The Space Needle is located in", "The Space Needle",
+            ("<bos>", "The", " Space", " Needle", " is", " located", " in"),
+            {"first_subject": (1,), "middle_subject": (2,), "last_subject": (3,),
+             "first_subsequent": (4,), "further": (5,), "last": (6,)},
+        ),
+    ],
+)
+def test_buckets_on_hand_checked_tokenisations(tiny_model, prompt, subject, labels, expected):
+    tokens = prompt_tokens(tiny_model, prompt)
+    assert token_labels(tiny_model, tokens) == labels
+    subject_range = find_subject(tiny_model, tokens, subject)
+    assert ds.token_buckets(subject_range, len(labels)) == expected
+
+
+def test_buckets_are_disjoint_and_cover_subject_onwards():
+    for n_pos in range(1, 9):
+        for start in range(n_pos):
+            for end in range(start + 1, n_pos + 1):
+                buckets = ds.token_buckets((start, end), n_pos)
+                assert tuple(buckets) == ds.BUCKETS
+                positions = [p for ps in buckets.values() for p in ps]
+                assert sorted(positions) == list(range(start, n_pos))
+                assert buckets["last"] == (n_pos - 1,)
+                middle = buckets["middle_subject"]
+                assert middle == (() if end - start < 3 else tuple(range(start + 1, end - 1)))
+
+
+def test_buckets_reject_a_range_outside_the_prompt():
+    with pytest.raises(ValueError, match=r"must satisfy 0 <= start < end <= n_pos=5, got \(3, 7\)"):
+        ds.token_buckets((3, 7), 5)
+
+
+def test_bucket_effects_average_over_bucket_tokens():
+    scores = torch.arange(20, dtype=torch.float32).reshape(2, 10)
+    effects = ds.bucket_effects(scores, 1.0, (1, 4))
+    assert effects.shape == (len(ds.BUCKETS), 2)
+    further = effects[ds.BUCKETS.index("further"), 1].item()
+    assert further == pytest.approx((15 + 16 + 17 + 18) / 4 - 1)
+    single = ds.bucket_effects(scores, 0.0, (1, 2))
+    assert torch.isnan(single[ds.BUCKETS.index("middle_subject")]).all()
+    assert torch.isnan(single[ds.BUCKETS.index("first_subject")]).all()
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def test_aggregates_match_a_plain_computation(reference):
+    summary = reference
+    assert summary.n_facts == len(FACTS) and summary.n_skipped == 0
+    n = summary.n_facts
+    clean = [f.clean_score for f in summary.facts]
+    corrupted = [f.corrupted_score for f in summary.facts]
+    total = [c - k for c, k in zip(clean, corrupted, strict=True)]
+    assert summary.clean_mean()[0] == pytest.approx(sum(clean) / n, rel=1e-12)
+    assert summary.corrupted_mean()[0] == pytest.approx(sum(corrupted) / n, rel=1e-12)
+    ate_mean = sum(total) / n
+    ate_std = math.sqrt(sum((t - ate_mean) ** 2 for t in total) / (n - 1))
+    assert summary.ate()[0] == pytest.approx(ate_mean, rel=1e-12)
+    assert summary.ate()[1] == pytest.approx(1.96 * ate_std / math.sqrt(n), rel=1e-9)
+    for kind in KINDS:
+        aie, ci, counts = summary.aie(kind), summary.aie_ci(kind), summary.bucket_counts(kind)
+        for b, bucket in enumerate(ds.BUCKETS):
+            for layer in range(summary.n_layers):
+                values = []
+                for fact in summary.facts:
+                    positions = ds.token_buckets(fact.subject_range, len(fact.tokens))[bucket]
+                    if positions:
+                        cells = [float(fact.scores[kind][layer, p]) - fact.corrupted_score
+                                 for p in positions]
+                        values.append(sum(cells) / len(cells))
+                assert int(counts[b]) == len(values)
+                if not values:
+                    assert math.isnan(aie[b, layer])
+                    continue
+                mean = sum(values) / len(values)
+                assert float(aie[b, layer]) == pytest.approx(mean, rel=1e-9, abs=1e-12)
+                if len(values) < 2:
+                    assert math.isnan(ci[b, layer])
+                else:
+                    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                    assert float(ci[b, layer]) == pytest.approx(
+                        1.96 * std / math.sqrt(len(values)), rel=1e-9, abs=1e-12
+                    )
+
+
+def test_per_fact_scores_equal_a_single_trace(tracer, reference):
+    fact = FACTS[0]
+    sigma_std = tracer.noise_multiplier * tracer.sigma
+    single = tracer.trace_kinds(fact["prompt"], fact["subject"], kinds=KINDS, samples=SAMPLES,
+                                noise=sigma_std, progress=False)
+    traced = reference.facts[0]
+    start = traced.subject_range[0]
+    for kind in KINDS:
+        assert torch.allclose(traced.scores[kind][:, start:], single[kind].scores[:, start:])
+        assert torch.isnan(traced.scores[kind][:, :start]).all()  # not traced: no bucket
+    assert traced.answer_id == single["mlp_out"].answer_id  # clean top-1
+    assert traced.clean_score == pytest.approx(single["mlp_out"].clean_score)
+
+
+def test_mean_ci_skips_nan_and_needs_two_values():
+    values = torch.tensor([[1.0, math.nan], [3.0, 5.0], [math.nan, math.nan]])
+    mean, half, n = ds.mean_ci(values)
+    assert mean[0] == 2.0 and mean[1] == 5.0
+    assert half[0].item() == pytest.approx(1.96 * math.sqrt(2) / math.sqrt(2))
+    assert math.isnan(half[1]) and n.tolist() == [2, 1]
+
+
+def test_table_and_dataframe(reference):
+    table = reference.table()
+    assert list(table["kind"]) == list(KINDS)
+    assert list(table.columns) == ["kind", "n_facts", "n_skipped", "clean", "corrupted", "ate",
+                                   "ate_ci", "best_aie", "best_aie_ci", "best_layer", "best_bucket"]
+    for row in table.itertuples():
+        value, layer, bucket = row.best_aie, row.best_layer, row.best_bucket
+        aie = reference.aie(row.kind)
+        assert value == float(aie[ds.BUCKETS.index(bucket), layer])
+        assert value == pytest.approx(float(torch.nan_to_num(aie, nan=-1).max()))
+    long = reference.to_dataframe()
+    assert len(long) == len(KINDS) * len(ds.BUCKETS) * reference.n_layers
+    assert set(long.columns) == {"kind", "bucket", "layer", "aie", "ci", "n_facts"}
+    value, layer, bucket = reference.best("mlp_out", bucket="last_subject")
+    assert bucket == "last_subject"
+    assert value == float(reference.aie("mlp_out")[ds.BUCKETS.index("last_subject")].max())
+
+
+def test_summary_save_load_round_trips(reference, tmp_path):
+    path = reference.save(tmp_path / "summary.json")
+    loaded = ds.DatasetSummary.load(path)
+    assert loaded.settings() == reference.settings()
+    assert_same_aggregates(loaded, reference)
+    for a, b in zip(loaded.facts, reference.facts, strict=True):
+        assert a.tokens == b.tokens and a.subject_range == b.subject_range
+        for kind in KINDS:
+            assert torch.equal(torch.nan_to_num(a.scores[kind]), torch.nan_to_num(b.scores[kind]))
+    with pytest.raises(ValueError, match="expected a dict saved by DatasetSummary.to_dict"):
+        ds.DatasetSummary.from_dict({"format": "something else"})
+
+
+def test_empty_and_single_fact_summaries(tracer):
+    empty = ds.trace_dataset(tracer, [], samples=SAMPLES, kinds=("mlp_out",))
+    assert empty.n_facts == 0 and all(math.isnan(v) for v in empty.ate())
+    assert empty.effects("mlp_out").shape == (0, len(ds.BUCKETS), empty.n_layers)
+    assert empty.table()["best_layer"].tolist() == [-1]
+    assert isinstance(empty.plot(), go.Figure)
+    one = ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",))
+    assert math.isfinite(one.ate()[0]) and math.isnan(one.ate()[1])  # no CI from one fact
+    assert torch.isnan(one.aie_ci("mlp_out")).all()
+
+
+def test_summary_rejects_unknown_kind(reference):
+    with pytest.raises(ValueError, match=r"kind must be one of the traced kinds .*got 'resid_pre'"):
+        reference.aie("resid_pre")
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_resume_after_interruption_is_identical_and_recomputes_nothing(
+    tracer, reference, tmp_path, monkeypatch
+):
+    path = tmp_path / "run.jsonl"
+    counting(monkeypatch, tracer, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        ds.trace_dataset(tracer, FACTS, samples=SAMPLES, checkpoint=path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3  # header + the two facts finished before Ctrl-C
+    assert all(json.loads(line) for line in lines)
+    assert json.loads(lines[0])["samples"] == SAMPLES
+
+    monkeypatch.undo()
+    calls = counting(monkeypatch, tracer)
+    resumed = ds.trace_dataset(tracer, FACTS, samples=SAMPLES, checkpoint=path)
+    assert len(calls) == len(FACTS) - 2
+    assert_same_aggregates(resumed, reference)
+
+    monkeypatch.undo()
+    calls = counting(monkeypatch, tracer, fail_after=0)  # any trace would raise
+    again = ds.trace_dataset(tracer, FACTS, samples=SAMPLES, checkpoint=path)
+    assert_same_aggregates(again, reference)
+    assert len(path.read_text().splitlines()) == 1 + len(FACTS)
+
+
+def test_torn_final_line_is_dropped_and_recomputed(tracer, reference, tmp_path, monkeypatch):
+    path = tmp_path / "run.jsonl"
+    ds.trace_dataset(tracer, FACTS[:3], samples=SAMPLES, checkpoint=path)
+    text = path.read_text()
+    last = text.splitlines()[-1]
+    path.write_text(text[: len(text) - len(last) - 1] + last[: len(last) // 2])  # torn write
+    calls = counting(monkeypatch, tracer)
+    resumed = ds.trace_dataset(tracer, FACTS, samples=SAMPLES, checkpoint=path)
+    assert len(calls) == 3  # the torn fact and the two never started
+    assert_same_aggregates(resumed, reference)
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()[1:]] == [
+        10, 11, 12, 13, 14
+    ]
+
+
+def test_checkpoint_with_other_settings_is_refused(tracer, tmp_path):
+    path = tmp_path / "run.jsonl"
+    ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"was written with different settings.*samples: "
+                                         r"checkpoint 2, this call 3.*pass the same settings"):
+        ds.trace_dataset(tracer, FACTS[:1], samples=3, kinds=("mlp_out",), checkpoint=path)
+    with pytest.raises(ValueError, match=r"kinds: checkpoint \['mlp_out'\], this call \['attn_ou"):
+        ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("attn_out",), checkpoint=path)
+    with pytest.raises(ValueError, match=r"noise_std: checkpoint"):
+        ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), noise=0.5,
+                         checkpoint=path)
+    assert path.read_text() == before  # a refused checkpoint is left untouched
+
+
+def test_checkpoint_refuses_changed_fact_and_foreign_file(tracer, tmp_path):
+    path = tmp_path / "run.jsonl"
+    ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
+    changed = [{**FACTS[0], "prompt": "The Eiffel Tower is located in"}]
+    with pytest.raises(ValueError, match=r"holds fact 10 with prompt .* but the facts give "
+                                         r"'The Eiffel Tower is located in'.*unique id"):
+        ds.trace_dataset(tracer, changed, samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
+    foreign = tmp_path / "other.jsonl"
+    foreign.write_text('{"hello": 1}\n')
+    with pytest.raises(ValueError, match=r"must start with a lenscope dataset header"):
+        ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, checkpoint=foreign)
+    corrupt = tmp_path / "corrupt.jsonl"
+    lines = path.read_text().splitlines()
+    corrupt.write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"is corrupt: line 2 is not valid JSON"):
+        ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=corrupt)
+
+
+def test_time_budget_leaves_facts_pending(tracer, tmp_path, monkeypatch):
+    clock = iter(float(t) for t in range(0, 1000, 10))
+    monkeypatch.setattr(ds.time, "perf_counter", lambda: next(clock))
+    summary = ds.trace_dataset(tracer, FACTS, samples=SAMPLES, kinds=("mlp_out",), max_seconds=25)
+    assert summary.n_facts + summary.n_pending == len(FACTS)
+    assert 0 < summary.n_facts < len(FACTS)
+
+
+# ------------------------------------------------------------------ bad facts, sources
+
+
+def test_bad_facts_are_skipped_with_reasons(tracer):
+    facts = [
+        FACTS[1],
+        {"known_id": 1, "subject": "Paris"},
+        {"known_id": 2, "prompt": "Paris is the capital of"},
+        {"known_id": 3, "prompt": "Paris is the capital of", "subject": "Rome"},
+        {"known_id": 4, "prompt": "Paris is the capital of", "subject": "  "},
+        "Paris is the capital of",
+        {"known_id": 11, "prompt": "Rome is the capital of", "subject": "Rome"},
+        {"known_id": 6, "prompt": "Rome is the capital of", "subject": "Rome"},
+    ]
+    summary = ds.trace_dataset(tracer, facts, samples=SAMPLES, kinds=("mlp_out",))
+    assert [f.fact_id for f in summary.facts] == [11, 6]
+    reasons = {s.fact_id: s.reason for s in summary.skipped}
+    assert summary.n_skipped == 6
+    assert reasons[1] == "missing field 'prompt' (a fact needs 'prompt', 'subject')"
+    assert reasons[2] == "missing field 'subject' (a fact needs 'prompt', 'subject')"
+    assert reasons[3] == "subject 'Rome' does not occur in the prompt 'Paris is the capital of'"
+    assert reasons[4] == "field 'subject' must be non-empty text, got '  '"
+    assert reasons[5].startswith("a fact must be a dict with prompt, subject, got str")
+    assert [s.reason for s in summary.skipped if s.fact_id == 11] == [
+        "duplicate id 11 (each fact id must be unique)"
+    ]
+    assert set(summary.skipped_dataframe().columns) == {"fact_id", "reason"}
+
+
+def test_skipped_facts_are_checkpointed_and_not_retried(tracer, tmp_path):
+    path = tmp_path / "run.jsonl"
+    facts = [FACTS[1], {"known_id": 3, "prompt": "Paris is the capital of", "subject": "Rome"}]
+    ds.trace_dataset(tracer, facts, samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
+    statuses = [json.loads(line).get("status") for line in path.read_text().splitlines()[1:]]
+    assert statuses == ["done", "skipped"]
+    fixed = [FACTS[1], {"known_id": 3, "prompt": "Rome is the capital of", "subject": "Rome"}]
+    summary = ds.trace_dataset(tracer, fixed, samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
+    assert [f.fact_id for f in summary.facts] == [11, 3]  # a fixed fact is traced after all
+    assert summary.n_skipped == 0
+
+
+def test_fact_sources_agree(tracer, tmp_path):
+    facts = FACTS[:2]
+    as_json = tmp_path / "facts.json"
+    as_json.write_text(json.dumps(facts))
+    as_jsonl = tmp_path / "facts.jsonl"
+    as_jsonl.write_text("\n".join(json.dumps(f) for f in facts) + "\n")
+    sources = [facts, pd.DataFrame(facts), as_json, str(as_jsonl)]
+    for source in sources:
+        assert ds.load_facts(source) == facts
+    frame = pd.DataFrame([{"prompt": "Paris is the capital of", "subject": "Paris"},
+                          {"prompt": "Rome is the capital of"}])
+    summary = ds.trace_dataset(tracer, frame, samples=SAMPLES, kinds=("mlp_out",))
+    assert [f.fact_id for f in summary.facts] == [0]  # ids fall back to the row index
+    reason = "missing field 'subject' (a fact needs 'prompt', 'subject')"
+    assert summary.skipped == (ds.SkippedFact(1, reason),)
+
+
+def test_fact_source_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"facts must be a list of dicts, a pandas DataFrame, or a "
+                                        r"JSON/JSONL path, got dict"):
+        ds.load_facts({"prompt": "x"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"line 2 of .*bad.jsonl' is not valid JSON"):
+        ds.load_facts(bad)
+    not_list = tmp_path / "obj.json"
+    not_list.write_text('{"prompt": "a"}')
+    with pytest.raises(ValueError, match=r"must hold a JSON list of records, got a dict"):
+        ds.load_facts(not_list)
+    with pytest.raises(FileNotFoundError, match=r"does not exist; pass the path of a .json"):
+        ds.load_facts(tmp_path / "missing.json")
+
+
+def test_settings_are_checked(tracer):
+    with pytest.raises(ValueError, match=r"samples must be an integer >= 1, got 0; ROME uses 10"):
+        ds.trace_dataset(tracer, FACTS, samples=0)
+    with pytest.raises(ValueError, match=r"max_seconds must be a positive number of seconds"):
+        ds.trace_dataset(tracer, FACTS, max_seconds=-1)
+    with pytest.raises(ValueError, match=r"kind must be one of"):
+        ds.trace_dataset(tracer, FACTS, kinds=("mlp",))
+    with pytest.raises(ValueError, match=r"limit must be a positive integer, got 0; pass e.g."):
+        ds.filter_known(tracer, FACTS, limit=0)
+
+
+# ------------------------------------------------------------------ known facts
+
+
+def test_known_facts_ship_with_the_package():
+    facts = ds.known_facts()
+    assert len(facts) == 1209
+    assert set(facts[0]) == {"known_id", "subject", "attribute", "template", "prediction",
+                             "prompt", "relation_id"}
+    facts[0]["subject"] = "changed"
+    assert ds.known_facts()[0]["subject"] == "Vinson Massif"  # fresh copies
+
+
+@pytest.mark.parametrize(
+    ("prediction", "attribute", "known"),
+    [(" Paris", "Paris", True), ("Par", "Paris", True), (" paris", "Paris", False),
+     (" ", "Paris", False), (" the", "Paris", False), (" Paris", " Paris Hilton", True)],
+)
+def test_starts_attribute(prediction, attribute, known):
+    assert ds.starts_attribute(prediction, attribute) is known
+
+
+def test_filter_known_keeps_facts_whose_top1_starts_the_attribute(tracer, tiny_model):
+    facts = []
+    for i, fact in enumerate(FACTS):
+        tokens = prompt_tokens(tiny_model, fact["prompt"])
+        top = token_labels(tiny_model, [int(tiny_model(tokens[None])[0, -1].argmax())])[0]
+        facts.append({**fact, "attribute": top.strip() + "ish" if i % 2 == 0 else "zzz"})
+    facts.append({"known_id": 99, "prompt": "Paris is the capital of"})
+    known, rejected = ds.filter_known(tracer, facts, batch_size=2, return_rejected=True)
+    assert [f["known_id"] for f in known] == [10, 12, 14]
+    assert all(ds.starts_attribute(f["top1_token"], f["attribute"]) for f in known)
+    assert all(0 < f["top1_prob"] <= 1 for f in known)
+    assert [r.fact_id for r in rejected] == [11, 13, 99]
+    assert "does not start the attribute 'zzz'" in rejected[0].reason
+    assert rejected[2].reason == "missing field 'attribute' (a fact needs 'prompt', 'attribute')"
+    assert [f["known_id"] for f in ds.filter_known(tracer, facts, limit=2)] == [10, 12]
+
+
+# ------------------------------------------------------------------ plots, report, CLI
+
+
+def test_plots_and_report(reference, tmp_path):
+    from lenscope.plotting.dataset import plot_dataset, save_dataset_report
+
+    heat = reference.plot()
+    assert isinstance(heat, go.Figure)
+    assert [t.type for t in heat.data] == ["heatmap"] * len(KINDS)
+    assert len(heat.data[0].z) == len(ds.BUCKETS) and len(heat.data[0].z[0]) == reference.n_layers
+    lines = plot_dataset(reference, style="lines", kinds="mlp_out")
+    assert {t.type for t in lines.data} == {"scatter"}
+    with pytest.raises(ValueError, match=r"style must be one of 'heatmap', 'lines'; got 'bars'"):
+        reference.plot(style="bars")
+    # Under --jaxtyping-packages the annotation refuses it first, also with a TypeError.
+    with pytest.raises(TypeError, match=r"DatasetSummary"):
+        plot_dataset([])
+    page = save_dataset_report(reference, tmp_path / "r" / "report.html").read_text()
+    assert "best_bucket" in page and "Skipped facts (0)" in page and "Plotly" in page
+
+
+def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    loaded = []
+
+    def factory(name, **kwargs):
+        loaded.append((name, kwargs))
+        return tiny_model
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(f) for f in FACTS[:2]))
+    parser = ds.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
+    args = parser.parse_args([
+        "--model", "tiny", "--facts", str(facts), "--no-filter", "--limit", "1",
+        "--samples", "2", "--kinds", "mlp_out", "--out", str(tmp_path / "report.html"),
+        "--summary", str(tmp_path / "summary.json"), "--quiet",
+    ])
+    assert ds.run_dataset_cli(args, factory) == 0
+    assert loaded == [("tiny", {"bridge": False, "device": None, "dtype": None})]
+    assert (tmp_path / "report.html").exists()
+    assert ds.DatasetSummary.load(tmp_path / "summary.json").n_facts == 1
+    assert "mlp_out" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--limit", "0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
