@@ -26,7 +26,12 @@ from lenscope.tokens import guess_subject
 from lenscope.tracer import DEFAULT_KINDS, CausalTracer
 
 _PLOTTING = (
-    "plot_trace", "plot_traces", "plot_lens", "plot_dataset", "save_html", "save_image",
+    "plot_trace",
+    "plot_traces",
+    "plot_lens",
+    "plot_dataset",
+    "save_html",
+    "save_image",
 )
 
 __all__ = [

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Corrupt the subject with Gaussian noise at hook_embed, restore each "
         "(layer, token) cell's clean activation, and report how much of the answer's "
         "probability comes back. Example: lenscope trace "
-        f"{DEFAULT_PROMPT_HELP} --subject \"The Eiffel Tower\" --out trace.html",
+        f'{DEFAULT_PROMPT_HELP} --subject "The Eiffel Tower" --out trace.html',
     )
     trace.add_argument("prompt", help="the prompt text")
     trace.add_argument(
@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers restored around each cell for every kind (default: 1 for resid_*, "
         "10 for mlp_out/attn_out, as in ROME)",
     )
-    trace.add_argument("--samples", type=_positive_int, default=10, help="corrupted copies (default 10)")
+    trace.add_argument(
+        "--samples", type=_positive_int, default=10, help="corrupted copies (default 10)"
+    )
     trace.add_argument(
         "--noise",
         type=_noise_arg,
@@ -137,7 +139,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "TransformerLens name such as gpt2-xl (needs the Hugging Face hub)",
     )
     parser.add_argument(
-        "--bridge", action="store_true", help="load as a TransformerBridge (TransformerLens 4 style)"
+        "--bridge",
+        action="store_true",
+        help="load as a TransformerBridge (TransformerLens 4 style)",
     )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")

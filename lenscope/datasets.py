@@ -597,7 +597,8 @@ class DatasetSummary:
         if problems or set(self.windows) != set(self.kinds):
             raise ValueError(
                 f"inconsistent DatasetSummary for kinds {self.kinds} with {self.n_layers} "
-                f"layers and windows {self.windows}: " + "; ".join(problems[:3])
+                f"layers and windows {self.windows}: "
+                + "; ".join(problems[:3])
                 + "; every fact needs [n_layers, pos] scores for every kind"
             )
 
@@ -619,8 +620,15 @@ class DatasetSummary:
     def settings(self) -> dict[str, Any]:
         """The settings a checkpoint header records (see :func:`trace_dataset`)."""
         return _settings(
-            self.model_name, self.n_layers, self.kinds, self.windows, self.samples,
-            self.noise_std, self.seed, self.metric, self.lenscope_version,
+            self.model_name,
+            self.n_layers,
+            self.kinds,
+            self.windows,
+            self.samples,
+            self.noise_std,
+            self.seed,
+            self.metric,
+            self.lenscope_version,
         )
 
     @property
@@ -696,11 +704,21 @@ class DatasetSummary:
         for kind in self.kinds:
             value, layer, bucket = self.best(kind)
             ci = float(self.aie_ci(kind)[BUCKETS.index(bucket), layer]) if layer >= 0 else math.nan
-            rows.append({
-                "kind": kind, "n_facts": self.n_facts, "n_skipped": self.n_skipped,
-                "clean": clean, "corrupted": corrupted, "ate": ate, "ate_ci": ate_ci,
-                "best_aie": value, "best_aie_ci": ci, "best_layer": layer, "best_bucket": bucket,
-            })
+            rows.append(
+                {
+                    "kind": kind,
+                    "n_facts": self.n_facts,
+                    "n_skipped": self.n_skipped,
+                    "clean": clean,
+                    "corrupted": corrupted,
+                    "ate": ate,
+                    "ate_ci": ate_ci,
+                    "best_aie": value,
+                    "best_aie_ci": ci,
+                    "best_layer": layer,
+                    "best_bucket": bucket,
+                }
+            )
         return pd.DataFrame(rows)
 
     def to_dataframe(self) -> Any:
@@ -712,11 +730,16 @@ class DatasetSummary:
             mean, half, n = mean_ci(self.effects(kind))
             for b, bucket in enumerate(BUCKETS):
                 for layer in range(self.n_layers):
-                    rows.append({
-                        "kind": kind, "bucket": bucket, "layer": layer,
-                        "aie": float(mean[b, layer]), "ci": float(half[b, layer]),
-                        "n_facts": int(n[b, layer]),
-                    })
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "bucket": bucket,
+                            "layer": layer,
+                            "aie": float(mean[b, layer]),
+                            "ci": float(half[b, layer]),
+                            "n_facts": int(n[b, layer]),
+                        }
+                    )
         return pd.DataFrame(rows)
 
     def skipped_dataframe(self) -> Any:
@@ -807,8 +830,15 @@ def _scalar_ci(values: Float[Tensor, " fact"]) -> tuple[float, float]:
 
 
 def _settings(
-    model: str, n_layer: int, kinds: Sequence[str], windows: Mapping[str, int], samples: int,
-    noise_std: float, seed: int, metric: str, version: str,
+    model: str,
+    n_layer: int,
+    kinds: Sequence[str],
+    windows: Mapping[str, int],
+    samples: int,
+    noise_std: float,
+    seed: int,
+    metric: str,
+    version: str,
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -1014,7 +1044,14 @@ def trace_dataset(
     metric_name, _ = resolve_metric(metric)
     noise_std = tracer._noise_std(noise, noise_multiplier)
     settings = _settings(
-        model_name(model), n_layer, kinds, window_of, samples, noise_std, seed, metric_name,
+        model_name(model),
+        n_layer,
+        kinds,
+        window_of,
+        samples,
+        noise_std,
+        seed,
+        metric_name,
         __version__,
     )
     pairs = _prepared(facts)
@@ -1048,8 +1085,12 @@ def trace_dataset(
     started = time.perf_counter()
     n_pending = 0
     bar = tqdm(
-        total=len(pairs), initial=len(pairs) - len(todo), desc="trace dataset", unit="fact",
-        disable=not show, dynamic_ncols=True,
+        total=len(pairs),
+        initial=len(pairs) - len(todo),
+        desc="trace dataset",
+        unit="fact",
+        disable=not show,
+        dynamic_ncols=True,
     )
     try:
         with bar:
@@ -1059,8 +1100,16 @@ def trace_dataset(
                     break
                 fact_id, fact = pairs[index]
                 record = _trace_one(
-                    tracer, fact_id, fact, kinds=kinds, windows=window_of, samples=samples,
-                    noise_std=noise_std, seed=seed, metric=metric, batch_size=batch_size,
+                    tracer,
+                    fact_id,
+                    fact,
+                    kinds=kinds,
+                    windows=window_of,
+                    samples=samples,
+                    noise_std=noise_std,
+                    seed=seed,
+                    metric=metric,
+                    batch_size=batch_size,
                 )
                 if store is not None:
                     store.append(record)
@@ -1076,13 +1125,23 @@ def trace_dataset(
         if r is not None and r["status"] == "done"
     )
     skipped = tuple(
-        SkippedFact(r["id"], r["reason"]) for r in order_records
+        SkippedFact(r["id"], r["reason"])
+        for r in order_records
         if r is not None and r["status"] == "skipped"
     )
     return DatasetSummary(
-        facts=traced, skipped=skipped, kinds=kinds, windows=window_of, n_layers=n_layer,
-        model_name=settings["model_name"], samples=samples, noise_std=noise_std, seed=seed,
-        metric=metric_name, lenscope_version=__version__, n_pending=n_pending,
+        facts=traced,
+        skipped=skipped,
+        kinds=kinds,
+        windows=window_of,
+        n_layers=n_layer,
+        model_name=settings["model_name"],
+        samples=samples,
+        noise_std=noise_std,
+        seed=seed,
+        metric=metric_name,
+        lenscope_version=__version__,
+        n_pending=n_pending,
     )
 
 
@@ -1133,9 +1192,18 @@ def _trace_one(
         return _skip_record(fact_id, fact, problem)
     started = time.perf_counter()
     results = tracer.trace_kinds(
-        tokens, subject_range, kinds=kinds, windows=windows, samples=samples, noise=noise_std,
-        seed=seed, metric=metric, positions=list(range(subject_range[0], int(tokens.shape[0]))),
-        batch_size=batch_size, progress=False, top_k=1,
+        tokens,
+        subject_range,
+        kinds=kinds,
+        windows=windows,
+        samples=samples,
+        noise=noise_std,
+        seed=seed,
+        metric=metric,
+        positions=list(range(subject_range[0], int(tokens.shape[0]))),
+        batch_size=batch_size,
+        progress=False,
+        top_k=1,
     )
     first = results[kinds[0]]
     attribute = fact.get("attribute")
@@ -1178,33 +1246,61 @@ def add_dataset_arguments(
         The same parser.
     """
     if model_arguments:
-        parser.add_argument("--model", default="gemma-3-270m",
-                            help="model name for lenscope.load_model (default gemma-3-270m)")
+        parser.add_argument(
+            "--model",
+            default="gemma-3-270m",
+            help="model name for lenscope.load_model (default gemma-3-270m)",
+        )
         parser.add_argument("--bridge", action="store_true", help="load a TransformerBridge")
         parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
         parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--facts", type=Path, default=None,
-                        help="JSON/JSONL fact file (default: the ROME known facts shipped "
-                             "with lenscope)")
-    parser.add_argument("--limit", type=_positive_int_arg, default=None,
-                        help="trace the first N facts the model knows (default: all)")
-    parser.add_argument("--no-filter", action="store_true",
-                        help="trace the facts as given, without keeping only the known ones")
-    parser.add_argument("--out", type=Path, default=Path("report.html"),
-                        help="HTML report (default report.html)")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="also save the DatasetSummary as JSON")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="JSONL checkpoint, written as each fact finishes; rerun with "
-                             "the same file to resume")
-    parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
-                        help="hook-point types, comma-separated (default "
-                             f"{','.join(DEFAULT_KINDS)})")
-    parser.add_argument("--samples", type=_positive_int_arg, default=10,
-                        help="corrupted copies per fact (default 10, as in ROME)")
+    parser.add_argument(
+        "--facts",
+        type=Path,
+        default=None,
+        help="JSON/JSONL fact file (default: the ROME known facts shipped with lenscope)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int_arg,
+        default=None,
+        help="trace the first N facts the model knows (default: all)",
+    )
+    parser.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="trace the facts as given, without keeping only the known ones",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("report.html"), help="HTML report (default report.html)"
+    )
+    parser.add_argument(
+        "--summary", type=Path, default=None, help="also save the DatasetSummary as JSON"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="JSONL checkpoint, written as each fact finishes; rerun with the same file to resume",
+    )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(DEFAULT_KINDS),
+        help=f"hook-point types, comma-separated (default {','.join(DEFAULT_KINDS)})",
+    )
+    parser.add_argument(
+        "--samples",
+        type=_positive_int_arg,
+        default=10,
+        help="corrupted copies per fact (default 10, as in ROME)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop starting new facts after this many minutes")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop starting new facts after this many minutes",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -1227,7 +1323,9 @@ def run_dataset_cli(args: argparse.Namespace, model_factory: Any = None) -> int:
 
     factory = model_factory or _load_model
     model = factory(
-        args.model, bridge=getattr(args, "bridge", False), device=getattr(args, "device", None),
+        args.model,
+        bridge=getattr(args, "bridge", False),
+        device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
     )
     tracer = CausalTracer(model, progress=not args.quiet)
@@ -1238,8 +1336,12 @@ def run_dataset_cli(args: argparse.Namespace, model_factory: Any = None) -> int:
         chosen = filter_known(tracer, facts, limit=args.limit)
         print(f"{len(chosen)} facts known to {model_name(model)} selected", file=sys.stderr)
     summary = trace_dataset(
-        tracer, chosen, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-        samples=args.samples, seed=args.seed, checkpoint=args.checkpoint,
+        tracer,
+        chosen,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        samples=args.samples,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
         max_seconds=None if args.minutes is None else args.minutes * 60,
     )
     path = save_dataset_report(summary, args.out)

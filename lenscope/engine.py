@@ -80,9 +80,7 @@ def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
             f"strategy must be one of {STRATEGIES}, got {strategy!r}; "
             "'auto' picks 'prefix' for a HookedTransformer and 'full' otherwise"
         )
-    prefix_ok = (
-        not is_bridge(model) and model.cfg.positional_embedding_type != "shortformer"
-    )
+    prefix_ok = not is_bridge(model) and model.cfg.positional_embedding_type != "shortformer"
     if strategy == "prefix" and not prefix_ok:
         raise ValueError(
             f"strategy='prefix' needs a HookedTransformer without shortformer position "
@@ -226,7 +224,6 @@ def _plan_batches(
     fixed cost per forward pass, so batches stay large enough to be
     efficient without computing much beyond the minimal work.
     """
-    n_layer = windows.shape[1]
     first_layer = windows.float().argmax(dim=1)
     if strategy == "full":
         per_batch = max(1, rows_for(n_pos) // samples)

@@ -472,8 +472,15 @@ def lens_trajectory(
         hidden, final = _capture(model, tokens[None], [], names)
         stats = _statistics(model, decoder, hidden, final, answer_id, top_k, layer_chunk)
     return _make_trajectory(
-        model, stats, tokens, component, names, decoder, label=label,
-        prompt=prompt if isinstance(prompt, str) else None, subject_range=subject_range,
+        model,
+        stats,
+        tokens,
+        component,
+        names,
+        decoder,
+        label=label,
+        prompt=prompt if isinstance(prompt, str) else None,
+        subject_range=subject_range,
     )
 
 
@@ -603,17 +610,26 @@ def lens_trace_cell(
     common = dict(
         prompt=result.prompt, subject_range=result.subject_range, tokens_labels=result.tokens
     )
-    clean = _make_trajectory(model, stats["clean"], tokens, component, names, decoder,
-                             label="clean", **common)
+    clean = _make_trajectory(
+        model, stats["clean"], tokens, component, names, decoder, label="clean", **common
+    )
     noisy = dict(copies=samples, noise_std=result.noise_std, seed=result.seed, **common)
-    corrupted = _make_trajectory(model, stats["corrupted"], tokens, component, names, decoder,
-                                 label="corrupted", **noisy)
+    corrupted = _make_trajectory(
+        model, stats["corrupted"], tokens, component, names, decoder, label="corrupted", **noisy
+    )
     lo, hi = result.window_layers(layer)
     where = f"layer {lo}" if hi - lo == 1 else f"layers {lo}–{hi - 1}"
     restored = _make_trajectory(
-        model, stats["restored"], tokens, component, names, decoder,
+        model,
+        stats["restored"],
+        tokens,
+        component,
+        names,
+        decoder,
         label=f"restored {result.kind} @ {where}, pos {pos}",
-        restored_hooks=tuple(restored_names), restored_pos=pos, **noisy,
+        restored_hooks=tuple(restored_names),
+        restored_pos=pos,
+        **noisy,
     )
     return CellTrajectories(clean=clean, corrupted=corrupted, restored=restored)
 
@@ -722,7 +738,9 @@ def _log_probs(
 
 
 def _chunk_logits(
-    decoder: LensDecoder, hidden: Float[Tensor, "chunk batch pos d_model"], first: int,
+    decoder: LensDecoder,
+    hidden: Float[Tensor, "chunk batch pos d_model"],
+    first: int,
     d_vocab: int,
 ) -> Float[Tensor, "chunk batch pos d_vocab"]:
     """Decode consecutive layers ``first, first + 1, ...`` of ``hidden``.

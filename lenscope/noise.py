@@ -67,9 +67,7 @@ def embedding_sigma(
             token_lists = [ids[i : i + 512].tolist() for i in range(0, len(ids), 512)]
         else:
             texts = subjects if subjects is not None else known_subjects()
-            token_lists = [
-                tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts
-            ]
+            token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
             token_lists = [tokens for tokens in token_lists if tokens]
         per_model[key] = _sigma_over_tokens(model, token_lists, batch_size)
     return per_model[key]

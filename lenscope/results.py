@@ -99,7 +99,10 @@ class TraceResult:
             )
         if len(self.hook_names) != n_layers:
             problems.append(f"{len(self.hook_names)} hook_names for {n_layers} layers")
-        if self.top_ids.shape[:2] != (n_layers, n_pos) or self.top_ids.shape != self.top_probs.shape:
+        if (
+            self.top_ids.shape[:2] != (n_layers, n_pos)
+            or self.top_ids.shape != self.top_probs.shape
+        ):
             problems.append(
                 f"top_ids {tuple(self.top_ids.shape)} and top_probs "
                 f"{tuple(self.top_probs.shape)} should be ({n_layers}, {n_pos}, k)"

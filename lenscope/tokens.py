@@ -19,7 +19,9 @@ def _tokenizer(model: torch.nn.Module):
     return getattr(model, "tokenizer", None)
 
 
-def prompt_tokens(model: torch.nn.Module, prompt: str | Tensor | Sequence[int]) -> Int[Tensor, " pos"]:
+def prompt_tokens(
+    model: torch.nn.Module, prompt: str | Tensor | Sequence[int]
+) -> Int[Tensor, " pos"]:
     """The prompt's token ids, 1-D, on the model's device.
 
     Args:
@@ -45,7 +47,8 @@ def prompt_tokens(model: torch.nn.Module, prompt: str | Tensor | Sequence[int]) 
         if tokens.ndim != 1 or tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(
                 "prompt must be text or a 1-D tensor of token ids, got a tensor of shape "
-                f"{tuple(tokens.shape)} and dtype {tokens.dtype}; pass e.g. model.to_tokens(text)[0]"
+                f"{tuple(tokens.shape)} and dtype {tokens.dtype}; "
+                "pass e.g. model.to_tokens(text)[0]"
             )
         if tokens.numel() == 0:
             raise ValueError("prompt must contain at least one token, got 0; pass a prompt")
@@ -104,7 +107,9 @@ def find_subject(
     tokenizer = _tokenizer(model)
     labels = list(token_labels(model, tokens))
     if not subject.strip():
-        raise ValueError(f"subject must be non-empty text, got {subject!r}; pass e.g. 'The Eiffel Tower'")
+        raise ValueError(
+            f"subject must be non-empty text, got {subject!r}; pass e.g. 'The Eiffel Tower'"
+        )
     if tokenizer is None:
         raise ValueError(
             f"model has no tokenizer, so the subject must be a token range, got {subject!r}; "
@@ -136,9 +141,7 @@ def answer_token(model: torch.nn.Module, answer: str | int) -> int:
         raise TypeError(f"answer must be text or a token id, got {type(answer).__name__}")
     if isinstance(answer, int):
         if not 0 <= answer < model.cfg.d_vocab:
-            raise ValueError(
-                f"answer token id must lie in [0, {model.cfg.d_vocab}), got {answer}"
-            )
+            raise ValueError(f"answer token id must lie in [0, {model.cfg.d_vocab}), got {answer}")
         return answer
     tokenizer = _tokenizer(model)
     if tokenizer is None:
@@ -155,7 +158,9 @@ def answer_token(model: torch.nn.Module, answer: str | int) -> int:
     return int(ids[0])
 
 
-_CAPITALISED_SPAN = re.compile(r"[A-Z][\w'\-\.]*(?:\s+(?:of|the|de|du|von|van|der|[A-Z][\w'\-\.]*))*")
+_CAPITALISED_SPAN = re.compile(
+    r"[A-Z][\w'\-\.]*(?:\s+(?:of|the|de|du|von|van|der|[A-Z][\w'\-\.]*))*"
+)
 
 
 def guess_subject(prompt: str) -> str:

@@ -163,7 +163,9 @@ class CausalTracer:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be an integer >= 1, got {samples!r}; ROME uses 10")
         if not isinstance(top_k, int) or not 1 <= top_k <= model.cfg.d_vocab:
-            raise ValueError(f"top_k must be an integer in [1, d_vocab], got {top_k!r}; pass e.g. 5")
+            raise ValueError(
+                f"top_k must be an integer in [1, d_vocab], got {top_k!r}; pass e.g. 5"
+            )
         if batch_size is not None:
             _check_batch_size(batch_size)
         metric_name, metric_fn = resolve_metric(metric)
@@ -195,7 +197,10 @@ class CausalTracer:
                 answer_id = int(clean_probs.argmax())
             clean_score = float(metric_fn(clean.logits[None], answer_id)[0])
             corrupted = engine.corrupted_run(
-                model, tokens, noise_tensor, subject_range,
+                model,
+                tokens,
+                noise_tensor,
+                subject_range,
                 keep_prefix_state=self.strategy == "prefix",
             )
             corrupted_probs = torch.softmax(corrupted.logits, dim=-1).mean(0)
@@ -206,10 +211,19 @@ class CausalTracer:
             results = {}
             for kind in kinds:
                 out = engine.sweep(
-                    model, tokens, kind=kind, window=window_of[kind], cells=cells,
-                    clean=clean, corrupted=corrupted, noise=noise_tensor,
-                    subject_range=subject_range, answer_id=answer_id, metric=metric_fn,
-                    top_k=top_k, strategy=self.strategy,
+                    model,
+                    tokens,
+                    kind=kind,
+                    window=window_of[kind],
+                    cells=cells,
+                    clean=clean,
+                    corrupted=corrupted,
+                    noise=noise_tensor,
+                    subject_range=subject_range,
+                    answer_id=answer_id,
+                    metric=metric_fn,
+                    top_k=top_k,
+                    strategy=self.strategy,
                     batch_size=batch_size or self.batch_size,
                     progress=self.progress if progress is None else progress,
                     description=f"trace {kind}",
@@ -352,12 +366,12 @@ def _resolve_positions(
     return sorted(chosen)
 
 
-def _check_noise_tensor(
-    noise: Any, samples: int, n_subject: int, model: torch.nn.Module
-) -> Tensor:
+def _check_noise_tensor(noise: Any, samples: int, n_subject: int, model: torch.nn.Module) -> Tensor:
     expected = (samples, n_subject, model.cfg.d_model)
     if not isinstance(noise, Tensor):
-        raise TypeError(f"noise_tensor must be a torch.Tensor of shape {expected}, got {type(noise).__name__}")
+        raise TypeError(
+            f"noise_tensor must be a torch.Tensor of shape {expected}, got {type(noise).__name__}"
+        )
     if tuple(noise.shape) != expected:
         raise ValueError(
             f"noise_tensor must have shape [samples, n_subject_tokens, d_model] = {expected}, "

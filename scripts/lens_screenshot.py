@@ -46,12 +46,25 @@ def screenshot(html: Path, png: Path, *, width: int, height: int, scale: float) 
     page.write_text(html.read_text().replace("</head>", _HIDE_MODEBAR + "</head>", 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         f"--user-data-dir={page.parent / 'profile'}", f"--force-device-scale-factor={scale}",
-         "--virtual-time-budget=10000", f"--window-size={width},{height}",
-         f"--screenshot={png.resolve()}", page.resolve().as_uri()],
-        check=True, capture_output=True, timeout=300,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            f"--user-data-dir={page.parent / 'profile'}",
+            f"--force-device-scale-factor={scale}",
+            "--virtual-time-budget=10000",
+            f"--window-size={width},{height}",
+            f"--screenshot={png.resolve()}",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     return png
 
@@ -62,8 +75,12 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--component", default="resid_post")
     parser.add_argument("--statistic", default="entropy")
-    parser.add_argument("--out", type=Path, default=Path("docs/lens_eiffel"),
-                        help="path without suffix; .html and .png are written")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/lens_eiffel"),
+        help="path without suffix; .html and .png are written",
+    )
     parser.add_argument("--scale", type=float, default=2.0)
     args = parser.parse_args()
 
@@ -76,19 +93,29 @@ def main() -> None:
     loaded = time.perf_counter()
     traj = lens_trajectory(model, PROMPT, component=args.component, subject=SUBJECT)
     done = time.perf_counter()
-    print(f"model loaded in {loaded - start:.1f} s; trajectory "
-          f"({traj.n_layers} layers x {traj.n_pos} tokens, d_vocab={model.cfg.d_vocab}) "
-          f"in {done - loaded:.2f} s")
-    print(f"answer {traj.answer!r}: p={float(traj.answer_prob[-1, -1]):.3f}; final-layer "
-          f"top-1 at the last position {traj.top_predictions(traj.n_layers - 1, -1)[0]}")
-    first = next((layer for layer in range(traj.n_layers)
-                  if int(traj.answer_rank[layer, -1]) == 1), None)
+    print(
+        f"model loaded in {loaded - start:.1f} s; trajectory "
+        f"({traj.n_layers} layers x {traj.n_pos} tokens, d_vocab={model.cfg.d_vocab}) "
+        f"in {done - loaded:.2f} s"
+    )
+    print(
+        f"answer {traj.answer!r}: p={float(traj.answer_prob[-1, -1]):.3f}; final-layer "
+        f"top-1 at the last position {traj.top_predictions(traj.n_layers - 1, -1)[0]}"
+    )
+    first = next(
+        (layer for layer in range(traj.n_layers) if int(traj.answer_rank[layer, -1]) == 1), None
+    )
     print(f"first layer whose top-1 at the last position is the answer: {first}")
 
     fig = traj.plot(statistic=args.statistic)
     html = save_html(fig, args.out.with_suffix(".html"))
-    png = screenshot(html, args.out.with_suffix(".png"), width=int(fig.layout.width),
-                     height=int(fig.layout.height), scale=args.scale)
+    png = screenshot(
+        html,
+        args.out.with_suffix(".png"),
+        width=int(fig.layout.width),
+        height=int(fig.layout.height),
+        scale=args.scale,
+    )
     print(f"wrote {html} and {png}")
 
 

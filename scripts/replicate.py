@@ -56,13 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--limit", type=int, default=None, help="trace at most N known facts")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop starting new facts after this many minutes of tracing")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop starting new facts after this many minutes of tracing",
+    )
     parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", choices=("scaled", "rome"), default="scaled",
-                        help="mlp/attn window: 'rome' = 10 layers; 'scaled' = the same fraction "
-                             "of depth as ROME's 10 of 48 layers (4 of Gemma's 18)")
+    parser.add_argument(
+        "--window",
+        choices=("scaled", "rome"),
+        default="scaled",
+        help="mlp/attn window: 'rome' = 10 layers; 'scaled' = the same fraction "
+        "of depth as ROME's 10 of 48 layers (4 of Gemma's 18)",
+    )
     parser.add_argument("--checkpoint", default="runs/replication.jsonl")
     parser.add_argument("--summary", default="runs/replication_summary.json")
     parser.add_argument("--docs", default="docs", help="folder for replication.{md,html,png}")
@@ -93,12 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     known, rejected = filter_known(tracer, facts, limit=args.limit, return_rejected=True)
     filter_seconds = time.perf_counter() - t0
     checked = len(known) + len(rejected)
-    print(f"{len(known)} of {checked} facts checked are known to {args.model} "
-          f"({filter_seconds:.0f} s)", file=sys.stderr)
+    print(
+        f"{len(known)} of {checked} facts checked are known to {args.model} "
+        f"({filter_seconds:.0f} s)",
+        file=sys.stderr,
+    )
 
     t0 = time.perf_counter()
     summary = trace_dataset(
-        tracer, known, kinds=KINDS, windows=windows, samples=args.samples, seed=args.seed,
+        tracer,
+        known,
+        kinds=KINDS,
+        windows=windows,
+        samples=args.samples,
+        seed=args.seed,
         checkpoint=args.checkpoint,
         max_seconds=None if args.minutes is None else args.minutes * 60,
     )
@@ -110,18 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     write_figures(summary, docs, screenshot=not args.no_screenshot)
     info = {
-        "model": args.model, "checked": checked, "known": len(known),
-        "total_facts": len(facts), "filter_seconds": filter_seconds,
-        "load_seconds": load_seconds, "trace_seconds": trace_seconds,
-        "limit": args.limit, "minutes": args.minutes, "window_choice": args.window,
-        "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+        "model": args.model,
+        "checked": checked,
+        "known": len(known),
+        "total_facts": len(facts),
+        "filter_seconds": filter_seconds,
+        "load_seconds": load_seconds,
+        "trace_seconds": trace_seconds,
+        "limit": args.limit,
+        "minutes": args.minutes,
+        "window_choice": args.window,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", *sys.argv]),
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     (docs / "replication.md").write_text(report(summary, info))
     per_fact = summary.seconds / max(summary.n_facts, 1)
-    print(f"traced {summary.n_facts} facts in {summary.seconds:.0f} s "
-          f"({per_fact:.1f} s per fact; {summary.n_pending} pending, "
-          f"{summary.n_skipped} skipped); wrote {docs / 'replication.md'}", file=sys.stderr)
+    print(
+        f"traced {summary.n_facts} facts in {summary.seconds:.0f} s "
+        f"({per_fact:.1f} s per fact; {summary.n_pending} pending, "
+        f"{summary.n_skipped} skipped); wrote {docs / 'replication.md'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -129,16 +155,21 @@ def write_figures(summary, docs: Path, *, screenshot: bool) -> None:
     """``replication.html`` (full report) and, with Chromium, the two PNG figures."""
     from lenscope.plotting.dataset import plot_dataset, save_dataset_report
 
-    save_dataset_report(summary, docs / "replication.html",
-                        title=f"ROME known facts on {summary.model_name}")
+    save_dataset_report(
+        summary, docs / "replication.html", title=f"ROME known facts on {summary.model_name}"
+    )
     if not screenshot:
         return
     for style, name in (("heatmap", "replication.png"), ("lines", "replication_lines.png")):
         fig = plot_dataset(summary, style=style)
         with tempfile.TemporaryDirectory() as tmp:
             page = Path(tmp) / "figure.html"
-            fig.write_html(page, include_plotlyjs=True, full_html=True,
-                           config={"displaylogo": False, "staticPlot": True})
+            fig.write_html(
+                page,
+                include_plotlyjs=True,
+                full_html=True,
+                config={"displaylogo": False, "staticPlot": True},
+            )
             take_screenshot(page, docs / name, int(fig.layout.width), int(fig.layout.height))
 
 
@@ -146,12 +177,24 @@ def take_screenshot(page: Path, png: Path, width: int, height: int) -> None:
     """Headless Chromium screenshot of ``page`` (offline: plotly.js is embedded)."""
     with tempfile.TemporaryDirectory(prefix="lenscope-chromium-") as profile:
         subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--disable-background-networking", "--disable-component-update", "--no-first-run",
-             f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-             f"--screenshot={png.resolve()}", f"--window-size={width + 20},{height + 20}",
-             page.resolve().as_uri()],
-            check=True, capture_output=True, timeout=120,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                f"--screenshot={png.resolve()}",
+                f"--window-size={width + 20},{height + 20}",
+                page.resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
 
 
@@ -192,10 +235,12 @@ def report(summary, info: dict) -> str:
 
     mlp_buckets = {b: summary.best("mlp_out", bucket=b)[0] for b in BUCKETS}
     attn_buckets = {b: summary.best("attn_out", bucket=b)[0] for b in BUCKETS}
-    best_mlp_bucket = max(mlp_buckets, key=lambda b: -math.inf if math.isnan(mlp_buckets[b])
-                          else mlp_buckets[b])
-    best_attn_bucket = max(attn_buckets, key=lambda b: -math.inf if math.isnan(attn_buckets[b])
-                           else attn_buckets[b])
+    best_mlp_bucket = max(
+        mlp_buckets, key=lambda b: -math.inf if math.isnan(mlp_buckets[b]) else mlp_buckets[b]
+    )
+    best_attn_bucket = max(
+        attn_buckets, key=lambda b: -math.inf if math.isnan(attn_buckets[b]) else attn_buckets[b]
+    )
     rel = lambda layer: layer / (n_layers - 1)  # noqa: E731
 
     def unsure(significant: bool) -> str:
@@ -210,49 +255,61 @@ def report(summary, info: dict) -> str:
 
     verdicts = []
     ate_holds = ate - ate_ci > 0
-    verdicts.append((
-        "Corrupting the subject removes most of the answer's probability",
-        "holds" if ate_holds and ate / clean >= 0.5 else "partly" if ate_holds else "does not hold",
-        f"ATE {pct(ate)} \u00b1 {pct(ate_ci)} = {share(ate, clean)} of the clean probability "
-        f"(GPT-2 XL: {ROME['text']['ate']} = {share(ROME['ate'], ROME['clean'])})",
-    ))
+    verdicts.append(
+        (
+            "Corrupting the subject removes most of the answer's probability",
+            "holds"
+            if ate_holds and ate / clean >= 0.5
+            else "partly"
+            if ate_holds
+            else "does not hold",
+            f"ATE {pct(ate)} \u00b1 {pct(ate_ci)} = {share(ate, clean)} of the clean probability "
+            f"(GPT-2 XL: {ROME['text']['ate']} = {share(ROME['ate'], ROME['clean'])})",
+        )
+    )
     # ROME's MLP claim is about where among the subject tokens: the last one.
     mlp_middle = summary.best("mlp_out", bucket="middle_subject")[0]
     mlp_site = all(math.isnan(other) or mlp_ls[0] > other for other in (mlp_fs[0], mlp_middle))
     mlp_early = rel(mlp_ls[2]) <= 2 / 3
     mlp_sig = mlp_ls[0] - mlp_ls[1] > 0
-    verdicts.append((
-        "MLPs at the last subject token, in early-middle layers, carry the fact",
-        verdict(mlp_site, mlp_early, mlp_sig),
-        f"at the last subject token the MLP AIE peaks at {pct(mlp_ls[0])} \u00b1 "
-        f"{pct(mlp_ls[1])}{unsure(mlp_sig)}, layer {depth(mlp_ls[2], n_layers)}, vs "
-        f"{pct(mlp_fs[0])} at the first and {pct(mlp_middle)} at the middle subject tokens "
-        f"(GPT-2 XL: {pct(rome_mlp)} at layer {depth(rome_mlp_layer, ROME_LAYERS)}); the "
-        f"largest MLP AIE of all is in the {BUCKET_LABELS[best_mlp_bucket]} bucket",
-    ))
+    verdicts.append(
+        (
+            "MLPs at the last subject token, in early-middle layers, carry the fact",
+            verdict(mlp_site, mlp_early, mlp_sig),
+            f"at the last subject token the MLP AIE peaks at {pct(mlp_ls[0])} \u00b1 "
+            f"{pct(mlp_ls[1])}{unsure(mlp_sig)}, layer {depth(mlp_ls[2], n_layers)}, vs "
+            f"{pct(mlp_fs[0])} at the first and {pct(mlp_middle)} at the middle subject tokens "
+            f"(GPT-2 XL: {pct(rome_mlp)} at layer {depth(rome_mlp_layer, ROME_LAYERS)}); the "
+            f"largest MLP AIE of all is in the {BUCKET_LABELS[best_mlp_bucket]} bucket",
+        )
+    )
     attn_site = best_attn_bucket == "last"
     attn_late = rel(attn_last[2]) > 0.5
     attn_sig = attn_last[0] - attn_last[1] > 0
-    verdicts.append((
-        "Attention at the last token, in late layers, moves the fact",
-        verdict(attn_site, attn_late, attn_sig),
-        f"attention AIE peaks in the {BUCKET_LABELS[best_attn_bucket]} bucket; at the last "
-        f"token it peaks at {pct(attn_last[0])} \u00b1 {pct(attn_last[1])}{unsure(attn_sig)}, "
-        f"layer "
-        f"{depth(attn_last[2], n_layers)} (GPT-2 XL: layer "
-        f"{depth(ROME['attn_last_layer'], ROME_LAYERS)})",
-    ))
+    verdicts.append(
+        (
+            "Attention at the last token, in late layers, moves the fact",
+            verdict(attn_site, attn_late, attn_sig),
+            f"attention AIE peaks in the {BUCKET_LABELS[best_attn_bucket]} bucket; at the last "
+            f"token it peaks at {pct(attn_last[0])} \u00b1 {pct(attn_last[1])}{unsure(attn_sig)}, "
+            f"layer "
+            f"{depth(attn_last[2], n_layers)} (GPT-2 XL: layer "
+            f"{depth(ROME['attn_last_layer'], ROME_LAYERS)})",
+        )
+    )
     handover = resid_ls[2] < resid_last[2]
     handover_sig = resid_ls[0] - resid_ls[1] > 0 and resid_last[0] - resid_last[1] > 0
-    verdicts.append((
-        "The residual stream carries the fact at the last subject token early, at the last "
-        "token late",
-        verdict(handover, handover, handover_sig),
-        f"hidden-state AIE at the last subject token peaks at layer {resid_ls[2]}: "
-        f"{pct(resid_ls[0])} \u00b1 {pct(resid_ls[1])}{unsure(resid_ls[0] > resid_ls[1])}; at "
-        f"the last token at layer {resid_last[2]}: {pct(resid_last[0])} \u00b1 "
-        f"{pct(resid_last[1])}{unsure(resid_last[0] > resid_last[1])}",
-    ))
+    verdicts.append(
+        (
+            "The residual stream carries the fact at the last subject token early, at the last "
+            "token late",
+            verdict(handover, handover, handover_sig),
+            f"hidden-state AIE at the last subject token peaks at layer {resid_ls[2]}: "
+            f"{pct(resid_ls[0])} \u00b1 {pct(resid_ls[1])}{unsure(resid_ls[0] > resid_ls[1])}; at "
+            f"the last token at layer {resid_last[2]}: {pct(resid_last[0])} \u00b1 "
+            f"{pct(resid_last[1])}{unsure(resid_last[0] > resid_last[1])}",
+        )
+    )
 
     table = summary.table()
     kind_rows = "\n".join(
@@ -261,8 +318,10 @@ def report(summary, info: dict) -> str:
         for r in table.itertuples()
     )
     bucket_counts = summary.bucket_counts("mlp_out").tolist()
-    counts = ", ".join(f"{BUCKET_LABELS[b]} {n}" for b, n in zip(BUCKETS, bucket_counts,
-                                                                    strict=True))
+    counts = ", ".join(
+        f"{BUCKET_LABELS[b]} {n}" for b, n in zip(BUCKETS, bucket_counts, strict=True)
+    )
+
     def row(*cells: str) -> str:
         return "| " + " | ".join(cells) + " |"
 
@@ -271,52 +330,76 @@ def report(summary, info: dict) -> str:
         where = depth(layer, layers)
         return f"{pct(value)}{spread} ({share(value, total)} of ATE) at layer {where}"
 
-    comparison_rows = "\n".join([
-        row("facts", "1000", str(summary.n_facts)),
-        row("mean clean probability", ROME["text"]["clean"],
-            f"{pct(clean)} \u00b1 {pct(clean_ci)}"),
-        row("mean corrupted probability", ROME["text"]["corrupted"],
-            f"{pct(corrupted)} \u00b1 {pct(corrupted_ci)}"),
-        row("ATE", ROME["text"]["ate"], f"{pct(ate)} \u00b1 {pct(ate_ci)}"),
-        row("hidden AIE peak, last subject token",
-            effect(rome_resid, None, ROME["ate"], rome_resid_layer, ROME_LAYERS),
-            effect(resid_ls[0], resid_ls[1], ate, resid_ls[2], n_layers)),
-        row("MLP AIE peak, last subject token",
-            "~" + effect(rome_mlp, None, ROME["ate"], rome_mlp_layer, ROME_LAYERS),
-            effect(mlp_ls[0], mlp_ls[1], ate, mlp_ls[2], n_layers)),
-        row("attention AIE peak, last token",
-            f"at layer ~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
-            effect(attn_last[0], attn_last[1], ate, attn_last[2], n_layers)),
-    ])
+    comparison_rows = "\n".join(
+        [
+            row("facts", "1000", str(summary.n_facts)),
+            row(
+                "mean clean probability",
+                ROME["text"]["clean"],
+                f"{pct(clean)} \u00b1 {pct(clean_ci)}",
+            ),
+            row(
+                "mean corrupted probability",
+                ROME["text"]["corrupted"],
+                f"{pct(corrupted)} \u00b1 {pct(corrupted_ci)}",
+            ),
+            row("ATE", ROME["text"]["ate"], f"{pct(ate)} \u00b1 {pct(ate_ci)}"),
+            row(
+                "hidden AIE peak, last subject token",
+                effect(rome_resid, None, ROME["ate"], rome_resid_layer, ROME_LAYERS),
+                effect(resid_ls[0], resid_ls[1], ate, resid_ls[2], n_layers),
+            ),
+            row(
+                "MLP AIE peak, last subject token",
+                "~" + effect(rome_mlp, None, ROME["ate"], rome_mlp_layer, ROME_LAYERS),
+                effect(mlp_ls[0], mlp_ls[1], ate, mlp_ls[2], n_layers),
+            ),
+            row(
+                "attention AIE peak, last token",
+                f"at layer ~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
+                effect(attn_last[0], attn_last[1], ate, attn_last[2], n_layers),
+            ),
+        ]
+    )
     quant_note = (
         "; and the offline model's weights are 4-bit quantised (Q4_K_M), which may add "
-        "noise to small effects" if "270m" in info["model"] else ""
+        "noise to small effects"
+        if "270m" in info["model"]
+        else ""
     )
-    window_note = ("ROME's 10 layers" if info["window_choice"] == "rome"
-                   else "ROME's 10 of 48 layers scaled to the same share of depth")
+    window_note = (
+        "ROME's 10 layers"
+        if info["window_choice"] == "rome"
+        else "ROME's 10 of 48 layers scaled to the same share of depth"
+    )
     verdict_rows = "\n".join(f"| {claim} | **{v}** | {why} |" for claim, v, why in verdicts)
     minutes = info["trace_seconds"] / 60
     per_fact = summary.seconds / max(summary.n_facts, 1)
-    stop = (f"the {info['minutes']:g}-minute budget" if info["minutes"] else
-            f"--limit {info['limit']}" if info["limit"] else "the end of the known facts")
+    stop = (
+        f"the {info['minutes']:g}-minute budget"
+        if info["minutes"]
+        else f"--limit {info['limit']}"
+        if info["limit"]
+        else "the end of the known facts"
+    )
     held = [claim for claim, v, _ in verdicts[:3] if v == "holds"]
     notheld = [f"{claim} ({v})" for claim, v, _ in verdicts[:3] if v != "holds"]
 
-    return f"""# Replicating ROME's causal tracing on {info['model']}
+    return f"""# Replicating ROME's causal tracing on {info["model"]}
 
 ROME (Meng et al., "Locating and Editing Factual Associations in GPT",
 NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) averaged causal
 traces over the 1000 known facts GPT-2 XL (48 layers, 1.5B parameters) gets
-right. This page repeats that measurement with lenscope on {info['model']}
-({summary.model_name}: {n_layers} layers, {info['n_params'] / 1e6:.0f}M parameters).
+right. This page repeats that measurement with lenscope on {info["model"]}
+({summary.model_name}: {n_layers} layers, {info["n_params"] / 1e6:.0f}M parameters).
 Generated by `scripts/replicate.py` on {date.today().isoformat()}; the
 interactive version (hover for CIs and fact
 counts) is [replication.html](replication.html).
 
 ## Setup
 
-- Facts: the ROME known-facts set shipped with lenscope ({info['total_facts']} records).
-  {info['known']} of the {info['checked']} checked facts are *known* to {info['model']}
+- Facts: the ROME known-facts set shipped with lenscope ({info["total_facts"]} records).
+  {info["known"]} of the {info["checked"]} checked facts are *known* to {info["model"]}
   (clean top-1 token, stripped, is a non-empty prefix of the attribute, ROME's test).
 - Traced: **N = {summary.n_facts}** known facts in dataset order ({summary.n_skipped}
   skipped, {summary.n_pending} not reached), stopped by {stop}.
@@ -324,15 +407,15 @@ counts) is [replication.html](replication.html).
   {summary.noise_std:.4g} (3 x the embedding sigma over the known subjects, as in
   ROME), {summary.samples} samples per fact, seed {summary.seed} for every fact.
 - Answer: the model's clean top-1 token; score: its probability.
-- Windows: hidden state 1 layer; MLP and attention {summary.windows['mlp_out']} layers
+- Windows: hidden state 1 layer; MLP and attention {summary.windows["mlp_out"]} layers
   ({window_note}).
 - Facts having each bucket: {counts} (a one-token subject counts as the last subject
   token only; see `lenscope.datasets.token_buckets`).
 - CIs: 95% normal approximation over facts (1.96 x std / sqrt(n)).
 - Time: {minutes:.1f} min of tracing ({per_fact:.1f} s per fact) on {platform.machine()}
-  CPU with {info['threads']} torch threads, plus {info['filter_seconds']:.0f} s for the
-  known-fact filter and {info['load_seconds']:.0f} s to load the model.
-- Command: `{info['command']}`
+  CPU with {info["threads"]} torch threads, plus {info["filter_seconds"]:.0f} s for the
+  known-fact filter and {info["load_seconds"]:.0f} s to load the model.
+- Command: `{info["command"]}`
 
 ## Figure
 
@@ -359,7 +442,7 @@ Layers are also given as a share of depth (layer / (layers - 1)), since the
 models differ in depth; effects are also given as a share of the ATE, since
 the models differ in how confident they are.
 
-| quantity | GPT-2 XL (ROME) | {info['model']} (lenscope) |
+| quantity | GPT-2 XL (ROME) | {info["model"]} (lenscope) |
 |---|---|---|
 {comparison_rows}
 
@@ -371,27 +454,27 @@ needs the last token to be the bucket with the largest attention AIE, beyond hal
 depth. "Holds": site and depth match and the 95% CI excludes zero; "partly": only one
 of site and depth matches; "inconclusive": the CI includes zero (too few facts).
 
-| ROME's pattern | on {info['model']} | evidence |
+| ROME's pattern | on {info["model"]} | evidence |
 |---|---|---|
 {verdict_rows}
 
-Caveats: N = {summary.n_facts} facts is {'far ' if summary.n_facts < 300 else ''}fewer than
-ROME's 1000, so the CIs are wider; a window of {summary.windows['mlp_out']} layers on an
+Caveats: N = {summary.n_facts} facts is {"far " if summary.n_facts < 300 else ""}fewer than
+ROME's 1000, so the CIs are wider; a window of {summary.windows["mlp_out"]} layers on an
 {n_layers}-layer model blurs the layer at which an effect peaks{quant_note}.
 
 ## Closing note
 
-N = {summary.n_facts} known facts of {info['model']}, traced in {minutes:.1f} minutes
+N = {summary.n_facts} known facts of {info["model"]}, traced in {minutes:.1f} minutes
 ({per_fact:.1f} s per fact, {summary.samples} noise samples, three kinds). Headline findings:
 
 1. Total effect: corrupting the subject takes the answer from {pct(clean)} to
-   {pct(corrupted)} (ATE {pct(ate)}; GPT-2 XL: {ROME['text']['clean']} to
-   {ROME['text']['corrupted']}, ATE {ROME['text']['ate']}).
+   {pct(corrupted)} (ATE {pct(ate)}; GPT-2 XL: {ROME["text"]["clean"]} to
+   {ROME["text"]["corrupted"]}, ATE {ROME["text"]["ate"]}).
 2. MLP: {verdicts[1][2]}; ROME's pattern **{verdicts[1][1]}**.
 3. Attention: {verdicts[2][2]}; ROME's pattern **{verdicts[2][1]}**.
 
-Holding on this model: {'; '.join(held) if held else 'none of the three'}.
-Not (fully) holding: {'; '.join(notheld) if notheld else 'none'}.
+Holding on this model: {"; ".join(held) if held else "none of the three"}.
+Not (fully) holding: {"; ".join(notheld) if notheld else "none"}.
 """
 
 

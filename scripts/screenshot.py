@@ -23,8 +23,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 KINDS = ("resid_post", "mlp_out", "attn_out")
 
 
-def trace(model_name: str, prompt: str, subject: str, samples: int, seed: int,
-          cache: Path | None = None):
+def trace(
+    model_name: str, prompt: str, subject: str, samples: int, seed: int, cache: Path | None = None
+):
     """``{kind: TraceResult}`` of ``prompt`` on ``model_name``, reusing ``cache`` if it exists.
 
     Tracing Gemma-3-270m on a CPU takes tens of minutes, so the results are
@@ -36,8 +37,11 @@ def trace(model_name: str, prompt: str, subject: str, samples: int, seed: int,
     if cache is not None and all((cache / f"{kind}.json").exists() for kind in KINDS):
         results = {kind: lenscope.TraceResult.load(cache / f"{kind}.json") for kind in KINDS}
         settings = {(r.model_name, r.prompt, r.samples, r.seed) for r in results.values()}
-        if len(settings) == 1 and next(iter(settings))[2:] == (samples, seed) \
-                and next(iter(settings))[1] == prompt:
+        if (
+            len(settings) == 1
+            and next(iter(settings))[2:] == (samples, seed)
+            and next(iter(settings))[1] == prompt
+        ):
             print(f"reusing the traces saved in {cache}")
             return results
     model = load_model(model_name, device="cpu")
@@ -57,17 +61,33 @@ def chromium(width: int, height: int, scale: float):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='lenscope-chromium-')}",
-                f"--window-size={width},{height}", f"--force-device-scale-factor={scale}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='lenscope-chromium-')}",
+        f"--window-size={width},{height}",
+        f"--force-device-scale-factor={scale}",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def screenshot(html: Path, png: Path, *, width: int, height: int, scale: float,
-               hover: tuple[int, int, int] | None = None) -> Path:
+def screenshot(
+    html: Path,
+    png: Path,
+    *,
+    width: int,
+    height: int,
+    scale: float,
+    hover: tuple[int, int, int] | None = None,
+) -> Path:
     """Open ``html`` in headless Chromium and save the plot as ``png``.
 
     Args:
@@ -87,19 +107,28 @@ def screenshot(html: Path, png: Path, *, width: int, height: int, scale: float,
     driver = chromium(width + 40, height + 40, scale)
     try:
         # The window size of headless Chromium is not its viewport; fix the viewport itself.
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-            "width": width + 40, "height": height + 40, "deviceScaleFactor": scale,
-            "mobile": False})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {
+                "width": width + 40,
+                "height": height + 40,
+                "deviceScaleFactor": scale,
+                "mobile": False,
+            },
+        )
         driver.get(html.resolve().as_uri())
         for _ in range(200):
-            if driver.execute_script("const gd = document.querySelector('.js-plotly-plot');"
-                                     "return !!(gd && gd._fullLayout && gd.calcdata);"):
+            if driver.execute_script(
+                "const gd = document.querySelector('.js-plotly-plot');"
+                "return !!(gd && gd._fullLayout && gd.calcdata);"
+            ):
                 break
             time.sleep(0.1)
         driver.execute_script(
             "const s = document.createElement('style');"
             "s.textContent = '.modebar-container { display: none !important; }';"
-            "document.head.appendChild(s);")
+            "document.head.appendChild(s);"
+        )
         if hover is not None:
             x, y = driver.execute_script(
                 """const gd = document.querySelector('.js-plotly-plot');
@@ -108,7 +137,9 @@ def screenshot(html: Path, png: Path, *, width: int, height: int, scale: float,
                 const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
                 const box = gd.getBoundingClientRect();
                 return [box.left + xa._offset + xa.l2p(arguments[1]),
-                        box.top + ya._offset + ya.l2p(arguments[2])];""", *hover)
+                        box.top + ya._offset + ya.l2p(arguments[2])];""",
+                *hover,
+            )
             for nudge in (0, 1):
                 action = ActionBuilder(driver)
                 action.pointer_action.move_to_location(int(x) + nudge, int(y))
@@ -129,31 +160,50 @@ def main() -> None:
     parser.add_argument("--subject", default="The Eiffel Tower")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/trace_eiffel"),
-                        help="output path without suffix; .html and .png are written")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="folder to save the traces in and reuse them from on a re-run")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/trace_eiffel"),
+        help="output path without suffix; .html and .png are written",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="folder to save the traces in and reuse them from on a re-run",
+    )
     parser.add_argument("--scale", type=float, default=2.0, help="device pixel ratio of the PNG")
-    parser.add_argument("--hover", choices=KINDS, default=None,
-                        help="hover the peak cell of this kind's panel before the screenshot")
+    parser.add_argument(
+        "--hover",
+        choices=KINDS,
+        default=None,
+        help="hover the peak cell of this kind's panel before the screenshot",
+    )
     args = parser.parse_args()
 
     from lenscope.plotting import plot_traces, save_html
 
-    results = trace(args.model, args.prompt, args.subject, args.samples, args.seed,
-                    args.results)
+    results = trace(args.model, args.prompt, args.subject, args.samples, args.seed, args.results)
     for kind, result in results.items():
         layer, pos, score = result.peak()
-        print(f"{kind:>10}: peak {score:.3f} at layer {layer}, token {result.tokens[pos]!r} "
-              f"(clean {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f})")
+        print(
+            f"{kind:>10}: peak {score:.3f} at layer {layer}, token {result.tokens[pos]!r} "
+            f"(clean {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f})"
+        )
     fig = plot_traces(results)
     html = save_html(fig, args.out.with_suffix(".html"))
     hover = None
     if args.hover is not None:
         layer, pos, _ = results[args.hover].peak()
         hover = (KINDS.index(args.hover), pos, layer)
-    png = screenshot(html, args.out.with_suffix(".png"), width=fig.layout.width,
-                     height=fig.layout.height, scale=args.scale, hover=hover)
+    png = screenshot(
+        html,
+        args.out.with_suffix(".png"),
+        width=fig.layout.width,
+        height=fig.layout.height,
+        scale=args.scale,
+        hover=hover,
+    )
     print(f"wrote {html} and {png}")
 
 

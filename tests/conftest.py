@@ -37,8 +37,16 @@ def make_tiny_tokenizer(tmp_dir):
     return AutoTokenizer.from_pretrained(tmp_dir)
 
 
-def make_tiny_model(tokenizer=None, *, n_layers=4, positional="rotary", normalization="LN",
-                    d_vocab=None, seed=0, dtype=torch.float32):
+def make_tiny_model(
+    tokenizer=None,
+    *,
+    n_layers=4,
+    positional="rotary",
+    normalization="LN",
+    d_vocab=None,
+    seed=0,
+    dtype=torch.float32,
+):
     """A randomly initialised HookedTransformer small enough for exhaustive checks."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

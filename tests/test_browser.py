@@ -68,8 +68,9 @@ def browser():
     """A headless Chromium driven by selenium, with a throw-away profile."""
     reason = _missing()
     if reason is not None:
-        message = (f"browser tests need Chromium and chromedriver: {reason}; "
-                   f"install with `{INSTALL}`")
+        message = (
+            f"browser tests need Chromium and chromedriver: {reason}; install with `{INSTALL}`"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -79,10 +80,19 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
     profile = tempfile.mkdtemp(prefix="lenscope-chromium-")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", "--window-size=1800,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1800,1000",
+    ):
         options.add_argument(arg)
     driver_path = CHROMEDRIVER if CHROMEDRIVER.exists() else shutil.which("chromedriver")
     driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
@@ -97,16 +107,22 @@ def browser():
 def traces(tiny_model):
     """resid_post, mlp_out and attn_out traces of the Eiffel Tower prompt on the tiny model."""
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
-    return tracer.trace_kinds(TINY_PROMPT, subject=TINY_SUBJECT,
-                              kinds=("resid_post", "mlp_out", "attn_out"), samples=3, seed=0)
+    return tracer.trace_kinds(
+        TINY_PROMPT,
+        subject=TINY_SUBJECT,
+        kinds=("resid_post", "mlp_out", "attn_out"),
+        samples=3,
+        seed=0,
+    )
 
 
 def _open(driver, path: Path) -> None:
     driver.get(path.resolve().as_uri())
     deadline = time.monotonic() + 20
     while not driver.execute_script(
-            "const gd = document.querySelector('.js-plotly-plot');"
-            "return !!(gd && gd._fullLayout && gd.calcdata);"):
+        "const gd = document.querySelector('.js-plotly-plot');"
+        "return !!(gd && gd._fullLayout && gd.calcdata);"
+    ):
         if time.monotonic() > deadline:
             raise AssertionError(f"plotly never drew {path}")
         time.sleep(0.1)
@@ -176,8 +192,12 @@ def test_untraced_cell_is_blank_and_says_so(browser, traces, tmp_path):
 
     assert "not traced" in _line(label, "score")
     assert "top-5" not in label
-    assert browser.execute_script(
-        "return document.querySelector('.js-plotly-plot').calcdata[0][0].z[1][2]") is None
+    assert (
+        browser.execute_script(
+            "return document.querySelector('.js-plotly-plot').calcdata[0][0].z[1][2]"
+        )
+        is None
+    )
 
 
 def test_linked_hover_outlines_the_cell_in_every_panel(browser, traces, tmp_path):
@@ -205,7 +225,8 @@ def test_exported_page_loads_nothing_from_the_network(browser, traces, tmp_path)
     path = save_html(plot_traces(traces), tmp_path / "offline.html")
     _open(browser, path)
     resources = browser.execute_script(
-        "return performance.getEntriesByType('resource').map(r => r.name)")
+        "return performance.getEntriesByType('resource').map(r => r.name)"
+    )
     assert [r for r in resources if r.startswith(("http:", "https:"))] == []
     assert browser.execute_script("return typeof Plotly") == "object"
 
@@ -215,7 +236,8 @@ def test_subject_and_title_render(browser, traces, tmp_path):
     path = save_html(result.plot(), tmp_path / "title.html")
     _open(browser, path)
     ticks = browser.execute_script(
-        "return Array.from(document.querySelectorAll('.xtick text')).map(t => t.textContent)")
+        "return Array.from(document.querySelectorAll('.xtick text')).map(t => t.textContent)"
+    )
     start, end = result.subject_range
     assert [i for i, t in enumerate(ticks) if t.endswith("*")] == list(range(start, end))
     title = browser.execute_script("return document.querySelector('.gtitle').textContent")

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY_PROMPT
+
 from lenscope.cli import main
 
 
@@ -29,8 +29,19 @@ def run(tiny_model, capsys):
 def test_trace_writes_table_html_and_json(run, tmp_path):
     html, js = tmp_path / "t.html", tmp_path / "t.json"
     code, out, err, calls = run(
-        "trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--samples", "2",
-        "--out", str(html), "--json", str(js), "--quiet", "--model", "tiny",
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--samples",
+        "2",
+        "--out",
+        str(html),
+        "--json",
+        str(js),
+        "--quiet",
+        "--model",
+        "tiny",
     )
     assert code == 0, err
     assert calls == [("tiny", {"bridge": False, "device": None, "dtype": None})]
@@ -45,25 +56,50 @@ def test_trace_writes_table_html_and_json(run, tmp_path):
         assert f"{max(v for r in data[kind]['scores'] for v in r):.4f}" in row
     assert "subject    'The Eiffel Tower' (tokens 1..3)" in out
     text = html.read_text()
-    assert "<html>" in text and "<script src=\"http" not in text and len(text) > 1_000_000
+    assert "<html>" in text and '<script src="http' not in text and len(text) > 1_000_000
     assert err == ""  # --quiet: no progress bars
 
 
 def test_trace_options_reach_the_tracer(run, tmp_path):
     js = tmp_path / "t.json"
     code, out, err, _ = run(
-        "trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--kinds", "mlp_out",
-        "--window", "2", "--samples", "3", "--noise", "0.5", "--seed", "7",
-        "--answer", " paris", "--out", str(tmp_path / "x.html"), "--json", str(js), "--quiet",
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--kinds",
+        "mlp_out",
+        "--window",
+        "2",
+        "--samples",
+        "3",
+        "--noise",
+        "0.5",
+        "--seed",
+        "7",
+        "--answer",
+        " paris",
+        "--out",
+        str(tmp_path / "x.html"),
+        "--json",
+        str(js),
+        "--quiet",
     )
     assert code == 0, err
     r = json.loads(js.read_text())["mlp_out"]
-    assert (r["window"], r["samples"], r["noise_std"], r["seed"], r["answer"]) == (2, 3, 0.5, 7, " paris")
+    assert (r["window"], r["samples"], r["noise_std"], r["seed"], r["answer"]) == (
+        2,
+        3,
+        0.5,
+        7,
+        " paris",
+    )
 
 
 def test_missing_subject_is_guessed(run, tmp_path):
-    code, out, err, _ = run("trace", TINY_PROMPT, "--samples", "1", "--quiet",
-                            "--out", str(tmp_path / "x.html"))
+    code, out, err, _ = run(
+        "trace", TINY_PROMPT, "--samples", "1", "--quiet", "--out", str(tmp_path / "x.html")
+    )
     assert code == 0
     assert "guessed subject: 'The Eiffel Tower'" in err
 
@@ -71,9 +107,18 @@ def test_missing_subject_is_guessed(run, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["trace", TINY_PROMPT, "--subject", "The Louvre"], "subject 'The Louvre' must occur in the prompt"),
-        (["trace", TINY_PROMPT, "--subject", "The", "--window", "9"], "window must be an integer from 1 to n_layers=4"),
-        (["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"], "answer must be a single token"),
+        (
+            ["trace", TINY_PROMPT, "--subject", "The Louvre"],
+            "subject 'The Louvre' must occur in the prompt",
+        ),
+        (
+            ["trace", TINY_PROMPT, "--subject", "The", "--window", "9"],
+            "window must be an integer from 1 to n_layers=4",
+        ),
+        (
+            ["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"],
+            "answer must be a single token",
+        ),
         (["trace", "all lower case", "--quiet"], "could not guess a subject"),
     ],
 )
@@ -101,11 +146,29 @@ def test_bad_arguments_exit_2(run, argv, message):
 
 
 def test_help_is_complete():
-    out = subprocess.run([sys.executable, "-m", "lenscope.cli", "trace", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for option in ("--subject", "--model", "--kinds", "--window", "--samples", "--noise",
-                   "--seed", "--answer", "--out", "--json", "--device", "--quiet", "--bridge"):
+    out = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "trace", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in (
+        "--subject",
+        "--model",
+        "--kinds",
+        "--window",
+        "--samples",
+        "--noise",
+        "--seed",
+        "--answer",
+        "--out",
+        "--json",
+        "--device",
+        "--quiet",
+        "--bridge",
+    ):
         assert option in out
-    top = subprocess.run([sys.executable, "-m", "lenscope.cli", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    top = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "trace" in top

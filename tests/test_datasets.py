@@ -20,16 +20,36 @@ from lenscope.tracer import CausalTracer
 SAMPLES = 2
 KINDS = ("resid_post", "mlp_out", "attn_out")
 FACTS = [
-    {"known_id": 10, "prompt": "The Eiffel Tower is located in the city of",
-     "subject": "The Eiffel Tower", "attribute": "Paris"},
-    {"known_id": 11, "prompt": "Paris is the capital of", "subject": "Paris",
-     "attribute": "France"},
-    {"known_id": 12, "prompt": "In the city of Big Ben and", "subject": "Big Ben",
-     "attribute": "London"},
-    {"known_id": 13, "prompt": "The Space Needle is located in", "subject": "The Space Needle",
-     "attribute": "Seattle"},
-    {"known_id": 14, "prompt": "The capital of France is Paris", "subject": "Paris",
-     "attribute": "France"},
+    {
+        "known_id": 10,
+        "prompt": "The Eiffel Tower is located in the city of",
+        "subject": "The Eiffel Tower",
+        "attribute": "Paris",
+    },
+    {
+        "known_id": 11,
+        "prompt": "Paris is the capital of",
+        "subject": "Paris",
+        "attribute": "France",
+    },
+    {
+        "known_id": 12,
+        "prompt": "In the city of Big Ben and",
+        "subject": "Big Ben",
+        "attribute": "London",
+    },
+    {
+        "known_id": 13,
+        "prompt": "The Space Needle is located in",
+        "subject": "The Space Needle",
+        "attribute": "Seattle",
+    },
+    {
+        "known_id": 14,
+        "prompt": "The capital of France is Paris",
+        "subject": "Paris",
+        "attribute": "France",
+    },
 ]
 
 
@@ -85,34 +105,69 @@ def assert_same_aggregates(a, b):
     ("prompt", "subject", "labels", "expected"),
     [
         (
-            "The Eiffel Tower is located in the city of", "The Eiffel Tower",
+            "The Eiffel Tower is located in the city of",
+            "The Eiffel Tower",
             ("<bos>", "The", " Eiffel", " Tower", " is", " located", " in", " the", " city", " of"),
-            {"first_subject": (1,), "middle_subject": (2,), "last_subject": (3,),
-             "first_subsequent": (4,), "further": (5, 6, 7, 8), "last": (9,)},
+            {
+                "first_subject": (1,),
+                "middle_subject": (2,),
+                "last_subject": (3,),
+                "first_subsequent": (4,),
+                "further": (5, 6, 7, 8),
+                "last": (9,),
+            },
         ),
         (  # one-token subject: it is the last subject token, not the first
-            "Paris is the capital of", "Paris",
+            "Paris is the capital of",
+            "Paris",
             ("<bos>", "Paris", " is", " the", " capital", " of"),
-            {"first_subject": (), "middle_subject": (), "last_subject": (1,),
-             "first_subsequent": (2,), "further": (3, 4), "last": (5,)},
+            {
+                "first_subject": (),
+                "middle_subject": (),
+                "last_subject": (1,),
+                "first_subsequent": (2,),
+                "further": (3, 4),
+                "last": (5,),
+            },
         ),
         (  # words before the subject belong to no bucket; one token after it is the last
-            "In the city of Big Ben and", "Big Ben",
+            "In the city of Big Ben and",
+            "Big Ben",
             ("<bos>", "In", " the", " city", " of", " Big", " Ben", " and"),
-            {"first_subject": (5,), "middle_subject": (), "last_subject": (6,),
-             "first_subsequent": (), "further": (), "last": (7,)},
+            {
+                "first_subject": (5,),
+                "middle_subject": (),
+                "last_subject": (6,),
+                "first_subsequent": (),
+                "further": (),
+                "last": (7,),
+            },
         ),
         (  # subject at the very end: the last token takes precedence
-            "The capital of France is Paris", "Paris",
+            "The capital of France is Paris",
+            "Paris",
             ("<bos>", "The", " capital", " of", " France", " is", " Paris"),
-            {"first_subject": (), "middle_subject": (), "last_subject": (),
-             "first_subsequent": (), "further": (), "last": (6,)},
+            {
+                "first_subject": (),
+                "middle_subject": (),
+                "last_subject": (),
+                "first_subsequent": (),
+                "further": (),
+                "last": (6,),
+            },
         ),
         (
-            "The Space Needle is located in", "The Space Needle",
+            "The Space Needle is located in",
+            "The Space Needle",
             ("<bos>", "The", " Space", " Needle", " is", " located", " in"),
-            {"first_subject": (1,), "middle_subject": (2,), "last_subject": (3,),
-             "first_subsequent": (4,), "further": (5,), "last": (6,)},
+            {
+                "first_subject": (1,),
+                "middle_subject": (2,),
+                "last_subject": (3,),
+                "first_subsequent": (4,),
+                "further": (5,),
+                "last": (6,),
+            },
         ),
     ],
 )
@@ -176,8 +231,10 @@ def test_aggregates_match_a_plain_computation(reference):
                 for fact in summary.facts:
                     positions = ds.token_buckets(fact.subject_range, len(fact.tokens))[bucket]
                     if positions:
-                        cells = [float(fact.scores[kind][layer, p]) - fact.corrupted_score
-                                 for p in positions]
+                        cells = [
+                            float(fact.scores[kind][layer, p]) - fact.corrupted_score
+                            for p in positions
+                        ]
                         values.append(sum(cells) / len(cells))
                 assert int(counts[b]) == len(values)
                 if not values:
@@ -197,8 +254,14 @@ def test_aggregates_match_a_plain_computation(reference):
 def test_per_fact_scores_equal_a_single_trace(tracer, reference):
     fact = FACTS[0]
     sigma_std = tracer.noise_multiplier * tracer.sigma
-    single = tracer.trace_kinds(fact["prompt"], fact["subject"], kinds=KINDS, samples=SAMPLES,
-                                noise=sigma_std, progress=False)
+    single = tracer.trace_kinds(
+        fact["prompt"],
+        fact["subject"],
+        kinds=KINDS,
+        samples=SAMPLES,
+        noise=sigma_std,
+        progress=False,
+    )
     traced = reference.facts[0]
     start = traced.subject_range[0]
     for kind in KINDS:
@@ -219,8 +282,19 @@ def test_mean_ci_skips_nan_and_needs_two_values():
 def test_table_and_dataframe(reference):
     table = reference.table()
     assert list(table["kind"]) == list(KINDS)
-    assert list(table.columns) == ["kind", "n_facts", "n_skipped", "clean", "corrupted", "ate",
-                                   "ate_ci", "best_aie", "best_aie_ci", "best_layer", "best_bucket"]
+    assert list(table.columns) == [
+        "kind",
+        "n_facts",
+        "n_skipped",
+        "clean",
+        "corrupted",
+        "ate",
+        "ate_ci",
+        "best_aie",
+        "best_aie_ci",
+        "best_layer",
+        "best_bucket",
+    ]
     for row in table.itertuples():
         value, layer, bucket = row.best_aie, row.best_layer, row.best_bucket
         aie = reference.aie(row.kind)
@@ -302,7 +376,11 @@ def test_torn_final_line_is_dropped_and_recomputed(tracer, reference, tmp_path, 
     assert len(calls) == 3  # the torn fact and the two never started
     assert_same_aggregates(resumed, reference)
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()[1:]] == [
-        10, 11, 12, 13, 14
+        10,
+        11,
+        12,
+        13,
+        14,
     ]
 
 
@@ -310,14 +388,18 @@ def test_checkpoint_with_other_settings_is_refused(tracer, tmp_path):
     path = tmp_path / "run.jsonl"
     ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
     before = path.read_text()
-    with pytest.raises(ValueError, match=r"was written with different settings.*samples: "
-                                         r"checkpoint 2, this call 3.*pass the same settings"):
+    with pytest.raises(
+        ValueError,
+        match=r"was written with different settings.*samples: "
+        r"checkpoint 2, this call 3.*pass the same settings",
+    ):
         ds.trace_dataset(tracer, FACTS[:1], samples=3, kinds=("mlp_out",), checkpoint=path)
     with pytest.raises(ValueError, match=r"kinds: checkpoint \['mlp_out'\], this call \['attn_ou"):
         ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("attn_out",), checkpoint=path)
     with pytest.raises(ValueError, match=r"noise_std: checkpoint"):
-        ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), noise=0.5,
-                         checkpoint=path)
+        ds.trace_dataset(
+            tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), noise=0.5, checkpoint=path
+        )
     assert path.read_text() == before  # a refused checkpoint is left untouched
 
 
@@ -325,8 +407,11 @@ def test_checkpoint_refuses_changed_fact_and_foreign_file(tracer, tmp_path):
     path = tmp_path / "run.jsonl"
     ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
     changed = [{**FACTS[0], "prompt": "The Eiffel Tower is located in"}]
-    with pytest.raises(ValueError, match=r"holds fact 10 with prompt .* but the facts give "
-                                         r"'The Eiffel Tower is located in'.*unique id"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds fact 10 with prompt .* but the facts give "
+        r"'The Eiffel Tower is located in'.*unique id",
+    ):
         ds.trace_dataset(tracer, changed, samples=SAMPLES, kinds=("mlp_out",), checkpoint=path)
     foreign = tmp_path / "other.jsonl"
     foreign.write_text('{"hello": 1}\n')
@@ -397,8 +482,12 @@ def test_fact_sources_agree(tracer, tmp_path):
     sources = [facts, pd.DataFrame(facts), as_json, str(as_jsonl)]
     for source in sources:
         assert ds.load_facts(source) == facts
-    frame = pd.DataFrame([{"prompt": "Paris is the capital of", "subject": "Paris"},
-                          {"prompt": "Rome is the capital of"}])
+    frame = pd.DataFrame(
+        [
+            {"prompt": "Paris is the capital of", "subject": "Paris"},
+            {"prompt": "Rome is the capital of"},
+        ]
+    )
     summary = ds.trace_dataset(tracer, frame, samples=SAMPLES, kinds=("mlp_out",))
     assert [f.fact_id for f in summary.facts] == [0]  # ids fall back to the row index
     reason = "missing field 'subject' (a fact needs 'prompt', 'subject')"
@@ -406,8 +495,11 @@ def test_fact_sources_agree(tracer, tmp_path):
 
 
 def test_fact_source_errors(tmp_path):
-    with pytest.raises(TypeError, match=r"facts must be a list of dicts, a pandas DataFrame, or a "
-                                        r"JSON/JSONL path, got dict"):
+    with pytest.raises(
+        TypeError,
+        match=r"facts must be a list of dicts, a pandas DataFrame, or a "
+        r"JSON/JSONL path, got dict",
+    ):
         ds.load_facts({"prompt": "x"})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{oops\n')
@@ -438,16 +530,29 @@ def test_settings_are_checked(tracer):
 def test_known_facts_ship_with_the_package():
     facts = ds.known_facts()
     assert len(facts) == 1209
-    assert set(facts[0]) == {"known_id", "subject", "attribute", "template", "prediction",
-                             "prompt", "relation_id"}
+    assert set(facts[0]) == {
+        "known_id",
+        "subject",
+        "attribute",
+        "template",
+        "prediction",
+        "prompt",
+        "relation_id",
+    }
     facts[0]["subject"] = "changed"
     assert ds.known_facts()[0]["subject"] == "Vinson Massif"  # fresh copies
 
 
 @pytest.mark.parametrize(
     ("prediction", "attribute", "known"),
-    [(" Paris", "Paris", True), ("Par", "Paris", True), (" paris", "Paris", False),
-     (" ", "Paris", False), (" the", "Paris", False), (" Paris", " Paris Hilton", True)],
+    [
+        (" Paris", "Paris", True),
+        ("Par", "Paris", True),
+        (" paris", "Paris", False),
+        (" ", "Paris", False),
+        (" the", "Paris", False),
+        (" Paris", " Paris Hilton", True),
+    ],
 )
 def test_starts_attribute(prediction, attribute, known):
     assert ds.starts_attribute(prediction, attribute) is known
@@ -503,11 +608,26 @@ def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("\n".join(json.dumps(f) for f in FACTS[:2]))
     parser = ds.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
-    args = parser.parse_args([
-        "--model", "tiny", "--facts", str(facts), "--no-filter", "--limit", "1",
-        "--samples", "2", "--kinds", "mlp_out", "--out", str(tmp_path / "report.html"),
-        "--summary", str(tmp_path / "summary.json"), "--quiet",
-    ])
+    args = parser.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--facts",
+            str(facts),
+            "--no-filter",
+            "--limit",
+            "1",
+            "--samples",
+            "2",
+            "--kinds",
+            "mlp_out",
+            "--out",
+            str(tmp_path / "report.html"),
+            "--summary",
+            str(tmp_path / "summary.json"),
+            "--quiet",
+        ]
+    )
     assert ds.run_dataset_cli(args, factory) == 0
     assert loaded == [("tiny", {"bridge": False, "device": None, "dtype": None})]
     assert (tmp_path / "report.html").exists()

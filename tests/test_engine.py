@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_PROMPT
 
 import lenscope
-from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_model
 
 SAMPLES = 3
 
@@ -58,7 +58,9 @@ def tokens_and_noise(tiny_model):
 def test_engine_matches_reference_loop(tiny_model, tokens_and_noise, kind, window, strategy):
     tokens, noise = tokens_and_noise
     tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=7)
-    result = tracer.trace(tokens, (1, 4), kind=kind, window=window, noise_tensor=noise, samples=SAMPLES)
+    result = tracer.trace(
+        tokens, (1, 4), kind=kind, window=window, noise_tensor=noise, samples=SAMPLES
+    )
     cells = [(layer, pos) for layer in range(4) for pos in range(tokens.shape[0])]
     expected, corrupted = reference_trace(
         tiny_model, tokens, (1, 4), noise, kind, window, result.answer_id, cells
@@ -72,11 +74,19 @@ def test_layer_range_and_positions_subset(tiny_model, tokens_and_noise, strategy
     tokens, noise = tokens_and_noise
     tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False)
     result = tracer.trace(
-        tokens, (1, 4), kind="mlp_out", window=3, noise_tensor=noise, samples=SAMPLES,
-        layers=[1, 2], positions=[0, 3, 5, 9],
+        tokens,
+        (1, 4),
+        kind="mlp_out",
+        window=3,
+        noise_tensor=noise,
+        samples=SAMPLES,
+        layers=[1, 2],
+        positions=[0, 3, 5, 9],
     )
     cells = [(layer, pos) for layer in (1, 2) for pos in (0, 3, 5, 9)]
-    expected, _ = reference_trace(tiny_model, tokens, (1, 4), noise, "mlp_out", 3, result.answer_id, cells)
+    expected, _ = reference_trace(
+        tiny_model, tokens, (1, 4), noise, "mlp_out", 3, result.answer_id, cells
+    )
     torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0, equal_nan=True)
     assert result.scores.isnan().sum() == 4 * 10 - 8
     assert (result.top_ids[0] == -1).all() and result.top_probs[0].isnan().all()
@@ -87,10 +97,16 @@ def test_every_chunking_gives_the_same_scores(tiny_model, tokens_and_noise, batc
     """Chunking and the automatic batch size change speed, never the numbers."""
     tokens, noise = tokens_and_noise
     reference = lenscope.CausalTracer(tiny_model, strategy="full", progress=False, batch_size=1000)
-    expected = reference.trace(tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES)
+    expected = reference.trace(
+        tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES
+    )
     for strategy in ("full", "prefix"):
-        tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=batch_size)
-        got = tracer.trace(tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES)
+        tracer = lenscope.CausalTracer(
+            tiny_model, strategy=strategy, progress=False, batch_size=batch_size
+        )
+        got = tracer.trace(
+            tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES
+        )
         torch.testing.assert_close(got.scores, expected.scores, atol=1e-6, rtol=0)
         torch.testing.assert_close(got.top_probs, expected.top_probs, atol=1e-6, rtol=0)
         assert torch.equal(got.top_ids[..., 0], expected.top_ids[..., 0])

@@ -124,8 +124,9 @@ def test_last_resid_post_layer_is_the_models_own_output(tiny_model, clean_traj):
     assert torch.equal(clean_traj.top_ids[-1], top.indices)
     assert clean_traj.answer_id == int(probs[-1].argmax())
     assert clean_traj.answer_rank[-1, -1] == 1
-    torch.testing.assert_close(clean_traj.kl_to_final[-1], torch.zeros(len(tokens[0])),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        clean_traj.kl_to_final[-1], torch.zeros(len(tokens[0])), atol=1e-6, rtol=0
+    )
 
 
 def test_logit_lens_decodes_each_position_like_decode_resid(tiny_model):
@@ -157,8 +158,9 @@ def test_resid_pre_is_resid_post_one_layer_down(tiny_model, clean_traj):
     pre = lens_trajectory(tiny_model, TINY_PROMPT, component="resid_pre")
     assert torch.equal(pre.top_ids[1:], clean_traj.top_ids[:-1])
     for name in (*STATS, "top_probs"):
-        torch.testing.assert_close(getattr(pre, name)[1:], getattr(clean_traj, name)[:-1],
-                                   atol=2e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(pre, name)[1:], getattr(clean_traj, name)[:-1], atol=2e-6, rtol=1e-6, msg=name
+        )
 
 
 def test_block_outputs_are_not_the_residual_stream(tiny_model, clean_traj):
@@ -177,8 +179,9 @@ def test_chunking_over_layers_changes_nothing(tiny_model, clean_traj, chunk):
     assert torch.equal(traj.answer_rank, clean_traj.answer_rank)
     assert torch.equal(traj.top_ids, clean_traj.top_ids)
     for name in (*STATS, "top_probs"):
-        torch.testing.assert_close(getattr(traj, name), getattr(clean_traj, name),
-                                   atol=2e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(traj, name), getattr(clean_traj, name), atol=2e-6, rtol=1e-6, msg=name
+        )
 
 
 def test_answer_rank_agrees_with_top_ids(clean_traj):
@@ -217,8 +220,9 @@ def test_a_pluggable_decoder_is_used_per_layer(tiny_model, clean_traj):
             self.layers_seen.append(layer)
             return self.lens.forward(hidden * (layer + 1), layer)
 
-    identity = lens_trajectory(tiny_model, TINY_PROMPT, subject=TINY_SUBJECT,
-                               decoder=LogitLens(tiny_model))
+    identity = lens_trajectory(
+        tiny_model, TINY_PROMPT, subject=TINY_SUBJECT, decoder=LogitLens(tiny_model)
+    )
     assert torch.equal(identity.entropy, clean_traj.entropy)
     scaled = ScaledLens()
     traj = lens_trajectory(tiny_model, TINY_PROMPT, decoder=scaled, layer_chunk=3)
@@ -308,10 +312,12 @@ def test_trace_cell_reproduces_the_trace(tracer, mlp_trace):
         clean, corrupted, restored = cell
         assert restored.answer_id == mlp_trace.answer_id
         assert float(restored.answer_prob[-1, -1]) == pytest.approx(
-            float(mlp_trace.scores[layer, pos]), abs=1e-6)
+            float(mlp_trace.scores[layer, pos]), abs=1e-6
+        )
         assert torch.equal(restored.top_ids[-1, -1, :5], mlp_trace.top_ids[layer, pos])
-    assert float(corrupted.answer_prob[-1, -1]) == pytest.approx(mlp_trace.corrupted_score,
-                                                                 abs=1e-6)
+    assert float(corrupted.answer_prob[-1, -1]) == pytest.approx(
+        mlp_trace.corrupted_score, abs=1e-6
+    )
     assert float(clean.answer_prob[-1, -1]) == pytest.approx(mlp_trace.clean_score, abs=1e-6)
     assert torch.equal(corrupted.top_ids[-1, -1, :5], mlp_trace.corrupted_top_ids)
     assert (clean.copies, corrupted.copies, restored.copies) == (1, 4, 4)
@@ -353,15 +359,17 @@ def test_restoring_the_final_residual_gives_the_clean_output(tiny_model, resid_t
     clean, _, restored = lens_trace_cell(tiny_model, resid_trace, 3, 9)
     for name in STATS:
         assert float(restored.statistic(name)[-1, -1]) == pytest.approx(
-            float(clean.statistic(name)[-1, -1]), abs=1e-5), name
+            float(clean.statistic(name)[-1, -1]), abs=1e-5
+        ), name
 
 
 def test_restoring_before_the_subject_changes_nothing(tiny_model, mlp_trace):
     """Position 0 (BOS) precedes the noised subject, so its clean and corrupted states agree."""
     _, corrupted, restored = lens_trace_cell(tiny_model, mlp_trace, 2, 0, component="mlp_out")
     for name in (*STATS, "top_probs"):
-        torch.testing.assert_close(getattr(restored, name), getattr(corrupted, name),
-                                   atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(
+            getattr(restored, name), getattr(corrupted, name), atol=1e-6, rtol=0, msg=name
+        )
 
 
 def test_trace_cell_errors(tiny_model, mlp_trace):
@@ -433,11 +441,13 @@ def test_hover_tables_hold_the_right_tokens(clean_traj):
             cell = custom[layer, pos]
             assert cell[0] == escape(visible(clean_traj.tokens[pos]))
             assert cell[2] == f"{layer} · blocks.{layer}.hook_resid_post"
-            for row, (token, prob) in zip(cell[9:], clean_traj.top_predictions(layer, pos),
-                                          strict=True):
+            for row, (token, prob) in zip(
+                cell[9:], clean_traj.top_predictions(layer, pos), strict=True
+            ):
                 assert escape(visible(token)) in row and f"{prob:.1%}" in row
             assert heatmap.text[layer][pos].startswith(
-                escape(visible(clean_traj.vocab[int(clean_traj.top_ids[layer, pos, 0])]))[:5])
+                escape(visible(clean_traj.vocab[int(clean_traj.top_ids[layer, pos, 0])]))[:5]
+            )
     assert "%{customdata[9]}" in heatmap.hovertemplate
     assert "<b>%{customdata[3]}</b>" in heatmap.hovertemplate  # the plotted statistic
     assert fig.layout.hoverlabel.font.family.startswith("DejaVu Sans Mono")
@@ -474,9 +484,11 @@ def test_difference_mode_subtracts_the_first(tiny_model, mlp_trace):
     fig = plot_lens(clean, corrupted, restored, statistic="kl", mode="difference")
     assert len(fig.data) == 2
     for trace, traj in zip(fig.data, (corrupted, restored), strict=True):
-        np.testing.assert_allclose(np.array(trace.z, dtype=float),
-                                   (traj.kl_to_final - clean.kl_to_final).double().numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(trace.z, dtype=float),
+            (traj.kl_to_final - clean.kl_to_final).double().numpy(),
+            atol=1e-6,
+        )
         assert "(vs " in np.asarray(trace.customdata)[0, 0, 3]
     assert fig.layout.coloraxis.cmid == 0
     assert fig.layout.coloraxis.cmin == -fig.layout.coloraxis.cmax

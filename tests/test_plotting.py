@@ -12,14 +12,37 @@ import lenscope.plotting as lp
 from lenscope.plotting import _common
 from lenscope.results import TraceResult
 
-TOKENS = ("<bos>", "The", " Eiffel", " Tower", " is", " in", " the", " the", "\n",
-          " supercalifragilistic")
+TOKENS = (
+    "<bos>",
+    "The",
+    " Eiffel",
+    " Tower",
+    " is",
+    " in",
+    " the",
+    " the",
+    "\n",
+    " supercalifragilistic",
+)
 WORDS = [" Paris", " Rome", " London", " Seattle", " city", " France", " tower", " a"]
 
 
-def make_result(*, kind="mlp_out", n_layers=6, tokens=TOKENS, k=5, seed=0, window=1,
-                model_name="tiny", answer=" Paris", answer_id=100, metric="prob",
-                nan_cells=((0, 0),), corrupted=0.1, clean=0.8):
+def make_result(
+    *,
+    kind="mlp_out",
+    n_layers=6,
+    tokens=TOKENS,
+    k=5,
+    seed=0,
+    window=1,
+    model_name="tiny",
+    answer=" Paris",
+    answer_id=100,
+    metric="prob",
+    nan_cells=((0, 0),),
+    corrupted=0.1,
+    clean=0.8,
+):
     """A synthetic, internally consistent TraceResult with known top-k per cell."""
     gen = torch.Generator().manual_seed(seed)
     n_pos = len(tokens)
@@ -32,15 +55,30 @@ def make_result(*, kind="mlp_out", n_layers=6, tokens=TOKENS, k=5, seed=0, windo
     top_probs = torch.linspace(0.5, 0.1, k).expand(n_layers, n_pos, k).clone()
     vocab = {100 + i: word for i, word in enumerate(WORDS)}
     return TraceResult(
-        scores=scores.float(), clean_score=clean, corrupted_score=corrupted,
-        tokens=tuple(tokens), token_ids=torch.arange(n_pos), subject_range=(1, 4),
-        answer=answer, answer_id=answer_id, kind=kind,
+        scores=scores.float(),
+        clean_score=clean,
+        corrupted_score=corrupted,
+        tokens=tuple(tokens),
+        token_ids=torch.arange(n_pos),
+        subject_range=(1, 4),
+        answer=answer,
+        answer_id=answer_id,
+        kind=kind,
         hook_names=tuple(f"blocks.{i}.hook_{kind}" for i in range(n_layers)),
-        window=window, samples=3, noise_std=0.1, seed=0, model_name=model_name,
-        metric=metric, top_ids=top_ids, top_probs=top_probs,
-        clean_top_ids=torch.tensor([100] * k), clean_top_probs=torch.full((k,), 0.2),
-        corrupted_top_ids=torch.tensor([101] * k), corrupted_top_probs=torch.full((k,), 0.2),
-        vocab=vocab, prompt="".join(tokens[1:]),
+        window=window,
+        samples=3,
+        noise_std=0.1,
+        seed=0,
+        model_name=model_name,
+        metric=metric,
+        top_ids=top_ids,
+        top_probs=top_probs,
+        clean_top_ids=torch.tensor([100] * k),
+        clean_top_probs=torch.full((k,), 0.2),
+        corrupted_top_ids=torch.tensor([101] * k),
+        corrupted_top_probs=torch.full((k,), 0.2),
+        vocab=vocab,
+        prompt="".join(tokens[1:]),
     )
 
 
@@ -64,8 +102,9 @@ def z_of(trace):
 def hover_text(trace, row, col):
     """The hover label plotly renders for one cell: template filled with customdata."""
     cell = trace.customdata[row][col]
-    text = re.sub(r"%\{customdata\[(\d+)\]\}", lambda m: str(cell[int(m.group(1))]),
-                  trace.hovertemplate)
+    text = re.sub(
+        r"%\{customdata\[(\d+)\]\}", lambda m: str(cell[int(m.group(1))]), trace.hovertemplate
+    )
     return text.replace("<extra></extra>", "")
 
 
@@ -93,8 +132,9 @@ def test_value_option(value):
     result = make_result()
     expected = result.indirect_effect if value == "indirect_effect" else result.normalized()
     trace = result.plot(value=value).data[0]
-    np.testing.assert_allclose(z_of(trace), expected.double().numpy(), rtol=1e-5,
-                               atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(
+        z_of(trace), expected.double().numpy(), rtol=1e-5, atol=1e-7, equal_nan=True
+    )
     assert trace.zmin == 0.0
 
 
@@ -167,8 +207,9 @@ def test_layer_stride_keeps_last_layer():
     result = make_result(n_layers=7)
     trace = result.plot(layer_stride=3).data[0]
     assert list(trace.y) == [0, 3, 6]
-    np.testing.assert_allclose(z_of(trace), result.scores[[0, 3, 6]].double().numpy(),
-                               rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        z_of(trace), result.scores[[0, 3, 6]].double().numpy(), rtol=1e-6, equal_nan=True
+    )
     assert trace.customdata[1][4][2] == "3"
 
 
@@ -227,8 +268,10 @@ def test_top_k_zero_has_no_table():
 
 
 def three_kinds(**overrides):
-    return {kind: make_result(kind=kind, seed=i, **overrides.get(kind, {}))
-            for i, kind in enumerate(("resid_post", "mlp_out", "attn_out"))}
+    return {
+        kind: make_result(kind=kind, seed=i, **overrides.get(kind, {}))
+        for i, kind in enumerate(("resid_post", "mlp_out", "attn_out"))
+    }
 
 
 def test_plot_traces_panels_share_colour_range_and_axes():
@@ -237,14 +280,16 @@ def test_plot_traces_panels_share_colour_range_and_axes():
     assert [t.type for t in fig.data] == ["heatmap"] * 3
     assert len({(t.zmin, t.zmax) for t in fig.data}) == 1
     assert fig.data[0].zmax == pytest.approx(
-        max(float(np.nanmax(r.scores)) for r in results.values()))
+        max(float(np.nanmax(r.scores)) for r in results.values())
+    )
     assert [t.xaxis for t in fig.data] == ["x", "x2", "x3"]
     assert fig.layout.xaxis2.matches == "x" and fig.layout.xaxis3.matches == "x"
     assert list(fig.layout.xaxis3.ticktext) == list(fig.layout.xaxis.ticktext)
     assert fig.layout.yaxis2.matches == "y"
     for trace, result in zip(fig.data, results.values(), strict=True):
-        np.testing.assert_allclose(z_of(trace), result.scores.double().numpy(),
-                                   rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(
+            z_of(trace), result.scores.double().numpy(), rtol=1e-6, equal_nan=True
+        )
     # Colour bars sit right of their own panel, not on top of the next one.
     assert fig.data[0].colorbar.x < fig.layout.xaxis2.domain[0]
     titles = [a.text for a in fig.layout.annotations]

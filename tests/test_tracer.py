@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
-from conftest import TINY_PROMPT, TINY_SUBJECT
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,14 @@ def test_restoring_before_the_subject_gives_corrupted_score(traced):
 
 
 def test_zero_noise_gives_clean_score_everywhere(tracer):
-    results = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, kinds=lenscope.KINDS, noise=0.0, samples=2)
+    results = tracer.trace_kinds(
+        TINY_PROMPT, TINY_SUBJECT, kinds=lenscope.KINDS, noise=0.0, samples=2
+    )
     for r in results.values():
         assert r.corrupted_score == pytest.approx(r.clean_score, abs=1e-6)
-        torch.testing.assert_close(r.scores, torch.full_like(r.scores, r.clean_score), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            r.scores, torch.full_like(r.scores, r.clean_score), atol=1e-6, rtol=0
+        )
 
 
 def test_same_seed_same_noise_and_different_seed_differs(tracer):
@@ -67,7 +71,10 @@ def test_same_seed_same_noise_and_different_seed_differs(tracer):
 
 def test_default_noise_is_three_sigma_measured_at_hook(tracer, tiny_model):
     r = tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=2)
-    ids = [tiny_model.tokenizer(s, add_special_tokens=False)["input_ids"] for s in lenscope.known_subjects()]
+    ids = [
+        tiny_model.tokenizer(s, add_special_tokens=False)["input_ids"]
+        for s in lenscope.known_subjects()
+    ]
     ids = torch.tensor([i for row in ids for i in row])
     # the tiny model does not scale its embeddings, so hook_embed carries W_E rows
     sigma = tiny_model.W_E[ids].double().std().item()
@@ -86,10 +93,16 @@ def test_answer_given_as_text_or_id(tracer, tiny_model):
 
 def test_metrics(tracer):
     p = tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=2, metric="prob", layers=[0], positions=[3])
-    lp = tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=1, metric="log_prob", layers=[0], positions=[3])
-    assert lp.metric == "log_prob" and lp.clean_score == pytest.approx(math.log(p.clean_score), rel=1e-5)
+    lp = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, samples=1, metric="log_prob", layers=[0], positions=[3]
+    )
+    assert lp.metric == "log_prob" and lp.clean_score == pytest.approx(
+        math.log(p.clean_score), rel=1e-5
+    )
     foil = (p.answer_id + 1) % 50
-    ld = tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=2, metric=lenscope.metrics.logit_diff(foil))
+    ld = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, samples=2, metric=lenscope.metrics.logit_diff(foil)
+    )
     assert ld.metric == f"logit_diff(foil={foil})"
 
 
@@ -128,21 +141,37 @@ def test_dataframe(traced):
 
 # --- bad input -------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"subject": "The Louvre"}, ValueError, r"subject 'The Louvre' must occur in the prompt.*'<bos>', 'The'"),
+        (
+            {"subject": "The Louvre"},
+            ValueError,
+            r"subject 'The Louvre' must occur in the prompt.*'<bos>', 'The'",
+        ),
         ({"kind": "mlp"}, ValueError, r"kind must be one of .*got 'mlp'"),
         ({"window": 0}, ValueError, r"window must be an integer from 1 to n_layers=4, got 0"),
         ({"window": 5}, ValueError, r"window must be an integer from 1 to n_layers=4, got 5"),
         ({"samples": 0}, ValueError, r"samples must be an integer >= 1, got 0"),
         ({"noise": -1.0}, ValueError, r"noise must be a finite number >= 0, got -1.0"),
         ({"noise": float("nan")}, ValueError, r"noise must be a finite number >= 0, got nan"),
-        ({"noise_tensor": torch.zeros(10, 2, 32)}, ValueError,
-         r"noise_tensor must have shape .* = \(10, 3, 32\), got \(10, 2, 32\)"),
-        ({"answer": " paris rome"}, ValueError, r"answer must be a single token.*\[' paris', ' rome'\]"),
+        (
+            {"noise_tensor": torch.zeros(10, 2, 32)},
+            ValueError,
+            r"noise_tensor must have shape .* = \(10, 3, 32\), got \(10, 2, 32\)",
+        ),
+        (
+            {"answer": " paris rome"},
+            ValueError,
+            r"answer must be a single token.*\[' paris', ' rome'\]",
+        ),
         ({"layers": [7]}, ValueError, r"layers must be distinct layer indices in \[0, 4\)"),
-        ({"positions": [99]}, ValueError, r"positions must be distinct token positions in \[0, 10\)"),
+        (
+            {"positions": [99]},
+            ValueError,
+            r"positions must be distinct token positions in \[0, 10\)",
+        ),
         ({"metric": "accuracy"}, ValueError, r"metric must be one of \('prob', 'log_prob'\)"),
         ({"top_k": 0}, ValueError, r"top_k must be an integer"),
     ],
@@ -175,7 +204,9 @@ def test_model_lacking_a_hook_point(tiny_model, monkeypatch):
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     hook_dict = dict(tiny_model.hook_dict)
     del hook_dict["blocks.2.hook_mlp_out"]
-    monkeypatch.setattr(type(tiny_model), "hook_dict", property(lambda self: hook_dict), raising=False)
+    monkeypatch.setattr(
+        type(tiny_model), "hook_dict", property(lambda self: hook_dict), raising=False
+    )
     with pytest.raises(ValueError, match=r"lacks the hook point\(s\) \['blocks.2.hook_mlp_out'\]"):
         tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out")
 

@@ -81,8 +81,10 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {value!r} ({type(value).__name__}); "
-                        f"pass e.g. {name}=1")
+        raise TypeError(
+            f"{name} must be a positive int; got {value!r} ({type(value).__name__}); "
+            f"pass e.g. {name}=1"
+        )
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}; pass a positive int")
 
@@ -180,9 +182,7 @@ def pad(text: str, width: int, *, align: str = "left") -> str:
     return escape(text) + fill if align == "left" else fill + escape(text)
 
 
-def topk_lines(
-    predictions: Sequence[tuple[str, float]], *, token_width: int = 14
-) -> list[str]:
+def topk_lines(predictions: Sequence[tuple[str, float]], *, token_width: int = 14) -> list[str]:
     """Rows of a monospace top-k table: rank, visible token, probability in percent.
 
     Args:
@@ -196,7 +196,9 @@ def topk_lines(
     for rank, (token, prob) in enumerate(predictions, start=1):
         shown = shorten(visible(token), token_width)
         rows.append(
-            pad(str(rank), 2, align="right") + NBSP + pad(shown, token_width)
+            pad(str(rank), 2, align="right")
+            + NBSP
+            + pad(shown, token_width)
             + pad(format_percent(prob), 7, align="right")
         )
     return rows

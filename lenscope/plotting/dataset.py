@@ -86,13 +86,17 @@ def plot_dataset(
         check_choice("kind", kind, summary.kinds)
     n = len(kinds)
     per_panel = max(260, min(520, 22 * summary.n_layers + 60))
-    default_width = 90 + n * (per_panel + (110 if style == "heatmap" else 30)) + (
-        170 if style == "heatmap" else 200
+    default_width = (
+        90
+        + n * (per_panel + (110 if style == "heatmap" else 30))
+        + (170 if style == "heatmap" else 200)
     )
     default_height = 430 if style == "heatmap" else 460
     gap = 0.09 if style == "heatmap" else 0.05
     fig = make_subplots(
-        rows=1, cols=n, shared_yaxes=style == "heatmap",
+        rows=1,
+        cols=n,
+        shared_yaxes=style == "heatmap",
         horizontal_spacing=gap if n > 1 else 0.0,
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
     )
@@ -106,20 +110,31 @@ def plot_dataset(
     fig.update_xaxes(title_text=layer_title, showgrid=style == "lines", zeroline=False)
     if style == "heatmap":
         fig.update_yaxes(
-            tickmode="array", tickvals=list(range(len(BUCKETS))),
-            ticktext=[BUCKET_LABELS[b] for b in BUCKETS], autorange="reversed",
-            showgrid=False, zeroline=False, ticks="",
+            tickmode="array",
+            tickvals=list(range(len(BUCKETS))),
+            ticktext=[BUCKET_LABELS[b] for b in BUCKETS],
+            autorange="reversed",
+            showgrid=False,
+            zeroline=False,
+            ticks="",
         )
     else:
         fig.update_yaxes(tickformat=".1%", zeroline=True, zerolinecolor="#999999")
         fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
     fig.update_layout(
-        title={"text": title if title is not None else _title(summary), "x": 0.01,
-               "xanchor": "left"},
+        title={
+            "text": title if title is not None else _title(summary),
+            "x": 0.01,
+            "xanchor": "left",
+        },
         width=width or default_width,
         height=height or default_height,
-        margin={"l": 150 if style == "heatmap" else 70, "r": 60 if style == "heatmap" else 20,
-                "t": 90, "b": 60},
+        margin={
+            "l": 150 if style == "heatmap" else 70,
+            "r": 60 if style == "heatmap" else 20,
+            "t": 90,
+            "b": 60,
+        },
         hoverlabel={"font": HOVER_FONT, "align": "left"},
         plot_bgcolor="white" if style == "lines" else "#e6e6e6",
         legend={"title": {"text": "token bucket"}},
@@ -152,8 +167,13 @@ def _cells(
     z = [[None if math.isnan(v) else v for v in row] for row in mean.tolist()]
     customdata = [
         [
-            [BUCKET_LABELS[bucket], layer, format_percent(float(mean[b, layer]), signed=True),
-             format_percent(float(half[b, layer])), int(count[b, layer])]
+            [
+                BUCKET_LABELS[bucket],
+                layer,
+                format_percent(float(mean[b, layer]), signed=True),
+                format_percent(float(half[b, layer])),
+                int(count[b, layer]),
+            ]
             for layer in range(mean.shape[1])
         ]
         for b, bucket in enumerate(BUCKETS)
@@ -179,21 +199,40 @@ def _add_heatmap(
     domain_end = fig.layout[f"xaxis{suffix}"].domain[1]
     fig.add_trace(
         go.Heatmap(
-            z=z, x=list(range(summary.n_layers)), y=list(range(len(BUCKETS))),
-            zmin=low, zmax=high,
+            z=z,
+            x=list(range(summary.n_layers)),
+            y=list(range(len(BUCKETS))),
+            zmin=low,
+            zmax=high,
             colorscale=KIND_COLORSCALES.get(kind, "Greys"),
-            customdata=customdata, hovertemplate=_HOVER, hoverongaps=False,
+            customdata=customdata,
+            hovertemplate=_HOVER,
+            hoverongaps=False,
             name=KIND_LABELS.get(kind, kind),
-            colorbar={"title": {"text": "AIE", "side": "right"}, "x": domain_end + 0.005,
-                      "xanchor": "left", "thickness": 12, "len": 1.0, "tickformat": ".1%"},
+            colorbar={
+                "title": {"text": "AIE", "side": "right"},
+                "x": domain_end + 0.005,
+                "xanchor": "left",
+                "thickness": 12,
+                "len": 1.0,
+                "tickformat": ".1%",
+            },
         ),
-        row=1, col=col,
+        row=1,
+        col=col,
     )
 
 
 def _add_lines(
-    fig: go.Figure, summary: DatasetSummary, kind: str, mean: Any, half: Any, count: Any,
-    col: int, *, legend: bool,
+    fig: go.Figure,
+    summary: DatasetSummary,
+    kind: str,
+    mean: Any,
+    half: Any,
+    count: Any,
+    col: int,
+    *,
+    legend: bool,
 ) -> None:
     layers = list(range(summary.n_layers))
     _, customdata = _cells(mean, half, count)
@@ -207,19 +246,34 @@ def _add_lines(
         lower = [v - h for v, h in zip(values, spread, strict=True)]
         fig.add_trace(
             go.Scatter(
-                x=layers + layers[::-1], y=upper + lower[::-1], fill="toself", mode="lines",
-                fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip",
-                showlegend=False, legendgroup=bucket,
+                x=layers + layers[::-1],
+                y=upper + lower[::-1],
+                fill="toself",
+                mode="lines",
+                fillcolor=_rgba(color, 0.18),
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=bucket,
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         fig.add_trace(
             go.Scatter(
-                x=layers, y=values, mode="lines+markers", line={"color": color, "width": 2},
-                marker={"size": 4}, name=BUCKET_LABELS[bucket], legendgroup=bucket,
-                showlegend=legend, customdata=customdata[b], hovertemplate=_HOVER,
+                x=layers,
+                y=values,
+                mode="lines+markers",
+                line={"color": color, "width": 2},
+                marker={"size": 4},
+                name=BUCKET_LABELS[bucket],
+                legendgroup=bucket,
+                showlegend=legend,
+                customdata=customdata[b],
+                hovertemplate=_HOVER,
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
 
 
@@ -256,11 +310,15 @@ def save_dataset_report(
     heading = title or f"Causal tracing over known facts: {summary.model_name}"
     figures = [
         plot_dataset(summary, style="heatmap").to_html(
-            full_html=False, include_plotlyjs=True, include_mathjax=False,
+            full_html=False,
+            include_plotlyjs=True,
+            include_mathjax=False,
             config={"displaylogo": False},
         ),
         plot_dataset(summary, style="lines").to_html(
-            full_html=False, include_plotlyjs=False, include_mathjax=False,
+            full_html=False,
+            include_plotlyjs=False,
+            include_mathjax=False,
             config={"displaylogo": False},
         ),
     ]

@@ -106,8 +106,16 @@ class _StatisticView:
             if name in ("answer_prob", "top1_prob"):
                 digits = 0 if span >= 0.1 else 1 if span >= 0.01 else 2
                 colorbar["tickformat"] = f"+.{digits}%"
-            return cls(name, title, values, colorscale or "RdBu", -span if zmin is None else zmin,
-                       span if zmax is None else zmax, 0.0, colorbar)
+            return cls(
+                name,
+                title,
+                values,
+                colorscale or "RdBu",
+                -span if zmin is None else zmin,
+                span if zmax is None else zmax,
+                0.0,
+                colorbar,
+            )
         finite = np.concatenate([v[np.isfinite(v)] for v in values])
         top = float(finite.max()) if finite.size else 1.0
         if name in ("answer_prob", "top1_prob"):
@@ -118,19 +126,31 @@ class _StatisticView:
             low, high = 0.0, max(top, 1.0)
             ticks = list(range(0, int(math.floor(high)) + 1))
             colorbar["tickvals"] = ticks
-            colorbar["ticktext"] = [f"{10 ** t:,}" for t in ticks]
+            colorbar["ticktext"] = [f"{10**t:,}" for t in ticks]
             scale = KIND_COLORSCALES.get(component, "Greys") + "_r"
         else:
             low, high = 0.0, top if top > 0 else 1e-6
             scale = "Viridis"
         colorbar["title"] = {"text": bar_title, "side": "right"}
-        return cls(name, title, values, colorscale or scale, low if zmin is None else zmin,
-                   high if zmax is None else zmax, None, colorbar)
+        return cls(
+            name,
+            title,
+            values,
+            colorscale or scale,
+            low if zmin is None else zmin,
+            high if zmax is None else zmax,
+            None,
+            colorbar,
+        )
 
     def coloraxis(self) -> dict[str, Any]:
         """The layout ``coloraxis`` every panel's heatmap shares."""
-        axis = {"colorscale": self.colorscale, "cmin": self.cmin, "cmax": self.cmax,
-                "colorbar": self.colorbar}
+        axis = {
+            "colorscale": self.colorscale,
+            "cmin": self.cmin,
+            "cmax": self.cmax,
+            "colorbar": self.colorbar,
+        }
         if self.cmid is not None:
             axis["cmid"] = self.cmid
         return axis
@@ -244,8 +264,9 @@ def plot_lens(
 
     first = items[0]
     rows = stride_keep_last(first.n_layers, layer_stride)
-    view = _StatisticView.build(name, items, rows, difference=difference,
-                                colorscale=colorscale, zmin=zmin, zmax=zmax)
+    view = _StatisticView.build(
+        name, items, rows, difference=difference, colorscale=colorscale, zmin=zmin, zmax=zmax
+    )
     panels = items[1:] if difference else items
     names = [
         f"{escape(t.label)} − {escape(first.label)}" if difference else escape(t.label)
@@ -260,7 +281,9 @@ def plot_lens(
     if n > 1:
         margin["t"] += 20  # room for the panel titles under the two-line title
     fig = make_subplots(
-        rows=1, cols=n, shared_yaxes=True,
+        rows=1,
+        cols=n,
+        shared_yaxes=True,
         horizontal_spacing=gap / (n * plot_w + (n - 1) * gap) if n > 1 else 0.0,
         subplot_titles=names if n > 1 else None,
     )
@@ -271,28 +294,47 @@ def plot_lens(
         customdata, template = _hover(traj, rows, full, top_k, name, reference)
         text = _cell_text(traj, rows) if cell_text else None
         fig.add_trace(
-            view.heatmap(col - 1, x=range(traj.n_pos), y=rows, text=text,
-                         customdata=customdata, hovertemplate=template, name=names[col - 1]),
-            row=1, col=col,
+            view.heatmap(
+                col - 1,
+                x=range(traj.n_pos),
+                y=rows,
+                text=text,
+                customdata=customdata,
+                hovertemplate=template,
+                name=names[col - 1],
+            ),
+            row=1,
+            col=col,
         )
         fig.update_xaxes(
-            tickmode="array", tickvals=list(range(traj.n_pos)), ticktext=labels,
-            tickangle=-50, showgrid=False, zeroline=False, ticks="",
+            tickmode="array",
+            tickvals=list(range(traj.n_pos)),
+            ticktext=labels,
+            tickangle=-50,
+            showgrid=False,
+            zeroline=False,
+            ticks="",
             range=[-0.5, traj.n_pos - 0.5],
             matches="x" if col > 1 and same_tokens else None,
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         _mark_restored(fig, traj, rows, "" if col == 1 else str(col))
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,
-        showgrid=False, zeroline=False, ticks="",
+        showgrid=False,
+        zeroline=False,
+        ticks="",
         tickmode="array" if len(rows) <= 40 else "auto",
         tickvals=list(rows) if len(rows) <= 40 else None,
     )
     fig.update_yaxes(title_text=f"layer ({escape(first.component)})", row=1, col=1)
     fig.update_layout(
-        title={"text": title if title is not None else _title(items, view, mode, cell_text),
-               "x": 0.01, "xanchor": "left"},
+        title={
+            "text": title if title is not None else _title(items, view, mode, cell_text),
+            "x": 0.01,
+            "xanchor": "left",
+        },
         coloraxis=view.coloraxis(),
         width=width or int(margin["l"] + margin["r"] + n * plot_w + (n - 1) * gap),
         height=height or int(margin["t"] + margin["b"] + plot_h),
@@ -334,15 +376,19 @@ def _check_comparable(items: Sequence[LensTrajectory], *, strict: bool) -> None:
     problems = []
     for index, other in enumerate(items[1:], start=1):
         if other.n_layers != first.n_layers:
-            problems.append(f"{first.n_layers} layers (trajectory 0) vs {other.n_layers} "
-                            f"(trajectory {index})")
+            problems.append(
+                f"{first.n_layers} layers (trajectory 0) vs {other.n_layers} (trajectory {index})"
+            )
         if strict and not _same_tokens(first, other):
-            problems.append(f"tokens {list(first.tokens)!r} (trajectory 0) vs "
-                            f"{list(other.tokens)!r} (trajectory {index})")
+            problems.append(
+                f"tokens {list(first.tokens)!r} (trajectory 0) vs "
+                f"{list(other.tokens)!r} (trajectory {index})"
+            )
     if problems:
         raise ValueError(
             "plot_lens shows trajectories on one layer axis (and differences of one "
-            "prompt); got trajectories that differ in " + "; ".join(problems)
+            "prompt); got trajectories that differ in "
+            + "; ".join(problems)
             + "; compute them on the same model (and prompt)"
         )
 
@@ -361,10 +407,16 @@ def _mark_restored(
     below = rows[shown[0] - 1] if shown[0] > 0 else y[0] - 1
     above = rows[shown[-1] + 1] if shown[-1] + 1 < len(rows) else y[-1] + 1
     fig.add_shape(
-        type="rect", xref=f"x{axis_suffix}", yref=f"y{axis_suffix}",
-        x0=traj.restored_pos - 0.5, x1=traj.restored_pos + 0.5,
-        y0=(y[0] + below) / 2, y1=(y[-1] + above) / 2,
-        line={"color": "#111111", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above",
+        type="rect",
+        xref=f"x{axis_suffix}",
+        yref=f"y{axis_suffix}",
+        x0=traj.restored_pos - 0.5,
+        x1=traj.restored_pos + 0.5,
+        y0=(y[0] + below) / 2,
+        y1=(y[-1] + above) / 2,
+        line={"color": "#111111", "width": 2.5},
+        fillcolor="rgba(0,0,0,0)",
+        layer="above",
     )
 
 
@@ -433,16 +485,19 @@ def _hover(
             stats = _stat_lines(traj, layer, pos)
             if reference is not None:
                 ref = _stat_lines(reference, layer, pos)
-                stats = [f"{a}  (vs {b} {escape(reference.label)})"
-                         for a, b in zip(stats, ref, strict=True)]
+                stats = [
+                    f"{a}  (vs {b} {escape(reference.label)})"
+                    for a, b in zip(stats, ref, strict=True)
+                ]
             cell[3:8] = stats
             if top_k:
                 cell[8] = f"<br>top-{top_k} ({escape(traj.decoder)}, {escape(traj.label)})"
                 lines = topk_lines(traj.top_predictions(layer, pos)[:top_k])
                 cell[_N_FIXED_FIELDS:] = [f"<br>{line}" for line in lines]
     names = ["token", "pos", "layer", "entropy", "KL", f"p({answer})", "rank", "top-1 p"]
-    plotted = {"entropy": 3, "kl_to_final": 4, "answer_prob": 5, "answer_rank": 6,
-               "top1_prob": 7}[statistic]
+    plotted = {"entropy": 3, "kl_to_final": 4, "answer_prob": 5, "answer_rank": 6, "top1_prob": 7}[
+        statistic
+    ]
     lines = []
     for index, label in enumerate(names):
         value = f"%{{customdata[{index}]}}"
@@ -477,5 +532,5 @@ def _title(
         notes.append("subject marked *")
     return (
         f"<b>{lens} · {escape(what)}</b> · {escape(first.model_name)}<br>"
-        f"<span style=\"font-size:13px\">{' · '.join(notes)}</span>"
+        f'<span style="font-size:13px">{" · ".join(notes)}</span>'
     )

@@ -102,9 +102,18 @@ def plot_trace(
         ValueError: An option is out of range.
     """
     _check_types([result])
-    options = dict(value=value, top_k=top_k, layer_stride=layer_stride,
-                   layer_order=layer_order, title=title, width=width, height=height,
-                   colorscale=colorscale, zmin=zmin, zmax=zmax)
+    options = dict(
+        value=value,
+        top_k=top_k,
+        layer_stride=layer_stride,
+        layer_order=layer_order,
+        title=title,
+        width=width,
+        height=height,
+        colorscale=colorscale,
+        zmin=zmin,
+        zmax=zmax,
+    )
     _check_options([result], options)
     return _plot([result], names=None, shared_scale=True, **options)
 
@@ -176,12 +185,23 @@ def plot_traces(
             f"got {type(results).__name__}; for a single trace use plot_trace(result)"
         )
     if not items:
-        raise ValueError("plot_traces needs at least one TraceResult; got none; "
-                         "pass e.g. tracer.trace_kinds(prompt, subject=...)")
+        raise ValueError(
+            "plot_traces needs at least one TraceResult; got none; "
+            "pass e.g. tracer.trace_kinds(prompt, subject=...)"
+        )
     _check_types(items)
-    options = dict(value=value, top_k=top_k, layer_stride=layer_stride,
-                   layer_order=layer_order, title=title, width=width, height=height,
-                   colorscale=colorscale, zmin=zmin, zmax=zmax)
+    options = dict(
+        value=value,
+        top_k=top_k,
+        layer_stride=layer_stride,
+        layer_order=layer_order,
+        title=title,
+        width=width,
+        height=height,
+        colorscale=colorscale,
+        zmin=zmin,
+        zmax=zmax,
+    )
     _check_options(items, options)
     if not allow_mismatch:
         _check_comparable(items)
@@ -192,8 +212,10 @@ def _check_types(results: Sequence[Any]) -> None:
     """Raise ``TypeError`` unless every item is a ``TraceResult``."""
     for index, result in enumerate(results):
         if not isinstance(result, TraceResult):
-            raise TypeError(f"expected TraceResult objects; got {type(result).__name__} at "
-                            f"index {index}; pass the results of CausalTracer.trace")
+            raise TypeError(
+                f"expected TraceResult objects; got {type(result).__name__} at "
+                f"index {index}; pass the results of CausalTracer.trace"
+            )
 
 
 def _check_options(results: Sequence[TraceResult], options: dict[str, Any]) -> None:
@@ -209,15 +231,20 @@ def _check_options(results: Sequence[TraceResult], options: dict[str, Any]) -> N
     for result in results:
         stored = int(result.top_ids.shape[-1])
         if top_k > stored:
-            raise ValueError(f"top_k must be <= the {stored} predictions the {result.kind} "
-                             f"trace stored; got top_k={top_k}; pass top_k<={stored} or "
-                             "trace with more top-k")
+            raise ValueError(
+                f"top_k must be <= the {stored} predictions the {result.kind} "
+                f"trace stored; got top_k={top_k}; pass top_k<={stored} or "
+                "trace with more top-k"
+            )
 
 
 def _same_tokens(a: TraceResult, b: TraceResult) -> bool:
     """Whether two results traced the same token ids with the same labels."""
-    return (a.tokens == b.tokens and a.token_ids.shape == b.token_ids.shape
-            and bool((a.token_ids == b.token_ids).all()))
+    return (
+        a.tokens == b.tokens
+        and a.token_ids.shape == b.token_ids.shape
+        and bool((a.token_ids == b.token_ids).all())
+    )
 
 
 def _check_comparable(results: Sequence[TraceResult]) -> None:
@@ -226,21 +253,28 @@ def _check_comparable(results: Sequence[TraceResult]) -> None:
     problems = []
     for index, other in enumerate(results[1:], start=1):
         if other.model_name != first.model_name:
-            problems.append(f"model_name {first.model_name!r} (result 0) vs "
-                            f"{other.model_name!r} (result {index})")
+            problems.append(
+                f"model_name {first.model_name!r} (result 0) vs "
+                f"{other.model_name!r} (result {index})"
+            )
         if not _same_tokens(first, other):
-            problems.append(f"prompt tokens {list(first.tokens)!r} (result 0) vs "
-                            f"{list(other.tokens)!r} (result {index})")
+            problems.append(
+                f"prompt tokens {list(first.tokens)!r} (result 0) vs "
+                f"{list(other.tokens)!r} (result {index})"
+            )
         if other.answer_id != first.answer_id:
-            problems.append(f"answer {first.answer!r} (result 0) vs "
-                            f"{other.answer!r} (result {index})")
+            problems.append(
+                f"answer {first.answer!r} (result 0) vs {other.answer!r} (result {index})"
+            )
         if other.metric != first.metric:
-            problems.append(f"metric {first.metric!r} (result 0) vs "
-                            f"{other.metric!r} (result {index})")
+            problems.append(
+                f"metric {first.metric!r} (result 0) vs {other.metric!r} (result {index})"
+            )
     if problems:
         raise ValueError(
             "plot_traces compares traces of one prompt, model, answer and metric; "
-            "got results that differ in " + "; ".join(problems)
+            "got results that differ in "
+            + "; ".join(problems)
             + "; trace them with the same settings, or pass allow_mismatch=True "
             "to plot them side by side anyway"
         )
@@ -303,8 +337,11 @@ def _hover(
             if math.isnan(score):
                 continue
             effect = float(normalized[layer, pos])
-            cell[4] = (f"{format_percent(effect)} of clean − corrupted" if math.isfinite(effect)
-                       else "n/a (clean = corrupted)")
+            cell[4] = (
+                f"{format_percent(effect)} of clean − corrupted"
+                if math.isfinite(effect)
+                else "n/a (clean = corrupted)"
+            )
             if top_k:
                 cell[5] = f"<br>top-{top_k} after restoring"
                 lines = topk_lines(result.top_predictions(layer, pos)[:top_k])
@@ -314,8 +351,7 @@ def _hover(
         f"{label}{NBSP * (_LABEL_WIDTH - len(label))}%{{customdata[{index}]}}"
         for index, label in enumerate(labels)
     )
-    template += "".join(f"%{{customdata[{index}]}}"
-                        for index in range(len(labels), data.shape[-1]))
+    template += "".join(f"%{{customdata[{index}]}}" for index in range(len(labels), data.shape[-1]))
     return data, template + "<extra></extra>"
 
 
@@ -323,11 +359,14 @@ def _title(results: Sequence[TraceResult], names: Sequence[str]) -> str:
     """Default title: what was restored, the model, the answer and both scores."""
     first = results[0]
     metric = _metric_label(first)
-    what = (f"Restoring {escape(names[0])}" if len(results) == 1
-            else "Causal trace, restoring one hook point at a time")
+    what = (
+        f"Restoring {escape(names[0])}"
+        if len(results) == 1
+        else "Causal trace, restoring one hook point at a time"
+    )
     return (
         f"<b>{what}</b> · {escape(first.model_name)}<br>"
-        f"<span style=\"font-size:13px\">answer <b>{escape(visible(first.answer))}</b>"
+        f'<span style="font-size:13px">answer <b>{escape(visible(first.answer))}</b>'
         f" · clean {metric} = {first.clean_score:.3g}"
         f" · corrupted {first.corrupted_score:.3g}"
         f" · subject marked *</span>"
@@ -359,8 +398,9 @@ def _plot(
     zmax: float | int | None,
 ) -> go.Figure:
     """Lay out one heatmap panel per result, left to right (arguments already checked)."""
-    panel_names = [_panel_name(r, n) for r, n in
-                   zip(results, names or [None] * len(results), strict=True)]
+    panel_names = [
+        _panel_name(r, n) for r, n in zip(results, names or [None] * len(results), strict=True)
+    ]
     grids = [_values(r, value) for r in results]
     rows = [stride_keep_last(r.n_layers, layer_stride) for r in results]
     lows = [zmin if zmin is not None else _anchor(r, value) for r in results]
@@ -373,8 +413,10 @@ def _plot(
         lows = [min(lows)] * len(results)
         highs = [max(highs)] * len(results)
     # An empty range would make plotly pick its own; keep the anchor at the bottom.
-    highs = [high if high > low else low + max(abs(low), 1.0) * 1e-6
-             for low, high in zip(lows, highs, strict=True)]
+    highs = [
+        high if high > low else low + max(abs(low), 1.0) * 1e-6
+        for low, high in zip(lows, highs, strict=True)
+    ]
 
     n = len(results)
     n_cols = max(r.n_pos for r in results)
@@ -390,7 +432,9 @@ def _plot(
     margin["r"] = gap
     margin["t"] += 30 if n > 1 else 0
     fig = make_subplots(
-        rows=1, cols=n, shared_yaxes=True,
+        rows=1,
+        cols=n,
+        shared_yaxes=True,
         horizontal_spacing=gap / inner if n > 1 else 0.0,
         subplot_titles=panel_names if n > 1 else None,
     )
@@ -423,39 +467,61 @@ def _plot(
                     "tickformat": ".0%" if value == "normalized" else None,
                 },
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         fig.update_xaxes(
-            tickmode="array", tickvals=list(range(result.n_pos)), ticktext=tick_labels,
-            tickangle=-50, showgrid=False, zeroline=False, ticks="",
+            tickmode="array",
+            tickvals=list(range(result.n_pos)),
+            ticktext=tick_labels,
+            tickangle=-50,
+            showgrid=False,
+            zeroline=False,
+            ticks="",
             range=[-0.5, result.n_pos - 0.5],
             matches="x" if col > 1 and same_tokens else None,
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         start, end = result.subject_range
         fig.add_shape(
-            type="rect", xref=f"x{axis_suffix}", yref=f"y{axis_suffix} domain",
-            x0=start - 0.5, x1=end - 0.5, y0=-0.004, y1=1.004,
+            type="rect",
+            xref=f"x{axis_suffix}",
+            yref=f"y{axis_suffix} domain",
+            x0=start - 0.5,
+            x1=end - 0.5,
+            y0=-0.004,
+            y1=1.004,
             line={"color": "#222222", "width": 1.5, "dash": "dot"},
-            fillcolor="rgba(0,0,0,0)", layer="above",
+            fillcolor="rgba(0,0,0,0)",
+            layer="above",
         )
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,
-        showgrid=False, zeroline=False, ticks="",
+        showgrid=False,
+        zeroline=False,
+        ticks="",
         tickmode="array" if n_rows <= 40 else "auto",
         tickvals=sorted({layer for kept in rows for layer in kept}) if n_rows <= 40 else None,
     )
     window = results[0].window
     fig.update_yaxes(
         title_text="layer" if window == 1 else f"centre of {window} restored layers",
-        row=1, col=1,
+        row=1,
+        col=1,
     )
     fig_height = height or default_height
     fig.update_layout(
         # Title pinned 16 px below the top edge, clear of the panel titles.
-        title={"text": title if title is not None else _title(results, panel_names),
-               "x": 0, "xanchor": "left", "xref": "paper",
-               "y": 1 - 16 / fig_height, "yanchor": "top", "yref": "container"},
+        title={
+            "text": title if title is not None else _title(results, panel_names),
+            "x": 0,
+            "xanchor": "left",
+            "xref": "paper",
+            "y": 1 - 16 / fig_height,
+            "yanchor": "top",
+            "yref": "container",
+        },
         width=width or default_width,
         height=fig_height,
         margin=margin,
