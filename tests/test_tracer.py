@@ -230,15 +230,20 @@ def test_failure_mid_trace_leaves_model_unchanged(tiny_model, monkeypatch, excep
         import lenscope.engine as engine
 
         calls = {"n": 0}
-        original = engine.decode_resid
+        original = engine._restore_hook
 
-        def flaky(model, resid):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise exception("interrupted")
-            return original(model, resid)
+        def flaky(clean, restore):
+            restore_fn = original(clean, restore)
 
-        monkeypatch.setattr(engine, "decode_resid", flaky)
+            def maybe_fail(act, hook):
+                calls["n"] += 1
+                if calls["n"] == 5:  # inside a forward pass, with hooks attached
+                    raise exception("interrupted")
+                return restore_fn(act, hook)
+
+            return maybe_fail
+
+        monkeypatch.setattr(engine, "_restore_hook", flaky)
         with pytest.raises(exception):
             tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2)
         after = _state(tiny_model)
