@@ -88,3 +88,25 @@ def tiny_model(tiny_tokenizer):
 def tiny_model_no_tokenizer():
     """4-layer model with learned absolute positions and no tokenizer."""
     return make_tiny_model(None, positional="standard")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real offline Gemma-3-270m as a HookedTransformer (loaded once per session)."""
+    import lenscope
+
+    return lenscope.load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma_bridge():
+    """The real offline Gemma-3-270m as a TransformerBridge (loaded once per session)."""
+    import lenscope
+
+    return lenscope.load_model("gemma-3-270m", bridge=True, device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the model-loading tests first: they (re)build the offline model's cache,
+    which every later slow test and notebook then loads instead of converting again."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_loading.py" else 1)

@@ -12,16 +12,6 @@ SUBJECT = "The Eiffel Tower"
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    return lenscope.load_model("gemma-3-270m")
-
-
-@pytest.fixture(scope="module")
-def gemma_bridge():
-    return lenscope.load_model("gemma-3-270m", bridge=True)
-
-
-@pytest.fixture(scope="module")
 def eiffel(gemma):
     tracer = lenscope.CausalTracer(gemma, progress=False)
     return tracer.trace_kinds(PROMPT, SUBJECT, samples=10)

