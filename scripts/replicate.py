@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "window_choice": args.window,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", *sys.argv]),
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_params": _n_params(model),
     }
     (docs / "replication.md").write_text(report(summary, info))
     per_fact = summary.seconds / max(summary.n_facts, 1)
@@ -206,6 +206,15 @@ def pct(value: float) -> str:
 def depth(layer: int, n_layers: int) -> str:
     """``layer L of N (x% depth)``, with depth = L / (N - 1)."""
     return f"{layer} of {n_layers} ({100 * layer / (n_layers - 1):.0f}% depth)"
+
+
+def _n_params(model) -> int:
+    """Parameters, counting a tied unembedding (a copy of W_E in TransformerLens) once."""
+    total = sum(p.numel() for p in model.parameters())
+    w_e, w_u = getattr(model, "W_E", None), getattr(model, "W_U", None)
+    if w_e is not None and w_u is not None and w_u.shape == w_e.T.shape and torch.equal(w_u, w_e.T):
+        total -= w_u.numel()
+    return total
 
 
 def report(summary, info: dict) -> str:
