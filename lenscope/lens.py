@@ -30,12 +30,10 @@ Which hook point is decoded (``component``):
 """
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import einops
 import torch
@@ -55,7 +53,7 @@ from lenscope.hooks import (
     preserved_model,
 )
 from lenscope.noise import draw_noise
-from lenscope.results import TraceResult
+from lenscope.results import JsonRoundTrip, TraceResult
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
 
 COMPONENTS: tuple[str, ...] = KINDS
@@ -169,7 +167,7 @@ def _decoder_name(decoder: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LensTrajectory:
+class LensTrajectory(JsonRoundTrip):
     """A prediction trajectory: per ``(layer, pos)`` statistics of the lens's next-token guess.
 
     Row ``layer`` holds what decoding ``hook_names[layer]`` predicts at each
@@ -235,6 +233,15 @@ class LensTrajectory:
     copies: int = 1
     label: str = "clean"
     prompt: str | None = None
+
+    _format: ClassVar[str] = _FORMAT
+    _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
+    _tuple_fields: ClassVar[tuple[str, ...]] = (
+        "tokens",
+        "hook_names",
+        "restored_hooks",
+        "subject_range",
+    )
     subject_range: tuple[int, int] | None = None
     noise_std: float | None = None
     seed: int | None = None
@@ -342,55 +349,6 @@ class LensTrajectory:
         from lenscope.plotting.lens import plot_lens
 
         return plot_lens(self, statistic=statistic, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (tensors as nested lists)."""
-        out: dict[str, Any] = {"format": _FORMAT}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                value = value.tolist()
-            elif field.name == "vocab":
-                value = {str(k): v for k, v in value.items()}
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LensTrajectory":
-        """Inverse of :meth:`to_dict`."""
-        if data.get("format") != _FORMAT:
-            raise ValueError(
-                f"expected a dict saved by LensTrajectory.to_dict (format {_FORMAT!r}), "
-                f"got format {data.get('format')!r}; load it with the class that saved it"
-            )
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in data:
-                continue
-            value = data[field.name]
-            if field.name in _TENSOR_FIELDS:
-                value = torch.tensor(value, dtype=_TENSOR_FIELDS[field.name])
-            elif field.name == "vocab":
-                value = {int(k): v for k, v in value.items()}
-            elif field.name in ("tokens", "hook_names", "restored_hooks"):
-                value = tuple(value)
-            elif field.name == "subject_range" and value is not None:
-                value = tuple(value)
-            kwargs[field.name] = value
-        return cls(**kwargs)
-
-    def save(self, path: str | Path) -> Path:
-        """Write this trajectory as JSON; :meth:`load` reads it back exactly."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "LensTrajectory":
-        """Read a trajectory written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 class CellTrajectories(NamedTuple):

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -31,8 +31,67 @@ _TENSOR_FIELDS = {
 }
 
 
+class JsonRoundTrip:
+    """``to_dict``/``from_dict``/``save``/``load`` for frozen result dataclasses.
+
+    Exact through JSON: float32 values survive a trip through Python floats.
+    Subclasses name their format and which fields are tensors or tuples.
+    """
+
+    _format: ClassVar[str]
+    _tensor_fields: ClassVar[dict[str, torch.dtype]]
+    _tuple_fields: ClassVar[tuple[str, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (tensors as nested lists)."""
+        out: dict[str, Any] = {"format": self._format}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                value = value.tolist()
+            elif field.name == "vocab":
+                value = {str(k): v for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format") != cls._format:
+            raise ValueError(
+                f"expected a dict saved by {cls.__name__}.to_dict (format {cls._format!r}), "
+                f"got format {data.get('format')!r}; load it with the class that saved it"
+            )
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if field.name not in data:
+                continue
+            value = data[field.name]
+            if field.name in cls._tensor_fields:
+                value = torch.tensor(value, dtype=cls._tensor_fields[field.name])
+            elif field.name == "vocab":
+                value = {int(k): v for k, v in value.items()}
+            elif field.name in cls._tuple_fields and value is not None:
+                value = tuple(value)
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this result as JSON; :meth:`load` reads it back exactly."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read a result written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class TraceResult:
+class TraceResult(JsonRoundTrip):
     """One causal trace: the metric with each ``(layer, pos)`` cell restored.
 
     Attributes:
@@ -87,6 +146,10 @@ class TraceResult:
     corrupted_top_probs: Float[Tensor, " k"]
     vocab: dict[int, str]
     prompt: str | None = None
+
+    _format: ClassVar[str] = _FORMAT
+    _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("tokens", "hook_names", "subject_range")
 
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
@@ -186,48 +249,3 @@ class TraceResult:
         from lenscope.plotting import plot_trace
 
         return plot_trace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (tensors as nested lists)."""
-        out: dict[str, Any] = {"format": _FORMAT}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                value = value.tolist()
-            elif field.name == "vocab":
-                value = {str(k): v for k, v in value.items()}
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TraceResult":
-        """Inverse of :meth:`to_dict`."""
-        if data.get("format") != _FORMAT:
-            raise ValueError(
-                f"expected a dict saved by TraceResult.to_dict (format {_FORMAT!r}), "
-                f"got format {data.get('format')!r}"
-            )
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            value = data[field.name]
-            if field.name in _TENSOR_FIELDS:
-                value = torch.tensor(value, dtype=_TENSOR_FIELDS[field.name])
-            elif field.name == "vocab":
-                value = {int(k): v for k, v in value.items()}
-            elif field.name in ("tokens", "hook_names", "subject_range"):
-                value = tuple(value)
-            kwargs[field.name] = value
-        return cls(**kwargs)
-
-    def save(self, path: str | Path) -> Path:
-        """Write this result as JSON; :meth:`load` reads it back exactly."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TraceResult":
-        """Read a result written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
