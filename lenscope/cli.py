@@ -52,7 +52,8 @@ def _kinds_arg(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def _positive_int(text: str) -> int:
+def positive_int_arg(text: str) -> int:
+    """An argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -94,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trace.add_argument(
         "--window",
-        type=_positive_int,
+        type=positive_int_arg,
         help="layers restored around each cell for every kind (default: 1 for resid_*, "
         "10 for mlp_out/attn_out, as in ROME)",
     )
     trace.add_argument(
-        "--samples", type=_positive_int, default=10, help="corrupted copies (default 10)"
+        "--samples", type=positive_int_arg, default=10, help="corrupted copies (default 10)"
     )
     trace.add_argument(
         "--noise",
@@ -114,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("trace.html"), help="HTML file (default trace.html)"
     )
     trace.add_argument("--json", type=Path, help="also write the results as JSON")
-    trace.add_argument("--batch-size", type=_positive_int, help="corrupted copies per forward pass")
+    trace.add_argument(
+        "--batch-size", type=positive_int_arg, help="corrupted copies per forward pass"
+    )
     trace.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from lenscope.datasets import add_dataset_arguments, run_dataset_cli

@@ -1245,6 +1245,8 @@ def add_dataset_arguments(
     Returns:
         The same parser.
     """
+    from lenscope.cli import positive_int_arg
+
     if model_arguments:
         parser.add_argument(
             "--model",
@@ -1262,7 +1264,7 @@ def add_dataset_arguments(
     )
     parser.add_argument(
         "--limit",
-        type=_positive_int_arg,
+        type=positive_int_arg,
         default=None,
         help="trace the first N facts the model knows (default: all)",
     )
@@ -1290,7 +1292,7 @@ def add_dataset_arguments(
     )
     parser.add_argument(
         "--samples",
-        type=_positive_int_arg,
+        type=positive_int_arg,
         default=10,
         help="corrupted copies per fact (default 10, as in ROME)",
     )
@@ -1354,16 +1356,6 @@ def run_dataset_cli(args: argparse.Namespace, model_factory: Any = None) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _positive_int_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _load_model(name: str, **kwargs: Any) -> torch.nn.Module:

@@ -372,6 +372,28 @@ scripts, so there each panel hovers on its own).
 """
 
 
+def token_xaxis(
+    fig: go.Figure, n_pos: int, labels: Sequence[str], *, col: int, linked: bool
+) -> None:
+    """Token labels on panel ``col``'s x axis, one tick per position (duplicates stay distinct).
+
+    ``linked`` makes the axis zoom with the first panel's.
+    """
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=list(range(n_pos)),
+        ticktext=list(labels),
+        tickangle=-50,
+        showgrid=False,
+        zeroline=False,
+        ticks="",
+        range=[-0.5, n_pos - 0.5],
+        matches="x" if col > 1 and linked else None,
+        row=1,
+        col=col,
+    )
+
+
 def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) -> Path:
     """Write ``fig`` as one self-contained HTML file that works offline.
 

@@ -37,6 +37,7 @@ from lenscope.plotting._common import (
     shorten,
     stride_keep_last,
     token_labels,
+    token_xaxis,
     topk_lines,
     visible,
 )
@@ -306,19 +307,7 @@ def plot_lens(
             row=1,
             col=col,
         )
-        fig.update_xaxes(
-            tickmode="array",
-            tickvals=list(range(traj.n_pos)),
-            ticktext=labels,
-            tickangle=-50,
-            showgrid=False,
-            zeroline=False,
-            ticks="",
-            range=[-0.5, traj.n_pos - 0.5],
-            matches="x" if col > 1 and same_tokens else None,
-            row=1,
-            col=col,
-        )
+        token_xaxis(fig, traj.n_pos, labels, col=col, linked=same_tokens)
         _mark_restored(fig, traj, rows, "" if col == 1 else str(col))
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,

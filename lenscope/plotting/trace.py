@@ -37,6 +37,7 @@ from lenscope.plotting._common import (
     panel_size,
     stride_keep_last,
     token_labels,
+    token_xaxis,
     topk_lines,
     visible,
 )
@@ -470,19 +471,7 @@ def _plot(
             row=1,
             col=col,
         )
-        fig.update_xaxes(
-            tickmode="array",
-            tickvals=list(range(result.n_pos)),
-            ticktext=tick_labels,
-            tickangle=-50,
-            showgrid=False,
-            zeroline=False,
-            ticks="",
-            range=[-0.5, result.n_pos - 0.5],
-            matches="x" if col > 1 and same_tokens else None,
-            row=1,
-            col=col,
-        )
+        token_xaxis(fig, result.n_pos, tick_labels, col=col, linked=same_tokens)
         start, end = result.subject_range
         fig.add_shape(
             type="rect",
