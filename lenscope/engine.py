@@ -13,15 +13,23 @@ Two strategies run the same computation:
   Works on any model with TransformerLens hook names (HookedTransformer and
   TransformerBridge).
 * ``"prefix"``: restoring cell ``(l, t)`` changes nothing before its first
-  restored layer nor at positions before ``t`` (causal attention), so a
-  batch starts at that layer from the corrupted run's residual stream
-  (``start_at_layer``) and runs positions ``t:`` only, reading the corrupted
-  keys and values of positions ``< t`` from a frozen key/value cache.
-  HookedTransformer only; it computes close to the minimal work.
+  restored layer nor at positions before ``t`` (causal attention). The cells
+  of one position run together as a "staircase": each joins the batch at
+  its first restored layer, from the corrupted run's residual stream
+  (``start_at_layer``/``stop_at_layer``, one block at a time), and only
+  positions ``t:`` are computed, reading the corrupted keys and values of
+  earlier positions from a frozen key/value cache. That is exactly the
+  minimal token-layer count; restoring ``resid_post`` skips even the first
+  block. HookedTransformer only.
+
+Both skip restorations that provably change nothing (positions before the
+subject, non-``resid_pre`` kinds in the last block at earlier positions):
+such cells take the corrupted run's scores.
 """
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import einops
@@ -30,6 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenscope import metrics
 from lenscope.hooks import (
     EMBED_HOOK,
     decode_resid,
@@ -95,22 +104,86 @@ def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
 def auto_batch_size(model: torch.nn.Module, n_pos: int, samples: int) -> int:
     """Rows (corrupted copies) per forward pass that keep activations near 1 GB.
 
-    On CUDA the budget is a quarter of the free memory instead.
+    On CUDA the budget is a quarter of the memory PyTorch could still use
+    (free on the device plus what its caching allocator holds unused).
+    Decoding is chunked separately (:func:`_score_cells`), so the vocabulary
+    does not count here.
     """
     cfg = model.cfg
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
     bytes_per_value = torch.finfo(cfg.dtype).bits // 8
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     # Live tensors per row inside one block: a few residual-sized buffers, the
-    # MLP hidden layer, attention patterns, and float32 logits at one position.
-    per_row = bytes_per_value * n_pos * (8 * cfg.d_model + 3 * d_mlp + 2 * cfg.n_heads * n_pos)
-    per_row += 4 * 3 * cfg.d_vocab
+    # MLP hidden layer and attention patterns; plus the prefix strategy's
+    # copy of the corrupted keys and values for every layer.
+    per_pos = 8 * cfg.d_model + 3 * d_mlp + 2 * cfg.n_heads * n_pos
+    per_pos += 2 * cfg.n_layers * kv_heads * cfg.d_head
+    per_row = bytes_per_value * n_pos * per_pos
     budget = 1 << 30
     device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 4
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = (free + cached) // 4
     rows = max(samples, budget // per_row)
     return int(min(rows, 4096))
+
+
+# TransformerLens 3.x rearranges some weights on every call before its matmul
+# (GatedMLP: ``W.T.contiguous()``; attention: ``W_Q`` to ``[(head d_head),
+# d_model]``, ``W_O`` to ``[d_model, (head d_head)]``), one copy per weight per
+# block per forward pass: about a fifth of a CPU trace of Gemma-3-270m. With
+# the same values stored in the order those calls read them, the rearranges
+# are free views and the matmuls receive identical contiguous operands.
+# Parameter name -> the axis order TransformerLens reads it in.
+_READ_ORDER = {
+    "GatedMLP": {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)},
+    "Attention": {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "W_O": (2, 0, 1)},
+    "GroupedQueryAttention": {
+        "W_Q": (0, 2, 1),
+        "_W_K": (0, 2, 1),
+        "_W_V": (0, 2, 1),
+        "W_O": (2, 0, 1),
+    },
+}
+# At most this many bytes of weights are held twice while a trace runs.
+_RELAYOUT_BYTES = 2 << 30
+
+
+@contextlib.contextmanager
+def matmul_friendly_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Store a CPU HookedTransformer's weights in the order its forward reads them.
+
+    Values, shapes and parameter objects are unchanged; only strides differ.
+    On exit (also after an error or Ctrl-C) every parameter gets back its
+    original tensor. Nothing happens on other devices (the copies are cheap
+    there and memory is scarcer) or for a TransformerBridge.
+    """
+    device = torch.device(model.cfg.device) if model.cfg.device is not None else None
+    if is_bridge(model) or device is None or device.type != "cpu":
+        yield
+        return
+    originals: list[tuple[torch.nn.Parameter, Tensor]] = []
+    spent = 0
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                orders = _READ_ORDER.get(type(module).__name__, {})
+                for name, param in module.named_parameters(recurse=False):
+                    order = orders.get(name)
+                    if order is None or param.dim() != len(order):
+                        continue
+                    if spent + param.nbytes > _RELAYOUT_BYTES:
+                        break
+                    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+                    relaid = param.data.permute(order).contiguous().permute(inverse)
+                    originals.append((param, param.data))
+                    param.data = relaid
+                    spent += param.nbytes
+        yield
+    finally:
+        for param, original in originals:
+            param.data = original
 
 
 def _noise_hook(
@@ -207,84 +280,134 @@ def restore_windows(
     return (layers[None, :] >= lo[:, None]) & (layers[None, :] < hi[:, None])
 
 
-def _plan_batches(
-    cells: Int[Tensor, "cell 2"],
+def effective_windows(
     windows: Bool[Tensor, "cell layer"],
-    strategy: str,
-    rows_for: Callable[[int], int],
+    cells: Int[Tensor, "cell 2"],
+    kind: str,
+    subject_start: int,
     n_pos: int,
-    samples: int,
-) -> list[tuple[Tensor, int, int]]:
-    """Split cells into batches ``(cell indices, start layer, first position)``.
+) -> Bool[Tensor, "cell layer"]:
+    """Drop the restorations that provably change nothing at the last position.
 
-    ``full``: any cells together, from layer 0 and position 0. ``prefix``:
-    cells sharing their first restored layer, cut into runs of consecutive
-    positions by a small dynamic programme that minimises the token-layers
-    computed (a batch runs positions from its earliest cell's on) plus a
-    fixed cost per forward pass, so batches stay large enough to be
-    efficient without computing much beyond the minimal work.
+    Positions before the subject never see the noise (causal attention), so
+    their clean and corrupted activations are equal and restoring them is a
+    no-op. In the last block, an activation at an earlier position reaches
+    the last one only through that block's keys and values, which come from
+    ``resid_pre``; restoring any other kind there is a no-op too. A cell left
+    with no layer to restore scores exactly like the corrupted run.
     """
-    first_layer = windows.float().argmax(dim=1)
-    if strategy == "full":
-        per_batch = max(1, rows_for(n_pos) // samples)
-        order = torch.arange(len(cells))
-        return [(order[i : i + per_batch], 0, 0) for i in range(0, len(cells), per_batch)]
-    batches: list[tuple[Tensor, int, int]] = []
-    for start in first_layer.unique().tolist():
-        members = torch.nonzero(first_layer == start).flatten()
-        members = members[torch.argsort(cells[members, 1], stable=True)]
-        positions = cells[members, 1].tolist()
-        for lo, hi in _cut_runs(positions, n_pos, samples, rows_for):
-            batches.append((members[lo:hi], start, positions[lo]))
-    return batches
+    keep = windows & (cells[:, 1] >= subject_start)[:, None]
+    if kind != "resid_pre":
+        keep[:, -1] &= cells[:, 1] == n_pos - 1
+    return keep
 
 
-# Cost of one forward pass beyond its token-layers, in token-layers: small
-# batches use the CPU's matrix units poorly and pay Python/hook overhead.
-_FORWARD_OVERHEAD = 96
+def _entry_layers(windows: Bool[Tensor, "cell layer"], kind: str) -> Int[Tensor, " cell"]:
+    """The block each cell's restored run starts at in the prefix strategy.
+
+    A cell starts at its first restored layer, from the corrupted residual
+    stream there. Restoring ``resid_post`` of layer ``a`` is the same as
+    starting at block ``a + 1`` with the clean value put into the residual
+    stream, so that block need not run at all.
+    """
+    first = windows.float().argmax(dim=1)
+    return first + 1 if kind == "resid_post" else first
 
 
-def _cut_runs(
-    positions: list[int], n_pos: int, samples: int, rows_for: Callable[[int], int]
-) -> list[tuple[int, int]]:
-    """Cut sorted ``positions`` into ``[lo, hi)`` runs of least total cost."""
-    count = len(positions)
-    best = [0.0] + [float("inf")] * count
-    cut = [0] * (count + 1)
-    for hi in range(1, count + 1):
-        for lo in range(hi - 1, -1, -1):
-            rows = (hi - lo) * samples
-            if rows > max(samples, rows_for(n_pos - positions[lo])):
-                break
-            cost = best[lo] + rows * (n_pos - positions[lo]) + _FORWARD_OVERHEAD
-            if cost < best[hi]:
-                best[hi], cut[hi] = cost, lo
-    runs = []
-    hi = count
-    while hi > 0:
-        runs.append((cut[hi], hi))
-        hi = cut[hi]
-    return runs[::-1]
+def _stair_groups(
+    cells: Int[Tensor, "cell 2"],
+    entries: Int[Tensor, " cell"],
+    max_cells: Callable[[int], int],
+) -> list[Int[Tensor, " member"]]:
+    """Cells of one position together, in order of entry layer, cut to fit a batch."""
+    groups = []
+    for pos in cells[:, 1].unique().tolist():
+        members = torch.nonzero(cells[:, 1] == pos).flatten()
+        members = members[torch.argsort(entries[members], stable=True)]
+        size = max_cells(pos)
+        groups += [members[i : i + size] for i in range(0, len(members), size)]
+    return groups
 
 
-def _frozen_cache(kv_cache: Any, start: int, pos: int, copies: int) -> Any:
-    """The corrupted keys/values of positions ``< pos``, repeated for ``copies`` cells."""
+def _stair_cache(kv_cache: Any, pos: int, copies: list[int]) -> Any:
+    """A frozen cache holding the corrupted keys/values of positions ``< pos``.
+
+    Layer ``j``'s entry is repeated ``copies[j]`` times: the number of cells
+    whose runs have started by then.
+    """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    def sliced(tensor: Tensor) -> Tensor:
-        return einops.repeat(tensor[:, :pos], "s p h d -> (c s) p h d", c=copies)
+    def sliced(tensor: Tensor, count: int) -> Tensor:
+        return einops.repeat(tensor[:, :pos], "s p h d -> (c s) p h d", c=count)
 
     entries = [
         TransformerLensKeyValueCacheEntry(
-            sliced(entry.past_keys), sliced(entry.past_values), frozen=True
+            sliced(entry.past_keys, count), sliced(entry.past_values, count), frozen=True
         )
-        if layer >= start
+        if count
         else entry
-        for layer, entry in enumerate(kv_cache.entries)
+        for entry, count in zip(kv_cache.entries, copies, strict=True)
     ]
-    mask = einops.repeat(kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=copies)
+    mask = einops.repeat(
+        kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=max(1, copies[-1])
+    )
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+
+
+def _run_stair(
+    model: torch.nn.Module,
+    members: Int[Tensor, " member"],
+    pos: int,
+    entries: Int[Tensor, " member"],
+    windows: Bool[Tensor, "member layer"],
+    kind: str,
+    clean: CleanRun,
+    corrupted: CorruptedRun,
+    samples: int,
+) -> Float[Tensor, "row d_model"]:
+    """Run the cells of one position, each joining the batch at its entry layer.
+
+    Every row runs positions ``pos:`` only (the corrupted keys and values of
+    earlier positions come from a frozen cache) and only the blocks from its
+    entry layer on, so the token-layers computed are exactly the minimal
+    ones; one block at a time, the batch grows as cells join. Rows are
+    ``(cell, sample)`` pairs, cell-major, in the order of ``members``.
+    """
+    if corrupted.resid_pre is None or corrupted.kv_cache is None:
+        raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre and cache")
+    n_layer = n_layers(model)
+    device = corrupted.resid_pre[0].device
+    names = [hook_name(kind, layer) for layer in range(n_layer)]
+    joined = [int((entries <= layer).sum()) for layer in range(n_layer)]
+    hooks: list[tuple[str, Any]] = []
+    for layer in range(int(entries[0]), n_layer):
+        restore = windows[: joined[layer], layer]  # [cell], at the first position only
+        if not restore.any():
+            continue
+        mask = einops.repeat(restore, "cell -> (cell sample) 1", sample=samples)
+        mask = torch.nn.functional.pad(
+            mask, (0, clean.activations[names[layer]].shape[0] - pos - 1)
+        )
+        hooks.append(
+            (names[layer], _restore_hook(clean.activations[names[layer]][pos:], mask.to(device)))
+        )
+    cache = _stair_cache(corrupted.kv_cache, pos, joined) if pos else None
+    resid = None
+    with model.hooks(fwd_hooks=hooks):
+        for layer in range(int(entries[0]), n_layer):
+            count = joined[layer] - (joined[layer - 1] if layer else 0)
+            if count:
+                new = einops.repeat(
+                    corrupted.resid_pre[layer][:, pos:], "s p d -> (c s) p d", c=count
+                )
+                if kind == "resid_post":
+                    # These cells restore resid_post of the previous layer.
+                    new = new.clone()
+                    new[:, 0] = clean.activations[names[layer - 1]][pos]
+                resid = new if resid is None else torch.cat([resid, new])
+            resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1, past_kv_cache=cache)
+    return resid[:, -1]
 
 
 def sweep(
@@ -308,84 +431,197 @@ def sweep(
 ) -> SweepOutput:
     """Restore every cell in ``cells`` (``[layer, pos]`` rows) and score it.
 
-    Rows of a batch are ``(cell, sample)`` pairs, cell-major. The final
-    residuals of all batches are decoded together in large chunks, so the
-    unembedding matrix (671 MB for Gemma) is read a few times per trace rather
-    than once per forward pass. Returns the metric averaged over samples and
-    the top-k of the sample-averaged next-token distribution of each cell.
+    Rows of a batch are ``(cell, sample)`` pairs, cell-major. Cells whose
+    restorations are all no-ops (:func:`effective_windows`) take the
+    corrupted run's scores without a forward pass. The final residuals of all
+    batches are decoded together in large chunks, so the unembedding matrix
+    (671 MB for Gemma) is read a few times per trace rather than once per
+    forward pass. Returns the metric averaged over samples and the top-k of
+    the sample-averaged next-token distribution of each cell.
     """
     n_layer, n_pos = n_layers(model), tokens.shape[0]
     samples = noise.shape[0]
-    windows = restore_windows(cells, window, n_layer)
+    windows = effective_windows(
+        restore_windows(cells, window, n_layer), cells, kind, subject_range[0], n_pos
+    )
+    active = windows.any(dim=1)
+    out = _empty_output(n_layer, n_pos, top_k)
+    if not active.all():
+        unchanged = _score_rows(corrupted.logits.clone(), samples, answer_id, metric, top_k)
+        n_unchanged = int((~active).sum())
+        _fill_cells(out, cells[~active], *(x.expand(n_unchanged, *x.shape[1:]) for x in unchanged))
+    cells, windows = cells[active], windows[active]
 
     def rows_for(length: int) -> int:
         return batch_size or auto_batch_size(model, length, samples)
 
-    batches = _plan_batches(cells, windows, strategy, rows_for, n_pos, samples)
-    names = [hook_name(kind, layer) for layer in range(n_layer)]
     order: list[Tensor] = []
     finals: list[Tensor] = []
-    for members, start, pos0 in tqdm(batches, desc=description or "trace", disable=not progress):
-        batch_cells, batch_windows = cells[members], windows[members]
-        onehot = torch.nn.functional.one_hot(batch_cells[:, 1] - pos0, n_pos - pos0).bool()
-        hooks: list[tuple[str, Any]] = []
-        for layer in range(start, n_layer):
-            restore = batch_windows[:, layer, None] & onehot  # [cell, pos]
-            if not restore.any():
-                continue
-            mask = einops.repeat(restore, "cell pos -> (cell sample) pos", sample=samples)
-            clean_act = clean.activations[names[layer]][pos0:]
-            hooks.append((names[layer], _restore_hook(clean_act, mask.to(tokens.device))))
-        if strategy == "full":
-            inputs = einops.repeat(tokens, "pos -> rows pos", rows=len(members) * samples)
-            hooks.insert(0, (EMBED_HOOK, _noise_hook(noise, subject_range)))
-            finals.append(run_to_final_resid(model, inputs, hooks))
-        else:
-            if corrupted.resid_pre is None:
-                raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre")
-            inputs = einops.repeat(
-                corrupted.resid_pre[start][:, pos0:], "s p d -> (c s) p d", c=len(members)
+    if strategy == "full":
+        per_batch = max(1, rows_for(n_pos) // samples)
+        batches = list(torch.arange(len(cells)).split(per_batch))
+    else:
+        entries = _entry_layers(windows, kind)
+        # Restoring only the last block's resid_post at the last position:
+        # the final residual is the clean one.
+        done = entries == n_layer
+        if done.any():
+            final = clean.activations[hook_name(kind, n_layer - 1)][-1]
+            order.append(torch.nonzero(done).flatten())
+            finals.append(einops.repeat(final, "d -> rows d", rows=int(done.sum()) * samples))
+        pending = torch.nonzero(~done).flatten()
+        batches = [
+            pending[group]
+            for group in _stair_groups(
+                cells[pending],
+                entries[pending],
+                lambda pos: max(1, rows_for(n_pos - pos) // samples),
             )
-            cache = _frozen_cache(corrupted.kv_cache, start, pos0, len(members)) if pos0 else None
+        ]
+    for members in tqdm(batches, desc=description or "trace", disable=not progress):
+        if strategy == "full":
             finals.append(
-                run_to_final_resid(model, inputs, hooks, start_at_layer=start, past_kv_cache=cache)
+                _run_full(
+                    model,
+                    tokens,
+                    cells[members],
+                    windows[members],
+                    kind,
+                    clean,
+                    noise,
+                    subject_range,
+                    samples,
+                )
+            )
+        else:
+            finals.append(
+                _run_stair(
+                    model,
+                    members,
+                    int(cells[members[0], 1]),
+                    entries[members],
+                    windows[members],
+                    kind,
+                    clean,
+                    corrupted,
+                    samples,
+                )
             )
         order.append(members)
-    return _score_cells(
-        model, cells, torch.cat(order), torch.cat(finals), n_pos, samples, answer_id, metric, top_k
+    if order:
+        decoded = _decode_cells(model, torch.cat(finals), samples, answer_id, metric, top_k)
+        _fill_cells(out, cells[torch.cat(order)], *decoded)
+    return out
+
+
+def _run_full(
+    model: torch.nn.Module,
+    tokens: Int[Tensor, " pos"],
+    cells: Int[Tensor, "cell 2"],
+    windows: Bool[Tensor, "cell layer"],
+    kind: str,
+    clean: CleanRun,
+    noise: Float[Tensor, "samples subject_pos d_model"],
+    subject_range: tuple[int, int],
+    samples: int,
+) -> Float[Tensor, "row d_model"]:
+    """Run corrupted copies of the whole prompt, restoring each row's cell by hooks."""
+    n_pos = tokens.shape[0]
+    onehot = torch.nn.functional.one_hot(cells[:, 1], n_pos).bool()
+    hooks: list[tuple[str, Any]] = [(EMBED_HOOK, _noise_hook(noise, subject_range))]
+    for layer in range(n_layers(model)):
+        restore = windows[:, layer, None] & onehot  # [cell, pos]
+        if not restore.any():
+            continue
+        name = hook_name(kind, layer)
+        mask = einops.repeat(restore, "cell pos -> (cell sample) pos", sample=samples)
+        hooks.append((name, _restore_hook(clean.activations[name], mask.to(tokens.device))))
+    inputs = einops.repeat(tokens, "pos -> rows pos", rows=len(cells) * samples)
+    return run_to_final_resid(model, inputs, hooks)
+
+
+def _empty_output(n_layer: int, n_pos: int, top_k: int) -> SweepOutput:
+    return SweepOutput(
+        scores=torch.full((n_layer, n_pos), float("nan")),
+        top_ids=torch.full((n_layer, n_pos, top_k), -1, dtype=torch.long),
+        top_probs=torch.full((n_layer, n_pos, top_k), float("nan")),
     )
 
 
-def _score_cells(
-    model: torch.nn.Module,
+def _fill_cells(
+    out: SweepOutput,
     cells: Int[Tensor, "cell 2"],
-    order: Int[Tensor, " cell"],
+    scores: Float[Tensor, " cell"],
+    top_ids: Int[Tensor, "cell k"],
+    top_probs: Float[Tensor, "cell k"],
+) -> None:
+    """Write per-cell results into ``out``."""
+    layer_idx, pos_idx = cells[:, 0], cells[:, 1]
+    out.scores[layer_idx, pos_idx] = scores.cpu()
+    out.top_ids[layer_idx, pos_idx] = top_ids.cpu()
+    out.top_probs[layer_idx, pos_idx] = top_probs.cpu()
+
+
+# Float32 logits decoded at once: large enough for an efficient unembedding
+# matmul, small enough to stay well inside the memory budget.
+_DECODE_BYTES = 1 << 30
+
+
+def _decode_cells(
+    model: torch.nn.Module,
     finals: Float[Tensor, "row d_model"],
-    n_pos: int,
     samples: int,
     answer_id: int,
     metric: PatchingMetric,
     top_k: int,
-) -> SweepOutput:
-    """Decode final residuals in chunks and reduce them to per-cell scores and top-k."""
-    n_layer = n_layers(model)
-    scores = torch.full((n_layer, n_pos), float("nan"))
-    top_ids = torch.full((n_layer, n_pos, top_k), -1, dtype=torch.long)
-    top_probs = torch.full((n_layer, n_pos, top_k), float("nan"))
-    # ~256 MB of float32 logits per chunk, whole cells only.
-    chunk_cells = max(1, (1 << 26) // (model.cfg.d_vocab * samples))
-    for first in range(0, len(order), chunk_cells):
-        members = order[first : first + chunk_cells]
-        rows = finals[first * samples : (first + len(members)) * samples]
-        logits = decode_resid(model, rows)
-        per_copy = metric(logits, answer_id).float()
-        cell_scores = einops.reduce(per_copy, "(cell sample) -> cell", "mean", sample=samples)
-        probs = einops.reduce(
-            torch.softmax(logits, dim=-1), "(cell sample) v -> cell v", "mean", sample=samples
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode final residuals (``samples`` rows per cell) in chunks of whole cells."""
+    most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * samples))
+    n_cells = finals.shape[0] // samples
+    n_chunks = -(-n_cells // most_cells)
+    chunk_rows = samples * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
+    parts = [
+        _score_rows(
+            decode_resid(model, finals[i : i + chunk_rows]), samples, answer_id, metric, top_k
         )
-        best = probs.topk(top_k, dim=-1)
-        layer_idx, pos_idx = cells[members, 0], cells[members, 1]
-        scores[layer_idx, pos_idx] = cell_scores.cpu()
-        top_ids[layer_idx, pos_idx] = best.indices.cpu()
-        top_probs[layer_idx, pos_idx] = best.values.cpu()
-    return SweepOutput(scores=scores, top_ids=top_ids, top_probs=top_probs)
+        for i in range(0, finals.shape[0], chunk_rows)
+    ]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+# exp() of inputs below -87.3 gives float32 denormals, which this CPU path
+# computes ten times slower; clamping there changes a probability by less
+# than 1.7e-38, far below float32's resolution of the total.
+_EXP_FLOOR = -87.0
+
+
+def _score_rows(
+    logits: Float[Tensor, "row d_vocab"],
+    samples: int,
+    answer_id: int,
+    metric: PatchingMetric,
+    top_k: int,
+) -> tuple[Float[Tensor, " cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
+    """Per-cell metric (mean over samples) and top-k of the mean next-token distribution.
+
+    ``logits`` holds ``samples`` consecutive rows per cell and is overwritten:
+    one softmax, computed in place, serves the metric and the top-k.
+    """
+    if metric is metrics.log_prob:
+        answer_logit = logits[:, answer_id].clone()
+    elif metric is not metrics.prob:
+        # A copy: the softmax below overwrites ``logits``, which the
+        # metric's result may be a view of.
+        per_copy = metric(logits, answer_id).float().clone()
+    top = logits.max(dim=-1, keepdim=True).values
+    probs = logits.sub_(top).clamp_(min=_EXP_FLOOR).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    if metric is metrics.prob:
+        per_copy = probs[:, answer_id]
+    elif metric is metrics.log_prob:
+        per_copy = answer_logit - top[:, 0] - total[:, 0].log()
+    scores = einops.reduce(per_copy, "(cell sample) -> cell", "mean", sample=samples)
+    mean_probs = einops.reduce(probs, "(cell sample) v -> cell v", "mean", sample=samples)
+    best = mean_probs.topk(top_k, dim=-1)
+    return scores, best.indices, best.values

@@ -174,7 +174,9 @@ def decode_resid(
             x = model.ln_final(x)
         # HookedTransformer.unembed copies W_U.T on every call (671 MB on
         # Gemma); a plain matmul on the parameter avoids it.
-        logits = x @ model.unembed.W_U + model.unembed.b_U
+        logits = x @ model.unembed.W_U
+        if model.unembed.b_U.any():  # zero for most models: skip a pass over the logits
+            logits += model.unembed.b_U
     logits = logits[:, 0, :].float()
     softcap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
     if softcap > 0:

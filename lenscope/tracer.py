@@ -180,7 +180,11 @@ class CausalTracer:
         pos_list = _resolve_positions(positions, tokens.shape[0], subject_range)
         n_subject = subject_range[1] - subject_range[0]
 
-        with preserved_model(model), torch.inference_mode():
+        with (
+            preserved_model(model),
+            engine.matmul_friendly_weights(model),
+            torch.inference_mode(),
+        ):
             if noise_tensor is not None:
                 noise_tensor = _check_noise_tensor(noise_tensor, samples, n_subject, model)
                 noise_std, seed_used = float(noise_tensor.float().std()), None

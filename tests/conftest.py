@@ -46,8 +46,13 @@ def make_tiny_model(
     d_vocab=None,
     seed=0,
     dtype=torch.float32,
+    gated=False,
 ):
-    """A randomly initialised HookedTransformer small enough for exhaustive checks."""
+    """A randomly initialised HookedTransformer small enough for exhaustive checks.
+
+    ``gated=True`` gives a Gemma/Llama-like layout: gated MLP, grouped-query
+    attention (2 key/value heads), RMSNorm.
+    """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
@@ -58,13 +63,15 @@ def make_tiny_model(
         d_mlp=64,
         d_vocab=d_vocab or (len(tokenizer) if tokenizer is not None else 64),
         n_ctx=32,
-        act_fn="gelu",
-        normalization_type=normalization,
+        act_fn="silu" if gated else "gelu",
+        normalization_type="RMS" if gated else normalization,
+        gated_mlp=gated,
+        n_key_value_heads=2 if gated else None,
         positional_embedding_type=positional,
         seed=seed,
         default_prepend_bos=True,
         dtype=dtype,
-        model_name=f"tiny-{positional}-{n_layers}l",
+        model_name=f"tiny-{'gated-' if gated else ''}{positional}-{n_layers}l",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -82,6 +89,12 @@ def tiny_tokenizer(tmp_path_factory):
 def tiny_model(tiny_tokenizer):
     """4-layer rotary model with the word tokenizer (BOS prepended)."""
     return make_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gated_model(tiny_tokenizer):
+    """4-layer gated-MLP, grouped-query-attention, RMSNorm model (Gemma/Llama layout)."""
+    return make_tiny_model(tiny_tokenizer, gated=True, seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,17 @@ import lenscope
 SAMPLES = 3
 
 
-def reference_trace(model, tokens, subject_range, noise, kind, window, answer, cells):
-    """One run_with_hooks per cell, full logits, nothing shared: the obvious implementation."""
+def _answer_prob(logits, answer):
+    return torch.softmax(logits, dim=-1)[:, answer]
+
+
+def reference_trace(
+    model, tokens, subject_range, noise, kind, window, answer, cells, metric=_answer_prob
+):
+    """One run_with_hooks per cell, full logits, nothing shared: the obvious implementation.
+
+    ``metric`` maps the last-position float logits of the copies to one number per copy.
+    """
     n_layers = model.cfg.n_layers
     start, end = subject_range
     _, clean_cache = model.run_with_cache(tokens[None])
@@ -33,7 +42,7 @@ def reference_trace(model, tokens, subject_range, noise, kind, window, answer, c
 
     def score(extra_hooks):
         logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", add_noise), *extra_hooks])
-        return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer].mean().item()
+        return metric(logits[:, -1].float(), answer).mean().item()
 
     out = torch.full((n_layers, tokens.shape[0]), math.nan)
     for layer, pos in cells:
@@ -52,18 +61,23 @@ def tokens_and_noise(tiny_model):
     return tokens, noise
 
 
+@pytest.mark.parametrize("model_name", ["tiny_model", "tiny_gated_model"])
 @pytest.mark.parametrize("strategy", ["full", "prefix"])
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("kind", lenscope.KINDS)
-def test_engine_matches_reference_loop(tiny_model, tokens_and_noise, kind, window, strategy):
+def test_engine_matches_reference_loop(
+    request, tokens_and_noise, kind, window, strategy, model_name
+):
+    """Every cell of every kind: GPT-2 layout and gated-MLP/grouped-query-attention layout."""
+    model = request.getfixturevalue(model_name)
     tokens, noise = tokens_and_noise
-    tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=7)
+    tracer = lenscope.CausalTracer(model, strategy=strategy, progress=False, batch_size=7)
     result = tracer.trace(
         tokens, (1, 4), kind=kind, window=window, noise_tensor=noise, samples=SAMPLES
     )
     cells = [(layer, pos) for layer in range(4) for pos in range(tokens.shape[0])]
     expected, corrupted = reference_trace(
-        tiny_model, tokens, (1, 4), noise, kind, window, result.answer_id, cells
+        model, tokens, (1, 4), noise, kind, window, result.answer_id, cells
     )
     torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
     assert result.corrupted_score == pytest.approx(corrupted, abs=1e-6)
@@ -92,21 +106,20 @@ def test_layer_range_and_positions_subset(tiny_model, tokens_and_noise, strategy
     assert (result.top_ids[0] == -1).all() and result.top_probs[0].isnan().all()
 
 
+@pytest.mark.parametrize("kind", lenscope.KINDS)
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 64, None])
-def test_every_chunking_gives_the_same_scores(tiny_model, tokens_and_noise, batch_size):
+def test_every_chunking_gives_the_same_scores(tiny_model, tokens_and_noise, batch_size, kind):
     """Chunking and the automatic batch size change speed, never the numbers."""
     tokens, noise = tokens_and_noise
     reference = lenscope.CausalTracer(tiny_model, strategy="full", progress=False, batch_size=1000)
     expected = reference.trace(
-        tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES
+        tokens, (1, 4), kind=kind, window=3, noise_tensor=noise, samples=SAMPLES
     )
     for strategy in ("full", "prefix"):
         tracer = lenscope.CausalTracer(
             tiny_model, strategy=strategy, progress=False, batch_size=batch_size
         )
-        got = tracer.trace(
-            tokens, (1, 4), kind="attn_out", window=3, noise_tensor=noise, samples=SAMPLES
-        )
+        got = tracer.trace(tokens, (1, 4), kind=kind, window=3, noise_tensor=noise, samples=SAMPLES)
         torch.testing.assert_close(got.scores, expected.scores, atol=1e-6, rtol=0)
         torch.testing.assert_close(got.top_probs, expected.top_probs, atol=1e-6, rtol=0)
         assert torch.equal(got.top_ids[..., 0], expected.top_ids[..., 0])
@@ -145,3 +158,90 @@ def test_restore_windows_follow_rome():
     assert windows[0].nonzero().flatten().tolist() == list(range(0, 5))
     assert windows[1].nonzero().flatten().tolist() == list(range(0, 10))
     assert windows[2].nonzero().flatten().tolist() == list(range(12, 18))
+
+
+@pytest.mark.parametrize("cells_per_chunk", [1, 3, 7])
+def test_decoding_in_chunks_gives_the_same_scores(
+    tiny_model, tokens_and_noise, monkeypatch, cells_per_chunk
+):
+    """Final residuals are decoded a chunk of whole cells at a time: any chunking agrees."""
+    import lenscope.engine as engine
+
+    tokens, noise = tokens_and_noise
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    options = dict(kind="resid_pre", window=1, noise_tensor=noise, samples=SAMPLES)
+    expected = tracer.trace(tokens, (1, 4), **options)
+    monkeypatch.setattr(
+        engine, "_DECODE_BYTES", 4 * tiny_model.cfg.d_vocab * SAMPLES * cells_per_chunk
+    )
+    got = tracer.trace(tokens, (1, 4), **options)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, atol=1e-6, rtol=0)
+
+
+def _answer_logit_view(logits, answer):
+    return logits[:, answer]  # a view of the logits the engine later overwrites
+
+
+@pytest.mark.parametrize(
+    ("metric", "reference_metric"),
+    [
+        ("log_prob", lambda logits, a: torch.log_softmax(logits, dim=-1)[:, a]),
+        (_answer_logit_view, lambda logits, a: logits[:, a].clone()),
+        (lenscope.metrics.logit_diff(5), lambda logits, a: logits[:, a] - logits[:, 5]),
+    ],
+)
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+def test_metrics_match_reference_loop(
+    tiny_gated_model, tokens_and_noise, metric, reference_metric, strategy
+):
+    """The shared in-place softmax must not change what any metric sees."""
+    tokens, noise = tokens_and_noise
+    tracer = lenscope.CausalTracer(tiny_gated_model, strategy=strategy, progress=False)
+    result = tracer.trace(
+        tokens,
+        (1, 4),
+        kind="mlp_out",
+        window=3,
+        noise_tensor=noise,
+        samples=SAMPLES,
+        metric=metric,
+    )
+    cells = [(layer, pos) for layer in range(4) for pos in range(tokens.shape[0])]
+    expected, corrupted = reference_trace(
+        tiny_gated_model,
+        tokens,
+        (1, 4),
+        noise,
+        "mlp_out",
+        3,
+        result.answer_id,
+        cells,
+        metric=reference_metric,
+    )
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
+    assert result.corrupted_score == pytest.approx(corrupted, abs=1e-5)
+
+
+def test_weights_are_stored_in_read_order_only_during_a_trace(tiny_gated_model, tokens_and_noise):
+    """TransformerLens's per-call weight transposes become views; afterwards nothing changed."""
+    import einops
+
+    from lenscope.engine import matmul_friendly_weights
+
+    model = tiny_gated_model
+    mlp, attn = model.blocks[0].mlp, model.blocks[0].attn
+    before = [(p, p.data, p.data_ptr(), p.stride()) for p in model.parameters()]
+    assert not mlp.W_gate.T.is_contiguous()
+    with matmul_friendly_weights(model):
+        assert mlp.W_gate.T.is_contiguous() and mlp.W_out.T.is_contiguous()
+        for weight, pattern in [
+            (attn.W_Q, "h m d -> (h d) m"),
+            (attn._W_K, "h m d -> (h d) m"),
+            (attn.W_O, "h d m -> m (h d)"),
+        ]:
+            assert einops.rearrange(weight, pattern).data_ptr() == weight.data_ptr()
+        seen = [(p, p.data) for p in model.parameters()]
+    for (param, data, ptr, stride), (param_in, data_in) in zip(before, seen, strict=True):
+        assert param is param_in and torch.equal(data, data_in)
+        assert param.data_ptr() == ptr and param.stride() == stride

@@ -214,7 +214,9 @@ def test_model_lacking_a_hook_point(tiny_model, monkeypatch):
 def _state(model):
     hooks = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    return hooks, model.training, [p.requires_grad for p in model.parameters()], weights
+    # The same tensor objects in the same layout, not just equal values.
+    storage = [(p.data_ptr(), p.stride()) for p in model.parameters()]
+    return hooks, model.training, [p.requires_grad for p in model.parameters()], weights, storage
 
 
 @pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
@@ -251,6 +253,7 @@ def test_failure_mid_trace_leaves_model_unchanged(tiny_model, monkeypatch, excep
         assert after[1] == before[1] and after[2] == before[2]
         for name, tensor in before[3].items():
             assert torch.equal(tensor, after[3][name]), name
+        assert after[4] == before[4], "a weight was left in another layout"
         assert after[0] == 1  # the user's own hook is still there
     finally:
         tiny_model.reset_hooks(including_permanent=True)
