@@ -447,7 +447,7 @@ def sweep(
     active = windows.any(dim=1)
     out = _empty_output(n_layer, n_pos, top_k)
     if not active.all():
-        unchanged = _score_rows(corrupted.logits.clone(), samples, answer_id, metric, top_k)
+        unchanged = _score_rows(corrupted.logits.float().clone(), samples, answer_id, metric, top_k)
         n_unchanged = int((~active).sum())
         _fill_cells(out, cells[~active], *(x.expand(n_unchanged, *x.shape[1:]) for x in unchanged))
     cells, windows = cells[active], windows[active]
@@ -593,6 +593,20 @@ def _decode_cells(
 # computes ten times slower; clamping there changes a probability by less
 # than 1.7e-38, far below float32's resolution of the total.
 _EXP_FLOOR = -87.0
+
+
+def score_copies(
+    logits: Float[Tensor, "samples d_vocab"], answer_id: int, metric: PatchingMetric, top_k: int
+) -> tuple[float, Int[Tensor, " k"], Float[Tensor, " k"]]:
+    """Metric averaged over copies, and the top-k ids and probabilities of their mean distribution.
+
+    The clean and corrupted runs are scored with the same code as every
+    restored cell, so a cell that restores everything scores exactly clean.
+    """
+    scores, top_ids, top_probs = _score_rows(
+        logits.float().clone(), logits.shape[0], answer_id, metric, top_k
+    )
+    return float(scores[0]), top_ids[0], top_probs[0]
 
 
 def _score_rows(

@@ -196,10 +196,12 @@ class CausalTracer:
 
             names = [hook_name(k, layer) for k in kinds for layer in range(n_layer)]
             clean = engine.clean_run(model, tokens, names)
-            clean_probs = torch.softmax(clean.logits, dim=-1)
             if answer_id is None:
-                answer_id = int(clean_probs.argmax())
-            clean_score = float(metric_fn(clean.logits[None], answer_id)[0])
+                answer_id = int(clean.logits.argmax())
+            # Scored exactly like every restored cell (engine.score_copies).
+            clean_score, clean_ids, clean_probs = engine.score_copies(
+                clean.logits[None], answer_id, metric_fn, top_k
+            )
             corrupted = engine.corrupted_run(
                 model,
                 tokens,
@@ -207,8 +209,9 @@ class CausalTracer:
                 subject_range,
                 keep_prefix_state=self.strategy == "prefix",
             )
-            corrupted_probs = torch.softmax(corrupted.logits, dim=-1).mean(0)
-            corrupted_score = float(metric_fn(corrupted.logits, answer_id).mean())
+            corrupted_score, corrupted_ids, corrupted_probs = engine.score_copies(
+                corrupted.logits, answer_id, metric_fn, top_k
+            )
             cells = torch.cartesian_prod(torch.tensor(layer_list), torch.tensor(pos_list))
             cells = cells.reshape(-1, 2)
 
@@ -233,10 +236,8 @@ class CausalTracer:
                     description=f"trace {kind}",
                 )
                 results[kind] = out
-            clean_top = clean_probs.topk(top_k)
-            corrupted_top = corrupted_probs.topk(top_k)
 
-        ids_seen = {answer_id, *clean_top.indices.tolist(), *corrupted_top.indices.tolist()}
+        ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
         for out in results.values():
             ids_seen.update(out.top_ids[out.top_ids >= 0].unique().tolist())
         vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
@@ -260,10 +261,10 @@ class CausalTracer:
                 metric=metric_name,
                 top_ids=out.top_ids,
                 top_probs=out.top_probs,
-                clean_top_ids=clean_top.indices.cpu(),
-                clean_top_probs=clean_top.values.float().cpu(),
-                corrupted_top_ids=corrupted_top.indices.cpu(),
-                corrupted_top_probs=corrupted_top.values.float().cpu(),
+                clean_top_ids=clean_ids.cpu(),
+                clean_top_probs=clean_probs.cpu(),
+                corrupted_top_ids=corrupted_ids.cpu(),
+                corrupted_top_probs=corrupted_probs.cpu(),
                 vocab=vocab,
                 prompt=prompt if isinstance(prompt, str) else None,
             )
