@@ -385,7 +385,9 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
     run as ``S_t // n_layers`` rows through the whole stack (plus one row
     through the remainder of layers), via ``start_at_layer``/``stop_at_layer``;
     then every restored copy, the corrupted copies and the clean run are
-    decoded at the last position only. One clean and one corrupted run of the
+    decoded at the last position only. It runs on the same kernels as
+    lenscope (weights in TransformerLens's read order, one in-place softmax
+    per decoded chunk), so the ratio measures scheduling, not kernels. One clean and one corrupted run of the
     whole prompt are included: every trace needs them.
 
     Returns:
@@ -401,7 +403,13 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
         for t, count in minimal_token_layers(n_layers, n_pos, WINDOWS[kind], samples).items():
             need[t] = need.get(t, 0) + count
         decode_rows += n_layers * n_pos * samples
-    with torch.inference_mode():
+    from lenscope import engine, metrics
+    from lenscope.hooks import decode_resid
+
+    # The same kernels lenscope gets: weights in the order TransformerLens reads
+    # them (CPU) and one in-place softmax per decoded chunk. Every copy is
+    # decoded on its own (top-k per copy: lenscope takes it per cell).
+    with engine.matmul_friendly_weights(model), torch.inference_mode():
         resid = embed[0, -1:]
         for t, count in need.items():
             length = n_pos - t
@@ -413,11 +421,11 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
                 model(embed[:, t:], start_at_layer=n_layers - rest, stop_at_layer=n_layers)
         _sync(resid.device)
         decode_start = time.perf_counter()
-        resid = resid.expand(max_rows, -1)
-        for start in range(0, decode_rows, max_rows):
-            x = resid[: min(max_rows, decode_rows - start)]
-            logits = model.ln_final(x[:, None])[:, 0] @ model.W_U + model.b_U
-            torch.softmax(logits.float(), dim=-1)
+        chunk = max(1, (1 << 30) // (4 * model.cfg.d_vocab))
+        resid = resid.expand(chunk, -1)
+        for start in range(0, decode_rows, chunk):
+            logits = decode_resid(model, resid[: min(chunk, decode_rows - start)])
+            engine._score_rows(logits, 1, 0, metrics.prob, 5)
         _sync(resid.device)
     return time.perf_counter() - decode_start
 
@@ -503,10 +511,11 @@ def plain_trace(model: Any, tokens: Int[Tensor, " pos"], subject: tuple[int, int
     names = [hook_name(kind, layer) for layer in range(n_layers)]
     with torch.inference_mode():
         clean_logits, cache = model.run_with_cache(tokens[None], names_filter=names)
-        clean_score = float(torch.softmax(clean_logits[0, -1].float(), -1)[answer])
+        # float64 softmax: torch's float32 CPU softmax is off by up to ~4e-5 on Gemma.
+        clean_score = float(torch.softmax(clean_logits[0, -1].double(), -1)[answer])
         noise_hook = ("hook_embed", _noise_hook(noise, subject))
         logits = model.run_with_hooks(batch, fwd_hooks=[noise_hook])
-        corrupted = float(torch.softmax(logits[:, -1].float(), -1)[:, answer].mean())
+        corrupted = float(torch.softmax(logits[:, -1].double(), -1)[:, answer].mean())
         scores = {}
         for layer, pos in cells:
             hooks = [noise_hook] + [
@@ -514,7 +523,8 @@ def plain_trace(model: Any, tokens: Int[Tensor, " pos"], subject: tuple[int, int
                 for j in window_layers(layer, WINDOWS[kind], n_layers)
             ]
             logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-            scores[(layer, pos)] = float(torch.softmax(logits[:, -1].float(), -1)[:, answer].mean())
+            scores[(layer, pos)] = float(
+                torch.softmax(logits[:, -1].double(), -1)[:, answer].mean())
     return {"clean": clean_score, "corrupted": corrupted, "scores": scores}
 
 
