@@ -387,8 +387,9 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
     then every restored copy, the corrupted copies and the clean run are
     decoded at the last position only. It runs on the same kernels as
     lenscope (weights in TransformerLens's read order, one in-place softmax
-    per decoded chunk), so the ratio measures scheduling, not kernels. One clean and one corrupted run of the
-    whole prompt are included: every trace needs them.
+    per decoded chunk), so the ratio measures scheduling, not kernels. One
+    clean and one corrupted run of the whole prompt are included: every trace
+    needs them.
 
     Returns:
         The seconds spent decoding (final norm, unembedding, softmax).
