@@ -76,6 +76,16 @@ CHECKPOINT_FORMAT = "lenscope.dataset-checkpoint/1"
 _SUMMARY_FORMAT = "lenscope.DatasetSummary/1"
 _FACT_FORMAT = "lenscope.FactTrace/1"
 
+
+def _check_format(data: Mapping[str, Any], expected: str, writer: str) -> None:
+    """Raise a ``ValueError`` unless ``data`` says it was written by ``writer``."""
+    if data.get("format") != expected:
+        raise ValueError(
+            f"expected a dict saved by {writer} (format {expected!r}), "
+            f"got format {data.get('format')!r}"
+        )
+
+
 Facts = Sequence[Mapping[str, Any]] | str | os.PathLike[str] | Any
 """A list of dicts, a pandas DataFrame, or the path of a JSON / JSONL file."""
 
@@ -523,11 +533,7 @@ class FactTrace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FactTrace":
         """Inverse of :meth:`to_dict`."""
-        if data.get("format") != _FACT_FORMAT:
-            raise ValueError(
-                f"expected a dict written by FactTrace.to_dict (format {_FACT_FORMAT!r}), "
-                f"got format {data.get('format')!r}"
-            )
+        _check_format(data, _FACT_FORMAT, "FactTrace.to_dict")
         kwargs = {k: v for k, v in data.items() if k != "format"}
         kwargs["tokens"] = tuple(kwargs["tokens"])
         kwargs["subject_range"] = tuple(kwargs["subject_range"])
@@ -769,11 +775,7 @@ class DatasetSummary:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DatasetSummary":
         """Inverse of :meth:`to_dict`."""
-        if data.get("format") != _SUMMARY_FORMAT:
-            raise ValueError(
-                f"expected a dict saved by DatasetSummary.to_dict (format {_SUMMARY_FORMAT!r}), "
-                f"got format {data.get('format')!r}"
-            )
+        _check_format(data, _SUMMARY_FORMAT, "DatasetSummary.to_dict")
         return cls(
             facts=tuple(FactTrace.from_dict(f) for f in data["facts"]),
             skipped=tuple(SkippedFact(**s) for s in data["skipped"]),

@@ -349,15 +349,12 @@ def _stair_cache(kv_cache: Any, pos: int, copies: list[int]) -> Any:
         else entry
         for entry, count in zip(kv_cache.entries, copies, strict=True)
     ]
-    mask = einops.repeat(
-        kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=max(1, copies[-1])
-    )
+    mask = einops.repeat(kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=copies[-1])
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
 def _run_stair(
     model: torch.nn.Module,
-    members: Int[Tensor, " member"],
     pos: int,
     entries: Int[Tensor, " member"],
     windows: Bool[Tensor, "member layer"],
@@ -372,11 +369,11 @@ def _run_stair(
     earlier positions come from a frozen cache) and only the blocks from its
     entry layer on, so the token-layers computed are exactly the minimal
     ones; one block at a time, the batch grows as cells join. Rows are
-    ``(cell, sample)`` pairs, cell-major, in the order of ``members``.
+    ``(cell, sample)`` pairs, cell-major, in the order of ``entries``.
     """
     if corrupted.resid_pre is None or corrupted.kv_cache is None:
         raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre and cache")
-    n_layer = n_layers(model)
+    n_layer, n_pos = n_layers(model), corrupted.resid_pre[0].shape[1]
     device = corrupted.resid_pre[0].device
     names = [hook_name(kind, layer) for layer in range(n_layer)]
     joined = [int((entries <= layer).sum()) for layer in range(n_layer)]
@@ -386,9 +383,7 @@ def _run_stair(
         if not restore.any():
             continue
         mask = einops.repeat(restore, "cell -> (cell sample) 1", sample=samples)
-        mask = torch.nn.functional.pad(
-            mask, (0, clean.activations[names[layer]].shape[0] - pos - 1)
-        )
+        mask = torch.nn.functional.pad(mask, (0, n_pos - pos - 1))
         hooks.append(
             (names[layer], _restore_hook(clean.activations[names[layer]][pos:], mask.to(device)))
         )
@@ -497,7 +492,6 @@ def sweep(
             finals.append(
                 _run_stair(
                     model,
-                    members,
                     int(cells[members[0], 1]),
                     entries[members],
                     windows[members],
