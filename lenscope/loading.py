@@ -29,11 +29,15 @@ import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.model_bridge import TransformerBridge
+
+from lenscope import compat
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["OFFLINE_MODEL_NAME", "cache_dir", "load_model"]
 
@@ -104,33 +108,13 @@ _NETWORK_ERROR_PHRASES = (
 )
 
 
-@overload
-def load_model(
-    name: str = ...,
-    *,
-    bridge: Literal[False] = ...,
-    device: str | torch.device | None = ...,
-    dtype: torch.dtype | str | None = ...,
-) -> HookedTransformer: ...
-
-
-@overload
-def load_model(
-    name: str = ...,
-    *,
-    bridge: Literal[True],
-    device: str | torch.device | None = ...,
-    dtype: torch.dtype | str | None = ...,
-) -> TransformerBridge: ...
-
-
 def load_model(
     name: str = OFFLINE_MODEL_NAME,
     *,
-    bridge: bool = False,
+    bridge: bool | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-) -> HookedTransformer | TransformerBridge:
+) -> "HookedTransformer | TransformerBridge":
     """Load a TransformerLens model with its tokenizer, in eval mode.
 
     ``"gemma-3-270m"`` (or ``"google/gemma-3-270m"``) loads the real
@@ -145,10 +129,13 @@ def load_model(
         name: A model name TransformerLens knows, such as ``"gpt2-medium"`` or
             ``"EleutherAI/pythia-160m"``; defaults to the offline
             ``"gemma-3-270m"``.
-        bridge: Return a ``TransformerBridge`` (raw Hugging Face weights
-            behind TransformerLens hook names) instead of a
-            ``HookedTransformer`` (TransformerLens' own re-implementation,
-            with layer norms folded).
+        bridge: ``None`` (default) gives a ``TransformerBridge`` on
+            TransformerLens 4 and a ``HookedTransformer`` on TransformerLens 3.9;
+            ``True`` asks for a ``TransformerBridge`` (the Hugging Face model
+            behind TransformerLens hook names; on TransformerLens 4 in
+            compatibility mode: HookedTransformer hook names, layer norms folded
+            and writing weights centred, as a ``HookedTransformer`` has them);
+            ``False`` for a ``HookedTransformer``, which needs TransformerLens 3.9.
         device: Where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``;
             ``None`` lets TransformerLens choose (a GPU when there is one).
         dtype: A floating ``torch.dtype`` or its name (``"float32"``,
@@ -171,11 +158,16 @@ def load_model(
             f"name must be a str naming a model, got {type(name).__name__} {name!r}; "
             f"pass e.g. name={OFFLINE_MODEL_NAME!r}"
         )
-    if not isinstance(bridge, bool):
+    if bridge is not None and not isinstance(bridge, bool):
         raise TypeError(
-            f"bridge must be a bool, got {type(bridge).__name__} {bridge!r}; "
-            "pass bridge=True for a TransformerBridge or bridge=False for a HookedTransformer"
+            f"bridge must be a bool or None, got {type(bridge).__name__} {bridge!r}; "
+            "pass bridge=True for a TransformerBridge, bridge=False for a HookedTransformer "
+            "(TransformerLens 3.9), or leave it out for the installed version's default"
         )
+    if bridge is None:
+        bridge = not compat.has_hooked_transformer()
+    elif not bridge:
+        compat.hooked_transformer_class()  # a clear ImportError on TransformerLens 4
     torch_dtype = _resolve_dtype(dtype)
     torch_device = _resolve_device(device)
     if name.strip() in _OFFLINE_NAMES:
@@ -259,17 +251,18 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
 
 def _load_from_hub(
     name: str, *, bridge: bool, device: torch.device | None, dtype: torch.dtype
-) -> HookedTransformer | TransformerBridge:
+) -> "HookedTransformer | TransformerBridge":
     """Load ``name`` through TransformerLens, explaining hub connection failures."""
     try:
         if bridge:
             kwargs: dict[str, Any] = {"dtype": dtype}
             if device is not None:
                 kwargs["device"] = device
-            return TransformerBridge.boot_transformers(name, **kwargs)
+            return _compatible(compat.bridge_class().boot_transformers(name, **kwargs))
+        hooked = compat.hooked_transformer_class()
         _check_tl_name(name)
         with _quiet_hooked_transformer_deprecation():
-            return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
+            return hooked.from_pretrained(name, device=device, dtype=dtype)
     except Exception as e:
         if _is_network_error(e):
             raise OSError(
@@ -281,9 +274,25 @@ def _load_from_hub(
         raise
 
 
+def _compatible(model: "TransformerBridge") -> "TransformerBridge":
+    """Switch a TransformerLens 4 bridge to HookedTransformer-equivalent hooks and weights.
+
+    ``enable_compatibility_mode()`` registers the HookedTransformer hook names
+    (``blocks.L.hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``, ...) and
+    folds layer norms and centres the writing weights as ``HookedTransformer``
+    does, so activations and logit-lens views match it. TransformerLens 3.9's
+    bridge registers those hook names without it and is left as it is.
+    """
+    if compat.tl_version() >= (4, 0) and not getattr(model, "compatibility_mode", False):
+        model.enable_compatibility_mode(disable_warnings=True)
+    return model
+
+
 def _check_tl_name(name: str) -> None:
     """Raise a short ``ValueError`` (chained to TransformerLens') for unknown names."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from transformer_lens.loading_from_pretrained import (  # type: ignore[import-not-found]
+        get_official_model_name,
+    )
 
     try:
         get_official_model_name(name)
@@ -364,7 +373,7 @@ def _offline_checkpoint_dir(package: Any) -> Path:
 
 def _load_offline(
     *, bridge: bool, device: torch.device | None, dtype: torch.dtype
-) -> HookedTransformer | TransformerBridge:
+) -> "HookedTransformer | TransformerBridge":
     """Load Gemma-3-270m from the cached checkpoint, building it first if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -383,16 +392,19 @@ def _load_offline(
         hf_model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
         ).to(device)
-        return TransformerBridge.boot_transformers(
-            _TL_OFFICIAL_NAME,
-            hf_model=hf_model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            device=device,
+        return _compatible(
+            compat.bridge_class().boot_transformers(
+                _TL_OFFICIAL_NAME,
+                hf_model=hf_model,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                device=device,
+            )
         )
+    hooked = compat.hooked_transformer_class()
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
     with _quiet_hooked_transformer_deprecation():
-        model = HookedTransformer.from_pretrained(
+        model = hooked.from_pretrained(
             _TL_OFFICIAL_NAME, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
     return model
