@@ -37,6 +37,13 @@ def make_tiny_tokenizer(tmp_dir):
     return AutoTokenizer.from_pretrained(tmp_dir)
 
 
+def tl4():
+    """Whether the installed TransformerLens is 4.x (no HookedTransformer)."""
+    from lenscope import compat
+
+    return not compat.has_hooked_transformer()
+
+
 def make_tiny_model(
     tokenizer=None,
     *,
@@ -47,12 +54,21 @@ def make_tiny_model(
     seed=0,
     dtype=torch.float32,
     gated=False,
+    bridge=None,
 ):
-    """A randomly initialised HookedTransformer small enough for exhaustive checks.
+    """A randomly initialised TransformerLens model small enough for exhaustive checks.
 
-    ``gated=True`` gives a Gemma/Llama-like layout: gated MLP, grouped-query
-    attention (2 key/value heads), RMSNorm.
+    ``bridge=None`` gives the installed TransformerLens' default class: a
+    ``HookedTransformer`` on 3.9, a compatibility-mode ``TransformerBridge`` on
+    4.x (see :func:`make_tiny_bridge`). ``gated=True`` gives a Gemma/Llama-like
+    layout: gated MLP, grouped-query attention (2 key/value heads), RMSNorm.
     """
+    if bridge is None:
+        bridge = tl4()
+    if bridge:
+        return make_tiny_bridge(
+            tokenizer, n_layers=n_layers, d_vocab=d_vocab, seed=seed, dtype=dtype, gated=gated
+        )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
@@ -76,6 +92,58 @@ def make_tiny_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
+def make_tiny_bridge(
+    tokenizer=None, *, n_layers=4, d_vocab=None, seed=0, dtype=torch.float32, gated=False
+):
+    """A TransformerBridge around a random Hugging Face model, booted without the hub.
+
+    ``gated=False``: GPT-2 (learned absolute positions, LayerNorm, GELU MLP).
+    ``gated=True``: Gemma-3 (rotary, RMSNorm, gated MLP, grouped-query attention
+    with 2 key/value heads, QK-norm, sliding-window layers of width 4 so that
+    a 10-token prompt exercises them). On TransformerLens 4 the bridge is put
+    in compatibility mode, as :func:`lenscope.load_model` does.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from lenscope import compat
+    from lenscope.loading import _compatible
+
+    vocab = d_vocab or (len(tokenizer) if tokenizer is not None else 64)
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2}
+    if gated:
+        config = Gemma3TextConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=32,
+            sliding_window=4,
+            **special,
+        )
+        cls = Gemma3ForCausalLM
+    else:
+        config = GPT2Config(
+            vocab_size=vocab, n_positions=32, n_embd=32, n_layer=n_layers, n_head=4, **special
+        )
+        cls = GPT2LMHeadModel
+    config.architectures = [cls.__name__]
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf_model = cls(config).to(dtype).eval()
+    name = f"tiny-{'gemma3' if gated else 'gpt2'}-{n_layers}l"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = compat.bridge_class().boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=dtype
+        )
+        model = _compatible(model)
     model.eval()
     return model
 
@@ -104,8 +172,20 @@ def tiny_model_no_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_bridge(tiny_tokenizer):
+    """4-layer GPT-2-layout TransformerBridge (either TransformerLens version)."""
+    return make_tiny_bridge(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gated_bridge(tiny_tokenizer):
+    """4-layer Gemma-3-layout TransformerBridge (either TransformerLens version)."""
+    return make_tiny_bridge(tiny_tokenizer, gated=True, seed=3)
+
+
+@pytest.fixture(scope="session")
 def gemma():
-    """The real offline Gemma-3-270m as a HookedTransformer (loaded once per session)."""
+    """The real offline Gemma-3-270m in the installed TransformerLens' default class."""
     import lenscope
 
     return lenscope.load_model("gemma-3-270m", device="cpu")
