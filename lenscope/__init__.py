@@ -8,7 +8,7 @@ imported lazily so that ``import lenscope`` does not load plotly.
 
 from typing import Any
 
-from lenscope import datasets, metrics
+from lenscope import compat, datasets, metrics
 from lenscope.datasets import DatasetSummary
 from lenscope.hooks import KINDS, hook_name
 from lenscope.lens import (
@@ -44,6 +44,7 @@ __all__ = [
     "LensTrajectory",
     "LogitLens",
     "TraceResult",
+    "compat",
     "datasets",
     "embedding_sigma",
     "guess_subject",

@@ -33,7 +33,9 @@ def tl_version() -> tuple[int, int]:
     try:
         version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
     except ValueError as e:
-        raise ImportError(f"could not parse the TransformerLens version {text!r}; run {_FIX}") from e
+        raise ImportError(
+            f"could not parse the TransformerLens version {text!r}; run {_FIX}"
+        ) from e
     if not (3, 9) <= version < (5, 0):
         raise ImportError(
             f"lenscope supports TransformerLens {SUPPORTED}, but {text} is installed; run {_FIX}"
@@ -66,3 +68,8 @@ def bridge_class() -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge
+
+
+# Importing lenscope with a TransformerLens it does not support fails here, at
+# once and with the fix, not later inside a trace.
+tl_version()

@@ -74,10 +74,14 @@ def check_hook_points(model: torch.nn.Module, names: Sequence[str]) -> None:
     """
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
+        from importlib.metadata import version
+
         raise TypeError(
             "model must be a TransformerLens HookedTransformer or TransformerBridge "
             f"(an object with .hook_dict and .hooks()), got {type(model).__name__}; "
-            "load one with lenscope.load_model(...) or HookedTransformer.from_pretrained(...)"
+            f"with the installed TransformerLens {version('transformer-lens')}, load one with "
+            "lenscope.load_model(...) or TransformerBridge.boot_transformers(name) "
+            "(HookedTransformer needs transformer-lens>=3.9,<4)"
         )
     missing = [name for name in names if name not in hook_dict]
     if missing:

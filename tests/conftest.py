@@ -1,5 +1,6 @@
 """Shared fixtures: tiny, seeded, offline TransformerLens models with a word tokenizer."""
 
+import tempfile
 import warnings
 
 import pytest
@@ -107,7 +108,7 @@ def make_tiny_bridge(
     a 10-token prompt exercises them). On TransformerLens 4 the bridge is put
     in compatibility mode, as :func:`lenscope.load_model` does.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
 
     from lenscope import compat
     from lenscope.loading import _compatible
@@ -140,10 +141,17 @@ def make_tiny_bridge(
     name = f"tiny-{'gemma3' if gated else 'gpt2'}-{n_layers}l"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Without a tokenizer the bridge would ask the hub for one by name.
         model = compat.bridge_class().boot_transformers(
-            name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=dtype
+            name,
+            hf_model=hf_model,
+            tokenizer=tokenizer or make_tiny_tokenizer(tempfile.mkdtemp()),
+            device="cpu",
+            dtype=dtype,
         )
         model = _compatible(model)
+    if tokenizer is None:
+        model.tokenizer = None
     model.eval()
     return model
 
@@ -192,8 +200,13 @@ def gemma():
 
 
 @pytest.fixture(scope="session")
-def gemma_bridge():
-    """The real offline Gemma-3-270m as a TransformerBridge (loaded once per session)."""
+def gemma_bridge(request):
+    """The real offline Gemma-3-270m as a TransformerBridge (loaded once per session).
+
+    On TransformerLens 4 the default class is the bridge: the same object as ``gemma``.
+    """
+    if tl4():
+        return request.getfixturevalue("gemma")
     import lenscope
 
     return lenscope.load_model("gemma-3-270m", bridge=True, device="cpu")
