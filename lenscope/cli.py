@@ -143,8 +143,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bridge",
-        action="store_true",
-        help="load as a TransformerBridge (TransformerLens 4 style)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--bridge loads a TransformerBridge, --no-bridge a HookedTransformer "
+        "(TransformerLens 3.9 only); default: the installed TransformerLens' own "
+        "(TransformerBridge on 4.x, HookedTransformer on 3.9)",
     )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")

@@ -1255,7 +1255,13 @@ def add_dataset_arguments(
             default="gemma-3-270m",
             help="model name for lenscope.load_model (default gemma-3-270m)",
         )
-        parser.add_argument("--bridge", action="store_true", help="load a TransformerBridge")
+        parser.add_argument(
+            "--bridge",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="--bridge: TransformerBridge, --no-bridge: HookedTransformer (TransformerLens "
+            "3.9); default: the installed TransformerLens' own class",
+        )
         parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
         parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument(
@@ -1328,7 +1334,7 @@ def run_dataset_cli(args: argparse.Namespace, model_factory: Any = None) -> int:
     factory = model_factory or _load_model
     model = factory(
         args.model,
-        bridge=getattr(args, "bridge", False),
+        bridge=getattr(args, "bridge", None),
         device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
     )

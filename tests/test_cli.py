@@ -44,7 +44,8 @@ def test_trace_writes_table_html_and_json(run, tmp_path):
         "tiny",
     )
     assert code == 0, err
-    assert calls == [("tiny", {"bridge": False, "device": None, "dtype": None})]
+    # bridge=None: the installed TransformerLens' default class
+    assert calls == [("tiny", {"bridge": None, "device": None, "dtype": None})]
     data = json.loads(js.read_text())
     assert list(data) == ["resid_post", "mlp_out", "attn_out"]
     first = data["resid_post"]
