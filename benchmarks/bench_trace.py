@@ -10,13 +10,19 @@ settings (ROME's causal tracing, Meng et al., 2022, arXiv 2202.05262):
   same weights, told the same absolute noise std (and, by default, handed the
   very same noise draws);
 * a plain loop: one ``run_with_hooks`` per ``(layer, pos)`` cell on the
-  HookedTransformer with full logits, as a first implementation would do it
-  (``--plain-cells N`` times N random cells per kind and extrapolates);
+  TransformerLens model with full logits, as a first implementation would do
+  it (``--plain-cells N`` times N random cells per kind and extrapolates);
 * the minimal work: the token-layers a trace cannot avoid (restoring cell
   ``(l, t)`` changes nothing before its first restored layer nor before
   position ``t``), pushed through plain batched forwards with
   ``start_at_layer``/``stop_at_layer``, plus the last-position decoding of
-  every copy.
+  every copy (a lower bound on a TransformerBridge: see :func:`run_minimal`).
+
+The TransformerLens model is the installed version's default class, as
+``lenscope.load_model`` gives it: a ``HookedTransformer`` on TransformerLens
+3.9, a compatibility-mode ``TransformerBridge`` on TransformerLens 4 (where
+lenscope can only use its ``"full"`` strategy). The report names the class,
+the TransformerLens version and the lenscope strategy.
 
 It checks that the tools compute the same thing (the plain loop exactly,
 causal-tracer up to float error, or sampling error with ``--ct-noise own``)
@@ -35,6 +41,7 @@ Examples:
     python benchmarks/bench_trace.py --model random-gemma-3-270m --threads 2
     python benchmarks/bench_trace.py --model gpt2-medium    # needs the HF hub
     python benchmarks/bench_trace.py --model random-gpt2-xl --device cuda
+    python benchmarks/bench_trace.py --model random-gpt2-tiny --repeats 1 --plain-cells 2  # smoke
 """
 
 import argparse
@@ -66,8 +73,13 @@ WINDOWS = {"resid_post": 1, "mlp_out": 10, "attn_out": 10}
 # resid_post; its MLP / self-attention outputs restore exactly as mlp_out /
 # attn_out do (a post-norm, where a model has one, acts on each position alone).
 CT_KINDS = {"resid_post": "hidden", "mlp_out": "mlp", "attn_out": "attention"}
-# GPT-2 XL's shape, for a random-weight model of that size (no download).
+# GPT-2's shapes, for a random-weight model of that size (no download); "tiny"
+# keeps GPT-2 small's depth, layout and vocabulary at width 64, for smoke runs,
+# with weights drawn wide enough that its next-token distribution is not flat
+# (at GPT-2's 0.02 every probability is ~1/50257 and the agreement checks pass
+# trivially).
 GPT2_SIZES = {
+    "tiny": dict(n_layers=12, d_model=64, n_heads=4, initializer_range=0.5),
     "small": dict(n_layers=12, d_model=768, n_heads=12),
     "medium": dict(n_layers=24, d_model=1024, n_heads=16),
     "large": dict(n_layers=36, d_model=1280, n_heads=20),
@@ -85,19 +97,24 @@ class Setup:
     """The models and the prompt every tool traces."""
 
     name: str
-    model: Any  # HookedTransformer
-    hf_model: Any  # the Hugging Face model with the same weights, for causal-tracer
+    model: Any  # HookedTransformer (TransformerLens 3.9) or TransformerBridge (4.x)
+    hf_model: Any  # a plain Hugging Face model with the same weights, for causal-tracer
     hf_tokenizer: Any
-    ct_layer_config: Any
     prompt: str | Tensor  # what lenscope is given (text, or ids for a tokenizer-less model)
     subject: str | tuple[int, int]
     ct_prompt: str  # the same tokens as text for causal-tracer's tokenizer
     ct_subject: str
     tokens: Int[Tensor, " pos"]
+    ct_layer_config: Any = None  # set by main when causal-tracer runs: see ct_layer_config
 
 
 def load_setup(name: str, device: str, dtype: torch.dtype) -> Setup:
-    """Load ``name`` as a HookedTransformer plus the HF model causal-tracer needs."""
+    """Load ``name`` in the installed TransformerLens' default class, plus an HF model.
+
+    The TransformerLens model is a ``HookedTransformer`` on TransformerLens 3.9
+    and a compatibility-mode ``TransformerBridge`` on 4.x; the Hugging Face
+    model holds the same weights, unwrapped, for causal-tracer.
+    """
     if name.startswith("random-gpt2"):
         return _random_gpt2(name, device, dtype)
     if name == "random-gemma-3-270m":
@@ -107,7 +124,7 @@ def load_setup(name: str, device: str, dtype: torch.dtype) -> Setup:
     return _hub_model(name, device, dtype)
 
 
-def _text_setup(name, model, hf_model, tokenizer, layer_config) -> Setup:
+def _text_setup(name, model, hf_model, tokenizer) -> Setup:
     import lenscope.tokens
 
     tokens = model.to_tokens(PROMPT)[0]
@@ -118,8 +135,7 @@ def _text_setup(name, model, hf_model, tokenizer, layer_config) -> Setup:
             f"{tokens.tolist()} vs {ids.tolist()}; the tools would trace different inputs"
         )
     lenscope.tokens.find_subject(model, tokens, SUBJECT)
-    return Setup(name, model, hf_model, tokenizer, layer_config, PROMPT, SUBJECT, PROMPT,
-                 SUBJECT, tokens)
+    return Setup(name, model, hf_model, tokenizer, PROMPT, SUBJECT, PROMPT, SUBJECT, tokens)
 
 
 def _offline_gemma(device: str, dtype: torch.dtype) -> Setup:
@@ -130,39 +146,54 @@ def _offline_gemma(device: str, dtype: torch.dtype) -> Setup:
 
     model = loading.load_model("gemma-3-270m", device=device, dtype=dtype)
     # The Hugging Face checkpoint load_model converted the GGUF file into:
-    # causal-tracer runs on exactly the weights the HookedTransformer was built from.
+    # causal-tracer runs on exactly the weights the TransformerLens model was built from.
     checkpoint = loading._ensure_offline_checkpoint(loading._import_offline_package())
     hf_model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=dtype, local_files_only=True
     ).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    layer_config = _llama_style_layer_config(hf_model, "gemma-3-270m")
-    return _text_setup("gemma-3-270m", model, hf_model, tokenizer, layer_config)
+    return _text_setup("gemma-3-270m", model, hf_model, tokenizer)
 
 
 def _hub_model(name: str, device: str, dtype: torch.dtype) -> Setup:
     """A model from the Hugging Face hub (needs the network), e.g. ``gpt2-medium``."""
-    from causal_tracer.causal_tracing.LayerConfig import get_layer_config
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import get_official_model_name
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lenscope
+    from lenscope import compat
+
+    if compat.has_hooked_transformer():
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    else:
+        from transformer_lens.supported_models import get_official_model_name
 
     official = get_official_model_name(name)
     hf_model = AutoModelForCausalLM.from_pretrained(official, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(official)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer.from_pretrained(
-            official, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-        )
-    model.eval()
+    if compat.has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = HookedTransformer.from_pretrained(
+                official, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+    else:
+        # A bridge wraps the HF model it is given in place, so it loads its own.
+        model = lenscope.load_model(official, device=device, dtype=dtype)
+    return _text_setup(name, model.eval(), hf_model, tokenizer)
+
+
+def ct_layer_config(hf_model: Any, name: str) -> Any:
+    """causal-tracer's LayerConfig for ``hf_model``: where its layers, MLPs and attention are."""
+    from causal_tracer.causal_tracing.LayerConfig import get_layer_config
+
     try:
-        layer_config = get_layer_config(hf_model)
+        return get_layer_config(hf_model)
     except ValueError:
         # causal-tracer knows GPT-2, GPT-J and Llama by name; most newer decoders
         # (Gemma, Mistral, Qwen, ...) use Llama's module paths.
-        layer_config = _llama_style_layer_config(hf_model, name)
-    return _text_setup(name, model, hf_model, tokenizer, layer_config)
+        return _llama_style_layer_config(hf_model, name)
 
 
 def _llama_style_layer_config(hf_model: Any, name: str) -> Any:
@@ -198,16 +229,44 @@ def _word_tokenizer(d_vocab: int) -> Any:
     )
 
 
+def _bridge_around(name: str, hf_model: Any, tokenizer: Any, device: str,
+                   dtype: torch.dtype) -> Any:
+    """A compatibility-mode TransformerBridge (TransformerLens 4) around a copy of ``hf_model``.
+
+    Booting wraps the model it is given in place: its modules become bridge
+    components running the processed (folded, centred) weights with hook
+    points on every call. The bridge therefore gets a deep copy, and
+    causal-tracer keeps the plain Hugging Face model with the original
+    weights (the same logits up to a constant per position, so the same
+    probabilities).
+    """
+    import copy
+
+    from lenscope import compat
+    from lenscope.loading import _compatible
+
+    wrapped = copy.deepcopy(hf_model)
+    wrapped.config.architectures = [type(hf_model).__name__]
+    # The bridge reads hooks off HF's eager attention (lenscope.load_model does the same).
+    wrapped.set_attn_implementation("eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = compat.bridge_class().boot_transformers(
+            name, hf_model=wrapped, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+        return _compatible(model).eval()
+
+
 def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
     """GPT-2 with random weights (``random-gpt2-xl`` etc.), identical in HF and TransformerLens.
 
     No tokenizer and no download: the prompt is 10 random token ids and the
-    subject is positions 1 to 3, as in the Eiffel Tower prompt.
+    subject is positions 1 to 3, as in the Eiffel Tower prompt. On
+    TransformerLens 4 the model is a TransformerBridge around the HF model.
     """
-    from causal_tracer import GPT2_LAYER_CONFIG
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lenscope import compat
 
     size = name.removeprefix("random-gpt2").lstrip("-") or "small"
     if size not in GPT2_SIZES:
@@ -220,9 +279,17 @@ def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
     hf_config = GPT2Config(
         vocab_size=d_vocab, n_positions=n_ctx, n_embd=dims["d_model"],
         n_layer=dims["n_layers"], n_head=dims["n_heads"],
+        initializer_range=dims.get("initializer_range", 0.02),
     )
     with torch.device(device):
         hf_model = GPT2LMHeadModel(hf_config).to(dtype).eval()
+    tokenizer = _word_tokenizer(d_vocab)
+    if not compat.has_hooked_transformer():
+        model = _bridge_around(name, hf_model, tokenizer, device, dtype)
+        return _id_setup(name, model, hf_model, tokenizer)
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
     cfg = HookedTransformerConfig(
         n_layers=dims["n_layers"], d_model=dims["d_model"], n_heads=dims["n_heads"],
         d_head=dims["d_model"] // dims["n_heads"], d_mlp=4 * dims["d_model"], d_vocab=d_vocab,
@@ -240,13 +307,17 @@ def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
         center_unembed=False, fold_value_biases=False,
     )
     model.setup()
-    return _id_setup(name, model.eval(), hf_model, _word_tokenizer(d_vocab), GPT2_LAYER_CONFIG)
+    return _id_setup(name, model.eval(), hf_model, tokenizer)
 
 
 def _random_gemma(device: str, dtype: torch.dtype) -> Setup:
-    """Gemma-3-270m's architecture with random weights: its exact shapes, nothing downloaded."""
-    from transformer_lens import HookedTransformer
+    """Gemma-3-270m's architecture with random weights: its exact shapes, nothing downloaded.
+
+    On TransformerLens 4 the model is a TransformerBridge around the HF model.
+    """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from lenscope import compat
 
     torch.manual_seed(0)
     sliding, full = "sliding_attention", "full_attention"
@@ -263,26 +334,29 @@ def _random_gemma(device: str, dtype: torch.dtype) -> Setup:
     with torch.device(device):
         hf_model = Gemma3ForCausalLM(hf_config).to(dtype).eval()
     tokenizer = _word_tokenizer(hf_config.vocab_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # TransformerLens knows this architecture by name, so nothing is fetched.
-        model = HookedTransformer.from_pretrained(
-            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer, device=device,
-            dtype=dtype,
-        )
-    layer_config = _llama_style_layer_config(hf_model, "random-gemma-3-270m")
-    return _id_setup("random-gemma-3-270m", model.eval(), hf_model, tokenizer, layer_config)
+    if compat.has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # TransformerLens knows this architecture by name, so nothing is fetched.
+            model = HookedTransformer.from_pretrained(
+                "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer, device=device,
+                dtype=dtype,
+            )
+    else:
+        model = _bridge_around("random-gemma-3-270m", hf_model, tokenizer, device, dtype)
+    return _id_setup("random-gemma-3-270m", model.eval(), hf_model, tokenizer)
 
 
-def _id_setup(name: str, model: Any, hf_model: Any, tokenizer: Any, layer_config: Any) -> Setup:
+def _id_setup(name: str, model: Any, hf_model: Any, tokenizer: Any) -> Setup:
     """A 10-token prompt of random ids, subject at positions 1-3 as in the Eiffel Tower prompt."""
     generator = torch.Generator().manual_seed(0)
     d_vocab = model.cfg.d_vocab
     tokens = torch.randint(0, d_vocab - 1, (10,), generator=generator).to(model.cfg.device)
     ct_prompt = " ".join(f"w{i}." for i in tokens.tolist())
     ct_subject = " ".join(f"w{i}." for i in tokens[1:4].tolist())
-    return Setup(name, model, hf_model, tokenizer, layer_config, tokens, (1, 4), ct_prompt,
-                 ct_subject, tokens)
+    return Setup(name, model, hf_model, tokenizer, tokens, (1, 4), ct_prompt, ct_subject, tokens)
 
 
 # --------------------------------------------------------------------------
@@ -378,7 +452,7 @@ def minimal_token_layers(n_layers: int, n_pos: int, window: int, samples: int) -
 
 
 def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], samples: int,
-                max_rows: int) -> float:
+                max_rows: int) -> tuple[float, int]:
     """Push the minimal token-layer count of tracing ``kinds`` through plain batched forwards.
 
     For each position ``t``, the ``S_t`` token-layers of length ``n_pos - t``
@@ -391,12 +465,24 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
     clean and one corrupted run of the whole prompt are included: every trace
     needs them.
 
+    On a TransformerBridge only the whole-stack rows run, from the tokens and
+    cut off after the last block's ``hook_resid_post`` as lenscope's own
+    forwards are: a bridge given ``start_at_layer=k`` still executes blocks
+    ``0..k-1`` and discards their output, so the remainder rows would cost a
+    whole stack each. They are left out, which keeps the minimal work a lower
+    bound (the second value returned counts them).
+
     Returns:
-        The seconds spent decoding (final norm, unembedding, softmax).
+        The seconds spent decoding (final norm, unembedding, softmax), and the
+        token-layers left out (0 on a HookedTransformer).
     """
+    from lenscope import engine, metrics
+    from lenscope.hooks import decode_resid, is_bridge, run_to_final_resid
+
+    bridge = is_bridge(model)
     n_layers, n_pos = model.cfg.n_layers, tokens.shape[0]
     embed = model.embed(tokens[None])  # realistic magnitudes; values do not change the cost
-    if getattr(model.cfg, "positional_embedding_type", "") == "standard":
+    if not bridge and getattr(model.cfg, "positional_embedding_type", "") == "standard":
         embed = embed + model.pos_embed(tokens[None])
     need: dict[int, int] = {0: (samples + 1) * n_pos * n_layers}  # clean + corrupted runs
     decode_rows = samples + 1
@@ -404,21 +490,27 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
         for t, count in minimal_token_layers(n_layers, n_pos, WINDOWS[kind], samples).items():
             need[t] = need.get(t, 0) + count
         decode_rows += n_layers * n_pos * samples
-    from lenscope import engine, metrics
-    from lenscope.hooks import decode_resid
 
     # The same kernels lenscope gets: weights in the order TransformerLens reads
     # them (CPU) and one in-place softmax per decoded chunk. Every copy is
     # decoded on its own (top-k per copy: lenscope takes it per cell).
+    left_out = 0
     with engine.matmul_friendly_weights(model), torch.inference_mode():
         resid = embed[0, -1:]
         for t, count in need.items():
             length = n_pos - t
             rows, rest = divmod(count // length, n_layers)
             for start in range(0, rows, max_rows):
-                batch = embed[:, t:].expand(min(max_rows, rows - start), -1, -1)
-                resid = model(batch, start_at_layer=0, stop_at_layer=n_layers)[:1, -1]
-            if rest:
+                size = min(max_rows, rows - start)
+                if bridge:
+                    batch = tokens[None, t:].expand(size, -1)
+                    resid = run_to_final_resid(model, batch, [])[:1]
+                else:
+                    batch = embed[:, t:].expand(size, -1, -1)
+                    resid = model(batch, start_at_layer=0, stop_at_layer=n_layers)[:1, -1]
+            if rest and bridge:
+                left_out += rest * length
+            elif rest:
                 model(embed[:, t:], start_at_layer=n_layers - rest, stop_at_layer=n_layers)
         _sync(resid.device)
         decode_start = time.perf_counter()
@@ -428,7 +520,7 @@ def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], s
             logits = decode_resid(model, resid[: min(chunk, decode_rows - start)])
             engine._score_rows(logits, 1, 0, metrics.prob, 5)
         _sync(resid.device)
-    return time.perf_counter() - decode_start
+    return time.perf_counter() - decode_start, left_out
 
 
 def _sync(device: torch.device) -> None:
@@ -437,11 +529,14 @@ def _sync(device: torch.device) -> None:
 
 
 def lenscope_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int,
-                   subject_start: int) -> int:
-    """Token-layers lenscope's prefix strategy computes (restored + corrupted + clean runs).
+                   subject_start: int, strategy: str = "prefix") -> int:
+    """Token-layers lenscope computes (restored + corrupted + clean runs).
 
-    Fewer than :func:`minimal_count`: it also skips restorations that provably
-    change nothing and, for ``resid_post``, the first restored block.
+    With the prefix strategy, fewer than :func:`minimal_count`: it also skips
+    restorations that provably change nothing and, for ``resid_post``, the
+    first restored block. With the full strategy (a TransformerBridge) every
+    restoration that is not a provable no-op runs the whole stack at every
+    position.
     """
     from lenscope import engine
 
@@ -452,6 +547,9 @@ def lenscope_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int
             engine.restore_windows(cells, WINDOWS[kind], n_layers), cells, kind, subject_start,
             n_pos)
         active = windows.any(dim=1)
+        if strategy == "full":
+            total += samples * int(active.sum()) * n_pos * n_layers
+            continue
         entries = engine._entry_layers(windows[active], kind)
         total += samples * int(((n_pos - cells[active, 1]) * (n_layers - entries)).sum())
     return total
@@ -575,6 +673,14 @@ def _seconds(s: float) -> str:
     return f"{s:,.2f}" if s < 100 else f"{s:,.0f}"
 
 
+def model_class(model: Any) -> str:
+    """E.g. ``TransformerBridge (TransformerLens 4.3.0, compatibility mode)``."""
+    from importlib.metadata import version
+
+    mode = ", compatibility mode" if getattr(model, "compatibility_mode", False) else ""
+    return f"{type(model).__name__} (TransformerLens {version('transformer-lens')}{mode})"
+
+
 def machine_info(device: torch.device) -> list[str]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -616,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma-3-270m",
                         help="gemma-3-270m (offline), a TransformerLens name (needs the hub), "
-                             "random-gemma-3-270m or random-gpt2-{small,medium,large,xl} "
+                             "random-gemma-3-270m or random-gpt2-{tiny,small,medium,large,xl} "
                              "(random weights, no download)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -645,6 +751,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "entries (cProfile by cumulative time, torch ops by self time)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     args = parser.parse_args(argv)
+    if not args.skip_causal_tracer:
+        try:
+            import causal_tracer  # noqa: F401
+        except ImportError as e:  # before minutes of loading, not after
+            parser.error(f"causal-tracer could not be imported ({e}); run pip install "
+                         "--no-deps causal-tracer==1.1.0 and pip install 'matplotlib>=3.7' "
+                         "(its plotting import), or pass --skip-causal-tracer")
 
     if args.model in ("gemma-3-270m", "google/gemma-3-270m") or args.model.startswith("random-"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -661,6 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info(device)
     t0 = time.perf_counter()
     setup = load_setup(args.model, args.device, dtype)
+    if not args.skip_causal_tracer:
+        setup.ct_layer_config = ct_layer_config(setup.hf_model, args.model)
     model = setup.model
     n_layers, n_pos = model.cfg.n_layers, setup.tokens.shape[0]
     log(f"loaded {args.model} ({n_layers} layers, {n_pos} tokens) in "
@@ -668,6 +783,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tracer = lenscope.CausalTracer(model, strategy=args.strategy, batch_size=args.batch_size,
                                    progress=False)
+    model_line = f"model class: {model_class(model)}; lenscope strategy {tracer.strategy!r}"
+    if lenscope.hooks.is_bridge(model):
+        # A bridge given start_at_layer still runs the blocks before it.
+        model_line += ("; the minimal work runs whole stacks only and leaves out the rows "
+                       "that need a partial stack, so on a TransformerBridge it is a lower bound")
+    log(model_line)
     sigma = tracer.sigma
     noise_std = 3 * sigma
     from lenscope.tokens import find_subject
@@ -712,16 +833,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_rows = lenscope.engine.auto_batch_size(model, n_pos, args.samples)
     for kinds in [(k,) for k in KINDS] + [KINDS]:
         label = "all three" if len(kinds) > 1 else kinds[0]
-        timing, decode_s = measure(lambda kinds=kinds: run_minimal(model, setup.tokens, kinds,
-                                                                   args.samples, max_rows),
-                                   args.repeats, device)
+        timing, (decode_s, left_out) = measure(
+            lambda kinds=kinds: run_minimal(model, setup.tokens, kinds, args.samples, max_rows),
+            args.repeats, device)
         # Without the shortcut every cell's copies would run the whole model.
         full = (1 + args.samples + len(kinds) * n_layers * n_pos * args.samples) * n_pos * n_layers
         count = minimal_count(n_layers, n_pos, kinds, args.samples)
-        ours = lenscope_count(n_layers, n_pos, kinds, args.samples, subject[0])
+        ours = lenscope_count(n_layers, n_pos, kinds, args.samples, subject[0], tracer.strategy)
         timing.note = (f"{count:,} token-layers ({count / full:.0%} of running every copy "
-                       f"fully; lenscope computes {ours:,}, skipping provable no-ops); "
-                       f"decoding {decode_s:.2f} s of it")
+                       f"fully; lenscope computes {ours:,} with its {tracer.strategy!r} "
+                       f"strategy, skipping provable no-ops); decoding {decode_s:.2f} s of it")
+        if left_out:
+            timing.note += (f"; a lower bound: the {left_out:,} token-layers of partial stacks "
+                            f"left out (a TransformerBridge runs every block before "
+                            f"start_at_layer)")
         timings[("minimal work", label)] = timing
         log(f"minimal {label}: {timing.median:.2f} s, {timing.note}")
 
@@ -782,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = _table(timings, device)
     lines = [
         f"## Causal tracing speed: {args.model}, {args.device}",
+        "",
+        model_line[0].upper() + model_line[1:] + ".",
         "",
         (f"Prompt {PROMPT!r} (subject {SUBJECT!r}) as {n_pos} tokens"
          if isinstance(setup.prompt, str) else f"{n_pos} random token ids (random weights), "
