@@ -13,6 +13,14 @@ later loads read that checkpoint and take seconds. The checkpoint is written
 atomically (built in a temporary directory, then renamed) together with a
 manifest of file sizes and SHA-256 digests, so a truncated or corrupted cache
 is detected, reported with a warning and rebuilt rather than used.
+
+On TransformerLens 4 the bridge's compatibility mode folds layer norms and
+centres the unembedding, which for Gemma-3-270m's 262,144-token vocabulary
+takes seconds and several gigabytes. The processed weights are therefore
+cached too, beside the checkpoint, in the same verified, atomically written
+form, under a key made of the raw weights' digest, the processing options,
+dtype, device type and the TransformerLens, transformers and torch versions;
+later loads map them from disk instead of processing again.
 """
 
 import contextlib
