@@ -13,6 +13,14 @@ later loads read that checkpoint and take seconds. The checkpoint is written
 atomically (built in a temporary directory, then renamed) together with a
 manifest of file sizes and SHA-256 digests, so a truncated or corrupted cache
 is detected, reported with a warning and rebuilt rather than used.
+
+On TransformerLens 4 the bridge's compatibility mode folds layer norms and
+centres the unembedding, which for Gemma-3-270m's 262,144-token vocabulary
+takes seconds and several gigabytes. The processed weights are therefore
+cached too, beside the checkpoint, in the same verified, atomically written
+form, under a key made of the raw weights' digest, the processing options,
+dtype, device type and the TransformerLens, transformers and torch versions;
+later loads map them from disk instead of processing again.
 """
 
 import contextlib
@@ -26,7 +34,8 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +67,8 @@ _INSTALL_HINT = 'pip install "lenscope[offline]"'
 # caches are rebuilt instead of reused.
 _CACHE_FORMAT = 1
 _MANIFEST = "manifest.json"
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_WEIGHTS = "model.safetensors"
+_REQUIRED_FILES = ("config.json", _WEIGHTS, "tokenizer.json", "tokenizer_config.json")
 # Leftover build directories of crashed processes are removed after this long;
 # a conversion takes minutes, so a younger one may belong to a live process.
 _STALE_BUILD_SECONDS = 6 * 3600
@@ -284,7 +294,7 @@ def _compatible(model: "TransformerBridge") -> "TransformerBridge":
     bridge registers those hook names without it and is left as it is.
     """
     if compat.tl_version() >= (4, 0) and not getattr(model, "compatibility_mode", False):
-        model.enable_compatibility_mode(disable_warnings=True)
+        model.enable_compatibility_mode(disable_warnings=True, **_PROCESSING_OPTIONS)
     return model
 
 
@@ -374,20 +384,57 @@ def _offline_checkpoint_dir(package: Any) -> Path:
 def _load_offline(
     *, bridge: bool, device: torch.device | None, dtype: torch.dtype
 ) -> "HookedTransformer | TransformerBridge":
-    """Load Gemma-3-270m from the cached checkpoint, building it first if needed."""
+    """Load Gemma-3-270m from the cached checkpoint, building it first if needed.
+
+    On TransformerLens 4 the bridge's compatibility-mode weights come from the
+    processed-weight cache when it holds them for these settings; the weights
+    of the raw checkpoint are then never read, so only their sizes are checked
+    here, and the processed file is hashed in a thread while the tokenizer
+    loads (``hashlib`` releases the GIL).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package = _import_offline_package()
-    checkpoint = _ensure_offline_checkpoint(package)
-    # add_bos_token=True up front: otherwise TransformerLens reloads the
-    # tokenizer by its path just to switch that flag on.
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, add_bos_token=True, local_files_only=True)
-    if bridge:
+    if bridge and compat.tl_version() >= (4, 0):
         from transformer_lens.utilities import get_device
 
         # The bridge reads hooks off HF's eager attention (it forces "eager"
         # itself when it loads a model by name). It also takes a pre-loaded
         # model where it is, so choose the device here as it would.
+        device = torch.device(get_device()) if device is None else device
+        checkpoint = _ensure_offline_checkpoint(package, unhashed=(_WEIGHTS,))
+        key = _processing_key(checkpoint, dtype=dtype, device=device)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_read_processed, checkpoint, key)
+            # add_bos_token=True up front: otherwise TransformerLens reloads the
+            # tokenizer by its path just to switch that flag on.
+            tokenizer = AutoTokenizer.from_pretrained(
+                checkpoint, add_bos_token=True, local_files_only=True
+            )
+            cached = pending.result()
+        if isinstance(cached, str):
+            warnings.warn(
+                f"the cached processed weights in {_processed_dir(checkpoint, key)} are damaged "
+                f"({cached}); processing the weights afresh and caching them again",
+                stacklevel=3,
+            )
+            cached = None
+        if cached is not None:
+            try:
+                return _boot_compatible_bridge(checkpoint, tokenizer, key, cached, dtype, device)
+            except _StaleProcessedCache:
+                # Processed afresh below; the entry goes so the new one can take its place.
+                shutil.rmtree(_processed_dir(checkpoint, key), ignore_errors=True)
+        # The raw weights are read after all: check their digests too.
+        checkpoint = _ensure_offline_checkpoint(package)
+        return _boot_compatible_bridge(checkpoint, tokenizer, key, None, dtype, device)
+
+    checkpoint = _ensure_offline_checkpoint(package)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, add_bos_token=True, local_files_only=True)
+    if bridge:
+        # TransformerLens 3.9's bridge: HookedTransformer hook names, no processing.
+        from transformer_lens.utilities import get_device
+
         device = torch.device(get_device()) if device is None else device
         hf_model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
@@ -410,11 +457,72 @@ def _load_offline(
     return model
 
 
-def _ensure_offline_checkpoint(package: Any) -> Path:
-    """Return a verified converted checkpoint, (re)building it when needed."""
+def _boot_compatible_bridge(
+    checkpoint: Path,
+    tokenizer: Any,
+    key: dict[str, Any],
+    cached: "_Processed | None",
+    dtype: torch.dtype,
+    device: torch.device,
+) -> "TransformerBridge":
+    """A compatibility-mode bridge around ``checkpoint``, with ``cached`` processed weights.
+
+    Raises:
+        _StaleProcessedCache: If ``cached`` does not fit what TransformerLens
+            asked to process; the caller then loads again without it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    # safetensors maps the raw weights; with a cache hit their pages are never read.
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
+    ).to(device)
+    model = compat.bridge_class().boot_transformers(
+        _TL_OFFICIAL_NAME, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
+    )
+    if cached is not None:
+        _untie_unread_unembedding(hf_model)
+    del hf_model  # the bridge holds it; its raw tensors go once processing replaces them
+    with _reused_processing(
+        model.cfg,
+        cached,
+        store=lambda signature, tensors: _save_processed(checkpoint, key, signature, tensors),
+    ):
+        _compatible(model)
+    return model
+
+
+def _untie_unread_unembedding(hf_model: Any) -> None:
+    """Give a tied output embedding its own storage, uninitialised, before a cache hit.
+
+    ``TransformerBridge.process_weights`` unties tied embed/unembed weights by
+    copying the unembedding (671 MB for Gemma-3-270m, and reading all of the
+    memory-mapped embedding) before it processes them. When the processed
+    weights come from the cache that copy is never read, so an uninitialised
+    tensor of the same shape stands in for it: it takes address space, not
+    memory, and the cached weights replace it. If the cache turns out not to
+    fit, :func:`_reused_processing` raises rather than process it.
+    """
+    output, embedding = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    if output is None or embedding is None or output.weight is not embedding.weight:
+        return
+    output.weight = torch.nn.Parameter(
+        torch.empty_like(output.weight), requires_grad=output.weight.requires_grad
+    )
+
+
+def _ensure_offline_checkpoint(package: Any, unhashed: tuple[str, ...] = ()) -> Path:
+    """Return a verified converted checkpoint, (re)building it when needed.
+
+    Args:
+        package: The imported GGUF weight package.
+        unhashed: Files whose size is checked but whose SHA-256 is not, because
+            the caller will not read them (the raw weights, when the processed
+            ones come from their own verified cache).
+    """
     target = _offline_checkpoint_dir(package)
     if target.exists():
-        problem = _verify_manifest(target)
+        problem = _verify_manifest(target, unhashed=unhashed)
         if problem is None:
             return target
         warnings.warn(
@@ -476,6 +584,239 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------
+# Processed weights (TransformerLens 4 compatibility mode)
+# --------------------------------------------------------------------------
+
+# What _compatible asks TransformerLens for: HookedTransformer's defaults.
+_PROCESSING_OPTIONS: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+    "refactor_factored_attn_matrices": False,
+}
+# Bump when the processed-weight cache's layout or key changes.
+_PROCESSED_FORMAT = 1
+_PROCESSED_WEIGHTS = "processed.safetensors"
+_PROCESSED_PREFIX = "processed-"
+# Processed caches kept per checkpoint (1.7 GB each for Gemma-3-270m in float32),
+# so that two TransformerLens installations sharing a cache do not evict each other.
+_PROCESSED_KEEP = 2
+# The packages whose code decides what processing produces.
+_PROCESSING_PACKAGES = ("transformer-lens", "transformers", "torch")
+
+
+class _StaleProcessedCache(Exception):
+    """Cached processed weights that do not fit the processing TransformerLens asked for."""
+
+
+class _Processed:
+    """Processed weights read from the cache, with the signature of the input they came from."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], signature: dict[str, Any]) -> None:
+        self.tensors = tensors
+        self.signature = signature
+
+
+def _processing_key(
+    checkpoint: Path, *, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """Everything the processed weights of ``checkpoint`` depend on.
+
+    The raw weights and config (by their recorded SHA-256), the processing
+    options, dtype and device type (float rounding differs between devices),
+    and the versions of the packages that do the processing. A change to any
+    of them selects another cache directory.
+    """
+    manifest = _read_manifest(checkpoint)
+    files = manifest["files"] if isinstance(manifest, dict) else {}
+    versions = {}
+    for distribution in _PROCESSING_PACKAGES:
+        try:
+            versions[distribution] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            versions[distribution] = "unknown"
+    return {
+        "processed_format": _PROCESSED_FORMAT,
+        "weights_sha256": files.get(_WEIGHTS, {}).get("sha256"),
+        "config_sha256": files.get("config.json", {}).get("sha256"),
+        "options": _PROCESSING_OPTIONS,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "versions": versions,
+    }
+
+
+def _processed_dir(checkpoint: Path, key: Mapping[str, Any]) -> Path:
+    """The cache subfolder of ``checkpoint`` for processed weights with this ``key``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return checkpoint / f"{_PROCESSED_PREFIX}{digest[:16]}"
+
+
+def _read_processed(checkpoint: Path, key: Mapping[str, Any]) -> "_Processed | str | None":
+    """The cached processed weights for ``key``, memory-mapped.
+
+    Returns:
+        A :class:`_Processed`; ``None`` if there is no cache for ``key``; or a
+        short description of the problem if the cache is damaged.
+    """
+    directory = _processed_dir(checkpoint, key)
+    if not directory.exists():
+        return None
+    problem = _verify_manifest(directory, required=(_PROCESSED_WEIGHTS,))
+    if problem is not None:
+        return problem
+    manifest = _read_manifest(directory)
+    assert isinstance(manifest, dict)  # verified just above
+    if manifest.get("key") != key:
+        return "it was made for other settings"
+    from safetensors.torch import load_file
+
+    try:
+        # safetensors maps the file: pages are read when the forward pass needs them.
+        stored = load_file(directory / _PROCESSED_WEIGHTS)
+        tensors = {name: stored[name] for name in manifest["order"]}
+    except Exception as e:  # a corrupt header, or names the manifest lists but the file lacks
+        return f"{_PROCESSED_WEIGHTS} is unreadable: {type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):
+        os.utime(directory)  # marks it as recently used for _remove_old_processed
+    return _Processed(tensors, manifest["signature"])
+
+
+def _save_processed(
+    checkpoint: Path,
+    key: Mapping[str, Any],
+    signature: Mapping[str, Any] | None,
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Write processed weights into the cache, atomically and with a manifest.
+
+    A cache that cannot be written (a full disk, a read-only cache directory)
+    costs the next load its speed, not its model, so failures are logged.
+    """
+    from safetensors.torch import save_file
+
+    target = _processed_dir(checkpoint, key)
+    build: Path | None = None
+    try:
+        _remove_stale_builds(checkpoint)
+        build = Path(tempfile.mkdtemp(prefix=".building-", dir=checkpoint))
+        save_file(_serialisable(tensors), build / _PROCESSED_WEIGHTS)
+        _write_manifest(
+            build,
+            source={"checkpoint": checkpoint.name},
+            extra={"key": key, "signature": signature, "order": list(tensors)},
+        )
+        _install_directory(build, target, required=(_PROCESSED_WEIGHTS,))
+        _remove_old_processed(checkpoint, keep=target)
+    except Exception as e:
+        logger.warning(
+            "lenscope: could not cache the processed weights in %s (%s: %s); the next load "
+            "processes them again",
+            target,
+            type(e).__name__,
+            e,
+        )
+    finally:
+        if build is not None:
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _serialisable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing memory (safetensors refuses shared storage).
+
+    Processing can hand out one tensor under several names (e.g. the identity
+    that replaces every folded norm weight); those few small tensors are copied.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if storage in seen:
+            tensor = tensor.clone()
+        else:
+            seen.add(storage)
+        out[name] = tensor
+    return out
+
+
+def _remove_old_processed(checkpoint: Path, keep: Path) -> None:
+    """Delete all but the ``_PROCESSED_KEEP`` most recently used processed caches."""
+    candidates = [
+        path for path in checkpoint.glob(f"{_PROCESSED_PREFIX}*") if path.is_dir() and path != keep
+    ]
+    candidates.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in candidates[_PROCESSED_KEEP - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _signature(state_dict: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Names, shapes and dtypes of the processing input, and the options (not the values)."""
+    adapter = options.get("adapter")
+    return {
+        "tensors": [
+            [name, list(value.shape), str(value.dtype).removeprefix("torch.")]
+            for name, value in sorted(state_dict.items())
+            if isinstance(value, torch.Tensor)
+        ],
+        "options": {k: v for k, v in sorted(options.items()) if k != "adapter"},
+        "adapter": None if adapter is None else type(adapter).__name__,
+    }
+
+
+@contextlib.contextmanager
+def _reused_processing(
+    cfg: Any,
+    cached: "_Processed | None",
+    store: Callable[[dict[str, Any], dict[str, torch.Tensor]], None],
+) -> Iterator[None]:
+    """Memoise TransformerLens' weight processing for the bridge whose config is ``cfg``.
+
+    ``TransformerBridge.process_weights`` does its bookkeeping (flags, the
+    untying of embed and unembed, distributing the weights to the components,
+    adapter hooks) around one pure step, ``ProcessWeights.process_weights``,
+    which folds and centres a state dict; that step is most of the time and
+    memory of ``enable_compatibility_mode``. Inside this context that step
+    returns ``cached`` (and raises :class:`_StaleProcessedCache` if the call
+    does not match the signature the cache was made with, since its input may
+    then hold placeholders), or, without a cache, runs as usual and hands its
+    result to ``store`` before
+    TransformerLens distributes it (so nothing done to the live weights
+    afterwards reaches the cache). The bookkeeping always runs as
+    TransformerLens wrote it, and calls for other models (another ``cfg``)
+    pass straight through.
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    original = ProcessWeights.__dict__["process_weights"]
+    process = original.__func__ if isinstance(original, staticmethod) else original
+
+    def memoised(state_dict: dict[str, torch.Tensor], config: Any, **options: Any) -> Any:
+        if config is not cfg:
+            return process(state_dict, config, **options)
+        signature = _signature(state_dict, options)
+        if cached is not None:
+            if cached.signature != signature:
+                raise _StaleProcessedCache(
+                    "the cached processed weights were made from a different input"
+                )
+            device = next(
+                (v.device for v in state_dict.values() if isinstance(v, torch.Tensor)), None
+            )
+            return {name: tensor.to(device) for name, tensor in cached.tensors.items()}
+        processed = process(state_dict, config, **options)
+        store(signature, processed)
+        return processed
+
+    ProcessWeights.process_weights = staticmethod(memoised)
+    try:
+        yield
+    finally:
+        ProcessWeights.process_weights = original
+
+
+# --------------------------------------------------------------------------
 # Cache integrity
 # --------------------------------------------------------------------------
 
@@ -488,8 +829,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(directory: Path, source: dict[str, str]) -> None:
-    """Record the name, size and SHA-256 of every file in ``directory``."""
+def _write_manifest(
+    directory: Path, source: dict[str, str], extra: Mapping[str, Any] | None = None
+) -> None:
+    """Record the name, size and SHA-256 of every file in ``directory``.
+
+    ``extra`` adds fields (the processed-weight cache records its key there).
+    """
     files = {
         path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
         for path in sorted(directory.iterdir())
@@ -501,33 +847,54 @@ def _write_manifest(directory: Path, source: dict[str, str]) -> None:
         "source": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
+        **(extra or {}),
     }
     (directory / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _verify_manifest(directory: Path) -> str | None:
+def _read_manifest(directory: Path) -> dict[str, Any] | str:
+    """The manifest of ``directory`` as a dict, or a short description of why it is unusable."""
+    try:
+        manifest = json.loads((directory / _MANIFEST).read_text())
+        if not isinstance(manifest, dict):
+            raise TypeError(f"expected a JSON object, got {type(manifest).__name__}")
+        for field in ("files", "format"):
+            if field not in manifest:
+                raise KeyError(field)
+    except FileNotFoundError:
+        return f"{_MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{_MANIFEST} is unreadable: {type(e).__name__}: {e}"
+    return manifest
+
+
+def _verify_manifest(
+    directory: Path,
+    required: tuple[str, ...] = _REQUIRED_FILES,
+    unhashed: tuple[str, ...] = (),
+) -> str | None:
     """Check ``directory`` against its manifest.
+
+    Args:
+        directory: A directory written with :func:`_write_manifest`.
+        required: Files the manifest must list.
+        unhashed: Files whose size is checked but not their SHA-256.
 
     Returns:
         ``None`` if every recorded file is present with its recorded size and
         SHA-256, else a short description of the first problem found.
     """
-    manifest_path = directory / _MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        recorded_format = manifest["format"]
-    except FileNotFoundError:
-        return f"{_MANIFEST} is missing"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{_MANIFEST} is unreadable: {type(e).__name__}: {e}"
+    manifest = _read_manifest(directory)
+    if isinstance(manifest, str):
+        return manifest
+    files, recorded_format = manifest["files"], manifest["format"]
     if recorded_format != _CACHE_FORMAT:
         return f"cache format {recorded_format!r} is not the current {_CACHE_FORMAT}"
     if not isinstance(files, dict):
         return f"{_MANIFEST} lists no files"
-    for required in _REQUIRED_FILES:
-        if required not in files:
-            return f"{_MANIFEST} does not list {required}"
+    for name in required:
+        if name not in files:
+            return f"{_MANIFEST} does not list {name}"
     # Sizes first: a truncated or missing file is found without hashing a gigabyte.
     for filename, entry in files.items():
         path = directory / filename
@@ -537,12 +904,14 @@ def _verify_manifest(directory: Path) -> str | None:
         if size != entry.get("size"):
             return f"{filename} has {size} bytes, expected {entry.get('size')}"
     for filename, entry in files.items():
-        if _sha256(directory / filename) != entry.get("sha256"):
+        if filename not in unhashed and _sha256(directory / filename) != entry.get("sha256"):
             return f"{filename} does not match its recorded SHA-256"
     return None
 
 
-def _install_directory(source: Path, target: Path) -> None:
+def _install_directory(
+    source: Path, target: Path, required: tuple[str, ...] = _REQUIRED_FILES
+) -> None:
     """Move the finished ``source`` directory to ``target`` in one rename.
 
     A damaged ``target`` is first renamed aside, so readers only ever see no
@@ -550,7 +919,7 @@ def _install_directory(source: Path, target: Path) -> None:
     checkpoint meanwhile, that one is kept and ``source`` is discarded.
     """
     if target.exists():
-        if _verify_manifest(target) is None:
+        if _verify_manifest(target, required=required) is None:
             return
         aside = target.with_name(f".stale-{target.name}-{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(FileNotFoundError):
@@ -560,7 +929,7 @@ def _install_directory(source: Path, target: Path) -> None:
         source.rename(target)
     except OSError:
         # Lost a race with a concurrent build; keep the winner if it is sound.
-        if _verify_manifest(target) is not None:
+        if _verify_manifest(target, required=required) is not None:
             raise
 
 

@@ -6,7 +6,9 @@ the tests marked ``slow`` convert and load the real offline Gemma-3-270m.
 
 import inspect
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -17,11 +19,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.model_bridge import TransformerBridge
 
-from lenscope import loading
+from lenscope import compat, loading
 from lenscope.loading import cache_dir, load_model
+
+if compat.has_hooked_transformer():
+    from transformer_lens import HookedTransformer
+else:
+    HookedTransformer = None
+
+needs_hooked_transformer = pytest.mark.skipif(
+    not compat.has_hooked_transformer(),
+    reason="HookedTransformer was removed in TransformerLens 4",
+)
+needs_tl4 = pytest.mark.skipif(
+    compat.tl_version() < (4, 0),
+    reason="weight processing (compatibility mode) is TransformerLens 4's",
+)
+
+
+def _default_loader():
+    """The class and method load_model uses for hub models on this TransformerLens."""
+    if compat.has_hooked_transformer():
+        return HookedTransformer, "from_pretrained"
+    return TransformerBridge, "boot_transformers"
+
 
 EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
 PARIS_PROBABILITY = 0.76  # measured: 0.7594 for HF, HookedTransformer and Bridge alike
@@ -258,6 +281,275 @@ def test_concurrently_installed_cache_is_kept(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# Processed-weight cache (TransformerLens 4 compatibility mode)
+# --------------------------------------------------------------------------
+
+
+def _tiny_gemma_bridge(tokenizer, seed=3):
+    """A Gemma-3-layout bridge (tied embeddings) before compatibility mode, and its HF model."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+        sliding_window=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=2,
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf_model = Gemma3ForCausalLM(config).eval()
+    # Give the norms non-trivial gains, so that folding them changes the weights.
+    with torch.no_grad():
+        for name, parameter in hf_model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.5)
+    assert hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = compat.bridge_class().boot_transformers(
+            "tiny-gemma3-2l", hf_model=hf_model, tokenizer=tokenizer, device="cpu"
+        )
+    return bridge, hf_model
+
+
+def _compatible_with_cache(bridge, cached, store):
+    with loading._reused_processing(bridge.cfg, cached, store=store), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loading._compatible(bridge)
+    return bridge.eval()
+
+
+def _logits(model, text="The Eiffel Tower is located in the city of"):
+    with torch.no_grad():
+        return model(model.to_tokens(text))
+
+
+@pytest.fixture
+def processed_key(checkpoint):
+    return loading._processing_key(checkpoint, dtype=torch.float32, device=torch.device("cpu"))
+
+
+@needs_tl4
+def test_processed_cache_round_trip_equals_fresh_processing(
+    checkpoint, processed_key, tiny_tokenizer
+):
+    fresh, _ = _tiny_gemma_bridge(tiny_tokenizer)
+    stored = []
+
+    def store(signature, tensors):
+        stored.append(signature)
+        loading._save_processed(checkpoint, processed_key, signature, tensors)
+
+    _compatible_with_cache(fresh, None, store)
+    assert len(stored) == 1
+    directory = loading._processed_dir(checkpoint, processed_key)
+    assert loading._verify_manifest(directory, required=(loading._PROCESSED_WEIGHTS,)) is None
+    # The raw checkpoint's own manifest is unaffected by the cache inside it.
+    assert loading._verify_manifest(checkpoint) is None
+
+    cached = loading._read_processed(checkpoint, processed_key)
+    assert isinstance(cached, loading._Processed)
+    reloaded, hf_model = _tiny_gemma_bridge(tiny_tokenizer)
+    loading._untie_unread_unembedding(hf_model)
+    assert hf_model.get_output_embeddings().weight is not hf_model.get_input_embeddings().weight
+
+    def must_not_store(signature, tensors):
+        raise AssertionError("a cache hit must not process the weights again")
+
+    _compatible_with_cache(reloaded, cached, must_not_store)
+    assert reloaded.compatibility_mode and fresh.compatibility_mode
+    fresh_state, reloaded_state = fresh.state_dict(), reloaded.state_dict()
+    assert list(reloaded_state) == list(fresh_state)
+    for name, tensor in fresh_state.items():
+        assert torch.equal(reloaded_state[name], tensor), name
+    assert sorted(reloaded.hook_dict) == sorted(fresh.hook_dict)
+    torch.testing.assert_close(_logits(reloaded), _logits(fresh), rtol=0, atol=0)
+    _, fresh_cache = fresh.run_with_cache(fresh.to_tokens("the tower of paris"))
+    _, reloaded_cache = reloaded.run_with_cache(reloaded.to_tokens("the tower of paris"))
+    assert set(reloaded_cache.keys()) == set(fresh_cache.keys())
+    for name in fresh_cache.keys():
+        assert torch.equal(reloaded_cache[name], fresh_cache[name]), name
+
+
+@needs_tl4
+def test_cache_that_does_not_fit_the_input_is_refused(checkpoint, processed_key, tiny_tokenizer):
+    first, _ = _tiny_gemma_bridge(tiny_tokenizer)
+    _compatible_with_cache(
+        first, None, lambda sig, t: loading._save_processed(checkpoint, processed_key, sig, t)
+    )
+    cached = loading._read_processed(checkpoint, processed_key)
+    cached.signature = {**cached.signature, "options": {"fold_ln": False}}
+    second, _ = _tiny_gemma_bridge(tiny_tokenizer)
+    with pytest.raises(loading._StaleProcessedCache, match="different input"):
+        _compatible_with_cache(second, cached, lambda sig, t: None)
+    # The patch on TransformerLens is gone again, whatever happened inside.
+    from transformer_lens.weight_processing import ProcessWeights
+
+    assert ProcessWeights.process_weights.__name__ == "process_weights"
+
+
+@needs_tl4
+def test_other_models_are_processed_as_usual_inside_the_context(tiny_tokenizer):
+    ours, _ = _tiny_gemma_bridge(tiny_tokenizer)
+    other, _ = _tiny_gemma_bridge(tiny_tokenizer)
+    reference, _ = _tiny_gemma_bridge(tiny_tokenizer)
+
+    def must_not_store(signature, tensors):
+        raise AssertionError("only the bridge named by cfg is memoised")
+
+    with loading._reused_processing(ours.cfg, None, store=must_not_store):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loading._compatible(other)
+            loading._compatible(reference)
+    torch.testing.assert_close(_logits(other.eval()), _logits(reference.eval()), rtol=0, atol=0)
+
+
+def test_processing_key_changes_select_another_directory(monkeypatch, checkpoint):
+    def key(**changes):
+        settings = {"dtype": torch.float32, "device": torch.device("cpu"), **changes}
+        return loading._processing_key(checkpoint, **settings)
+
+    base = key()
+    assert (
+        base["weights_sha256"]
+        == json.loads((checkpoint / "manifest.json").read_text())["files"]["model.safetensors"][
+            "sha256"
+        ]
+    )
+    assert base["options"] == loading._PROCESSING_OPTIONS
+    directories = {loading._processed_dir(checkpoint, base)}
+    directories.add(loading._processed_dir(checkpoint, key(dtype=torch.bfloat16)))
+    directories.add(loading._processed_dir(checkpoint, key(device=torch.device("meta"))))
+    monkeypatch.setitem(loading._PROCESSING_OPTIONS, "center_unembed", False)
+    directories.add(loading._processed_dir(checkpoint, key()))
+    monkeypatch.setitem(loading._PROCESSING_OPTIONS, "center_unembed", True)
+    real_version = loading.metadata.version
+    for package in loading._PROCESSING_PACKAGES:
+        monkeypatch.setattr(
+            loading.metadata,
+            "version",
+            lambda name, package=package: "0.0.0-test" if name == package else real_version(name),
+        )
+        directories.add(loading._processed_dir(checkpoint, key()))
+    monkeypatch.setattr(loading.metadata, "version", real_version)
+    (checkpoint / "model.safetensors").write_bytes(b"other weights")
+    loading._write_manifest(checkpoint, source={"package": "fake"})
+    directories.add(loading._processed_dir(checkpoint, key()))
+    assert len(directories) == 5 + len(loading._PROCESSING_PACKAGES)  # all distinct
+    assert loading._processed_dir(checkpoint, base) == loading._processed_dir(checkpoint, base)
+
+
+def _fake_processed(checkpoint, key, scale=1.0):
+    tensors = {
+        "embed.weight": torch.arange(12.0).reshape(4, 3) * scale,
+        "blocks.0.ln1.weight": torch.ones(3),
+        "unembed.weight": torch.arange(12.0).reshape(3, 4).T,  # not contiguous
+    }
+    tensors["blocks.1.ln1.weight"] = tensors["blocks.0.ln1.weight"]  # shared, as TL does
+    loading._save_processed(checkpoint, key, {"tensors": [], "options": {}}, tensors)
+    return tensors
+
+
+def test_processed_weights_round_trip_in_order(checkpoint, processed_key):
+    tensors = _fake_processed(checkpoint, processed_key)
+    cached = loading._read_processed(checkpoint, processed_key)
+    assert isinstance(cached, loading._Processed)
+    assert list(cached.tensors) == list(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(cached.tensors[name], tensor), name
+    assert cached.signature == {"tensors": [], "options": {}}
+    # Writable (copy-on-write): an in-place edit reaches neither the file nor a later load.
+    cached.tensors["embed.weight"].add_(1.0)
+    again = loading._read_processed(checkpoint, processed_key)
+    assert torch.equal(again.tensors["embed.weight"], tensors["embed.weight"])
+    # No build directory stays behind.
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == [
+        loading._processed_dir(checkpoint, processed_key).name
+    ]
+
+
+def test_missing_processed_cache_is_none(checkpoint, processed_key):
+    assert loading._read_processed(checkpoint, processed_key) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncate", r"processed\.safetensors has \d+ bytes, expected"),
+        ("flip", r"processed\.safetensors does not match its recorded SHA-256"),
+        ("manifest", r"manifest\.json is unreadable"),
+        ("key", r"made for other settings"),
+    ],
+)
+def test_damaged_processed_cache_is_reported(checkpoint, processed_key, damage, expected):
+    _fake_processed(checkpoint, processed_key)
+    directory = loading._processed_dir(checkpoint, processed_key)
+    weights, manifest = directory / loading._PROCESSED_WEIGHTS, directory / "manifest.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-8])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "manifest":
+        manifest.write_text("{not json")
+    else:
+        recorded = json.loads(manifest.read_text())
+        recorded["key"]["dtype"] = "float64"
+        manifest.write_text(json.dumps(recorded))
+    problem = loading._read_processed(checkpoint, processed_key)
+    assert isinstance(problem, str)
+    assert re.search(expected, problem), problem
+
+
+def test_damaged_processed_cache_is_replaced(checkpoint, processed_key):
+    _fake_processed(checkpoint, processed_key)
+    directory = loading._processed_dir(checkpoint, processed_key)
+    (directory / loading._PROCESSED_WEIGHTS).write_bytes(b"garbage")
+    tensors = _fake_processed(checkpoint, processed_key, scale=2.0)
+    cached = loading._read_processed(checkpoint, processed_key)
+    assert torch.equal(cached.tensors["embed.weight"], tensors["embed.weight"])
+    assert not list(checkpoint.glob(".stale-*"))
+
+
+def test_old_processed_caches_are_removed(checkpoint):
+    keys = [{"n": n} for n in range(4)]
+    for n, key in enumerate(keys):
+        _fake_processed(checkpoint, key)
+        directory = loading._processed_dir(checkpoint, key)
+        os.utime(directory, (1_000_000 + n, 1_000_000 + n))
+    kept = sorted(p.name for p in checkpoint.glob(f"{loading._PROCESSED_PREFIX}*"))
+    newest = [loading._processed_dir(checkpoint, key).name for key in keys[-2:]]
+    assert kept == sorted(newest)
+    assert len(kept) == loading._PROCESSED_KEEP
+
+
+def test_unwritable_processed_cache_is_logged_not_raised(monkeypatch, caplog, checkpoint):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level(logging.WARNING, logger="lenscope.loading"):
+        _fake_processed(checkpoint, {"n": 0})
+    assert "could not cache the processed weights" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert not list(checkpoint.glob(f"{loading._PROCESSED_PREFIX}*"))
+    assert not list(checkpoint.glob(".building-*"))
+
+
+# --------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------
 
@@ -324,7 +616,7 @@ def test_name_and_bridge_types_are_checked():
         load_model(bridge="yes")
     with pytest.raises(TypeError, match=r"name must be a str naming a model, got NoneType"):
         _unchecked(load_model)(None)
-    with pytest.raises(TypeError, match=r"bridge must be a bool, got str 'yes'"):
+    with pytest.raises(TypeError, match=r"bridge must be a bool or None, got str 'yes'"):
         _unchecked(load_model)(bridge="yes")
 
 
@@ -354,7 +646,9 @@ def _offline_hub_error(name):
         return error
 
 
-@pytest.mark.parametrize("bridge", [False, True])
+@pytest.mark.parametrize(
+    "bridge", [pytest.param(False, marks=needs_hooked_transformer), True], ids=["HT", "Bridge"]
+)
 def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
     raised = _offline_hub_error("gpt2-medium")
 
@@ -377,7 +671,7 @@ def test_bare_connection_error_is_recognised(monkeypatch):
     def fail(*args, **kwargs):
         raise ConnectionError("connection refused")
 
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
+    monkeypatch.setattr(*_default_loader(), fail)
     with pytest.raises(OSError, match="could not be fetched from the Hugging Face hub"):
         load_model("EleutherAI/pythia-70m")
 
@@ -388,12 +682,13 @@ def test_other_load_errors_pass_through(monkeypatch):
     def fail(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
+    monkeypatch.setattr(*_default_loader(), fail)
     with pytest.raises(OSError) as info:
         load_model("gpt2")
     assert info.value is raised
 
 
+@needs_hooked_transformer  # a bridge asks the hub about names it does not know
 def test_unknown_name_gives_transformer_lens_error_chained():
     with pytest.raises(ValueError, match=r"TransformerLens knows, got 'no-such-model-xyz'") as info:
         load_model("no-such-model-xyz")
@@ -480,7 +775,11 @@ def test_first_load_converts_and_predicts_paris(offline):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bridge", [False, True], ids=["HookedTransformer", "Bridge"])
+@pytest.mark.parametrize(
+    "bridge",
+    [pytest.param(False, marks=needs_hooked_transformer), True],
+    ids=["HookedTransformer", "Bridge"],
+)
 def test_cached_load_skips_conversion_and_predicts_paris(offline, bridge):
     calls = offline.spy.calls
     start = time.perf_counter()
@@ -515,3 +814,40 @@ def test_truncated_real_cache_is_rebuilt(offline):
     assert loading._verify_manifest(checkpoint) is None
     assert _paris(model)[0] == " Paris"
     assert offline.attempts == []
+
+
+@pytest.mark.slow
+@needs_tl4
+def test_real_processed_cache_matches_fresh_processing(monkeypatch):
+    pytest.importorskip(loading._OFFLINE_PACKAGE)
+    checkpoint = loading._ensure_offline_checkpoint(loading._import_offline_package())
+    key = loading._processing_key(checkpoint, dtype=torch.float32, device=torch.device("cpu"))
+    directory = loading._processed_dir(checkpoint, key)
+    shutil.rmtree(directory, ignore_errors=True)
+    saves = _Spy(loading._save_processed)
+    monkeypatch.setattr(loading, "_save_processed", saves)
+
+    fresh = load_model(device="cpu")  # processes the weights and caches them
+    assert saves.calls == 1
+    assert isinstance(loading._read_processed(checkpoint, key), loading._Processed)
+    fresh_logits, fresh_hooks = _logits(fresh), sorted(fresh.hook_dict)
+    del fresh
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = load_model(device="cpu")
+    assert saves.calls == 1  # reused, not processed again
+    assert cached.compatibility_mode
+    assert sorted(cached.hook_dict) == fresh_hooks
+    torch.testing.assert_close(_logits(cached), fresh_logits, rtol=0, atol=1e-5)
+    assert _paris(cached)[0] == " Paris"
+    del cached
+
+    weights = directory / loading._PROCESSED_WEIGHTS
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+    with pytest.warns(UserWarning, match=r"cached processed weights in .* are damaged"):
+        rebuilt = load_model(device="cpu")
+    assert saves.calls == 2
+    assert loading._verify_manifest(directory, required=(loading._PROCESSED_WEIGHTS,)) is None
+    torch.testing.assert_close(_logits(rebuilt), fresh_logits, rtol=0, atol=1e-5)
