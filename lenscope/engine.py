@@ -20,7 +20,10 @@ Two strategies run the same computation:
   positions ``t:`` are computed, reading the corrupted keys and values of
   earlier positions from a frozen key/value cache. That is exactly the
   minimal token-layer count; restoring ``resid_post`` skips even the first
-  block. HookedTransformer only.
+  block. How a model class keeps those keys and values and runs one block
+  is behind :class:`lenscope._prefix.PrefixRunner`: ``start_at_layer`` on a
+  HookedTransformer, direct calls of the decoder blocks on a
+  TransformerBridge (:mod:`lenscope._bridge_prefix`).
 
 Both skip restorations that provably change nothing (positions before the
 subject, non-``resid_pre`` kinds in the last block at earlier positions):
@@ -39,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lenscope import metrics
+from lenscope._prefix import prefix_runner, prefix_unsupported
 from lenscope.hooks import (
     EMBED_HOOK,
     decode_resid,
@@ -64,8 +68,10 @@ class CleanRun:
 class CorruptedRun:
     """The corrupted copies with nothing restored.
 
-    ``resid_pre`` (residual stream entering each block) and ``kv_cache`` are
-    kept only for the prefix strategy.
+    ``resid_pre`` (residual stream entering each block) and ``kv_cache`` (every
+    layer's keys and values, in the form the model's
+    :class:`~lenscope._prefix.PrefixRunner` reads) are kept only for the
+    prefix strategy.
     """
 
     logits: Float[Tensor, "samples d_vocab"]
@@ -87,17 +93,16 @@ def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy must be one of {STRATEGIES}, got {strategy!r}; "
-            "'auto' picks 'prefix' for a HookedTransformer and 'full' otherwise"
+            "'auto' picks 'prefix' where the model supports it and 'full' otherwise"
         )
-    prefix_ok = not is_bridge(model) and model.cfg.positional_embedding_type != "shortformer"
-    if strategy == "prefix" and not prefix_ok:
+    unsupported = prefix_unsupported(model)
+    if strategy == "prefix" and unsupported:
         raise ValueError(
-            f"strategy='prefix' needs a HookedTransformer without shortformer position "
-            f"embeddings (it uses start_at_layer), got {type(model).__name__}; "
+            f"strategy='prefix' cannot run on this {type(model).__name__}: {unsupported}; "
             "pass strategy='full' or 'auto'"
         )
     if strategy == "auto":
-        return "prefix" if prefix_ok else "full"
+        return "full" if unsupported else "prefix"
     return strategy
 
 
@@ -250,19 +255,10 @@ def corrupted_run(
         logits = decode_resid(model, run_to_final_resid(model, batch, hooks))
         return CorruptedRun(logits=logits, resid_pre=None, kv_cache=None)
 
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     store: dict[str, Tensor] = {}
     names = [hook_name("resid_pre", layer) for layer in range(n_layers(model))]
     hooks += [(name, _capture_hook(store, name)) for name in names]
-    kv_cache = TransformerLensKeyValueCache.init_cache(
-        model.cfg, model.cfg.device, batch_size=samples
-    )
-    # An explicit all-ones mask: TransformerLens would otherwise infer one from
-    # pad tokens, and mask a prompt that happens to contain the pad id.
-    resid = run_to_final_resid(
-        model, batch, hooks, past_kv_cache=kv_cache, attention_mask=torch.ones_like(batch)
-    )
+    resid, kv_cache = prefix_runner(model).corrupted_forward(batch, hooks)
     return CorruptedRun(
         logits=decode_resid(model, resid),
         resid_pre=[store[name] for name in names],
@@ -329,30 +325,6 @@ def _stair_groups(
     return groups
 
 
-def _stair_cache(kv_cache: Any, pos: int, copies: list[int]) -> Any:
-    """A frozen cache holding the corrupted keys/values of positions ``< pos``.
-
-    Layer ``j``'s entry is repeated ``copies[j]`` times: the number of cells
-    whose runs have started by then.
-    """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    def sliced(tensor: Tensor, count: int) -> Tensor:
-        return einops.repeat(tensor[:, :pos], "s p h d -> (c s) p h d", c=count)
-
-    entries = [
-        TransformerLensKeyValueCacheEntry(
-            sliced(entry.past_keys, count), sliced(entry.past_values, count), frozen=True
-        )
-        if count
-        else entry
-        for entry, count in zip(kv_cache.entries, copies, strict=True)
-    ]
-    mask = einops.repeat(kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=copies[-1])
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
-
-
 def _run_stair(
     model: torch.nn.Module,
     pos: int,
@@ -387,9 +359,13 @@ def _run_stair(
         hooks.append(
             (names[layer], _restore_hook(clean.activations[names[layer]][pos:], mask.to(device)))
         )
-    cache = _stair_cache(corrupted.kv_cache, pos, joined) if pos else None
     resid = None
-    with model.hooks(fwd_hooks=hooks):
+    # The stair is set up before the restoring hooks are attached: a
+    # TransformerBridge runs a one-row probe forward there.
+    with (
+        prefix_runner(model).stair(corrupted.kv_cache, pos, joined) as run_block,
+        model.hooks(fwd_hooks=hooks),
+    ):
         for layer in range(int(entries[0]), n_layer):
             count = joined[layer] - (joined[layer - 1] if layer else 0)
             if count:
@@ -401,7 +377,7 @@ def _run_stair(
                     new = new.clone()
                     new[:, 0] = clean.activations[names[layer - 1]][pos]
                 resid = new if resid is None else torch.cat([resid, new])
-            resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1, past_kv_cache=cache)
+            resid = run_block(resid, layer)
     return resid[:, -1]
 
 
