@@ -629,7 +629,8 @@ def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
         ]
     )
     assert ds.run_dataset_cli(args, factory) == 0
-    assert loaded == [("tiny", {"bridge": False, "device": None, "dtype": None})]
+    # bridge=None: the installed TransformerLens' default class
+    assert loaded == [("tiny", {"bridge": None, "device": None, "dtype": None})]
     assert (tmp_path / "report.html").exists()
     assert ds.DatasetSummary.load(tmp_path / "summary.json").n_facts == 1
     assert "mlp_out" in capsys.readouterr().out
