@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -386,86 +387,75 @@ def _load_offline(
 ) -> "HookedTransformer | TransformerBridge":
     """Load Gemma-3-270m from the cached checkpoint, building it first if needed.
 
-    On TransformerLens 4 the bridge's compatibility-mode weights come from the
-    processed-weight cache when it holds them for these settings; the weights
-    of the raw checkpoint are then never read, so only their sizes are checked
-    here, and the processed file is hashed in a thread while the tokenizer
-    loads (``hashlib`` releases the GIL).
+    Where TransformerLens processes the weights (a TransformerLens 4 bridge in
+    compatibility mode, or a ``HookedTransformer``) the processed weights come
+    from the processed-weight cache when it holds them for these settings. The
+    processed file is hashed in a thread while the tokenizer loads
+    (``hashlib`` releases the GIL). A bridge then never reads the raw weights,
+    so only their sizes are checked.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     package = _import_offline_package()
-    if bridge and compat.tl_version() >= (4, 0):
-        from transformer_lens.utilities import get_device
-
-        # The bridge reads hooks off HF's eager attention (it forces "eager"
-        # itself when it loads a model by name). It also takes a pre-loaded
-        # model where it is, so choose the device here as it would.
-        device = torch.device(get_device()) if device is None else device
-        checkpoint = _ensure_offline_checkpoint(package, unhashed=(_WEIGHTS,))
-        key = _processing_key(checkpoint, dtype=dtype, device=device)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(_read_processed, checkpoint, key)
-            # add_bos_token=True up front: otherwise TransformerLens reloads the
-            # tokenizer by its path just to switch that flag on.
-            tokenizer = AutoTokenizer.from_pretrained(
-                checkpoint, add_bos_token=True, local_files_only=True
-            )
-            cached = pending.result()
-        if isinstance(cached, str):
-            warnings.warn(
-                f"the cached processed weights in {_processed_dir(checkpoint, key)} are damaged "
-                f"({cached}); processing the weights afresh and caching them again",
-                stacklevel=3,
-            )
-            cached = None
-        if cached is not None:
-            try:
-                return _boot_compatible_bridge(checkpoint, tokenizer, key, cached, dtype, device)
-            except _StaleProcessedCache:
-                # Processed afresh below; the entry goes so the new one can take its place.
-                shutil.rmtree(_processed_dir(checkpoint, key), ignore_errors=True)
-        # The raw weights are read after all: check their digests too.
-        checkpoint = _ensure_offline_checkpoint(package)
-        return _boot_compatible_bridge(checkpoint, tokenizer, key, None, dtype, device)
-
-    checkpoint = _ensure_offline_checkpoint(package)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, add_bos_token=True, local_files_only=True)
-    if bridge:
+    if bridge and compat.tl_version() < (4, 0):
         # TransformerLens 3.9's bridge: HookedTransformer hook names, no processing.
         from transformer_lens.utilities import get_device
 
         device = torch.device(get_device()) if device is None else device
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
-        ).to(device)
-        return _compatible(
-            compat.bridge_class().boot_transformers(
-                _TL_OFFICIAL_NAME,
-                hf_model=hf_model,
-                tokenizer=tokenizer,
-                dtype=dtype,
-                device=device,
-            )
+        checkpoint = _ensure_offline_checkpoint(package)
+        tokenizer = AutoTokenizer.from_pretrained(
+            checkpoint, add_bos_token=True, local_files_only=True
         )
-    hooked = compat.hooked_transformer_class()
-    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
-    with _quiet_hooked_transformer_deprecation():
-        model = hooked.from_pretrained(
-            _TL_OFFICIAL_NAME, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        return _build_offline(checkpoint, tokenizer, None, None, bridge, dtype, device)
+
+    from transformer_lens.utilities import get_device
+
+    # The bridge takes a pre-loaded model where it is, so choose the device
+    # here as TransformerLens would; a HookedTransformer chooses it itself.
+    chosen = torch.device(get_device()) if device is None else device
+    if bridge:
+        device = chosen
+    checkpoint = _ensure_offline_checkpoint(package, unhashed=(_WEIGHTS,) if bridge else ())
+    key = _processing_key(checkpoint, dtype=dtype, device=chosen)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_processed, checkpoint, key)
+        # add_bos_token=True up front: otherwise TransformerLens reloads the
+        # tokenizer by its path just to switch that flag on.
+        tokenizer = AutoTokenizer.from_pretrained(
+            checkpoint, add_bos_token=True, local_files_only=True
         )
-    return model
+        cached = pending.result()
+    if isinstance(cached, str):
+        warnings.warn(
+            f"the cached processed weights in {_processed_dir(checkpoint, key)} are damaged "
+            f"({cached}); processing the weights afresh and caching them again",
+            stacklevel=3,
+        )
+        cached = None
+    if cached is not None:
+        try:
+            return _build_offline(checkpoint, tokenizer, key, cached, bridge, dtype, device)
+        except _StaleProcessedCache:
+            # Processed afresh below; the entry goes so the new one can take its place.
+            shutil.rmtree(_processed_dir(checkpoint, key), ignore_errors=True)
+    if bridge:
+        # The raw weights are read after all: check their digests too.
+        checkpoint = _ensure_offline_checkpoint(package)
+    return _build_offline(checkpoint, tokenizer, key, None, bridge, dtype, device)
 
 
-def _boot_compatible_bridge(
+def _build_offline(
     checkpoint: Path,
     tokenizer: Any,
-    key: dict[str, Any],
+    key: dict[str, Any] | None,
     cached: "_Processed | None",
+    bridge: bool,
     dtype: torch.dtype,
-    device: torch.device,
-) -> "TransformerBridge":
-    """A compatibility-mode bridge around ``checkpoint``, with ``cached`` processed weights.
+    device: torch.device | None,
+) -> "HookedTransformer | TransformerBridge":
+    """The model around ``checkpoint``, its processing reusing ``cached`` or filling the cache.
+
+    ``key=None`` means no processing cache at all (TransformerLens 3.9's bridge).
 
     Raises:
         _StaleProcessedCache: If ``cached`` does not fit what TransformerLens
@@ -473,7 +463,34 @@ def _boot_compatible_bridge(
     """
     from transformers import AutoModelForCausalLM
 
-    # safetensors maps the raw weights; with a cache hit their pages are never read.
+    def store(signature: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if key is not None:
+            _save_processed(checkpoint, key, signature, tensors)
+
+    if not bridge:
+        hooked = compat.hooked_transformer_class()
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, local_files_only=True
+        )
+        # from_pretrained builds the model's config itself, so match the
+        # processing call by thread: this one loads exactly one model.
+        thread = threading.get_ident()
+        with (
+            _reused_processing(lambda config: threading.get_ident() == thread, cached, store),
+            _quiet_hooked_transformer_deprecation(),
+        ):
+            return hooked.from_pretrained(
+                _TL_OFFICIAL_NAME,
+                hf_model=hf_model,
+                tokenizer=tokenizer,
+                device=device,
+                dtype=dtype,
+                **_PROCESSING_OPTIONS,
+            )
+
+    # The bridge reads hooks off HF's eager attention (it forces "eager"
+    # itself when it loads a model by name). safetensors maps the raw weights;
+    # with a cache hit their pages are never read.
     hf_model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
     ).to(device)
@@ -483,11 +500,7 @@ def _boot_compatible_bridge(
     if cached is not None:
         _untie_unread_unembedding(hf_model)
     del hf_model  # the bridge holds it; its raw tensors go once processing replaces them
-    with _reused_processing(
-        model.cfg,
-        cached,
-        store=lambda signature, tensors: _save_processed(checkpoint, key, signature, tensors),
-    ):
+    with _reused_processing(lambda config: config is model.cfg, cached, store):
         _compatible(model)
     return model
 
@@ -767,15 +780,17 @@ def _signature(state_dict: Mapping[str, Any], options: Mapping[str, Any]) -> dic
 
 @contextlib.contextmanager
 def _reused_processing(
-    cfg: Any,
+    ours: Callable[[Any], bool],
     cached: "_Processed | None",
     store: Callable[[dict[str, Any], dict[str, torch.Tensor]], None],
 ) -> Iterator[None]:
-    """Memoise TransformerLens' weight processing for the bridge whose config is ``cfg``.
+    """Memoise TransformerLens' weight processing for the model whose config ``ours`` accepts.
 
-    ``TransformerBridge.process_weights`` does its bookkeeping (flags, the
-    untying of embed and unembed, distributing the weights to the components,
-    adapter hooks) around one pure step, ``ProcessWeights.process_weights``,
+    ``TransformerBridge.process_weights`` (and TransformerLens 3.9's
+    ``HookedTransformer.load_and_process_state_dict``) does its bookkeeping
+    (flags, the untying of embed and unembed, distributing the weights to the
+    components, adapter hooks; swapping in pre-norm modules) around one pure
+    step, ``ProcessWeights.process_weights``,
     which folds and centres a state dict; that step is most of the time and
     memory of ``enable_compatibility_mode``. Inside this context that step
     returns ``cached`` (and raises :class:`_StaleProcessedCache` if the call
@@ -784,8 +799,8 @@ def _reused_processing(
     result to ``store`` before
     TransformerLens distributes it (so nothing done to the live weights
     afterwards reaches the cache). The bookkeeping always runs as
-    TransformerLens wrote it, and calls for other models (another ``cfg``)
-    pass straight through.
+    TransformerLens wrote it, and calls for other models pass straight
+    through.
     """
     from transformer_lens.weight_processing import ProcessWeights
 
@@ -793,7 +808,7 @@ def _reused_processing(
     process = original.__func__ if isinstance(original, staticmethod) else original
 
     def memoised(state_dict: dict[str, torch.Tensor], config: Any, **options: Any) -> Any:
-        if config is not cfg:
+        if not ours(config):
             return process(state_dict, config, **options)
         signature = _signature(state_dict, options)
         if cached is not None:
