@@ -46,8 +46,10 @@ def _state(model):
     """Everything a trace could leave behind on the model."""
     modules = dict(model.named_modules())
     return {
+        # A bridge lists a HookPoint under its alias too (hook_resid_pre = hook_in): count each once.
         "hook_points": sum(
-            len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values()
+            len(hp.fwd_hooks) + len(hp.bwd_hooks)
+            for hp in {id(hp): hp for hp in model.hook_dict.values()}.values()
         ),
         "torch_hooks": {
             name: (
