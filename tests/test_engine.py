@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_PROMPT, tl4
+from conftest import TINY_PROMPT
 
 import lenscope
 
@@ -226,9 +226,6 @@ def test_metrics_match_reference_loop(
 def test_weights_are_stored_in_read_order_only_during_a_trace(tiny_gated_model, tokens_and_noise):
     """TransformerLens's per-call weight transposes become views; afterwards nothing changed."""
     import einops
-
-    if tl4():
-        pytest.skip("HookedTransformer's weight layout (TransformerLens 3.9); a no-op on a bridge")
 
     from lenscope.engine import matmul_friendly_weights
     from lenscope.hooks import is_bridge
