@@ -1,7 +1,9 @@
 """Load a TransformerLens model by name, with Gemma-3-270m available offline.
 
-:func:`load_model` returns a ``HookedTransformer`` (or, with ``bridge=True``, a
-``TransformerBridge``) in eval mode with its tokenizer attached. Any name
+:func:`load_model` returns the installed TransformerLens' own model class in
+eval mode with its tokenizer attached: on TransformerLens 4 a
+``TransformerBridge`` in compatibility mode, on 3.9 a ``HookedTransformer``
+(``bridge=True``/``False`` chooses). Any name
 TransformerLens knows is loaded from the Hugging Face hub as usual. The
 default, ``"gemma-3-270m"``, never touches the network: the weights of the
 real Gemma-3-270m base model (Gemma Team, 2025) ship as a Q4_K_M GGUF file in
