@@ -15,6 +15,8 @@ itself (:func:`lenscope.engine._run_stair`) is the same for every class.
   ``TransformerLensKeyValueCache``.
 * :class:`lenscope._bridge_prefix.BridgePrefixRunner`: a ``TransformerBridge``,
   by calling its blocks directly (see that module).
+
+:func:`lenscope.engine.prefix_runner` picks the runner for a model.
 """
 
 import abc
@@ -27,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lenscope.hooks import HookFn, is_bridge, run_to_final_resid
+from lenscope.hooks import HookFn, run_to_final_resid
 
 BlockRunner = Callable[[Tensor, int], Tensor]
 """``run_block(resid, layer)``: block ``layer`` on a stair's rows, positions ``pos:``."""
@@ -124,26 +126,3 @@ def _frozen_cache(kv_cache: Any, pos: int, copies: Sequence[int]) -> Any:
     ]
     mask = einops.repeat(kv_cache.previous_attention_mask[:, :pos], "s p -> (c s) p", c=copies[-1])
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
-
-
-def prefix_unsupported(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot run the prefix strategy, or None if it can."""
-    if is_bridge(model):
-        from lenscope._bridge_prefix import bridge_unsupported
-
-        return bridge_unsupported(model)
-    if model.cfg.positional_embedding_type == "shortformer":
-        return (
-            "a HookedTransformer with shortformer position embeddings adds them to "
-            "every block's queries and keys, which start_at_layer does not reproduce"
-        )
-    return None
-
-
-def prefix_runner(model: torch.nn.Module) -> PrefixRunner:
-    """The :class:`PrefixRunner` for ``model``'s class."""
-    if is_bridge(model):
-        from lenscope._bridge_prefix import BridgePrefixRunner
-
-        return BridgePrefixRunner(model)
-    return HookedPrefixRunner(model)

@@ -1,11 +1,16 @@
 """The vectorised sweep engine behind every causal trace.
 
 One generic routine restores clean activations into corrupted runs for many
-``(layer, pos)`` cells at once (Meng et al., 2022, arXiv 2202.05262): each
-batch row is one corrupted copy carrying one cell, and a hook at
-``blocks.{j}.hook_{kind}`` swaps in the clean activation where an
-einops-built boolean mask ``[batch, pos]`` says so. Only the last position's
-final residual is decoded, never ``[batch, pos, d_vocab]`` logits.
+cells at once (Meng et al., 2022, arXiv 2202.05262): each batch row is one
+corrupted copy carrying one cell, and a hook at the site's hook point
+swaps in the clean activation where an einops-built boolean mask says so.
+What is restored is a :class:`~lenscope.sites.Site` (a cell is a point of its
+index space, ``(layer, pos)`` for the residual-width sites); how the
+corrupted run differs from the clean one is a
+:class:`~lenscope.corruptions.CorruptedInput` (its tokens, its hooks, its
+first changed position). The engine knows nothing more about either. Only
+the last position's final residual is decoded, never ``[batch, pos,
+d_vocab]`` logits.
 
 Two strategies run the same computation:
 
@@ -26,8 +31,8 @@ Two strategies run the same computation:
   TransformerBridge (:mod:`lenscope._bridge_prefix`).
 
 Both skip restorations that provably change nothing (positions before the
-subject, non-``resid_pre`` kinds in the last block at earlier positions):
-such cells take the corrupted run's scores.
+corruption's first changed position, sites attention does not read in the
+last block at earlier positions): such cells take the corrupted run's scores.
 """
 
 import contextlib
@@ -42,9 +47,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lenscope import metrics
-from lenscope._prefix import prefix_runner, prefix_unsupported
+from lenscope._bridge_prefix import BridgePrefixRunner, bridge_unsupported
+from lenscope._prefix import HookedPrefixRunner, PrefixRunner
+from lenscope.corruptions import CorruptedInput
 from lenscope.hooks import (
-    EMBED_HOOK,
+    FINAL_RESID,
+    capture_forward,
     decode_resid,
     hook_name,
     is_bridge,
@@ -52,6 +60,8 @@ from lenscope.hooks import (
     run_to_final_resid,
 )
 from lenscope.metrics import PatchingMetric
+from lenscope.sites import Site
+from lenscope.validation import InvalidInput
 
 STRATEGIES = ("auto", "prefix", "full")
 
@@ -60,7 +70,7 @@ STRATEGIES = ("auto", "prefix", "full")
 class CleanRun:
     """Clean activations of one prompt at the hook points a trace restores."""
 
-    activations: dict[str, Float[Tensor, "pos d_model"]]
+    activations: dict[str, Float[Tensor, "pos ..."]]
     logits: Float[Tensor, " d_vocab"]
 
 
@@ -83,21 +93,40 @@ class CorruptedRun:
 class SweepOutput:
     """Per-cell metric and top-k of the restored runs; NaN / -1 for cells not traced."""
 
-    scores: Float[Tensor, "layer pos"]
-    top_ids: Int[Tensor, "layer pos k"]
-    top_probs: Float[Tensor, "layer pos k"]
+    scores: Float[Tensor, "layer ..."]
+    top_ids: Int[Tensor, "layer *unit k"]
+    top_probs: Float[Tensor, "layer *unit k"]
+
+
+def prefix_unsupported(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot run the prefix strategy, or None if it can."""
+    if is_bridge(model):
+        return bridge_unsupported(model)
+    if model.cfg.positional_embedding_type == "shortformer":
+        return (
+            "a HookedTransformer with shortformer position embeddings adds them to "
+            "every block's queries and keys, which start_at_layer does not reproduce"
+        )
+    return None
+
+
+def prefix_runner(model: torch.nn.Module) -> PrefixRunner:
+    """The :class:`PrefixRunner` for ``model``'s class."""
+    if is_bridge(model):
+        return BridgePrefixRunner(model)
+    return HookedPrefixRunner(model)
 
 
 def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
     """Resolve ``"auto"`` to the fastest strategy ``model`` supports."""
     if strategy not in STRATEGIES:
-        raise ValueError(
+        raise InvalidInput(
             f"strategy must be one of {STRATEGIES}, got {strategy!r}; "
             "'auto' picks 'prefix' where the model supports it and 'full' otherwise"
         )
     unsupported = prefix_unsupported(model)
     if strategy == "prefix" and unsupported:
-        raise ValueError(
+        raise InvalidInput(
             f"strategy='prefix' cannot run on this {type(model).__name__}: {unsupported}; "
             "pass strategy='full' or 'auto'"
         )
@@ -191,34 +220,6 @@ def matmul_friendly_weights(model: torch.nn.Module) -> Iterator[None]:
             param.data = original
 
 
-def _noise_hook(
-    noise: Float[Tensor, "samples subject_pos d_model"], subject_range: tuple[int, int]
-) -> Callable[[Tensor, Any], Tensor]:
-    """A ``hook_embed`` hook adding each row's noise to the subject positions."""
-    start, end = subject_range
-
-    def hook(embed: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
-        copies = embed.shape[0] // noise.shape[0]
-        rows = einops.repeat(noise, "sample pos d -> (copy sample) pos d", copy=copies)
-        embed = embed.clone()
-        embed[:, start:end] = embed[:, start:end] + rows.to(embed.dtype)
-        return embed
-
-    return hook
-
-
-def _restore_hook(
-    clean: Float[Tensor, "pos d_model"], restore: Bool[Tensor, "batch pos"]
-) -> Callable[[Tensor, Any], Tensor]:
-    """A hook putting the clean activation wherever ``restore`` is true."""
-    mask = einops.rearrange(restore, "batch pos -> batch pos 1")
-
-    def hook(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
-        return torch.where(mask, clean.to(act.dtype), act)
-
-    return hook
-
-
 def _capture_hook(store: dict[str, Tensor], name: str) -> Callable[[Tensor, Any], None]:
     # Keyed by the name we asked for: a TransformerBridge reports canonical
     # names (e.g. blocks.0.hook_out) to hooks attached through an alias.
@@ -232,25 +233,18 @@ def clean_run(
     model: torch.nn.Module, tokens: Int[Tensor, " pos"], hook_names: Sequence[str]
 ) -> CleanRun:
     """Run the clean prompt once, keeping ``hook_names`` and the last-position logits."""
-    store: dict[str, Tensor] = {}
-    hooks = [(name, _capture_hook(store, name)) for name in hook_names]
-    resid = run_to_final_resid(model, tokens[None], hooks)
+    store = capture_forward(model, tokens[None], [], hook_names)
+    resid = store.pop(FINAL_RESID)[:, -1]
     activations = {name: store[name][0] for name in hook_names}
     return CleanRun(activations=activations, logits=decode_resid(model, resid)[0])
 
 
 def corrupted_run(
-    model: torch.nn.Module,
-    tokens: Int[Tensor, " pos"],
-    noise: Float[Tensor, "samples subject_pos d_model"],
-    subject_range: tuple[int, int],
-    *,
-    keep_prefix_state: bool,
+    model: torch.nn.Module, corrupted: CorruptedInput, *, keep_prefix_state: bool
 ) -> CorruptedRun:
-    """Run the noised copies once; keep what the prefix strategy starts from."""
-    samples = noise.shape[0]
-    batch = einops.repeat(tokens, "pos -> sample pos", sample=samples)
-    hooks: list[tuple[str, Any]] = [(EMBED_HOOK, _noise_hook(noise, subject_range))]
+    """Run the corrupted samples once; keep what the prefix strategy starts from."""
+    batch = corrupted.tokens
+    hooks = list(corrupted.fwd_hooks)
     if not keep_prefix_state:
         logits = decode_resid(model, run_to_final_resid(model, batch, hooks))
         return CorruptedRun(logits=logits, resid_pre=None, kv_cache=None)
@@ -267,62 +261,79 @@ def corrupted_run(
 
 
 def restore_windows(
-    cells: Int[Tensor, "cell 2"], window: int, n_layer: int
+    cells: Int[Tensor, "cell axis"], window: int, n_layer: int
 ) -> Bool[Tensor, "cell layer"]:
-    """Which layers each cell restores: ``[l - w//2, l - w//2 + w)`` clipped, as in ROME."""
+    """Which layers each cell restores: ``[l - w//2, l - w//2 + w)`` clipped, as in ROME.
+
+    ``cells[:, 0]`` is each cell's layer (the first axis of every index space).
+    """
     layers = torch.arange(n_layer)
     lo = (cells[:, 0] - window // 2).clamp(min=0)
     hi = (cells[:, 0] - window // 2 + window).clamp(max=n_layer)
     return (layers[None, :] >= lo[:, None]) & (layers[None, :] < hi[:, None])
 
 
+def _touched_positions(
+    site: Site, cells: Int[Tensor, "cell axis"], n_pos: int
+) -> Bool[Tensor, "cell pos"]:
+    """Token positions each cell restores at."""
+    mask = site.cell_mask(cells[:, 1:], n_pos)
+    return mask.flatten(2).any(-1) if mask.ndim > 2 else mask
+
+
 def effective_windows(
     windows: Bool[Tensor, "cell layer"],
-    cells: Int[Tensor, "cell 2"],
-    kind: str,
-    subject_start: int,
+    cells: Int[Tensor, "cell axis"],
+    site: Site,
+    first_changed: int,
     n_pos: int,
 ) -> Bool[Tensor, "cell layer"]:
     """Drop the restorations that provably change nothing at the last position.
 
-    Positions before the subject never see the noise (causal attention), so
-    their clean and corrupted activations are equal and restoring them is a
-    no-op. In the last block, an activation at an earlier position reaches
-    the last one only through that block's keys and values, which come from
-    ``resid_pre``; restoring any other kind there is a no-op too. A cell left
-    with no layer to restore scores exactly like the corrupted run.
+    Positions before the corruption's first changed position never see it
+    (causal attention), so their clean and corrupted activations are equal
+    and restoring them is a no-op. In the last block, an activation at an
+    earlier position reaches the last one only if attention in that block
+    reads it (:attr:`Site.feeds_attention`: ``resid_pre`` only, among the
+    residual-width sites); restoring any other site there is a no-op too. A
+    cell left with no layer to restore scores exactly like the corrupted run.
     """
-    keep = windows & (cells[:, 1] >= subject_start)[:, None]
-    if kind != "resid_pre":
-        keep[:, -1] &= cells[:, 1] == n_pos - 1
+    touched = _touched_positions(site, cells, n_pos)
+    keep = windows & touched[:, first_changed:].any(dim=1)[:, None]
+    if not site.feeds_attention:
+        keep[:, -1] &= touched[:, -1]
     return keep
 
 
-def _entry_layers(windows: Bool[Tensor, "cell layer"], kind: str) -> Int[Tensor, " cell"]:
+def _entry_layers(windows: Bool[Tensor, "cell layer"], site: Site) -> Int[Tensor, " cell"]:
     """The block each cell's restored run starts at in the prefix strategy.
 
     A cell starts at its first restored layer, from the corrupted residual
-    stream there. Restoring ``resid_post`` of layer ``a`` is the same as
-    starting at block ``a + 1`` with the clean value put into the residual
-    stream, so that block need not run at all.
+    stream there, plus the site's :attr:`~lenscope.sites.Site.entry_offset`
+    (restoring ``resid_post`` of layer ``a`` is the same as starting at
+    block ``a + 1`` with the clean value put into the residual stream).
     """
-    first = windows.float().argmax(dim=1)
-    return first + 1 if kind == "resid_post" else first
+    return windows.float().argmax(dim=1) + site.entry_offset
 
 
 def _stair_groups(
-    cells: Int[Tensor, "cell 2"],
+    first_pos: Int[Tensor, " cell"],
     entries: Int[Tensor, " cell"],
     max_cells: Callable[[int], int],
 ) -> list[Int[Tensor, " member"]]:
-    """Cells of one position together, in order of entry layer, cut to fit a batch."""
+    """Cells of one first position together, in order of entry layer, cut to fit a batch."""
     groups = []
-    for pos in cells[:, 1].unique().tolist():
-        members = torch.nonzero(cells[:, 1] == pos).flatten()
+    for pos in first_pos.unique().tolist():
+        members = torch.nonzero(first_pos == pos).flatten()
         members = members[torch.argsort(entries[members], stable=True)]
         size = max_cells(pos)
         groups += [members[i : i + size] for i in range(0, len(members), size)]
     return groups
+
+
+def _rows(mask: Bool[Tensor, "cell ..."], samples: int) -> Bool[Tensor, "row ..."]:
+    """One row per ``(cell, sample)``, cell-major."""
+    return einops.repeat(mask, "cell ... -> (cell sample) ...", sample=samples)
 
 
 def _run_stair(
@@ -330,12 +341,13 @@ def _run_stair(
     pos: int,
     entries: Int[Tensor, " member"],
     windows: Bool[Tensor, "member layer"],
-    kind: str,
+    masks: Bool[Tensor, "member pos ..."],
+    site: Site,
     clean: CleanRun,
     corrupted: CorruptedRun,
     samples: int,
 ) -> Float[Tensor, "row d_model"]:
-    """Run the cells of one position, each joining the batch at its entry layer.
+    """Run the cells of one first position, each joining the batch at its entry layer.
 
     Every row runs positions ``pos:`` only (the corrupted keys and values of
     earlier positions come from a frozen cache) and only the blocks from its
@@ -345,19 +357,22 @@ def _run_stair(
     """
     if corrupted.resid_pre is None or corrupted.kv_cache is None:
         raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre and cache")
-    n_layer, n_pos = n_layers(model), corrupted.resid_pre[0].shape[1]
+    n_layer = n_layers(model)
     device = corrupted.resid_pre[0].device
-    names = [hook_name(kind, layer) for layer in range(n_layer)]
+    names = site.hook_names(n_layer)
+    masks = masks[:, pos:]
     joined = [int((entries <= layer).sum()) for layer in range(n_layer)]
     hooks: list[tuple[str, Any]] = []
     for layer in range(int(entries[0]), n_layer):
-        restore = windows[: joined[layer], layer]  # [cell], at the first position only
+        restore = windows[: joined[layer], layer]
         if not restore.any():
             continue
-        mask = einops.repeat(restore, "cell -> (cell sample) 1", sample=samples)
-        mask = torch.nn.functional.pad(mask, (0, n_pos - pos - 1))
+        mask = _rows(masks[: joined[layer]] & _per_cell(restore, masks.ndim), samples)
         hooks.append(
-            (names[layer], _restore_hook(clean.activations[names[layer]][pos:], mask.to(device)))
+            (
+                names[layer],
+                site.restore_hook(clean.activations[names[layer]][pos:], mask.to(device)),
+            )
         )
     resid = None
     # The stair is set up before the restoring hooks are attached: a
@@ -367,31 +382,37 @@ def _run_stair(
         model.hooks(fwd_hooks=hooks),
     ):
         for layer in range(int(entries[0]), n_layer):
-            count = joined[layer] - (joined[layer - 1] if layer else 0)
+            first = joined[layer - 1] if layer else 0
+            count = joined[layer] - first
             if count:
                 new = einops.repeat(
                     corrupted.resid_pre[layer][:, pos:], "s p d -> (c s) p d", c=count
                 )
-                if kind == "resid_post":
-                    # These cells restore resid_post of the previous layer.
-                    new = new.clone()
-                    new[:, 0] = clean.activations[names[layer - 1]][pos]
+                if site.entry_offset:
+                    # These cells restored the previous layer's activation, which
+                    # is this block's input: put its clean value in directly.
+                    before = _rows(masks[first : joined[layer]], samples).to(device)
+                    clean_before = clean.activations[names[layer - 1]][pos:]
+                    new = torch.where(before[..., None], clean_before.to(new.dtype), new)
                 resid = new if resid is None else torch.cat([resid, new])
             resid = run_block(resid, layer)
     return resid[:, -1]
 
 
+def _per_cell(restore: Bool[Tensor, " cell"], ndim: int) -> Tensor:
+    """``restore`` with singleton axes appended, to broadcast against ``ndim``-d cell masks."""
+    return restore.reshape(-1, *([1] * (ndim - 1)))
+
+
 def sweep(
     model: torch.nn.Module,
-    tokens: Int[Tensor, " pos"],
     *,
-    kind: str,
+    site: Site,
     window: int,
-    cells: Int[Tensor, "cell 2"],
+    cells: Int[Tensor, "cell axis"],
     clean: CleanRun,
-    corrupted: CorruptedRun,
-    noise: Float[Tensor, "samples subject_pos d_model"],
-    subject_range: tuple[int, int],
+    corrupted: CorruptedInput,
+    corrupted_state: CorruptedRun,
     answer_id: int,
     metric: PatchingMetric,
     top_k: int,
@@ -400,7 +421,7 @@ def sweep(
     progress: bool,
     description: str = "",
 ) -> SweepOutput:
-    """Restore every cell in ``cells`` (``[layer, pos]`` rows) and score it.
+    """Restore every cell of ``cells`` (rows of ``site.index_axes`` coordinates) and score it.
 
     Rows of a batch are ``(cell, sample)`` pairs, cell-major. Cells whose
     restorations are all no-ops (:func:`effective_windows`) take the
@@ -410,18 +431,21 @@ def sweep(
     forward pass. Returns the metric averaged over samples and the top-k of
     the sample-averaged next-token distribution of each cell.
     """
-    n_layer, n_pos = n_layers(model), tokens.shape[0]
-    samples = noise.shape[0]
+    n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
+    samples = corrupted.samples
     windows = effective_windows(
-        restore_windows(cells, window, n_layer), cells, kind, subject_range[0], n_pos
+        restore_windows(cells, window, n_layer), cells, site, corrupted.first_changed, n_pos
     )
     active = windows.any(dim=1)
-    out = _empty_output(n_layer, n_pos, top_k)
+    out = _empty_output((n_layer, *site.unit_shape(model, n_pos)), top_k)
     if not active.all():
-        unchanged = _score_rows(corrupted.logits.float().clone(), samples, answer_id, metric, top_k)
+        unchanged = _score_rows(
+            corrupted_state.logits.float().clone(), samples, answer_id, metric, top_k
+        )
         n_unchanged = int((~active).sum())
         _fill_cells(out, cells[~active], *(x.expand(n_unchanged, *x.shape[1:]) for x in unchanged))
     cells, windows = cells[active], windows[active]
+    masks = site.cell_mask(cells[:, 1:], n_pos)
 
     def rows_for(length: int) -> int:
         return batch_size or auto_batch_size(model, length, samples)
@@ -432,19 +456,20 @@ def sweep(
         per_batch = max(1, rows_for(n_pos) // samples)
         batches = list(torch.arange(len(cells)).split(per_batch))
     else:
-        entries = _entry_layers(windows, kind)
+        entries = _entry_layers(windows, site)
+        first_pos = site.first_position(cells[:, 1:])
         # Restoring only the last block's resid_post at the last position:
         # the final residual is the clean one.
         done = entries == n_layer
         if done.any():
-            final = clean.activations[hook_name(kind, n_layer - 1)][-1]
+            final = clean.activations[site.hook_name(n_layer - 1)][-1]
             order.append(torch.nonzero(done).flatten())
             finals.append(einops.repeat(final, "d -> rows d", rows=int(done.sum()) * samples))
         pending = torch.nonzero(~done).flatten()
         batches = [
             pending[group]
             for group in _stair_groups(
-                cells[pending],
+                first_pos[pending],
                 entries[pending],
                 lambda pos: max(1, rows_for(n_pos - pos) // samples),
             )
@@ -452,28 +477,21 @@ def sweep(
     for members in tqdm(batches, desc=description or "trace", disable=not progress):
         if strategy == "full":
             finals.append(
-                _run_full(
-                    model,
-                    tokens,
-                    cells[members],
-                    windows[members],
-                    kind,
-                    clean,
-                    noise,
-                    subject_range,
-                    samples,
-                )
+                forward_cells(model, corrupted, site, windows[members], masks[members], clean)[
+                    FINAL_RESID
+                ][:, -1]
             )
         else:
             finals.append(
                 _run_stair(
                     model,
-                    int(cells[members[0], 1]),
+                    int(first_pos[members[0]]),
                     entries[members],
                     windows[members],
-                    kind,
+                    masks[members],
+                    site,
                     clean,
-                    corrupted,
+                    corrupted_state,
                     samples,
                 )
             )
@@ -484,52 +502,71 @@ def sweep(
     return out
 
 
-def _run_full(
+def forward_cells(
     model: torch.nn.Module,
-    tokens: Int[Tensor, " pos"],
-    cells: Int[Tensor, "cell 2"],
+    corrupted: CorruptedInput,
+    site: Site,
     windows: Bool[Tensor, "cell layer"],
-    kind: str,
+    masks: Bool[Tensor, "cell pos ..."],
     clean: CleanRun,
-    noise: Float[Tensor, "samples subject_pos d_model"],
-    subject_range: tuple[int, int],
-    samples: int,
-) -> Float[Tensor, "row d_model"]:
-    """Run corrupted copies of the whole prompt, restoring each row's cell by hooks."""
-    n_pos = tokens.shape[0]
-    onehot = torch.nn.functional.one_hot(cells[:, 1], n_pos).bool()
-    hooks: list[tuple[str, Any]] = [(EMBED_HOOK, _noise_hook(noise, subject_range))]
-    for layer in range(n_layers(model)):
-        restore = windows[:, layer, None] & onehot  # [cell, pos]
+    capture: Sequence[str] = (),
+    *,
+    clone: bool = False,
+) -> dict[str, Tensor]:
+    """Run corrupted copies of the whole prompt, one per ``(cell, sample)``, restoring each cell.
+
+    Cell ``c`` restores ``site`` where ``masks[c]`` is true, at the layers
+    where ``windows[c]`` is (a row of False restores nothing: the corrupted
+    run itself). The forward pass stops at the last block's ``resid_post``.
+
+    Args:
+        model: The model.
+        corrupted: The bound corruption.
+        site: Where to restore.
+        windows: Layers each cell restores.
+        masks: Where each cell restores, as ``site.cell_mask`` gives it.
+        clean: The clean run's activations at ``site``.
+        capture: Further hook points whose activations to return; they are
+            read after the restoration.
+        clone: Return copies of the captured activations.
+
+    Returns:
+        ``{name: activation}`` for ``capture`` and :data:`FINAL_RESID`
+        (``[row, pos, d_model]``, rows cell-major).
+    """
+    samples = corrupted.samples
+    device = corrupted.tokens.device
+    hooks = list(corrupted.fwd_hooks)
+    for layer, name in enumerate(site.hook_names(n_layers(model))):
+        restore = windows[:, layer]
         if not restore.any():
             continue
-        name = hook_name(kind, layer)
-        mask = einops.repeat(restore, "cell pos -> (cell sample) pos", sample=samples)
-        hooks.append((name, _restore_hook(clean.activations[name], mask.to(tokens.device))))
-    inputs = einops.repeat(tokens, "pos -> rows pos", rows=len(cells) * samples)
-    return run_to_final_resid(model, inputs, hooks)
+        mask = _rows(masks & _per_cell(restore, masks.ndim), samples)
+        hooks.append((name, site.restore_hook(clean.activations[name], mask.to(device))))
+    inputs = corrupted.batch_tokens(windows.shape[0])
+    return capture_forward(model, inputs, hooks, capture, clone=clone)
 
 
-def _empty_output(n_layer: int, n_pos: int, top_k: int) -> SweepOutput:
+def _empty_output(shape: tuple[int, ...], top_k: int) -> SweepOutput:
     return SweepOutput(
-        scores=torch.full((n_layer, n_pos), float("nan")),
-        top_ids=torch.full((n_layer, n_pos, top_k), -1, dtype=torch.long),
-        top_probs=torch.full((n_layer, n_pos, top_k), float("nan")),
+        scores=torch.full(shape, float("nan")),
+        top_ids=torch.full((*shape, top_k), -1, dtype=torch.long),
+        top_probs=torch.full((*shape, top_k), float("nan")),
     )
 
 
 def _fill_cells(
     out: SweepOutput,
-    cells: Int[Tensor, "cell 2"],
+    cells: Int[Tensor, "cell axis"],
     scores: Float[Tensor, " cell"],
     top_ids: Int[Tensor, "cell k"],
     top_probs: Float[Tensor, "cell k"],
 ) -> None:
-    """Write per-cell results into ``out``."""
-    layer_idx, pos_idx = cells[:, 0], cells[:, 1]
-    out.scores[layer_idx, pos_idx] = scores.cpu()
-    out.top_ids[layer_idx, pos_idx] = top_ids.cpu()
-    out.top_probs[layer_idx, pos_idx] = top_probs.cpu()
+    """Write per-cell results into ``out`` (cells index its leading axes)."""
+    index = tuple(cells.T)
+    out.scores[index] = scores.cpu()
+    out.top_ids[index] = top_ids.cpu()
+    out.top_probs[index] = top_probs.cpu()
 
 
 # Float32 logits decoded at once: large enough for an efficient unembedding
@@ -557,12 +594,6 @@ def _decode_cells(
         for i in range(0, finals.shape[0], chunk_rows)
     ]
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
-
-
-# exp() of inputs below -87.3 gives float32 denormals, which this CPU path
-# computes ten times slower; clamping there changes a probability by less
-# than 1.7e-38, far below float32's resolution of the total.
-_EXP_FLOOR = -87.0
 
 
 def score_copies(
@@ -597,10 +628,7 @@ def _score_rows(
         # A copy: the softmax below overwrites ``logits``, which the
         # metric's result may be a view of.
         per_copy = metric(logits, answer_id).float().clone()
-    top = logits.max(dim=-1, keepdim=True).values
-    probs = logits.sub_(top).clamp_(min=_EXP_FLOOR).exp_()
-    total = probs.sum(dim=-1, keepdim=True)
-    probs.div_(total)
+    probs, top, total = metrics.softmax_(logits)
     if metric is metrics.prob:
         per_copy = probs[:, answer_id]
     elif metric is metrics.log_prob:

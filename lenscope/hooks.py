@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lenscope.validation import InvalidInput, InvalidInputType
+
 Kind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
 KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 EMBED_HOOK = "hook_embed"
@@ -41,7 +43,7 @@ def hook_name(kind: str, layer: int) -> str:
 def check_kind(kind: str) -> str:
     """Return ``kind`` if it is a known hook-point type, else raise a ``ValueError``."""
     if kind not in KINDS:
-        raise ValueError(
+        raise InvalidInput(
             f"kind must be one of {KINDS} (the TransformerLens hook types "
             f"blocks.L.hook_<kind>), got {kind!r}; pass e.g. kind='mlp_out'"
         )
@@ -76,7 +78,7 @@ def check_hook_points(model: torch.nn.Module, names: Sequence[str]) -> None:
     if hook_dict is None:
         from importlib.metadata import version
 
-        raise TypeError(
+        raise InvalidInputType(
             "model must be a TransformerLens HookedTransformer or TransformerBridge "
             f"(an object with .hook_dict and .hooks()), got {type(model).__name__}; "
             f"with the installed TransformerLens {version('transformer-lens')}, load one with "
@@ -85,7 +87,7 @@ def check_hook_points(model: torch.nn.Module, names: Sequence[str]) -> None:
         )
     missing = [name for name in names if name not in hook_dict]
     if missing:
-        raise ValueError(
+        raise InvalidInput(
             f"model {model_name(model)!r} lacks the hook point(s) {missing[:4]}"
             f"{' ...' if len(missing) > 4 else ''}, which this trace needs; "
             "for a TransformerBridge call model.enable_compatibility_mode() to get "
@@ -117,48 +119,84 @@ def preserved_model(model: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(requires_grad)
 
 
-def run_to_final_resid(
+FINAL_RESID = "__final_resid__"
+"""Key of the last block's full ``resid_post`` in :func:`capture_forward`'s result."""
+
+
+def capture_forward(
     model: torch.nn.Module,
     inputs: Tensor,
     fwd_hooks: Sequence[tuple[str, HookFn]],
+    capture: Sequence[str] = (),
+    *,
+    stop_at: str | None = None,
+    clone: bool = False,
     **forward_kwargs: Any,
-) -> Float[Tensor, "batch d_model"]:
-    """Run ``model`` with ``fwd_hooks`` and return the last position's final residual.
+) -> dict[str, Tensor]:
+    """Run ``model`` with ``fwd_hooks``, keep the activations of ``capture``, stop early.
 
-    The forward pass is cut short by an exception at the last block's
-    ``hook_resid_post``, so neither the final norm nor the unembedding runs on
-    every position; decode the returned vector with :func:`decode_resid`.
+    The one forward runner of lenscope. The pass is cut short by an
+    exception at ``stop_at`` (default: the last block's ``hook_resid_post``,
+    whose activation is returned under :data:`FINAL_RESID`), so neither the
+    final norm nor the ``[batch, pos, d_vocab]`` unembedding runs; decode the
+    final residual with :func:`decode_resid`. Captured activations are read
+    after ``fwd_hooks`` of the same hook point.
 
     Args:
         model: HookedTransformer or TransformerBridge.
         inputs: Tokens ``[batch pos]``, or a residual stream ``[batch pos d_model]``
             together with ``start_at_layer`` (HookedTransformer only).
         fwd_hooks: ``(hook_name, fn)`` pairs, attached for this call only.
+        capture: Hook points whose activations to return.
+        stop_at: The hook point to stop at; its activation is returned under
+            its own name (or :data:`FINAL_RESID` for the default).
+        clone: Return copies, safe from later in-place changes.
         **forward_kwargs: Passed to the model's forward, e.g. ``start_at_layer``
             (HookedTransformer only) or ``past_kv_cache``; None values are dropped.
 
     Returns:
-        The residual stream after the last block at the last position.
+        ``{name: activation}`` for ``capture`` and the stop point.
     """
-    captured: list[Tensor] = []
+    final = stop_at is None
+    stop_at = hook_name("resid_post", n_layers(model) - 1) if final else stop_at
+    stop_key = FINAL_RESID if final else stop_at
+    store: dict[str, Tensor] = {}
 
-    def capture(resid: Tensor, hook: Any) -> None:
-        captured.append(resid[:, -1, :])
+    def keep(name: str) -> HookFn:
+        # Keyed by the name we asked for: a TransformerBridge reports canonical
+        # names (e.g. blocks.0.hook_out) to hooks attached through an alias.
+        def hook(act: Tensor, hook: Any) -> None:
+            store[name] = act.clone() if clone else act
+
+        return hook
+
+    def stop(act: Tensor, hook: Any) -> None:
+        store[stop_key] = act.clone() if clone else act
         raise _StopForward
 
-    hooks = [*fwd_hooks, (hook_name("resid_post", n_layers(model) - 1), capture)]
+    hooks = [*fwd_hooks, *((name, keep(name)) for name in dict.fromkeys(capture)), (stop_at, stop)]
     kwargs = {key: value for key, value in forward_kwargs.items() if value is not None}
     with model.hooks(fwd_hooks=hooks):
         try:
             model(inputs, **kwargs)
         except _StopForward:
             pass
-    if not captured:
+    if stop_key not in store:
         raise RuntimeError(
             f"the forward pass of {model_name(model)!r} never reached "
-            f"{hooks[-1][0]}; lenscope needs that hook point to fire"
+            f"{stop_at}; lenscope needs that hook point to fire"
         )
-    return captured[0]
+    return store
+
+
+def run_to_final_resid(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    fwd_hooks: Sequence[tuple[str, HookFn]],
+    **forward_kwargs: Any,
+) -> Float[Tensor, "batch d_model"]:
+    """The last position's final residual of a :func:`capture_forward` run."""
+    return capture_forward(model, inputs, fwd_hooks, **forward_kwargs)[FINAL_RESID][:, -1, :]
 
 
 def decode_resid(

@@ -41,10 +41,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenscope import engine
+from lenscope.corruptions import Corruption, GaussianNoise, corruption_from_dict
 from lenscope.hooks import (
     EMBED_HOOK,
+    FINAL_RESID,
     KINDS,
-    _StopForward,
+    capture_forward,
     check_hook_points,
     decode_resid,
     hook_name,
@@ -52,9 +54,11 @@ from lenscope.hooks import (
     n_layers,
     preserved_model,
 )
-from lenscope.noise import draw_noise
-from lenscope.results import JsonRoundTrip, TraceResult
+from lenscope.metrics import log_softmax
+from lenscope.results import GridResult, TraceResult
+from lenscope.sites import site
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
+from lenscope.validation import InvalidInput, InvalidInputType
 
 COMPONENTS: tuple[str, ...] = KINDS
 """Hook-point types a lens can decode (the TransformerLens ``blocks.L.hook_<component>``)."""
@@ -96,7 +100,7 @@ def resolve_statistic(statistic: str) -> str:
     """
     name = STATISTIC_ALIASES.get(statistic, statistic) if isinstance(statistic, str) else None
     if name not in STATISTICS:
-        raise ValueError(
+        raise InvalidInput(
             f"statistic must be one of {tuple(STATISTICS)} (or the aliases "
             f"{tuple(STATISTIC_ALIASES)}), got {statistic!r}; pass e.g. statistic='entropy'"
         )
@@ -167,7 +171,7 @@ def _decoder_name(decoder: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LensTrajectory(JsonRoundTrip):
+class LensTrajectory(GridResult):
     """A prediction trajectory: per ``(layer, pos)`` statistics of the lens's next-token guess.
 
     Row ``layer`` holds what decoding ``hook_names[layer]`` predicts at each
@@ -234,6 +238,7 @@ class LensTrajectory(JsonRoundTrip):
     label: str = "clean"
     prompt: str | None = None
 
+    _grid_field: ClassVar[str] = "entropy"
     _format: ClassVar[str] = _FORMAT
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
     _tuple_fields: ClassVar[tuple[str, ...]] = (
@@ -251,71 +256,28 @@ class LensTrajectory(JsonRoundTrip):
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
         if self.component not in COMPONENTS:
-            raise ValueError(
+            raise InvalidInput(
                 f"component must be one of {COMPONENTS}, got {self.component!r}; "
                 "pass e.g. component='resid_post'"
             )
         n_layer, n_pos = self.entropy.shape
-        problems = []
-        for name in _STAT_FIELDS:
-            shape = tuple(getattr(self, name).shape)
-            if shape != (n_layer, n_pos):
-                problems.append(f"{name} {shape} should be ({n_layer}, {n_pos})")
-        if self.token_ids.shape != (n_pos,) or len(self.tokens) != n_pos:
-            problems.append(
-                f"token_ids {tuple(self.token_ids.shape)} and {len(self.tokens)} tokens "
-                f"should both have {n_pos} positions"
-            )
-        if len(self.hook_names) != n_layer:
-            problems.append(f"{len(self.hook_names)} hook_names for {n_layer} layers")
-        if self.top_ids.shape[:2] != (n_layer, n_pos) or self.top_ids.shape != self.top_probs.shape:
-            problems.append(
-                f"top_ids {tuple(self.top_ids.shape)} and top_probs "
-                f"{tuple(self.top_probs.shape)} should be ({n_layer}, {n_pos}, k)"
-            )
-        if self.subject_range is not None:
-            start, end = self.subject_range
-            if not 0 <= start < end <= n_pos:
-                problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
+        problems = [
+            f"{name} {tuple(getattr(self, name).shape)} should be ({n_layer}, {n_pos})"
+            for name in _STAT_FIELDS
+            if tuple(getattr(self, name).shape) != (n_layer, n_pos)
+        ]
+        problems += self._grid_problems()
         if self.answer_id not in self.vocab:
             problems.append(f"answer_id {self.answer_id} missing from vocab")
         if problems:
-            raise ValueError(
+            raise InvalidInput(
                 f"inconsistent LensTrajectory with entropy {(n_layer, n_pos)}: "
                 + "; ".join(problems)
             )
 
-    @property
-    def n_layers(self) -> int:
-        """Number of layers (rows)."""
-        return int(self.entropy.shape[0])
-
-    @property
-    def n_pos(self) -> int:
-        """Number of token positions (columns)."""
-        return int(self.entropy.shape[1])
-
-    @property
-    def top_k(self) -> int:
-        """Number of top predictions kept per cell."""
-        return int(self.top_ids.shape[-1])
-
     def statistic(self, name: str) -> Float[Tensor, "layer pos"]:
         """The ``[layer, pos]`` grid of one statistic (a :data:`STATISTICS` key, or ``"kl"``)."""
         return getattr(self, resolve_statistic(name))
-
-    def top_predictions(self, layer: int, pos: int) -> list[tuple[str, float]]:
-        """The lens's top-k ``(token, probability)`` at one cell (negative indices count back)."""
-        if not (-self.n_layers <= layer < self.n_layers and -self.n_pos <= pos < self.n_pos):
-            raise ValueError(
-                f"cell must lie in layers [0, {self.n_layers}) and positions "
-                f"[0, {self.n_pos}) (or count back from the end), got layer={layer}, "
-                f"pos={pos}; pass e.g. layer=-1, pos=-1 for the output at the last token"
-            )
-        return [
-            (self.vocab[int(i)], float(p))
-            for i, p in zip(self.top_ids[layer, pos], self.top_probs[layer, pos], strict=True)
-        ]
 
     def with_label(self, label: str) -> "LensTrajectory":
         """A copy with another run label (the panel title in :func:`plot_lens`)."""
@@ -366,7 +328,7 @@ class CellTrajectories(NamedTuple):
 def check_component(component: str) -> str:
     """Return ``component`` if it is a known hook-point type, else raise a ``ValueError``."""
     if component not in COMPONENTS:
-        raise ValueError(
+        raise InvalidInput(
             f"component must be one of {COMPONENTS} (the hook point decoded at every "
             f"layer), got {component!r}; pass e.g. component='resid_post'"
         )
@@ -427,7 +389,9 @@ def lens_trajectory(
     decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
 
     with preserved_model(model), torch.inference_mode():
-        hidden, final = _capture(model, tokens[None], [], names)
+        store = capture_forward(model, tokens[None], [], names, clone=True)
+        hidden = torch.stack([store[name] for name in names])
+        final = store[FINAL_RESID]
         stats = _statistics(model, decoder, hidden, final, answer_id, top_k, layer_chunk)
     return _make_trajectory(
         model,
@@ -484,14 +448,14 @@ def lens_trace_cell(
     """
     model = getattr(tracer_or_model, "model", tracer_or_model)
     if not isinstance(result, TraceResult):
-        raise TypeError(
+        raise InvalidInputType(
             f"result must be a TraceResult, got {type(result).__name__}; "
             "pass the result of CausalTracer.trace"
         )
     component = check_component(component)
     n_layer = n_layers(model)
     if n_layer != result.n_layers:
-        raise ValueError(
+        raise InvalidInput(
             f"result must come from this model: it has {result.n_layers} layers, the model "
             f"{model_name(model)!r} has {n_layer}; pass the model that was traced"
         )
@@ -503,36 +467,21 @@ def lens_trace_cell(
         )
     for name, value, size in (("layer", layer, result.n_layers), ("pos", pos, result.n_pos)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-            raise ValueError(
+            raise InvalidInput(
                 f"{name} must be an integer in [0, {size}) (a cell of result.scores), "
                 f"got {value!r}; pass e.g. the first two entries of result.peak()"
             )
     _check_top_k(top_k, model)
     _check_layer_chunk(layer_chunk)
 
-    start, end = result.subject_range
-    d_model = int(model.cfg.d_model)
-    if noise_tensor is None:
-        if result.seed is None:
-            raise ValueError(
-                "result was traced with an explicit noise_tensor (its seed is None), so its "
-                "noise cannot be regenerated; pass the same tensor as noise_tensor=..."
-            )
-        noise = draw_noise(result.samples, end - start, d_model, result.noise_std, result.seed)
-    else:
-        expected = (result.samples, end - start, d_model)
-        if tuple(noise_tensor.shape) != expected:
-            raise ValueError(
-                f"noise_tensor must have shape (samples, subject tokens, d_model) = {expected}, "
-                f"got {tuple(noise_tensor.shape)}; pass the tensor the trace used"
-            )
-        noise = noise_tensor
-    noise = noise.to(model.cfg.device, model.cfg.dtype)
-
+    corruption = _trace_corruption(result, noise_tensor)
     names = [hook_name(component, j) for j in range(n_layer)]
-    cell = torch.tensor([[layer, pos]])
-    window = engine.restore_windows(cell, result.window, n_layer)[0]
-    restored_names = [hook_name(result.kind, j) for j in range(n_layer) if window[j]]
+    where = site(result.kind)
+    cells = torch.tensor([[layer, pos], [layer, pos]])
+    # Two cells: the first restores nothing (the corrupted run), the second the cell.
+    windows = engine.restore_windows(cells, result.window, n_layer)
+    windows[0] = False
+    restored_names = [name for name, w in zip(where.hook_names(n_layer), windows[1]) if w]
     final_name = hook_name("resid_post", n_layer - 1)
     check_hook_points(model, [EMBED_HOOK, *names, *restored_names, final_name])
     decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
@@ -540,23 +489,31 @@ def lens_trace_cell(
     samples = result.samples
 
     with preserved_model(model), torch.inference_mode():
-        clean_store: dict[str, Tensor] = {}
-        clean_hidden, clean_final = _capture(
-            model, tokens[None], [], names, keep=restored_names, store=clean_store
+        bound = corruption.bind(model, tokens, result.subject_range)
+        clean_store = capture_forward(
+            model, tokens[None], [], [*names, *restored_names], clone=True
         )
-        # Rows (copy sample): copy 0 is the corrupted run, copy 1 the restored one.
-        # The restore hooks come first so the lens reads the restored activation.
-        batch = einops.repeat(tokens, "pos -> rows pos", rows=2 * samples)
-        restore = torch.zeros(2 * samples, tokens.shape[0], dtype=torch.bool)
-        restore[samples:, pos] = True
-        restore = restore.to(tokens.device)
-        hooks: list[tuple[str, Any]] = [(EMBED_HOOK, engine._noise_hook(noise, (start, end)))]
-        hooks += [
-            (name, engine._restore_hook(clean_store[name][0], restore)) for name in restored_names
-        ]
-        hidden, final = _capture(model, batch, hooks, names)
+        clean_run = engine.CleanRun(
+            activations={name: clean_store[name][0] for name in restored_names},
+            logits=torch.empty(0),
+        )
+        # Rows (cell sample): cell 0 is the corrupted run, cell 1 the restored one.
+        # The lens reads each hook point after the restoring hook there.
+        store = engine.forward_cells(
+            model,
+            bound,
+            where,
+            windows,
+            where.cell_mask(cells[:, 1:], tokens.shape[0]),
+            clean_run,
+            names,
+            clone=True,
+        )
+        hidden = torch.stack([store[name] for name in names])
+        final = store[FINAL_RESID]
+        clean_hidden = torch.stack([clean_store[name] for name in names])
         runs = {
-            "clean": (clean_hidden, clean_final),
+            "clean": (clean_hidden, clean_store[FINAL_RESID]),
             "corrupted": (hidden[:, :samples], final[:samples]),
             "restored": (hidden[:, samples:], final[samples:]),
         }
@@ -592,10 +549,20 @@ def lens_trace_cell(
     return CellTrajectories(clean=clean, corrupted=corrupted, restored=restored)
 
 
+def _trace_corruption(result: TraceResult, noise_tensor: Tensor | None) -> Corruption:
+    """The corruption ``result`` was traced with, rebuilt from its record."""
+    if noise_tensor is not None:
+        return GaussianNoise(samples=result.samples, noise_tensor=noise_tensor)
+    record = dict(result.corruption or {"name": GaussianNoise.name})
+    if record["name"] == GaussianNoise.name:  # the result's own fields are the truth
+        record.update(samples=result.samples, noise_std=result.noise_std, seed=result.seed)
+    return corruption_from_dict(record)
+
+
 def _check_top_k(top_k: Any, model: torch.nn.Module) -> None:
     d_vocab = int(model.cfg.d_vocab)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
-        raise ValueError(
+        raise InvalidInput(
             f"top_k must be an integer in [1, d_vocab={d_vocab}], got {top_k!r}; pass e.g. top_k=10"
         )
 
@@ -604,7 +571,7 @@ def _check_layer_chunk(layer_chunk: Any) -> None:
     if layer_chunk is None:
         return
     if isinstance(layer_chunk, bool) or not isinstance(layer_chunk, int) or layer_chunk < 1:
-        raise ValueError(
+        raise InvalidInput(
             f"layer_chunk must be a positive integer (layers decoded at once), got "
             f"{layer_chunk!r}; pass e.g. layer_chunk=4, or None for automatic"
         )
@@ -612,56 +579,12 @@ def _check_layer_chunk(layer_chunk: Any) -> None:
 
 def _check_decoder(decoder: Any) -> LensDecoder:
     if not callable(getattr(decoder, "forward", None)):
-        raise TypeError(
+        raise InvalidInputType(
             f"decoder must have a method forward(hidden [batch, pos, d_model], layer) -> "
             f"logits [batch, pos, d_vocab], got {type(decoder).__name__}; pass e.g. "
             "LogitLens(model) or a trained tuned lens"
         )
     return decoder
-
-
-def _capture(
-    model: torch.nn.Module,
-    inputs: Int[Tensor, "batch pos"],
-    fwd_hooks: Sequence[tuple[str, Any]],
-    names: Sequence[str],
-    *,
-    keep: Sequence[str] = (),
-    store: dict[str, Tensor] | None = None,
-) -> tuple[Float[Tensor, "layer batch pos d_model"], Float[Tensor, "batch pos d_model"]]:
-    """Run ``inputs`` with ``fwd_hooks``; return ``names``' activations and the final residual.
-
-    The forward pass stops at the last block's ``hook_resid_post``, so the
-    model never builds its own ``[batch, pos, d_vocab]`` logits. Activations
-    of ``keep`` are also written into ``store``.
-    """
-    store = {} if store is None else store
-    final_name = hook_name("resid_post", n_layers(model) - 1)
-
-    def capture(name: str) -> Any:
-        def hook(act: Tensor, hook: Any) -> None:
-            store[name] = act.clone()
-
-        return hook
-
-    def stop(act: Tensor, hook: Any) -> None:
-        store["__final__"] = act.clone()
-        raise _StopForward
-
-    wanted = list(dict.fromkeys([*names, *keep]))
-    hooks = [*fwd_hooks, *((name, capture(name)) for name in wanted), (final_name, stop)]
-    with model.hooks(fwd_hooks=hooks):
-        try:
-            model(inputs)
-        except _StopForward:
-            pass
-    if "__final__" not in store:
-        raise RuntimeError(
-            f"the forward pass of {model_name(model)!r} never reached {final_name}; "
-            "lenscope needs that hook point to fire"
-        )
-    hidden = torch.stack([store[name] for name in names])
-    return hidden, store.pop("__final__")
 
 
 def _auto_layer_chunk(batch: int, n_pos: int, d_vocab: int, n_layer: int) -> int:
@@ -686,7 +609,7 @@ def _log_probs(
     (a decoder masking it with ``-inf``) adds ``0 * finite = 0`` to sums of
     ``p log p`` rather than NaN.
     """
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = log_softmax(logits)
     copies = log_probs.shape[-3]
     if copies == 1:
         log_probs = log_probs.squeeze(-3)
@@ -774,7 +697,7 @@ def _decode(
     logits = decoder.forward(hidden, layer)
     if not isinstance(logits, Tensor) or tuple(logits.shape) != (*hidden.shape[:2], d_vocab):
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
+        raise InvalidInput(
             f"decoder.forward(hidden, layer) must return logits of shape (batch, pos, d_vocab) "
             f"= {(*hidden.shape[:2], d_vocab)}, got {shape} at layer {layer}; the lens must "
             "decode to the model's whole vocabulary"

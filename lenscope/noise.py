@@ -9,19 +9,18 @@ the lookup (Gemma multiplies by ``sqrt(d_model)``); a sigma taken from
 ``W_E`` would be off by that factor and the noise would barely corrupt.
 """
 
-import json
 import math
 import weakref
 from collections.abc import Sequence
 from functools import cache
-from importlib import resources
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lenscope.hooks import EMBED_HOOK, _StopForward, check_hook_points
+from lenscope._data import known_records
+from lenscope.hooks import EMBED_HOOK, capture_forward, check_hook_points
 
 DEFAULT_NOISE_MULTIPLIER = 3.0
 
@@ -33,8 +32,7 @@ _SIGMA_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, float]]" = (
 @cache
 def known_subjects() -> tuple[str, ...]:
     """Subjects of the ROME known-facts set shipped with lenscope (1209 records)."""
-    text = resources.files("lenscope").joinpath("data/known_1000.json").read_text()
-    return tuple(dict.fromkeys(record["subject"] for record in json.loads(text)))
+    return tuple(dict.fromkeys(record["subject"] for record in known_records()))
 
 
 def embedding_sigma(
@@ -79,13 +77,7 @@ def _sigma_over_tokens(
     """Pooled std of ``hook_embed`` over the given token lists (padding excluded)."""
     device = model.cfg.device
     total, total_sq, count = 0.0, 0.0, 0
-    captured: list[Tensor] = []
-
-    def capture(embed: Tensor, hook: Any) -> None:
-        captured.append(embed.detach().double())
-        raise _StopForward
-
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(EMBED_HOOK, capture)]):
+    with torch.inference_mode():
         for start in range(0, len(token_lists), batch_size):
             chunk = token_lists[start : start + batch_size]
             width = max(len(tokens) for tokens in chunk)
@@ -94,12 +86,8 @@ def _sigma_over_tokens(
             for row, tokens in enumerate(chunk):
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 mask[row, : len(tokens)] = True
-            captured.clear()
-            try:
-                model(ids.to(device))
-            except _StopForward:
-                pass
-            values = captured[0][mask.to(captured[0].device)]
+            embed = capture_forward(model, ids.to(device), [], stop_at=EMBED_HOOK)[EMBED_HOOK]
+            values = embed.detach().double()[mask.to(embed.device)]
             total += float(values.sum())
             total_sq += float((values**2).sum())
             count += values.numel()

@@ -4,8 +4,11 @@ A :class:`TraceResult` holds the ``(layer, pos)`` score grid of one trace
 (Meng et al., 2022, arXiv 2202.05262, Figure 1), the top-k predictions of
 every restored run (what the heatmap's hover shows), the token labels, and
 every setting needed to reproduce it. It is frozen: methods return new
-objects or plain arrays. ``save``/``load`` round-trip exactly through JSON
-(float32 values survive a trip through Python floats unchanged).
+objects or plain arrays. ``save``/``load`` round-trip exactly through
+standard JSON (float32 values survive a trip through Python floats
+unchanged; cells not traced, NaN in memory, are ``null`` in the file). The
+JSON policy and the base shared by every ``(layer, pos)`` result
+(:class:`GridResult`) live here too.
 """
 
 import dataclasses
@@ -17,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from lenscope.validation import InvalidInput
 
 _FORMAT = "lenscope.TraceResult/1"
 _TENSOR_FIELDS = {
@@ -31,11 +36,72 @@ _TENSOR_FIELDS = {
 }
 
 
+def to_json_value(value: Any) -> Any:
+    """A JSON-ready copy of ``value``: tensors as nested lists, NaN and infinities as ``null``.
+
+    The one JSON policy of lenscope's results: standard JSON (``jq`` and
+    JavaScript's ``JSON.parse`` read it), exact for float32 values, which
+    survive a trip through Python floats unchanged.
+    """
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    return value
+
+
+def tensor_from_json(value: Any, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`to_json_value` for a tensor (``null`` becomes NaN)."""
+    if dtype.is_floating_point:
+        value = _nulls_to_nan(value)
+    return torch.tensor(value, dtype=dtype)
+
+
+def _nulls_to_nan(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, list):
+        return [_nulls_to_nan(v) for v in value]
+    return value
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, saying which file and what to do when it cannot be read.
+
+    Args:
+        path: The file.
+        what: What the file should hold, e.g. ``"a TraceResult saved by TraceResult.save"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist or is not a file; pass the path of {what}"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(
+            f"{str(path)!r} must hold {what}, but it is not valid JSON ({e}); the file is "
+            "damaged or truncated: save the result again"
+        ) from e
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """Write ``data`` (already :func:`to_json_value`-ready) as standard JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(data, allow_nan=False))
+    return path
+
+
 class JsonRoundTrip:
     """``to_dict``/``from_dict``/``save``/``load`` for frozen result dataclasses.
 
-    Exact through JSON: float32 values survive a trip through Python floats.
-    Subclasses name their format and which fields are tensors or tuples.
+    Exact through standard JSON (:func:`to_json_value`). Subclasses name
+    their format and which fields are tensors or tuples.
     """
 
     _format: ClassVar[str]
@@ -43,26 +109,32 @@ class JsonRoundTrip:
     _tuple_fields: ClassVar[tuple[str, ...]]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (tensors as nested lists)."""
+        """A JSON-ready dict of every field (tensors as nested lists, NaN as ``null``)."""
         out: dict[str, Any] = {"format": self._format}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                value = value.tolist()
-            elif field.name == "vocab":
-                value = {str(k): v for k, v in value.items()}
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
+            out[field.name] = to_json_value(getattr(self, field.name))
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
         """Inverse of :meth:`to_dict`."""
-        if data.get("format") != cls._format:
-            raise ValueError(
+        found = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        if found != cls._format:
+            raise InvalidInput(
                 f"expected a dict saved by {cls.__name__}.to_dict (format {cls._format!r}), "
-                f"got format {data.get('format')!r}; load it with the class that saved it"
+                f"got format {found!r}; load it with the class that saved it"
+            )
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise InvalidInput(
+                f"a {cls.__name__} record needs the fields {missing[:6]}"
+                f"{' ...' if len(missing) > 6 else ''}, which this one lacks; it is damaged "
+                "or was not written by lenscope: save the result again"
             )
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -70,7 +142,7 @@ class JsonRoundTrip:
                 continue
             value = data[field.name]
             if field.name in cls._tensor_fields:
-                value = torch.tensor(value, dtype=cls._tensor_fields[field.name])
+                value = tensor_from_json(value, cls._tensor_fields[field.name])
             elif field.name == "vocab":
                 value = {int(k): v for k, v in value.items()}
             elif field.name in cls._tuple_fields and value is not None:
@@ -79,19 +151,88 @@ class JsonRoundTrip:
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> Path:
-        """Write this result as JSON; :meth:`load` reads it back exactly."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        """Write this result as standard JSON; :meth:`load` reads it back exactly."""
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Any:
         """Read a result written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        what = f"a {cls.__name__} saved by {cls.__name__}.save"
+        data = read_json(path, what)
+        try:
+            return cls.from_dict(data)
+        except (InvalidInput, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+
+
+class GridResult(JsonRoundTrip):
+    """What every ``(layer, pos)`` result shares: a grid per layer and token, with top-k per cell.
+
+    Subclasses are frozen dataclasses with ``tokens``, ``token_ids``,
+    ``hook_names``, ``top_ids``, ``top_probs``, ``vocab`` and an optional
+    ``subject_range``, and name their main grid in ``_grid_field``.
+    """
+
+    _grid_field: ClassVar[str]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers (rows)."""
+        return int(getattr(self, self._grid_field).shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        """Number of token positions (columns)."""
+        return int(getattr(self, self._grid_field).shape[1])
+
+    @property
+    def top_k(self) -> int:
+        """Number of top predictions kept per cell."""
+        return int(self.top_ids.shape[-1])  # type: ignore[attr-defined]
+
+    def top_predictions(self, layer: int, pos: int) -> list[tuple[str, float]]:
+        """The top-k ``(token, probability)`` at one cell (negative indices count back)."""
+        if not (-self.n_layers <= layer < self.n_layers and -self.n_pos <= pos < self.n_pos):
+            raise InvalidInput(
+                f"cell must lie in layers [0, {self.n_layers}) and positions "
+                f"[0, {self.n_pos}) (or count back from the end), got layer={layer}, "
+                f"pos={pos}; pass e.g. layer=-1, pos=-1 for the output at the last token"
+            )
+        ids, probs = self.top_ids[layer, pos], self.top_probs[layer, pos]  # type: ignore[attr-defined]
+        return [
+            (self.vocab[int(i)], float(p))  # type: ignore[attr-defined]
+            for i, p in zip(ids, probs, strict=True)
+        ]
+
+    def _grid_problems(self) -> list[str]:
+        """Shape disagreements between the grid and the other fields."""
+        n_layers, n_pos = self.n_layers, self.n_pos
+        problems = []
+        tokens, token_ids = self.tokens, self.token_ids  # type: ignore[attr-defined]
+        if token_ids.shape != (n_pos,) or len(tokens) != n_pos:
+            problems.append(
+                f"token_ids {tuple(token_ids.shape)} and {len(tokens)} tokens "
+                f"should both have {n_pos} positions"
+            )
+        hook_names = self.hook_names  # type: ignore[attr-defined]
+        if len(hook_names) != n_layers:
+            problems.append(f"{len(hook_names)} hook_names for {n_layers} layers")
+        top_ids, top_probs = self.top_ids, self.top_probs  # type: ignore[attr-defined]
+        if top_ids.shape[:2] != (n_layers, n_pos) or top_ids.shape != top_probs.shape:
+            problems.append(
+                f"top_ids {tuple(top_ids.shape)} and top_probs "
+                f"{tuple(top_probs.shape)} should be ({n_layers}, {n_pos}, k)"
+            )
+        subject_range = getattr(self, "subject_range", None)
+        if subject_range is not None:
+            start, end = subject_range
+            if not 0 <= start < end <= n_pos:
+                problems.append(f"subject_range {subject_range} outside 0..{n_pos}")
+        return problems
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TraceResult(JsonRoundTrip):
+class TraceResult(GridResult):
     """One causal trace: the metric with each ``(layer, pos)`` cell restored.
 
     Attributes:
@@ -120,6 +261,8 @@ class TraceResult(JsonRoundTrip):
         corrupted_top_probs: Their probabilities.
         vocab: Text of every token id that appears above.
         prompt: The prompt text, if it was given as text.
+        corruption: The corruption's settings record (its ``name`` and
+            parameters, :meth:`lenscope.corruptions.Corruption.to_dict`).
     """
 
     scores: Float[Tensor, "layer pos"]
@@ -146,48 +289,22 @@ class TraceResult(JsonRoundTrip):
     corrupted_top_probs: Float[Tensor, " k"]
     vocab: dict[int, str]
     prompt: str | None = None
+    corruption: dict[str, Any] | None = None
 
+    _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
     _tuple_fields: ClassVar[tuple[str, ...]] = ("tokens", "hook_names", "subject_range")
 
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
-        n_layers, n_pos = self.scores.shape
-        problems = []
-        if self.token_ids.shape != (n_pos,) or len(self.tokens) != n_pos:
-            problems.append(
-                f"token_ids {tuple(self.token_ids.shape)} and {len(self.tokens)} tokens "
-                f"should both have {n_pos} positions"
-            )
-        if len(self.hook_names) != n_layers:
-            problems.append(f"{len(self.hook_names)} hook_names for {n_layers} layers")
-        if (
-            self.top_ids.shape[:2] != (n_layers, n_pos)
-            or self.top_ids.shape != self.top_probs.shape
-        ):
-            problems.append(
-                f"top_ids {tuple(self.top_ids.shape)} and top_probs "
-                f"{tuple(self.top_probs.shape)} should be ({n_layers}, {n_pos}, k)"
-            )
-        start, end = self.subject_range
-        if not 0 <= start < end <= n_pos:
-            problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
+        problems = [] if self.scores.ndim == 2 else ["scores must be [layer, pos]"]
+        problems = problems or self._grid_problems()
         if problems:
-            raise ValueError(
+            raise InvalidInput(
                 f"inconsistent TraceResult with scores {tuple(self.scores.shape)}: "
                 + "; ".join(problems)
             )
-
-    @property
-    def n_layers(self) -> int:
-        """Number of layers (rows of ``scores``)."""
-        return int(self.scores.shape[0])
-
-    @property
-    def n_pos(self) -> int:
-        """Number of token positions (columns of ``scores``)."""
-        return int(self.scores.shape[1])
 
     @property
     def indirect_effect(self) -> Float[Tensor, "layer pos"]:
@@ -205,13 +322,6 @@ class TraceResult(JsonRoundTrip):
         """Layers ``[lo, hi)`` restored for a cell at ``layer``, as ROME clips them."""
         half = self.window // 2
         return max(0, layer - half), min(self.n_layers, layer - half + self.window)
-
-    def top_predictions(self, layer: int, pos: int) -> list[tuple[str, float]]:
-        """The restored run's top-k ``(token, probability)`` for one cell."""
-        return [
-            (self.vocab[int(i)], float(p))
-            for i, p in zip(self.top_ids[layer, pos], self.top_probs[layer, pos], strict=True)
-        ]
 
     def peak(self) -> tuple[int, int, float]:
         """``(layer, pos, score)`` of the highest traced cell."""

@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from lenscope.validation import InvalidInput, InvalidInputType
+
 
 def _tokenizer(model: torch.nn.Module):
     return getattr(model, "tokenizer", None)
@@ -33,9 +35,9 @@ def prompt_tokens(
     """
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("prompt must be non-empty text or token ids, got ''; pass a prompt")
+            raise InvalidInput("prompt must be non-empty text or token ids, got ''; pass a prompt")
         if _tokenizer(model) is None:
-            raise ValueError(
+            raise InvalidInput(
                 f"model {type(model).__name__} has no tokenizer, so the prompt must be token "
                 f"ids, got text {prompt!r}; pass a 1-D LongTensor and subject=(start, end)"
             )
@@ -45,20 +47,20 @@ def prompt_tokens(
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.ndim != 1 or tokens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(
+            raise InvalidInputType(
                 "prompt must be text or a 1-D tensor of token ids, got a tensor of shape "
                 f"{tuple(tokens.shape)} and dtype {tokens.dtype}; "
                 "pass e.g. model.to_tokens(text)[0]"
             )
         if tokens.numel() == 0:
-            raise ValueError("prompt must contain at least one token, got 0; pass a prompt")
+            raise InvalidInput("prompt must contain at least one token, got 0; pass a prompt")
         if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-            raise ValueError(
+            raise InvalidInput(
                 f"token ids must lie in [0, {model.cfg.d_vocab}), got ids from "
                 f"{int(tokens.min())} to {int(tokens.max())}; tokenise with the model's tokenizer"
             )
     if tokens.shape[0] > model.cfg.n_ctx:
-        raise ValueError(
+        raise InvalidInput(
             f"prompt must fit the model's context of {model.cfg.n_ctx} tokens, got "
             f"{tokens.shape[0]}; shorten the prompt"
         )
@@ -95,23 +97,23 @@ def find_subject(
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in subject)
             or not 0 <= subject[0] < subject[1] <= n_pos
         ):
-            raise ValueError(
+            raise InvalidInput(
                 f"subject range must be (start, end) token positions with "
                 f"0 <= start < end <= {n_pos}, got {tuple(subject)}; pass e.g. (1, 4)"
             )
         return int(subject[0]), int(subject[1])
     if not isinstance(subject, str):
-        raise TypeError(
+        raise InvalidInputType(
             f"subject must be text or a (start, end) token range, got {type(subject).__name__}"
         )
     tokenizer = _tokenizer(model)
     labels = list(token_labels(model, tokens))
     if not subject.strip():
-        raise ValueError(
+        raise InvalidInput(
             f"subject must be non-empty text, got {subject!r}; pass e.g. 'The Eiffel Tower'"
         )
     if tokenizer is None:
-        raise ValueError(
+        raise InvalidInput(
             f"model has no tokenizer, so the subject must be a token range, got {subject!r}; "
             "pass subject=(start, end)"
         )
@@ -125,7 +127,7 @@ def find_subject(
         char_start = text.find(subject.strip())
         subject = subject.strip()
     if char_start < 0:
-        raise ValueError(
+        raise InvalidInput(
             f"subject {subject!r} must occur in the prompt, but the prompt tokenised as "
             f"{labels}; check spelling and case, or pass subject=(start, end) token positions"
         )
@@ -138,19 +140,21 @@ def find_subject(
 def answer_token(model: torch.nn.Module, answer: str | int) -> int:
     """The single token id of an answer given as text or id."""
     if isinstance(answer, bool) or not isinstance(answer, str | int):
-        raise TypeError(f"answer must be text or a token id, got {type(answer).__name__}")
+        raise InvalidInputType(f"answer must be text or a token id, got {type(answer).__name__}")
     if isinstance(answer, int):
         if not 0 <= answer < model.cfg.d_vocab:
-            raise ValueError(f"answer token id must lie in [0, {model.cfg.d_vocab}), got {answer}")
+            raise InvalidInput(
+                f"answer token id must lie in [0, {model.cfg.d_vocab}), got {answer}"
+            )
         return answer
     tokenizer = _tokenizer(model)
     if tokenizer is None:
-        raise ValueError(
+        raise InvalidInput(
             f"model has no tokenizer, so the answer must be a token id, got {answer!r}"
         )
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(
+        raise InvalidInput(
             f"answer must be a single token, but {answer!r} tokenises as "
             f"{list(token_labels(model, ids))}; pass one token (mind the leading space, "
             f"e.g. ' Paris') or its id"
@@ -178,7 +182,7 @@ def guess_subject(prompt: str) -> str:
     spans = [m.group(0).strip() for m in _CAPITALISED_SPAN.finditer(prompt)]
     spans = [re.sub(r"\s+(?:of|the|de|du|von|van|der)$", "", s) for s in spans]
     if not spans:
-        raise ValueError(
+        raise InvalidInput(
             f"could not guess a subject in {prompt!r} (no capitalised words); "
             "pass the subject explicitly"
         )

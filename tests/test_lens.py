@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_model, tl4
 
-from lenscope.engine import _noise_hook
+from lenscope.corruptions import noise_hook as _noise_hook
 from lenscope.hooks import EMBED_HOOK, decode_resid, hook_name
 from lenscope.lens import (
     COMPONENTS,
@@ -538,10 +538,12 @@ def test_gemma_lens_ends_in_the_models_own_prediction(gemma_either):
     assert traj.entropy.shape == (18, len(traj.tokens)) and traj.answer == " Paris"
     with torch.inference_mode():
         logits = gemma(gemma.to_tokens(prompt))[0].float()
-    probs = torch.softmax(logits, -1)
+    # Float64 reference: torch's float32 CPU softmax is itself off by up to ~4e-5
+    # relative (see lenscope.metrics), more than the tolerance below.
+    probs = torch.softmax(logits.double(), -1)
     top = probs.topk(5)
     assert torch.equal(traj.top_ids[-1], top.indices)
-    torch.testing.assert_close(traj.top_probs[-1], top.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(traj.top_probs[-1], top.values.float(), atol=1e-5, rtol=0)
     assert float(traj.kl_to_final[-1].abs().max()) < 1e-4
     assert int(traj.answer_rank[-1, -1]) == 1
     for name in STATS:

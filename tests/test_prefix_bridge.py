@@ -7,6 +7,8 @@ from conftest import TINY_PROMPT, TINY_SUBJECT
 import lenscope
 import lenscope._bridge_prefix as bridge_prefix
 import lenscope.engine as engine
+from lenscope.corruptions import GaussianNoise
+from lenscope.sites import Site
 
 SAMPLES = 2
 BRIDGES = ["tiny_bridge", "tiny_gated_bridge"]
@@ -140,11 +142,11 @@ def test_prefix_on_a_bridge_leaves_the_model_as_it_was(
 
             monkeypatch.setattr(bridge_prefix, "DynamicCache", FailingCache)
         elif where == "stair":
-            original = engine._restore_hook
+            original = Site.restore_hook
             calls = {"n": 0}
 
-            def flaky(clean, restore):
-                restore_fn = original(clean, restore)
+            def flaky(site, clean, restore):
+                restore_fn = original(site, clean, restore)
 
                 def maybe_fail(act, hook):
                     calls["n"] += 1
@@ -154,7 +156,7 @@ def test_prefix_on_a_bridge_leaves_the_model_as_it_was(
 
                 return maybe_fail
 
-            monkeypatch.setattr(engine, "_restore_hook", flaky)
+            monkeypatch.setattr(Site, "restore_hook", flaky)
         tracer = lenscope.CausalTracer(model, progress=False, strategy="prefix", batch_size=2)
         if where == "none":
             tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=SAMPLES)
@@ -211,7 +213,10 @@ def test_probe_skips_the_blocks(request, noise, model_name):
     model = request.getfixturevalue(model_name)
     tokens = model.to_tokens(TINY_PROMPT)[0]
     with torch.inference_mode():
-        corrupted = engine.corrupted_run(model, tokens, noise, (1, 5), keep_prefix_state=True)
+        bound = GaussianNoise(samples=noise.shape[0], noise_tensor=noise).bind(
+            model, tokens, (1, 5)
+        )
+        corrupted = engine.corrupted_run(model, bound, keep_prefix_state=True)
         fired = []
         with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: fired.append(1))]):
             runner = BridgePrefixRunner(model)

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
+from lenscope.sites import Site
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +232,12 @@ def test_failure_mid_trace_leaves_model_unchanged(tiny_model, monkeypatch, excep
     try:
         before = _state(tiny_model)
         tracer = lenscope.CausalTracer(tiny_model, progress=False, strategy=strategy, batch_size=2)
-        import lenscope.engine as engine
 
         calls = {"n": 0}
-        original = engine._restore_hook
+        original = Site.restore_hook
 
-        def flaky(clean, restore):
-            restore_fn = original(clean, restore)
+        def flaky(site, clean, restore):
+            restore_fn = original(site, clean, restore)
 
             def maybe_fail(act, hook):
                 calls["n"] += 1
@@ -247,7 +247,7 @@ def test_failure_mid_trace_leaves_model_unchanged(tiny_model, monkeypatch, excep
 
             return maybe_fail
 
-        monkeypatch.setattr(engine, "_restore_hook", flaky)
+        monkeypatch.setattr(Site, "restore_hook", flaky)
         with pytest.raises(exception):
             tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2)
         after = _state(tiny_model)

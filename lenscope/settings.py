@@ -1,0 +1,285 @@
+"""``TraceSettings``: every choice of a causal trace, validated once, serialised once.
+
+A trace (Meng et al., 2022, arXiv 2202.05262) is fixed by where it restores
+(the sites, ``kinds``, and their layer ``windows``), how the corrupted run is
+made (a :class:`~lenscope.corruptions.Corruption`), what is measured (the
+patching ``metric`` of the ``answer`` token, and the ``top_k`` predictions
+kept per cell) and which cells are traced (``layers``, ``positions``). One
+frozen object holds them: :meth:`TraceSettings.from_options` builds it from
+the keyword arguments of :meth:`lenscope.CausalTracer.trace_kinds` and
+:func:`lenscope.trace_dataset` alike, :meth:`TraceSettings.for_model` checks
+what depends on the model and fixes it (layer counts, the noise std in
+sigmas), and :meth:`TraceSettings.to_dict` is the settings record of results
+and dataset checkpoints.
+"""
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from lenscope.corruptions import (
+    Corruption,
+    GaussianNoise,
+    check_corruption,
+    corruption_from_dict,
+)
+from lenscope.hooks import n_layers
+from lenscope.metrics import PatchingMetric, metric_from_name, resolve_metric
+from lenscope.sites import Site, site
+from lenscope.validation import (
+    InvalidInput,
+    InvalidInputType,
+    distinct_indices,
+    is_int,
+)
+
+DEFAULT_KINDS: tuple[str, ...] = ("resid_post", "mlp_out", "attn_out")
+"""The hook-point types of ROME's Figure 1."""
+
+Positions = Literal["all", "subject", "from_subject"] | Sequence[int]
+POSITION_NAMES = ("all", "subject", "from_subject")
+
+NOISE_OPTIONS = ("samples", "noise", "noise_multiplier", "noise_tensor", "seed")
+"""Keyword shortcuts for the fields of a :class:`~lenscope.corruptions.GaussianNoise`."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TraceSettings:
+    """The settings of one causal trace (several kinds on the same corrupted run).
+
+    Attributes:
+        kinds: Hook-point types (site names) to trace, e.g. ``("mlp_out",)``.
+        windows: Layers restored around each cell: one int for every kind, a
+            ``{kind: int}`` mapping, or None for ROME's (1 for ``resid_*``, 10
+            clipped to the depth for ``mlp_out``/``attn_out``).
+        corruption: How the corrupted run is made (default: ROME's Gaussian noise).
+        metric: ``"prob"`` (ROME), ``"log_prob"``, or a callable ``(logits, answer) -> [batch]``.
+        answer: Answer token (text or id); None = the clean run's top-1 token.
+        top_k: Predictions of each restored run kept for inspection.
+        layers: Layers to trace (an int n means ``range(n)``); None = all.
+        positions: ``"all"``, ``"subject"``, ``"from_subject"`` (the subject's
+            first token to the last token) or a list of token positions.
+    """
+
+    kinds: str | Sequence[str] = DEFAULT_KINDS
+    windows: int | Mapping[str, int] | None = None
+    corruption: Corruption = dataclasses.field(default_factory=GaussianNoise)
+    metric: str | PatchingMetric = "prob"
+    answer: str | int | None = None
+    top_k: int = 5
+    layers: int | Iterable[int] | None = None
+    positions: str | Sequence[int] | torch.Tensor = "all"
+
+    def __post_init__(self) -> None:
+        """Check everything that does not need the model."""
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        names = tuple(site(k).name for k in kinds)
+        if not names or len(set(names)) != len(names):
+            raise InvalidInput(f"kinds must be distinct and non-empty, got {names}")
+        object.__setattr__(self, "kinds", names)
+        check_corruption(self.corruption)
+        resolve_metric(self.metric)
+        if not is_int(self.top_k) or self.top_k < 1:
+            raise InvalidInput(
+                f"top_k must be an integer in [1, d_vocab], got {self.top_k!r}; pass e.g. 5"
+            )
+        if self.answer is not None and (
+            isinstance(self.answer, bool) or not isinstance(self.answer, str | int)
+        ):
+            raise InvalidInputType(
+                f"answer must be text or a token id, got {type(self.answer).__name__}"
+            )
+        if isinstance(self.positions, str):
+            if self.positions not in POSITION_NAMES:
+                raise InvalidInput(
+                    f"positions must be 'all', 'subject', 'from_subject' or a list of token "
+                    f"positions, got {self.positions!r}"
+                )
+        elif not isinstance(self.positions, Sequence | torch.Tensor | range):
+            raise InvalidInputType(
+                f"positions must be 'all', 'subject', 'from_subject' or a list of token "
+                f"positions, got {type(self.positions).__name__}"
+            )
+        if isinstance(self.layers, Iterable) and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @classmethod
+    def from_options(cls, base: "TraceSettings | None" = None, **options: Any) -> "TraceSettings":
+        """Settings from keyword options, on top of ``base`` (default: ROME's settings).
+
+        Accepts every field of this class and, as shortcuts for a
+        :class:`~lenscope.corruptions.GaussianNoise`, ``samples``, ``noise``,
+        ``noise_multiplier``, ``noise_tensor`` and ``seed``. None leaves a
+        field as it is in ``base`` (except ``answer``, ``layers`` and
+        ``windows``, where None is a value).
+        """
+        base = cls() if base is None else base
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields - set(NOISE_OPTIONS))
+        if unknown:
+            raise InvalidInputType(
+                f"unknown trace option(s) {unknown}; the options are "
+                f"{sorted(fields | set(NOISE_OPTIONS))}"
+            )
+        noise = {k: options.pop(k) for k in NOISE_OPTIONS if k in options}
+        noise = {k: v for k, v in noise.items() if v is not None}
+        corruption = options.pop("corruption", None) or base.corruption
+        if noise:
+            if not isinstance(corruption, GaussianNoise):
+                raise InvalidInput(
+                    f"the noise options {sorted(noise)} apply to Gaussian noise, but the "
+                    f"corruption is {type(corruption).__name__}; set them on the corruption"
+                )
+            if "noise" in noise:  # an absolute std replaces a resolved one
+                corruption = dataclasses.replace(corruption, noise_tensor=None)
+            corruption = dataclasses.replace(corruption, **noise)
+        changes = {k: v for k, v in options.items() if v is not None or k in _NONE_IS_VALUE}
+        return dataclasses.replace(base, corruption=corruption, **changes)
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        """The :class:`~lenscope.sites.Site` of each kind."""
+        return tuple(site(k) for k in self.kinds)
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's name: ``"prob"``, ``"logit_diff(foil=5)"``, or a callable's ``__name__``."""
+        return resolve_metric(self.metric)[0]
+
+    @property
+    def metric_fn(self) -> PatchingMetric:
+        """The metric as a callable."""
+        return resolve_metric(self.metric)[1]
+
+    def for_model(self, model: torch.nn.Module) -> "TraceSettings":
+        """Check the settings against ``model`` and fix what depends on it.
+
+        Returns:
+            A copy with ``windows`` a ``{kind: int}`` dict, ``layers`` a
+            sorted tuple, and the corruption resolved (e.g. the noise std
+            measured in embedding sigmas).
+        """
+        n_layer = n_layers(model)
+        d_vocab = int(model.cfg.d_vocab)
+        if self.top_k > d_vocab:
+            raise InvalidInput(
+                f"top_k must be an integer in [1, d_vocab], got {self.top_k!r}; pass e.g. 5"
+            )
+        return dataclasses.replace(
+            self,
+            windows=self.window_per_kind(n_layer),
+            layers=tuple(self.layer_list(n_layer)),
+            corruption=self.corruption.resolve(model),
+        )
+
+    def window_per_kind(self, n_layer: int) -> dict[str, int]:
+        """``{kind: window}`` with ROME's defaults filled in, checked against the depth."""
+        out = {}
+        for kind, where in zip(self.kinds, self.sites, strict=True):
+            windows = self.windows
+            window = windows.get(kind) if isinstance(windows, Mapping) else windows
+            if window is None:
+                window = where.default_window(n_layer)
+            if not is_int(window) or not 1 <= window <= n_layer:
+                raise InvalidInput(
+                    f"window must be an integer from 1 to n_layers={n_layer}, got {window!r} "
+                    f"for kind {kind!r}; ROME uses 1 for resid and 10 for mlp_out/attn_out"
+                )
+            out[kind] = int(window)
+        return out
+
+    def layer_list(self, n_layer: int) -> list[int]:
+        """The layers to trace, sorted."""
+        if self.layers is None:
+            return list(range(n_layer))
+        chosen = list(range(self.layers)) if is_int(self.layers) else list(self.layers)
+        return distinct_indices(
+            "layers",
+            "layer indices",
+            chosen,
+            n_layer,
+            f"pass e.g. range(0, {n_layer})",
+            original=self.layers,
+        )
+
+    def position_list(self, n_pos: int, subject_range: tuple[int, int]) -> list[int]:
+        """The token positions to trace, sorted."""
+        if isinstance(self.positions, str):
+            start, end = subject_range
+            return {
+                "all": list(range(n_pos)),
+                "subject": list(range(start, end)),
+                "from_subject": list(range(start, n_pos)),
+            }[self.positions]
+        values = (
+            self.positions.tolist()
+            if isinstance(self.positions, torch.Tensor)
+            else list(self.positions)
+        )
+        return distinct_indices(
+            "positions",
+            "token positions",
+            values,
+            n_pos,
+            "pass positions of the prompt's tokens, or 'all'",
+            original=self.positions,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-ready record (call :meth:`for_model` first to fix windows and the noise std).
+
+        The corruption's record is merged in: its name under ``"corruption"``,
+        its parameters (``samples``, ``noise_std``, ``seed`` for Gaussian
+        noise) beside the other settings, so that a difference reads as one
+        named setting.
+        """
+        layers = self.layers
+        out: dict[str, Any] = {
+            "kinds": list(self.kinds),
+            "windows": dict(self.windows) if isinstance(self.windows, Mapping) else self.windows,
+            "metric": self.metric_name,
+            "answer": self.answer,
+            "top_k": self.top_k,
+            "layers": None if layers is None else (layers if is_int(layers) else list(layers)),
+            "positions": self.positions
+            if isinstance(self.positions, str)
+            else [int(p) for p in self.positions],
+        }
+        record = self.corruption.to_dict()
+        clash = sorted(set(record) & set(out))
+        if clash:
+            raise RuntimeError(
+                f"{type(self.corruption).__name__}.to_dict() uses the setting names {clash}; "
+                "a corruption's parameters need names of their own"
+            )
+        return {
+            **out,
+            "corruption": record["name"],
+            **{k: v for k, v in record.items() if k != "name"},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TraceSettings":
+        """Inverse of :meth:`to_dict` (a callable metric must be a known name or ``logit_diff``)."""
+        if not isinstance(data, Mapping) or "kinds" not in data or "corruption" not in data:
+            raise InvalidInput(
+                f"expected a dict written by TraceSettings.to_dict (with 'kinds' and "
+                f"'corruption'), got {str(data)[:80]!r}"
+            )
+        own = {f.name for f in dataclasses.fields(cls)}
+        record = {k: v for k, v in data.items() if k not in own and k != "format"}
+        return cls(
+            kinds=tuple(data["kinds"]),
+            windows=data.get("windows"),
+            corruption=corruption_from_dict({**record, "name": data["corruption"]}),
+            metric=metric_from_name(data.get("metric", "prob")),
+            answer=data.get("answer"),
+            top_k=data.get("top_k", 5),
+            layers=data.get("layers"),
+            positions=data.get("positions", "all"),
+        )
+
+
+_NONE_IS_VALUE = ("answer", "layers", "windows")

@@ -1,0 +1,95 @@
+"""Checks of user input, and the error types that mark a mistake as the user's.
+
+Every argument lenscope accepts from a user is checked here, once, with a
+message that states the rule, the value received and the fix (the equinox
+convention). The errors are :class:`InvalidInput` (a ``ValueError``) and
+:class:`InvalidInputType` (a ``TypeError``): the command line reports them
+with exit status 2 as usage errors, while any other exception is a bug (or
+an environment problem) and exits 1 with a hint to rerun with a traceback.
+This module imports nothing from lenscope: it sits at the bottom.
+"""
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+
+class InvalidInput(ValueError):
+    """A value the user passed breaks a rule; the message says which and how to fix it."""
+
+
+class InvalidInputType(TypeError):
+    """An argument of the wrong type; the message says what to pass instead."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (InvalidInput, InvalidInputType)
+"""Exceptions that mean "the input was wrong", not "lenscope is broken"."""
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (``bool`` excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: Any, fix: str) -> int:
+    """``value`` if it is an integer >= 1, else :class:`InvalidInput`.
+
+    Args:
+        name: The argument's name, as the user wrote it.
+        value: What was passed.
+        fix: What to pass instead, e.g. ``"pass e.g. samples=10"``.
+    """
+    if not is_int(value) or value < 1:
+        raise InvalidInput(f"{name} must be a positive integer, got {value!r}; {fix}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any, fix: str) -> int | None:
+    """:func:`positive_int`, letting ``None`` through."""
+    return None if value is None else positive_int(name, value, fix)
+
+
+def finite_number(name: str, value: Any, fix: str, *, minimum: float | int = -math.inf) -> float:
+    """``value`` as a float if it is a finite real number ``>= minimum``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value >= minimum
+    if not ok:
+        rule = "a finite number" if minimum == -math.inf else f"a finite number >= {minimum:g}"
+        raise InvalidInput(f"{name} must be {rule}, got {value!r}; {fix}")
+    return float(value)
+
+
+def positive_number(name: str, value: Any, fix: str) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise InvalidInput(f"{name} must be a positive number, got {value!r}; {fix}")
+    return float(value)
+
+
+def one_of(name: str, value: Any, allowed: Sequence[Any], fix: str) -> Any:
+    """``value`` if it is one of ``allowed``."""
+    if value not in allowed:
+        raise InvalidInput(f"{name} must be one of {tuple(allowed)}, got {value!r}; {fix}")
+    return value
+
+
+def distinct_indices(
+    name: str, what: str, values: Sequence[Any], size: int, fix: str, *, original: Any = None
+) -> list[int]:
+    """Sorted distinct integers in ``[0, size)``; :class:`InvalidInput` otherwise.
+
+    Args:
+        name: The argument's name.
+        what: What the integers index, e.g. ``"layer indices"``.
+        values: The integers.
+        size: One past the largest allowed index.
+        fix: What to pass instead.
+        original: The value as the user passed it, shown in the message.
+    """
+    shown = values if original is None else original
+    chosen = [int(v) for v in values] if all(is_int(v) for v in values) else None
+    if not chosen or any(not 0 <= v < size for v in chosen) or len(set(chosen)) != len(chosen):
+        raise InvalidInput(f"{name} must be distinct {what} in [0, {size}), got {shown!r}; {fix}")
+    return sorted(chosen)
