@@ -2,66 +2,66 @@
 
 Vectorised causal tracing (Meng et al., 2022, arXiv 2202.05262) and logit-lens
 views (nostalgebraist, 2020; Belrose et al., 2023) for TransformerLens models,
-``HookedTransformer`` and ``TransformerBridge`` alike. Plotting functions are
-imported lazily so that ``import lenscope`` does not load plotly.
+``HookedTransformer`` and ``TransformerBridge`` alike. Every public name is
+imported on first use, so ``import lenscope`` (and ``lenscope --help``) does
+not load torch, TransformerLens or plotly; the installed TransformerLens
+version is checked at import (:mod:`lenscope.compat`, metadata only).
 """
 
+import importlib
 from typing import Any
 
-from lenscope import compat, datasets, metrics
-from lenscope.datasets import DatasetSummary
-from lenscope.hooks import KINDS, hook_name
-from lenscope.lens import (
-    CellTrajectories,
-    LensDecoder,
-    LensTrajectory,
-    LogitLens,
-    lens_trace_cell,
-    lens_trajectory,
-)
-from lenscope.loading import load_model
-from lenscope.noise import embedding_sigma, known_subjects
-from lenscope.results import TraceResult
-from lenscope.tokens import guess_subject
-from lenscope.tracer import DEFAULT_KINDS, CausalTracer
+from lenscope import compat
+from lenscope._version import __version__
 
-_PLOTTING = (
-    "plot_trace",
-    "plot_traces",
-    "plot_lens",
-    "plot_dataset",
-    "save_html",
-    "save_image",
-)
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_KINDS": "lenscope.settings",
+    "KINDS": "lenscope.hooks",
+    "CausalTracer": "lenscope.tracer",
+    "CellTrajectories": "lenscope.lens",
+    "Corruption": "lenscope.corruptions",
+    "DatasetSummary": "lenscope.datasets",
+    "GaussianNoise": "lenscope.corruptions",
+    "LensDecoder": "lenscope.lens",
+    "LensTrajectory": "lenscope.lens",
+    "LogitLens": "lenscope.lens",
+    "SITES": "lenscope.sites",
+    "Site": "lenscope.sites",
+    "TraceResult": "lenscope.results",
+    "TraceSettings": "lenscope.settings",
+    "embedding_sigma": "lenscope.noise",
+    "filter_known": "lenscope.datasets",
+    "guess_subject": "lenscope.tokens",
+    "hook_name": "lenscope.hooks",
+    "known_facts": "lenscope.datasets",
+    "known_subjects": "lenscope.noise",
+    "lens_trace_cell": "lenscope.lens",
+    "lens_trajectory": "lenscope.lens",
+    "load_facts": "lenscope.datasets",
+    "load_model": "lenscope.loading",
+    "trace_dataset": "lenscope.datasets",
+    "plot_trace": "lenscope.plotting",
+    "plot_traces": "lenscope.plotting",
+    "plot_lens": "lenscope.plotting",
+    "plot_dataset": "lenscope.plotting",
+    "save_html": "lenscope.plotting",
+    "save_image": "lenscope.plotting",
+}
+_SUBMODULES = ("datasets", "metrics", "corruptions", "sites", "settings", "validation")
 
-__all__ = [
-    "DEFAULT_KINDS",
-    "KINDS",
-    "CausalTracer",
-    "DatasetSummary",
-    "CellTrajectories",
-    "LensDecoder",
-    "LensTrajectory",
-    "LogitLens",
-    "TraceResult",
-    "compat",
-    "datasets",
-    "embedding_sigma",
-    "guess_subject",
-    "hook_name",
-    "known_subjects",
-    "lens_trace_cell",
-    "lens_trajectory",
-    "load_model",
-    "metrics",
-    *_PLOTTING,
-]
-__version__ = "0.1.0"
+__all__ = ["__version__", "compat", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PLOTTING:
-        from lenscope import plotting
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"lenscope.{name}")
+    else:
+        raise AttributeError(f"module 'lenscope' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(plotting, name)
-    raise AttributeError(f"module 'lenscope' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

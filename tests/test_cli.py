@@ -173,3 +173,55 @@ def test_help_is_complete():
         [sys.executable, "-m", "lenscope.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "trace" in top
+
+
+def test_internal_errors_exit_1_with_a_hint(run, monkeypatch, tmp_path):
+    import lenscope.tracer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shape mismatch deep inside")
+
+    monkeypatch.setattr(lenscope.tracer.CausalTracer, "trace_kinds", broken)
+    code, out, err, _ = run("trace", TINY_PROMPT, "--quiet", "--out", str(tmp_path / "x.html"))
+    assert code == 1
+    assert "internal error: RuntimeError: shape mismatch deep inside" in err
+    assert "not with your arguments: rerun with LENSCOPE_TRACEBACK=1" in err
+    assert "usage" not in err
+    monkeypatch.setenv("LENSCOPE_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run("trace", TINY_PROMPT, "--quiet", "--out", str(tmp_path / "x.html"))
+
+
+def test_both_subcommands_reject_bad_kinds_before_loading(run, capsys):
+    for command in (["trace", "p"], ["dataset"]):
+        with pytest.raises(SystemExit) as exc:
+            run(*command, "--kinds", "mlp_outt")
+        assert exc.value.code == 2
+        assert "kinds must be a comma-separated list" in capsys.readouterr().err
+
+
+def test_dataset_refuses_a_foreign_checkpoint_before_filtering(
+    run, tiny_model, monkeypatch, tmp_path
+):
+    import lenscope.datasets.facts
+
+    checkpoint = tmp_path / "run.jsonl"
+    args = ["dataset", "--limit", "1", "--samples", "2", "--quiet", "--checkpoint", str(checkpoint)]
+    args += ["--out", str(tmp_path / "r.html")]
+    assert run(*args)[0] == 0
+    filtered = []
+    original = lenscope.datasets.facts.filter_known
+    monkeypatch.setattr(
+        lenscope.datasets, "filter_known", lambda *a, **k: filtered.append(1) or original(*a, **k)
+    )
+    code, _, err, _ = run(*[a if a != "2" else "3" for a in args])
+    assert code == 2
+    assert "samples: checkpoint 2, this call 3" in err
+    assert not filtered, "the known-fact filter ran before the checkpoint was checked"
+
+
+def test_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("lenscope 0.")

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+import lenscope.cli as cli
 import lenscope.datasets as ds
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
@@ -426,7 +427,7 @@ def test_checkpoint_refuses_changed_fact_and_foreign_file(tracer, tmp_path):
 
 def test_time_budget_leaves_facts_pending(tracer, tmp_path, monkeypatch):
     clock = iter(float(t) for t in range(0, 1000, 10))
-    monkeypatch.setattr(ds.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(ds.run.time, "perf_counter", lambda: next(clock))
     summary = ds.trace_dataset(tracer, FACTS, samples=SAMPLES, kinds=("mlp_out",), max_seconds=25)
     assert summary.n_facts + summary.n_pending == len(FACTS)
     assert 0 < summary.n_facts < len(FACTS)
@@ -607,7 +608,7 @@ def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("\n".join(json.dumps(f) for f in FACTS[:2]))
-    parser = ds.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
+    parser = cli.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
     args = parser.parse_args(
         [
             "--model",
@@ -628,7 +629,7 @@ def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
             "--quiet",
         ]
     )
-    assert ds.run_dataset_cli(args, factory) == 0
+    assert cli.run_dataset(args, factory) == 0
     # bridge=None: the installed TransformerLens' default class
     assert loaded == [("tiny", {"bridge": None, "device": None, "dtype": None})]
     assert (tmp_path / "report.html").exists()

@@ -1,0 +1,278 @@
+"""Fact lists: ROME's known facts, reading fact files, and keeping the facts a model knows.
+
+ROME (Meng et al., "Locating and Editing Factual Associations in GPT",
+NeurIPS 2022, arXiv 2202.05262) traces "known facts": prompts whose subject
+the model completes with the right attribute. :func:`known_facts` is ROME's
+set (shipped with lenscope), :func:`load_facts` reads any list of records,
+and :func:`filter_known` keeps what a given model predicts correctly,
+with ROME's test (:func:`starts_attribute`).
+"""
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lenscope._data import known_records
+from lenscope.hooks import decode_resid, preserved_model, run_to_final_resid
+from lenscope.metrics import softmax
+from lenscope.tokens import prompt_tokens, token_labels
+from lenscope.validation import InvalidInput, InvalidInputType, optional_positive_int
+
+if TYPE_CHECKING:
+    from lenscope.tracer import CausalTracer
+
+Facts = Sequence[Mapping[str, Any]] | str | os.PathLike[str] | Any
+"""A list of dicts, a pandas DataFrame, or the path of a JSON / JSONL file."""
+
+
+def known_facts() -> list[dict[str, Any]]:
+    """The ROME known-facts set shipped with lenscope (1209 records).
+
+    Each record has ``known_id``, ``subject``, ``attribute``, ``template``,
+    ``prediction`` (GPT-2 XL's greedy continuation), ``prompt`` and
+    ``relation_id``. The set is what GPT-2 XL knows; run :func:`filter_known`
+    to keep what *your* model knows.
+
+    Returns:
+        A fresh list of fresh dicts (safe to modify).
+    """
+    return [dict(record) for record in known_records()]
+
+
+def load_facts(facts: Facts) -> list[dict[str, Any]]:
+    """Turn any supported fact source into a list of dicts.
+
+    Args:
+        facts: A sequence of mappings, a pandas ``DataFrame`` (one fact per
+            row; NaN cells count as missing), or the path of a ``.json`` file
+            (a list of records) or ``.jsonl`` file (one record per line).
+
+    Returns:
+        One dict per fact, in order. Records are not validated here: a fact
+        with missing fields is reported by :func:`trace_dataset`, not refused.
+
+    Raises:
+        TypeError: ``facts`` is none of the supported sources.
+        ValueError: a JSON/JSONL file cannot be parsed.
+        FileNotFoundError: the path does not exist.
+    """
+    if isinstance(facts, str | os.PathLike):
+        return _read_fact_file(Path(facts))
+    if hasattr(facts, "to_dict") and hasattr(facts, "columns"):  # a pandas DataFrame
+        records = facts.to_dict(orient="records")
+        return [{k: v for k, v in r.items() if not _is_missing(v)} for r in records]
+    if isinstance(facts, Mapping) or not isinstance(facts, Iterable):
+        raise InvalidInputType(
+            f"facts must be a list of dicts, a pandas DataFrame, or a JSON/JSONL path, "
+            f"got {type(facts).__name__}; pass e.g. lenscope.datasets.known_facts()"
+        )
+    return [dict(f) if isinstance(f, Mapping) else f for f in facts]
+
+
+def _read_fact_file(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"fact file {str(path)!r} does not exist; pass the path of a .json or .jsonl file"
+        )
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InvalidInput(
+                    f"every line of a JSONL fact file must be one JSON record, but line "
+                    f"{number} of {str(path)!r} is not valid JSON ({e.msg}); fix or remove it"
+                ) from e
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(
+            f"a .json fact file must hold a JSON list of records, but {str(path)!r} is not "
+            f"valid JSON ({e.msg}); for one record per line name the file .jsonl"
+        ) from e
+    if not isinstance(data, list):
+        raise InvalidInput(
+            f"a .json fact file must hold a JSON list of records, got a "
+            f"{type(data).__name__} in {str(path)!r}; wrap the records in [...]"
+        )
+    return data
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fact_id(fact: Any, index: int) -> int | str:
+    """A fact's id: its ``known_id``, else its ``id``, else its index in the input."""
+    if isinstance(fact, Mapping):
+        for key in ("known_id", "id"):
+            value = fact.get(key)
+            if _is_missing(value) or isinstance(value, bool):
+                continue
+            if isinstance(value, numbers.Integral):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # a pandas column with NaN turns ints into floats
+            return str(value)
+    return index
+
+
+def _fact_problem(fact: Any, fields: Sequence[str]) -> str | None:
+    """Why ``fact`` cannot be used (a missing or non-text field), or None."""
+    if not isinstance(fact, Mapping):
+        return f"a fact must be a dict with {', '.join(fields)}, got {type(fact).__name__}"
+    missing = [f for f in fields if _is_missing(fact.get(f))]
+    if missing:
+        return (
+            f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+            f"(a fact needs {', '.join(map(repr, fields))})"
+        )
+    for field in fields:
+        value = fact[field]
+        if not isinstance(value, str) or not value.strip():
+            return f"field {field!r} must be non-empty text, got {value!r}"
+    return None
+
+
+def _prepared(facts: Facts) -> list[tuple[int | str, Any]]:
+    """``(id, record)`` pairs; later duplicates of an id are kept for reporting."""
+    return [(_fact_id(fact, index), fact) for index, fact in enumerate(load_facts(facts))]
+
+
+def starts_attribute(prediction: str, attribute: str) -> bool:
+    """ROME's "known" test: the predicted token, stripped, is a non-empty prefix of the attribute.
+
+    The comparison is case-sensitive and ignores surrounding whitespace on
+    both sides, so ``" Paris"`` starts ``"Paris"`` and ``" Par"`` does too
+    (a sub-word start counts, as in ROME), while ``" the"`` or ``" "`` do not.
+
+    Args:
+        prediction: The decoded top-1 token.
+        attribute: The fact's expected attribute, e.g. ``"Paris"``.
+
+    Returns:
+        Whether the prediction starts the attribute.
+    """
+    token = prediction.strip()
+    return bool(token) and attribute.strip().startswith(token)
+
+
+def filter_known(
+    tracer: "CausalTracer",
+    facts: Facts,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    return_rejected: bool = False,
+) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list["SkippedFact"]]:
+    """Keep the facts whose clean top-1 next token starts the attribute (ROME's filter).
+
+    One clean forward pass per fact, batched over prompts of equal token
+    length (no padding, so no position or BOS subtleties); only the last
+    position's logits are decoded (:func:`lenscope.hooks.run_to_final_resid`),
+    never the full ``[batch, pos, d_vocab]`` logits. See
+    :func:`starts_attribute` for the exact test.
+
+    Args:
+        tracer: The tracer whose model is checked.
+        facts: Facts with ``prompt`` and ``attribute`` (see :func:`load_facts`).
+        limit: Stop once this many known facts are found (input order kept).
+        batch_size: Prompts per forward pass.
+        progress: Show a progress bar; default the tracer's setting.
+        return_rejected: Also return the facts left out, with the reason.
+
+    Returns:
+        Copies of the known facts, each with ``top1_token`` and ``top1_prob``
+        added; with ``return_rejected``, the pair ``(known, rejected)``.
+
+    Raises:
+        ValueError: ``limit`` or ``batch_size`` is not a positive integer.
+    """
+    optional_positive_int("limit", limit, "pass e.g. limit=100")
+    optional_positive_int("batch_size", batch_size, "pass e.g. batch_size=64")
+    model = tracer.model
+    show = tracer.progress if progress is None else progress
+    pairs = _prepared(facts)
+    known: list[tuple[int, dict[str, Any]]] = []
+    rejected: list[tuple[int, SkippedFact]] = []
+    # Larger chunks give larger equal-length groups: a forward pass costs about
+    # the same for 1 or 64 short prompts (reading the weights dominates).
+    # With a small limit, check a few facts at a time so as not to overshoot.
+    chunk_size = 256 if limit is None else min(256, max(32, 4 * limit))
+    bar = tqdm(total=len(pairs), desc="filter known", unit="fact", disable=not show)
+    with bar, preserved_model(model), torch.inference_mode():
+        for chunk_start in range(0, len(pairs), chunk_size):
+            by_length: dict[int, list[tuple[int, dict[str, Any], Tensor]]] = {}
+            for order in range(chunk_start, min(chunk_start + chunk_size, len(pairs))):
+                fact_id, fact = pairs[order]
+                problem = _fact_problem(fact, ("prompt", "attribute"))
+                tokens = None
+                if problem is None:
+                    try:
+                        tokens = prompt_tokens(model, fact["prompt"])
+                    except (ValueError, TypeError) as e:
+                        problem = str(e)
+                if problem is not None:
+                    rejected.append((order, SkippedFact(fact_id, problem)))
+                    continue
+                by_length.setdefault(int(tokens.shape[0]), []).append((order, fact, tokens))
+            for group in by_length.values():
+                for start in range(0, len(group), batch_size):
+                    batch = group[start : start + batch_size]
+                    ids = torch.stack([tokens for _, _, tokens in batch])
+                    logits = decode_resid(model, run_to_final_resid(model, ids, []))
+                    probs = softmax(logits)
+                    top_prob, top_id = probs.max(dim=-1)
+                    labels = token_labels(model, top_id.tolist())
+                    for (order, fact, _), label, p in zip(batch, labels, top_prob, strict=True):
+                        if starts_attribute(label, fact["attribute"]):
+                            known.append(
+                                (order, {**fact, "top1_token": label, "top1_prob": float(p)})
+                            )
+                        else:
+                            reason = (
+                                f"not known: top-1 token {label!r} does not start the "
+                                f"attribute {fact['attribute']!r}"
+                            )
+                            rejected.append((order, SkippedFact(pairs[order][0], reason)))
+            bar.update(min(chunk_start + chunk_size, len(pairs)) - chunk_start)
+            if limit is not None and len(known) >= limit:
+                break
+    known.sort(key=lambda item: item[0])
+    rejected.sort(key=lambda item: item[0])
+    kept = [fact for _, fact in known]
+    if limit is not None and len(kept) > limit:
+        last_order = known[limit - 1][0]
+        kept = kept[:limit]
+        rejected = [item for item in rejected if item[0] < last_order]
+    if return_rejected:
+        return kept, [skip for _, skip in rejected]
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFact:
+    """A fact that was not traced, and why.
+
+    Attributes:
+        fact_id: The fact's ``known_id`` / ``id``, or its index in the input.
+        reason: What was wrong with it, e.g. a missing field.
+    """
+
+    fact_id: int | str
+    reason: str

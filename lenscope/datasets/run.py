@@ -1,0 +1,289 @@
+"""``trace_dataset``: trace many facts, resumably, and average them.
+
+Each fact is traced with :meth:`lenscope.CausalTracer.trace_kinds` under one
+:class:`~lenscope.settings.TraceSettings` (the answer fixed to the model's
+clean top-1 token, as ROME does: Meng et al., 2022, arXiv 2202.05262), each
+finished fact appended to a JSONL checkpoint
+(:mod:`lenscope.datasets.checkpoint`) so that long runs resume, and the
+effects averaged into a :class:`~lenscope.datasets.summary.DatasetSummary`.
+"""
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lenscope._version import __version__
+from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, Checkpoint, checkpoint_header
+from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
+from lenscope.datasets.summary import DatasetSummary, FactTrace
+from lenscope.hooks import model_name, n_layers
+from lenscope.metrics import PatchingMetric
+from lenscope.settings import TraceSettings
+from lenscope.tokens import find_subject, prompt_tokens
+from lenscope.tracer import CausalTracer
+from lenscope.validation import InvalidInput
+
+
+def trace_dataset(
+    tracer: CausalTracer,
+    facts: Facts,
+    settings: TraceSettings | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    windows: int | Mapping[str, int] | None = None,
+    samples: int | None = None,
+    noise: float | None = None,
+    noise_multiplier: float | None = None,
+    seed: int | None = None,
+    metric: str | PatchingMetric | None = None,
+    checkpoint: str | Path | None = None,
+    max_seconds: float | int | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> DatasetSummary:
+    """Trace every fact and average the effects per ROME token bucket and layer.
+
+    Each fact is traced with :meth:`CausalTracer.trace_kinds` on its
+    ``prompt`` and ``subject``, the answer fixed to the model's clean top-1
+    token (ROME's choice; filter with :func:`filter_known` first so that it
+    is the right answer), the same noise seed for every fact, and only the
+    positions from the subject's first token on (earlier ones belong to no
+    bucket; their scores are NaN).
+
+    Facts that cannot be traced (not a dict, missing or empty ``prompt`` /
+    ``subject``, a subject absent from its prompt, a prompt too long for
+    the model, a duplicate id) are skipped with a reason and counted in the
+    summary, never raised halfway through a run.
+
+    With ``checkpoint``, the JSONL file gets a header line with the settings
+    (:func:`~lenscope.datasets.checkpoint.checkpoint_header`: model, layers,
+    lenscope version and :meth:`TraceSettings.to_dict`), then one line per
+    finished or skipped fact, flushed and fsynced as it finishes. Calling
+    again with the same file resumes: facts already there are read back,
+    never recomputed; a torn final line
+    (an interrupted write) is dropped; a file written with other settings
+    is refused. Ctrl-C (``KeyboardInterrupt``) propagates and leaves a
+    valid checkpoint.
+
+    Args:
+        tracer: The tracer (model, noise multiplier, strategy, batch size).
+        facts: Facts with ``prompt`` and ``subject`` (ids from ``known_id`` or
+            ``id``, else their index); see :func:`load_facts`.
+        settings: A :class:`TraceSettings` (its answer, top-k, layers and
+            positions are replaced by the dataset's: clean top-1, 1, all, from
+            the subject on); the keywords below change single fields of it.
+        kinds: Hook-point types to trace (default ROME's three).
+        windows: Layers restored around each cell; default ROME's (1 for
+            residual kinds, 10 for ``mlp_out``/``attn_out``).
+        samples: Corrupted copies per fact (default 10, as in ROME).
+        noise: Absolute noise std; default ``noise_multiplier * tracer.sigma``.
+        noise_multiplier: Multiple of the embedding sigma; default the tracer's (3).
+        seed: Seed of the noise draws, shared by all facts (as in ROME; default 0).
+        metric: ``"prob"`` (ROME, default), ``"log_prob"``, or a named callable.
+        checkpoint: JSONL file to write and resume from.
+        max_seconds: Stop starting new facts after this much time; the
+            facts not reached are counted in ``n_pending``.
+        batch_size: Corrupted copies per forward pass; default the tracer's.
+        progress: Show a progress bar over facts with an ETA; default the tracer's setting.
+
+    Returns:
+        The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
+        a checkpoint may hold more).
+
+    Raises:
+        ValueError: bad settings, a checkpoint with different settings, or a
+            checkpoint fact whose prompt or subject differs from the input's.
+    """
+    settings = dataset_settings(
+        tracer,
+        settings,
+        kinds=kinds,
+        windows=windows,
+        samples=samples,
+        noise=noise,
+        noise_multiplier=noise_multiplier,
+        seed=seed,
+        metric=metric,
+    )
+    if max_seconds is not None and not (
+        isinstance(max_seconds, int | float)
+        and not isinstance(max_seconds, bool)
+        and max_seconds > 0
+    ):
+        raise InvalidInput(
+            f"max_seconds must be a positive number of seconds, got {max_seconds!r}; "
+            "pass e.g. max_seconds=1800 for half an hour"
+        )
+    header = dataset_header(tracer, settings)
+    pairs = _prepared(facts)
+    store = Checkpoint(checkpoint, header) if checkpoint is not None else None
+    records: dict[str, dict[str, Any]] = dict(store.records) if store else {}
+    seen: set[str] = set()
+    todo: list[int] = []
+    order_records: list[dict[str, Any] | None] = []
+    for index, (fact_id, fact) in enumerate(pairs):
+        key = json.dumps(fact_id)
+        if key in seen:
+            reason = f"duplicate id {fact_id!r} (each fact id must be unique)"
+            order_records.append(_skip_record(fact_id, fact, reason))
+            continue
+        seen.add(key)
+        old = records.get(key)
+        if old is not None and _same_fact(old, fact):
+            order_records.append(old)
+            continue
+        if old is not None and old["status"] == "done":
+            raise InvalidInput(
+                f"checkpoint {str(checkpoint)!r} holds fact {fact_id!r} with prompt "
+                f"{old['fact']['prompt']!r} and subject {old['fact']['subject']!r}, but the "
+                f"facts give {_field(fact, 'prompt')!r} and {_field(fact, 'subject')!r}; "
+                "give each fact a unique id, or pass a new checkpoint path"
+            )
+        order_records.append(None)
+        todo.append(index)
+
+    show = tracer.progress if progress is None else progress
+    started = time.perf_counter()
+    n_pending = 0
+    bar = tqdm(
+        total=len(pairs),
+        initial=len(pairs) - len(todo),
+        desc="trace dataset",
+        unit="fact",
+        disable=not show,
+        dynamic_ncols=True,
+    )
+    try:
+        with bar:
+            for done, index in enumerate(todo):
+                if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                    n_pending = len(todo) - done
+                    break
+                fact_id, fact = pairs[index]
+                record = _trace_one(tracer, fact_id, fact, settings, batch_size)
+                if store is not None:
+                    store.append(record)
+                order_records[index] = record
+                bar.update(1)
+    finally:
+        if store is not None:
+            store.close()
+
+    traced = tuple(
+        FactTrace.from_dict(r["fact"])
+        for r in order_records
+        if r is not None and r["status"] == "done"
+    )
+    skipped = tuple(
+        SkippedFact(r["id"], r["reason"])
+        for r in order_records
+        if r is not None and r["status"] == "skipped"
+    )
+    corruption = settings.corruption.to_dict()
+    return DatasetSummary(
+        facts=traced,
+        skipped=skipped,
+        kinds=settings.kinds,
+        windows=dict(settings.windows),
+        n_layers=header["n_layers"],
+        model_name=header["model_name"],
+        samples=corruption.get("samples", 1),
+        noise_std=corruption.get("noise_std", 0.0),
+        seed=corruption.get("seed"),
+        metric=settings.metric_name,
+        lenscope_version=__version__,
+        n_pending=n_pending,
+        corruption=dict(corruption),
+    )
+
+
+def dataset_settings(
+    tracer: CausalTracer, settings: TraceSettings | None = None, **options: Any
+) -> TraceSettings:
+    """The settings every fact of a dataset trace uses, checked against the model.
+
+    Args:
+        tracer: The tracer.
+        settings: Base settings (default the tracer's).
+        **options: Fields to change; None keeps the base's.
+
+    Returns:
+        Settings with the dataset's fixed answer, top-k, layers and positions
+        (:data:`~lenscope.datasets.checkpoint.DATASET_TRACE_FIXED`), resolved
+        for the tracer's model (the noise std is measured once, here).
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    chosen = tracer.settings(settings, **options, **DATASET_TRACE_FIXED)
+    return chosen.for_model(tracer.model)
+
+
+def dataset_header(tracer: CausalTracer, settings: TraceSettings) -> dict[str, Any]:
+    """The checkpoint header of a dataset trace with (resolved) ``settings``."""
+    model = tracer.model
+    return checkpoint_header(model_name(model), n_layers(model), __version__, settings.to_dict())
+
+
+def _field(fact: Any, name: str) -> Any:
+    return fact.get(name) if isinstance(fact, Mapping) else None
+
+
+def _same_fact(record: Mapping[str, Any], fact: Any) -> bool:
+    saved = record["fact"] if record["status"] == "done" else record
+    return all(saved.get(name) == _field(fact, name) for name in ("prompt", "subject"))
+
+
+def _skip_record(fact_id: int | str, fact: Any, reason: str) -> dict[str, Any]:
+    prompt, subject = _field(fact, "prompt"), _field(fact, "subject")
+    return {
+        "id": fact_id,
+        "status": "skipped",
+        "reason": reason,
+        "prompt": prompt if isinstance(prompt, str) else None,
+        "subject": subject if isinstance(subject, str) else None,
+    }
+
+
+def _trace_one(
+    tracer: CausalTracer,
+    fact_id: int | str,
+    fact: Any,
+    settings: TraceSettings,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
+    problem = _fact_problem(fact, ("prompt", "subject"))
+    if problem is None and fact["subject"].strip() not in fact["prompt"]:
+        problem = f"subject {fact['subject']!r} does not occur in the prompt {fact['prompt']!r}"
+    if problem is None:
+        try:
+            tokens = prompt_tokens(tracer.model, fact["prompt"])
+            subject_range = find_subject(tracer.model, tokens, fact["subject"])
+        except (ValueError, TypeError) as e:
+            problem = str(e)
+    if problem is not None:
+        return _skip_record(fact_id, fact, problem)
+    started = time.perf_counter()
+    results = tracer.trace_kinds(
+        tokens, subject_range, settings, batch_size=batch_size, progress=False
+    )
+    first = results[settings.kinds[0]]
+    attribute = fact.get("attribute")
+    trace = FactTrace(
+        fact_id=fact_id,
+        prompt=fact["prompt"],
+        subject=fact["subject"],
+        tokens=first.tokens,
+        subject_range=first.subject_range,
+        answer=first.answer,
+        answer_id=first.answer_id,
+        clean_score=first.clean_score,
+        corrupted_score=first.corrupted_score,
+        scores={kind: result.scores for kind, result in results.items()},
+        attribute=attribute if isinstance(attribute, str) else None,
+        seconds=float(time.perf_counter() - started),
+    )
+    return {"id": fact_id, "status": "done", "fact": trace.to_dict()}

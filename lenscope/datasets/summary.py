@@ -1,0 +1,557 @@
+"""What a dataset trace keeps of each fact, and ROME's averages over facts.
+
+ROME's localisation claims (Meng et al., "Locating and Editing Factual
+Associations in GPT", NeurIPS 2022, arXiv 2202.05262, Section 2.2 and
+Figure 2) are averages over facts: the average total effect (ATE) of the
+corruption and the average indirect effect (AIE) of each layer per token
+bucket. Token buckets follow ROME's Figure 2 (:func:`token_buckets`): first
+subject token, middle subject tokens, last subject token, first subsequent
+token, further tokens, last token; tokens before the subject (BOS, and
+words such as "In" in "In Marshall Islands, ...") belong to no bucket.
+:class:`FactTrace` is one fact's trace, :class:`DatasetSummary` the facts
+and their averages with 95% confidence intervals (:func:`mean_ci`).
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, checkpoint_header
+from lenscope.datasets.facts import SkippedFact
+from lenscope.results import read_json, tensor_from_json, to_json_value, write_json
+from lenscope.validation import InvalidInput
+
+BUCKETS: tuple[str, ...] = (
+    "first_subject",
+    "middle_subject",
+    "last_subject",
+    "first_subsequent",
+    "further",
+    "last",
+)
+"""Token buckets of ROME's Figure 2, in the paper's (top-to-bottom) order."""
+
+BUCKET_LABELS: dict[str, str] = {
+    "first_subject": "first subject token",
+    "middle_subject": "middle subject tokens",
+    "last_subject": "last subject token",
+    "first_subsequent": "first subsequent token",
+    "further": "further tokens",
+    "last": "last token",
+}
+"""Human-readable name of each bucket, as the paper labels its rows."""
+
+CI_Z = 1.96
+"""Normal quantile of the two-sided 95% confidence intervals."""
+
+_SUMMARY_FORMAT = "lenscope.DatasetSummary/1"
+_FACT_FORMAT = "lenscope.FactTrace/1"
+
+
+def _check_format(data: Mapping[str, Any], expected: str, writer: str) -> None:
+    """Raise a ``ValueError`` unless ``data`` says it was written by ``writer``."""
+    if data.get("format") != expected:
+        raise InvalidInput(
+            f"expected a dict saved by {writer} (format {expected!r}), "
+            f"got format {data.get('format')!r}"
+        )
+
+
+def token_buckets(subject_range: tuple[int, int], n_pos: int) -> dict[str, tuple[int, ...]]:
+    """Token positions of each ROME bucket, for a prompt of ``n_pos`` tokens.
+
+    Buckets as in ROME's Figure 2, with the subject at positions
+    ``start..end-1`` and the prediction read at position ``n_pos - 1``:
+
+    ====================  ============================================
+    ``first_subject``     ``start``
+    ``middle_subject``    ``start+1 .. end-2`` (empty for < 3 subject tokens)
+    ``last_subject``      ``end-1``
+    ``first_subsequent``  ``end``
+    ``further``           ``end+1 .. n_pos-2``
+    ``last``              ``n_pos-1``
+    ====================  ============================================
+
+    Every position falls in at most one bucket; where two definitions meet
+    the same position, precedence is
+    ``last > last_subject > first_subject`` and ``last > first_subsequent``:
+    the last token is always the ``last`` bucket (it is where the answer is
+    read, and attention there is a distinct effect), and a one-token
+    subject is the ``last_subject`` bucket (the paper's key bucket) and not
+    ``first_subject``. ROME's own notebook lets such a position count in
+    both buckets; keeping buckets disjoint means no effect is counted twice.
+    Positions before the subject (BOS included) belong to no bucket.
+
+    Args:
+        subject_range: ``(start, end)`` token positions of the subject, end exclusive.
+        n_pos: Number of tokens of the prompt.
+
+    Returns:
+        ``{bucket: positions}`` for every name in :data:`BUCKETS` (possibly empty).
+
+    Raises:
+        ValueError: the range does not lie inside the prompt.
+    """
+    start, end = subject_range
+    if not (isinstance(n_pos, int) and 0 <= start < end <= n_pos):
+        raise InvalidInput(
+            f"subject_range must satisfy 0 <= start < end <= n_pos={n_pos}, got "
+            f"{tuple(subject_range)}; pass the range TraceResult.subject_range reports"
+        )
+    last = n_pos - 1
+    out: dict[str, tuple[int, ...]] = {bucket: () for bucket in BUCKETS}
+    out["last"] = (last,)
+    if end - 1 != last:
+        out["last_subject"] = (end - 1,)
+    if start not in (end - 1, last):
+        out["first_subject"] = (start,)
+    out["middle_subject"] = tuple(range(start + 1, end - 1))
+    if end < last:
+        out["first_subsequent"] = (end,)
+    out["further"] = tuple(range(end + 1, last))
+    return out
+
+
+def bucket_effects(
+    scores: Float[Tensor, "layer pos"], corrupted_score: float, subject_range: tuple[int, int]
+) -> Float[Tensor, "bucket layer"]:
+    """One fact's indirect effect per bucket and layer, averaged over the bucket's tokens.
+
+    Args:
+        scores: The fact's trace scores (restored metric per cell).
+        corrupted_score: The metric with the subject corrupted and nothing restored.
+        subject_range: ``(start, end)`` of the subject.
+
+    Returns:
+        ``mean over the bucket's positions of (score - corrupted_score)`` in
+        float64, rows in :data:`BUCKETS` order; NaN rows for empty buckets.
+    """
+    effect = scores.double() - corrupted_score
+    rows = [
+        effect[:, list(positions)].mean(dim=-1)
+        if positions
+        else torch.full((effect.shape[0],), math.nan, dtype=torch.float64)
+        for positions in token_buckets(subject_range, int(scores.shape[1])).values()
+    ]
+    return torch.stack(rows)
+
+
+def mean_ci(
+    values: Float[Tensor, " fact *rest"],
+) -> tuple[Float[Tensor, " *rest"], Float[Tensor, " *rest"], Int[Tensor, " *rest"]]:
+    """Mean over facts, half-width of its 95% normal-approximation CI, and count.
+
+    NaN entries (a bucket a fact does not have) are left out. The half-width
+    is ``1.96 * std / sqrt(n)`` with the sample std (``n - 1``); NaN for
+    ``n < 2``. The mean is NaN where ``n == 0``.
+
+    Args:
+        values: One row per fact.
+
+    Returns:
+        ``(mean, half_width, n)``.
+    """
+    values = values.double()
+    present = ~torch.isnan(values)
+    n = present.sum(dim=0)
+    filled = torch.where(present, values, torch.zeros_like(values))
+    mean = filled.sum(dim=0) / n  # 0/0 -> NaN where no fact has the bucket
+    centred = torch.where(present, values - mean, torch.zeros_like(values))
+    var = (centred**2).sum(dim=0) / (n - 1)
+    half = CI_Z * torch.sqrt(var / n)
+    half = torch.where(n >= 2, half, torch.full_like(half, math.nan))
+    return mean, half, n
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FactTrace:
+    """What dataset aggregation keeps of one traced fact.
+
+    Attributes:
+        fact_id: The fact's ``known_id`` / ``id``, or its index in the input.
+        prompt: The prompt text.
+        subject: The subject text.
+        tokens: Token labels of the prompt (BOS included when the model prepends one).
+        subject_range: ``(start, end)`` token positions of the subject, end exclusive.
+        answer: The answer token (the model's clean top-1, as in ROME).
+        answer_id: Its token id.
+        clean_score: Metric on the clean prompt.
+        corrupted_score: Metric with the subject corrupted, averaged over copies.
+        scores: ``{kind: [layer, pos]}`` restored metric; NaN at positions not
+            traced (those before the subject, which no bucket uses).
+        attribute: The fact's expected attribute, if given.
+        seconds: Wall-clock time the trace took.
+    """
+
+    fact_id: int | str
+    prompt: str
+    subject: str
+    tokens: tuple[str, ...]
+    subject_range: tuple[int, int]
+    answer: str
+    answer_id: int
+    clean_score: float
+    corrupted_score: float
+    scores: dict[str, Float[Tensor, "layer pos"]]
+    attribute: str | None = None
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Check that every score grid has one column per token."""
+        n_pos = len(self.tokens)
+        bad = [k for k, v in self.scores.items() if v.ndim != 2 or v.shape[1] != n_pos]
+        start, end = self.subject_range
+        if bad or not self.scores or not 0 <= start < end <= n_pos:
+            raise InvalidInput(
+                f"inconsistent FactTrace for fact {self.fact_id!r}: {n_pos} tokens, "
+                f"subject_range {self.subject_range}, score shapes "
+                f"{ {k: tuple(v.shape) for k, v in self.scores.items()} }; each must be "
+                f"[layer, {n_pos}] and the range inside the prompt"
+            )
+
+    def buckets(self) -> dict[str, tuple[int, ...]]:
+        """Positions of each bucket; see :func:`token_buckets`."""
+        return token_buckets(self.subject_range, len(self.tokens))
+
+    def bucket_effects(self, kind: str) -> Float[Tensor, "bucket layer"]:
+        """Indirect effect per bucket and layer for ``kind``; see :func:`bucket_effects`."""
+        return bucket_effects(self.scores[kind], self.corrupted_score, self.subject_range)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN scores as ``null``)."""
+        return {
+            "format": _FACT_FORMAT,
+            "fact_id": self.fact_id,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "tokens": list(self.tokens),
+            "subject_range": list(self.subject_range),
+            "answer": self.answer,
+            "answer_id": self.answer_id,
+            "clean_score": self.clean_score,
+            "corrupted_score": self.corrupted_score,
+            "scores": {kind: to_json_value(grid) for kind, grid in self.scores.items()},
+            "attribute": self.attribute,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FactTrace":
+        """Inverse of :meth:`to_dict`."""
+        _check_format(data, _FACT_FORMAT, "FactTrace.to_dict")
+        kwargs = {k: v for k, v in data.items() if k != "format"}
+        kwargs["tokens"] = tuple(kwargs["tokens"])
+        kwargs["subject_range"] = tuple(kwargs["subject_range"])
+        kwargs["scores"] = {
+            kind: tensor_from_json(grid, torch.float32) for kind, grid in kwargs["scores"].items()
+        }
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetSummary:
+    """Causal traces of many facts and their ROME-style averages.
+
+    The per-fact results stay in :attr:`facts`; the aggregates are computed
+    from them: mean clean and corrupted scores, the average total effect
+    (ATE, ``mean(clean - corrupted)``) and the average indirect effect (AIE)
+    of each ``(bucket, layer)``, ``mean over facts of (score - corrupted)``
+    (each fact first averaged over its tokens in the bucket, so every fact
+    counts once), each with a 95% normal-approximation confidence interval
+    over facts (:func:`mean_ci`).
+
+    Attributes:
+        facts: One :class:`FactTrace` per traced fact, in input order.
+        skipped: Facts that could not be traced, with the reason.
+        kinds: Hook-point types traced.
+        windows: Layers restored around each cell, per kind.
+        n_layers: Number of layers of the model.
+        model_name: The model's ``cfg.model_name``.
+        samples: Corrupted copies per fact.
+        noise_std: Absolute noise std added at ``hook_embed``.
+        seed: Seed of the noise (the same for every fact, as in ROME).
+        metric: Patching metric (``"prob"``: ROME's probability of the answer).
+        lenscope_version: Version that computed the traces.
+        n_pending: Facts of the input not reached (a time budget ran out).
+        corruption: The corruption's settings record
+            (:meth:`lenscope.corruptions.Corruption.to_dict`).
+    """
+
+    facts: tuple[FactTrace, ...]
+    skipped: tuple[SkippedFact, ...]
+    kinds: tuple[str, ...]
+    windows: dict[str, int]
+    n_layers: int
+    model_name: str
+    samples: int
+    noise_std: float
+    seed: int
+    metric: str
+    lenscope_version: str
+    n_pending: int = 0
+    corruption: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        """Check that every fact was traced for every kind at every layer."""
+        problems = [
+            f"fact {fact.fact_id!r} has {kind} scores of shape "
+            f"{tuple(fact.scores[kind].shape) if kind in fact.scores else 'missing'}"
+            for fact in self.facts
+            for kind in self.kinds
+            if kind not in fact.scores or fact.scores[kind].shape[0] != self.n_layers
+        ]
+        if problems or set(self.windows) != set(self.kinds):
+            raise InvalidInput(
+                f"inconsistent DatasetSummary for kinds {self.kinds} with {self.n_layers} "
+                f"layers and windows {self.windows}: "
+                + "; ".join(problems[:3])
+                + "; every fact needs [n_layers, pos] scores for every kind"
+            )
+
+    @property
+    def n_facts(self) -> int:
+        """Number of traced facts."""
+        return len(self.facts)
+
+    @property
+    def n_skipped(self) -> int:
+        """Number of facts skipped with a reason."""
+        return len(self.skipped)
+
+    @property
+    def seconds(self) -> float:
+        """Total trace time of the facts (summed per-fact wall-clock)."""
+        return float(sum(fact.seconds for fact in self.facts))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a checkpoint header records (see :func:`trace_dataset`)."""
+        return checkpoint_header(
+            self.model_name, self.n_layers, self.lenscope_version, self.trace_settings()
+        )
+
+    def trace_settings(self) -> dict[str, Any]:
+        """The :meth:`lenscope.TraceSettings.to_dict` record every fact was traced with."""
+        record = self.corruption or {
+            "name": "gaussian_noise",
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+            "seed": self.seed,
+        }
+        return {
+            "kinds": list(self.kinds),
+            "windows": dict(self.windows),
+            "metric": self.metric,
+            **DATASET_TRACE_FIXED,
+            "corruption": record["name"],
+            **{k: v for k, v in record.items() if k != "name"},
+        }
+
+    @property
+    def clean_scores(self) -> Float[Tensor, " fact"]:
+        """Clean score of each fact (float64)."""
+        return torch.tensor([f.clean_score for f in self.facts], dtype=torch.float64)
+
+    @property
+    def corrupted_scores(self) -> Float[Tensor, " fact"]:
+        """Corrupted score of each fact (float64)."""
+        return torch.tensor([f.corrupted_score for f in self.facts], dtype=torch.float64)
+
+    def clean_mean(self) -> tuple[float, float]:
+        """Mean clean score and the half-width of its 95% CI."""
+        return _scalar_ci(self.clean_scores)
+
+    def corrupted_mean(self) -> tuple[float, float]:
+        """Mean corrupted score and the half-width of its 95% CI."""
+        return _scalar_ci(self.corrupted_scores)
+
+    def ate(self) -> tuple[float, float]:
+        """Average total effect ``mean(clean - corrupted)`` and its 95% CI half-width."""
+        return _scalar_ci(self.clean_scores - self.corrupted_scores)
+
+    def effects(self, kind: str) -> Float[Tensor, "fact bucket layer"]:
+        """Per-fact indirect effects by bucket and layer (NaN where a fact lacks a bucket)."""
+        return self._effects()[self._check_kind(kind)]
+
+    def aie(self, kind: str) -> Float[Tensor, "bucket layer"]:
+        """Average indirect effect per bucket (rows in :data:`BUCKETS` order) and layer."""
+        return mean_ci(self.effects(kind))[0]
+
+    def aie_ci(self, kind: str) -> Float[Tensor, "bucket layer"]:
+        """Half-width of the 95% CI of :meth:`aie`."""
+        return mean_ci(self.effects(kind))[1]
+
+    def bucket_counts(self, kind: str) -> Int[Tensor, " bucket"]:
+        """Number of facts that have each bucket (the ``n`` behind each AIE row)."""
+        return (~torch.isnan(self.effects(kind)[:, :, 0])).sum(dim=0)
+
+    def best(self, kind: str, bucket: str | None = None) -> tuple[float, int, str]:
+        """``(AIE, layer, bucket)`` of the largest AIE of ``kind`` (within ``bucket`` if given)."""
+        aie = self.aie(kind)
+        if bucket is not None:
+            if bucket not in BUCKETS:
+                raise InvalidInput(f"bucket must be one of {BUCKETS}, got {bucket!r}")
+            row = BUCKETS.index(bucket)
+            masked = torch.full_like(aie, math.nan)
+            masked[row] = aie[row]
+            aie = masked
+        flat = torch.nan_to_num(aie, nan=-math.inf).flatten()
+        if not torch.isfinite(flat).any():
+            return math.nan, -1, bucket or ""
+        index = int(flat.argmax())
+        row, layer = divmod(index, self.n_layers)
+        return float(aie[row, layer]), layer, BUCKETS[row]
+
+    def table(self) -> Any:
+        """Per kind: facts, mean clean / corrupted score, ATE, and the best AIE with its place.
+
+        Returns:
+            A pandas DataFrame, one row per kind, with columns ``kind``,
+            ``n_facts``, ``n_skipped``, ``clean``, ``corrupted``, ``ate``,
+            ``ate_ci``, ``best_aie``, ``best_aie_ci``, ``best_layer``,
+            ``best_bucket`` (fractions, not percent).
+        """
+        import pandas as pd
+
+        clean, _ = self.clean_mean()
+        corrupted, _ = self.corrupted_mean()
+        ate, ate_ci = self.ate()
+        rows = []
+        for kind in self.kinds:
+            value, layer, bucket = self.best(kind)
+            ci = float(self.aie_ci(kind)[BUCKETS.index(bucket), layer]) if layer >= 0 else math.nan
+            rows.append(
+                {
+                    "kind": kind,
+                    "n_facts": self.n_facts,
+                    "n_skipped": self.n_skipped,
+                    "clean": clean,
+                    "corrupted": corrupted,
+                    "ate": ate,
+                    "ate_ci": ate_ci,
+                    "best_aie": value,
+                    "best_aie_ci": ci,
+                    "best_layer": layer,
+                    "best_bucket": bucket,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def to_dataframe(self) -> Any:
+        """A long table: one row per ``(kind, bucket, layer)`` with AIE, CI and fact count."""
+        import pandas as pd
+
+        rows = []
+        for kind in self.kinds:
+            mean, half, n = mean_ci(self.effects(kind))
+            for b, bucket in enumerate(BUCKETS):
+                for layer in range(self.n_layers):
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "bucket": bucket,
+                            "layer": layer,
+                            "aie": float(mean[b, layer]),
+                            "ci": float(half[b, layer]),
+                            "n_facts": int(n[b, layer]),
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+    def skipped_dataframe(self) -> Any:
+        """The skipped facts: ``fact_id`` and ``reason``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [dataclasses.asdict(s) for s in self.skipped], columns=["fact_id", "reason"]
+        )
+
+    def plot(self, **kwargs: Any) -> Any:
+        """ROME Figure-2 style plotly figure; see :func:`lenscope.plotting.dataset.plot_dataset`."""
+        from lenscope.plotting.dataset import plot_dataset
+
+        return plot_dataset(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "format": _SUMMARY_FORMAT,
+            "lenscope_version": self.lenscope_version,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "kinds": list(self.kinds),
+            "windows": dict(self.windows),
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+            "seed": self.seed,
+            "metric": self.metric,
+            "corruption": self.corruption,
+            "n_pending": self.n_pending,
+            "facts": [fact.to_dict() for fact in self.facts],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DatasetSummary":
+        """Inverse of :meth:`to_dict`."""
+        _check_format(data, _SUMMARY_FORMAT, "DatasetSummary.to_dict")
+        return cls(
+            facts=tuple(FactTrace.from_dict(f) for f in data["facts"]),
+            skipped=tuple(SkippedFact(**s) for s in data["skipped"]),
+            kinds=tuple(data["kinds"]),
+            windows=dict(data["windows"]),
+            n_layers=data["n_layers"],
+            model_name=data["model_name"],
+            samples=data["samples"],
+            noise_std=data["noise_std"],
+            seed=data["seed"],
+            metric=data["metric"],
+            lenscope_version=data["lenscope_version"],
+            n_pending=data.get("n_pending", 0),
+            corruption=data.get("corruption"),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write this summary as JSON; :meth:`load` reads it back exactly."""
+        return write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DatasetSummary":
+        """Read a summary written by :meth:`save`."""
+        what = "a DatasetSummary saved by DatasetSummary.save"
+        data = read_json(path, what)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+
+    def _check_kind(self, kind: str) -> str:
+        if kind not in self.kinds:
+            raise InvalidInput(
+                f"kind must be one of the traced kinds {self.kinds}, got {kind!r}; "
+                "trace it with trace_dataset(kinds=...)"
+            )
+        return kind
+
+    @functools.cached_property
+    def _cached_effects(self) -> dict[str, Tensor]:
+        return {
+            kind: torch.stack([fact.bucket_effects(kind) for fact in self.facts])
+            if self.facts
+            else torch.empty(0, len(BUCKETS), self.n_layers, dtype=torch.float64)
+            for kind in self.kinds
+        }
+
+    def _effects(self) -> dict[str, Tensor]:
+        return self._cached_effects
+
+
+def _scalar_ci(values: Float[Tensor, " fact"]) -> tuple[float, float]:
+    mean, half, _ = mean_ci(values)
+    return float(mean), float(half)
