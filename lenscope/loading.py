@@ -150,7 +150,9 @@ def load_model(
             and writing weights centred, as a ``HookedTransformer`` has them);
             ``False`` for a ``HookedTransformer``, which needs TransformerLens 3.9.
         device: Where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``;
-            ``None`` lets TransformerLens choose (a GPU when there is one).
+            ``None`` lets TransformerLens choose (a GPU when there is one). A
+            device torch cannot use on this machine is refused before
+            anything is loaded.
         dtype: A floating ``torch.dtype`` or its name (``"float32"``,
             ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``, ...);
             ``None`` means ``torch.float32``.
@@ -160,8 +162,9 @@ def load_model(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If ``dtype`` or ``device`` is not understood, or if
-            TransformerLens does not know ``name``.
+        ValueError: If ``dtype`` or ``device`` is not understood, if ``device``
+            is not available on this machine, or if TransformerLens does not
+            know ``name``.
         ImportError: If ``name`` is the offline model and the
             ``lenscope[offline]`` extra is not installed.
         OSError: If the weights of a hub model could not be fetched.
@@ -177,12 +180,14 @@ def load_model(
             "pass bridge=True for a TransformerBridge, bridge=False for a HookedTransformer "
             "(TransformerLens 3.9), or leave it out for the installed version's default"
         )
+    # The device first: a GPU this machine lacks should cost the user a second,
+    # not a model load followed by a stack trace from deep inside torch.
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype)
     if bridge is None:
         bridge = not compat.has_hooked_transformer()
     elif not bridge:
         compat.hooked_transformer_class()  # a clear ImportError on TransformerLens 4
-    torch_dtype = _resolve_dtype(dtype)
-    torch_device = _resolve_device(device)
     if name.strip() in _OFFLINE_NAMES:
         model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
     else:
@@ -240,21 +245,83 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """Check ``device`` and turn a string into a ``torch.device``."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    """Check that torch can use ``device`` on this machine; turn a string into a ``torch.device``.
+
+    Runs before anything is loaded, so that ``device="cuda"`` on a CPU-only
+    torch, ``"cuda:3"`` on a machine with one GPU or an unavailable ``"mps"``
+    fails at once with the devices that are available.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
         raise TypeError(
             f"device must be a str, a torch.device or None, got {type(device).__name__} "
             f"{device!r}; pass e.g. device='cpu' or device='cuda:0'"
         )
+    available = _available_devices()
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise ValueError(
-            f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
-            f"{device!r}; pass one of those or device=None to let TransformerLens choose"
+            _device_message(device, "torch knows no such device type", available)
         ) from e
+    problem = _device_problem(resolved)
+    if problem is not None:
+        raise ValueError(_device_message(device, problem, available))
+    return resolved
+
+
+def _available_devices() -> list[str]:
+    """The devices torch can use on this machine, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return names
+
+
+def _device_problem(device: torch.device) -> str | None:
+    """Why torch cannot put a model on ``device`` here, or ``None`` if it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"torch sees {count} CUDA GPU{'s' if count != 1 else ''}"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "MPS (Apple GPU) is not available (torch.backends.mps.is_available() is False)"
+        if device.index not in (None, 0):
+            return "there is only one MPS device, mps:0"
+        return None
+    if device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            return "torch sees no Intel XPU (torch.xpu.is_available() is False)"
+        count = xpu.device_count()
+        if device.index is not None and device.index >= count:
+            return f"torch sees {count} XPU{'s' if count != 1 else ''}"
+        return None
+    return f"lenscope cannot load a model onto a {device.type!r} device"
+
+
+def _device_message(device: str | torch.device, problem: str, available: list[str]) -> str:
+    return (
+        f"device must be one torch can use on this machine (available: {', '.join(available)}), "
+        f"got {str(device)!r}: {problem}; pass device='cpu' (--device cpu on the command line), "
+        "one of the available devices, or device=None to let TransformerLens choose"
+    )
 
 
 # --------------------------------------------------------------------------

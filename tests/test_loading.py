@@ -599,9 +599,88 @@ def test_dtype_of_wrong_type_is_rejected():
         _unchecked(loading._resolve_dtype)(32)
 
 
+def _available_here():
+    return re.escape(", ".join(loading._available_devices()))
+
+
 def test_unknown_device_is_rejected():
-    with pytest.raises(ValueError, match=r"device must name a torch device .* got 'gpu'"):
+    expected = (
+        r"device must be one torch can use on this machine \(available: "
+        + _available_here()
+        + r"\), got 'gpu': torch knows no such device type; pass device='cpu' \(--device cpu"
+    )
+    with pytest.raises(ValueError, match=expected):
         load_model(device="gpu")
+
+
+def _refuse_to_load(monkeypatch):
+    """Make every loading path fail loudly, so a test sees whether loading started."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("load_model started loading before checking the device")
+
+    monkeypatch.setattr(loading, "_load_offline", started)
+    monkeypatch.setattr(loading, "_load_from_hub", started)
+    monkeypatch.setattr(loading, "_import_offline_package", started)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_cuda_without_gpu_is_refused_before_loading(monkeypatch, device):
+    _refuse_to_load(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_model("gemma-3-270m", device=device)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2, f"the device check took {elapsed:.2f} s"
+    message = str(info.value)
+    assert message.startswith("device must be one torch can use on this machine (available: ")
+    assert f"got {str(device)!r}: " in message
+    assert "available: cpu" in message
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert f"this torch build ({torch.__version__}) has no CUDA support" in message
+    assert "pass device='cpu' (--device cpu on the command line)" in message
+
+
+def test_gpu_index_beyond_the_visible_gpus_is_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    expected = (
+        r"\(available: cpu, cuda:0, cuda:1\), got 'cuda:3': torch sees 2 CUDA GPUs; "
+        r"pass device='cpu'"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_model("gemma-3-270m", device="cuda:3")
+
+
+def test_cuda_build_without_a_visible_gpu_is_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = r"got 'cuda': torch sees no CUDA GPU \(torch\.cuda\.is_available\(\) is False\)"
+    with pytest.raises(ValueError, match=expected):
+        load_model("gemma-3-270m", device="cuda")
+
+
+def test_unavailable_mps_and_other_device_types_are_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"got 'mps': MPS \(Apple GPU\) is not available"):
+        load_model("gemma-3-270m", device="mps")
+    with pytest.raises(ValueError, match=r"got 'meta': lenscope cannot load a model onto a 'meta'"):
+        load_model("gemma-3-270m", device="meta")
+
+
+def test_available_gpus_and_cpu_pass_the_device_check(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert loading._resolve_device("cuda:1") == torch.device("cuda:1")
+    assert loading._resolve_device("cuda") == torch.device("cuda")
+    assert loading._resolve_device("cpu") == torch.device("cpu")
+    assert loading._resolve_device(None) is None
 
 
 def test_device_of_wrong_type_is_rejected():
