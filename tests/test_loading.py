@@ -728,10 +728,198 @@ def _offline_hub_error(name):
         return error
 
 
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Pretend the hub answers, so a load reaches the (faked) TransformerLens loader."""
+    from huggingface_hub import constants
+
+    for variable in loading._OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_hub_connection_problem", lambda: None)
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache in ``tmp_path``; returns its ``hub`` folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # huggingface_hub reads HF_HOME on import, so its constant is moved too.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _put_in_hub_cache(hub, repo_id):
+    """Lay out ``repo_id``'s config.json in a Hugging Face cache as a download would."""
+    snapshot = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+
+
+def _loader_not_called(monkeypatch):
+    def called(*args, **kwargs):
+        raise AssertionError("TransformerLens was asked to load the model")
+
+    monkeypatch.setattr(*_default_loader(), called)
+
+
+def test_offline_variable_refuses_uncached_hub_model_at_once(monkeypatch, hub_cache, capfd):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as if set after the import
+
+    def no_probe():
+        raise AssertionError("HF_HUB_OFFLINE=1 needs no connectivity check")
+
+    monkeypatch.setattr(loading, "_hub_connection_problem", no_probe)
+    start = time.perf_counter()
+    with pytest.raises(OSError) as info:
+        load_model("gpt2", device="cpu")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5, f"the offline error took {elapsed:.1f} s"
+    message = str(info.value)
+    assert message.startswith(
+        "the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1 is set) and 'gpt2' is not in the "
+        f"local Hugging Face cache ({hub_cache}); "
+    )
+    assert (
+        'use the built-in offline model load_model("gemma-3-270m") (--model gemma-3-270m' in message
+    )
+    assert "download 'gpt2' into that cache on a connected machine first" in message
+    captured = capfd.readouterr()
+    assert "Retry" not in captured.err and "huggingface.co" not in captured.err
+    assert captured.out == ""
+
+
+def test_transformers_offline_variable_counts_too(monkeypatch, hub_cache):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _loader_not_called(monkeypatch)
+    with pytest.raises(OSError, match=r"unreachable \(TRANSFORMERS_OFFLINE=yes is set\)"):
+        load_model("gpt2", device="cpu")
+
+
+def test_unreachable_hub_is_found_by_the_connectivity_check(monkeypatch, hub_cache):
+    from huggingface_hub import constants
+
+    for variable in loading._OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    checks = []
+
+    def unreachable():
+        checks.append(1)
+        return "cannot connect to huggingface.co:443: gaierror: test"
+
+    monkeypatch.setattr(loading, "_hub_connection_problem", unreachable)
+    _loader_not_called(monkeypatch)
+    expected = (
+        r"the Hugging Face hub is unreachable \(cannot connect to huggingface\.co:443: "
+        r"gaierror: test\) and 'pythia-70m' \(Hugging Face repository 'EleutherAI/pythia-70m'\) "
+        r"is not in the local Hugging Face cache"
+    )
+    with pytest.raises(OSError, match=expected):
+        load_model("pythia-70m", device="cpu")
+    assert checks == [1]
+
+
+def test_cached_model_loads_in_offline_mode_without_a_connection(
+    monkeypatch, hub_cache, tiny_bridge
+):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_hub_connection_problem", lambda: "no network (test)")
+    _put_in_hub_cache(hub_cache, "EleutherAI/pythia-70m")
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE))
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    assert load_model("EleutherAI/pythia-70m", device="cpu") is tiny_bridge
+    assert seen == [("1", True)]
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+
+
+def test_reachable_hub_loads_as_usual(monkeypatch, hub_online, tiny_bridge):
+    from huggingface_hub import constants
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    load_model("EleutherAI/pythia-70m", device="cpu")
+    assert seen == [False]
+
+
+def test_local_checkpoint_directory_needs_no_hub(monkeypatch, tmp_path, tiny_bridge):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **k: tiny_bridge)
+    assert load_model(str(tmp_path), bridge=True, device="cpu") is tiny_bridge
+
+
+def test_connectivity_check_reports_refusals_and_silence(monkeypatch):
+    check = loading._hub_connection_problem.__wrapped__
+    monkeypatch.setattr(loading, "_hub_address", lambda: ("hub.invalid", 443))
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert check() == (
+        "cannot connect to hub.invalid:443: ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+
+    def stalled(address, timeout):
+        time.sleep(loading._HUB_TIMEOUT_S + 2)
+        raise TimeoutError("too late")
+
+    monkeypatch.setattr(socket, "create_connection", stalled)
+    start = time.perf_counter()
+    assert check() == f"hub.invalid:443 did not answer within {loading._HUB_TIMEOUT_S} s"
+    assert time.perf_counter() - start < loading._HUB_TIMEOUT_S + 1
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: Connection())
+    assert check() is None
+
+
+def test_connectivity_check_follows_hf_endpoint_and_proxy(monkeypatch):
+    from huggingface_hub import constants
+
+    for variable in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hf-mirror.example.org")
+    assert loading._hub_address() == ("hf-mirror.example.org", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example.org:3128")
+    assert loading._hub_address() == ("proxy.example.org", 3128)
+
+
 @pytest.mark.parametrize(
     "bridge", [pytest.param(False, marks=needs_hooked_transformer), True], ids=["HT", "Bridge"]
 )
-def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
+def test_offline_hub_model_explains_the_offline_default(monkeypatch, hub_online, bridge):
     raised = _offline_hub_error("gpt2-medium")
 
     def fail(*args, **kwargs):
@@ -749,7 +937,7 @@ def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
     assert info.value.__cause__ is raised
 
 
-def test_bare_connection_error_is_recognised(monkeypatch):
+def test_bare_connection_error_is_recognised(monkeypatch, hub_online):
     def fail(*args, **kwargs):
         raise ConnectionError("connection refused")
 
@@ -758,7 +946,7 @@ def test_bare_connection_error_is_recognised(monkeypatch):
         load_model("EleutherAI/pythia-70m")
 
 
-def test_other_load_errors_pass_through(monkeypatch):
+def test_other_load_errors_pass_through(monkeypatch, hub_online):
     raised = OSError("No space left on device")
 
     def fail(*args, **kwargs):
