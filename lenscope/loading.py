@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -162,6 +163,9 @@ def load_model(
             ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``, ...);
             ``None`` means ``torch.float32``.
 
+    Nothing is written to stdout while loading: what TransformerLens and
+    transformers print there goes to stderr instead.
+
     Returns:
         The model in eval mode, with ``model.tokenizer`` set.
 
@@ -194,10 +198,14 @@ def load_model(
         bridge = not compat.has_hooked_transformer()
     elif not bridge:
         compat.hooked_transformer_class()  # a clear ImportError on TransformerLens 4
-    if name.strip() in _OFFLINE_NAMES:
-        model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
-    else:
-        model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
+    # TransformerLens and transformers print progress ("Loaded pretrained model
+    # ...") to stdout, which belongs to the caller's own output: the command's
+    # table, or JSON written to "-". Progress goes where progress bars go.
+    with contextlib.redirect_stdout(sys.stderr):
+        if name.strip() in _OFFLINE_NAMES:
+            model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
+        else:
+            model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
     model.eval()
     return model
 

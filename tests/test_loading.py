@@ -867,6 +867,19 @@ def test_reachable_hub_loads_as_usual(monkeypatch, hub_online, tiny_bridge):
     assert seen == [False]
 
 
+def test_loading_writes_nothing_to_stdout(monkeypatch, hub_online, tiny_bridge, capfd):
+    def load(*args, **kwargs):
+        print("Loaded pretrained model EleutherAI/pythia-70m into HookedTransformer")
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    load_model("EleutherAI/pythia-70m", device="cpu")
+    print("lenscope's own output")
+    captured = capfd.readouterr()
+    assert captured.out == "lenscope's own output\n"
+    assert "Loaded pretrained model EleutherAI/pythia-70m" in captured.err
+
+
 def test_local_checkpoint_directory_needs_no_hub(monkeypatch, tmp_path, tiny_bridge):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **k: tiny_bridge)
@@ -1122,3 +1135,14 @@ def test_real_processed_cache_matches_fresh_processing(monkeypatch):
     assert saves.calls == 2
     assert loading._verify_manifest(directory, required=(loading._PROCESSED_WEIGHTS,)) is None
     torch.testing.assert_close(_logits(rebuilt), fresh_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_load_writes_nothing_to_stdout(capfd):
+    """TransformerLens 3.9 prints "Loaded pretrained model ..." to stdout; it must go to stderr."""
+    pytest.importorskip(loading._OFFLINE_PACKAGE)
+    load_model(device="cpu")
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    if compat.has_hooked_transformer():
+        assert "Loaded pretrained model google/gemma-3-270m" in captured.err
