@@ -26,12 +26,15 @@ later loads map them from disk instead of processing again.
 """
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -136,7 +139,10 @@ def load_model(
     :func:`cache_dir`), which takes a couple of minutes. Any other name is
     passed to ``HookedTransformer.from_pretrained`` or
     ``TransformerBridge.boot_transformers`` and needs the Hugging Face hub
-    (or its local cache).
+    (or its local cache). When the hub cannot be reached (``HF_HUB_OFFLINE=1``
+    or ``TRANSFORMERS_OFFLINE=1`` is set, or a connection check of at most
+    1.5 s, made once per process, fails) a model in the local cache is loaded
+    in offline mode, and any other is refused at once.
 
     Args:
         name: A model name TransformerLens knows, such as ``"gpt2-medium"`` or
@@ -150,21 +156,28 @@ def load_model(
             and writing weights centred, as a ``HookedTransformer`` has them);
             ``False`` for a ``HookedTransformer``, which needs TransformerLens 3.9.
         device: Where to put the model, e.g. ``"cpu"`` or ``"cuda:0"``;
-            ``None`` lets TransformerLens choose (a GPU when there is one).
+            ``None`` lets TransformerLens choose (a GPU when there is one). A
+            device torch cannot use on this machine is refused before
+            anything is loaded.
         dtype: A floating ``torch.dtype`` or its name (``"float32"``,
             ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``, ...);
             ``None`` means ``torch.float32``.
+
+    Nothing is written to stdout while loading: what TransformerLens and
+    transformers print there goes to stderr instead.
 
     Returns:
         The model in eval mode, with ``model.tokenizer`` set.
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If ``dtype`` or ``device`` is not understood, or if
-            TransformerLens does not know ``name``.
+        ValueError: If ``dtype`` or ``device`` is not understood, if ``device``
+            is not available on this machine, or if TransformerLens does not
+            know ``name``.
         ImportError: If ``name`` is the offline model and the
             ``lenscope[offline]`` extra is not installed.
-        OSError: If the weights of a hub model could not be fetched.
+        OSError: If the weights of a hub model could not be fetched, or the
+            hub is unreachable and the model is not in the local cache.
     """
     if not isinstance(name, str):
         raise TypeError(
@@ -177,16 +190,22 @@ def load_model(
             "pass bridge=True for a TransformerBridge, bridge=False for a HookedTransformer "
             "(TransformerLens 3.9), or leave it out for the installed version's default"
         )
+    # The device first: a GPU this machine lacks should cost the user a second,
+    # not a model load followed by a stack trace from deep inside torch.
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype)
     if bridge is None:
         bridge = not compat.has_hooked_transformer()
     elif not bridge:
         compat.hooked_transformer_class()  # a clear ImportError on TransformerLens 4
-    torch_dtype = _resolve_dtype(dtype)
-    torch_device = _resolve_device(device)
-    if name.strip() in _OFFLINE_NAMES:
-        model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
-    else:
-        model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
+    # TransformerLens and transformers print progress ("Loaded pretrained model
+    # ...") to stdout, which belongs to the caller's own output: the command's
+    # table, or JSON written to "-". Progress goes where progress bars go.
+    with contextlib.redirect_stdout(sys.stderr):
+        if name.strip() in _OFFLINE_NAMES:
+            model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
+        else:
+            model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
     model.eval()
     return model
 
@@ -240,21 +259,83 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """Check ``device`` and turn a string into a ``torch.device``."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    """Check that torch can use ``device`` on this machine; turn a string into a ``torch.device``.
+
+    Runs before anything is loaded, so that ``device="cuda"`` on a CPU-only
+    torch, ``"cuda:3"`` on a machine with one GPU or an unavailable ``"mps"``
+    fails at once with the devices that are available.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
         raise TypeError(
             f"device must be a str, a torch.device or None, got {type(device).__name__} "
             f"{device!r}; pass e.g. device='cpu' or device='cuda:0'"
         )
+    available = _available_devices()
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise ValueError(
-            f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
-            f"{device!r}; pass one of those or device=None to let TransformerLens choose"
+            _device_message(device, "torch knows no such device type", available)
         ) from e
+    problem = _device_problem(resolved)
+    if problem is not None:
+        raise ValueError(_device_message(device, problem, available))
+    return resolved
+
+
+def _available_devices() -> list[str]:
+    """The devices torch can use on this machine, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return names
+
+
+def _device_problem(device: torch.device) -> str | None:
+    """Why torch cannot put a model on ``device`` here, or ``None`` if it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"torch sees {count} CUDA GPU{'s' if count != 1 else ''}"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "MPS (Apple GPU) is not available (torch.backends.mps.is_available() is False)"
+        if device.index not in (None, 0):
+            return "there is only one MPS device, mps:0"
+        return None
+    if device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            return "torch sees no Intel XPU (torch.xpu.is_available() is False)"
+        count = xpu.device_count()
+        if device.index is not None and device.index >= count:
+            return f"torch sees {count} XPU{'s' if count != 1 else ''}"
+        return None
+    return f"lenscope cannot load a model onto a {device.type!r} device"
+
+
+def _device_message(device: str | torch.device, problem: str, available: list[str]) -> str:
+    return (
+        f"device must be one torch can use on this machine (available: {', '.join(available)}), "
+        f"got {str(device)!r}: {problem}; pass device='cpu' (--device cpu on the command line), "
+        "one of the available devices, or device=None to let TransformerLens choose"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -265,26 +346,180 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
 def _load_from_hub(
     name: str, *, bridge: bool, device: torch.device | None, dtype: torch.dtype
 ) -> "HookedTransformer | TransformerBridge":
-    """Load ``name`` through TransformerLens, explaining hub connection failures."""
-    try:
-        if bridge:
-            kwargs: dict[str, Any] = {"dtype": dtype}
-            if device is not None:
-                kwargs["device"] = device
-            return _compatible(compat.bridge_class().boot_transformers(name, **kwargs))
-        hooked = compat.hooked_transformer_class()
+    """Load ``name`` through TransformerLens, explaining hub connection failures.
+
+    Without a connection to the hub (``HF_HUB_OFFLINE=1``, or the hub not
+    answering within :data:`_HUB_TIMEOUT_S`) a model in the local Hugging Face
+    cache is loaded in offline mode, so that no request is retried; any other
+    model is refused at once, before Hugging Face spends half a minute
+    retrying.
+    """
+    if not bridge:
         _check_tl_name(name)
-        with _quiet_hooked_transformer_deprecation():
-            return hooked.from_pretrained(name, device=device, dtype=dtype)
-    except Exception as e:
-        if _is_network_error(e):
-            raise OSError(
-                f"the weights for {name!r} could not be fetched from the Hugging Face hub "
-                f"({type(e).__name__}: {_first_line(e)}); connect to the internet (or put the "
-                "model in the local Hugging Face cache), or use the offline default "
-                f'load_model("{OFFLINE_MODEL_NAME}"), which needs {_INSTALL_HINT}'
-            ) from e
-        raise
+    with _hub_access(name, _hub_repo_id(name, bridge=bridge)):
+        try:
+            if bridge:
+                kwargs: dict[str, Any] = {"dtype": dtype}
+                if device is not None:
+                    kwargs["device"] = device
+                return _compatible(compat.bridge_class().boot_transformers(name, **kwargs))
+            hooked = compat.hooked_transformer_class()
+            with _quiet_hooked_transformer_deprecation():
+                return hooked.from_pretrained(name, device=device, dtype=dtype)
+        except Exception as e:
+            if _is_network_error(e):
+                raise OSError(
+                    f"the weights for {name!r} could not be fetched from the Hugging Face hub "
+                    f"({type(e).__name__}: {_first_line(e)}); connect to the internet (or put "
+                    "the model in the local Hugging Face cache), or use the offline default "
+                    f'load_model("{OFFLINE_MODEL_NAME}"), which needs {_INSTALL_HINT}'
+                ) from e
+            raise
+
+
+# How long the connectivity check waits for the hub (name lookup and TCP connect).
+_HUB_TIMEOUT_S = 1.5
+_TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def _hub_access(name: str, repo_id: str) -> Iterator[None]:
+    """Check that the hub or the local cache can provide ``repo_id``, offline mode if needed.
+
+    Raises:
+        OSError: If the hub is unreachable and ``repo_id`` has no ``config.json``
+            in the local Hugging Face cache.
+    """
+    if Path(name).expanduser().is_dir():  # a local checkpoint: nothing to fetch
+        yield
+        return
+    reason = _offline_reason()
+    if reason is None:
+        yield
+        return
+    if not _in_hub_cache(repo_id):
+        from huggingface_hub import constants
+
+        repo = "" if repo_id == name else f" (Hugging Face repository {repo_id!r})"
+        raise OSError(
+            f"the Hugging Face hub is unreachable ({reason}) and {name!r}{repo} is not in the "
+            f"local Hugging Face cache ({constants.HF_HUB_CACHE}); use the built-in offline "
+            f'model load_model("{OFFLINE_MODEL_NAME}") (--model {OFFLINE_MODEL_NAME}; needs '
+            f"{_INSTALL_HINT}), or download {repo_id!r} into that cache on a connected machine "
+            f"first (hf download {repo_id})"
+        )
+    with _hub_offline():
+        yield
+
+
+def _offline_reason() -> str | None:
+    """Why the hub cannot be used now (``HF_HUB_OFFLINE`` set, no connection), or ``None``."""
+    from huggingface_hub import constants
+
+    for variable in _OFFLINE_VARIABLES:
+        value = os.environ.get(variable, "")
+        if value.strip().upper() in _TRUE_VALUES:
+            return f"{variable}={value} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "huggingface_hub is in offline mode"
+    return _hub_connection_problem()
+
+
+def _hub_address() -> tuple[str, int]:
+    """The host and port the connectivity check tries: the hub's, or the HTTPS proxy's."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    url = urlsplit(getproxies().get("https") or constants.ENDPOINT)
+    default_port = 443 if url.scheme == "https" else 80
+    return url.hostname or "huggingface.co", url.port or default_port
+
+
+@functools.cache
+def _hub_connection_problem() -> str | None:
+    """Why the hub (or the HTTPS proxy) refused a TCP connection, or ``None`` if it accepted.
+
+    Asked once per process. The name lookup and connect run in a daemon
+    thread, because ``getaddrinfo`` ignores socket timeouts and a stalled
+    resolver would otherwise hold the caller for many seconds.
+    """
+    host, port = _hub_address()
+    answers: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=_HUB_TIMEOUT_S):
+                answers.append(None)
+        except OSError as e:
+            answers.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, name="lenscope-hub-probe", daemon=True)
+    thread.start()
+    thread.join(_HUB_TIMEOUT_S)
+    if not answers:
+        return f"{host}:{port} did not answer within {_HUB_TIMEOUT_S} s"
+    if answers[0] is not None:
+        return f"cannot connect to {host}:{port}: {answers[0]}"
+    return None
+
+
+def _hub_repo_id(name: str, *, bridge: bool) -> str:
+    """The Hugging Face repository TransformerLens fetches for ``name``."""
+    try:
+        if not bridge:
+            from transformer_lens.loading_from_pretrained import (  # type: ignore[import-not-found]
+                get_official_model_name,
+            )
+
+            return str(get_official_model_name(name))
+        try:  # TransformerLens 4
+            from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+        except ImportError:  # TransformerLens 3.9's bridge
+            from transformer_lens.supported_models import MODEL_ALIASES
+
+            return next(
+                (official for official, aliases in MODEL_ALIASES.items() if name in aliases), name
+            )
+        return resolve_model_alias(name) or name
+    except Exception:  # a TransformerLens without these tables: the name is the repository
+        return name
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s ``config.json``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # e.g. a name that is not a valid repository id
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face offline mode while the block runs: only the local cache, no retries.
+
+    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, on import, into
+    ``constants.HF_HUB_OFFLINE``, so both that and the variable (for anything
+    imported later) are set, and both are restored afterwards.
+    """
+    from huggingface_hub import constants
+
+    saved_constant = constants.HF_HUB_OFFLINE
+    saved_variable = os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_constant
+        if saved_variable is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_variable
 
 
 def _compatible(model: "TransformerBridge") -> "TransformerBridge":

@@ -51,6 +51,22 @@ return [mine(gd.layout.shapes).map(s => [s.xref, s.x0, s.x1, s.y0, s.y1]),
 """
 
 
+# Page width against the window, and each panel's plot area against the colour bar
+# drawn right of the panel before it (its bar, tick labels and title, not its padding).
+FIT_JS = """
+const gd = document.querySelector('.js-plotly-plot');
+const left = gd.getBoundingClientRect().left;
+const axes = Object.keys(gd._fullLayout).filter(k => /^xaxis[0-9]*$/.test(k)).sort()
+  .map(k => [left + gd._fullLayout[k]._offset, gd._fullLayout[k]._length]);
+const bars = Array.from(gd.querySelectorAll('g.colorbar')).map(g =>
+  Math.max(...Array.from(g.querySelectorAll('rect.cbfill, text'))
+    .map(e => e.getBoundingClientRect().right)));
+return {inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
+        svg: gd.querySelector('svg.main-svg').getBoundingClientRect().width,
+        axes: axes, bars: bars};
+"""
+
+
 def _missing() -> str | None:
     """Why the browser tests cannot run here, or None."""
     for path in (CHROMIUM, CHROMEDRIVER):
@@ -244,3 +260,28 @@ def test_subject_and_title_render(browser, traces, tmp_path):
     assert visible(result.answer) in title
     assert f"{result.corrupted_score:.3g}" in title
     assert torch.isfinite(result.scores).all()
+
+
+def test_three_panel_trace_fits_a_1024_pixel_window(browser, traces, tmp_path):
+    path = save_html(plot_traces(traces), tmp_path / "narrow.html")
+    size = browser.get_window_size()
+    browser.set_window_size(1024, 768)
+    try:
+        _open(browser, path)
+        fit = browser.execute_script(FIT_JS)
+        assert fit["inner"] == 1024
+        assert fit["scroll"] <= fit["inner"], f"the page scrolls sideways: {fit}"
+        assert fit["svg"] <= fit["inner"]
+        (_, first), (second_left, _), (third_left, third) = fit["axes"]
+        assert first > 150 and third > 150, f"panels squeezed: {fit}"
+        # Each colour bar ends before the next panel starts.
+        assert fit["bars"][0] <= second_left and fit["bars"][1] <= third_left, fit
+        assert fit["bars"][2] <= fit["inner"]
+
+        browser.set_window_size(1600, 768)  # the figure follows the window
+        deadline = time.monotonic() + 10
+        while browser.execute_script(FIT_JS)["svg"] <= fit["svg"] + 400:
+            assert time.monotonic() < deadline, "the figure did not widen with the window"
+            time.sleep(0.1)
+    finally:
+        browser.set_window_size(size["width"], size["height"])

@@ -595,6 +595,10 @@ def test_plots_and_report(reference, tmp_path):
         plot_dataset([])
     page = save_dataset_report(reference, tmp_path / "r" / "report.html").read_text()
     assert "best_bucket" in page and "Skipped facts (0)" in page and "Plotly" in page
+    # The figures fill the page's width, which the report's plotly config follows.
+    assert heat.layout.autosize is True and heat.layout.width is None
+    assert lines.layout.width is None and reference.plot(width=900).layout.width == 900
+    assert page.count('"responsive": true') == 2
 
 
 def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):

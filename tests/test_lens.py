@@ -25,7 +25,7 @@ from lenscope.lens import (
     lens_trajectory,
 )
 from lenscope.noise import draw_noise
-from lenscope.plotting._common import escape, visible
+from lenscope.plotting._common import escape, natural_width, visible
 from lenscope.plotting.lens import plot_lens
 from lenscope.tracer import CausalTracer
 
@@ -477,6 +477,14 @@ def test_side_by_side_shares_one_colour_scale(tiny_model, mlp_trace):
     # The restored cell (window layers 0-2 at position 3) is outlined.
     (box,) = [s for s in fig.layout.shapes if s.xref == "x3"]
     assert (box.x0, box.x1, box.y0, box.y1) == (2.5, 3.5, -0.5, 2.5)
+
+
+def test_lens_figure_fits_its_container(tiny_model, mlp_trace):
+    clean, corrupted, restored = lens_trace_cell(tiny_model, mlp_trace, 1, 3)
+    fig = plot_lens(clean, corrupted, restored, statistic="answer_prob")
+    assert fig.layout.autosize is True and fig.layout.width is None
+    assert natural_width(fig) > natural_width(plot_lens(clean, statistic="answer_prob"))
+    assert plot_lens(clean, width=700).layout.width == 700
 
 
 def test_difference_mode_subtracts_the_first(tiny_model, mlp_trace):

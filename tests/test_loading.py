@@ -599,9 +599,88 @@ def test_dtype_of_wrong_type_is_rejected():
         _unchecked(loading._resolve_dtype)(32)
 
 
+def _available_here():
+    return re.escape(", ".join(loading._available_devices()))
+
+
 def test_unknown_device_is_rejected():
-    with pytest.raises(ValueError, match=r"device must name a torch device .* got 'gpu'"):
+    expected = (
+        r"device must be one torch can use on this machine \(available: "
+        + _available_here()
+        + r"\), got 'gpu': torch knows no such device type; pass device='cpu' \(--device cpu"
+    )
+    with pytest.raises(ValueError, match=expected):
         load_model(device="gpu")
+
+
+def _refuse_to_load(monkeypatch):
+    """Make every loading path fail loudly, so a test sees whether loading started."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("load_model started loading before checking the device")
+
+    monkeypatch.setattr(loading, "_load_offline", started)
+    monkeypatch.setattr(loading, "_load_from_hub", started)
+    monkeypatch.setattr(loading, "_import_offline_package", started)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_cuda_without_gpu_is_refused_before_loading(monkeypatch, device):
+    _refuse_to_load(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_model("gemma-3-270m", device=device)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2, f"the device check took {elapsed:.2f} s"
+    message = str(info.value)
+    assert message.startswith("device must be one torch can use on this machine (available: ")
+    assert f"got {str(device)!r}: " in message
+    assert "available: cpu" in message
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert f"this torch build ({torch.__version__}) has no CUDA support" in message
+    assert "pass device='cpu' (--device cpu on the command line)" in message
+
+
+def test_gpu_index_beyond_the_visible_gpus_is_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    expected = (
+        r"\(available: cpu, cuda:0, cuda:1\), got 'cuda:3': torch sees 2 CUDA GPUs; "
+        r"pass device='cpu'"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_model("gemma-3-270m", device="cuda:3")
+
+
+def test_cuda_build_without_a_visible_gpu_is_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = r"got 'cuda': torch sees no CUDA GPU \(torch\.cuda\.is_available\(\) is False\)"
+    with pytest.raises(ValueError, match=expected):
+        load_model("gemma-3-270m", device="cuda")
+
+
+def test_unavailable_mps_and_other_device_types_are_refused(monkeypatch):
+    _refuse_to_load(monkeypatch)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"got 'mps': MPS \(Apple GPU\) is not available"):
+        load_model("gemma-3-270m", device="mps")
+    with pytest.raises(ValueError, match=r"got 'meta': lenscope cannot load a model onto a 'meta'"):
+        load_model("gemma-3-270m", device="meta")
+
+
+def test_available_gpus_and_cpu_pass_the_device_check(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert loading._resolve_device("cuda:1") == torch.device("cuda:1")
+    assert loading._resolve_device("cuda") == torch.device("cuda")
+    assert loading._resolve_device("cpu") == torch.device("cpu")
+    assert loading._resolve_device(None) is None
 
 
 def test_device_of_wrong_type_is_rejected():
@@ -649,10 +728,211 @@ def _offline_hub_error(name):
         return error
 
 
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Pretend the hub answers, so a load reaches the (faked) TransformerLens loader."""
+    from huggingface_hub import constants
+
+    for variable in loading._OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_hub_connection_problem", lambda: None)
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache in ``tmp_path``; returns its ``hub`` folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # huggingface_hub reads HF_HOME on import, so its constant is moved too.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _put_in_hub_cache(hub, repo_id):
+    """Lay out ``repo_id``'s config.json in a Hugging Face cache as a download would."""
+    snapshot = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+
+
+def _loader_not_called(monkeypatch):
+    def called(*args, **kwargs):
+        raise AssertionError("TransformerLens was asked to load the model")
+
+    monkeypatch.setattr(*_default_loader(), called)
+
+
+def test_offline_variable_refuses_uncached_hub_model_at_once(monkeypatch, hub_cache, capfd):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as if set after the import
+
+    def no_probe():
+        raise AssertionError("HF_HUB_OFFLINE=1 needs no connectivity check")
+
+    monkeypatch.setattr(loading, "_hub_connection_problem", no_probe)
+    start = time.perf_counter()
+    with pytest.raises(OSError) as info:
+        load_model("gpt2", device="cpu")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5, f"the offline error took {elapsed:.1f} s"
+    message = str(info.value)
+    assert message.startswith(
+        "the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1 is set) and 'gpt2' is not in the "
+        f"local Hugging Face cache ({hub_cache}); "
+    )
+    assert (
+        'use the built-in offline model load_model("gemma-3-270m") (--model gemma-3-270m' in message
+    )
+    assert "download 'gpt2' into that cache on a connected machine first" in message
+    captured = capfd.readouterr()
+    assert "Retry" not in captured.err and "huggingface.co" not in captured.err
+    assert captured.out == ""
+
+
+def test_transformers_offline_variable_counts_too(monkeypatch, hub_cache):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _loader_not_called(monkeypatch)
+    with pytest.raises(OSError, match=r"unreachable \(TRANSFORMERS_OFFLINE=yes is set\)"):
+        load_model("gpt2", device="cpu")
+
+
+def test_unreachable_hub_is_found_by_the_connectivity_check(monkeypatch, hub_cache):
+    from huggingface_hub import constants
+
+    for variable in loading._OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    checks = []
+
+    def unreachable():
+        checks.append(1)
+        return "cannot connect to huggingface.co:443: gaierror: test"
+
+    monkeypatch.setattr(loading, "_hub_connection_problem", unreachable)
+    _loader_not_called(monkeypatch)
+    expected = (
+        r"the Hugging Face hub is unreachable \(cannot connect to huggingface\.co:443: "
+        r"gaierror: test\) and 'pythia-70m' \(Hugging Face repository 'EleutherAI/pythia-70m'\) "
+        r"is not in the local Hugging Face cache"
+    )
+    with pytest.raises(OSError, match=expected):
+        load_model("pythia-70m", device="cpu")
+    assert checks == [1]
+
+
+def test_cached_model_loads_in_offline_mode_without_a_connection(
+    monkeypatch, hub_cache, tiny_bridge
+):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_hub_connection_problem", lambda: "no network (test)")
+    _put_in_hub_cache(hub_cache, "EleutherAI/pythia-70m")
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE))
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    assert load_model("EleutherAI/pythia-70m", device="cpu") is tiny_bridge
+    assert seen == [("1", True)]
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+
+
+def test_reachable_hub_loads_as_usual(monkeypatch, hub_online, tiny_bridge):
+    from huggingface_hub import constants
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    load_model("EleutherAI/pythia-70m", device="cpu")
+    assert seen == [False]
+
+
+def test_loading_writes_nothing_to_stdout(monkeypatch, hub_online, tiny_bridge, capfd):
+    def load(*args, **kwargs):
+        print("Loaded pretrained model EleutherAI/pythia-70m into HookedTransformer")
+        return tiny_bridge
+
+    monkeypatch.setattr(*_default_loader(), load)
+    load_model("EleutherAI/pythia-70m", device="cpu")
+    print("lenscope's own output")
+    captured = capfd.readouterr()
+    assert captured.out == "lenscope's own output\n"
+    assert "Loaded pretrained model EleutherAI/pythia-70m" in captured.err
+
+
+def test_local_checkpoint_directory_needs_no_hub(monkeypatch, tmp_path, tiny_bridge):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **k: tiny_bridge)
+    assert load_model(str(tmp_path), bridge=True, device="cpu") is tiny_bridge
+
+
+def test_connectivity_check_reports_refusals_and_silence(monkeypatch):
+    check = loading._hub_connection_problem.__wrapped__
+    monkeypatch.setattr(loading, "_hub_address", lambda: ("hub.invalid", 443))
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert check() == (
+        "cannot connect to hub.invalid:443: ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+
+    def stalled(address, timeout):
+        time.sleep(loading._HUB_TIMEOUT_S + 2)
+        raise TimeoutError("too late")
+
+    monkeypatch.setattr(socket, "create_connection", stalled)
+    start = time.perf_counter()
+    assert check() == f"hub.invalid:443 did not answer within {loading._HUB_TIMEOUT_S} s"
+    assert time.perf_counter() - start < loading._HUB_TIMEOUT_S + 1
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: Connection())
+    assert check() is None
+
+
+def test_connectivity_check_follows_hf_endpoint_and_proxy(monkeypatch):
+    from huggingface_hub import constants
+
+    for variable in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hf-mirror.example.org")
+    assert loading._hub_address() == ("hf-mirror.example.org", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example.org:3128")
+    assert loading._hub_address() == ("proxy.example.org", 3128)
+
+
 @pytest.mark.parametrize(
     "bridge", [pytest.param(False, marks=needs_hooked_transformer), True], ids=["HT", "Bridge"]
 )
-def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
+def test_offline_hub_model_explains_the_offline_default(monkeypatch, hub_online, bridge):
     raised = _offline_hub_error("gpt2-medium")
 
     def fail(*args, **kwargs):
@@ -670,7 +950,7 @@ def test_offline_hub_model_explains_the_offline_default(monkeypatch, bridge):
     assert info.value.__cause__ is raised
 
 
-def test_bare_connection_error_is_recognised(monkeypatch):
+def test_bare_connection_error_is_recognised(monkeypatch, hub_online):
     def fail(*args, **kwargs):
         raise ConnectionError("connection refused")
 
@@ -679,7 +959,7 @@ def test_bare_connection_error_is_recognised(monkeypatch):
         load_model("EleutherAI/pythia-70m")
 
 
-def test_other_load_errors_pass_through(monkeypatch):
+def test_other_load_errors_pass_through(monkeypatch, hub_online):
     raised = OSError("No space left on device")
 
     def fail(*args, **kwargs):
@@ -855,3 +1135,14 @@ def test_real_processed_cache_matches_fresh_processing(monkeypatch):
     assert saves.calls == 2
     assert loading._verify_manifest(directory, required=(loading._PROCESSED_WEIGHTS,)) is None
     torch.testing.assert_close(_logits(rebuilt), fresh_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_load_writes_nothing_to_stdout(capfd):
+    """TransformerLens 3.9 prints "Loaded pretrained model ..." to stdout; it must go to stderr."""
+    pytest.importorskip(loading._OFFLINE_PACKAGE)
+    load_model(device="cpu")
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    if compat.has_hooked_transformer():
+        assert "Loaded pretrained model google/gemma-3-270m" in captured.err

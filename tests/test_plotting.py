@@ -229,11 +229,18 @@ def test_colour_scale_per_kind_anchored_at_corrupted():
     assert (trace.zmin, trace.zmax) == (0, 1)
 
 
-def test_figure_size_grows_with_tokens():
-    short = make_result(tokens=TOKENS[:4]).plot().layout
-    long = make_result(tokens=TOKENS * 3).plot().layout
-    assert long.width > short.width
-    assert make_result().plot(width=500, height=300).layout.width == 500
+def test_figure_fits_its_container_and_its_natural_width_grows_with_tokens():
+    short = make_result(tokens=TOKENS[:4]).plot()
+    long = make_result(tokens=TOKENS * 3).plot()
+    for fig in (short, long):
+        # No fixed width: plotly fills the notebook cell or page.
+        assert fig.layout.autosize is True and fig.layout.width is None
+        assert fig.layout.height > 0
+    # The natural width (static images) still grows with the tokens.
+    assert _common.natural_width(long) > _common.natural_width(short)
+    fixed = make_result().plot(width=500, height=300)
+    assert (fixed.layout.width, fixed.layout.height) == (500, 300)
+    assert _common.natural_width(fixed) == 500
 
 
 @pytest.mark.parametrize(
@@ -294,7 +301,22 @@ def test_plot_traces_panels_share_colour_range_and_axes():
     assert fig.data[0].colorbar.x < fig.layout.xaxis2.domain[0]
     titles = [a.text for a in fig.layout.annotations]
     assert titles == ["residual stream", "MLP output", "attention output"]
-    assert fig.layout.width > lp.plot_trace(results["mlp_out"]).layout.width
+    assert fig.layout.width is None and fig.layout.autosize is True
+    assert _common.natural_width(fig) > _common.natural_width(lp.plot_trace(results["mlp_out"]))
+
+
+def test_plot_traces_keeps_room_for_colour_bars_in_a_narrow_window():
+    """At FIT_WIDTH pixels the 110-pixel gaps for the colour bars are still 110 pixels."""
+    fig = lp.plot_traces(three_kinds(), width=None)
+    margins = fig.layout.margin.l + fig.layout.margin.r
+    plot_area = _common.FIT_WIDTH - margins
+    gap = (fig.layout.xaxis2.domain[0] - fig.layout.xaxis.domain[1]) * plot_area
+    assert gap == pytest.approx(110)
+    offset = (fig.data[0].colorbar.x - fig.layout.xaxis.domain[1]) * plot_area
+    assert offset == pytest.approx(8)
+    # A fixed width lays the panels out the same way.
+    fixed = lp.plot_traces(three_kinds(), width=2000)
+    assert fixed.layout.xaxis2.domain == fig.layout.xaxis2.domain
 
 
 def test_plot_traces_per_panel_scales():
@@ -358,6 +380,31 @@ def test_save_html_is_self_contained(tmp_path):
     assert "{plot_id}" not in text
     plain = lp.save_html(make_result().plot(), tmp_path / "plain.html", linked_hover=False)
     assert "lenscope linked hover" not in plain.read_text(encoding="utf-8")
+
+
+def test_save_html_page_follows_the_window_width(tmp_path):
+    fig = lp.plot_traces(three_kinds())
+    text = lp.save_html(fig, tmp_path / "trace.html").read_text(encoding="utf-8")
+    height = int(fig.layout.height)
+    # plotly's wrapper div: the figure's own height, the page's full width.
+    assert f'<div style="height:{height}px; width:100%;">' in text
+    assert '"responsive": true' in text
+    fixed = lp.save_html(make_result().plot(width=500), tmp_path / "fixed.html")
+    assert "width:500px;" in fixed.read_text(encoding="utf-8")
+
+
+def test_save_image_uses_the_natural_width_unless_told(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
+    calls = []
+    monkeypatch.setattr(go.Figure, "write_image", lambda fig, path, **kw: calls.append(kw))
+    fig = lp.plot_traces(three_kinds())
+    lp.save_image(fig, tmp_path / "a.png")
+    lp.save_image(fig, tmp_path / "b.png", width=800, scale=2)
+    lp.save_image(go.Figure(), tmp_path / "c.png")
+    assert calls == [{"width": _common.natural_width(fig)}, {"width": 800, "scale": 2}, {}]
 
 
 def test_save_html_rejects_non_figure(tmp_path):

@@ -4,11 +4,13 @@ Token labels that keep whitespace visible and duplicates distinct, monospace
 hover tables assembled from ``customdata`` + ``hovertemplate`` (the way
 tuned-lens builds its trajectory plots), per-kind colour scales after ROME's
 figures (Meng et al., 2022, arXiv 2202.05262: residual stream purple, MLP
-green, attention red), figure sizing that grows with the token count, and
-export: a self-contained offline HTML file (plotly.js embedded, plus a small
-script that highlights the hovered cell in every panel) and optional static images through
-kaleido. Like every ``lenscope.plotting`` module it may import plotly;
-nothing outside this package does.
+green, attention red), figure sizing (figures fill the width of the notebook
+cell or page; their natural width grows with the token count and sizes static
+images), and export: a self-contained offline HTML page that resizes with the
+window (plotly.js embedded, plus a small script that highlights the hovered
+cell in every panel) and optional static images through kaleido. Like every
+``lenscope.plotting`` module it may import plotly; nothing outside this
+package does.
 """
 
 import html
@@ -288,6 +290,74 @@ def figure_size(
     return int(total_width), int(total_height)
 
 
+FIT_WIDTH = 960
+"""Figure width in pixels down to which the pixel gaps between panels are kept in full.
+
+Figures have no fixed width: they fill the notebook cell or page. The gaps
+between side-by-side panels hold a colour bar or tick labels and need a set
+number of pixels, but plotly spaces subplots by fractions of the width, so
+the fractions are computed for a figure this wide (a 1,024-pixel window, or a
+notebook on a laptop screen). Wider figures get wider gaps; narrower ones
+squeeze the gaps as well as the panels.
+"""
+
+
+def width_fraction(pixels: int, natural_inner: int, margins: int) -> float:
+    """``pixels`` as a fraction of the plotting area, sized for :data:`FIT_WIDTH`.
+
+    Args:
+        pixels: A horizontal distance in pixels (a gap between panels, a
+            colour bar's offset).
+        natural_inner: Width of the plotting area (all panels and the gaps
+            between them) at the figure's natural width.
+        margins: Left plus right layout margin in pixels.
+
+    Returns:
+        The fraction of the plotting area that is ``pixels`` wide when the
+        figure is :data:`FIT_WIDTH` pixels wide, or its natural width if that
+        is smaller.
+    """
+    return pixels / max(1.0, min(natural_inner, FIT_WIDTH - margins))
+
+
+def fit_width(width: int | None, natural_width: int) -> dict[str, Any]:
+    """Layout entries that make a figure as wide as its container unless ``width`` fixes it.
+
+    With ``autosize`` and no ``width`` plotly draws the figure as wide as the
+    notebook output area or the page (resizing with the window in a page
+    written by :func:`save_html`). The natural width is kept in the layout's
+    ``meta`` so that :func:`save_image` gives static images that size.
+
+    Args:
+        width: The caller's fixed width in pixels, or ``None`` to fit.
+        natural_width: The width the figure's panels need at their natural
+            size, in pixels.
+
+    Returns:
+        ``autosize``, ``width`` and ``meta`` entries for ``fig.update_layout``.
+    """
+    return {
+        "autosize": True,
+        "width": width,
+        "meta": {"lenscope_width": int(width or natural_width)},
+    }
+
+
+def natural_width(fig: go.Figure) -> int | None:
+    """The width recorded by :func:`fit_width`, or ``None`` for another figure.
+
+    Args:
+        fig: A plotly figure.
+
+    Returns:
+        The figure's natural (or fixed) width in pixels, if lenscope made it.
+    """
+    meta = fig.layout.meta
+    if isinstance(meta, dict) and isinstance(meta.get("lenscope_width"), int):
+        return meta["lenscope_width"]
+    return None
+
+
 def figure_margins(label_chars: int = 8) -> dict[str, int]:
     """Layout margins matching :func:`figure_size`.
 
@@ -394,10 +464,16 @@ def token_xaxis(
     )
 
 
+PAGE_CONFIG = {"displaylogo": False, "responsive": True}
+"""plotly.js config of exported pages: no plotly logo; the figure follows the window's width."""
+
+
 def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) -> Path:
     """Write ``fig`` as one self-contained HTML file that works offline.
 
-    plotly.js is embedded (no CDN, no MathJax), and with ``linked_hover``
+    plotly.js is embedded (no CDN, no MathJax). A figure without a fixed
+    ``width`` (lenscope's default) spans the page and follows the window's
+    width, so nothing is cut off in a narrow window. With ``linked_hover``
     a small script (:data:`LINKED_HOVER_JS`) outlines the hovered cell in
     every panel of a :func:`~lenscope.plotting.plot_traces` comparison.
 
@@ -426,13 +502,18 @@ def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) ->
         include_mathjax=False,
         full_html=True,
         post_script=[LINKED_HOVER_JS] if linked_hover else None,
-        config={"displaylogo": False},
+        config=PAGE_CONFIG,
+        default_width="100%",
     )
     return path
 
 
 def save_image(fig: go.Figure, path: str | Path, **kwargs: Any) -> Path:
     """Write ``fig`` as a static image (PNG, SVG, PDF, ...) through kaleido.
+
+    A lenscope figure fits its container's width on screen; as an image it
+    gets its natural width (it grows with the tokens) unless ``width`` is
+    passed.
 
     Args:
         fig: The figure.
@@ -459,6 +540,8 @@ def save_image(fig: go.Figure, path: str | Path, **kwargs: Any) -> Path:
             "installed; install it with `pip install kaleido` (it also needs a "
             "Chrome/Chromium), or use save_html for an interactive offline file"
         ) from e
+    if "width" not in kwargs and fig.layout.width is None and natural_width(fig) is not None:
+        kwargs["width"] = natural_width(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_image(path, **kwargs)

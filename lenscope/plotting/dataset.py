@@ -25,9 +25,12 @@ from lenscope.plotting._common import (
     HOVER_FONT,
     KIND_COLORSCALES,
     KIND_LABELS,
+    PAGE_CONFIG,
     check_choice,
     check_positive_int,
+    fit_width,
     format_percent,
+    width_fraction,
 )
 
 STYLES = ("heatmap", "lines")
@@ -61,7 +64,9 @@ def plot_dataset(
             ``"lines"`` (AIE against layer, one line per bucket, 95% CI band).
         kinds: Kinds to show, in order; default every traced kind.
         title: Figure title; default names the model, fact count and ATE.
-        width: Figure width in pixels; default grows with the number of layers.
+        width: Figure width in pixels; by default the figure fills the width
+            of the notebook cell or page (static images get a width that
+            grows with the number of layers).
         height: Figure height in pixels.
 
     Returns:
@@ -92,18 +97,27 @@ def plot_dataset(
         + (170 if style == "heatmap" else 200)
     )
     default_height = 430 if style == "heatmap" else 460
-    gap = 0.09 if style == "heatmap" else 0.05
+    margin = {
+        "l": 150 if style == "heatmap" else 70,
+        "r": 60 if style == "heatmap" else 20,
+        "t": 90,
+        "b": 60,
+    }
+    margins = margin["l"] + margin["r"]
+    # Pixels between panels: a colour bar, or the next panel's y tick labels.
+    gap = 110 if style == "heatmap" else 60
     fig = make_subplots(
         rows=1,
         cols=n,
         shared_yaxes=style == "heatmap",
-        horizontal_spacing=gap if n > 1 else 0.0,
+        horizontal_spacing=width_fraction(gap, default_width - margins, margins) if n > 1 else 0.0,
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
     )
     for col, kind in enumerate(kinds, start=1):
         mean, half, count = mean_ci(summary.effects(kind))
         if style == "heatmap":
-            _add_heatmap(fig, summary, kind, mean, half, count, col)
+            offset = width_fraction(4, default_width - margins, margins)
+            _add_heatmap(fig, summary, kind, mean, half, count, col, offset)
         else:
             _add_lines(fig, summary, kind, mean, half, count, col, legend=col == 1)
     layer_title = "layer" if style == "heatmap" else "layer (centre of restored window)"
@@ -127,14 +141,9 @@ def plot_dataset(
             "x": 0.01,
             "xanchor": "left",
         },
-        width=width or default_width,
+        **fit_width(width, default_width),
         height=height or default_height,
-        margin={
-            "l": 150 if style == "heatmap" else 70,
-            "r": 60 if style == "heatmap" else 20,
-            "t": 90,
-            "b": 60,
-        },
+        margin=margin,
         hoverlabel={"font": HOVER_FONT, "align": "left"},
         plot_bgcolor="white" if style == "lines" else "#e6e6e6",
         legend={"title": {"text": "token bucket"}},
@@ -189,8 +198,16 @@ _HOVER = (
 
 
 def _add_heatmap(
-    fig: go.Figure, summary: DatasetSummary, kind: str, mean: Any, half: Any, count: Any, col: int
+    fig: go.Figure,
+    summary: DatasetSummary,
+    kind: str,
+    mean: Any,
+    half: Any,
+    count: Any,
+    col: int,
+    offset: float,
 ) -> None:
+    """Panel ``col``: the AIE heatmap, its colour bar ``offset`` (a width fraction) to the right."""
     z, customdata = _cells(mean, half, count)
     finite = [v for row in z for v in row if v is not None]
     low = min([0.0, *finite])
@@ -211,9 +228,10 @@ def _add_heatmap(
             name=KIND_LABELS.get(kind, kind),
             colorbar={
                 "title": {"text": "AIE", "side": "right"},
-                "x": domain_end + 0.005,
+                "x": domain_end + offset,
                 "xanchor": "left",
                 "thickness": 12,
+                "xpad": 4,
                 "len": 1.0,
                 "tickformat": ".1%",
             },
@@ -313,13 +331,13 @@ def save_dataset_report(
             full_html=False,
             include_plotlyjs=True,
             include_mathjax=False,
-            config={"displaylogo": False},
+            config=PAGE_CONFIG,
         ),
         plot_dataset(summary, style="lines").to_html(
             full_html=False,
             include_plotlyjs=False,
             include_mathjax=False,
-            config={"displaylogo": False},
+            config=PAGE_CONFIG,
         ),
     ]
     table = summary.table()

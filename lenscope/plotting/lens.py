@@ -33,6 +33,7 @@ from lenscope.plotting._common import (
     check_positive_int,
     escape,
     figure_margins,
+    fit_width,
     format_percent,
     shorten,
     stride_keep_last,
@@ -40,6 +41,7 @@ from lenscope.plotting._common import (
     token_xaxis,
     topk_lines,
     visible,
+    width_fraction,
 )
 
 MODES = ("side_by_side", "difference")
@@ -222,7 +224,9 @@ def plot_lens(
         layer_stride: Show every ``layer_stride``-th layer (the last is always kept).
         layer_order: ``"bottom_up"`` (layer 0 at the bottom) or ``"top_down"``.
         title: Figure title; by default the lens, component, model, statistic and answer.
-        width: Figure width in pixels; by default it grows with the tokens.
+        width: Figure width in pixels; by default the figure fills the width
+            of the notebook cell or page (static images get a width that
+            grows with the tokens).
         height: Figure height in pixels; by default it grows with the layers.
         colorscale: Any plotly colour scale instead of the default
             (per-kind for probabilities and rank, Viridis for entropy and KL,
@@ -281,11 +285,13 @@ def plot_lens(
     margin["r"] = 120
     if n > 1:
         margin["t"] += 20  # room for the panel titles under the two-line title
+    inner = n * plot_w + (n - 1) * gap
+    margins = margin["l"] + margin["r"]
     fig = make_subplots(
         rows=1,
         cols=n,
         shared_yaxes=True,
-        horizontal_spacing=gap / (n * plot_w + (n - 1) * gap) if n > 1 else 0.0,
+        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
         subplot_titles=names if n > 1 else None,
     )
     same_tokens = all(_same_tokens(first, t) for t in panels)
@@ -325,7 +331,7 @@ def plot_lens(
             "xanchor": "left",
         },
         coloraxis=view.coloraxis(),
-        width=width or int(margin["l"] + margin["r"] + n * plot_w + (n - 1) * gap),
+        **fit_width(width, int(margins + inner)),
         height=height or int(margin["t"] + margin["b"] + plot_h),
         margin=margin,
         plot_bgcolor=NAN_COLOR,

@@ -32,6 +32,7 @@ from lenscope.plotting._common import (
     escape,
     figure_margins,
     figure_size,
+    fit_width,
     format_percent,
     format_score,
     panel_size,
@@ -40,6 +41,7 @@ from lenscope.plotting._common import (
     token_xaxis,
     topk_lines,
     visible,
+    width_fraction,
 )
 from lenscope.results import TraceResult
 
@@ -86,7 +88,9 @@ def plot_trace(
         layer_order: ``"bottom_up"`` puts layer 0 at the bottom, as ROME does;
             ``"top_down"`` puts it at the top.
         title: Figure title; by default the kind, model, answer and scores.
-        width: Figure width in pixels; by default it grows with the tokens.
+        width: Figure width in pixels; by default the figure fills the width
+            of the notebook cell or page (static images get a width that
+            grows with the tokens).
         height: Figure height in pixels; by default it grows with the layers.
         colorscale: Any plotly colour scale; by default purple for the
             residual stream, green for MLP output and red for attention.
@@ -160,7 +164,8 @@ def plot_traces(
         layer_stride: See :func:`plot_trace`.
         layer_order: See :func:`plot_trace`.
         title: Figure title; by default the model, answer and scores.
-        width: Figure width in pixels.
+        width: Figure width in pixels; by default the width of the notebook
+            cell or page.
         height: Figure height in pixels.
         colorscale: One plotly colour scale for every panel, instead of the
             per-kind scales.
@@ -432,11 +437,12 @@ def _plot(
     inner = n * plot_w + (n - 1) * gap
     margin["r"] = gap
     margin["t"] += 30 if n > 1 else 0
+    margins = margin["l"] + margin["r"]
     fig = make_subplots(
         rows=1,
         cols=n,
         shared_yaxes=True,
-        horizontal_spacing=gap / inner if n > 1 else 0.0,
+        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
         subplot_titles=panel_names if n > 1 else None,
     )
     same_tokens = all(_same_tokens(results[0], r) for r in results)
@@ -461,9 +467,10 @@ def _plot(
                 name=panel_names[col - 1],
                 colorbar={
                     "title": {"text": _colorbar_title(result, value), "side": "right"},
-                    "x": domain_end + 8 / inner,
+                    "x": domain_end + width_fraction(8, inner, margins),
                     "xanchor": "left",
                     "thickness": 12,
+                    "xpad": 4,
                     "len": 1.0,
                     "tickformat": ".0%" if value == "normalized" else None,
                 },
@@ -511,7 +518,7 @@ def _plot(
             "yanchor": "top",
             "yref": "container",
         },
-        width=width or default_width,
+        **fit_width(width, default_width),
         height=fig_height,
         margin=margin,
         plot_bgcolor=NAN_COLOR,
