@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lenscope import compat
+from lenscope.validation import InvalidInput, InvalidInputType
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -180,12 +181,12 @@ def load_model(
             hub is unreachable and the model is not in the local cache.
     """
     if not isinstance(name, str):
-        raise TypeError(
+        raise InvalidInputType(
             f"name must be a str naming a model, got {type(name).__name__} {name!r}; "
             f"pass e.g. name={OFFLINE_MODEL_NAME!r}"
         )
     if bridge is not None and not isinstance(bridge, bool):
-        raise TypeError(
+        raise InvalidInputType(
             f"bridge must be a bool or None, got {type(bridge).__name__} {bridge!r}; "
             "pass bridge=True for a TransformerBridge, bridge=False for a HookedTransformer "
             "(TransformerLens 3.9), or leave it out for the installed version's default"
@@ -239,7 +240,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise ValueError(
+            raise InvalidInput(
                 f"dtype must be a floating-point dtype, got {dtype}; "
                 "pass torch.float32, torch.bfloat16 or torch.float16 instead"
             )
@@ -247,12 +248,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
         if key not in _DTYPES:
-            raise ValueError(
+            raise InvalidInput(
                 f"dtype must be one of {sorted(_DTYPES)} or a floating torch.dtype, "
                 f"got {dtype!r}; pass e.g. dtype='float32' or dtype=torch.bfloat16"
             )
         return _DTYPES[key]
-    raise TypeError(
+    raise InvalidInputType(
         f"dtype must be a torch.dtype, a str or None, got {type(dtype).__name__} {dtype!r}; "
         "pass e.g. dtype='float32' or dtype=torch.bfloat16"
     )
@@ -268,7 +269,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(
+        raise InvalidInputType(
             f"device must be a str, a torch.device or None, got {type(device).__name__} "
             f"{device!r}; pass e.g. device='cpu' or device='cuda:0'"
         )
@@ -276,12 +277,12 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(
+        raise InvalidInput(
             _device_message(device, "torch knows no such device type", available)
         ) from e
     problem = _device_problem(resolved)
     if problem is not None:
-        raise ValueError(_device_message(device, problem, available))
+        raise InvalidInput(_device_message(device, problem, available))
     return resolved
 
 
@@ -545,7 +546,7 @@ def _check_tl_name(name: str) -> None:
     try:
         get_official_model_name(name)
     except ValueError as e:
-        raise ValueError(
+        raise InvalidInput(
             f"name must be a model TransformerLens knows, got {name!r}; pass an official "
             "name from transformer_lens.loading.OFFICIAL_MODEL_NAMES (e.g. 'gpt2-medium'), "
             f"bridge=True for other Hugging Face models, or {OFFLINE_MODEL_NAME!r} offline"

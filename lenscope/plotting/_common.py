@@ -21,6 +21,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from lenscope.validation import InvalidInput, InvalidInputType
+
 NBSP = "\u00a0"
 """Padding character of hover tables: SVG text collapses runs of plain spaces."""
 
@@ -65,7 +67,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}; pass one of those")
+        raise InvalidInput(f"{name} must be one of {allowed}; got {value!r}; pass one of those")
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -83,12 +85,12 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
+        raise InvalidInputType(
             f"{name} must be a positive int; got {value!r} ({type(value).__name__}); "
             f"pass e.g. {name}=1"
         )
     if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}; pass a positive int")
+        raise InvalidInput(f"{name} must be >= 1; got {value}; pass a positive int")
 
 
 def escape(text: str) -> str:
@@ -490,7 +492,7 @@ def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) ->
         TypeError: ``fig`` is not a plotly figure.
     """
     if not isinstance(fig, go.Figure):
-        raise TypeError(
+        raise InvalidInputType(
             f"save_html expects a plotly Figure; got {type(fig).__name__}; "
             "pass the figure returned by plot_trace or plot_traces"
         )
@@ -528,7 +530,7 @@ def save_image(fig: go.Figure, path: str | Path, **kwargs: Any) -> Path:
         TypeError: ``fig`` is not a plotly figure.
     """
     if not isinstance(fig, go.Figure):
-        raise TypeError(
+        raise InvalidInputType(
             f"save_image expects a plotly Figure; got {type(fig).__name__}; "
             "pass the figure returned by plot_trace or plot_traces"
         )

@@ -32,6 +32,7 @@ from lenscope.plotting._common import (
     format_percent,
     width_fraction,
 )
+from lenscope.validation import InvalidInputType
 
 STYLES = ("heatmap", "lines")
 """How :func:`plot_dataset` draws the AIE: ROME's bucket x layer heatmaps, or lines with CIs."""
@@ -77,7 +78,7 @@ def plot_dataset(
         ValueError: an unknown style or kind.
     """
     if not isinstance(summary, DatasetSummary):
-        raise TypeError(
+        raise InvalidInputType(
             f"plot_dataset expects a DatasetSummary; got {type(summary).__name__}; "
             "pass the result of lenscope.datasets.trace_dataset"
         )
@@ -319,7 +320,7 @@ def save_dataset_report(
         The path written.
     """
     if not isinstance(summary, DatasetSummary):
-        raise TypeError(
+        raise InvalidInputType(
             f"save_dataset_report expects a DatasetSummary; got {type(summary).__name__}; "
             "pass the result of lenscope.datasets.trace_dataset"
         )

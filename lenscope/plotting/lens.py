@@ -43,6 +43,7 @@ from lenscope.plotting._common import (
     visible,
     width_fraction,
 )
+from lenscope.validation import InvalidInput, InvalidInputType
 
 MODES = ("side_by_side", "difference")
 """How :func:`plot_lens` shows several trajectories."""
@@ -254,13 +255,13 @@ def plot_lens(
     if top_k is None:
         top_k = stored
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= stored:
-        raise ValueError(
+        raise InvalidInput(
             f"top_k must be an int from 0 to the {stored} predictions the trajectories "
             f"stored; got {top_k!r}; pass e.g. top_k=5"
         )
     difference = mode == "difference"
     if difference and len(items) < 2:
-        raise ValueError(
+        raise InvalidInput(
             f"mode='difference' needs at least two trajectories (the first is the "
             f"reference); got {len(items)}; pass e.g. "
             "plot_lens(clean, corrupted, mode='difference')"
@@ -348,13 +349,13 @@ def _flatten(trajectories: Sequence[Any]) -> list[LensTrajectory]:
     if len(trajectories) == 1 and isinstance(trajectories[0], tuple | list):
         trajectories = tuple(trajectories[0])
     if not trajectories:
-        raise ValueError(
+        raise InvalidInput(
             "plot_lens needs at least one LensTrajectory; got none; pass e.g. "
             "plot_lens(lens_trajectory(model, prompt))"
         )
     for index, item in enumerate(trajectories):
         if not isinstance(item, LensTrajectory):
-            raise TypeError(
+            raise InvalidInputType(
                 f"plot_lens expects LensTrajectory objects; got {type(item).__name__} at "
                 f"index {index}; pass the results of lens_trajectory or lens_trace_cell"
             )
@@ -380,7 +381,7 @@ def _check_comparable(items: Sequence[LensTrajectory], *, strict: bool) -> None:
                 f"{list(other.tokens)!r} (trajectory {index})"
             )
     if problems:
-        raise ValueError(
+        raise InvalidInput(
             "plot_lens shows trajectories on one layer axis (and differences of one "
             "prompt); got trajectories that differ in "
             + "; ".join(problems)

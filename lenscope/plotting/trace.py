@@ -44,6 +44,7 @@ from lenscope.plotting._common import (
     width_fraction,
 )
 from lenscope.results import TraceResult
+from lenscope.validation import InvalidInput, InvalidInputType
 
 VALUES = ("score", "indirect_effect", "normalized")
 """What a heatmap's colour can show."""
@@ -186,12 +187,12 @@ def plot_traces(
     elif isinstance(results, Sequence) and not isinstance(results, str | TraceResult):
         names, items = None, list(results)
     else:
-        raise TypeError(
+        raise InvalidInputType(
             f"plot_traces expects a dict kind -> TraceResult or a list of TraceResults; "
             f"got {type(results).__name__}; for a single trace use plot_trace(result)"
         )
     if not items:
-        raise ValueError(
+        raise InvalidInput(
             "plot_traces needs at least one TraceResult; got none; "
             "pass e.g. tracer.trace_kinds(prompt, subject=...)"
         )
@@ -218,7 +219,7 @@ def _check_types(results: Sequence[Any]) -> None:
     """Raise ``TypeError`` unless every item is a ``TraceResult``."""
     for index, result in enumerate(results):
         if not isinstance(result, TraceResult):
-            raise TypeError(
+            raise InvalidInputType(
                 f"expected TraceResult objects; got {type(result).__name__} at "
                 f"index {index}; pass the results of CausalTracer.trace"
             )
@@ -233,11 +234,11 @@ def _check_options(results: Sequence[TraceResult], options: dict[str, Any]) -> N
     check_positive_int("height", options["height"], allow_none=True)
     top_k = options["top_k"]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0; got {top_k!r}; pass e.g. top_k=5")
+        raise InvalidInput(f"top_k must be an int >= 0; got {top_k!r}; pass e.g. top_k=5")
     for result in results:
         stored = int(result.top_ids.shape[-1])
         if top_k > stored:
-            raise ValueError(
+            raise InvalidInput(
                 f"top_k must be <= the {stored} predictions the {result.kind} "
                 f"trace stored; got top_k={top_k}; pass top_k<={stored} or "
                 "trace with more top-k"
@@ -277,7 +278,7 @@ def _check_comparable(results: Sequence[TraceResult]) -> None:
                 f"metric {first.metric!r} (result 0) vs {other.metric!r} (result {index})"
             )
     if problems:
-        raise ValueError(
+        raise InvalidInput(
             "plot_traces compares traces of one prompt, model, answer and metric; "
             "got results that differ in "
             + "; ".join(problems)
