@@ -539,18 +539,19 @@ def lenscope_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int
     position.
     """
     from lenscope import engine
+    from lenscope.sites import site
 
     cells = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_pos))
     total = (samples + 1) * n_pos * n_layers
     for kind in kinds:
         windows = engine.effective_windows(
-            engine.restore_windows(cells, WINDOWS[kind], n_layers), cells, kind, subject_start,
-            n_pos)
+            engine.restore_windows(cells, WINDOWS[kind], n_layers), cells, site(kind),
+            subject_start, n_pos)
         active = windows.any(dim=1)
         if strategy == "full":
             total += samples * int(active.sum()) * n_pos * n_layers
             continue
-        entries = engine._entry_layers(windows[active], kind)
+        entries = engine._entry_layers(windows[active], site(kind))
         total += samples * int(((n_pos - cells[active, 1]) * (n_layers - entries)).sum())
     return total
 

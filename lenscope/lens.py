@@ -16,7 +16,8 @@ causal trace (Meng et al., 2022, arXiv 2202.05262) through the lens: the
 clean, corrupted and restored runs, with the trace's own noise and the
 engine's restoration hooks.
 
-Which hook point is decoded (``component``):
+Which hook point is decoded (``kind``, the same hook-point types a causal
+trace restores; ``component`` is accepted as an older name for it):
 
 * ``resid_pre``, ``resid_mid``, ``resid_post``: the residual stream at
   ``blocks.{layer}.hook_{component}``, decoded directly (the logit lens
@@ -186,7 +187,8 @@ class LensTrajectory(GridResult):
     mean distribution, not the mean of per-copy entropies.
 
     Attributes:
-        component: Hook-point type decoded (``"resid_post"`` etc., see :data:`COMPONENTS`).
+        component: Hook-point type decoded (``"resid_post"`` etc., see :data:`COMPONENTS`);
+            also available as :attr:`kind`, the name lenscope uses elsewhere.
         hook_names: The hook name decoded at each layer (row).
         tokens: Token labels of the prompt.
         token_ids: The prompt's token ids.
@@ -275,6 +277,11 @@ class LensTrajectory(GridResult):
                 + "; ".join(problems)
             )
 
+    @property
+    def kind(self) -> str:
+        """The hook-point type decoded (the field ``component``, under lenscope's common name)."""
+        return self.component
+
     def statistic(self, name: str) -> Float[Tensor, "layer pos"]:
         """The ``[layer, pos]`` grid of one statistic (a :data:`STATISTICS` key, or ``"kl"``)."""
         return getattr(self, resolve_statistic(name))
@@ -325,6 +332,16 @@ class CellTrajectories(NamedTuple):
     restored: LensTrajectory
 
 
+def _lens_kind(kind: str | None, component: str | None) -> str:
+    """The hook-point type a lens decodes, given as ``kind`` or by its older name ``component``."""
+    if kind is not None and component is not None and kind != component:
+        raise InvalidInput(
+            f"kind and component name the same thing (component is its older name), got "
+            f"kind={kind!r} and component={component!r}; pass only kind=..."
+        )
+    return check_component(kind or component or "resid_post")
+
+
 def check_component(component: str) -> str:
     """Return ``component`` if it is a known hook-point type, else raise a ``ValueError``."""
     if component not in COMPONENTS:
@@ -339,7 +356,8 @@ def lens_trajectory(
     model: torch.nn.Module,
     prompt: str | Tensor | Sequence[int],
     *,
-    component: str = "resid_post",
+    kind: str | None = None,
+    component: str | None = None,
     answer: str | int | None = None,
     subject: str | tuple[int, int] | None = None,
     decoder: LensDecoder | None = None,
@@ -362,8 +380,9 @@ def lens_trajectory(
     Args:
         model: HookedTransformer or TransformerBridge.
         prompt: Text (tokenised with the model's default BOS handling) or 1-D token ids.
-        component: Hook-point type decoded at every layer; see the module docstring
-            for how ``attn_out`` and ``mlp_out`` are read.
+        kind: Hook-point type decoded at every layer (default ``resid_post``); see the
+            module docstring for how ``attn_out`` and ``mlp_out`` are read.
+        component: The older name of ``kind``.
         answer: Token whose probability and rank are tracked (text or id);
             default the model's top-1 prediction at the last position.
         subject: The subject's text or token range, only to mark it in plots.
@@ -376,7 +395,7 @@ def lens_trajectory(
     Returns:
         The :class:`LensTrajectory`.
     """
-    component = check_component(component)
+    component = _lens_kind(kind, component)
     n_layer = n_layers(model)
     _check_top_k(top_k, model)
     _check_layer_chunk(layer_chunk)
@@ -412,7 +431,8 @@ def lens_trace_cell(
     layer: int,
     pos: int,
     *,
-    component: str = "resid_post",
+    kind: str | None = None,
+    component: str | None = None,
     decoder: LensDecoder | None = None,
     noise_tensor: Float[Tensor, "samples subject_pos d_model"] | None = None,
     top_k: int = 10,
@@ -436,7 +456,9 @@ def lens_trace_cell(
         result: The trace the cell belongs to, traced on this model.
         layer: The cell's layer (row of ``result.scores``).
         pos: The cell's token position.
-        component: Hook-point type decoded by the lens (need not be ``result.kind``).
+        kind: Hook-point type decoded by the lens (default ``resid_post``; need not
+            be ``result.kind``, the type the trace restored).
+        component: The older name of ``kind``.
         decoder: Lens that turns hidden states into logits; default :class:`LogitLens`.
         noise_tensor: The noise, for a trace that was given an explicit
             ``noise_tensor`` (``result.seed is None``).
@@ -452,7 +474,7 @@ def lens_trace_cell(
             f"result must be a TraceResult, got {type(result).__name__}; "
             "pass the result of CausalTracer.trace"
         )
-    component = check_component(component)
+    component = _lens_kind(kind, component)
     n_layer = n_layers(model)
     if n_layer != result.n_layers:
         raise InvalidInput(

@@ -556,3 +556,12 @@ def test_gemma_lens_ends_in_the_models_own_prediction(gemma_either):
     assert int(traj.answer_rank[-1, -1]) == 1
     for name in STATS:
         assert torch.isfinite(traj.statistic(name)).all(), name
+
+
+def test_kind_is_the_name_and_component_the_older_one(tiny_model):
+    by_kind = lens_trajectory(tiny_model, TINY_PROMPT, kind="mlp_out")
+    by_component = lens_trajectory(tiny_model, TINY_PROMPT, component="mlp_out")
+    assert by_kind.kind == by_kind.component == "mlp_out"
+    assert torch.equal(by_kind.entropy, by_component.entropy)
+    with pytest.raises(ValueError, match=r"kind and component name the same thing"):
+        lens_trajectory(tiny_model, TINY_PROMPT, kind="mlp_out", component="attn_out")
