@@ -179,11 +179,21 @@ def guess_subject(prompt: str) -> str:
     Returns:
         The guessed subject text.
     """
+    if not isinstance(prompt, str):
+        raise InvalidInputType(
+            f"prompt must be text to guess its subject, got {type(prompt).__name__}; "
+            "pass the subject explicitly"
+        )
+    if not prompt.strip():
+        raise InvalidInput(
+            f"prompt must be non-empty text, got {prompt!r}; pass a prompt such as "
+            "'The Eiffel Tower is located in the city of'"
+        )
     spans = [m.group(0).strip() for m in _CAPITALISED_SPAN.finditer(prompt)]
     spans = [re.sub(r"\s+(?:of|the|de|du|von|van|der)$", "", s) for s in spans]
     if not spans:
         raise InvalidInput(
-            f"could not guess a subject in {prompt!r} (no capitalised words); "
-            "pass the subject explicitly"
+            f"could not guess a subject in {prompt!r}: the guess is the longest span of "
+            "capitalised words, and it has none; pass the subject explicitly"
         )
     return max(spans, key=lambda s: (len(s.split()), len(s)))
