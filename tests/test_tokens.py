@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_SUBJECT
 
 import lenscope
-from lenscope.tokens import guess_subject
+from lenscope.tokens import guess_subject, is_filler_token, single_token_id
 from lenscope.validation import InvalidInput
 
 
@@ -34,3 +34,16 @@ def test_empty_prompt_with_a_subject_says_the_prompt_is_empty(tiny_model):
     with pytest.raises(InvalidInput, match=r"prompt must be non-empty text or token ids, got ''"):
         tracer.trace("", TINY_SUBJECT, samples=1)
 
+
+def test_filler_tokens(tiny_model):
+    tokenizer = tiny_model.tokenizer
+
+    def token(text):
+        return single_token_id(tiny_model, text)
+
+    for text in (" the", "the", " The", " a", " of", " and", " is"):
+        assert is_filler_token(tiny_model, token(text)), text
+    assert is_filler_token(tiny_model, tokenizer.bos_token_id)
+    for text in (" paris", "Paris", " tower", " city"):
+        assert not is_filler_token(tiny_model, token(text)), text
+    assert token(" paris rome") is None and token("") is None
