@@ -12,8 +12,10 @@ JSON policy and the base shared by every ``(layer, pos)`` result
 """
 
 import dataclasses
+import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,6 +69,28 @@ def _nulls_to_nan(value: Any) -> Any:
     if isinstance(value, list):
         return [_nulls_to_nan(v) for v in value]
     return value
+
+
+def short_text(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut to about ``limit`` characters with an ellipsis (for reprs)."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def html_facts(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A small HTML table of ``(name, value)`` rows under a bold title, every text escaped.
+
+    The rich display of result objects in Jupyter (their ``_repr_html_``).
+    """
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(name)}</th>"
+        f"<td style='text-align:left'>{html.escape(value)}</td></tr>"
+        for name, value in rows
+    )
+    return f"<table><caption><b>{html.escape(title)}</b></caption>{body}</table>"
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -329,6 +353,44 @@ class TraceResult(GridResult):
         index = int(flat.argmax())
         layer, pos = divmod(index, self.n_pos)
         return layer, pos, float(self.scores[layer, pos])
+
+    def __repr__(self) -> str:
+        """One line: model, prompt, kind, window, answer, clean and corrupted scores, peak cell."""
+        prompt = "token ids" if self.prompt is None else short_text(self.prompt)
+        return (
+            f"TraceResult(model={short_text(self.model_name, 40)}, prompt={prompt} "
+            f"({self.n_pos} tokens), kind={self.kind!r}, window={self.window}, "
+            f"answer={short_text(self.answer, 30)}, {self.metric}: "
+            f"clean={self.clean_score:.3g} corrupted={self.corrupted_score:.3g}, "
+            f"peak={self._peak_text()})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The facts of :meth:`__repr__` and the settings, as a small table (Jupyter)."""
+        start, end = self.subject_range
+        record = self.corruption or {"samples": self.samples, "noise_std": self.noise_std}
+        rows = [
+            ("model", self.model_name),
+            ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
+            (
+                "tokens",
+                f"{self.n_pos}; subject {''.join(self.tokens[start:end])!r} at [{start}, {end})",
+            ),
+            ("kind", f"{self.kind} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
+            ("window", f"{self.window} layer{'s' if self.window != 1 else ''}"),
+            ("answer", f"{self.answer!r} (id {self.answer_id})"),
+            (f"clean {self.metric}", f"{self.clean_score:.4g}"),
+            (f"corrupted {self.metric}", f"{self.corrupted_score:.4g}"),
+            ("peak", self._peak_text()),
+            ("corruption", ", ".join(f"{k}={_short_value(v)}" for k, v in record.items())),
+        ]
+        return html_facts("TraceResult", rows)
+
+    def _peak_text(self) -> str:
+        layer, pos, score = self.peak()
+        if math.isnan(score):
+            return "no cell traced"
+        return f"{score:.3g} at layer {layer}, pos {pos} {short_text(self.tokens[pos], 20)}"
 
     def to_dataframe(self) -> Any:
         """A long table: one row per ``(layer, pos)`` cell with its token and effects."""

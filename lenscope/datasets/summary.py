@@ -14,6 +14,7 @@ and their averages with 95% confidence intervals (:func:`mean_ci`).
 
 import dataclasses
 import functools
+import html
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, checkpoint_header
 from lenscope.datasets.facts import SkippedFact
-from lenscope.results import read_json, tensor_from_json, to_json_value, write_json
+from lenscope.results import read_json, short_text, tensor_from_json, to_json_value, write_json
 from lenscope.validation import InvalidInput
 
 BUCKETS: tuple[str, ...] = (
@@ -442,6 +443,25 @@ class DatasetSummary:
                 }
             )
         return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        """One line: model, number of facts (traced, skipped, pending), kinds and samples."""
+        pending = f", {self.n_pending} pending" if self.n_pending else ""
+        return (
+            f"DatasetSummary(model={short_text(self.model_name, 40)}, {self.n_facts} facts, "
+            f"{self.n_skipped} skipped{pending}, kinds={self.kinds}, samples={self.samples}, "
+            f"metric={self.metric!r})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The counts of :meth:`__repr__` above :meth:`table` (Jupyter)."""
+        pending = f", {self.n_pending} pending" if self.n_pending else ""
+        head = (
+            f"<p><b>DatasetSummary</b> of {html.escape(self.model_name)}: {self.n_facts} facts, "
+            f"{self.n_skipped} skipped{pending}; {self.samples} samples, noise std "
+            f"{self.noise_std:.3g}, seed {self.seed}, metric {html.escape(self.metric)}</p>"
+        )
+        return head + self.table().to_html(index=False, float_format=lambda x: f"{x:.3g}")
 
     def to_dataframe(self) -> Any:
         """A long table: one row per ``(kind, bucket, layer)`` with AIE, CI and fact count."""
