@@ -15,7 +15,7 @@ import dataclasses
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -93,6 +93,52 @@ def html_facts(title: str, rows: Sequence[tuple[str, str]]) -> str:
     return f"<table><caption><b>{html.escape(title)}</b></caption>{body}</table>"
 
 
+_JSON_KINDS = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}
+
+
+def check_record(data: Any, expected: str, writer: str, required: Sequence[str] = ()) -> None:
+    """Raise :class:`InvalidInput` unless ``data`` is a record ``writer`` wrote.
+
+    Args:
+        data: The parsed JSON.
+        expected: The ``"format"`` field ``writer`` writes, e.g. ``"lenscope.TraceResult/1"``.
+        writer: What writes such records, e.g. ``"TraceResult.to_dict"``.
+        required: Fields every such record has.
+    """
+    rule = f"expected a dict saved by {writer} (format {expected!r})"
+    if not isinstance(data, Mapping):
+        kind = _JSON_KINDS.get(type(data), type(data).__name__)
+        raise InvalidInput(
+            f"{rule}, got a JSON {kind}; it was not written by lenscope: pass what {writer} wrote"
+        )
+    found = data.get("format")
+    if found is None:
+        raise InvalidInput(
+            f"{rule}, got a dict without a 'format' field; it is damaged or was not written "
+            f"by lenscope: save the result again"
+        )
+    if found != expected:
+        fix = "load it with the class that saved it"
+        if str(found).startswith("lenscope."):
+            fix = f"load it with {str(found).removeprefix('lenscope.').partition('/')[0]}.load"
+        raise InvalidInput(f"{rule}, got format {found!r}; {fix}")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise InvalidInput(
+            f"a {writer.partition('.')[0]} record needs the fields {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''}, which this one lacks; it is damaged "
+            "or was not written by lenscope: save the result again"
+        )
+
+
 def read_json(path: str | Path, what: str) -> Any:
     """Parse a JSON file, saying which file and what to do when it cannot be read.
 
@@ -111,6 +157,27 @@ def read_json(path: str | Path, what: str) -> Any:
         raise InvalidInput(
             f"{str(path)!r} must hold {what}, but it is not valid JSON ({e}); the file is "
             "damaged or truncated: save the result again"
+        ) from e
+
+
+def load_record(path: str | Path, name: str, from_dict: Callable[[Any], Any]) -> Any:
+    """Read a result file, saying which file and what to do when it is damaged.
+
+    Args:
+        path: The file.
+        name: The result class's name, e.g. ``"TraceResult"``.
+        from_dict: Builds the result from the parsed JSON.
+    """
+    what = f"a {name} saved by {name}.save"
+    data = read_json(path, what)
+    try:
+        return from_dict(data)
+    except InvalidInput as e:
+        raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise InvalidInput(
+            f"{str(path)!r} must hold {what}, but a field has the wrong type or shape "
+            f"({type(e).__name__}: {e}); the file is damaged: save the result again"
         ) from e
 
 
@@ -140,26 +207,14 @@ class JsonRoundTrip:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`."""
-        found = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        if found != cls._format:
-            raise InvalidInput(
-                f"expected a dict saved by {cls.__name__}.to_dict (format {cls._format!r}), "
-                f"got format {found!r}; load it with the class that saved it"
-            )
+    def from_dict(cls, data: Any) -> Any:
+        """Inverse of :meth:`to_dict`; :class:`InvalidInput` for parsed JSON it did not write."""
         required = [
             f.name
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise InvalidInput(
-                f"a {cls.__name__} record needs the fields {missing[:6]}"
-                f"{' ...' if len(missing) > 6 else ''}, which this one lacks; it is damaged "
-                "or was not written by lenscope: save the result again"
-            )
+        check_record(data, cls._format, f"{cls.__name__}.to_dict", required)
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
             if field.name not in data:
@@ -181,12 +236,7 @@ class JsonRoundTrip:
     @classmethod
     def load(cls, path: str | Path) -> Any:
         """Read a result written by :meth:`save`."""
-        what = f"a {cls.__name__} saved by {cls.__name__}.save"
-        data = read_json(path, what)
-        try:
-            return cls.from_dict(data)
-        except (InvalidInput, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+        return load_record(path, cls.__name__, cls.from_dict)
 
 
 class GridResult(JsonRoundTrip):

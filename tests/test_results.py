@@ -1,7 +1,9 @@
-"""Result objects (lenscope.results): short reprs."""
+"""Result objects (lenscope.results): short reprs and damaged files."""
 
 import dataclasses
 import html
+import json
+import re
 
 import pytest
 from conftest import TINY_PROMPT, TINY_SUBJECT
@@ -9,6 +11,8 @@ from conftest import TINY_PROMPT, TINY_SUBJECT
 import lenscope
 from lenscope.datasets import DatasetSummary
 from lenscope.datasets.facts import SkippedFact
+from lenscope.lens import LensTrajectory, lens_trajectory
+from lenscope.validation import InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +73,85 @@ def test_summary_repr_and_html(summary):
     page = summary._repr_html_()
     assert "<table" in page and "tiny &lt;model&gt;" in page and "<model>" not in page
     assert "best_aie" in page
+
+
+# ------------------------------------------------------------- damaged files
+
+
+def _damaged(tmp_path, partial_trace, case):
+    path = tmp_path / f"{case}.json"
+    if case == "truncated":
+        text = partial_trace.save(path).read_text()
+        path.write_text(text[: len(text) // 2])
+    elif case == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif case == "list":
+        path.write_text("[1, 2, 3]")
+    elif case == "null":
+        path.write_text("null")
+    elif case == "format_only":
+        path.write_text(json.dumps({"format": "lenscope.TraceResult/1"}))
+    elif case == "no_format":
+        path.write_text(json.dumps({"scores": []}))
+    elif case == "bad_field":
+        path.write_text(json.dumps({**partial_trace.to_dict(), "scores": "high"}))
+    elif case == "lens":
+        path.write_text(json.dumps({"format": "lenscope.LensTrajectory/1"}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("truncated", r"is not valid JSON \(.*\); the file is damaged or truncated: save the"),
+        ("garbage", r"is not valid JSON \(.*\); the file is damaged or truncated: save the"),
+        ("list", r"got a JSON array; it was not written by lenscope: pass what TraceResult"),
+        ("null", r"got a JSON null; it was not written by lenscope: pass what TraceResult"),
+        (
+            "format_only",
+            r"a TraceResult record needs the fields \['scores', .*\] \.\.\., which this one "
+            r"lacks; it is damaged or was not written by lenscope: save the result again",
+        ),
+        ("no_format", r"got a dict without a 'format' field; it is damaged or was not written"),
+        (
+            "bad_field",
+            r"TraceResult\.save, but a field has the wrong type or shape \(TypeError: .*\); the "
+            r"file is damaged: save the result again$",
+        ),
+        ("lens", r"got format 'lenscope.LensTrajectory/1'; load it with LensTrajectory.load$"),
+    ],
+)
+def test_loading_a_damaged_trace_names_the_file_and_the_fix(tmp_path, partial_trace, case, match):
+    path = _damaged(tmp_path, partial_trace, case)
+    with pytest.raises(InvalidInput) as caught:
+        lenscope.TraceResult.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{str(path)!r} must hold a TraceResult saved by TraceResult.save")
+    assert re.search(match, message), message
+
+
+def test_loading_a_missing_trace_names_the_file(tmp_path):
+    rule = "' does not exist or is not a file; pass the path of a "
+    path = tmp_path / "absent.json"
+    with pytest.raises(FileNotFoundError, match=f"'{re.escape(str(path))}{rule}TraceResult saved"):
+        lenscope.TraceResult.load(path)
+    # A directory is not a file either.
+    with pytest.raises(FileNotFoundError, match=f"'{re.escape(str(tmp_path))}{rule}DatasetSummary"):
+        DatasetSummary.load(tmp_path)
+
+
+def test_loading_truncated_summary_and_trajectory(tmp_path, summary, tiny_model):
+    trajectory = lens_trajectory(tiny_model, TINY_PROMPT, top_k=2)
+    for result, cls in ((summary, DatasetSummary), (trajectory, LensTrajectory)):
+        path = tmp_path / f"{cls.__name__}.json"
+        text = result.save(path).read_text()
+        path.write_text(text[: len(text) - 10])
+        match = (
+            rf"^'{re.escape(str(path))}' must hold a {cls.__name__} saved by "
+            rf"{cls.__name__}\.save, but it is not valid JSON .*: save the result again$"
+        )
+        with pytest.raises(InvalidInput, match=match):
+            cls.load(path)
+        path.write_text("[]")
+        with pytest.raises(InvalidInput, match=r"got a JSON array; it was not written by"):
+            cls.load(path)
