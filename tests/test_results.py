@@ -1,11 +1,13 @@
-"""Result objects (lenscope.results): short reprs and damaged files."""
+"""Result objects (lenscope.results): short reprs, strict JSON, and damaged files."""
 
 import dataclasses
 import html
 import json
+import math
 import re
 
 import pytest
+import torch
 from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
@@ -73,6 +75,31 @@ def test_summary_repr_and_html(summary):
     page = summary._repr_html_()
     assert "<table" in page and "tiny &lt;model&gt;" in page and "<model>" not in page
     assert "best_aie" in page
+
+
+# --------------------------------------------------------------- strict JSON
+
+
+def test_save_writes_strict_json_with_nulls_and_round_trips(partial_trace, tmp_path):
+    r = partial_trace
+    assert r.scores.isnan().any() and not r.scores[1].isnan().all()
+    path = r.save(tmp_path / "trace.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["scores"][0] == [None] * r.n_pos
+    assert all(isinstance(v, float) and math.isfinite(v) for v in data["scores"][1])
+    back = lenscope.TraceResult.load(path)
+    assert torch.equal(back.scores.isnan(), r.scores.isnan())
+    assert torch.equal(back.scores.nan_to_num(-7.0), r.scores.nan_to_num(-7.0))
+    assert torch.equal(back.top_ids, r.top_ids)
+    assert torch.equal(back.top_probs.isnan(), r.top_probs.isnan())
+    assert torch.equal(back.top_probs.nan_to_num(-7.0), r.top_probs.nan_to_num(-7.0))
+    assert back.clean_score == r.clean_score and back.corrupted_score == r.corrupted_score
 
 
 # ------------------------------------------------------------- damaged files
