@@ -15,6 +15,7 @@ from lenscope import compat
 from lenscope._version import __version__
 
 _EXPORTS: dict[str, str] = {
+    "AnswerWarning": "lenscope.validation",
     "DEFAULT_KINDS": "lenscope.settings",
     "KINDS": "lenscope.hooks",
     "CausalTracer": "lenscope.tracer",

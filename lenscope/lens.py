@@ -56,7 +56,7 @@ from lenscope.hooks import (
     preserved_model,
 )
 from lenscope.metrics import log_softmax
-from lenscope.results import GridResult, TraceResult
+from lenscope.results import GridResult, TraceResult, html_facts, short_text
 from lenscope.sites import site
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput, InvalidInputType
@@ -289,6 +289,45 @@ class LensTrajectory(GridResult):
     def with_label(self, label: str) -> "LensTrajectory":
         """A copy with another run label (the panel title in :func:`plot_lens`)."""
         return dataclasses.replace(self, label=label)
+
+    def __repr__(self) -> str:
+        """One line: run, model, lens, component, prompt, answer and its fate at the last token."""
+        prompt = "token ids" if self.prompt is None else short_text(self.prompt)
+        return (
+            f"LensTrajectory(label={short_text(self.label, 30)}, "
+            f"model={short_text(self.model_name, 40)}, decoder={short_text(self.decoder, 30)}, "
+            f"component={self.component!r}, prompt={prompt} ({self.n_pos} tokens), "
+            f"answer={short_text(self.answer, 30)}: {self._answer_text()})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The facts of :meth:`__repr__` and the run's settings, as a small table (Jupyter)."""
+        rows = [
+            ("run", f"{self.label} ({self.copies} cop{'y' if self.copies == 1 else 'ies'})"),
+            ("model", self.model_name),
+            ("decoder", self.decoder),
+            ("component", f"{self.component} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
+            ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
+            ("tokens", str(self.n_pos)),
+            ("answer", f"{self.answer!r} (id {self.answer_id})"),
+            ("at the last token", self._answer_text()),
+        ]
+        if self.noise_std is not None:
+            rows.append(("noise", f"std {self.noise_std:.3g}, seed {self.seed}"))
+        if self.restored_hooks:
+            rows.append(
+                (
+                    "restored",
+                    f"{', '.join(self.restored_hooks)} at pos {self.restored_pos}",
+                )
+            )
+        return html_facts("LensTrajectory", rows)
+
+    def _answer_text(self) -> str:
+        """The answer's probability at the last layer and token, and where it first ranks 1."""
+        first = (self.answer_rank[:, -1] == 1).nonzero().flatten().tolist()
+        where = f"first top-1 at layer {first[0]}" if first else "never top-1"
+        return f"p={float(self.answer_prob[-1, -1]):.3g} at the last layer, {where}"
 
     def to_dataframe(self) -> Any:
         """A long table: one row per ``(layer, pos)`` cell with every statistic and the top-1."""

@@ -12,8 +12,10 @@ JSON policy and the base shared by every ``(layer, pos)`` result
 """
 
 import dataclasses
+import html
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,6 +71,74 @@ def _nulls_to_nan(value: Any) -> Any:
     return value
 
 
+def short_text(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut to about ``limit`` characters with an ellipsis (for reprs)."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def html_facts(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A small HTML table of ``(name, value)`` rows under a bold title, every text escaped.
+
+    The rich display of result objects in Jupyter (their ``_repr_html_``).
+    """
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(name)}</th>"
+        f"<td style='text-align:left'>{html.escape(value)}</td></tr>"
+        for name, value in rows
+    )
+    return f"<table><caption><b>{html.escape(title)}</b></caption>{body}</table>"
+
+
+_JSON_KINDS = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}
+
+
+def check_record(data: Any, expected: str, writer: str, required: Sequence[str] = ()) -> None:
+    """Raise :class:`InvalidInput` unless ``data`` is a record ``writer`` wrote.
+
+    Args:
+        data: The parsed JSON.
+        expected: The ``"format"`` field ``writer`` writes, e.g. ``"lenscope.TraceResult/1"``.
+        writer: What writes such records, e.g. ``"TraceResult.to_dict"``.
+        required: Fields every such record has.
+    """
+    rule = f"expected a dict saved by {writer} (format {expected!r})"
+    if not isinstance(data, Mapping):
+        kind = _JSON_KINDS.get(type(data), type(data).__name__)
+        raise InvalidInput(
+            f"{rule}, got a JSON {kind}; it was not written by lenscope: pass what {writer} wrote"
+        )
+    found = data.get("format")
+    if found is None:
+        raise InvalidInput(
+            f"{rule}, got a dict without a 'format' field; it is damaged or was not written "
+            f"by lenscope: save the result again"
+        )
+    if found != expected:
+        fix = "load it with the class that saved it"
+        if str(found).startswith("lenscope."):
+            fix = f"load it with {str(found).removeprefix('lenscope.').partition('/')[0]}.load"
+        raise InvalidInput(f"{rule}, got format {found!r}; {fix}")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise InvalidInput(
+            f"a {writer.partition('.')[0]} record needs the fields {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''}, which this one lacks; it is damaged "
+            "or was not written by lenscope: save the result again"
+        )
+
+
 def read_json(path: str | Path, what: str) -> Any:
     """Parse a JSON file, saying which file and what to do when it cannot be read.
 
@@ -87,6 +157,27 @@ def read_json(path: str | Path, what: str) -> Any:
         raise InvalidInput(
             f"{str(path)!r} must hold {what}, but it is not valid JSON ({e}); the file is "
             "damaged or truncated: save the result again"
+        ) from e
+
+
+def load_record(path: str | Path, name: str, from_dict: Callable[[Any], Any]) -> Any:
+    """Read a result file, saying which file and what to do when it is damaged.
+
+    Args:
+        path: The file.
+        name: The result class's name, e.g. ``"TraceResult"``.
+        from_dict: Builds the result from the parsed JSON.
+    """
+    what = f"a {name} saved by {name}.save"
+    data = read_json(path, what)
+    try:
+        return from_dict(data)
+    except InvalidInput as e:
+        raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise InvalidInput(
+            f"{str(path)!r} must hold {what}, but a field has the wrong type or shape "
+            f"({type(e).__name__}: {e}); the file is damaged: save the result again"
         ) from e
 
 
@@ -116,26 +207,14 @@ class JsonRoundTrip:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`."""
-        found = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        if found != cls._format:
-            raise InvalidInput(
-                f"expected a dict saved by {cls.__name__}.to_dict (format {cls._format!r}), "
-                f"got format {found!r}; load it with the class that saved it"
-            )
+    def from_dict(cls, data: Any) -> Any:
+        """Inverse of :meth:`to_dict`; :class:`InvalidInput` for parsed JSON it did not write."""
         required = [
             f.name
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise InvalidInput(
-                f"a {cls.__name__} record needs the fields {missing[:6]}"
-                f"{' ...' if len(missing) > 6 else ''}, which this one lacks; it is damaged "
-                "or was not written by lenscope: save the result again"
-            )
+        check_record(data, cls._format, f"{cls.__name__}.to_dict", required)
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
             if field.name not in data:
@@ -157,12 +236,7 @@ class JsonRoundTrip:
     @classmethod
     def load(cls, path: str | Path) -> Any:
         """Read a result written by :meth:`save`."""
-        what = f"a {cls.__name__} saved by {cls.__name__}.save"
-        data = read_json(path, what)
-        try:
-            return cls.from_dict(data)
-        except (InvalidInput, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+        return load_record(path, cls.__name__, cls.from_dict)
 
 
 class GridResult(JsonRoundTrip):
@@ -329,6 +403,44 @@ class TraceResult(GridResult):
         index = int(flat.argmax())
         layer, pos = divmod(index, self.n_pos)
         return layer, pos, float(self.scores[layer, pos])
+
+    def __repr__(self) -> str:
+        """One line: model, prompt, kind, window, answer, clean and corrupted scores, peak cell."""
+        prompt = "token ids" if self.prompt is None else short_text(self.prompt)
+        return (
+            f"TraceResult(model={short_text(self.model_name, 40)}, prompt={prompt} "
+            f"({self.n_pos} tokens), kind={self.kind!r}, window={self.window}, "
+            f"answer={short_text(self.answer, 30)}, {self.metric}: "
+            f"clean={self.clean_score:.3g} corrupted={self.corrupted_score:.3g}, "
+            f"peak={self._peak_text()})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The facts of :meth:`__repr__` and the settings, as a small table (Jupyter)."""
+        start, end = self.subject_range
+        record = self.corruption or {"samples": self.samples, "noise_std": self.noise_std}
+        rows = [
+            ("model", self.model_name),
+            ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
+            (
+                "tokens",
+                f"{self.n_pos}; subject {''.join(self.tokens[start:end])!r} at [{start}, {end})",
+            ),
+            ("kind", f"{self.kind} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
+            ("window", f"{self.window} layer{'s' if self.window != 1 else ''}"),
+            ("answer", f"{self.answer!r} (id {self.answer_id})"),
+            (f"clean {self.metric}", f"{self.clean_score:.4g}"),
+            (f"corrupted {self.metric}", f"{self.corrupted_score:.4g}"),
+            ("peak", self._peak_text()),
+            ("corruption", ", ".join(f"{k}={_short_value(v)}" for k, v in record.items())),
+        ]
+        return html_facts("TraceResult", rows)
+
+    def _peak_text(self) -> str:
+        layer, pos, score = self.peak()
+        if math.isnan(score):
+            return "no cell traced"
+        return f"{score:.3g} at layer {layer}, pos {pos} {short_text(self.tokens[pos], 20)}"
 
     def to_dataframe(self) -> Any:
         """A long table: one row per ``(layer, pos)`` cell with its token and effects."""

@@ -8,6 +8,7 @@ tokenizer, including SentencePiece ones whose pieces carry their own spaces.
 """
 
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import torch
@@ -162,6 +163,48 @@ def answer_token(model: torch.nn.Module, answer: str | int) -> int:
     return int(ids[0])
 
 
+def single_token_id(model: torch.nn.Module, text: str) -> int | None:
+    """The id of ``text`` if the model's tokenizer encodes it as exactly one token, else None."""
+    tokenizer = _tokenizer(model)
+    if tokenizer is None or not text:
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+FILLER_WORDS: frozenset[str] = frozenset(
+    {"the", "a", "an", "of", "to", "in", "on", "at", "for", "and", "or", "is", "was", "that"}
+)
+"""Function words that are a likely next token after almost any prompt.
+
+A trace whose answer is one of them (with or without a leading space, in
+any case) follows the grammar of the prompt, not the fact: "Angela Merkel
+is a citizen of" continues with ``' the'`` about as often as with
+``' Germany'``. Kept short on purpose: only words that carry no fact.
+"""
+
+
+def is_filler_token(model: torch.nn.Module, token_id: int) -> bool:
+    """Whether a token carries no content: a special token, whitespace, punctuation or a filler.
+
+    Args:
+        model: Supplies the tokenizer.
+        token_id: The token.
+
+    Returns:
+        True for the tokenizer's special tokens (BOS, EOS, padding), tokens
+        that are whitespace or punctuation only, and :data:`FILLER_WORDS`.
+    """
+    tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        return False
+    if token_id in set(getattr(tokenizer, "all_special_ids", ())):
+        return True
+    word = token_labels(model, [token_id])[0].strip()
+    punctuation = all(unicodedata.category(c).startswith("P") for c in word)
+    return punctuation or word.lower() in FILLER_WORDS
+
+
 _CAPITALISED_SPAN = re.compile(
     r"[A-Z][\w'\-\.]*(?:\s+(?:of|the|de|du|von|van|der|[A-Z][\w'\-\.]*))*"
 )
@@ -179,11 +222,21 @@ def guess_subject(prompt: str) -> str:
     Returns:
         The guessed subject text.
     """
+    if not isinstance(prompt, str):
+        raise InvalidInputType(
+            f"prompt must be text to guess its subject, got {type(prompt).__name__}; "
+            "pass the subject explicitly"
+        )
+    if not prompt.strip():
+        raise InvalidInput(
+            f"prompt must be non-empty text, got {prompt!r}; pass a prompt such as "
+            "'The Eiffel Tower is located in the city of'"
+        )
     spans = [m.group(0).strip() for m in _CAPITALISED_SPAN.finditer(prompt)]
     spans = [re.sub(r"\s+(?:of|the|de|du|von|van|der)$", "", s) for s in spans]
     if not spans:
         raise InvalidInput(
-            f"could not guess a subject in {prompt!r} (no capitalised words); "
-            "pass the subject explicitly"
+            f"could not guess a subject in {prompt!r}: the guess is the longest span of "
+            "capitalised words, and it has none; pass the subject explicitly"
         )
     return max(spans, key=lambda s: (len(s.split()), len(s)))

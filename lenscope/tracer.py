@@ -10,10 +10,13 @@ probability comes back. Everything goes through hook names, so a
 ``HookedTransformer`` and a ``TransformerBridge`` trace alike.
 """
 
+import shlex
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lenscope import engine
@@ -26,11 +29,19 @@ from lenscope.hooks import (
     n_layers,
     preserved_model,
 )
+from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
 from lenscope.results import TraceResult
 from lenscope.settings import DEFAULT_KINDS, TraceSettings
-from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
-from lenscope.validation import finite_number, optional_positive_int
+from lenscope.tokens import (
+    answer_token,
+    find_subject,
+    is_filler_token,
+    prompt_tokens,
+    single_token_id,
+    token_labels,
+)
+from lenscope.validation import AnswerWarning, finite_number, optional_positive_int
 
 __all__ = ["DEFAULT_KINDS", "CausalTracer", "TraceSettings"]
 
@@ -160,6 +171,15 @@ class CausalTracer:
 
         Returns:
             ``{kind: TraceResult}`` in the order of ``kinds``.
+
+        Warns:
+            AnswerWarning: When the trace probably follows the wrong token: an
+                answer given as text without its leading space (``'Paris'``)
+                while the model predicts the spaced token (``' Paris'``); a
+                clean top-1 answer that is filler (whitespace, punctuation,
+                ``' the'``, see :func:`lenscope.tokens.is_filler_token`); or a
+                corruption that does not lower the answer's score. The
+                message lists the clean run's top predictions.
         """
         model = self.model
         n_layer = n_layers(model)
@@ -194,6 +214,15 @@ class CausalTracer:
             )
             corrupted_score, corrupted_ids, corrupted_probs = engine.score_copies(
                 corrupted_state.logits, answer_id, metric_fn, top_k
+            )
+            # Before the sweep, so that the warning comes before the long part.
+            _check_answer(
+                model,
+                settings.answer,
+                answer_id,
+                clean.logits,
+                (clean_score, corrupted_score),
+                settings.metric_name,
             )
             cells = torch.cartesian_prod(torch.tensor(layer_list), torch.tensor(pos_list))
             cells = cells.reshape(-1, 2)
@@ -260,3 +289,91 @@ def _check_batch_size(batch_size: Any) -> None:
         batch_size,
         "it counts corrupted copies per forward pass; pass e.g. 64, or None for automatic",
     )
+
+
+_LISTED_PREDICTIONS = 5
+"""Clean top predictions an :class:`AnswerWarning` lists (and searches for the spaced answer)."""
+
+_SAME_SCORE = 1e-5
+"""Relative tolerance under which a corrupted score counts as not lower than the clean one."""
+
+
+def _check_answer(
+    model: torch.nn.Module,
+    given: str | int | None,
+    answer_id: int,
+    clean_logits: Float[Tensor, " d_vocab"],
+    scores: tuple[float, float],
+    metric_name: str,
+) -> None:
+    """Warn (:class:`AnswerWarning`) when a trace probably follows a token the user did not mean.
+
+    Args:
+        model: Supplies the tokenizer.
+        given: The answer as the user passed it (None: the clean top-1).
+        answer_id: The answer token traced.
+        clean_logits: The clean run's next-token logits.
+        scores: The clean and the corrupted score of the answer.
+        metric_name: Name of the patching metric, for the message.
+    """
+    probs = softmax(clean_logits)
+    top_probs, top_ids = probs.topk(min(_LISTED_PREDICTIONS, probs.shape[-1]))
+    top = top_ids.tolist()
+    labels = dict(zip(top, token_labels(model, top), strict=True))
+    listing = ", ".join(
+        f"{labels[i]!r} (p = {p:.3g})" for i, p in zip(top, top_probs.tolist(), strict=True)
+    )
+    if isinstance(given, str) and answer_id not in labels and not given[:1].isspace():
+        spaced = single_token_id(model, " " + given)
+        if spaced in labels:
+            warnings.warn(
+                f"answer {given!r} has p = {float(probs[answer_id]):.2g} in the clean run, "
+                f"outside its top {len(top)} ({listing}), while {' ' + given!r} is among them "
+                f"(rank {top.index(spaced) + 1}, p = {float(probs[spaced]):.3g}): tokens "
+                f"carry their leading space; pass {_answer_hint(' ' + given)} instead",
+                AnswerWarning,
+                stacklevel=3,
+            )
+            return
+    clean_score, corrupted_score = scores
+    answer = token_labels(model, [answer_id])[0]
+    filler = given is None and is_filler_token(model, answer_id)
+    unmoved = corrupted_score >= clean_score - _SAME_SCORE * abs(clean_score)
+    if not (filler or unmoved):
+        return
+    reasons = []
+    if filler:
+        reasons.append(
+            f"the answer, the clean top-1 token {answer!r} (p = {float(probs[answer_id]):.3g}), "
+            "is filler (whitespace, punctuation or a function word that follows almost any prompt)"
+        )
+    if unmoved:
+        reasons.append(
+            f"corrupting the subject does not lower the answer's {metric_name} (clean "
+            f"{clean_score:.3g}, corrupted {corrupted_score:.3g}), so no cell has anything "
+            "to restore"
+        )
+    fixes = []
+    content = [labels[i] for i in top if i != answer_id and not is_filler_token(model, i)]
+    if content and (filler or given is None):
+        fixes.append(f"pass the token you mean as the answer, e.g. {_answer_hint(content[0])}")
+    if unmoved:
+        fixes.append(
+            "check the answer and the subject, or corrupt the subject more strongly "
+            "(e.g. noise_multiplier=5; --noise 5s)"
+        )
+    if not fixes:
+        fixes.append(f"pass the token you mean as the answer, e.g. {_answer_hint(' Paris')}")
+    warnings.warn(
+        f"this trace of {answer!r} measures nothing meaningful: {'; and '.join(reasons)}. "
+        f"The clean run's top predictions are {listing}; {'; or '.join(fixes)}",
+        AnswerWarning,
+        stacklevel=3,
+    )
+
+
+def _answer_hint(text: str) -> str:
+    """How to pass ``text`` as the answer, in Python and on the command line."""
+    plain = not any(c in text for c in '"\\$`')
+    flag = f'"{text}"' if plain else shlex.quote(text)
+    return f"answer={text!r} (command line: --answer {flag})"

@@ -6,6 +6,8 @@ convention). The errors are :class:`InvalidInput` (a ``ValueError``) and
 :class:`InvalidInputType` (a ``TypeError``): the command line reports them
 with exit status 2 as usage errors, while any other exception is a bug (or
 an environment problem) and exits 1 with a hint to rerun with a traceback.
+:class:`AnswerWarning` is the warning for a trace that runs but follows a
+token the user probably did not mean.
 This module imports nothing from lenscope: it sits at the bottom.
 """
 
@@ -21,6 +23,17 @@ class InvalidInput(ValueError):
 
 class InvalidInputType(TypeError):
     """An argument of the wrong type; the message says what to pass instead."""
+
+
+class AnswerWarning(UserWarning):
+    """The token a trace follows is probably not the one the user meant.
+
+    Warned, not raised: the trace is still computed, but its numbers follow a
+    token (``'Paris'`` without its leading space, a filler such as ``' the'``)
+    or a corruption that does not lower the answer's score, so they mean
+    little. The message lists the clean run's top predictions and says what
+    to pass instead.
+    """
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (InvalidInput, InvalidInputType)

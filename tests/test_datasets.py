@@ -7,6 +7,7 @@ by its own top-1 where a test needs known facts).
 
 import json
 import math
+import warnings
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -17,6 +18,7 @@ import lenscope.cli as cli
 import lenscope.datasets as ds
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
+from lenscope.validation import AnswerWarning
 
 SAMPLES = 2
 KINDS = ("resid_post", "mlp_out", "attn_out")
@@ -320,6 +322,18 @@ def test_summary_save_load_round_trips(reference, tmp_path):
             assert torch.equal(torch.nan_to_num(a.scores[kind]), torch.nan_to_num(b.scores[kind]))
     with pytest.raises(ValueError, match="expected a dict saved by DatasetSummary.to_dict"):
         ds.DatasetSummary.from_dict({"format": "something else"})
+
+
+def test_dataset_facts_give_no_answer_warning(tracer):
+    # The tiny model's clean top-1 after FACTS[0] is the filler ' of', which a
+    # single trace warns about; a dataset takes the top-1 by design (ROME).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",))
+    assert summary.facts[0].answer == " of"
+    assert [w for w in caught if issubclass(w.category, AnswerWarning)] == []
+    with pytest.warns(AnswerWarning, match="this trace of ' of' measures nothing meaningful"):
+        tracer.trace(FACTS[0]["prompt"], FACTS[0]["subject"], samples=SAMPLES, layers=[0])
 
 
 def test_empty_and_single_fact_summaries(tracer):

@@ -6,6 +6,7 @@ from conftest import tl4
 
 import lenscope
 from lenscope import loading
+from lenscope.validation import AnswerWarning
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,22 @@ def test_eiffel_tower_trace(eiffel):
     assert eiffel["resid_post"].scores[-1, -1].item() == pytest.approx(
         eiffel["resid_post"].clean_score, abs=1e-5
     )
+
+
+def test_first_contact_answers_warn(gemma):
+    """The two cases of issue 18: 'Paris' without its space, and a filler top-1 (' the')."""
+    tracer = lenscope.CausalTracer(gemma, progress=False)
+    cheap = {"kind": "mlp_out", "samples": 3, "layers": [0], "positions": [1]}
+    with pytest.warns(AnswerWarning, match=r"^answer 'Paris' has p = .*\(rank 1, p = 0\.759\)"):
+        tracer.trace(PROMPT, SUBJECT, answer="Paris", **cheap)
+    match = (
+        r"^this trace of ' the' .*is filler .*; and corrupting the subject does not lower the "
+        r"answer's prob .*top predictions are ' the' \(p = 0\.29\d\), ' Germany' .*; pass the "
+        r"token you mean as the answer, e\.g\. answer=' Germany' \(command line: --answer "
+        r"\" Germany\"\)"
+    )
+    with pytest.warns(AnswerWarning, match=match):
+        tracer.trace("Angela Merkel is a citizen of", "Angela Merkel", **cheap)
 
 
 def test_sigma_is_measured_at_the_hook(gemma, eiffel):

@@ -266,6 +266,21 @@ def test_save_load_round_trips_exactly(tmp_path, clean_traj, mlp_trace, tiny_mod
                 assert a == b, field
 
 
+def test_repr_is_one_short_line_and_html_a_table(clean_traj, mlp_trace, tiny_model):
+    text = repr(clean_traj)
+    assert len(text) < 400 and "\n" not in text
+    assert text.startswith("LensTrajectory(label='clean', model='tiny-")
+    assert f"answer={clean_traj.answer!r}: p=" in text and "component='resid_post'" in text
+    first = int((clean_traj.answer_rank[:, -1] == 1).nonzero()[0])
+    assert f"{float(clean_traj.answer_prob[-1, -1]):.3g} at the last layer" in text
+    assert f"first top-1 at layer {first}" in text
+    restored = lens_trace_cell(tiny_model, mlp_trace, 1, 3).restored
+    page = restored.with_label("<restored>")._repr_html_()
+    assert page.startswith("<table>") and "&lt;restored&gt;" in page and "<restored>" not in page
+    assert "blocks.0.hook_mlp_out" in page and "at pos 3" in page
+    assert len(repr(restored)) < 400
+
+
 def test_to_dataframe_has_one_row_per_cell(clean_traj):
     frame = clean_traj.to_dataframe()
     assert len(frame) == clean_traj.n_layers * clean_traj.n_pos

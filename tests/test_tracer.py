@@ -1,6 +1,7 @@
 """CausalTracer: ROME's invariants, input checking, and leaving the model as it was."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
 from lenscope.sites import Site
+from lenscope.validation import AnswerWarning
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,78 @@ def test_dataframe(traced):
     r = traced["mlp_out"]
     assert row.score == pytest.approx(r.scores[2, 3].item())
     assert row.token == " Tower" and row.is_subject
+
+
+# --- answers that trace nothing meaningful ---------------------------------
+
+CHEAP = {"kind": "mlp_out", "samples": 2, "layers": [1], "positions": [3]}
+
+
+def _answer_warnings(call):
+    """``call()`` and the AnswerWarning messages it gave (pytest.ini ignores them otherwise)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if issubclass(w.category, AnswerWarning)]
+
+
+@pytest.fixture(scope="module")
+def clean_top(tiny_model):
+    with torch.no_grad():
+        probs = torch.softmax(tiny_model(TINY_PROMPT)[0, -1].float(), -1)
+    return [tiny_model.tokenizer.decode([i]) for i in probs.topk(5).indices.tolist()]
+
+
+def test_answer_without_its_leading_space_warns(tracer, clean_top):
+    # The random tiny model's premise: ' of' first (filler), ' city' second, 'city' not in the top 5.
+    assert clean_top[:2] == [" of", " city"] and "city" not in clean_top
+    match = (
+        r"^answer 'city' has p = \S+ in the clean run, outside its top 5 \(' of' \(p = \S+\), "
+        r"' city' \(p = \S+\), .*\), while ' city' is among them \(rank 2, p = \S+\): tokens "
+        r"carry their leading space; pass answer=' city' \(command line: --answer \" city\"\) "
+        r"instead$"
+    )
+    with pytest.warns(AnswerWarning, match=match) as caught:
+        r = tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer="city", **CHEAP)
+    assert len(caught) == 1 and r.answer == "city"
+    # With its space (or as an id), the answer is what the model predicts: no warning.
+    city = tracer.model.tokenizer(" city", add_special_tokens=False)["input_ids"][0]
+    for answer in (" city", city):
+        r, messages = _answer_warnings(
+            lambda answer=answer: tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer=answer, **CHEAP)
+        )
+        assert r.corrupted_score < r.clean_score and messages == [], answer
+
+
+def test_filler_top1_answer_warns_and_suggests_a_content_token(tracer, clean_top):
+    assert clean_top[:2] == [" of", " city"]
+    match = (
+        r"^this trace of ' of' measures nothing meaningful: the answer, the clean top-1 token "
+        r"' of' \(p = \S+\), is filler \(whitespace, punctuation or a function word that follows "
+        r"almost any prompt\)\. The clean run's top predictions are ' of' \(p = \S+\), ' city' "
+        r"\(p = \S+\), .*; pass the token you mean as the answer, e\.g\. answer=' city' "
+        r"\(command line: --answer \" city\"\)$"
+    )
+    with pytest.warns(AnswerWarning, match=match):
+        r = tracer.trace(TINY_PROMPT, TINY_SUBJECT, **CHEAP)
+    assert r.answer == " of" and r.corrupted_score < r.clean_score
+
+
+@pytest.mark.parametrize("answer", [" city", None])
+def test_corruption_that_does_not_lower_the_score_warns(tracer, answer):
+    unmoved = (
+        r"corrupting the subject does not lower the answer's prob \(clean \S+, corrupted \S+\), "
+        r"so no cell has anything to restore\. The clean run's top predictions are ' of' .*"
+    )
+    stronger = r"check the answer and the subject, or corrupt the subject more strongly"
+    if answer is None:  # ' of' is filler too: both reasons, both fixes
+        match = rf"this trace of ' of' .*is filler .*; and {unmoved}; pass the token you mean "
+        match += rf"as the answer, e\.g\. answer=' city' .*; or {stronger}"
+    else:
+        match = rf"^this trace of ' city' measures nothing meaningful: {unmoved}; {stronger} "
+    with pytest.warns(AnswerWarning, match=match) as caught:
+        tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer=answer, noise=0.0, **CHEAP)
+    assert len(caught) == 1
 
 
 # --- bad input -------------------------------------------------------------

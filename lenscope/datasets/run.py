@@ -10,6 +10,7 @@ effects averaged into a :class:`~lenscope.datasets.summary.DatasetSummary`.
 
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from lenscope.metrics import PatchingMetric
 from lenscope.settings import TraceSettings
 from lenscope.tokens import find_subject, prompt_tokens
 from lenscope.tracer import CausalTracer
-from lenscope.validation import InvalidInput
+from lenscope.validation import AnswerWarning, InvalidInput
 
 
 def trace_dataset(
@@ -50,7 +51,8 @@ def trace_dataset(
     Each fact is traced with :meth:`CausalTracer.trace_kinds` on its
     ``prompt`` and ``subject``, the answer fixed to the model's clean top-1
     token (ROME's choice; filter with :func:`filter_known` first so that it
-    is the right answer), the same noise seed for every fact, and only the
+    is the right answer; the per-trace :class:`~lenscope.validation.AnswerWarning`
+    is silenced here), the same noise seed for every fact, and only the
     positions from the subject's first token on (earlier ones belong to no
     bucket; their scores are NaN).
 
@@ -267,9 +269,13 @@ def _trace_one(
     if problem is not None:
         return _skip_record(fact_id, fact, problem)
     started = time.perf_counter()
-    results = tracer.trace_kinds(
-        tokens, subject_range, settings, batch_size=batch_size, progress=False
-    )
+    with warnings.catch_warnings():
+        # The answer is the clean top-1 by design (ROME); filter_known, not a
+        # warning per fact, is how a dataset keeps to facts the model knows.
+        warnings.simplefilter("ignore", AnswerWarning)
+        results = tracer.trace_kinds(
+            tokens, subject_range, settings, batch_size=batch_size, progress=False
+        )
     first = results[settings.kinds[0]]
     attribute = fact.get("attribute")
     trace = FactTrace(

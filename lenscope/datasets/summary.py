@@ -14,8 +14,8 @@ and their averages with 95% confidence intervals (:func:`mean_ci`).
 
 import dataclasses
 import functools
+import html
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,14 @@ from torch import Tensor
 
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, checkpoint_header
 from lenscope.datasets.facts import SkippedFact
-from lenscope.results import read_json, tensor_from_json, to_json_value, write_json
+from lenscope.results import (
+    check_record,
+    load_record,
+    short_text,
+    tensor_from_json,
+    to_json_value,
+    write_json,
+)
 from lenscope.validation import InvalidInput
 
 BUCKETS: tuple[str, ...] = (
@@ -53,15 +60,6 @@ CI_Z = 1.96
 
 _SUMMARY_FORMAT = "lenscope.DatasetSummary/1"
 _FACT_FORMAT = "lenscope.FactTrace/1"
-
-
-def _check_format(data: Mapping[str, Any], expected: str, writer: str) -> None:
-    """Raise a ``ValueError`` unless ``data`` says it was written by ``writer``."""
-    if data.get("format") != expected:
-        raise InvalidInput(
-            f"expected a dict saved by {writer} (format {expected!r}), "
-            f"got format {data.get('format')!r}"
-        )
 
 
 def token_buckets(subject_range: tuple[int, int], n_pos: int) -> dict[str, tuple[int, ...]]:
@@ -243,9 +241,10 @@ class FactTrace:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FactTrace":
+    def from_dict(cls, data: Any) -> "FactTrace":
         """Inverse of :meth:`to_dict`."""
-        _check_format(data, _FACT_FORMAT, "FactTrace.to_dict")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        check_record(data, _FACT_FORMAT, "FactTrace.to_dict", required)
         kwargs = {k: v for k, v in data.items() if k != "format"}
         kwargs["tokens"] = tuple(kwargs["tokens"])
         kwargs["subject_range"] = tuple(kwargs["subject_range"])
@@ -443,6 +442,25 @@ class DatasetSummary:
             )
         return pd.DataFrame(rows)
 
+    def __repr__(self) -> str:
+        """One line: model, number of facts (traced, skipped, pending), kinds and samples."""
+        pending = f", {self.n_pending} pending" if self.n_pending else ""
+        return (
+            f"DatasetSummary(model={short_text(self.model_name, 40)}, {self.n_facts} facts, "
+            f"{self.n_skipped} skipped{pending}, kinds={self.kinds}, samples={self.samples}, "
+            f"metric={self.metric!r})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The counts of :meth:`__repr__` above :meth:`table` (Jupyter)."""
+        pending = f", {self.n_pending} pending" if self.n_pending else ""
+        head = (
+            f"<p><b>DatasetSummary</b> of {html.escape(self.model_name)}: {self.n_facts} facts, "
+            f"{self.n_skipped} skipped{pending}; {self.samples} samples, noise std "
+            f"{self.noise_std:.3g}, seed {self.seed}, metric {html.escape(self.metric)}</p>"
+        )
+        return head + self.table().to_html(index=False, float_format=lambda x: f"{x:.3g}")
+
     def to_dataframe(self) -> Any:
         """A long table: one row per ``(kind, bucket, layer)`` with AIE, CI and fact count."""
         import pandas as pd
@@ -498,9 +516,10 @@ class DatasetSummary:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DatasetSummary":
+    def from_dict(cls, data: Any) -> "DatasetSummary":
         """Inverse of :meth:`to_dict`."""
-        _check_format(data, _SUMMARY_FORMAT, "DatasetSummary.to_dict")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        check_record(data, _SUMMARY_FORMAT, "DatasetSummary.to_dict", required)
         return cls(
             facts=tuple(FactTrace.from_dict(f) for f in data["facts"]),
             skipped=tuple(SkippedFact(**s) for s in data["skipped"]),
@@ -524,12 +543,7 @@ class DatasetSummary:
     @classmethod
     def load(cls, path: str | Path) -> "DatasetSummary":
         """Read a summary written by :meth:`save`."""
-        what = "a DatasetSummary saved by DatasetSummary.save"
-        data = read_json(path, what)
-        try:
-            return cls.from_dict(data)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise InvalidInput(f"{str(path)!r} must hold {what}: {e}") from e
+        return load_record(path, cls.__name__, cls.from_dict)
 
     def _check_kind(self, kind: str) -> str:
         if kind not in self.kinds:
