@@ -438,6 +438,37 @@ def _not_written(target: str, error: OSError, kept: Path | None, what: str) -> O
     )
 
 
+def _check_before_loading(args: argparse.Namespace, subject: str, *, local_tokenizer: bool) -> None:
+    """Refuse, before the model loads, a subject absent from the prompt or a multi-token answer.
+
+    The subject test is on text alone (case-insensitive, so that no tokenizer
+    could find it either); the answer is tokenised only when the model's
+    tokenizer is already on this machine (:func:`lenscope.loading.local_tokenizer`).
+    The tracer checks both again, exactly, once the model is loaded.
+    """
+    from lenscope.validation import InvalidInput
+
+    if subject.strip().lower() not in args.prompt.lower():
+        raise InvalidInput(
+            f"subject {subject!r} must occur in the prompt {args.prompt!r}; check spelling, "
+            "or pass --subject with text copied from the prompt"
+        )
+    if args.answer is None or not local_tokenizer:
+        return
+    from lenscope.loading import local_tokenizer as find_tokenizer
+
+    tokenizer = find_tokenizer(args.model)
+    if tokenizer is None:
+        return
+    ids = tokenizer(args.answer, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise InvalidInput(
+            f"answer must be a single token, but {args.answer!r} tokenises as {pieces}; pass "
+            'one token (mind the leading space, e.g. --answer " Paris")'
+        )
+
+
 def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
     """Run ``lenscope trace``; returns the exit status.
 
@@ -455,6 +486,7 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     if subject is None:
         subject = lenscope.guess_subject(args.prompt)
         print(f"guessed subject: {subject!r} (pass --subject to choose)", file=sys.stderr)
+    _check_before_loading(args, subject, local_tokenizer=model_factory is None)
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     results = tracer.trace_kinds(args.prompt, subject, answer=args.answer, **trace_options(args))

@@ -610,6 +610,25 @@ def _import_offline_package() -> Any:
     return package
 
 
+def local_tokenizer(name: str) -> Any:
+    """The tokenizer of ``name`` if it is on this machine already, else None (never downloads).
+
+    Only the built-in offline model's converted checkpoint is looked at; the
+    command line uses it to check an answer before loading the model.
+    """
+    if name != OFFLINE_MODEL_NAME:
+        return None
+    try:
+        folder = _offline_checkpoint_dir(importlib.import_module(_OFFLINE_PACKAGE))
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # a check ahead of time: on any trouble, the load will say what is wrong
+        return None
+
+
 def _offline_checkpoint_dir(package: Any) -> Path:
     """The cache subfolder for this version of the GGUF package and conversion recipe."""
     try:

@@ -362,7 +362,8 @@ def test_dataset_summary_is_kept_when_the_report_cannot_be_written(run, tmp_path
     ("argv", "message"),
     [
         (
-            ["--subject", "The Louvre"],
+            # In the prompt but for case: past the text check made before loading.
+            ["--subject", "the eiffel tower"],
             "check spelling and case, or pass --subject with the exact text of those tokens",
         ),
         (
@@ -386,7 +387,8 @@ def test_user_errors_suggest_flags_not_python(run, tmp_path, argv, message):
 def test_guess_failure_suggests_the_flag(run, tmp_path):
     code, _, err, _ = run("trace", "all lower case", "--out", str(tmp_path / "x.html"))
     assert code == 2
-    assert err.rstrip().endswith("(no capitalised words); pass it with --subject")
+    assert "could not guess a subject" in err
+    assert err.rstrip().endswith("pass it with --subject")
 
 
 def test_cli_wording_of_messages_a_cli_user_can_meet():
@@ -551,3 +553,43 @@ def test_a_trace_too_big_for_memory_exits_2(run, tmp_path, monkeypatch):
         "trace a shorter prompt (a row's memory grows with the square of its length); neither "
         "--positions nor --layers lowers what one cell needs"
     )
+
+
+def test_subject_and_answer_are_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    import time
+
+    import lenscope.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(lenscope.loading, "load_model", no_loading)
+    out = ["--out", str(tmp_path / "x.html"), "--quiet"]
+    started = time.perf_counter()
+    assert main(["trace", TINY_PROMPT, "--subject", "The Louvre", *out]) == 2
+    assert time.perf_counter() - started < 2
+    err = capsys.readouterr().err
+    assert "subject 'The Louvre' must occur in the prompt" in err
+    assert "pass --subject with text copied from the prompt" in err
+
+    class WordTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    monkeypatch.setattr(lenscope.loading, "local_tokenizer", lambda name: WordTokenizer())
+    args = ["trace", TINY_PROMPT, "--subject", "Eiffel", "--answer", " paris rome", *out]
+    assert main(args) == 2
+    assert (
+        "answer must be a single token, but ' paris rome' tokenises as" in capsys.readouterr().err
+    )
+
+
+def test_local_tokenizer_never_downloads(monkeypatch):
+    import lenscope.loading
+
+    assert lenscope.loading.local_tokenizer("gpt2-xl") is None
+    monkeypatch.setattr(lenscope.loading, "_OFFLINE_PACKAGE", "no_such_package_xyz")
+    assert lenscope.loading.local_tokenizer("gemma-3-270m") is None
