@@ -206,16 +206,6 @@ class CausalTracer:
             names = [name for s in sites for name in s.hook_names(n_layer)]
             engine.check_memory(model, corrupted, len(names), self.strategy)
             clean = engine.clean_run(model, tokens, names)
-            engine.warn_if_slow(
-                model,
-                sites,
-                settings.windows,
-                cells,
-                corrupted,
-                clean,
-                self.strategy,
-                batch_size or self.batch_size,
-            )
             if answer_id is None:
                 answer_id = int(clean.logits.argmax())
             # Scored exactly like every restored cell (engine.score_copies).
@@ -224,6 +214,17 @@ class CausalTracer:
             )
             corrupted_state = engine.corrupted_run(
                 model, corrupted, keep_prefix_state=self.strategy == "prefix"
+            )
+            engine.warn_if_slow(
+                model,
+                sites,
+                settings.windows,
+                cells,
+                corrupted,
+                clean,
+                corrupted_state,
+                self.strategy,
+                batch_size or self.batch_size,
             )
             corrupted_score, corrupted_ids, corrupted_probs = engine.score_copies(
                 corrupted_state.logits, answer_id, metric_fn, top_k

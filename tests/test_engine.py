@@ -344,8 +344,9 @@ def test_a_long_trace_warns_before_its_sweeps_with_the_numbers(
     token_layers = sum(r["estimate"].token_layers for r in records)
     assert message.startswith("this trace will take about ")
     assert f"40 cells x 2 kinds = 80 cells in {batches:,} forward passes, " in message
-    rate = "at the rate of the clean run (40 token-layers in "
+    rate = "at the rate of the corrupted run ("
     assert f"{token_layers:,} token-layers, {rate}" in message
+    assert " ms per token-layer)" in message
     assert "pass positions='subject'" in message and "layers=range(0, 2)" in message
 
 
@@ -356,6 +357,8 @@ def test_a_normal_trace_does_not_warn(tiny_model, tokens_and_noise):
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # The tiny random model's answer is filler: that warning is tested in test_tracer.
+        warnings.filterwarnings("ignore", category=lenscope.AnswerWarning)
         tracer.trace_kinds(tokens, (1, 4), noise_tensor=noise, samples=SAMPLES)
 
 
@@ -434,3 +437,11 @@ def test_available_memory_is_known_on_linux():
     if sys.platform.startswith("linux"):
         assert isinstance(available, int) and available > 0
     assert engine.available_memory(torch.device("meta")) is None
+
+
+def test_rate_is_the_corrupted_runs():
+    from lenscope.engine import _rate
+
+    # 10 rows of 100 token-layers in 0.5 s; the clean run's 0.6 s (warm-up) is not used.
+    assert _rate(0.6, 0.5, 100, 10) == (pytest.approx(5e-4), 0.0)
+    assert _rate(0.6, 0.0, 100, 10) == (pytest.approx(6e-3), 0.0)  # not timed: the clean run
