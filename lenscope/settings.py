@@ -15,7 +15,7 @@ and dataset checkpoints.
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -38,7 +38,6 @@ from lenscope.validation import (
 DEFAULT_KINDS: tuple[str, ...] = ("resid_post", "mlp_out", "attn_out")
 """The hook-point types of ROME's Figure 1."""
 
-Positions = Literal["all", "subject", "from_subject"] | Sequence[int]
 POSITION_NAMES = ("all", "subject", "from_subject")
 
 NOISE_OPTIONS = ("samples", "noise", "noise_multiplier", "noise_tensor", "seed")

@@ -73,21 +73,6 @@ def finite_number(name: str, value: Any, fix: str, *, minimum: float | int = -ma
     return float(value)
 
 
-def positive_number(name: str, value: Any, fix: str) -> float:
-    """``value`` as a float if it is a finite number > 0."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise InvalidInput(f"{name} must be a positive number, got {value!r}; {fix}")
-    return float(value)
-
-
-def one_of(name: str, value: Any, allowed: Sequence[Any], fix: str) -> Any:
-    """``value`` if it is one of ``allowed``."""
-    if value not in allowed:
-        raise InvalidInput(f"{name} must be one of {tuple(allowed)}, got {value!r}; {fix}")
-    return value
-
-
 def distinct_indices(
     name: str, what: str, values: Sequence[Any], size: int, fix: str, *, original: Any = None
 ) -> list[int]:

@@ -593,3 +593,12 @@ def test_local_tokenizer_never_downloads(monkeypatch):
     assert lenscope.loading.local_tokenizer("gpt2-xl") is None
     monkeypatch.setattr(lenscope.loading, "_OFFLINE_PACKAGE", "no_such_package_xyz")
     assert lenscope.loading.local_tokenizer("gemma-3-270m") is None
+
+
+def test_the_clis_kind_names_are_the_packages():
+    # cli.py keeps its own copy so that --help and parse errors need no torch import.
+    import lenscope.cli as cli
+    from lenscope.hooks import KINDS
+    from lenscope.settings import DEFAULT_KINDS
+
+    assert cli.KINDS == KINDS and cli.DEFAULT_KINDS == DEFAULT_KINDS

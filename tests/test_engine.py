@@ -445,3 +445,21 @@ def test_rate_is_the_corrupted_runs():
     # 10 rows of 100 token-layers in 0.5 s; the clean run's 0.6 s (warm-up) is not used.
     assert _rate(0.6, 0.5, 100, 10) == (pytest.approx(5e-4), 0.0)
     assert _rate(0.6, 0.0, 100, 10) == (pytest.approx(6e-3), 0.0)  # not timed: the clean run
+
+
+def test_result_window_layers_agree_with_the_engines_windows(tiny_model):
+    import dataclasses
+
+    from lenscope.engine import restore_windows
+
+    result = lenscope.CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, (1, 4), kind="mlp_out", samples=1, layers=[0]
+    )
+    n_layers = result.n_layers
+    for window in range(1, n_layers + 1):
+        r = dataclasses.replace(result, window=window)
+        cells = torch.tensor([[layer, 0] for layer in range(n_layers)])
+        rows = restore_windows(cells, window, n_layers)
+        for layer in range(n_layers):
+            lo, hi = r.window_layers(layer)
+            assert rows[layer].nonzero().flatten().tolist() == list(range(lo, hi))
