@@ -513,6 +513,11 @@ def lens_trace_cell(
             f"result must be a TraceResult, got {type(result).__name__}; "
             "pass the result of CausalTracer.trace"
         )
+    if result.direction != "denoise":
+        raise InvalidInput(
+            f"lens_trace_cell views a restored (denoising) run, but this trace has "
+            f"direction={result.direction!r}; trace with direction='denoise' to view its cells"
+        )
     component = _lens_kind(kind, component)
     n_layer = n_layers(model)
     if n_layer != result.n_layers:
@@ -554,10 +559,6 @@ def lens_trace_cell(
         clean_store = capture_forward(
             model, tokens[None], [], [*names, *restored_names], clone=True
         )
-        clean_run = engine.CleanRun(
-            activations={name: clean_store[name][0] for name in restored_names},
-            logits=torch.empty(0),
-        )
         # Rows (cell sample): cell 0 is the corrupted run, cell 1 the restored one.
         # The lens reads each hook point after the restoring hook there.
         store = engine.forward_cells(
@@ -566,7 +567,7 @@ def lens_trace_cell(
             where,
             windows,
             where.cell_mask(cells[:, 1:], tokens.shape[0]),
-            clean_run,
+            {name: clean_store[name] for name in restored_names},
             names,
             clone=True,
         )

@@ -88,15 +88,41 @@ class Site:
         return units[:, 0]
 
     def restore_hook(
-        self, clean: Float[Tensor, "pos d_model"], restore: Bool[Tensor, "batch pos"]
+        self, source: Float[Tensor, "src pos d_model"], restore: Bool[Tensor, "batch pos"]
     ) -> HookFn:
-        """A hook putting the clean activation wherever ``restore`` is true."""
+        """A hook putting ``source``'s activation wherever ``restore`` is true.
+
+        Args:
+            source: The patched-in activation: one row shared by every batch
+                row, or one row per sample (see :func:`source_rows`).
+            restore: Where each batch row is patched.
+        """
         mask = einops.rearrange(restore, "batch pos -> batch pos 1")
+        value = source_rows(source, restore.shape[0])
 
         def hook(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
-            return torch.where(mask, clean.to(act.dtype), act)
+            # In place, as TransformerLens patching.py's setters do: on a
+            # TransformerBridge (TransformerLens 4.3) a tensor *returned* at
+            # hook_resid_mid reaches only the second norm's input, not the
+            # residual stream the MLP output is added to; the activation's
+            # own storage is both.
+            return act.copy_(torch.where(mask, value.to(act.dtype), act))
 
         return hook
+
+
+def source_rows(
+    source: Float[Tensor, "src pos ..."], rows: int
+) -> Float[Tensor, "row_or_1 pos ..."]:
+    """Patched-in activations for ``rows`` batch rows, ``(cell, sample)`` cell-major.
+
+    ``source`` has one row shared by every sample (the clean run, when
+    denoising) or one row per sample (the corrupted copies, when noising);
+    a shared row is returned as it is, to broadcast.
+    """
+    if source.shape[0] == 1:
+        return source
+    return einops.repeat(source, "s ... -> (c s) ...", c=rows // source.shape[0])
 
 
 SITES: dict[str, Site] = {
