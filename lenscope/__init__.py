@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "StudentTNoise": "lenscope.corruptions",
     "MultivariateGaussianNoise": "lenscope.corruptions",
     "CounterfactualPrompt": "lenscope.corruptions",
+    "CounterfactualColumn": "lenscope.corruptions",
+    "pair_counterfactuals": "lenscope.datasets",
     "LensDecoder": "lenscope.lens",
     "LensTrajectory": "lenscope.lens",
     "LogitLens": "lenscope.lens",

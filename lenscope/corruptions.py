@@ -576,6 +576,52 @@ class CounterfactualPrompt(Corruption):
         return cls(prompt if isinstance(prompt, str) else tuple(prompt))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CounterfactualColumn(Corruption):
+    """A counterfactual prompt per fact, from a column of a dataset (for ``trace_dataset``).
+
+    Each fact is traced with :class:`CounterfactualPrompt` of its own
+    ``column`` entry (:func:`lenscope.datasets.pair_counterfactuals` builds
+    such a column from ROME's known facts); facts without one are skipped.
+    It cannot trace a single prompt: pass a :class:`CounterfactualPrompt` there.
+
+    Args:
+        column: The fact field holding the counterfactual prompt.
+    """
+
+    column: str = "counterfactual"
+
+    name: ClassVar[str] = "counterfactual_column"
+    default_metric: ClassVar[str] = "normalized_logit_diff"
+    has_counterfactual_answer: ClassVar[bool] = True
+
+    def for_fact(self, fact: Mapping[str, Any]) -> CounterfactualPrompt:
+        """The fact's own counterfactual prompt."""
+        return CounterfactualPrompt(fact[self.column])
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        tokens: Int[Tensor, " pos"],
+        subject_range: tuple[int, int],
+    ) -> CorruptedInput:
+        """Refused: a column has a counterfactual per fact, not one for any prompt."""
+        raise InvalidInput(
+            f"CounterfactualColumn({self.column!r}) names a column of a dataset, so it can only "
+            "trace facts (lenscope.trace_dataset); for one prompt pass "
+            "corruption=lenscope.CounterfactualPrompt('...') or use tracer.patch"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "counterfactual_column"}``."""
+        return {"name": self.name, "counterfactual_column": self.column}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CounterfactualColumn":
+        """Rebuild from :meth:`to_dict`."""
+        return cls(data.get("counterfactual_column", "counterfactual"))
+
+
 CORRUPTIONS: dict[str, type[Corruption]] = {
     cls.name: cls
     for cls in (
@@ -584,6 +630,7 @@ CORRUPTIONS: dict[str, type[Corruption]] = {
         StudentTNoise,
         MultivariateGaussianNoise,
         CounterfactualPrompt,
+        CounterfactualColumn,
     )
 }
 """Corruption classes by :attr:`Corruption.name`, for :func:`corruption_from_dict`."""

@@ -73,7 +73,7 @@ def test_multivariate_noise_has_the_fitted_mean_and_covariance(tiny_model):
 
 def _added_noise(model, bound):
     """What the bound corruption's hook adds to the subject's embeddings (rows: samples)."""
-    (name, hook), = bound.fwd_hooks
+    ((name, hook),) = bound.fwd_hooks
     assert name == EMBED_HOOK
     embed = torch.randn(bound.samples, bound.tokens.shape[1], model.cfg.d_model)
     return (hook(embed, None) - embed)[:, 1:4]
@@ -122,7 +122,9 @@ def test_noise_bad_input_names_the_rule(tiny_model):
     with pytest.raises(InvalidInput, match=r"needs df > 2 degrees of freedom .*got df=2"):
         StudentTNoise(df=2)
     singular = MultivariateGaussianNoise(samples=1, reference_subjects=("paris",))
-    with pytest.raises(InvalidInput, match=r"singular \(rank 0 of d_model=32, from 1 refer.*ridge="):
+    with pytest.raises(
+        InvalidInput, match=r"singular \(rank 0 of d_model=32, from 1 refer.*ridge="
+    ):
         singular.bind(tiny_model, tiny_model.to_tokens(TINY_PROMPT)[0], (1, 4))
     regularised = MultivariateGaussianNoise(samples=1, reference_subjects=("paris",), ridge=0.1)
     regularised.bind(tiny_model, tiny_model.to_tokens(TINY_PROMPT)[0], (1, 4))

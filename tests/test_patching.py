@@ -124,9 +124,7 @@ def _plain_noising(model, tokens, subject_range, noise, kind, cells, answer):
                 act[:, pos] = store[name][:, pos]  # in place, as patching.py does
                 return act
 
-            logits = model.run_with_hooks(
-                tokens[None].repeat(samples, 1), fwd_hooks=[(name, put)]
-            )
+            logits = model.run_with_hooks(tokens[None].repeat(samples, 1), fwd_hooks=[(name, put)])
             out[layer, pos] = float(torch.softmax(logits[:, -1].double(), -1)[:, answer].mean())
     return out
 
@@ -186,7 +184,9 @@ def test_kl_metric_matches_torch(tiny_model):
             embed[:, 1:4] += noise
             return embed
 
-        noisy = model.run_with_hooks(tokens[None].repeat(2, 1), fwd_hooks=[("hook_embed", add_noise)])
+        noisy = model.run_with_hooks(
+            tokens[None].repeat(2, 1), fwd_hooks=[("hook_embed", add_noise)]
+        )
         patched = torch.log_softmax(noisy[:, -1].double(), -1)
     expected = (clean.exp() * (clean - patched)).sum(-1).mean()
     assert result.clean_score == 0.0
@@ -251,5 +251,24 @@ def test_str_parity_on_both_model_classes_with_grouped_query_attention(tiny_toke
     result = CausalTracer(model, progress=False).patch(
         TINY_PROMPT, COUNTERFACTUAL, kind="resid_pre", answer=answer, foil=foil
     )
-    expected = _tl_patching(model, TINY_PROMPT, COUNTERFACTUAL, answer, foil, "resid_pre", "denoise")
+    expected = _tl_patching(
+        model, TINY_PROMPT, COUNTERFACTUAL, answer, foil, "resid_pre", "denoise"
+    )
     torch.testing.assert_close(result.scores, expected.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_mid", "resid_post"])
+def test_restoring_a_residual_kind_everywhere_gives_the_clean_output(tiny_model, kind):
+    """Guards the in-place restore: on a TransformerBridge (TransformerLens 4.3) a tensor
+    returned at hook_resid_mid reaches the second norm but not the residual stream."""
+    from lenscope.sites import site
+
+    model = tiny_model
+    clean, other = model.to_tokens(TINY_PROMPT), model.to_tokens(COUNTERFACTUAL)
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_{kind}"
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean)
+        everywhere = torch.ones(1, clean.shape[1], dtype=torch.bool)
+        hook = site(kind).restore_hook(cache[name], everywhere)
+        patched = model.run_with_hooks(other, fwd_hooks=[(name, hook)])
+    torch.testing.assert_close(patched, clean_logits, atol=1e-5, rtol=0)
