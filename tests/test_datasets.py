@@ -713,12 +713,14 @@ def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(ti
     facts = pair_counterfactuals(tiny_model, PAIRABLE).facts[:2]
     facts.append({**PAIRABLE[4], "counterfactual": "Rome is the capital city of"})
     column = CounterfactualColumn()
-    # The tiny random model answers ' of' to every prompt, counterfactual or not:
+    # A tiny random model may answer a counterfactual as it answers the fact (' of'):
     # the default metric, a logit difference against the counterfactual's answer,
-    # has no foil, and each fact is skipped with the reason.
+    # then has no foil, and the fact is skipped with the reason.
     summary = ds.trace_dataset(tracer, facts, kinds=("mlp_out",), windows=1, corruption=column)
-    assert summary.metric == "normalized_logit_diff" and not summary.facts
-    assert "top-1 token is the answer itself" in summary.skipped[0].reason
+    assert summary.metric == "normalized_logit_diff"
+    assert len(summary.facts) + len(summary.skipped) == 3
+    for skipped in summary.skipped:
+        assert "answer itself" in skipped.reason or "as many tokens" in skipped.reason
     summary = ds.trace_dataset(
         tracer, facts, kinds=("mlp_out",), windows=1, corruption=column, metric="prob"
     )
