@@ -50,7 +50,7 @@ import os
 import pickle
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ PARAMS_FILE = "params.pt"
 LENSCOPE_FILE = "lenscope.json"
 """What lenscope adds beside them: the residual-stream basis, model, training record."""
 HUB_REPO = "AlignmentResearch/tuned-lens"
-"""The Hugging Face space holding the ``tuned-lens`` package's pretrained lenses (``lens/<model>``)."""
+"""The Hugging Face space of the ``tuned-lens`` package's pretrained lenses (``lens/<model>``)."""
 
 BASES: dict[str, str] = {
     "raw": "the stream as the model computes it unprocessed (Hugging Face hidden states)",
@@ -265,7 +265,7 @@ class TunedLens:
         return _TranslatedHead(model, self, 1 if kind == "resid_post" else 0)
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise a ``ValueError`` if ``model``'s shapes differ from the lens's; warn on another name."""
+        """Raise ``ValueError`` if ``model``'s shapes differ from the lens's; warn on its name."""
         shapes = {
             "d_model": (int(model.cfg.d_model), self.d_model),
             "n_layers": (n_layers(model), self.n_layers),
@@ -355,7 +355,11 @@ class TunedLens:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, model: torch.nn.Module | None = None, *, basis: str | None = None
+        cls,
+        path: str | os.PathLike,
+        model: torch.nn.Module | None = None,
+        *,
+        basis: str | None = None,
     ) -> "TunedLens":
         """Read a lens saved by :meth:`save` or by the ``tuned-lens`` package.
 
@@ -435,7 +439,8 @@ class TunedLens:
         steps: int = 250,
         tokens_per_step: int = 2**18,
         seq_len: int = 2048,
-        lr: float = 1.0,
+        optimizer: str = "sgd",
+        lr: float | None = None,
         momentum: float = 0.9,
         weight_decay: float = 1e-3,
         warmup_steps: int = 0,
@@ -466,8 +471,11 @@ class TunedLens:
             steps: Optimiser steps (paper: 250).
             tokens_per_step: Tokens per step (paper: 2^18).
             seq_len: Tokens per sequence (at most the model's context).
-            lr: The paper's learning rate; PyTorch's SGD gets ``lr * (1 - momentum)``.
-            momentum: Nesterov momentum.
+            optimizer: ``"sgd"`` (the paper's: Nesterov momentum) or ``"adam"``
+                (``tuned-lens``'s other choice, invariant to the stream's scale).
+            lr: Learning rate; default 1.0 for SGD (the paper's; PyTorch's SGD gets
+                ``lr * (1 - momentum)``, as in ``tuned-lens``) and 1e-3 for Adam.
+            momentum: Nesterov momentum (SGD), or Adam's first beta.
             weight_decay: Decay of ``W`` and ``b`` towards the identity translator.
             warmup_steps: Linear warmup steps before the linear decay to zero.
             max_grad_norm: Gradient-norm clip.
@@ -489,7 +497,13 @@ class TunedLens:
                 "tokens_per_step", tokens_per_step, "pass e.g. tokens_per_step=2**18"
             ),
             "seq_len": _check_seq_len(model, seq_len),
-            "lr": finite_number("lr", lr, "pass e.g. lr=1.0", minimum=0),
+            "optimizer": _optimizer_name(optimizer),
+            "lr": finite_number(
+                "lr",
+                (1.0 if optimizer == "sgd" else 1e-3) if lr is None else lr,
+                "pass e.g. lr=1.0",
+                minimum=0,
+            ),
             "momentum": finite_number("momentum", momentum, "pass e.g. momentum=0.9", minimum=0),
             "weight_decay": finite_number(
                 "weight_decay", weight_decay, "pass e.g. weight_decay=1e-3", minimum=0
@@ -625,7 +639,8 @@ def _documents(texts: Any) -> Iterator[str]:
         if not path.is_file():
             raise InvalidInput(
                 f"texts given as one string must be the path of a text file, got "
-                f"{short_text(str(texts), 60)!r}, which is not a file; to train on the string itself "
+                f"{short_text(str(texts), 60)!r}, which is not a file; to train on the string "
+                "itself "
                 "pass texts=[text]"
             )
         yield path.read_text(encoding="utf-8")
@@ -715,6 +730,14 @@ def _non_negative_int(name: str, value: Any, steps: Any) -> int:
     return int(value)
 
 
+def _optimizer_name(name: Any) -> str:
+    if name not in ("sgd", "adam"):
+        raise InvalidInput(
+            f"optimizer must be 'sgd' (the paper's) or 'adam', got {name!r}; pass optimizer='sgd'"
+        )
+    return name
+
+
 def _seed(seed: Any) -> int:
     if not is_int(seed) or seed < 0:
         raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}; pass e.g. seed=0")
@@ -749,7 +772,7 @@ def _step_rows(n: int, per_step: int, seed: int, step: int) -> list[int]:
 
 
 class _KLToTarget(torch.autograd.Function):
-    """``Σ_rows KL(p ‖ softmax(logits))`` with the gradient ``q - p`` kept instead of activations."""
+    """``Σ_rows KL(p ‖ softmax(logits))``, keeping the gradient ``q - p`` instead of activations."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target_logp: Tensor) -> Tensor:
@@ -800,13 +823,21 @@ class _Trainer:
         self.weight = lens.weight.clone().to(device).requires_grad_(True)
         self.bias = lens.bias.clone().to(device).requires_grad_(True)
         beta = settings["momentum"]
-        self.opt = torch.optim.SGD(
-            [self.weight, self.bias],
-            lr=settings["lr"] * (1 - beta),
-            momentum=beta,
-            nesterov=beta > 0,
-            weight_decay=settings["weight_decay"],
-        )
+        if settings["optimizer"] == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(
+                [self.weight, self.bias],
+                lr=settings["lr"],
+                betas=(beta, 0.999),
+                weight_decay=settings["weight_decay"],
+            )
+        else:
+            self.opt = torch.optim.SGD(
+                [self.weight, self.bias],
+                lr=settings["lr"] * (1 - beta),
+                momentum=beta,
+                nesterov=beta > 0,
+                weight_decay=settings["weight_decay"],
+            )
         steps, warm = settings["steps"], settings["warmup_steps"]
 
         def factor(step: int) -> float:
@@ -1126,7 +1157,7 @@ class LensEvaluation:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def plot(self, **kwargs: Any) -> Any:
-        """Per-layer curves, tuned vs logit lens; see :func:`lenscope.plotting.plot_lens_comparison`."""
+        """Per-layer curves of both lenses (:func:`lenscope.plotting.plot_lens_comparison`)."""
         from lenscope.plotting.tuned import plot_lens_comparison
 
         return plot_lens_comparison(self, **kwargs)
@@ -1139,8 +1170,7 @@ class LensEvaluation:
             for i in (0, mid, self.n_layers - 1)
         )
         return (
-            f"LensEvaluation({self.model_name}, {self.tokens:,} tokens, "
-            f"KL logit -> tuned: {pairs})"
+            f"LensEvaluation({self.model_name}, {self.tokens:,} tokens, KL logit -> tuned: {pairs})"
         )
 
 
@@ -1185,13 +1215,9 @@ def _evaluate(
                         x = decoder.transform_hidden(hidden[layer, sl], layer)
                         logq = log_softmax(decode_resid(model, x))
                         q = logq.exp()
-                        sums[f"kl_{name}"][layer] += float(
-                            (p * (target - logq)).sum()
-                        )
+                        sums[f"kl_{name}"][layer] += float((p * (target - logq)).sum())
                         sums[f"entropy_{name}"][layer] += float(-(q * logq).sum())
-                        sums[f"ce_{name}"][layer] += float(
-                            -logq.gather(1, picked)[has_next].sum()
-                        )
+                        sums[f"ce_{name}"][layer] += float(-logq.gather(1, picked)[has_next].sum())
                 n_pos += final[sl].shape[0]
                 n_next += int(has_next.sum())
     means = {
@@ -1207,4 +1233,3 @@ def _evaluate(
         lens_training={k: v for k, v in lens.training.items() if k not in ("loss",)},
         **means,
     )
-

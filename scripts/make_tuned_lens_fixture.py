@@ -12,10 +12,10 @@ of every layer ``i``.
 """
 
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from importlib.metadata import version
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from tuned_lens.nn.lenses import TunedLens
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PROMPT, TINY_SUBJECT, TINY_WORDS, make_tiny_model, make_tiny_tokenizer, tl4
+from conftest import (
+    TINY_PROMPT,
+    TINY_SUBJECT,
+    TINY_WORDS,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    tl4,
+)
 
 import lenscope
 from lenscope import LensEvaluation, LogitLens, TunedLens
@@ -18,7 +25,15 @@ from lenscope.tuned_lens import _KLToTarget, _Trainer, fold_centring, is_centred
 from lenscope.validation import InvalidInput, InvalidInputType
 
 PACKAGE = Path(__file__).parent / "data" / "tuned_lens_package"
-STATS = ("entropy", "answer_prob", "answer_rank", "top1_prob", "kl_to_final", "top_ids", "top_probs")
+STATS = (
+    "entropy",
+    "answer_prob",
+    "answer_rank",
+    "top1_prob",
+    "kl_to_final",
+    "top_ids",
+    "top_probs",
+)
 
 
 def corpus(n, seed, words=50):
