@@ -147,6 +147,12 @@ def test_training_is_deterministic_and_leaves_the_model_as_it_was(peaked, traine
     assert not peaked.training
 
 
+def test_adam_is_an_option(peaked):
+    lens = TunedLens.train(peaked, corpus(40, 1), optimizer="adam", **TRAIN)
+    assert lens.training["optimizer"] == "adam" and lens.training["lr"] == 1e-3
+    assert lens.training["loss"][-1] < lens.training["loss"][0]
+
+
 def test_an_interrupted_run_resumes_to_the_same_lens(peaked, trained, tmp_path, monkeypatch):
     checkpoint = tmp_path / "run.ckpt"
     step = _Trainer._step
@@ -435,6 +441,7 @@ def test_bad_texts_are_refused(peaked, texts, error, message):
         ({"warmup_steps": 12}, r"warmup_steps must be an integer in \[0, steps=12\)"),
         ({"lr": float("nan")}, "lr must be a finite number"),
         ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"optimizer": "rmsprop"}, "optimizer must be 'sgd'"),
     ],
 )
 def test_bad_training_options_are_refused(peaked, option, message):
