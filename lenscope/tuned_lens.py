@@ -269,8 +269,8 @@ class TunedLens:
         shapes = {
             "d_model": (int(model.cfg.d_model), self.d_model),
             "n_layers": (n_layers(model), self.n_layers),
-            "d_vocab": (int(model.cfg.d_vocab), self.d_vocab),
-        }
+            "d_vocab": (int(model.cfg.d_vocab), self.d_vocab or int(model.cfg.d_vocab)),
+        }  # a tuned-lens file loaded without a model records no vocabulary (d_vocab 0)
         wrong = {k: v for k, v in shapes.items() if v[0] != v[1]}
         if wrong:
             what = ", ".join(f"{k} {m} (lens: {lens})" for k, (m, lens) in wrong.items())
