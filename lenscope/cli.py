@@ -499,7 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--batch-size", type=positive_int_arg, default=1, help="sequences per forward pass"
     )
-    train.add_argument("--lr", type=float, default=1.0, help="learning rate (default 1.0)")
+    train.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="sgd (the paper's: Nesterov momentum; default) or adam",
+    )
+    train.add_argument(
+        "--lr", type=float, help="learning rate (default 1.0 for sgd, the paper's; 1e-3 for adam)"
+    )
     train.add_argument("--seed", type=int, default=0, help="shuffles the sequences (default 0)")
     train.add_argument(
         "--checkpoint",
@@ -547,6 +555,7 @@ def run_lens_train(args: argparse.Namespace, model_factory: ModelFactory | None 
         tokens_per_step=args.tokens_per_step,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        optimizer=args.optimizer,
         lr=args.lr,
         seed=args.seed,
         checkpoint=args.checkpoint,

@@ -729,5 +729,14 @@ def test_lens_train_help():
         text=True,
         check=True,
     ).stdout
-    for option in ("--texts", "--out", "--steps", "--tokens-per-step", "--seq-len", "--held-out"):
+    for option in (
+        "--texts",
+        "--out",
+        "--steps",
+        "--tokens-per-step",
+        "--seq-len",
+        "--held-out",
+        "--optimizer",
+        "--lr",
+    ):
         assert option in out
