@@ -33,13 +33,24 @@ _PAIRS = [
     ("The capital of France is Paris", "Paris"),
     ("The Colosseum is located in the city of", "The Colosseum"),
 ]
-# Distinct ids; the prompts repeat so that a run lasts long enough to kill a worker in it.
-FACTS = [{"id": i, "prompt": p, "subject": s} for i, (p, s) in enumerate(_PAIRS * 4)]
+# Distinct ids, each prompt twice: facts are told apart by id.
+FACTS = [{"id": i, "prompt": p, "subject": s} for i, (p, s) in enumerate(_PAIRS * 2)]
 
 
 def tiny_factory():
     """Builds the tiny model on a worker: the same seed gives the same weights everywhere."""
     return conftest.make_tiny_model(conftest.make_tiny_tokenizer(tempfile.mkdtemp()))
+
+
+def slow_tiny_factory():
+    """The tiny model, 10 ms slower per pass through its last block (~0.4 s a fact).
+
+    Same weights, same numbers; the run lasts long enough that a worker is
+    surely killed while facts remain.
+    """
+    model = tiny_factory()
+    model.blocks[-1].register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,8 +87,8 @@ def ray_session():
     ray.shutdown()
 
 
-def ray_executor(**options):
-    return ds.RayExecutor(num_workers=2, model_factory=tiny_factory, **options)
+def ray_executor(factory=tiny_factory):
+    return ds.RayExecutor(num_workers=2, model_factory=factory)
 
 
 def assert_same_summary(got, want):
@@ -208,7 +219,7 @@ def test_killed_worker_loses_nothing_and_repeats_nothing(ray_session, model, ref
             FACTS,
             samples=SAMPLES,
             checkpoint=path,
-            executor=ray_executor(),
+            executor=ray_executor(slow_tiny_factory),
         )
     killer.join()
     assert killed, "the run finished before a worker could be killed"
