@@ -337,7 +337,7 @@ class _RayPool(WorkerPool):
         return ray
 
     def trace(self, jobs: Sequence[Job], out_of_time: Callable[[], bool]) -> Iterator[Any]:
-        if not jobs:
+        if not jobs or out_of_time():
             return
         ray = self._start_workers()
         died = _death_errors(ray)
