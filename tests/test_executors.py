@@ -148,6 +148,21 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     assert lenscope.LocalExecutor is ds.LocalExecutor  # local runs need no Ray
 
 
+def test_workers_rebuild_a_load_model_model_from_its_arguments(model, monkeypatch):
+    from lenscope import loading
+    from lenscope.datasets.executors import worker_model_factory
+
+    tracer = CausalTracer(model, progress=False)
+    assert loading.load_arguments(model) is None  # built by a test, not by load_model
+    recorded = {"name": "gemma-3-270m", "bridge": True, "dtype": torch.bfloat16}
+    monkeypatch.setitem(loading._LOAD_ARGUMENTS, model, recorded)
+    assert loading.load_arguments(model) == recorded
+    on_cpu, on_gpu = worker_model_factory(tracer, 0), worker_model_factory(tracer, 0.5)
+    assert on_cpu.func is loading.load_model and on_cpu.args == ()
+    assert on_cpu.keywords == {**recorded, "device": "cpu"}
+    assert on_gpu.keywords == {**recorded, "device": "cuda"}
+
+
 def test_cli_worker_flags_need_workers(capsys):
     assert cli.main(["dataset", "--gpus-per-worker", "1"]) == 2
     err = capsys.readouterr().err

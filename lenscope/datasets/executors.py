@@ -234,7 +234,7 @@ def import_ray() -> Any:
 
 
 def worker_model_factory(
-    tracer: CausalTracer, num_gpus_per_worker: float
+    tracer: CausalTracer, num_gpus_per_worker: float | int
 ) -> Callable[[], torch.nn.Module]:
     """How a worker builds the tracer's model: ``load_model`` with the driver's arguments.
 
