@@ -264,6 +264,21 @@ def test_checkpoints_resume_across_executors(ray_session, model, reference, tmp_
     assert sorted(checkpoint_ids(path)) == [f["id"] for f in FACTS]
 
 
+def test_ray_traces_a_counterfactual_column_like_local(ray_session, model):
+    facts = [
+        {**FACTS[0], "counterfactual": "The Space Needle is located in the city of"},
+        {**FACTS[1], "counterfactual": "Rome is the capital of"},
+        {**FACTS[3], "counterfactual": "The Eiffel Tower is located in"},
+    ]
+    options = {"kinds": ("mlp_out",), "windows": 1, "metric": "prob"}
+    options["corruption"] = lenscope.CounterfactualColumn()
+    tracer = CausalTracer(model, progress=False)
+    local = ds.trace_dataset(tracer, facts, **options)
+    remote = ds.trace_dataset(tracer, facts, **options, executor=ray_executor())
+    assert local.n_facts == 3 and remote.corruption == local.corruption
+    assert_same_summary(remote, local)
+
+
 def test_cli_dataset_on_ray_workers(ray_session, tmp_path, capsys):
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps(FACTS[:6]))
