@@ -514,7 +514,8 @@ class HeadTraceResult(TraceResult):
             problems.append(f"token_ids {tuple(self.token_ids.shape)} for {n_pos} tokens")
         if len(self.hook_names) != self.scores.shape[0]:
             problems.append(f"{len(self.hook_names)} hook_names for {self.scores.shape[0]} layers")
-        if self.top_ids.shape[:-1] != self.scores.shape or self.top_ids.shape != self.top_probs.shape:
+        top_shapes = (self.top_ids.shape[:-1], self.top_probs.shape)
+        if top_shapes != (self.scores.shape, self.top_ids.shape):
             problems.append(
                 f"top_ids {tuple(self.top_ids.shape)} and top_probs {tuple(self.top_probs.shape)} "
                 f"should be scores' shape plus k"
@@ -573,7 +574,7 @@ class HeadTraceResult(TraceResult):
     def top_predictions(  # type: ignore[override]
         self, layer: int, head: int, pos: int | None = None
     ) -> list[tuple[str, float]]:
-        """The top-k ``(token, probability)`` with one head restored (negative indices count back)."""
+        """The top-k ``(token, probability)`` of one cell (negative indices count back)."""
         index = self._check_cell(layer, head, pos)
         ids, probs = self.top_ids[index], self.top_probs[index]
         return [(self.vocab[int(i)], float(p)) for i, p in zip(ids, probs, strict=True)]
@@ -584,7 +585,7 @@ class HeadTraceResult(TraceResult):
         index = tuple(int(i) for i in torch.unravel_index(flat.argmax(), self.scores.shape))
         return (*index, float(self.scores[index]))
 
-    def top_heads(self, n: int = 5) -> list[tuple[int, ...]]:
+    def top_heads(self, n: int = 5) -> list[tuple[Any, ...]]:
         """The ``n`` cells with the highest scores, best first, as ``(*cell, score)``."""
         flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
         best = flat.topk(min(n, flat.numel())).indices
@@ -611,9 +612,11 @@ class HeadTraceResult(TraceResult):
         normalized = self.normalized()
         start, end = self.subject_range
         rows = []
-        for index in torch.cartesian_prod(
-            *(torch.arange(n) for n in self.scores.shape)
-        ).reshape(-1, self.scores.ndim).tolist():
+        for index in (
+            torch.cartesian_prod(*(torch.arange(n) for n in self.scores.shape))
+            .reshape(-1, self.scores.ndim)
+            .tolist()
+        ):
             layer, head, *pos = index
             cell = tuple(index)
             row: dict[str, Any] = {

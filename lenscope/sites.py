@@ -33,7 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lenscope.hooks import KINDS, check_kind, hook_name
-from lenscope.validation import InvalidInputType
+from lenscope.validation import InvalidInput, InvalidInputType
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -133,7 +133,7 @@ def _product(*axes: "list[int] | range") -> Int[Tensor, "cell axis"]:
 
 
 HEAD_KINDS: tuple[str, ...] = ("z", "q", "k", "v", "pattern")
-"""Per-head activations (``blocks.L.attn.hook_<kind>``), in TransformerLens' ``get_act_name`` words."""
+"""Per-head activations (``blocks.L.attn.hook_<kind>``), named as ``get_act_name`` names them."""
 
 HEAD_BY: tuple[str, ...] = ("head", "head_pos")
 """How a per-head kind is traced: a head at every position, or a head at one position."""
@@ -141,7 +141,7 @@ HEAD_BY: tuple[str, ...] = ("head", "head_pos")
 
 @dataclasses.dataclass(frozen=True)
 class HeadSite(Site):
-    """Attention heads of one activation: ``hook_z``, ``hook_q``, ``hook_k``, ``hook_v``, ``hook_pattern``.
+    """The attention heads of one activation: ``hook_z``, ``q``, ``k``, ``v`` or ``pattern``.
 
     A cell ``(layer, head)`` (``by="head"``) restores the head at every
     position, as TransformerLens ``patching.py``'s
@@ -209,7 +209,7 @@ class HeadSite(Site):
     def cell_mask(
         self, units: Int[Tensor, "cell unit"], n_pos: int
     ) -> Bool[Tensor, "cell pos head"]:
-        """Where each cell restores: ``[cell, pos, head]`` (for ``pattern``, ``pos`` is the destination)."""
+        """Where each cell restores, ``[cell, pos, head]`` (``pattern``: destination positions)."""
         heads = torch.nn.functional.one_hot(units[:, 0], self._heads()).bool()
         if self.by == "head":
             return einops.repeat(heads, "cell head -> cell pos head", pos=n_pos)
