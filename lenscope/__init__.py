@@ -48,6 +48,12 @@ _EXPORTS: dict[str, str] = {
     "plot_traces": "lenscope.plotting",
     "plot_lens": "lenscope.plotting",
     "plot_dataset": "lenscope.plotting",
+    "plot_head_trace": "lenscope.plotting",
+    "plot_attention": "lenscope.plotting",
+    "attention_patterns": "lenscope.attention",
+    "AttentionPatterns": "lenscope.attention",
+    "collect": "lenscope.collect",
+    "CollectedActivations": "lenscope.collect",
     "save_html": "lenscope.plotting",
     "save_image": "lenscope.plotting",
 }

@@ -239,3 +239,21 @@ def test_head_results_round_trip_and_tabulate(tiny_model, tmp_path):
         result.top_predictions(0, 7, 1)
     by_head = _trace(tiny_model, "prefix", kind="z")
     assert not math.isnan(by_head.peak()[-1]) and len(by_head.to_dataframe()) == 16
+
+
+def test_head_trace_plots_layer_by_head(tiny_gated_model):
+    result = _trace(tiny_gated_model, "prefix", kind="k", by="head_pos", samples=2)
+    fig = result.plot()
+    # One heatmap per traced position (all of them), the last one shown first.
+    assert len(fig.data) == result.n_pos and fig.data[-1].visible and not fig.data[0].visible
+    assert fig.layout.sliders[0].active == result.n_pos - 1
+    assert fig.layout.xaxis.title.text == "key/value head"
+    assert "query heads 2–3" in fig.data[-1].customdata[0][1][1]
+    assert len(result.plot(pos=3).data) == result.n_pos
+    last = _trace(tiny_gated_model, "prefix", kind="z", by="head_pos", positions=[9])
+    fig = last.plot()
+    assert len(fig.data) == 1 and not fig.layout.sliders and "position 9" in fig.layout.title.text
+    with pytest.raises(InvalidInput, match=r"pos applies to by='head_pos' results"):
+        _trace(tiny_gated_model, "prefix", kind="z").plot(pos=1)
+    with pytest.raises(InvalidInput, match=r"top_k must be <= the 5 predictions"):
+        result.plot(top_k=9)
