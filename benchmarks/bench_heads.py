@@ -25,6 +25,7 @@ Examples:
 """
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -37,15 +38,6 @@ import torch
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
-
-
-def _median_time(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), out
 
 
 def _tl_patching(model, tokens, draws, span, answer, function, index_df=None):
@@ -66,7 +58,7 @@ def _tl_patching(model, tokens, draws, span, answer, function, index_df=None):
     _, clean_cache = model.run_with_cache(tokens)
     with model.hooks(fwd_hooks=[("hook_embed", add_noise)]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kwargs = {"index_df": index_df} if index_df is not None else {}
+        kwargs = {"index_df": index_df, "index_axis_names": None} if index_df is not None else {}
         return getattr(patching, function)(model, corrupted, clean_cache, prob, **kwargs).cpu()
 
 
@@ -81,6 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # patching.py's per-cell progress bars
 
     import pandas as pd
 
@@ -94,48 +87,55 @@ def main(argv=None):
     last = tokens.shape[1] - 1
     options = {"subject": SUBJECT, "kind": "z", "samples": args.samples, "seed": 0}
     # Warm-up (first-call costs), and the settings both tools share.
-    first = tracer.trace(PROMPT, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first call's long-trace estimate counts warm-up
+        first = tracer.trace(PROMPT, **options)
     span, answer = first.subject_range, first.answer_id
     start, end = span
     draws = draw_noise(args.samples, end - start, cfg.d_model, first.noise_std, 0)
 
+    index_df = pd.DataFrame(
+        [(layer, last, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)],
+        columns=["layer", "pos", "head"],
+    )
+    runs = {
+        "ours_all": lambda: tracer.trace(PROMPT, by="head", **options),
+        "tl_all": lambda: _tl_patching(
+            model, tokens, draws, span, answer, "get_act_patch_attn_head_out_all_pos"
+        ),
+        "ours_last": lambda: tracer.trace(PROMPT, by="head_pos", positions=[last], **options),
+        "tl_last": lambda: _tl_patching(
+            model, tokens, draws, span, answer, "get_act_patch_attn_head_out_by_pos", index_df
+        ),
+    }
+    # Interleaved repeats: a machine shared with other work slows both tools alike.
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    out = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                out[name] = fn()
+            wall[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
+    t = {name: statistics.median(v) for name, v in wall.items()}
+    c = {name: statistics.median(v) for name, v in cpu.items()}
+    ours_all, tl_all, ours_last, tl_last = (
+        out[k] for k in ("ours_all", "tl_all", "ours_last", "tl_last")
+    )
     rows = []
-    with torch.inference_mode():
-        t_all, ours_all = _median_time(
-            lambda: tracer.trace(PROMPT, by="head", **options), args.repeats
-        )
-        t_last, ours_last = _median_time(
-            lambda: tracer.trace(PROMPT, by="head_pos", positions=[last], **options), args.repeats
-        )
-    with torch.no_grad():
-        t_tl_all, tl_all = _median_time(
-            lambda: _tl_patching(
-                model, tokens, draws, span, answer, "get_act_patch_attn_head_out_all_pos"
-            ),
-            args.repeats,
-        )
-        index_df = pd.DataFrame(
-            [(layer, last, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)],
-            columns=["layer", "pos", "head"],
-        )
-        t_tl_last, tl_last = _median_time(
-            lambda: _tl_patching(
-                model,
-                tokens,
-                draws,
-                span,
-                answer,
-                "get_act_patch_attn_head_out_by_pos",
-                index_df,
-            ),
-            args.repeats,
-        )
     tl_last = tl_last.reshape(cfg.n_layers, cfg.n_heads)
     diff_all = float((ours_all.scores - tl_all.float()).abs().max())
     diff_last = float((ours_last.scores[:, :, last] - tl_last.float()).abs().max())
     cells = cfg.n_layers * cfg.n_heads
-    rows.append(("(layer, head), every position", cells, t_all, t_tl_all, diff_all))
-    rows.append(("(layer, head) at the last token", cells, t_last, t_tl_last, diff_last))
+    for name, key, diff in (
+        ("(layer, head), every position", "all", diff_all),
+        ("(layer, head) at the last token", "last", diff_last),
+    ):
+        rows.append(
+            (name, cells, t[f"ours_{key}"], t[f"tl_{key}"], c[f"ours_{key}"], c[f"tl_{key}"], diff)
+        )
 
     lines = [
         f"Model {lenscope.hooks.model_name(model)} ({type(model).__name__}, "
@@ -145,12 +145,14 @@ def main(argv=None):
         f"{tracer.strategy!r}, {torch.get_num_threads()} threads, {platform.processor() or ''} "
         f"{platform.machine()}, median of {args.repeats}.",
         "",
-        "| grid | cells | lenscope (s) | TL patching.py (s) | ratio | max abs diff |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| grid | cells | lenscope wall (s) | TL patching.py wall (s) | ratio | lenscope CPU (s) "
+        "| TL CPU (s) | CPU ratio | max abs diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, n, ours, theirs, diff in rows:
+    for name, n, ours, theirs, ours_cpu, theirs_cpu, diff in rows:
         lines.append(
-            f"| {name} | {n} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x | {diff:.1e} |"
+            f"| {name} | {n} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x | "
+            f"{ours_cpu:.2f} | {theirs_cpu:.2f} | {theirs_cpu / ours_cpu:.1f}x | {diff:.1e} |"
         )
     lines += [
         "",

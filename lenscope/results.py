@@ -596,6 +596,13 @@ class HeadTraceResult(TraceResult):
                 out.append((*index, float(self.scores[index])))
         return out
 
+    def __repr__(self) -> str:
+        """As :class:`TraceResult`'s, with the head axis and its grouping."""
+        heads = f"{self.n_heads} heads"
+        if self.query_heads_per_head > 1:
+            heads = f"{self.n_heads} key/value heads, {self.query_heads_per_head} query heads each"
+        return f"{super().__repr__()[:-1]}, by={self.by!r}, {heads})"
+
     def _peak_text(self) -> str:
         *cell, score = self.peak()
         if math.isnan(score):

@@ -257,3 +257,19 @@ def test_head_trace_plots_layer_by_head(tiny_gated_model):
         _trace(tiny_gated_model, "prefix", kind="z").plot(pos=1)
     with pytest.raises(InvalidInput, match=r"top_k must be <= the 5 predictions"):
         result.plot(top_k=9)
+
+
+@pytest.mark.parametrize("kind", ["z", "k"])
+def test_windows_over_layers_and_strategies_agree(tiny_gated_model, kind):
+    options = {"kind": kind, "by": "head", "window": 3, "samples": 2, "metric": "log_prob"}
+    prefix = _trace(tiny_gated_model, "prefix", **options)
+    full = _trace(tiny_gated_model, "full", **options)
+    torch.testing.assert_close(prefix.scores, full.scores, atol=1e-5, rtol=0)
+    assert prefix.window == 3 and "key/value heads" in repr(prefix) or kind == "z"
+
+
+def test_dataset_traces_refuse_per_head_kinds(tiny_model):
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT}]
+    with pytest.raises(InvalidInput, match=r"per-head kinds \['z'\] give \(layer, head\) grids"):
+        lenscope.trace_dataset(tracer, facts, kinds=("z",))
