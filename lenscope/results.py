@@ -381,11 +381,11 @@ class TraceResult(GridResult):
             )
 
     @property
-    def indirect_effect(self) -> Float[Tensor, "layer pos"]:
+    def indirect_effect(self) -> Float[Tensor, "layer ..."]:
         """Score minus corrupted score: ROME's indirect effect of each cell."""
         return self.scores - self.corrupted_score
 
-    def normalized(self) -> Float[Tensor, "layer pos"]:
+    def normalized(self) -> Float[Tensor, "layer ..."]:
         """``(score - corrupted) / (clean - corrupted)``: 1 = fully restored, 0 = no effect."""
         gap = self.clean_score - self.corrupted_score
         if gap == 0:
@@ -538,18 +538,6 @@ class HeadTraceResult(TraceResult):
     def n_heads(self) -> int:
         """Number of heads (key/value heads for ``k``/``v`` on a grouped-query model)."""
         return int(self.scores.shape[1])
-
-    @property
-    def indirect_effect(self) -> Float[Tensor, "layer head *dest"]:
-        """Score minus corrupted score of each cell."""
-        return self.scores - self.corrupted_score
-
-    def normalized(self) -> Float[Tensor, "layer head *dest"]:
-        """``(score - corrupted) / (clean - corrupted)``: 1 = fully restored, 0 = no effect."""
-        gap = self.clean_score - self.corrupted_score
-        if gap == 0:
-            return torch.full_like(self.scores, math.nan)
-        return (self.scores - self.corrupted_score) / gap
 
     def _check_cell(self, layer: int, head: int, pos: int | None) -> tuple[int, ...]:
         bounds = [("layer", layer, self.n_layers), ("head", head, self.n_heads)]

@@ -22,12 +22,16 @@ from lenscope.plotting._common import (
     NBSP,
     escape,
     fit_width,
-    format_percent,
-    format_score,
-    topk_lines,
     visible,
 )
-from lenscope.plotting.trace import _anchor, _check_options, _colorbar_title, _metric_label
+from lenscope.plotting.trace import (
+    _anchor,
+    _check_options,
+    _colorbar_title,
+    _metric_label,
+    _values,
+    score_fields,
+)
 from lenscope.results import HeadTraceResult
 from lenscope.validation import InvalidInput, InvalidInputType
 
@@ -74,7 +78,7 @@ def plot_head_trace(
         )
     options = {"value": value, "layer_order": layer_order, "layer_stride": 1, "top_k": top_k}
     _check_options([result], {**options, "width": width, "height": height})
-    grid = _grid(result, value)
+    grid = _values(result, value)
     positions = [None]
     if result.by == "head_pos":
         traced = [p for p in range(result.n_pos) if np.isfinite(grid[:, :, p]).any()]
@@ -167,16 +171,6 @@ def plot_head_trace(
     return fig
 
 
-def _grid(result: HeadTraceResult, value: str) -> np.ndarray:
-    if value == "score":
-        grid = result.scores
-    elif value == "indirect_effect":
-        grid = result.indirect_effect
-    else:
-        grid = result.normalized()
-    return grid.detach().double().cpu().numpy()
-
-
 def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.ndarray, str]:
     """``customdata`` ``[layer, head, field]`` and the ``hovertemplate`` laying it out."""
     index = () if pos is None else (pos,)
@@ -193,20 +187,13 @@ def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.nda
             if group > 1:
                 cell[1] += f" (query heads {head * group}–{(head + 1) * group - 1})"
             cell[2] = escape(token)
-            score = float(scores[(layer, head, *index)])
-            cell[3] = format_score(score)
-            if math.isnan(score):
-                continue
-            effect = float(normalized[(layer, head, *index)])
-            cell[4] = (
-                f"{format_percent(effect)} of clean − corrupted"
-                if math.isfinite(effect)
-                else "n/a (clean = corrupted)"
+            score_fields(
+                cell,
+                float(scores[(layer, head, *index)]),
+                float(normalized[(layer, head, *index)]),
+                lambda layer=layer, head=head: result.top_predictions(layer, head, pos),
+                top_k,
             )
-            if top_k:
-                cell[5] = f"<br>top-{top_k} after restoring"
-                lines = topk_lines(result.top_predictions(layer, head, pos)[:top_k])
-                cell[len(_LABELS) + 1 :] = [f"<br>{line}" for line in lines]
     template = "<br>".join(
         f"{label}{NBSP * (_LABEL_WIDTH - len(label))}%{{customdata[{i}]}}"
         for i, label in enumerate(_LABELS)
