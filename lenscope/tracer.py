@@ -223,7 +223,7 @@ class CausalTracer:
                 model,
                 sites,
                 settings.windows,
-                cells,
+                _shared_cells(cells),
                 corrupted,
                 clean,
                 corrupted_state,
@@ -299,6 +299,13 @@ class CausalTracer:
             )
             for kind, out in results.items()
         }
+
+
+def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+    """The one cell tensor every site traces, or ``{site name: cells}`` when they differ."""
+    first = next(iter(cells.values()))
+    same = all(c.shape == first.shape and torch.equal(c, first) for c in cells.values())
+    return first if same else cells
 
 
 def _result_class(where: Site) -> type[TraceResult]:

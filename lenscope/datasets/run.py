@@ -220,7 +220,7 @@ def dataset_settings(
         for the tracer's model (the noise std is measured once, here).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    chosen = tracer.settings(settings, **options, **DATASET_TRACE_FIXED)
+    chosen = tracer.settings(settings, **options)
     heads = [where.name for where in chosen.sites if isinstance(where, HeadSite)]
     if heads:
         raise InvalidInput(
@@ -228,7 +228,7 @@ def dataset_settings(
             f"{heads} give (layer, head) grids; trace them one prompt at a time with "
             f"tracer.trace(prompt, subject, kind={heads[0]!r}, by='head')"
         )
-    return chosen.for_model(tracer.model)
+    return tracer.settings(chosen, **DATASET_TRACE_FIXED).for_model(tracer.model)
 
 
 def dataset_header(tracer: CausalTracer, settings: TraceSettings) -> dict[str, Any]:
