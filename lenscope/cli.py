@@ -5,7 +5,8 @@ offline Gemma-3-270m by default), traces the hook-point types ROME's
 Figure 1 shows (Meng et al., 2022, arXiv 2202.05262), prints the answer,
 the clean and corrupted probabilities and each kind's peak cell, and writes
 the side-by-side heatmaps as a self-contained HTML file. ``lenscope dataset``
-averages traces over ROME's known facts (Figure 2). Both subcommands take the
+averages traces over ROME's known facts (Figure 2). ``lenscope lens train``
+trains a tuned lens (Belrose et al., 2023) on text files and saves it. Both subcommands take the
 same trace options (:func:`add_trace_arguments`), checked when the arguments
 are parsed. A user error exits with status 2 and a one-line reason; anything
 else is a bug or an environment problem: exit 1, with a hint to rerun with
@@ -34,6 +35,33 @@ KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 # lenscope.settings.POSITION_NAMES, repeated so that parsing needs no torch.
 POSITION_NAMES = ("all", "subject", "from_subject")
 ModelFactory = Callable[..., Any]
+# lenscope.metrics.METRIC_NAMES and the noise corruptions, repeated so that parsing
+# needs no torch (tests check that they agree).
+METRIC_NAMES = ("prob", "log_prob", "logit_diff", "normalized_logit_diff", "kl_div")
+NOISE_KINDS = ("gaussian", "uniform", "student_t", "multivariate")
+DIRECTIONS = ("denoise", "noise")
+
+
+def _corruption_arg(text: str) -> tuple[str, float | None]:
+    """The noise of ``--corruption``: gaussian, uniform, t<df>, multivariate (ROME: s, u, t, m)."""
+    value = text.strip().lower()
+    aliases = {"s": "gaussian", "u": "uniform", "m": "multivariate", "t": "student_t"}
+    value = aliases.get(value, value)
+    match = re.fullmatch(r"(?:t|student_t:?)(\d+(?:\.\d+)?)", value)
+    if match:
+        return "student_t", float(match[1])
+    if value in NOISE_KINDS:
+        return value, None
+    raise argparse.ArgumentTypeError(
+        f"expected one of gaussian, uniform, t<df> (Student-t, e.g. t3) or multivariate, "
+        f"got {text!r}"
+    )
+
+
+def _metric_arg(text: str) -> str:
+    if text not in METRIC_NAMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(METRIC_NAMES)}, got {text!r}")
+    return text
 
 
 def _noise_arg(text: str) -> tuple[str, float]:
@@ -177,9 +205,47 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
     parser.add_argument(
+        "--corruption",
+        type=_corruption_arg,
+        default=("gaussian", None),
+        help="the noise added to the subject's embeddings (ROME's causal_trace.py): gaussian "
+        "(default), uniform, t<df> (Student-t with df > 2 degrees of freedom, e.g. t3; all "
+        "scaled to the --noise std), or multivariate (the Gaussian fitted to the subject "
+        "embeddings; --noise does not apply)",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the subject's embeddings with the noise instead of adding it",
+    )
+    add_patch_arguments(parser)
+    parser.add_argument(
         "--batch-size", type=positive_int_arg, help="corrupted copies per forward pass"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def add_patch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--metric``, ``--foil`` and ``--direction``, shared by every command that patches."""
+    parser.add_argument(
+        "--metric",
+        type=_metric_arg,
+        help=f"what is measured: {', '.join(METRIC_NAMES)} (default: prob with noise, as in "
+        "ROME; normalized_logit_diff with a counterfactual prompt)",
+    )
+    parser.add_argument(
+        "--foil",
+        help="the competing answer of the logit-difference metrics, e.g. ' Rome' (default: "
+        "the counterfactual prompt's top-1 token)",
+    )
+    parser.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default="denoise",
+        help="denoise: restore clean activations into the corrupted run (causal tracing, "
+        "default); noise: patch corrupted activations into the clean run",
+    )
     return parser
 
 
@@ -210,19 +276,44 @@ def trace_options(args: argparse.Namespace) -> dict[str, Any]:
     Those of :func:`add_trace_arguments`, and of :func:`add_cell_arguments`
     where the subcommand has them.
     """
+    from lenscope import corruptions
+
     mode, value = args.noise
+    kind, df = args.corruption
+    if kind == "multivariate":
+        corruption: Any = corruptions.MultivariateGaussianNoise(
+            samples=args.samples, seed=args.seed, replace=args.replace
+        )
+    else:
+        cls = {
+            "gaussian": corruptions.GaussianNoise,
+            "uniform": corruptions.UniformNoise,
+            "student_t": corruptions.StudentTNoise,
+        }[kind]
+        extra = {"df": df} if df is not None else {}
+        corruption = cls(
+            samples=args.samples,
+            noise=value if mode == "absolute" else None,
+            noise_multiplier=value if mode == "multiplier" else 3.0,
+            seed=args.seed,
+            replace=args.replace,
+            **extra,
+        )
     options = {
         "kinds": args.kinds,
         "windows": args.window,
-        "samples": args.samples,
-        "noise": value if mode == "absolute" else None,
-        "noise_multiplier": value if mode == "multiplier" else None,
-        "seed": args.seed,
+        "corruption": corruption,
+        **patch_options(args),
     }
     for name in ("layers", "positions"):
         if name in args:
             options[name] = getattr(args, name)
     return options
+
+
+def patch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`lenscope.TraceSettings` options of :func:`add_patch_arguments`."""
+    return {"metric": args.metric, "foil": args.foil, "direction": args.direction}
 
 
 def add_dataset_arguments(
@@ -269,6 +360,13 @@ def add_dataset_arguments(
         help="JSONL checkpoint, written as each fact finishes; rerun with the same file to resume",
     )
     parser.add_argument(
+        "--counterfactuals",
+        action="store_true",
+        help="trace each fact against a counterfactual prompt (symmetric token replacement): "
+        "its prompt with the subject of another fact of the same relation, another attribute "
+        "and the same token length; facts without such a partner are left out",
+    )
+    parser.add_argument(
         "--minutes",
         type=_minutes_arg,
         default=None,
@@ -311,6 +409,45 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", type=Path, help="also write the results as JSON")
     trace.set_defaults(run=run_trace)
 
+    patch = sub.add_parser(
+        "patch",
+        help="activation patching between a prompt and a counterfactual of the same length",
+        description="Symmetric token replacement (Zhang & Nanda 2023): run CLEAN and "
+        "COUNTERFACTUAL, patch each (layer, token) cell of one into the other, and report "
+        "the normalised logit difference of CLEAN's answer against COUNTERFACTUAL's. "
+        'Example: lenscope patch "The Eiffel Tower is located in the city of" '
+        '"The Colosseum is located in the city of" --out patch.html',
+    )
+    patch.add_argument("clean", help="the prompt whose answer is measured")
+    patch.add_argument(
+        "counterfactual", help="the same prompt with other tokens, as many as the clean one has"
+    )
+    add_model_arguments(patch)
+    patch.add_argument(
+        "--kinds",
+        type=_kinds_arg,
+        default=("resid_pre", "attn_out", "mlp_out"),
+        help="hook-point types, comma-separated (default resid_pre,attn_out,mlp_out)",
+    )
+    patch.add_argument(
+        "--window",
+        type=positive_int_arg,
+        default=1,
+        help="layers patched around each cell (default 1)",
+    )
+    add_patch_arguments(patch)
+    add_cell_arguments(patch)
+    patch.add_argument("--answer", help="answer token text (default: the clean top-1 token)")
+    patch.add_argument(
+        "--batch-size", type=positive_int_arg, help="corrupted copies per forward pass"
+    )
+    patch.add_argument("--quiet", action="store_true", help="no progress bars")
+    patch.add_argument(
+        "--out", type=Path, default=Path("patch.html"), help="HTML file (default patch.html)"
+    )
+    patch.add_argument("--json", type=Path, help="also write the results as JSON")
+    patch.set_defaults(run=run_patch)
+
     dataset = sub.add_parser(
         "dataset",
         help="average causal traces over the ROME known facts and write an HTML report",
@@ -319,7 +456,132 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataset_arguments(dataset, model_arguments=True)
     dataset.set_defaults(run=run_dataset)
+
+    lens = sub.add_parser(
+        "lens",
+        help="train a tuned lens (Belrose et al., 2023) and compare it with the logit lens",
+        description="Tuned lenses: affine translators per layer, trained so that decoding "
+        "each layer matches the model's output. Example: lenscope lens train --texts "
+        "corpus.txt --out gemma.lens",
+    )
+    lens_sub = lens.add_subparsers(dest="lens_command", metavar="LENS_COMMAND", required=True)
+    train = lens_sub.add_parser(
+        "train",
+        help="train a tuned lens on text files and save it (tuned-lens's format)",
+        description="Train a tuned lens on the texts (SGD with Nesterov momentum, KL to the "
+        "model's output, the paper's schedule), showing a progress bar with the loss and the "
+        "time left, and save it as a folder (config.json + params.pt, readable by the "
+        "tuned-lens package). With --held-out, print the per-layer KL of the tuned and the "
+        "logit lens on those texts. Example: lenscope lens train --texts corpus.txt --out "
+        "gemma.lens --steps 50 --tokens-per-step 4096 --seq-len 256",
+    )
+    train.add_argument(
+        "--texts",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="UTF-8 text files to train on (each file one document)",
+    )
+    train.add_argument(
+        "--out", type=Path, required=True, help="folder to save the lens to (created)"
+    )
+    add_model_arguments(train)
+    train.add_argument("--steps", type=positive_int_arg, default=250, help="steps (default 250)")
+    train.add_argument(
+        "--tokens-per-step",
+        type=positive_int_arg,
+        default=2**18,
+        help="tokens per step (default 262144, the paper's)",
+    )
+    train.add_argument(
+        "--seq-len", type=positive_int_arg, default=2048, help="tokens per sequence (default 2048)"
+    )
+    train.add_argument(
+        "--batch-size", type=positive_int_arg, default=1, help="sequences per forward pass"
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="sgd (the paper's: Nesterov momentum; default) or adam",
+    )
+    train.add_argument(
+        "--lr", type=float, help="learning rate (default 1.0 for sgd, the paper's; 1e-3 for adam)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="shuffles the sequences (default 0)")
+    train.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="file to save progress to every 10 steps; an existing one is resumed",
+    )
+    train.add_argument(
+        "--held-out", type=Path, nargs="+", help="text files to evaluate the lens on afterwards"
+    )
+    train.add_argument(
+        "--eval-tokens",
+        type=positive_int_arg,
+        default=8192,
+        help="held-out tokens to evaluate (default 8192)",
+    )
+    train.add_argument("--json", type=Path, help="write the held-out evaluation as JSON")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_lens_train)
     return parser
+
+
+def run_lens_train(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
+    """``lenscope lens train``: train, save, and optionally evaluate on held-out texts."""
+    from lenscope.validation import InvalidInput
+
+    for path in [*args.texts, *(args.held_out or [])]:
+        if not path.is_file():
+            raise InvalidInput(
+                f"--texts and --held-out take text files, got {str(path)!r}, which is not a "
+                "file; pass e.g. --texts corpus.txt"
+            )
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidInput(
+            f"--out must name a folder (a lens is config.json + params.pt), got {str(args.out)!r}, "
+            "which is a file; pass e.g. --out gemma.lens"
+        )
+    check_outputs([("--json", args.json), ("--checkpoint", args.checkpoint)])
+    from lenscope.tuned_lens import TunedLens
+
+    model = _load(args, model_factory)
+    lens = TunedLens.train(
+        model,
+        list(args.texts),
+        steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        progress=not args.quiet,
+    )
+    lens.save(args.out)
+    info = lens.training
+    print(
+        f"trained a tuned lens of {lens.model_name} on {info['tokens']:,} tokens "
+        f"({info['steps']} steps) in {info['seconds']:.1f} s; final loss "
+        f"{info['loss'][-1]:.4f} nats summed over {lens.n_layers} layers; saved to {args.out}"
+    )
+    if args.held_out:
+        report = lens.evaluate(
+            model,
+            list(args.held_out),
+            seq_len=args.seq_len,
+            max_tokens=args.eval_tokens,
+            batch_size=args.batch_size,
+            corpus=", ".join(p.name for p in args.held_out),
+        )
+        print(f"held-out: {report.tokens:,} tokens")
+        print(report.to_markdown())
+        if args.json:
+            report.save(args.json)
+    return 0
 
 
 def _load(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
@@ -469,6 +731,26 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
         )
 
 
+def run_patch(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
+    """Run ``lenscope patch``; returns the exit status."""
+    check_outputs([("--out", args.out), ("--json", args.json)])
+    import lenscope
+
+    model = _load(args, model_factory)
+    tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
+    results = tracer.trace_kinds(
+        args.clean,
+        corruption=lenscope.CounterfactualPrompt(args.counterfactual),
+        kinds=args.kinds,
+        windows=args.window,
+        answer=args.answer,
+        layers=args.layers,
+        positions=args.positions,
+        **patch_options(args),
+    )
+    return _report(args, results, "patch")
+
+
 def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
     """Run ``lenscope trace``; returns the exit status.
 
@@ -479,8 +761,6 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     """
     check_outputs([("--out", args.out), ("--json", args.json)])
     import lenscope
-    from lenscope.plotting import plot_traces, save_html
-    from lenscope.results import write_json
 
     subject = args.subject
     if subject is None:
@@ -490,6 +770,14 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     results = tracer.trace_kinds(args.prompt, subject, answer=args.answer, **trace_options(args))
+    return _report(args, results, "trace")
+
+
+def _report(args: argparse.Namespace, results: dict[str, Any], stem: str) -> int:
+    """Print the table, write the heatmaps (``--out``) and the JSON (``--json``)."""
+    from lenscope.plotting import plot_traces, save_html
+    from lenscope.results import write_json
+
     print(format_table(results))
 
     def save_json(path: Path) -> None:
@@ -504,7 +792,7 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
             save_json(args.json)
             print(f"wrote {args.json}")
     except OSError as e:
-        kept = _keep(save_json, "trace")
+        kept = _keep(save_json, stem)
         what = "the results are kept in {} (in the format of --json)"
         raise _not_written(target, e, kept, what) from e
     return 0
@@ -540,7 +828,12 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
 
     model = _load(args, model_factory)
     tracer = CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
-    settings = dataset_settings(tracer, **trace_options(args))
+    options = trace_options(args)
+    if args.counterfactuals:
+        from lenscope.corruptions import CounterfactualColumn
+
+        options["corruption"] = CounterfactualColumn()
+    settings = dataset_settings(tracer, **options)
     if args.checkpoint is not None:
         Checkpoint.check(args.checkpoint, dataset_header(tracer, settings))
     facts = load_facts(args.facts) if args.facts else known_facts()
@@ -549,6 +842,16 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
     else:
         chosen = filter_known(tracer, facts, limit=args.limit)
         print(f"{len(chosen)} facts known to {model_name(model)} selected", file=sys.stderr)
+    if args.counterfactuals:
+        from lenscope.datasets import pair_counterfactuals
+
+        pairs = pair_counterfactuals(model, chosen)
+        print(
+            f"{len(pairs.facts)} of {pairs.n_facts} facts paired with a counterfactual of the "
+            "same relation and token length",
+            file=sys.stderr,
+        )
+        chosen = pairs.facts
     summary = trace_dataset(
         tracer,
         chosen,
@@ -579,13 +882,21 @@ def format_table(results: dict[str, Any]) -> str:
     """The summary the command prints: answer, clean/corrupted scores, peak cell per kind."""
     first = next(iter(results.values()))
     start, end = first.subject_range
+    record = first.corruption or {}
+    if "counterfactual" in record:
+        corrupted = f"counterfactual {record['counterfactual']!r}"
+    else:
+        corrupted = f"noise std {first.noise_std:.4g}, {first.samples} samples"
+    if first.foil is not None:
+        corrupted += f"; foil {first.foil!r}"
+    if first.direction != "denoise":
+        corrupted += f"; direction {first.direction}"
     lines = [
         f"model      {first.model_name}",
         f"subject    {''.join(first.tokens[start:end])!r} (tokens {start}..{end - 1})",
         f"answer     {first.answer!r}",
-        f"clean      p = {first.clean_score:.4f}",
-        f"corrupted  p = {first.corrupted_score:.4f}   (noise std {first.noise_std:.4g}, "
-        f"{first.samples} samples)",
+        f"clean      {first.metric} = {first.clean_score:.4f}",
+        f"corrupted  {first.metric} = {first.corrupted_score:.4f}   ({corrupted})",
         "",
         f"{'kind':<11}{'window':>6}  {'peak layer':>10}  {'peak token':<20}{'score':>8}"
         f"{'normalized':>12}",
@@ -686,6 +997,8 @@ def main(argv: Sequence[str] | None = None, *, model_factory: ModelFactory | Non
     from lenscope.validation import USER_ERRORS
 
     command = f"lenscope {args.command}"
+    if getattr(args, "lens_command", None):
+        command += f" {args.lens_command}"
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warnings(command)

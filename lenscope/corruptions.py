@@ -26,7 +26,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenscope.hooks import EMBED_HOOK, preserved_model
-from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, draw_noise, embedding_sigma
+from lenscope.noise import (
+    DEFAULT_NOISE_MULTIPLIER,
+    draw_noise,
+    draw_student_t,
+    draw_uniform,
+    embedding_moments,
+    embedding_sigma,
+)
+from lenscope.tokens import prompt_tokens, token_labels
 from lenscope.validation import (
     InvalidInput,
     InvalidInputType,
@@ -67,11 +75,39 @@ class CorruptedInput:
         """Token ids of ``copies`` copies of every sample, copy-major."""
         return einops.repeat(self.tokens, "sample pos -> (copy sample) pos", copy=copies)
 
+    def clean_copies(self, tokens: Int[Tensor, " pos"]) -> "CorruptedInput":
+        """``samples`` copies of the clean prompt: the run a noising sweep patches into.
+
+        Same first changed position and record; no hooks.
+        """
+        return CorruptedInput(
+            tokens=einops.repeat(tokens, "pos -> sample pos", sample=self.samples),
+            fwd_hooks=(),
+            first_changed=self.first_changed,
+            record=self.record,
+        )
+
 
 class Corruption(abc.ABC):
-    """What makes the corrupted run corrupted. Subclasses are frozen dataclasses."""
+    """What makes the corrupted run corrupted. Subclasses are frozen dataclasses.
+
+    Class attributes:
+        name: The name results and checkpoints record.
+        default_metric: The metric a trace with this corruption uses unless told.
+        has_counterfactual_answer: Whether the corrupted run answers a prompt
+            of its own (a counterfactual prompt does): its top-1 token is then
+            the default foil of the logit-difference metrics.
+    """
 
     name: ClassVar[str]
+    default_metric: ClassVar[str] = "prob"
+    has_counterfactual_answer: ClassVar[bool] = False
+
+    def changed_range(
+        self, model: torch.nn.Module, tokens: Int[Tensor, " pos"]
+    ) -> tuple[int, int] | None:
+        """The token range this corruption changes without being told a subject, if it has one."""
+        return None
 
     def resolve(self, model: torch.nn.Module) -> "Corruption":
         """Fix every setting that depends on the model (e.g. noise measured in sigmas)."""
@@ -97,8 +133,13 @@ class Corruption(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GaussianNoise(Corruption):
-    """ROME's corruption: Gaussian noise added to the subject's embeddings at ``hook_embed``.
+class SubjectNoise(Corruption):
+    """Noise added to (or replacing) the subject's embeddings at ``hook_embed``, in copies.
+
+    Subclasses say how the noise is distributed (:meth:`draw`); every one is
+    scaled to the same standard deviation, ``noise_multiplier`` times the
+    embedding sigma measured at the hook, so that the corruptions differ in
+    shape, not in size.
 
     Args:
         samples: Corrupted copies (ROME: 10).
@@ -110,16 +151,17 @@ class GaussianNoise(Corruption):
             overrides ``noise``, ``noise_multiplier`` and ``seed``.
         reference_subjects: Subjects over which sigma is measured; default
             the ROME known-facts subjects shipped with lenscope.
+        replace: Replace the subject's embeddings with the noise instead of
+            adding it (ROME's ``--replace``).
     """
 
     samples: int = 10
-    noise: float | None = None
-    noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER
+    noise: float | int | None = None
+    noise_multiplier: float | int = DEFAULT_NOISE_MULTIPLIER
     seed: int = 0
     noise_tensor: Float[Tensor, "samples subject_pos d_model"] | None = None
     reference_subjects: tuple[str, ...] | None = None
-
-    name: ClassVar[str] = "gaussian_noise"
+    replace: bool = False
 
     def __post_init__(self) -> None:
         """Check every setting that does not need the model."""
@@ -153,6 +195,21 @@ class GaussianNoise(Corruption):
                 raise InvalidInput("noise_tensor must be finite, got NaN or inf entries")
         if self.reference_subjects is not None:
             object.__setattr__(self, "reference_subjects", tuple(self.reference_subjects))
+        if not isinstance(self.replace, bool):
+            raise InvalidInputType(
+                f"replace must be True or False, got {self.replace!r}; replace=True puts the "
+                "noise in place of the subject's embeddings instead of adding it"
+            )
+
+    @abc.abstractmethod
+    def draw(
+        self, samples: int, n_tokens: int, d_model: int, std: float, seed: int
+    ) -> Float[Tensor, "samples subject_pos d_model"]:
+        """Noise of standard deviation ``std``, the same for the same seed on every device."""
+
+    def params(self) -> dict[str, Any]:
+        """The subclass's own settings, beside samples, noise_std and seed in records."""
+        return {"replace": True} if self.replace else {}
 
     def std(self, model: torch.nn.Module) -> float:
         """The absolute noise std for ``model`` (sigma is measured once per model)."""
@@ -162,7 +219,7 @@ class GaussianNoise(Corruption):
             sigma = embedding_sigma(model, self.reference_subjects)
         return float(self.noise_multiplier) * sigma
 
-    def resolve(self, model: torch.nn.Module) -> "GaussianNoise":
+    def resolve(self, model: torch.nn.Module) -> "SubjectNoise":
         """A copy with the absolute std fixed (``noise``), measured on ``model`` if needed."""
         if self.noise_tensor is not None or self.noise is not None:
             return self
@@ -188,23 +245,24 @@ class GaussianNoise(Corruption):
             noise, noise_std, seed = self.noise_tensor, float(self.noise_tensor.float().std()), None
         else:
             noise_std = self.std(model)
-            noise = draw_noise(self.samples, end - start, d_model, noise_std, self.seed)
+            noise = self.draw(self.samples, end - start, d_model, noise_std, self.seed)
             seed = self.seed
         noise = noise.to(model.cfg.device, model.cfg.dtype)
         return CorruptedInput(
             tokens=einops.repeat(tokens, "pos -> sample pos", sample=self.samples),
-            fwd_hooks=((EMBED_HOOK, noise_hook(noise, subject_range)),),
+            fwd_hooks=((EMBED_HOOK, noise_hook(noise, subject_range, replace=self.replace)),),
             first_changed=start,
             record={
                 "name": self.name,
                 "samples": self.samples,
                 "noise_std": noise_std,
                 "seed": seed,
+                **self.params(),
             },
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name", "samples", "noise_std", "seed"}``; call :meth:`resolve` first."""
+        """``{"name", "samples", "noise_std", "seed", **params()}``; call :meth:`resolve` first."""
         if self.noise_tensor is not None:
             noise_std, seed = float(self.noise_tensor.float().std()), None
         elif self.noise is None:
@@ -214,36 +272,367 @@ class GaussianNoise(Corruption):
             )
         else:
             noise_std, seed = float(self.noise), self.seed
-        return {"name": self.name, "samples": self.samples, "noise_std": noise_std, "seed": seed}
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "noise_std": noise_std,
+            "seed": seed,
+            **self.params(),
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GaussianNoise":
+    def from_dict(cls, data: Mapping[str, Any]) -> "SubjectNoise":
         """Rebuild from :meth:`to_dict`; a record of an explicit noise tensor (seed None) cannot."""
         if data.get("seed") is None:
             raise InvalidInput(
                 "the trace used an explicit noise_tensor (its seed is None), so its noise "
                 "cannot be regenerated; pass the same tensor as noise_tensor=..."
             )
-        return cls(samples=data["samples"], noise=data["noise_std"], seed=data["seed"])
+        own = {f.name for f in dataclasses.fields(cls)} - {"samples", "noise", "seed"}
+        extra = {k: v for k, v in data.items() if k in own}
+        return cls(samples=data["samples"], noise=data["noise_std"], seed=data["seed"], **extra)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GaussianNoise(SubjectNoise):
+    """ROME's corruption: Gaussian noise added to the subject's embeddings at ``hook_embed``.
+
+    Arguments as for :class:`SubjectNoise`: ``GaussianNoise(samples=10,
+    noise_multiplier=3.0)`` is ROME's ``s3``.
+    """
+
+    name: ClassVar[str] = "gaussian_noise"
+
+    def draw(
+        self, samples: int, n_tokens: int, d_model: int, std: float, seed: int
+    ) -> Float[Tensor, "samples subject_pos d_model"]:
+        """Independent Gaussian draws (:func:`lenscope.noise.draw_noise`)."""
+        return draw_noise(samples, n_tokens, d_model, std, seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UniformNoise(SubjectNoise):
+    """Uniform noise on ``[-a, a]``, ``a = sqrt(3) * std`` (ROME's ``u<a>`` names the half-width).
+
+    Arguments as for :class:`SubjectNoise`.
+    """
+
+    name: ClassVar[str] = "uniform_noise"
+
+    def draw(
+        self, samples: int, n_tokens: int, d_model: int, std: float, seed: int
+    ) -> Float[Tensor, "samples subject_pos d_model"]:
+        """Independent uniform draws (:func:`lenscope.noise.draw_uniform`)."""
+        return draw_uniform(samples, n_tokens, d_model, std, seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StudentTNoise(SubjectNoise):
+    """Student-t noise with ``df`` degrees of freedom, scaled to the same std as the others.
+
+    Heavier-tailed than Gaussian noise: a few large components, most small.
+    ROME's ``t<df>`` scales a multivariate t on its fitted Gaussian; this
+    one is independent per component (see :func:`lenscope.noise.draw_student_t`).
+
+    Args:
+        df: Degrees of freedom, > 2 (the variance ``df / (df - 2)`` is infinite otherwise).
+        **kwargs: As for :class:`SubjectNoise`.
+    """
+
+    df: float | int = 3.0
+
+    name: ClassVar[str] = "student_t_noise"
+
+    def __post_init__(self) -> None:
+        """Check ``df`` as well."""
+        super().__post_init__()
+        finite_number("df", self.df, "pass e.g. df=3 (ROME's t3); larger df is closer to Gaussian")
+        if self.df <= 2:
+            raise InvalidInput(
+                f"Student-t noise needs df > 2 degrees of freedom (its variance df / (df - 2) "
+                f"is infinite otherwise, so it cannot be scaled to a std), got df={self.df!r}; "
+                "pass e.g. df=3 (ROME's t3)"
+            )
+
+    def draw(
+        self, samples: int, n_tokens: int, d_model: int, std: float, seed: int
+    ) -> Float[Tensor, "samples subject_pos d_model"]:
+        """Independent t draws scaled to ``std`` (:func:`lenscope.noise.draw_student_t`)."""
+        return draw_student_t(samples, n_tokens, d_model, std, seed, float(self.df))
+
+    def params(self) -> dict[str, Any]:
+        """``df``, and ``replace`` when set."""
+        return {"df": float(self.df), **super().params()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MultivariateGaussianNoise(Corruption):
+    """Draws of the Gaussian fitted to the subject embeddings at ``hook_embed`` (ROME's ``m``).
+
+    The mean and covariance are those of ``hook_embed`` activations over the
+    reference subjects' tokens (:func:`lenscope.noise.embedding_moments`,
+    cached per model); each corrupted copy gets a draw ``mean + L z`` with
+    ``L L^T = covariance + ridge * I``, added to the subject's embeddings as
+    ROME adds it, or in their place with ``replace=True``.
+
+    Args:
+        samples: Corrupted copies.
+        seed: Seed of the standard-normal draws ``z``.
+        ridge: Added to the covariance's diagonal; needed when the covariance
+            is singular (fewer distinct reference tokens than ``d_model``).
+        reference_subjects: Subjects the moments are measured over; default
+            the ROME known-facts subjects.
+        replace: Replace the subject's embeddings with the draws.
+    """
+
+    samples: int = 10
+    seed: int = 0
+    ridge: float | int = 0.0
+    reference_subjects: tuple[str, ...] | None = None
+    replace: bool = False
+
+    name: ClassVar[str] = "multivariate_gaussian_noise"
+
+    def __post_init__(self) -> None:
+        """Check every setting that does not need the model."""
+        if not is_int(self.samples) or self.samples < 1:
+            raise InvalidInput(
+                f"samples must be an integer >= 1, got {self.samples!r}; ROME uses 10"
+            )
+        if not is_int(self.seed):
+            raise InvalidInput(f"seed must be an integer, got {self.seed!r}; pass e.g. seed=0")
+        finite_number("ridge", self.ridge, "pass e.g. ridge=1e-3, or 0 for none", minimum=0)
+        if self.reference_subjects is not None:
+            object.__setattr__(self, "reference_subjects", tuple(self.reference_subjects))
+        if not isinstance(self.replace, bool):
+            raise InvalidInputType(f"replace must be True or False, got {self.replace!r}")
+
+    def factor(self, model: torch.nn.Module) -> tuple[Tensor, Tensor]:
+        """``(mean, L)`` with ``L L^T = covariance + ridge * I`` (float64)."""
+        with preserved_model(model):
+            mean, cov, count = embedding_moments(model, self.reference_subjects)
+        d_model = cov.shape[0]
+        lower, info = torch.linalg.cholesky_ex(
+            cov + self.ridge * torch.eye(d_model, dtype=cov.dtype)
+        )
+        if int(info) != 0:
+            rank = int(torch.linalg.matrix_rank(cov))
+            raise InvalidInput(
+                f"the covariance of the subject embeddings at hook_embed must be positive "
+                f"definite to draw from it, but it is singular (rank {rank} of d_model="
+                f"{d_model}, from {count} reference tokens) with ridge={self.ridge}; pass "
+                f"ridge=1e-3 * the mean variance ({1e-3 * float(cov.diagonal().mean()):.3g}) "
+                "or more, or more reference_subjects"
+            )
+        return mean, lower
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        tokens: Int[Tensor, " pos"],
+        subject_range: tuple[int, int],
+    ) -> CorruptedInput:
+        """Draw ``samples`` copies of the subject's noise from the fitted Gaussian."""
+        start, end = subject_range
+        mean, lower = self.factor(model)
+        d_model = mean.shape[0]
+        z = draw_noise(self.samples, end - start, d_model, 1.0, self.seed).double()
+        noise = (mean + z @ lower.T).to(model.cfg.device, model.cfg.dtype)
+        return CorruptedInput(
+            tokens=einops.repeat(tokens, "pos -> sample pos", sample=self.samples),
+            fwd_hooks=((EMBED_HOOK, noise_hook(noise, subject_range, replace=self.replace)),),
+            first_changed=start,
+            record=self.to_dict(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "samples", "seed", "ridge"}``, and ``replace`` when set."""
+        out = {"name": self.name, "samples": self.samples, "seed": self.seed, "ridge": self.ridge}
+        return {**out, "replace": True} if self.replace else out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MultivariateGaussianNoise":
+        """Rebuild from :meth:`to_dict`."""
+        return cls(
+            samples=data["samples"],
+            seed=data["seed"],
+            ridge=data.get("ridge", 0.0),
+            replace=data.get("replace", False),
+        )
 
 
 def noise_hook(
-    noise: Float[Tensor, "samples subject_pos d_model"], subject_range: tuple[int, int]
+    noise: Float[Tensor, "samples subject_pos d_model"],
+    subject_range: tuple[int, int],
+    *,
+    replace: bool = False,
 ) -> HookFn:
-    """A ``hook_embed`` hook adding each row's noise to the subject positions."""
+    """A ``hook_embed`` hook adding each row's noise to the subject positions, or replacing them."""
     start, end = subject_range
 
     def hook(embed: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
         copies = embed.shape[0] // noise.shape[0]
         rows = einops.repeat(noise, "sample pos d -> (copy sample) pos d", copy=copies)
         embed = embed.clone()
-        embed[:, start:end] = embed[:, start:end] + rows.to(embed.dtype)
+        if replace:
+            embed[:, start:end] = rows.to(embed.dtype)
+        else:
+            embed[:, start:end] = embed[:, start:end] + rows.to(embed.dtype)
         return embed
 
     return hook
 
 
-CORRUPTIONS: dict[str, type[Corruption]] = {GaussianNoise.name: GaussianNoise}
+@dataclasses.dataclass(frozen=True, eq=False)
+class CounterfactualPrompt(Corruption):
+    """Symmetric token replacement (STR): the corrupted run is another prompt of the same length.
+
+    Zhang & Nanda (2023, "Towards Best Practices of Activation Patching",
+    arXiv 2309.16042) recommend it over Gaussian noise wherever a
+    counterfactual exists: "The Colosseum is located in the city of" for
+    "The Eiffel Tower is located in the city of". The two prompts must
+    tokenise to the same number of tokens; positions before the first token
+    that differs cannot change anything, and the engine skips them.
+
+    Args:
+        prompt: The counterfactual prompt: text (tokenised as the clean
+            prompt is) or token ids.
+    """
+
+    prompt: str | tuple[int, ...]
+
+    name: ClassVar[str] = "counterfactual_prompt"
+    default_metric: ClassVar[str] = "normalized_logit_diff"
+    has_counterfactual_answer: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        """Check the prompt's type; its length is checked against the clean prompt's at bind."""
+        value = self.prompt
+        if isinstance(value, Tensor):
+            value = value.flatten().tolist()
+        if isinstance(value, str):
+            if not value:
+                raise InvalidInput(
+                    "the counterfactual prompt must be non-empty text or token ids, got ''; "
+                    "pass e.g. 'The Colosseum is located in the city of'"
+                )
+        elif isinstance(value, list | tuple) and value and all(is_int(i) for i in value):
+            value = tuple(int(i) for i in value)
+        else:
+            raise InvalidInputType(
+                "the counterfactual prompt must be text or a list of token ids, got "
+                f"{type(self.prompt).__name__}; pass e.g. 'The Colosseum is located in the city of'"
+            )
+        object.__setattr__(self, "prompt", value)
+
+    def tokens(self, model: torch.nn.Module, clean: Int[Tensor, " pos"]) -> Int[Tensor, " pos"]:
+        """The counterfactual's token ids, checked against the clean prompt's."""
+        other = prompt_tokens(
+            model, self.prompt if isinstance(self.prompt, str) else list(self.prompt)
+        )
+        if other.shape[0] != clean.shape[0]:
+            raise InvalidInput(
+                "a counterfactual prompt must tokenise to as many tokens as the clean prompt "
+                f"(symmetric token replacement), got {other.shape[0]} tokens "
+                f"{list(token_labels(model, other))} for {clean.shape[0]} tokens "
+                f"{list(token_labels(model, clean))}; change the counterfactual so that each "
+                "replaced word has as many tokens as the one it replaces"
+            )
+        if torch.equal(other.cpu(), clean.cpu()):
+            raise InvalidInput(
+                f"the counterfactual prompt must differ from the clean prompt, got the same "
+                f"tokens {list(token_labels(model, clean))}; pass a prompt with another "
+                "subject, e.g. 'The Colosseum' for 'The Eiffel Tower'"
+            )
+        return other.to(clean.device)
+
+    def changed_range(self, model: torch.nn.Module, tokens: Int[Tensor, " pos"]) -> tuple[int, int]:
+        """From the first token that differs to the last one (the subject of a trace)."""
+        differs = torch.nonzero(self.tokens(model, tokens) != tokens).flatten()
+        return int(differs[0]), int(differs[-1]) + 1
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        tokens: Int[Tensor, " pos"],
+        subject_range: tuple[int, int],
+    ) -> CorruptedInput:
+        """One corrupted sample: the counterfactual's tokens, no hooks."""
+        other = self.tokens(model, tokens)
+        first = int(torch.nonzero(other != tokens).flatten()[0])
+        return CorruptedInput(
+            tokens=other[None], fwd_hooks=(), first_changed=first, record=self.to_dict()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "counterfactual"}`` (text, or a list of token ids)."""
+        prompt = self.prompt if isinstance(self.prompt, str) else list(self.prompt)
+        return {"name": self.name, "counterfactual": prompt}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CounterfactualPrompt":
+        """Rebuild from :meth:`to_dict`."""
+        prompt = data["counterfactual"]
+        return cls(prompt if isinstance(prompt, str) else tuple(prompt))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CounterfactualColumn(Corruption):
+    """A counterfactual prompt per fact, from a column of a dataset (for ``trace_dataset``).
+
+    Each fact is traced with :class:`CounterfactualPrompt` of its own
+    ``column`` entry (:func:`lenscope.datasets.pair_counterfactuals` builds
+    such a column from ROME's known facts); facts without one are skipped.
+    It cannot trace a single prompt: pass a :class:`CounterfactualPrompt` there.
+
+    Args:
+        column: The fact field holding the counterfactual prompt.
+    """
+
+    column: str = "counterfactual"
+
+    name: ClassVar[str] = "counterfactual_column"
+    default_metric: ClassVar[str] = "normalized_logit_diff"
+    has_counterfactual_answer: ClassVar[bool] = True
+
+    def for_fact(self, fact: Mapping[str, Any]) -> CounterfactualPrompt:
+        """The fact's own counterfactual prompt."""
+        return CounterfactualPrompt(fact[self.column])
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        tokens: Int[Tensor, " pos"],
+        subject_range: tuple[int, int],
+    ) -> CorruptedInput:
+        """Refused: a column has a counterfactual per fact, not one for any prompt."""
+        raise InvalidInput(
+            f"CounterfactualColumn({self.column!r}) names a column of a dataset, so it can only "
+            "trace facts (lenscope.trace_dataset); for one prompt pass "
+            "corruption=lenscope.CounterfactualPrompt('...') or use tracer.patch"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "counterfactual_column"}``."""
+        return {"name": self.name, "counterfactual_column": self.column}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CounterfactualColumn":
+        """Rebuild from :meth:`to_dict`."""
+        return cls(data.get("counterfactual_column", "counterfactual"))
+
+
+CORRUPTIONS: dict[str, type[Corruption]] = {
+    cls.name: cls
+    for cls in (
+        GaussianNoise,
+        UniformNoise,
+        StudentTNoise,
+        MultivariateGaussianNoise,
+        CounterfactualPrompt,
+        CounterfactualColumn,
+    )
+}
 """Corruption classes by :attr:`Corruption.name`, for :func:`corruption_from_dict`."""
 
 

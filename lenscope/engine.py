@@ -66,10 +66,9 @@ from lenscope.hooks import (
     hook_name,
     is_bridge,
     n_layers,
-    run_to_final_resid,
 )
 from lenscope.metrics import PatchingMetric
-from lenscope.sites import Site
+from lenscope.sites import Site, source_rows
 from lenscope.validation import InvalidInput
 
 STRATEGIES = ("auto", "prefix", "full")
@@ -86,25 +85,29 @@ class CleanRun:
 
 @dataclasses.dataclass(frozen=True)
 class CorruptedRun:
-    """The corrupted copies with nothing restored.
+    """The corrupted copies (or, when noising, the clean copies) with nothing patched.
 
     ``resid_pre`` (residual stream entering each block) and ``kv_cache`` (every
     layer's keys and values, in the form the model's
     :class:`~lenscope._prefix.PrefixRunner` reads) are kept only for the
-    prefix strategy.
+    prefix strategy; ``activations`` only when asked for (the source of a
+    noising sweep).
     """
 
     logits: Float[Tensor, "samples d_vocab"]
     resid_pre: list[Float[Tensor, "samples pos d_model"]] | None
     kv_cache: Any
     seconds: float = 0.0
+    activations: dict[str, Float[Tensor, "samples pos ..."]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepOutput:
     """Per-cell metric and top-k of the restored runs; NaN / -1 for cells not traced."""
 
-    scores: Float[Tensor, "layer ..."]
+    scores: Float[Tensor, "metric layer ..."]
     top_ids: Int[Tensor, "layer *unit k"]
     top_probs: Float[Tensor, "layer *unit k"]
 
@@ -486,27 +489,44 @@ def _since(started: float, model: torch.nn.Module) -> float:
 
 
 def corrupted_run(
-    model: torch.nn.Module, corrupted: CorruptedInput, *, keep_prefix_state: bool
+    model: torch.nn.Module,
+    corrupted: CorruptedInput,
+    *,
+    keep_prefix_state: bool,
+    capture: Sequence[str] = (),
 ) -> CorruptedRun:
-    """Run the corrupted samples once; keep what the prefix strategy starts from."""
+    """Run the corrupted samples once; keep what the prefix strategy starts from.
+
+    Args:
+        model: The model.
+        corrupted: The bound corruption (or the clean copies of a noising sweep).
+        keep_prefix_state: Keep every layer's ``resid_pre`` and keys and values.
+        capture: Hook points whose activations to keep (``[samples, pos, ...]``).
+    """
     started = time.perf_counter()
     batch = corrupted.tokens
     hooks = list(corrupted.fwd_hooks)
     if not keep_prefix_state:
-        logits = decode_resid(model, run_to_final_resid(model, batch, hooks))
+        store = capture_forward(model, batch, hooks, capture)
+        logits = decode_resid(model, store.pop(FINAL_RESID)[:, -1])
         return CorruptedRun(
-            logits=logits, resid_pre=None, kv_cache=None, seconds=_since(started, model)
+            logits=logits,
+            resid_pre=None,
+            kv_cache=None,
+            seconds=_since(started, model),
+            activations={name: store[name] for name in capture},
         )
 
-    store: dict[str, Tensor] = {}
+    store = {}
     names = [hook_name("resid_pre", layer) for layer in range(n_layers(model))]
-    hooks += [(name, _capture_hook(store, name)) for name in names]
+    hooks += [(name, _capture_hook(store, name)) for name in dict.fromkeys([*names, *capture])]
     resid, kv_cache = prefix_runner(model).corrupted_forward(batch, hooks)
     return CorruptedRun(
         logits=decode_resid(model, resid),
         resid_pre=[store[name] for name in names],
         kv_cache=kv_cache,
         seconds=_since(started, model),
+        activations={name: store[name] for name in capture},
     )
 
 
@@ -593,22 +613,22 @@ def _run_stair(
     windows: Bool[Tensor, "member layer"],
     masks: Bool[Tensor, "member pos ..."],
     site: Site,
-    clean: CleanRun,
-    corrupted: CorruptedRun,
+    source: Mapping[str, Float[Tensor, "src pos ..."]],
+    base: CorruptedRun,
     samples: int,
 ) -> Float[Tensor, "row d_model"]:
     """Run the cells of one first position, each joining the batch at its entry layer.
 
-    Every row runs positions ``pos:`` only (the corrupted keys and values of
+    Every row runs positions ``pos:`` only (the base run's keys and values of
     earlier positions come from a frozen cache) and only the blocks from its
     entry layer on, so the token-layers computed are exactly the minimal
     ones; one block at a time, the batch grows as cells join. Rows are
     ``(cell, sample)`` pairs, cell-major, in the order of ``entries``.
     """
-    if corrupted.resid_pre is None or corrupted.kv_cache is None:
-        raise RuntimeError("the prefix strategy needs the corrupted run's resid_pre and cache")
+    if base.resid_pre is None or base.kv_cache is None:
+        raise RuntimeError("the prefix strategy needs the base run's resid_pre and cache")
     n_layer = n_layers(model)
-    device = corrupted.resid_pre[0].device
+    device = base.resid_pre[0].device
     names = site.hook_names(n_layer)
     masks = masks[:, pos:]
     joined = [int((entries <= layer).sum()) for layer in range(n_layer)]
@@ -622,7 +642,7 @@ def _run_stair(
             (
                 names[layer],
                 site.restore_hook(
-                    site.clean_suffix(clean.activations[names[layer]], pos), mask.to(device)
+                    site.clean_suffix(source[names[layer]], pos), mask.to(device)
                 ),
             )
         )
@@ -630,22 +650,22 @@ def _run_stair(
     # The stair is set up before the restoring hooks are attached: a
     # TransformerBridge runs a one-row probe forward there.
     with (
-        prefix_runner(model).stair(corrupted.kv_cache, pos, joined) as run_block,
+        prefix_runner(model).stair(base.kv_cache, pos, joined) as run_block,
         model.hooks(fwd_hooks=hooks),
     ):
         for layer in range(int(entries[0]), n_layer):
             first = joined[layer - 1] if layer else 0
             count = joined[layer] - first
             if count:
-                new = einops.repeat(
-                    corrupted.resid_pre[layer][:, pos:], "s p d -> (c s) p d", c=count
-                )
+                # A copy (rows (cell sample), cell-major), never a view: restoring
+                # hooks write in place and must not reach the base run's state.
+                new = base.resid_pre[layer][:, pos:].repeat(count, 1, 1)
                 if site.entry_offset:
                     # These cells restored the previous layer's activation, which
-                    # is this block's input: put its clean value in directly.
+                    # is this block's input: put its patched-in value in directly.
                     before = _rows(masks[first : joined[layer]], samples).to(device)
-                    clean_before = clean.activations[names[layer - 1]][pos:]
-                    new = torch.where(before[..., None], clean_before.to(new.dtype), new)
+                    value = source_rows(source[names[layer - 1]][:, pos:], len(new))
+                    new = torch.where(before[..., None], value.to(new.dtype), new)
                 resid = new if resid is None else torch.cat([resid, new])
             resid = run_block(resid, layer)
     return resid[:, -1]
@@ -726,52 +746,67 @@ def sweep(
     site: Site,
     window: int,
     cells: Int[Tensor, "cell axis"],
-    clean: CleanRun,
-    corrupted: CorruptedInput,
-    corrupted_state: CorruptedRun,
+    source: Mapping[str, Float[Tensor, "src pos ..."]],
+    base: CorruptedInput,
+    base_state: CorruptedRun,
     answer_id: int,
-    metric: PatchingMetric,
+    metrics: Sequence[PatchingMetric],
     top_k: int,
     strategy: str,
     batch_size: int | None,
     progress: bool,
     description: str = "",
 ) -> SweepOutput:
-    """Restore every cell of ``cells`` (rows of ``site.index_axes`` coordinates) and score it.
+    """Patch every cell of ``cells`` (rows of ``site.index_axes`` coordinates) and score it.
 
-    Rows of a batch are ``(cell, sample)`` pairs, cell-major. Cells whose
-    restorations are all no-ops (:func:`effective_windows`) take the
-    corrupted run's scores without a forward pass. The final residuals of all
+    The base run (``base``: its tokens and hooks; ``base_state``: its scores
+    and the prefix strategy's state) receives the ``source`` activations at
+    each cell. Denoising (causal tracing) patches the clean run's activations
+    (one row, ``[1, pos, ...]`` per hook name) into the corrupted copies;
+    noising patches each corrupted copy's activations (``[samples, pos,
+    ...]``) into copies of the clean run. Rows of a batch are ``(cell,
+    sample)`` pairs, cell-major. Cells whose patches are all no-ops
+    (:func:`effective_windows`) take the base run's scores without a forward
+    pass. The final residuals of all
     batches are decoded together in large chunks, so the unembedding matrix
     (671 MB for Gemma) is read a few times per trace rather than once per
-    forward pass. Returns the metric averaged over samples and the top-k of
-    the sample-averaged next-token distribution of each cell.
+    forward pass. Returns each metric averaged over samples (``scores``:
+    ``[metric, layer, *unit]``) and the top-k of the sample-averaged
+    next-token distribution of each cell.
     """
-    n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
-    samples = corrupted.samples
-    plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size)
+    n_layer, n_pos = n_layers(model), base.tokens.shape[1]
+    samples = base.samples
+    plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size)
     active = plan.active
-    out = _empty_output((n_layer, *site.unit_shape(model, n_pos)), top_k)
+    out = _empty_output(len(metrics), (n_layer, *site.unit_shape(model, n_pos)), top_k)
     if not active.all():
         unchanged = _score_rows(
-            corrupted_state.logits.float().clone(), samples, answer_id, metric, top_k
+            base_state.logits.float().clone(), samples, answer_id, metrics, top_k
         )
         n_unchanged = int((~active).sum())
-        _fill_cells(out, cells[~active], *(x.expand(n_unchanged, *x.shape[1:]) for x in unchanged))
+        scores, top_ids, top_probs = unchanged
+        _fill_cells(
+            out,
+            cells[~active],
+            scores.expand(-1, n_unchanged),
+            top_ids.expand(n_unchanged, -1),
+            top_probs.expand(n_unchanged, -1),
+        )
     cells, windows = cells[active], plan.windows[active]
     masks = site.cell_mask(cells[:, 1:], n_pos)
 
     order: list[Tensor] = []
     finals: list[Tensor] = []
     if plan.done is not None and plan.done.any():
-        final = clean.activations[site.hook_name(n_layer - 1)][-1]
+        final = source[site.hook_name(n_layer - 1)][:, -1]
+        rows = int(plan.done.sum()) * samples
         order.append(torch.nonzero(plan.done).flatten())
-        finals.append(einops.repeat(final, "d -> rows d", rows=int(plan.done.sum()) * samples))
+        finals.append(source_rows(final, rows).expand(rows, -1))
     entries, first_pos = plan.entries, plan.first_pos
     for members in tqdm(plan.batches, desc=description or "trace", disable=not progress):
         if entries is None or first_pos is None:  # the full strategy
             finals.append(
-                forward_cells(model, corrupted, site, windows[members], masks[members], clean)[
+                forward_cells(model, base, site, windows[members], masks[members], source)[
                     FINAL_RESID
                 ][:, -1]
             )
@@ -784,14 +819,14 @@ def sweep(
                     windows[members],
                     masks[members],
                     site,
-                    clean,
-                    corrupted_state,
+                    source,
+                    base_state,
                     samples,
                 )
             )
         order.append(members)
     if order:
-        decoded = _decode_cells(model, torch.cat(finals), samples, answer_id, metric, top_k)
+        decoded = _decode_cells(model, torch.cat(finals), samples, answer_id, metrics, top_k)
         _fill_cells(out, cells[torch.cat(order)], *decoded)
     return out
 
@@ -939,24 +974,25 @@ def forward_cells(
     site: Site,
     windows: Bool[Tensor, "cell layer"],
     masks: Bool[Tensor, "cell pos ..."],
-    clean: CleanRun,
+    source: Mapping[str, Float[Tensor, "src pos ..."]],
     capture: Sequence[str] = (),
     *,
     clone: bool = False,
 ) -> dict[str, Tensor]:
-    """Run corrupted copies of the whole prompt, one per ``(cell, sample)``, restoring each cell.
+    """Run copies of the base run, one per ``(cell, sample)``, patching each cell.
 
-    Cell ``c`` restores ``site`` where ``masks[c]`` is true, at the layers
-    where ``windows[c]`` is (a row of False restores nothing: the corrupted
-    run itself). The forward pass stops at the last block's ``resid_post``.
+    Cell ``c`` patches ``site`` where ``masks[c]`` is true, at the layers
+    where ``windows[c]`` is (a row of False patches nothing: the base run
+    itself). The forward pass stops at the last block's ``resid_post``.
 
     Args:
         model: The model.
-        corrupted: The bound corruption.
-        site: Where to restore.
-        windows: Layers each cell restores.
-        masks: Where each cell restores, as ``site.cell_mask`` gives it.
-        clean: The clean run's activations at ``site``.
+        corrupted: The base run (the bound corruption, when denoising).
+        site: Where to patch.
+        windows: Layers each cell patches.
+        masks: Where each cell patches, as ``site.cell_mask`` gives it.
+        source: The patched-in activations at ``site``, ``[1 or samples, pos, ...]``
+            per hook name (see :func:`sweep`).
         capture: Further hook points whose activations to return; they are
             read after the restoration.
         clone: Return copies of the captured activations.
@@ -973,14 +1009,14 @@ def forward_cells(
         if not restore.any():
             continue
         mask = _rows(masks & _per_cell(restore, masks.ndim), samples)
-        hooks.append((name, site.restore_hook(clean.activations[name], mask.to(device))))
+        hooks.append((name, site.restore_hook(source[name], mask.to(device))))
     inputs = corrupted.batch_tokens(windows.shape[0])
     return capture_forward(model, inputs, hooks, capture, clone=clone)
 
 
-def _empty_output(shape: tuple[int, ...], top_k: int) -> SweepOutput:
+def _empty_output(n_metrics: int, shape: tuple[int, ...], top_k: int) -> SweepOutput:
     return SweepOutput(
-        scores=torch.full(shape, float("nan")),
+        scores=torch.full((n_metrics, *shape), float("nan")),
         top_ids=torch.full((*shape, top_k), -1, dtype=torch.long),
         top_probs=torch.full((*shape, top_k), float("nan")),
     )
@@ -989,13 +1025,13 @@ def _empty_output(shape: tuple[int, ...], top_k: int) -> SweepOutput:
 def _fill_cells(
     out: SweepOutput,
     cells: Int[Tensor, "cell axis"],
-    scores: Float[Tensor, " cell"],
+    scores: Float[Tensor, "metric cell"],
     top_ids: Int[Tensor, "cell k"],
     top_probs: Float[Tensor, "cell k"],
 ) -> None:
     """Write per-cell results into ``out`` (cells index its leading axes)."""
     index = tuple(cells.T)
-    out.scores[index] = scores.cpu()
+    out.scores[(slice(None), *index)] = scores.cpu()
     out.top_ids[index] = top_ids.cpu()
     out.top_probs[index] = top_probs.cpu()
 
@@ -1010,7 +1046,7 @@ def _decode_cells(
     finals: Float[Tensor, "row d_model"],
     samples: int,
     answer_id: int,
-    metric: PatchingMetric,
+    metrics_: Sequence[PatchingMetric],
     top_k: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode final residuals (``samples`` rows per cell) in chunks of whole cells."""
@@ -1020,51 +1056,59 @@ def _decode_cells(
     chunk_rows = samples * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
     parts = [
         _score_rows(
-            decode_resid(model, finals[i : i + chunk_rows]), samples, answer_id, metric, top_k
+            decode_resid(model, finals[i : i + chunk_rows]), samples, answer_id, metrics_, top_k
         )
         for i in range(0, finals.shape[0], chunk_rows)
     ]
-    return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+    scores, top_ids, top_probs = zip(*parts, strict=True)
+    return torch.cat(scores, dim=1), torch.cat(top_ids), torch.cat(top_probs)
 
 
 def score_copies(
-    logits: Float[Tensor, "samples d_vocab"], answer_id: int, metric: PatchingMetric, top_k: int
-) -> tuple[float, Int[Tensor, " k"], Float[Tensor, " k"]]:
-    """Metric averaged over copies, and the top-k ids and probabilities of their mean distribution.
+    logits: Float[Tensor, "samples d_vocab"],
+    answer_id: int,
+    metrics_: Sequence[PatchingMetric],
+    top_k: int,
+) -> tuple[list[float], Int[Tensor, " k"], Float[Tensor, " k"]]:
+    """Each metric averaged over copies; top-k ids and probabilities of their mean distribution.
 
     The clean and corrupted runs are scored with the same code as every
-    restored cell, so a cell that restores everything scores exactly clean.
+    patched cell, so a cell that restores everything scores exactly clean.
     """
     scores, top_ids, top_probs = _score_rows(
-        logits.float().clone(), logits.shape[0], answer_id, metric, top_k
+        logits.float().clone(), logits.shape[0], answer_id, metrics_, top_k
     )
-    return float(scores[0]), top_ids[0], top_probs[0]
+    return scores[:, 0].tolist(), top_ids[0], top_probs[0]
 
 
 def _score_rows(
     logits: Float[Tensor, "row d_vocab"],
     samples: int,
     answer_id: int,
-    metric: PatchingMetric,
+    metrics_: Sequence[PatchingMetric],
     top_k: int,
-) -> tuple[Float[Tensor, " cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
-    """Per-cell metric (mean over samples) and top-k of the mean next-token distribution.
+) -> tuple[Float[Tensor, "metric cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
+    """Per-cell metrics (means over samples) and top-k of the mean next-token distribution.
 
     ``logits`` holds ``samples`` consecutive rows per cell and is overwritten:
-    one softmax, computed in place, serves the metric and the top-k.
+    one softmax, computed in place, serves the probability metrics and the
+    top-k; every other metric reads the logits before it.
     """
-    if metric is metrics.log_prob:
-        answer_logit = logits[:, answer_id].clone()
-    elif metric is not metrics.prob:
-        # A copy: the softmax below overwrites ``logits``, which the
-        # metric's result may be a view of.
-        per_copy = metric(logits, answer_id).float().clone()
+    per_copy: dict[int, Tensor] = {}
+    answer_logit = logits[:, answer_id].clone()
+    for i, metric in enumerate(metrics_):
+        if metric is not metrics.prob and metric is not metrics.log_prob:
+            # A copy: the softmax below overwrites ``logits``, which the
+            # metric's result may be a view of.
+            per_copy[i] = metric(logits, answer_id).float().clone()
     probs, top, total = metrics.softmax_(logits)
-    if metric is metrics.prob:
-        per_copy = probs[:, answer_id]
-    elif metric is metrics.log_prob:
-        per_copy = answer_logit - top[:, 0] - total[:, 0].log()
-    scores = einops.reduce(per_copy, "(cell sample) -> cell", "mean", sample=samples)
+    for i, metric in enumerate(metrics_):
+        if metric is metrics.prob:
+            per_copy[i] = probs[:, answer_id]
+        elif metric is metrics.log_prob:
+            per_copy[i] = answer_logit - top[:, 0] - total[:, 0].log()
+    stacked = torch.stack([per_copy[i] for i in range(len(metrics_))])
+    scores = einops.reduce(stacked, "metric (cell sample) -> metric cell", "mean", sample=samples)
     mean_probs = einops.reduce(probs, "(cell sample) v -> cell v", "mean", sample=samples)
     best = mean_probs.topk(top_k, dim=-1)
     return scores, best.indices, best.values

@@ -1,12 +1,27 @@
 """Patching metrics: what a causal trace measures at the last position.
 
-A metric maps the float32 last-position logits of every corrupted copy and
+A metric maps the float32 last-position logits of every patched copy and
 the answer token to one number per copy; the trace averages it over copies.
 ROME (Meng et al., 2022, arXiv 2202.05262) reports the answer's probability,
-:func:`prob`. :func:`log_prob` and :func:`logit_diff` (answer against a foil,
-as in Wang et al.'s IOI work) are the other common choices.
+:func:`prob`. The others, by name:
+
+* ``"log_prob"``: :func:`log_prob`.
+* ``"logit_diff"``: the answer's logit minus a foil's (Wang et al.'s IOI
+  work): :func:`logit_diff`.
+* ``"normalized_logit_diff"``: ``(LD_patched - LD_corrupted) / (LD_clean -
+  LD_corrupted)``, 0 for the corrupted run and 1 for the clean one: the
+  metric Zhang & Nanda (2023, "Towards Best Practices of Activation
+  Patching", arXiv 2309.16042) recommend; probability can hide negative
+  components.
+* ``"kl_div"``: KL divergence from the clean run's next-token distribution
+  to the patched run's, ``sum p_clean (log p_clean - log p_patched)``
+  (0 = the clean distribution restored): :func:`kl_div`.
+
+Names are bound to a trace's answer, foil and clean run by
+:func:`bind_metric`.
 """
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -93,7 +108,80 @@ def logit_diff(foil: int) -> PatchingMetric:
     return metric
 
 
+def kl_div(clean_logits: Float[Tensor, " d_vocab"]) -> PatchingMetric:
+    """A metric: ``KL(p_clean || p_patched)`` of the next-token distributions, in nats.
+
+    Args:
+        clean_logits: The clean run's last-position logits.
+    """
+    clean_log_probs = log_softmax(clean_logits[None].float())
+    clean_probs = clean_log_probs.exp()
+
+    def metric(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+        patched = log_softmax(logits)
+        gap = clean_log_probs.to(patched.device) - patched
+        return (clean_probs.to(patched.device) * gap).sum(dim=-1)
+
+    metric.__name__ = "kl_div"
+    return metric
+
+
 METRICS: dict[str, PatchingMetric] = {"prob": prob, "log_prob": log_prob}
+"""Metrics that need nothing but the logits and the answer."""
+
+METRIC_NAMES = ("prob", "log_prob", "logit_diff", "normalized_logit_diff", "kl_div")
+"""Every metric a trace can name."""
+
+FOIL_METRICS = ("logit_diff", "normalized_logit_diff")
+"""Metrics that compare the answer with a foil token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundMetric:
+    """A metric bound to one trace: its recorded name, its callable, whether it is normalised.
+
+    A normalised metric's callable gives the raw logit difference; the trace
+    maps it to ``(raw - corrupted) / (clean - corrupted)`` once the clean and
+    corrupted values are known (:meth:`normalize`).
+    """
+
+    name: str
+    fn: PatchingMetric
+    normalized: bool = False
+
+    def normalize(self, value: Tensor | float, clean: float, corrupted: float) -> Tensor | float:
+        """``value`` on the normalised scale (unchanged for a plain metric)."""
+        if not self.normalized:
+            return value
+        return (value - corrupted) / (clean - corrupted)
+
+
+def bind_metric(
+    metric: "str | PatchingMetric",
+    *,
+    foil_id: int | None,
+    clean_logits: Float[Tensor, " d_vocab"],
+) -> BoundMetric:
+    """The metric ``metric`` names (or is), bound to a trace's foil and clean run.
+
+    Args:
+        metric: A name of :data:`METRIC_NAMES`, a recorded ``"logit_diff(foil=N)"``,
+            or a callable ``(logits, answer) -> per-copy scores``.
+        foil_id: The foil token of the logit-difference metrics.
+        clean_logits: The clean run's last-position logits (for ``"kl_div"``).
+    """
+    name, fn = resolve_metric(metric)
+    if name in FOIL_METRICS:
+        if foil_id is None:
+            raise InvalidInput(
+                f"metric {name!r} compares the answer with a foil token, and this trace has "
+                "none; pass foil=' Rome' (the competing answer), or use a counterfactual "
+                "prompt (tracer.patch), whose clean top-1 is the default foil"
+            )
+        return BoundMetric(name, logit_diff(foil_id), normalized=name == "normalized_logit_diff")
+    if name == "kl_div":
+        return BoundMetric(name, kl_div(clean_logits))
+    return BoundMetric(name, fn)
 
 
 def metric_from_name(name: str) -> str | PatchingMetric:
@@ -103,7 +191,7 @@ def metric_from_name(name: str) -> str | PatchingMetric:
     becomes :func:`logit_diff` of ``N``. Other callables cannot be rebuilt
     from their name.
     """
-    if name in METRICS:
+    if name in METRIC_NAMES:
         return name
     match = re.fullmatch(r"logit_diff\(foil=(\d+)\)", str(name))
     if match:
@@ -117,15 +205,29 @@ def metric_from_name(name: str) -> str | PatchingMetric:
 def resolve_metric(metric: str | PatchingMetric) -> tuple[str, PatchingMetric]:
     """Turn a metric name or callable into ``(name, callable)``."""
     if isinstance(metric, str):
-        if metric not in METRICS:
-            raise InvalidInput(
-                f"metric must be one of {tuple(METRICS)} or a callable "
-                f"(logits, answer) -> per-copy scores, got {metric!r}; for a logit "
-                "difference pass metric=lenscope.metrics.logit_diff(foil_id)"
-            )
-        return metric, METRICS[metric]
+        if metric in METRICS:
+            return metric, METRICS[metric]
+        if metric in METRIC_NAMES:
+            return metric, _unbound(metric)
+        if re.fullmatch(r"logit_diff\(foil=(\d+)\)", metric):
+            return resolve_metric(metric_from_name(metric))
+        raise InvalidInput(
+            f"metric must be one of {METRIC_NAMES} or a callable "
+            f"(logits, answer) -> per-copy scores, got {metric!r}; e.g. "
+            "metric='normalized_logit_diff' with foil=' Rome'"
+        )
     if not callable(metric):
         raise InvalidInputType(
             f"metric must be a name or a callable (logits, answer) -> scores, got {metric!r}"
         )
     return getattr(metric, "__name__", type(metric).__name__), metric
+
+
+def _unbound(name: str) -> PatchingMetric:
+    """Stands for a metric that needs a trace's foil or clean run until :func:`bind_metric`."""
+
+    def metric(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+        raise RuntimeError(f"metric {name!r} must be bound to a trace first (bind_metric)")
+
+    metric.__name__ = name
+    return metric

@@ -337,6 +337,14 @@ class TraceResult(GridResult):
         prompt: The prompt text, if it was given as text.
         corruption: The corruption's settings record (its ``name`` and
             parameters, :meth:`lenscope.corruptions.Corruption.to_dict`).
+        direction: ``"denoise"`` (clean activations restored into the
+            corrupted run: causal tracing) or ``"noise"`` (corrupted
+            activations patched into the clean run).
+        foil: The foil token's text (logit-difference metrics, and the
+            counterfactual prompt's top-1 token), or None.
+        foil_id: Its id.
+        normalization: For a normalised metric, the raw ``(clean,
+            corrupted)`` values it maps to 1 and 0; None otherwise.
     """
 
     scores: Float[Tensor, "layer pos"]
@@ -364,11 +372,20 @@ class TraceResult(GridResult):
     vocab: dict[int, str]
     prompt: str | None = None
     corruption: dict[str, Any] | None = None
+    direction: str = "denoise"
+    foil: str | None = None
+    foil_id: int | None = None
+    normalization: tuple[float, float] | None = None
 
     _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("tokens", "hook_names", "subject_range")
+    _tuple_fields: ClassVar[tuple[str, ...]] = (
+        "tokens",
+        "hook_names",
+        "subject_range",
+        "normalization",
+    )
 
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
@@ -410,6 +427,7 @@ class TraceResult(GridResult):
         return (
             f"{type(self).__name__}(model={short_text(self.model_name, 40)}, prompt={prompt} "
             f"({self.n_pos} tokens), kind={self.kind!r}, window={self.window}, "
+            f"{'direction=noise, ' if self.direction == 'noise' else ''}"
             f"answer={short_text(self.answer, 30)}, {self.metric}: "
             f"clean={self.clean_score:.3g} corrupted={self.corrupted_score:.3g}, "
             f"peak={self._peak_text()})"
@@ -429,6 +447,8 @@ class TraceResult(GridResult):
             ("kind", f"{self.kind} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
             ("window", f"{self.window} layer{'s' if self.window != 1 else ''}"),
             ("answer", f"{self.answer!r} (id {self.answer_id})"),
+            *([("foil", f"{self.foil!r} (id {self.foil_id})")] if self.foil is not None else []),
+            ("direction", self.direction),
             (f"clean {self.metric}", f"{self.clean_score:.4g}"),
             (f"corrupted {self.metric}", f"{self.corrupted_score:.4g}"),
             ("peak", self._peak_text()),

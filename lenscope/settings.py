@@ -26,7 +26,7 @@ from lenscope.corruptions import (
     corruption_from_dict,
 )
 from lenscope.hooks import n_layers
-from lenscope.metrics import PatchingMetric, metric_from_name, resolve_metric
+from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
 from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
 from lenscope.validation import (
     InvalidInput,
@@ -39,6 +39,11 @@ DEFAULT_KINDS: tuple[str, ...] = ("resid_post", "mlp_out", "attn_out")
 """The hook-point types of ROME's Figure 1."""
 
 POSITION_NAMES = ("all", "subject", "from_subject")
+
+DIRECTIONS = ("denoise", "noise")
+"""``denoise``: clean activations patched into the corrupted run (causal tracing; does
+restoring this cell suffice?). ``noise``: corrupted activations patched into the clean
+run (is this cell necessary?). Heimersheim & Nanda (2024, arXiv 2404.15255)."""
 
 NOISE_OPTIONS = ("samples", "noise", "noise_multiplier", "noise_tensor", "seed")
 """Keyword shortcuts for the fields of a :class:`~lenscope.corruptions.GaussianNoise`."""
@@ -54,8 +59,18 @@ class TraceSettings:
             ``{kind: int}`` mapping, or None for ROME's (1 for ``resid_*``, 10
             clipped to the depth for ``mlp_out``/``attn_out``).
         corruption: How the corrupted run is made (default: ROME's Gaussian noise).
-        metric: ``"prob"`` (ROME), ``"log_prob"``, or a callable ``(logits, answer) -> [batch]``.
+        metric: A name of :data:`lenscope.metrics.METRIC_NAMES` (``"prob"``,
+            ``"log_prob"``, ``"logit_diff"``, ``"normalized_logit_diff"``,
+            ``"kl_div"``), a callable ``(logits, answer) -> [batch]``, or a
+            sequence of them (one result per metric from the same forward
+            passes); None = the corruption's default (``"prob"`` for noise,
+            ROME; ``"normalized_logit_diff"`` for a counterfactual prompt).
         answer: Answer token (text or id); None = the clean run's top-1 token.
+        foil: The competing token of the logit-difference metrics; None = the
+            counterfactual prompt's clean top-1 token (when there is one).
+        direction: ``"denoise"`` (restore clean activations into the corrupted
+            run: causal tracing) or ``"noise"`` (patch corrupted activations
+            into the clean run); see :data:`DIRECTIONS`.
         top_k: Predictions of each restored run kept for inspection.
         layers: Layers to trace (an int n means ``range(n)``); None = all.
         positions: ``"all"``, ``"subject"``, ``"from_subject"`` (the subject's
@@ -69,8 +84,10 @@ class TraceSettings:
     kinds: str | Sequence[str] = DEFAULT_KINDS
     windows: int | Mapping[str, int] | None = None
     corruption: Corruption = dataclasses.field(default_factory=GaussianNoise)
-    metric: str | PatchingMetric = "prob"
+    metric: str | PatchingMetric | Sequence[str | PatchingMetric] | None = None
     answer: str | int | None = None
+    foil: str | int | None = None
+    direction: str = "denoise"
     top_k: int = 5
     layers: int | Iterable[int] | None = None
     positions: str | Sequence[int] | torch.Tensor = "all"
@@ -97,16 +114,40 @@ class TraceSettings:
             raise InvalidInput(f"kinds must be distinct and non-empty, got {names}")
         object.__setattr__(self, "kinds", names)
         check_corruption(self.corruption)
-        resolve_metric(self.metric)
+        if (
+            self.metric is not None
+            and not isinstance(self.metric, str)
+            and not callable(self.metric)
+        ):
+            object.__setattr__(self, "metric", tuple(self.metric))
+            if not self.metric:
+                raise InvalidInput(
+                    "metric must name at least one metric, got an empty sequence; "
+                    "pass e.g. metric=('prob', 'logit_diff')"
+                )
+        names = [resolve_metric(m)[0] for m in self.metric_specs]
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"metrics must be distinct, got {names}")
+        if self.direction not in DIRECTIONS:
+            raise InvalidInput(
+                f"direction must be one of {DIRECTIONS}, got {self.direction!r}; 'denoise' "
+                "restores clean activations into the corrupted run (causal tracing), 'noise' "
+                "patches corrupted activations into the clean run"
+            )
+        for which in ("answer", "foil"):
+            value = getattr(self, which)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+                raise InvalidInputType(
+                    f"{which} must be text or a token id, got {type(value).__name__}"
+                )
+        if self.foil is not None and self.foil == self.answer:
+            raise InvalidInput(
+                f"the foil must differ from the answer, got {self.foil!r} for both; pass the "
+                "competing answer as foil (e.g. answer=' Paris', foil=' Rome')"
+            )
         if not is_int(self.top_k) or self.top_k < 1:
             raise InvalidInput(
                 f"top_k must be an integer in [1, d_vocab], got {self.top_k!r}; pass e.g. 5"
-            )
-        if self.answer is not None and (
-            isinstance(self.answer, bool) or not isinstance(self.answer, str | int)
-        ):
-            raise InvalidInputType(
-                f"answer must be text or a token id, got {type(self.answer).__name__}"
             )
         if isinstance(self.positions, str):
             if self.positions not in POSITION_NAMES:
@@ -134,20 +175,28 @@ class TraceSettings:
         """
         base = cls() if base is None else base
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - fields - set(NOISE_OPTIONS))
+        unknown = sorted(set(options) - fields - set(NOISE_OPTIONS) - {"metrics"})
         if unknown:
             raise InvalidInputType(
                 f"unknown trace option(s) {unknown}; the options are "
                 f"{sorted(fields | set(NOISE_OPTIONS))}"
             )
+        if "metrics" in options:
+            if options.get("metric") is not None:
+                raise InvalidInput(
+                    "pass metric=... or metrics=..., not both; metrics=('prob', 'kl_div') "
+                    "gives one result per metric"
+                )
+            options["metric"] = options.pop("metrics")
         noise = {k: options.pop(k) for k in NOISE_OPTIONS if k in options}
         noise = {k: v for k, v in noise.items() if v is not None}
         corruption = options.pop("corruption", None) or base.corruption
         if noise:
-            if not isinstance(corruption, GaussianNoise):
+            own = {f.name for f in dataclasses.fields(corruption)}  # type: ignore[arg-type]
+            if not set(noise) <= own:
                 raise InvalidInput(
-                    f"the noise options {sorted(noise)} apply to Gaussian noise, but the "
-                    f"corruption is {type(corruption).__name__}; set them on the corruption"
+                    f"the noise options {sorted(set(noise) - own)} do not apply to the "
+                    f"corruption {type(corruption).__name__}; set its own fields on it"
                 )
             if "noise" in noise:  # an absolute std replaces a resolved one
                 corruption = dataclasses.replace(corruption, noise_tensor=None)
@@ -161,14 +210,28 @@ class TraceSettings:
         return tuple(site(k, self.by if k in HEAD_KINDS else None) for k in self.kinds)
 
     @property
-    def metric_name(self) -> str:
-        """The metric's name: ``"prob"``, ``"logit_diff(foil=5)"``, or a callable's ``__name__``."""
-        return resolve_metric(self.metric)[0]
+    def metric_specs(self) -> tuple[str | PatchingMetric, ...]:
+        """The metrics, as given (the corruption's default when ``metric`` is None)."""
+        if self.metric is None:
+            return (self.corruption.default_metric,)
+        if isinstance(self.metric, str) or callable(self.metric):
+            return (self.metric,)
+        return tuple(self.metric)
 
     @property
-    def metric_fn(self) -> PatchingMetric:
-        """The metric as a callable."""
-        return resolve_metric(self.metric)[1]
+    def metric_names(self) -> tuple[str, ...]:
+        """Each metric's name (``"prob"``, ``"logit_diff(foil=5)"``, a callable's ``__name__``)."""
+        return tuple(resolve_metric(m)[0] for m in self.metric_specs)
+
+    @property
+    def metric_name(self) -> str:
+        """The first metric's name."""
+        return self.metric_names[0]
+
+    @property
+    def needs_foil(self) -> bool:
+        """Whether a metric compares the answer with a foil."""
+        return any(name in FOIL_METRICS for name in self.metric_names)
 
     def for_model(self, model: torch.nn.Module) -> "TraceSettings":
         """Check the settings against ``model`` and fix what depends on it.
@@ -253,10 +316,11 @@ class TraceSettings:
         named setting.
         """
         layers = self.layers
+        names = self.metric_names
         out: dict[str, Any] = {
             "kinds": list(self.kinds),
             "windows": dict(self.windows) if isinstance(self.windows, Mapping) else self.windows,
-            "metric": self.metric_name,
+            "metric": names[0] if len(names) == 1 else list(names),
             "answer": self.answer,
             "top_k": self.top_k,
             "layers": None if layers is None else (layers if is_int(layers) else list(layers)),
@@ -266,6 +330,11 @@ class TraceSettings:
         }
         if self.by is not None:
             out["by"] = self.by
+        # Recorded only when set, so that the records of earlier versions still match.
+        if self.foil is not None:
+            out["foil"] = self.foil
+        if self.direction != "denoise":
+            out["direction"] = self.direction
         record = self.corruption.to_dict()
         clash = sorted(set(record) & set(out))
         if clash:
@@ -293,8 +362,10 @@ class TraceSettings:
             kinds=tuple(data["kinds"]),
             windows=data.get("windows"),
             corruption=corruption_from_dict({**record, "name": data["corruption"]}),
-            metric=metric_from_name(data.get("metric", "prob")),
+            metric=_metric_from_record(data.get("metric", "prob")),
             answer=data.get("answer"),
+            foil=data.get("foil"),
+            direction=data.get("direction", "denoise"),
             top_k=data.get("top_k", 5),
             layers=data.get("layers"),
             positions=data.get("positions", "all"),
@@ -302,4 +373,10 @@ class TraceSettings:
         )
 
 
-_NONE_IS_VALUE = ("answer", "layers", "windows")
+def _metric_from_record(value: str | list[str]) -> Any:
+    if isinstance(value, str):
+        return metric_from_name(value)
+    return tuple(metric_from_name(name) for name in value)
+
+
+_NONE_IS_VALUE = ("answer", "foil", "layers", "windows")

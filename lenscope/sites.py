@@ -109,20 +109,49 @@ class Site:
         """
         return _product(layers, positions)
 
-    def clean_suffix(self, clean: Float[Tensor, "pos ..."], pos: int) -> Tensor:
-        """The clean activation of positions ``pos:`` (what a prefix-strategy stair restores)."""
-        return clean[pos:]
+    def clean_suffix(self, clean: Float[Tensor, "src pos ..."], pos: int) -> Tensor:
+        """The patched-in activation of positions ``pos:`` (what a prefix-strategy stair restores).
+
+        ``clean`` has a leading row axis (1, or one row per sample: see :func:`source_rows`).
+        """
+        return clean[:, pos:]
 
     def restore_hook(
-        self, clean: Float[Tensor, "pos d_model"], restore: Bool[Tensor, "batch pos"]
+        self, source: Float[Tensor, "src pos d_model"], restore: Bool[Tensor, "batch pos"]
     ) -> HookFn:
-        """A hook putting the clean activation wherever ``restore`` is true."""
+        """A hook putting ``source``'s activation wherever ``restore`` is true.
+
+        Args:
+            source: The patched-in activation: one row shared by every batch
+                row, or one row per sample (see :func:`source_rows`).
+            restore: Where each batch row is patched.
+        """
         mask = einops.rearrange(restore, "batch pos -> batch pos 1")
+        value = source_rows(source, restore.shape[0])
 
         def hook(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
-            return torch.where(mask, clean.to(act.dtype), act)
+            # In place, as TransformerLens patching.py's setters do: on a
+            # TransformerBridge (TransformerLens 4.3) a tensor *returned* at
+            # hook_resid_mid reaches only the second norm's input, not the
+            # residual stream the MLP output is added to; the activation's
+            # own storage is both.
+            return act.copy_(torch.where(mask, value.to(act.dtype), act))
 
         return hook
+
+
+def source_rows(
+    source: Float[Tensor, "src pos ..."], rows: int
+) -> Float[Tensor, "row_or_1 pos ..."]:
+    """Patched-in activations for ``rows`` batch rows, ``(cell, sample)`` cell-major.
+
+    ``source`` has one row shared by every sample (the clean run, when
+    denoising) or one row per sample (the corrupted copies, when noising);
+    a shared row is returned as it is, to broadcast.
+    """
+    if source.shape[0] == 1:
+        return source
+    return einops.repeat(source, "s ... -> (c s) ...", c=rows // source.shape[0])
 
 
 def _product(*axes: "list[int] | range") -> Int[Tensor, "cell axis"]:
@@ -220,9 +249,9 @@ class HeadSite(Site):
         """0 for ``by="head"`` (every position), else the cell's position."""
         return torch.zeros_like(units[:, 0]) if self.by == "head" else units[:, 1]
 
-    def clean_suffix(self, clean: Float[Tensor, "..."], pos: int) -> Tensor:
-        """Positions ``pos:`` (for ``pattern``, ``[head, dest, src]``: destinations ``pos:``)."""
-        return clean[:, pos:] if self.name == "pattern" else clean[pos:]
+    def clean_suffix(self, clean: Float[Tensor, "src ..."], pos: int) -> Tensor:
+        """Positions ``pos:`` (``pattern``, ``[src, head, dest, key]``: destinations ``pos:``)."""
+        return clean[:, :, pos:] if self.name == "pattern" else clean[:, pos:]
 
     def restore_hook(
         self, clean: Float[Tensor, "..."], restore: Bool[Tensor, "batch pos head"]
@@ -236,9 +265,11 @@ class HeadSite(Site):
             mask = einops.rearrange(restore, "batch dest head -> batch head dest 1")
         else:
             mask = einops.rearrange(restore, "batch pos head -> batch pos head 1")
+        value = source_rows(clean, restore.shape[0])
 
         def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Tensor:
-            return torch.where(mask, clean.to(act.dtype), act)
+            # In place, as Site.restore_hook explains.
+            return act.copy_(torch.where(mask, value.to(act.dtype), act))
 
         return hook
 

@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lenscope import engine
-from lenscope.corruptions import GaussianNoise
+from lenscope import engine, metrics
+from lenscope.corruptions import CounterfactualPrompt, GaussianNoise
 from lenscope.hooks import (
     EMBED_HOOK,
     check_hook_points,
@@ -42,7 +42,12 @@ from lenscope.tokens import (
     single_token_id,
     token_labels,
 )
-from lenscope.validation import AnswerWarning, finite_number, optional_positive_int
+from lenscope.validation import (
+    AnswerWarning,
+    InvalidInput,
+    finite_number,
+    optional_positive_int,
+)
 
 __all__ = ["DEFAULT_KINDS", "CausalTracer", "TraceSettings"]
 
@@ -101,17 +106,18 @@ class CausalTracer:
     def trace(
         self,
         prompt: str | Tensor | Sequence[int],
-        subject: str | tuple[int, int],
+        subject: str | tuple[int, int] | None = None,
         *,
         kind: str = "resid_post",
         window: int | None = None,
         **options: Any,
-    ) -> TraceResult:
+    ) -> Any:
         """Trace one hook-point type over every ``(layer, pos)`` cell.
 
         Args:
             prompt: Text, or 1-D token ids.
-            subject: The subject's text, or its ``(start, end)`` token range.
+            subject: The subject's text, or its ``(start, end)`` token range
+                (None with a counterfactual prompt: the tokens that differ).
             kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp_out`` or
                 ``attn_out``; or per attention head (``blocks.L.attn.hook_<kind>``)
                 ``z``, ``q``, ``k``, ``v`` or ``pattern``, with ``by="head"``
@@ -122,10 +128,61 @@ class CausalTracer:
             **options: As for :meth:`trace_kinds` (``by`` among them).
 
         Returns:
-            The :class:`TraceResult` (a :class:`HeadTraceResult` for a per-head kind).
+            The :class:`TraceResult` (a :class:`HeadTraceResult` for a per-head
+            kind); with several metrics (``metrics=(...)``),
+            ``{metric: TraceResult}``.
         """
         windows = None if window is None else {kind: window}
-        return self.trace_kinds(prompt, subject, kinds=(kind,), windows=windows, **options)[kind]
+        out = self.trace_kinds(prompt, subject, kinds=(kind,), windows=windows, **options)
+        if all(isinstance(v, TraceResult) for v in out.values()):
+            return out[kind]
+        return {metric: by_kind[kind] for metric, by_kind in out.items()}
+
+    def patch(
+        self,
+        clean_prompt: str | Tensor | Sequence[int],
+        counterfactual_prompt: str | Tensor | Sequence[int],
+        *,
+        kind: str = "resid_pre",
+        window: int = 1,
+        direction: str = "denoise",
+        **options: Any,
+    ) -> Any:
+        """Activation patching between a prompt and a counterfactual of the same length (STR).
+
+        Symmetric token replacement (Zhang & Nanda, 2023, arXiv 2309.16042):
+        the corrupted run is ``counterfactual_prompt``
+        (:class:`~lenscope.corruptions.CounterfactualPrompt`), every ``(layer,
+        pos)`` cell is patched, and the default metric is the normalised logit
+        difference of the clean answer against the counterfactual's answer (each
+        prompt's clean top-1 unless ``answer=``/``foil=`` say otherwise). It is
+        the computation of TransformerLens ``patching.get_act_patch_resid_pre``
+        and its siblings, in batched forward passes.
+
+        Args:
+            clean_prompt: The prompt whose answer is measured.
+            counterfactual_prompt: The same prompt with other tokens in places.
+            kind: Hook-point type patched.
+            window: Layers patched around each cell (default 1: one layer, as
+                activation patching usually does).
+            direction: ``"denoise"`` (clean activations into the counterfactual
+                run) or ``"noise"`` (counterfactual activations into the clean run).
+            **options: As for :meth:`trace_kinds` (``metric``, ``answer``,
+                ``foil``, ``layers``, ``positions``, ...).
+
+        Returns:
+            The :class:`TraceResult`; its ``subject_range`` spans the tokens
+            that differ. With several metrics, ``{metric: TraceResult}``.
+        """
+        return self.trace(
+            clean_prompt,
+            None,
+            kind=kind,
+            window=window,
+            corruption=CounterfactualPrompt(counterfactual_prompt),
+            direction=direction,
+            **options,
+        )
 
     @property
     def default_settings(self) -> TraceSettings:
@@ -142,40 +199,45 @@ class CausalTracer:
 
         Args:
             settings: Base settings; default :attr:`default_settings`.
-            **options: Fields of :class:`TraceSettings`, and the Gaussian-noise
-                shortcuts ``samples``, ``noise``, ``noise_multiplier``,
-                ``noise_tensor`` and ``seed``.
+            **options: Fields of :class:`TraceSettings`, ``metrics`` (several
+                metrics), and the Gaussian-noise shortcuts ``samples``,
+                ``noise``, ``noise_multiplier``, ``noise_tensor`` and ``seed``.
         """
         return TraceSettings.from_options(settings or self.default_settings, **options)
 
     def trace_kinds(
         self,
         prompt: str | Tensor | Sequence[int],
-        subject: str | tuple[int, int],
+        subject: str | tuple[int, int] | None = None,
         settings: TraceSettings | None = None,
         *,
         batch_size: int | None = None,
         progress: bool | None = None,
         **options: Any,
-    ) -> dict[str, TraceResult]:
+    ) -> dict[str, Any]:
         """Trace several hook-point types on the same clean run and the same corruption.
 
         Args:
             prompt: Text, or 1-D token ids.
-            subject: The subject's text, or its ``(start, end)`` token range.
+            subject: The subject's text, or its ``(start, end)`` token range;
+                None for a corruption that knows what it changes (a
+                counterfactual prompt: the tokens that differ).
             settings: A :class:`TraceSettings`; ``options`` change single fields of it.
             batch_size: Copies per forward pass; overrides the tracer's.
             progress: Overrides the tracer's progress-bar setting.
             **options: Any field of :class:`TraceSettings` (``kinds``,
-                ``windows``, ``corruption``, ``metric``, ``answer``, ``top_k``,
-                ``layers``, ``positions``), or for Gaussian noise: ``samples``
-                (corrupted copies, ROME: 10), ``noise`` (absolute std),
-                ``noise_multiplier`` (a multiple of :attr:`sigma`, default 3),
-                ``noise_tensor`` (exact noise ``[samples, subject_pos,
-                d_model]``) and ``seed`` (shared by every kind).
+                ``windows``, ``corruption``, ``metric``, ``answer``, ``foil``,
+                ``direction``, ``top_k``, ``layers``, ``positions``),
+                ``metrics`` (several metrics from the same forward passes), or
+                for Gaussian noise: ``samples`` (corrupted copies, ROME: 10),
+                ``noise`` (absolute std), ``noise_multiplier`` (a multiple of
+                :attr:`sigma`, default 3), ``noise_tensor`` (exact noise
+                ``[samples, subject_pos, d_model]``) and ``seed`` (shared by
+                every kind).
 
         Returns:
-            ``{kind: TraceResult}`` in the order of ``kinds``.
+            ``{kind: TraceResult}`` in the order of ``kinds``; with several
+            metrics, ``{metric: {kind: TraceResult}}``.
 
         Warns:
             AnswerWarning: When the trace probably follows the wrong token: an
@@ -183,23 +245,58 @@ class CausalTracer:
                 while the model predicts the spaced token (``' Paris'``); a
                 clean top-1 answer that is filler (whitespace, punctuation,
                 ``' the'``, see :func:`lenscope.tokens.is_filler_token`); or a
-                corruption that does not lower the answer's score. The
+                corruption that does not lower the answer's probability. The
                 message lists the clean run's top predictions.
         """
-        model = self.model
-        n_layer = n_layers(model)
         settings = self.settings(settings, **options)
         _check_batch_size(batch_size)
+        out = self._trace(
+            prompt,
+            subject,
+            settings,
+            batch_size=batch_size or self.batch_size,
+            progress=self.progress if progress is None else progress,
+        )
+        return next(iter(out.values())) if len(out) == 1 else out
+
+    def _trace(
+        self,
+        prompt: str | Tensor | Sequence[int],
+        subject: str | tuple[int, int] | None,
+        settings: TraceSettings,
+        *,
+        batch_size: int | None,
+        progress: bool,
+    ) -> dict[str, dict[str, TraceResult]]:
+        """``{metric name: {kind: TraceResult}}``: the one path every trace takes."""
+        model = self.model
+        n_layer = n_layers(model)
         sites = tuple(where.for_model(model) for where in settings.sites)
         check_hook_points(model, [EMBED_HOOK] + [n for s in sites for n in s.hook_names(n_layer)])
         tokens = prompt_tokens(model, prompt)
-        subject_range = find_subject(model, tokens, subject)
+        corruption = settings.corruption
+        if subject is None:
+            subject_range = corruption.changed_range(model, tokens)
+            if subject_range is None:
+                raise InvalidInput(
+                    f"a trace with {type(corruption).__name__} needs the subject it corrupts, "
+                    "got subject=None; pass e.g. subject='The Eiffel Tower', or a "
+                    "counterfactual prompt (tracer.patch) to compare two prompts"
+                )
+        else:
+            subject_range = find_subject(model, tokens, subject)
         answer_id = None if settings.answer is None else answer_token(model, settings.answer)
+        foil_id = None if settings.foil is None else answer_token(model, settings.foil)
+        if foil_id is not None and foil_id == answer_id:
+            raise InvalidInput(
+                f"the foil must differ from the answer, got token {foil_id} for both "
+                f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
+            )
         settings = settings.for_model(model)
         layer_list = list(settings.layers)
         pos_list = settings.position_list(tokens.shape[0], subject_range)
         cells = {where.name: where.cells(model, layer_list, pos_list) for where in sites}
-        metric_fn, top_k = settings.metric_fn, settings.top_k
+        top_k, noising = settings.top_k, settings.direction == "noise"
 
         with (
             preserved_model(model),
@@ -212,93 +309,140 @@ class CausalTracer:
             clean = engine.clean_run(model, tokens, names)
             if answer_id is None:
                 answer_id = int(clean.logits.argmax())
-            # Scored exactly like every restored cell (engine.score_copies).
-            clean_score, clean_ids, clean_probs = engine.score_copies(
-                clean.logits[None], answer_id, metric_fn, top_k
-            )
             corrupted_state = engine.corrupted_run(
-                model, corrupted, keep_prefix_state=self.strategy == "prefix"
+                model,
+                corrupted,
+                keep_prefix_state=self.strategy == "prefix" and not noising,
+                capture=names if noising else (),
             )
+            if foil_id is None and corruption.has_counterfactual_answer:
+                foil_id = int(softmax(corrupted_state.logits).mean(dim=0).argmax())
+                if foil_id == answer_id and settings.needs_foil:
+                    raise InvalidInput(
+                        f"the counterfactual prompt's top-1 token is the answer itself "
+                        f"({token_labels(model, [answer_id])[0]!r}), so the logit difference "
+                        "has no foil; pass foil=... (the counterfactual's answer), or a "
+                        "counterfactual that changes the answer"
+                    )
+            bound = [
+                metrics.bind_metric(spec, foil_id=foil_id, clean_logits=clean.logits)
+                for spec in settings.metric_specs
+            ]
+            fns = [m.fn for m in bound]
+            # Scored exactly like every patched cell (engine.score_copies).
+            clean_scores, clean_ids, clean_probs = engine.score_copies(
+                clean.logits[None], answer_id, fns, top_k
+            )
+            corrupted_scores, corrupted_ids, corrupted_probs = engine.score_copies(
+                corrupted_state.logits, answer_id, fns, top_k
+            )
+            for metric, clean_score, corrupted_score in zip(
+                bound, clean_scores, corrupted_scores, strict=True
+            ):
+                if metric.normalized and abs(clean_score - corrupted_score) < 1e-6 * max(
+                    1.0, abs(clean_score)
+                ):
+                    raise InvalidInput(
+                        f"{metric.name} divides by the clean minus the corrupted logit "
+                        f"difference, which is {clean_score - corrupted_score:.3g} here (clean "
+                        f"{clean_score:.4g}, corrupted {corrupted_score:.4g}); the corruption "
+                        "does not move the answer against the foil: pass metric='logit_diff', "
+                        "or another foil or counterfactual"
+                    )
+            if noising:
+                base = corrupted.clean_copies(tokens)
+                base_state = engine.corrupted_run(
+                    model, base, keep_prefix_state=self.strategy == "prefix"
+                )
+                source = corrupted_state.activations
+            else:
+                base, base_state = corrupted, corrupted_state
+                source = {name: act[None] for name, act in clean.activations.items()}
             engine.warn_if_slow(
                 model,
                 sites,
                 settings.windows,
                 _shared_cells(cells),
-                corrupted,
+                base,
                 clean,
-                corrupted_state,
+                base_state,
                 self.strategy,
-                batch_size or self.batch_size,
-            )
-            corrupted_score, corrupted_ids, corrupted_probs = engine.score_copies(
-                corrupted_state.logits, answer_id, metric_fn, top_k
+                batch_size,
             )
             # Before the sweep, so that the warning comes before the long part.
-            _check_answer(
-                model,
-                settings.answer,
-                answer_id,
-                clean.logits,
-                (clean_score, corrupted_score),
-                settings.metric_name,
+            prob_scores = (
+                engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
+                engine.score_copies(corrupted_state.logits, answer_id, [metrics.prob], 1)[0][0],
             )
+            _check_answer(model, settings.answer, answer_id, clean.logits, prob_scores, "prob")
 
-            results = {}
+            swept = {}
             for where in sites:
-                results[where.name] = engine.sweep(
+                swept[where.name] = engine.sweep(
                     model,
                     site=where,
                     window=settings.windows[where.name],
                     cells=cells[where.name],
-                    clean=clean,
-                    corrupted=corrupted,
-                    corrupted_state=corrupted_state,
+                    source=source,
+                    base=base,
+                    base_state=base_state,
                     answer_id=answer_id,
-                    metric=metric_fn,
+                    metrics=fns,
                     top_k=top_k,
                     strategy=self.strategy,
-                    batch_size=batch_size or self.batch_size,
-                    progress=self.progress if progress is None else progress,
-                    description=f"trace {where.name}",
+                    batch_size=batch_size,
+                    progress=progress,
+                    description=f"{'noise' if noising else 'trace'} {where.name}",
                 )
 
-        ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
-        for out in results.values():
+        extra = [] if foil_id is None else [foil_id]
+        ids_seen = {answer_id, *extra, *clean_ids.tolist(), *corrupted_ids.tolist()}
+        for out in swept.values():
             ids_seen.update(out.top_ids[out.top_ids >= 0].unique().tolist())
         vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
         record = corrupted.record
         by_name = {where.name: where for where in sites}
-        return {
-            kind: _result_class(by_name[kind])(
-                **_head_fields(by_name[kind]),
-                scores=out.scores,
-                clean_score=clean_score,
-                corrupted_score=corrupted_score,
-                tokens=token_labels(model, tokens),
-                token_ids=tokens.cpu(),
-                subject_range=subject_range,
-                answer=vocab[answer_id],
-                answer_id=answer_id,
-                kind=kind,
-                hook_names=by_name[kind].hook_names(n_layer),
-                window=settings.windows[kind],
-                samples=corrupted.samples,
-                noise_std=record.get("noise_std", 0.0),
-                seed=record.get("seed"),
-                model_name=model_name(model),
-                metric=settings.metric_name,
-                top_ids=out.top_ids,
-                top_probs=out.top_probs,
-                clean_top_ids=clean_ids.cpu(),
-                clean_top_probs=clean_probs.cpu(),
-                corrupted_top_ids=corrupted_ids.cpu(),
-                corrupted_top_probs=corrupted_probs.cpu(),
-                vocab=vocab,
-                prompt=prompt if isinstance(prompt, str) else None,
-                corruption=dict(record),
-            )
-            for kind, out in results.items()
-        }
+        results: dict[str, dict[str, TraceResult]] = {}
+        for i, metric in enumerate(bound):
+            clean_score, corrupted_score = clean_scores[i], corrupted_scores[i]
+            results[metric.name] = {
+                kind: _result_class(by_name[kind])(
+                    **_head_fields(by_name[kind]),
+                    scores=metric.normalize(out.scores[i], clean_score, corrupted_score),
+                    clean_score=float(metric.normalize(clean_score, clean_score, corrupted_score)),
+                    corrupted_score=float(
+                        metric.normalize(corrupted_score, clean_score, corrupted_score)
+                    ),
+                    tokens=token_labels(model, tokens),
+                    token_ids=tokens.cpu(),
+                    subject_range=subject_range,
+                    answer=vocab[answer_id],
+                    answer_id=answer_id,
+                    kind=kind,
+                    hook_names=by_name[kind].hook_names(n_layer),
+                    window=settings.windows[kind],
+                    samples=corrupted.samples,
+                    noise_std=record.get("noise_std", 0.0),
+                    seed=record.get("seed"),
+                    model_name=model_name(model),
+                    metric=metric.name,
+                    top_ids=out.top_ids,
+                    top_probs=out.top_probs,
+                    clean_top_ids=clean_ids.cpu(),
+                    clean_top_probs=clean_probs.cpu(),
+                    corrupted_top_ids=corrupted_ids.cpu(),
+                    corrupted_top_probs=corrupted_probs.cpu(),
+                    vocab=vocab,
+                    prompt=prompt if isinstance(prompt, str) else None,
+                    corruption=dict(record),
+                    direction=settings.direction,
+                    foil=None if foil_id is None else vocab[foil_id],
+                    foil_id=foil_id,
+                    normalization=(clean_score, corrupted_score) if metric.normalized else None,
+                )
+                for kind, out in swept.items()
+            }
+        return results
 
 
 def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:

@@ -50,8 +50,8 @@ def test_trace_writes_table_html_and_json(run, tmp_path):
     assert list(data) == ["resid_post", "mlp_out", "attn_out"]
     first = data["resid_post"]
     assert f"answer     {first['answer']!r}" in out
-    assert f"clean      p = {first['clean_score']:.4f}" in out
-    assert f"corrupted  p = {first['corrupted_score']:.4f}" in out
+    assert f"clean      prob = {first['clean_score']:.4f}" in out
+    assert f"corrupted  prob = {first['corrupted_score']:.4f}" in out
     for kind in ("resid_post", "mlp_out", "attn_out"):
         row = next(line for line in out.splitlines() if line.startswith(kind))
         assert f"{max(v for r in data[kind]['scores'] for v in r):.4f}" in row
@@ -602,3 +602,141 @@ def test_the_clis_kind_names_are_the_packages():
     from lenscope.settings import DEFAULT_KINDS
 
     assert cli.KINDS == KINDS and cli.DEFAULT_KINDS == DEFAULT_KINDS
+
+
+def test_patch_command_equals_the_python_api(run, tmp_path, tiny_model):
+    from lenscope import CausalTracer
+
+    js = tmp_path / "p.json"
+    counterfactual = "The Space Needle is located in the city of"
+    code, out, err, _ = run(
+        "patch",
+        TINY_PROMPT,
+        counterfactual,
+        "--kinds",
+        "resid_pre",
+        "--answer",
+        " paris",
+        "--foil",
+        " seattle",
+        "--direction",
+        "noise",
+        "--out",
+        str(tmp_path / "p.html"),
+        "--json",
+        str(js),
+        "--quiet",
+    )
+    assert code == 0, err
+    data = json.loads(js.read_text())["resid_pre"]
+    expected = CausalTracer(tiny_model, progress=False).patch(
+        TINY_PROMPT, counterfactual, answer=" paris", foil=" seattle", direction="noise"
+    )
+    assert data["scores"] == expected.scores.tolist()
+    assert f"counterfactual {counterfactual!r}; foil ' seattle'; direction noise" in out
+    assert "clean      normalized_logit_diff = 1.0000" in out
+
+
+def test_patch_command_refuses_prompts_of_different_lengths(run, tmp_path):
+    code, _, err, _ = run(
+        "patch", TINY_PROMPT, "The Colosseum is located in the city of", "--quiet"
+    )
+    assert code == 2
+    assert "as many tokens as the clean prompt" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "name"),
+    [
+        ("uniform", "uniform_noise"),
+        ("t4", "student_t_noise"),
+        ("multivariate", "multivariate_gaussian_noise"),
+    ],
+)
+def test_trace_corruption_flag(run, tmp_path, flag, name):
+    js = tmp_path / "t.json"
+    code, _, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--kinds",
+        "mlp_out",
+        "--samples",
+        "2",
+        "--corruption",
+        flag,
+        "--replace",
+        "--out",
+        str(tmp_path / "t.html"),
+        "--json",
+        str(js),
+        "--quiet",
+    )
+    if flag == "multivariate":
+        # The tiny tokenizer knows few of the reference subjects' words: too few
+        # distinct embeddings for a covariance of full rank.
+        assert code == 2 and "pass ridge=" in err
+        return
+    assert code == 0, err
+    record = json.loads(js.read_text())["mlp_out"]["corruption"]
+    assert record["name"] == name and record["replace"] is True
+
+
+def test_cli_copies_of_metric_names_match_the_package():
+    from lenscope import cli, metrics, settings
+
+    assert cli.METRIC_NAMES == metrics.METRIC_NAMES
+    assert cli.DIRECTIONS == settings.DIRECTIONS
+
+
+def test_lens_train_saves_a_lens_and_reports_held_out_kl(run, tiny_model, tmp_path):
+    from conftest import TINY_WORDS
+
+    from lenscope import LensEvaluation, TunedLens
+
+    texts = tmp_path / "train.txt"
+    texts.write_text(" ".join(TINY_WORDS * 6))
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(reversed(TINY_WORDS * 3)))
+    out = tmp_path / "tiny.lens"
+    code, stdout, stderr, calls = run(
+        "lens", "train", "--texts", str(texts), "--out", str(out), "--steps", "2",
+        "--tokens-per-step", "32", "--seq-len", "16", "--batch-size", "2", "--held-out",
+        str(held), "--eval-tokens", "32", "--json", str(tmp_path / "eval.json"), "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "trained a tuned lens" in stdout and "on 64 tokens (2 steps)" in stdout
+    assert "| layer | KL logit lens | KL tuned lens |" in stdout
+    assert calls[0][0] == "gemma-3-270m"
+    lens = TunedLens.load(out, tiny_model)
+    assert lens.training["steps"] == 2
+    assert LensEvaluation.load(tmp_path / "eval.json").tokens == 30
+
+
+def test_lens_train_refuses_missing_texts_before_loading(run, tmp_path):
+    code, _, stderr, calls = run(
+        "lens", "train", "--texts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "l")
+    )
+    assert code == 2 and not calls
+    assert "--texts and --held-out take text files" in stderr
+
+
+def test_lens_train_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "lens", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in (
+        "--texts",
+        "--out",
+        "--steps",
+        "--tokens-per-step",
+        "--seq-len",
+        "--held-out",
+        "--optimizer",
+        "--lr",
+    ):
+        assert option in out

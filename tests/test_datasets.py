@@ -656,3 +656,89 @@ def test_cli_writes_a_report(tiny_model, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--limit", "0"])
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+TINY_PROMPT = "The Eiffel Tower is located in the city of"
+TINY_SUBJECT = "The Eiffel Tower"
+PAIRABLE = [
+    {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT, "attribute": "Paris", "relation_id": "P131"},
+    {
+        "prompt": "The Space Needle is located in the city of",
+        "subject": "The Space Needle",
+        "attribute": "Seattle",
+        "relation_id": "P131",
+    },
+    {
+        "prompt": "Big Ben is located in the city of",
+        "subject": "Big Ben",
+        "attribute": "London",
+        "relation_id": "P131",
+    },
+    {
+        "prompt": "The Colosseum is located in the city of",
+        "subject": "The Colosseum",
+        "attribute": "Rome",
+        "relation_id": "P131",
+    },
+    {
+        "prompt": "Paris is the capital of",
+        "subject": "Paris",
+        "attribute": "France",
+        "relation_id": "P1376",
+    },
+]
+
+
+def test_pair_counterfactuals_pairs_subjects_of_the_same_relation_and_length(tiny_model):
+    from lenscope import pair_counterfactuals
+
+    pairs = pair_counterfactuals(tiny_model, PAIRABLE)
+    assert pairs.n_facts == 5 and len(pairs.facts) == 4
+    by_subject = {f["subject"]: f for f in pairs.facts}
+    assert by_subject[TINY_SUBJECT]["counterfactual"] == (
+        "The Space Needle is located in the city of"
+    )
+    assert by_subject["Big Ben"]["counterfactual"] == "The Colosseum is located in the city of"
+    assert by_subject["Big Ben"]["counterfactual_attribute"] == "Rome"
+    (unpaired,) = pairs.unpaired
+    assert unpaired.fact_id == 4 and "no fact of relation 'P1376'" in unpaired.reason
+    assert "4 of 5 facts paired" in repr(pairs)
+
+
+def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(tiny_model):
+    from lenscope import CausalTracer, CounterfactualColumn, pair_counterfactuals
+    from lenscope.corruptions import CounterfactualPrompt
+
+    tracer = CausalTracer(tiny_model, progress=False)
+    facts = pair_counterfactuals(tiny_model, PAIRABLE).facts[:2]
+    facts.append({**PAIRABLE[4], "counterfactual": "Rome is the capital city of"})
+    column = CounterfactualColumn()
+    # A tiny random model may answer a counterfactual as it answers the fact (' of'):
+    # the default metric, a logit difference against the counterfactual's answer,
+    # then has no foil, and the fact is skipped with the reason.
+    summary = ds.trace_dataset(tracer, facts, kinds=("mlp_out",), windows=1, corruption=column)
+    assert summary.metric == "normalized_logit_diff"
+    assert len(summary.facts) + len(summary.skipped) == 3
+    for skipped in summary.skipped:
+        assert "answer itself" in skipped.reason or "as many tokens" in skipped.reason
+    summary = ds.trace_dataset(
+        tracer, facts, kinds=("mlp_out",), windows=1, corruption=column, metric="prob"
+    )
+    assert summary.corruption == {
+        "name": "counterfactual_column",
+        "counterfactual_column": "counterfactual",
+    }
+    (skipped,) = summary.skipped
+    assert "as many tokens as the clean prompt" in skipped.reason
+    for fact, traced in zip(facts, summary.facts, strict=False):
+        alone = tracer.trace(
+            fact["prompt"],
+            fact["subject"],
+            kind="mlp_out",
+            window=1,
+            corruption=CounterfactualPrompt(fact["counterfactual"]),
+            positions="from_subject",
+            top_k=1,
+            metric="prob",
+        )
+        torch.testing.assert_close(traced.scores["mlp_out"], alone.scores, equal_nan=True)

@@ -34,7 +34,9 @@ def reference_trace(
 
     def restorer(name, pos):
         def hook(act, hook):
-            act = act.clone()
+            # In place, as TransformerLens patching.py's setters do: on a
+            # TransformerBridge a tensor returned at hook_resid_mid reaches only
+            # the second norm, not the residual stream.
             act[:, pos] = clean_cache[name][0, pos]
             return act
 
@@ -266,7 +268,8 @@ def test_probabilities_are_accurate_on_a_wide_vocabulary():
     logits[:, 7] += 40
     expected = torch.softmax(logits.double(), dim=-1)
     for metric in (lenscope.metrics.prob, lenscope.metrics.log_prob):
-        scores, top_ids, top_probs = _score_rows(logits.clone(), 2, 7, metric, 3)
+        scores, top_ids, top_probs = _score_rows(logits.clone(), 2, 7, [metric], 3)
+        scores = scores[0]
         want = expected[:, 7] if metric is lenscope.metrics.prob else expected[:, 7].log()
         torch.testing.assert_close(scores.double(), want.reshape(2, 2).mean(1), atol=3e-7, rtol=0)
         torch.testing.assert_close(metric(logits, 7).double(), want, atol=3e-7, rtol=0)
@@ -282,20 +285,22 @@ def _counting_sweep(monkeypatch):
     records = []
     real_sweep, real_forward, real_stair = engine.sweep, engine.forward_cells, engine._run_stair
 
-    def forward_cells(model, corrupted, site, windows, masks, clean, *args, **kwargs):
+    def forward_cells(model, corrupted, site, windows, masks, source, *args, **kwargs):
         rows = windows.shape[0] * corrupted.samples
         records[-1]["ran"].append(rows * corrupted.tokens.shape[1] * model.cfg.n_layers)
-        return real_forward(model, corrupted, site, windows, masks, clean, *args, **kwargs)
+        return real_forward(model, corrupted, site, windows, masks, source, *args, **kwargs)
 
-    def run_stair(model, pos, entries, windows, masks, site, clean, state, samples):
+    def run_stair(model, pos, entries, windows, masks, site, source, state, samples):
         n_pos = state.resid_pre[0].shape[1]
         work = int(((n_pos - pos) * (model.cfg.n_layers - entries)).sum()) * samples
         records[-1]["ran"].append(work)
-        return real_stair(model, pos, entries, windows, masks, site, clean, state, samples)
+        return real_stair(model, pos, entries, windows, masks, site, source, state, samples)
 
     def sweep(model, **kwargs):
-        keys = ("site", "window", "cells", "corrupted", "strategy", "batch_size")
-        estimate = engine.estimate_sweep(model, **{k: kwargs[k] for k in keys})
+        keys = ("site", "window", "cells", "strategy", "batch_size")
+        estimate = engine.estimate_sweep(
+            model, corrupted=kwargs["base"], **{k: kwargs[k] for k in keys}
+        )
         records.append({"estimate": estimate, "ran": []})
         return real_sweep(model, **kwargs)
 

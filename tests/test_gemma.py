@@ -216,3 +216,32 @@ def test_trace_matches_plain_hugging_face_loop(gemma):
             ours[kind].scores.double(), grid, atol=2e-4, rtol=0, equal_nan=True
         )
     print(f"\nmax |lenscope - plain Hugging Face loop| = {worst:.2e}")
+
+
+COLOSSEUM = "The Colosseum is located in the city of"
+
+
+def test_str_matches_transformer_lens_patching_on_gemma(gemma):
+    """Symmetric token replacement on the real model, each kind, against patching.py."""
+    from test_patching import PARITY_KINDS, _tl_patching
+
+    tracer = lenscope.CausalTracer(gemma, progress=False)
+    prompt = "The Eiffel Tower is located in the city of"
+    results = tracer.trace_kinds(
+        prompt,
+        corruption=lenscope.CounterfactualPrompt(COLOSSEUM),
+        kinds=tuple(PARITY_KINDS),
+        windows=1,
+    )
+    first = results["resid_pre"]
+    assert (first.answer, first.foil) == (" Paris", " Rome")
+    for kind, result in results.items():
+        expected = _tl_patching(
+            gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, kind, "denoise"
+        )
+        torch.testing.assert_close(result.scores, expected.float(), atol=1e-5, rtol=0)
+    noised = tracer.patch(prompt, COLOSSEUM, kind="resid_pre", direction="noise")
+    expected = _tl_patching(
+        gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, "resid_pre", "noise"
+    )
+    torch.testing.assert_close(noised.scores, expected.float(), atol=1e-5, rtol=0)

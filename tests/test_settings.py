@@ -103,7 +103,11 @@ def test_noise_multiplier_is_resolved_once(tracer, tiny_model):
         ({"kinds": ()}, InvalidInput, r"kinds must be distinct and non-empty"),
         ({"top_k": 0}, InvalidInput, r"top_k must be an integer in \[1, d_vocab\], got 0"),
         ({"positions": "middle"}, InvalidInput, r"positions must be 'all', 'subject', 'from_s"),
-        ({"metric": "accuracy"}, InvalidInput, r"metric must be one of \('prob', 'log_prob'\)"),
+        (
+            {"metric": "accuracy"},
+            InvalidInput,
+            r"metric must be one of \('prob', 'log_prob', 'logit_diff', 'normal",
+        ),
         ({"samples": 0}, InvalidInput, r"samples must be an integer >= 1, got 0; ROME uses 10"),
         ({"noise": -1.0}, InvalidInput, r"noise must be a finite number >= 0, got -1.0; noise "),
         # Under --jaxtyping-packages the annotation refuses these first, with a TypeError.
@@ -129,7 +133,7 @@ def test_model_dependent_settings_are_checked_against_the_model(tracer, tiny_mod
 
 
 def test_noise_options_refuse_another_corruption(tracer):
-    with pytest.raises(InvalidInput, match=r"noise options \['samples'\] apply to Gaussian noise"):
+    with pytest.raises(InvalidInput, match=r"noise options \['samples'\] do not apply to the corr"):
         tracer.settings(corruption=ZeroSubject(), samples=3)
 
 
@@ -164,7 +168,7 @@ def test_explicit_noise_cannot_be_regenerated():
     assert record["seed"] is None
     with pytest.raises(InvalidInput, match=r"noise cannot be regenerated; pass the same tensor"):
         corruption_from_dict(record)
-    with pytest.raises(InvalidInput, match=r"must name one of \('gaussian_noise',\)"):
+    with pytest.raises(InvalidInput, match=r"must name one of \('gaussian_noise', 'uniform_noise'"):
         corruption_from_dict({"name": "laser"})
 
 
@@ -310,17 +314,17 @@ def test_a_site_with_another_index_space_runs_on_the_engine(tiny_model, strategy
             site=site,
             window=1,
             cells=cells,
-            clean=clean,
-            corrupted=corrupted,
-            corrupted_state=state,
+            source={name: act[None] for name, act in clean.activations.items()},
+            base=corrupted,
+            base_state=state,
             answer_id=answer,
-            metric=metrics.prob,
+            metrics=[metrics.prob],
             top_k=2,
             strategy=strategy,
             batch_size=None,
             progress=False,
         )
-    assert out.scores.shape == (cfg.n_layers, len(tokens), cfg.n_heads)
+    assert out.scores[0].shape == (cfg.n_layers, len(tokens), cfg.n_heads)
     # The plain way: one forward pass per (layer, pos, head), full logits.
     _, cache = model.run_with_cache(tokens[None])
     noisy = tokens[None].repeat(2, 1)
@@ -344,5 +348,7 @@ def test_a_site_with_another_index_space_runs_on_the_engine(tiny_model, strategy
                 noisy, fwd_hooks=[("hook_embed", add_noise), (name, put_back)]
             )
             expected = torch.softmax(logits[:, -1].double(), -1)[:, answer].mean()
-            assert float(out.scores[layer, pos, head]) == pytest.approx(float(expected), abs=2e-6)
-    assert torch.isnan(out.scores[1]).all()  # layer 1 was not traced
+            assert float(out.scores[0, layer, pos, head]) == pytest.approx(
+                float(expected), abs=2e-6
+            )
+    assert torch.isnan(out.scores[0, 1]).all()  # layer 1 was not traced

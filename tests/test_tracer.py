@@ -252,7 +252,11 @@ def test_corruption_that_does_not_lower_the_score_warns(tracer, clean_top, answe
             ValueError,
             r"positions must be distinct token positions in \[0, 10\)",
         ),
-        ({"metric": "accuracy"}, ValueError, r"metric must be one of \('prob', 'log_prob'\)"),
+        (
+            {"metric": "accuracy"},
+            ValueError,
+            r"metric must be one of \('prob', 'log_prob', 'logit_diff', 'normal",
+        ),
         ({"top_k": 0}, ValueError, r"top_k must be an integer"),
     ],
 )

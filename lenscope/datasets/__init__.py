@@ -19,11 +19,13 @@ The ``lenscope dataset`` command (:mod:`lenscope.cli`) runs the whole pipeline.
 
 from lenscope.datasets.checkpoint import CHECKPOINT_FORMAT
 from lenscope.datasets.facts import (
+    CounterfactualPairs,
     Facts,
     SkippedFact,
     filter_known,
     known_facts,
     load_facts,
+    pair_counterfactuals,
     starts_attribute,
 )
 from lenscope.datasets.run import trace_dataset
@@ -43,6 +45,7 @@ __all__ = [
     "BUCKET_LABELS",
     "CHECKPOINT_FORMAT",
     "CI_Z",
+    "CounterfactualPairs",
     "DatasetSummary",
     "FactTrace",
     "Facts",
@@ -52,6 +55,7 @@ __all__ = [
     "known_facts",
     "load_facts",
     "mean_ci",
+    "pair_counterfactuals",
     "starts_attribute",
     "token_buckets",
     "trace_dataset",

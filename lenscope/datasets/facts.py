@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,3 +277,96 @@ class SkippedFact:
 
     fact_id: int | str
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualPairs:
+    """Facts paired with a counterfactual prompt (see :func:`pair_counterfactuals`).
+
+    Attributes:
+        facts: Copies of the paired facts, each with ``counterfactual`` (the
+            prompt with the partner's subject), ``counterfactual_subject``,
+            ``counterfactual_attribute`` and ``counterfactual_id``.
+        unpaired: The facts that found no partner, with the reason.
+        n_facts: Facts given.
+    """
+
+    facts: list[dict[str, Any]]
+    unpaired: list[SkippedFact]
+    n_facts: int
+
+    def __repr__(self) -> str:
+        """How many facts found a partner."""
+        return (
+            f"CounterfactualPairs({len(self.facts)} of {self.n_facts} facts paired, "
+            f"{len(self.unpaired)} without a partner)"
+        )
+
+
+def pair_counterfactuals(
+    model: torch.nn.Module, facts: Facts, *, seed: int = 0
+) -> CounterfactualPairs:
+    """Pair each fact with another fact of the same relation for symmetric token replacement.
+
+    The counterfactual of a fact is its own prompt with its subject replaced
+    by the partner's subject ("The Colosseum is located in the city of" for
+    "The Eiffel Tower ..."), so the template is the same; the partner must
+    have the same ``relation_id``, another attribute (so that the answers
+    differ), and a subject that makes the counterfactual tokenise to exactly
+    as many tokens as the prompt (Zhang & Nanda, 2023, arXiv 2309.16042).
+    Among the candidates one is chosen at random with ``seed``.
+
+    Args:
+        model: Supplies the tokenizer.
+        facts: Facts with ``prompt``, ``subject``, ``attribute`` and
+            ``relation_id`` (ROME's known facts have them).
+        seed: Seed of the choice among candidates.
+
+    Returns:
+        A :class:`CounterfactualPairs`: the paired facts and the rest with a reason.
+    """
+    pairs = _prepared(facts)
+    rng = random.Random(seed)
+    usable = []
+    unpaired = []
+    for fact_id, fact in pairs:
+        problem = _fact_problem(fact, ("prompt", "subject", "attribute", "relation_id"))
+        if problem is None and fact["subject"] not in fact["prompt"]:
+            problem = f"subject {fact['subject']!r} does not occur in its prompt"
+        if problem is None:
+            usable.append((fact_id, fact, len(model.to_tokens(fact["prompt"])[0])))
+        else:
+            unpaired.append(SkippedFact(fact_id, problem))
+    by_relation: dict[str, list[tuple[Any, dict[str, Any], int]]] = {}
+    for entry in usable:
+        by_relation.setdefault(entry[1]["relation_id"], []).append(entry)
+    paired = []
+    for fact_id, fact, n_tokens in usable:
+        candidates = [
+            other
+            for other in by_relation[fact["relation_id"]]
+            if other[1]["attribute"] != fact["attribute"] and other[1]["subject"] != fact["subject"]
+        ]
+        rng.shuffle(candidates)
+        for other_id, other, _ in candidates:
+            prompt = fact["prompt"].replace(fact["subject"], other["subject"], 1)
+            if len(model.to_tokens(prompt)[0]) == n_tokens:
+                paired.append(
+                    {
+                        **fact,
+                        "counterfactual": prompt,
+                        "counterfactual_subject": other["subject"],
+                        "counterfactual_attribute": other["attribute"],
+                        "counterfactual_id": other_id,
+                    }
+                )
+                break
+        else:
+            unpaired.append(
+                SkippedFact(
+                    fact_id,
+                    f"no fact of relation {fact['relation_id']!r} with another attribute has a "
+                    "subject of the same token length",
+                )
+            )
+    return CounterfactualPairs(paired, unpaired, len(pairs))

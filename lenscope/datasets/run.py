@@ -8,6 +8,7 @@ finished fact appended to a JSONL checkpoint
 effects averaged into a :class:`~lenscope.datasets.summary.DatasetSummary`.
 """
 
+import dataclasses
 import json
 import time
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lenscope._version import __version__
+from lenscope.corruptions import Corruption, CounterfactualColumn
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, Checkpoint, checkpoint_header
 from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
@@ -42,6 +44,7 @@ def trace_dataset(
     noise_multiplier: float | None = None,
     seed: int | None = None,
     metric: str | PatchingMetric | None = None,
+    corruption: Corruption | None = None,
     checkpoint: str | Path | None = None,
     max_seconds: float | int | None = None,
     batch_size: int | None = None,
@@ -86,7 +89,15 @@ def trace_dataset(
         noise: Absolute noise std; default ``noise_multiplier * tracer.sigma``.
         noise_multiplier: Multiple of the embedding sigma; default the tracer's (3).
         seed: Seed of the noise draws, shared by all facts (as in ROME; default 0).
-        metric: ``"prob"`` (ROME, default), ``"log_prob"``, or a named callable.
+        metric: A metric name (default: the corruption's: ``"prob"`` for
+            noise, as in ROME; ``"normalized_logit_diff"`` for counterfactuals)
+            or a named callable.
+        corruption: The corruption (default: the tracer's Gaussian noise);
+            :class:`~lenscope.corruptions.CounterfactualColumn` traces each fact
+            against its own counterfactual prompt (symmetric token
+            replacement; :func:`pair_counterfactuals` builds the column). A
+            fact whose counterfactual is missing or of another token length
+            is skipped with the reason.
         checkpoint: JSONL file to write and resume from.
         max_seconds: Stop starting new facts after this much time; the
             facts not reached are counted in ``n_pending``.
@@ -111,6 +122,7 @@ def trace_dataset(
         noise_multiplier=noise_multiplier,
         seed=seed,
         metric=metric,
+        corruption=corruption,
     )
     if max_seconds is not None and not (
         isinstance(max_seconds, int | float)
@@ -265,7 +277,9 @@ def _trace_one(
     batch_size: int | None,
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
-    problem = _fact_problem(fact, ("prompt", "subject"))
+    corruption = settings.corruption
+    column = corruption.column if isinstance(corruption, CounterfactualColumn) else None
+    problem = _fact_problem(fact, ("prompt", "subject", *([column] if column else [])))
     if problem is None and fact["subject"].strip() not in fact["prompt"]:
         problem = f"subject {fact['subject']!r} does not occur in the prompt {fact['prompt']!r}"
     if problem is None:
@@ -274,16 +288,30 @@ def _trace_one(
             subject_range = find_subject(tracer.model, tokens, fact["subject"])
         except (ValueError, TypeError) as e:
             problem = str(e)
+    if problem is None and column is not None:
+        try:
+            fact_settings = dataclasses.replace(settings, corruption=corruption.for_fact(fact))
+            fact_settings.corruption.tokens(tracer.model, tokens)
+        except (ValueError, TypeError) as e:
+            problem = f"counterfactual {fact.get(column)!r}: {e}"
     if problem is not None:
         return _skip_record(fact_id, fact, problem)
+    if column is not None:
+        settings = fact_settings
     started = time.perf_counter()
     with warnings.catch_warnings():
         # The answer is the clean top-1 by design (ROME); filter_known, not a
         # warning per fact, is how a dataset keeps to facts the model knows.
         warnings.simplefilter("ignore", AnswerWarning)
-        results = tracer.trace_kinds(
-            tokens, subject_range, settings, batch_size=batch_size, progress=False
-        )
+        try:
+            results = tracer.trace_kinds(
+                tokens, subject_range, settings, batch_size=batch_size, progress=False
+            )
+        except InvalidInput as e:
+            # Only what this fact's run reveals can fail here (a counterfactual
+            # whose answer is the fact's own, an unmoved logit difference):
+            # the settings were checked before the first fact.
+            return _skip_record(fact_id, fact, str(e))
     first = results[settings.kinds[0]]
     attribute = fact.get("attribute")
     trace = FactTrace(

@@ -275,7 +275,7 @@ class DatasetSummary:
         model_name: The model's ``cfg.model_name``.
         samples: Corrupted copies per fact.
         noise_std: Absolute noise std added at ``hook_embed``.
-        seed: Seed of the noise (the same for every fact, as in ROME).
+        seed: Seed of the noise (the same for every fact, as in ROME); None without noise.
         metric: Patching metric (``"prob"``: ROME's probability of the answer).
         lenscope_version: Version that computed the traces.
         n_pending: Facts of the input not reached (a time budget ran out).
@@ -291,7 +291,7 @@ class DatasetSummary:
     model_name: str
     samples: int
     noise_std: float
-    seed: int
+    seed: int | None
     metric: str
     lenscope_version: str
     n_pending: int = 0
