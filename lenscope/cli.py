@@ -5,7 +5,8 @@ offline Gemma-3-270m by default), traces the hook-point types ROME's
 Figure 1 shows (Meng et al., 2022, arXiv 2202.05262), prints the answer,
 the clean and corrupted probabilities and each kind's peak cell, and writes
 the side-by-side heatmaps as a self-contained HTML file. ``lenscope dataset``
-averages traces over ROME's known facts (Figure 2). Both subcommands take the
+averages traces over ROME's known facts (Figure 2). ``lenscope lens train``
+trains a tuned lens (Belrose et al., 2023) on text files and saves it. Both subcommands take the
 same trace options (:func:`add_trace_arguments`), checked when the arguments
 are parsed. A user error exits with status 2 and a one-line reason; anything
 else is a bug or an environment problem: exit 1, with a hint to rerun with
@@ -525,7 +526,132 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataset_arguments(dataset, model_arguments=True)
     dataset.set_defaults(run=run_dataset)
+
+    lens = sub.add_parser(
+        "lens",
+        help="train a tuned lens (Belrose et al., 2023) and compare it with the logit lens",
+        description="Tuned lenses: affine translators per layer, trained so that decoding "
+        "each layer matches the model's output. Example: lenscope lens train --texts "
+        "corpus.txt --out gemma.lens",
+    )
+    lens_sub = lens.add_subparsers(dest="lens_command", metavar="LENS_COMMAND", required=True)
+    train = lens_sub.add_parser(
+        "train",
+        help="train a tuned lens on text files and save it (tuned-lens's format)",
+        description="Train a tuned lens on the texts (SGD with Nesterov momentum, KL to the "
+        "model's output, the paper's schedule), showing a progress bar with the loss and the "
+        "time left, and save it as a folder (config.json + params.pt, readable by the "
+        "tuned-lens package). With --held-out, print the per-layer KL of the tuned and the "
+        "logit lens on those texts. Example: lenscope lens train --texts corpus.txt --out "
+        "gemma.lens --steps 50 --tokens-per-step 4096 --seq-len 256",
+    )
+    train.add_argument(
+        "--texts",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="UTF-8 text files to train on (each file one document)",
+    )
+    train.add_argument(
+        "--out", type=Path, required=True, help="folder to save the lens to (created)"
+    )
+    add_model_arguments(train)
+    train.add_argument("--steps", type=positive_int_arg, default=250, help="steps (default 250)")
+    train.add_argument(
+        "--tokens-per-step",
+        type=positive_int_arg,
+        default=2**18,
+        help="tokens per step (default 262144, the paper's)",
+    )
+    train.add_argument(
+        "--seq-len", type=positive_int_arg, default=2048, help="tokens per sequence (default 2048)"
+    )
+    train.add_argument(
+        "--batch-size", type=positive_int_arg, default=1, help="sequences per forward pass"
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="sgd (the paper's: Nesterov momentum; default) or adam",
+    )
+    train.add_argument(
+        "--lr", type=float, help="learning rate (default 1.0 for sgd, the paper's; 1e-3 for adam)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="shuffles the sequences (default 0)")
+    train.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="file to save progress to every 10 steps; an existing one is resumed",
+    )
+    train.add_argument(
+        "--held-out", type=Path, nargs="+", help="text files to evaluate the lens on afterwards"
+    )
+    train.add_argument(
+        "--eval-tokens",
+        type=positive_int_arg,
+        default=8192,
+        help="held-out tokens to evaluate (default 8192)",
+    )
+    train.add_argument("--json", type=Path, help="write the held-out evaluation as JSON")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_lens_train)
     return parser
+
+
+def run_lens_train(args: argparse.Namespace, model_factory: ModelFactory | None = None) -> int:
+    """``lenscope lens train``: train, save, and optionally evaluate on held-out texts."""
+    from lenscope.validation import InvalidInput
+
+    for path in [*args.texts, *(args.held_out or [])]:
+        if not path.is_file():
+            raise InvalidInput(
+                f"--texts and --held-out take text files, got {str(path)!r}, which is not a "
+                "file; pass e.g. --texts corpus.txt"
+            )
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidInput(
+            f"--out must name a folder (a lens is config.json + params.pt), got {str(args.out)!r}, "
+            "which is a file; pass e.g. --out gemma.lens"
+        )
+    check_outputs([("--json", args.json), ("--checkpoint", args.checkpoint)])
+    from lenscope.tuned_lens import TunedLens
+
+    model = _load(args, model_factory)
+    lens = TunedLens.train(
+        model,
+        list(args.texts),
+        steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        progress=not args.quiet,
+    )
+    lens.save(args.out)
+    info = lens.training
+    print(
+        f"trained a tuned lens of {lens.model_name} on {info['tokens']:,} tokens "
+        f"({info['steps']} steps) in {info['seconds']:.1f} s; final loss "
+        f"{info['loss'][-1]:.4f} nats summed over {lens.n_layers} layers; saved to {args.out}"
+    )
+    if args.held_out:
+        report = lens.evaluate(
+            model,
+            list(args.held_out),
+            seq_len=args.seq_len,
+            max_tokens=args.eval_tokens,
+            batch_size=args.batch_size,
+            corpus=", ".join(p.name for p in args.held_out),
+        )
+        print(f"held-out: {report.tokens:,} tokens")
+        print(report.to_markdown())
+        if args.json:
+            report.save(args.json)
+    return 0
 
 
 def _load(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
@@ -946,6 +1072,8 @@ def main(argv: Sequence[str] | None = None, *, model_factory: ModelFactory | Non
     from lenscope.validation import USER_ERRORS
 
     command = f"lenscope {args.command}"
+    if getattr(args, "lens_command", None):
+        command += f" {args.lens_command}"
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warnings(command)

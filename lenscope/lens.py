@@ -112,10 +112,18 @@ def resolve_statistic(statistic: str) -> str:
 class LensDecoder(Protocol):
     """What :func:`lens_trajectory` needs from a lens: hidden states in, logits out.
 
-    Any object with this ``forward`` works, e.g. a trained tuned lens from the
-    ``tuned-lens`` package (its ``TunedLens.forward(h, idx)`` has this shape),
-    or an affine translator followed by the model's unembedding. The logits
-    must cover the model's whole vocabulary, in the model's token order.
+    Any object with this ``forward`` works, e.g. an affine translator followed
+    by the model's unembedding. The logits must cover the model's whole
+    vocabulary, in the model's token order. ``layer`` is the row being
+    decoded: for ``kind="resid_post"`` the stream *leaving* block ``layer``.
+
+    A decoder may also have ``for_model(model, kind)``, returning the decoder
+    to use for that model and hook-point type; the lens views call it first.
+    :class:`lenscope.TunedLens` does, which is how it knows that ``resid_post``
+    of layer ``l`` is the input of translator ``l + 1`` and how it refuses hook
+    points it was not trained on. A lens object of the ``tuned-lens`` package
+    indexes Hugging Face ``hidden_states`` instead and is refused: convert it
+    with ``lenscope.TunedLens.load(folder, model)`` from its saved files.
     """
 
     def forward(
@@ -156,9 +164,16 @@ class LogitLens:
             The logits, as the model's head would produce them from ``hidden``.
         """
         batch = hidden.shape[0]
+        hidden = self.transform_hidden(hidden, layer)
         flat = einops.rearrange(hidden, "batch pos d_model -> (batch pos) d_model")
         logits = decode_resid(self.model, flat)
         return einops.rearrange(logits, "(batch pos) d_vocab -> batch pos d_vocab", batch=batch)
+
+    def transform_hidden(
+        self, hidden: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """The hidden state the head decodes: ``hidden`` itself (a tuned lens translates it)."""
+        return hidden
 
     __call__ = forward
 
@@ -444,7 +459,7 @@ def lens_trajectory(
     tokens = prompt_tokens(model, prompt)
     answer_id = None if answer is None else answer_token(model, answer)
     subject_range = None if subject is None else find_subject(model, tokens, subject)
-    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
+    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder, model, component)
 
     with preserved_model(model), torch.inference_mode():
         store = capture_forward(model, tokens[None], [], names, clone=True)
@@ -550,7 +565,7 @@ def lens_trace_cell(
     restored_names = [name for name, w in zip(where.hook_names(n_layer), windows[1]) if w]
     final_name = hook_name("resid_post", n_layer - 1)
     check_hook_points(model, [EMBED_HOOK, *names, *restored_names, final_name])
-    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder)
+    decoder = LogitLens(model) if decoder is None else _check_decoder(decoder, model, component)
     tokens = result.token_ids.to(model.cfg.device)
     samples = result.samples
 
@@ -639,7 +654,17 @@ def _check_layer_chunk(layer_chunk: Any) -> None:
         )
 
 
-def _check_decoder(decoder: Any) -> LensDecoder:
+def _check_decoder(decoder: Any, model: torch.nn.Module, kind: str) -> LensDecoder:
+    """``decoder`` checked, and bound to ``model`` and ``kind`` if it can be (``for_model``)."""
+    if type(decoder).__module__.split(".")[0] == "tuned_lens":
+        raise InvalidInputType(
+            f"decoder is a lens object of the tuned-lens package ({type(decoder).__name__}), "
+            "which indexes Hugging Face hidden_states (and expects their basis), not lenscope's "
+            "rows; save it with lens.save(folder) and pass lenscope.TunedLens.load(folder, model)"
+        )
+    bind = getattr(decoder, "for_model", None)
+    if callable(bind):
+        decoder = bind(model, kind)
     if not callable(getattr(decoder, "forward", None)):
         raise InvalidInputType(
             f"decoder must have a method forward(hidden [batch, pos, d_model], layer) -> "
@@ -688,14 +713,20 @@ def _chunk_logits(
 ) -> Float[Tensor, "chunk batch pos d_vocab"]:
     """Decode consecutive layers ``first, first + 1, ...`` of ``hidden``.
 
-    The logit lens has no per-layer translator, so the whole chunk goes
-    through the unembedding in one matrix product: the ``[d_model, d_vocab]``
-    matrix (671 MB on Gemma-3) is then read once per chunk, not once per layer.
+    A :class:`LogitLens` (and a tuned lens bound to a model, which is one)
+    translates each layer with its ``transform_hidden``, then the whole chunk
+    goes through the unembedding in one matrix product: the
+    ``[d_model, d_vocab]`` matrix (671 MB on Gemma-3) is then read once per
+    chunk, not once per layer.
     """
     if isinstance(decoder, LogitLens):
         n = hidden.shape[0]
+        if type(decoder).transform_hidden is not LogitLens.transform_hidden:
+            hidden = torch.stack(
+                [decoder.transform_hidden(h, first + i) for i, h in enumerate(hidden)]
+            )
         flat = einops.rearrange(hidden, "chunk batch pos d_model -> (chunk batch) pos d_model")
-        logits = _decode(decoder, flat, first, d_vocab)
+        logits = _decode(LogitLens(decoder.model), flat, first, d_vocab)
         return einops.rearrange(
             logits, "(chunk batch) pos d_vocab -> chunk batch pos d_vocab", chunk=n
         )

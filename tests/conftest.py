@@ -56,6 +56,7 @@ def make_tiny_model(
     dtype=torch.float32,
     gated=False,
     bridge=None,
+    init_range=None,
 ):
     """A randomly initialised TransformerLens model small enough for exhaustive checks.
 
@@ -63,12 +64,20 @@ def make_tiny_model(
     ``HookedTransformer`` on 3.9, a compatibility-mode ``TransformerBridge`` on
     4.x (see :func:`make_tiny_bridge`). ``gated=True`` gives a Gemma/Llama-like
     layout: gated MLP, grouped-query attention (2 key/value heads), RMSNorm.
+    ``init_range`` (the weights' initial std) above the default 0.02 gives
+    peaked output distributions, which a lens has something to learn from.
     """
     if bridge is None:
         bridge = tl4()
     if bridge:
         return make_tiny_bridge(
-            tokenizer, n_layers=n_layers, d_vocab=d_vocab, seed=seed, dtype=dtype, gated=gated
+            tokenizer,
+            n_layers=n_layers,
+            d_vocab=d_vocab,
+            seed=seed,
+            dtype=dtype,
+            gated=gated,
+            init_range=init_range,
         )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -89,6 +98,7 @@ def make_tiny_model(
         default_prepend_bos=True,
         dtype=dtype,
         model_name=f"tiny-{'gated-' if gated else ''}{positional}-{n_layers}l",
+        **({} if init_range is None else {"initializer_range": init_range}),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -98,7 +108,15 @@ def make_tiny_model(
 
 
 def make_tiny_bridge(
-    tokenizer=None, *, n_layers=4, d_vocab=None, seed=0, dtype=torch.float32, gated=False
+    tokenizer=None,
+    *,
+    n_layers=4,
+    d_vocab=None,
+    seed=0,
+    dtype=torch.float32,
+    gated=False,
+    init_range=None,
+    processing=True,
 ):
     """A TransformerBridge around a random Hugging Face model, booted without the hub.
 
@@ -106,7 +124,9 @@ def make_tiny_bridge(
     ``gated=True``: Gemma-3 (rotary, RMSNorm, gated MLP, grouped-query attention
     with 2 key/value heads, QK-norm, sliding-window layers of width 4 so that
     a 10-token prompt exercises them). On TransformerLens 4 the bridge is put
-    in compatibility mode, as :func:`lenscope.load_model` does.
+    in compatibility mode, as :func:`lenscope.load_model` does; with
+    ``processing=False`` without processing the weights (the raw Hugging Face
+    residual stream; TransformerLens 3.9's bridge never processes them).
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
 
@@ -115,6 +135,8 @@ def make_tiny_bridge(
 
     vocab = d_vocab or (len(tokenizer) if tokenizer is not None else 64)
     special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2}
+    if init_range is not None:
+        special["initializer_range"] = init_range
     if gated:
         config = Gemma3TextConfig(
             vocab_size=vocab,
@@ -149,7 +171,10 @@ def make_tiny_bridge(
             device="cpu",
             dtype=dtype,
         )
-        model = _compatible(model)
+        if processing:
+            model = _compatible(model)
+        elif compat.tl_version() >= (4, 0):
+            model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     if tokenizer is None:
         model.tokenizer = None
     model.eval()

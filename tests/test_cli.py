@@ -688,3 +688,55 @@ def test_cli_copies_of_metric_names_match_the_package():
 
     assert cli.METRIC_NAMES == metrics.METRIC_NAMES
     assert cli.DIRECTIONS == settings.DIRECTIONS
+
+
+def test_lens_train_saves_a_lens_and_reports_held_out_kl(run, tiny_model, tmp_path):
+    from conftest import TINY_WORDS
+
+    from lenscope import LensEvaluation, TunedLens
+
+    texts = tmp_path / "train.txt"
+    texts.write_text(" ".join(TINY_WORDS * 6))
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(reversed(TINY_WORDS * 3)))
+    out = tmp_path / "tiny.lens"
+    code, stdout, stderr, calls = run(
+        "lens", "train", "--texts", str(texts), "--out", str(out), "--steps", "2",
+        "--tokens-per-step", "32", "--seq-len", "16", "--batch-size", "2", "--held-out",
+        str(held), "--eval-tokens", "32", "--json", str(tmp_path / "eval.json"), "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "trained a tuned lens" in stdout and "on 64 tokens (2 steps)" in stdout
+    assert "| layer | KL logit lens | KL tuned lens |" in stdout
+    assert calls[0][0] == "gemma-3-270m"
+    lens = TunedLens.load(out, tiny_model)
+    assert lens.training["steps"] == 2
+    assert LensEvaluation.load(tmp_path / "eval.json").tokens == 30
+
+
+def test_lens_train_refuses_missing_texts_before_loading(run, tmp_path):
+    code, _, stderr, calls = run(
+        "lens", "train", "--texts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "l")
+    )
+    assert code == 2 and not calls
+    assert "--texts and --held-out take text files" in stderr
+
+
+def test_lens_train_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "lens", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in (
+        "--texts",
+        "--out",
+        "--steps",
+        "--tokens-per-step",
+        "--seq-len",
+        "--held-out",
+        "--optimizer",
+        "--lr",
+    ):
+        assert option in out

@@ -28,6 +28,7 @@ from lenscope.datasets.summary import DatasetSummary, FactTrace
 from lenscope.hooks import model_name, n_layers
 from lenscope.metrics import PatchingMetric
 from lenscope.settings import TraceSettings
+from lenscope.sites import HeadSite
 from lenscope.tokens import find_subject, prompt_tokens
 from lenscope.tracer import CausalTracer
 from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType
@@ -248,8 +249,15 @@ def dataset_settings(
         for the tracer's model (the noise std is measured once, here).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    chosen = tracer.settings(settings, **options, **DATASET_TRACE_FIXED)
-    return chosen.for_model(tracer.model)
+    chosen = tracer.settings(settings, **options)
+    heads = [where.name for where in chosen.sites if isinstance(where, HeadSite)]
+    if heads:
+        raise InvalidInput(
+            f"a dataset trace averages (layer, pos) grids over facts, but the per-head kinds "
+            f"{heads} give (layer, head) grids; trace them one prompt at a time with "
+            f"tracer.trace(prompt, subject, kind={heads[0]!r}, by='head')"
+        )
+    return tracer.settings(chosen, **DATASET_TRACE_FIXED).for_model(tracer.model)
 
 
 def dataset_header(tracer: CausalTracer, settings: TraceSettings) -> dict[str, Any]:

@@ -512,7 +512,8 @@ def _title(
 ) -> str:
     """Default title: lens, component, model; then statistic, answer and reading notes."""
     first = items[0]
-    lens = escape(first.decoder).capitalize()
+    # Panels decoded by different lenses (logit vs tuned) name them all.
+    lens = escape(" vs ".join(dict.fromkeys(t.decoder for t in items))).capitalize()
     what = KIND_LABELS.get(first.component, first.component)
     units = STATISTICS[view.name][1]
     stat = escape(view.title) + (f" ({units})" if units else "")
