@@ -148,9 +148,11 @@ def _offline_gemma(device: str, dtype: torch.dtype) -> Setup:
     # The Hugging Face checkpoint load_model converted the GGUF file into:
     # causal-tracer runs on exactly the weights the TransformerLens model was built from.
     checkpoint = loading._ensure_offline_checkpoint(loading._import_offline_package())
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=dtype, local_files_only=True
-    ).to(device).eval()
+    hf_model = (
+        AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+        .to(device)
+        .eval()
+    )
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     return _text_setup("gemma-3-270m", model, hf_model, tokenizer)
 
@@ -229,8 +231,9 @@ def _word_tokenizer(d_vocab: int) -> Any:
     )
 
 
-def _bridge_around(name: str, hf_model: Any, tokenizer: Any, device: str,
-                   dtype: torch.dtype) -> Any:
+def _bridge_around(
+    name: str, hf_model: Any, tokenizer: Any, device: str, dtype: torch.dtype
+) -> Any:
     """A compatibility-mode TransformerBridge (TransformerLens 4) around a copy of ``hf_model``.
 
     Booting wraps the model it is given in place: its modules become bridge
@@ -277,8 +280,11 @@ def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
     d_vocab, n_ctx = 50257, 1024
     torch.manual_seed(0)
     hf_config = GPT2Config(
-        vocab_size=d_vocab, n_positions=n_ctx, n_embd=dims["d_model"],
-        n_layer=dims["n_layers"], n_head=dims["n_heads"],
+        vocab_size=d_vocab,
+        n_positions=n_ctx,
+        n_embd=dims["d_model"],
+        n_layer=dims["n_layers"],
+        n_head=dims["n_heads"],
         initializer_range=dims.get("initializer_range", 0.02),
     )
     with torch.device(device):
@@ -291,11 +297,21 @@ def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
     cfg = HookedTransformerConfig(
-        n_layers=dims["n_layers"], d_model=dims["d_model"], n_heads=dims["n_heads"],
-        d_head=dims["d_model"] // dims["n_heads"], d_mlp=4 * dims["d_model"], d_vocab=d_vocab,
-        n_ctx=n_ctx, act_fn="gelu_new", normalization_type="LN",
-        positional_embedding_type="standard", default_prepend_bos=False, device=device,
-        dtype=dtype, model_name=name, original_architecture="GPT2LMHeadModel",
+        n_layers=dims["n_layers"],
+        d_model=dims["d_model"],
+        n_heads=dims["n_heads"],
+        d_head=dims["d_model"] // dims["n_heads"],
+        d_mlp=4 * dims["d_model"],
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        device=device,
+        dtype=dtype,
+        model_name=name,
+        original_architecture="GPT2LMHeadModel",
         init_weights=False,  # the weights come from the HF model below
     )
     with warnings.catch_warnings():
@@ -303,8 +319,11 @@ def _random_gpt2(name: str, device: str, dtype: torch.dtype) -> Setup:
         model = HookedTransformer(cfg)
     # No folding or centring: the HookedTransformer holds HF's weights as they are.
     model.load_and_process_state_dict(
-        convert_gpt2_weights(hf_model, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
+        convert_gpt2_weights(hf_model, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
     )
     model.setup()
     return _id_setup(name, model.eval(), hf_model, tokenizer)
@@ -322,13 +341,27 @@ def _random_gemma(device: str, dtype: torch.dtype) -> Setup:
     torch.manual_seed(0)
     sliding, full = "sliding_attention", "full_attention"
     hf_config = Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768,
-        sliding_window=512, layer_types=([sliding] * 5 + [full]) * 3, rms_norm_eps=1e-6,
-        rope_parameters={full: {"rope_theta": 1e6, "rope_type": "default"},
-                         sliding: {"rope_theta": 1e4, "rope_type": "default"}},
-        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=32768,
+        sliding_window=512,
+        layer_types=([sliding] * 5 + [full]) * 3,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            full: {"rope_theta": 1e6, "rope_type": "default"},
+            sliding: {"rope_theta": 1e4, "rope_type": "default"},
+        },
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
         architectures=["Gemma3ForCausalLM"],
     )
     with torch.device(device):
@@ -341,7 +374,10 @@ def _random_gemma(device: str, dtype: torch.dtype) -> Setup:
             warnings.simplefilter("ignore", DeprecationWarning)
             # TransformerLens knows this architecture by name, so nothing is fetched.
             model = HookedTransformer.from_pretrained(
-                "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer, device=device,
+                "google/gemma-3-270m",
+                hf_model=hf_model,
+                tokenizer=tokenizer,
+                device=device,
                 dtype=dtype,
             )
     else:
@@ -445,14 +481,19 @@ def minimal_token_layers(n_layers: int, n_pos: int, window: int, samples: int) -
     """
     by_pos = {}
     for t in range(n_pos):
-        by_pos[t] = samples * (n_pos - t) * sum(
-            n_layers - window_layers(layer, window, n_layers).start for layer in range(n_layers)
+        by_pos[t] = (
+            samples
+            * (n_pos - t)
+            * sum(
+                n_layers - window_layers(layer, window, n_layers).start for layer in range(n_layers)
+            )
         )
     return by_pos
 
 
-def run_minimal(model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], samples: int,
-                max_rows: int) -> tuple[float, int]:
+def run_minimal(
+    model: Any, tokens: Int[Tensor, " pos"], kinds: Sequence[str], samples: int, max_rows: int
+) -> tuple[float, int]:
     """Push the minimal token-layer count of tracing ``kinds`` through plain batched forwards.
 
     For each position ``t``, the ``S_t`` token-layers of length ``n_pos - t``
@@ -528,8 +569,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def lenscope_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int,
-                   subject_start: int, strategy: str = "prefix") -> int:
+def lenscope_count(
+    n_layers: int,
+    n_pos: int,
+    kinds: Sequence[str],
+    samples: int,
+    subject_start: int,
+    strategy: str = "prefix",
+) -> int:
     """Token-layers lenscope computes (restored + corrupted + clean runs).
 
     With the prefix strategy, fewer than :func:`minimal_count`: it also skips
@@ -545,8 +592,12 @@ def lenscope_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int
     total = (samples + 1) * n_pos * n_layers
     for kind in kinds:
         windows = engine.effective_windows(
-            engine.restore_windows(cells, WINDOWS[kind], n_layers), cells, site(kind),
-            subject_start, n_pos)
+            engine.restore_windows(cells, WINDOWS[kind], n_layers),
+            cells,
+            site(kind),
+            subject_start,
+            n_pos,
+        )
         active = windows.any(dim=1)
         if strategy == "full":
             total += samples * int(active.sum()) * n_pos * n_layers
@@ -569,11 +620,25 @@ def minimal_count(n_layers: int, n_pos: int, kinds: Sequence[str], samples: int)
 # --------------------------------------------------------------------------
 
 
-def run_lenscope(tracer: Any, setup: Setup, kinds: Sequence[str], samples: int, noise: float,
-                 seed: int, layers: Sequence[int] | None = None) -> dict[str, Any]:
+def run_lenscope(
+    tracer: Any,
+    setup: Setup,
+    kinds: Sequence[str],
+    samples: int,
+    noise: float,
+    seed: int,
+    layers: Sequence[int] | None = None,
+) -> dict[str, Any]:
     return tracer.trace_kinds(
-        setup.prompt, setup.subject, kinds=tuple(kinds), windows={k: WINDOWS[k] for k in kinds},
-        samples=samples, noise=noise, seed=seed, layers=layers, progress=False,
+        setup.prompt,
+        setup.subject,
+        kinds=tuple(kinds),
+        windows={k: WINDOWS[k] for k in kinds},
+        samples=samples,
+        noise=noise,
+        seed=seed,
+        layers=layers,
+        progress=False,
     )
 
 
@@ -596,9 +661,15 @@ def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: int):
     return hook
 
 
-def plain_trace(model: Any, tokens: Int[Tensor, " pos"], subject: tuple[int, int], kind: str,
-                cells: Sequence[tuple[int, int]], noise: Float[Tensor, "s p d"],
-                answer: int) -> dict[str, Any]:
+def plain_trace(
+    model: Any,
+    tokens: Int[Tensor, " pos"],
+    subject: tuple[int, int],
+    kind: str,
+    cells: Sequence[tuple[int, int]],
+    noise: Float[Tensor, "s p d"],
+    answer: int,
+) -> dict[str, Any]:
     """The obvious implementation: one ``run_with_hooks`` per cell, full logits.
 
     Returns the clean score, the corrupted score and ``{(layer, pos): score}``.
@@ -624,7 +695,8 @@ def plain_trace(model: Any, tokens: Int[Tensor, " pos"], subject: tuple[int, int
             ]
             logits = model.run_with_hooks(batch, fwd_hooks=hooks)
             scores[(layer, pos)] = float(
-                torch.softmax(logits[:, -1].double(), -1)[:, answer].mean())
+                torch.softmax(logits[:, -1].double(), -1)[:, answer].mean()
+            )
     return {"clean": clean_score, "corrupted": corrupted, "scores": scores}
 
 
@@ -638,8 +710,10 @@ def shared_noise(noise: Float[Tensor, "samples subject_pos d_model"], std: float
 
     def draws(self: Any, sample_num: int, subj_len: int, layer_size: int) -> Any:
         if (subj_len, layer_size) != unit.shape[1:]:
-            raise RuntimeError(f"causal-tracer asked for noise {subj_len}x{layer_size}, "
-                               f"lenscope drew {unit.shape[1:]}")
+            raise RuntimeError(
+                f"causal-tracer asked for noise {subj_len}x{layer_size}, "
+                f"lenscope drew {unit.shape[1:]}"
+            )
         return unit[sample_num]
 
     AsyncTracePatchProcessor._get_consistent_noise = draws
@@ -649,15 +723,25 @@ def shared_noise(noise: Float[Tensor, "samples subject_pos d_model"], std: float
         AsyncTracePatchProcessor._get_consistent_noise = original
 
 
-def run_causal_tracer(setup: Setup, kind: str, samples: int, noise_std: float, batch_size: int,
-                      device: torch.device) -> Any:
+def run_causal_tracer(
+    setup: Setup, kind: str, samples: int, noise_std: float, batch_size: int, device: torch.device
+) -> Any:
     from causal_tracer import CausalTracer as PeerTracer
 
-    tracer = PeerTracer(setup.hf_model, setup.hf_tokenizer, layer_config=setup.ct_layer_config,
-                        noise=noise_std, device=device)
+    tracer = PeerTracer(
+        setup.hf_model,
+        setup.hf_tokenizer,
+        layer_config=setup.ct_layer_config,
+        noise=noise_std,
+        device=device,
+    )
     return tracer.calculate_hidden_flow(
-        setup.ct_prompt, subject=setup.ct_subject, kind=CT_KINDS[kind], window=WINDOWS[kind],
-        samples=samples, batch_size=batch_size,
+        setup.ct_prompt,
+        subject=setup.ct_subject,
+        kind=CT_KINDS[kind],
+        window=WINDOWS[kind],
+        samples=samples,
+        batch_size=batch_size,
     )
 
 
@@ -700,8 +784,10 @@ def machine_info(device: torch.device) -> list[str]:
     commit = os.environ.get("LENSCOPE_COMMIT") or _git("rev-parse", "--short", "HEAD")
     if commit:
         dirty = _git("status", "--porcelain", "--", "lenscope")
-        lines.append(f"- lenscope at commit {commit}"
-                     + (" with uncommitted changes in lenscope/" if dirty else ""))
+        lines.append(
+            f"- lenscope at commit {commit}"
+            + (" with uncommitted changes in lenscope/" if dirty else "")
+        )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         lines.append(f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB")
@@ -712,8 +798,13 @@ def _git(*args: str) -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -721,44 +812,74 @@ def _git(*args: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m",
-                        help="gemma-3-270m (offline), a TransformerLens name (needs the hub), "
-                             "random-gemma-3-270m or random-gpt2-{tiny,small,medium,large,xl} "
-                             "(random weights, no download)")
+    parser.add_argument(
+        "--model",
+        default="gemma-3-270m",
+        help="gemma-3-270m (offline), a TransformerLens name (needs the hub), "
+        "random-gemma-3-270m or random-gpt2-{tiny,small,medium,large,xl} "
+        "(random weights, no download)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--samples", type=int, default=10, help="corrupted copies (ROME: 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of lenscope and of the minimal work (median reported)")
-    parser.add_argument("--peer-repeats", type=int, default=1,
-                        help="timed runs of causal-tracer and of the plain loop")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of lenscope and of the minimal work (median reported)",
+    )
+    parser.add_argument(
+        "--peer-repeats",
+        type=int,
+        default=1,
+        help="timed runs of causal-tracer and of the plain loop",
+    )
     parser.add_argument("--strategy", default="auto", help="lenscope strategy: auto, prefix, full")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="lenscope copies per forward (default: automatic)")
-    parser.add_argument("--ct-batch-size", type=int, default=32,
-                        help="causal-tracer batch size (its default: 32)")
-    parser.add_argument("--ct-noise", choices=["shared", "own"], default="shared",
-                        help="shared: causal-tracer gets lenscope's noise draws (exact check); "
-                             "own: its own RNG at the same std (check within sampling error)")
-    parser.add_argument("--plain-cells", type=int, default=0,
-                        help="time N random cells per kind in the plain loop and extrapolate "
-                             "(0: every cell)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="lenscope copies per forward (default: automatic)",
+    )
+    parser.add_argument(
+        "--ct-batch-size", type=int, default=32, help="causal-tracer batch size (its default: 32)"
+    )
+    parser.add_argument(
+        "--ct-noise",
+        choices=["shared", "own"],
+        default="shared",
+        help="shared: causal-tracer gets lenscope's noise draws (exact check); "
+        "own: its own RNG at the same std (check within sampling error)",
+    )
+    parser.add_argument(
+        "--plain-cells",
+        type=int,
+        default=0,
+        help="time N random cells per kind in the plain loop and extrapolate (0: every cell)",
+    )
     parser.add_argument("--skip-causal-tracer", action="store_true")
     parser.add_argument("--skip-plain", action="store_true")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also profile one three-kind lenscope trace and print the top N "
-                             "entries (cProfile by cumulative time, torch ops by self time)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one three-kind lenscope trace and print the top N "
+        "entries (cProfile by cumulative time, torch ops by self time)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     args = parser.parse_args(argv)
     if not args.skip_causal_tracer:
         try:
             import causal_tracer  # noqa: F401
         except ImportError as e:  # before minutes of loading, not after
-            parser.error(f"causal-tracer could not be imported ({e}); run pip install "
-                         "--no-deps causal-tracer==1.1.0 and pip install 'matplotlib>=3.7' "
-                         "(its plotting import), or pass --skip-causal-tracer")
+            parser.error(
+                f"causal-tracer could not be imported ({e}); run pip install "
+                "--no-deps causal-tracer==1.1.0 and pip install 'matplotlib>=3.7' "
+                "(its plotting import), or pass --skip-causal-tracer"
+            )
 
     if args.model in ("gemma-3-270m", "google/gemma-3-270m") or args.model.startswith("random-"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -779,24 +900,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.ct_layer_config = ct_layer_config(setup.hf_model, args.model)
     model = setup.model
     n_layers, n_pos = model.cfg.n_layers, setup.tokens.shape[0]
-    log(f"loaded {args.model} ({n_layers} layers, {n_pos} tokens) in "
-        f"{time.perf_counter() - t0:.0f} s")
+    log(
+        f"loaded {args.model} ({n_layers} layers, {n_pos} tokens) in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
-    tracer = lenscope.CausalTracer(model, strategy=args.strategy, batch_size=args.batch_size,
-                                   progress=False)
+    tracer = lenscope.CausalTracer(
+        model, strategy=args.strategy, batch_size=args.batch_size, progress=False
+    )
     model_line = f"model class: {model_class(model)}; lenscope strategy {tracer.strategy!r}"
     if lenscope.hooks.is_bridge(model):
         # A bridge given start_at_layer still runs the blocks before it.
-        model_line += ("; the minimal work runs whole stacks only and leaves out the rows "
-                       "that need a partial stack, so on a TransformerBridge it is a lower bound")
+        model_line += (
+            "; the minimal work runs whole stacks only and leaves out the rows "
+            "that need a partial stack, so on a TransformerBridge it is a lower bound"
+        )
     log(model_line)
     sigma = tracer.sigma
     noise_std = 3 * sigma
     from lenscope.tokens import find_subject
 
     subject = find_subject(model, setup.tokens, setup.subject)
-    noise = draw_noise(args.samples, subject[1] - subject[0], model.cfg.d_model, noise_std,
-                       args.seed).to(device, dtype)
+    noise = draw_noise(
+        args.samples, subject[1] - subject[0], model.cfg.d_model, noise_std, args.seed
+    ).to(device, dtype)
     log(f"sigma at hook_embed {sigma:.4g}, noise std {noise_std:.4g}, subject tokens {subject}")
 
     # Warm up every code path once, off the clock (two layers keep it short).
@@ -812,23 +939,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kinds in [(k,) for k in KINDS] + [KINDS]:
         label = "all three" if len(kinds) > 1 else kinds[0]
         timing, result = measure(
-            lambda kinds=kinds: run_lenscope(tracer, setup, kinds, args.samples, noise_std,
-                                             args.seed),
-            args.repeats, device)
+            lambda kinds=kinds: run_lenscope(
+                tracer, setup, kinds, args.samples, noise_std, args.seed
+            ),
+            args.repeats,
+            device,
+        )
         timings[("lenscope", label)] = timing
         if len(kinds) == 1:
             lens_results[kinds[0]] = result[kinds[0]]
         else:
             for k in kinds:  # the three-kind trace equals the single-kind ones
-                if not torch.allclose(result[k].scores, lens_results[k].scores, atol=1e-6,
-                                      equal_nan=True):
+                if not torch.allclose(
+                    result[k].scores, lens_results[k].scores, atol=1e-6, equal_nan=True
+                ):
                     raise RuntimeError(f"lenscope's {k} scores differ alone and with other kinds")
         log(f"lenscope {label}: {timing.median:.2f} s")
     clean_score = lens_results[KINDS[0]].clean_score
     corrupted_score = lens_results[KINDS[0]].corrupted_score
     answer_id = lens_results[KINDS[0]].answer_id
-    log(f"answer {lens_results[KINDS[0]].answer!r}: clean {clean_score:.4f}, "
-        f"corrupted {corrupted_score:.4f}")
+    log(
+        f"answer {lens_results[KINDS[0]].answer!r}: clean {clean_score:.4f}, "
+        f"corrupted {corrupted_score:.4f}"
+    )
 
     # The minimal work.
     max_rows = lenscope.engine.auto_batch_size(model, n_pos, args.samples)
@@ -836,18 +969,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "all three" if len(kinds) > 1 else kinds[0]
         timing, (decode_s, left_out) = measure(
             lambda kinds=kinds: run_minimal(model, setup.tokens, kinds, args.samples, max_rows),
-            args.repeats, device)
+            args.repeats,
+            device,
+        )
         # Without the shortcut every cell's copies would run the whole model.
         full = (1 + args.samples + len(kinds) * n_layers * n_pos * args.samples) * n_pos * n_layers
         count = minimal_count(n_layers, n_pos, kinds, args.samples)
         ours = lenscope_count(n_layers, n_pos, kinds, args.samples, subject[0], tracer.strategy)
-        timing.note = (f"{count:,} token-layers ({count / full:.0%} of running every copy "
-                       f"fully; lenscope computes {ours:,} with its {tracer.strategy!r} "
-                       f"strategy, skipping provable no-ops); decoding {decode_s:.2f} s of it")
+        timing.note = (
+            f"{count:,} token-layers ({count / full:.0%} of running every copy "
+            f"fully; lenscope computes {ours:,} with its {tracer.strategy!r} "
+            f"strategy, skipping provable no-ops); decoding {decode_s:.2f} s of it"
+        )
         if left_out:
-            timing.note += (f"; a lower bound: the {left_out:,} token-layers of partial stacks "
-                            f"left out (a TransformerBridge runs every block before "
-                            f"start_at_layer)")
+            timing.note += (
+                f"; a lower bound: the {left_out:,} token-layers of partial stacks "
+                f"left out (a TransformerBridge runs every block before "
+                f"start_at_layer)"
+            )
         timings[("minimal work", label)] = timing
         log(f"minimal {label}: {timing.median:.2f} s, {timing.note}")
 
@@ -863,9 +1002,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 cells = all_cells
             timing, plain = measure(
-                lambda kind=kind, cells=cells: plain_trace(model, setup.tokens, subject, kind,
-                                                           cells, noise, answer_id),
-                args.peer_repeats, device)
+                lambda kind=kind, cells=cells: plain_trace(
+                    model, setup.tokens, subject, kind, cells, noise, answer_id
+                ),
+                args.peer_repeats,
+                device,
+            )
             if len(cells) < len(all_cells):
                 # Two fixed runs (clean + corrupted) plus one run per cell.
                 per_run = [s / (len(cells) + 2) for s in timing.seconds]
@@ -882,28 +1024,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             log(agreement[-1].removeprefix("- ") + f"; {timing.median:.1f} s")
         timings[("plain loop", "all three")] = Timing(
-            [sum(t.median for t in total_plain)], max(t.peak_rss for t in total_plain),
-            max(t.peak_gpu for t in total_plain), total_plain[0].note)
+            [sum(t.median for t in total_plain)],
+            max(t.peak_rss for t in total_plain),
+            max(t.peak_gpu for t in total_plain),
+            total_plain[0].note,
+        )
 
     # causal-tracer.
     if not args.skip_causal_tracer:
         total_ct = []
         for kind in KINDS:
-            noise_ctx = (shared_noise(noise, noise_std) if args.ct_noise == "shared"
-                         else contextlib.nullcontext())
+            noise_ctx = (
+                shared_noise(noise, noise_std)
+                if args.ct_noise == "shared"
+                else contextlib.nullcontext()
+            )
             with noise_ctx:
                 timing, flow = measure(
-                    lambda kind=kind: run_causal_tracer(setup, kind, args.samples, noise_std,
-                                                        args.ct_batch_size, device),
-                    args.peer_repeats, device)
+                    lambda kind=kind: run_causal_tracer(
+                        setup, kind, args.samples, noise_std, args.ct_batch_size, device
+                    ),
+                    args.peer_repeats,
+                    device,
+                )
             timings[("causal-tracer", kind)] = timing
             total_ct.append(timing)
             answer = setup.hf_tokenizer.decode([lens_results[kind].answer_id])
             agreement.append(_compare_ct(flow, lens_results[kind], answer, kind, args.ct_noise))
             log(agreement[-1].removeprefix("- ") + f"; {timing.median:.1f} s")
         timings[("causal-tracer", "all three")] = Timing(
-            [sum(t.median for t in total_ct)], max(t.peak_rss for t in total_ct),
-            max(t.peak_gpu for t in total_ct))
+            [sum(t.median for t in total_ct)],
+            max(t.peak_rss for t in total_ct),
+            max(t.peak_gpu for t in total_ct),
+        )
 
     table = _table(timings, device)
     lines = [
@@ -911,9 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         model_line[0].upper() + model_line[1:] + ".",
         "",
-        (f"Prompt {PROMPT!r} (subject {SUBJECT!r}) as {n_pos} tokens"
-         if isinstance(setup.prompt, str) else f"{n_pos} random token ids (random weights), "
-         f"subject positions {subject[0]}-{subject[1] - 1}")
+        (
+            f"Prompt {PROMPT!r} (subject {SUBJECT!r}) as {n_pos} tokens"
+            if isinstance(setup.prompt, str)
+            else f"{n_pos} random token ids (random weights), "
+            f"subject positions {subject[0]}-{subject[1] - 1}"
+        )
         + f"; {n_layers} layers; {args.samples} samples; noise std {noise_std:.4g} "
         f"(3 x sigma {sigma:.4g} measured at hook_embed); windows resid_post 1, mlp_out 10, "
         f"attn_out 10; lenscope strategy {tracer.strategy!r}, batch size "
@@ -958,8 +1114,10 @@ def _compare_ct(flow: Any, result: Any, answer: str, kind: str, mode: str) -> st
     clean = abs(flow.high_score - result.clean_score)
     corrupted = abs(flow.low_score - result.corrupted_score)
     if flow.answer != answer:
-        return (f"- causal-tracer vs lenscope, {kind}: different answers {flow.answer!r} vs "
-                f"{answer!r} (FAIL)")
+        return (
+            f"- causal-tracer vs lenscope, {kind}: different answers {flow.answer!r} vs "
+            f"{answer!r} (FAIL)"
+        )
     if mode == "shared":
         ok = max(grid, clean, corrupted) <= 1e-3
         rule = "atol 1e-3: same noise, float differences between HF and TransformerLens"
@@ -968,9 +1126,11 @@ def _compare_ct(flow: Any, result: Any, answer: str, kind: str, mode: str) -> st
         tol = 0.1 * max(result.clean_score, 1e-6)
         ok = clean <= 1e-3 and corrupted <= tol and grid <= 3 * tol
         rule = "clean atol 1e-3; corrupted and grid within sampling error"
-    return (f"- causal-tracer vs lenscope, {kind}: clean |diff| {clean:.1e}, corrupted "
-            f"|diff| {corrupted:.1e}, grid max |diff| {grid:.1e} ({'OK' if ok else 'FAIL'}, "
-            f"{rule})")
+    return (
+        f"- causal-tracer vs lenscope, {kind}: clean |diff| {clean:.1e}, corrupted "
+        f"|diff| {corrupted:.1e}, grid max |diff| {grid:.1e} ({'OK' if ok else 'FAIL'}, "
+        f"{rule})"
+    )
 
 
 def _table(timings: dict[tuple[str, str], Timing], device: torch.device) -> list[str]:
@@ -990,8 +1150,10 @@ def _table(timings: dict[tuple[str, str], Timing], device: torch.device) -> list
         note = timings[(tool, labels[-1])].note or timings[(tool, labels[0])].note
         lines.append(f"| {tool} | " + " | ".join(cells) + f" | {memory} | {note} |")
     lens = {lab: timings[("lenscope", lab)].median for lab in labels}
-    for tool, name in [("causal-tracer", "causal-tracer / lenscope"),
-                       ("plain loop", "plain loop / lenscope")]:
+    for tool, name in [
+        ("causal-tracer", "causal-tracer / lenscope"),
+        ("plain loop", "plain loop / lenscope"),
+    ]:
         if (tool, labels[-1]) in timings:
             ratios = [f"{timings[(tool, lab)].median / lens[lab]:.1f}x" for lab in labels]
             lines.append(f"| {name} | " + " | ".join(ratios) + " | | |")
@@ -1023,8 +1185,10 @@ def profile(tracer: Any, setup: Setup, args: argparse.Namespace, noise_std: floa
     with torch_profile(activities=activities) as prof:
         call()
     sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-    print("torch profiler, by self time:\n"
-          + prof.key_averages().table(sort_by=sort, row_limit=args.profile))
+    print(
+        "torch profiler, by self time:\n"
+        + prof.key_averages().table(sort_by=sort, row_limit=args.profile)
+    )
 
 
 if __name__ == "__main__":

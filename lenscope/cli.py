@@ -17,6 +17,7 @@ This module is the top layer: it imports everything else, lazily, so that
 """
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -372,8 +373,77 @@ def add_dataset_arguments(
         default=None,
         help="stop starting new facts after this many minutes",
     )
+    parser.add_argument(
+        "--workers",
+        type=positive_int_arg,
+        default=None,
+        help="trace on N Ray workers, each loading its own copy of the model "
+        '(needs pip install "lenscope[ray]"; default: in this process)',
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=_gpus_arg,
+        default=None,
+        help="GPUs Ray reserves for each worker (fractions share one); workers with GPUs "
+        "load the model on cuda, others on cpu (default 0)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join: auto (started with ray start --head on this machine) or "
+        "ray://HOST:10001 (default: a local Ray on this machine)",
+    )
     add_trace_arguments(parser)
     return parser
+
+
+def _gpus_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0, got {text!r}")
+    return value
+
+
+def dataset_executor(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
+    """The executor ``--workers``, ``--gpus-per-worker`` and ``--ray-address`` ask for.
+
+    Checked before the model loads: worker options without ``--workers`` are
+    refused, and a missing Ray is reported with the extra that installs it.
+
+    Returns:
+        ``None`` (trace in this process) or a :class:`lenscope.RayExecutor`.
+    """
+    from lenscope.validation import InvalidInput
+
+    gpus, address = getattr(args, "gpus_per_worker", None), getattr(args, "ray_address", None)
+    if getattr(args, "workers", None) is None:
+        if gpus is not None or address is not None:
+            raise InvalidInput(
+                "--gpus-per-worker and --ray-address need --workers N (the number of Ray "
+                f"workers), got --gpus-per-worker {gpus} and --ray-address {address} without "
+                "it; add e.g. --workers 2"
+            )
+        return None
+    from lenscope.datasets.executors import RayExecutor
+
+    factory = None
+    if model_factory is not None:  # the loader a test injected, called on each worker
+        factory = functools.partial(
+            model_factory,
+            args.model,
+            bridge=args.bridge,
+            device="cuda" if gpus else "cpu",
+            dtype=args.dtype,
+        )
+    return RayExecutor(
+        num_workers=args.workers,
+        num_gpus_per_worker=gpus or 0,
+        address=address,
+        model_factory=factory,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -816,11 +886,13 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
     Returns:
         The exit status, 0.
     """
+    executor = dataset_executor(args, model_factory)
     check_outputs(
         [("--out", args.out), ("--summary", args.summary), ("--checkpoint", args.checkpoint)]
     )
     from lenscope.datasets import filter_known, known_facts, load_facts, trace_dataset
     from lenscope.datasets.checkpoint import Checkpoint
+    from lenscope.datasets.executors import workers_line
     from lenscope.datasets.run import dataset_header, dataset_settings
     from lenscope.hooks import model_name
     from lenscope.plotting.dataset import save_dataset_report
@@ -858,8 +930,11 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
         settings,
         checkpoint=args.checkpoint,
         max_seconds=None if args.minutes is None else args.minutes * 60,
+        executor=executor,
     )
     print(summary.table().to_string(index=False))
+    if executor is not None and summary.workers:
+        print(workers_line(summary.workers), file=sys.stderr)
     target = f"--out {str(args.out)!r}"
     try:
         path = save_dataset_report(summary, args.out)

@@ -641,7 +641,9 @@ def _run_stair(
         hooks.append(
             (
                 names[layer],
-                site.restore_hook(source[names[layer]][:, pos:], mask.to(device)),
+                site.restore_hook(
+                    site.clean_suffix(source[names[layer]], pos), mask.to(device)
+                ),
             )
         )
     resid = None
@@ -879,7 +881,7 @@ def warn_if_slow(
     model: torch.nn.Module,
     sites: Sequence[Site],
     windows: Mapping[str, int],
-    cells: Int[Tensor, "cell axis"],
+    cells: Int[Tensor, "cell axis"] | Mapping[str, Tensor],
     corrupted: CorruptedInput,
     clean: CleanRun,
     corrupted_state: CorruptedRun,
@@ -895,7 +897,7 @@ def warn_if_slow(
         model: The model.
         sites: The sites, one sweep each.
         windows: ``{site name: window}``.
-        cells: The cells each sweep restores.
+        cells: The cells each sweep restores, or ``{site name: cells}``.
         corrupted: The bound corruption.
         clean: The clean run (timed).
         corrupted_state: The corrupted run (timed).
@@ -909,13 +911,14 @@ def warn_if_slow(
     per_token_layer, per_forward = _rate(
         clean.seconds, corrupted_state.seconds, measured, corrupted.samples
     )
+    per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
     for where in sites:
         total += estimate_sweep(
             model,
             site=where,
             window=windows[where.name],
-            cells=cells,
+            cells=per_site[where.name],
             corrupted=corrupted,
             strategy=strategy,
             batch_size=batch_size,
@@ -924,9 +927,14 @@ def warn_if_slow(
     if expected <= LONG_TRACE_SECONDS:
         return
     kinds = len(sites)
+    plural = "s" if kinds != 1 else ""
+    counted = (
+        f"{total.cells:,} cells of {kinds} kind{plural}"
+        if isinstance(cells, Mapping)
+        else f"{len(cells):,} cells x {kinds} kind{plural} = {total.cells:,} cells"
+    )
     warnings.warn(
-        f"this trace will take about {_duration(expected)}: {len(cells):,} cells x {kinds} "
-        f"kind{'s' if kinds != 1 else ''} = {total.cells:,} cells in {total.batches:,} forward "
+        f"this trace will take about {_duration(expected)}: {counted} in {total.batches:,} forward "
         f"passes, {total.token_layers:,} token-layers, at the rate of the corrupted run "
         f"({per_token_layer * 1e3:.3g} ms per token-layer); to trace fewer cells pass "
         f"positions='subject' (or positions='from_subject', or a list of positions) and a "

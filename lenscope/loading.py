@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
@@ -208,7 +209,29 @@ def load_model(
         else:
             model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
     model.eval()
+    _LOAD_ARGUMENTS[model] = {"name": name, "bridge": bridge, "dtype": torch_dtype}
     return model
+
+
+_LOAD_ARGUMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def load_arguments(model: torch.nn.Module) -> dict[str, Any] | None:
+    """How :func:`load_model` built ``model``: its ``name``, ``bridge`` and ``dtype``.
+
+    A dataset trace's Ray workers (:class:`lenscope.RayExecutor`) load their
+    own copy with these arguments (on their own device) instead of receiving
+    the driver's weights.
+
+    Returns:
+        ``{"name", "bridge", "dtype"}`` (``bridge`` resolved to a bool,
+        ``dtype`` to a torch dtype), or ``None`` for a model that
+        :func:`load_model` did not build in this process.
+    """
+    found = _LOAD_ARGUMENTS.get(model)
+    return None if found is None else dict(found)
 
 
 def cache_dir() -> Path:

@@ -398,11 +398,11 @@ class TraceResult(GridResult):
             )
 
     @property
-    def indirect_effect(self) -> Float[Tensor, "layer pos"]:
+    def indirect_effect(self) -> Float[Tensor, "layer ..."]:
         """Score minus corrupted score: ROME's indirect effect of each cell."""
         return self.scores - self.corrupted_score
 
-    def normalized(self) -> Float[Tensor, "layer pos"]:
+    def normalized(self) -> Float[Tensor, "layer ..."]:
         """``(score - corrupted) / (clean - corrupted)``: 1 = fully restored, 0 = no effect."""
         gap = self.clean_score - self.corrupted_score
         if gap == 0:
@@ -425,7 +425,7 @@ class TraceResult(GridResult):
         """One line: model, prompt, kind, window, answer, clean and corrupted scores, peak cell."""
         prompt = "token ids" if self.prompt is None else short_text(self.prompt)
         return (
-            f"TraceResult(model={short_text(self.model_name, 40)}, prompt={prompt} "
+            f"{type(self).__name__}(model={short_text(self.model_name, 40)}, prompt={prompt} "
             f"({self.n_pos} tokens), kind={self.kind!r}, window={self.window}, "
             f"{'direction=noise, ' if self.direction == 'noise' else ''}"
             f"answer={short_text(self.answer, 30)}, {self.metric}: "
@@ -454,7 +454,7 @@ class TraceResult(GridResult):
             ("peak", self._peak_text()),
             ("corruption", ", ".join(f"{k}={_short_value(v)}" for k, v in record.items())),
         ]
-        return html_facts("TraceResult", rows)
+        return html_facts(type(self).__name__, rows)
 
     def _peak_text(self) -> str:
         layer, pos, score = self.peak()
@@ -491,3 +491,175 @@ class TraceResult(GridResult):
         from lenscope.plotting import plot_trace
 
         return plot_trace(self, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadTraceResult(TraceResult):
+    """A per-head trace: the metric with one attention head restored (at every position or one).
+
+    Everything a :class:`TraceResult` holds, with a head axis: ``scores`` is
+    ``[layer, head]`` (``by="head"``: the head restored at every position) or
+    ``[layer, head, pos]`` (``by="head_pos"``; for ``kind="pattern"``, ``pos``
+    is the destination position), and ``top_ids``/``top_probs`` add the
+    top-k axis. For ``kind`` ``"k"`` or ``"v"`` on a grouped-query model the
+    heads are the key/value heads, each shared by ``query_heads_per_head``
+    query heads (key/value head ``h`` serves query heads ``h * group`` to
+    ``(h + 1) * group - 1``).
+
+    Attributes:
+        by: ``"head"`` or ``"head_pos"``.
+        query_heads_per_head: Query heads sharing each head of ``scores``.
+    """
+
+    scores: Float[Tensor, "layer head *dest"]
+    top_ids: Int[Tensor, "layer head *dest k"]
+    top_probs: Float[Tensor, "layer head *dest k"]
+    by: str = "head"
+    query_heads_per_head: int = 1
+
+    _format: ClassVar[str] = "lenscope.HeadTraceResult/1"
+
+    def __post_init__(self) -> None:
+        """Check that shapes agree with each other."""
+        n_pos = len(self.tokens)
+        expected = 2 if self.by == "head" else 3
+        problems = []
+        if self.by not in ("head", "head_pos"):
+            problems.append(f"by must be 'head' or 'head_pos', got {self.by!r}")
+        if self.scores.ndim != expected:
+            problems.append(f"scores must have {expected} axes for by={self.by!r}")
+        elif self.by == "head_pos" and self.scores.shape[2] != n_pos:
+            problems.append(f"scores' last axis should have the {n_pos} token positions")
+        if self.token_ids.shape != (n_pos,):
+            problems.append(f"token_ids {tuple(self.token_ids.shape)} for {n_pos} tokens")
+        if len(self.hook_names) != self.scores.shape[0]:
+            problems.append(f"{len(self.hook_names)} hook_names for {self.scores.shape[0]} layers")
+        top_shapes = (self.top_ids.shape[:-1], self.top_probs.shape)
+        if top_shapes != (self.scores.shape, self.top_ids.shape):
+            problems.append(
+                f"top_ids {tuple(self.top_ids.shape)} and top_probs {tuple(self.top_probs.shape)} "
+                f"should be scores' shape plus k"
+            )
+        start, end = self.subject_range
+        if not 0 <= start < end <= n_pos:
+            problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
+        if problems:
+            raise InvalidInput(
+                f"inconsistent HeadTraceResult with scores {tuple(self.scores.shape)}: "
+                + "; ".join(problems)
+            )
+
+    @property
+    def n_pos(self) -> int:
+        """Number of token positions."""
+        return len(self.tokens)
+
+    @property
+    def n_heads(self) -> int:
+        """Number of heads (key/value heads for ``k``/``v`` on a grouped-query model)."""
+        return int(self.scores.shape[1])
+
+    def _check_cell(self, layer: int, head: int, pos: int | None) -> tuple[int, ...]:
+        bounds = [("layer", layer, self.n_layers), ("head", head, self.n_heads)]
+        if self.by == "head_pos":
+            if pos is None:
+                raise InvalidInput(
+                    "a by='head_pos' result needs a position, got pos=None; pass e.g. pos=-1"
+                )
+            bounds.append(("pos", pos, self.n_pos))
+        elif pos is not None:
+            raise InvalidInput(
+                f"a by='head' result restores every position, got pos={pos}; leave pos unset"
+            )
+        for name, value, size in bounds:
+            if not -size <= value < size:
+                raise InvalidInput(
+                    f"{name} must lie in [0, {size}) (or count back from the end), got "
+                    f"{name}={value}; pass e.g. {name}=-1"
+                )
+        return tuple(value for _, value, _ in bounds)
+
+    def top_predictions(  # type: ignore[override]
+        self, layer: int, head: int, pos: int | None = None
+    ) -> list[tuple[str, float]]:
+        """The top-k ``(token, probability)`` of one cell (negative indices count back)."""
+        index = self._check_cell(layer, head, pos)
+        ids, probs = self.top_ids[index], self.top_probs[index]
+        return [(self.vocab[int(i)], float(p)) for i, p in zip(ids, probs, strict=True)]
+
+    def peak(self) -> tuple[Any, ...]:  # type: ignore[override]
+        """``(layer, head, score)``, or ``(layer, head, pos, score)`` for ``by="head_pos"``."""
+        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
+        index = tuple(int(i) for i in torch.unravel_index(flat.argmax(), self.scores.shape))
+        return (*index, float(self.scores[index]))
+
+    def top_heads(self, n: int = 5) -> list[tuple[Any, ...]]:
+        """The ``n`` cells with the highest scores, best first, as ``(*cell, score)``."""
+        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
+        best = flat.topk(min(n, flat.numel())).indices
+        out = []
+        for i in best.tolist():
+            index = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), self.scores.shape))
+            if not math.isnan(float(self.scores[index])):
+                out.append((*index, float(self.scores[index])))
+        return out
+
+    def __repr__(self) -> str:
+        """As :class:`TraceResult`'s, with the head axis and its grouping."""
+        heads = f"{self.n_heads} heads"
+        if self.query_heads_per_head > 1:
+            heads = f"{self.n_heads} key/value heads, {self.query_heads_per_head} query heads each"
+        return f"{super().__repr__()[:-1]}, by={self.by!r}, {heads})"
+
+    def _peak_text(self) -> str:
+        *cell, score = self.peak()
+        if math.isnan(score):
+            return "no cell traced"
+        text = f"{score:.3g} at layer {cell[0]}, head {cell[1]}"
+        if self.by == "head_pos":
+            text += f", pos {cell[2]} {short_text(self.tokens[cell[2]], 20)}"
+        return text
+
+    def to_dataframe(self) -> Any:
+        """A long table: one row per ``(layer, head)`` or ``(layer, head, pos)`` cell."""
+        import pandas as pd
+
+        normalized = self.normalized()
+        start, end = self.subject_range
+        rows = []
+        for index in (
+            torch.cartesian_prod(*(torch.arange(n) for n in self.scores.shape))
+            .reshape(-1, self.scores.ndim)
+            .tolist()
+        ):
+            layer, head, *pos = index
+            cell = tuple(index)
+            row: dict[str, Any] = {
+                "kind": self.kind,
+                "layer": layer,
+                "head": head,
+                "query_heads": list(
+                    range(head * self.query_heads_per_head, (head + 1) * self.query_heads_per_head)
+                ),
+            }
+            if pos:
+                row |= {
+                    "pos": pos[0],
+                    "token": self.tokens[pos[0]],
+                    "is_subject": start <= pos[0] < end,
+                }
+            row |= {
+                "score": float(self.scores[cell]),
+                "indirect_effect": float(self.scores[cell] - self.corrupted_score),
+                "normalized": float(normalized[cell]),
+                "top1": self.vocab.get(int(self.top_ids[cell][0])),
+                "top1_prob": float(self.top_probs[cell][0]),
+            }
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A plotly heatmap, layer x head; see :func:`lenscope.plotting.plot_head_trace`."""
+        from lenscope.plotting import plot_head_trace
+
+        return plot_head_trace(self, **kwargs)

@@ -27,7 +27,7 @@ from lenscope.corruptions import (
 )
 from lenscope.hooks import n_layers
 from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
-from lenscope.sites import Site, site
+from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
 from lenscope.validation import (
     InvalidInput,
     InvalidInputType,
@@ -75,6 +75,10 @@ class TraceSettings:
         layers: Layers to trace (an int n means ``range(n)``); None = all.
         positions: ``"all"``, ``"subject"``, ``"from_subject"`` (the subject's
             first token to the last token) or a list of token positions.
+        by: How per-head kinds (``"z"``, ``"q"``, ``"k"``, ``"v"``,
+            ``"pattern"``) are traced: ``"head"`` (a head at every position,
+            cells ``(layer, head)``; the default) or ``"head_pos"`` (cells
+            ``(layer, head, pos)``). None for the residual-width kinds.
     """
 
     kinds: str | Sequence[str] = DEFAULT_KINDS
@@ -87,11 +91,25 @@ class TraceSettings:
     top_k: int = 5
     layers: int | Iterable[int] | None = None
     positions: str | Sequence[int] | torch.Tensor = "all"
+    by: str | None = None
 
     def __post_init__(self) -> None:
         """Check everything that does not need the model."""
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         names = tuple(site(k).name for k in kinds)
+        sites = [site(k, self.by if k in HEAD_KINDS else None) for k in names]
+        if self.by is not None and not any(isinstance(s, HeadSite) for s in sites):
+            raise InvalidInput(
+                f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS}, got kinds "
+                f"{names}; leave by unset, or pass e.g. kind='z'"
+            )
+        by_head = [s.name for s in sites if isinstance(s, HeadSite) and s.by == "head"]
+        if by_head and not (isinstance(self.positions, str) and self.positions == "all"):
+            raise InvalidInput(
+                f"positions apply to by='head_pos': by='head' restores the heads of "
+                f"{by_head} at every position, got positions={self.positions!r}; pass "
+                "by='head_pos' to trace single positions"
+            )
         if not names or len(set(names)) != len(names):
             raise InvalidInput(f"kinds must be distinct and non-empty, got {names}")
         object.__setattr__(self, "kinds", names)
@@ -189,7 +207,7 @@ class TraceSettings:
     @property
     def sites(self) -> tuple[Site, ...]:
         """The :class:`~lenscope.sites.Site` of each kind."""
-        return tuple(site(k) for k in self.kinds)
+        return tuple(site(k, self.by if k in HEAD_KINDS else None) for k in self.kinds)
 
     @property
     def metric_specs(self) -> tuple[str | PatchingMetric, ...]:
@@ -310,6 +328,8 @@ class TraceSettings:
             if isinstance(self.positions, str)
             else [int(p) for p in self.positions],
         }
+        if self.by is not None:
+            out["by"] = self.by
         # Recorded only when set, so that the records of earlier versions still match.
         if self.foil is not None:
             out["foil"] = self.foil
@@ -349,6 +369,7 @@ class TraceSettings:
             top_k=data.get("top_k", 5),
             layers=data.get("layers"),
             positions=data.get("positions", "all"),
+            by=data.get("by"),
         )
 
 

@@ -10,9 +10,17 @@ TransformerLens ``patching.py`` describes its patching variants by
 
 The five residual-width sites of causal tracing (Meng et al., 2022, arXiv
 2202.05262) have one unit axis, ``pos``: a cell ``(layer, pos)`` restores the
-activation of one token. A site with another unit axis (attention heads:
-``("pos", "head")``) is a new subclass that says how wide its activation is,
-where its hook sits and which rules of the prefix strategy hold for it.
+activation of one token. A site with another unit axis is a subclass that says how wide its
+activation is, where its hook sits and which rules of the prefix strategy
+hold for it: :class:`HeadSite` restores single attention heads at
+``blocks.{layer}.attn.hook_{z,q,k,v,pattern}``, either at every position
+(``by="head"``, TransformerLens ``patching.py``'s ``..._all_pos`` variants)
+or at one position (``by="head_pos"``, its ``..._by_pos`` variants). On a
+grouped-query model the heads of ``k`` and ``v`` are the key/value heads
+(``n_key_value_heads`` of them), each shared by ``n_heads //
+n_key_value_heads`` query heads, because that is what ``hook_k`` and
+``hook_v`` hold in both ``HookedTransformer`` and a ``TransformerBridge``
+in compatibility mode.
 """
 
 import dataclasses
@@ -25,7 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lenscope.hooks import KINDS, check_kind, hook_name
-from lenscope.validation import InvalidInputType
+from lenscope.validation import InvalidInput, InvalidInputType
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -87,6 +95,27 @@ class Site:
         """The first token position each cell restores (the prefix strategy starts there)."""
         return units[:, 0]
 
+    def for_model(self, model: torch.nn.Module) -> "Site":
+        """This site with whatever it needs to know about ``model`` filled in (here: nothing)."""
+        return self
+
+    def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
+        """The cells to trace: rows of :attr:`index_axes` coordinates (here ``(layer, pos)``).
+
+        Args:
+            model: The model.
+            layers: The layers to trace.
+            positions: The token positions to trace.
+        """
+        return _product(layers, positions)
+
+    def clean_suffix(self, clean: Float[Tensor, "src pos ..."], pos: int) -> Tensor:
+        """The patched-in activation of positions ``pos:`` (what a prefix-strategy stair restores).
+
+        ``clean`` has a leading row axis (1, or one row per sample: see :func:`source_rows`).
+        """
+        return clean[:, pos:]
+
     def restore_hook(
         self, source: Float[Tensor, "src pos d_model"], restore: Bool[Tensor, "batch pos"]
     ) -> HookFn:
@@ -125,6 +154,126 @@ def source_rows(
     return einops.repeat(source, "s ... -> (c s) ...", c=rows // source.shape[0])
 
 
+def _product(*axes: "list[int] | range") -> Int[Tensor, "cell axis"]:
+    """Every combination of the values of ``axes``, one row each (the first axis slowest)."""
+    return torch.cartesian_prod(*(torch.tensor(list(a), dtype=torch.long) for a in axes)).reshape(
+        -1, len(axes)
+    )
+
+
+HEAD_KINDS: tuple[str, ...] = ("z", "q", "k", "v", "pattern")
+"""Per-head activations (``blocks.L.attn.hook_<kind>``), named as ``get_act_name`` names them."""
+
+HEAD_BY: tuple[str, ...] = ("head", "head_pos")
+"""How a per-head kind is traced: a head at every position, or a head at one position."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSite(Site):
+    """The attention heads of one activation: ``hook_z``, ``q``, ``k``, ``v`` or ``pattern``.
+
+    A cell ``(layer, head)`` (``by="head"``) restores the head at every
+    position, as TransformerLens ``patching.py``'s
+    ``get_act_patch_attn_head_*_all_pos``; a cell ``(layer, head, pos)``
+    (``by="head_pos"``) restores it at one position (for ``pattern``: one
+    destination position, its whole row of source positions), as its
+    ``..._by_pos`` variants. The prefix strategy holds for every head site: a
+    head of layer ``l`` changes nothing before block ``l``, nor at positions
+    before the first one it restores. Keys and values are read by later
+    positions' queries in the same block, so only ``k`` and ``v`` are
+    :attr:`~Site.feeds_attention`.
+
+    Attributes:
+        by: ``"head"`` or ``"head_pos"``.
+        n_heads: Heads of this activation in the model (key/value heads for
+            ``k``/``v`` on a grouped-query model); filled in by :meth:`for_model`.
+        group: Query heads that share each of these heads (1 except for
+            ``k``/``v`` on a grouped-query model).
+    """
+
+    by: str = "head"
+    n_heads: int = 0
+    group: int = 1
+
+    @property
+    def unit_axes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``("head",)`` or ``("head", "pos")``."""
+        return ("head",) if self.by == "head" else ("head", "pos")
+
+    def hook_name(self, layer: int) -> str:
+        """``blocks.{layer}.attn.hook_{name}``."""
+        return f"blocks.{layer}.attn.hook_{self.name}"
+
+    def default_window(self, n_layer: int) -> int:
+        """One layer, as TransformerLens' per-head patching."""
+        return 1
+
+    def for_model(self, model: torch.nn.Module) -> "HeadSite":
+        """This site with ``model``'s head count (and key/value grouping) filled in."""
+        cfg = model.cfg
+        n_heads, group = int(cfg.n_heads), 1
+        kv_heads = getattr(cfg, "n_key_value_heads", None)
+        ungrouped = getattr(cfg, "ungroup_grouped_query_attention", False)
+        if self.name in ("k", "v") and kv_heads and not ungrouped:
+            n_heads, group = int(kv_heads), int(cfg.n_heads) // int(kv_heads)
+        return dataclasses.replace(self, n_heads=n_heads, group=group)
+
+    def _heads(self) -> int:
+        if self.n_heads < 1:
+            raise RuntimeError(
+                f"HeadSite {self.name!r} does not know the model's heads; call .for_model(model)"
+            )
+        return self.n_heads
+
+    def unit_shape(self, model: torch.nn.Module, n_pos: int) -> tuple[int, ...]:
+        """``(n_heads,)`` or ``(n_heads, n_pos)``."""
+        n_heads = self.for_model(model).n_heads
+        return (n_heads,) if self.by == "head" else (n_heads, n_pos)
+
+    def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
+        """``(layer, head)`` or ``(layer, head, pos)`` for every head of ``model``."""
+        heads = range(self.for_model(model).n_heads)
+        return _product(layers, heads) if self.by == "head" else _product(layers, heads, positions)
+
+    def cell_mask(
+        self, units: Int[Tensor, "cell unit"], n_pos: int
+    ) -> Bool[Tensor, "cell pos head"]:
+        """Where each cell restores, ``[cell, pos, head]`` (``pattern``: destination positions)."""
+        heads = torch.nn.functional.one_hot(units[:, 0], self._heads()).bool()
+        if self.by == "head":
+            return einops.repeat(heads, "cell head -> cell pos head", pos=n_pos)
+        where = torch.nn.functional.one_hot(units[:, 1], n_pos).bool()
+        return einops.einsum(where.long(), heads.long(), "cell pos, cell head -> cell pos head") > 0
+
+    def first_position(self, units: Int[Tensor, "cell unit"]) -> Int[Tensor, " cell"]:
+        """0 for ``by="head"`` (every position), else the cell's position."""
+        return torch.zeros_like(units[:, 0]) if self.by == "head" else units[:, 1]
+
+    def clean_suffix(self, clean: Float[Tensor, "src ..."], pos: int) -> Tensor:
+        """Positions ``pos:`` (``pattern``, ``[src, head, dest, key]``: destinations ``pos:``)."""
+        return clean[:, :, pos:] if self.name == "pattern" else clean[:, pos:]
+
+    def restore_hook(
+        self, clean: Float[Tensor, "..."], restore: Bool[Tensor, "batch pos head"]
+    ) -> HookFn:
+        """A hook putting the clean heads wherever ``restore`` is true.
+
+        ``hook_z``/``q``/``k``/``v`` are ``[batch, pos, head, d_head]``;
+        ``hook_pattern`` is ``[batch, head, dest, src]`` and restores whole rows.
+        """
+        if self.name == "pattern":
+            mask = einops.rearrange(restore, "batch dest head -> batch head dest 1")
+        else:
+            mask = einops.rearrange(restore, "batch pos head -> batch pos head 1")
+        value = source_rows(clean, restore.shape[0])
+
+        def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Tensor:
+            # In place, as Site.restore_hook explains.
+            return act.copy_(torch.where(mask, value.to(act.dtype), act))
+
+        return hook
+
+
 SITES: dict[str, Site] = {
     name: Site(
         name,
@@ -136,13 +285,40 @@ SITES: dict[str, Site] = {
 """The residual-width sites of causal tracing, by name."""
 
 
-def site(value: "str | Site") -> Site:
-    """The :class:`Site` named ``value`` (a site passes through)."""
+def site(value: "str | Site", by: str | None = None) -> Site:
+    """The :class:`Site` named ``value`` (a site passes through).
+
+    Args:
+        value: A residual-width kind (:data:`lenscope.KINDS`), a per-head kind
+            (:data:`HEAD_KINDS`), or a :class:`Site`.
+        by: For a per-head kind, ``"head"`` (default) or ``"head_pos"``; for
+            a residual kind, None or ``"pos"``.
+    """
     if isinstance(value, Site):
         return value
     if not isinstance(value, str):
         raise InvalidInputType(
             f"kind must be a hook-point type name such as 'mlp_out' or a lenscope Site, "
             f"got {type(value).__name__}; pass e.g. kind='mlp_out'"
+        )
+    if value in HEAD_KINDS:
+        by = "head" if by is None else by
+        if by not in HEAD_BY:
+            raise InvalidInput(
+                f"by must be one of {HEAD_BY} for the per-head kind {value!r}, got {by!r}; "
+                "pass by='head' (a head at every position) or by='head_pos' (a head at one "
+                "position)"
+            )
+        return HeadSite(value, by=by, feeds_attention=value in ("k", "v"))
+    if value not in SITES:
+        raise InvalidInput(
+            f"kind must be one of {KINDS} (the TransformerLens hook types blocks.L.hook_<kind>) "
+            f"or a per-head kind {HEAD_KINDS} (blocks.L.attn.hook_<kind>), got {value!r}; "
+            "pass e.g. kind='mlp_out'"
+        )
+    if by not in (None, "pos"):
+        raise InvalidInput(
+            f"by={by!r} applies to the per-head kinds {HEAD_KINDS}, but kind {value!r} is "
+            "restored position by position; leave by unset, or pass e.g. kind='z'"
         )
     return SITES[check_kind(value)]

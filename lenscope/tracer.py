@@ -31,8 +31,9 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
-from lenscope.results import TraceResult
+from lenscope.results import HeadTraceResult, TraceResult
 from lenscope.settings import DEFAULT_KINDS, TraceSettings
+from lenscope.sites import HeadSite, Site
 from lenscope.tokens import (
     answer_token,
     find_subject,
@@ -117,13 +118,18 @@ class CausalTracer:
             prompt: Text, or 1-D token ids.
             subject: The subject's text, or its ``(start, end)`` token range
                 (None with a counterfactual prompt: the tokens that differ).
-            kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp_out`` or ``attn_out``.
+            kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp_out`` or
+                ``attn_out``; or per attention head (``blocks.L.attn.hook_<kind>``)
+                ``z``, ``q``, ``k``, ``v`` or ``pattern``, with ``by="head"``
+                (cells ``(layer, head)``, the head restored at every position)
+                or ``by="head_pos"`` (cells ``(layer, head, pos)``).
             window: Layers restored around each cell; default 1 for residual
-                kinds and 10 (clipped to the depth) for ``mlp_out``/``attn_out``.
-            **options: As for :meth:`trace_kinds`.
+                and per-head kinds, 10 (clipped to the depth) for ``mlp_out``/``attn_out``.
+            **options: As for :meth:`trace_kinds` (``by`` among them).
 
         Returns:
-            The :class:`TraceResult`; with several metrics (``metrics=(...)``),
+            The :class:`TraceResult` (a :class:`HeadTraceResult` for a per-head
+            kind); with several metrics (``metrics=(...)``),
             ``{metric: TraceResult}``.
         """
         windows = None if window is None else {kind: window}
@@ -265,7 +271,7 @@ class CausalTracer:
         """``{metric name: {kind: TraceResult}}``: the one path every trace takes."""
         model = self.model
         n_layer = n_layers(model)
-        sites = settings.sites
+        sites = tuple(where.for_model(model) for where in settings.sites)
         check_hook_points(model, [EMBED_HOOK] + [n for s in sites for n in s.hook_names(n_layer)])
         tokens = prompt_tokens(model, prompt)
         corruption = settings.corruption
@@ -289,8 +295,7 @@ class CausalTracer:
         settings = settings.for_model(model)
         layer_list = list(settings.layers)
         pos_list = settings.position_list(tokens.shape[0], subject_range)
-        cells = torch.cartesian_prod(torch.tensor(layer_list), torch.tensor(pos_list))
-        cells = cells.reshape(-1, 2)
+        cells = {where.name: where.cells(model, layer_list, pos_list) for where in sites}
         top_k, noising = settings.top_k, settings.direction == "noise"
 
         with (
@@ -357,7 +362,7 @@ class CausalTracer:
                 model,
                 sites,
                 settings.windows,
-                cells,
+                _shared_cells(cells),
                 base,
                 clean,
                 base_state,
@@ -377,7 +382,7 @@ class CausalTracer:
                     model,
                     site=where,
                     window=settings.windows[where.name],
-                    cells=cells,
+                    cells=cells[where.name],
                     source=source,
                     base=base,
                     base_state=base_state,
@@ -396,11 +401,13 @@ class CausalTracer:
             ids_seen.update(out.top_ids[out.top_ids >= 0].unique().tolist())
         vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
         record = corrupted.record
+        by_name = {where.name: where for where in sites}
         results: dict[str, dict[str, TraceResult]] = {}
         for i, metric in enumerate(bound):
             clean_score, corrupted_score = clean_scores[i], corrupted_scores[i]
             results[metric.name] = {
-                kind: TraceResult(
+                kind: _result_class(by_name[kind])(
+                    **_head_fields(by_name[kind]),
                     scores=metric.normalize(out.scores[i], clean_score, corrupted_score),
                     clean_score=float(metric.normalize(clean_score, clean_score, corrupted_score)),
                     corrupted_score=float(
@@ -412,7 +419,7 @@ class CausalTracer:
                     answer=vocab[answer_id],
                     answer_id=answer_id,
                     kind=kind,
-                    hook_names=tuple(hook_name(kind, layer) for layer in range(n_layer)),
+                    hook_names=by_name[kind].hook_names(n_layer),
                     window=settings.windows[kind],
                     samples=corrupted.samples,
                     noise_std=record.get("noise_std", 0.0),
@@ -436,6 +443,25 @@ class CausalTracer:
                 for kind, out in swept.items()
             }
         return results
+
+
+def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+    """The one cell tensor every site traces, or ``{site name: cells}`` when they differ."""
+    first = next(iter(cells.values()))
+    same = all(c.shape == first.shape and torch.equal(c, first) for c in cells.values())
+    return first if same else cells
+
+
+def _result_class(where: Site) -> type[TraceResult]:
+    """The result class of a site: :class:`HeadTraceResult` for heads."""
+    return HeadTraceResult if isinstance(where, HeadSite) else TraceResult
+
+
+def _head_fields(where: Site) -> dict[str, Any]:
+    """The fields only a :class:`HeadTraceResult` has."""
+    if not isinstance(where, HeadSite):
+        return {}
+    return {"by": where.by, "query_heads_per_head": where.group}
 
 
 def _check_batch_size(batch_size: Any) -> None:

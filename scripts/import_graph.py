@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lenscope"
 ALLOWED: set[tuple[str, str]] = {
     ("lenscope.results", "plot"),
     ("lenscope.lens", "plot"),
+    ("lenscope.attention", "plot"),
     ("lenscope.datasets.summary", "plot"),
 }
 """``(module, function)`` whose imports are the documented ``.plot()`` exception."""

@@ -181,6 +181,16 @@ def make_tiny_bridge(
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matmuls on a shared 2-core machine are ~50x
+    slower with two competing intra-op threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))

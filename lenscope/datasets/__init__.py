@@ -12,12 +12,21 @@ arXiv 2202.05262, Section 2.2 and Figure 2) are averages over the ~1000
   (:class:`FactTrace`) and the averages over facts (:class:`DatasetSummary`:
   ATE and AIE with 95% intervals).
 * :mod:`~lenscope.datasets.checkpoint`: the resumable JSONL checkpoint.
+* :mod:`~lenscope.datasets.executors`: where the facts are traced: in this
+  process (:class:`LocalExecutor`) or on Ray workers (:class:`RayExecutor`).
 * :mod:`~lenscope.datasets.run`: :func:`trace_dataset`, which ties them together.
 
 The ``lenscope dataset`` command (:mod:`lenscope.cli`) runs the whole pipeline.
 """
 
 from lenscope.datasets.checkpoint import CHECKPOINT_FORMAT
+from lenscope.datasets.executors import (
+    Executor,
+    LocalExecutor,
+    RayExecutor,
+    WorkerLostWarning,
+    WorkerSetupError,
+)
 from lenscope.datasets.facts import (
     CounterfactualPairs,
     Facts,
@@ -35,6 +44,7 @@ from lenscope.datasets.summary import (
     CI_Z,
     DatasetSummary,
     FactTrace,
+    WorkerStats,
     bucket_effects,
     mean_ci,
     token_buckets,
@@ -47,9 +57,15 @@ __all__ = [
     "CI_Z",
     "CounterfactualPairs",
     "DatasetSummary",
+    "Executor",
     "FactTrace",
     "Facts",
+    "LocalExecutor",
+    "RayExecutor",
     "SkippedFact",
+    "WorkerLostWarning",
+    "WorkerSetupError",
+    "WorkerStats",
     "bucket_effects",
     "filter_known",
     "known_facts",

@@ -9,6 +9,7 @@ effects averaged into a :class:`~lenscope.datasets.summary.DatasetSummary`.
 """
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -21,14 +22,16 @@ from tqdm.auto import tqdm
 from lenscope._version import __version__
 from lenscope.corruptions import Corruption, CounterfactualColumn
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, Checkpoint, checkpoint_header
+from lenscope.datasets.executors import Executor, LocalExecutor
 from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
 from lenscope.hooks import model_name, n_layers
 from lenscope.metrics import PatchingMetric
 from lenscope.settings import TraceSettings
+from lenscope.sites import HeadSite
 from lenscope.tokens import find_subject, prompt_tokens
 from lenscope.tracer import CausalTracer
-from lenscope.validation import AnswerWarning, InvalidInput
+from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType
 
 
 def trace_dataset(
@@ -48,6 +51,7 @@ def trace_dataset(
     max_seconds: float | int | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    executor: Executor | None = None,
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -102,6 +106,10 @@ def trace_dataset(
             facts not reached are counted in ``n_pending``.
         batch_size: Corrupted copies per forward pass; default the tracer's.
         progress: Show a progress bar over facts with an ETA; default the tracer's setting.
+        executor: Where facts are traced: :class:`~lenscope.datasets.executors.LocalExecutor`
+            (default: this process) or :class:`~lenscope.datasets.executors.RayExecutor`
+            (Ray workers, each with its own copy of the model). This process
+            alone writes the checkpoint, so a run resumes on either.
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -131,6 +139,14 @@ def trace_dataset(
         raise InvalidInput(
             f"max_seconds must be a positive number of seconds, got {max_seconds!r}; "
             "pass e.g. max_seconds=1800 for half an hour"
+        )
+    if executor is None:
+        executor = LocalExecutor()
+    elif not isinstance(executor, Executor):
+        raise InvalidInputType(
+            f"executor must be a lenscope Executor, got {type(executor).__name__} "
+            f"{executor!r}; pass lenscope.RayExecutor(num_workers=...), or leave it out to "
+            "trace in this process"
         )
     header = dataset_header(tracer, settings)
     pairs = _prepared(facts)
@@ -162,7 +178,11 @@ def trace_dataset(
 
     show = tracer.progress if progress is None else progress
     started = time.perf_counter()
-    n_pending = 0
+
+    def out_of_time() -> bool:
+        return max_seconds is not None and time.perf_counter() - started >= max_seconds
+
+    trace_fact = functools.partial(_trace_one, settings=settings, batch_size=batch_size)
     bar = tqdm(
         total=len(pairs),
         initial=len(pairs) - len(todo),
@@ -172,13 +192,9 @@ def trace_dataset(
         dynamic_ncols=True,
     )
     try:
-        with bar:
-            for done, index in enumerate(todo):
-                if max_seconds is not None and time.perf_counter() - started >= max_seconds:
-                    n_pending = len(todo) - done
-                    break
-                fact_id, fact = pairs[index]
-                record = _trace_one(tracer, fact_id, fact, settings, batch_size)
+        with bar, executor.start(tracer, trace_fact) as workers:
+            jobs = [(index, *pairs[index]) for index in todo]
+            for index, record in workers.trace(jobs, out_of_time):
                 if store is not None:
                     store.append(record)
                 order_records[index] = record
@@ -186,6 +202,7 @@ def trace_dataset(
     finally:
         if store is not None:
             store.close()
+    n_pending = sum(order_records[index] is None for index in todo)
 
     traced = tuple(
         FactTrace.from_dict(r["fact"])
@@ -212,6 +229,7 @@ def trace_dataset(
         lenscope_version=__version__,
         n_pending=n_pending,
         corruption=dict(corruption),
+        workers=workers.stats(),
     )
 
 
@@ -231,8 +249,15 @@ def dataset_settings(
         for the tracer's model (the noise std is measured once, here).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    chosen = tracer.settings(settings, **options, **DATASET_TRACE_FIXED)
-    return chosen.for_model(tracer.model)
+    chosen = tracer.settings(settings, **options)
+    heads = [where.name for where in chosen.sites if isinstance(where, HeadSite)]
+    if heads:
+        raise InvalidInput(
+            f"a dataset trace averages (layer, pos) grids over facts, but the per-head kinds "
+            f"{heads} give (layer, head) grids; trace them one prompt at a time with "
+            f"tracer.trace(prompt, subject, kind={heads[0]!r}, by='head')"
+        )
+    return tracer.settings(chosen, **DATASET_TRACE_FIXED).for_model(tracer.model)
 
 
 def dataset_header(tracer: CausalTracer, settings: TraceSettings) -> dict[str, Any]:

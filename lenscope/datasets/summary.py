@@ -254,6 +254,35 @@ class FactTrace:
         return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerStats:
+    """One worker's share of a dataset trace (:mod:`lenscope.datasets.executors`).
+
+    Attributes:
+        worker: Its name: ``"local"`` for the calling process, ``"ray-0 (host, pid 123)"``
+            for the first Ray worker.
+        n_facts: Facts it finished in this call (facts read back from a
+            checkpoint count for no worker).
+        seconds: Wall-clock time from its model being ready to its last
+            finished fact (or its failure).
+        setup_seconds: Time it took to build its model (0 for ``"local"``,
+            whose model the caller built).
+        failure: Why it stopped before the run ended (a killed process, out of
+            memory), or ``None``. Its unfinished fact went to another worker.
+    """
+
+    worker: str
+    n_facts: int
+    seconds: float
+    setup_seconds: float = 0.0
+    failure: str | None = None
+
+    @property
+    def facts_per_second(self) -> float:
+        """Throughput: ``n_facts / seconds`` (NaN before the first fact)."""
+        return self.n_facts / self.seconds if self.seconds > 0 else math.nan
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DatasetSummary:
     """Causal traces of many facts and their ROME-style averages.
@@ -281,6 +310,9 @@ class DatasetSummary:
         n_pending: Facts of the input not reached (a time budget ran out).
         corruption: The corruption's settings record
             (:meth:`lenscope.corruptions.Corruption.to_dict`).
+        workers: Who traced the facts of this call, with each one's
+            throughput and failure (:class:`WorkerStats`); empty when every
+            fact came from a checkpoint.
     """
 
     facts: tuple[FactTrace, ...]
@@ -296,6 +328,7 @@ class DatasetSummary:
     lenscope_version: str
     n_pending: int = 0
     corruption: dict[str, Any] | None = None
+    workers: tuple[WorkerStats, ...] = ()
 
     def __post_init__(self) -> None:
         """Check that every fact was traced for every kind at every layer."""
@@ -490,6 +523,19 @@ class DatasetSummary:
             [dataclasses.asdict(s) for s in self.skipped], columns=["fact_id", "reason"]
         )
 
+    def workers_dataframe(self) -> Any:
+        """Per worker: facts finished, seconds, facts per second, setup seconds, failure."""
+        import pandas as pd
+
+        columns = ["worker", "n_facts", "seconds", "facts_per_second", "setup_seconds", "failure"]
+        return pd.DataFrame(
+            [
+                {**dataclasses.asdict(w), "facts_per_second": w.facts_per_second}
+                for w in self.workers
+            ],
+            columns=columns,
+        )
+
     def plot(self, **kwargs: Any) -> Any:
         """ROME Figure-2 style plotly figure; see :func:`lenscope.plotting.dataset.plot_dataset`."""
         from lenscope.plotting.dataset import plot_dataset
@@ -513,6 +559,7 @@ class DatasetSummary:
             "n_pending": self.n_pending,
             "facts": [fact.to_dict() for fact in self.facts],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "workers": [dataclasses.asdict(w) for w in self.workers],
         }
 
     @classmethod
@@ -534,6 +581,7 @@ class DatasetSummary:
             lenscope_version=data["lenscope_version"],
             n_pending=data.get("n_pending", 0),
             corruption=data.get("corruption"),
+            workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
         )
 
     def save(self, path: str | Path) -> Path:

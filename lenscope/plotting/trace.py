@@ -14,7 +14,7 @@ cell in all of them.
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -339,20 +339,13 @@ def _hover(
             cell[0] = full[pos]
             cell[1] = f"{pos}" + (" · subject" if start <= pos < end else "")
             cell[2] = layers
-            score = float(scores[layer, pos])
-            cell[3] = format_score(score)
-            if math.isnan(score):
-                continue
-            effect = float(normalized[layer, pos])
-            cell[4] = (
-                f"{format_percent(effect)} of clean − corrupted"
-                if math.isfinite(effect)
-                else "n/a (clean = corrupted)"
+            score_fields(
+                cell,
+                float(scores[layer, pos]),
+                float(normalized[layer, pos]),
+                lambda layer=layer, pos=pos: result.top_predictions(layer, pos),
+                top_k,
             )
-            if top_k:
-                cell[5] = f"<br>top-{top_k} after restoring"
-                lines = topk_lines(result.top_predictions(layer, pos)[:top_k])
-                cell[_N_FIXED_FIELDS:] = [f"<br>{line}" for line in lines]
     labels = ("token", "pos", "layer", "score", "effect")
     template = "<br>".join(
         f"{label}{NBSP * (_LABEL_WIDTH - len(label))}%{{customdata[{index}]}}"
@@ -360,6 +353,31 @@ def _hover(
     )
     template += "".join(f"%{{customdata[{index}]}}" for index in range(len(labels), data.shape[-1]))
     return data, template + "<extra></extra>"
+
+
+def score_fields(
+    cell: np.ndarray,
+    score: float,
+    effect: float,
+    predictions: Callable[[], Sequence[tuple[str, float]]],
+    top_k: int,
+) -> None:
+    """Fill a hover cell's fields 3 on: score, normalized effect, top-k header and rows.
+
+    An untraced cell (NaN score) gets only its score field, "not traced".
+    """
+    cell[3] = format_score(score)
+    if math.isnan(score):
+        return
+    cell[4] = (
+        f"{format_percent(effect)} of clean − corrupted"
+        if math.isfinite(effect)
+        else "n/a (clean = corrupted)"
+    )
+    if top_k:
+        cell[5] = f"<br>top-{top_k} after restoring"
+        lines = topk_lines(predictions()[:top_k])
+        cell[_N_FIXED_FIELDS : _N_FIXED_FIELDS + len(lines)] = [f"<br>{line}" for line in lines]
 
 
 def _title(results: Sequence[TraceResult], names: Sequence[str]) -> str:

@@ -1,0 +1,218 @@
+"""Plotly heatmaps of per-head traces: layers along y, attention heads along x.
+
+Draws a :class:`~lenscope.results.HeadTraceResult` the way TransformerLens'
+per-head patching results are usually shown (a ``layer x head`` grid), in
+lenscope's colours and hover tables: hovering a cell shows the layer, the
+head (and, for key/value heads of a grouped-query model, the query heads
+that share it), the score, the normalized effect and the restored run's
+top-k predictions, built from ``customdata`` + ``hovertemplate``. A
+``by="head_pos"`` trace has one grid per token position; a slider below the
+figure picks the position (the last token at first).
+"""
+
+import math
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from lenscope.plotting._common import (
+    HOVER_FONT,
+    NAN_COLOR,
+    NBSP,
+    escape,
+    fit_width,
+    visible,
+)
+from lenscope.plotting.trace import (
+    _anchor,
+    _check_options,
+    _colorbar_title,
+    _metric_label,
+    _values,
+    score_fields,
+)
+from lenscope.results import HeadTraceResult
+from lenscope.validation import InvalidInput, InvalidInputType
+
+HEAD_COLORSCALE = "Reds"
+"""Heads are attention: ROME's attention colour."""
+
+_LABELS = ("layer", "head", "token", "score", "effect")
+_LABEL_WIDTH = 7
+
+
+def plot_head_trace(
+    result: HeadTraceResult,
+    *,
+    value: str = "score",
+    top_k: int = 5,
+    pos: int | None = None,
+    layer_order: str = "bottom_up",
+    title: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    colorscale: Any = None,
+) -> go.Figure:
+    """A ``layer x head`` heatmap of a per-head trace.
+
+    Args:
+        result: A :class:`HeadTraceResult`.
+        value: ``"score"``, ``"indirect_effect"`` or ``"normalized"``.
+        top_k: Predictions listed in the hover (0 for none).
+        pos: For ``by="head_pos"``, the position shown first (default: the
+            last traced one); the slider shows the others.
+        layer_order: ``"bottom_up"`` (layer 0 at the bottom) or ``"top_down"``.
+        title: Figure title; default names the kind, model, answer and scores.
+        width: Pixels; default fills the container.
+        height: Pixels; default grows with the layers.
+        colorscale: A plotly colour scale; default ``"Reds"``.
+
+    Returns:
+        The plotly figure (never shown).
+    """
+    if not isinstance(result, HeadTraceResult):
+        raise InvalidInputType(
+            f"plot_head_trace expects a HeadTraceResult, got {type(result).__name__}; "
+            "pass tracer.trace(..., kind='z', by='head'), or plot a TraceResult with plot_trace"
+        )
+    options = {"value": value, "layer_order": layer_order, "layer_stride": 1, "top_k": top_k}
+    _check_options([result], {**options, "width": width, "height": height})
+    grid = _values(result, value)
+    positions = [None]
+    if result.by == "head_pos":
+        traced = [p for p in range(result.n_pos) if np.isfinite(grid[:, :, p]).any()]
+        positions = traced or list(range(result.n_pos))
+        if pos is None:
+            pos = positions[-1]
+        if not -result.n_pos <= pos < result.n_pos:
+            raise InvalidInput(
+                f"pos must be a token position in [0, {result.n_pos}) (or count back), "
+                f"got {pos}; pass e.g. pos=-1"
+            )
+        pos %= result.n_pos
+        if pos not in positions:
+            positions = sorted({*positions, pos})
+    elif pos is not None:
+        raise InvalidInput(
+            f"pos applies to by='head_pos' results; this one restores every position, got "
+            f"pos={pos}; leave pos unset"
+        )
+    finite = grid[np.isfinite(grid)]
+    low = _anchor(result, value)
+    high = float(finite.max()) if finite.size else low
+    high = high if high > low else low + max(abs(low), 1.0) * 1e-6
+
+    fig = go.Figure()
+    for p in positions:
+        z = grid if p is None else grid[:, :, p]
+        customdata, template = _hover(result, p, top_k)
+        fig.add_trace(
+            go.Heatmap(
+                z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
+                x=list(range(result.n_heads)),
+                y=list(range(result.n_layers)),
+                zmin=low,
+                zmax=high,
+                colorscale=colorscale or HEAD_COLORSCALE,
+                customdata=customdata,
+                hovertemplate=template,
+                hoverongaps=True,
+                visible=p == pos,
+                name="" if p is None else f"pos {p}",
+                colorbar={"title": {"text": _colorbar_title(result, value), "side": "right"}},
+            )
+        )
+    head_title = "head" if result.query_heads_per_head == 1 else "key/value head"
+    fig.update_xaxes(
+        title_text=head_title, tickmode="array", tickvals=list(range(result.n_heads)), ticks=""
+    )
+    fig.update_yaxes(
+        title_text="layer",
+        autorange="reversed" if layer_order == "top_down" else True,
+        tickmode="array" if result.n_layers <= 40 else "auto",
+        tickvals=list(range(result.n_layers)) if result.n_layers <= 40 else None,
+        ticks="",
+    )
+    if len(positions) > 1:
+        fig.update_layout(
+            sliders=[
+                {
+                    "active": positions.index(pos),
+                    "currentvalue": {"prefix": "position: "},
+                    "pad": {"t": 40},
+                    "steps": [
+                        {
+                            "label": f"{p} {visible(result.tokens[p])}",
+                            "method": "update",
+                            "args": [{"visible": [q == p for q in positions]}],
+                        }
+                        for p in positions
+                    ],
+                }
+            ]
+        )
+    natural_width = max(420, 140 + 36 * result.n_heads)
+    default_height = 160 + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    fig.update_layout(
+        title={
+            "text": title if title is not None else _title(result, pos, len(positions) > 1),
+            "x": 0,
+        },
+        **fit_width(width, natural_width),
+        height=height or default_height,
+        plot_bgcolor=NAN_COLOR,
+        paper_bgcolor="white",
+        hovermode="closest",
+        hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
+        font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
+        margin={"l": 60, "r": 20, "t": 90, "b": 60},
+    )
+    return fig
+
+
+def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.ndarray, str]:
+    """``customdata`` ``[layer, head, field]`` and the ``hovertemplate`` laying it out."""
+    index = () if pos is None else (pos,)
+    scores = result.scores.detach().double().cpu().numpy()
+    normalized = result.normalized().detach().double().cpu().numpy()
+    group = result.query_heads_per_head
+    token = "every position" if pos is None else f"{pos} {visible(result.tokens[pos])}"
+    data = np.full((result.n_layers, result.n_heads, len(_LABELS) + 1 + top_k), "", dtype=object)
+    for layer in range(result.n_layers):
+        for head in range(result.n_heads):
+            cell = data[layer, head]
+            cell[0] = str(layer)
+            cell[1] = str(head)
+            if group > 1:
+                cell[1] += f" (query heads {head * group}–{(head + 1) * group - 1})"
+            cell[2] = escape(token)
+            score_fields(
+                cell,
+                float(scores[(layer, head, *index)]),
+                float(normalized[(layer, head, *index)]),
+                lambda layer=layer, head=head: result.top_predictions(layer, head, pos),
+                top_k,
+            )
+    template = "<br>".join(
+        f"{label}{NBSP * (_LABEL_WIDTH - len(label))}%{{customdata[{i}]}}"
+        for i, label in enumerate(_LABELS)
+    )
+    template += "".join(f"%{{customdata[{i}]}}" for i in range(len(_LABELS), data.shape[-1]))
+    return data, template + "<extra></extra>"
+
+
+def _title(result: HeadTraceResult, pos: int | None, slider: bool) -> str:
+    if pos is None:
+        where = "every position"
+    elif slider:
+        where = "one position (slider below)"
+    else:
+        where = f"position {pos} ({escape(visible(result.tokens[pos]))})"
+    return (
+        f"<b>Restoring one head of {escape(result.hook_names[0].split('.')[-1])} at {where}</b>"
+        f" · {escape(result.model_name)}<br>"
+        f'<span style="font-size:13px">answer <b>{escape(visible(result.answer))}</b>'
+        f" · clean {_metric_label(result)} = {result.clean_score:.3g}"
+        f" · corrupted {result.corrupted_score:.3g}</span>"
+    )
