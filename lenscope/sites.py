@@ -109,7 +109,7 @@ class Site:
         """
         return _product(layers, positions)
 
-    def clean_suffix(self, clean: Float[Tensor, "src pos ..."], pos: int) -> Tensor:
+    def clean_suffix(self, clean: Float[Tensor, "src ..."], pos: int) -> Tensor:
         """The patched-in activation of positions ``pos:`` (what a prefix-strategy stair restores).
 
         ``clean`` has a leading row axis (1, or one row per sample: see :func:`source_rows`).
@@ -141,8 +141,8 @@ class Site:
 
 
 def source_rows(
-    source: Float[Tensor, "src pos ..."], rows: int
-) -> Float[Tensor, "row_or_1 pos ..."]:
+    source: Float[Tensor, "src ..."], rows: int
+) -> Float[Tensor, "row_or_1 ..."]:
     """Patched-in activations for ``rows`` batch rows, ``(cell, sample)`` cell-major.
 
     ``source`` has one row shared by every sample (the clean run, when
