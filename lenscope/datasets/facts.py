@@ -49,8 +49,8 @@ def known_facts() -> list[dict[str, Any]]:
     return [dict(record) for record in known_records()]
 
 
-def load_facts(facts: Facts) -> list[dict[str, Any]]:
-    """Turn any supported fact source into a list of dicts.
+def load_facts(facts: Facts) -> list[Any]:
+    """Turn any supported fact source into a list of dicts (other items passed through).
 
     Args:
         facts: A sequence of mappings, a pandas ``DataFrame`` (one fact per
@@ -59,7 +59,8 @@ def load_facts(facts: Facts) -> list[dict[str, Any]]:
 
     Returns:
         One dict per fact, in order. Records are not validated here: a fact
-        with missing fields is reported by :func:`trace_dataset`, not refused.
+        with missing fields, or an item that is not a mapping (passed through
+        as it is), is reported by :func:`trace_dataset`, not refused.
 
     Raises:
         TypeError: ``facts`` is none of the supported sources.
