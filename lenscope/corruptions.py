@@ -17,7 +17,7 @@ copies; sigma is measured at the hook (:func:`lenscope.noise.embedding_sigma`).
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import einops
@@ -51,7 +51,9 @@ class CorruptedInput:
 
     Batches the engine runs hold ``copies * samples`` rows, copy-major: row
     ``c * samples + s`` is sample ``s``. Hooks must accept any whole number
-    of copies.
+    of copies. Several prompts of one token length packed together
+    (:func:`pack_inputs`) have ``prompts * samples`` rows per copy,
+    prompt-major.
 
     Attributes:
         tokens: Token ids of each corrupted sample.
@@ -61,19 +63,25 @@ class CorruptedInput:
         record: The corruption's settings, as results and checkpoints keep them.
     """
 
-    tokens: Int[Tensor, "samples pos"]
+    tokens: Int[Tensor, "row pos"]
     fwd_hooks: tuple[tuple[str, HookFn], ...]
     first_changed: int
     record: dict[str, Any]
+    prompts: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Rows of one copy (rows per cell): ``prompts * samples``, prompt-major."""
+        return int(self.tokens.shape[0])
 
     @property
     def samples(self) -> int:
-        """Number of corrupted samples (rows per cell)."""
-        return int(self.tokens.shape[0])
+        """Corrupted samples of each prompt."""
+        return self.rows // self.prompts
 
     def batch_tokens(self, copies: int) -> Int[Tensor, "row pos"]:
-        """Token ids of ``copies`` copies of every sample, copy-major."""
-        return einops.repeat(self.tokens, "sample pos -> (copy sample) pos", copy=copies)
+        """Token ids of ``copies`` copies of every row, copy-major."""
+        return einops.repeat(self.tokens, "row pos -> (copy row) pos", copy=copies)
 
     def clean_copies(self, tokens: Int[Tensor, " pos"]) -> "CorruptedInput":
         """``samples`` copies of the clean prompt: the run a noising sweep patches into.
@@ -86,6 +94,72 @@ class CorruptedInput:
             first_changed=self.first_changed,
             record=self.record,
         )
+
+
+def pack_inputs(inputs: Sequence[CorruptedInput]) -> CorruptedInput:
+    """Several bound prompts of one token length as one corrupted input, run together.
+
+    Rows are ``(prompt, sample)``, prompt-major; each prompt keeps its own
+    tokens and hooks (a hook sees only its own prompt's rows, in any whole
+    number of copies, as it would alone). Restoring a position before a
+    prompt's first changed position is a no-op for that prompt, so the pack's
+    first changed position is the earliest of them.
+
+    Args:
+        inputs: Bound corruptions with equal token lengths and sample counts.
+
+    Returns:
+        The packed input (its ``record`` is the first prompt's).
+    """
+    if not inputs:
+        raise InvalidInput("pack_inputs needs at least one bound prompt, got none")
+    shapes = {tuple(x.tokens.shape) for x in inputs}
+    if len(shapes) != 1 or any(x.prompts != 1 for x in inputs):
+        raise InvalidInput(
+            f"packed prompts must have one shape [samples, pos] each, got {sorted(shapes)}; "
+            "pack prompts of equal token length and equal samples only"
+        )
+    if len(inputs) == 1:
+        return inputs[0]
+    names = list(dict.fromkeys(name for x in inputs for name, _ in x.fwd_hooks))
+    hooks = tuple(
+        (name, _packed_hook([dict(x.fwd_hooks).get(name) for x in inputs], inputs[0].samples))
+        for name in names
+    )
+    return CorruptedInput(
+        tokens=torch.cat([x.tokens for x in inputs]),
+        fwd_hooks=hooks,
+        first_changed=min(x.first_changed for x in inputs),
+        record=inputs[0].record,
+        prompts=len(inputs),
+    )
+
+
+def _packed_hook(fns: Sequence[HookFn | None], samples: int) -> HookFn:
+    """One hook applying each packed prompt's own hook (or none) to that prompt's rows."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        parts = einops.rearrange(
+            act,
+            "(copy prompt sample) ... -> prompt (copy sample) ...",
+            prompt=len(fns),
+            sample=samples,
+        )
+        out = [
+            part if fn is None else _applied(fn, part, hook)
+            for fn, part in zip(fns, parts, strict=True)
+        ]
+        return einops.rearrange(
+            torch.stack(out), "prompt (copy sample) ... -> (copy prompt sample) ...", sample=samples
+        )
+
+    return hook
+
+
+def _applied(fn: HookFn, act: Tensor, hook: Any) -> Tensor:
+    act = act.clone()
+    out = fn(act, hook)
+    return act if out is None else out
 
 
 class Corruption(abc.ABC):

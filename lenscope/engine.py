@@ -383,7 +383,7 @@ def check_memory(
     available = available_memory(device)
     if available is None:
         return
-    n_pos, samples = int(corrupted.tokens.shape[1]), corrupted.samples
+    n_pos, samples = int(corrupted.tokens.shape[1]), corrupted.rows
     estimate = memory_estimate(model, n_pos, n_hook_points, strategy)
     needed = estimate.peak(samples)
     if needed <= available:
@@ -641,9 +641,7 @@ def _run_stair(
         hooks.append(
             (
                 names[layer],
-                site.restore_hook(
-                    site.clean_suffix(source[names[layer]], pos), mask.to(device)
-                ),
+                site.restore_hook(site.clean_suffix(source[names[layer]], pos), mask.to(device)),
             )
         )
     resid = None
@@ -705,7 +703,7 @@ def _plan_sweep(
     batch_size: int | None,
 ) -> _SweepPlan:
     n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
-    samples = corrupted.samples
+    samples = corrupted.rows
     windows = effective_windows(
         restore_windows(cells, window, n_layer), cells, site, corrupted.first_changed, n_pos
     )
@@ -749,7 +747,7 @@ def sweep(
     source: Mapping[str, Float[Tensor, "src ..."]],
     base: CorruptedInput,
     base_state: CorruptedRun,
-    answer_id: int,
+    answer_id: int | Int[Tensor, " prompt"],
     metrics: Sequence[PatchingMetric],
     top_k: int,
     strategy: str,
@@ -773,24 +771,29 @@ def sweep(
     forward pass. Returns each metric averaged over samples (``scores``:
     ``[metric, layer, *unit]``) and the top-k of the sample-averaged
     next-token distribution of each cell.
+
+    A base of several packed prompts (:func:`~lenscope.corruptions.pack_inputs`,
+    ``base.prompts > 1``) traces the same cells of every prompt in the same
+    forward passes: ``source`` then holds each row's own activations, and
+    ``answer_id`` one answer per prompt (only :func:`~lenscope.metrics.prob`
+    and :func:`~lenscope.metrics.log_prob` read it per row); the outputs gain
+    a last axis, ``prompt`` (``scores``: ``[metric, layer, *unit, prompt]``).
     """
     n_layer, n_pos = n_layers(model), base.tokens.shape[1]
-    samples = base.samples
+    samples, prompts = base.rows, base.prompts
     plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size)
     active = plan.active
-    out = _empty_output(len(metrics), (n_layer, *site.unit_shape(model, n_pos)), top_k)
+    out = _empty_output(len(metrics), (n_layer, *site.unit_shape(model, n_pos), prompts), top_k)
     if not active.all():
-        unchanged = _score_rows(
-            base_state.logits.float().clone(), samples, answer_id, metrics, top_k
-        )
+        unchanged = _score_cells(base_state.logits.float().clone(), base, answer_id, metrics, top_k)
         n_unchanged = int((~active).sum())
         scores, top_ids, top_probs = unchanged
         _fill_cells(
             out,
             cells[~active],
-            scores.expand(-1, n_unchanged),
-            top_ids.expand(n_unchanged, -1),
-            top_probs.expand(n_unchanged, -1),
+            scores.expand(-1, n_unchanged, -1),
+            top_ids.expand(n_unchanged, -1, -1),
+            top_probs.expand(n_unchanged, -1, -1),
         )
     cells, windows = cells[active], plan.windows[active]
     masks = site.cell_mask(cells[:, 1:], n_pos)
@@ -826,8 +829,10 @@ def sweep(
             )
         order.append(members)
     if order:
-        decoded = _decode_cells(model, torch.cat(finals), samples, answer_id, metrics, top_k)
+        decoded = _decode_cells(model, torch.cat(finals), base, answer_id, metrics, top_k)
         _fill_cells(out, cells[torch.cat(order)], *decoded)
+    if prompts == 1:
+        return SweepOutput(out.scores[..., 0], out.top_ids[..., 0, :], out.top_probs[..., 0, :])
     return out
 
 
@@ -909,7 +914,7 @@ def warn_if_slow(
     if clean.seconds <= 0:
         return
     per_token_layer, per_forward = _rate(
-        clean.seconds, corrupted_state.seconds, measured, corrupted.samples
+        clean.seconds, corrupted_state.seconds, measured, corrupted.rows
     )
     per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
@@ -1001,7 +1006,7 @@ def forward_cells(
         ``{name: activation}`` for ``capture`` and :data:`FINAL_RESID`
         (``[row, pos, d_model]``, rows cell-major).
     """
-    samples = corrupted.samples
+    samples = corrupted.rows
     device = corrupted.tokens.device
     hooks = list(corrupted.fwd_hooks)
     for layer, name in enumerate(site.hook_names(n_layers(model))):
@@ -1025,9 +1030,9 @@ def _empty_output(n_metrics: int, shape: tuple[int, ...], top_k: int) -> SweepOu
 def _fill_cells(
     out: SweepOutput,
     cells: Int[Tensor, "cell axis"],
-    scores: Float[Tensor, "metric cell"],
-    top_ids: Int[Tensor, "cell k"],
-    top_probs: Float[Tensor, "cell k"],
+    scores: Float[Tensor, "metric cell prompt"],
+    top_ids: Int[Tensor, "cell prompt k"],
+    top_probs: Float[Tensor, "cell prompt k"],
 ) -> None:
     """Write per-cell results into ``out`` (cells index its leading axes)."""
     index = tuple(cells.T)
@@ -1044,24 +1049,57 @@ _DECODE_BYTES = 1 << 30
 def _decode_cells(
     model: torch.nn.Module,
     finals: Float[Tensor, "row d_model"],
-    samples: int,
-    answer_id: int,
+    base: CorruptedInput,
+    answer_id: int | Int[Tensor, " prompt"],
     metrics_: Sequence[PatchingMetric],
     top_k: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Decode final residuals (``samples`` rows per cell) in chunks of whole cells."""
-    most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * samples))
-    n_cells = finals.shape[0] // samples
+    """Decode final residuals (``base.rows`` rows per cell) in chunks of whole cells."""
+    rows = base.rows
+    most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * rows))
+    n_cells = finals.shape[0] // rows
     n_chunks = -(-n_cells // most_cells)
-    chunk_rows = samples * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
+    chunk_rows = rows * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
     parts = [
-        _score_rows(
-            decode_resid(model, finals[i : i + chunk_rows]), samples, answer_id, metrics_, top_k
+        _score_cells(
+            decode_resid(model, finals[i : i + chunk_rows]), base, answer_id, metrics_, top_k
         )
         for i in range(0, finals.shape[0], chunk_rows)
     ]
     scores, top_ids, top_probs = zip(*parts, strict=True)
     return torch.cat(scores, dim=1), torch.cat(top_ids), torch.cat(top_probs)
+
+
+def _score_cells(
+    logits: Float[Tensor, "row d_vocab"],
+    base: CorruptedInput,
+    answer_id: int | Int[Tensor, " prompt"],
+    metrics_: Sequence[PatchingMetric],
+    top_k: int,
+) -> tuple[
+    Float[Tensor, "metric cell prompt"],
+    Int[Tensor, "cell prompt k"],
+    Float[Tensor, "cell prompt k"],
+]:
+    """:func:`_score_rows` of whole cells of ``base`` (rows ``(cell, prompt, sample)``)."""
+    samples, prompts = base.samples, base.prompts
+    if isinstance(answer_id, Tensor):
+        if answer_id.shape != (prompts,):
+            raise ValueError(
+                f"expected one answer per packed prompt ({prompts}), got {tuple(answer_id.shape)}"
+            )
+        answer_id = einops.repeat(
+            answer_id.to(logits.device),
+            "prompt -> (cell prompt sample)",
+            cell=logits.shape[0] // base.rows,
+            sample=samples,
+        )
+    scores, top_ids, top_probs = _score_rows(logits, samples, answer_id, metrics_, top_k)
+    return (
+        einops.rearrange(scores, "metric (cell prompt) -> metric cell prompt", prompt=prompts),
+        einops.rearrange(top_ids, "(cell prompt) k -> cell prompt k", prompt=prompts),
+        einops.rearrange(top_probs, "(cell prompt) k -> cell prompt k", prompt=prompts),
+    )
 
 
 def score_copies(
@@ -1084,7 +1122,7 @@ def score_copies(
 def _score_rows(
     logits: Float[Tensor, "row d_vocab"],
     samples: int,
-    answer_id: int,
+    answer_id: int | Int[Tensor, " row"],
     metrics_: Sequence[PatchingMetric],
     top_k: int,
 ) -> tuple[Float[Tensor, "metric cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
@@ -1092,19 +1130,26 @@ def _score_rows(
 
     ``logits`` holds ``samples`` consecutive rows per cell and is overwritten:
     one softmax, computed in place, serves the probability metrics and the
-    top-k; every other metric reads the logits before it.
+    top-k; every other metric reads the logits before it. ``answer_id`` is
+    one token, or one per row (packed prompts; probability metrics only).
     """
     per_copy: dict[int, Tensor] = {}
-    answer_logit = logits[:, answer_id].clone()
+    per_row = isinstance(answer_id, Tensor)
+    answer_logit = _answer_column(logits, answer_id).clone()
     for i, metric in enumerate(metrics_):
         if metric is not metrics.prob and metric is not metrics.log_prob:
+            if per_row:
+                raise InvalidInput(
+                    f"packed prompts are scored with prob or log_prob only, got {metric!r}; "
+                    "trace prompts one at a time for other metrics (prompts_per_batch=1)"
+                )
             # A copy: the softmax below overwrites ``logits``, which the
             # metric's result may be a view of.
             per_copy[i] = metric(logits, answer_id).float().clone()
     probs, top, total = metrics.softmax_(logits)
     for i, metric in enumerate(metrics_):
         if metric is metrics.prob:
-            per_copy[i] = probs[:, answer_id]
+            per_copy[i] = _answer_column(probs, answer_id)
         elif metric is metrics.log_prob:
             per_copy[i] = answer_logit - top[:, 0] - total[:, 0].log()
     stacked = torch.stack([per_copy[i] for i in range(len(metrics_))])
@@ -1112,3 +1157,12 @@ def _score_rows(
     mean_probs = einops.reduce(probs, "(cell sample) v -> cell v", "mean", sample=samples)
     best = mean_probs.topk(top_k, dim=-1)
     return scores, best.indices, best.values
+
+
+def _answer_column(
+    values: Float[Tensor, "row d_vocab"], answer_id: int | Int[Tensor, " row"]
+) -> Float[Tensor, " row"]:
+    """Each row's entry at its answer token (one token for all rows, or one per row)."""
+    if isinstance(answer_id, Tensor):
+        return values.gather(1, answer_id[:, None])[:, 0]
+    return values[:, answer_id]

@@ -71,17 +71,18 @@ def reference(tiny_model):
 
 
 def counting(monkeypatch, tracer, *, fail_after=None):
-    """Wrap ``tracer.trace_kinds``: count calls, optionally raise Ctrl-C after some."""
+    """Wrap the per-job trace function: count the facts it traces (a pack counts each of its
+    facts), optionally raise Ctrl-C once ``fail_after`` facts are done."""
     calls = []
-    original = tracer.trace_kinds
+    original = ds.run._trace_job
 
-    def wrapped(*args, **kwargs):
+    def wrapped(tracer_, fact_id, fact, **kwargs):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt
-        calls.append(args)
-        return original(*args, **kwargs)
+        calls.extend(fact_id if isinstance(fact_id, tuple) else [fact_id])
+        return original(tracer_, fact_id, fact, **kwargs)
 
-    monkeypatch.setattr(tracer, "trace_kinds", wrapped)
+    monkeypatch.setattr(ds.run, "_trace_job", wrapped)
     return calls
 
 

@@ -222,9 +222,15 @@ COLOSSEUM = "The Colosseum is located in the city of"
 
 
 def test_str_matches_transformer_lens_patching_on_gemma(gemma):
-    """Symmetric token replacement on the real model, each kind, against patching.py."""
+    """Symmetric token replacement on the real model, each kind, against patching.py.
+
+    patching.py runs one forward pass per cell (over an hour on a 2-core CPU
+    for the whole grid on TransformerLens 3.9), so it patches four layers
+    spread over the depth, every position, through its own ``index_df``.
+    """
     from test_patching import PARITY_KINDS, _tl_patching
 
+    layers = [0, 6, 12, gemma.cfg.n_layers - 1]
     tracer = lenscope.CausalTracer(gemma, progress=False)
     prompt = "The Eiffel Tower is located in the city of"
     results = tracer.trace_kinds(
@@ -237,11 +243,11 @@ def test_str_matches_transformer_lens_patching_on_gemma(gemma):
     assert (first.answer, first.foil) == (" Paris", " Rome")
     for kind, result in results.items():
         expected = _tl_patching(
-            gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, kind, "denoise"
+            gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, kind, "denoise", layers
         )
-        torch.testing.assert_close(result.scores, expected.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(result.scores[layers], expected.float(), atol=1e-5, rtol=0)
     noised = tracer.patch(prompt, COLOSSEUM, kind="resid_pre", direction="noise")
     expected = _tl_patching(
-        gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, "resid_pre", "noise"
+        gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, "resid_pre", "noise", layers
     )
-    torch.testing.assert_close(noised.scores, expected.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(noised.scores[layers], expected.float(), atol=1e-5, rtol=0)

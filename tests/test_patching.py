@@ -22,8 +22,13 @@ PARITY_KINDS = {
 }
 
 
-def _tl_patching(model, clean, counterfactual, answer, foil, kind, direction):
-    """TransformerLens patching.py: normalised logit difference, one forward per cell."""
+def _tl_patching(model, clean, counterfactual, answer, foil, kind, direction, layers=None):
+    """TransformerLens patching.py: normalised logit difference, one forward per cell.
+
+    With ``layers``, only those layers (every position) are patched, through
+    patching.py's own ``index_df``; the result is ``[len(layers), pos]``.
+    """
+    import pandas as pd
     from transformer_lens import patching
 
     clean_tokens, cf_tokens = model.to_tokens(clean), model.to_tokens(counterfactual)
@@ -40,10 +45,17 @@ def _tl_patching(model, clean, counterfactual, answer, foil, kind, direction):
         return (logit_diff(logits) - cf_ld) / (clean_ld - cf_ld)
 
     patch = getattr(patching, PARITY_KINDS[kind])
+    options = {}
+    if layers is not None:
+        n_pos = clean_tokens.shape[1]
+        rows = [(layer, pos) for layer in layers for pos in range(n_pos)]
+        options["index_df"] = pd.DataFrame(rows, columns=["layer", "pos"])
     with torch.no_grad():
         if direction == "denoise":
-            return patch(model, cf_tokens, clean_cache, metric)
-        return patch(model, clean_tokens, cf_cache, metric)
+            out = patch(model, cf_tokens, clean_cache, metric, **options)
+        else:
+            out = patch(model, clean_tokens, cf_cache, metric, **options)
+    return out if layers is None else out.reshape(len(layers), -1)
 
 
 def _ids(model, *words):

@@ -70,6 +70,11 @@ class WorkerSetupError(OSError):
     """
 
 
+def record_count(record: dict[str, Any]) -> int:
+    """Facts in a worker's answer: one record, or a pack of facts traced together."""
+    return len(record["records"]) if record.get("status") == "pack" else 1
+
+
 class WorkerPool(abc.ABC):
     """The workers of one :func:`trace_dataset` call; a context manager that releases them."""
 
@@ -126,7 +131,7 @@ class _LocalPool(WorkerPool):
             if out_of_time():
                 return
             record = self._trace_fact(self._tracer, fact_id, fact)
-            self._n_facts += 1
+            self._n_facts += record_count(record)
             self._finished = time.perf_counter()
             yield index, record
 
@@ -380,7 +385,7 @@ class _RayPool(WorkerPool):
                 worker.setup_seconds = float(value["setup_seconds"])
                 worker.ready_at = worker.last_at = now
             else:
-                worker.n_facts += 1
+                worker.n_facts += record_count(value)
                 worker.last_at = now
                 yield job[0], value
             idle.append(worker)

@@ -17,21 +17,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenscope import engine, metrics
 from lenscope._version import __version__
-from lenscope.corruptions import Corruption, CounterfactualColumn
+from lenscope.corruptions import Corruption, CounterfactualColumn, pack_inputs
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, Checkpoint, checkpoint_header
 from lenscope.datasets.executors import Executor, LocalExecutor
 from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
-from lenscope.hooks import model_name, n_layers
+from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
 from lenscope.settings import TraceSettings
 from lenscope.sites import HeadSite
-from lenscope.tokens import find_subject, prompt_tokens
+from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
-from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType
+from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType, is_int
 
 
 def trace_dataset(
@@ -52,6 +55,7 @@ def trace_dataset(
     batch_size: int | None = None,
     progress: bool | None = None,
     executor: Executor | None = None,
+    prompts_per_batch: int | None = None,
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -110,6 +114,14 @@ def trace_dataset(
             (default: this process) or :class:`~lenscope.datasets.executors.RayExecutor`
             (Ray workers, each with its own copy of the model). This process
             alone writes the checkpoint, so a run resumes on either.
+        prompts_per_batch: Facts traced together in the same forward passes
+            (facts of equal token length, :func:`~lenscope.corruptions.pack_inputs`):
+            the same cells of every fact in one batch, so a forward pass has
+            more rows and the per-pass costs are paid once per pack. Default
+            (None): up to :data:`PROMPTS_PER_BATCH` where the metric allows it
+            (``prob`` or ``log_prob``, restoring clean activations), else 1.
+            Scores equal one-at-a-time traces to float rounding (batched
+            matrix products round differently), not bitwise.
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -148,6 +160,7 @@ def trace_dataset(
             f"{executor!r}; pass lenscope.RayExecutor(num_workers=...), or leave it out to "
             "trace in this process"
         )
+    pack_size = _pack_size(settings, prompts_per_batch)
     header = dataset_header(tracer, settings)
     pairs = _prepared(facts)
     store = Checkpoint(checkpoint, header) if checkpoint is not None else None
@@ -182,7 +195,7 @@ def trace_dataset(
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - started >= max_seconds
 
-    trace_fact = functools.partial(_trace_one, settings=settings, batch_size=batch_size)
+    trace_fact = functools.partial(_trace_job, settings=settings, batch_size=batch_size)
     bar = tqdm(
         total=len(pairs),
         initial=len(pairs) - len(todo),
@@ -193,12 +206,16 @@ def trace_dataset(
     )
     try:
         with bar, executor.start(tracer, trace_fact) as workers:
-            jobs = [(index, *pairs[index]) for index in todo]
-            for index, record in workers.trace(jobs, out_of_time):
-                if store is not None:
-                    store.append(record)
-                order_records[index] = record
-                bar.update(1)
+            packs = _packs(tracer, todo, pairs, pack_size)
+            jobs = [_job(pack, pairs) for pack in packs]
+            members = {pack[0]: pack for pack in packs}
+            for first, answer in workers.trace(jobs, out_of_time):
+                unpacked = answer["records"] if answer["status"] == "pack" else [answer]
+                for index, record in zip(members[first], unpacked, strict=True):
+                    if store is not None:
+                        store.append(record)
+                    order_records[index] = record
+                    bar.update(1)
     finally:
         if store is not None:
             store.close()
@@ -231,6 +248,64 @@ def trace_dataset(
         corruption=dict(corruption),
         workers=workers.stats(),
     )
+
+
+PROMPTS_PER_BATCH = 8
+"""Facts of equal token length a dataset trace runs together by default."""
+
+
+def _pack_size(settings: TraceSettings, prompts_per_batch: int | None) -> int:
+    """Facts per pack: checked, or the default where the settings allow packing."""
+    packable = settings.direction == "denoise" and all(
+        name in ("prob", "log_prob") for name in settings.metric_names
+    )
+    if prompts_per_batch is None:
+        return PROMPTS_PER_BATCH if packable else 1
+    if not is_int(prompts_per_batch) or prompts_per_batch < 1:
+        raise InvalidInput(
+            f"prompts_per_batch must be an integer >= 1, got {prompts_per_batch!r}; pass e.g. "
+            f"prompts_per_batch={PROMPTS_PER_BATCH}, or 1 to trace one fact at a time"
+        )
+    if prompts_per_batch > 1 and not packable:
+        raise InvalidInput(
+            f"facts are packed into one batch only when restoring clean activations (direction "
+            f"'denoise') and scoring prob or log_prob, got direction {settings.direction!r} and "
+            f"metric {settings.metric_name!r}; pass prompts_per_batch=1 (or leave it out)"
+        )
+    return int(prompts_per_batch)
+
+
+def _packs(
+    tracer: CausalTracer, todo: Sequence[int], pairs: Sequence[tuple[Any, Any]], size: int
+) -> list[list[int]]:
+    """The facts to trace, as packs of up to ``size`` facts of equal token length, input order.
+
+    A fact whose prompt cannot be tokenised goes alone (its record says why).
+    """
+    if size == 1:
+        return [[index] for index in todo]
+    by_length: dict[int, list[int]] = {}
+    alone = []
+    for index in todo:
+        prompt = _field(pairs[index][1], "prompt")
+        try:
+            n_pos = len(prompt_tokens(tracer.model, prompt)) if isinstance(prompt, str) else None
+        except (ValueError, TypeError):
+            n_pos = None
+        if n_pos is None:
+            alone.append([index])
+        else:
+            by_length.setdefault(n_pos, []).append(index)
+    packs = alone + [
+        group[i : i + size] for group in by_length.values() for i in range(0, len(group), size)
+    ]
+    return sorted(packs, key=lambda pack: pack[0])
+
+
+def _job(pack: list[int], pairs: Sequence[tuple[Any, Any]]) -> tuple[Any, ...]:
+    if len(pack) == 1:
+        return (pack[0], *pairs[pack[0]])
+    return (pack[0], tuple(pairs[i][0] for i in pack), tuple(pairs[i][1] for i in pack))
 
 
 def dataset_settings(
@@ -286,6 +361,45 @@ def _skip_record(fact_id: int | str, fact: Any, reason: str) -> dict[str, Any]:
     }
 
 
+def _trace_job(
+    tracer: CausalTracer,
+    fact_id: Any,
+    fact: Any,
+    settings: TraceSettings,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    """One fact's record; for a pack (tuples of ids and facts) ``{"status": "pack", "records"}``."""
+    if isinstance(fact_id, tuple):
+        records = _trace_pack(tracer, fact_id, fact, settings, batch_size)
+        return {"status": "pack", "records": records}
+    return _trace_one(tracer, fact_id, fact, settings, batch_size)
+
+
+def _fact_input(
+    tracer: CausalTracer, fact: Any, settings: TraceSettings
+) -> tuple[Tensor, tuple[int, int], TraceSettings] | str:
+    """A fact's tokens, subject range and settings (own counterfactual), or why it is skipped."""
+    corruption = settings.corruption
+    column = corruption.column if isinstance(corruption, CounterfactualColumn) else None
+    problem = _fact_problem(fact, ("prompt", "subject", *([column] if column else [])))
+    if problem is None and fact["subject"].strip() not in fact["prompt"]:
+        problem = f"subject {fact['subject']!r} does not occur in the prompt {fact['prompt']!r}"
+    if problem is not None:
+        return problem
+    try:
+        tokens = prompt_tokens(tracer.model, fact["prompt"])
+        subject_range = find_subject(tracer.model, tokens, fact["subject"])
+    except (ValueError, TypeError) as e:
+        return str(e)
+    if column is not None:
+        try:
+            settings = dataclasses.replace(settings, corruption=corruption.for_fact(fact))
+            settings.corruption.tokens(tracer.model, tokens)
+        except (ValueError, TypeError) as e:
+            return f"counterfactual {fact.get(column)!r}: {e}"
+    return tokens, subject_range, settings
+
+
 def _trace_one(
     tracer: CausalTracer,
     fact_id: int | str,
@@ -294,27 +408,10 @@ def _trace_one(
     batch_size: int | None,
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
-    corruption = settings.corruption
-    column = corruption.column if isinstance(corruption, CounterfactualColumn) else None
-    problem = _fact_problem(fact, ("prompt", "subject", *([column] if column else [])))
-    if problem is None and fact["subject"].strip() not in fact["prompt"]:
-        problem = f"subject {fact['subject']!r} does not occur in the prompt {fact['prompt']!r}"
-    if problem is None:
-        try:
-            tokens = prompt_tokens(tracer.model, fact["prompt"])
-            subject_range = find_subject(tracer.model, tokens, fact["subject"])
-        except (ValueError, TypeError) as e:
-            problem = str(e)
-    if problem is None and column is not None:
-        try:
-            fact_settings = dataclasses.replace(settings, corruption=corruption.for_fact(fact))
-            fact_settings.corruption.tokens(tracer.model, tokens)
-        except (ValueError, TypeError) as e:
-            problem = f"counterfactual {fact.get(column)!r}: {e}"
-    if problem is not None:
-        return _skip_record(fact_id, fact, problem)
-    if column is not None:
-        settings = fact_settings
+    prepared = _fact_input(tracer, fact, settings)
+    if isinstance(prepared, str):
+        return _skip_record(fact_id, fact, prepared)
+    tokens, subject_range, settings = prepared
     started = time.perf_counter()
     with warnings.catch_warnings():
         # The answer is the clean top-1 by design (ROME); filter_known, not a
@@ -330,7 +427,6 @@ def _trace_one(
             # the settings were checked before the first fact.
             return _skip_record(fact_id, fact, str(e))
     first = results[settings.kinds[0]]
-    attribute = fact.get("attribute")
     trace = FactTrace(
         fact_id=fact_id,
         prompt=fact["prompt"],
@@ -342,7 +438,146 @@ def _trace_one(
         clean_score=first.clean_score,
         corrupted_score=first.corrupted_score,
         scores={kind: result.scores for kind, result in results.items()},
-        attribute=attribute if isinstance(attribute, str) else None,
+        attribute=_attribute(fact),
         seconds=float(time.perf_counter() - started),
     )
     return {"id": fact_id, "status": "done", "fact": trace.to_dict()}
+
+
+def _attribute(fact: Mapping[str, Any]) -> str | None:
+    attribute = fact.get("attribute")
+    return attribute if isinstance(attribute, str) else None
+
+
+def _trace_pack(
+    tracer: CausalTracer,
+    fact_ids: Sequence[int | str],
+    facts: Sequence[Any],
+    settings: TraceSettings,
+    batch_size: int | None,
+) -> list[dict[str, Any]]:
+    """Trace facts of one token length together; one record per fact, in their order.
+
+    Each fact is bound to its own corruption, clean run and clean top-1
+    answer as :meth:`CausalTracer.trace_kinds` binds it; the bound inputs are
+    packed (:func:`~lenscope.corruptions.pack_inputs`) and every kind is one
+    :func:`~lenscope.engine.sweep` over the union of the facts' positions, so
+    each forward pass carries the same cells of every fact. Positions before
+    a fact's own subject stay NaN, as in a one-fact trace.
+    """
+    records: list[dict[str, Any] | None] = [None] * len(facts)
+    ready = []
+    for i, (fact_id, fact) in enumerate(zip(fact_ids, facts, strict=True)):
+        prepared = _fact_input(tracer, fact, settings)
+        if isinstance(prepared, str):
+            records[i] = _skip_record(fact_id, fact, prepared)
+        else:
+            ready.append((i, *prepared))
+    if ready:
+        started = time.perf_counter()
+        traces = _packed_traces(tracer, ready, settings, batch_size)
+        seconds = (time.perf_counter() - started) / len(ready)
+        for (i, *_), trace in zip(ready, traces, strict=True):
+            fact = facts[i]
+            trace = dataclasses.replace(
+                trace,
+                fact_id=fact_ids[i],
+                prompt=fact["prompt"],
+                subject=fact["subject"],
+                attribute=_attribute(fact),
+                seconds=seconds,
+            )
+            records[i] = {"id": fact_ids[i], "status": "done", "fact": trace.to_dict()}
+    return [r for r in records if r is not None]
+
+
+def _packed_traces(
+    tracer: CausalTracer,
+    ready: Sequence[tuple[int, Tensor, tuple[int, int], TraceSettings]],
+    settings: TraceSettings,
+    batch_size: int | None,
+) -> list[FactTrace]:
+    """The packed sweep of :func:`_trace_pack` (fact ids, prompts and times left blank)."""
+    model, strategy = tracer.model, tracer.strategy
+    n_layer = n_layers(model)
+    sites = tuple(where.for_model(model) for where in settings.sites)
+    names = [name for where in sites for name in where.hook_names(n_layer)]
+    layers = list(settings.layers)
+    n_pos = int(ready[0][1].shape[0])
+    positions = [settings.position_list(n_pos, subject_range) for _, _, subject_range, _ in ready]
+    union = sorted(set().union(*positions))
+    with (
+        preserved_model(model),
+        engine.matmul_friendly_weights(model),
+        torch.inference_mode(),
+    ):
+        bound = [s.corruption.bind(model, tokens, subject) for _, tokens, subject, s in ready]
+        base = pack_inputs(bound)
+        engine.check_memory(model, base, len(names), strategy)
+        cleans = [engine.clean_run(model, tokens, names) for _, tokens, _, _ in ready]
+        answers = [int(clean.logits.argmax()) for clean in cleans]
+        # prob and log_prob only (_pack_size): nothing fact-specific to bind.
+        fns = [
+            metrics.bind_metric(spec, foil_id=None, clean_logits=cleans[0].logits).fn
+            for spec in settings.metric_specs
+        ]
+        state = engine.corrupted_run(model, base, keep_prefix_state=strategy == "prefix")
+        samples = base.samples
+        source = {
+            name: torch.cat(
+                [
+                    c.activations[name][None].expand(samples, *c.activations[name].shape)
+                    for c in cleans
+                ]
+            )
+            for name in names
+        }
+        swept = {
+            where.name: engine.sweep(
+                model,
+                site=where,
+                window=settings.windows[where.name],
+                cells=where.cells(model, layers, union),
+                source=source,
+                base=base,
+                base_state=state,
+                answer_id=torch.tensor(answers),
+                metrics=fns,
+                top_k=1,
+                strategy=strategy,
+                batch_size=batch_size,
+                progress=False,
+            ).scores[0]
+            for where in sites
+        }
+        if base.prompts == 1:  # one fact of the pack left: the sweep's outputs have no prompt axis
+            swept = {kind: grid[..., None] for kind, grid in swept.items()}
+        traces = []
+        for k, ((_, tokens, subject_range, _), clean, answer) in enumerate(
+            zip(ready, cleans, answers, strict=True)
+        ):
+            corrupted_logits = state.logits[k * samples : (k + 1) * samples]
+            clean_score = engine.score_copies(clean.logits[None], answer, fns[:1], 1)[0][0]
+            corrupted_score = engine.score_copies(corrupted_logits, answer, fns[:1], 1)[0][0]
+            outside = torch.ones(n_pos, dtype=torch.bool)
+            outside[positions[k]] = False
+            scores = {}
+            for kind, grid in swept.items():
+                grid = grid[..., k].clone()
+                grid[:, outside] = float("nan")
+                scores[kind] = grid
+            traces.append(
+                FactTrace(
+                    fact_id=0,
+                    prompt="",
+                    subject="",
+                    tokens=tuple(token_labels(model, tokens)),
+                    subject_range=subject_range,
+                    answer=token_labels(model, [answer])[0],
+                    answer_id=answer,
+                    clean_score=clean_score,
+                    corrupted_score=corrupted_score,
+                    scores=scores,
+                )
+            )
+    return traces
