@@ -374,6 +374,13 @@ def add_dataset_arguments(
         help="stop starting new facts after this many minutes",
     )
     parser.add_argument(
+        "--prompts-per-batch",
+        type=positive_int_arg,
+        default=None,
+        help="facts of one token length traced together in the same forward passes "
+        "(default: 8 where the metric allows it, prob or log_prob; 1 traces one at a time)",
+    )
+    parser.add_argument(
         "--workers",
         type=positive_int_arg,
         default=None,
@@ -931,6 +938,7 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
         checkpoint=args.checkpoint,
         max_seconds=None if args.minutes is None else args.minutes * 60,
         executor=executor,
+        prompts_per_batch=args.prompts_per_batch,
     )
     print(summary.table().to_string(index=False))
     if executor is not None and summary.workers:

@@ -140,9 +140,7 @@ class Site:
         return hook
 
 
-def source_rows(
-    source: Float[Tensor, "src ..."], rows: int
-) -> Float[Tensor, "row_or_1 ..."]:
+def source_rows(source: Float[Tensor, "src ..."], rows: int) -> Float[Tensor, "row_or_1 ..."]:
     """Patched-in activations for ``rows`` batch rows, ``(cell, sample)`` cell-major.
 
     ``source`` has one row shared by every sample (the clean run, when

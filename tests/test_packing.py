@@ -8,6 +8,8 @@ plain loops in test_engine), for every kind and window, both strategies,
 mixed prompt lengths, and both model classes.
 """
 
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_bridge
@@ -176,3 +178,33 @@ def test_pack_inputs_keeps_each_prompts_rows_and_hooks(tiny_model):
     with pytest.raises(InvalidInput, match=r"equal token length"):
         tokens = prompt_tokens(tiny_model, FACTS[3]["prompt"])
         pack_inputs([bound[0], corruption.bind(tiny_model, tokens, (1, 2))])
+
+
+def test_cli_prompts_per_batch_reaches_trace_dataset(tiny_model, tmp_path, monkeypatch):
+    import argparse
+
+    import lenscope.cli as cli
+
+    seen = []
+    original = ds.run._trace_job
+
+    def recording(tracer, fact_id, fact, **kwargs):
+        seen.append(fact_id)
+        return original(tracer, fact_id, fact, **kwargs)
+
+    monkeypatch.setattr(ds.run, "_trace_job", recording)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(f) for f in FACTS[:3]))
+    parser = cli.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
+    common = ["--model", "tiny", "--facts", str(facts), "--no-filter", "--samples", "2"]
+    common += ["--kinds", "mlp_out", "--out", str(tmp_path / "r.html"), "--quiet"]
+    for flag, expected in (
+        (["--prompts-per-batch", "3"], [(1, 2, 3)]),
+        (["--prompts-per-batch", "1"], [1, 2, 3]),
+    ):
+        seen.clear()
+        args = parser.parse_args([*common, *flag])
+        assert cli.run_dataset(args, lambda name, **kw: tiny_model) == 0
+        assert seen == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--prompts-per-batch", "0"])

@@ -206,7 +206,7 @@ def trace_dataset(
     )
     try:
         with bar, executor.start(tracer, trace_fact) as workers:
-            packs = _packs(tracer, todo, pairs, pack_size)
+            packs = _packs(tracer, settings, todo, pairs, pack_size)
             jobs = [_job(pack, pairs) for pack in packs]
             members = {pack[0]: pack for pack in packs}
             for first, answer in workers.trace(jobs, out_of_time):
@@ -276,7 +276,11 @@ def _pack_size(settings: TraceSettings, prompts_per_batch: int | None) -> int:
 
 
 def _packs(
-    tracer: CausalTracer, todo: Sequence[int], pairs: Sequence[tuple[Any, Any]], size: int
+    tracer: CausalTracer,
+    settings: TraceSettings,
+    todo: Sequence[int],
+    pairs: Sequence[tuple[Any, Any]],
+    size: int,
 ) -> list[list[int]]:
     """The facts to trace, as packs of up to ``size`` facts of equal token length, input order.
 
@@ -284,6 +288,7 @@ def _packs(
     """
     if size == 1:
         return [[index] for index in todo]
+    samples = settings.corruption.to_dict().get("samples", 1)
     by_length: dict[int, list[int]] = {}
     alone = []
     for index in todo:
@@ -296,9 +301,13 @@ def _packs(
             alone.append([index])
         else:
             by_length.setdefault(n_pos, []).append(index)
-    packs = alone + [
-        group[i : i + size] for group in by_length.values() for i in range(0, len(group), size)
-    ]
+    packs = alone
+    for n_pos, group in by_length.items():
+        # One cell of a pack (samples rows per fact) stays within the automatic
+        # batch's memory budget, so packing never raises the peak.
+        fits = max(1, engine.auto_batch_size(tracer.model, n_pos, samples) // samples)
+        step = min(size, fits)
+        packs += [group[i : i + step] for i in range(0, len(group), step)]
     return sorted(packs, key=lambda pack: pack[0])
 
 
