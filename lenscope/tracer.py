@@ -184,6 +184,24 @@ class CausalTracer:
             **options,
         )
 
+    def attribute(
+        self,
+        prompt: str | Tensor | Sequence[int],
+        subject: str | tuple[int, int] | None = None,
+        settings: TraceSettings | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Estimate every cell of :meth:`trace_kinds` by attribution patching (one backward).
+
+        See :func:`lenscope.attribution.attribute`; options as for :meth:`trace_kinds`.
+
+        Returns:
+            ``{kind: AttributionResult}``, each on the scale of the exact trace.
+        """
+        from lenscope.attribution import attribute
+
+        return attribute(self, prompt, subject, settings, **options)
+
     @property
     def default_settings(self) -> TraceSettings:
         """ROME's settings, with this tracer's noise multiplier and reference subjects."""
