@@ -62,7 +62,7 @@ from lenscope.sites import HeadSite
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput
 
-__all__ = ["AttributionResult", "Comparison", "attribute", "compare"]
+__all__ = ["AttributionResult", "Comparison", "attribute", "compare", "recheck_top"]
 
 ATTRIBUTION_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 """Kinds attribution patching estimates: the residual-width activations."""
@@ -303,6 +303,76 @@ def attribute(
             seconds=seconds,
         )
     return out
+
+
+def recheck_top(
+    tracer: Any,
+    prompt: str | Tensor | Sequence[int],
+    subject: str | tuple[int, int] | None,
+    estimates: Mapping[str, AttributionResult],
+    settings: TraceSettings | None = None,
+    *,
+    k: int = 5,
+    **options: Any,
+) -> dict[str, AttributionResult]:
+    """Attribution estimates whose ``k`` highest cells per kind are traced exactly.
+
+    A fast first pass that keeps what matters most exact: the estimate ranks
+    the cells, and one exact trace (:meth:`CausalTracer.trace_kinds
+    <lenscope.tracer.CausalTracer.trace_kinds>`, same settings) restores the
+    layers and positions of every kind's top ``k`` cells (their product: at
+    most ``k * k`` cells per kind). Those top cells then carry the exact
+    score; every other cell keeps its estimate. Cells the estimate ranks low
+    but that matter are not found this way (the estimate's failure mode on
+    ``mlp_out`` windows: see docs/attribution.md).
+
+    Args:
+        tracer: The :class:`~lenscope.tracer.CausalTracer`.
+        prompt: The prompt the estimates are of.
+        subject: Its subject (or token range; None with a counterfactual prompt).
+        estimates: ``{kind: AttributionResult}`` from :func:`attribute`, same settings.
+        settings: The settings of the estimates.
+        k: Cells per kind to recheck.
+        **options: The options of the estimates.
+
+    Returns:
+        ``{kind: AttributionResult}`` with ``method="attribution+exact_top_k"``
+        and ``passes["exact_cells"]``, the cells the exact trace restored.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidInput(f"k must be a positive integer, got {k!r}; pass e.g. k=5")
+    tops = {kind: _top_cells(r.scores, k) for kind, r in estimates.items()}
+    layers = sorted({int(c[0]) for cells in tops.values() for c in cells})
+    positions = sorted({int(c[1]) for cells in tops.values() for c in cells})
+    exact = tracer.trace_kinds(
+        prompt,
+        subject,
+        tracer.settings(settings, **options),
+        kinds=tuple(estimates),
+        layers=layers,
+        positions=positions,
+        progress=False,
+    )
+    out = {}
+    for kind, r in estimates.items():
+        scores = r.scores.clone()
+        index = tuple(tops[kind].T)
+        scores[index] = exact[kind].scores[index]
+        out[kind] = dataclasses.replace(
+            r,
+            scores=scores,
+            method="attribution+exact_top_k",
+            passes={**r.passes, "exact_cells": len(layers) * len(positions)},
+        )
+    return out
+
+
+def _top_cells(scores: Float[Tensor, "layer pos"], k: int) -> Tensor:
+    """``(layer, pos)`` of the ``k`` highest finite cells."""
+    flat = torch.nan_to_num(scores.float(), nan=-math.inf).flatten()
+    n = min(k, int(torch.isfinite(scores).sum()))
+    index = flat.topk(n).indices
+    return torch.stack([index // scores.shape[1], index % scores.shape[1]], dim=1)
 
 
 def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:

@@ -392,3 +392,81 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
     assert _state(model) == before
     assert all(p.grad is None for p in model.parameters())
     assert seen  # the user's own hook stayed and ran
+
+
+# ---------------------------------------------------------------- exact recheck, datasets
+
+
+def test_recheck_top_cells_carry_the_exact_scores(gpt2):
+    """The k highest estimated cells per kind take the full exact trace's values there; every
+    other cell keeps its estimate."""
+    from lenscope.attribution import recheck_top
+
+    tracer = _tracer(gpt2)
+    options = dict(samples=2, seed=0)
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+    checked = recheck_top(tracer, TINY_PROMPT, TINY_SUBJECT, est, k=3, **options)
+    exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)
+    for kind, r in checked.items():
+        flat = est[kind].scores.flatten()
+        top = set(flat.topk(3).indices.tolist())
+        for i in range(flat.numel()):
+            got = float(r.scores.flatten()[i])
+            want = exact[kind].scores.flatten()[i] if i in top else flat[i]
+            assert got == pytest.approx(float(want), abs=1e-6), (kind, i)
+        assert r.method == "attribution+exact_top_k"
+        assert 3 <= r.passes["exact_cells"] <= 9 * 3
+
+
+def test_trace_dataset_by_attribution(gpt2, tmp_path):
+    """Each fact's grids are tracer.attribute's with the dataset's settings (positions from
+    the subject on), and a checkpoint of estimates does not resume an exact run."""
+    from lenscope.datasets import trace_dataset
+
+    tracer = _tracer(gpt2)
+    facts = [
+        {"known_id": 1, "prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"known_id": 2, "prompt": "Paris is the capital of", "subject": "Paris"},
+    ]
+    path = tmp_path / "c.jsonl"
+    summary = trace_dataset(
+        tracer, facts, samples=2, kinds=("mlp_out",), method="attribution", checkpoint=path
+    )
+    assert summary.n_facts == 2
+    for fact, traced in zip(facts, summary.facts, strict=True):
+        r = tracer.attribute(
+            fact["prompt"], fact["subject"], kinds=("mlp_out",), samples=2, positions="from_subject"
+        )["mlp_out"]
+        torch.testing.assert_close(traced.scores["mlp_out"], r.scores, equal_nan=True)
+    with pytest.raises(InvalidInput, match=r"holds attribution estimates \(method='attribution'\)"):
+        trace_dataset(tracer, facts, samples=2, kinds=("mlp_out",), checkpoint=path)
+    exact_path = tmp_path / "e.jsonl"
+    trace_dataset(tracer, facts[:1], samples=2, kinds=("mlp_out",), checkpoint=exact_path)
+    with pytest.raises(InvalidInput, match=r"method: checkpoint None, this call 'attribution'"):
+        trace_dataset(
+            tracer,
+            facts,
+            samples=2,
+            kinds=("mlp_out",),
+            method="attribution",
+            checkpoint=exact_path,
+        )
+    rechecked = trace_dataset(
+        tracer, facts[:1], samples=2, kinds=("mlp_out",), method="attribution", recheck=2
+    )
+    assert rechecked.n_facts == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(method="fast"), r"method must be one of \('exact', 'attribution'\), got 'fast'"),
+        (dict(recheck=3), r"got recheck=3 with method='exact'; pass method='attribution'"),
+        (dict(method="attribution", recheck=-1), r"recheck must be a whole number of cells"),
+    ],
+)
+def test_trace_dataset_method_refusals(gpt2, options, message):
+    from lenscope.datasets import trace_dataset
+
+    with pytest.raises(InvalidInput, match=message):
+        trace_dataset(_tracer(gpt2), [], samples=2, **options)

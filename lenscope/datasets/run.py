@@ -52,6 +52,8 @@ def trace_dataset(
     batch_size: int | None = None,
     progress: bool | None = None,
     executor: Executor | None = None,
+    method: str = "exact",
+    recheck: int = 0,
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -110,6 +112,12 @@ def trace_dataset(
             (default: this process) or :class:`~lenscope.datasets.executors.RayExecutor`
             (Ray workers, each with its own copy of the model). This process
             alone writes the checkpoint, so a run resumes on either.
+        method: ``"exact"`` (default: every cell restored) or ``"attribution"``
+            (every cell estimated by attribution patching, one forward and one
+            backward pass per fact: a fast first pass; see
+            :func:`lenscope.attribution.attribute`).
+        recheck: With ``method="attribution"``, trace each fact's ``recheck``
+            highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -149,6 +157,11 @@ def trace_dataset(
             "trace in this process"
         )
     header = dataset_header(tracer, settings)
+    _check_method(method, recheck)
+    if method != "exact":  # a checkpoint of estimates never resumes an exact run
+        header = {**header, "method": method, "recheck": recheck}
+    elif checkpoint is not None:
+        _check_exact_checkpoint(checkpoint)
     pairs = _prepared(facts)
     store = Checkpoint(checkpoint, header) if checkpoint is not None else None
     records: dict[str, dict[str, Any]] = dict(store.records) if store else {}
@@ -182,7 +195,9 @@ def trace_dataset(
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - started >= max_seconds
 
-    trace_fact = functools.partial(_trace_one, settings=settings, batch_size=batch_size)
+    trace_fact = functools.partial(
+        _trace_one, settings=settings, batch_size=batch_size, method=method, recheck=recheck
+    )
     bar = tqdm(
         total=len(pairs),
         initial=len(pairs) - len(todo),
@@ -292,6 +307,8 @@ def _trace_one(
     fact: Any,
     settings: TraceSettings,
     batch_size: int | None,
+    method: str = "exact",
+    recheck: int = 0,
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
     corruption = settings.corruption
@@ -321,9 +338,12 @@ def _trace_one(
         # warning per fact, is how a dataset keeps to facts the model knows.
         warnings.simplefilter("ignore", AnswerWarning)
         try:
-            results = tracer.trace_kinds(
-                tokens, subject_range, settings, batch_size=batch_size, progress=False
-            )
+            if method == "exact":
+                results = tracer.trace_kinds(
+                    tokens, subject_range, settings, batch_size=batch_size, progress=False
+                )
+            else:
+                results = _attribute_one(tracer, tokens, subject_range, settings, recheck)
         except InvalidInput as e:
             # Only what this fact's run reveals can fail here (a counterfactual
             # whose answer is the fact's own, an unmoved logit difference):
@@ -346,3 +366,59 @@ def _trace_one(
         seconds=float(time.perf_counter() - started),
     )
     return {"id": fact_id, "status": "done", "fact": trace.to_dict()}
+
+
+METHODS = ("exact", "attribution")
+"""How :func:`trace_dataset` scores the cells of each fact."""
+
+
+def _check_method(method: Any, recheck: Any) -> None:
+    if method not in METHODS:
+        raise InvalidInput(
+            f"method must be one of {METHODS}, got {method!r}; pass 'attribution' for a fast "
+            "first pass (one backward per fact) or 'exact'"
+        )
+    if isinstance(recheck, bool) or not isinstance(recheck, int) or recheck < 0:
+        raise InvalidInput(
+            f"recheck must be a whole number of cells, got {recheck!r}; pass e.g. recheck=5"
+        )
+    if recheck and method != "attribution":
+        raise InvalidInput(
+            f"recheck re-traces the top cells of attribution estimates, got recheck={recheck} "
+            f"with method={method!r}; pass method='attribution', or recheck=0"
+        )
+
+
+def _attribute_one(
+    tracer: CausalTracer,
+    tokens: Any,
+    subject_range: tuple[int, int],
+    settings: TraceSettings,
+    recheck: int,
+) -> dict[str, Any]:
+    """One fact's attribution estimates (``recheck`` top cells per kind traced exactly)."""
+    from lenscope.attribution import attribute, recheck_top
+
+    results = attribute(tracer, tokens, subject_range, settings)
+    if recheck:
+        results = recheck_top(tracer, tokens, subject_range, results, settings, k=recheck)
+    return results
+
+
+def _check_exact_checkpoint(path: str | Path) -> None:
+    """Refuse to resume an exact run from a checkpoint of attribution estimates.
+
+    Exact checkpoints carry no ``method`` key (they predate it), so the
+    header comparison, which asks for this call's keys, would not see it.
+    """
+    try:
+        with Path(path).open() as f:
+            header = json.loads(f.readline() or "null")
+    except (OSError, ValueError):
+        return  # a missing or unreadable file is the checkpoint's own business
+    if isinstance(header, dict) and header.get("method", "exact") != "exact":
+        raise InvalidInput(
+            f"checkpoint {str(path)!r} holds attribution estimates "
+            f"(method={header['method']!r}), so its facts cannot be mixed with an exact run; "
+            "pass method='attribution' to resume it, or a new checkpoint path"
+        )
