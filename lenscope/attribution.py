@@ -57,9 +57,9 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import PatchingMetric, softmax
 from lenscope.results import TraceResult
-from lenscope.settings import TraceSettings
+from lenscope.settings import TraceSettings, resolve_prompt
 from lenscope.sites import HeadSite
-from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
+from lenscope.tokens import token_labels
 from lenscope.validation import InvalidInput
 
 __all__ = ["AttributionResult", "Comparison", "attribute", "compare", "recheck_top"]
@@ -183,15 +183,9 @@ def attribute(
     sites = tuple(where.for_model(model) for where in settings.sites)
     names = [name for s in sites for name in s.hook_names(n_layer)]
     check_hook_points(model, [EMBED_HOOK, *names])
-    tokens = prompt_tokens(model, prompt)
-    subject_range = _subject_range(model, tokens, subject, settings.corruption)
-    answer_id = None if settings.answer is None else answer_token(model, settings.answer)
-    foil_id = None if settings.foil is None else answer_token(model, settings.foil)
-    if foil_id is not None and foil_id == answer_id:
-        raise InvalidInput(
-            f"the foil must differ from the answer, got token {foil_id} for both "
-            f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
-        )
+    resolved = resolve_prompt(model, prompt, subject, settings)
+    tokens, subject_range = resolved.tokens, resolved.subject_range
+    answer_id, foil_id = resolved.answer_id, resolved.foil_id
     settings = settings.for_model(model)
     corruption = settings.corruption
     pos_list = settings.position_list(tokens.shape[0], subject_range)
@@ -237,12 +231,7 @@ def attribute(
         corrupted_logits, answer_id, [bound.fn], top_k
     )
     clean_score, corrupted_score = clean_scores[0], corrupted_scores[0]
-    if bound.normalized and abs(clean_score - corrupted_score) < 1e-6 * max(1.0, abs(clean_score)):
-        raise InvalidInput(
-            f"{bound.name} divides by the clean minus the corrupted logit difference, which "
-            f"is {clean_score - corrupted_score:.3g} here; pass metric='logit_diff', or "
-            "another foil or counterfactual"
-        )
+    metrics.check_normalizable(bound, clean_score, corrupted_score)
     seconds = time.perf_counter() - started
 
     ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
@@ -405,25 +394,6 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
             "kinds without 'resid_mid' (resid_pre of the next layer is the closest), or trace "
             "it exactly"
         )
-
-
-def _subject_range(
-    model: torch.nn.Module,
-    tokens: Tensor,
-    subject: str | tuple[int, int] | None,
-    corruption: Any,
-) -> tuple[int, int]:
-    """The subject's token range, or the tokens a counterfactual prompt changes."""
-    if subject is not None:
-        return find_subject(model, tokens, subject)
-    changed = corruption.changed_range(model, tokens)
-    if changed is None:
-        raise InvalidInput(
-            f"attribution with {type(corruption).__name__} needs the subject it corrupts, "
-            "got subject=None; pass e.g. subject='The Eiffel Tower', or a "
-            "CounterfactualPrompt corruption"
-        )
-    return changed
 
 
 def differentiable(fn: PatchingMetric) -> PatchingMetric:

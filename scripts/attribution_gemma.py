@@ -15,6 +15,7 @@ run is usable::
 
     OMP_NUM_THREADS=1 python scripts/attribution_gemma.py --facts 30   # docs/attribution.json
     python scripts/attribution_gemma.py --figure          # docs/attribution_eiffel.png
+    python scripts/attribution_gemma.py --summary         # the tables of docs/attribution.md
 """
 
 import argparse
@@ -126,13 +127,62 @@ def figure(out: Path) -> None:
     html.unlink()
 
 
+def summary(path: Path) -> None:
+    """Print the markdown tables of docs/attribution.md from the run's JSON."""
+    import statistics
+
+    record = json.loads(path.read_text())
+    facts = [f for f in record["facts"] if "compare" in f]
+    failed = [f for f in record["facts"] if "compare" not in f]
+    print(f"{len(facts)} facts compared, {len(failed)} failed: {[f['subject'] for f in failed]}")
+    print("\n| kind | Pearson mean (median) | Spearman mean (median) | top-5 recall mean |")
+    print("| --- | ---: | ---: | ---: |")
+    for kind in KINDS:
+        p = [f["compare"][kind]["pearson"] for f in facts]
+        s = [f["compare"][kind]["spearman"] for f in facts]
+        r = [f["compare"][kind]["top_k_recall"] for f in facts]
+        print(
+            f"| `{kind}` | {statistics.mean(p):.2f} ({statistics.median(p):.2f}) | "
+            f"{statistics.mean(s):.2f} ({statistics.median(s):.2f}) | {statistics.mean(r):.2f} |"
+        )
+    exact = sum(f["exact_seconds"] for f in facts)
+    attr = sum(f["attribution_seconds"] for f in facts)
+    ratios = [f["exact_seconds"] / f["attribution_seconds"] for f in facts]
+    print(
+        f"\nwall time: exact {exact:.0f} s, attribution {attr:.1f} s, ratio {exact / attr:.0f}x "
+        f"(per fact: median {statistics.median(ratios):.0f}x, "
+        f"range {min(ratios):.0f}x-{max(ratios):.0f}x)"
+    )
+    e = record["eiffel"]
+    print(
+        f"\nEiffel: exact {e['exact_seconds']:.1f} s, attribution {e['attribution_seconds']:.2f} s"
+    )
+    for name, cmp in (("noise", e["compare"]), ("STR", record.get("eiffel_str", {}))):
+        for kind, c in cmp.items():
+            print(
+                f"| {name} | `{kind}` | {c['pearson']:.2f} | {c['spearman']:.2f} | "
+                f"{c['top_k_recall']:.1f} |"
+            )
+    print("\nper fact:")
+    for f in facts:
+        ratio = f["corrupted_score"] / f["clean_score"]
+        cells = " | ".join(
+            f"{f['compare'][k]['pearson']:.2f} / {f['compare'][k]['top_k_recall']:.1f}"
+            for k in KINDS
+        )
+        print(f"| {f['subject']} | {f['answer']!r} | {ratio:.2f} | {cells} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=30)
     parser.add_argument("--out", type=Path, default=DOCS / "attribution.json")
     parser.add_argument("--figure", action="store_true", help="render the README figure only")
+    parser.add_argument("--summary", action="store_true", help="print the doc's tables only")
     args = parser.parse_args()
-    if args.figure:
+    if args.summary:
+        summary(args.out)
+    elif args.figure:
         figure(DOCS / "attribution_eiffel")
     else:
         run(args.facts, args.out)

@@ -470,3 +470,48 @@ def test_trace_dataset_method_refusals(gpt2, options, message):
 
     with pytest.raises(InvalidInput, match=message):
         trace_dataset(_tracer(gpt2), [], samples=2, **options)
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_gemma_equals_transformer_lens_node_attribution(gemma_bridge):
+    """On Gemma-3-270m (a TransformerBridge), STR Eiffel Tower -> Colosseum, logit difference
+    ' Paris' - ' Rome': lenscope's mlp_out cells and resid_pre of layer 0 equal TL4's mlp_out
+    and embed nodes (one clean forward, one forward and backward each)."""
+    ap = pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
+    model = gemma_bridge
+    prompt, other = (
+        "The Eiffel Tower is located in the city of",
+        "The Colosseum is located in the city of",
+    )
+    est = _tracer(model).attribute(
+        prompt,
+        corruption=lenscope.CounterfactualPrompt(other),
+        kinds=("resid_pre", "mlp_out"),
+        windows=1,
+        metric="logit_diff",
+        answer=" Paris",
+        foil=" Rome",
+    )
+    answer, foil = est["mlp_out"].answer_id, est["mlp_out"].foil_id
+
+    def metric_fn(logits):
+        return logits[0, -1, answer] - logits[0, -1, foil]
+
+    theirs = ap.attribution_patch(
+        model, model.to_tokens(prompt), model.to_tokens(other), metric_fn
+    ).node_scores
+    mlp = torch.zeros_like(est["mlp_out"].scores)
+    embed = torch.zeros(mlp.shape[1])
+    for node, score in theirs.items():
+        if node.kind == "mlp_out":
+            mlp[node.layer, node.position] = score
+        elif node.kind == "embed":
+            embed[node.position] = score
+    ours = {k: r.scores - r.corrupted_score for k, r in est.items()}
+    scale = float(mlp.abs().max())
+    assert scale > 0.1
+    torch.testing.assert_close(ours["mlp_out"], mlp, atol=1e-3 * scale, rtol=1e-3)
+    torch.testing.assert_close(ours["resid_pre"][0], embed, atol=1e-3 * scale, rtol=1e-3)
