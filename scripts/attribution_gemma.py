@@ -101,7 +101,7 @@ def run(n_facts: int, out: Path) -> None:
         print(len(record["facts"]), row.get("compare"), flush=True)
 
 
-def figure(out: Path) -> None:
+def figure(results: Path, out: Path) -> None:
     """The README figure: exact trace and attribution of the Eiffel Tower, side by side."""
     from screenshot import screenshot
 
@@ -109,17 +109,21 @@ def figure(out: Path) -> None:
     from lenscope.plotting import plot_traces, save_html
 
     panels = {}
-    for kind in ("resid_post", "mlp_out"):
+    for kind in ("mlp_out", "attn_out"):
         panels[f"{kind}: exact"] = lenscope.TraceResult.load(
-            DOCS / f"attribution_eiffel_exact_{kind}.json"
+            results / f"attribution_eiffel_exact_{kind}.json"
         )
         panels[f"{kind}: attribution"] = lenscope.AttributionResult.load(
-            DOCS / f"attribution_eiffel_estimate_{kind}.json"
+            results / f"attribution_eiffel_estimate_{kind}.json"
         )
     fig = plot_traces(
         panels,
         allow_mismatch=True,
-        title="Eiffel Tower on Gemma-3-270m: exact trace vs attribution patching, p(' Paris')",
+        # Own colour scale per panel: the estimates are ~15x too small (the softmax is
+        # saturated at the corrupted run's p = 0.005), and a shared scale would hide their shape.
+        shared_scale=False,
+        title="Eiffel Tower on Gemma-3-270m: exact trace vs attribution patching, p(' Paris'), "
+        "each panel on its own scale",
     )
     html = out.with_suffix(".html")
     save_html(fig, html)
@@ -183,7 +187,7 @@ def main() -> None:
     if args.summary:
         summary(args.out)
     elif args.figure:
-        figure(DOCS / "attribution_eiffel")
+        figure(args.out.parent, DOCS / "attribution_eiffel")
     else:
         run(args.facts, args.out)
 
