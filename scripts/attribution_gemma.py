@@ -16,6 +16,7 @@ run is usable::
     OMP_NUM_THREADS=1 python scripts/attribution_gemma.py --facts 30   # docs/attribution.json
     python scripts/attribution_gemma.py --figure          # docs/attribution_eiffel.png
     python scripts/attribution_gemma.py --summary         # the tables of docs/attribution.md
+    python scripts/attribution_gemma.py --diagnose        # Eiffel mlp_out, window and metric
 """
 
 import argparse
@@ -177,14 +178,46 @@ def summary(path: Path) -> None:
         print(f"| {f['subject']} | {f['answer']!r} | {ratio:.2f} | {cells} |")
 
 
+def diagnose() -> None:
+    """Eiffel Tower, mlp_out: which of the metric's saturation and the window sum breaks it."""
+    import warnings
+
+    import torch
+
+    import lenscope
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model = lenscope.load_model("gemma-3-270m", device="cpu")
+    tracer = lenscope.CausalTracer(model, progress=False)
+    for metric in ("prob", "log_prob"):
+        for window in (1, 10):
+            options = dict(kinds=("mlp_out",), windows=window, metric=metric, seed=0)
+            exact = tracer.trace_kinds(PROMPT, SUBJECT, **options)
+            estimate = tracer.attribute(PROMPT, SUBJECT, **options)
+            c = lenscope.compare(estimate, exact)["mlp_out"]
+            e = exact["mlp_out"].scores - exact["mlp_out"].corrupted_score
+            a = estimate["mlp_out"].scores - estimate["mlp_out"].corrupted_score
+            n_pos = e.shape[1]
+            print(
+                f"| {metric} | {window} | {c.pearson:.2f} | {c.spearman:.2f} | "
+                f"{c.top_k_recall:.1f} | {float(e.max()):.3f} at {divmod(int(e.argmax()), n_pos)} "
+                f"| {float(a.max()):.3f} at {divmod(int(a.argmax()), n_pos)} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=30)
     parser.add_argument("--out", type=Path, default=DOCS / "attribution.json")
     parser.add_argument("--figure", action="store_true", help="render the README figure only")
     parser.add_argument("--summary", action="store_true", help="print the doc's tables only")
+    parser.add_argument("--diagnose", action="store_true", help="Eiffel mlp_out diagnosis only")
     args = parser.parse_args()
-    if args.summary:
+    if args.diagnose:
+        diagnose()
+    elif args.summary:
         summary(args.out)
     elif args.figure:
         figure(args.out.parent, DOCS / "attribution_eiffel")
