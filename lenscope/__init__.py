@@ -16,6 +16,9 @@ from lenscope._version import __version__
 
 _EXPORTS: dict[str, str] = {
     "AnswerWarning": "lenscope.validation",
+    "AttributionResult": "lenscope.attribution",
+    "Comparison": "lenscope.attribution",
+    "compare": "lenscope.attribution",
     "DEFAULT_KINDS": "lenscope.settings",
     "KINDS": "lenscope.hooks",
     "CausalTracer": "lenscope.tracer",

@@ -484,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("trace.html"), help="HTML file (default trace.html)"
     )
     trace.add_argument("--json", type=Path, help="also write the results as JSON")
+    trace.add_argument(
+        "--method",
+        choices=("exact", "attribution"),
+        default="exact",
+        help="exact: one restored run per cell (default); attribution: every cell estimated "
+        "at once by attribution patching, one forward and one backward pass "
+        "(docs/attribution.md says where it can be trusted)",
+    )
     trace.set_defaults(run=run_trace)
 
     patch = sub.add_parser(
@@ -846,6 +854,16 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     _check_before_loading(args, subject, local_tokenizer=model_factory is None)
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
+    if getattr(args, "method", "exact") == "attribution":
+        results = tracer.attribute(args.prompt, subject, answer=args.answer, **trace_options(args))
+        passes = next(iter(results.values())).passes
+        print(
+            f"attribution patching: {passes['clean_forward']} clean forward pass, "
+            f"{passes['corrupted_forward']} forward and {passes['corrupted_backward']} backward "
+            f"pass of {passes['corrupted_rows']} corrupted copies, for all kinds",
+            file=sys.stderr,
+        )
+        return _report(args, results, "trace")
     results = tracer.trace_kinds(args.prompt, subject, answer=args.answer, **trace_options(args))
     return _report(args, results, "trace")
 

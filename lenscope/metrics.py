@@ -156,6 +156,22 @@ class BoundMetric:
         return (value - corrupted) / (clean - corrupted)
 
 
+def check_normalizable(metric: BoundMetric, clean: float, corrupted: float) -> None:
+    """Refuse a normalised metric whose clean and corrupted values (nearly) coincide.
+
+    Raises:
+        InvalidInput: When ``(value - corrupted) / (clean - corrupted)`` would divide by ~0.
+    """
+    if metric.normalized and abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
+        raise InvalidInput(
+            f"{metric.name} divides by the clean minus the corrupted logit "
+            f"difference, which is {clean - corrupted:.3g} here (clean "
+            f"{clean:.4g}, corrupted {corrupted:.4g}); the corruption "
+            "does not move the answer against the foil: pass metric='logit_diff', "
+            "or another foil or counterfactual"
+        )
+
+
 def bind_metric(
     metric: "str | PatchingMetric",
     *,

@@ -380,3 +380,64 @@ def _metric_from_record(value: str | list[str]) -> Any:
 
 
 _NONE_IS_VALUE = ("answer", "foil", "layers", "windows")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPrompt:
+    """A prompt resolved against a model for one trace.
+
+    Attributes:
+        tokens: The prompt's token ids.
+        subject_range: The subject's ``(start, end)`` token range (a
+            counterfactual prompt's: the tokens that differ).
+        answer_id: The answer token, or None for the clean top-1.
+        foil_id: The foil token, or None (a counterfactual's top-1, or none).
+    """
+
+    tokens: Any
+    subject_range: tuple[int, int]
+    answer_id: int | None
+    foil_id: int | None
+
+
+def resolve_prompt(
+    model: torch.nn.Module,
+    prompt: Any,
+    subject: str | tuple[int, int] | None,
+    settings: TraceSettings,
+) -> ResolvedPrompt:
+    """Tokens, subject range, answer and foil of a trace, checked (one place for every method).
+
+    Args:
+        model: The model.
+        prompt: Text, or 1-D token ids.
+        subject: The subject's text or token range; None for a corruption
+            that knows what it changes (a counterfactual prompt).
+        settings: The trace's settings (their corruption, answer and foil).
+
+    Raises:
+        InvalidInput: No subject for a corruption that needs one, or a foil
+            equal to the answer.
+    """
+    from lenscope.tokens import answer_token, find_subject, prompt_tokens
+
+    tokens = prompt_tokens(model, prompt)
+    corruption = settings.corruption
+    if subject is None:
+        subject_range = corruption.changed_range(model, tokens)
+        if subject_range is None:
+            raise InvalidInput(
+                f"a trace with {type(corruption).__name__} needs the subject it corrupts, "
+                "got subject=None; pass e.g. subject='The Eiffel Tower', or a "
+                "counterfactual prompt (tracer.patch) to compare two prompts"
+            )
+    else:
+        subject_range = find_subject(model, tokens, subject)
+    answer_id = None if settings.answer is None else answer_token(model, settings.answer)
+    foil_id = None if settings.foil is None else answer_token(model, settings.foil)
+    if foil_id is not None and foil_id == answer_id:
+        raise InvalidInput(
+            f"the foil must differ from the answer, got token {foil_id} for both "
+            f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
+        )
+    return ResolvedPrompt(tokens, subject_range, answer_id, foil_id)

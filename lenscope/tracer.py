@@ -32,13 +32,10 @@ from lenscope.hooks import (
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
 from lenscope.results import HeadTraceResult, TraceResult
-from lenscope.settings import DEFAULT_KINDS, TraceSettings
+from lenscope.settings import DEFAULT_KINDS, TraceSettings, resolve_prompt
 from lenscope.sites import HeadSite, Site
 from lenscope.tokens import (
-    answer_token,
-    find_subject,
     is_filler_token,
-    prompt_tokens,
     single_token_id,
     token_labels,
 )
@@ -184,6 +181,24 @@ class CausalTracer:
             **options,
         )
 
+    def attribute(
+        self,
+        prompt: str | Tensor | Sequence[int],
+        subject: str | tuple[int, int] | None = None,
+        settings: TraceSettings | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Estimate every cell of :meth:`trace_kinds` by attribution patching (one backward).
+
+        See :func:`lenscope.attribution.attribute`; options as for :meth:`trace_kinds`.
+
+        Returns:
+            ``{kind: AttributionResult}``, each on the scale of the exact trace.
+        """
+        from lenscope.attribution import attribute
+
+        return attribute(self, prompt, subject, settings, **options)
+
     @property
     def default_settings(self) -> TraceSettings:
         """ROME's settings, with this tracer's noise multiplier and reference subjects."""
@@ -273,25 +288,10 @@ class CausalTracer:
         n_layer = n_layers(model)
         sites = tuple(where.for_model(model) for where in settings.sites)
         check_hook_points(model, [EMBED_HOOK] + [n for s in sites for n in s.hook_names(n_layer)])
-        tokens = prompt_tokens(model, prompt)
+        resolved = resolve_prompt(model, prompt, subject, settings)
+        tokens, subject_range = resolved.tokens, resolved.subject_range
+        answer_id, foil_id = resolved.answer_id, resolved.foil_id
         corruption = settings.corruption
-        if subject is None:
-            subject_range = corruption.changed_range(model, tokens)
-            if subject_range is None:
-                raise InvalidInput(
-                    f"a trace with {type(corruption).__name__} needs the subject it corrupts, "
-                    "got subject=None; pass e.g. subject='The Eiffel Tower', or a "
-                    "counterfactual prompt (tracer.patch) to compare two prompts"
-                )
-        else:
-            subject_range = find_subject(model, tokens, subject)
-        answer_id = None if settings.answer is None else answer_token(model, settings.answer)
-        foil_id = None if settings.foil is None else answer_token(model, settings.foil)
-        if foil_id is not None and foil_id == answer_id:
-            raise InvalidInput(
-                f"the foil must differ from the answer, got token {foil_id} for both "
-                f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
-            )
         settings = settings.for_model(model)
         layer_list = list(settings.layers)
         pos_list = settings.position_list(tokens.shape[0], subject_range)
@@ -339,16 +339,7 @@ class CausalTracer:
             for metric, clean_score, corrupted_score in zip(
                 bound, clean_scores, corrupted_scores, strict=True
             ):
-                if metric.normalized and abs(clean_score - corrupted_score) < 1e-6 * max(
-                    1.0, abs(clean_score)
-                ):
-                    raise InvalidInput(
-                        f"{metric.name} divides by the clean minus the corrupted logit "
-                        f"difference, which is {clean_score - corrupted_score:.3g} here (clean "
-                        f"{clean_score:.4g}, corrupted {corrupted_score:.4g}); the corruption "
-                        "does not move the answer against the foil: pass metric='logit_diff', "
-                        "or another foil or counterfactual"
-                    )
+                metrics.check_normalizable(metric, clean_score, corrupted_score)
             if noising:
                 base = corrupted.clean_copies(tokens)
                 base_state = engine.corrupted_run(

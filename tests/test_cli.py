@@ -740,3 +740,38 @@ def test_lens_train_help():
         "--lr",
     ):
         assert option in out
+
+
+def test_trace_method_attribution(run, tiny_model, tmp_path):
+    """--method attribution writes the estimates tracer.attribute gives with the same flags,
+    and says what they cost."""
+    import torch
+
+    import lenscope
+
+    js = tmp_path / "a.json"
+    code, out, err, _ = run(
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--samples",
+        "2",
+        "--kinds",
+        "mlp_out",
+        "--method",
+        "attribution",
+        "--out",
+        str(tmp_path / "a.html"),
+        "--json",
+        str(js),
+        "--quiet",
+    )
+    assert code == 0, err
+    assert "1 clean forward pass, 1 forward and 1 backward pass of 2 corrupted copies" in err
+    data = json.loads(js.read_text())
+    assert data["mlp_out"]["method"] == "attribution"
+    expected = lenscope.CausalTracer(tiny_model, progress=False).attribute(
+        TINY_PROMPT, "The Eiffel Tower", kinds=("mlp_out",), samples=2, seed=0
+    )["mlp_out"]
+    torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)

@@ -56,6 +56,8 @@ def trace_dataset(
     progress: bool | None = None,
     executor: Executor | None = None,
     prompts_per_batch: int | None = None,
+    method: str = "exact",
+    recheck: int = 0,
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -122,6 +124,12 @@ def trace_dataset(
             (``prob`` or ``log_prob``, restoring clean activations), else 1.
             Scores equal one-at-a-time traces to float rounding (batched
             matrix products round differently), not bitwise.
+        method: ``"exact"`` (default: every cell restored) or ``"attribution"``
+            (every cell estimated by attribution patching, one forward and one
+            backward pass per fact: a fast first pass; see
+            :func:`lenscope.attribution.attribute`).
+        recheck: With ``method="attribution"``, trace each fact's ``recheck``
+            highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -160,8 +168,13 @@ def trace_dataset(
             f"{executor!r}; pass lenscope.RayExecutor(num_workers=...), or leave it out to "
             "trace in this process"
         )
-    pack_size = _pack_size(settings, prompts_per_batch)
+    _check_method(method, recheck)
+    pack_size = _pack_size(settings, prompts_per_batch, method)
     header = dataset_header(tracer, settings)
+    if method != "exact":  # a checkpoint of estimates never resumes an exact run
+        header = {**header, "method": method, "recheck": recheck}
+    elif checkpoint is not None:
+        _check_exact_checkpoint(checkpoint)
     pairs = _prepared(facts)
     store = Checkpoint(checkpoint, header) if checkpoint is not None else None
     records: dict[str, dict[str, Any]] = dict(store.records) if store else {}
@@ -195,7 +208,9 @@ def trace_dataset(
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - started >= max_seconds
 
-    trace_fact = functools.partial(_trace_job, settings=settings, batch_size=batch_size)
+    trace_fact = functools.partial(
+        _trace_job, settings=settings, batch_size=batch_size, method=method, recheck=recheck
+    )
     bar = tqdm(
         total=len(pairs),
         initial=len(pairs) - len(todo),
@@ -254,10 +269,12 @@ PROMPTS_PER_BATCH = 8
 """Facts of equal token length a dataset trace runs together by default."""
 
 
-def _pack_size(settings: TraceSettings, prompts_per_batch: int | None) -> int:
+def _pack_size(settings: TraceSettings, prompts_per_batch: int | None, method: str) -> int:
     """Facts per pack: checked, or the default where the settings allow packing."""
-    packable = settings.direction == "denoise" and all(
-        name in ("prob", "log_prob") for name in settings.metric_names
+    packable = (
+        method == "exact"
+        and settings.direction == "denoise"
+        and all(name in ("prob", "log_prob") for name in settings.metric_names)
     )
     if prompts_per_batch is None:
         return PROMPTS_PER_BATCH if packable else 1
@@ -268,9 +285,10 @@ def _pack_size(settings: TraceSettings, prompts_per_batch: int | None) -> int:
         )
     if prompts_per_batch > 1 and not packable:
         raise InvalidInput(
-            f"facts are packed into one batch only when restoring clean activations (direction "
-            f"'denoise') and scoring prob or log_prob, got direction {settings.direction!r} and "
-            f"metric {settings.metric_name!r}; pass prompts_per_batch=1 (or leave it out)"
+            f"facts are packed into one batch only in exact traces (method 'exact') restoring "
+            f"clean activations (direction 'denoise') and scoring prob or log_prob, got method "
+            f"{method!r}, direction {settings.direction!r} and metric {settings.metric_name!r}; "
+            "pass prompts_per_batch=1 (or leave it out)"
         )
     return int(prompts_per_batch)
 
@@ -376,12 +394,14 @@ def _trace_job(
     fact: Any,
     settings: TraceSettings,
     batch_size: int | None,
+    method: str = "exact",
+    recheck: int = 0,
 ) -> dict[str, Any]:
     """One fact's record; for a pack (tuples of ids and facts) ``{"status": "pack", "records"}``."""
     if isinstance(fact_id, tuple):
         records = _trace_pack(tracer, fact_id, fact, settings, batch_size)
         return {"status": "pack", "records": records}
-    return _trace_one(tracer, fact_id, fact, settings, batch_size)
+    return _trace_one(tracer, fact_id, fact, settings, batch_size, method, recheck)
 
 
 def _fact_input(
@@ -415,6 +435,8 @@ def _trace_one(
     fact: Any,
     settings: TraceSettings,
     batch_size: int | None,
+    method: str = "exact",
+    recheck: int = 0,
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
     prepared = _fact_input(tracer, fact, settings)
@@ -427,9 +449,12 @@ def _trace_one(
         # warning per fact, is how a dataset keeps to facts the model knows.
         warnings.simplefilter("ignore", AnswerWarning)
         try:
-            results = tracer.trace_kinds(
-                tokens, subject_range, settings, batch_size=batch_size, progress=False
-            )
+            if method == "exact":
+                results = tracer.trace_kinds(
+                    tokens, subject_range, settings, batch_size=batch_size, progress=False
+                )
+            else:
+                results = _attribute_one(tracer, tokens, subject_range, settings, recheck)
         except InvalidInput as e:
             # Only what this fact's run reveals can fail here (a counterfactual
             # whose answer is the fact's own, an unmoved logit difference):
@@ -590,3 +615,59 @@ def _packed_traces(
                 )
             )
     return traces
+
+
+METHODS = ("exact", "attribution")
+"""How :func:`trace_dataset` scores the cells of each fact."""
+
+
+def _check_method(method: Any, recheck: Any) -> None:
+    if method not in METHODS:
+        raise InvalidInput(
+            f"method must be one of {METHODS}, got {method!r}; pass 'attribution' for a fast "
+            "first pass (one backward per fact) or 'exact'"
+        )
+    if isinstance(recheck, bool) or not isinstance(recheck, int) or recheck < 0:
+        raise InvalidInput(
+            f"recheck must be a whole number of cells, got {recheck!r}; pass e.g. recheck=5"
+        )
+    if recheck and method != "attribution":
+        raise InvalidInput(
+            f"recheck re-traces the top cells of attribution estimates, got recheck={recheck} "
+            f"with method={method!r}; pass method='attribution', or recheck=0"
+        )
+
+
+def _attribute_one(
+    tracer: CausalTracer,
+    tokens: Any,
+    subject_range: tuple[int, int],
+    settings: TraceSettings,
+    recheck: int,
+) -> dict[str, Any]:
+    """One fact's attribution estimates (``recheck`` top cells per kind traced exactly)."""
+    from lenscope.attribution import attribute, recheck_top
+
+    results = attribute(tracer, tokens, subject_range, settings)
+    if recheck:
+        results = recheck_top(tracer, tokens, subject_range, results, settings, k=recheck)
+    return results
+
+
+def _check_exact_checkpoint(path: str | Path) -> None:
+    """Refuse to resume an exact run from a checkpoint of attribution estimates.
+
+    Exact checkpoints carry no ``method`` key (they predate it), so the
+    header comparison, which asks for this call's keys, would not see it.
+    """
+    try:
+        with Path(path).open() as f:
+            header = json.loads(f.readline() or "null")
+    except (OSError, ValueError):
+        return  # a missing or unreadable file is the checkpoint's own business
+    if isinstance(header, dict) and header.get("method", "exact") != "exact":
+        raise InvalidInput(
+            f"checkpoint {str(path)!r} holds attribution estimates "
+            f"(method={header['method']!r}), so its facts cannot be mixed with an exact run; "
+            "pass method='attribution' to resume it, or a new checkpoint path"
+        )

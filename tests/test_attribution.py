@@ -1,0 +1,517 @@
+"""Attribution patching on the causal-tracing grid, checked against independent computations.
+
+- TransformerLens 4's own node attribution (``attribution_patching.attribution_patch``)
+  on the same clean/counterfactual pair (STR) and metric;
+- central finite differences of the metric, patching a small step toward the
+  clean activation with plain hooks written here (Gaussian noise, several samples,
+  windows);
+- the model's state (grad flags, training modes, hooks) around a call, also when
+  it fails.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge
+
+import lenscope
+from lenscope.attribution import AttributionResult, compare, window_sum
+from lenscope.hooks import hook_name
+from lenscope.validation import InvalidInput
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COUNTERFACTUAL = "The Space Needle is located in the city of"
+KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gpt2", "gemma3"])
+def peaked(request, tiny_tokenizer):
+    """A tiny bridge with large weights, whose predictions move when the subject is noised."""
+    seed = 3 if request.param else 1  # seeds whose answer noise moves by a few percent
+    return make_tiny_bridge(tiny_tokenizer, gated=request.param, init_range=0.5, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_tokenizer):
+    return make_tiny_bridge(tiny_tokenizer, init_range=0.5, seed=1)
+
+
+def _tracer(model):
+    return lenscope.CausalTracer(model, progress=False)
+
+
+# ---------------------------------------------------------------- TransformerLens 4 parity
+
+
+def test_equals_transformer_lens_node_attribution_on_str(peaked):
+    """STR on a TransformerBridge: TL4's mlp_out nodes, its attn_head_out nodes summed over
+    heads (attn_out = sum of heads' z W_O, so the dot products add), and its embed node
+    (resid_pre of layer 0 minus position embeddings, equal in both prompts) equal lenscope's."""
+    ap = pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
+    model = peaked
+    tracer = _tracer(model)
+    clean = model.to_tokens(TINY_PROMPT)
+    corrupt = model.to_tokens(COUNTERFACTUAL)
+    answer, foil = model.to_single_token(" paris"), model.to_single_token(" seattle")
+    est = tracer.attribute(
+        TINY_PROMPT,
+        corruption=lenscope.CounterfactualPrompt(COUNTERFACTUAL),
+        kinds=("resid_pre", "mlp_out", "attn_out"),
+        windows=1,
+        metric="logit_diff",
+        answer=" paris",
+        foil=" seattle",
+    )
+
+    def metric_fn(logits):
+        return logits[0, -1, answer] - logits[0, -1, foil]
+
+    theirs = ap.attribution_patch(model, clean, corrupt, metric_fn).node_scores
+    n_layer, n_pos = model.cfg.n_layers, clean.shape[1]
+    mlp = torch.zeros(n_layer, n_pos)
+    attn = torch.zeros(n_layer, n_pos)
+    embed = torch.zeros(n_pos)
+    for node, score in theirs.items():
+        if node.kind == "mlp_out":
+            mlp[node.layer, node.position] = score
+        elif node.kind == "attn_head_out":
+            attn[node.layer, node.position] += score
+        elif node.kind == "embed":
+            embed[node.position] = score
+    ours = {k: r.scores - r.corrupted_score for k, r in est.items()}
+    scale = max(float(mlp.abs().max()), float(attn.abs().max()), float(embed.abs().max()))
+    assert scale > 0.1  # the pair moves the metric: the comparison is not of zeros
+    torch.testing.assert_close(ours["mlp_out"], mlp, atol=1e-4 * scale, rtol=1e-4)
+    if not model.cfg.gated_mlp:
+        # Gemma-3 normalises the attention output (post-attention RMSNorm) after the
+        # head sum, so hook_attn_out is not linear in the heads' hook_z there and the two
+        # first-order estimates are of different nodes; TL4 itself refuses that layout for
+        # head-level edges.
+        torch.testing.assert_close(ours["attn_out"], attn, atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(ours["resid_pre"][0], embed, atol=1e-4 * scale, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- finite differences
+
+
+def _plain_runs(model, tracer, settings_options, names):
+    """Clean and corrupted activations and a metric-of-patch function, with plain hooks."""
+    settings = tracer.settings(**settings_options).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone()
+
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in names])
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in names)],
+        )
+
+    def mean_prob(answer_id, patches):
+        """Mean over samples of p(answer) with ``act += step * (clean - corrupted)`` at
+        ``(name, pos, step)`` of ``patches`` (in place: what reaches the residual stream)."""
+
+        def patcher(name, pos, step):
+            def hook(act, hook):
+                new = act.clone()
+                new[:, pos] += step * (clean[name][0, pos] - corr[name][:, pos])
+                return act.copy_(new)
+
+            return hook
+
+        hooks = [*corrupted.fwd_hooks, *((n, patcher(n, p, s)) for n, p, s in patches)]
+        with torch.no_grad():
+            logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=hooks)[:, -1]
+        return float(torch.softmax(logits.double(), -1)[:, answer_id].mean())
+
+    return mean_prob
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_finite_differences(peaked, window):
+    """Gaussian noise, 3 samples: the estimate of every (layer, pos) cell of every kind is
+    the derivative of the mean probability along (clean - corrupted), by central differences;
+    with a window, the derivative of patching all the window's layers at once."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2)
+    est = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=KINDS, windows={k: window for k in KINDS}, **options
+    )
+    n_layer = model.cfg.n_layers
+    names = [hook_name(k, layer) for k in KINDS for layer in range(n_layer)]
+    mean_prob = _plain_runs(model, tracer, options, names)
+    answer_id = est["mlp_out"].answer_id
+    eps = 2e-2
+
+    def derivative(up):
+        def central(h):
+            plus = [(n, p, h) for n, p, _ in up]
+            minus = [(n, p, -h) for n, p, _ in up]
+            return (mean_prob(answer_id, plus) - mean_prob(answer_id, minus)) / (2 * h)
+
+        # Richardson extrapolation: the O(h^2) error of central differences cancels.
+        return (4 * central(eps / 2) - central(eps)) / 3
+
+    for kind in KINDS:
+        r = est[kind]
+        effect = r.scores - r.corrupted_score
+        assert r.corrupted_score == pytest.approx(mean_prob(answer_id, []), abs=1e-6)
+        biggest = float(effect.abs().max())
+        assert biggest > 1e-3
+        for layer in range(n_layer):
+            lo, hi = r.window_layers(layer)
+            for pos in range(r.n_pos):
+                fd = derivative([(hook_name(kind, x), pos, eps) for x in range(lo, hi)])
+                assert float(effect[layer, pos]) == pytest.approx(fd, abs=1e-3 * biggest), (
+                    kind,
+                    layer,
+                    pos,
+                )
+
+
+def test_converges_to_the_exact_effect_of_a_small_patch(gpt2):
+    """(p(step) - p(0)) / step, the exact effect of patching a step of the way to the clean
+    activation, approaches the estimate as the step shrinks (first order: the error ~ step)."""
+    model = gpt2
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=0)
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_out",), windows=1, **options)
+    r = est["mlp_out"]
+    layer, pos = divmod(int((r.scores - r.corrupted_score).abs().argmax()), r.n_pos)
+    name = hook_name("mlp_out", layer)
+    mean_prob = _plain_runs(model, tracer, options, [name])
+    base = mean_prob(r.answer_id, [])
+    estimate = float(r.scores[layer, pos]) - r.corrupted_score
+    errors = []
+    for step in (1.0, 0.1, 0.01):
+        exact = (mean_prob(r.answer_id, [(name, pos, step)]) - base) / step
+        errors.append(abs(exact - estimate))
+    assert abs(estimate) > 1e-3
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 0.02 * abs(estimate) + 1e-6
+
+
+# ---------------------------------------------------------------- the result
+
+
+def test_result_matches_the_exact_trace_layout(gpt2):
+    tracer = _tracer(gpt2)
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=3, seed=0)
+    exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=3, seed=0)
+    assert list(est) == list(exact)
+    for kind, r in est.items():
+        e = exact[kind]
+        assert isinstance(r, AttributionResult)
+        assert r.scores.shape == e.scores.shape
+        for field in ("clean_score", "corrupted_score", "answer", "window", "samples", "metric"):
+            assert getattr(r, field) == pytest.approx(getattr(e, field), abs=1e-6), field
+        assert r.passes == {
+            "clean_forward": 1,
+            "corrupted_forward": 1,
+            "corrupted_backward": 1,
+            "corrupted_rows": 3,
+        }
+        assert r.top_predictions(0, 0) == []
+    fig = lenscope.plot_traces({"exact": exact["mlp_out"], "attribution": est["mlp_out"]})
+    assert len(fig.data) == 2
+
+
+def test_save_load_round_trip(gpt2, tmp_path):
+    r = _tracer(gpt2).attribute(TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_out",), samples=2)
+    path = r["mlp_out"].save(tmp_path / "a.json")
+    back = AttributionResult.load(path)
+    torch.testing.assert_close(back.scores, r["mlp_out"].scores, equal_nan=True)
+    assert back.passes == r["mlp_out"].passes and back.method == "attribution"
+
+
+def test_str_normalised_like_the_exact_trace(gpt2):
+    """With a counterfactual prompt the default metric is the normalised logit difference:
+    the estimate is normalised by the same clean and corrupted raw values."""
+    tracer = _tracer(gpt2)
+    corruption = lenscope.CounterfactualPrompt(COUNTERFACTUAL)
+    est = tracer.attribute(TINY_PROMPT, corruption=corruption, kinds=("mlp_out",), windows=1)
+    raw = tracer.attribute(
+        TINY_PROMPT,
+        corruption=corruption,
+        kinds=("mlp_out",),
+        windows=1,
+        metric="logit_diff",
+        foil=est["mlp_out"].foil,
+    )
+    exact = tracer.trace_kinds(TINY_PROMPT, corruption=corruption, kinds=("mlp_out",), windows=1)
+    r, e = est["mlp_out"], exact["mlp_out"]
+    assert r.metric == e.metric == "normalized_logit_diff"
+    assert r.foil == e.foil
+    assert r.normalization == pytest.approx(e.normalization, abs=1e-5)
+    clean, corrupted = r.normalization
+    expected = (raw["mlp_out"].scores - corrupted) / (clean - corrupted)
+    torch.testing.assert_close(r.scores, expected)
+
+
+def test_window_sum_is_rome_clipping():
+    per_layer = torch.arange(12.0).reshape(4, 3)
+    out = window_sum(per_layer, 3)  # layer l restores [l - 1, l + 2) clipped
+    torch.testing.assert_close(out[0], per_layer[0] + per_layer[1])
+    torch.testing.assert_close(out[2], per_layer[1] + per_layer[2] + per_layer[3])
+    torch.testing.assert_close(out[3], per_layer[2] + per_layer[3])
+
+
+def test_layers_and_positions_not_traced_are_nan(gpt2):
+    r = _tracer(gpt2).attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_out",), layers=[1, 2], positions="subject"
+    )["mlp_out"]
+    traced = torch.isfinite(r.scores)
+    expected = torch.zeros_like(traced)
+    expected[1:3, 1:4] = True
+    assert torch.equal(traced, expected)
+
+
+# ---------------------------------------------------------------- compare
+
+
+class _Fake:
+    def __init__(self, scores, kind="mlp_out"):
+        self.scores = torch.as_tensor(scores, dtype=torch.float32)
+        self.kind = kind
+
+
+def _plain_ranks(values):
+    """1-based ranks, ties given their mean rank, by a plain loop."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _plain_pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def test_compare_against_plain_statistics():
+    """Pearson and Spearman (ties averaged) equal plain-Python formulas; recall counts the
+    shared top cells; untraced (NaN) cells are left out."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(6, 7, generator=g)
+    est = exact + 0.5 * torch.randn(6, 7, generator=g)
+    est[0, :3] = est[0, 3]  # ties
+    exact[5, 6] = math.nan  # not traced: left out
+    cmp = compare({"mlp_out": _Fake(est)}, {"mlp_out": _Fake(exact)}, k=5)["mlp_out"]
+    keep = torch.isfinite(exact)
+    x, y = est[keep].double().tolist(), exact[keep].double().tolist()
+    assert cmp.cells == 41
+    assert cmp.pearson == pytest.approx(_plain_pearson(x, y), abs=1e-9)
+    assert cmp.spearman == pytest.approx(_plain_pearson(_plain_ranks(x), _plain_ranks(y)), abs=1e-9)
+    top_x = set(sorted(range(41), key=lambda i: -x[i])[:5])
+    top_y = set(sorted(range(41), key=lambda i: -y[i])[:5])
+    assert cmp.top_k_recall == len(top_x & top_y) / 5
+
+
+def test_compare_refuses_mismatches():
+    with pytest.raises(InvalidInput, match=r"compare needs a kind both results trace, got"):
+        compare({"mlp_out": _Fake([[1.0]])}, {"attn_out": _Fake([[1.0]], "attn_out")})
+    with pytest.raises(InvalidInput, match=r"grids differ in shape, got \(1, 1\) and \(1, 2\)"):
+        compare({"mlp_out": _Fake([[1.0]])}, {"mlp_out": _Fake([[1.0, 2.0]])})
+    with pytest.raises(InvalidInput, match=r"k must be a positive integer, got 0; pass e.g. k=5"):
+        compare({"mlp_out": _Fake([[1.0]])}, {"mlp_out": _Fake([[1.0]])}, k=0)
+
+
+# ---------------------------------------------------------------- refusals and model state
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            dict(kinds=("z",), by="head"),
+            r"residual-width kinds .* got the per-head kind\(s\) \['z'\]",
+        ),
+        (dict(direction="noise"), r"estimates denoising .* got direction='noise'; pass"),
+        (dict(metrics=("prob", "log_prob")), r"one metric per call, got 2"),
+        (dict(kinds=("resid_mid",)), r"cannot estimate kind 'resid_mid' on a TransformerBridge"),
+    ],
+)
+def test_refusals(gpt2, options, message):
+    with pytest.raises(InvalidInput, match=message):
+        _tracer(gpt2).attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+
+
+def _state(model):
+    hooks = [
+        (name, len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    ]
+    return (
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [(n, m.training) for n, m in model.named_modules()],
+        hooks,
+    )
+
+
+def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
+    model = make_tiny_bridge(tiny_tokenizer, init_range=0.5, seed=4)
+    params = list(model.parameters())
+    for p in params[::2]:
+        p.requires_grad_(False)
+    for p in params[1::2]:
+        p.requires_grad_(True)
+    list(model.modules())[3].train()
+    model(model.to_tokens(TINY_PROMPT))  # the bridge attaches its own hooks on a first run
+    seen = []
+    model.add_hook(hook_name("mlp_out", 1), lambda act, hook: seen.append(1))
+    before = _state(model)
+    tracer = _tracer(model)
+
+    def failing(logits, answer):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        tracer.attribute(TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2)
+    assert _state(model) == before
+    tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=2)
+    assert _state(model) == before
+    assert all(p.grad is None for p in model.parameters())
+    assert seen  # the user's own hook stayed and ran
+
+
+# ---------------------------------------------------------------- exact recheck, datasets
+
+
+def test_recheck_top_cells_carry_the_exact_scores(gpt2):
+    """The k highest estimated cells per kind take the full exact trace's values there; every
+    other cell keeps its estimate."""
+    from lenscope.attribution import recheck_top
+
+    tracer = _tracer(gpt2)
+    options = dict(samples=2, seed=0)
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+    checked = recheck_top(tracer, TINY_PROMPT, TINY_SUBJECT, est, k=3, **options)
+    exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)
+    for kind, r in checked.items():
+        flat = est[kind].scores.flatten()
+        top = set(flat.topk(3).indices.tolist())
+        for i in range(flat.numel()):
+            got = float(r.scores.flatten()[i])
+            want = exact[kind].scores.flatten()[i] if i in top else flat[i]
+            assert got == pytest.approx(float(want), abs=1e-6), (kind, i)
+        assert r.method == "attribution+exact_top_k"
+        assert 3 <= r.passes["exact_cells"] <= 9 * 3
+
+
+def test_trace_dataset_by_attribution(gpt2, tmp_path):
+    """Each fact's grids are tracer.attribute's with the dataset's settings (positions from
+    the subject on), and a checkpoint of estimates does not resume an exact run."""
+    from lenscope.datasets import trace_dataset
+
+    tracer = _tracer(gpt2)
+    facts = [
+        {"known_id": 1, "prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"known_id": 2, "prompt": "Paris is the capital of", "subject": "Paris"},
+    ]
+    path = tmp_path / "c.jsonl"
+    summary = trace_dataset(
+        tracer, facts, samples=2, kinds=("mlp_out",), method="attribution", checkpoint=path
+    )
+    assert summary.n_facts == 2
+    for fact, traced in zip(facts, summary.facts, strict=True):
+        r = tracer.attribute(
+            fact["prompt"], fact["subject"], kinds=("mlp_out",), samples=2, positions="from_subject"
+        )["mlp_out"]
+        torch.testing.assert_close(traced.scores["mlp_out"], r.scores, equal_nan=True)
+    with pytest.raises(InvalidInput, match=r"holds attribution estimates \(method='attribution'\)"):
+        trace_dataset(tracer, facts, samples=2, kinds=("mlp_out",), checkpoint=path)
+    exact_path = tmp_path / "e.jsonl"
+    trace_dataset(tracer, facts[:1], samples=2, kinds=("mlp_out",), checkpoint=exact_path)
+    with pytest.raises(InvalidInput, match=r"method: checkpoint None, this call 'attribution'"):
+        trace_dataset(
+            tracer,
+            facts,
+            samples=2,
+            kinds=("mlp_out",),
+            method="attribution",
+            checkpoint=exact_path,
+        )
+    rechecked = trace_dataset(
+        tracer, facts[:1], samples=2, kinds=("mlp_out",), method="attribution", recheck=2
+    )
+    assert rechecked.n_facts == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(method="fast"), r"method must be one of \('exact', 'attribution'\), got 'fast'"),
+        (dict(recheck=3), r"got recheck=3 with method='exact'; pass method='attribution'"),
+        (dict(method="attribution", recheck=-1), r"recheck must be a whole number of cells"),
+    ],
+)
+def test_trace_dataset_method_refusals(gpt2, options, message):
+    from lenscope.datasets import trace_dataset
+
+    with pytest.raises(InvalidInput, match=message):
+        trace_dataset(_tracer(gpt2), [], samples=2, **options)
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_gemma_equals_transformer_lens_node_attribution(gemma_bridge):
+    """On Gemma-3-270m (a TransformerBridge), STR Eiffel Tower -> Colosseum, logit difference
+    ' Paris' - ' Rome': lenscope's mlp_out cells and resid_pre of layer 0 equal TL4's mlp_out
+    and embed nodes (one clean forward, one forward and backward each)."""
+    ap = pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
+    model = gemma_bridge
+    prompt, other = (
+        "The Eiffel Tower is located in the city of",
+        "The Colosseum is located in the city of",
+    )
+    est = _tracer(model).attribute(
+        prompt,
+        corruption=lenscope.CounterfactualPrompt(other),
+        kinds=("resid_pre", "mlp_out"),
+        windows=1,
+        metric="logit_diff",
+        answer=" Paris",
+        foil=" Rome",
+    )
+    answer, foil = est["mlp_out"].answer_id, est["mlp_out"].foil_id
+
+    def metric_fn(logits):
+        return logits[0, -1, answer] - logits[0, -1, foil]
+
+    theirs = ap.attribution_patch(
+        model, model.to_tokens(prompt), model.to_tokens(other), metric_fn
+    ).node_scores
+    mlp = torch.zeros_like(est["mlp_out"].scores)
+    embed = torch.zeros(mlp.shape[1])
+    for node, score in theirs.items():
+        if node.kind == "mlp_out":
+            mlp[node.layer, node.position] = score
+        elif node.kind == "embed":
+            embed[node.position] = score
+    ours = {k: r.scores - r.corrupted_score for k, r in est.items()}
+    scale = float(mlp.abs().max())
+    assert scale > 0.1
+    torch.testing.assert_close(ours["mlp_out"], mlp, atol=1e-3 * scale, rtol=1e-3)
+    torch.testing.assert_close(ours["resid_pre"][0], embed, atol=1e-3 * scale, rtol=1e-3)
