@@ -50,6 +50,7 @@ def _tl_patching(model, clean, counterfactual, answer, foil, kind, direction, la
         n_pos = clean_tokens.shape[1]
         rows = [(layer, pos) for layer in layers for pos in range(n_pos)]
         options["index_df"] = pd.DataFrame(rows, columns=["layer", "pos"])
+        options["index_axis_names"] = None  # patching.py takes one or the other
     with torch.no_grad():
         if direction == "denoise":
             out = patch(model, cf_tokens, clean_cache, metric, **options)
