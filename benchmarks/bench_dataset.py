@@ -14,8 +14,9 @@ this one run:
 
 The packed and one-by-one runs must agree: the largest |score difference| over
 every fact, kind and cell, and the largest |AIE difference|, are printed.
-Also printed: how the facts fall into packs (token lengths), and, on CUDA, the
-GPU time (CUDA events around each run) beside the wall time.
+Also printed: how the facts fall into packs (token lengths), the transformer-block
+calls per fact (each a kernel sequence on a GPU, where launches and Python bound the
+run), and, on CUDA, the GPU time (CUDA events around each run) beside the wall time.
 
   python benchmarks/bench_dataset.py [--facts 20] [--prompts-per-batch 8] [--threads 2]
 """
@@ -50,6 +51,28 @@ def timed(fn, device):
         torch.cuda.synchronize()
         gpu = start.elapsed_time(end) / 1e3
     return time.perf_counter() - wall, gpu, out
+
+
+class BlockCalls:
+    """Counts calls of the model's transformer blocks (forward hooks, removed on exit).
+
+    Each call is one kernel sequence on a GPU, where the issue's profile found the run
+    bound by launches and Python: the count per fact is the CPU-side measure of that.
+    """
+
+    def __init__(self, model):
+        self.model, self.count, self.handles = model, 0, []
+
+    def __enter__(self):
+        def hook(*_):
+            self.count += 1
+
+        self.handles = [block.register_forward_hook(hook) for block in self.model.blocks]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def largest_differences(a, b):
@@ -118,25 +141,26 @@ def main():
     load = [os.getloadavg()[0]]
 
     rows = []
-    wall, gpu, packed = timed(
-        lambda: lenscope.trace_dataset(
-            tracer, facts, prompts_per_batch=args.prompts_per_batch, **options
-        ),
-        device,
-    )
-    rows.append(
-        (f"lenscope, packed (prompts_per_batch={args.prompts_per_batch})", len(facts), wall, gpu)
-    )
+    with BlockCalls(model) as calls:
+        wall, gpu, packed = timed(
+            lambda: lenscope.trace_dataset(
+                tracer, facts, prompts_per_batch=args.prompts_per_batch, **options
+            ),
+            device,
+        )
+    name = f"lenscope, packed (prompts_per_batch={args.prompts_per_batch})"
+    rows.append((name, len(facts), wall, gpu, calls.count))
     load.append(os.getloadavg()[0])
-    wall, gpu, single = timed(
-        lambda: lenscope.trace_dataset(tracer, facts, prompts_per_batch=1, **options), device
-    )
-    rows.append(("lenscope, one by one (prompts_per_batch=1)", len(facts), wall, gpu))
+    with BlockCalls(model) as calls:
+        wall, gpu, single = timed(
+            lambda: lenscope.trace_dataset(tracer, facts, prompts_per_batch=1, **options), device
+        )
+    rows.append(("lenscope, one by one (prompts_per_batch=1)", len(facts), wall, gpu, calls.count))
     load.append(os.getloadavg()[0])
     if args.ct_facts:
         run = causal_tracer_loop(model, facts[: args.ct_facts], args.samples, packed.noise_std)
         wall, gpu, _ = timed(run, device)
-        rows.append(("causal-tracer, fact by fact", args.ct_facts, wall, gpu))
+        rows.append(("causal-tracer, fact by fact", args.ct_facts, wall, gpu, None))
         load.append(os.getloadavg()[0])
 
     base = rows[1][2] / rows[1][1]
@@ -147,13 +171,17 @@ def main():
     )
     print(f"token lengths: {dict(sorted(lengths.items()))}")
     print()
-    print("| run | facts | wall time | s/fact | facts/minute | speed vs one by one | GPU time |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, wall, gpu in rows:
+    print(
+        "| run | facts | wall time | s/fact | facts/minute | speed vs one by one | "
+        "block calls per fact | GPU time |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, wall, gpu, blocks in rows:
         shown = "n/a (CPU)" if gpu is None else f"{gpu:.2f} s"
+        per_fact = "" if blocks is None else f"{blocks / n:,.0f}"
         print(
             f"| {name} | {n} | {wall:.1f} s | {wall / n:.2f} | {60 * n / wall:.2f} | "
-            f"{base / (wall / n):.2f}x | {shown} |"
+            f"{base / (wall / n):.2f}x | {per_fact} | {shown} |"
         )
     cells, aie = largest_differences(packed, single)
     print()
