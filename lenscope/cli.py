@@ -378,7 +378,8 @@ def add_dataset_arguments(
         type=positive_int_arg,
         default=None,
         help="facts of one token length traced together in the same forward passes "
-        "(default: 8 where the metric allows it, prob or log_prob; 1 traces one at a time)",
+        "(default: 8 on CUDA where the metric allows it, prob or log_prob; else 1, one at a "
+        "time: a CPU gains nothing from it)",
     )
     parser.add_argument(
         "--workers",

@@ -135,7 +135,7 @@ def test_packed_checkpoint_resumes_one_fact_at_a_time(tiny_model, tmp_path):
     tracer = CausalTracer(tiny_model, progress=False)
     path = tmp_path / "run.jsonl"
     first = ds.trace_dataset(
-        tracer, FACTS[:4], kinds=("mlp_out",), samples=SAMPLES, checkpoint=path
+        tracer, FACTS[:4], kinds=("mlp_out",), samples=SAMPLES, checkpoint=path, prompts_per_batch=4
     )
     assert first.workers[0].n_facts == 4
     again = ds.trace_dataset(
@@ -208,3 +208,14 @@ def test_cli_prompts_per_batch_reaches_trace_dataset(tiny_model, tmp_path, monke
         assert seen == expected
     with pytest.raises(SystemExit):
         parser.parse_args([*common, "--prompts-per-batch", "0"])
+
+
+def test_packing_is_the_default_on_cuda_only(tiny_model, monkeypatch):
+    """A CPU trace is bound by arithmetic (packing measured no faster); a GPU's by launches."""
+    tracer = CausalTracer(tiny_model, progress=False)
+    settings = ds.run.dataset_settings(tracer, samples=SAMPLES)
+    assert ds.run._pack_size(tracer, settings, None, "exact") == 1
+    assert ds.run._pack_size(tracer, settings, 5, "exact") == 5
+    monkeypatch.setattr(tiny_model.cfg, "device", "cuda:0")  # only read here, never used
+    assert ds.run._pack_size(tracer, settings, None, "exact") == ds.run.PROMPTS_PER_BATCH
+    assert ds.run._pack_size(tracer, settings, None, "attribution") == 1

@@ -119,11 +119,14 @@ def trace_dataset(
         prompts_per_batch: Facts traced together in the same forward passes
             (facts of equal token length, :func:`~lenscope.corruptions.pack_inputs`):
             the same cells of every fact in one batch, so a forward pass has
-            more rows and the per-pass costs are paid once per pack. Default
-            (None): up to :data:`PROMPTS_PER_BATCH` where the metric allows it
-            (``prob`` or ``log_prob``, restoring clean activations), else 1.
-            Scores equal one-at-a-time traces to float rounding (batched
-            matrix products round differently), not bitwise.
+            more rows and the per-pass costs (kernel launches, Python, hook
+            and cache set-up) are paid once per pack. Default (None): up to
+            :data:`PROMPTS_PER_BATCH` on CUDA where the metric allows it
+            (``prob`` or ``log_prob``, restoring clean activations), else 1:
+            on a CPU the trace is bound by arithmetic, and packing measured
+            no faster there (docs/benchmarks.md). Scores equal one-at-a-time
+            traces to float rounding (batched matrix products round
+            differently), not bitwise.
         method: ``"exact"`` (default: every cell restored) or ``"attribution"``
             (every cell estimated by attribution patching, one forward and one
             backward pass per fact: a fast first pass; see
@@ -169,7 +172,7 @@ def trace_dataset(
             "trace in this process"
         )
     _check_method(method, recheck)
-    pack_size = _pack_size(settings, prompts_per_batch, method)
+    pack_size = _pack_size(tracer, settings, prompts_per_batch, method)
     header = dataset_header(tracer, settings)
     if method != "exact":  # a checkpoint of estimates never resumes an exact run
         header = {**header, "method": method, "recheck": recheck}
@@ -266,18 +269,21 @@ def trace_dataset(
 
 
 PROMPTS_PER_BATCH = 8
-"""Facts of equal token length a dataset trace runs together by default."""
+"""Facts of equal token length a dataset trace on CUDA runs together by default."""
 
 
-def _pack_size(settings: TraceSettings, prompts_per_batch: int | None, method: str) -> int:
-    """Facts per pack: checked, or the default where the settings allow packing."""
+def _pack_size(
+    tracer: CausalTracer, settings: TraceSettings, prompts_per_batch: int | None, method: str
+) -> int:
+    """Facts per pack: checked, or the default where the settings and the device call for it."""
     packable = (
         method == "exact"
         and settings.direction == "denoise"
         and all(name in ("prob", "log_prob") for name in settings.metric_names)
     )
     if prompts_per_batch is None:
-        return PROMPTS_PER_BATCH if packable else 1
+        on_gpu = str(tracer.model.cfg.device).startswith("cuda")
+        return PROMPTS_PER_BATCH if packable and on_gpu else 1
     if not is_int(prompts_per_batch) or prompts_per_batch < 1:
         raise InvalidInput(
             f"prompts_per_batch must be an integer >= 1, got {prompts_per_batch!r}; pass e.g. "
