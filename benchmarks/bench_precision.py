@@ -1,8 +1,8 @@
 """Mixed precision on Gemma-3-270m: a bfloat16 trace against the float32 one, same run.
 
-The model runs in its dtype; lenscope decodes and scores every copy in float32
-(the final residual is cast before the unembedding's output is turned into
-probabilities), so what differs is the forward passes' rounding. Prints, per
+The model runs in its dtype up to the logits; lenscope casts them to float32
+before the softmax and the metric (``hooks.decode_resid``), so what differs is
+the rounding of the forward passes and of the unembedding. Prints, per
 kind, the largest |score difference| between the two traces of the Eiffel Tower
 prompt (ROME's settings: 10 samples, noise 3 sigma, windows 1/10/10), the
 clean and corrupted scores of both, and both wall times.
