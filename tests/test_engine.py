@@ -290,11 +290,11 @@ def _counting_sweep(monkeypatch):
         records[-1]["ran"].append(rows * corrupted.tokens.shape[1] * model.cfg.n_layers)
         return real_forward(model, corrupted, site, windows, masks, source, *args, **kwargs)
 
-    def run_stair(model, pos, entries, windows, masks, site, source, state, samples):
+    def run_stair(model, pos, entries, windows, masks, site, source, state, samples, *rest):
         n_pos = state.resid_pre[0].shape[1]
         work = int(((n_pos - pos) * (model.cfg.n_layers - entries)).sum()) * samples
         records[-1]["ran"].append(work)
-        return real_stair(model, pos, entries, windows, masks, site, source, state, samples)
+        return real_stair(model, pos, entries, windows, masks, site, source, state, samples, *rest)
 
     def sweep(model, **kwargs):
         keys = ("site", "window", "cells", "strategy", "batch_size")
