@@ -150,12 +150,14 @@ def main():
         )
     name = f"lenscope, packed (prompts_per_batch={args.prompts_per_batch})"
     rows.append((name, len(facts), wall, gpu, calls.count))
+    print(f"measured: {rows[-1]}", flush=True)
     load.append(os.getloadavg()[0])
     with BlockCalls(model) as calls:
         wall, gpu, single = timed(
             lambda: lenscope.trace_dataset(tracer, facts, prompts_per_batch=1, **options), device
         )
     rows.append(("lenscope, one by one (prompts_per_batch=1)", len(facts), wall, gpu, calls.count))
+    print(f"measured: {rows[-1]}", flush=True)
     load.append(os.getloadavg()[0])
     if args.ct_facts:
         run = causal_tracer_loop(model, facts[: args.ct_facts], args.samples, packed.noise_std)
