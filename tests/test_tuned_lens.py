@@ -386,7 +386,9 @@ def test_resid_post_of_a_layer_is_the_input_of_the_next_translator(peaked, train
     # The last resid_post is the model's output: no translator.
     assert torch.equal(post_decoder.forward(post[3], 3), LogitLens(peaked).forward(post[3], 3))
     traj = lenscope.lens_trajectory(peaked, TINY_PROMPT, decoder=trained)
-    assert float(traj.kl_to_final[-1].abs().max()) == 0
+    # The last layer's lens is the model's own output: KL 0 up to float32 rounding of
+    # the two softmaxes (exactly 0 on some builds, 6e-8 at two positions on others).
+    assert float(traj.kl_to_final[-1].abs().max()) < 1e-6
 
 
 def test_a_trace_cell_through_the_tuned_lens(peaked, trained):
