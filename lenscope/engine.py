@@ -105,7 +105,11 @@ class CorruptedRun:
 
 @dataclasses.dataclass(frozen=True)
 class SweepOutput:
-    """Per-cell metric and top-k of the restored runs; NaN / -1 for cells not traced."""
+    """Per-cell metric and top-k of the restored runs; NaN / -1 for cells not traced.
+
+    A sweep of packed prompts (``base.prompts > 1``) adds a last ``prompt`` axis
+    to ``scores`` and one before ``k`` to ``top_ids`` / ``top_probs``.
+    """
 
     scores: Float[Tensor, "metric layer ..."]
     top_ids: Int[Tensor, "layer *unit k"]
