@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "load_facts": "lenscope.datasets",
     "load_model": "lenscope.loading",
     "trace_dataset": "lenscope.datasets",
+    "merge_checkpoints": "lenscope.datasets",
     "plot_trace": "lenscope.plotting",
     "plot_traces": "lenscope.plotting",
     "plot_lens": "lenscope.plotting",

@@ -433,6 +433,55 @@ def test_checkpoint_refuses_changed_fact_and_foreign_file(tracer, tmp_path):
         ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=corrupt)
 
 
+def test_merged_checkpoints_equal_one_run(tracer, reference, tmp_path, monkeypatch):
+    """A trace split over checkpoints (parts, sittings) averages as one run over all facts."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    ds.trace_dataset(tracer, FACTS[:2], samples=SAMPLES, checkpoint=first)
+    bad = {"known_id": 99, "prompt": "Paris is", "subject": "Rome"}
+    ds.trace_dataset(tracer, [*FACTS[2:], bad], samples=SAMPLES, checkpoint=second)
+    calls = counting(monkeypatch, tracer, fail_after=0)  # merging traces nothing
+    merged = ds.merge_checkpoints([second, first], FACTS)
+    assert calls == []
+    assert_same_aggregates(merged, reference)
+
+    def timeless(summary):
+        return [{**fact, "seconds": 0} for fact in summary.to_dict()["facts"]]
+
+    assert timeless(merged) == timeless(reference)
+    assert merged.settings() == reference.settings()
+    assert merged.corruption == reference.corruption and merged.n_pending == 0
+    everything = ds.merge_checkpoints([first, second])  # file order, skipped facts kept
+    assert [f.fact_id for f in everything.facts] == [10, 11, 12, 13, 14]
+    assert [s.fact_id for s in everything.skipped] == [99]
+    partial = ds.merge_checkpoints([first], FACTS)
+    assert partial.n_facts == 2 and partial.n_pending == 3
+
+
+def test_merge_refuses_parts_of_different_traces(tracer, tmp_path):
+    paths = [tmp_path / f"{name}.jsonl" for name in ("a", "b", "c", "d")]
+    ds.trace_dataset(tracer, FACTS[:1], samples=SAMPLES, kinds=("mlp_out",), checkpoint=paths[0])
+    ds.trace_dataset(tracer, FACTS[1:2], samples=3, kinds=("mlp_out",), checkpoint=paths[1])
+    with pytest.raises(ValueError, match=r"other settings.*samples: checkpoint 2, this call 3"):
+        ds.merge_checkpoints(paths[:2])
+    ds.trace_dataset(
+        tracer, FACTS[1:2], kinds=("mlp_out",), method="attribution", checkpoint=paths[2]
+    )
+    with pytest.raises(ValueError, match=r"other settings.*method"):
+        ds.merge_checkpoints([paths[0], paths[2]])
+    renamed = [{**FACTS[1], "known_id": FACTS[0]["known_id"]}]
+    ds.trace_dataset(tracer, renamed, samples=SAMPLES, kinds=("mlp_out",), checkpoint=paths[3])
+    with pytest.raises(ValueError, match=r"fact 10 is in two checkpoints with different prompts"):
+        ds.merge_checkpoints([paths[0], paths[3]])
+    with pytest.raises(ValueError, match=r"the checkpoints hold fact 10 as .*pass the facts"):
+        ds.merge_checkpoints([paths[3]], FACTS[:1])
+    with pytest.raises(ValueError, match=r"does not exist"):
+        ds.merge_checkpoints([tmp_path / "missing.jsonl"])
+    with pytest.raises(ValueError, match=r"non-empty list of checkpoint files"):
+        ds.merge_checkpoints([])
+    with pytest.raises(ValueError, match=r"non-empty list of checkpoint files"):
+        ds.merge_checkpoints(paths[0])
+
+
 def test_time_budget_leaves_facts_pending(tracer, tmp_path, monkeypatch):
     clock = iter(float(t) for t in range(0, 1000, 10))
     monkeypatch.setattr(ds.run.time, "perf_counter", lambda: next(clock))
@@ -699,7 +748,7 @@ def test_pair_counterfactuals_pairs_subjects_of_the_same_relation_and_length(tin
     assert "4 of 5 facts paired" in repr(pairs)
 
 
-def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(tiny_model):
+def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(tiny_model, tmp_path):
     from lenscope import CausalTracer, CounterfactualColumn, pair_counterfactuals
     from lenscope.corruptions import CounterfactualPrompt
 
@@ -716,12 +765,20 @@ def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(ti
     for skipped in summary.skipped:
         assert "answer itself" in skipped.reason or "as many tokens" in skipped.reason
     summary = ds.trace_dataset(
-        tracer, facts, kinds=("mlp_out",), windows=1, corruption=column, metric="prob"
+        tracer,
+        facts,
+        kinds=("mlp_out",),
+        windows=1,
+        corruption=column,
+        metric="prob",
+        checkpoint=tmp_path / "str.jsonl",
     )
     assert summary.corruption == {
         "name": "counterfactual_column",
         "counterfactual_column": "counterfactual",
     }
+    merged = ds.merge_checkpoints([tmp_path / "str.jsonl"], facts)
+    assert merged.to_dict() == {**summary.to_dict(), "workers": []}
     (skipped,) = summary.skipped
     assert "as many tokens as the clean prompt" in skipped.reason
     for fact, traced in zip(facts, summary.facts, strict=False):

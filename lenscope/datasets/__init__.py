@@ -37,7 +37,7 @@ from lenscope.datasets.facts import (
     pair_counterfactuals,
     starts_attribute,
 )
-from lenscope.datasets.run import trace_dataset
+from lenscope.datasets.run import merge_checkpoints, trace_dataset
 from lenscope.datasets.summary import (
     BUCKET_LABELS,
     BUCKETS,
@@ -70,6 +70,7 @@ __all__ = [
     "filter_known",
     "known_facts",
     "load_facts",
+    "merge_checkpoints",
     "mean_ci",
     "pair_counterfactuals",
     "starts_attribute",

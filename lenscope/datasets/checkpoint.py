@@ -93,8 +93,31 @@ class Checkpoint:
         if checkpoint.path.exists():
             checkpoint._read(settings, repair=False)
 
+    @classmethod
+    def read(cls, path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The header and the records (by JSON-encoded id) of the checkpoint at ``path``.
+
+        Reads only, whatever the settings (a torn final line is ignored, not
+        truncated). Raises ``InvalidInput`` for a missing or empty file, or
+        one that is not a lenscope dataset checkpoint.
+        """
+        checkpoint = cls.__new__(cls)
+        checkpoint.path = Path(path)
+        if not checkpoint.path.is_file():
+            raise InvalidInput(
+                f"checkpoint {str(path)!r} does not exist; pass the JSONL file that "
+                "trace_dataset(checkpoint=...) wrote"
+            )
+        header, records = checkpoint._read(None, repair=False)
+        if header is None:
+            raise InvalidInput(
+                f"checkpoint {str(path)!r} is empty; pass the JSONL file that "
+                "trace_dataset(checkpoint=...) wrote"
+            )
+        return header, records
+
     def _read(
-        self, settings: Mapping[str, Any], *, repair: bool
+        self, settings: Mapping[str, Any] | None, *, repair: bool
     ) -> tuple[Any, dict[str, dict[str, Any]]]:
         raw = self.path.read_bytes()
         lines = raw.split(b"\n")
@@ -139,7 +162,7 @@ class Checkpoint:
                 f"(format {CHECKPOINT_FORMAT!r}), got {str(header)[:80]!r}; pass a new "
                 "checkpoint path (lenscope never overwrites other files)"
             )
-        differences = settings_differences(header, settings)
+        differences = [] if settings is None else settings_differences(header, settings)
         if differences:
             raise InvalidInput(
                 f"checkpoint {str(self.path)!r} was written with different settings, so "

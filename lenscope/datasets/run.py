@@ -24,7 +24,12 @@ from tqdm.auto import tqdm
 from lenscope import engine, metrics
 from lenscope._version import __version__
 from lenscope.corruptions import Corruption, CounterfactualColumn, pack_inputs
-from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, Checkpoint, checkpoint_header
+from lenscope.datasets.checkpoint import (
+    DATASET_TRACE_FIXED,
+    Checkpoint,
+    checkpoint_header,
+    settings_differences,
+)
 from lenscope.datasets.executors import Executor, LocalExecutor
 from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
@@ -237,35 +242,123 @@ def trace_dataset(
     finally:
         if store is not None:
             store.close()
-    n_pending = sum(order_records[index] is None for index in todo)
+    return _summary(order_records, header, settings.corruption.to_dict(), workers.stats())
 
-    traced = tuple(
-        FactTrace.from_dict(r["fact"])
-        for r in order_records
-        if r is not None and r["status"] == "done"
-    )
-    skipped = tuple(
-        SkippedFact(r["id"], r["reason"])
-        for r in order_records
-        if r is not None and r["status"] == "skipped"
-    )
-    corruption = settings.corruption.to_dict()
+
+def _summary(
+    records: Sequence[Mapping[str, Any] | None],
+    header: Mapping[str, Any],
+    corruption: Mapping[str, Any],
+    workers: tuple[Any, ...] = (),
+) -> DatasetSummary:
+    """The summary of checkpoint ``records`` in order (None: a fact not reached)."""
     return DatasetSummary(
-        facts=traced,
-        skipped=skipped,
-        kinds=settings.kinds,
-        windows=dict(settings.windows),
+        facts=tuple(FactTrace.from_dict(r["fact"]) for r in records if r and r["status"] == "done"),
+        skipped=tuple(
+            SkippedFact(r["id"], r["reason"]) for r in records if r and r["status"] == "skipped"
+        ),
+        kinds=tuple(header["kinds"]),
+        windows=dict(header["windows"]),
         n_layers=header["n_layers"],
         model_name=header["model_name"],
         samples=corruption.get("samples", 1),
         noise_std=corruption.get("noise_std", 0.0),
         seed=corruption.get("seed"),
-        metric=settings.metric_name,
-        lenscope_version=__version__,
-        n_pending=n_pending,
+        metric=header["metric"],
+        lenscope_version=header["lenscope_version"],
+        n_pending=sum(r is None for r in records),
         corruption=dict(corruption),
-        workers=workers.stats(),
+        workers=workers,
     )
+
+
+# Header keys that are not the corruption's parameters: the checkpoint's own,
+# TraceSettings.to_dict's, and the method trace_dataset adds.
+_HEADER_KEYS = frozenset(
+    {"format", "lenscope_version", "model_name", "n_layers", "kinds", "windows", "metric"}
+    | {"answer", "top_k", "layers", "positions", "by", "foil", "direction", "method", "recheck"}
+)
+
+
+def merge_checkpoints(
+    paths: Sequence[str | Path] | str | Path, facts: Facts | None = None
+) -> DatasetSummary:
+    """The summary of one dataset trace split over several checkpoints.
+
+    A long trace can run as several ``trace_dataset`` calls over parts of
+    the facts (several machines, processes or sittings), each with its own
+    checkpoint; this reads them back together without tracing anything.
+    Every checkpoint must have been written with the same settings (model,
+    lenscope version, kinds, windows, metric, corruption, method), as
+    resuming requires.
+
+    Args:
+        paths: The checkpoint files (JSONL written by ``trace_dataset``); a
+            list, even of one.
+        facts: The facts the summary covers, in their order (as given to
+            ``trace_dataset``; a fact found in no checkpoint counts in
+            ``n_pending``). Default: every fact of the checkpoints, in file
+            order.
+
+    Returns:
+        The :class:`DatasetSummary`, as ``trace_dataset`` over all the facts
+        would return it (without worker statistics).
+
+    Raises:
+        ValueError: no paths, a missing or foreign file, checkpoints written
+            with different settings, one fact id with two different prompts,
+            or a fact whose prompt or subject differs from its record.
+    """
+    if isinstance(paths, str | Path) or not paths:
+        raise InvalidInput(
+            f"paths must be a non-empty list of checkpoint files, got {paths!r}; pass e.g. "
+            "merge_checkpoints(['part1.jsonl', 'part2.jsonl'])"
+        )
+    header: dict[str, Any] | None = None
+    records: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        own, found = Checkpoint.read(path)
+        if header is None:
+            header = own
+        differences = settings_differences(header, own) + settings_differences(own, header)
+        if differences:
+            raise InvalidInput(
+                f"checkpoint {str(path)!r} was written with other settings than "
+                f"{str(paths[0])!r} ({'; '.join(sorted(set(differences)))}), so their facts "
+                "cannot be averaged together; merge only the parts of one trace"
+            )
+        for key, record in found.items():
+            old = records.get(key)
+            if old is not None and not _same_fact(old, _record_fact(record)):
+                raise InvalidInput(
+                    f"fact {record['id']!r} is in two checkpoints with different prompts or "
+                    f"subjects ({_record_fact(old)} and {_record_fact(record)}, the second in "
+                    f"{str(path)!r}); give each fact a unique id"
+                )
+            if old is None or old["status"] != "done":
+                records[key] = record
+    assert header is not None
+    if facts is None:
+        ordered: list[dict[str, Any] | None] = list(records.values())
+    else:
+        ordered = []
+        for fact_id, fact in _prepared(facts):
+            record = records.get(json.dumps(fact_id))
+            if record is not None and not _same_fact(record, fact):
+                raise InvalidInput(
+                    f"the checkpoints hold fact {fact_id!r} as {_record_fact(record)}, but "
+                    f"the facts give {_field(fact, 'prompt')!r} / {_field(fact, 'subject')!r}; "
+                    "pass the facts the checkpoints were traced from"
+                )
+            ordered.append(record)
+    corruption = {"name": header["corruption"]}
+    corruption |= {k: v for k, v in header.items() if k not in _HEADER_KEYS | {"corruption"}}
+    return _summary(ordered, header, corruption)
+
+
+def _record_fact(record: Mapping[str, Any]) -> dict[str, Any]:
+    saved = record["fact"] if record["status"] == "done" else record
+    return {"prompt": saved.get("prompt"), "subject": saved.get("subject")}
 
 
 PROMPTS_PER_BATCH = 8
