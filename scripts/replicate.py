@@ -1,167 +1,355 @@
-"""Replicate ROME's dataset-level causal tracing on the built-in Gemma-3-270m.
+"""Write ``docs/replication.md``: ROME's Figure 2 on Gemma-3-270m, Gaussian noise and STR.
 
 ROME (Meng et al., 2022, arXiv 2202.05262, Section 2.2, Figure 2) averages
 causal traces over the known facts GPT-2 XL gets right and reads three
-patterns off the averages: corrupting the subject removes most of the
+findings off the averages: corrupting the subject removes most of the
 answer's probability (ATE 18.6%), MLP outputs at the last subject token in
-early-middle layers carry the fact, and attention at the last token in late
-layers moves it. This script filters the shipped ROME known-facts set to the
-facts Gemma-3-270m knows, traces as many as fit in a time budget (resuming
-from a checkpoint), and writes ``docs/replication.md`` with the figure, the
-table and a side-by-side comparison with the paper's GPT-2 XL numbers::
+early-middle layers carry the fact (the "early site"), and attention at the
+last token in late layers moves it (the "late site"). Zhang & Nanda (2023,
+arXiv 2309.16042, Figure 2) found the early MLP peak much weaker on GPT-2 XL
+when the subject is corrupted by symmetric token replacement (STR) instead
+of Gaussian noise.
 
-    python scripts/replicate.py --minutes 30 --threads 1  # the full run
-    python scripts/replicate.py --limit 3 --samples 3     # a smoke test
+This script reads the traces ``scripts/replicate_runs.py`` computes (chunk
+checkpoints under ``runs/replication``), merges each run
+(:func:`lenscope.datasets.merge_checkpoints`), and writes the report, its
+figures, and the runs' summaries under ``docs/replication/`` (every fact's
+grids, rounded, gzipped), from which it can redraw everything without
+tracing::
 
-On a small machine shared with other processes, ``--threads 1`` is many
-times faster than torch's default of one thread per core (threads that wait
-for each other's cores spin); on a quiet machine compare both on ``--limit 1``.
-
-Outputs: ``docs/replication.md``, ``docs/replication.html`` (interactive
-report), ``docs/replication.png`` (ROME Figure-2 heatmaps) and
-``docs/replication_lines.png`` (AIE with 95% CI bands), plus the checkpoint
-and the summary JSON under ``runs/``.
+    python scripts/replicate.py                         # from runs/replication
+    python scripts/replicate.py --from-docs             # from docs/replication/*.json.gz
 """
 
 import argparse
+import gzip
+import json
 import math
 import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from replicate_runs import RUNS, checkpoint_path, chunks, selected
 
 CHROMIUM = "/usr/bin/chromium"
 KINDS = ("resid_post", "mlp_out", "attn_out")
 ROME_LAYERS = 48
-
-# What the paper reports for GPT-2 XL (1000 known facts, Section 2.2 and Figure 2).
-ROME = {
+ROME = {  # GPT-2 XL, 1000 known facts (ROME Section 2.2 and Figure 2)
     "clean": 0.270,
     "corrupted": 0.0847,
     "ate": 0.186,
-    "text": {"clean": "27.0%", "corrupted": "8.47%", "ate": "18.6%"},
     "resid_last_subject": (0.087, 15),
     "mlp_last_subject": (0.066, 17),
     "attn_last_layer": 32,
+}
+TITLES = {
+    "noise": "Gaussian noise, probability",
+    "str_prob": "STR, probability",
+    "str_nld": "STR, normalised logit difference",
+    "attr_noise": "attribution patching of the noise trace",
+    "attr_str": "attribution patching of the STR logit-difference trace",
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--limit", type=int, default=None, help="trace at most N known facts")
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="stop starting new facts after this many minutes of tracing",
-    )
-    parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--window",
-        choices=("scaled", "rome"),
-        default="scaled",
-        help="mlp/attn window: 'rome' = 10 layers; 'scaled' = the same fraction "
-        "of depth as ROME's 10 of 48 layers (4 of Gemma's 18)",
-    )
-    parser.add_argument("--checkpoint", default="runs/replication.jsonl")
-    parser.add_argument("--summary", default="runs/replication_summary.json")
-    parser.add_argument("--docs", default="docs", help="folder for replication.{md,html,png}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--dir", type=Path, default=Path("runs/replication"))
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--facts", type=int, default=300)
+    parser.add_argument("--chunk", type=int, default=10)
+    parser.add_argument("--from-docs", action="store_true", help="redraw from docs/replication")
     parser.add_argument("--no-screenshot", action="store_true")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the replication and write the report."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import lenscope
-    from lenscope.datasets import filter_known, known_facts, trace_dataset
-    from lenscope.loading import load_model
+# ------------------------------------------------------------------ loading
 
-    started = time.perf_counter()
-    model = load_model(args.model, device="cpu")
-    load_seconds = time.perf_counter() - started
-    n_layers = model.cfg.n_layers
-    window = 10 if args.window == "rome" else max(1, round(10 * n_layers / ROME_LAYERS))
-    windows = {"resid_post": 1, "mlp_out": window, "attn_out": window}
-    tracer = lenscope.CausalTracer(model, progress=True)
 
-    facts = known_facts()
-    t0 = time.perf_counter()
-    known, rejected = filter_known(tracer, facts, limit=args.limit, return_rejected=True)
-    filter_seconds = time.perf_counter() - t0
-    checked = len(known) + len(rejected)
-    print(
-        f"{len(known)} of {checked} facts checked are known to {args.model} "
-        f"({filter_seconds:.0f} s)",
-        file=sys.stderr,
-    )
+def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``{run: DatasetSummary}`` and the facts file's metadata."""
+    from lenscope.datasets import DatasetSummary, merge_checkpoints
 
-    t0 = time.perf_counter()
-    summary = trace_dataset(
-        tracer,
-        known,
-        kinds=KINDS,
-        windows=windows,
-        samples=args.samples,
-        seed=args.seed,
-        checkpoint=args.checkpoint,
-        max_seconds=None if args.minutes is None else args.minutes * 60,
-    )
-    trace_seconds = time.perf_counter() - t0
-    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-    summary.save(args.summary)
+    out_dir = args.docs / "replication"
+    if args.from_docs:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        runs = {}
+        for run in RUNS:
+            path = out_dir / f"{run}.json.gz"
+            if path.exists():
+                runs[run] = DatasetSummary.from_dict(json.loads(gzip.decompress(path.read_bytes())))
+        return runs, meta
+    known = json.loads((args.dir / "known.json").read_text())
+    meta = {k: v for k, v in known.items() if k not in ("known", "unpaired")}
+    meta["n_selected"] = len(known["known"][: args.facts])
+    meta["n_paired"] = len(selected(args, "str_prob"))
+    meta["unpaired_in_selection"] = [
+        reason
+        for fact_id, reason in known["unpaired"]
+        if fact_id in {f["known_id"] for f in known["known"][: args.facts]}
+    ]
+    runs = {}
+    for run in RUNS:
+        paths = [
+            checkpoint_path(args, run, i)
+            for i in range(len(chunks(args, run)))
+            if checkpoint_path(args, run, i).exists()
+        ]
+        if paths:
+            runs[run] = merge_checkpoints(paths, selected(args, run))
+    return runs, meta
 
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    write_figures(summary, docs, screenshot=not args.no_screenshot)
-    info = {
-        "model": args.model,
-        "checked": checked,
-        "known": len(known),
-        "total_facts": len(facts),
-        "filter_seconds": filter_seconds,
-        "load_seconds": load_seconds,
-        "trace_seconds": trace_seconds,
-        "limit": args.limit,
-        "minutes": args.minutes,
-        "window_choice": args.window,
-        "threads": torch.get_num_threads(),
-        "command": " ".join(["python", *sys.argv]),
-        "n_params": _n_params(model),
+
+def _rounded(value, digits: int = 4):
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    return value
+
+
+def save_runs(runs: dict, meta: dict, out_dir: Path) -> None:
+    """Every run's summary (scores rounded to 4 significant digits, gzipped) and the metadata."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for run, summary in runs.items():
+        data = summary.to_dict()
+        for fact in data["facts"]:
+            fact["scores"] = _rounded(fact["scores"])
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        (out_dir / f"{run}.json.gz").write_bytes(gzip.compress(raw, mtime=0))
+    aggregates = {run: aggregate(summary) for run, summary in runs.items()}
+    (out_dir / "aggregates.json").write_text(json.dumps(_rounded(aggregates), indent=1) + "\n")
+
+
+def aggregate(summary) -> dict:
+    """The averages a figure needs: ATE etc. and AIE / CI / count per kind, bucket, layer."""
+    from lenscope.datasets import BUCKETS, mean_ci
+
+    out = {
+        "n_facts": summary.n_facts,
+        "n_skipped": summary.n_skipped,
+        "n_pending": summary.n_pending,
+        "metric": summary.metric,
+        "windows": summary.windows,
+        "clean": summary.clean_mean(),
+        "corrupted": summary.corrupted_mean(),
+        "ate": summary.ate(),
+        "seconds": summary.seconds,
+        "buckets": list(BUCKETS),
     }
-    (docs / "replication.md").write_text(report(summary, info))
-    per_fact = summary.seconds / max(summary.n_facts, 1)
-    print(
-        f"traced {summary.n_facts} facts in {summary.seconds:.0f} s "
-        f"({per_fact:.1f} s per fact; {summary.n_pending} pending, "
-        f"{summary.n_skipped} skipped); wrote {docs / 'replication.md'}",
-        file=sys.stderr,
+    for kind in summary.kinds:
+        mean, half, count = mean_ci(summary.effects(kind))
+        out[kind] = {"aie": mean.tolist(), "ci": half.tolist(), "n": count.tolist()}
+    return out
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def pct(value: float) -> str:
+    """A fraction in percent, one decimal (``n/a`` for NaN)."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def num(value: float, metric: str) -> str:
+    """A metric value: percent for probabilities, else 3 decimals."""
+    if metric == "prob":
+        return pct(value)
+    return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def ci(mean: float, half: float, metric: str) -> str:
+    """``mean ± half``."""
+    if metric == "prob":
+        return f"{pct(mean)} ± {pct(half)}"
+    return f"{num(mean, metric)} ± {num(half, metric)}"
+
+
+def depth(layer: int, n_layers: int) -> str:
+    """``layer L of N (x% depth)``, with depth = L / (N - 1)."""
+    return f"{layer} of {n_layers} ({100 * layer / (n_layers - 1):.0f}% depth)"
+
+
+def paired(values: torch.Tensor) -> tuple[float, float, int]:
+    """Mean, 95% CI half-width and count of per-fact values (NaN left out)."""
+    from lenscope.datasets import mean_ci
+
+    mean, half, n = mean_ci(values.unsqueeze(1))
+    return float(mean[0]), float(half[0]), int(n[0])
+
+
+def peak(summary, kind: str, bucket: str, layers: range | None = None) -> dict:
+    """The largest AIE of ``kind`` in ``bucket`` (over ``layers``), with its CI and N."""
+    from lenscope.datasets import BUCKETS, mean_ci
+
+    b = BUCKETS.index(bucket)
+    mean, half, count = mean_ci(summary.effects(kind))
+    row = mean[b].clone()
+    if layers is not None:
+        keep = torch.zeros_like(row, dtype=torch.bool)
+        keep[list(layers)] = True
+        row[~keep] = math.nan
+    row = torch.nan_to_num(row, nan=-math.inf)
+    layer = int(row.argmax())
+    return {
+        "aie": float(mean[b, layer]),
+        "ci": float(half[b, layer]),
+        "n": int(count[b, layer]),
+        "layer": layer,
+    }
+
+
+def difference(summary, kind: str, bucket: str, other: str, layer: int) -> tuple:
+    """Per-fact effect in ``bucket`` minus in ``other`` at ``layer``: mean, CI, N (paired)."""
+    from lenscope.datasets import BUCKETS
+
+    effects = summary.effects(kind)[:, :, layer]
+    diff = effects[:, BUCKETS.index(bucket)] - effects[:, BUCKETS.index(other)]
+    return paired(diff)
+
+
+def verdicts(summary) -> list[dict]:
+    """ROME's three localisation findings, tested on ``summary`` with paired 95% CIs.
+
+    * Early site: the MLP AIE at the last subject token peaks in the first
+      two thirds of depth, its CI excludes zero, and at that layer it exceeds
+      the first subject token's (paired over facts with a multi-token
+      subject, CI excluding zero).
+    * Late site: the attention AIE at the last token peaks beyond half of
+      depth, CI excluding zero, and exceeds the last subject token's there.
+    * Residual stream: the hidden state's AIE at the last subject token peaks
+      earlier than at the last token, both CIs excluding zero.
+    """
+    n = summary.n_layers
+    m = summary.metric
+    out = []
+    mlp = peak(summary, "mlp_out", "last_subject")
+    d_mlp = difference(summary, "mlp_out", "last_subject", "first_subject", mlp["layer"])
+    early = mlp["layer"] <= 2 * (n - 1) / 3
+    out.append(
+        {
+            "finding": "Early site: MLPs at the last subject token, early-middle layers",
+            "holds": early and mlp["aie"] - mlp["ci"] > 0 and d_mlp[0] - d_mlp[1] > 0,
+            "evidence": (
+                f"MLP AIE at the last subject token peaks at layer {depth(mlp['layer'], n)}: "
+                f"{ci(mlp['aie'], mlp['ci'], m)} (N = {mlp['n']}); minus the first subject "
+                f"token's there: {ci(d_mlp[0], d_mlp[1], m)} (N = {d_mlp[2]})"
+            ),
+            "peak": mlp,
+        }
     )
-    return 0
-
-
-def write_figures(summary, docs: Path, *, screenshot: bool) -> None:
-    """``replication.html`` (full report) and, with Chromium, the two PNG figures."""
-    from lenscope.plotting.dataset import plot_dataset, save_dataset_report
-
-    save_dataset_report(
-        summary, docs / "replication.html", title=f"ROME known facts on {summary.model_name}"
+    attn = peak(summary, "attn_out", "last")
+    d_attn = difference(summary, "attn_out", "last", "last_subject", attn["layer"])
+    late = attn["layer"] >= (n - 1) / 2
+    out.append(
+        {
+            "finding": "Late site: attention at the last token, late layers",
+            "holds": late and attn["aie"] - attn["ci"] > 0 and d_attn[0] - d_attn[1] > 0,
+            "evidence": (
+                f"attention AIE at the last token peaks at layer {depth(attn['layer'], n)}: "
+                f"{ci(attn['aie'], attn['ci'], m)} (N = {attn['n']}); minus the last subject "
+                f"token's there: {ci(d_attn[0], d_attn[1], m)} (N = {d_attn[2]})"
+            ),
+            "peak": attn,
+        }
     )
+    subj = peak(summary, "resid_post", "last_subject")
+    last = peak(summary, "resid_post", "last")
+    out.append(
+        {
+            "finding": "Residual stream: last subject token early, last token late",
+            "holds": subj["layer"] < last["layer"]
+            and subj["aie"] - subj["ci"] > 0
+            and last["aie"] - last["ci"] > 0,
+            "evidence": (
+                f"hidden-state AIE peaks at the last subject token at layer "
+                f"{depth(subj['layer'], n)}: {ci(subj['aie'], subj['ci'], m)}; at the last "
+                f"token at layer {depth(last['layer'], n)}: {ci(last['aie'], last['ci'], m)}"
+            ),
+            "peak": subj,
+        }
+    )
+    return out
+
+
+def restricted(summary, ids: set):
+    """``summary`` restricted to the facts with ``ids`` (the same facts in two runs)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        summary, facts=tuple(f for f in summary.facts if f.fact_id in ids), workers=()
+    )
+
+
+def map_correlation(a, b, kind: str) -> float:
+    """Pearson correlation of two runs' AIE maps (bucket x layer cells both have)."""
+    x, y = a.aie(kind).flatten(), b.aie(kind).flatten()
+    both = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[both] - x[both].mean(), y[both] - y[both].mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def per_fact_agreement(estimate, exact, kind: str, k: int = 5) -> dict:
+    """Mean and median over facts of Pearson, Spearman and top-k recall (``lenscope.compare``)."""
+    from lenscope.attribution import compare
+
+    by_id = {f.fact_id: f for f in exact.facts}
+    rows = []
+    for fact in estimate.facts:
+        other = by_id.get(fact.fact_id)
+        if other is None:
+            continue
+        got = compare(
+            {kind: SimpleNamespace(scores=fact.scores[kind])},
+            {kind: SimpleNamespace(scores=other.scores[kind])},
+            k=k,
+        )[kind]
+        rows.append((got.pearson, got.spearman, got.top_k_recall))
+    values = torch.tensor(rows, dtype=torch.float64)
+    finite = values.nan_to_num(nan=0.0)
+    return {
+        "n": len(rows),
+        "pearson": float(values[:, 0].nanmean()),
+        "pearson_median": float(values[:, 0].nanmedian()),
+        "spearman": float(values[:, 1].nanmean()),
+        "recall": float(finite[:, 2].mean()),
+        "recall_zero": int((finite[:, 2] == 0).sum()),
+    }
+
+
+# ------------------------------------------------------------------ figures
+
+
+def write_figures(runs: dict, docs: Path, *, screenshot: bool) -> list[str]:
+    """PNG figures (headless Chromium) of the noise and STR runs; returns their names."""
+    from lenscope.plotting.dataset import plot_dataset
+
     if not screenshot:
-        return
-    for style, name in (("heatmap", "replication.png"), ("lines", "replication_lines.png")):
-        fig = plot_dataset(summary, style=style)
+        return []
+    names = []
+    wanted = [
+        ("noise", "heatmap", "replication.png"),
+        ("noise", "lines", "replication_lines.png"),
+        ("str_prob", "heatmap", "replication_str.png"),
+        ("str_nld", "lines", "replication_str_nld_lines.png"),
+    ]
+    for run, style, name in wanted:
+        if run not in runs or not runs[run].n_facts:
+            continue
+        summary = runs[run]
+        title = (
+            f"{summary.model_name}, {TITLES[run]}: {summary.n_facts} known facts "
+            f"(ATE {num(summary.ate()[0], summary.metric)})"
+        )
+        fig = plot_dataset(summary, style=style, title=title)
         with tempfile.TemporaryDirectory() as tmp:
             page = Path(tmp) / "figure.html"
             fig.write_html(
@@ -171,6 +359,8 @@ def write_figures(summary, docs: Path, *, screenshot: bool) -> None:
                 config={"displaylogo": False, "staticPlot": True},
             )
             take_screenshot(page, docs / name, int(fig.layout.width), int(fig.layout.height))
+        names.append(name)
+    return names
 
 
 def take_screenshot(page: Path, png: Path, width: int, height: int) -> None:
@@ -198,293 +388,482 @@ def take_screenshot(page: Path, png: Path, width: int, height: int) -> None:
         )
 
 
-def pct(value: float) -> str:
-    """A fraction in percent, one decimal (``n/a`` for NaN)."""
-    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}%"
+# ------------------------------------------------------------------ report
 
 
-def depth(layer: int, n_layers: int) -> str:
-    """``layer L of N (x% depth)``, with depth = L / (N - 1)."""
-    return f"{layer} of {n_layers} ({100 * layer / (n_layers - 1):.0f}% depth)"
+def row(*cells: str) -> str:
+    """A Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
 
 
-def _n_params(model) -> int:
-    """Parameters, counting a tied unembedding (a copy of W_E in TransformerLens) once."""
-    total = sum(p.numel() for p in model.parameters())
-    w_e, w_u = getattr(model, "W_E", None), getattr(model, "W_U", None)
-    if w_e is not None and w_u is not None and w_u.shape == w_e.T.shape and torch.equal(w_u, w_e.T):
-        total -= w_u.numel()
-    return total
-
-
-def report(summary, info: dict) -> str:
-    """The Markdown report: settings, figure, table, comparison, verdicts, closing note."""
+def report(runs: dict, meta: dict) -> str:
+    """The Markdown report."""
     from lenscope.datasets import BUCKET_LABELS, BUCKETS
 
-    n_layers = summary.n_layers
-    clean, clean_ci = summary.clean_mean()
-    corrupted, corrupted_ci = summary.corrupted_mean()
-    ate, ate_ci = summary.ate()
+    noise = runs["noise"]
+    n = noise.n_layers
+    window = noise.windows["mlp_out"]
+    lines = [
+        f"# Replicating ROME's causal tracing on {meta['model']} ({noise.n_facts} known facts)",
+        "",
+        "ROME (Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) averaged",
+        "causal traces over 1000 facts GPT-2 XL (48 layers, 1.5B parameters) knows. This page",
+        f"repeats the measurement with lenscope on Gemma-3-270m ({n} layers, 268M parameters, 168M",
+        "of them in the 262,144-token embedding), with ROME's Gaussian noise and with symmetric",
+        "token replacement (STR), the corruption Zhang & Nanda (2023, arXiv 2309.16042) recommend.",
+        f"Generated by `scripts/replicate.py` on {date.today().isoformat()} from the traces of",
+        "`scripts/replicate_runs.py`; every fact's grids are in `docs/replication/` (see",
+        "[Reproduce](#reproduce)).",
+        "",
+        "## Setup",
+        "",
+        f"- **Facts.** ROME's known-facts set ships with lenscope ({meta['n_checked']} facts).",
+        f"  {meta['n_known']} are *known* to the model: its clean top-1 token, stripped, is a",
+        "  non-empty prefix of the attribute (ROME's test, `filter_known`). The first",
+        f"  **{meta['n_selected']}** of them, in dataset order, are traced.",
+        "- **Gaussian noise (ROME's corruption).** Noise is added at `hook_embed` on the subject",
+        f"  tokens, std {noise.noise_std:.3f}: 3 × the embedding sigma measured at that hook over",
+        f"  the known subjects ({meta['sigma']:.3f}; the hook already includes Gemma's",
+        f"  sqrt(d_model) scale). {noise.samples} samples per fact, seed {noise.seed}. The score",
+        "  is the probability of the clean top-1 answer.",
+        "- **STR.** Each fact's subject is replaced by the subject of another known fact with",
+        "  the same relation, a different attribute and a subject of equal token length",
+        f"  (`pair_counterfactuals`, seed 0). {meta['n_paired']} of the {meta['n_selected']}",
+        f"  facts have such a partner; {len(meta['unpaired_in_selection'])} have none. Two",
+        "  metrics are used: the answer's probability (`str_prob`), and the logit difference",
+        "  of the answer against the counterfactual prompt's own answer, normalised to 0",
+        "  (counterfactual) and 1 (clean) per fact (`str_nld`). A fact whose counterfactual",
+        "  answers the same token has no logit difference, and is skipped there.",
+        f"- **Windows.** Hidden state: 1 layer. MLP and attention: {window} layers, ROME's 10",
+        "  of 48 layers scaled to the same share of depth. Positions are taken from the",
+        "  subject's first token on.",
+        "- **Buckets and CIs.** ROME's six token buckets (`lenscope.datasets.token_buckets`; a",
+        "  one-token subject is its last subject token only). The 95% intervals are the normal",
+        "  approximation over facts (1.96 × std / sqrt(N)). Findings compare buckets *paired*",
+        "  over facts: the CI is that of the per-fact difference.",
+        f"- **Precision.** {meta['dtype']} weights and activations, float32 softmax and",
+        "  metric. bfloat16 is 2.1× faster on this CPU. On the Eiffel Tower trace its largest",
+        "  cell difference from float32 is 0.010 (peaks ≈ 0.8;",
+        "  [docs/benchmarks.md](benchmarks.md)); averaged over hundreds of facts the effect is",
+        "  smaller than the CIs below.",
+        "",
+    ]
+    lines += summary_section(runs, meta)
+    lines += total_effect_section(runs)
+    lines += figure_section(runs)
+    lines += aie_tables(runs, BUCKETS, BUCKET_LABELS)
+    lines += findings_section(runs)
+    lines += str_section(runs)
+    lines += attribution_section(runs)
+    lines += compute_section(runs, meta)
+    lines += reproduce_section(meta)
+    return "\n".join(lines) + "\n"
 
-    def peak(kind: str, bucket: str) -> tuple[float, float, int]:
-        value, layer, _ = summary.best(kind, bucket=bucket)
-        ci = float(summary.aie_ci(kind)[BUCKETS.index(bucket), layer]) if layer >= 0 else math.nan
-        return value, ci, layer
 
-    resid_ls = peak("resid_post", "last_subject")
-    mlp_ls = peak("mlp_out", "last_subject")
-    attn_last = peak("attn_out", "last")
-    mlp_fs = peak("mlp_out", "first_subject")
-    resid_last = peak("resid_post", "last")
-    rome_resid, rome_resid_layer = ROME["resid_last_subject"]
-    rome_mlp, rome_mlp_layer = ROME["mlp_last_subject"]
-
-    def share(value: float, total: float) -> str:
-        return pct(value / total) if total else "n/a"
-
-    mlp_buckets = {b: summary.best("mlp_out", bucket=b)[0] for b in BUCKETS}
-    attn_buckets = {b: summary.best("attn_out", bucket=b)[0] for b in BUCKETS}
-    best_mlp_bucket = max(
-        mlp_buckets, key=lambda b: -math.inf if math.isnan(mlp_buckets[b]) else mlp_buckets[b]
-    )
-    best_attn_bucket = max(
-        attn_buckets, key=lambda b: -math.inf if math.isnan(attn_buckets[b]) else attn_buckets[b]
-    )
-    rel = lambda layer: layer / (n_layers - 1)  # noqa: E731
-
-    def unsure(significant: bool) -> str:
-        return "" if significant else " (CI includes zero)"
-
-    def verdict(site: bool, layers: bool, significant: bool) -> str:
-        if site and layers:
-            return "holds" if significant else "inconclusive"
-        if site or layers:
-            return "partly" if significant else "inconclusive"
-        return "does not hold"
-
-    verdicts = []
-    ate_holds = ate - ate_ci > 0
-    verdicts.append(
-        (
-            "Corrupting the subject removes most of the answer's probability",
-            "holds"
-            if ate_holds and ate / clean >= 0.5
-            else "partly"
-            if ate_holds
-            else "does not hold",
-            f"ATE {pct(ate)} \u00b1 {pct(ate_ci)} = {share(ate, clean)} of the clean probability "
-            f"(GPT-2 XL: {ROME['text']['ate']} = {share(ROME['ate'], ROME['clean'])})",
+def summary_section(runs: dict, meta: dict) -> list[str]:
+    """What replicates and what does not, in a few bullets (computed, not hand-written)."""
+    noise = runs["noise"]
+    clean, corrupted, ate = noise.clean_mean(), noise.corrupted_mean(), noise.ate()
+    pending = f", {noise.n_pending} not yet traced" if noise.n_pending else ""
+    # ROME: corrupting the subject removes most of the answer's probability.
+    replicates = ate[0] - ate[1] > 0 and ate[0] / clean[0] >= 0.5
+    out = [
+        "## Summary",
+        "",
+        f"- **N = {noise.n_facts}** known facts traced with Gaussian noise{pending}; "
+        + ", ".join(
+            f"{runs[r].n_facts} with {TITLES[r]}"
+            for r in ("str_prob", "str_nld")
+            if r in runs and runs[r].n_facts
         )
-    )
-    # ROME's MLP claim is about where among the subject tokens: the last one.
-    mlp_middle = summary.best("mlp_out", bucket="middle_subject")[0]
-    mlp_site = all(math.isnan(other) or mlp_ls[0] > other for other in (mlp_fs[0], mlp_middle))
-    mlp_early = rel(mlp_ls[2]) <= 2 / 3
-    mlp_sig = mlp_ls[0] - mlp_ls[1] > 0
-    verdicts.append(
-        (
-            "MLPs at the last subject token, in early-middle layers, carry the fact",
-            verdict(mlp_site, mlp_early, mlp_sig),
-            f"at the last subject token the MLP AIE peaks at {pct(mlp_ls[0])} \u00b1 "
-            f"{pct(mlp_ls[1])}{unsure(mlp_sig)}, layer {depth(mlp_ls[2], n_layers)}, vs "
-            f"{pct(mlp_fs[0])} at the first and {pct(mlp_middle)} at the middle subject tokens "
-            f"(GPT-2 XL: {pct(rome_mlp)} at layer {depth(rome_mlp_layer, ROME_LAYERS)}); the "
-            f"largest MLP AIE of all is in the {BUCKET_LABELS[best_mlp_bucket]} bucket",
+        + ".",
+        f"- **Total effect {'replicates' if replicates else 'does not replicate'}.** "
+        f"Corrupting the subject takes the answer from "
+        f"{pct(clean[0])} to {pct(corrupted[0])} (ATE {ci(*ate, 'prob')}); GPT-2 XL: 27.0% to "
+        "8.47% (ATE 18.6%).",
+    ]
+    held: dict[str, list[str]] = {}
+    failed: dict[str, list[str]] = {}
+    for run in ("noise", "str_prob", "str_nld"):
+        if run not in runs or not runs[run].n_facts:
+            continue
+        for v in verdicts(runs[run]):
+            (held if v["holds"] else failed).setdefault(v["finding"], []).append(TITLES[run])
+    for finding in dict.fromkeys([*held, *failed]):
+        yes, no = held.get(finding, []), failed.get(finding, [])
+        if yes and not no:
+            out.append(f"- **{finding}: holds** under every corruption and metric.")
+        elif no and not yes:
+            out.append(f"- **{finding}: does not hold** under any corruption and metric.")
+        else:
+            out.append(
+                f"- **{finding}: holds** with {', '.join(yes)}; **does not hold** with "
+                f"{', '.join(no)}."
+            )
+    out += [
+        "- Details, with the tests' numbers and N, are under [Which of ROME's findings",
+        "  hold](#which-of-romes-findings-hold); noise against STR under [Gaussian noise",
+        "  against STR](#gaussian-noise-against-str).",
+        "",
+    ]
+    return out
+
+
+def total_effect_section(runs: dict) -> list[str]:
+    """Clean / corrupted / ATE beside ROME's GPT-2 XL numbers."""
+    out = [
+        "## Total effect, beside GPT-2 XL",
+        "",
+        row("quantity", "GPT-2 XL (ROME, noise)", "Gemma-3-270m, noise", "Gemma-3-270m, STR"),
+        row("---", "---", "---", "---"),
+    ]
+    noise, str_prob = runs["noise"], runs.get("str_prob")
+    values = {}
+    for name, summary in (("noise", noise), ("str", str_prob)):
+        if summary is None or not summary.n_facts:
+            values[name] = ("n/a",) * 5
+            continue
+        clean, corrupted, ate = summary.clean_mean(), summary.corrupted_mean(), summary.ate()
+        values[name] = (
+            str(summary.n_facts),
+            ci(*clean, "prob"),
+            ci(*corrupted, "prob"),
+            ci(*ate, "prob"),
+            pct(ate[0] / clean[0]),
         )
-    )
-    attn_site = best_attn_bucket == "last"
-    attn_late = rel(attn_last[2]) > 0.5
-    attn_sig = attn_last[0] - attn_last[1] > 0
-    verdicts.append(
-        (
-            "Attention at the last token, in late layers, moves the fact",
-            verdict(attn_site, attn_late, attn_sig),
-            f"attention AIE peaks in the {BUCKET_LABELS[best_attn_bucket]} bucket; at the last "
-            f"token it peaks at {pct(attn_last[0])} \u00b1 {pct(attn_last[1])}{unsure(attn_sig)}, "
-            f"layer "
-            f"{depth(attn_last[2], n_layers)} (GPT-2 XL: layer "
-            f"{depth(ROME['attn_last_layer'], ROME_LAYERS)})",
-        )
-    )
-    handover = resid_ls[2] < resid_last[2]
-    handover_sig = resid_ls[0] - resid_ls[1] > 0 and resid_last[0] - resid_last[1] > 0
-    verdicts.append(
-        (
-            "The residual stream carries the fact at the last subject token early, at the last "
-            "token late",
-            verdict(handover, handover, handover_sig),
-            f"hidden-state AIE at the last subject token peaks at layer {resid_ls[2]}: "
-            f"{pct(resid_ls[0])} \u00b1 {pct(resid_ls[1])}{unsure(resid_ls[0] > resid_ls[1])}; at "
-            f"the last token at layer {resid_last[2]}: {pct(resid_last[0])} \u00b1 "
-            f"{pct(resid_last[1])}{unsure(resid_last[0] > resid_last[1])}",
-        )
-    )
+    rome = ("1000", "27.0%", "8.47%", "18.6%", pct(ROME["ate"] / ROME["clean"]))
+    names = ("facts (N)", "mean clean probability", "mean corrupted probability", "ATE")
+    for i, name in enumerate((*names, "ATE / clean")):
+        out.append(row(name, rome[i], values["noise"][i], values["str"][i]))
+    out += [
+        "",
+        "ATE = mean over facts of (clean − corrupted probability). With STR the corrupted",
+        "prompt is another real subject, so the answer loses its probability to that",
+        "subject's own answer.",
+        "",
+    ]
+    return out
 
-    table = summary.table()
-    kind_rows = "\n".join(
-        f"| `{r.kind}` | {summary.windows[r.kind]} | {pct(r.best_aie)} \u00b1 "
-        f"{pct(r.best_aie_ci)} | {r.best_layer} | {BUCKET_LABELS.get(r.best_bucket, '')} |"
-        for r in table.itertuples()
-    )
-    bucket_counts = summary.bucket_counts("mlp_out").tolist()
-    counts = ", ".join(
-        f"{BUCKET_LABELS[b]} {n}" for b, n in zip(BUCKETS, bucket_counts, strict=True)
-    )
 
-    def row(*cells: str) -> str:
-        return "| " + " | ".join(cells) + " |"
+def figure_section(runs: dict) -> list[str]:
+    """The figures (written by :func:`write_figures`)."""
+    return [
+        "## Figures",
+        "",
+        "![Average indirect effect by token bucket and layer, Gaussian noise](replication.png)",
+        "",
+        "ROME's Figure 2 on Gemma-3-270m: the average indirect effect (AIE: restored minus",
+        "corrupted probability, mean over facts) per token bucket and layer, for the hidden state,",
+        "the MLP output and the attention output. The same numbers as lines with 95% bands:",
+        "",
+        "![AIE with 95% confidence bands, Gaussian noise](replication_lines.png)",
+        "",
+        "With STR (probability), and with STR scored by the normalised logit difference:",
+        "",
+        "![AIE by bucket and layer, STR](replication_str.png)",
+        "",
+        "![AIE with 95% bands, STR, normalised logit difference](replication_str_nld_lines.png)",
+        "",
+        "The layer of a windowed kind is the centre of its restored window.",
+        "",
+    ]
 
-    def effect(value: float, ci: float | None, total: float, layer: int, layers: int) -> str:
-        spread = "" if ci is None else f" \u00b1 {pct(ci)}"
-        where = depth(layer, layers)
-        return f"{pct(value)}{spread} ({share(value, total)} of ATE) at layer {where}"
 
-    comparison_rows = "\n".join(
-        [
-            row("facts", "1000", str(summary.n_facts)),
-            row(
-                "mean clean probability",
-                ROME["text"]["clean"],
-                f"{pct(clean)} \u00b1 {pct(clean_ci)}",
-            ),
-            row(
-                "mean corrupted probability",
-                ROME["text"]["corrupted"],
-                f"{pct(corrupted)} \u00b1 {pct(corrupted_ci)}",
-            ),
-            row("ATE", ROME["text"]["ate"], f"{pct(ate)} \u00b1 {pct(ate_ci)}"),
-            row(
-                "hidden AIE peak, last subject token",
-                effect(rome_resid, None, ROME["ate"], rome_resid_layer, ROME_LAYERS),
-                effect(resid_ls[0], resid_ls[1], ate, resid_ls[2], n_layers),
-            ),
-            row(
-                "MLP AIE peak, last subject token",
-                "~" + effect(rome_mlp, None, ROME["ate"], rome_mlp_layer, ROME_LAYERS),
-                effect(mlp_ls[0], mlp_ls[1], ate, mlp_ls[2], n_layers),
-            ),
-            row(
-                "attention AIE peak, last token",
-                f"at layer ~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
-                effect(attn_last[0], attn_last[1], ate, attn_last[2], n_layers),
-            ),
+def aie_tables(runs: dict, buckets, labels) -> list[str]:
+    """Per run and kind: the peak AIE of each bucket with CI, layer and N."""
+    out = ["## Peak AIE per bucket", ""]
+    for run in ("noise", "str_prob", "str_nld"):
+        summary = runs.get(run)
+        if summary is None or not summary.n_facts:
+            continue
+        m = summary.metric
+        out += [
+            f"**{TITLES[run]}** (N = {summary.n_facts}; ATE {ci(*summary.ate(), m)}). "
+            "Each cell: the largest AIE over layers, ± its 95% CI, at layer L, over N facts.",
+            "",
+            row("bucket", *(f"`{k}`" for k in summary.kinds)),
+            row("---", *("---" for _ in summary.kinds)),
         ]
-    )
-    quant_note = (
-        "; and the offline model's weights are 4-bit quantised (Q4_K_M), which may add "
-        "noise to small effects"
-        if "270m" in info["model"]
-        else ""
-    )
-    window_note = (
-        "ROME's 10 layers"
-        if info["window_choice"] == "rome"
-        else "ROME's 10 of 48 layers scaled to the same share of depth"
-    )
-    verdict_rows = "\n".join(f"| {claim} | **{v}** | {why} |" for claim, v, why in verdicts)
-    minutes = info["trace_seconds"] / 60
-    per_fact = summary.seconds / max(summary.n_facts, 1)
-    stop = (
-        f"the {info['minutes']:g}-minute budget"
-        if info["minutes"]
-        else f"--limit {info['limit']}"
-        if info["limit"]
-        else "the end of the known facts"
-    )
-    held = [claim for claim, v, _ in verdicts[:3] if v == "holds"]
-    notheld = [f"{claim} ({v})" for claim, v, _ in verdicts[:3] if v != "holds"]
+        for bucket in buckets:
+            cells = []
+            for kind in summary.kinds:
+                p = peak(summary, kind, bucket)
+                text = f"{ci(p['aie'], p['ci'], m)} (L{p['layer']}, {p['n']})"
+                cells.append("n/a" if p["n"] == 0 else text)
+            out.append(row(labels[bucket], *cells))
+        out.append("")
+    return out
 
-    return f"""# Replicating ROME's causal tracing on {info["model"]}
 
-ROME (Meng et al., "Locating and Editing Factual Associations in GPT",
-NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) averaged causal
-traces over the 1000 known facts GPT-2 XL (48 layers, 1.5B parameters) gets
-right. This page repeats that measurement with lenscope on {info["model"]}
-({summary.model_name}: {n_layers} layers, {info["n_params"] / 1e6:.0f}M parameters).
-Generated by `scripts/replicate.py` on {date.today().isoformat()}; the
-interactive version (hover for CIs and fact
-counts) is [replication.html](replication.html).
+def findings_section(runs: dict) -> list[str]:
+    """The early-site, late-site and residual findings under each corruption."""
+    out = [
+        "## Which of ROME's findings hold",
+        "",
+        "Tests (each at 95%, over facts):",
+        "",
+        "- **Early site:** the MLP AIE at the last subject token peaks in the first two thirds",
+        "  of depth, is above zero, and at that layer exceeds the first subject token's (paired",
+        "  over the facts with a subject of two or more tokens).",
+        "- **Late site:** the attention AIE at the last token peaks beyond half of depth, is",
+        "  above zero, and at that layer exceeds the last subject token's.",
+        "- **Residual stream:** the hidden state's AIE peaks earlier at the last subject token",
+        "  than at the last token, both above zero.",
+        "",
+        row("finding", "corruption", "verdict", "evidence"),
+        row("---", "---", "---", "---"),
+    ]
+    for run in ("noise", "str_prob", "str_nld"):
+        summary = runs.get(run)
+        if summary is None or not summary.n_facts:
+            continue
+        for v in verdicts(summary):
+            verdict = "**holds**" if v["holds"] else "**does not hold**"
+            corruption = f"{TITLES[run]} (N = {summary.n_facts})"
+            out.append(row(v["finding"], corruption, verdict, v["evidence"]))
+    noise = runs["noise"]
+    n = noise.n_layers
+    mlp = peak(noise, "mlp_out", "last_subject")
+    resid = peak(noise, "resid_post", "last_subject")
+    attn = peak(noise, "attn_out", "last")
+    ate = noise.ate()[0]
+    out += [
+        "",
+        "Side by side with GPT-2 XL (layers also as a share of depth, effects also as a share",
+        "of the ATE, since the models differ in depth and confidence):",
+        "",
+        row("peak", "GPT-2 XL (ROME)", "Gemma-3-270m, noise"),
+        row("---", "---", "---"),
+        row(
+            "hidden state, last subject token",
+            f"8.7% ({pct(0.087 / ROME['ate'])} of ATE) at layer {depth(15, ROME_LAYERS)}",
+            f"{pct(resid['aie'])} ({pct(resid['aie'] / ate)} of ATE) at layer "
+            f"{depth(resid['layer'], n)}",
+        ),
+        row(
+            "MLP, last subject token",
+            f"~6.6% ({pct(0.066 / ROME['ate'])} of ATE) at layer {depth(17, ROME_LAYERS)}",
+            f"{pct(mlp['aie'])} ({pct(mlp['aie'] / ate)} of ATE) at layer {depth(mlp['layer'], n)}",
+        ),
+        row(
+            "attention, last token",
+            f"layer ~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
+            f"{pct(attn['aie'])} ({pct(attn['aie'] / ate)} of ATE) at layer "
+            f"{depth(attn['layer'], n)}",
+        ),
+        "",
+    ]
+    return out
 
-## Setup
 
-- Facts: the ROME known-facts set shipped with lenscope ({info["total_facts"]} records).
-  {info["known"]} of the {info["checked"]} checked facts are *known* to {info["model"]}
-  (clean top-1 token, stripped, is a non-empty prefix of the attribute, ROME's test).
-- Traced: **N = {summary.n_facts}** known facts in dataset order ({summary.n_skipped}
-  skipped, {summary.n_pending} not reached), stopped by {stop}.
-- Corruption: Gaussian noise at `hook_embed` on the subject tokens, std
-  {summary.noise_std:.4g} (3 x the embedding sigma over the known subjects, as in
-  ROME), {summary.samples} samples per fact, seed {summary.seed} for every fact.
-- Answer: the model's clean top-1 token; score: its probability.
-- Windows: hidden state 1 layer; MLP and attention {summary.windows["mlp_out"]} layers
-  ({window_note}).
-- Facts having each bucket: {counts} (a one-token subject counts as the last subject
-  token only; see `lenscope.datasets.token_buckets`).
-- CIs: 95% normal approximation over facts (1.96 x std / sqrt(n)).
-- Time: {minutes:.1f} min of tracing ({per_fact:.1f} s per fact) on {platform.machine()}
-  CPU with {info["threads"]} torch threads, plus {info["filter_seconds"]:.0f} s for the
-  known-fact filter and {info["load_seconds"]:.0f} s to load the model.
-- Command: `{info["command"]}`
+def str_section(runs: dict) -> list[str]:
+    """Noise against STR on the same facts."""
+    noise, str_prob, str_nld = runs.get("noise"), runs.get("str_prob"), runs.get("str_nld")
+    if str_prob is None or not str_prob.n_facts:
+        return []
+    ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
+    a, b = restricted(noise, ids), restricted(str_prob, ids)
+    out = [
+        "## Gaussian noise against STR",
+        "",
+        f"On the {len(ids)} facts traced both ways, with the probability metric (so both",
+        "share one scale). Peaks are also given as a share of each corruption's own ATE, since",
+        "STR and noise remove different amounts of the answer:",
+        "",
+        row("", "noise", "STR"),
+        row("---", "---", "---"),
+        row("ATE", ci(*a.ate(), "prob"), ci(*b.ate(), "prob")),
+    ]
+    for kind, bucket, label in (
+        ("resid_post", "last_subject", "hidden state, last subject token"),
+        ("mlp_out", "last_subject", "MLP, last subject token"),
+        ("mlp_out", "last", "MLP, last token"),
+        ("attn_out", "last", "attention, last token"),
+    ):
+        cells = []
+        for s in (a, b):
+            p = peak(s, kind, bucket)
+            cells.append(
+                f"{ci(p['aie'], p['ci'], 'prob')} = {pct(p['aie'] / s.ate()[0])} of ATE, "
+                f"L{p['layer']}"
+            )
+        out.append(row(label, *cells))
+    mlp = peak(a, "mlp_out", "last_subject")
+    from lenscope.datasets import BUCKETS
 
-## Figure
+    at = BUCKETS.index("last_subject")
+    layer = mlp["layer"]
+    diff = paired(b.effects("mlp_out")[:, at, layer] - a.effects("mlp_out")[:, at, layer])
+    stronger = "stronger" if diff[0] > 0 else "weaker"
+    significant = abs(diff[0]) > diff[1]
+    out += [
+        "",
+        f"At the noise trace's early-site peak (MLP, last subject token, layer {mlp['layer']}),",
+        f"STR's AIE minus noise's, paired over facts: {ci(*diff[:2], 'prob')} (N = {diff[2]}):",
+        f"STR's early MLP site is {stronger} than noise's"
+        + ("" if significant else " but the difference is within the 95% CI")
+        + ". Zhang & Nanda (2023, Figure 2) found it much weaker under STR on GPT-2 XL"
+        + (", which this does not reproduce." if diff[0] > 0 or not significant else ", as here."),
+    ]
+    corr = {kind: map_correlation(a, b, kind) for kind in KINDS}
+    fact_corr = {kind: per_fact_agreement(b, a, kind) for kind in KINDS}
+    out += [
+        "",
+        "How alike the two pictures are: Pearson correlation of the two AIE maps (bucket ×",
+        "layer), and per fact of the two (layer × position) grids (mean over facts):",
+        "",
+        row("kind", "AIE maps", "per fact (mean / median)"),
+        row("---", "---", "---"),
+    ]
+    for kind in KINDS:
+        f = fact_corr[kind]
+        out.append(
+            row(f"`{kind}`", f"{corr[kind]:.2f}", f"{f['pearson']:.2f} / {f['pearson_median']:.2f}")
+        )
+    if str_nld is not None and str_nld.n_facts:
+        out += [
+            "",
+            f"With the normalised logit difference (N = {str_nld.n_facts}; "
+            f"{str_prob.n_facts - str_nld.n_facts} STR facts have a counterfactual answering the",
+            "same token and no logit difference), the shares of the clean-vs-counterfactual gap",
+            "restored at the peaks are in the tables above.",
+        ]
+    out.append("")
+    return out
 
-![Average indirect effect by token bucket and layer](replication.png)
 
-Average indirect effect (restored probability minus corrupted probability),
-ROME Figure 2 style: rows are token buckets, columns layers; left hidden
-state, middle MLP output, right attention output.
-[replication_lines.png](replication_lines.png) shows the same numbers as
-lines with 95% confidence bands.
+def attribution_section(runs: dict) -> list[str]:
+    """Attribution patching's agreement with the exact traces over the dataset."""
+    out = []
+    for estimate_run, exact_run in (("attr_noise", "noise"), ("attr_str", "str_nld")):
+        estimate, exact = runs.get(estimate_run), runs.get(exact_run)
+        if estimate is None or exact is None or not estimate.n_facts or not exact.n_facts:
+            continue
+        if not out:
+            out = [
+                "## Attribution patching against the exact traces",
+                "",
+                '`trace_dataset(method="attribution")` estimates every cell from one forward',
+                "and one backward pass per fact ([docs/attribution.md](attribution.md)). Its",
+                "agreement with the exact traces of the same facts, per fact (`lenscope.compare`:",
+                "Pearson and Spearman over the cells, recall of the exact top 5), and of the",
+                "averaged AIE maps:",
+                "",
+                row(
+                    "corruption, metric",
+                    "kind",
+                    "N",
+                    "Pearson mean (median)",
+                    "Spearman",
+                    "top-5 recall",
+                    "recall 0",
+                    "AIE maps",
+                ),
+                row(*("---",) * 8),
+            ]
+        ids = {f.fact_id for f in estimate.facts} & {f.fact_id for f in exact.facts}
+        a, b = restricted(estimate, ids), restricted(exact, ids)
+        for kind in KINDS:
+            f = per_fact_agreement(a, b, kind)
+            out.append(
+                row(
+                    TITLES[exact_run],
+                    f"`{kind}`",
+                    str(f["n"]),
+                    f"{f['pearson']:.2f} ({f['pearson_median']:.2f})",
+                    f"{f['spearman']:.2f}",
+                    f"{f['recall']:.2f}",
+                    str(f["recall_zero"]),
+                    f"{map_correlation(a, b, kind):.2f}",
+                )
+            )
+    if out:
+        out += [
+            "",
+            "Per-fact time: "
+            + ", ".join(
+                f"{TITLES[r]} {runs[r].seconds / max(runs[r].n_facts, 1):.1f} s"
+                for r in ("attr_noise", "attr_str", "noise", "str_nld")
+                if r in runs and runs[r].n_facts
+            )
+            + ".",
+            "",
+        ]
+    return out
 
-## Table
 
-| kind | window | best AIE | layer | bucket |
-|---|---|---|---|---|
-{kind_rows}
+def compute_section(runs: dict, meta: dict) -> list[str]:
+    """Wall time per fact and in total."""
+    out = [
+        "## Compute",
+        "",
+        f"On {platform.machine()} CPU, 2 cores, no GPU: two worker processes of one torch thread",
+        f"each, side by side, {meta['dtype']}. Known-fact filter over all",
+        f"{meta['n_checked']} facts: {meta['filter_seconds']:.0f} s.",
+        "",
+        row("run", "facts traced", "skipped", "total", "per fact"),
+        row("---", "---", "---", "---", "---"),
+    ]
+    total = 0.0
+    for run, summary in runs.items():
+        seconds = summary.seconds
+        total += seconds
+        out.append(
+            row(
+                TITLES[run],
+                str(summary.n_facts),
+                str(summary.n_skipped),
+                f"{seconds / 60:.1f} min",
+                f"{seconds / max(summary.n_facts, 1):.1f} s",
+            )
+        )
+    out += [
+        row("**all**", "", "", f"**{total / 3600:.2f} h** of one core", ""),
+        "",
+        "Times are per-fact wall clock of one thread while the other core ran the other worker;",
+        "a quiet machine with both threads on one trace is about 2× faster per fact.",
+        "",
+    ]
+    return out
 
-Mean clean probability {pct(clean)} \u00b1 {pct(clean_ci)}, mean corrupted probability
-{pct(corrupted)} \u00b1 {pct(corrupted_ci)}, ATE {pct(ate)} \u00b1 {pct(ate_ci)}.
 
-## Side by side with GPT-2 XL
+def reproduce_section(meta: dict) -> list[str]:
+    """The commands."""
+    return [
+        "## Reproduce",
+        "",
+        "```bash",
+        "python scripts/replicate_runs.py prepare              # known.json: filter, STR pairs",
+        "python scripts/replicate_runs.py work --first noise --threads 1 &     # a worker a core",
+        "python scripts/replicate_runs.py work --first str_prob --threads 1 &  # rerun: resumes",
+        "python scripts/replicate_runs.py status",
+        "python scripts/replicate.py                # this page, figures, docs/replication/*",
+        "python scripts/replicate.py --from-docs    # redraw from the committed summaries",
+        "```",
+        "",
+        "`docs/replication/<run>.json.gz` is each run's `DatasetSummary` (every fact's grids,",
+        "4 significant digits): `DatasetSummary.from_dict(json.loads(gzip.decompress(...)))`.",
+        "`docs/replication/aggregates.json` has the averages behind every figure and table.",
+    ]
 
-Layers are also given as a share of depth (layer / (layers - 1)), since the
-models differ in depth; effects are also given as a share of the ATE, since
-the models differ in how confident they are.
 
-| quantity | GPT-2 XL (ROME) | {info["model"]} (lenscope) |
-|---|---|---|
-{comparison_rows}
-
-## Which patterns hold
-
-Criteria: the MLP pattern needs the last subject token's peak to exceed the first and
-middle subject tokens' peaks, in the first two thirds of depth; the attention pattern
-needs the last token to be the bucket with the largest attention AIE, beyond half of
-depth. "Holds": site and depth match and the 95% CI excludes zero; "partly": only one
-of site and depth matches; "inconclusive": the CI includes zero (too few facts).
-
-| ROME's pattern | on {info["model"]} | evidence |
-|---|---|---|
-{verdict_rows}
-
-Caveats: N = {summary.n_facts} facts is {"far " if summary.n_facts < 300 else ""}fewer than
-ROME's 1000, so the CIs are wider; a window of {summary.windows["mlp_out"]} layers on an
-{n_layers}-layer model blurs the layer at which an effect peaks{quant_note}.
-
-## Closing note
-
-N = {summary.n_facts} known facts of {info["model"]}, traced in {minutes:.1f} minutes
-({per_fact:.1f} s per fact, {summary.samples} noise samples, three kinds). Headline findings:
-
-1. Total effect: corrupting the subject takes the answer from {pct(clean)} to
-   {pct(corrupted)} (ATE {pct(ate)}; GPT-2 XL: {ROME["text"]["clean"]} to
-   {ROME["text"]["corrupted"]}, ATE {ROME["text"]["ate"]}).
-2. MLP: {verdicts[1][2]}; ROME's pattern **{verdicts[1][1]}**.
-3. Attention: {verdicts[2][2]}; ROME's pattern **{verdicts[2][1]}**.
-
-Holding on this model: {"; ".join(held) if held else "none of the three"}.
-Not (fully) holding: {"; ".join(notheld) if notheld else "none"}.
-"""
+def main(argv: list[str] | None = None) -> int:
+    """Merge the runs, save their summaries, write the report and figures."""
+    args = parse_args(argv)
+    runs, meta = load_runs(args)
+    if "noise" not in runs or not runs["noise"].n_facts:
+        sys.exit(f"no noise trace under {args.dir}; run scripts/replicate_runs.py first")
+    if not args.from_docs:
+        save_runs(runs, meta, args.docs / "replication")
+    write_figures(runs, args.docs, screenshot=not args.no_screenshot)
+    (args.docs / "replication.md").write_text(report(runs, meta))
+    for run, summary in runs.items():
+        print(
+            f"{run}: {summary.n_facts} traced, {summary.n_skipped} skipped, "
+            f"{summary.n_pending} pending",
+            file=sys.stderr,
+        )
+    return 0
 
 
 if __name__ == "__main__":

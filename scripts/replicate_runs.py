@@ -1,0 +1,235 @@
+"""Compute the traces behind ``docs/replication.md``: ROME's known facts on Gemma-3-270m.
+
+The replication (``scripts/replicate.py`` writes the report) needs four
+dataset traces of the same facts, each hours of CPU time, so this script
+splits them into chunks of facts that any number of worker processes share
+and that resume over several sittings:
+
+* ``noise``: ROME's causal trace (Gaussian noise on the subject at
+  ``hook_embed``, 3 sigma, 10 samples, seed 0; restore one cell; the answer's
+  probability), kinds ``resid_post`` / ``mlp_out`` / ``attn_out`` with windows
+  1 / W / W, W = ROME's 10 of 48 layers scaled to the model's depth.
+* ``str_prob`` and ``str_nld``: the same cells with symmetric token
+  replacement (each fact's subject swapped for the subject of another fact
+  of the same relation with as many tokens, ``pair_counterfactuals``),
+  scored by the probability and by the normalised logit difference.
+* ``attr_noise`` and ``attr_str``: attribution patching of ``noise`` and
+  ``str_nld`` (one forward and one backward pass per fact).
+
+``prepare`` filters the known facts once (``known.json``: the model's own
+``filter_known`` over the whole set, with the counterfactual pairs); ``work``
+loops over the (run, chunk) jobs in its priority order, claiming each with an
+exclusive file so that workers never duplicate a chunk; each chunk is its own
+``trace_dataset`` checkpoint, so a killed worker loses at most one fact::
+
+    python scripts/replicate_runs.py prepare
+    python scripts/replicate_runs.py work --first noise --threads 1 &   # one per core
+    python scripts/replicate_runs.py work --first str_prob --threads 1 &
+    python scripts/replicate_runs.py status
+
+A new sitting reuses the finished checkpoints; pass a new ``--sitting`` name
+(claims are per sitting) so that chunks a killed worker had claimed are free.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+KINDS = ("resid_post", "mlp_out", "attn_out")
+RUNS = ("noise", "str_prob", "str_nld", "attr_noise", "attr_str")
+ROME_LAYERS = 48
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("prepare", "work", "status"))
+    parser.add_argument("--dir", type=Path, default=Path("runs/replication"))
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--facts", type=int, default=300, help="known facts traced (first N)")
+    parser.add_argument("--chunk", type=int, default=10, help="facts per chunk")
+    parser.add_argument("--first", default="noise", help="comma list: runs to work on first")
+    parser.add_argument("--only", default=None, help="comma list: work on these runs only")
+    parser.add_argument("--sitting", default="0", help="claims are per sitting")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--window", default="scaled", choices=("scaled", "rome"))
+    return parser.parse_args(argv)
+
+
+def window_of(n_layers: int, choice: str) -> int:
+    """ROME's 10 of 48 layers, literally (``rome``) or as the same share of depth."""
+    return 10 if choice == "rome" else max(1, round(10 * n_layers / ROME_LAYERS))
+
+
+def run_options(run: str, window: int) -> dict:
+    """``trace_dataset`` keywords of one run."""
+    import lenscope
+
+    options = {
+        "kinds": KINDS,
+        "windows": {"resid_post": 1, "mlp_out": window, "attn_out": window},
+    }
+    if run in ("str_prob", "str_nld", "attr_str"):
+        options["corruption"] = lenscope.CounterfactualColumn()
+        options["metric"] = "prob" if run == "str_prob" else "normalized_logit_diff"
+    else:
+        options.update(samples=10, seed=0, noise_multiplier=3.0, metric="prob")
+    if run.startswith("attr_"):
+        options["method"] = "attribution"
+    return options
+
+
+def load(args: argparse.Namespace):
+    """The model (in ``--dtype``) and a tracer."""
+    import lenscope
+
+    model = lenscope.load_model(args.model, device="cpu", dtype=getattr(torch, args.dtype))
+    return model, lenscope.CausalTracer(model, progress=False)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Filter the known facts and pair them for STR; write ``known.json``."""
+    from lenscope.datasets import filter_known, known_facts, pair_counterfactuals
+
+    model, tracer = load(args)
+    facts = known_facts()
+    started = time.perf_counter()
+    known, rejected = filter_known(tracer, facts, return_rejected=True)
+    filter_seconds = time.perf_counter() - started
+    pairs = pair_counterfactuals(model, known, seed=0)
+    counterfactual = {json.dumps(f["known_id"]): f for f in pairs.facts}
+    rows = [counterfactual.get(json.dumps(f["known_id"]), f) for f in known]
+    out = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "n_checked": len(facts),
+        "n_known": len(known),
+        "filter_seconds": filter_seconds,
+        "sigma": tracer.sigma,
+        "known": rows,
+        "unpaired": [[s.fact_id, s.reason] for s in pairs.unpaired],
+    }
+    args.dir.mkdir(parents=True, exist_ok=True)
+    (args.dir / "known.json").write_text(json.dumps(out, indent=0))
+    print(
+        f"{len(known)} of {len(facts)} facts known ({filter_seconds:.0f} s); "
+        f"{len(pairs.facts)} paired for STR",
+        file=sys.stderr,
+    )
+
+
+def selected(args: argparse.Namespace, run: str) -> list[dict]:
+    """The first ``--facts`` known facts; for STR runs, those of them with a partner."""
+    known = json.loads((args.dir / "known.json").read_text())["known"][: args.facts]
+    if run in ("str_prob", "str_nld", "attr_str"):
+        return [f for f in known if "counterfactual" in f]
+    return known
+
+
+def chunks(args: argparse.Namespace, run: str) -> list[list[dict]]:
+    """The run's facts in chunks of ``--chunk`` (by position among all selected facts)."""
+    known = json.loads((args.dir / "known.json").read_text())["known"][: args.facts]
+    chosen = {json.dumps(f["known_id"]) for f in selected(args, run)}
+    out = []
+    for start in range(0, len(known), args.chunk):
+        part = [f for f in known[start : start + args.chunk] if json.dumps(f["known_id"]) in chosen]
+        out.append(part)
+    return out
+
+
+def checkpoint_path(args: argparse.Namespace, run: str, index: int) -> Path:
+    """Where chunk ``index`` of ``run`` is checkpointed."""
+    return args.dir / run / f"chunk{index:03d}.jsonl"
+
+
+def finished(path: Path, facts: list[dict]) -> bool:
+    """Whether the checkpoint holds a record for every fact."""
+    if not path.exists():
+        return False
+    ids = set()
+    for line in path.read_text().splitlines()[1:]:
+        try:
+            ids.add(json.dumps(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return all(json.dumps(f["known_id"]) in ids for f in facts)
+
+
+def jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(run, chunk) pairs in this worker's priority order."""
+    first = [r for r in args.first.split(",") if r]
+    runs = [r for r in first if r in RUNS] + [r for r in RUNS if r not in first]
+    if args.only:
+        runs = [r for r in runs if r in args.only.split(",")]
+    order = []
+    for run in runs:
+        n = len(chunks(args, run))
+        order += [(run, i) for i in range(n)]
+    return order
+
+
+def claim(args: argparse.Namespace, run: str, index: int) -> bool:
+    """Claim a job for this sitting (an exclusive file); False if another worker has it."""
+    path = args.dir / "claims" / args.sitting / f"{run}.{index:03d}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def work(args: argparse.Namespace) -> None:
+    """Trace unclaimed, unfinished chunks until none is left."""
+    from lenscope.datasets import trace_dataset
+
+    model, tracer = load(args)
+    window = window_of(model.cfg.n_layers, args.window)
+    for run, index in jobs(args):
+        facts = chunks(args, run)[index]
+        path = checkpoint_path(args, run, index)
+        if not facts or finished(path, facts) or not claim(args, run, index):
+            continue
+        started = time.perf_counter()
+        summary = trace_dataset(
+            tracer, facts, checkpoint=path, progress=False, **run_options(run, window)
+        )
+        print(
+            f"{time.strftime('%H:%M:%S')} {run} chunk {index}: {summary.n_facts} traced, "
+            f"{summary.n_skipped} skipped, {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def status(args: argparse.Namespace) -> None:
+    """Facts done per run."""
+    for run in RUNS:
+        done = total = 0
+        for index, facts in enumerate(chunks(args, run)):
+            path = checkpoint_path(args, run, index)
+            total += len(facts)
+            if path.exists():
+                done += max(0, len(path.read_text().splitlines()) - 1)
+        print(f"{run:11s} {done:4d} / {total}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch the command."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"prepare": prepare, "work": work, "status": status}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
