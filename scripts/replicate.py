@@ -207,15 +207,6 @@ def peak(summary, kind: str, bucket: str, layers: range | None = None) -> dict:
     }
 
 
-def difference(summary, kind: str, bucket: str, other: str, layer: int) -> tuple:
-    """Per-fact effect in ``bucket`` minus in ``other`` at ``layer``: mean, CI, N (paired)."""
-    from lenscope.datasets import BUCKETS
-
-    effects = summary.effects(kind)[:, :, layer]
-    diff = effects[:, BUCKETS.index(bucket)] - effects[:, BUCKETS.index(other)]
-    return paired(diff)
-
-
 def verdicts(summary) -> list[dict]:
     """ROME's three localisation findings, tested on ``summary`` with paired 95% CIs.
 
@@ -232,7 +223,7 @@ def verdicts(summary) -> list[dict]:
     m = summary.metric
     out = []
     mlp = peak(summary, "mlp_out", "last_subject")
-    d_mlp = difference(summary, "mlp_out", "last_subject", "first_subject", mlp["layer"])
+    d_mlp = summary.difference("mlp_out", "last_subject", "first_subject", mlp["layer"])
     early = mlp["layer"] <= 2 * (n - 1) / 3
     out.append(
         {
@@ -247,7 +238,7 @@ def verdicts(summary) -> list[dict]:
         }
     )
     attn = peak(summary, "attn_out", "last")
-    d_attn = difference(summary, "attn_out", "last", "last_subject", attn["layer"])
+    d_attn = summary.difference("attn_out", "last", "last_subject", attn["layer"])
     late = attn["layer"] >= (n - 1) / 2
     out.append(
         {
@@ -278,15 +269,6 @@ def verdicts(summary) -> list[dict]:
         }
     )
     return out
-
-
-def restricted(summary, ids: set):
-    """``summary`` restricted to the facts with ``ids`` (the same facts in two runs)."""
-    import dataclasses
-
-    return dataclasses.replace(
-        summary, facts=tuple(f for f in summary.facts if f.fact_id in ids), workers=()
-    )
 
 
 def map_correlation(a, b, kind: str) -> float:
@@ -349,7 +331,7 @@ def write_figures(runs: dict, docs: Path, *, screenshot: bool) -> list[str]:
             f"{summary.model_name}, {TITLES[run]}: {summary.n_facts} known facts "
             f"(ATE {num(summary.ate()[0], summary.metric)})"
         )
-        fig = plot_dataset(summary, style=style, title=title)
+        fig = plot_dataset(summary, style=style, title=title, width=1500)
         with tempfile.TemporaryDirectory() as tmp:
             page = Path(tmp) / "figure.html"
             fig.write_html(
@@ -662,7 +644,8 @@ def str_section(runs: dict) -> list[str]:
     if str_prob is None or not str_prob.n_facts:
         return []
     ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
-    a, b = restricted(noise, ids), restricted(str_prob, ids)
+    a, b = noise.subset(ids), str_prob.subset(ids)
+    assert [f.fact_id for f in a.facts] == [f.fact_id for f in b.facts]  # paired row by row
     out = [
         "## Gaussian noise against STR",
         "",
@@ -762,7 +745,7 @@ def attribution_section(runs: dict) -> list[str]:
                 row(*("---",) * 8),
             ]
         ids = {f.fact_id for f in estimate.facts} & {f.fact_id for f in exact.facts}
-        a, b = restricted(estimate, ids), restricted(exact, ids)
+        a, b = estimate.subset(ids), exact.subset(ids)
         for kind in KINDS:
             f = per_fact_agreement(a, b, kind)
             out.append(

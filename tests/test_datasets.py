@@ -248,6 +248,41 @@ def test_aggregates_match_a_plain_computation(reference):
                     )
 
 
+def test_paired_difference_and_subset_match_a_plain_computation(reference):
+    summary = reference
+    for kind, bucket, other, layer in (
+        ("mlp_out", "last_subject", "first_subject", 1),
+        ("attn_out", "last", "last_subject", 3),
+        ("resid_post", "last", "further", 0),
+    ):
+        values = []
+        for fact in summary.facts:
+            positions = ds.token_buckets(fact.subject_range, len(fact.tokens))
+            if positions[bucket] and positions[other]:
+                mean = {
+                    b: sum(float(fact.scores[kind][layer, p]) for p in positions[b])
+                    / len(positions[b])
+                    for b in (bucket, other)
+                }
+                values.append(mean[bucket] - mean[other])
+        got_mean, got_half, got_n = summary.difference(kind, bucket, other, layer)
+        assert got_n == len(values) >= 2
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        assert got_mean == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert got_half == pytest.approx(1.96 * std / math.sqrt(len(values)), rel=1e-9)
+    with pytest.raises(ValueError, match=r"other must be one of .* got 'lastt'"):
+        summary.difference("mlp_out", "last", "lastt", 0)
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 4\), got 4"):
+        summary.difference("mlp_out", "last", "last_subject", 4)
+    part = summary.subset({14, 11, 99})
+    assert [f.fact_id for f in part.facts] == [11, 14]
+    assert part.ate()[0] == pytest.approx(
+        sum(f.clean_score - f.corrupted_score for f in part.facts) / 2, rel=1e-12
+    )
+    assert summary.n_facts == len(FACTS)  # the original is unchanged
+
+
 def test_per_fact_scores_equal_a_single_trace(tracer, reference):
     fact = FACTS[0]
     sigma_std = tracer.noise_multiplier * tracer.sigma

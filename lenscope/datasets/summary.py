@@ -423,6 +423,49 @@ class DatasetSummary:
         """Number of facts that have each bucket (the ``n`` behind each AIE row)."""
         return (~torch.isnan(self.effects(kind)[:, :, 0])).sum(dim=0)
 
+    def difference(
+        self, kind: str, bucket: str, other: str, layer: int
+    ) -> tuple[float, float, int]:
+        """How much larger the effect is in ``bucket`` than in ``other``, paired over facts.
+
+        Each fact's indirect effect in ``bucket`` minus its effect in
+        ``other`` at ``layer``, averaged over the facts that have both
+        buckets, with the 95% CI of that mean (:func:`mean_ci`). Paired, so
+        the facts' differing totals cancel: the test behind "the MLP effect
+        at the last subject token exceeds the first subject token's".
+
+        Returns:
+            ``(mean, half_width, n)``; NaN half-width for ``n < 2``.
+        """
+        for name, value in (("bucket", bucket), ("other", other)):
+            if value not in BUCKETS:
+                raise InvalidInput(f"{name} must be one of {BUCKETS}, got {value!r}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InvalidInput(
+                f"layer must be an integer in [0, {self.n_layers}), got {layer!r}; pass e.g. "
+                f"the layer of summary.best({kind!r}, bucket={bucket!r})"
+            )
+        effects = self.effects(kind)[:, :, layer]
+        paired = effects[:, BUCKETS.index(bucket)] - effects[:, BUCKETS.index(other)]
+        mean, half, n = mean_ci(paired)
+        return float(mean), float(half), int(n)
+
+    def subset(self, fact_ids: Any) -> "DatasetSummary":
+        """The summary of only the facts whose ids are in ``fact_ids`` (their order kept).
+
+        For comparisons on the same facts, e.g. the facts traced both with
+        noise and with a counterfactual: ``a.subset({f.fact_id for f in b.facts})``.
+        Skipped facts and worker statistics are left out.
+        """
+        keep = set(fact_ids)
+        return dataclasses.replace(
+            self,
+            facts=tuple(f for f in self.facts if f.fact_id in keep),
+            skipped=(),
+            n_pending=0,
+            workers=(),
+        )
+
     def best(self, kind: str, bucket: str | None = None) -> tuple[float, int, str]:
         """``(AIE, layer, bucket)`` of the largest AIE of ``kind`` (within ``bucket`` if given)."""
         aie = self.aie(kind)
