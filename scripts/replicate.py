@@ -217,8 +217,11 @@ def verdicts(summary) -> list[dict]:
     * Late site: the attention AIE at the last token peaks beyond half of
       depth, CI excluding zero, and exceeds the last subject token's there.
     * Residual stream: the hidden state's AIE at the last subject token peaks
-      earlier than at the last token, both CIs excluding zero.
+      in the first two thirds of depth, at the last token in the last third,
+      CIs excluding zero.
     """
+    from lenscope.datasets import BUCKETS
+
     n = summary.n_layers
     m = summary.metric
     out = []
@@ -254,16 +257,20 @@ def verdicts(summary) -> list[dict]:
     )
     subj = peak(summary, "resid_post", "last_subject")
     last = peak(summary, "resid_post", "last")
+    late = paired(summary.effects("resid_post")[:, BUCKETS.index("last_subject"), last["layer"]])
     out.append(
         {
-            "finding": "Residual stream: last subject token early, last token late",
-            "holds": subj["layer"] < last["layer"]
+            "finding": "Residual stream: the fact sits at the last subject token early, "
+            "at the last token late",
+            "holds": subj["layer"] <= 2 * (n - 1) / 3
             and subj["aie"] - subj["ci"] > 0
+            and last["layer"] > 2 * (n - 1) / 3
             and last["aie"] - last["ci"] > 0,
             "evidence": (
-                f"hidden-state AIE peaks at the last subject token at layer "
+                f"hidden-state AIE at the last subject token peaks at layer "
                 f"{depth(subj['layer'], n)}: {ci(subj['aie'], subj['ci'], m)}; at the last "
-                f"token at layer {depth(last['layer'], n)}: {ci(last['aie'], last['ci'], m)}"
+                f"token at layer {depth(last['layer'], n)}: {ci(last['aie'], last['ci'], m)}, "
+                f"where the last subject token's is down to {ci(*late[:2], m)}"
             ),
             "peak": subj,
         }
@@ -482,12 +489,56 @@ def summary_section(runs: dict, meta: dict) -> list[str]:
                 f"- **{finding}: holds** with {', '.join(yes)}; **does not hold** with "
                 f"{', '.join(no)}."
             )
+    out += differences(runs)
     out += [
         "- Details, with the tests' numbers and N, are under [Which of ROME's findings",
         "  hold](#which-of-romes-findings-hold); noise against STR under [Gaussian noise",
         "  against STR](#gaussian-noise-against-str).",
         "",
     ]
+    return out
+
+
+def differences(runs: dict) -> list[str]:
+    """Bullets on what differs from GPT-2 XL and from Zhang & Nanda, from the numbers."""
+    noise = runs["noise"]
+    n = noise.n_layers
+    clean, ate = noise.clean_mean()[0], noise.ate()[0]
+    resid = peak(noise, "resid_post", "last_subject")
+    mlp = peak(noise, "mlp_out", "last_subject")
+    rome_depth = ROME["resid_last_subject"][1] / (ROME_LAYERS - 1)
+    ours = resid["layer"] / (n - 1)
+    where = "earlier" if ours < rome_depth else "later"
+    out = [
+        f"- **{'Differs' if abs(ours - rome_depth) > 0.15 else 'Similar'}: the hidden state's "
+        f"early site{' is ' + where if abs(ours - rome_depth) > 0.15 else ''}.** With noise, "
+        f"restoring the last subject token's hidden state helps most at layer "
+        f"{depth(resid['layer'], n)} ({pct(resid['aie'])}); in GPT-2 XL it peaks at "
+        f"{100 * rome_depth:.0f}% depth.",
+        f"- **Differs: the early MLP site is a smaller share.** The MLP peak at the last subject "
+        f"token is {pct(mlp['aie'] / ate)} of the ATE ({pct(mlp['aie'])} at layer "
+        f"{mlp['layer']}), against {pct(ROME['mlp_last_subject'][0] / ROME['ate'])} in GPT-2 XL; "
+        f"noise removes more of the answer here (ATE {pct(ate / clean)} of the clean "
+        f"probability, {pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL).",
+    ]
+    str_prob = runs.get("str_prob")
+    if str_prob is not None and str_prob.n_facts:
+        ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
+        a, b = noise.subset(ids), str_prob.subset(ids)
+        share_a = peak(a, "mlp_out", "last_subject")["aie"] / a.ate()[0]
+        share_b = peak(b, "mlp_out", "last_subject")["aie"] / b.ate()[0]
+        if share_b > share_a:
+            out.append(
+                f"- **Does not reproduce Zhang & Nanda (2023) on GPT-2 XL:** STR does not weaken "
+                f"the early MLP site here, it strengthens it ({pct(share_b)} of STR's ATE against "
+                f"{pct(share_a)} of noise's, on the same {len(ids)} facts)."
+            )
+        else:
+            out.append(
+                f"- **As Zhang & Nanda (2023) found on GPT-2 XL,** STR weakens the early MLP "
+                f"site ({pct(share_b)} of STR's ATE against {pct(share_a)} of noise's, on the "
+                f"same {len(ids)} facts)."
+            )
     return out
 
 
@@ -589,8 +640,8 @@ def findings_section(runs: dict) -> list[str]:
         "  over the facts with a subject of two or more tokens).",
         "- **Late site:** the attention AIE at the last token peaks beyond half of depth, is",
         "  above zero, and at that layer exceeds the last subject token's.",
-        "- **Residual stream:** the hidden state's AIE peaks earlier at the last subject token",
-        "  than at the last token, both above zero.",
+        "- **Residual stream:** the hidden state's AIE at the last subject token peaks in the",
+        "  first two thirds of depth, at the last token in the last third, both above zero.",
         "",
         row("finding", "corruption", "verdict", "evidence"),
         row("---", "---", "---", "---"),
@@ -671,8 +722,22 @@ def str_section(runs: dict) -> list[str]:
                 f"L{p['layer']}"
             )
         out.append(row(label, *cells))
-    mlp = peak(a, "mlp_out", "last_subject")
     from lenscope.datasets import BUCKETS
+
+    attn_layers = {name: peak(x, "attn_out", "last")["layer"] for name, x in (("a", a), ("b", b))}
+    over = []
+    for x, layer in ((a, attn_layers["a"]), (b, attn_layers["b"])):
+        over.append(
+            sum(float(f.scores["attn_out"][layer, -1]) > f.clean_score + 0.05 for f in x.facts)
+        )
+    out += [
+        "",
+        "Shares above 100% are real: restoring the last token's attention can leave the answer",
+        "more probable than in the clean run (the rest of the run still corrupted). At the",
+        f"attention peak this happens (by more than 5 points) for {over[0]} of {a.n_facts}",
+        f"facts with noise and {over[1]} with STR.",
+    ]
+    mlp = peak(a, "mlp_out", "last_subject")
 
     at = BUCKETS.index("last_subject")
     layer = mlp["layer"]
