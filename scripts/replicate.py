@@ -53,6 +53,7 @@ TITLES = {
     "str_nld": "STR, normalised logit difference",
     "attr_noise": "attribution patching of the noise trace",
     "attr_str": "attribution patching of the STR logit-difference trace",
+    "noise_w10": "Gaussian noise, probability, window 10",
 }
 
 
@@ -255,6 +256,8 @@ def verdicts(summary) -> list[dict]:
             "peak": attn,
         }
     )
+    if "resid_post" not in summary.kinds:
+        return out
     subj = peak(summary, "resid_post", "last_subject")
     last = peak(summary, "resid_post", "last")
     late = paired(summary.effects("resid_post")[:, BUCKETS.index("last_subject"), last["layer"]])
@@ -443,6 +446,7 @@ def report(runs: dict, meta: dict) -> str:
     lines += aie_tables(runs, BUCKETS, BUCKET_LABELS)
     lines += findings_section(runs)
     lines += str_section(runs)
+    lines += window_section(runs)
     lines += attribution_section(runs)
     lines += compute_section(runs, meta)
     lines += reproduce_section(meta)
@@ -507,20 +511,24 @@ def differences(runs: dict) -> list[str]:
     resid = peak(noise, "resid_post", "last_subject")
     mlp = peak(noise, "mlp_out", "last_subject")
     rome_depth = ROME["resid_last_subject"][1] / (ROME_LAYERS - 1)
-    ours = resid["layer"] / (n - 1)
-    where = "earlier" if ours < rome_depth else "later"
     out = [
-        f"- **{'Differs' if abs(ours - rome_depth) > 0.15 else 'Similar'}: the hidden state's "
-        f"early site{' is ' + where if abs(ours - rome_depth) > 0.15 else ''}.** With noise, "
-        f"restoring the last subject token's hidden state helps most at layer "
-        f"{depth(resid['layer'], n)} ({pct(resid['aie'])}); in GPT-2 XL it peaks at "
-        f"{100 * rome_depth:.0f}% depth.",
+        f"- **Depth of the hidden state's early site:** with noise, restoring the last subject "
+        f"token's hidden state helps most at layer {depth(resid['layer'], n)} "
+        f"({pct(resid['aie'])}); in GPT-2 XL at {100 * rome_depth:.0f}% depth.",
         f"- **Differs: the early MLP site is a smaller share.** The MLP peak at the last subject "
         f"token is {pct(mlp['aie'] / ate)} of the ATE ({pct(mlp['aie'])} at layer "
         f"{mlp['layer']}), against {pct(ROME['mlp_last_subject'][0] / ROME['ate'])} in GPT-2 XL; "
         f"noise removes more of the answer here (ATE {pct(ate / clean)} of the clean "
         f"probability, {pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL).",
     ]
+    late_mlp = peak(noise, "mlp_out", "last")
+    out.append(
+        f"- **A second MLP site, at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
+        f" at layer {depth(late_mlp['layer'], n)}, "
+        + ("as large as" if late_mlp["aie"] + late_mlp["ci"] >= mlp["aie"] else "smaller than")
+        + f" the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}); ROME's account of GPT-2 XL "
+        "centres on the early site."
+    )
     str_prob = runs.get("str_prob")
     if str_prob is not None and str_prob.n_facts:
         ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
@@ -771,11 +779,49 @@ def str_section(runs: dict) -> list[str]:
     if str_nld is not None and str_nld.n_facts:
         out += [
             "",
-            f"With the normalised logit difference (N = {str_nld.n_facts}; "
-            f"{str_prob.n_facts - str_nld.n_facts} STR facts have a counterfactual answering the",
-            "same token and no logit difference), the shares of the clean-vs-counterfactual gap",
-            "restored at the peaks are in the tables above.",
+            f"With the normalised logit difference (N = {str_nld.n_facts};",
+            f"{str_prob.n_facts - str_nld.n_facts} STR facts are skipped there: their",
+            "counterfactual answers the same token, so there is no logit difference) the same",
+            "sites stand out; its peaks are in the per-bucket table above.",
         ]
+    out.append("")
+    return out
+
+
+def window_section(runs: dict) -> list[str]:
+    """The noise trace of MLP and attention with ROME's literal 10-layer window."""
+    wide, noise = runs.get("noise_w10"), runs["noise"]
+    if wide is None or not wide.n_facts:
+        return []
+    narrow = noise.subset({f.fact_id for f in wide.facts})
+    n = wide.n_layers
+    out = [
+        "## ROME's literal window (10 layers)",
+        "",
+        "ROME restores 10 layers around each MLP and attention cell of GPT-2 XL's 48; on",
+        f"Gemma's {n} that is over half the model. The same noise trace with that window, on",
+        f"the first {wide.n_facts} facts"
+        + (" (the rest not traced for lack of time)" if wide.n_pending else "")
+        + ", beside the",
+        f"scaled window ({narrow.windows['mlp_out']} layers) on the same facts:",
+        "",
+        row("peak", f"window {narrow.windows['mlp_out']}", "window 10"),
+        row("---", "---", "---"),
+    ]
+    for kind, bucket, label in (
+        ("mlp_out", "last_subject", "MLP, last subject token"),
+        ("mlp_out", "last", "MLP, last token"),
+        ("attn_out", "last", "attention, last token"),
+    ):
+        cells = []
+        for s in (narrow, wide):
+            p = peak(s, kind, bucket)
+            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} at layer {depth(p['layer'], n)}")
+        out.append(row(label, *cells))
+    out += ["", row("finding", "verdict with window 10", "evidence"), row("---", "---", "---")]
+    for v in verdicts(wide):
+        verdict = "**holds**" if v["holds"] else "**does not hold**"
+        out.append(row(v["finding"], verdict, v["evidence"]))
     out.append("")
     return out
 

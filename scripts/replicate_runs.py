@@ -15,6 +15,8 @@ and that resume over several sittings:
   scored by the probability and by the normalised logit difference.
 * ``attr_noise`` and ``attr_str``: attribution patching of ``noise`` and
   ``str_nld`` (one forward and one backward pass per fact).
+* ``noise_w10``: ``noise`` for MLP and attention with ROME's literal window
+  of 10 layers (worked on last).
 
 ``prepare`` filters the known facts once (``known.json``: the model's own
 ``filter_known`` over the whole set, with the counterfactual pairs); ``work``
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("resid_post", "mlp_out", "attn_out")
-RUNS = ("noise", "str_prob", "str_nld", "attr_noise", "attr_str")
+RUNS = ("noise", "str_prob", "str_nld", "attr_noise", "attr_str", "noise_w10")
 ROME_LAYERS = 48
 
 
@@ -75,6 +77,8 @@ def run_options(run: str, window: int) -> dict:
         "kinds": KINDS,
         "windows": {"resid_post": 1, "mlp_out": window, "attn_out": window},
     }
+    if run == "noise_w10":  # ROME's literal window, for the two windowed kinds
+        options.update(kinds=("mlp_out", "attn_out"), windows={"mlp_out": 10, "attn_out": 10})
     if run in ("str_prob", "str_nld", "attr_str"):
         options["corruption"] = lenscope.CounterfactualColumn()
         options["metric"] = "prob" if run == "str_prob" else "normalized_logit_diff"
