@@ -187,23 +187,16 @@ def paired(values: torch.Tensor) -> tuple[float, float, int]:
     return float(mean[0]), float(half[0]), int(n[0])
 
 
-def peak(summary, kind: str, bucket: str, layers: range | None = None) -> dict:
-    """The largest AIE of ``kind`` in ``bucket`` (over ``layers``), with its CI and N."""
-    from lenscope.datasets import BUCKETS, mean_ci
+def peak(summary, kind: str, bucket: str) -> dict:
+    """The largest AIE of ``kind`` in ``bucket``, with its CI and N."""
+    from lenscope.datasets import BUCKETS
 
+    aie, layer, _ = summary.best(kind, bucket=bucket)
     b = BUCKETS.index(bucket)
-    mean, half, count = mean_ci(summary.effects(kind))
-    row = mean[b].clone()
-    if layers is not None:
-        keep = torch.zeros_like(row, dtype=torch.bool)
-        keep[list(layers)] = True
-        row[~keep] = math.nan
-    row = torch.nan_to_num(row, nan=-math.inf)
-    layer = int(row.argmax())
     return {
-        "aie": float(mean[b, layer]),
-        "ci": float(half[b, layer]),
-        "n": int(count[b, layer]),
+        "aie": aie,
+        "ci": float(summary.aie_ci(kind)[b, layer]),
+        "n": int(summary.bucket_counts(kind)[b]),
         "layer": layer,
     }
 

@@ -154,15 +154,12 @@ def checkpoint_path(args: argparse.Namespace, run: str, index: int) -> Path:
 
 def finished(path: Path, facts: list[dict]) -> bool:
     """Whether the checkpoint holds a record for every fact."""
+    from lenscope.datasets.checkpoint import Checkpoint
+
     if not path.exists():
         return False
-    ids = set()
-    for line in path.read_text().splitlines()[1:]:
-        try:
-            ids.add(json.dumps(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return all(json.dumps(f["known_id"]) in ids for f in facts)
+    _, records = Checkpoint.read(path)
+    return all(json.dumps(f["known_id"]) in records for f in facts)
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, int]]:

@@ -273,10 +273,10 @@ def _summary(
 
 
 # Header keys that are not the corruption's parameters: the checkpoint's own,
-# TraceSettings.to_dict's, and the method trace_dataset adds.
+# TraceSettings' fields (as TraceSettings.from_dict splits them), the method's.
 _HEADER_KEYS = frozenset(
-    {"format", "lenscope_version", "model_name", "n_layers", "kinds", "windows", "metric"}
-    | {"answer", "top_k", "layers", "positions", "by", "foil", "direction", "method", "recheck"}
+    {*checkpoint_header("", 0, "", {}), *(f.name for f in dataclasses.fields(TraceSettings))}
+    | {"method", "recheck"}
 )
 
 
@@ -352,7 +352,7 @@ def merge_checkpoints(
                 )
             ordered.append(record)
     corruption = {"name": header["corruption"]}
-    corruption |= {k: v for k, v in header.items() if k not in _HEADER_KEYS | {"corruption"}}
+    corruption |= {k: v for k, v in header.items() if k not in _HEADER_KEYS}
     return _summary(ordered, header, corruption)
 
 

@@ -437,9 +437,8 @@ class DatasetSummary:
         Returns:
             ``(mean, half_width, n)``; NaN half-width for ``n < 2``.
         """
-        for name, value in (("bucket", bucket), ("other", other)):
-            if value not in BUCKETS:
-                raise InvalidInput(f"{name} must be one of {BUCKETS}, got {value!r}")
+        _check_bucket("bucket", bucket)
+        _check_bucket("other", other)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise InvalidInput(
                 f"layer must be an integer in [0, {self.n_layers}), got {layer!r}; pass e.g. "
@@ -455,7 +454,7 @@ class DatasetSummary:
 
         For comparisons on the same facts, e.g. the facts traced both with
         noise and with a counterfactual: ``a.subset({f.fact_id for f in b.facts})``.
-        Skipped facts and worker statistics are left out.
+        Skipped and pending facts and worker statistics are left out.
         """
         keep = set(fact_ids)
         return dataclasses.replace(
@@ -470,8 +469,7 @@ class DatasetSummary:
         """``(AIE, layer, bucket)`` of the largest AIE of ``kind`` (within ``bucket`` if given)."""
         aie = self.aie(kind)
         if bucket is not None:
-            if bucket not in BUCKETS:
-                raise InvalidInput(f"bucket must be one of {BUCKETS}, got {bucket!r}")
+            _check_bucket("bucket", bucket)
             row = BUCKETS.index(bucket)
             masked = torch.full_like(aie, math.nan)
             masked[row] = aie[row]
@@ -655,6 +653,11 @@ class DatasetSummary:
 
     def _effects(self) -> dict[str, Tensor]:
         return self._cached_effects
+
+
+def _check_bucket(name: str, bucket: Any) -> None:
+    if bucket not in BUCKETS:
+        raise InvalidInput(f"{name} must be one of {BUCKETS}, got {bucket!r}")
 
 
 def _scalar_ci(values: Float[Tensor, " fact"]) -> tuple[float, float]:
