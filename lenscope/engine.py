@@ -36,16 +36,17 @@ last block at earlier positions): such cells take the corrupted run's scores.
 
 Before any forward pass, :func:`check_memory` refuses a trace whose smallest
 batch (one cell: ``samples`` rows of the whole prompt) would not fit in the
-memory available; right after the clean run, :func:`warn_if_slow`
-extrapolates its speed over the work :func:`estimate_sweep` counts and
-warns when a trace will take long.
+memory available. :func:`trace_meter` counts the work of a whole trace
+before it runs (:func:`estimate_sweep` per sweep, plus the clean and
+corrupted runs) into a :class:`~lenscope.progress.TraceMeter`, which every
+forward pass and decoded chunk advances: one progress bar whose remaining
+time is the speed measured on the trace's own batches, and a warning when
+the first sweep batch shows that the trace will take long.
 """
 
 import contextlib
 import dataclasses
 import os
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,6 @@ import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lenscope import metrics
 from lenscope._bridge_prefix import BridgePrefixRunner, bridge_unsupported
@@ -68,19 +68,19 @@ from lenscope.hooks import (
     n_layers,
 )
 from lenscope.metrics import PatchingMetric
+from lenscope.progress import TraceMeter, decode_weight, duration
 from lenscope.sites import Site, source_rows
-from lenscope.validation import InvalidInput
+from lenscope.validation import InvalidInput, warn
 
 STRATEGIES = ("auto", "prefix", "full")
 
 
 @dataclasses.dataclass(frozen=True)
 class CleanRun:
-    """Clean activations of one prompt at the hook points a trace restores, and the run's time."""
+    """Clean activations of one prompt at the hook points a trace restores."""
 
     activations: dict[str, Float[Tensor, "pos ..."]]
     logits: Float[Tensor, " d_vocab"]
-    seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,6 @@ class CorruptedRun:
     logits: Float[Tensor, "samples d_vocab"]
     resid_pre: list[Float[Tensor, "samples pos d_model"]] | None
     kv_cache: Any
-    seconds: float = 0.0
     activations: dict[str, Float[Tensor, "samples pos ..."]] = dataclasses.field(
         default_factory=dict
     )
@@ -476,20 +475,11 @@ def clean_run(
     model: torch.nn.Module, tokens: Int[Tensor, " pos"], hook_names: Sequence[str]
 ) -> CleanRun:
     """Run the clean prompt once, keeping ``hook_names`` and the last-position logits."""
-    started = time.perf_counter()
     store = capture_forward(model, tokens[None], [], hook_names)
     resid = store.pop(FINAL_RESID)[:, -1]
     activations = {name: store[name][0] for name in hook_names}
     logits = decode_resid(model, resid)[0]
-    return CleanRun(activations=activations, logits=logits, seconds=_since(started, model))
-
-
-def _since(started: float, model: torch.nn.Module) -> float:
-    """Seconds since ``started``, once the device has finished its queued work."""
-    device = _device(model)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+    return CleanRun(activations=activations, logits=logits)
 
 
 def corrupted_run(
@@ -507,7 +497,6 @@ def corrupted_run(
         keep_prefix_state: Keep every layer's ``resid_pre`` and keys and values.
         capture: Hook points whose activations to keep (``[samples, pos, ...]``).
     """
-    started = time.perf_counter()
     batch = corrupted.tokens
     hooks = list(corrupted.fwd_hooks)
     if not keep_prefix_state:
@@ -517,7 +506,6 @@ def corrupted_run(
             logits=logits,
             resid_pre=None,
             kv_cache=None,
-            seconds=_since(started, model),
             activations={name: store[name] for name in capture},
         )
 
@@ -529,7 +517,6 @@ def corrupted_run(
         logits=decode_resid(model, resid),
         resid_pre=[store[name] for name in names],
         kv_cache=kv_cache,
-        seconds=_since(started, model),
         activations={name: store[name] for name in capture},
     )
 
@@ -737,7 +724,12 @@ class _SweepPlan:
     entries: Int[Tensor, " active"] | None
     first_pos: Int[Tensor, " active"] | None
     done: Bool[Tensor, " active"] | None
-    token_layers: int
+    batch_token_layers: list[int]
+
+    @property
+    def token_layers(self) -> int:
+        """Token-layers of all batches."""
+        return sum(self.batch_token_layers)
 
 
 def _plan_sweep(
@@ -763,8 +755,8 @@ def _plan_sweep(
     if strategy == "full":
         per_batch = max(1, rows_for(n_pos) // samples)
         batches = [b for b in torch.arange(len(traced)).split(per_batch) if len(b)]
-        token_layers = len(traced) * samples * n_pos * n_layer
-        return _SweepPlan(windows, active, batches, None, None, None, token_layers)
+        work = [len(b) * samples * n_pos * n_layer for b in batches]
+        return _SweepPlan(windows, active, batches, None, None, None, work)
     entries = _entry_layers(windows[active], site)
     first_pos = site.first_position(traced[:, 1:])
     # Restoring only the last block's resid_post at the last position:
@@ -780,9 +772,9 @@ def _plan_sweep(
         )
     ]
     # Each row computes positions first_pos: through blocks entry:.
-    work = (n_pos - first_pos[pending]) * (n_layer - entries[pending])
-    token_layers = int(work.sum()) * samples
-    return _SweepPlan(windows, active, batches, entries, first_pos, done, token_layers)
+    per_cell = (n_pos - first_pos) * (n_layer - entries) * samples
+    work = [int(per_cell[members].sum()) for members in batches]
+    return _SweepPlan(windows, active, batches, entries, first_pos, done, work)
 
 
 def sweep(
@@ -801,6 +793,7 @@ def sweep(
     batch_size: int | None,
     progress: bool,
     description: str = "",
+    meter: TraceMeter | None = None,
 ) -> SweepOutput:
     """Patch every cell of ``cells`` (rows of ``site.index_axes`` coordinates) and score it.
 
@@ -825,10 +818,42 @@ def sweep(
     ``answer_id`` one answer per prompt (only :func:`~lenscope.metrics.prob`
     and :func:`~lenscope.metrics.log_prob` read it per row); the outputs gain
     a last axis, ``prompt`` (``scores``: ``[metric, layer, *unit, prompt]``).
+
+    Each forward pass and decoded chunk advances ``meter`` (the trace's
+    :class:`~lenscope.progress.TraceMeter`, see :func:`trace_meter`);
+    without one, ``progress=True`` shows this sweep's own.
     """
+    n_pos, samples = base.tokens.shape[1], base.rows
+    plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size)
+    label = description or "trace"
+    with contextlib.ExitStack() as stack:
+        if meter is None:
+            weight = decode_weight(model, n_pos)
+            total = plan.token_layers + weight * int(plan.active.sum()) * samples
+            meter = stack.enter_context(TraceMeter(total, progress=progress, description=label))
+        meter.describe(label)
+        return _sweep(
+            model, plan, site, cells, source, base, base_state, answer_id, metrics, top_k, meter
+        )
+
+
+def _sweep(
+    model: torch.nn.Module,
+    plan: "_SweepPlan",
+    site: Site,
+    cells: Int[Tensor, "cell axis"],
+    source: Mapping[str, Float[Tensor, "src ..."]],
+    base: CorruptedInput,
+    base_state: CorruptedRun,
+    answer_id: int | Int[Tensor, " prompt"],
+    metrics: Sequence[PatchingMetric],
+    top_k: int,
+    meter: TraceMeter,
+) -> SweepOutput:
+    """:func:`sweep` after planning."""
     n_layer, n_pos = n_layers(model), base.tokens.shape[1]
     samples, prompts = base.rows, base.prompts
-    plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size)
+    weight = decode_weight(model, n_pos)
     active = plan.active
     out = _empty_output(len(metrics), (n_layer, *site.unit_shape(model, n_pos), prompts), top_k)
     if not active.all():
@@ -855,7 +880,7 @@ def sweep(
     entries, first_pos = plan.entries, plan.first_pos
     prefix = entries is not None and first_pos is not None
     with _switchboard(model, site.hook_names(n_layer) if prefix else []) as switches:
-        for members in tqdm(plan.batches, desc=description or "trace", disable=not progress):
+        for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
             if entries is None or first_pos is None:  # the full strategy
                 finals.append(
                     forward_cells(model, base, site, windows[members], masks[members], source)[
@@ -878,8 +903,17 @@ def sweep(
                     )
                 )
             order.append(members)
+            meter.advance(work, decides=True)
     if order:
-        decoded = _decode_cells(model, torch.cat(finals), base, answer_id, metrics, top_k)
+        decoded = _decode_cells(
+            model,
+            torch.cat(finals),
+            base,
+            answer_id,
+            metrics,
+            top_k,
+            on_chunk=lambda rows: meter.advance(weight * rows),
+        )
         _fill_cells(out, cells[torch.cat(order)], *decoded)
     if prompts == 1:
         return SweepOutput(out.scores[..., 0], out.top_ids[..., 0, :], out.top_probs[..., 0, :])
@@ -895,11 +929,13 @@ class SweepEstimate:
         batches: Forward passes (batches) they run in.
         token_layers: ``(row, position, block)`` triples computed, the unit
             a forward pass's time is roughly proportional to.
+        decoded_rows: Final residuals decoded through the unembedding.
     """
 
     cells: int
     batches: int
     token_layers: int
+    decoded_rows: int = 0
 
     def __add__(self, other: "SweepEstimate") -> "SweepEstimate":
         """The work of both."""
@@ -907,6 +943,7 @@ class SweepEstimate:
             self.cells + other.cells,
             self.batches + other.batches,
             self.token_layers + other.token_layers,
+            self.decoded_rows + other.decoded_rows,
         )
 
 
@@ -925,47 +962,55 @@ def estimate_sweep(
     Same arguments as :func:`sweep`; the batches are planned by the same code.
     """
     plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size)
-    return SweepEstimate(len(cells), len(plan.batches), plan.token_layers)
+    decoded = int(plan.active.sum()) * corrupted.rows
+    return SweepEstimate(len(cells), len(plan.batches), plan.token_layers, decoded)
 
 
-LONG_TRACE_SECONDS = 600.0
-"""A trace estimated to take longer than this warns before its sweeps start."""
+def run_units(model: torch.nn.Module, n_pos: int, rows: int) -> float:
+    """Units (:mod:`lenscope.progress`) of ``rows`` copies of an ``n_pos``-token prompt run whole.
+
+    Each copy's last position is decoded.
+    """
+    return rows * (n_pos * n_layers(model) + decode_weight(model, n_pos))
 
 
-def warn_if_slow(
+def trace_meter(
     model: torch.nn.Module,
     sites: Sequence[Site],
     windows: Mapping[str, int],
     cells: Int[Tensor, "cell axis"] | Mapping[str, Tensor],
-    corrupted: CorruptedInput,
-    clean: CleanRun,
-    corrupted_state: CorruptedRun,
+    base: CorruptedInput,
+    runs: Sequence[int],
+    *,
     strategy: str,
     batch_size: int | None,
-) -> None:
-    """Warn, before the sweeps, if the trace will take over :data:`LONG_TRACE_SECONDS`.
+    progress: bool,
+    description: str = "trace",
+) -> TraceMeter:
+    """The :class:`~lenscope.progress.TraceMeter` of a trace: all its work, counted in advance.
 
-    The time is the sweeps' token-layers, counted exactly
-    (:func:`estimate_sweep`), at the corrupted run's rate (:func:`_rate`).
+    The work is the whole-prompt runs before the sweeps (``runs``: their rows,
+    the clean run's first: it is the warm-up) and each site's sweep
+    (:func:`estimate_sweep`), every run's decoded rows weighted by
+    :func:`~lenscope.progress.decode_weight`. When the first sweep batch
+    shows that the trace will take over
+    :data:`~lenscope.progress.LONG_TRACE_SECONDS`, a ``UserWarning`` says so,
+    with the counts and how to trace fewer cells.
 
     Args:
         model: The model.
         sites: The sites, one sweep each.
         windows: ``{site name: window}``.
-        cells: The cells each sweep restores, or ``{site name: cells}``.
-        corrupted: The bound corruption.
-        clean: The clean run (timed).
-        corrupted_state: The corrupted run (timed).
+        cells: The cells each sweep patches, or ``{site name: cells}``.
+        base: The run the sweeps patch (the bound corruption when denoising).
+        runs: Rows of each whole-prompt run before the sweeps, in order.
         strategy: ``"prefix"`` or ``"full"``.
         batch_size: Rows per forward pass, or None for automatic.
+        progress: Show the progress bar.
+        description: The bar's label until the first sweep relabels it.
     """
-    n_layer, n_pos = n_layers(model), int(corrupted.tokens.shape[1])
-    measured = n_pos * n_layer
-    if clean.seconds <= 0:
-        return
-    per_token_layer, per_forward = _rate(
-        clean.seconds, corrupted_state.seconds, measured, corrupted.rows
-    )
+    n_layer, n_pos = n_layers(model), int(base.tokens.shape[1])
+    weight = decode_weight(model, n_pos)
     per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
     for where in sites:
@@ -974,13 +1019,15 @@ def warn_if_slow(
             site=where,
             window=windows[where.name],
             cells=per_site[where.name],
-            corrupted=corrupted,
+            corrupted=base,
             strategy=strategy,
             batch_size=batch_size,
         )
-    expected = total.batches * per_forward + total.token_layers * per_token_layer
-    if expected <= LONG_TRACE_SECONDS:
-        return
+    units = (
+        sum(run_units(model, n_pos, rows) for rows in runs)
+        + total.token_layers
+        + weight * total.decoded_rows
+    )
     kinds = len(sites)
     plural = "s" if kinds != 1 else ""
     counted = (
@@ -988,39 +1035,21 @@ def warn_if_slow(
         if isinstance(cells, Mapping)
         else f"{len(cells):,} cells x {kinds} kind{plural} = {total.cells:,} cells"
     )
-    warnings.warn(
-        f"this trace will take about {_duration(expected)}: {counted} in {total.batches:,} forward "
-        f"passes, {total.token_layers:,} token-layers, at the rate of the corrupted run "
-        f"({per_token_layer * 1e3:.3g} ms per token-layer); to trace fewer cells pass "
-        f"positions='subject' (or positions='from_subject', or a list of positions) and a "
-        f"range of layers such as layers=range(0, {max(1, n_layer // 2)}), or fewer samples=...",
-        UserWarning,
-        stacklevel=3,
-    )
 
+    def on_long(seconds: float) -> None:
+        rate = meter.seconds_per_unit() or 0.0
+        warn(
+            f"this trace will take about {duration(seconds)}: {counted} in "
+            f"{total.batches:,} forward passes, {total.token_layers:,} token-layers and "
+            f"{total.decoded_rows:,} decoded rows, at the speed its first forward passes ran "
+            f"({rate * 1e3:.3g} ms per token-layer); to trace fewer cells pass "
+            f"positions='subject' (or positions='from_subject', or a list of positions) and a "
+            f"range of layers such as layers=range(0, {max(1, n_layer // 2)}), or fewer "
+            "samples=..."
+        )
 
-def _rate(
-    clean_seconds: float, corrupted_seconds: float, token_layers: int, samples: int
-) -> tuple[float, float]:
-    """``(seconds per token-layer, per forward pass)`` from the clean and corrupted runs.
-
-    The corrupted run (``samples`` rows of the whole prompt) is the measure:
-    it is a batch, like the sweeps' forward passes, and it runs after the
-    clean run has paid the first call's one-time costs, which made a
-    one-row rate overestimate the Eiffel trace on Gemma-3-270m 30-fold. The
-    clean run's rate is the fallback when the corrupted run was not timed.
-    """
-    if corrupted_seconds > 0:
-        return corrupted_seconds / (samples * token_layers), 0.0
-    return clean_seconds / token_layers, 0.0
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds / 3600:.1f} hours"
+    meter = TraceMeter(units, progress=progress, description=description, on_long=on_long)
+    return meter
 
 
 def forward_cells(
@@ -1103,19 +1132,23 @@ def _decode_cells(
     answer_id: int | Int[Tensor, " prompt"],
     metrics_: Sequence[PatchingMetric],
     top_k: int,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Decode final residuals (``base.rows`` rows per cell) in chunks of whole cells."""
+    """Decode final residuals (``base.rows`` rows per cell) in chunks of whole cells.
+
+    ``on_chunk(rows)`` is called after each chunk (progress).
+    """
     rows = base.rows
     most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * rows))
     n_cells = finals.shape[0] // rows
     n_chunks = -(-n_cells // most_cells)
     chunk_rows = rows * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
-    parts = [
-        _score_cells(
-            decode_resid(model, finals[i : i + chunk_rows]), base, answer_id, metrics_, top_k
-        )
-        for i in range(0, finals.shape[0], chunk_rows)
-    ]
+    parts = []
+    for i in range(0, finals.shape[0], chunk_rows):
+        chunk = finals[i : i + chunk_rows]
+        parts.append(_score_cells(decode_resid(model, chunk), base, answer_id, metrics_, top_k))
+        if on_chunk is not None:
+            on_chunk(chunk.shape[0])
     scores, top_ids, top_probs = zip(*parts, strict=True)
     return torch.cat(scores, dim=1), torch.cat(top_ids), torch.cat(top_probs)
 

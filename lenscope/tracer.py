@@ -10,6 +10,7 @@ probability comes back. Everything goes through hook names, so a
 ``HookedTransformer`` and a ``TransformerBridge`` trace alike.
 """
 
+import contextlib
 import shlex
 import warnings
 from collections.abc import Sequence
@@ -302,11 +303,28 @@ class CausalTracer:
             preserved_model(model),
             engine.matmul_friendly_weights(model),
             torch.inference_mode(),
+            contextlib.ExitStack() as stack,
         ):
             corrupted = settings.corruption.bind(model, tokens, subject_range)
             names = [name for s in sites for name in s.hook_names(n_layer)]
             engine.check_memory(model, corrupted, len(names), self.strategy)
+            base = corrupted.clean_copies(tokens) if noising else corrupted
+            meter = stack.enter_context(
+                engine.trace_meter(
+                    model,
+                    sites,
+                    settings.windows,
+                    _shared_cells(cells),
+                    base,
+                    [1, corrupted.rows, *([base.rows] if noising else [])],
+                    strategy=self.strategy,
+                    batch_size=batch_size,
+                    progress=progress,
+                    description="noise" if noising else "trace",
+                )
+            )
             clean = engine.clean_run(model, tokens, names)
+            meter.warmed_up(engine.run_units(model, tokens.shape[0], 1))
             if answer_id is None:
                 answer_id = int(clean.logits.argmax())
             corrupted_state = engine.corrupted_run(
@@ -315,6 +333,7 @@ class CausalTracer:
                 keep_prefix_state=self.strategy == "prefix" and not noising,
                 capture=names if noising else (),
             )
+            meter.advance(engine.run_units(model, tokens.shape[0], corrupted.rows))
             if foil_id is None and corruption.has_counterfactual_answer:
                 foil_id = int(softmax(corrupted_state.logits).mean(dim=0).argmax())
                 if foil_id == answer_id and settings.needs_foil:
@@ -341,25 +360,14 @@ class CausalTracer:
             ):
                 metrics.check_normalizable(metric, clean_score, corrupted_score)
             if noising:
-                base = corrupted.clean_copies(tokens)
                 base_state = engine.corrupted_run(
                     model, base, keep_prefix_state=self.strategy == "prefix"
                 )
+                meter.advance(engine.run_units(model, tokens.shape[0], base.rows))
                 source = corrupted_state.activations
             else:
-                base, base_state = corrupted, corrupted_state
+                base_state = corrupted_state
                 source = {name: act[None] for name, act in clean.activations.items()}
-            engine.warn_if_slow(
-                model,
-                sites,
-                settings.windows,
-                _shared_cells(cells),
-                base,
-                clean,
-                base_state,
-                self.strategy,
-                batch_size,
-            )
             # Before the sweep, so that the warning comes before the long part.
             prob_scores = (
                 engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
@@ -384,6 +392,7 @@ class CausalTracer:
                     batch_size=batch_size,
                     progress=progress,
                     description=f"{'noise' if noising else 'trace'} {where.name}",
+                    meter=meter,
                 )
 
         extra = [] if foil_id is None else [foil_id]

@@ -13,8 +13,16 @@ This module imports nothing from lenscope: it sits at the bottom.
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Runtime type checkers wrap lenscope's functions (the tests run under jaxtyping's
+# import hook): their frames stand between lenscope's and the user's.
+_WRAPPERS = {"jaxtyping", "beartype", "typeguard"}
 
 
 class InvalidInput(ValueError):
@@ -38,6 +46,24 @@ class AnswerWarning(UserWarning):
 
 USER_ERRORS: tuple[type[Exception], ...] = (InvalidInput, InvalidInputType)
 """Exceptions that mean "the input was wrong", not "lenscope is broken"."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first caller outside lenscope.
+
+    A fixed ``stacklevel`` points into lenscope whenever the call path from
+    the user's code is deeper or shallower than its author counted (a trace
+    started by ``trace`` rather than ``trace_kinds``, or by the command line).
+    """
+    frame = sys._getframe(0)
+    level = 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or frame.f_globals.get("__name__", "").partition(".")[0] in _WRAPPERS
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def is_int(value: Any) -> bool:

@@ -504,9 +504,9 @@ def test_dataset_has_no_cell_flags(run):
 
 @pytest.mark.filterwarnings("always::UserWarning")
 def test_a_long_trace_is_announced_on_stderr_in_flags(run, tmp_path, monkeypatch):
-    from lenscope import engine
+    from lenscope import progress
 
-    monkeypatch.setattr(engine, "LONG_TRACE_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "LONG_TRACE_SECONDS", 0.0)
     code, _, err, _ = run(
         "trace",
         TINY_PROMPT,

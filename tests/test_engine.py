@@ -301,7 +301,10 @@ def _counting_sweep(monkeypatch):
         estimate = engine.estimate_sweep(
             model, corrupted=kwargs["base"], **{k: kwargs[k] for k in keys}
         )
-        records.append({"estimate": estimate, "ran": []})
+        args = tuple(
+            kwargs[k] for k in ("site", "window", "cells", "base", "strategy", "batch_size")
+        )
+        records.append({"estimate": estimate, "ran": [], "args": args})
         return real_sweep(model, **kwargs)
 
     monkeypatch.setattr(engine, "sweep", sweep)
@@ -329,30 +332,121 @@ def test_estimate_counts_the_forward_passes_the_sweep_runs(
         assert estimate.token_layers == sum(record["ran"])
 
 
-def test_a_long_trace_warns_before_its_sweeps_with_the_numbers(
+def test_a_long_trace_warns_after_its_first_sweep_batch_with_the_numbers(
     tiny_model, tokens_and_noise, monkeypatch
 ):
-    from lenscope import engine
+    from lenscope import engine, progress
 
     tokens, noise = tokens_and_noise
     records = _counting_sweep(monkeypatch)
-    monkeypatch.setattr(engine, "LONG_TRACE_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "LONG_TRACE_SECONDS", 0.0)
+    batches_run_when_warned = []
+    real_duration = engine.duration
+
+    def duration(seconds):  # called as the warning is written
+        batches_run_when_warned.append(sum(len(r["ran"]) for r in records))
+        return real_duration(seconds)
+
+    monkeypatch.setattr(engine, "duration", duration)
     tracer = lenscope.CausalTracer(tiny_model, progress=False, batch_size=7)
     with pytest.warns(UserWarning) as caught:
         tracer.trace_kinds(
             tokens, (1, 4), kinds=("resid_post", "mlp_out"), noise_tensor=noise, samples=SAMPLES
         )
-    long = [str(w.message) for w in caught if "this trace will take" in str(w.message)]
+    long = [w for w in caught if "this trace will take" in str(w.message)]
     assert len(long) == 1
-    message = long[0]
+    # Made from the measured speed of the first sweep batch, not before it.
+    assert batches_run_when_warned == [1]
+    # Attributed to the line that called lenscope, not to lenscope's own code.
+    assert long[0].filename == __file__
+    message = str(long[0].message)
     batches = sum(r["estimate"].batches for r in records)
     token_layers = sum(r["estimate"].token_layers for r in records)
+    decoded = sum(r["estimate"].decoded_rows for r in records)
+    active = sum(
+        int(engine._plan_sweep(tiny_model, s, w, c, b, st, bs).active.sum())
+        for s, w, c, b, st, bs in (r["args"] for r in records)
+    )
+    assert decoded == active * SAMPLES
     assert message.startswith("this trace will take about ")
     assert f"40 cells x 2 kinds = 80 cells in {batches:,} forward passes, " in message
-    rate = "at the rate of the corrupted run ("
-    assert f"{token_layers:,} token-layers, {rate}" in message
+    assert f"{token_layers:,} token-layers and {decoded:,} decoded rows, " in message
+    assert "at the speed its first forward passes ran (" in message
     assert " ms per token-layer)" in message
     assert "pass positions='subject'" in message and "layers=range(0, 2)" in message
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+def test_the_meter_counts_in_advance_exactly_the_work_that_runs(
+    tiny_model, tokens_and_noise, monkeypatch, strategy, direction
+):
+    """The progress bar ends at 100%: every unit counted before the trace is advanced once."""
+    from lenscope import progress
+
+    tokens, noise = tokens_and_noise
+    meters = []
+    real_init = progress.TraceMeter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        meters.append(self)
+
+    monkeypatch.setattr(progress.TraceMeter, "__init__", init)
+    steps = []
+    real_advance = progress.TraceMeter.advance
+    monkeypatch.setattr(
+        progress.TraceMeter,
+        "advance",
+        lambda self, units, **kw: (steps.append(units), real_advance(self, units, **kw)),
+    )
+    tracer = lenscope.CausalTracer(tiny_model, strategy=strategy, progress=False, batch_size=5)
+    tracer.trace_kinds(
+        tokens,
+        (1, 4),
+        noise_tensor=noise,
+        samples=SAMPLES,
+        direction=direction,
+        layers=[0, 2, 3],
+    )
+    (meter,) = meters
+    assert meter.done == pytest.approx(meter.total, rel=1e-12)
+    # The work of a whole-prompt run, computed independently: rows x (positions x blocks
+    # + the decode weight).
+    n_pos, n_layer = tokens.shape[0], tiny_model.cfg.n_layers
+    weight = progress.decode_weight(tiny_model, n_pos)
+    assert steps[0] == pytest.approx(SAMPLES * (n_pos * n_layer + weight))
+    assert meter.decided and meter.first_estimate is not None
+
+
+def test_the_time_left_is_known_before_the_first_cell_is_restored(
+    tiny_model, tokens_and_noise, monkeypatch
+):
+    """A long prompt's user sees an estimate after the whole-prompt runs, not after a sweep."""
+    from lenscope import engine, progress
+
+    tokens, noise = tokens_and_noise
+    meters, seen = [], []
+    real_init, real_stair = progress.TraceMeter.__init__, engine._run_stair
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        meters.append(self)
+
+    def run_stair(*args, **kwargs):
+        if not seen:
+            seen.append((meters[0].remaining(), meters[0].done))
+        return real_stair(*args, **kwargs)
+
+    monkeypatch.setattr(progress.TraceMeter, "__init__", init)
+    monkeypatch.setattr(engine, "_run_stair", run_stair)
+    tracer = lenscope.CausalTracer(tiny_model, strategy="prefix", progress=False)
+    tracer.trace_kinds(tokens, (1, 4), kinds=("mlp_out",), noise_tensor=noise, samples=SAMPLES)
+    ((remaining, done),) = seen
+    assert remaining is not None and remaining > 0
+    n_pos, n_layer = tokens.shape[0], tiny_model.cfg.n_layers
+    weight = progress.decode_weight(tiny_model, n_pos)
+    assert done == pytest.approx((1 + SAMPLES) * (n_pos * n_layer + weight))
 
 
 def test_a_normal_trace_does_not_warn(tiny_model, tokens_and_noise):

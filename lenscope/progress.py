@@ -1,0 +1,205 @@
+"""How far a trace has got and how long it will take: work counted in advance, speed measured.
+
+A causal trace (Meng et al., 2022, arXiv 2202.05262) spends its time in two
+kinds of work that lenscope counts exactly before anything runs: the
+token-layers of its forward passes (``(row, position, block)`` triples, from
+the sweep planner) and the rows it decodes through the unembedding. Their
+costs are put on one scale, the *unit*: one token-layer, with a decoded row
+worth :func:`decode_weight` units (the ratio of their multiply-adds). A
+:class:`TraceMeter` holds the total, advances as each forward pass and each
+decoded chunk finishes, and extrapolates the speed it measured on this
+machine, as it is loaded now, to the units left. An estimate made before
+anything ran (from a model's size, or from the first forward pass, which pays
+one-time costs) was wrong by up to 5x either way on a shared 2-core machine;
+this one is made from the trace's own batched work, once the first sweep batch
+has finished, and the progress bar's remaining time is refreshed from it after
+every step.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+LONG_TRACE_SECONDS = 600.0
+"""A trace whose measured estimate exceeds this says so (a ``UserWarning``)."""
+
+_LOG = logging.getLogger("lenscope.progress")
+
+
+def decode_weight(model: torch.nn.Module, n_key: int) -> float:
+    """Token-layers that decoding one row costs as much as, by their multiply-adds.
+
+    A token-layer (one position through one block, attending to ``n_key``
+    positions) multiplies its residual by the block's weight matrices and
+    attends; a decoded row multiplies a residual by the unembedding
+    ``[d_model, d_vocab]`` and takes a softmax and a top-k over the vocabulary
+    (counted as a few more passes over it).
+
+    Args:
+        model: A TransformerLens model (its ``cfg``).
+        n_key: Positions each token-layer attends to (the prompt's length).
+    """
+    cfg = model.cfg
+    d_model, d_head = int(cfg.d_model), int(cfg.d_head)
+    n_heads = int(cfg.n_heads)
+    kv_heads = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
+    mlp_mats = 3 if getattr(cfg, "gated_mlp", False) else 2
+    experts = int(getattr(cfg, "experts_per_token", None) or 1)
+    block = (
+        2 * d_model * n_heads * d_head  # queries and output
+        + 2 * d_model * kv_heads * d_head  # keys and values
+        + experts * mlp_mats * d_model * d_mlp
+        + 2 * n_key * n_heads * d_head  # scores and the weighted sum of values
+    )
+    decode = d_model * cfg.d_vocab + 8 * cfg.d_vocab
+    return decode / block
+
+
+def duration(seconds: float) -> str:
+    """``"47 s"``, ``"12 minutes"`` or ``"1.9 hours"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
+class TraceMeter:
+    """The work of one trace, in units, and the time it is taking.
+
+    Steps come in two phases. *Warm-up* steps (the first forward pass of a
+    trace, which pays one-time costs: allocations, kernel selection) count
+    towards the progress but not towards the speed. *Work* steps (batched
+    passes and decoding, like the sweeps') are timed, and their speed,
+    units per second since the warm-up ended, is what the estimate
+    extrapolates. The first step marked ``decides`` (the first sweep batch)
+    makes the one long-trace decision: if the estimated total exceeds
+    :data:`LONG_TRACE_SECONDS`, ``on_long`` is called with it (the caller's
+    warning, with its advice).
+
+    Args:
+        total: Units the trace will run (token-layers plus weighted decoded rows).
+        progress: Show a tqdm bar (percentage, elapsed and remaining time).
+        description: The bar's label.
+        on_long: Called once with the estimated total seconds when they exceed
+            :data:`LONG_TRACE_SECONDS`.
+        clock: Seconds, monotonic (a fake one in tests).
+    """
+
+    def __init__(
+        self,
+        total: float | int,
+        *,
+        progress: bool = False,
+        description: str = "trace",
+        on_long: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.total = float(total)
+        self.done = 0.0
+        self.on_long = on_long
+        self.clock = clock
+        self.started = clock()
+        self.work_started: float | None = None
+        self.work_done = 0.0
+        self.decided = False
+        self.first_estimate: float | None = None
+        """The estimated total seconds at the decision (None before it)."""
+        self._bar = (
+            tqdm(
+                total=self.total,
+                desc=description,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}",
+                postfix="time left ?",
+            )
+            if progress
+            else None
+        )
+
+    def describe(self, description: str) -> None:
+        """Relabel the progress bar (e.g. the kind being traced)."""
+        if self._bar is not None:
+            self._bar.set_description_str(description, refresh=False)
+
+    def warmed_up(self, units: float | int) -> None:
+        """Count ``units`` that ran as warm-up: progress, but not speed."""
+        self.done += units
+        self.work_started = self.clock()
+        self._refresh(units)
+
+    def advance(self, units: float | int, *, decides: bool = False) -> None:
+        """Count ``units`` of timed work that just finished.
+
+        Args:
+            units: The units the finished step ran.
+            decides: The step is representative of what is left (a sweep
+                batch): make the long-trace decision now if not made yet.
+        """
+        if self.work_started is None:  # nothing ran as warm-up: time from the start
+            self.work_started = self.started
+        self.done += units
+        self.work_done += units
+        if decides and not self.decided:
+            self.decided = True
+            estimate = self.estimate()
+            self.first_estimate = estimate
+            if estimate is not None:
+                _LOG.info(
+                    "trace estimate: %.1f s in all, after %.1f s and %.0f of %.0f units",
+                    estimate,
+                    self.clock() - self.started,
+                    self.done,
+                    self.total,
+                )
+                if estimate > LONG_TRACE_SECONDS and self.on_long is not None:
+                    self.on_long(estimate)
+        self._refresh(units)
+
+    def seconds_per_unit(self) -> float | None:
+        """The measured speed of the work steps, or None before one has run."""
+        if self.work_started is None or self.work_done <= 0:
+            return None
+        return max(self.clock() - self.work_started, 0.0) / self.work_done
+
+    def remaining(self) -> float | None:
+        """Estimated seconds left: the units left at the measured speed."""
+        rate = self.seconds_per_unit()
+        if rate is None:
+            return None
+        return max(self.total - self.done, 0.0) * rate
+
+    def estimate(self) -> float | None:
+        """Estimated total seconds: elapsed plus :meth:`remaining`."""
+        left = self.remaining()
+        return None if left is None else self.clock() - self.started + left
+
+    def _refresh(self, units: float | int) -> None:
+        if self._bar is None:
+            return
+        left = self.remaining()
+        left_text = "?" if left is None else _clock(left)
+        self._bar.set_postfix_str(f"time left {left_text}", refresh=False)
+        self._bar.update(units)
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "TraceMeter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    """``"01:05"`` or ``"1:02:03"``, as tqdm writes times."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
