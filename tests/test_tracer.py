@@ -9,7 +9,7 @@ from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
 from lenscope.sites import Site
-from lenscope.validation import AnswerWarning
+from lenscope.validation import AnswerWarning, InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,40 @@ def test_positions_subject_only(tracer):
     r = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions="subject", samples=2)
     traced = (~r.scores.isnan()).any(0).nonzero().flatten().tolist()
     assert traced == [1, 2, 3]
+
+
+@pytest.mark.parametrize("positions", [[-1, 1], ["last", -9], "last", [-1]])
+def test_negative_positions_and_last_count_from_the_end(tracer, positions):
+    """Python's negative indices and ``"last"`` trace the same cells as the positions they name."""
+    n_pos = 10  # tokens of TINY_PROMPT, with its BOS
+    named = [positions] if isinstance(positions, str) else positions
+    resolved = sorted(n_pos - 1 if p == "last" else p % n_pos for p in named)
+    options = {"kind": "resid_post", "samples": 2, "layers": [0, 2]}
+    counted = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=positions, **options)
+    plain = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=resolved, **options)
+    assert len(counted.tokens) == n_pos
+    traced = (~counted.scores.isnan()).any(0).nonzero().flatten().tolist()
+    assert traced == resolved
+    torch.testing.assert_close(counted.scores, plain.scores, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("positions", "match"),
+    [
+        (
+            [-11],
+            r"positions must be distinct token positions in \[0, 10\) \(or counted back from "
+            r"the end: -1 or 'last' is the last, -10 the first\), got \[-11\]; pass positions "
+            r"of the prompt's tokens, or 'all'",
+        ),
+        ([10], r"token positions in \[0, 10\) .*got \[10\]; pass"),
+        ([-1, 9], r"got \[-1, 9\], which are the positions \[9, 9\]; pass"),
+        (["last", "first"], r"got \['last', 'first'\]; pass"),
+    ],
+)
+def test_out_of_range_positions_name_the_rule(tracer, positions, match):
+    with pytest.raises(InvalidInput, match=match):
+        tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=positions, samples=2)
 
 
 def test_token_prompt_and_explicit_range(tiny_model_no_tokenizer):
