@@ -175,7 +175,8 @@ class TraceSettings:
 
         Accepts every field of this class and, as shortcuts for a
         :class:`~lenscope.corruptions.GaussianNoise`, ``samples``, ``noise``,
-        ``noise_multiplier``, ``noise_tensor`` and ``seed``. None leaves a
+        ``noise_multiplier``, ``noise_tensor`` (``[samples, n_subject_tokens,
+        d_model]``: it sets ``samples``) and ``seed``. None leaves a
         field as it is in ``base`` (except ``answer``, ``layers`` and
         ``windows``, where None is a value).
         """
@@ -206,6 +207,8 @@ class TraceSettings:
                 )
             if "noise" in noise:  # an absolute std replaces a resolved one
                 corruption = dataclasses.replace(corruption, noise_tensor=None)
+            if "noise_tensor" in noise and "samples" not in noise:
+                noise["samples"] = None  # the tensor's first dimension, not the base's
             corruption = dataclasses.replace(corruption, **noise)
         changes = {k: v for k, v in options.items() if v is not None or k in _NONE_IS_VALUE}
         return dataclasses.replace(base, corruption=corruption, **changes)
