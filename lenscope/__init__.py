@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "SITES": "lenscope.sites",
     "Site": "lenscope.sites",
     "TraceResult": "lenscope.results",
+    "TraceInterrupted": "lenscope.results",
     "TraceSettings": "lenscope.settings",
     "TunedLens": "lenscope.tuned_lens",
     "embedding_sigma": "lenscope.noise",

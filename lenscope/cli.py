@@ -17,14 +17,16 @@ This module is the top layer: it imports everything else, lazily, so that
 """
 
 import argparse
+import contextlib
 import functools
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ DEFAULT_PROMPT_HELP = '"The Eiffel Tower is located in the city of"'
 DEFAULT_KINDS = ("resid_post", "mlp_out", "attn_out")
 KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 # lenscope.settings.POSITION_NAMES, repeated so that parsing needs no torch.
-POSITION_NAMES = ("all", "subject", "from_subject")
+POSITION_NAMES = ("all", "subject", "from_subject", "last")
 ModelFactory = Callable[..., Any]
 # lenscope.metrics.METRIC_NAMES and the noise corruptions, repeated so that parsing
 # needs no torch (tests check that they agree).
@@ -77,7 +79,11 @@ def _noise_arg(text: str) -> tuple[str, float]:
             f"expected an absolute std (e.g. 0.5) or a multiple of sigma (e.g. 3s), got {text!r}"
         ) from None
     if not math.isfinite(parsed) or parsed < 0:
-        raise argparse.ArgumentTypeError(f"noise must be finite and >= 0, got {text!r}")
+        example = "3s" if multiple else "0.5"
+        raise argparse.ArgumentTypeError(
+            f"noise must be a finite number >= 0 (a multiple of sigma such as 3s, or an "
+            f"absolute std such as 0.5), got {text!r}; pass e.g. --noise {example}"
+        )
     return ("multiplier" if multiple else "absolute"), parsed
 
 
@@ -117,16 +123,33 @@ def _layers_arg(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _positions_arg(text: str) -> str | tuple[int, ...]:
+def _positions_arg(text: str) -> str | tuple[int | str, ...]:
+    """A position name, or ranges and positions such as ``2-6``, ``3,4,5``, ``-1``, ``0,last``.
+
+    Negative positions count from the end (``-1`` and ``last``: the last token);
+    they are resolved against the prompt, by :class:`lenscope.TraceSettings`.
+    """
     if text.strip() in POSITION_NAMES:
         return text.strip()
+    parts = [part.strip() for part in text.split(",")]
+    counted: list[int | str] = []
     try:
-        return _index_list(text)
+        for part in parts:
+            if part == "last":
+                counted.append(part)
+            elif re.fullmatch(r"-\d+", part):
+                counted.append(int(part))
+            else:
+                counted.extend(_index_list(part))
+        if len(set(counted)) != len(counted):
+            raise ValueError(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected {', '.join(POSITION_NAMES)} or token positions such as 2-6 (both ends "
-            f"included) or 3,4,5, got {text!r}"
+            f"included), 3,4,5 or -1 (counted from the end, as last), got {text!r}; pass e.g. "
+            "--positions 2-6"
         ) from None
+    return tuple(counted)
 
 
 def _minutes_arg(text: str) -> float:
@@ -266,7 +289,8 @@ def add_cell_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--positions",
         type=_positions_arg,
         help="token positions to trace: all (default), subject, from_subject (the subject's "
-        "first token to the last), a range such as 2-6 or a list such as 3,4,5",
+        "first token to the last), last, a range such as 2-6 or a list such as 3,4,5; "
+        "negative positions count from the end (-1: the last token, -2,-1: the last two)",
     )
     return parser
 
@@ -349,14 +373,17 @@ def add_dataset_arguments(
         help="trace the facts as given, without keeping only the known ones",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("report.html"), help="HTML report (default report.html)"
+        "--out",
+        type=output_path,
+        default=Path("report.html"),
+        help="HTML report (default report.html)",
     )
     parser.add_argument(
-        "--summary", type=Path, default=None, help="also save the DatasetSummary as JSON"
+        "--summary", type=output_path, default=None, help="also save the DatasetSummary as JSON"
     )
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=output_path,
         default=None,
         help="JSONL checkpoint, written as each fact finishes; rerun with the same file to resume",
     )
@@ -454,9 +481,95 @@ def dataset_executor(args: argparse.Namespace, model_factory: ModelFactory | Non
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, and whose options take negative values.
+
+    An error is ``lenscope trace: error: <reason>; <fix>`` and exit status 2,
+    without argparse's usage block (``--help`` prints it). A value that starts
+    with ``-`` and a digit (``--noise -3s``, ``--positions -2,-1``) is the
+    option's value, not an option, so that lenscope's own checks explain it.
+    Subcommand parsers are of this class too.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse's, after joining ``--option -value`` into ``--option=-value``."""
+        args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(_attach_negative_values(self, args), namespace)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's; unknown arguments are reported by the subcommand they were given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            words = [getattr(parsed, name, None) for name in ("command", "lens_command")]
+            prog = " ".join([self.prog, *(w for w in words if w)])
+            self.error(f"unrecognized arguments: {' '.join(extras)}", prog=prog)
+        return parsed
+
+    def error(self, message: str, *, prog: str | None = None) -> Any:  # type: ignore[override]
+        """Print ``<prog>: error: <message>; <fix>`` on one line and exit with status 2."""
+        prog = prog or self.prog
+        fix = "" if "; " in message else f"; run '{prog} --help' for the options"
+        self.exit(2, f"{prog}: error: {message}{fix}\n")
+
+
+_NEGATIVE_VALUE = re.compile(r"-\.?\d")
+
+
+def _attach_negative_values(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``args`` with ``--opt -3s`` as ``--opt=-3s``, for options of ``parser`` taking one value."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        action = parser._option_string_actions.get(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if (
+            action is not None
+            and action.nargs is None
+            and action.option_strings
+            and following is not None
+            and _NEGATIVE_VALUE.match(following)
+            and following not in parser._option_string_actions
+        ):
+            out.append(f"{arg}={following}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def output_path(text: str) -> Path:
+    """An argparse type: an output file (or folder) whose parent folder exists.
+
+    A mistyped folder is refused at parse time, before any model loads,
+    rather than created: ``--out no/such/dir/x.html`` names the folder and
+    says to create it first.
+    """
+    path = Path(text)
+    folder = path.parent
+    if not folder.exists():
+        raise argparse.ArgumentTypeError(
+            f"the folder {str(folder)!r} of {text!r} does not exist (lenscope creates no "
+            f"folders); create it first (mkdir -p {shlex.quote(str(folder))}), or pass a path "
+            "in an existing folder"
+        )
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{str(folder)!r} of {text!r} is a file, not a folder; pass a path in a folder"
+        )
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lenscope`` command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lenscope",
         description="See where a transformer keeps and moves the information behind a "
         "prediction: vectorised causal tracing (ROME) for TransformerLens models.",
@@ -482,9 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cell_arguments(trace)
     trace.add_argument("--answer", help="answer token text (default: the clean top-1 token)")
     trace.add_argument(
-        "--out", type=Path, default=Path("trace.html"), help="HTML file (default trace.html)"
+        "--out", type=output_path, default=Path("trace.html"), help="HTML file (default trace.html)"
     )
-    trace.add_argument("--json", type=Path, help="also write the results as JSON")
+    trace.add_argument("--json", type=output_path, help="also write the results as JSON")
     trace.add_argument(
         "--method",
         choices=("exact", "attribution"),
@@ -529,9 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patch.add_argument("--quiet", action="store_true", help="no progress bars")
     patch.add_argument(
-        "--out", type=Path, default=Path("patch.html"), help="HTML file (default patch.html)"
+        "--out", type=output_path, default=Path("patch.html"), help="HTML file (default patch.html)"
     )
-    patch.add_argument("--json", type=Path, help="also write the results as JSON")
+    patch.add_argument("--json", type=output_path, help="also write the results as JSON")
     patch.set_defaults(run=run_patch)
 
     dataset = sub.add_parser(
@@ -569,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="UTF-8 text files to train on (each file one document)",
     )
     train.add_argument(
-        "--out", type=Path, required=True, help="folder to save the lens to (created)"
+        "--out", type=output_path, required=True, help="folder to save the lens to (created)"
     )
     add_model_arguments(train)
     train.add_argument("--steps", type=positive_int_arg, default=250, help="steps (default 250)")
@@ -597,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="shuffles the sequences (default 0)")
     train.add_argument(
         "--checkpoint",
-        type=Path,
+        type=output_path,
         help="file to save progress to every 10 steps; an existing one is resumed",
     )
     train.add_argument(
@@ -609,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8192,
         help="held-out tokens to evaluate (default 8192)",
     )
-    train.add_argument("--json", type=Path, help="write the held-out evaluation as JSON")
+    train.add_argument("--json", type=output_path, help="write the held-out evaluation as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_lens_train)
     return parser
@@ -686,7 +799,8 @@ def _load(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
 def check_outputs(outputs: Sequence[tuple[str, Path | None]]) -> None:
     """Check that every output file can be written, before anything is loaded or traced.
 
-    Missing parent folders are created. A file that does not exist yet is
+    Missing parent folders are refused when the arguments are parsed
+    (:func:`output_path`), never created. A file that does not exist yet is
     created and removed again; one that exists is opened for appending and
     left unchanged.
 
@@ -733,11 +847,9 @@ def _unwritable(path: Path) -> str | None:
         folder = folder.parent
     if not folder.is_dir():
         return f"{str(folder)!r} is a file, not a folder"
+    if folder != path.parent:
+        return f"the folder {str(path.parent)!r} does not exist; create it first"
     existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot create the folder {str(path.parent)!r} ({e.strerror or e})"
     try:
         with path.open("a"):
             pass
@@ -824,16 +936,17 @@ def run_patch(args: argparse.Namespace, model_factory: ModelFactory | None = Non
 
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
-    results = tracer.trace_kinds(
-        args.clean,
-        corruption=lenscope.CounterfactualPrompt(args.counterfactual),
-        kinds=args.kinds,
-        windows=args.window,
-        answer=args.answer,
-        layers=args.layers,
-        positions=args.positions,
-        **patch_options(args),
-    )
+    with _partial_results_kept(args):
+        results = tracer.trace_kinds(
+            args.clean,
+            corruption=lenscope.CounterfactualPrompt(args.counterfactual),
+            kinds=args.kinds,
+            windows=args.window,
+            answer=args.answer,
+            layers=args.layers,
+            positions=args.positions,
+            **patch_options(args),
+        )
     return _report(args, results, "patch")
 
 
@@ -865,8 +978,56 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
             file=sys.stderr,
         )
         return _report(args, results, "trace")
-    results = tracer.trace_kinds(args.prompt, subject, answer=args.answer, **trace_options(args))
+    with _partial_results_kept(args):
+        results = tracer.trace_kinds(
+            args.prompt, subject, answer=args.answer, **trace_options(args)
+        )
     return _report(args, results, "trace")
+
+
+def partial_path(args: argparse.Namespace) -> Path:
+    """Where an interrupted command keeps what finished.
+
+    ``--json`` (``--summary`` for a dataset) if given, else beside ``--out``
+    (``trace.html`` -> ``trace.partial.json``).
+    """
+    given = getattr(args, "json", None) or getattr(args, "summary", None)
+    return given if given is not None else args.out.with_name(f"{args.out.stem}.partial.json")
+
+
+@contextlib.contextmanager
+def _partial_results_kept(args: argparse.Namespace) -> Iterator[None]:
+    """On Ctrl-C (:class:`lenscope.TraceInterrupted`), save what finished as JSON and say where.
+
+    Re-raised as a ``KeyboardInterrupt`` whose message :func:`main` prints
+    (exit status 130): how many parts finished and the file that holds them,
+    in the format of ``--json`` (a trace's kinds) or ``--summary`` (a dataset's
+    facts, :meth:`lenscope.DatasetSummary.load`).
+    """
+    from lenscope.results import TraceInterrupted, write_json
+
+    try:
+        yield
+    except TraceInterrupted as e:
+        results, parts = e.results, "facts" if hasattr(e.results, "n_pending") else "kinds"
+        done = f"{e.finished} of {e.total} {parts} finished"
+        if not e.finished:
+            raise KeyboardInterrupt(f"{done}; nothing to keep") from None
+        if parts == "facts":
+            save, how = results.save, "DatasetSummary.load reads it"
+        else:
+            save, how = (
+                lambda path: write_json({k: r.to_dict() for k, r in results.items()}, path),
+                "in the format of --json",
+            )
+        path = partial_path(args)
+        try:
+            save(path)
+        except OSError:
+            path = _keep(save, "partial")
+        if path is None:
+            raise KeyboardInterrupt(f"{done}; they could not be saved anywhere") from None
+        raise KeyboardInterrupt(f"{done}; they are saved in {str(path)!r} ({how})") from None
 
 
 def _report(args: argparse.Namespace, results: dict[str, Any], stem: str) -> int:
@@ -950,15 +1111,16 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
             file=sys.stderr,
         )
         chosen = pairs.facts
-    summary = trace_dataset(
-        tracer,
-        chosen,
-        settings,
-        checkpoint=args.checkpoint,
-        max_seconds=None if args.minutes is None else args.minutes * 60,
-        executor=executor,
-        prompts_per_batch=args.prompts_per_batch,
-    )
+    with _partial_results_kept(args):
+        summary = trace_dataset(
+            tracer,
+            chosen,
+            settings,
+            checkpoint=args.checkpoint,
+            max_seconds=None if args.minutes is None else args.minutes * 60,
+            executor=executor,
+            prompts_per_batch=args.prompts_per_batch,
+        )
     print(summary.table().to_string(index=False))
     if executor is not None and summary.workers:
         print(workers_line(summary.workers), file=sys.stderr)
@@ -1040,7 +1202,7 @@ _CLI_FIXES: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
     (r"layers=range\((\d+), (\d+)\)", lambda m: f"--layers {m[1]}-{int(m[2]) - 1}"),
     (r"positions='(\w+)'", r"--positions \1"),
     (r"or a list of positions", "or positions such as 3,4,5"),
-    (r"positions=\[([\d, ]+)\]", lambda m: "--positions " + m[1].replace(" ", "")),
+    (r"positions=\[([-\d, ]+)\]", lambda m: "--positions " + m[1].replace(" ", "")),
     (
         r"pass positions of the prompt's tokens, or 'all'",
         "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
@@ -1111,8 +1273,9 @@ def main(argv: Sequence[str] | None = None, *, model_factory: ModelFactory | Non
     except (OSError, ImportError) as e:
         print(f"{command}: error: {cli_wording(str(e))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = f": {e}" if str(e) else ""
+        print(f"{command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("LENSCOPE_TRACEBACK"):

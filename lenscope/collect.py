@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from lenscope.hooks import KINDS, capture_forward, check_hook_points, model_name, preserved_model
 from lenscope.sites import HEAD_KINDS
 from lenscope.tokens import prompt_tokens
-from lenscope.validation import InvalidInput, InvalidInputType, is_int, optional_positive_int
+from lenscope.validation import (
+    LAST,
+    InvalidInput,
+    InvalidInputType,
+    is_int,
+    optional_positive_int,
+)
 
 POSITION_NAMES = ("last", "all")
 
@@ -148,6 +154,7 @@ def _positions(positions: Any, lengths: Tensor) -> Tensor:
             )
         return torch.arange(int(lengths[0])).expand(len(lengths), -1)
     chosen = [positions] if is_int(positions) else list(positions)
+    chosen = [-1 if isinstance(p, str) and p == LAST else p for p in chosen]
     if not chosen or not all(is_int(p) for p in chosen):
         raise InvalidInput(f"positions must be 'last', 'all' or integers, got {positions!r}; {fix}")
     where = torch.tensor(chosen)[None].expand(len(lengths), -1)
@@ -176,7 +183,7 @@ def collect(
     prompts: Sequence[str | Tensor | Sequence[int]],
     *,
     hooks: str | Sequence[str] | Callable[[str], bool],
-    positions: str | int | Sequence[int] = "last",
+    positions: str | int | Sequence[int | str] = "last",
     batch_size: int = 16,
     progress: bool = True,
 ) -> CollectedActivations:
@@ -194,7 +201,8 @@ def collect(
             ``model.hook_dict`` (TransformerLens' ``names_filter``).
         positions: ``"last"`` (each prompt's last token), ``"all"`` (prompts
             must have the same length), or token positions (an int or a
-            list; negative ones count back from each prompt's end).
+            list; negative ones count back from each prompt's end, and ``"last"``
+            in a list is ``-1``).
         batch_size: Prompts per forward pass.
         progress: Show a progress bar.
 

@@ -206,6 +206,33 @@ class Corruption(abc.ABC):
         """Rebuild the corruption from :meth:`to_dict`'s output."""
 
 
+DEFAULT_SAMPLES = 10
+"""Corrupted copies of a noise corruption (ROME's 10)."""
+
+
+def _check_noise_tensor(noise_tensor: Any, samples: Any) -> None:
+    """Refuse all but a finite ``[samples, n_subject_tokens, d_model]`` tensor, ``samples`` rows."""
+    if not isinstance(noise_tensor, Tensor):
+        raise InvalidInputType(
+            "noise_tensor must be a torch.Tensor of shape [samples, subject tokens, "
+            f"d_model], got {type(noise_tensor).__name__}"
+        )
+    if noise_tensor.ndim != 3 or noise_tensor.shape[0] < 1:
+        raise InvalidInput(
+            f"noise_tensor must have shape [samples, n_subject_tokens, d_model] with samples "
+            f">= 1, got {tuple(noise_tensor.shape)}; pass e.g. torch.randn(10, 3, d_model) * std"
+        )
+    if samples is not None and samples != noise_tensor.shape[0]:
+        raise InvalidInput(
+            f"samples={samples!r} conflicts with noise_tensor, which holds "
+            f"{noise_tensor.shape[0]} samples (shape {tuple(noise_tensor.shape)} = [samples, "
+            "n_subject_tokens, d_model]); leave samples out (noise_tensor sets it), or pass "
+            f"a noise_tensor of {samples!r} samples"
+        )
+    if not torch.isfinite(noise_tensor).all():
+        raise InvalidInput("noise_tensor must be finite, got NaN or inf entries")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SubjectNoise(Corruption):
     """Noise added to (or replacing) the subject's embeddings at ``hook_embed``, in copies.
@@ -216,20 +243,21 @@ class SubjectNoise(Corruption):
     shape, not in size.
 
     Args:
-        samples: Corrupted copies (ROME: 10).
+        samples: Corrupted copies (ROME: 10, the default); with ``noise_tensor``,
+            its first dimension (pass neither, or both equal).
         noise: Absolute noise std; overrides ``noise_multiplier``.
         noise_multiplier: Noise std as a multiple of the embedding sigma
             measured at ``hook_embed`` (ROME: 3).
         seed: Seed of the noise draws (float32, CPU generator: the same on every device).
         noise_tensor: Exact noise ``[samples, subject_pos, d_model]``;
-            overrides ``noise``, ``noise_multiplier`` and ``seed``.
+            overrides ``noise``, ``noise_multiplier`` and ``seed``, and sets ``samples``.
         reference_subjects: Subjects over which sigma is measured; default
             the ROME known-facts subjects shipped with lenscope.
         replace: Replace the subject's embeddings with the noise instead of
             adding it (ROME's ``--replace``).
     """
 
-    samples: int = 10
+    samples: int | None = None
     noise: float | int | None = None
     noise_multiplier: float | int = DEFAULT_NOISE_MULTIPLIER
     seed: int = 0
@@ -238,7 +266,12 @@ class SubjectNoise(Corruption):
     replace: bool = False
 
     def __post_init__(self) -> None:
-        """Check every setting that does not need the model."""
+        """Check every setting that does not need the model; ``samples`` from ``noise_tensor``."""
+        if self.noise_tensor is not None:
+            _check_noise_tensor(self.noise_tensor, self.samples)
+            object.__setattr__(self, "samples", self.noise_tensor.shape[0])
+        elif self.samples is None:
+            object.__setattr__(self, "samples", DEFAULT_SAMPLES)
         if not is_int(self.samples) or self.samples < 1:
             raise InvalidInput(
                 f"samples must be an integer >= 1, got {self.samples!r}; ROME uses 10"
@@ -259,14 +292,6 @@ class SubjectNoise(Corruption):
         )
         if not is_int(self.seed):
             raise InvalidInput(f"seed must be an integer, got {self.seed!r}; pass e.g. seed=0")
-        if self.noise_tensor is not None:
-            if not isinstance(self.noise_tensor, Tensor):
-                raise InvalidInputType(
-                    "noise_tensor must be a torch.Tensor of shape [samples, subject tokens, "
-                    f"d_model], got {type(self.noise_tensor).__name__}"
-                )
-            if not torch.isfinite(self.noise_tensor).all():
-                raise InvalidInput("noise_tensor must be finite, got NaN or inf entries")
         if self.reference_subjects is not None:
             object.__setattr__(self, "reference_subjects", tuple(self.reference_subjects))
         if not isinstance(self.replace, bool):

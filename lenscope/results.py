@@ -188,6 +188,66 @@ def write_json(data: Any, path: str | Path) -> Path:
     return path
 
 
+class TraceInterrupted(KeyboardInterrupt):
+    """Ctrl-C in a call of several parts (kinds of a trace, facts of a dataset), with those done.
+
+    A ``KeyboardInterrupt``, so that it stops a program as Ctrl-C does; catch
+    it to keep what finished. The model is left exactly as it was.
+
+    Example:
+        >>> try:  # doctest: +SKIP
+        ...     results = tracer.trace_kinds(prompt, subject)
+        ... except lenscope.TraceInterrupted as e:
+        ...     results = e.results  # the kinds that finished
+
+    Attributes:
+        results: What finished, in the shape the call returns: ``{kind:
+            TraceResult}`` (``{metric: {kind: TraceResult}}`` with several
+            metrics) for a trace, a :class:`~lenscope.DatasetSummary` of the
+            facts traced for a dataset.
+        finished: How many parts finished.
+        total: How many parts the call had.
+    """
+
+    def __init__(self, message: str, results: Any, finished: int, total: int) -> None:
+        """Keep ``results``; ``message`` says what finished and how to get it."""
+        super().__init__(message)
+        self.results = results
+        self.finished = finished
+        self.total = total
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with every argument (Ray workers send exceptions back pickled)."""
+        return (type(self), (str(self), self.results, self.finished, self.total))
+
+
+def interrupted_trace(
+    error: KeyboardInterrupt, results: Mapping[str, Any], kinds: Sequence[str]
+) -> TraceInterrupted:
+    """The :class:`TraceInterrupted` of a trace whose ``kinds`` were cut short by ``error``.
+
+    Args:
+        error: The Ctrl-C.
+        results: The results of the kinds that finished, as the call returns
+            them (``{kind: result}`` or ``{metric: {kind: result}}``).
+        kinds: Every kind the call traces, in order.
+    """
+    first = next(iter(results.values()), None)
+    done = [k for k in kinds if k in (first if isinstance(first, Mapping) else results)]
+    left = [k for k in kinds if k not in done]
+    if done:
+        how = (
+            f"{', '.join(done)} finished; their results are in this exception's .results "
+            "(except lenscope.TraceInterrupted as e: results = e.results)"
+        )
+    else:
+        how = "no kind finished, so .results holds none"
+    message = (
+        f"interrupted after {len(done)} of {len(kinds)} kinds ({', '.join(left)} not traced); {how}"
+    )
+    return TraceInterrupted(message, dict(results), len(done), len(kinds))
+
+
 class JsonRoundTrip:
     """``to_dict``/``from_dict``/``save``/``load`` for frozen result dataclasses.
 

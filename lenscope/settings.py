@@ -29,6 +29,7 @@ from lenscope.hooks import n_layers
 from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
 from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
 from lenscope.validation import (
+    LAST,
     InvalidInput,
     InvalidInputType,
     distinct_indices,
@@ -38,7 +39,9 @@ from lenscope.validation import (
 DEFAULT_KINDS: tuple[str, ...] = ("resid_post", "mlp_out", "attn_out")
 """The hook-point types of ROME's Figure 1."""
 
-POSITION_NAMES = ("all", "subject", "from_subject")
+POSITION_NAMES = ("all", "subject", "from_subject", LAST)
+"""Named position sets; a list of positions may also hold negative ones (``-1``: the last
+token, as Python counts) and ``"last"``."""
 
 DIRECTIONS = ("denoise", "noise")
 """``denoise``: clean activations patched into the corrupted run (causal tracing; does
@@ -74,7 +77,10 @@ class TraceSettings:
         top_k: Predictions of each restored run kept for inspection.
         layers: Layers to trace (an int n means ``range(n)``); None = all.
         positions: ``"all"``, ``"subject"``, ``"from_subject"`` (the subject's
-            first token to the last token) or a list of token positions.
+            first token to the last token), ``"last"`` (the last token) or a
+            list of token positions; negative ones count from the end as
+            Python does (``[-1]`` is the last token, as ``"last"`` is). Each
+            trace resolves them against its prompt's length.
         by: How per-head kinds (``"z"``, ``"q"``, ``"k"``, ``"v"``,
             ``"pattern"``) are traced: ``"head"`` (a head at every position,
             cells ``(layer, head)``; the default) or ``"head_pos"`` (cells
@@ -90,7 +96,7 @@ class TraceSettings:
     direction: str = "denoise"
     top_k: int = 5
     layers: int | Iterable[int] | None = None
-    positions: str | Sequence[int] | torch.Tensor = "all"
+    positions: str | Sequence[int | str] | torch.Tensor = "all"
     by: str | None = None
 
     def __post_init__(self) -> None:
@@ -152,13 +158,13 @@ class TraceSettings:
         if isinstance(self.positions, str):
             if self.positions not in POSITION_NAMES:
                 raise InvalidInput(
-                    f"positions must be 'all', 'subject', 'from_subject' or a list of token "
-                    f"positions, got {self.positions!r}"
+                    f"positions must be 'all', 'subject', 'from_subject', 'last' or a list of "
+                    f"token positions, got {self.positions!r}; pass e.g. positions=[-1]"
                 )
         elif not isinstance(self.positions, Sequence | torch.Tensor | range):
             raise InvalidInputType(
-                f"positions must be 'all', 'subject', 'from_subject' or a list of token "
-                f"positions, got {type(self.positions).__name__}"
+                f"positions must be 'all', 'subject', 'from_subject', 'last' or a list of "
+                f"token positions, got {type(self.positions).__name__}; pass e.g. positions=[-1]"
             )
         if isinstance(self.layers, Iterable) and not isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(self.layers))
@@ -169,7 +175,8 @@ class TraceSettings:
 
         Accepts every field of this class and, as shortcuts for a
         :class:`~lenscope.corruptions.GaussianNoise`, ``samples``, ``noise``,
-        ``noise_multiplier``, ``noise_tensor`` and ``seed``. None leaves a
+        ``noise_multiplier``, ``noise_tensor`` (``[samples, n_subject_tokens,
+        d_model]``: it sets ``samples``) and ``seed``. None leaves a
         field as it is in ``base`` (except ``answer``, ``layers`` and
         ``windows``, where None is a value).
         """
@@ -200,6 +207,8 @@ class TraceSettings:
                 )
             if "noise" in noise:  # an absolute std replaces a resolved one
                 corruption = dataclasses.replace(corruption, noise_tensor=None)
+            if "noise_tensor" in noise and "samples" not in noise:
+                noise["samples"] = None  # the tensor's first dimension, not the base's
             corruption = dataclasses.replace(corruption, **noise)
         changes = {k: v for k, v in options.items() if v is not None or k in _NONE_IS_VALUE}
         return dataclasses.replace(base, corruption=corruption, **changes)
@@ -285,19 +294,20 @@ class TraceSettings:
         )
 
     def position_list(self, n_pos: int, subject_range: tuple[int, int]) -> list[int]:
-        """The token positions to trace, sorted."""
-        if isinstance(self.positions, str):
+        """The token positions to trace, sorted, resolved (``-1``, ``"last"``: ``n_pos - 1``)."""
+        if isinstance(self.positions, str) and self.positions != LAST:
             start, end = subject_range
             return {
                 "all": list(range(n_pos)),
                 "subject": list(range(start, end)),
                 "from_subject": list(range(start, n_pos)),
             }[self.positions]
-        values = (
-            self.positions.tolist()
-            if isinstance(self.positions, torch.Tensor)
-            else list(self.positions)
-        )
+        if isinstance(self.positions, str):
+            values: list[Any] = [self.positions]
+        elif isinstance(self.positions, torch.Tensor):
+            values = self.positions.tolist()
+        else:
+            values = list(self.positions)
         return distinct_indices(
             "positions",
             "token positions",
@@ -305,6 +315,7 @@ class TraceSettings:
             n_pos,
             "pass positions of the prompt's tokens, or 'all'",
             original=self.positions,
+            count_back=True,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,7 +337,7 @@ class TraceSettings:
             "layers": None if layers is None else (layers if is_int(layers) else list(layers)),
             "positions": self.positions
             if isinstance(self.positions, str)
-            else [int(p) for p in self.positions],
+            else [p if isinstance(p, str) else int(p) for p in self.positions],
         }
         if self.by is not None:
             out["by"] = self.by

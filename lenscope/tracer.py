@@ -32,7 +32,7 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
-from lenscope.results import HeadTraceResult, TraceResult
+from lenscope.results import HeadTraceResult, TraceResult, interrupted_trace
 from lenscope.settings import DEFAULT_KINDS, TraceSettings, resolve_prompt
 from lenscope.sites import HeadSite, Site
 from lenscope.tokens import (
@@ -255,6 +255,11 @@ class CausalTracer:
             ``{kind: TraceResult}`` in the order of ``kinds``; with several
             metrics, ``{metric: {kind: TraceResult}}``.
 
+        Raises:
+            TraceInterrupted: On Ctrl-C during the sweeps (a
+                ``KeyboardInterrupt``); its ``.results`` holds the kinds that
+                finished, in the shape returned here, and the model is left as it was.
+
         Warns:
             AnswerWarning: When the trace probably follows the wrong token: an
                 answer given as text without its leading space (``'Paris'``)
@@ -299,7 +304,9 @@ class CausalTracer:
         cells = {where.name: where.cells(model, layer_list, pos_list) for where in sites}
         top_k, noising = settings.top_k, settings.direction == "noise"
 
+        interrupt = _KindsInterrupt()  # listed first: exits after the model is restored
         with (
+            interrupt,
             preserved_model(model),
             engine.matmul_friendly_weights(model),
             torch.inference_mode(),
@@ -376,6 +383,7 @@ class CausalTracer:
             _check_answer(model, settings.answer, answer_id, clean.logits, prob_scores, "prob")
 
             swept = {}
+            interrupt.armed = True  # Ctrl-C from here on keeps the kinds already swept
             for where in sites:
                 swept[where.name] = engine.sweep(
                     model,
@@ -442,7 +450,33 @@ class CausalTracer:
                 )
                 for kind, out in swept.items()
             }
+        if interrupt.error is not None:
+            shown = next(iter(results.values())) if len(results) == 1 else results
+            kinds = [where.name for where in sites]
+            raise interrupted_trace(interrupt.error, shown, kinds) from interrupt.error
         return results
+
+
+class _KindsInterrupt:
+    """Catches Ctrl-C once armed (during the sweeps), so that the finished kinds are kept.
+
+    Entered first in the trace's ``with``, so it exits last: the model is
+    restored by then, and :meth:`CausalTracer._trace` raises a
+    :class:`~lenscope.results.TraceInterrupted` carrying the finished kinds.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.error: KeyboardInterrupt | None = None
+
+    def __enter__(self) -> "_KindsInterrupt":
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        if self.armed and isinstance(error, KeyboardInterrupt):
+            self.error = error
+            return True
+        return False
 
 
 def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:

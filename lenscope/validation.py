@@ -99,8 +99,19 @@ def finite_number(name: str, value: Any, fix: str, *, minimum: float | int = -ma
     return float(value)
 
 
+LAST = "last"
+"""The name of the last token position, wherever positions are taken (as ``-1``)."""
+
+
 def distinct_indices(
-    name: str, what: str, values: Sequence[Any], size: int, fix: str, *, original: Any = None
+    name: str,
+    what: str,
+    values: Sequence[Any],
+    size: int,
+    fix: str,
+    *,
+    original: Any = None,
+    count_back: bool = False,
 ) -> list[int]:
     """Sorted distinct integers in ``[0, size)``; :class:`InvalidInput` otherwise.
 
@@ -111,9 +122,25 @@ def distinct_indices(
         size: One past the largest allowed index.
         fix: What to pass instead.
         original: The value as the user passed it, shown in the message.
+        count_back: Also take Python's negative indices (``-1`` is ``size - 1``)
+            and :data:`LAST` (the same), as token positions are given; the
+            result holds the resolved, non-negative indices.
     """
     shown = values if original is None else original
-    chosen = [int(v) for v in values] if all(is_int(v) for v in values) else None
-    if not chosen or any(not 0 <= v < size for v in chosen) or len(set(chosen)) != len(chosen):
-        raise InvalidInput(f"{name} must be distinct {what} in [0, {size}), got {shown!r}; {fix}")
-    return sorted(chosen)
+    low = -size if count_back else 0
+
+    def index(v: Any) -> int | None:
+        if count_back and isinstance(v, str) and v == LAST and size > 0:
+            return size - 1
+        return int(v) % size if is_int(v) and low <= v < size else None
+
+    chosen = [index(v) for v in values]
+    rule = f"{name} must be distinct {what} in [0, {size})"
+    if count_back:
+        rule += f" (or counted back from the end: -1 or {LAST!r} is the last, -{size} the first)"
+    if not chosen or any(v is None for v in chosen):
+        raise InvalidInput(f"{rule}, got {shown!r}; {fix}")
+    if len(set(chosen)) != len(chosen):
+        same = f", which are the positions {chosen}" if chosen != list(values) else ""
+        raise InvalidInput(f"{rule}, got {shown!r}{same}; {fix}")
+    return sorted(v for v in chosen if v is not None)

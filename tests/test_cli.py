@@ -130,20 +130,87 @@ def test_user_errors_exit_2_with_one_line(run, argv, message, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+HELP = "run 'lenscope trace --help' for the options"
+
+
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "line"),
     [
-        (["trace", "p", "--kinds", "mlp"], "kinds must be a comma-separated list"),
-        (["trace", "p", "--samples", "0"], "expected a positive integer"),
-        (["trace", "p", "--noise", "lots"], "expected an absolute std"),
-        (["trace"], "the following arguments are required: prompt"),
-        (["frobnicate"], "invalid choice"),
+        (
+            ["trace", "p", "--kinds", "mlp"],
+            "lenscope trace: error: argument --kinds: kinds must be a comma-separated list of "
+            f"resid_pre,resid_mid,resid_post,mlp_out,attn_out, got 'mlp'; {HELP}",
+        ),
+        (
+            ["trace", "p", "--samples", "0"],
+            f"lenscope trace: error: argument --samples: expected a positive integer, got '0'; {HELP}",
+        ),
+        (
+            ["trace", "p", "--samples", "-3"],
+            f"lenscope trace: error: argument --samples: expected a positive integer, got '-3'; {HELP}",
+        ),
+        (
+            ["trace", "p", "--noise", "lots"],
+            "lenscope trace: error: argument --noise: expected an absolute std (e.g. 0.5) or a "
+            f"multiple of sigma (e.g. 3s), got 'lots'; {HELP}",
+        ),
+        # A negative value reaches lenscope's own check, not argparse's "expected one argument".
+        (
+            ["trace", "p", "--noise", "-3s"],
+            "lenscope trace: error: argument --noise: noise must be a finite number >= 0 (a "
+            "multiple of sigma such as 3s, or an absolute std such as 0.5), got '-3s'; pass "
+            "e.g. --noise 3s",
+        ),
+        (
+            ["trace", "p", "--noise", "-0.5"],
+            "lenscope trace: error: argument --noise: noise must be a finite number >= 0 (a "
+            "multiple of sigma such as 3s, or an absolute std such as 0.5), got '-0.5'; pass "
+            "e.g. --noise 0.5",
+        ),
+        (
+            ["trace", "p", "--window", "-2"],
+            f"lenscope trace: error: argument --window: expected a positive integer, got '-2'; {HELP}",
+        ),
+        (
+            ["trace"],
+            f"lenscope trace: error: the following arguments are required: prompt; {HELP}",
+        ),
+        (
+            ["trace", "p", "--frobnicate"],
+            f"lenscope trace: error: unrecognized arguments: --frobnicate; {HELP}",
+        ),
+        (
+            ["frobnicate"],
+            "lenscope: error: argument COMMAND: invalid choice: 'frobnicate' (choose from "
+            "'trace', 'patch', 'dataset', 'lens'); run 'lenscope --help' for the options",
+        ),
+        (
+            ["patch", "a b", "a c", "--window", "-1"],
+            "lenscope patch: error: argument --window: expected a positive integer, got '-1'; "
+            "run 'lenscope patch --help' for the options",
+        ),
+        (
+            ["dataset", "--minutes", "-5"],
+            "lenscope dataset: error: argument --minutes: expected a positive number of "
+            "minutes, got '-5'; run 'lenscope dataset --help' for the options",
+        ),
+        (
+            ["lens", "train", "--out", "l"],
+            "lenscope lens train: error: the following arguments are required: --texts; run "
+            "'lenscope lens train --help' for the options",
+        ),
+        (
+            ["lens"],
+            "lenscope lens: error: the following arguments are required: LENS_COMMAND; run "
+            "'lenscope lens --help' for the options",
+        ),
     ],
 )
-def test_bad_arguments_exit_2(run, argv, message):
+def test_bad_arguments_exit_2_with_one_line(run, capsys, argv, line):
     with pytest.raises(SystemExit) as exc:
         run(*argv)
     assert exc.value.code == 2
+    assert capsys.readouterr().err == line + "\n"  # no usage block
 
 
 def test_help_is_complete():
@@ -231,11 +298,8 @@ def test_version():
 
 def _unwritable(kind, tmp_path):
     """An output path lenscope cannot write, and the reason its message gives."""
-    if kind == "proc":
-        return "/proc/lenscope-test/t.json", "cannot create the folder '/proc/lenscope-test'"
-    if kind == "under_a_file":
-        (tmp_path / "file.txt").write_text("x")
-        return str(tmp_path / "file.txt" / "t.json"), f"{str(tmp_path / 'file.txt')!r} is a file"
+    if kind == "proc":  # an existing folder where no file can be created, even by root
+        return "/proc/t.json", "cannot create a file in '/proc' (No such file or directory)"
     if kind == "read_only":
         folder = tmp_path / "ro"
         folder.mkdir()
@@ -244,7 +308,7 @@ def _unwritable(kind, tmp_path):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["proc", "under_a_file", "read_only"])
+@pytest.mark.parametrize("kind", ["proc", "read_only"])
 @pytest.mark.parametrize(
     "command", [("trace", "--json"), ("trace", "--out"), ("dataset", "--summary")]
 )
@@ -284,8 +348,7 @@ def test_output_folders_and_clashes_are_checked_before_loading(run, tmp_path):
     code, _, err, calls = run("dataset", "--summary", same, "--checkpoint", same)
     assert code == 2 and calls == []
     assert f"--summary and --checkpoint must name different files, got {same!r} for both" in err
-    # A missing folder is created; a file that did not exist is not left behind.
-    deep = tmp_path / "new" / "folder" / "t.json"
+    # A file that did not exist is not left behind.
     code, _, err, _ = run(
         "trace",
         TINY_PROMPT,
@@ -294,12 +357,58 @@ def test_output_folders_and_clashes_are_checked_before_loading(run, tmp_path):
         "--window",
         "9",
         "--json",
-        str(deep),
+        str(tmp_path / "t.json"),
         "--out",
         str(tmp_path / "x.html"),
     )
     assert code == 2 and "window must be" in err
-    assert deep.parent.is_dir() and not deep.exists() and not (tmp_path / "x.html").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+OUTPUTS = [
+    ("trace", "--out"),
+    ("trace", "--json"),
+    ("patch", "--out"),
+    ("patch", "--json"),
+    ("dataset", "--out"),
+    ("dataset", "--summary"),
+    ("dataset", "--checkpoint"),
+    ("lens train", "--out"),
+    ("lens train", "--json"),
+    ("lens train", "--checkpoint"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag"), OUTPUTS)
+def test_a_mistyped_output_folder_is_refused_at_parse_time(run, capsys, tmp_path, command, flag):
+    """``--out no/such/dir/x.html``: one line naming the folder, nothing created, no model."""
+    missing = tmp_path / "no" / "such" / "dir"
+    path = str(missing / "x.html")
+    positional = {"trace": ["p"], "patch": ["a b", "a c"], "lens train": ["--texts", "t.txt"]}
+    argv = [*command.split(), *positional.get(command, []), flag, path]
+    if command == "lens train" and flag != "--out":
+        argv += ["--out", str(tmp_path / "lens")]
+    with pytest.raises(SystemExit) as exc:
+        run(*argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        f"lenscope {command}: error: argument {flag}: the folder {str(missing)!r} of {path!r} "
+        f"does not exist (lenscope creates no folders); create it first (mkdir -p {missing}), "
+        "or pass a path in an existing folder\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_under_a_file_is_refused_at_parse_time(run, capsys, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    path = str(tmp_path / "file.txt" / "t.json")
+    with pytest.raises(SystemExit) as exc:
+        run("trace", "p", "--json", path)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        f"lenscope trace: error: argument --json: {str(tmp_path / 'file.txt')!r} of {path!r} is "
+        "a file, not a folder; pass a path in a folder\n"
+    )
 
 
 def test_results_are_kept_when_the_output_cannot_be_written_at_the_end(run, tmp_path, monkeypatch):
@@ -375,6 +484,17 @@ def test_dataset_summary_is_kept_when_the_report_cannot_be_written(run, tmp_path
             "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
         ),
         (["--subject", "The", "--answer", " paris rome"], "(mind the leading space, e.g. --answer"),
+        (
+            ["--subject", "The", "--positions", "-1,last"],
+            "positions must be distinct token positions in [0, 10) (or counted back from the "
+            "end: -1 or 'last' is the last, -10 the first), got (-1, 'last'), which are the "
+            "positions [9, 9]; pass --positions with positions of the prompt's tokens (e.g. 2-6), "
+            "or --positions all",
+        ),
+        (
+            ["--subject", "The", "--positions", "-11"],
+            "got (-11,); pass --positions with positions of the prompt's tokens (e.g. 2-6)",
+        ),
     ],
 )
 def test_user_errors_suggest_flags_not_python(run, tmp_path, argv, message):
@@ -427,6 +547,9 @@ def test_cli_wording_of_messages_a_cli_user_can_meet():
     )
 
 
+BAD_INDEX_LISTS = ["3-1", "a", "1,1", "", "1.5", "0-2,2"]
+
+
 @pytest.mark.parametrize(
     ("flag", "text", "value"),
     [
@@ -438,17 +561,30 @@ def test_cli_wording_of_messages_a_cli_user_can_meet():
         ("--positions", "from_subject", "from_subject"),
         ("--positions", "all", "all"),
         ("--positions", "2-4", (2, 3, 4)),
+        ("--positions", "last", "last"),
+        ("--positions", "-1", (-1,)),
+        ("--positions", "-2,-1", (-2, -1)),
+        ("--positions", "0-1,last", (0, 1, "last")),
     ],
 )
-def test_layers_and_positions_are_parsed(flag, text, value):
+@pytest.mark.parametrize("joined", [True, False])
+def test_layers_and_positions_are_parsed(flag, text, value, joined):
     from lenscope.cli import build_parser, trace_options
 
-    args = build_parser().parse_args(["trace", "p", flag, text])
+    argv = [f"{flag}={text}"] if joined else [flag, text]  # --positions -1 is a value too
+    args = build_parser().parse_args(["trace", "p", *argv])
     assert trace_options(args)[flag[2:]] == value
 
 
-@pytest.mark.parametrize("text", ["3-1", "a", "1,1", "", "-1", "1.5", "0-2,2"])
-@pytest.mark.parametrize("flag", ["--layers", "--positions"])
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        *((flag, t) for flag in ("--layers", "--positions") for t in BAD_INDEX_LISTS),
+        ("--layers", "-1"),
+        ("--positions", "-1-3"),
+        ("--positions", "first"),
+    ],
+)
 def test_bad_layers_and_positions_exit_2_at_parse_time(run, capsys, flag, text):
     with pytest.raises(SystemExit) as exc:
         run("trace", "p", f"{flag}={text}")
@@ -775,3 +911,88 @@ def test_trace_method_attribution(run, tiny_model, tmp_path):
         TINY_PROMPT, "The Eiffel Tower", kinds=("mlp_out",), samples=2, seed=0
     )["mlp_out"]
     torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)
+
+
+def _interrupt_second_sweep(monkeypatch):
+    """Ctrl-C as the second kind's sweep starts."""
+    import lenscope.engine
+
+    original, calls = lenscope.engine.sweep, []
+
+    def sweep(*args, **kwargs):
+        calls.append(kwargs["site"].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lenscope.engine, "sweep", sweep)
+
+
+@pytest.mark.parametrize("with_json", [False, True])
+def test_ctrl_c_keeps_the_finished_kinds_beside_out(run, tmp_path, monkeypatch, with_json):
+    common = ["--subject", "The Eiffel Tower", "--samples", "2", "--quiet"]
+    alone = tmp_path / "alone.json"
+    assert run("trace", TINY_PROMPT, *common, "--kinds", "resid_post", "--out",
+               str(tmp_path / "alone.html"), "--json", str(alone))[0] == 0  # fmt: skip
+    _interrupt_second_sweep(monkeypatch)
+    out = tmp_path / "t.html"
+    kept = tmp_path / "mine.json" if with_json else tmp_path / "t.partial.json"
+    json_flag = ["--json", str(kept)] if with_json else []
+    code, stdout, err, _ = run("trace", TINY_PROMPT, *common, "--out", str(out), *json_flag)
+    assert code == 130
+    assert err == (
+        f"lenscope trace: interrupted: 1 of 3 kinds finished; they are saved in {str(kept)!r} "
+        "(in the format of --json)\n"
+    )
+    assert not out.exists() and stdout == ""
+    data = json.loads(kept.read_text())
+    assert list(data) == ["resid_post"]
+    assert data["resid_post"] == json.loads(alone.read_text())["resid_post"]
+
+
+def test_ctrl_c_in_the_first_kind_keeps_nothing(run, tmp_path, monkeypatch):
+    import lenscope.engine
+
+    def sweep(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lenscope.engine, "sweep", sweep)
+    code, _, err, _ = run("patch", TINY_PROMPT, "The Space Needle is located in the city of",
+                          "--answer", " paris", "--foil", " seattle", "--quiet",
+                          "--out", str(tmp_path / "p.html"))  # fmt: skip
+    assert code == 130
+    assert err == "lenscope patch: interrupted: 0 of 3 kinds finished; nothing to keep\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_keeps_the_finished_facts_of_a_dataset(run, tmp_path, monkeypatch):
+    import lenscope.datasets as ds
+    from lenscope.datasets import DatasetSummary
+
+    original, done = ds.run._trace_job, []
+
+    def trace_job(tracer, fact_id, fact, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(fact_id)
+        return original(tracer, fact_id, fact, **kwargs)
+
+    monkeypatch.setattr(ds.run, "_trace_job", trace_job)
+    facts = tmp_path / "facts.json"
+    subjects = ["The Eiffel Tower", "The Space Needle", "The Colosseum", "Big Ben"]
+    facts.write_text(json.dumps([
+        {"prompt": f"{subject} is located in the city of", "subject": subject}
+        for subject in subjects
+    ]))  # fmt: skip
+    out = tmp_path / "report.html"
+    code, _, err, _ = run("dataset", "--facts", str(facts), "--no-filter", "--samples", "2",
+                          "--quiet", "--out", str(out))  # fmt: skip
+    kept = tmp_path / "report.partial.json"
+    assert code == 130
+    assert err.splitlines()[-1] == (
+        f"lenscope dataset: interrupted: 2 of 4 facts finished; they are saved in {str(kept)!r} "
+        "(DatasetSummary.load reads it)"
+    )
+    summary = DatasetSummary.load(kept)
+    assert [f.fact_id for f in summary.facts] == done and summary.n_pending == 2
+    assert not out.exists()

@@ -44,6 +44,10 @@ def test_collect_positions_and_filters(tiny_model):
     torch.testing.assert_close(
         acts["resid_pre", 2][1], cache["blocks.2.hook_resid_pre"][0, [0, -1]]
     )
+    named = lenscope.collect(
+        tiny_model, prompts, hooks="blocks.2.hook_resid_pre", positions=[0, "last"], progress=False
+    )
+    torch.testing.assert_close(named["resid_pre", 2], acts["resid_pre", 2], atol=0, rtol=0)
     same = lenscope.collect(
         tiny_model, prompts, hooks="hook_embed", positions="all", progress=False
     )

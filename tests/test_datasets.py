@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+import lenscope
 import lenscope.cli as cli
 import lenscope.datasets as ds
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
@@ -389,8 +390,23 @@ def test_resume_after_interruption_is_identical_and_recomputes_nothing(
 ):
     path = tmp_path / "run.jsonl"
     counting(monkeypatch, tracer, fail_after=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(lenscope.TraceInterrupted) as caught:  # a KeyboardInterrupt
         ds.trace_dataset(tracer, FACTS, samples=SAMPLES, checkpoint=path)
+    # The facts finished before Ctrl-C come back in the exception, as the reference has them.
+    partial = caught.value.results
+    assert (caught.value.finished, caught.value.total) == (2, len(FACTS))
+    assert partial.n_pending == len(FACTS) - 2
+    assert [f.fact_id for f in partial.facts] == [f.fact_id for f in reference.facts[:2]]
+    for got, expected in zip(partial.facts, reference.facts, strict=False):
+        for kind in partial.kinds:
+            assert torch.equal(
+                got.scores[kind].nan_to_num(-9), expected.scores[kind].nan_to_num(-9)
+            )
+    assert str(caught.value) == (
+        f"interrupted after 2 of {len(FACTS)} facts ({len(FACTS) - 2} not traced); the summary "
+        "of the finished ones is in this exception's .results (except lenscope.TraceInterrupted "
+        f"as e: summary = e.results) and in the checkpoint {str(path)!r} (rerun with it to resume)"
+    )
     lines = path.read_text().splitlines()
     assert len(lines) == 3  # header + the two facts finished before Ctrl-C
     assert all(json.loads(line) for line in lines)

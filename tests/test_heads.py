@@ -276,3 +276,34 @@ def test_dataset_traces_refuse_per_head_kinds(tiny_model):
     facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT}]
     with pytest.raises(InvalidInput, match=r"per-head kinds \['z'\] give \(layer, head\) grids"):
         lenscope.trace_dataset(tracer, facts, kinds=("z",))
+
+
+def test_the_documented_last_token_head_trace_runs(tiny_model):
+    """docs/heads.md and the README's heads section: ``by="head_pos", positions=[-1]``.
+
+    The last token counted back (``-1``), named (``"last"``) and given as its
+    index (9 of 10 tokens) are one trace: the same cells and the same scores,
+    the resolved position the only one traced.
+    """
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    prompt = TINY_PROMPT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnswerWarning)
+        # docs/heads.md, as written there (samples=2 to keep it short).
+        last = tracer.trace(
+            prompt, subject="The Eiffel Tower", kind="z", by="head_pos", positions=[-1], samples=2
+        )
+        named = tracer.trace(
+            prompt, subject="The Eiffel Tower", kind="z", by="head_pos", positions="last", samples=2
+        )
+        index = tracer.trace(
+            prompt, subject="The Eiffel Tower", kind="z", by="head_pos", positions=[9], samples=2
+        )
+    n_pos = len(index.tokens)
+    assert n_pos == 10
+    traced = [p for p in range(n_pos) if not torch.isnan(index.scores[..., p]).all()]
+    assert traced == [n_pos - 1]
+    for result in (last, named):
+        torch.testing.assert_close(result.scores, index.scores, equal_nan=True, atol=0, rtol=0)
+    fig = last.plot()
+    assert len(fig.data) == 1 and "position 9" in fig.layout.title.text

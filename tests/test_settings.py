@@ -352,3 +352,40 @@ def test_a_site_with_another_index_space_runs_on_the_engine(tiny_model, strategy
                 float(expected), abs=2e-6
             )
     assert torch.isnan(out.scores[0, 1]).all()  # layer 1 was not traced
+
+
+def test_noise_tensor_sets_samples(tracer, tiny_model):
+    """``noise_tensor=[samples, n_subject_tokens, d_model]`` alone is enough; a different
+    explicit ``samples`` is refused, naming both."""
+    noise = torch.randn(3, 3, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    assert GaussianNoise(noise_tensor=noise).samples == 3 and GaussianNoise().samples == 10
+    assert tracer.settings(noise_tensor=noise).corruption.samples == 3
+    options = {"kind": "mlp_out", "layers": [1], "noise_tensor": noise}
+    implied = tracer.trace(TINY_PROMPT, TINY_SUBJECT, **options)
+    explicit = tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=3, **options)
+    assert implied.samples == 3
+    torch.testing.assert_close(implied.scores, explicit.scores, equal_nan=True, atol=0, rtol=0)
+    conflict = (
+        r"samples=10 conflicts with noise_tensor, which holds 3 samples \(shape \(3, 3, 32\) = "
+        r"\[samples, n_subject_tokens, d_model\]\); leave samples out \(noise_tensor sets it\), "
+        r"or pass a noise_tensor of 10 samples"
+    )
+    with pytest.raises(InvalidInput, match=conflict):
+        tracer.trace(TINY_PROMPT, TINY_SUBJECT, samples=10, **options)
+    with pytest.raises(InvalidInput, match=conflict):
+        GaussianNoise(samples=10, noise_tensor=noise)
+    with pytest.raises(InvalidInput, match=r"samples=2 conflicts with noise_tensor, which holds 3"):
+        tracer.settings(tracer.settings(noise_tensor=noise), samples=2)
+    # Under --jaxtyping-packages the annotation refuses it first, with a TypeError.
+    wrong_rank = r"(noise_tensor must have shape \[samples, n_subject_tokens, d_model\])|noise_t"
+    with pytest.raises((InvalidInput, TypeError), match=wrong_rank):
+        tracer.settings(noise_tensor=noise[0])
+
+
+def test_positions_counted_from_the_end_are_recorded_as_given():
+    """A dataset header keeps ``[-1]`` (each prompt resolves it); a result records the cells."""
+    settings = TraceSettings(positions=[0, -2, "last"], corruption=GaussianNoise(noise=0.5))
+    record = settings.to_dict()
+    assert record["positions"] == [0, -2, "last"]
+    assert TraceSettings.from_dict(record).position_list(6, (1, 3)) == [0, 4, 5]
+    assert TraceSettings(positions="last").position_list(6, (1, 3)) == [5]

@@ -9,7 +9,7 @@ from conftest import TINY_PROMPT, TINY_SUBJECT
 
 import lenscope
 from lenscope.sites import Site
-from lenscope.validation import AnswerWarning
+from lenscope.validation import AnswerWarning, InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,40 @@ def test_positions_subject_only(tracer):
     r = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions="subject", samples=2)
     traced = (~r.scores.isnan()).any(0).nonzero().flatten().tolist()
     assert traced == [1, 2, 3]
+
+
+@pytest.mark.parametrize("positions", [[-1, 1], ["last", -9], "last", [-1]])
+def test_negative_positions_and_last_count_from_the_end(tracer, positions):
+    """Python's negative indices and ``"last"`` trace the same cells as the positions they name."""
+    n_pos = 10  # tokens of TINY_PROMPT, with its BOS
+    named = [positions] if isinstance(positions, str) else positions
+    resolved = sorted(n_pos - 1 if p == "last" else p % n_pos for p in named)
+    options = {"kind": "resid_post", "samples": 2, "layers": [0, 2]}
+    counted = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=positions, **options)
+    plain = tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=resolved, **options)
+    assert len(counted.tokens) == n_pos
+    traced = (~counted.scores.isnan()).any(0).nonzero().flatten().tolist()
+    assert traced == resolved
+    torch.testing.assert_close(counted.scores, plain.scores, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("positions", "match"),
+    [
+        (
+            [-11],
+            r"positions must be distinct token positions in \[0, 10\) \(or counted back from "
+            r"the end: -1 or 'last' is the last, -10 the first\), got \[-11\]; pass positions "
+            r"of the prompt's tokens, or 'all'",
+        ),
+        ([10], r"token positions in \[0, 10\) .*got \[10\]; pass"),
+        ([-1, 9], r"got \[-1, 9\], which are the positions \[9, 9\]; pass"),
+        (["last", "first"], r"got \['last', 'first'\]; pass"),
+    ],
+)
+def test_out_of_range_positions_name_the_rule(tracer, positions, match):
+    with pytest.raises(InvalidInput, match=match):
+        tracer.trace(TINY_PROMPT, TINY_SUBJECT, positions=positions, samples=2)
 
 
 def test_token_prompt_and_explicit_range(tiny_model_no_tokenizer):
@@ -344,3 +378,84 @@ def test_failure_mid_trace_leaves_model_unchanged(tiny_model, monkeypatch, excep
         tiny_model.reset_hooks(including_permanent=True)
         tiny_model.blocks[1].requires_grad_(True)
         tiny_model.eval()
+
+
+@pytest.mark.parametrize("metrics", [None, ("prob", "log_prob")])
+@pytest.mark.parametrize("strategy", ["full", "prefix"])
+def test_ctrl_c_in_the_second_kind_keeps_the_first(tiny_model, monkeypatch, strategy, metrics):
+    """Ctrl-C from a hook while ``mlp_out`` (the second of three kinds) is swept.
+
+    The ``TraceInterrupted`` carries ``resid_post``'s result, equal to an
+    uninterrupted trace of it, and the model is left exactly as it was.
+    """
+    kinds = ("resid_post", "mlp_out", "attn_out")
+    options = {"samples": 2, "seed": 3, "layers": [0, 2], "metrics": metrics}
+    tracer = lenscope.CausalTracer(tiny_model, progress=False, strategy=strategy, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnswerWarning)
+        alone = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, kinds=("resid_post",), **options)
+    alone = {"prob": alone} if metrics is None else alone  # {metric: {kind: result}}
+    tiny_model.blocks[0].hook_resid_pre.add_hook(lambda act, hook: None)
+    # A module in training mode that has no dropout (the tiny bridge's blocks have
+    # dropout, so a model in training mode would not give the uninterrupted scores).
+    tiny_model.blocks[0].hook_resid_pre.train()
+    tiny_model.blocks[1].requires_grad_(False)
+    original = Site.restore_hook
+
+    def interrupting(site, clean, restore):
+        restore_fn = original(site, clean, restore)
+
+        def hook(act, hook):
+            if site.name == "mlp_out":  # inside a forward pass, with hooks attached
+                raise KeyboardInterrupt
+            return restore_fn(act, hook)
+
+        return hook
+
+    try:
+        before = _state(tiny_model)
+        monkeypatch.setattr(Site, "restore_hook", interrupting)
+        with warnings.catch_warnings(), pytest.raises(lenscope.TraceInterrupted) as caught:
+            warnings.simplefilter("ignore", AnswerWarning)
+            tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, kinds=kinds, **options)
+        after = _state(tiny_model)
+        assert after[:3] == before[:3] and after[4] == before[4] and after[0] == 1
+        assert tiny_model.blocks[0].hook_resid_pre.training and not tiny_model.blocks[0].training
+        for name, tensor in before[3].items():
+            assert torch.equal(tensor, after[3][name]), name
+    finally:
+        tiny_model.reset_hooks(including_permanent=True)
+        tiny_model.blocks[1].requires_grad_(True)
+        tiny_model.eval()
+    error = caught.value
+    assert isinstance(error, KeyboardInterrupt)
+    assert str(error) == (
+        "interrupted after 1 of 3 kinds (mlp_out, attn_out not traced); resid_post finished; "
+        "their results are in this exception's .results (except lenscope.TraceInterrupted as "
+        "e: results = e.results)"
+    )
+    assert (error.finished, error.total) == (1, 3)
+    got = {"prob": error.results} if metrics is None else error.results
+    assert list(got) == list(alone)
+    for metric, by_kind in got.items():
+        assert list(by_kind) == ["resid_post"]
+        kept, plain = by_kind["resid_post"], alone[metric]["resid_post"]
+        torch.testing.assert_close(kept.scores, plain.scores, equal_nan=True, atol=0, rtol=0)
+        assert kept.metric == plain.metric == metric
+
+
+def test_ctrl_c_in_the_first_kind_says_none_finished(tiny_model, monkeypatch):
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lenscope.engine, "sweep", interrupted)
+    with warnings.catch_warnings(), pytest.raises(lenscope.TraceInterrupted) as caught:
+        warnings.simplefilter("ignore", AnswerWarning)
+        tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2)
+    assert str(caught.value) == (
+        "interrupted after 0 of 1 kinds (mlp_out not traced); no kind finished, so .results "
+        "holds none"
+    )
+    assert caught.value.results == {}

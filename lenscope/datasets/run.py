@@ -35,6 +35,7 @@ from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
 from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
+from lenscope.results import TraceInterrupted
 from lenscope.settings import TraceSettings
 from lenscope.sites import HeadSite
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
@@ -86,8 +87,9 @@ def trace_dataset(
     again with the same file resumes: facts already there are read back,
     never recomputed; a torn final line
     (an interrupted write) is dropped; a file written with other settings
-    is refused. Ctrl-C (``KeyboardInterrupt``) propagates and leaves a
-    valid checkpoint.
+    is refused. Ctrl-C raises :class:`~lenscope.TraceInterrupted` (a
+    ``KeyboardInterrupt``) whose ``.results`` is the summary of the facts
+    finished so far, and leaves a valid checkpoint.
 
     Args:
         tracer: The tracer (model, noise multiplier, strategy, batch size).
@@ -239,10 +241,35 @@ def trace_dataset(
                         store.append(record)
                     order_records[index] = record
                     bar.update(1)
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, order_records, header, settings, checkpoint) from e
     finally:
         if store is not None:
             store.close()
     return _summary(order_records, header, settings.corruption.to_dict(), workers.stats())
+
+
+def _interrupted(
+    error: KeyboardInterrupt,
+    records: Sequence[Mapping[str, Any] | None],
+    header: Mapping[str, Any],
+    settings: TraceSettings,
+    checkpoint: str | Path | None,
+) -> TraceInterrupted:
+    """The :class:`TraceInterrupted` of a dataset trace: the summary of the facts finished."""
+    summary = _summary(records, header, settings.corruption.to_dict())
+    done = len(records) - summary.n_pending
+    kept = (
+        ""
+        if checkpoint is None
+        else f" and in the checkpoint {str(checkpoint)!r} (rerun with it to resume)"
+    )
+    message = (
+        f"interrupted after {done} of {len(records)} facts ({summary.n_pending} not traced); "
+        f"the summary of the finished ones is in this exception's .results (except "
+        f"lenscope.TraceInterrupted as e: summary = e.results){kept}"
+    )
+    return TraceInterrupted(message, summary, done, len(records))
 
 
 def _summary(
