@@ -1271,6 +1271,129 @@ def test_gguf_of_an_unreadable_architecture_is_named(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# Models the prefix strategy cannot drive: the fallback is announced
+# --------------------------------------------------------------------------
+
+_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2}
+
+
+def _opt(vocab):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        **_SPECIAL_IDS,
+    )
+    return OPTForCausalLM, config
+
+
+def _gptj(vocab):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        rotary_dim=4,
+        **_SPECIAL_IDS,
+    )
+    return GPTJForCausalLM, config
+
+
+def _bloom(vocab):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM, BloomConfig(
+        vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4, **_SPECIAL_IDS
+    )
+
+
+def _saved(tmp_path, tokenizer, build):
+    """A random two-layer model of ``build``'s class saved with its tokenizer; loaded offline."""
+    cls, config = build(len(tokenizer))
+    config.architectures = [cls.__name__]
+    torch.manual_seed(0)
+    folder = tmp_path / cls.__name__
+    cls(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(str(folder), device="cpu")
+
+
+FALLBACK_REASONS = {
+    "OPTForCausalLM": r"blocks\.0\.attn \(AttentionBridge\) runs Hugging Face's own attention",
+    "GPTJForCausalLM": r"blocks\.0\.attn \(AttentionBridge\) runs Hugging Face's own attention",
+    "BloomForCausalLM": r"ALiBi position biases are not supported",
+}
+
+
+@pytest.mark.parametrize("build", [_opt, _gptj, _bloom], ids=["OPT", "GPT-J", "Bloom"])
+def test_fallback_to_the_full_strategy_is_announced_once_per_tracer(
+    monkeypatch, tmp_path, tiny_tokenizer, build
+):
+    import lenscope
+
+    _no_hub(monkeypatch)
+    model = _saved(tmp_path, tiny_tokenizer, build)
+    hf_class = type(model.original_model).__name__
+    expected = (
+        rf"the fast prefix strategy cannot run on this {hf_class} \(TransformerBridge\): "
+        rf"{FALLBACK_REASONS[hf_class]}.*; tracing with the 'full' strategy instead .* pass "
+        r"strategy='full' to choose it explicitly"
+    )
+    with pytest.warns(UserWarning, match=expected) as caught:
+        tracer = lenscope.CausalTracer(model, progress=False)
+    assert tracer.strategy == "full"
+    assert len([w for w in caught if "prefix strategy" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        tracer.trace(
+            EIFFEL_PROMPT, "The Eiffel Tower", kind="resid_post", layers=range(2), samples=2
+        )
+    assert not [w for w in later if "prefix strategy" in str(w.message)]
+    embed_notes = [w for w in later if "hook_embed on this" in str(w.message)]
+    if hf_class == "BloomForCausalLM":
+        (note,) = embed_notes
+        assert str(note.message).startswith(
+            "hook_embed on this BloomForCausalLM (TransformerBridge) is the output of its "
+            "embedding normalisation (embed_ln.hook_out), not the raw token embeddings: "
+        )
+    else:
+        assert embed_notes == []
+    with warnings.catch_warnings(record=True) as explicit:
+        warnings.simplefilter("always")
+        lenscope.CausalTracer(model, progress=False, strategy="full")
+    assert not [w for w in explicit if "prefix strategy" in str(w.message)]
+
+
+def test_bloom_hook_embed_is_after_the_embedding_layer_norm(monkeypatch, tmp_path, tiny_tokenizer):
+    """The caveat's claim, checked on the Hugging Face modules: hook_embed is LayerNorm(embeddings)."""
+    from lenscope.hooks import embed_hook_caveat
+
+    _no_hub(monkeypatch)
+    model = _saved(tmp_path, tiny_tokenizer, _bloom)
+    hf = model.original_model.transformer
+    tokens = model.to_tokens(EIFFEL_PROMPT)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
+        raw = hf.word_embeddings(tokens)
+    normalised = torch.nn.functional.layer_norm(
+        raw, raw.shape[-1:], eps=hf.word_embeddings_layernorm.eps
+    )
+    # Compatibility mode folds the norm's scale and shift into the next layer, leaving the normalisation.
+    torch.testing.assert_close(cache["hook_embed"], normalised, rtol=0, atol=1e-5)
+    assert not torch.allclose(cache["hook_embed"], raw, atol=1e-2)
+    assert embed_hook_caveat(model) is not None
+
+
+# --------------------------------------------------------------------------
 # The cache lock and stale build folders
 # --------------------------------------------------------------------------
 
