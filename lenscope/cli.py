@@ -152,6 +152,16 @@ def _positions_arg(text: str) -> str | tuple[int | str, ...]:
     return tuple(counted)
 
 
+def _dtype_arg(text: str) -> str:
+    """A precision a model can run in, checked without importing torch."""
+    from lenscope.validation import InvalidInput, model_dtype_name
+
+    try:
+        return model_dtype_name(text)
+    except InvalidInput as e:
+        raise argparse.ArgumentTypeError(cli_wording(str(e))) from None
+
+
 def _minutes_arg(text: str) -> float:
     try:
         value = float(text)
@@ -178,8 +188,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--model",
         default="gemma-3-270m",
-        help="model name: gemma-3-270m (built in, offline; default) or any "
-        "TransformerLens name such as gpt2-xl (needs the Hugging Face hub)",
+        help="built in, offline: gemma-3-270m (default) or smollm2-135m; a local folder saved "
+        "with save_pretrained or a .gguf file (offline; ~ is expanded); or a Hugging Face "
+        "name TransformerLens knows, such as gpt2-xl (needs the hub or its local cache)",
     )
     parser.add_argument(
         "--bridge",
@@ -190,7 +201,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "(TransformerBridge on 4.x, HookedTransformer on 3.9)",
     )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
+    parser.add_argument(
+        "--dtype", type=_dtype_arg, help="float32 (default), bfloat16, float16 or float64"
+    )
     return parser
 
 
@@ -784,16 +797,20 @@ def run_lens_train(args: argparse.Namespace, model_factory: ModelFactory | None 
 
 
 def _load(args: argparse.Namespace, model_factory: ModelFactory | None) -> Any:
+    from lenscope.loading import progress_bars
+
     if model_factory is None:
         from lenscope.loading import load_model
 
         model_factory = load_model
-    return model_factory(
-        args.model,
-        bridge=getattr(args, "bridge", None),
-        device=getattr(args, "device", None),
-        dtype=getattr(args, "dtype", None),
-    )
+    # --quiet silences transformers' own bars ("Loading weights") too.
+    with progress_bars(not getattr(args, "quiet", False)):
+        return model_factory(
+            args.model,
+            bridge=getattr(args, "bridge", None),
+            device=getattr(args, "device", None),
+            dtype=getattr(args, "dtype", None),
+        )
 
 
 def check_outputs(outputs: Sequence[tuple[str, Path | None]]) -> None:

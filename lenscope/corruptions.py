@@ -17,6 +17,7 @@ copies; sigma is measured at the hook (:func:`lenscope.noise.embedding_sigma`).
 
 import abc
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lenscope.hooks import EMBED_HOOK, preserved_model
+from lenscope.hooks import EMBED_HOOK, embed_hook_caveat, preserved_model
 from lenscope.noise import (
     DEFAULT_NOISE_MULTIPLIER,
     draw_noise,
@@ -40,6 +41,7 @@ from lenscope.validation import (
     InvalidInputType,
     finite_number,
     is_int,
+    warn,
 )
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -349,7 +351,7 @@ class SubjectNoise(Corruption):
         noise = noise.to(model.cfg.device, model.cfg.dtype)
         return CorruptedInput(
             tokens=einops.repeat(tokens, "pos -> sample pos", sample=self.samples),
-            fwd_hooks=((EMBED_HOOK, noise_hook(noise, subject_range, replace=self.replace)),),
+            fwd_hooks=(embed_noise_hook(model, noise, subject_range, self.replace),),
             first_changed=start,
             record={
                 "name": self.name,
@@ -539,7 +541,7 @@ class MultivariateGaussianNoise(Corruption):
         noise = (mean + z @ lower.T).to(model.cfg.device, model.cfg.dtype)
         return CorruptedInput(
             tokens=einops.repeat(tokens, "pos -> sample pos", sample=self.samples),
-            fwd_hooks=((EMBED_HOOK, noise_hook(noise, subject_range, replace=self.replace)),),
+            fwd_hooks=(embed_noise_hook(model, noise, subject_range, self.replace),),
             first_changed=start,
             record=self.to_dict(),
         )
@@ -558,6 +560,28 @@ class MultivariateGaussianNoise(Corruption):
             ridge=data.get("ridge", 0.0),
             replace=data.get("replace", False),
         )
+
+
+_CAVEAT_SHOWN: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def embed_noise_hook(
+    model: torch.nn.Module,
+    noise: Float[Tensor, "samples subject_pos d_model"],
+    subject_range: tuple[int, int],
+    replace: bool,
+) -> tuple[str, HookFn]:
+    """The ``(hook_embed, hook)`` pair of a noise corruption on ``model``.
+
+    Warns (once per model) where ``hook_embed`` is not the raw token
+    embeddings (:func:`lenscope.hooks.embed_hook_caveat`: Bloom's is after
+    its embedding LayerNorm), so that the noise means something else there.
+    """
+    caveat = embed_hook_caveat(model)
+    if caveat is not None and model not in _CAVEAT_SHOWN:
+        _CAVEAT_SHOWN.add(model)
+        warn(caveat, UserWarning)
+    return EMBED_HOOK, noise_hook(noise, subject_range, replace=replace)
 
 
 def noise_hook(

@@ -65,6 +65,7 @@ from lenscope.hooks import (
     decode_resid,
     hook_name,
     is_bridge,
+    model_class,
     n_layers,
 )
 from lenscope.metrics import PatchingMetric
@@ -144,11 +145,20 @@ def choose_strategy(model: torch.nn.Module, strategy: str) -> str:
     unsupported = prefix_unsupported(model)
     if strategy == "prefix" and unsupported:
         raise InvalidInput(
-            f"strategy='prefix' cannot run on this {type(model).__name__}: {unsupported}; "
+            f"strategy='prefix' cannot run on this {model_class(model)}: {unsupported}; "
             "pass strategy='full' or 'auto'"
         )
+    if strategy == "auto" and unsupported:
+        # Said once per tracer (each CausalTracer resolves its strategy once).
+        warn(
+            f"the fast prefix strategy cannot run on this {model_class(model)}: {unsupported}; "
+            "tracing with the 'full' strategy instead (the same numbers, one whole forward pass "
+            "per batch of cells, so slower); pass strategy='full' to choose it explicitly",
+            UserWarning,
+        )
+        return "full"
     if strategy == "auto":
-        return "full" if unsupported else "prefix"
+        return "prefix"
     return strategy
 
 

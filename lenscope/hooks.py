@@ -63,6 +63,44 @@ def model_name(model: torch.nn.Module) -> str:
     return str(getattr(cfg, "model_name", None) or type(model).__name__)
 
 
+def model_class(model: torch.nn.Module) -> str:
+    """The class that runs ``model``, for messages.
+
+    The Hugging Face class behind a bridge, e.g. ``"OPTForCausalLM
+    (TransformerBridge)"``; otherwise the model's own class name.
+    """
+    hf_model = getattr(model, "original_model", None) if is_bridge(model) else None
+    if hf_model is None:
+        return type(model).__name__
+    return f"{type(hf_model).__name__} ({type(model).__name__})"
+
+
+def embed_hook_caveat(model: torch.nn.Module) -> str | None:
+    """Why ``hook_embed`` of ``model`` is not the raw token embeddings, or None if it is.
+
+    On some bridges (Bloom: ``word_embeddings_layernorm``) TransformerLens puts
+    ``hook_embed`` after a LayerNorm applied to the embeddings, so noise
+    "added to the subject's embeddings" there perturbs the normalised
+    embeddings, and sigma is measured after that norm: not what ROME did on
+    GPT-2 XL, whose embeddings feed the first block unnormalised.
+    """
+    hook_dict = getattr(model, "hook_dict", None) or {}
+    embed = hook_dict.get(EMBED_HOOK)
+    if embed is None:
+        return None
+    for name, point in hook_dict.items():
+        component = name.split(".")[0].lower()
+        if point is embed and name != EMBED_HOOK and ("ln" in component or "norm" in component):
+            return (
+                f"hook_embed on this {model_class(model)} is the output of its embedding "
+                f"normalisation ({name}), not the raw token embeddings: noise bound there "
+                "perturbs the normalised embeddings and its sigma is measured after the norm, "
+                "unlike ROME's noise on GPT models, whose embeddings enter the first block "
+                "unnormalised"
+            )
+    return None
+
+
 def n_layers(model: torch.nn.Module) -> int:
     """Number of transformer blocks."""
     return int(model.cfg.n_layers)

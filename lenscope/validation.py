@@ -144,3 +144,54 @@ def distinct_indices(
         same = f", which are the positions {chosen}" if chosen != list(values) else ""
         raise InvalidInput(f"{rule}, got {shown!r}{same}; {fix}")
     return sorted(v for v in chosen if v is not None)
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""The precisions a model can be loaded and run in (torch's names, without ``torch.``)."""
+
+DTYPE_ALIASES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "float64": "float64",
+    "fp64": "float64",
+    "f64": "float64",
+    "double": "float64",
+}
+"""Every name :func:`model_dtype_name` accepts, and the dtype it stands for."""
+
+
+def model_dtype_name(value: Any) -> str:
+    """The torch name (``"float32"``, ...) of a precision a model can run in.
+
+    Kept free of torch, so that the command line can refuse ``--dtype float8``
+    before it imports torch: ``value`` is a name (``"bf16"``, ``"torch.float16"``)
+    or a ``torch.dtype`` (recognised by its string form, ``"torch.float16"``).
+    Float8 and integer dtypes are refused: TransformerLens' layers cannot run
+    in them (the matrix products and layer norms raise deep inside torch).
+
+    Args:
+        value: A dtype name or a ``torch.dtype``.
+
+    Returns:
+        One of :data:`MODEL_DTYPES`.
+
+    Raises:
+        InvalidInput: If ``value`` names no precision a model can run in.
+    """
+    key = str(value).strip().lower().removeprefix("torch.")
+    if key in DTYPE_ALIASES:
+        return DTYPE_ALIASES[key]
+    shown = str(value) if not isinstance(value, str) else repr(value)
+    raise InvalidInput(
+        f"dtype must be a precision a model can run in: {', '.join(MODEL_DTYPES)} (or the "
+        f"short names {', '.join(k for k in DTYPE_ALIASES if k not in MODEL_DTYPES)}), got "
+        f"{shown}; pass dtype='float32' (the default), dtype='bfloat16' or dtype='float16' instead"
+    )

