@@ -538,14 +538,6 @@ def test_available_memory_is_known_on_linux():
     assert engine.available_memory(torch.device("meta")) is None
 
 
-def test_rate_is_the_corrupted_runs():
-    from lenscope.engine import _rate
-
-    # 10 rows of 100 token-layers in 0.5 s; the clean run's 0.6 s (warm-up) is not used.
-    assert _rate(0.6, 0.5, 100, 10) == (pytest.approx(5e-4), 0.0)
-    assert _rate(0.6, 0.0, 100, 10) == (pytest.approx(6e-3), 0.0)  # not timed: the clean run
-
-
 def test_result_window_layers_agree_with_the_engines_windows(tiny_model):
     import dataclasses
 
