@@ -761,6 +761,10 @@ def test_difference_mode_equals_a_plain_subtraction(traces, mode):
     assert trace.zmid == 0 and trace.zmin == pytest.approx(-trace.zmax)
     assert "MLP" in fig.layout.title.text and "attention" in fig.layout.title.text
     assert ("minus" if mode == "difference" else "plus") in fig.layout.title.text
+    if mode == "difference":
+        # As notebook 02 says: green (MLP) where MLP restores more, red (attention) where less.
+        low, mid, high = (tuple(stop) for stop in trace.colorscale)
+        assert (low[1], mid[1], high[1]) == ("#a50f15", "#ffffff", "#006d2c")
 
 
 def test_difference_mode_per_kind_of_two_runs(traces):
