@@ -738,6 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", type=output_path, help="write the held-out evaluation as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_lens_train)
+    for writes_html in (trace, patch, dataset):
+        writes_html.add_argument(
+            "--plotly-js",
+            choices=("inline", "file", "cdn"),
+            default="inline",
+            help="where the HTML page gets plotly.js: inline (default; about 4.7 MB, works "
+            "offline), file (a sibling plotly-<version>.min.js shared by the pages in that "
+            "folder) or cdn (needs a network to view)",
+        )
     return parser
 
 
@@ -1059,7 +1068,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], stem: str) -> int
 
     target = f"--out {str(args.out)!r}"
     try:
-        save_html(plot_traces(results), args.out)
+        save_html(plot_traces(results), args.out, plotly_js=getattr(args, "plotly_js", "inline"))
         print(f"wrote {args.out}")
         if args.json:
             target = f"--json {str(args.json)!r}"
@@ -1143,7 +1152,9 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
         print(workers_line(summary.workers), file=sys.stderr)
     target = f"--out {str(args.out)!r}"
     try:
-        path = save_dataset_report(summary, args.out)
+        path = save_dataset_report(
+            summary, args.out, plotly_js=getattr(args, "plotly_js", "inline")
+        )
         if args.summary:
             target = f"--summary {str(args.summary)!r}"
             summary.save(args.summary)

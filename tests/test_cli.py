@@ -1093,3 +1093,37 @@ def test_quiet_silences_transformers_progress_bars(tmp_path, tiny_tokenizer, cap
     assert transformers_logging.is_progress_bar_enabled()
     assert main(argv) == 0
     assert "Loading weights" in capfd.readouterr().err  # the check above can fail
+
+
+@pytest.mark.parametrize("option", ["inline", "file", "cdn"])
+def test_plotly_js_option_and_the_page_names_the_experiment(run, tmp_path, option):
+    from lenscope.plotting._common import plotly_js_file
+
+    html = tmp_path / "t.html"
+    code, _, err, _ = run(
+        "trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--answer", " paris",
+        "--samples", "2", "--seed", "4", "--out", str(html), "--quiet", "--plotly-js", option,
+    )  # fmt: skip
+    assert code == 0, err
+    text = html.read_text(encoding="utf-8")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(["t.html", plotly_js_file()] if option == "file" else ["t.html"])
+    assert (len(text) > 1_000_000) == (option == "inline")
+    assert ('src="https://cdn.plot.ly/' in text) == (option == "cdn")
+    title = text[text.index("<title>") : text.index("</title>")]
+    assert "restoring clean activations into the corrupted run" in title
+    assert "<th>corruption</th><td" in text and ">gaussian_noise<" in text
+    assert "<th>seed</th><td" in text and ">4<" in text and "counterfactual" not in text
+
+
+def test_every_command_that_writes_html_offers_plotly_js(capsys):
+    from lenscope.cli import build_parser
+
+    parser = build_parser()
+    for command in ("trace", "patch", "dataset"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert "--plotly-js {inline,file,cdn}" in capsys.readouterr().out, command
+    with pytest.raises(SystemExit):
+        parser.parse_args(["trace", "p", "--plotly-js", "web"])
+    assert "invalid choice: 'web'" in capsys.readouterr().err

@@ -135,7 +135,9 @@ def test_value_option(value):
     np.testing.assert_allclose(
         z_of(trace), expected.double().numpy(), rtol=1e-5, atol=1e-7, equal_nan=True
     )
-    assert trace.zmin == 0.0
+    # Effects can be negative: a diverging scale, white at zero, symmetric.
+    span = float(np.nanmax(np.abs(expected.double().numpy())))
+    assert (trace.zmid, trace.zmin, trace.zmax) == (0.0, pytest.approx(-span), pytest.approx(span))
 
 
 def test_x_axis_keeps_duplicate_tokens_distinct_and_whitespace_visible():
@@ -184,7 +186,8 @@ def test_hover_customdata_has_topk_of_the_right_cell():
         text = hover_text(trace, layer, pos)
         assert f"layer{_common.NBSP * 2}{layer}" in text
         assert f"pos{_common.NBSP * 4}{pos}" in text
-        assert f"{float(result.scores[layer, pos]):.4g}" in text
+        # prob is drawn in percent: the hover says the score in percent too.
+        assert f"score{_common.NBSP * 2}{float(result.scores[layer, pos]):.1%}" in text
         normalized = float(result.normalized()[layer, pos])
         assert f"{normalized:.1%}" in text
     assert "monospace" in result.plot().layout.hoverlabel.font.family
@@ -218,13 +221,14 @@ def test_layer_order():
     assert make_result().plot(layer_order="top_down").layout.yaxis.autorange == "reversed"
 
 
-def test_colour_scale_per_kind_anchored_at_corrupted():
+def test_probability_on_the_kinds_sequential_scale_from_zero():
     for kind, scale in [("resid_post", "Purples"), ("mlp_out", "Greens"), ("attn_out", "Reds")]:
         reference = go.Heatmap(colorscale=scale).colorscale
         trace = make_result(kind=kind).plot().data[0]
         assert trace.colorscale == reference
-        assert trace.zmin == pytest.approx(0.1)
+        assert trace.zmin == 0 and trace.zmid is None and trace.reversescale is False
         assert trace.zmax == pytest.approx(float(np.nanmax(make_result().scores)))
+        assert trace.colorbar.tickformat == ".0%"
     trace = make_result().plot(colorscale="Viridis", zmin=0, zmax=1).data[0]
     assert (trace.zmin, trace.zmax) == (0, 1)
 
@@ -443,3 +447,382 @@ def test_topk_lines_are_aligned():
     rows = _common.topk_lines([(" Paris", 0.5), (" a", 0.05)])
     assert len(rows[0]) == len(rows[1])
     assert rows[0].startswith(_common.NBSP + "1" + _common.NBSP + "\u2423Paris")
+
+
+# -- figures name their experiment (real traces on the tiny model) ----------------------
+
+COUNTERFACTUAL = "The Space Needle is located in the city of"
+NOISE_ONLY = ("noise std", "samples", "seed")
+
+
+@pytest.fixture(scope="module")
+def traces(tiny_model, one_thread):
+    """Real traces of every figure kind: noise, STR (both directions), logit difference, heads."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+
+    tracer = CausalTracer(tiny_model, progress=False)
+    common = {"answer": " paris"}
+    return {
+        "noise": tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=2, seed=3, **common),
+        "str": tracer.patch(TINY_PROMPT, COUNTERFACTUAL, foil=" seattle", **common),
+        "str_noise": tracer.patch(
+            TINY_PROMPT, COUNTERFACTUAL, foil=" seattle", direction="noise", **common
+        ),
+        "noise_noising": tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2, direction="noise", **common
+        ),
+        "logit_diff": tracer.trace(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kind="resid_pre",
+            samples=2,
+            metric="logit_diff",
+            foil=" seattle",
+            **common,
+        ),
+        "heads": tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="z", by="head", samples=2, **common),
+    }
+
+
+def page_of(fig, tmp_path, name="fig.html"):
+    """The saved page's <title> and its settings table, as text."""
+    text = lp.save_html(fig, tmp_path / name).read_text(encoding="utf-8")
+    title = re.search(r"<title>(.*?)</title>", text, re.S).group(1)
+    table = re.search(r'<table class="lenscope-settings">(.*?)</table>', text, re.S).group(1)
+    return title, table
+
+
+def test_noise_trace_names_noise_direction_and_metric(traces, tmp_path):
+    results = traces["noise"]
+    record = results["mlp_out"].corruption
+    fig = lp.plot_traces(results)
+    title = fig.layout.title.text
+    assert "restoring clean activations into the corrupted run" in title
+    assert f"std {record['noise_std']:.3g}" in title and "2 samples" in title
+    assert "seed 3" in title and "prob clean" in title
+    assert "The Eiffel Tower is located" in title and "counterfactual" not in title
+    page_title, table = page_of(fig, tmp_path)
+    assert "restoring clean activations into the corrupted run" in page_title
+    for name, value in [
+        ("corruption", "gaussian_noise"),
+        ("noise std", f"{record['noise_std']:.4g}"),
+        ("samples", "2"),
+        ("seed", "3"),
+        ("metric", "prob"),
+        ("direction", "denoise: restoring"),
+    ]:
+        assert re.search(rf"<th>{name}</th><td[^>]*>{re.escape(value)}", table), name
+    assert "counterfactual" not in table and "foil" not in table
+
+
+def test_str_patch_names_counterfactual_foil_and_raw_logit_differences(traces, tmp_path):
+    result = traces["str"]
+    clean, corrupted = result.normalization
+    fig = lp.plot_trace(result)
+    title = fig.layout.title.text
+    assert f"counterfactual prompt {COUNTERFACTUAL!r}" in title.replace("&#x27;", "'")
+    assert "foil <b>\u2423seattle</b>" in title
+    assert f"logit difference clean {clean:.3g} · corrupted {corrupted:.3g}" in title
+    assert "normalized_logit_diff" in title
+    assert "tokens that differ" in title
+    for field in NOISE_ONLY:  # STR has no noise: no "noise std 0", no samples, no seed
+        assert field not in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>counterfactual prompt</th><td[^>]*>&#x27;The Space Needle", table)
+    assert re.search(r"<th>foil</th><td[^>]*>&#x27; seattle&#x27;", table)
+    assert f"clean {clean:.4g}, corrupted {corrupted:.4g}" in table
+    assert re.search(r"<th>metric</th><td[^>]*>normalized_logit_diff", table)
+    for field in NOISE_ONLY:
+        assert f"<th>{field}</th>" not in table
+
+
+@pytest.mark.parametrize("which", ["str_noise", "noise_noising"])
+def test_noising_figures_say_so_and_keep_matters_the_same(traces, tmp_path, which):
+    result = traces[which]
+    fig = lp.plot_trace(result)
+    title = fig.layout.title.text
+    assert "patching corrupted activations into the clean run" in title
+    assert "Restoring" not in title and "restoring" not in title
+    page_title, table = page_of(fig, tmp_path)
+    assert "patching corrupted activations into the clean run" in page_title
+    assert re.search(r"<th>direction</th><td[^>]*>noise: patching", table)
+    trace = fig.data[0]
+    if which == "str_noise":
+        # A normalised metric is drawn as the share of clean - corrupted lost: 0 = no effect.
+        np.testing.assert_allclose(
+            z_of(trace), 1 - result.normalized().double().numpy(), atol=1e-6, equal_nan=True
+        )
+        assert "lost" in title and trace.zmid == 0 and trace.reversescale is False
+        for field in NOISE_ONLY:
+            assert field not in title and f"<th>{field}</th>" not in table
+    else:
+        # Raw probabilities keep their values; the scale is reversed, and the title says so.
+        np.testing.assert_allclose(
+            z_of(trace), result.scores.double().numpy(), rtol=1e-6, equal_nan=True
+        )
+        assert trace.reversescale is True and "scale reversed" in title
+        assert "counterfactual" not in title and "counterfactual" not in table
+    denoised = lp.plot_trace(traces["str"]).data[0]
+    assert denoised.reversescale is False
+
+
+def test_head_trace_names_its_experiment(traces, tmp_path):
+    result = traces["heads"]
+    fig = lp.plot_head_trace(result)
+    title = fig.layout.title.text
+    assert "restoring clean activations into the corrupted run" in title
+    assert f"std {result.corruption['noise_std']:.3g}" in title and "prob clean" in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>corruption</th><td[^>]*>gaussian_noise", table)
+    assert re.search(r"<th>metric</th><td[^>]*>prob", table)
+    assert "counterfactual" not in table and "counterfactual" not in title
+
+
+@pytest.fixture(scope="module")
+def summaries(tiny_model, one_thread):
+    """Dataset traces of the tiny model: Gaussian noise and counterfactual prompts (STR)."""
+    from conftest import TINY_PROMPT
+
+    from lenscope import CausalTracer, pair_counterfactuals
+    from lenscope.corruptions import CounterfactualColumn
+    from lenscope.datasets import trace_dataset
+
+    facts = [
+        {"prompt": TINY_PROMPT, "subject": "The Eiffel Tower", "attribute": "Paris"},
+        {"prompt": COUNTERFACTUAL, "subject": "The Space Needle", "attribute": "Seattle"},
+        {
+            "prompt": "Big Ben is located in the city of",
+            "subject": "Big Ben",
+            "attribute": "London",
+        },
+    ]
+    facts = [{**fact, "relation_id": "P131"} for fact in facts]
+    tracer = CausalTracer(tiny_model, progress=False)
+    kinds = ("mlp_out", "attn_out")
+    return {
+        "noise": trace_dataset(tracer, facts, samples=2, kinds=kinds),
+        # The tiny model answers every counterfactual as its fact (' of'), which leaves a
+        # logit difference no foil: STR with the answer's probability.
+        "str": trace_dataset(
+            tracer,
+            pair_counterfactuals(tiny_model, facts).facts,
+            kinds=kinds,
+            corruption=CounterfactualColumn(),
+            metric="prob",
+        ),
+    }
+
+
+def test_dataset_figures_name_their_corruption_and_centre_at_zero(summaries, tmp_path):
+    noise, str_ = summaries["noise"], summaries["str"]
+    noise_title = lp.plot_dataset(noise).layout.title.text
+    assert f"std {noise.noise_std:.3g}" in noise_title and "2 samples" in noise_title
+    fig = lp.plot_dataset(str_)
+    title = fig.layout.title.text
+    assert "counterfactual prompts from column &#x27;counterfactual&#x27;" in title
+    assert str_.n_facts == 2 and "prob: clean" in title
+    for field in NOISE_ONLY:
+        assert field not in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>counterfactual column</th><td[^>]*>&#x27;counterfactual", table)
+    for field in NOISE_ONLY:
+        assert f"<th>{field}</th>" not in table
+    # AIEs can be negative: diverging, white at zero, one symmetric range for every panel.
+    spans = set()
+    for trace in fig.data:
+        assert trace.zmid == 0 and trace.zmin == pytest.approx(-trace.zmax)
+        spans.add(trace.zmax)
+    assert len(spans) == 1
+    means = [mean_ci(str_.effects(k))[0].numpy() for k in str_.kinds]
+    assert spans.pop() == pytest.approx(max(np.nanmax(np.abs(m)) for m in means))
+    windowed = lp.plot_dataset(noise)
+    assert windowed.layout.xaxis.title.text == (
+        "layer"
+        if noise.windows["mlp_out"] == 1
+        else f"centre of restored window ({noise.windows['mlp_out']} layers)"
+    )
+    report = lp.save_dataset_report(str_, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<title>" in report and "noise std" not in report
+
+
+def mean_ci(effects):
+    from lenscope.datasets import mean_ci as plain
+
+    return plain(effects)
+
+
+# -- honest scales -----------------------------------------------------------------------
+
+
+def figure_json(fig):
+    """The heatmaps' colour settings as plotly serialises them."""
+    import json
+
+    return [t for t in json.loads(fig.to_json())["data"] if t["type"] == "heatmap"]
+
+
+@pytest.mark.parametrize(
+    ("which", "value"),
+    [
+        ("logit_diff", "score"),
+        ("str", "score"),
+        ("noise", "indirect_effect"),
+        ("noise", "normalized"),
+        ("heads", "indirect_effect"),
+    ],
+)
+def test_diverging_scales_have_zero_at_the_centre(traces, which, value):
+    results = traces[which]
+    if which == "heads":
+        fig = lp.plot_head_trace(results, value=value)
+    elif isinstance(results, dict):
+        fig = lp.plot_traces(results, value=value)
+    else:
+        fig = lp.plot_trace(results, value=value)
+    heatmaps = figure_json(fig)
+    largest = max(np.nanmax(np.abs(np.array(t["z"], dtype=float))) for t in heatmaps)
+    for trace in heatmaps:  # panels of one quantity share one symmetric range
+        assert trace["zmid"] == 0
+        assert trace["zmin"] == pytest.approx(-trace["zmax"])
+        assert trace["zmax"] == pytest.approx(largest)
+
+
+def test_logit_difference_below_zero_is_not_drawn_as_no_effect(traces):
+    result = traces["logit_diff"]
+    trace = figure_json(lp.plot_trace(result))[0]
+    assert np.nanmin(np.array(trace["z"], dtype=float)) < 0  # some cells favour the foil
+    scale = go.Heatmap(colorscale="PuOr").colorscale
+    assert [list(c) for c in trace["colorscale"]] == [list(c) for c in scale]
+    assert "white at 0" in lp.plot_trace(result).layout.title.text
+
+
+def test_non_negative_values_get_a_sequential_scale_from_zero(traces):
+    for trace in figure_json(lp.plot_traces(traces["noise"])):
+        z = np.array(trace["z"], dtype=float)
+        assert np.nanmin(z) >= 0
+        assert trace["zmin"] == 0 and "zmid" not in trace
+        assert trace["zmax"] == pytest.approx(
+            max(
+                np.nanmax(np.array(t["z"], dtype=float))
+                for t in figure_json(lp.plot_traces(traces["noise"]))
+            )
+        )
+
+
+def test_mismatched_panels_get_their_own_title_axis_and_scale(traces):
+    prob = traces["noise"]["mlp_out"]
+    nld = traces["str"]
+    fig = lp.plot_traces([prob, nld], allow_mismatch=True)
+    first, second = figure_json(fig)
+    assert "zmid" not in first and first["zmin"] == 0  # probability: sequential
+    assert second["zmid"] == 0 and second["zmin"] == pytest.approx(-second["zmax"])
+    assert first["colorbar"]["title"]["text"] != second["colorbar"]["title"]["text"]
+    titles = [a.text for a in fig.layout.annotations]
+    assert "prob clean" in titles[0] and "normalized_logit_diff clean" in titles[1]
+    assert "settings that differ" in fig.layout.title.text
+    assert fig.layout.yaxis.title.text == layer_title(prob.window)
+    assert fig.layout.yaxis2.title.text == layer_title(nld.window)
+
+
+def layer_title(window):
+    return "layer" if window == 1 else f"centre of restored window ({window} layers)"
+
+
+def test_windowed_panels_say_centre_of_restored_window():
+    fig = lp.plot_trace(make_result(window=5))
+    assert fig.layout.yaxis.title.text == "centre of restored window (5 layers)"
+    assert lp.plot_trace(make_result()).layout.yaxis.title.text == "layer"
+
+
+def test_hover_is_in_the_colour_bars_unit():
+    result = make_result()
+    trace = result.plot(value="normalized").data[0]
+    assert trace.colorbar.tickformat == "+.0%"
+    text = hover_text(trace, 2, 3)
+    assert f"{float(result.normalized()[2, 3]):.1%} of clean − corrupted recovered" in text
+    ld = make_result(metric="logit_diff", corrupted=-2.0, clean=3.0).plot().data[0]
+    assert ld.colorbar.tickformat is None
+    assert f"{float(ld.z[2][3]):.4g}" in hover_text(ld, 2, 3)
+
+
+# -- difference mode ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["difference", "sum"])
+def test_difference_mode_equals_a_plain_subtraction(traces, mode):
+    mlp, attn = traces["noise"]["mlp_out"], traces["noise"]["attn_out"]
+    fig = lp.plot_traces({"MLP": mlp, "attention": attn}, mode=mode, value="normalized")
+    (trace,) = fig.data
+    a, b = mlp.normalized().double().numpy(), attn.normalized().double().numpy()
+    expected = a - b if mode == "difference" else a + b
+    np.testing.assert_allclose(z_of(trace), expected, atol=1e-7, equal_nan=True)
+    assert trace.zmid == 0 and trace.zmin == pytest.approx(-trace.zmax)
+    assert "MLP" in fig.layout.title.text and "attention" in fig.layout.title.text
+    assert ("minus" if mode == "difference" else "plus") in fig.layout.title.text
+    if mode == "difference":
+        # As notebook 02 says: green (MLP) where MLP restores more, red (attention) where less.
+        low, mid, high = (tuple(stop) for stop in trace.colorscale)
+        assert (low[1], mid[1], high[1]) == ("#a50f15", "#ffffff", "#006d2c")
+
+
+def test_difference_mode_per_kind_of_two_runs(traces):
+    runs = {"A": traces["noise"], "B": {k: r for k, r in traces["noise"].items()}}
+    fig = lp.plot_traces(runs, mode="difference")
+    assert len(fig.data) == 3
+    for trace in fig.data:
+        assert np.nanmax(np.abs(z_of(trace))) == 0  # a run minus itself
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda t: [t["noise"]["mlp_out"]], r"exactly two runs of one prompt; got 1"),
+        (
+            lambda t: [t["noise"]["mlp_out"], make_result()],
+            r"same tokens and grid shape; .* got \(4, 10\) over .*; trace both on the same",
+        ),
+        (
+            lambda t: [t["noise"]["mlp_out"], t["logit_diff"]],
+            r"needs one metric in both traces; .* got 'prob' vs 'logit_diff'; trace both",
+        ),
+    ],
+)
+def test_difference_mode_errors(traces, make, match):
+    with pytest.raises(ValueError, match=match):
+        lp.plot_traces(make(traces), mode="difference")
+
+
+# -- where plotly.js comes from ----------------------------------------------------------
+
+
+def test_plotly_js_inline_file_and_cdn(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    fig = make_result().plot()
+    sizes = {}
+    for option in _common.PLOTLY_JS:
+        folder = tmp_path / option
+        path = lp.save_html(fig, folder / "trace.html", plotly_js=option)
+        sizes[option] = path.stat().st_size
+        text = path.read_text(encoding="utf-8")
+        assert "<title>" in text and 'class="lenscope-settings"' in text
+        siblings = sorted(p.name for p in folder.iterdir())
+        if option == "file":
+            name = _common.plotly_js_file()
+            assert siblings == sorted(["trace.html", name])
+            assert f'src="{name}"' in text
+            assert (folder / name).read_text(encoding="utf-8") == get_plotlyjs()
+        else:
+            assert siblings == ["trace.html"]
+        if option == "cdn":
+            assert re.search(
+                r'<script[^>]*src="https://cdn\.plot\.ly/plotly-[\d.]+\.min\.js"', text
+            )
+    js = len(get_plotlyjs().encode("utf-8"))
+    assert sizes["inline"] > js > 1_000_000
+    assert sizes["file"] < sizes["inline"] - js + 10_000
+    assert sizes["cdn"] < sizes["inline"] - js + 10_000
+    with pytest.raises(ValueError, match=r"plotly_js must be one of 'inline', 'file', 'cdn'; got"):
+        lp.save_html(fig, tmp_path / "x.html", plotly_js="web")

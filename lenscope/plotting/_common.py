@@ -8,9 +8,13 @@ green, attention red), figure sizing (figures fill the width of the notebook
 cell or page; their natural width grows with the token count and sizes static
 images), and export: a self-contained offline HTML page that resizes with the
 window (plotly.js embedded, plus a small script that highlights the hovered
-cell in every panel) and optional static images through kaleido. Like every
-``lenscope.plotting`` module it may import plotly; nothing outside this
-package does.
+cell in every panel, under the figure a table of the settings it was drawn
+from, and a ``<title>``; plotly.js inline, in a sibling file or from a CDN)
+and optional static images through kaleido. Colour scales follow one rule:
+a quantity that can be negative (a logit difference, an effect) gets a
+diverging scale with white at zero and a symmetric range, anything else a
+sequential scale from 0. Like every ``lenscope.plotting`` module it may
+import plotly; nothing outside this package does.
 """
 
 import html
@@ -40,6 +44,31 @@ KIND_COLORSCALES = {
     "attn_out": "Reds",
 }
 """Sequential colour scale of each hook-point kind, after ROME's figures."""
+
+KIND_DIVERGING = {
+    "resid_pre": "PuOr",
+    "resid_mid": "PuOr",
+    "resid_post": "PuOr",
+    "mlp_out": "PiYG",
+    "attn_out": "RdBu_r",
+}
+"""Diverging scale of each kind: white at zero, the kind's colour above, another colour below.
+
+Residual stream purple over orange, MLP green over magenta, attention red
+over blue (plotly's ``PuOr``, ``PiYG``, ``RdBu_r``).
+"""
+
+DEFAULT_DIVERGING = "RdBu_r"
+"""Diverging scale of kinds without their own: red above zero, blue below."""
+
+KIND_COLORS = {
+    "resid_pre": "#54278f",
+    "resid_mid": "#54278f",
+    "resid_post": "#54278f",
+    "mlp_out": "#006d2c",
+    "attn_out": "#a50f15",
+}
+"""Dark end of each kind's sequential scale, for scales made of two kinds."""
 
 KIND_LABELS = {
     "resid_pre": "residual stream (pre)",
@@ -466,48 +495,224 @@ def token_xaxis(
     )
 
 
+def symmetric_range(grids: Iterable[Any]) -> tuple[float, float]:
+    """``(-m, m)`` with ``m`` the largest absolute finite value (a tiny span if there is none).
+
+    Args:
+        grids: Numpy arrays of values (NaN for untraced cells).
+
+    Returns:
+        The ``(zmin, zmax)`` of a diverging scale centred at zero.
+    """
+    import numpy as np
+
+    span = 0.0
+    for grid in grids:
+        values = np.asarray(grid, dtype=float)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            span = max(span, float(np.abs(finite).max()))
+    span = span if span > 0 else 1e-6
+    return -span, span
+
+
+def two_colour_scale(low_kind: str, high_kind: str) -> list[list[Any]]:
+    """A diverging scale from ``low_kind``'s colour through white to ``high_kind``'s.
+
+    Args:
+        low_kind: The kind whose colour marks negative values.
+        high_kind: The kind whose colour marks positive values.
+
+    Returns:
+        A plotly colour scale.
+    """
+    low = KIND_COLORS.get(low_kind, "#2166ac")
+    high = KIND_COLORS.get(high_kind, "#b2182b")
+    return [[0.0, low], [0.5, "#ffffff"], [1.0, high]]
+
+
+PAGE_KEY = "lenscope_page"
+"""Key in a figure's ``layout.meta`` under which lenscope keeps its page title and settings."""
+
+
+def set_page_info(
+    fig: go.Figure,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[str]]],
+) -> None:
+    """Record the page title and settings table that :func:`save_html` writes for ``fig``.
+
+    Args:
+        fig: The figure (its ``layout.meta`` keeps :func:`fit_width`'s entries).
+        title: Plain-text page title.
+        columns: Column heads of the settings table (one per panel; one empty
+            head for a single panel).
+        rows: ``(setting, values)`` with one value per column.
+    """
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    fig.layout.meta = {
+        **meta,
+        PAGE_KEY: {
+            "title": title,
+            "columns": list(columns),
+            "rows": [[name, [str(v) for v in values]] for name, values in rows],
+        },
+    }
+
+
+def page_info(fig: go.Figure) -> dict[str, Any] | None:
+    """The page title and settings :func:`set_page_info` recorded, or ``None``."""
+    meta = fig.layout.meta
+    if isinstance(meta, dict) and isinstance(meta.get(PAGE_KEY), dict):
+        return meta[PAGE_KEY]
+    return None
+
+
+def settings_table(info: dict[str, Any]) -> str:
+    """The settings recorded by :func:`set_page_info` as an HTML table, every text escaped.
+
+    A value that every column shares spans the columns, so a difference
+    between panels stands out.
+    """
+    columns = info["columns"]
+    head = ""
+    if len(columns) > 1:
+        head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    body = []
+    for name, values in info["rows"]:
+        if len(set(values)) == 1:
+            cells = f'<td colspan="{len(values)}">{html.escape(values[0])}</td>'
+        else:
+            cells = "".join(f"<td>{html.escape(v)}</td>" for v in values)
+        body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return f'<table class="lenscope-settings">{head}{"".join(body)}</table>'
+
+
+PLOTLY_JS = ("inline", "file", "cdn")
+"""Where a page written by :func:`save_html` gets plotly.js: embedded, a sibling file, a CDN."""
+
+
+def plotly_js_file() -> str:
+    """Name of the sibling plotly.js file that ``plotly_js="file"`` writes (versioned)."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def plotly_js_source(plotly_js: str, folder: Path) -> Any:
+    """The ``include_plotlyjs`` argument for ``plotly_js``, writing the sibling file if asked.
+
+    Args:
+        plotly_js: ``"inline"``, ``"file"`` or ``"cdn"``.
+        folder: The page's folder (where ``"file"`` puts plotly.js).
+
+    Returns:
+        ``True`` (embed), ``"cdn"``, or the sibling file's name.
+    """
+    check_choice("plotly_js", plotly_js, PLOTLY_JS)
+    if plotly_js == "inline":
+        return True
+    if plotly_js == "cdn":
+        return "cdn"
+    from plotly.offline import get_plotlyjs
+
+    name = plotly_js_file()
+    target = folder / name
+    source = get_plotlyjs()
+    if not target.is_file() or target.stat().st_size != len(source.encode("utf-8")):
+        target.write_text(source, encoding="utf-8")
+    return name
+
+
+PAGE_STYLE = (
+    "body{font-family:'DejaVu Sans',Arial,sans-serif;margin:16px;}"
+    "table{border-collapse:collapse;font-size:13px;}"
+    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;}"
+)
+"""CSS of lenscope's HTML pages (settings and summary tables)."""
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete HTML page with ``title`` (escaped here) and ``body`` (HTML, used as is)."""
+    return (
+        '<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style></head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
 PAGE_CONFIG = {"displaylogo": False, "responsive": True}
 """plotly.js config of exported pages: no plotly logo; the figure follows the window's width."""
 
 
-def save_html(fig: go.Figure, path: str | Path, *, linked_hover: bool = True) -> Path:
-    """Write ``fig`` as one self-contained HTML file that works offline.
+def save_html(
+    fig: go.Figure,
+    path: str | Path,
+    *,
+    linked_hover: bool = True,
+    plotly_js: str = "inline",
+) -> Path:
+    """Write ``fig`` as an HTML page: the figure, then the settings it was drawn from.
 
-    plotly.js is embedded (no CDN, no MathJax). A figure without a fixed
-    ``width`` (lenscope's default) spans the page and follows the window's
-    width, so nothing is cut off in a narrow window. With ``linked_hover``
-    a small script (:data:`LINKED_HOVER_JS`) outlines the hovered cell in
-    every panel of a :func:`~lenscope.plotting.plot_traces` comparison.
+    By default the page is self-contained and works offline: plotly.js is
+    embedded (about 4.7 MB of the file; no MathJax). ``plotly_js="file"``
+    writes plotly.js once as a sibling file (``plotly-<version>.min.js``,
+    shared by every page in the folder) and links it; ``"cdn"`` links
+    plotly's CDN (the page then needs a network). The page's ``<title>`` and
+    the table under the figure come from the figure's provenance, which
+    every lenscope plotting function records (the model, prompt, corruption,
+    direction, metric, window, ...). A figure without a fixed ``width``
+    (lenscope's default) spans the page and follows the window's width.
+    With ``linked_hover`` a small script (:data:`LINKED_HOVER_JS`) outlines
+    the hovered cell in every panel of a
+    :func:`~lenscope.plotting.plot_traces` comparison.
 
     Args:
         fig: The figure, e.g. from :func:`~lenscope.plotting.plot_trace`.
         path: Where to write; parent folders are created.
         linked_hover: Whether to add the linked-hover script (a no-op on
             figures with a single heatmap).
+        plotly_js: ``"inline"`` (default, offline), ``"file"`` (a sibling
+            file) or ``"cdn"``.
 
     Returns:
         The path written.
 
     Raises:
         TypeError: ``fig`` is not a plotly figure.
+        ValueError: ``plotly_js`` is not one of the three.
     """
     if not isinstance(fig, go.Figure):
         raise InvalidInputType(
             f"save_html expects a plotly Figure; got {type(fig).__name__}; "
             "pass the figure returned by plot_trace or plot_traces"
         )
+    check_choice("plotly_js", plotly_js, PLOTLY_JS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(
-        path,
-        include_plotlyjs=True,
+    figure = fig.to_html(
+        include_plotlyjs=plotly_js_source(plotly_js, path.parent),
         include_mathjax=False,
-        full_html=True,
+        full_html=False,
         post_script=[LINKED_HOVER_JS] if linked_hover else None,
         config=PAGE_CONFIG,
         default_width="100%",
     )
+    info = page_info(fig)
+    title = info["title"] if info else _plain_title(fig)
+    table = f"<h2>Settings</h2>\n{settings_table(info)}" if info else ""
+    path.write_text(html_page(title, f"{figure}\n{table}"), encoding="utf-8")
     return path
+
+
+def _plain_title(fig: go.Figure) -> str:
+    """The figure's title without its markup, for the page ``<title>`` of a foreign figure."""
+    import re
+
+    text = fig.layout.title.text or "lenscope figure"
+    text = re.sub(r"<br\s*/?>", " · ", text)
+    return html.unescape(re.sub(r"<[^>]+>", "", text))
 
 
 def save_image(fig: go.Figure, path: str | Path, **kwargs: Any) -> Path:

@@ -4,14 +4,20 @@ Draws a :class:`~lenscope.datasets.DatasetSummary` the way ROME (Meng et al.,
 2022, arXiv 2202.05262, Figure 2) summarises causal tracing over ~1000
 known facts: one panel per hook-point kind, token buckets (first subject
 token ... last token) against layers, colour the average indirect effect
-(AIE) on that kind's scale (residual stream purple, MLP green, attention
-red). ``style="lines"`` draws the same numbers as one line per bucket with
-its 95% confidence band, which shows how much the averages can be trusted.
-:func:`save_dataset_report` writes a self-contained offline HTML page with
-both figures, the summary table, the settings and the skipped facts.
-Computation stays in the summary object; this module only draws it.
+(AIE) on that kind's diverging scale (residual stream purple, MLP green,
+attention red above zero; white at zero; one symmetric range shared by
+every panel, since an AIE can be negative). ``style="lines"`` draws the same
+numbers as one line per bucket with its 95% confidence band, which shows how
+much the averages can be trusted. The subtitle names the corruption from
+the summary's own record (noise std, samples and seed for noise; the
+counterfactual column for symmetric token replacement) and the metric.
+:func:`save_dataset_report` writes an HTML page with both figures, the
+summary table, the settings and the skipped facts (plotly.js embedded by
+default, so it works offline). Computation stays in the summary object;
+this module only draws it.
 """
 
+import functools
 import html
 import math
 from pathlib import Path
@@ -22,16 +28,23 @@ from plotly.subplots import make_subplots
 
 from lenscope.datasets import BUCKET_LABELS, BUCKETS, DatasetSummary, mean_ci
 from lenscope.plotting._common import (
+    DEFAULT_DIVERGING,
     HOVER_FONT,
-    KIND_COLORSCALES,
+    KIND_DIVERGING,
     KIND_LABELS,
     PAGE_CONFIG,
+    PLOTLY_JS,
     check_choice,
     check_positive_int,
     fit_width,
     format_percent,
+    html_page,
+    plotly_js_source,
+    set_page_info,
+    symmetric_range,
     width_fraction,
 )
+from lenscope.plotting._provenance import corruption_rows, corruption_text, layer_axis_title
 from lenscope.validation import InvalidInputType
 
 STYLES = ("heatmap", "lines")
@@ -114,15 +127,18 @@ def plot_dataset(
         horizontal_spacing=width_fraction(gap, default_width - margins, margins) if n > 1 else 0.0,
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
     )
-    for col, kind in enumerate(kinds, start=1):
-        mean, half, count = mean_ci(summary.effects(kind))
+    stats = [mean_ci(summary.effects(kind)) for kind in kinds]
+    # Every panel shows the AIE of one metric: one symmetric range, white at zero.
+    span = symmetric_range([mean.numpy() for mean, _, _ in stats])
+    percent = _percent(summary)
+    for col, (kind, (mean, half, count)) in enumerate(zip(kinds, stats, strict=True), start=1):
         if style == "heatmap":
             offset = width_fraction(4, default_width - margins, margins)
-            _add_heatmap(fig, summary, kind, mean, half, count, col, offset)
+            _add_heatmap(fig, summary, kind, mean, half, count, col, offset, span)
         else:
             _add_lines(fig, summary, kind, mean, half, count, col, legend=col == 1)
-    layer_title = "layer" if style == "heatmap" else "layer (centre of restored window)"
-    fig.update_xaxes(title_text=layer_title, showgrid=style == "lines", zeroline=False)
+        fig.update_xaxes(title_text=layer_axis_title(summary.windows[kind]), row=1, col=col)
+    fig.update_xaxes(showgrid=style == "lines", zeroline=False)
     if style == "heatmap":
         fig.update_yaxes(
             tickmode="array",
@@ -134,14 +150,13 @@ def plot_dataset(
             ticks="",
         )
     else:
-        fig.update_yaxes(tickformat=".1%", zeroline=True, zerolinecolor="#999999")
+        fig.update_yaxes(
+            tickformat=".1%" if percent else None, zeroline=True, zerolinecolor="#999999"
+        )
         fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
+    text = title if title is not None else _title(summary)
     fig.update_layout(
-        title={
-            "text": title if title is not None else _title(summary),
-            "x": 0.01,
-            "xanchor": "left",
-        },
+        title={"text": text, "x": 0.01, "xanchor": "left"},
         **fit_width(width, default_width),
         height=height or default_height,
         margin=margin,
@@ -149,7 +164,44 @@ def plot_dataset(
         plot_bgcolor="white" if style == "lines" else "#e6e6e6",
         legend={"title": {"text": "token bucket"}},
     )
+    heading = f"Average indirect effect: {summary.model_name}, {summary.n_facts} facts"
+    set_page_info(fig, heading, [""], [(k, [v]) for k, v in _settings_rows(summary)])
     return fig
+
+
+def _percent(summary: DatasetSummary) -> bool:
+    """Whether the summary's metric reads in percent (a probability or a normalised metric)."""
+    return summary.metric in ("prob", "normalized_logit_diff")
+
+
+def _record(summary: DatasetSummary) -> dict[str, Any]:
+    return dict(
+        summary.corruption
+        or {
+            "name": "gaussian_noise",
+            "samples": summary.samples,
+            "noise_std": summary.noise_std,
+            "seed": summary.seed,
+        }
+    )
+
+
+def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
+    """Every setting of the dataset trace, from the summary's own record."""
+    rows = [
+        ("model", summary.model_name),
+        (
+            "facts",
+            f"{summary.n_facts} traced, {summary.n_skipped} skipped, "
+            f"{summary.n_pending} not reached",
+        ),
+        ("metric", summary.metric),
+        ("kinds", ", ".join(summary.kinds)),
+        ("windows", ", ".join(f"{k} {w}" for k, w in summary.windows.items())),
+        *corruption_rows(_record(summary)),
+        ("lenscope", summary.lenscope_version),
+    ]
+    return rows
 
 
 def _panel_title(summary: DatasetSummary, kind: str) -> str:
@@ -163,16 +215,24 @@ def _title(summary: DatasetSummary) -> str:
     corrupted, _ = summary.corrupted_mean()
     ate, ate_ci = summary.ate()
     skipped = f", {summary.n_skipped} skipped" if summary.n_skipped else ""
+    value = functools.partial(_format, percent=_percent(summary))
     return (
         f"Average indirect effect: {html.escape(summary.model_name)}, "
-        f"{summary.n_facts} facts{skipped}<br><sup>clean {format_percent(clean)}, corrupted "
-        f"{format_percent(corrupted)}, ATE {format_percent(ate)} \u00b1 {format_percent(ate_ci)}"
-        f" (95% CI); {summary.samples} noise samples, noise std {summary.noise_std:.3g}</sup>"
+        f"{summary.n_facts} facts{skipped}<br><sup>{html.escape(summary.metric)}: clean "
+        f"{value(clean)}, corrupted {value(corrupted)}, ATE {value(ate)} \u00b1 "
+        f"{value(ate_ci)} (95% CI); {html.escape(corruption_text(_record(summary)))}; "
+        "colour: AIE, white at 0</sup>"
     )
 
 
+def _format(value: float, *, percent: bool, signed: bool = False) -> str:
+    if percent or not math.isfinite(value):
+        return format_percent(value, signed=signed)
+    return f"{value:+.3g}" if signed else f"{value:.3g}"
+
+
 def _cells(
-    mean: Any, half: Any, count: Any
+    mean: Any, half: Any, count: Any, percent: bool
 ) -> tuple[list[list[float | None]], list[list[list[Any]]]]:
     z = [[None if math.isnan(v) else v for v in row] for row in mean.tolist()]
     customdata = [
@@ -180,8 +240,8 @@ def _cells(
             [
                 BUCKET_LABELS[bucket],
                 layer,
-                format_percent(float(mean[b, layer]), signed=True),
-                format_percent(float(half[b, layer])),
+                _format(float(mean[b, layer]), percent=percent, signed=True),
+                _format(float(half[b, layer]), percent=percent),
                 int(count[b, layer]),
             ]
             for layer in range(mean.shape[1])
@@ -207,12 +267,12 @@ def _add_heatmap(
     count: Any,
     col: int,
     offset: float,
+    span: tuple[float, float],
 ) -> None:
     """Panel ``col``: the AIE heatmap, its colour bar ``offset`` (a width fraction) to the right."""
-    z, customdata = _cells(mean, half, count)
-    finite = [v for row in z for v in row if v is not None]
-    low = min([0.0, *finite])
-    high = max([*finite, low + 1e-6])
+    percent = _percent(summary)
+    z, customdata = _cells(mean, half, count, percent)
+    low, high = span
     suffix = "" if col == 1 else str(col)
     domain_end = fig.layout[f"xaxis{suffix}"].domain[1]
     fig.add_trace(
@@ -222,7 +282,8 @@ def _add_heatmap(
             y=list(range(len(BUCKETS))),
             zmin=low,
             zmax=high,
-            colorscale=KIND_COLORSCALES.get(kind, "Greys"),
+            zmid=0.0,
+            colorscale=KIND_DIVERGING.get(kind, DEFAULT_DIVERGING),
             customdata=customdata,
             hovertemplate=_HOVER,
             hoverongaps=False,
@@ -234,7 +295,7 @@ def _add_heatmap(
                 "thickness": 12,
                 "xpad": 4,
                 "len": 1.0,
-                "tickformat": ".1%",
+                "tickformat": "+.1%" if percent else None,
             },
         ),
         row=1,
@@ -254,7 +315,7 @@ def _add_lines(
     legend: bool,
 ) -> None:
     layers = list(range(summary.n_layers))
-    _, customdata = _cells(mean, half, count)
+    _, customdata = _cells(mean, half, count, _percent(summary))
     for b, bucket in enumerate(BUCKETS):
         if int(count[b].max()) == 0:
             continue
@@ -302,19 +363,26 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def save_dataset_report(
-    summary: DatasetSummary, path: str | Path, *, title: str | None = None
+    summary: DatasetSummary,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    plotly_js: str = "inline",
 ) -> Path:
-    """Write a self-contained offline HTML report of a dataset trace.
+    """Write an HTML report of a dataset trace.
 
     The page holds the ROME Figure-2 heatmaps, the same AIE as lines with
     95% CI bands, the per-kind table (:meth:`DatasetSummary.table`), the
-    settings, and the skipped facts with their reasons. plotly.js is
-    embedded once, so the file opens without a network.
+    settings, and the skipped facts with their reasons. By default plotly.js
+    is embedded once, so the file opens without a network.
 
     Args:
         summary: The dataset summary.
         path: Where to write; parent folders are created.
         title: Page heading; default names the model.
+        plotly_js: ``"inline"`` (default), ``"file"`` (a sibling
+            ``plotly-<version>.min.js``) or ``"cdn"``; see
+            :func:`~lenscope.plotting.save_html`.
 
     Returns:
         The path written.
@@ -324,13 +392,14 @@ def save_dataset_report(
             f"save_dataset_report expects a DatasetSummary; got {type(summary).__name__}; "
             "pass the result of lenscope.datasets.trace_dataset"
         )
+    check_choice("plotly_js", plotly_js, PLOTLY_JS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     heading = title or f"Causal tracing over known facts: {summary.model_name}"
     figures = [
         plot_dataset(summary, style="heatmap").to_html(
             full_html=False,
-            include_plotlyjs=True,
+            include_plotlyjs=plotly_js_source(plotly_js, path.parent),
             include_mathjax=False,
             config=PAGE_CONFIG,
         ),
@@ -342,8 +411,9 @@ def save_dataset_report(
         ),
     ]
     table = summary.table()
+    percent = _percent(summary)
     for column in ("clean", "corrupted", "ate", "ate_ci", "best_aie", "best_aie_ci"):
-        table[column] = table[column].map(format_percent)
+        table[column] = table[column].map(functools.partial(_format, percent=percent))
     settings = {k: v for k, v in summary.settings().items() if k != "format"}
     settings["n_pending"] = summary.n_pending
     settings["trace seconds (sum over facts)"] = round(summary.seconds, 1)
@@ -355,17 +425,11 @@ def save_dataset_report(
     skipped_html = (
         skipped.to_html(index=False, escape=True) if len(skipped) else "<p>No fact was skipped.</p>"
     )
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(heading)}</title>
-<style>body{{font-family:sans-serif;margin:24px;}} table{{border-collapse:collapse;}}
-th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;}}</style></head>
-<body><h1>{html.escape(heading)}</h1>
+    body = f"""<h1>{html.escape(heading)}</h1>
 {figures[0]}
 {figures[1]}
 <h2>Summary</h2>{table.to_html(index=False, escape=True)}
 <h2>Settings</h2><table>{settings_rows}</table>
-<h2>Skipped facts ({summary.n_skipped})</h2>{skipped_html}
-</body></html>
-"""
-    path.write_text(page)
+<h2>Skipped facts ({summary.n_skipped})</h2>{skipped_html}"""
+    path.write_text(html_page(heading, body), encoding="utf-8")
     return path

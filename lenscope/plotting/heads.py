@@ -4,8 +4,11 @@ Draws a :class:`~lenscope.results.HeadTraceResult` the way TransformerLens'
 per-head patching results are usually shown (a ``layer x head`` grid), in
 lenscope's colours and hover tables: hovering a cell shows the layer, the
 head (and, for key/value heads of a grouped-query model, the query heads
-that share it), the score, the normalized effect and the restored run's
-top-k predictions, built from ``customdata`` + ``hovertemplate``. A
+that share it), the score, the effect and the patched run's top-k
+predictions, built from ``customdata`` + ``hovertemplate``. Colours, title
+and the page's settings table follow :func:`~lenscope.plotting.plot_trace`:
+the experiment named from the result's record, a diverging scale centred at
+zero for values that can be negative, noising oriented like denoising. A
 ``by="head_pos"`` trace has one grid per token position; a slider below the
 figure picks the position (the last token at first).
 """
@@ -17,19 +20,21 @@ import numpy as np
 import plotly.graph_objects as go
 
 from lenscope.plotting._common import (
+    DEFAULT_DIVERGING,
     HOVER_FONT,
     NAN_COLOR,
     NBSP,
     escape,
     fit_width,
+    set_page_info,
     visible,
 )
+from lenscope.plotting._provenance import direction_phrase, trace_rows, trace_subtitle
 from lenscope.plotting.trace import (
-    _anchor,
     _check_options,
-    _colorbar_title,
-    _metric_label,
-    _values,
+    colour_of,
+    colour_ranges,
+    plain_text,
     score_fields,
 )
 from lenscope.results import HeadTraceResult
@@ -63,10 +68,12 @@ def plot_head_trace(
         pos: For ``by="head_pos"``, the position shown first (default: the
             last traced one); the slider shows the others.
         layer_order: ``"bottom_up"`` (layer 0 at the bottom) or ``"top_down"``.
-        title: Figure title; default names the kind, model, answer and scores.
+        title: Figure title; default names the experiment (see
+            :func:`~lenscope.plotting.plot_trace`).
         width: Pixels; default fills the container.
         height: Pixels; default grows with the layers.
-        colorscale: A plotly colour scale; default ``"Reds"``.
+        colorscale: A plotly colour scale; default ``"Reds"`` (diverging:
+            ``"RdBu_r"``, white at zero).
 
     Returns:
         The plotly figure (never shown).
@@ -78,7 +85,8 @@ def plot_head_trace(
         )
     options = {"value": value, "layer_order": layer_order, "layer_stride": 1, "top_k": top_k}
     _check_options([result], {**options, "width": width, "height": height})
-    grid = _values(result, value)
+    colour = colour_of(result, value)
+    grid = colour.grid
     positions = [None]
     if result.by == "head_pos":
         traced = [p for p in range(result.n_pos) if np.isfinite(grid[:, :, p]).any()]
@@ -98,15 +106,13 @@ def plot_head_trace(
             f"pos applies to by='head_pos' results; this one restores every position, got "
             f"pos={pos}; leave pos unset"
         )
-    finite = grid[np.isfinite(grid)]
-    low = _anchor(result, value)
-    high = float(finite.max()) if finite.size else low
-    high = high if high > low else low + max(abs(low), 1.0) * 1e-6
+    ((low, high, mid),) = colour_ranges([colour], shared=True, zmin=None, zmax=None)
+    scale = colorscale or (DEFAULT_DIVERGING if colour.diverging else HEAD_COLORSCALE)
 
     fig = go.Figure()
     for p in positions:
         z = grid if p is None else grid[:, :, p]
-        customdata, template = _hover(result, p, top_k)
+        customdata, template = _hover(result, colour, p, top_k)
         fig.add_trace(
             go.Heatmap(
                 z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
@@ -114,13 +120,18 @@ def plot_head_trace(
                 y=list(range(result.n_layers)),
                 zmin=low,
                 zmax=high,
-                colorscale=colorscale or HEAD_COLORSCALE,
+                zmid=mid,
+                colorscale=scale,
+                reversescale=colour.reverse,
                 customdata=customdata,
                 hovertemplate=template,
                 hoverongaps=True,
                 visible=p == pos,
                 name="" if p is None else f"pos {p}",
-                colorbar={"title": {"text": _colorbar_title(result, value), "side": "right"}},
+                colorbar={
+                    "title": {"text": colour.label, "side": "right"},
+                    "tickformat": colour.tickformat(),
+                },
             )
         )
     head_title = "head" if result.query_heads_per_head == 1 else "key/value head"
@@ -153,12 +164,10 @@ def plot_head_trace(
             ]
         )
     natural_width = max(420, 140 + 36 * result.n_heads)
-    default_height = 160 + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    default_height = 220 + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    text = title if title is not None else _title(result, pos, len(positions) > 1, colour.note)
     fig.update_layout(
-        title={
-            "text": title if title is not None else _title(result, pos, len(positions) > 1),
-            "x": 0,
-        },
+        title={"text": text, "x": 0, "y": 0.99, "yanchor": "top"},
         **fit_width(width, natural_width),
         height=height or default_height,
         plot_bgcolor=NAN_COLOR,
@@ -166,12 +175,18 @@ def plot_head_trace(
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
-        margin={"l": 60, "r": 20, "t": 90, "b": 60},
+        margin={"l": 60, "r": 20, "t": 150, "b": 60},
     )
+    rows = trace_rows(result)
+    rows.append(("heads", f"{result.n_heads} per layer, {result.by}"))
+    rows.append(("colour", plain_text(colour.note)))
+    set_page_info(fig, plain_text(text, first_line=True), [""], [(n, [v]) for n, v in rows])
     return fig
 
 
-def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.ndarray, str]:
+def _hover(
+    result: HeadTraceResult, colour: Any, pos: int | None, top_k: int
+) -> tuple[np.ndarray, str]:
     """``customdata`` ``[layer, head, field]`` and the ``hovertemplate`` laying it out."""
     index = () if pos is None else (pos,)
     scores = result.scores.detach().double().cpu().numpy()
@@ -189,6 +204,8 @@ def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.nda
             cell[2] = escape(token)
             score_fields(
                 cell,
+                colour,
+                result,
                 float(scores[(layer, head, *index)]),
                 float(normalized[(layer, head, *index)]),
                 lambda layer=layer, head=head: result.top_predictions(layer, head, pos),
@@ -202,17 +219,17 @@ def _hover(result: HeadTraceResult, pos: int | None, top_k: int) -> tuple[np.nda
     return data, template + "<extra></extra>"
 
 
-def _title(result: HeadTraceResult, pos: int | None, slider: bool) -> str:
+def _title(result: HeadTraceResult, pos: int | None, slider: bool, note: str) -> str:
     if pos is None:
         where = "every position"
     elif slider:
         where = "one position (slider below)"
     else:
         where = f"position {pos} ({escape(visible(result.tokens[pos]))})"
+    site = escape(result.hook_names[0].split(".")[-1])
+    lines = [*trace_subtitle(result), note]
     return (
-        f"<b>Restoring one head of {escape(result.hook_names[0].split('.')[-1])} at {where}</b>"
+        f"<b>One head of {site} at {where}: {direction_phrase(result.direction)}</b>"
         f" · {escape(result.model_name)}<br>"
-        f'<span style="font-size:13px">answer <b>{escape(visible(result.answer))}</b>'
-        f" · clean {_metric_label(result)} = {result.clean_score:.3g}"
-        f" · corrupted {result.corrupted_score:.3g}</span>"
+        f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )

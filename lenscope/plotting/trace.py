@@ -2,18 +2,29 @@
 
 Draws a :class:`~lenscope.results.TraceResult` the way ROME's figures do
 (Meng et al., 2022, arXiv 2202.05262, Figure 1): input tokens along x with
-the subject marked ``*``, layers along y, the restored score as colour on a
-per-kind sequential scale anchored at the corrupted score. Computation stays
-in the result object; this module only turns its arrays into ``go.Heatmap``
-traces. Hovering a cell shows a monospace table (token, position, restored
-layers, score, normalized effect and the restored run's top-k predictions)
-built from ``customdata`` + ``hovertemplate``. :func:`plot_traces` puts
-several kinds side by side on one colour range; in the HTML written by
-:func:`~lenscope.plotting.save_html` hovering one panel outlines the same
-cell in all of them.
+the subject marked ``*``, layers along y, the score as colour in the kind's
+colours: a sequential scale from 0 for a metric that cannot be negative (the
+answer's probability), a diverging one with white at zero and a symmetric
+range for one that can (logit differences, effects). A noising trace
+(corrupted activations patched into the clean run) is oriented so that a
+cell that matters looks as it does when denoising. The title and the page
+:func:`~lenscope.plotting.save_html` writes name the experiment from the
+result's own record (prompt, subject, answer, foil, metric, direction,
+corruption, window, model). Computation stays in the result object; this
+module only turns its arrays into ``go.Heatmap`` traces. Hovering a cell
+shows a monospace table (token, position, restored layers, score, effect and
+the patched run's top-k predictions) built from ``customdata`` +
+``hovertemplate``, in the colour bar's unit. :func:`plot_traces` puts
+several kinds side by side, sharing one colour range where they show one
+quantity, or draws the difference (or sum) of two runs of one prompt; in the
+HTML written by :func:`~lenscope.plotting.save_html` hovering one panel
+outlines the same cell in all of them.
 """
 
+import dataclasses
+import html
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,8 +33,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lenscope.plotting._common import (
+    DEFAULT_DIVERGING,
     HOVER_FONT,
     KIND_COLORSCALES,
+    KIND_DIVERGING,
     KIND_LABELS,
     NAN_COLOR,
     NBSP,
@@ -34,14 +47,28 @@ from lenscope.plotting._common import (
     figure_size,
     fit_width,
     format_percent,
-    format_score,
     panel_size,
+    set_page_info,
+    shorten,
     stride_keep_last,
+    symmetric_range,
     token_labels,
     token_xaxis,
     topk_lines,
+    two_colour_scale,
     visible,
     width_fraction,
+)
+from lenscope.plotting._provenance import (
+    corruption_record,
+    corruption_text,
+    differing,
+    direction_phrase,
+    is_counterfactual,
+    layer_axis_title,
+    subject_text,
+    trace_rows,
+    trace_subtitle,
 )
 from lenscope.results import TraceResult
 from lenscope.validation import InvalidInput, InvalidInputType
@@ -51,6 +78,9 @@ VALUES = ("score", "indirect_effect", "normalized")
 
 LAYER_ORDERS = ("bottom_up", "top_down")
 """Layer 0 at the bottom (ROME's figures) or at the top."""
+
+MODES = ("side_by_side", "difference", "sum")
+"""How :func:`plot_traces` shows its results: panels, or two runs combined cell by cell."""
 
 _N_FIXED_FIELDS = 6  # token, position, layers, score, effect, top-k header
 _LABEL_WIDTH = 7
@@ -73,13 +103,27 @@ def plot_trace(
 ) -> go.Figure:
     """A heatmap of one causal trace: tokens along x, layers along y.
 
-    Subject tokens are marked ``*`` in bold and bracketed by a dotted box;
-    the title gives the answer and the clean and corrupted scores. Untraced
-    (NaN) cells are left blank and their hover says "not traced".
+    Subject tokens (for symmetric token replacement: the tokens that differ)
+    are marked ``*`` in bold and bracketed by a dotted box. The title says
+    what was patched in which direction on which model, then the prompt,
+    the answer (and foil), the clean and corrupted scores (and a normalised
+    metric's raw values), the corruption with its own settings, and how to
+    read the colours; the HTML page written by
+    :func:`~lenscope.plotting.save_html` lists every setting. Untraced (NaN)
+    cells are left blank and their hover says "not traced".
+
+    Colours: a metric that cannot be negative (``prob``) on the kind's
+    sequential scale from 0; one that can (``logit_diff``, the effects) on a
+    diverging scale, white at zero, with a symmetric range. For a noising
+    trace (``direction="noise"``) effects are drawn as what patching the
+    cell takes away (``"normalized"``: the share of clean − corrupted lost;
+    ``"indirect_effect"``: clean minus score) and raw scores on a reversed
+    scale, so that a cell that matters takes the kind's colour in both
+    directions; the subtitle says which.
 
     Args:
         result: The trace to draw.
-        value: Colour by ``"score"`` (the metric with the cell restored),
+        value: Colour by ``"score"`` (the metric with the cell patched),
             ``"indirect_effect"`` (score minus corrupted score) or
             ``"normalized"`` (fraction of the clean-corrupted gap recovered).
         top_k: Number of the restored run's top predictions in the hover
@@ -88,16 +132,18 @@ def plot_trace(
             always kept), for deep models.
         layer_order: ``"bottom_up"`` puts layer 0 at the bottom, as ROME does;
             ``"top_down"`` puts it at the top.
-        title: Figure title; by default the kind, model, answer and scores.
+        title: Figure title; by default the experiment, as above.
         width: Figure width in pixels; by default the figure fills the width
             of the notebook cell or page (static images get a width that
             grows with the tokens).
         height: Figure height in pixels; by default it grows with the layers.
         colorscale: Any plotly colour scale; by default purple for the
-            residual stream, green for MLP output and red for attention.
-        zmin: Bottom of the colour range; by default the corrupted score
-            (0 for the indirect and normalized effects).
-        zmax: Top of the colour range; by default the highest traced value.
+            residual stream, green for MLP output and red for attention
+            (diverging: over orange, magenta and blue below zero).
+        zmin: Bottom of the colour range; by default 0 (sequential) or
+            minus the largest absolute value (diverging).
+        zmax: Top of the colour range; by default the highest traced value
+            (diverging: the largest absolute value).
 
     Returns:
         A plotly figure; show it with ``fig.show()`` or write it with
@@ -125,10 +171,11 @@ def plot_trace(
 
 
 def plot_traces(
-    results: Mapping[str, TraceResult] | Sequence[TraceResult],
+    results: Mapping[str, Any] | Sequence[Any],
     *,
     shared_scale: bool = True,
     allow_mismatch: bool = False,
+    mode: str = "side_by_side",
     value: str = "score",
     top_k: int = 5,
     layer_stride: int = 1,
@@ -142,8 +189,11 @@ def plot_traces(
 ) -> go.Figure:
     """Several traces of one prompt side by side, e.g. ``resid_post | mlp_out | attn_out``.
 
-    Each panel keeps its kind's colour scale; with ``shared_scale`` all of
-    them span one colour range, so equal colours mean equal values. Token
+    Each panel keeps its kind's colour scale; with ``shared_scale`` panels
+    that show one quantity (one metric, value and direction) span one colour
+    range, so equal colours mean equal values. Panels that do not (results
+    of other metrics or directions, with ``allow_mismatch``) each get their
+    own range, colour bar, title and layer-axis label. Token
     axes are aligned (and zoom together) and the layer axis is shared.
     Plotly cannot link hover across subplots by itself; the HTML written by
     :func:`~lenscope.plotting.save_html` carries a small script
@@ -153,6 +203,11 @@ def plot_traces(
     ``fig.show(renderer="notebook", post_script=LINKED_HOVER_JS)`` does the
     same; elsewhere each panel hovers on its own.
 
+    ``mode="difference"`` draws two runs of one prompt (two results, or two
+    ``{kind: result}`` dicts from ``trace_kinds``) as their cell-by-cell
+    difference, A − B, one diverging heatmap per kind with white at zero;
+    ``mode="sum"`` draws A + B. The title names both runs.
+
     Args:
         results: A dict such as :meth:`CausalTracer.trace_kinds` returns
             (panel titles from its keys) or a sequence of results.
@@ -160,7 +215,11 @@ def plot_traces(
             per panel.
         allow_mismatch: Plot results of different prompts, models, answers
             or metrics together instead of refusing.
-        value: See :func:`plot_trace`.
+        mode: ``"side_by_side"`` (default), ``"difference"`` (A − B) or
+            ``"sum"`` (A + B) of two runs with the same tokens and grid.
+        value: See :func:`plot_trace`; in the difference and sum modes the
+            result's own values (``scores``, ``indirect_effect`` or
+            ``normalized()``) are combined.
         top_k: See :func:`plot_trace`.
         layer_stride: See :func:`plot_trace`.
         layer_order: See :func:`plot_trace`.
@@ -174,13 +233,43 @@ def plot_traces(
         zmax: Top of the colour range of every panel.
 
     Returns:
-        A plotly figure with one heatmap per result, left to right.
+        A plotly figure with one heatmap per result (per kind in the
+        difference and sum modes), left to right.
 
     Raises:
         TypeError: ``results`` holds something other than ``TraceResult``.
         ValueError: ``results`` is empty, the results are not comparable
             (and ``allow_mismatch`` is False), or an option is out of range.
     """
+    check_choice("mode", mode, MODES)
+    if mode != "side_by_side" and not isinstance(results, str | TraceResult):
+        run_names, runs = _runs(results)
+        every = [r for run in runs for r in run.values()]
+        _check_options(
+            every,
+            dict(
+                value=value,
+                top_k=top_k,
+                layer_stride=layer_stride,
+                layer_order=layer_order,
+                width=width,
+                height=height,
+            ),
+        )
+        return _plot_combined(
+            run_names,
+            runs,
+            mode=mode,
+            value=value,
+            layer_stride=layer_stride,
+            layer_order=layer_order,
+            title=title,
+            width=width,
+            height=height,
+            colorscale=colorscale,
+            zmin=zmin,
+            zmax=zmax,
+        )
     if isinstance(results, Mapping):
         names: list[str] | None = [str(k) for k in results]
         items = list(results.values())
@@ -287,8 +376,57 @@ def _check_comparable(results: Sequence[TraceResult]) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Colour:
+    """What one panel's colour shows, and on which kind of scale.
+
+    Attributes:
+        grid: The ``[layer, ...]`` values coloured (NaN: not traced).
+        mode: ``"score"``, ``"recovered"``, ``"lost"``, ``"effect"`` or ``"drop"``.
+        label: Colour-bar title (escaped).
+        diverging: White at zero, a symmetric range (the values can be negative).
+        reverse: Low values get the kind's colour (noising, or a metric that falls when it matters).
+        percent: Colour bar and hover in percent.
+        floor: Bottom of a sequential range (0, or the lowest value for log-probabilities).
+        note: How to read the colours, for the subtitle (escaped).
+    """
+
+    grid: np.ndarray
+    mode: str
+    label: str
+    diverging: bool
+    reverse: bool
+    percent: bool
+    floor: float | None
+    note: str
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Panels whose keys are equal show one quantity and may share a colour range."""
+        return (self.mode, self.label, self.diverging, self.reverse, self.percent)
+
+    def text(self, value: float, *, signed: bool = False) -> str:
+        """``value`` in this colour bar's unit (percent or four significant digits)."""
+        return format_value(value, percent=self.percent, signed=signed)
+
+    def tickformat(self) -> str | None:
+        """Colour-bar tick format: percent where the hover shows percent."""
+        if not self.percent:
+            return None
+        return "+.0%" if self.diverging else ".0%"
+
+
+def format_value(value: float, *, percent: bool, signed: bool = False) -> str:
+    """A value as the hover shows it: percent with one decimal, or four significant digits."""
+    if not math.isfinite(value):
+        return "n/a"
+    if percent:
+        return format_percent(value, signed=signed)
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
 def _values(result: TraceResult, value: str) -> np.ndarray:
-    """The ``[layer, pos]`` array that ``value`` colours by, as float64 numpy."""
+    """The result's own ``[layer, ...]`` array that ``value`` names, as float64 numpy."""
     if value == "score":
         grid = result.scores
     elif value == "indirect_effect":
@@ -298,49 +436,234 @@ def _values(result: TraceResult, value: str) -> np.ndarray:
     return grid.detach().double().cpu().numpy()
 
 
-def _anchor(result: TraceResult, value: str) -> float:
-    """Default bottom of the colour range: the corrupted run, i.e. no effect."""
-    return float(result.corrupted_score) if value == "score" else 0.0
+_NON_NEGATIVE = ("prob", "kl_div")
+_PERCENT_METRICS = ("prob", "normalized_logit_diff")
+
+
+def colour_of(result: TraceResult, value: str) -> Colour:
+    """What a panel of ``result`` colours by ``value``, oriented so that "matters" looks the same.
+
+    Denoising (ROME's restoring): a cell matters when restoring it moves the
+    metric from the corrupted score toward the clean one. Noising: when
+    patching it moves the metric from the clean score toward the corrupted
+    one. Effects are drawn as effects of the patch in both directions
+    (noising: share of the clean − corrupted gap *lost*, or the drop below
+    clean), so positive means "matters" in both; raw scores keep their
+    values and a noising figure reverses the scale, so that the kind's
+    colour marks the low scores that mean "matters" there.
+    """
+    noising = result.direction == "noise"
+    metric = _metric_label(result)
+    normalised = value == "normalized" or (value == "score" and result.normalization is not None)
+    if normalised:
+        normalized = result.normalized().detach().double().cpu().numpy()
+        if noising:
+            return Colour(
+                1.0 - normalized,
+                "lost",
+                "share of clean − corrupted<br>lost",
+                True,
+                False,
+                True,
+                None,
+                "colour: share of the clean − corrupted gap lost by patching the cell "
+                "(0 = no effect; white at 0)",
+            )
+        return Colour(
+            normalized,
+            "recovered",
+            "share of clean − corrupted<br>recovered",
+            True,
+            False,
+            True,
+            None,
+            "colour: share of the clean − corrupted gap recovered (0 = no effect; white at 0)",
+        )
+    percent = result.metric in _PERCENT_METRICS
+    if value == "indirect_effect":
+        scores = result.scores.detach().double().cpu().numpy()
+        if noising:
+            return Colour(
+                result.clean_score - scores,
+                "drop",
+                f"clean − {metric}",
+                True,
+                False,
+                percent,
+                None,
+                f"colour: how far patching the cell lowers {metric} below clean "
+                "(0 = no effect; white at 0)",
+            )
+        return Colour(
+            scores - result.corrupted_score,
+            "effect",
+            f"{metric}<br>− corrupted",
+            True,
+            False,
+            percent,
+            None,
+            f"colour: {metric} minus corrupted (0 = no effect; white at 0)",
+        )
+    grid = _values(result, "score")
+    finite = grid[np.isfinite(grid)]
+    lowest = min([result.clean_score, result.corrupted_score, *finite.tolist()])
+    diverging = result.metric == "logit_diff" or (
+        result.metric not in (*_NON_NEGATIVE, "log_prob") and lowest < 0
+    )
+    # KL from the clean run falls when a restored cell matters: its scale runs the other way.
+    reverse = noising != (result.metric == "kl_div")
+    floor = None if diverging else (lowest if result.metric == "log_prob" else 0.0)
+    if diverging:
+        note = f"colour: {metric}, white at 0, the kind's colour toward the answer"
+        if result.foil is not None:
+            note += f", the other toward the foil {escape(visible(result.foil))}"
+    else:
+        note = f"colour: {metric}, from {'its lowest value' if floor else '0'}"
+    if reverse:
+        note += (
+            "; scale reversed: the kind's colour marks low scores (patching the cell breaks the "
+            "answer)"
+            if noising
+            else "; scale reversed: the kind's colour marks low values (the cell matters)"
+        )
+    return Colour(grid, "score", metric, diverging, reverse, result.metric == "prob", floor, note)
 
 
 def _metric_label(result: TraceResult) -> str:
     """``p(␣Paris)`` for ROME's probability metric, ``log p(␣Paris)``, else the metric's name."""
-    name = {"prob": "p", "log_prob": "log p"}.get(result.metric, result.metric)
+    name = {"prob": "p", "log_prob": "log p", "logit_diff": "LD"}.get(result.metric)
+    if name is None:
+        return escape(result.metric)
+    if result.metric == "logit_diff" and result.foil is not None:
+        return f"LD({escape(visible(result.answer))} − {escape(visible(result.foil))})"
     return f"{escape(name)}({escape(visible(result.answer))})"
 
 
-def _colorbar_title(result: TraceResult, value: str) -> str:
-    """Colour-bar title for ``value``."""
-    if value == "score":
-        return _metric_label(result)
-    if value == "indirect_effect":
-        return f"{_metric_label(result)}<br>− corrupted"
-    return "recovered"
+def colour_ranges(
+    colours: Sequence[Colour],
+    *,
+    shared: bool,
+    zmin: float | int | None,
+    zmax: float | int | None,
+) -> list[tuple[float, float, float | None]]:
+    """``(zmin, zmax, zmid)`` of each panel: symmetric about 0 when diverging, else from the floor.
+
+    Panels share one range when ``shared`` and they show one quantity
+    (equal :attr:`Colour.key`); otherwise each gets its own.
+    """
+    groups = [list(range(len(colours)))]
+    if not (shared and all(c.key == colours[0].key for c in colours)):
+        groups = [[i] for i in range(len(colours))]
+    out: list[tuple[float, float, float | None]] = [(0.0, 1.0, None)] * len(colours)
+    for group in groups:
+        first = colours[group[0]]
+        grids = [colours[i].grid for i in group]
+        if first.diverging:
+            low, high = symmetric_range(grids)
+            mid: float | None = 0.0
+        else:
+            finite = np.concatenate([g[np.isfinite(g)].ravel() for g in grids])
+            low = min(colours[i].floor or 0.0 for i in group)
+            high = float(finite.max()) if finite.size else low
+            mid = None
+        if zmin is not None or zmax is not None:
+            low = low if zmin is None else float(zmin)
+            high = high if zmax is None else float(zmax)
+            mid = None
+        # An empty range would make plotly pick its own; keep the bottom where it is.
+        high = high if high > low else low + max(abs(low), 1.0) * 1e-6
+        for i in group:
+            out[i] = (low, high, mid)
+    return out
+
+
+def colour_scale(colour: Colour, kind: str, colorscale: Any) -> Any:
+    """The plotly scale of a panel: the caller's, else the kind's sequential or diverging one."""
+    if colorscale is not None:
+        return colorscale
+    if colour.diverging:
+        return KIND_DIVERGING.get(kind, DEFAULT_DIVERGING)
+    return KIND_COLORSCALES.get(kind, "Greys")
+
+
+def effect_text(colour: Colour, result: TraceResult, score: float, normalized: float) -> str:
+    """The hover's effect line, in the colour bar's unit."""
+    if not math.isfinite(normalized):
+        return "n/a (clean = corrupted)"
+    if colour.mode == "recovered":
+        return f"{format_percent(normalized)} of clean − corrupted recovered"
+    if colour.mode == "lost":
+        return f"{format_percent(1 - normalized)} of clean − corrupted lost"
+    if colour.mode == "effect":
+        return (
+            f"{colour.text(score - result.corrupted_score, signed=True)} "
+            f"({format_percent(normalized)} of clean − corrupted)"
+        )
+    if colour.mode == "drop":
+        return (
+            f"{colour.text(result.clean_score - score, signed=True)} below clean "
+            f"({format_percent(1 - normalized)} of clean − corrupted lost)"
+        )
+    if result.direction == "noise":
+        return f"{format_percent(1 - normalized)} of clean − corrupted lost"
+    return f"{format_percent(normalized)} of clean − corrupted"
+
+
+def score_fields(
+    cell: np.ndarray,
+    colour: Colour,
+    result: TraceResult,
+    score: float,
+    normalized: float,
+    predictions: Callable[[], Sequence[tuple[str, float]]],
+    top_k: int,
+) -> None:
+    """Fill a hover cell's fields 3 on: score, effect, top-k header and rows.
+
+    The score is in the metric's unit (the colour bar's when it colours by
+    score), the effect in the colour bar's unit. An untraced cell (NaN
+    score) gets only its score field, "not traced".
+    """
+    if math.isnan(score):
+        cell[3] = "not traced"
+        return
+    cell[3] = format_value(score, percent=result.metric in _PERCENT_METRICS)
+    cell[4] = effect_text(colour, result, score, normalized)
+    if top_k:
+        verb = "patching" if result.direction == "noise" else "restoring"
+        cell[5] = f"<br>top-{top_k} after {verb}"
+        lines = topk_lines(predictions()[:top_k])
+        cell[_N_FIXED_FIELDS : _N_FIXED_FIELDS + len(lines)] = [f"<br>{line}" for line in lines]
 
 
 def _hover(
-    result: TraceResult, rows: Sequence[int], full: Sequence[str], top_k: int
+    result: TraceResult, colour: Colour, rows: Sequence[int], full: Sequence[str], top_k: int
 ) -> tuple[np.ndarray, str]:
     """``customdata`` ``[row, pos, field]`` and the ``hovertemplate`` that lays it out.
 
-    Fields: token, position, restored layers, score, normalized effect,
-    top-k header, then one top-k row each. A row field starts with its own
-    ``<br>``, so untraced cells (empty fields) get a short label.
+    Fields: token, position, restored layers, score, effect, top-k header,
+    then one top-k row each. A row field starts with its own ``<br>``, so
+    untraced cells (empty fields) get a short label.
     """
     start, end = result.subject_range
     scores = result.scores.detach().double().cpu().numpy()
     normalized = result.normalized().detach().double().cpu().numpy()
     data = np.full((len(rows), result.n_pos, _N_FIXED_FIELDS + top_k), "", dtype=object)
+    marked = subject_text(result)[0].split()[0]  # "subject" or "tokens"
     for i, layer in enumerate(rows):
         lo, hi = result.window_layers(layer)
-        layers = str(layer) if hi - lo == 1 else f"{layer} (restores {lo}–{hi - 1})"
+        verb = "restores" if result.direction != "noise" else "patches"
+        layers = str(layer) if hi - lo == 1 else f"{layer} ({verb} {lo}–{hi - 1})"
         for pos in range(result.n_pos):
             cell = data[i, pos]
             cell[0] = full[pos]
-            cell[1] = f"{pos}" + (" · subject" if start <= pos < end else "")
+            tag = "subject" if marked == "subject" else "differs"
+            cell[1] = f"{pos}" + (f" · {tag}" if start <= pos < end else "")
             cell[2] = layers
             score_fields(
                 cell,
+                colour,
+                result,
                 float(scores[layer, pos]),
                 float(normalized[layer, pos]),
                 lambda layer=layer, pos=pos: result.top_predictions(layer, pos),
@@ -355,46 +678,52 @@ def _hover(
     return data, template + "<extra></extra>"
 
 
-def score_fields(
-    cell: np.ndarray,
-    score: float,
-    effect: float,
-    predictions: Callable[[], Sequence[tuple[str, float]]],
-    top_k: int,
-) -> None:
-    """Fill a hover cell's fields 3 on: score, normalized effect, top-k header and rows.
-
-    An untraced cell (NaN score) gets only its score field, "not traced".
-    """
-    cell[3] = format_score(score)
-    if math.isnan(score):
-        return
-    cell[4] = (
-        f"{format_percent(effect)} of clean − corrupted"
-        if math.isfinite(effect)
-        else "n/a (clean = corrupted)"
-    )
-    if top_k:
-        cell[5] = f"<br>top-{top_k} after restoring"
-        lines = topk_lines(predictions()[:top_k])
-        cell[_N_FIXED_FIELDS : _N_FIXED_FIELDS + len(lines)] = [f"<br>{line}" for line in lines]
+_PROVENANCE_FIELDS = (
+    "model_name",
+    "tokens",
+    "answer",
+    "foil",
+    "metric",
+    "direction",
+    "corruption",
+    "clean_score",
+    "corrupted_score",
+)
 
 
-def _title(results: Sequence[TraceResult], names: Sequence[str]) -> str:
-    """Default title: what was restored, the model, the answer and both scores."""
+def _title(results: Sequence[TraceResult], names: Sequence[str], colours: Sequence[Colour]) -> str:
+    """Default title: what was patched, how, on which model; the experiment; how to read colours."""
     first = results[0]
-    metric = _metric_label(first)
-    what = (
-        f"Restoring {escape(names[0])}"
-        if len(results) == 1
-        else "Causal trace, restoring one hook point at a time"
-    )
+    if differing(results, _PROVENANCE_FIELDS):
+        return _mismatch_title(results)
+    if len(results) == 1:
+        what = escape(names[0])
+    elif is_counterfactual(corruption_record(first)):
+        what = "Activation patching (STR), one hook point at a time"
+    else:
+        what = "Causal trace, one hook point at a time"
+    lines = trace_subtitle(first)
+    windows = sorted({r.window for r in results})
+    if windows != [1]:
+        lines[-1] += " · window " + ", ".join(str(w) for w in windows)
+    notes = list(dict.fromkeys(c.note for c in colours))
+    lines.append("; ".join(notes))
+    subtitle = "<br>".join(lines)
     return (
-        f"<b>{what}</b> · {escape(first.model_name)}<br>"
-        f'<span style="font-size:13px">answer <b>{escape(visible(first.answer))}</b>'
-        f" · clean {metric} = {first.clean_score:.3g}"
-        f" · corrupted {first.corrupted_score:.3g}"
-        f" · subject marked *</span>"
+        f"<b>{what}: {direction_phrase(first.direction)}</b> · {escape(first.model_name)}<br>"
+        f'<span style="font-size:12px">{subtitle}</span>'
+    )
+
+
+def _mismatch_title(results: Sequence[TraceResult]) -> str:
+    fields = differing(results, _PROVENANCE_FIELDS)
+    named = [f for f in fields if f not in ("clean_score", "corrupted_score")]
+    shown = ", ".join(f.replace("_", " ") for f in named)
+    return (
+        f"<b>{len(results)} traces side by side, with settings that differ</b><br>"
+        f'<span style="font-size:12px">they differ in {escape(shown or "scores")}: each panel '
+        "names its own run and has its own colour scale; the settings table under the figure "
+        "(save_html) lists every setting of each</span>"
     )
 
 
@@ -404,6 +733,53 @@ def _panel_name(result: TraceResult, name: str | None) -> str:
     if result.window > 1:
         label += f" (window {result.window})"
     return label
+
+
+def _panel_title(result: TraceResult, base: str, fields: Sequence[str]) -> str:
+    """A panel's title: its name, and in a mismatched comparison its own run's settings."""
+    if not fields:
+        return escape(base)
+    bits = []
+    if "model_name" in fields:
+        bits.append(escape(result.model_name))
+    if "tokens" in fields:
+        bits.append(escape(repr(shorten(result.prompt or "token ids", 30))))
+    if "corruption" in fields:
+        bits.append(escape(shorten(corruption_text(corruption_record(result)), 40)))
+    if "direction" in fields:
+        bits.append("denoising" if result.direction == "denoise" else "noising")
+    answer = f"answer {escape(visible(result.answer))}"
+    if result.foil is not None:
+        answer += f" vs {escape(visible(result.foil))}"
+    bits.append(answer)
+    bits.append(
+        f"{escape(result.metric)} clean {result.clean_score:.3g} · "
+        f"corrupted {result.corrupted_score:.3g}"
+    )
+    return f"{escape(base)}<br><sup>{' · '.join(bits[:2])}<br>{' · '.join(bits[2:])}</sup>"
+
+
+def _page(
+    fig: go.Figure,
+    results: Sequence[TraceResult],
+    colours: Sequence[Colour],
+    names: Sequence[str],
+    title: str,
+) -> None:
+    """Record the page title and the settings table of every panel for :func:`save_html`."""
+    rows: dict[str, list[str]] = {}
+    for index, (result, colour) in enumerate(zip(results, colours, strict=True)):
+        for name, text in [*trace_rows(result), ("colour", plain_text(colour.note))]:
+            rows.setdefault(name, ["—"] * len(results))[index] = text
+    set_page_info(fig, plain_text(title, first_line=True), names, list(rows.items()))
+
+
+def plain_text(title: str, *, first_line: bool = False) -> str:
+    """A plotly title without its markup (its first line only, for a page's ``<title>``)."""
+    if first_line:
+        title = re.split(r"<br\s*/?>", title)[0]
+    text = re.sub(r"<br\s*/?>", " · ", title)
+    return html.unescape(re.sub(r"<[^>]+>", "", text))
 
 
 def _plot(
@@ -423,25 +799,16 @@ def _plot(
     zmax: float | int | None,
 ) -> go.Figure:
     """Lay out one heatmap panel per result, left to right (arguments already checked)."""
-    panel_names = [
+    base_names = [
         _panel_name(r, n) for r, n in zip(results, names or [None] * len(results), strict=True)
     ]
-    grids = [_values(r, value) for r in results]
+    mismatch = differing(results, _PROVENANCE_FIELDS) if len(results) > 1 else []
+    panel_titles = [_panel_title(r, b, mismatch) for r, b in zip(results, base_names, strict=True)]
+    colours = [colour_of(r, value) for r in results]
+    ranges = colour_ranges(colours, shared=shared_scale, zmin=zmin, zmax=zmax)
     rows = [stride_keep_last(r.n_layers, layer_stride) for r in results]
-    lows = [zmin if zmin is not None else _anchor(r, value) for r in results]
-    highs = []
-    for grid, low in zip(grids, lows, strict=True):
-        finite = grid[np.isfinite(grid)]
-        top = float(finite.max()) if finite.size else low
-        highs.append(zmax if zmax is not None else top)
-    if shared_scale:
-        lows = [min(lows)] * len(results)
-        highs = [max(highs)] * len(results)
-    # An empty range would make plotly pick its own; keep the anchor at the bottom.
-    highs = [
-        high if high > low else low + max(abs(low), 1.0) * 1e-6
-        for low, high in zip(lows, highs, strict=True)
-    ]
+    axis_titles = [layer_axis_title(r.window) for r in results]
+    own_axes = len(set(axis_titles)) > 1
 
     n = len(results)
     n_cols = max(r.n_pos for r in results)
@@ -452,24 +819,29 @@ def _plot(
     default_width = max(default_width, _MIN_WIDTH)  # room for the title
     margin = figure_margins(longest)
     plot_w, _ = panel_size(n_cols, n_rows)
-    gap = 110  # pixels right of each panel for its colour bar
+    # Pixels right of each panel for its colour bar (and the next panel's axis title).
+    gap = 150 if own_axes else 110
     inner = n * plot_w + (n - 1) * gap
-    margin["r"] = gap
-    margin["t"] += 30 if n > 1 else 0
+    margin["r"] = 110
+    extra_top = 60 + (30 if n > 1 else 0) + (25 if mismatch else 0)
+    margin["t"] += extra_top
+    default_height += extra_top
     margins = margin["l"] + margin["r"]
     fig = make_subplots(
         rows=1,
         cols=n,
         shared_yaxes=True,
         horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
-        subplot_titles=panel_names if n > 1 else None,
+        subplot_titles=panel_titles if n > 1 else None,
     )
     same_tokens = all(_same_tokens(results[0], r) for r in results)
     for col, result in enumerate(results, start=1):
         tick_labels, full = labels[col - 1]
         kept = rows[col - 1]
-        z = grids[col - 1][kept]
-        customdata, template = _hover(result, kept, full, top_k)
+        colour = colours[col - 1]
+        low, high, mid = ranges[col - 1]
+        z = colour.grid[kept]
+        customdata, template = _hover(result, colour, kept, full, top_k)
         axis_suffix = "" if col == 1 else str(col)
         domain_end = fig.layout[f"xaxis{axis_suffix}"].domain[1]
         fig.add_trace(
@@ -477,40 +849,61 @@ def _plot(
                 z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
                 x=list(range(result.n_pos)),
                 y=list(kept),
-                zmin=lows[col - 1],
-                zmax=highs[col - 1],
-                colorscale=colorscale or KIND_COLORSCALES.get(result.kind, "Greys"),
+                zmin=low,
+                zmax=high,
+                zmid=mid,
+                colorscale=colour_scale(colour, result.kind, colorscale),
+                reversescale=colour.reverse,
                 customdata=customdata,
                 hovertemplate=template,
                 hoverongaps=True,
-                name=panel_names[col - 1],
+                name=base_names[col - 1],
                 colorbar={
-                    "title": {"text": _colorbar_title(result, value), "side": "right"},
+                    "title": {"text": colour.label, "side": "right"},
                     "x": domain_end + width_fraction(8, inner, margins),
                     "xanchor": "left",
                     "thickness": 12,
                     "xpad": 4,
                     "len": 1.0,
-                    "tickformat": ".0%" if value == "normalized" else None,
+                    "tickformat": colour.tickformat(),
                 },
             ),
             row=1,
             col=col,
         )
         token_xaxis(fig, result.n_pos, tick_labels, col=col, linked=same_tokens)
-        start, end = result.subject_range
-        fig.add_shape(
-            type="rect",
-            xref=f"x{axis_suffix}",
-            yref=f"y{axis_suffix} domain",
-            x0=start - 0.5,
-            x1=end - 0.5,
-            y0=-0.004,
-            y1=1.004,
-            line={"color": "#222222", "width": 1.5, "dash": "dot"},
-            fillcolor="rgba(0,0,0,0)",
-            layer="above",
-        )
+        _subject_box(fig, result, axis_suffix)
+        if own_axes or col == 1:
+            fig.update_yaxes(title_text=axis_titles[col - 1], row=1, col=col)
+        if own_axes and col > 1:
+            fig.update_yaxes(showticklabels=True, row=1, col=col)
+    _layer_axes(fig, rows, n_rows, layer_order)
+    text = title if title is not None else _title(results, base_names, colours)
+    _layout(fig, text, width, height or default_height, default_width, margin)
+    _page(fig, results, colours, [plain_text(t) for t in panel_titles] if n > 1 else [""], text)
+    return fig
+
+
+def _subject_box(fig: go.Figure, result: TraceResult, axis_suffix: str) -> None:
+    """A dotted box around the subject's (or the changed tokens') columns."""
+    start, end = result.subject_range
+    fig.add_shape(
+        type="rect",
+        xref=f"x{axis_suffix}",
+        yref=f"y{axis_suffix} domain",
+        x0=start - 0.5,
+        x1=end - 0.5,
+        y0=-0.004,
+        y1=1.004,
+        line={"color": "#222222", "width": 1.5, "dash": "dot"},
+        fillcolor="rgba(0,0,0,0)",
+        layer="above",
+    )
+
+
+def _layer_axes(
+    fig: go.Figure, rows: Sequence[Sequence[int]], n_rows: int, layer_order: str
+) -> None:
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,
         showgrid=False,
@@ -519,17 +912,20 @@ def _plot(
         tickmode="array" if n_rows <= 40 else "auto",
         tickvals=sorted({layer for kept in rows for layer in kept}) if n_rows <= 40 else None,
     )
-    window = results[0].window
-    fig.update_yaxes(
-        title_text="layer" if window == 1 else f"centre of {window} restored layers",
-        row=1,
-        col=1,
-    )
-    fig_height = height or default_height
+
+
+def _layout(
+    fig: go.Figure,
+    text: str,
+    width: int | None,
+    fig_height: int,
+    default_width: int,
+    margin: dict[str, int],
+) -> None:
     fig.update_layout(
         # Title pinned 16 px below the top edge, clear of the panel titles.
         title={
-            "text": title if title is not None else _title(results, panel_names),
+            "text": text,
             "x": 0,
             "xanchor": "left",
             "xref": "paper",
@@ -546,4 +942,216 @@ def _plot(
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
+
+
+# -- difference mode ----------------------------------------------------------------------
+
+
+def _runs(
+    results: Mapping[str, Any] | Sequence[Any],
+) -> tuple[list[str], list[dict[str, TraceResult]]]:
+    """The two runs of a difference: names and ``{kind: result}`` each.
+
+    Accepts two results, or two ``{kind: result}`` dicts (as
+    :meth:`CausalTracer.trace_kinds` returns), in a list or a dict by name.
+    """
+    if isinstance(results, Mapping):
+        names, items = [str(k) for k in results], list(results.values())
+    else:
+        names, items = [], list(results)
+    if len(items) != 2:
+        raise InvalidInput(
+            f"mode='difference' and mode='sum' combine exactly two runs of one prompt; got "
+            f"{len(items)}; pass two TraceResults, or two dicts from trace_kinds"
+        )
+    if all(isinstance(i, TraceResult) for i in items):
+        if not names:
+            names = [_panel_name(i, None) for i in items]
+            if names[0] == names[1]:
+                names = [f"run 1 ({names[0]})", f"run 2 ({names[1]})"]
+        return names, [{"": i} for i in items]
+    if all(isinstance(i, Mapping) for i in items):
+        runs = [dict(i) for i in items]
+        for run in runs:
+            _check_types(list(run.values()))
+        kinds = [k for k in runs[0] if k in runs[1]]
+        if not kinds:
+            raise InvalidInput(
+                f"mode='difference' compares the kinds both runs traced; got kinds "
+                f"{list(runs[0])} and {list(runs[1])}, none shared; trace the same kinds in both"
+            )
+        return names or ["run 1", "run 2"], [{k: r[k] for k in kinds} for r in runs]
+    raise InvalidInputType(
+        "mode='difference' takes two TraceResults or two {kind: TraceResult} dicts; got "
+        f"{', '.join(type(i).__name__ for i in items)}; pass e.g. [result_a, result_b]"
+    )
+
+
+def _check_pair(a: TraceResult, b: TraceResult, what: str) -> None:
+    """Raise unless ``a`` and ``b`` can be subtracted cell by cell."""
+    if tuple(a.scores.shape) != tuple(b.scores.shape) or not _same_tokens(a, b):
+        raise InvalidInput(
+            f"mode='difference' subtracts two traces of one prompt cell by cell, so they need "
+            f"the same tokens and grid shape; {what} got {tuple(a.scores.shape)} over "
+            f"{list(a.tokens)!r} vs {tuple(b.scores.shape)} over {list(b.tokens)!r}; trace "
+            "both on the same prompt and layers, or compare them with mode='side_by_side'"
+        )
+    if a.metric != b.metric:
+        raise InvalidInput(
+            f"mode='difference' needs one metric in both traces; {what} got {a.metric!r} vs "
+            f"{b.metric!r}; trace both with the same metric"
+        )
+
+
+def _plot_combined(
+    names: Sequence[str],
+    runs: Sequence[dict[str, TraceResult]],
+    *,
+    mode: str,
+    value: str,
+    layer_stride: int,
+    layer_order: str,
+    title: str | None,
+    width: int | None,
+    height: int | None,
+    colorscale: Any,
+    zmin: float | int | None,
+    zmax: float | int | None,
+) -> go.Figure:
+    """One diverging heatmap per kind: run A − run B (or A + B), zero at the centre."""
+    kinds = list(runs[0])
+    pairs = [(runs[0][k], runs[1][k]) for k in kinds]
+    for kind, (a, b) in zip(kinds, pairs, strict=True):
+        _check_pair(a, b, f"kind {kind!r}" if kind else "the two results")
+    sign = -1.0 if mode == "difference" else 1.0
+    op = "−" if mode == "difference" else "+"
+    grids = [_values(a, value) + sign * _values(b, value) for a, b in pairs]
+    low, high = symmetric_range(grids)
+    mid: float | None = 0.0
+    if zmin is not None or zmax is not None:
+        low = low if zmin is None else float(zmin)
+        high = high if zmax is None else float(zmax)
+        mid = None
+    first = pairs[0][0]
+    what = {"score": _metric_label(first), "indirect_effect": "effect", "normalized": "recovered"}
+    percent = value == "normalized" or first.metric in _PERCENT_METRICS
+    n = len(pairs)
+    rows = stride_keep_last(first.n_layers, layer_stride)
+    tick_labels, full = token_labels(first.tokens, marked=range(*first.subject_range))
+    longest = max(len(visible(t)) for t in first.tokens)
+    default_width, default_height = figure_size(
+        first.n_pos, len(rows), panels=n, label_chars=longest
+    )
+    default_width = max(default_width, _MIN_WIDTH)
+    margin = figure_margins(longest)
+    margin["t"] += 60 + (30 if n > 1 else 0)
+    default_height += 60 + (30 if n > 1 else 0)
+    plot_w, _ = panel_size(first.n_pos, len(rows))
+    gap = 110
+    inner = n * plot_w + (n - 1) * gap
+    margin["r"] = gap
+    margins = margin["l"] + margin["r"]
+    panel_names = [_panel_name(a, k or None) for k, (a, _) in zip(kinds, pairs, strict=True)]
+    fig = make_subplots(
+        rows=1,
+        cols=n,
+        shared_yaxes=True,
+        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
+        subplot_titles=panel_names if n > 1 else None,
+    )
+    for col, ((a, b), grid) in enumerate(zip(pairs, grids, strict=True), start=1):
+        scale = colorscale
+        if scale is None:
+            scale = (
+                two_colour_scale(b.kind, a.kind)
+                if mode == "difference" and a.kind != b.kind
+                else KIND_DIVERGING.get(a.kind, DEFAULT_DIVERGING)
+                if mode == "sum"
+                else DEFAULT_DIVERGING
+            )
+        va, vb = _values(a, value)[rows], _values(b, value)[rows]
+        data = np.empty((len(rows), a.n_pos, 6), dtype=object)
+        for i, layer in enumerate(rows):
+            for pos in range(a.n_pos):
+                data[i, pos] = [
+                    full[pos],
+                    str(pos),
+                    str(layer),
+                    format_value(va[i, pos], percent=percent),
+                    format_value(vb[i, pos], percent=percent),
+                    format_value(grid[layer, pos], percent=percent, signed=True),
+                ]
+        labels = ("token", "pos", "layer", shorten(names[0], 12), shorten(names[1], 12), op)
+        width_ = max(len(label) for label in labels) + 1
+        template = "<br>".join(
+            f"{escape(label)}{NBSP * (width_ - len(label))}%{{customdata[{i}]}}"
+            for i, label in enumerate(labels)
+        )
+        suffix = "" if col == 1 else str(col)
+        bar_title = f"{escape(shorten(names[0], 14))}<br>{op} {escape(shorten(names[1], 14))}"
+        fig.add_trace(
+            go.Heatmap(
+                z=[[None if math.isnan(v) else v for v in row] for row in grid[rows].tolist()],
+                x=list(range(a.n_pos)),
+                y=list(rows),
+                zmin=low,
+                zmax=high,
+                zmid=mid,
+                colorscale=scale,
+                customdata=data,
+                hovertemplate=template + "<extra></extra>",
+                hoverongaps=True,
+                name=panel_names[col - 1],
+                colorbar={
+                    "title": {"text": bar_title, "side": "right"},
+                    "x": fig.layout[f"xaxis{suffix}"].domain[1] + width_fraction(8, inner, margins),
+                    "xanchor": "left",
+                    "thickness": 12,
+                    "xpad": 4,
+                    "len": 1.0,
+                    "tickformat": "+.0%" if percent else None,
+                },
+            ),
+            row=1,
+            col=col,
+        )
+        token_xaxis(fig, a.n_pos, tick_labels, col=col, linked=True)
+        _subject_box(fig, a, suffix)
+    fig.update_yaxes(title_text=layer_axis_title(first.window), row=1, col=1)
+    _layer_axes(fig, [rows], len(rows), layer_order)
+    if title is None:
+        title = _combined_title(names, pairs, mode, what[value])
+    _layout(fig, title, width, height or default_height, default_width, margin)
+    rows_a = [row for a, _ in pairs[:1] for row in trace_rows(a)]
+    rows_b = dict(trace_rows(pairs[0][1]))
+    table = [(name, [text, rows_b.get(name, "—")]) for name, text in rows_a]
+    table += [(name, ["—", text]) for name, text in rows_b.items() if name not in dict(rows_a)]
+    set_page_info(fig, plain_text(title, first_line=True), list(names), table)
     return fig
+
+
+def _combined_title(
+    names: Sequence[str], pairs: Sequence[tuple[TraceResult, TraceResult]], mode: str, what: str
+) -> str:
+    a, b = pairs[0]
+    op = "minus" if mode == "difference" else "plus"
+    lines = [
+        f"A = {escape(names[0])}: {escape(direction_phrase(a.direction))}; "
+        f"{escape(corruption_text(corruption_record(a)))}",
+        f"B = {escape(names[1])}: {escape(direction_phrase(b.direction))}; "
+        f"{escape(corruption_text(corruption_record(b)))}",
+        trace_subtitle(a)[0],
+        f"colour: A {'−' if mode == 'difference' else '+'} B, white at 0"
+        + (
+            f", {escape(KIND_LABELS.get(a.kind, a.kind))} colour where A is larger"
+            if mode == "difference" and a.kind != b.kind
+            else ", red where A is larger, blue where B is"
+            if mode == "difference"
+            else ""
+        ),
+    ]
+    return (
+        f"<b>{what} of {escape(names[0])} {op} {escape(names[1])}</b> · "
+        f"{escape(a.model_name)}<br>"
+        f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
+    )

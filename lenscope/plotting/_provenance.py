@@ -1,0 +1,227 @@
+"""What a figure says about the experiment behind it, read from the result's own record.
+
+Every lenscope figure names its experiment: the model, the prompt and its
+subject (or, for symmetric token replacement, the tokens that differ), the
+answer and foil, the metric with its raw clean and corrupted values, the
+direction of patching (Meng et al., 2022, arXiv 2202.05262, restore clean
+activations into the corrupted run; noising patches corrupted activations
+into the clean run, Zhang & Nanda, 2023, arXiv 2309.16042), the window and
+the corruption as its own record (:meth:`lenscope.corruptions.Corruption.to_dict`:
+noise std, samples and seed for noise, the counterfactual prompt for STR).
+Compactly in the title, fully in the settings table
+:func:`~lenscope.plotting.save_html` writes under the figure. Nothing is
+computed here: these functions only format fields the results carry, and
+never print a field that the result's corruption does not have.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lenscope.plotting._common import escape, shorten, visible
+
+DIRECTIONS = {
+    "denoise": "restoring clean activations into the corrupted run",
+    "noise": "patching corrupted activations into the clean run",
+}
+"""What each direction of a trace does, in the words of every figure title."""
+
+_METRIC_NOTES = {
+    "prob": "probability of the answer",
+    "log_prob": "log-probability of the answer",
+    "logit_diff": "logit of the answer minus logit of the foil",
+    "normalized_logit_diff": "logit difference, normalised: 0 = corrupted run, 1 = clean run",
+    "kl_div": "KL divergence from the clean run's next-token distribution",
+}
+
+_FIELD_NAMES = {
+    "noise_std": "noise std",
+    "samples": "samples",
+    "seed": "seed",
+    "counterfactual": "counterfactual prompt",
+    "counterfactual_column": "counterfactual column",
+    "ridge": "ridge",
+    "replace": "replace subject embeddings",
+}
+
+
+def direction_phrase(direction: str) -> str:
+    """``"restoring clean activations into the corrupted run"`` or the noising phrase."""
+    return DIRECTIONS.get(direction, f"direction {direction}")
+
+
+def corruption_record(result: Any) -> dict[str, Any]:
+    """The corruption's record a result carries (a pre-record result: its Gaussian noise)."""
+    record = getattr(result, "corruption", None)
+    if record:
+        return dict(record)
+    return {
+        "name": "gaussian_noise",
+        "samples": result.samples,
+        "noise_std": result.noise_std,
+        "seed": result.seed,
+    }
+
+
+def is_counterfactual(record: Mapping[str, Any]) -> bool:
+    """Whether the corruption is a counterfactual prompt (STR) rather than noise."""
+    return "counterfactual" in record or "counterfactual_column" in record
+
+
+def _value_text(key: str, value: Any, *, limit: int | None) -> str:
+    if key == "counterfactual":
+        if isinstance(value, str):
+            return repr(value if limit is None else shorten(value, limit))
+        return f"token ids {list(value)}"
+    if key == "seed" and value is None:
+        return "none (an explicit noise tensor)"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def corruption_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Settings-table rows of a corruption record: its name, then each of its own fields."""
+    rows = [("corruption", str(record.get("name", "?")))]
+    rows += [
+        (_FIELD_NAMES.get(key, key.replace("_", " ")), _value_text(key, value, limit=None))
+        for key, value in record.items()
+        if key != "name"
+    ]
+    return rows
+
+
+def corruption_text(record: Mapping[str, Any], *, limit: int = 60) -> str:
+    """One line naming a corruption and its own fields, e.g. ``gaussian noise std 0.13, 10 ...``.
+
+    Args:
+        record: The corruption's :meth:`~lenscope.corruptions.Corruption.to_dict`.
+        limit: Longest counterfactual prompt before it is shortened.
+
+    Returns:
+        Plain (unescaped) text.
+    """
+    name = str(record.get("name", "corruption")).replace("_", " ")
+    if "counterfactual" in record:
+        prompt = _value_text("counterfactual", record["counterfactual"], limit=limit)
+        return f"counterfactual prompt {prompt}"
+    if "counterfactual_column" in record:
+        return f"counterfactual prompts from column {record['counterfactual_column']!r}"
+    parts = []
+    for key, value in record.items():
+        if key == "name":
+            continue
+        if key == "noise_std":
+            parts.append(f"std {value:.3g}")
+        elif key == "samples":
+            parts.append(f"{value} sample{'s' if value != 1 else ''}")
+        elif key == "seed":
+            parts.append("explicit noise tensor" if value is None else f"seed {value}")
+        else:
+            parts.append(f"{_FIELD_NAMES.get(key, key)} {_value_text(key, value, limit=limit)}")
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def metric_note(metric: str) -> str:
+    """The metric's name and what it measures."""
+    note = _METRIC_NOTES.get(metric)
+    return f"{metric} ({note})" if note else metric
+
+
+def window_text(window: int) -> str:
+    """``"1 layer"`` or ``"10 layers around each cell's layer"``."""
+    return "1 layer" if window == 1 else f"{window} layers around each cell's layer"
+
+
+def layer_axis_title(window: int) -> str:
+    """Layer-axis title: ``"layer"``, or the centre of a restored window, as the line plots say."""
+    return "layer" if window == 1 else f"centre of restored window ({window} layers)"
+
+
+def subject_text(result: Any) -> tuple[str, str]:
+    """``(label, text)`` of the marked tokens: the subject, or the tokens STR changed."""
+    start, end = result.subject_range
+    label = "tokens that differ" if is_counterfactual(corruption_record(result)) else "subject"
+    return label, f"{''.join(result.tokens[start:end])!r} (tokens {start}..{end - 1})"
+
+
+def raw_scores_text(result: Any) -> str | None:
+    """For a normalised metric, the raw clean and corrupted values it maps to 1 and 0."""
+    if result.normalization is None:
+        return None
+    clean, corrupted = result.normalization
+    raw = "logit difference" if "logit_diff" in result.metric else "raw metric"
+    return f"{raw}: clean {clean:.4g}, corrupted {corrupted:.4g}"
+
+
+def trace_rows(result: Any) -> list[tuple[str, str]]:
+    """Every setting of a trace result, as rows of the page's settings table."""
+    record = corruption_record(result)
+    label, subject = subject_text(result)
+    rows = [
+        ("model", result.model_name),
+        ("prompt", "(token ids)" if result.prompt is None else repr(result.prompt)),
+        ("tokens", str(result.n_pos)),
+        (label, subject),
+        ("answer", f"{result.answer!r} (id {result.answer_id})"),
+    ]
+    if result.foil is not None:
+        rows.append(("foil", f"{result.foil!r} (id {result.foil_id})"))
+    rows += [
+        ("metric", metric_note(result.metric)),
+        (f"clean {result.metric}", f"{result.clean_score:.4g}"),
+        (f"corrupted {result.metric}", f"{result.corrupted_score:.4g}"),
+    ]
+    raw = raw_scores_text(result)
+    if raw is not None:
+        rows.append(("raw values", raw))
+    rows += [
+        ("direction", f"{result.direction}: {direction_phrase(result.direction)}"),
+        *corruption_rows(record),
+        ("kind", f"{result.kind} ({result.hook_names[0]} ... {result.hook_names[-1]})"),
+        ("window", window_text(result.window)),
+    ]
+    return rows
+
+
+def trace_subtitle(result: Any) -> list[str]:
+    """Escaped pieces of a trace's subtitle: prompt and marked tokens, answer and foil, scores."""
+    record = corruption_record(result)
+    label, _ = subject_text(result)
+    start, end = result.subject_range
+    marked = escape(visible("".join(result.tokens[start:end]).strip() or "∅"))
+    prompt = "token ids" if result.prompt is None else escape(repr(shorten(result.prompt, 60)))
+    answer = f"answer <b>{escape(visible(result.answer))}</b>"
+    if result.foil is not None:
+        answer += f" vs foil <b>{escape(visible(result.foil))}</b>"
+    if result.normalization is not None:
+        clean, corrupted = result.normalization
+        raw = "logit difference" if "logit_diff" in result.metric else "raw metric"
+        scores = (
+            f"{raw} clean {clean:.3g} · corrupted {corrupted:.3g} "
+            f"({escape(result.metric)}: 1 and 0)"
+        )
+    else:
+        scores = (
+            f"{escape(result.metric)} clean {result.clean_score:.3g} · "
+            f"corrupted {result.corrupted_score:.3g}"
+        )
+    first = f"prompt {prompt} · {label} <i>{marked}</i> marked *"
+    second = f"{answer} · {scores}"
+    third = escape(corruption_text(record))
+    return [first, second, third]
+
+
+def differing(results: Sequence[Any], fields: Sequence[str]) -> list[str]:
+    """The ``fields`` whose values are not the same in every result."""
+    out = []
+    for field in fields:
+        values = [_comparable(getattr(r, field, None)) for r in results]
+        if any(v != values[0] for v in values[1:]):
+            out.append(field)
+    return out
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, repr(v)) for k, v in value.items()))
+    return value
