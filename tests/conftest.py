@@ -57,6 +57,7 @@ def make_tiny_model(
     gated=False,
     bridge=None,
     init_range=None,
+    n_ctx=32,
 ):
     """A randomly initialised TransformerLens model small enough for exhaustive checks.
 
@@ -66,6 +67,7 @@ def make_tiny_model(
     layout: gated MLP, grouped-query attention (2 key/value heads), RMSNorm.
     ``init_range`` (the weights' initial std) above the default 0.02 gives
     peaked output distributions, which a lens has something to learn from.
+    ``n_ctx`` is the longest prompt (long-prompt figures need more than 32).
     """
     if bridge is None:
         bridge = tl4()
@@ -78,6 +80,7 @@ def make_tiny_model(
             dtype=dtype,
             gated=gated,
             init_range=init_range,
+            n_ctx=n_ctx,
         )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -88,7 +91,7 @@ def make_tiny_model(
         d_head=8,
         d_mlp=64,
         d_vocab=d_vocab or (len(tokenizer) if tokenizer is not None else 64),
-        n_ctx=32,
+        n_ctx=n_ctx,
         act_fn="silu" if gated else "gelu",
         normalization_type="RMS" if gated else normalization,
         gated_mlp=gated,
@@ -117,6 +120,7 @@ def make_tiny_bridge(
     gated=False,
     init_range=None,
     processing=True,
+    n_ctx=32,
 ):
     """A TransformerBridge around a random Hugging Face model, booted without the hub.
 
@@ -146,14 +150,14 @@ def make_tiny_bridge(
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=8,
-            max_position_embeddings=32,
+            max_position_embeddings=n_ctx,
             sliding_window=4,
             **special,
         )
         cls = Gemma3ForCausalLM
     else:
         config = GPT2Config(
-            vocab_size=vocab, n_positions=32, n_embd=32, n_layer=n_layers, n_head=4, **special
+            vocab_size=vocab, n_positions=n_ctx, n_embd=32, n_layer=n_layers, n_head=4, **special
         )
         cls = GPT2LMHeadModel
     config.architectures = [cls.__name__]

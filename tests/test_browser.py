@@ -272,11 +272,9 @@ def test_three_panel_trace_fits_a_1024_pixel_window(browser, traces, tmp_path):
         assert fit["inner"] == 1024
         assert fit["scroll"] <= fit["inner"], f"the page scrolls sideways: {fit}"
         assert fit["svg"] <= fit["inner"]
-        (_, first), (second_left, _), (third_left, third) = fit["axes"]
-        assert first > 150 and third > 150, f"panels squeezed: {fit}"
-        # Each colour bar ends before the next panel starts.
-        assert fit["bars"][0] <= second_left and fit["bars"][1] <= third_left, fit
-        assert fit["bars"][2] <= fit["inner"]
+        # Laid out for a 577-pixel output area: one panel per row, each as wide as the page.
+        assert all(length > 600 for _, length in fit["axes"]), f"panels squeezed: {fit}"
+        assert max(fit["bars"]) <= fit["inner"], fit
 
         browser.set_window_size(1600, 768)  # the figure follows the window
         deadline = time.monotonic() + 10
@@ -285,3 +283,146 @@ def test_three_panel_trace_fits_a_1024_pixel_window(browser, traces, tmp_path):
             time.sleep(0.1)
     finally:
         browser.set_window_size(size["width"], size["height"])
+
+
+# -- layout at the widths people work at -------------------------------------------------
+
+WIDTHS = (577, 800, 1024, 1600)
+"""JupyterLab beside its file browser on a laptop, a narrow window, a laptop, a desktop."""
+
+# Every text box (titles, tick labels, panel titles, colour bars as a whole) and every
+# panel's plot area, in viewport pixels; the toolbar's box; the page's widths.
+BOXES_JS = """
+const gd = document.querySelector('.js-plotly-plot');
+const boxes = [];
+function box(kind, rects, text) {
+  rects = rects.filter(r => r.width > 0 && r.height > 0);
+  if (!rects.length) { return; }
+  boxes.push({kind: kind, text: (text || '').slice(0, 40),
+    l: Math.min(...rects.map(r => r.left)), r: Math.max(...rects.map(r => r.right)),
+    t: Math.min(...rects.map(r => r.top)), b: Math.max(...rects.map(r => r.bottom))});
+}
+const one = (kind, sel) => gd.querySelectorAll(sel).forEach(e =>
+  box(kind, [e.getBoundingClientRect()], e.textContent));
+one('title', '.gtitle');
+one('annotation', '.annotation-text');
+one('xtick', '.xtick text');
+one('ytick', '.ytick text');
+one('axis title', '.g-xtitle text, .g-ytitle text');
+gd.querySelectorAll('g.colorbar').forEach(g => box('colorbar',
+  Array.from(g.querySelectorAll('rect.cbfill, text')).map(e => e.getBoundingClientRect()),
+  'colour bar'));
+const left = gd.getBoundingClientRect().left, top = gd.getBoundingClientRect().top;
+gd._fullData.forEach(t => {
+  const xa = gd._fullLayout[t.xaxis.replace('x', 'xaxis')];
+  const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
+  boxes.push({kind: 'panel', text: t.name, l: left + xa._offset, r: left + xa._offset + xa._length,
+              t: top + ya._offset, b: top + ya._offset + ya._length});
+});
+const bar = gd.querySelector('.modebar');
+const mb = bar ? bar.getBoundingClientRect() : null;
+return {boxes: boxes, inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
+        width: gd._fullLayout.width,
+        modebar: mb && mb.width ? {l: mb.left, r: mb.right, t: mb.top, b: mb.bottom} : null};
+"""
+
+
+def _overlap(a: dict, b: dict) -> float:
+    """Area two boxes share, in square pixels (edges that touch share none)."""
+    w = min(a["r"], b["r"]) - max(a["l"], b["l"])
+    h = min(a["b"], b["b"]) - max(a["t"], b["t"])
+    return max(0.0, w) * max(0.0, h)
+
+
+def _collisions(page: dict) -> list[str]:
+    """Text boxes that overlap each other or a panel; anything past the page's right edge."""
+    boxes, problems = page["boxes"], []
+    for i, a in enumerate(boxes):
+        if a["r"] > page["inner"] + 0.5:
+            problems.append(f"{a['kind']} {a['text']!r} ends at {a['r']:.0f} > {page['inner']}")
+        for b in boxes[i + 1 :]:
+            if a["kind"] == b["kind"] == "panel":
+                continue
+            if _overlap(a, b) > 2.0:  # anti-aliasing slack: two pixels
+                problems.append(f"{a['kind']} {a['text']!r} overlaps {b['kind']} {b['text']!r}")
+    if page["modebar"] is not None:
+        for a in boxes:
+            if a["kind"] in ("title", "annotation", "colorbar") and _overlap(a, page["modebar"]):
+                problems.append(f"the toolbar covers {a['kind']} {a['text']!r}")
+    if page["scroll"] > page["inner"]:
+        problems.append(f"the page scrolls sideways: {page['scroll']} > {page['inner']}")
+    return problems
+
+
+def _resize(driver, width: int) -> dict:
+    """Resize the window to ``width`` and return the page's boxes once plotly has followed."""
+    driver.set_window_size(width, 900)
+    deadline = time.monotonic() + 10
+    last = None
+    while True:
+        page = driver.execute_script(BOXES_JS)
+        settled = last is not None and page["width"] == last["width"]
+        if settled and page["inner"] == width and page["width"] < width:
+            return page
+        assert time.monotonic() < deadline, f"plotly never followed the window to {width}px"
+        last = page
+        time.sleep(0.25)
+
+
+LONG_WORDS = (
+    "The Colosseum is located in the city of Rome and the Space Needle is located in "
+    "the city of Seattle and Big Ben is located in the city of London and the capital "
+    "of France is Paris and the capital of Italy is Rome and a city is Rome and"
+)
+
+
+@pytest.fixture(scope="module")
+def long_traces(tiny_tokenizer):
+    """Three kinds of a 60-token prompt, on a tiny model with room for it."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer, n_ctx=96)
+    prompt = f"{LONG_WORDS} {TINY_PROMPT}"
+    n_tokens = len(model.to_str_tokens(prompt))
+    assert n_tokens == 60, n_tokens
+    tracer = lenscope.CausalTracer(model, progress=False)
+    return tracer.trace_kinds(
+        prompt,
+        subject=TINY_SUBJECT,
+        kinds=("resid_post", "mlp_out", "attn_out"),
+        samples=2,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def layout_pages(traces, long_traces, tmp_path_factory):
+    """The figures whose layout is checked, saved as pages sharing one plotly.js file."""
+    folder = tmp_path_factory.mktemp("layout")
+    figures = {
+        "three kinds": plot_traces(traces),
+        "60 tokens": plot_traces(long_traces),
+        "difference": plot_traces(
+            [traces["mlp_out"], traces["attn_out"]], mode="difference", allow_mismatch=True
+        ),
+    }
+    return {
+        name: save_html(fig, folder / f"{i}.html", plotly_js="file")
+        for i, (name, fig) in enumerate(figures.items())
+    }
+
+
+def test_figures_fit_577_to_1600_pixels_without_collisions(browser, layout_pages):
+    size = browser.get_window_size()
+    failures = {}
+    try:
+        for name, path in layout_pages.items():
+            browser.set_window_size(WIDTHS[0], 900)
+            _open(browser, path)
+            for width in WIDTHS:
+                problems = _collisions(_resize(browser, width))
+                if problems:
+                    failures[f"{name} at {width}px"] = problems[:6]
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+    assert not failures, failures

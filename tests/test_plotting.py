@@ -94,6 +94,11 @@ def unchecked(function):
     return function
 
 
+def _flat(text):
+    """A title as one line: the line breaks that wrap it to the layout width become spaces."""
+    return text.replace("<br>", " ")
+
+
 def z_of(trace):
     """The heatmap's z as float numpy, None -> NaN."""
     return np.array(trace.z, dtype=float)
@@ -302,25 +307,37 @@ def test_plot_traces_panels_share_colour_range_and_axes():
             z_of(trace), result.scores.double().numpy(), rtol=1e-6, equal_nan=True
         )
     # Colour bars sit right of their own panel, not on top of the next one.
-    assert fig.data[0].colorbar.x < fig.layout.xaxis2.domain[0]
+    wide = lp.plot_traces(results, width=1600)
+    assert wide.data[0].colorbar.x < wide.layout.xaxis2.domain[0]
     titles = [a.text for a in fig.layout.annotations]
     assert titles == ["residual stream", "MLP output", "attention output"]
     assert fig.layout.width is None and fig.layout.autosize is True
-    assert _common.natural_width(fig) > _common.natural_width(lp.plot_trace(results["mlp_out"]))
 
 
-def test_plot_traces_keeps_room_for_colour_bars_in_a_narrow_window():
-    """At FIT_WIDTH pixels the 110-pixel gaps for the colour bars are still 110 pixels."""
-    fig = lp.plot_traces(three_kinds(), width=None)
-    margins = fig.layout.margin.l + fig.layout.margin.r
-    plot_area = _common.FIT_WIDTH - margins
-    gap = (fig.layout.xaxis2.domain[0] - fig.layout.xaxis.domain[1]) * plot_area
-    assert gap == pytest.approx(110)
-    offset = (fig.data[0].colorbar.x - fig.layout.xaxis.domain[1]) * plot_area
-    assert offset == pytest.approx(8)
-    # A fixed width lays the panels out the same way.
-    fixed = lp.plot_traces(three_kinds(), width=2000)
-    assert fixed.layout.xaxis2.domain == fig.layout.xaxis2.domain
+def test_plot_traces_lays_panels_out_for_the_layout_width():
+    """Side by side where each panel and its colour bar fit, else one panel per row."""
+    from lenscope.plotting import _layout
+
+    for width, rows in ((None, 3), (700, 2), (1600, 1)):
+        fig = lp.plot_traces(three_kinds(), width=width)
+        lw = _layout.layout_width(width)
+        plot_w = lw - fig.layout.margin.l - fig.layout.margin.r
+        x = [fig.layout[f"xaxis{s}"].domain for s in ("", "2", "3")]
+        y = [fig.layout[f"yaxis{s}"].domain for s in ("", "2", "3")]
+        assert len({tuple(d) for d in y}) == rows, (width, y)
+        for index, trace in enumerate(fig.data):
+            # The colour bar starts 8 px right of its own panel, as tall as the panel...
+            offset = (trace.colorbar.x - x[index][1]) * plot_w
+            assert offset == pytest.approx(8), (width, index)
+            assert trace.colorbar.len == pytest.approx(y[index][1] - y[index][0])
+            # ...inside the 110-pixel gap before the next panel of its row.
+            if index < 2 and y[index + 1] == y[index]:
+                assert (x[index + 1][0] - x[index][1]) * plot_w == pytest.approx(110)
+        if rows == 3:
+            # Every panel spans the width; the rows keep the tick labels and titles apart.
+            assert all(d == x[0] for d in x)
+            assert y[0][0] > y[1][1] > y[1][0] > y[2][1]
+    assert lp.plot_traces(three_kinds(), width=1600).layout.width == 1600
 
 
 def test_plot_traces_per_panel_scales():
@@ -498,7 +515,7 @@ def test_noise_trace_names_noise_direction_and_metric(traces, tmp_path):
     results = traces["noise"]
     record = results["mlp_out"].corruption
     fig = lp.plot_traces(results)
-    title = fig.layout.title.text
+    title = _flat(fig.layout.title.text)
     assert "restoring clean activations into the corrupted run" in title
     assert f"std {record['noise_std']:.3g}" in title and "2 samples" in title
     assert "seed 3" in title and "prob clean" in title
@@ -521,7 +538,7 @@ def test_str_patch_names_counterfactual_foil_and_raw_logit_differences(traces, t
     result = traces["str"]
     clean, corrupted = result.normalization
     fig = lp.plot_trace(result)
-    title = fig.layout.title.text
+    title = _flat(fig.layout.title.text)
     assert f"counterfactual prompt {COUNTERFACTUAL!r}" in title.replace("&#x27;", "'")
     assert "foil <b>\u2423seattle</b>" in title
     assert f"logit difference clean {clean:.3g} · corrupted {corrupted:.3g}" in title
@@ -542,7 +559,7 @@ def test_str_patch_names_counterfactual_foil_and_raw_logit_differences(traces, t
 def test_noising_figures_say_so_and_keep_matters_the_same(traces, tmp_path, which):
     result = traces[which]
     fig = lp.plot_trace(result)
-    title = fig.layout.title.text
+    title = _flat(fig.layout.title.text)
     assert "patching corrupted activations into the clean run" in title
     assert "Restoring" not in title and "restoring" not in title
     page_title, table = page_of(fig, tmp_path)
@@ -571,7 +588,7 @@ def test_noising_figures_say_so_and_keep_matters_the_same(traces, tmp_path, whic
 def test_head_trace_names_its_experiment(traces, tmp_path):
     result = traces["heads"]
     fig = lp.plot_head_trace(result)
-    title = fig.layout.title.text
+    title = _flat(fig.layout.title.text)
     assert "restoring clean activations into the corrupted run" in title
     assert f"std {result.corruption['noise_std']:.3g}" in title and "prob clean" in title
     _, table = page_of(fig, tmp_path)
@@ -620,7 +637,7 @@ def test_dataset_figures_name_their_corruption_and_centre_at_zero(summaries, tmp
     noise_title = lp.plot_dataset(noise).layout.title.text
     assert f"std {noise.noise_std:.3g}" in noise_title and "2 samples" in noise_title
     fig = lp.plot_dataset(str_)
-    title = fig.layout.title.text
+    title = _flat(fig.layout.title.text)
     assert "counterfactual prompts from column &#x27;counterfactual&#x27;" in title
     assert str_.n_facts == 2 and "prob: clean" in title
     for field in NOISE_ONLY:
@@ -722,8 +739,8 @@ def test_mismatched_panels_get_their_own_title_axis_and_scale(traces):
     titles = [a.text for a in fig.layout.annotations]
     assert "prob clean" in titles[0] and "normalized_logit_diff clean" in titles[1]
     assert "settings that differ" in fig.layout.title.text
-    assert fig.layout.yaxis.title.text == layer_title(prob.window)
-    assert fig.layout.yaxis2.title.text == layer_title(nld.window)
+    assert _flat(fig.layout.yaxis.title.text) == layer_title(prob.window)
+    assert _flat(fig.layout.yaxis2.title.text) == layer_title(nld.window)
 
 
 def layer_title(window):
@@ -732,7 +749,7 @@ def layer_title(window):
 
 def test_windowed_panels_say_centre_of_restored_window():
     fig = lp.plot_trace(make_result(window=5))
-    assert fig.layout.yaxis.title.text == "centre of restored window (5 layers)"
+    assert _flat(fig.layout.yaxis.title.text) == "centre of restored window (5 layers)"
     assert lp.plot_trace(make_result()).layout.yaxis.title.text == "layer"
 
 

@@ -628,7 +628,9 @@ def plotly_js_source(plotly_js: str, folder: Path) -> Any:
 PAGE_STYLE = (
     "body{font-family:'DejaVu Sans',Arial,sans-serif;margin:16px;}"
     "table{border-collapse:collapse;font-size:13px;}"
-    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;}"
+    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;"
+    "overflow-wrap:anywhere;}"
+    "table{max-width:100%;}"
 )
 """CSS of lenscope's HTML pages (settings and summary tables)."""
 

@@ -43,21 +43,32 @@ from lenscope.plotting._common import (
     check_choice,
     check_positive_int,
     escape,
-    figure_margins,
-    figure_size,
     fit_width,
     format_percent,
-    panel_size,
     set_page_info,
     shorten,
     stride_keep_last,
     symmetric_range,
     token_labels,
-    token_xaxis,
     topk_lines,
     two_colour_scale,
     visible,
-    width_fraction,
+)
+from lenscope.plotting._layout import (
+    BAR_GAP,
+    LABEL_PITCH,
+    MIN_COLUMN,
+    TOOLBAR_BAND,
+    Grid,
+    Ticks,
+    fold_columns,
+    fold_representatives,
+    importance,
+    layout_width,
+    plan_grid,
+    token_ticks,
+    wrap_axis_title,
+    wrap_title,
 )
 from lenscope.plotting._provenance import (
     corruption_record,
@@ -84,7 +95,6 @@ MODES = ("side_by_side", "difference", "sum")
 
 _N_FIXED_FIELDS = 6  # token, position, layers, score, effect, top-k header
 _LABEL_WIDTH = 7
-_MIN_WIDTH = 660
 
 
 def plot_trace(
@@ -735,10 +745,14 @@ def _panel_name(result: TraceResult, name: str | None) -> str:
     return label
 
 
-def _panel_title(result: TraceResult, base: str, fields: Sequence[str]) -> str:
-    """A panel's title: its name, and in a mismatched comparison its own run's settings."""
+def _panel_title(result: TraceResult, base: str, fields: Sequence[str], max_chars: int = 80) -> str:
+    """A panel's title: its name, and in a mismatched comparison its own run's settings.
+
+    Each line is cut to ``max_chars`` (the panel's width at the layout width);
+    the settings table of the saved page has them in full.
+    """
     if not fields:
-        return escape(base)
+        return escape(shorten(base, max_chars))
     bits = []
     if "model_name" in fields:
         bits.append(escape(result.model_name))
@@ -756,7 +770,10 @@ def _panel_title(result: TraceResult, base: str, fields: Sequence[str]) -> str:
         f"{escape(result.metric)} clean {result.clean_score:.3g} · "
         f"corrupted {result.corrupted_score:.3g}"
     )
-    return f"{escape(base)}<br><sup>{' · '.join(bits[:2])}<br>{' · '.join(bits[2:])}</sup>"
+    lines = [" · ".join(bits[:2]), " · ".join(bits[2:])]
+    # The bits are escaped already: cut on their shown text, then escape again.
+    cut = [escape(shorten(html.unescape(line), int(max_chars * 1.3))) for line in lines]
+    return f"{escape(shorten(base, max_chars))}<br><sup>{cut[0]}<br>{cut[1]}</sup>"
 
 
 def _page(
@@ -798,56 +815,48 @@ def _plot(
     zmin: float | int | None,
     zmax: float | int | None,
 ) -> go.Figure:
-    """Lay out one heatmap panel per result, left to right (arguments already checked)."""
+    """Lay out one heatmap panel per result for the layout width (arguments already checked)."""
     base_names = [
         _panel_name(r, n) for r, n in zip(results, names or [None] * len(results), strict=True)
     ]
     mismatch = differing(results, _PROVENANCE_FIELDS) if len(results) > 1 else []
-    panel_titles = [_panel_title(r, b, mismatch) for r, b in zip(results, base_names, strict=True)]
     colours = [colour_of(r, value) for r in results]
     ranges = colour_ranges(colours, shared=shared_scale, zmin=zmin, zmax=zmax)
     rows = [stride_keep_last(r.n_layers, layer_stride) for r in results]
     axis_titles = [layer_axis_title(r.window) for r in results]
     own_axes = len(set(axis_titles)) > 1
-
-    n = len(results)
-    n_cols = max(r.n_pos for r in results)
-    n_rows = max(len(r) for r in rows)
-    labels = [token_labels(r.tokens, marked=range(*r.subject_range)) for r in results]
-    longest = max(len(visible(t)) for r in results for t in r.tokens)
-    default_width, default_height = figure_size(n_cols, n_rows, panels=n, label_chars=longest)
-    default_width = max(default_width, _MIN_WIDTH)  # room for the title
-    margin = figure_margins(longest)
-    plot_w, _ = panel_size(n_cols, n_rows)
-    # Pixels right of each panel for its colour bar (and the next panel's axis title).
-    gap = 150 if own_axes else 110
-    inner = n * plot_w + (n - 1) * gap
-    margin["r"] = 110
-    extra_top = 60 + (30 if n > 1 else 0) + (25 if mismatch else 0)
-    margin["t"] += extra_top
-    default_height += extra_top
-    margins = margin["l"] + margin["r"]
-    fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=True,
-        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
-        subplot_titles=panel_titles if n > 1 else None,
-    )
     same_tokens = all(_same_tokens(results[0], r) for r in results)
-    for col, result in enumerate(results, start=1):
-        tick_labels, full = labels[col - 1]
-        kept = rows[col - 1]
-        colour = colours[col - 1]
-        low, high, mid = ranges[col - 1]
-        z = colour.grid[kept]
+    text = title if title is not None else _title(results, base_names, colours)
+    frame = _frame(
+        results,
+        [c.grid[kept] for c, kept in zip(colours, rows, strict=True)],
+        n_layers=max(len(r) for r in rows),
+        width=width,
+        title=text,
+        panel_title_lines=3 if mismatch else 1,
+        fold=same_tokens,
+        bar_gap=150 if own_axes else BAR_GAP,
+        axis_titles=axis_titles,
+    )
+    panel_titles = [
+        _panel_title(r, b, mismatch, frame.panel_chars)
+        for r, b in zip(results, base_names, strict=True)
+    ]
+    fig = frame.subplots(panel_titles)
+    for index, result in enumerate(results):
+        kept = rows[index]
+        colour = colours[index]
+        low, high, mid = ranges[index]
+        columns = frame.columns_of(index)
+        shown = fold_representatives(colour.grid[kept], columns)
+        z = np.take_along_axis(colour.grid[kept], shown, axis=1)
+        full = token_labels(result.tokens)[1]
         customdata, template = _hover(result, colour, kept, full, top_k)
-        axis_suffix = "" if col == 1 else str(col)
-        domain_end = fig.layout[f"xaxis{axis_suffix}"].domain[1]
+        customdata = _gather(customdata, shown, columns, full)
         fig.add_trace(
             go.Heatmap(
                 z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
-                x=list(range(result.n_pos)),
+                x=list(range(len(columns))),
                 y=list(kept),
                 zmin=low,
                 zmax=high,
@@ -857,36 +866,206 @@ def _plot(
                 customdata=customdata,
                 hovertemplate=template,
                 hoverongaps=True,
-                name=base_names[col - 1],
+                name=base_names[index],
                 colorbar={
+                    **frame.colorbar(fig, index),
                     "title": {"text": colour.label, "side": "right"},
-                    "x": domain_end + width_fraction(8, inner, margins),
-                    "xanchor": "left",
-                    "thickness": 12,
-                    "xpad": 4,
-                    "len": 1.0,
                     "tickformat": colour.tickformat(),
                 },
             ),
-            row=1,
-            col=col,
+            **frame.cell(index),
         )
-        token_xaxis(fig, result.n_pos, tick_labels, col=col, linked=same_tokens)
-        _subject_box(fig, result, axis_suffix)
-        if own_axes or col == 1:
-            fig.update_yaxes(title_text=axis_titles[col - 1], row=1, col=col)
-        if own_axes and col > 1:
-            fig.update_yaxes(showticklabels=True, row=1, col=col)
-    _layer_axes(fig, rows, n_rows, layer_order)
-    text = title if title is not None else _title(results, base_names, colours)
-    _layout(fig, text, width, height or default_height, default_width, margin)
+        frame.token_axis(fig, index, linked=same_tokens)
+        _subject_box(fig, frame.subject_columns(index), frame.suffix(index))
+        if own_axes or frame.cell(index)["col"] == 1:
+            fig.update_yaxes(title_text=frame.axis_titles[index], **frame.cell(index))
+        if own_axes and frame.cell(index)["col"] > 1:
+            fig.update_yaxes(showticklabels=True, **frame.cell(index))
+    _layer_axes(fig, rows, max(len(r) for r in rows), layer_order, own_axes)
+    _layout(fig, frame, width, height)
+    n = len(results)
     _page(fig, results, colours, [plain_text(t) for t in panel_titles] if n > 1 else [""], text)
     return fig
 
 
-def _subject_box(fig: go.Figure, result: TraceResult, axis_suffix: str) -> None:
+FOLD = "\u22ef"
+"""Label prefix of a folded column: ``⋯7`` is seven tokens folded into one column."""
+
+
+@dataclasses.dataclass
+class _Frame:
+    """A trace figure's layout at its layout width: grid, token columns, ticks and title."""
+
+    grid: Grid
+    columns: list[list[list[int]]]
+    ticks: list[Ticks]
+    subjects: list[tuple[int, int]]
+    title: str
+    title_px: int
+    panel_chars: int
+    n_panels: int
+    axis_titles: list[str]
+
+    def suffix(self, index: int) -> str:
+        return "" if index == 0 else str(index + 1)
+
+    def cell(self, index: int) -> dict[str, int]:
+        row, col = self.grid.position(index)
+        return {"row": row, "col": col}
+
+    def columns_of(self, index: int) -> list[list[int]]:
+        return self.columns[index]
+
+    def subplots(self, panel_titles: Sequence[str]) -> go.Figure:
+        g = self.grid
+        specs = [[{} for _ in range(g.cols)] for _ in range(g.rows)]
+        for empty in range(self.n_panels, g.rows * g.cols):
+            row, col = g.position(empty)
+            specs[row - 1][col - 1] = None
+        fig = make_subplots(
+            rows=g.rows,
+            cols=g.cols,
+            specs=specs,
+            subplot_titles=list(panel_titles) if self.n_panels > 1 else None,
+            **g.spacing(),
+        )
+        # One layer axis for every panel; its tick labels on the left of each row.
+        for index in range(1, self.n_panels):
+            cell = self.cell(index)
+            fig.update_yaxes(matches="y", showticklabels=cell["col"] == 1, **cell)
+        return fig
+
+    def colorbar(self, fig: go.Figure, index: int) -> dict[str, Any]:
+        """Colour bar of panel ``index``: right of the panel, as tall as it, a pixel offset."""
+        g = self.grid
+        xa = fig.layout[f"xaxis{self.suffix(index)}"]
+        ya = fig.layout[f"yaxis{self.suffix(index)}"]
+        inner_w = g.cols * g.panel_w + (g.cols - 1) * g.hgap
+        return {
+            "x": xa.domain[1] + 8 / inner_w,
+            "xanchor": "left",
+            "y": (ya.domain[0] + ya.domain[1]) / 2,
+            "yanchor": "middle",
+            "len": ya.domain[1] - ya.domain[0],
+            "thickness": 12,
+            "xpad": 4,
+            "ypad": 0,
+        }
+
+    def token_axis(self, fig: go.Figure, index: int, *, linked: bool) -> None:
+        ticks = self.ticks[index]
+        fig.update_xaxes(
+            tickmode="array",
+            tickvals=ticks.tickvals,
+            ticktext=ticks.ticktext,
+            tickangle=ticks.angle,
+            showgrid=False,
+            zeroline=False,
+            ticks="",
+            range=[-0.5, len(self.columns[index]) - 0.5],
+            matches="x" if index > 0 and linked else None,
+            **self.cell(index),
+        )
+
+    def subject_columns(self, index: int) -> tuple[int, int]:
+        return self.subjects[index]
+
+
+def _frame(
+    results: Sequence[TraceResult],
+    grids: Sequence[np.ndarray],
+    *,
+    n_layers: int,
+    width: int | None,
+    title: str,
+    panel_title_lines: int,
+    fold: bool,
+    bar_gap: int = BAR_GAP,
+    axis_titles: Sequence[str] = (),
+) -> _Frame:
+    """Lay out ``results`` (one panel each) for the layout width; see ``_layout``."""
+    lw = layout_width(width)
+    panel_h = min(600, max(160, 24 * n_layers))
+    wrapped_axes = [wrap_axis_title(escape(t), panel_h) for t in axis_titles]
+    left = 70 + 16 * (max((lines for _, lines in wrapped_axes), default=1) - 1)
+    n = len(results)
+    n_pos = max(r.n_pos for r in results)
+    title_px_panel = 22 if panel_title_lines == 1 else 52
+    grid = plan_grid(
+        n,
+        n_pos,
+        n_layers,
+        width=lw,
+        tick_px=0,
+        panel_title_px=title_px_panel,
+        bar_gap=bar_gap,
+        left=left,
+    )
+    budget = max(4, int(grid.panel_w // LABEL_PITCH))
+    if fold and n_pos * MIN_COLUMN > grid.panel_w:
+        first = results[0]
+        keep = [*range(*first.subject_range), first.n_pos - 1]
+        shared = fold_columns(n_pos, budget, importance(grids), keep)
+        columns = [shared for _ in results]
+    else:
+        columns = [[[p] for p in range(r.n_pos)] for r in results]
+    ticks, subjects = [], []
+    for result, cols in zip(results, columns, strict=True):
+        labels = token_labels(result.tokens, marked=range(*result.subject_range))[0]
+        where = {c[0]: i for i, c in enumerate(cols)}
+        text = [labels[c[0]] if len(c) == 1 else f"{FOLD}{len(c)}" for c in cols]
+        start, end = result.subject_range
+        subject = (where.get(start, 0), where.get(end - 1, len(cols) - 1) + 1)
+        always = [*range(*subject), len(cols) - 1]
+        ticks.append(token_ticks(text, grid.panel_w / len(cols), always))
+        subjects.append(subject)
+    tick_px = max(t.height for t in ticks)
+    grid = plan_grid(
+        n,
+        n_pos,
+        n_layers,
+        width=lw,
+        tick_px=tick_px,
+        panel_title_px=title_px_panel,
+        bar_gap=bar_gap,
+        left=left,
+    )
+    wrapped, title_px = wrap_title(title, lw)
+    grid.margin["t"] += TOOLBAR_BAND + title_px + 10
+    return _Frame(
+        grid=grid,
+        columns=columns,
+        ticks=ticks,
+        subjects=subjects,
+        title=wrapped,
+        title_px=title_px,
+        panel_chars=max(8, int(grid.panel_w / 6.5)),
+        n_panels=n,
+        axis_titles=[text for text, _ in wrapped_axes],
+    )
+
+
+def _gather(
+    customdata: np.ndarray,
+    shown: np.ndarray,
+    columns: Sequence[Sequence[int]],
+    full: Sequence[str],
+) -> np.ndarray:
+    """Hover fields of each shown cell; a folded column names its tokens and the one shown."""
+    rows = np.arange(shown.shape[0])[:, None]
+    data = customdata[rows, shown].copy()
+    for c, positions in enumerate(columns):
+        if len(positions) == 1:
+            continue
+        span = f"{len(positions)} tokens folded ({positions[0]}–{positions[-1]})"
+        for i in range(shown.shape[0]):
+            data[i, c, 0] = f"{full[shown[i, c]]} · {span}"
+    return data
+
+
+def _subject_box(fig: go.Figure, columns: tuple[int, int], axis_suffix: str) -> None:
     """A dotted box around the subject's (or the changed tokens') columns."""
-    start, end = result.subject_range
+    start, end = columns
     fig.add_shape(
         type="rect",
         xref=f"x{axis_suffix}",
@@ -902,7 +1081,11 @@ def _subject_box(fig: go.Figure, result: TraceResult, axis_suffix: str) -> None:
 
 
 def _layer_axes(
-    fig: go.Figure, rows: Sequence[Sequence[int]], n_rows: int, layer_order: str
+    fig: go.Figure,
+    rows: Sequence[Sequence[int]],
+    n_rows: int,
+    layer_order: str,
+    own_axes: bool = False,
 ) -> None:
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,
@@ -912,36 +1095,42 @@ def _layer_axes(
         tickmode="array" if n_rows <= 40 else "auto",
         tickvals=sorted({layer for kept in rows for layer in kept}) if n_rows <= 40 else None,
     )
+    if own_axes:
+        # Panels with their own layer-axis titles keep their own ranges too.
+        fig.update_yaxes(matches=None)
 
 
-def _layout(
-    fig: go.Figure,
-    text: str,
-    width: int | None,
-    fig_height: int,
-    default_width: int,
-    margin: dict[str, int],
-) -> None:
+def _layout(fig: go.Figure, frame: _Frame, width: int | None, height: int | None) -> None:
+    grid = frame.grid
+    fig_height = height or grid.height
     fig.update_layout(
-        # Title pinned 16 px below the top edge, clear of the panel titles.
+        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
         title={
-            "text": text,
+            "text": frame.title,
             "x": 0,
             "xanchor": "left",
-            "xref": "paper",
-            "y": 1 - 16 / fig_height,
+            "xref": "container",
+            "pad": {"l": 12},
+            "y": 1 - TOOLBAR_BAND / fig_height,
             "yanchor": "top",
             "yref": "container",
         },
-        **fit_width(width, default_width),
+        **fit_width(width, max(grid.width, natural_trace_width(frame))),
         height=fig_height,
-        margin=margin,
+        margin=grid.margin,
         plot_bgcolor=NAN_COLOR,
         paper_bgcolor="white",
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
+
+
+def natural_trace_width(frame: _Frame) -> int:
+    """Width for static images: the layout width, or wider where the tokens ask for it."""
+    g = frame.grid
+    n_cols = max(len(c) for c in frame.columns)
+    return int(g.margin["l"] + g.cols * (max(g.panel_w, 34 * n_cols) + g.hgap))
 
 
 # -- difference mode ----------------------------------------------------------------------
@@ -1035,31 +1224,23 @@ def _plot_combined(
     first = pairs[0][0]
     what = {"score": _metric_label(first), "indirect_effect": "effect", "normalized": "recovered"}
     percent = value == "normalized" or first.metric in _PERCENT_METRICS
-    n = len(pairs)
     rows = stride_keep_last(first.n_layers, layer_stride)
-    tick_labels, full = token_labels(first.tokens, marked=range(*first.subject_range))
-    longest = max(len(visible(t)) for t in first.tokens)
-    default_width, default_height = figure_size(
-        first.n_pos, len(rows), panels=n, label_chars=longest
-    )
-    default_width = max(default_width, _MIN_WIDTH)
-    margin = figure_margins(longest)
-    margin["t"] += 60 + (30 if n > 1 else 0)
-    default_height += 60 + (30 if n > 1 else 0)
-    plot_w, _ = panel_size(first.n_pos, len(rows))
-    gap = 110
-    inner = n * plot_w + (n - 1) * gap
-    margin["r"] = gap
-    margins = margin["l"] + margin["r"]
+    full = token_labels(first.tokens)[1]
     panel_names = [_panel_name(a, k or None) for k, (a, _) in zip(kinds, pairs, strict=True)]
-    fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=True,
-        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
-        subplot_titles=panel_names if n > 1 else None,
+    if title is None:
+        title = _combined_title(names, pairs, mode, what[value])
+    frame = _frame(
+        [a for a, _ in pairs],
+        [grid[rows] for grid in grids],
+        n_layers=len(rows),
+        width=width,
+        title=title,
+        panel_title_lines=1,
+        fold=True,
+        axis_titles=[layer_axis_title(first.window)],
     )
-    for col, ((a, b), grid) in enumerate(zip(pairs, grids, strict=True), start=1):
+    fig = frame.subplots([escape(shorten(p, frame.panel_chars)) for p in panel_names])
+    for index, ((a, b), grid) in enumerate(zip(pairs, grids, strict=True)):
         scale = colorscale
         if scale is None:
             scale = (
@@ -1087,12 +1268,15 @@ def _plot_combined(
             f"{escape(label)}{NBSP * (width_ - len(label))}%{{customdata[{i}]}}"
             for i, label in enumerate(labels)
         )
-        suffix = "" if col == 1 else str(col)
         bar_title = f"{escape(shorten(names[0], 14))}<br>{op} {escape(shorten(names[1], 14))}"
+        columns = frame.columns_of(index)
+        shown = fold_representatives(grid[rows], columns)
+        z = np.take_along_axis(grid[rows], shown, axis=1)
+        data = _gather(data, shown, columns, full)
         fig.add_trace(
             go.Heatmap(
-                z=[[None if math.isnan(v) else v for v in row] for row in grid[rows].tolist()],
-                x=list(range(a.n_pos)),
+                z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
+                x=list(range(len(columns))),
                 y=list(rows),
                 zmin=low,
                 zmax=high,
@@ -1101,27 +1285,21 @@ def _plot_combined(
                 customdata=data,
                 hovertemplate=template + "<extra></extra>",
                 hoverongaps=True,
-                name=panel_names[col - 1],
+                name=panel_names[index],
                 colorbar={
+                    **frame.colorbar(fig, index),
                     "title": {"text": bar_title, "side": "right"},
-                    "x": fig.layout[f"xaxis{suffix}"].domain[1] + width_fraction(8, inner, margins),
-                    "xanchor": "left",
-                    "thickness": 12,
-                    "xpad": 4,
-                    "len": 1.0,
                     "tickformat": "+.0%" if percent else None,
                 },
             ),
-            row=1,
-            col=col,
+            **frame.cell(index),
         )
-        token_xaxis(fig, a.n_pos, tick_labels, col=col, linked=True)
-        _subject_box(fig, a, suffix)
-    fig.update_yaxes(title_text=layer_axis_title(first.window), row=1, col=1)
+        frame.token_axis(fig, index, linked=True)
+        _subject_box(fig, frame.subject_columns(index), frame.suffix(index))
+        if frame.cell(index)["col"] == 1:
+            fig.update_yaxes(title_text=frame.axis_titles[0], **frame.cell(index))
     _layer_axes(fig, [rows], len(rows), layer_order)
-    if title is None:
-        title = _combined_title(names, pairs, mode, what[value])
-    _layout(fig, title, width, height or default_height, default_width, margin)
+    _layout(fig, frame, width, height)
     rows_a = [row for a, _ in pairs[:1] for row in trace_rows(a)]
     rows_b = dict(trace_rows(pairs[0][1]))
     table = [(name, [text, rows_b.get(name, "—")]) for name, text in rows_a]
