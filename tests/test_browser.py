@@ -396,10 +396,15 @@ def long_traces(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def layout_pages(traces, long_traces, tmp_path_factory):
+def layout_pages(traces, long_traces, tiny_model, tmp_path_factory):
     """The figures whose layout is checked, saved as pages sharing one plotly.js file."""
+    from lenscope.plotting import plot_attention
+
     folder = tmp_path_factory.mktemp("layout")
     figures = {
+        "attention": plot_attention(
+            tiny_model, TINY_PROMPT, layer=1, heads=[0, 1], subject=TINY_SUBJECT
+        ),
         "three kinds": plot_traces(traces),
         "60 tokens": plot_traces(long_traces),
         "difference": plot_traces(

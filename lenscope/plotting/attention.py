@@ -26,6 +26,7 @@ from lenscope.plotting._common import (
     token_labels,
     visible,
 )
+from lenscope.plotting._layout import TOOLBAR_BAND
 from lenscope.validation import InvalidInputType
 
 
@@ -86,12 +87,15 @@ def _plot(
     n_rows, n_cols, n_pos = len(patterns.heads), len(runs), len(patterns.tokens)
     marked = range(*patterns.subject_range) if patterns.subject_range else range(0)
     ticks, full = token_labels(patterns.tokens, marked=marked)
+    label_px = int(max(len(visible(t)) for t in patterns.tokens) * 7 + 16)
+    panel_h = 28 + 22 * n_pos
     fig = make_subplots(
         rows=n_rows,
         cols=n_cols,
         subplot_titles=[f"head {h} · {name}" for h in patterns.heads for name, _ in runs],
         horizontal_spacing=0.08,
-        vertical_spacing=min(0.12, 0.3 / max(1, n_rows)),
+        # Room under each row for its vertical token labels and the next row's titles.
+        vertical_spacing=min(0.4, (label_px + 40) / max(1.0, float(n_rows * panel_h))),
     )
     clean = patterns.clean.double().numpy()
     corrupted = None if patterns.corrupted is None else patterns.corrupted.double().numpy()
@@ -118,7 +122,7 @@ def _plot(
                 col=col,
             )
     fig.update_xaxes(
-        tickmode="array", tickvals=list(range(n_pos)), ticktext=ticks, tickangle=-60, ticks=""
+        tickmode="array", tickvals=list(range(n_pos)), ticktext=ticks, tickangle=-90, ticks=""
     )
     fig.update_yaxes(
         tickmode="array",
@@ -130,14 +134,20 @@ def _plot(
     for col in range(1, n_cols + 1):
         fig.update_xaxes(title_text="source token", row=n_rows, col=col)
     fig.update_yaxes(title_text="destination token", col=1)
-    panel = 28 + 22 * n_pos
+    panel = panel_h
     margin = figure_margins(max(len(visible(t)) for t in patterns.tokens))
     natural_width = margin["l"] + margin["r"] + n_cols * panel + 80
     fig.update_layout(
-        title={"text": title if title is not None else _title(patterns), "x": 0},
+        title={
+            "text": title if title is not None else _title(patterns),
+            "x": 0,
+            "y": 1 - TOOLBAR_BAND / (height or 150 + n_rows * (panel + label_px + 40)),
+            "yanchor": "top",
+            "yref": "container",
+        },
         **fit_width(width, natural_width),
-        height=height or 120 + n_rows * (panel + 60),
-        margin={**margin, "t": 110},
+        height=height or 150 + n_rows * (panel + label_px + 40),
+        margin={**margin, "t": 110 + TOOLBAR_BAND},
         paper_bgcolor="white",
         plot_bgcolor="white",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},

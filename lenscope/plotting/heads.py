@@ -29,6 +29,7 @@ from lenscope.plotting._common import (
     set_page_info,
     visible,
 )
+from lenscope.plotting._layout import TOOLBAR_BAND
 from lenscope.plotting._provenance import direction_phrase, trace_rows, trace_subtitle
 from lenscope.plotting.trace import (
     _check_options,
@@ -135,8 +136,16 @@ def plot_head_trace(
             )
         )
     head_title = "head" if result.query_heads_per_head == 1 else "key/value head"
+    # Cells at most twice as wide as tall whatever the container's width: plotly narrows
+    # the plot area instead of stretching a few heads into long bars.
     fig.update_xaxes(
-        title_text=head_title, tickmode="array", tickvals=list(range(result.n_heads)), ticks=""
+        title_text=head_title,
+        tickmode="array",
+        tickvals=list(range(result.n_heads)),
+        ticks="",
+        scaleanchor="y",
+        scaleratio=2.0,
+        constrain="domain",
     )
     fig.update_yaxes(
         title_text="layer",
@@ -164,10 +173,17 @@ def plot_head_trace(
             ]
         )
     natural_width = max(420, 140 + 36 * result.n_heads)
-    default_height = 220 + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    default_height = 220 + TOOLBAR_BAND + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
     text = title if title is not None else _title(result, pos, len(positions) > 1, colour.note)
     fig.update_layout(
-        title={"text": text, "x": 0, "y": 0.99, "yanchor": "top"},
+        # Title below the band plotly's toolbar shows in.
+        title={
+            "text": text,
+            "x": 0,
+            "y": 1 - TOOLBAR_BAND / (height or default_height),
+            "yanchor": "top",
+            "yref": "container",
+        },
         **fit_width(width, natural_width),
         height=height or default_height,
         plot_bgcolor=NAN_COLOR,
@@ -175,7 +191,7 @@ def plot_head_trace(
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
-        margin={"l": 60, "r": 20, "t": 150, "b": 60},
+        margin={"l": 60, "r": 20, "t": 150 + TOOLBAR_BAND, "b": 60},
     )
     rows = trace_rows(result)
     rows.append(("heads", f"{result.n_heads} per layer, {result.by}"))
