@@ -41,7 +41,8 @@ def main():
     torch.set_num_threads(args.threads)
     model = lenscope.load_model("gemma-3-270m", device="cpu")
     seconds, _ = timed(lambda: lens_trajectory(model, PROMPT, top_k=5), args.repeats)
-    print(f"lens_trajectory, 18 layers x {len(model.to_tokens(PROMPT)[0])} positions: {seconds:.3f} s")
+    n_pos = len(model.to_tokens(PROMPT)[0])
+    print(f"lens_trajectory, 18 layers x {n_pos} positions: {seconds:.3f} s")
 
     with torch.inference_mode():
         _, cache = model.run_with_cache(model.to_tokens(PROMPT))
@@ -68,11 +69,15 @@ def main():
     extra = logp[0].numel() * (5 * 8 - 2 * 4)
     print("| reduction | time | max entropy error | max KL error | extra memory |")
     print("|---|---|---|---|---|")
-    for name, fn, mem in (("float32 einsum (before)", float32, 0), ("float64 (now)", float64, extra)):
+    for name, fn, mem in (
+        ("float32 einsum (before)", float32, 0),
+        ("float64 (now)", float64, extra),
+    ):
         seconds, (entropy, kl) = timed(fn, args.repeats)
         e_err = float((entropy.double() - ref_entropy).abs().max())
         k_err = float((kl.double() - ref_kl).abs().max())
-        print(f"| {name} | {1000 * seconds:.0f} ms | {e_err:.1e} | {k_err:.1e} | {mem / 2**20:.0f} MB |")
+        ms, mb = 1000 * seconds, mem / 2**20
+        print(f"| {name} | {ms:.0f} ms | {e_err:.1e} | {k_err:.1e} | {mb:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -635,6 +635,8 @@ def test_gemma_statistics_are_exact_to_float64(gemma):
     n = gemma.cfg.n_layers
     with torch.inference_mode():
         _, cache = gemma.run_with_cache(gemma.to_tokens(prompt))
-        logits = torch.stack([decode_resid(gemma, cache[hook_name("resid_post", j)][0]) for j in range(n)])
+        logits = torch.stack(
+            [decode_resid(gemma, cache[hook_name("resid_post", j)][0]) for j in range(n)]
+        )
     entropy, kl = _float64_stats(logits.float(), logits[-1].float())
     _assert_exact(traj, entropy, kl)
