@@ -17,6 +17,7 @@ in :data:`ALLOWED` by ``(module, function)`` and left out of the cycle check.
 
 import argparse
 import ast
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ ALLOWED: set[tuple[str, str]] = {
     ("lenscope.lens", "plot"),
     ("lenscope.attention", "plot"),
     ("lenscope.datasets.summary", "plot"),
+    ("lenscope.tuned_lens", "plot"),
 }
 """``(module, function)`` whose imports are the documented ``.plot()`` exception."""
 
@@ -130,6 +132,61 @@ def import_cycles(*, allowed: bool = False) -> list[list[str]]:
         if parent in known and parent != importer and not importer.startswith(parent + "."):
             graph[importer].add(parent)
     return cycles(graph)
+
+
+ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
+
+
+def _outside_parentheses(text: str) -> str:
+    """``text`` without what stands in (possibly nested) parentheses."""
+    depth, kept = 0, []
+    for char in text:
+        depth += char == "("
+        if depth == 0:
+            kept.append(char)
+        depth -= char == ")" and depth > 0
+    return "".join(kept)
+
+
+def documented_layers(path: Path = ARCHITECTURE) -> dict[str, int]:
+    """``{module: layer}`` as the numbered list under "## Layers" of docs/architecture.md has it.
+
+    An item names its modules in backticks, outside parentheses (which hold
+    what a module is for); a package item (`` `datasets/`: `facts`, ... `` or
+    `` `plotting/` ``) names the package's modules, or, alone, all of them.
+    """
+    text = path.read_text()
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |^\S|\Z)", section, flags=re.M | re.S)
+    known = modules()
+    layers: dict[str, int] = {}
+    for number, body in items:
+        names = re.findall(r"`([\w/]+)`", _outside_parentheses(body))
+        package = names[0][:-1] if names and names[0].endswith("/") else None
+        if package is None:
+            targets = [f"lenscope.{name}" for name in names]
+        elif len(names) == 1:
+            prefix = f"lenscope.{package}"
+            targets = [m for m in known if m == prefix or m.startswith(prefix + ".")]
+        else:
+            targets = [f"lenscope.{package}"] + [f"lenscope.{package}.{n}" for n in names[1:]]
+        for target in targets:
+            layers[target] = int(number)
+    return layers
+
+
+def upward_imports(layers: dict[str, int]) -> list[tuple[str, str, int]]:
+    """``(importer, imported, line)`` of every import of a later layer by an earlier one.
+
+    The documented ``.plot()`` exception (:data:`ALLOWED`) is left out.
+    """
+    found = []
+    for importer, target, function, line in edges(modules()):
+        if (importer, function) in ALLOWED or importer not in layers or target not in layers:
+            continue
+        if layers[target] > layers[importer]:
+            found.append((importer, target, line))
+    return found
 
 
 def main() -> int:

@@ -190,7 +190,8 @@ def test_hover_label_shows_token_layer_and_top1(browser, traces, tmp_path):
     assert visible(" Tower") in _line(label, "token")
     assert _line(label, "pos").replace(NBSP, " ").split()[1] == str(pos)
     assert _line(label, "layer").replace(NBSP, " ").split()[1] == str(layer)
-    assert f"{float(result.scores[layer, pos]):.4g}" in _line(label, "score")
+    # A probability shows in percent, the colour bar's unit.
+    assert f"{float(result.scores[layer, pos]):.1%}" in _line(label, "score")
     top_token, top_prob = result.top_predictions(layer, pos)[0]
     first_row = label.split("\n")[label.split("\n").index("top-5 after restoring") + 1]
     assert first_row.replace(NBSP, " ").split()[0] == "1"

@@ -24,6 +24,33 @@ def test_no_import_cycle_but_the_plot_methods():
     assert graph.import_cycles(allowed=True), "the checker no longer sees function-level imports"
 
 
+def test_every_module_sits_in_the_layer_docs_architecture_gives_it():
+    graph = _import_graph()
+    layers = graph.documented_layers()
+    undocumented = sorted(set(graph.modules()) - set(layers) - {"lenscope"})
+    assert undocumented == [], "add these modules to docs/architecture.md's layer list"
+    unknown = sorted(set(layers) - set(graph.modules()))
+    assert unknown == [], "docs/architecture.md names modules that do not exist"
+
+
+def test_no_module_imports_a_later_layer():
+    graph = _import_graph()
+    assert graph.upward_imports(graph.documented_layers()) == []
+
+
+def test_the_layer_checker_sees_an_upward_import():
+    graph = _import_graph()
+    layers = graph.documented_layers()
+    assert layers["lenscope.validation"] == 1 and layers["lenscope.cli"] == 8
+    assert layers["lenscope.datasets.run"] == layers["lenscope.datasets"] == 6
+    assert layers["lenscope.plotting.trace"] == 7
+    # engine imports sites: with sites moved below engine, that edge would point upwards.
+    moved = {**layers, "lenscope.sites": layers["lenscope.engine"] + 1}
+    assert ("lenscope.engine", "lenscope.sites") in {
+        (a, b) for a, b, _ in graph.upward_imports(moved)
+    }
+
+
 def test_checker_finds_a_cycle():
     graph = _import_graph()
     assert graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

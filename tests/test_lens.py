@@ -154,6 +154,51 @@ def test_statistics_match_numpy_for_every_component(tiny_model, component):
     assert traj.hook_names == tuple(f"blocks.{j}.hook_{component}" for j in range(4))
 
 
+def _float64_stats(logits, final_logits):
+    """Entropy and KL(final || layer) of float32 ``logits [layer, pos, vocab]``, all in float64."""
+    logp = torch.log_softmax(logits.double(), -1)
+    final_logp = torch.log_softmax(final_logits.double(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    kl = (final_logp.exp() * (final_logp - logp)).sum(-1)
+    return entropy, kl
+
+
+def _assert_exact(traj, entropy, kl):
+    """Entropy to 1e-5 nats; KL to 1e-5 or, for KLs of tens of nats, 1e-6 of its value.
+
+    The log-probabilities are float32, so a KL of 100 nats carries ~1e-5 of
+    their rounding (and a float32 near 100 is itself only resolved to 4e-6).
+    """
+    torch.testing.assert_close(traj.entropy.double(), entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(traj.kl_to_final.double(), kl, atol=1e-5, rtol=1e-6)
+
+
+def test_statistics_are_exact_on_a_large_vocabulary(tiny_tokenizer):
+    """Sums over 2**17 tokens: a float32 reduction was off by ~1e-3 here (1e-2 on Gemma-3)."""
+    model = make_tiny_model(tiny_tokenizer, n_layers=3, d_vocab=2**17, init_range=0.2)
+    generator = torch.Generator().manual_seed(0)
+    n_pos = len(model.to_tokens(TINY_PROMPT)[0])
+    # Logits as spread as Gemma-3's (|logit| up to ~100), so that KLs reach tens of nats.
+    logits = 8 * torch.randn(3, n_pos, 2**17, generator=generator)
+    logits[..., :50] += 40 * torch.rand(3, n_pos, 50, generator=generator)
+
+    class RandomLens:
+        """A decoder returning fixed random logits: only the reduction is under test."""
+
+        name = "random logits"
+
+        def forward(self, hidden, layer):
+            return logits[layer].expand(hidden.shape[0], -1, -1)
+
+    traj = lens_trajectory(model, TINY_PROMPT, decoder=RandomLens(), layer_chunk=2)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(model.to_tokens(TINY_PROMPT))
+        final_logits = decode_resid(model, cache[hook_name("resid_post", 2)][0])
+    entropy, kl = _float64_stats(logits, final_logits)
+    assert float(kl.max()) > 30  # large enough for the float32 reduction's error to show
+    _assert_exact(traj, entropy, kl)
+
+
 def test_resid_pre_is_resid_post_one_layer_down(tiny_model, clean_traj):
     pre = lens_trajectory(tiny_model, TINY_PROMPT, component="resid_pre")
     assert torch.equal(pre.top_ids[1:], clean_traj.top_ids[:-1])
@@ -580,3 +625,18 @@ def test_kind_is_the_name_and_component_the_older_one(tiny_model):
     assert torch.equal(by_kind.entropy, by_component.entropy)
     with pytest.raises(ValueError, match=r"kind and component name the same thing"):
         lens_trajectory(tiny_model, TINY_PROMPT, kind="mlp_out", component="attn_out")
+
+
+@pytest.mark.slow
+def test_gemma_statistics_are_exact_to_float64(gemma):
+    """Entropy and KL over Gemma-3's 262,144 tokens: float32 sums were off by 5.7e-3 / 8.6e-3."""
+    prompt = "Angela Merkel is the chancellor of"
+    traj = lens_trajectory(gemma, prompt, top_k=5)
+    n = gemma.cfg.n_layers
+    with torch.inference_mode():
+        _, cache = gemma.run_with_cache(gemma.to_tokens(prompt))
+        logits = torch.stack(
+            [decode_resid(gemma, cache[hook_name("resid_post", j)][0]) for j in range(n)]
+        )
+    entropy, kl = _float64_stats(logits.float(), logits[-1].float())
+    _assert_exact(traj, entropy, kl)
