@@ -322,7 +322,11 @@ gd._fullData.forEach(t => {
 });
 const bar = gd.querySelector('.modebar');
 const mb = bar ? bar.getBoundingClientRect() : null;
-return {boxes: boxes, inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
+const cbticks = Array.from(gd.querySelectorAll('g.colorbar')).map(g =>
+  Array.from(g.querySelectorAll('text')).filter(e => !e.closest('.cbtitle'))
+    .map(e => e.textContent));
+return {boxes: boxes, cbticks: cbticks,
+        inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
         width: gd._fullLayout.width,
         modebar: mb && mb.width ? {l: mb.left, r: mb.right, t: mb.top, b: mb.bottom} : null};
 """
@@ -350,6 +354,9 @@ def _collisions(page: dict) -> list[str]:
         for a in boxes:
             if a["kind"] in ("title", "annotation", "colorbar") and _overlap(a, page["modebar"]):
                 problems.append(f"the toolbar covers {a['kind']} {a['text']!r}")
+    for ticks in page["cbticks"]:
+        if len(set(ticks)) != len(ticks):
+            problems.append(f"a colour bar repeats tick labels: {ticks}")
     if page["scroll"] > page["inner"]:
         problems.append(f"the page scrolls sideways: {page['scroll']} > {page['inner']}")
     return problems

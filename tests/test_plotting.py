@@ -233,7 +233,7 @@ def test_probability_on_the_kinds_sequential_scale_from_zero():
         assert trace.colorscale == reference
         assert trace.zmin == 0 and trace.zmid is None and trace.reversescale is False
         assert trace.zmax == pytest.approx(float(np.nanmax(make_result().scores)))
-        assert trace.colorbar.tickformat == ".0%"
+        assert trace.colorbar.tickformat == ".2~p"
     trace = make_result().plot(colorscale="Viridis", zmin=0, zmax=1).data[0]
     assert (trace.zmin, trace.zmax) == (0, 1)
 
@@ -756,7 +756,7 @@ def test_windowed_panels_say_centre_of_restored_window():
 def test_hover_is_in_the_colour_bars_unit():
     result = make_result()
     trace = result.plot(value="normalized").data[0]
-    assert trace.colorbar.tickformat == "+.0%"
+    assert trace.colorbar.tickformat == "+.2~p"
     text = hover_text(trace, 2, 3)
     assert f"{float(result.normalized()[2, 3]):.1%} of clean − corrupted recovered" in text
     ld = make_result(metric="logit_diff", corrupted=-2.0, clean=3.0).plot().data[0]

@@ -420,10 +420,15 @@ class Colour:
         return format_value(value, percent=self.percent, signed=signed)
 
     def tickformat(self) -> str | None:
-        """Colour-bar tick format: percent where the hover shows percent."""
+        """Colour-bar tick format: percent where the hover shows percent.
+
+        Two significant digits, trailing zeros trimmed (``.2~p``): a range of 0-2%
+        has ticks at 0.5% steps, which ``.0%`` printed as 0%, 1%, 1%, 2%, and a
+        difference of a few hundredths of a percent needs more than one decimal.
+        """
         if not self.percent:
             return None
-        return "+.0%" if self.diverging else ".0%"
+        return "+.2~p" if self.diverging else ".2~p"
 
 
 def format_value(value: float, *, percent: bool, signed: bool = False) -> str:
@@ -1289,7 +1294,7 @@ def _plot_combined(
                 colorbar={
                     **frame.colorbar(fig, index),
                     "title": {"text": bar_title, "side": "right"},
-                    "tickformat": "+.0%" if percent else None,
+                    "tickformat": "+.2~p" if percent else None,
                 },
             ),
             **frame.cell(index),
