@@ -210,7 +210,7 @@ def attribute(
     estimator = estimator_from_name(estimator)
     settings = tracer.settings(settings, **options)
     _check_supported(tracer.model, settings)
-    _check_target(target, settings)
+    check_target(target, settings)
     started = time.perf_counter()
     model = tracer.model
     n_layer = n_layers(model)
@@ -599,7 +599,7 @@ def _log_prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tens
     return torch.log_softmax(logits.float(), dim=-1)[:, answer]
 
 
-def _check_target(target: Any, settings: TraceSettings) -> None:
+def check_target(target: Any, settings: TraceSettings) -> None:
     """Refuse a target that is not one of :data:`TARGETS`, or that the metric cannot convert."""
     if target not in TARGETS:
         raise InvalidInput(
