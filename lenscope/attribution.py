@@ -195,7 +195,7 @@ def attribute(
             allowed when the metric is ``prob`` or ``log_prob``). For
             ``prob``, each corrupted copy's estimated log-probability change
             ``d`` becomes the probability change ``p (exp(d) - 1)`` (exact
-            when ``d`` is), so the result keeps the trace's scale.
+            when ``d`` is; at most ``1 - p``), so the result keeps the trace's scale.
         **options: As for ``trace_kinds`` (``kinds``, ``windows``, ``corruption``,
             ``metric``, ``answer``, ``foil``, ``samples``, ``seed``, ...).
 
@@ -881,7 +881,8 @@ def _combine(
     order (mean over copies, then window sums; bit for bit AtP's numbers).
     With ``answer_probs`` (log_prob differentiated for a prob trace) each
     copy's windowed log-probability change ``d`` becomes ``p (exp(d) - 1)``
-    before the mean.
+    before the mean, at most ``1 - p`` (``exp`` turns an overestimate of a
+    few nats into a probability above 1; ``-p`` needs no bound, ``expm1 > -1``).
     """
     if answer_probs is None and not effects.windowed:
         means = torch.stack([row.mean(dim=0) for row in effects.per_sample])
@@ -894,7 +895,9 @@ def _combine(
             s=per_sample.shape[1],
         )
     if answer_probs is not None:
-        per_sample = answer_probs.cpu()[None, :, None] * torch.expm1(per_sample)
+        p = answer_probs.cpu()[None, :, None]
+        # A restored probability lies in [0, 1]: the change in [-p, 1 - p].
+        per_sample = torch.minimum(p * torch.expm1(per_sample), 1 - p)
     return per_sample.mean(dim=1)
 
 
