@@ -13,6 +13,7 @@ records Pearson, Spearman and top-5 recall against the exact grid
     python scripts/attribution_judge.py work --run noise --facts 30 \\
         --estimators atp,atp/log_prob,ig:1/log_prob,ig:1:window/log_prob
     python scripts/attribution_judge.py report      # the markdown table
+    python scripts/attribution_judge.py tiny        # the same on the test suite's tiny models
 
 The exact trace's per-fact time is the committed one (``FactTrace.seconds``).
 """
@@ -40,7 +41,7 @@ EXACT = {"noise": "noise", "str": "str_nld"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("work", "report"))
+    parser.add_argument("command", choices=("work", "report", "tiny"))
     parser.add_argument("--run", choices=tuple(EXACT), default="noise")
     parser.add_argument("--facts", type=int, default=30, help="first N facts of the exact run")
     parser.add_argument(
@@ -97,7 +98,9 @@ def work(args: argparse.Namespace) -> None:
     summary = exact_summary(args.run)
     rows = fact_rows(args.run, summary, args.facts, model, tracer)
     exact = {json.dumps(f.fact_id): f for f in summary.facts}
-    options = run_options("attr_noise" if args.run == "noise" else "attr_str", window_of(18, "scaled"))
+    options = run_options(
+        "attr_noise" if args.run == "noise" else "attr_str", window_of(18, "scaled")
+    )
     options.pop("method")
     seen = done_keys(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,39 @@ def report(args: argparse.Namespace) -> None:
             )
 
 
+def tiny(args: argparse.Namespace) -> None:
+    """Every estimator against exact traces on the tiny bridges of tests/conftest.py."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    torch.set_num_threads(args.threads)
+    from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge, make_tiny_tokenizer
+
+    import lenscope
+
+    tokenizer = make_tiny_tokenizer(tempfile.mkdtemp())
+    kinds = ("resid_post", "mlp_out", "attn_out")
+    options = dict(
+        kinds=kinds, samples=10, seed=0, windows={"resid_post": 1, "mlp_out": 3, "attn_out": 3}
+    )
+    print("| model | estimator | target | " + " | ".join(f"`{k}` Pearson / top-5" for k in kinds))
+    print("| --- | --- | --- |" + " ---: |" * len(kinds))
+    for gated, seed in ((False, 1), (True, 3)):
+        model = make_tiny_bridge(tokenizer, gated=gated, init_range=0.5, seed=seed)
+        tracer = lenscope.CausalTracer(model, progress=False)
+        exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)
+        for spec in args.estimators.split(","):
+            estimator, _, target = spec.partition("/")
+            target = target or "metric"
+            estimate = tracer.attribute(
+                TINY_PROMPT, TINY_SUBJECT, estimator=estimator, target=target, **options
+            )
+            c = lenscope.compare(estimate, exact)
+            cells = " | ".join(f"{c[k].pearson:.2f} / {c[k].top_k_recall:.1f}" for k in kinds)
+            name = "Gemma-3" if gated else "GPT-2"
+            print(f"| tiny {name} | `{estimator}` | {target} | {cells} |")
+
+
 if __name__ == "__main__":
     arguments = parse_args()
-    {"work": work, "report": report}[arguments.command](arguments)
+    {"work": work, "report": report, "tiny": tiny}[arguments.command](arguments)
