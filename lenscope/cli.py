@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator",
         default="atp",
         help="with --method attribution: atp (default: the gradient at the corrupted run), "
-        "ig:M (integrated gradients, M points per layer's path) or ig:M:window",
+        "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
     )
     trace.set_defaults(run=run_trace)
 

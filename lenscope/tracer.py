@@ -195,7 +195,7 @@ class CausalTracer:
         """Estimate every cell of :meth:`trace_kinds` by attribution patching (one backward).
 
         See :func:`lenscope.attribution.attribute` (``estimator``: ``"atp"``,
-        ``"ig:M"``, ``"ig:M:window"``; ``target``: ``"metric"`` or
+        ``"ig:M"``, ``"ig:M:layer"``; ``target``: ``"metric"`` or
         ``"log_prob"``); options as for :meth:`trace_kinds`.
 
         Returns:

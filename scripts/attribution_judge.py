@@ -1,6 +1,6 @@
 """Judge attribution estimators against the committed exact traces of docs/replication/.
 
-Each estimator (``atp``, ``ig:M``, ``ig:M:window``, each with target ``metric``
+Each estimator (``atp``, ``ig:M``, ``ig:M:layer``, each with target ``metric``
 or ``log_prob``) estimates the same facts as the committed exact runs, with the
 same settings (``scripts/replicate_runs.py``'s ``run_options``: Gaussian noise
 3 sigma, 10 samples, seed 0, windows 1 / 4 / 4, p(answer); or STR with the
@@ -11,7 +11,7 @@ records Pearson, Spearman and top-5 recall against the exact grid
 (run, estimator, fact), so an interrupted judge resumes::
 
     python scripts/attribution_judge.py work --run noise --facts 30 \\
-        --estimators atp,atp/log_prob,ig:1/log_prob,ig:1:window/log_prob
+        --estimators atp,atp/log_prob,ig:1/log_prob,ig:1:layer/log_prob
     python scripts/attribution_judge.py report      # the markdown table
     python scripts/attribution_judge.py tiny        # the same on the test suite's tiny models
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--facts", type=int, default=30, help="first N facts of the exact run")
     parser.add_argument(
         "--estimators",
-        default="atp,atp/log_prob,ig:1/log_prob,ig:1:window/log_prob",
+        default="atp,atp/log_prob,ig:1/log_prob,ig:1:layer/log_prob",
         help="comma list of ESTIMATOR[/TARGET]",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "judge.jsonl")
@@ -91,6 +91,7 @@ def work(args: argparse.Namespace) -> None:
     """Estimate the facts with each estimator and record the agreement per fact."""
     torch.set_num_threads(args.threads)
     import lenscope
+    from lenscope.attribution import estimator_from_name
     from lenscope.datasets import trace_dataset
 
     model = lenscope.load_model("gemma-3-270m", device="cpu", dtype=torch.bfloat16)
@@ -108,7 +109,12 @@ def work(args: argparse.Namespace) -> None:
         estimator, _, target = spec.partition("/")
         target = target or "metric"
         for row in rows:
-            key = (args.run, estimator, target, json.dumps(row["known_id"]))
+            key = (
+                args.run,
+                estimator_from_name(estimator).name,
+                target,
+                json.dumps(row["known_id"]),
+            )
             if key in seen:
                 continue
             started = time.perf_counter()
@@ -122,7 +128,8 @@ def work(args: argparse.Namespace) -> None:
                 **options,
             )
             seconds = time.perf_counter() - started
-            record = {"run": args.run, "estimator": estimator, "target": target}
+            name = estimator_from_name(estimator).name  # "ig:4:window" is "ig:4"
+            record = {"run": args.run, "estimator": name, "target": target}
             record["fact_id"] = row["known_id"]
             if not result.facts:
                 record["skipped"] = [s.reason for s in result.skipped]
@@ -145,11 +152,22 @@ def work(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    """Markdown table: per run, estimator, target and kind, the mean agreement over facts."""
+    """Markdown table: per run, estimator, target and kind, the mean agreement over facts.
+
+    Only the facts every estimator of a run has judged count, so rows compare like with like.
+    """
     records = [json.loads(line) for line in args.out.read_text().splitlines()]
+    judged: dict[tuple, set[str]] = {}
+    for r in records:
+        judged.setdefault((r["run"], r["estimator"], r["target"]), set()).add(
+            json.dumps(r["fact_id"])
+        )
+    common: dict[str, set[str]] = {}  # per run: the facts every estimator judged
+    for (run, *_), ids in judged.items():
+        common[run] = common[run] & ids if run in common else set(ids)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if "kinds" in r:
+        if "kinds" in r and json.dumps(r["fact_id"]) in common[r["run"]]:
             groups.setdefault((r["run"], r["estimator"], r["target"]), []).append(r)
     print(
         "| corruption | estimator | target | kind | N | Pearson mean (median) | Spearman | "
@@ -186,7 +204,11 @@ def tiny(args: argparse.Namespace) -> None:
     options = dict(
         kinds=kinds, samples=10, seed=0, windows={"resid_post": 1, "mlp_out": 3, "attn_out": 3}
     )
-    print("| model | estimator | target | " + " | ".join(f"`{k}` Pearson / top-5" for k in kinds))
+    print(
+        "| model | estimator | target | "
+        + " | ".join(f"`{k}` Pearson / top-5" for k in kinds)
+        + " |"
+    )
     print("| --- | --- | --- |" + " ---: |" * len(kinds))
     for gated, seed in ((False, 1), (True, 3)):
         model = make_tiny_bridge(tokenizer, gated=gated, init_range=0.5, seed=seed)

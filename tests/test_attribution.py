@@ -266,17 +266,27 @@ def _midpoints(m):
 @pytest.mark.parametrize("path", ["layer", "window"])
 def test_integrated_gradients_equal_a_plain_loop_over_the_path(peaked, m, path):
     """ig:M is the mean over the M midpoints of grad . (clean - corrupted) with the path's
-    layers (one layer; or the window's layers together) interpolated at every position,
-    averaged over the noise samples; with path 'layer' a window is the sum of its layers."""
+    layers (the window's layers together; ig:M:layer one layer at a time, a window the sum
+    of its layers) interpolated at every position, averaged over the noise samples."""
     model = peaked
     tracer = _tracer(model)
     options = dict(samples=3, seed=2)
     window = 3
-    spec = f"ig:{m}" + (":window" if path == "window" else "")
+    spec = f"ig:{m}" + (":layer" if path == "layer" else "")
     est = tracer.attribute(
         TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_out",), windows=window, estimator=spec, **options
     )["mlp_out"]
     assert est.estimator == spec and est.passes["interpolated_rows"] > 0
+    if path == "window":  # the default path, also by its explicit name
+        again = tracer.attribute(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kinds=("mlp_out",),
+            windows=window,
+            estimator=f"ig:{m}:window",
+            **options,
+        )["mlp_out"]
+        assert again.estimator == spec and torch.equal(again.scores, est.scores)
     n_layer = model.cfg.n_layers
     if path == "layer":
         paths = [(hook_name("mlp_out", x),) for x in range(n_layer)]
@@ -365,7 +375,7 @@ def test_atp_is_the_default_and_unchanged(gpt2):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(estimator="ig:0"), r"estimator must be 'atp', 'ig:M' or 'ig:M:window' .* got 'ig:0'"),
+        (dict(estimator="ig:0"), r"estimator must be 'atp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'"),
         (dict(estimator="eap"), r"got 'eap'; pass e.g. estimator='ig:16'"),
         (dict(estimator="ig:4:joint"), r"got 'ig:4:joint'"),
         (dict(target="logit"), r"target must be one of \('metric', 'log_prob'\), got 'logit'"),
