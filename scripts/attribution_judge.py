@@ -174,7 +174,9 @@ def report(args: argparse.Namespace) -> None:
         "top-5 recall | recall 0 | s / fact (exact s / fact) |"
     )
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for (run, estimator, target), rs in groups.items():
+    order = sorted(groups, key=lambda g: (g[0], g[1] != "atp", g[1], g[2] != "metric"))
+    for run, estimator, target in order:
+        rs = groups[(run, estimator, target)]
         seconds = statistics.median(r["seconds"] for r in rs)
         exact = statistics.median(r["exact_seconds"] for r in rs)
         for kind in KINDS:
