@@ -17,7 +17,13 @@ score and normalised as the exact trace normalises, so an
 :class:`~lenscope.results.TraceResult` it estimates and the two plot side by
 side (``lenscope.plot_traces``) and compare cell by cell (:func:`compare`).
 
-Cost: one clean forward pass, and one forward and one backward pass of the
+How a cell is estimated is an estimator (``estimator=``): :class:`AtP`, the
+above (default), or :class:`IntegratedGradients` (``"ig:M"``: the gradient
+averaged over ``M`` points of the path from corrupted to clean activations);
+``target="log_prob"`` differentiates the log-probability and converts it to
+the trace's probability scale.
+
+Cost of AtP: one clean forward pass, and one forward and one backward pass of the
 corrupted copies (``samples`` rows), for all kinds together. No AtP*
 refinement is implemented: AtP*'s attention-saturation fix recomputes
 attention patterns of query/key nodes, and GradDrop targets the gradient
