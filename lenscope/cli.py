@@ -619,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
         "at once by attribution patching, one forward and one backward pass "
         "(docs/attribution.md says where it can be trusted)",
     )
+    trace.add_argument(
+        "--estimator",
+        default="atp",
+        help="with --method attribution: atp (default: the gradient at the corrupted run), "
+        "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
+    )
     trace.set_defaults(run=run_trace)
 
     patch = sub.add_parser(
@@ -992,10 +998,22 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
         subject = lenscope.guess_subject(args.prompt)
         print(f"guessed subject: {subject!r} (pass --subject to choose)", file=sys.stderr)
     _check_before_loading(args, subject, local_tokenizer=model_factory is None)
+    from lenscope.attribution import estimator_from_name
+    from lenscope.validation import InvalidInput
+
+    estimator = getattr(args, "estimator", "atp")
+    if estimator != "atp" and getattr(args, "method", "exact") != "attribution":
+        raise InvalidInput(
+            f"--estimator chooses how attribution estimates cells, got --estimator {estimator} "
+            "without --method attribution; add --method attribution, or leave --estimator out"
+        )
+    estimator_from_name(estimator)  # a bad name is refused before the model loads
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     if getattr(args, "method", "exact") == "attribution":
-        results = tracer.attribute(args.prompt, subject, answer=args.answer, **trace_options(args))
+        results = tracer.attribute(
+            args.prompt, subject, answer=args.answer, estimator=estimator, **trace_options(args)
+        )
         passes = next(iter(results.values())).passes
         print(
             f"attribution patching: {passes['clean_forward']} clean forward pass, "

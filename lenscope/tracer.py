@@ -187,18 +187,25 @@ class CausalTracer:
         prompt: str | Tensor | Sequence[int],
         subject: str | tuple[int, int] | None = None,
         settings: TraceSettings | None = None,
+        *,
+        estimator: Any = "atp",
+        target: str = "metric",
         **options: Any,
     ) -> dict[str, Any]:
         """Estimate every cell of :meth:`trace_kinds` by attribution patching (one backward).
 
-        See :func:`lenscope.attribution.attribute`; options as for :meth:`trace_kinds`.
+        See :func:`lenscope.attribution.attribute` (``estimator``: ``"atp"``,
+        ``"ig:M"``, ``"ig:M:layer"``; ``target``: ``"metric"`` or
+        ``"log_prob"``); options as for :meth:`trace_kinds`.
 
         Returns:
             ``{kind: AttributionResult}``, each on the scale of the exact trace.
         """
         from lenscope.attribution import attribute
 
-        return attribute(self, prompt, subject, settings, **options)
+        return attribute(
+            self, prompt, subject, settings, estimator=estimator, target=target, **options
+        )
 
     @property
     def default_settings(self) -> TraceSettings:

@@ -915,6 +915,34 @@ def test_trace_method_attribution(run, tiny_model, tmp_path):
     torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)
 
 
+def test_trace_estimator(run, tiny_model, tmp_path):
+    """--estimator ig:2 gives tracer.attribute(estimator='ig:2'); without --method
+    attribution, or with an unknown name, it is refused before the model loads."""
+    import torch
+
+    import lenscope
+
+    js = tmp_path / "a.json"
+    common = (TINY_PROMPT, "--subject", "The Eiffel Tower", "--samples", "2", "--kinds", "mlp_out")
+    outputs = ("--out", str(tmp_path / "a.html"), "--json", str(js), "--quiet")
+    code, _, err, _ = run(
+        "trace", *common, "--method", "attribution", "--estimator", "ig:2", *outputs
+    )
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    expected = lenscope.CausalTracer(tiny_model, progress=False).attribute(
+        TINY_PROMPT, "The Eiffel Tower", kinds=("mlp_out",), samples=2, seed=0, estimator="ig:2"
+    )["mlp_out"]
+    assert data["mlp_out"]["estimator"] == "ig:2"
+    torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)
+    code, _, err, _ = run("trace", *common, "--estimator", "ig:2", *outputs)
+    assert code != 0 and "without --method attribution; add --method attribution" in err
+    code, _, err, _ = run(
+        "trace", *common, "--method", "attribution", "--estimator", "ig", *outputs
+    )
+    assert code != 0 and "estimator must be 'atp', 'ig:M' or 'ig:M:layer'" in err
+
+
 def _interrupt_second_sweep(monkeypatch):
     """Ctrl-C as the second kind's sweep starts."""
     import lenscope.engine

@@ -64,6 +64,8 @@ def trace_dataset(
     prompts_per_batch: int | None = None,
     method: str = "exact",
     recheck: int = 0,
+    estimator: Any = "atp",
+    target: str = "metric",
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -140,6 +142,12 @@ def trace_dataset(
             :func:`lenscope.attribution.attribute`).
         recheck: With ``method="attribution"``, trace each fact's ``recheck``
             highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
+        estimator: With ``method="attribution"``, how cells are estimated:
+            ``"atp"`` (default), ``"ig:M"`` or ``"ig:M:layer"``
+            (:func:`lenscope.attribution.estimator_from_name`); recorded in the
+            checkpoint header, so a checkpoint never mixes two estimators.
+        target: With ``method="attribution"``, ``"metric"`` (default) or
+            ``"log_prob"`` (see :func:`lenscope.attribution.attribute`).
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -179,10 +187,17 @@ def trace_dataset(
             "trace in this process"
         )
     _check_method(method, recheck)
+    estimator, target = _check_estimator(method, estimator, target, settings)
     pack_size = _pack_size(tracer, settings, prompts_per_batch, method)
     header = dataset_header(tracer, settings)
     if method != "exact":  # a checkpoint of estimates never resumes an exact run
-        header = {**header, "method": method, "recheck": recheck}
+        header = {
+            **header,
+            "method": method,
+            "recheck": recheck,
+            "estimator": estimator,
+            "target": target,
+        }
     elif checkpoint is not None:
         _check_exact_checkpoint(checkpoint)
     pairs = _prepared(facts)
@@ -219,7 +234,13 @@ def trace_dataset(
         return max_seconds is not None and time.perf_counter() - started >= max_seconds
 
     trace_fact = functools.partial(
-        _trace_job, settings=settings, batch_size=batch_size, method=method, recheck=recheck
+        _trace_job,
+        settings=settings,
+        batch_size=batch_size,
+        method=method,
+        recheck=recheck,
+        estimator=estimator,
+        target=target,
     )
     bar = tqdm(
         total=len(pairs),
@@ -303,7 +324,7 @@ def _summary(
 # TraceSettings' fields (as TraceSettings.from_dict splits them), the method's.
 _HEADER_KEYS = frozenset(
     {*checkpoint_header("", 0, "", {}), *(f.name for f in dataclasses.fields(TraceSettings))}
-    | {"method", "recheck"}
+    | {"method", "recheck", "estimator", "target"}
 )
 
 
@@ -522,12 +543,16 @@ def _trace_job(
     batch_size: int | None,
     method: str = "exact",
     recheck: int = 0,
+    estimator: str = "atp",
+    target: str = "metric",
 ) -> dict[str, Any]:
     """One fact's record; for a pack (tuples of ids and facts) ``{"status": "pack", "records"}``."""
     if isinstance(fact_id, tuple):
         records = _trace_pack(tracer, fact_id, fact, settings, batch_size)
         return {"status": "pack", "records": records}
-    return _trace_one(tracer, fact_id, fact, settings, batch_size, method, recheck)
+    return _trace_one(
+        tracer, fact_id, fact, settings, batch_size, method, recheck, estimator, target
+    )
 
 
 def _fact_input(
@@ -563,6 +588,8 @@ def _trace_one(
     batch_size: int | None,
     method: str = "exact",
     recheck: int = 0,
+    estimator: str = "atp",
+    target: str = "metric",
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
     prepared = _fact_input(tracer, fact, settings)
@@ -580,7 +607,9 @@ def _trace_one(
                     tokens, subject_range, settings, batch_size=batch_size, progress=False
                 )
             else:
-                results = _attribute_one(tracer, tokens, subject_range, settings, recheck)
+                results = _attribute_one(
+                    tracer, tokens, subject_range, settings, recheck, estimator, target
+                )
         except InvalidInput as e:
             # Only what this fact's run reveals can fail here (a counterfactual
             # whose answer is the fact's own, an unmoved logit difference):
@@ -764,17 +793,36 @@ def _check_method(method: Any, recheck: Any) -> None:
         )
 
 
+def _check_estimator(
+    method: str, estimator: Any, target: Any, settings: TraceSettings
+) -> tuple[str, str]:
+    """The estimator's name and the target, checked (other than the defaults: attribution only)."""
+    from lenscope.attribution import check_target, estimator_from_name
+
+    if method != "attribution" and (estimator != "atp" or target != "metric"):
+        raise InvalidInput(
+            f"estimator and target choose how attribution estimates cells, got "
+            f"estimator={estimator!r}, target={target!r} with method={method!r}; pass "
+            "method='attribution', or leave them out"
+        )
+    name = estimator_from_name(estimator).name
+    check_target(target, settings)
+    return name, target
+
+
 def _attribute_one(
     tracer: CausalTracer,
     tokens: Any,
     subject_range: tuple[int, int],
     settings: TraceSettings,
     recheck: int,
+    estimator: str = "atp",
+    target: str = "metric",
 ) -> dict[str, Any]:
     """One fact's attribution estimates (``recheck`` top cells per kind traced exactly)."""
     from lenscope.attribution import attribute, recheck_top
 
-    results = attribute(tracer, tokens, subject_range, settings)
+    results = attribute(tracer, tokens, subject_range, settings, estimator=estimator, target=target)
     if recheck:
         results = recheck_top(tracer, tokens, subject_range, results, settings, k=recheck)
     return results
