@@ -694,6 +694,32 @@ def test_trace_dataset_estimator_is_recorded_and_never_mixed(gpt2, tmp_path):
         trace_dataset(tracer, facts, samples=2, estimator="ig:2")
 
 
+def test_an_attribution_checkpoint_from_before_estimators_resumes_as_atp(gpt2, tmp_path):
+    """Checkpoints written before estimators existed have no estimator key: they were AtP."""
+    from lenscope.datasets import trace_dataset
+
+    tracer = _tracer(gpt2)
+    facts = [
+        {"known_id": 1, "prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"known_id": 2, "prompt": "The Space Needle is located in the city of",
+         "subject": "The Space Needle"},
+    ]  # fmt: skip
+    path = tmp_path / "old.jsonl"
+    options = dict(samples=2, kinds=("mlp_out",), method="attribution", checkpoint=path)
+    first = trace_dataset(tracer, facts[:1], **options)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["estimator"], header["target"]  # as written before estimators
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    resumed = trace_dataset(tracer, facts, **options)
+    torch.testing.assert_close(
+        resumed.facts[0].scores["mlp_out"], first.facts[0].scores["mlp_out"], equal_nan=True
+    )
+    assert resumed.n_facts == 2
+    with pytest.raises(InvalidInput, match=r"estimator: checkpoint 'atp', this call 'ig:2'"):
+        trace_dataset(tracer, facts, estimator="ig:2", **options)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -43,11 +43,20 @@ def checkpoint_header(
     }
 
 
+# Header keys added after checkpoints without them were written, with the value those
+# checkpoints meant (attribution checkpoints before estimators: plain AtP on the metric).
+_ADDED_KEYS: dict[str, Any] = {"estimator": "atp", "target": "metric"}
+
+
 def settings_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``"key: checkpoint X, this call Y"`` for every setting that differs."""
+    """``"key: checkpoint X, this call Y"`` for every setting that differs.
+
+    A key the checkpoint lacks because it was written before the key existed
+    (:data:`_ADDED_KEYS`) counts as the value it meant then.
+    """
     out = []
     for key, value in wanted.items():
-        old = saved.get(key)
+        old = saved.get(key, _ADDED_KEYS.get(key))
         if (
             key == "noise_std"
             and isinstance(old, float)
