@@ -72,14 +72,22 @@ def ray_session():
     # Workers unpickle tiny_factory by reference: they import this module, so they need
     # tests/ on their path (and lenscope, from this process's PYTHONPATH or install).
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield ray
-    ray.shutdown()
+    # Ray puts the driver's working directory first on its workers' path: from the
+    # repository root, "conftest" would be the root conftest.py (the documentation's
+    # hooks), not tests/conftest.py. Start Ray from tests/.
+    cwd = os.getcwd()
+    os.chdir(TESTS)
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+        yield ray
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
 
 
 def ray_executor(factory=tiny_factory):
