@@ -164,13 +164,16 @@ def _float64_stats(logits, final_logits):
 
 
 def _assert_exact(traj, entropy, kl):
-    """Entropy to 1e-5 nats; KL to 1e-5 or, for KLs of tens of nats, 1e-6 of its value.
+    """Entropy to 2e-5 nats; KL to 1e-5 or, for KLs of tens of nats, 2e-6 of its value.
 
     The log-probabilities are float32, so a KL of 100 nats carries ~1e-5 of
     their rounding (and a float32 near 100 is itself only resolved to 4e-6).
+    Entropy: 4.7e-6 at most on Gemma-3-270m as a TransformerBridge, 1.7e-5 as
+    TransformerLens 3.9's HookedTransformer (its float32 log-probabilities);
+    KL of 96 nats: 2.4e-7 of its value on the Bridge, 1.2e-6 on the HookedTransformer.
     """
-    torch.testing.assert_close(traj.entropy.double(), entropy, atol=1e-5, rtol=0)
-    torch.testing.assert_close(traj.kl_to_final.double(), kl, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(traj.entropy.double(), entropy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(traj.kl_to_final.double(), kl, atol=1e-5, rtol=2e-6)
 
 
 def test_statistics_are_exact_on_a_large_vocabulary(tiny_tokenizer):
