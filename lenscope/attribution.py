@@ -50,10 +50,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lenscope import engine, metrics
+from lenscope import engine
+from lenscope.experiment import Grid, Measure, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
-    check_hook_points,
     decode_resid,
     hook_name,
     is_bridge,
@@ -64,9 +64,8 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import PatchingMetric, softmax
 from lenscope.results import TraceResult
-from lenscope.settings import TraceSettings, resolve_prompt
+from lenscope.settings import TraceSettings
 from lenscope.sites import HeadSite
-from lenscope.tokens import token_labels
 from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
@@ -219,79 +218,48 @@ def attribute(
     check_target(target, settings)
     started = time.perf_counter()
     model = tracer.model
-    n_layer = n_layers(model)
-    sites = tuple(where.for_model(model) for where in settings.sites)
-    names = [name for s in sites for name in s.hook_names(n_layer)]
-    check_hook_points(model, [EMBED_HOOK, *names])
-    resolved = resolve_prompt(model, prompt, subject, settings)
-    tokens, subject_range = resolved.tokens, resolved.subject_range
-    answer_id, foil_id = resolved.answer_id, resolved.foil_id
-    settings = settings.for_model(model)
-    corruption = settings.corruption
-    pos_list = settings.position_list(tokens.shape[0], subject_range)
-    top_k = settings.top_k
+    prepared = prepare(model, prompt, subject, settings)
+    settings = prepared.settings
+    names = list(prepared.names)
 
     with preserved_model(model):
         for param in model.parameters():
             param.requires_grad_(False)
         with torch.no_grad():
-            corrupted = corruption.bind(model, tokens, subject_range)
-            clean = engine.clean_run(model, tokens, names)
-        if answer_id is None:
-            answer_id = int(clean.logits.argmax())
-        bound: list[metrics.BoundMetric] = []
+            corrupted = prepared.bind()
+            clean = prepared.clean_run()
+        measured: list[Measure] = []
 
-        def metric_for(logits: Tensor) -> PatchingMetric:
-            # Bound once the corrupted logits are known: a counterfactual
+        def scores_of(logits: Tensor) -> Tensor:
+            # Measured once the corrupted logits are known: a counterfactual
             # prompt's top-1 is the default foil, as in the exact trace.
-            nonlocal foil_id
-            if foil_id is None and corruption.has_counterfactual_answer:
-                foil_id = int(softmax(logits.detach()).mean(dim=0).argmax())
-                if foil_id == answer_id and settings.needs_foil:
-                    raise InvalidInput(
-                        "the counterfactual prompt's top-1 token is the answer itself "
-                        f"({token_labels(model, [answer_id])[0]!r}), so the logit difference "
-                        "has no foil; pass foil=... (the counterfactual's answer), or a "
-                        "counterfactual that changes the answer"
-                    )
-            bound.append(
-                metrics.bind_metric(
-                    settings.metric_specs[0], foil_id=foil_id, clean_logits=clean.logits
-                )
-            )
-            return _log_prob if target == "log_prob" else differentiable(bound[0].fn)
+            measured.append(prepared.measure(clean.logits, logits))
+            return target_fn(measured[0])(logits, measured[0].answer_id)
 
-        grads = corrupted_gradients(model, corrupted, names, metric_for, answer_id)
+        def target_fn(measure: Measure) -> PatchingMetric:
+            return _log_prob if target == "log_prob" else measure.metrics[0].differentiable()
+
+        grads = corrupted_gradients(model, corrupted, names, scores_of)
+        (measure,) = measured
         groups = {
-            where.name: (where.hook_names(n_layer), settings.windows[where.name]) for where in sites
+            where.name: (where.hook_names(prepared.n_layer), settings.windows[where.name])
+            for where in prepared.sites
         }
         inputs = EstimatorInputs(
             model=model,
             corrupted=corrupted,
             clean=clean.activations,
             run=grads,
-            target_fn=_log_prob if target == "log_prob" else differentiable(bound[0].fn),
-            answer_id=answer_id,
+            target_fn=target_fn(measure),
+            answer_id=measure.answer_id,
             layers=tuple(settings.layers),
         )
         effects, extra_passes = estimator.effects(inputs, groups)
-    (bound,) = bound  # type: ignore[assignment]
     corrupted_logits = grads.logits
-    clean_scores, clean_ids, clean_probs = engine.score_copies(
-        clean.logits[None], answer_id, [bound.fn], top_k
-    )
-    corrupted_scores, corrupted_ids, corrupted_probs = engine.score_copies(
-        corrupted_logits, answer_id, [bound.fn], top_k
-    )
-    clean_score, corrupted_score = clean_scores[0], corrupted_scores[0]
-    metrics.check_normalizable(bound, clean_score, corrupted_score)
+    baselines = measure.baselines(clean.logits, corrupted_logits, settings.top_k)
+    corrupted_score = baselines.corrupted_scores[0]
     seconds = time.perf_counter() - started
 
-    ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
-    if foil_id is not None:
-        ids_seen.add(foil_id)
-    vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
-    record = corrupted.record
     passes = {
         "clean_forward": 1,
         "corrupted_forward": 1,
@@ -302,50 +270,29 @@ def attribute(
     # log_prob differentiated for a prob trace: each copy's log-probability
     # change d is the probability change p (exp(d) - 1) of that copy.
     converts = target == "log_prob" and settings.metric_names[0] == "prob"
-    answer_probs = softmax(corrupted_logits)[:, answer_id] if converts else None
-    out = {}
-    for where in sites:
-        window = settings.windows[where.name]
-        estimate = _combine(effects[where.name], window, answer_probs)
+    answer_probs = softmax(corrupted_logits)[:, measure.answer_id] if converts else None
+    grids = {}
+    for where in prepared.sites:
+        estimate = _combine(effects[where.name], settings.windows[where.name], answer_probs)
         traced = torch.full_like(estimate, math.nan)
-        cells = where.cells(model, list(settings.layers), pos_list)
+        cells = prepared.cells(where)
         traced[tuple(cells.T)] = estimate[tuple(cells.T)]
-        raw = corrupted_score + traced
-        out[where.name] = AttributionResult(
-            scores=bound.normalize(raw, clean_score, corrupted_score),
-            clean_score=float(bound.normalize(clean_score, clean_score, corrupted_score)),
-            corrupted_score=float(bound.normalize(corrupted_score, clean_score, corrupted_score)),
-            tokens=token_labels(model, tokens),
-            token_ids=tokens.cpu(),
-            subject_range=subject_range,
-            answer=vocab[answer_id],
-            answer_id=answer_id,
-            kind=where.name,
-            hook_names=where.hook_names(n_layer),
-            window=window,
-            samples=corrupted.samples,
-            noise_std=record.get("noise_std", 0.0),
-            seed=record.get("seed"),
-            model_name=model_name(model),
-            metric=bound.name,
-            top_ids=torch.full((*estimate.shape, top_k), -1, dtype=torch.long),
-            top_probs=torch.full((*estimate.shape, top_k), math.nan),
-            clean_top_ids=clean_ids.cpu(),
-            clean_top_probs=clean_probs.cpu(),
-            corrupted_top_ids=corrupted_ids.cpu(),
-            corrupted_top_probs=corrupted_probs.cpu(),
-            vocab=vocab,
-            prompt=prompt if isinstance(prompt, str) else None,
-            corruption=dict(record),
-            direction="denoise",
-            foil=None if foil_id is None else vocab[foil_id],
-            foil_id=foil_id,
-            normalization=(clean_score, corrupted_score) if bound.normalized else None,
-            passes=passes,
-            seconds=seconds,
-            estimator=estimator.name,
-            target=target,
+        grids[where.name] = Grid(
+            scores=[corrupted_score + traced],
+            top_ids=torch.full((*estimate.shape, settings.top_k), -1, dtype=torch.long),
+            top_probs=torch.full((*estimate.shape, settings.top_k), math.nan),
         )
+    (out,) = prepared.results(
+        measure,
+        baselines,
+        grids,
+        corrupted,
+        lambda where, **fields: AttributionResult(**fields),
+        passes=passes,
+        seconds=seconds,
+        estimator=estimator.name,
+        target=target,
+    ).values()
     return out
 
 
@@ -451,30 +398,6 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
         )
 
 
-def differentiable(fn: PatchingMetric) -> PatchingMetric:
-    """``fn`` in a form autograd can differentiate.
-
-    lenscope's ``prob`` and ``log_prob`` compute the softmax in place (fast,
-    not differentiable); here they are torch's float32 softmax and
-    log-softmax. Every other metric (logit differences, callables) is used as it is.
-    """
-    if fn is metrics.prob:
-
-        def prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
-            return torch.softmax(logits.float(), dim=-1)[:, answer]
-
-        return prob
-    if fn is metrics.log_prob:
-
-        def log_prob(
-            logits: Float[Tensor, "batch d_vocab"], answer: int
-        ) -> Float[Tensor, " batch"]:
-            return torch.log_softmax(logits.float(), dim=-1)[:, answer]
-
-        return log_prob
-    return fn
-
-
 @dataclasses.dataclass(frozen=True)
 class GradientRun:
     """The corrupted copies' activations and the metric's gradient at some hook points."""
@@ -492,8 +415,7 @@ def corrupted_gradients(
     model: torch.nn.Module,
     corrupted: Any,
     names: Sequence[str],
-    metric_for: Callable[[Tensor], PatchingMetric],
-    answer_id: int,
+    scores_of: Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, " batch"]],
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -508,9 +430,8 @@ def corrupted_gradients(
         model: The model (its parameters may all be frozen).
         corrupted: The bound corruption.
         names: Hook points (residual-width) whose activations and gradients to keep.
-        metric_for: Given the corrupted logits, the differentiable metric
-            ``(logits, answer) -> per-copy scores`` to differentiate.
-        answer_id: The answer token.
+        scores_of: Given the corrupted logits, the per-copy scores to
+            differentiate (the metric, differentiable, of the answer).
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -547,7 +468,7 @@ def corrupted_gradients(
         except _Stop:
             pass
         logits = decode_resid(model, live[final_name][:, -1])
-        total = metric_for(logits)(logits, answer_id).sum()
+        total = scores_of(logits).sum()
         # The backward hooks fire on the way; hook points whose backward hook
         # does not (the final resid_post, where the pass stopped; a bridge's
         # hook_resid_pre) take the gradient of the tensor their forward hook saw.

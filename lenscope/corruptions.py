@@ -759,13 +759,29 @@ CORRUPTIONS: dict[str, type[Corruption]] = {
 """Corruption classes by :attr:`Corruption.name`, for :func:`corruption_from_dict`."""
 
 
+def register_corruption(cls: type[Corruption]) -> type[Corruption]:
+    """Make a :class:`Corruption` subclass readable from saved records (a class decorator).
+
+    Results and dataset checkpoints record a corruption by its
+    :attr:`Corruption.name` (:meth:`Corruption.to_dict`); reading one back
+    (:func:`corruption_from_dict`, resuming a checkpoint) needs the class registered.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Corruption)):
+        raise InvalidInputType(
+            f"register_corruption takes a subclass of lenscope.Corruption, got {cls!r}"
+        )
+    CORRUPTIONS[cls.name] = cls
+    return cls
+
+
 def corruption_from_dict(data: Mapping[str, Any]) -> Corruption:
     """The corruption a :meth:`Corruption.to_dict` record describes."""
     name = data.get("name") if isinstance(data, Mapping) else None
     if name not in CORRUPTIONS:
         raise InvalidInput(
             f"a corruption record must name one of {tuple(CORRUPTIONS)}, got {name!r}; "
-            "pass the dict a Corruption.to_dict() wrote"
+            "pass the dict a Corruption.to_dict() wrote (a corruption of your own: "
+            "decorate its class with @lenscope.corruptions.register_corruption)"
         )
     return CORRUPTIONS[name].from_dict(data)
 

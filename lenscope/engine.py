@@ -68,7 +68,7 @@ from lenscope.hooks import (
     model_class,
     n_layers,
 )
-from lenscope.metrics import PatchingMetric
+from lenscope.metrics import BoundMetric, PatchingMetric
 from lenscope.progress import TraceMeter, decode_weight, duration
 from lenscope.sites import Site, source_rows
 from lenscope.validation import InvalidInput, warn
@@ -797,7 +797,7 @@ def sweep(
     base: CorruptedInput,
     base_state: CorruptedRun,
     answer_id: int | Int[Tensor, " prompt"],
-    metrics: Sequence[PatchingMetric],
+    metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     strategy: str,
     batch_size: int | None,
@@ -856,7 +856,7 @@ def _sweep(
     base: CorruptedInput,
     base_state: CorruptedRun,
     answer_id: int | Int[Tensor, " prompt"],
-    metrics: Sequence[PatchingMetric],
+    metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     meter: TraceMeter,
 ) -> SweepOutput:
@@ -1140,7 +1140,7 @@ def _decode_cells(
     finals: Float[Tensor, "row d_model"],
     base: CorruptedInput,
     answer_id: int | Int[Tensor, " prompt"],
-    metrics_: Sequence[PatchingMetric],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1167,7 +1167,7 @@ def _score_cells(
     logits: Float[Tensor, "row d_vocab"],
     base: CorruptedInput,
     answer_id: int | Int[Tensor, " prompt"],
-    metrics_: Sequence[PatchingMetric],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
 ) -> tuple[
     Float[Tensor, "metric cell prompt"],
@@ -1198,7 +1198,7 @@ def _score_cells(
 def score_copies(
     logits: Float[Tensor, "samples d_vocab"],
     answer_id: int,
-    metrics_: Sequence[PatchingMetric],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
 ) -> tuple[list[float], Int[Tensor, " k"], Float[Tensor, " k"]]:
     """Each metric averaged over copies; top-k ids and probabilities of their mean distribution.
@@ -1216,7 +1216,7 @@ def _score_rows(
     logits: Float[Tensor, "row d_vocab"],
     samples: int,
     answer_id: int | Int[Tensor, " row"],
-    metrics_: Sequence[PatchingMetric],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
 ) -> tuple[Float[Tensor, "metric cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
     """Per-cell metrics (means over samples) and top-k of the mean next-token distribution.
@@ -1229,23 +1229,25 @@ def _score_rows(
     per_copy: dict[int, Tensor] = {}
     per_row = isinstance(answer_id, Tensor)
     answer_logit = _answer_column(logits, answer_id).clone()
-    for i, metric in enumerate(metrics_):
-        if metric is not metrics.prob and metric is not metrics.log_prob:
+    bound = [metrics.as_bound(metric) for metric in metrics_]
+    for i, metric in enumerate(bound):
+        if metric.reads is None:
             if per_row:
                 raise InvalidInput(
-                    f"packed prompts are scored with prob or log_prob only, got {metric!r}; "
-                    "trace prompts one at a time for other metrics (prompts_per_batch=1)"
+                    f"packed prompts are scored with prob or log_prob only, got "
+                    f"{metric.name!r}; trace prompts one at a time for other metrics "
+                    "(prompts_per_batch=1)"
                 )
             # A copy: the softmax below overwrites ``logits``, which the
             # metric's result may be a view of.
-            per_copy[i] = metric(logits, answer_id).float().clone()
+            per_copy[i] = metric.fn(logits, answer_id).float().clone()
     probs, top, total = metrics.softmax_(logits)
-    for i, metric in enumerate(metrics_):
-        if metric is metrics.prob:
+    for i, metric in enumerate(bound):
+        if metric.reads == "prob":
             per_copy[i] = _answer_column(probs, answer_id)
-        elif metric is metrics.log_prob:
+        elif metric.reads == "log_prob":
             per_copy[i] = answer_logit - top[:, 0] - total[:, 0].log()
-    stacked = torch.stack([per_copy[i] for i in range(len(metrics_))])
+    stacked = torch.stack([per_copy[i] for i in range(len(bound))])
     scores = einops.reduce(stacked, "metric (cell sample) -> metric cell", "mean", sample=samples)
     mean_probs = einops.reduce(probs, "(cell sample) v -> cell v", "mean", sample=samples)
     best = mean_probs.topk(top_k, dim=-1)

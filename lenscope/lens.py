@@ -42,6 +42,7 @@ from torch import Tensor
 
 from lenscope import engine
 from lenscope.corruptions import Corruption, GaussianNoise, corruption_from_dict
+from lenscope.experiment import prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     FINAL_RESID,
@@ -56,6 +57,7 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import log_softmax
 from lenscope.results import GridResult, TraceResult, html_facts, short_text
+from lenscope.settings import TraceSettings
 from lenscope.sites import site
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput, InvalidInputType, warn
@@ -567,8 +569,15 @@ def lens_trace_cell(
     tokens = result.token_ids.to(model.cfg.device)
     samples = result.samples
 
+    # The trace's own corruption, bound through the stage every method shares.
+    prepared = prepare(
+        model,
+        tokens,
+        result.subject_range,
+        TraceSettings(kinds=(where,), windows=result.window, corruption=corruption),
+    )
     with preserved_model(model), torch.inference_mode():
-        bound = corruption.bind(model, tokens, result.subject_range)
+        bound = prepared.bind()
         clean_store = capture_forward(
             model, tokens[None], [], [*names, *restored_names], clone=True
         )

@@ -17,14 +17,15 @@ ROME (Meng et al., 2022, arXiv 2202.05262) reports the answer's probability,
   to the patched run's, ``sum p_clean (log p_clean - log p_patched)``
   (0 = the clean distribution restored): :func:`kl_div`.
 
-Names are bound to a trace's answer, foil and clean run by
-:func:`bind_metric`.
+Names are bound to a trace's answer, foil and clean run (a :class:`MetricContext`)
+by :func:`bind_metric`, each through its entry in :data:`BINDERS`.
 """
 
 import dataclasses
 import re
 from collections.abc import Callable
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -137,23 +138,75 @@ FOIL_METRICS = ("logit_diff", "normalized_logit_diff")
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricContext:
+    """What a trace knows once its clean and corrupted runs are done, for metrics that need it.
+
+    Attributes:
+        answer_id: The answer token.
+        foil_id: The foil token of the logit-difference metrics (None: no foil).
+        clean_logits: The clean run's last-position logits.
+    """
+
+    answer_id: int
+    foil_id: int | None
+    clean_logits: Float[Tensor, " d_vocab"]
+
+
+@dataclasses.dataclass(frozen=True)
 class BoundMetric:
-    """A metric bound to one trace: its recorded name, its callable, whether it is normalised.
+    """A metric bound to one trace: its recorded name, its callable, how the engine computes it.
 
     A normalised metric's callable gives the raw logit difference; the trace
     maps it to ``(raw - corrupted) / (clean - corrupted)`` once the clean and
     corrupted values are known (:meth:`normalize`).
+
+    Attributes:
+        name: The name results record.
+        fn: ``(logits [batch, d_vocab], answer) -> [batch]``.
+        normalized: Whether :meth:`normalize` rescales it.
+        reads: ``"prob"`` or ``"log_prob"`` for a metric the engine reads
+            off the one softmax it computes for the top-k anyway (no second
+            pass over the vocabulary); None for one it calls.
     """
 
     name: str
     fn: PatchingMetric
     normalized: bool = False
+    reads: str | None = None
 
     def normalize(self, value: Tensor | float, clean: float, corrupted: float) -> Tensor | float:
         """``value`` on the normalised scale (unchanged for a plain metric)."""
         if not self.normalized:
             return value
         return (value - corrupted) / (clean - corrupted)
+
+    def differentiable(self) -> PatchingMetric:
+        """:attr:`fn` in a form autograd can differentiate.
+
+        ``prob`` and ``log_prob`` compute the softmax in place (fast, not
+        differentiable); here they are torch's float32 softmax and
+        log-softmax. Every other metric is its callable as it is.
+        """
+        if self.reads == "prob":
+            return _torch_prob
+        if self.reads == "log_prob":
+            return _torch_log_prob
+        return self.fn
+
+
+def _torch_prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+    return torch.softmax(logits.float(), dim=-1)[:, answer]
+
+
+def _torch_log_prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+    return torch.log_softmax(logits.float(), dim=-1)[:, answer]
+
+
+def as_bound(metric: "BoundMetric | PatchingMetric") -> BoundMetric:
+    """A bound metric as it is; a plain callable as a bound metric the engine calls."""
+    if isinstance(metric, BoundMetric):
+        return metric
+    return BoundMetric(getattr(metric, "__name__", type(metric).__name__), metric)
 
 
 def check_normalizable(metric: BoundMetric, clean: float, corrupted: float) -> None:
@@ -172,31 +225,44 @@ def check_normalizable(metric: BoundMetric, clean: float, corrupted: float) -> N
         )
 
 
-def bind_metric(
-    metric: "str | PatchingMetric",
-    *,
-    foil_id: int | None,
-    clean_logits: Float[Tensor, " d_vocab"],
-) -> BoundMetric:
-    """The metric ``metric`` names (or is), bound to a trace's foil and clean run.
+def _foil(name: str, context: MetricContext) -> int:
+    if context.foil_id is None:
+        raise InvalidInput(
+            f"metric {name!r} compares the answer with a foil token, and this trace has "
+            "none; pass foil=' Rome' (the competing answer), or use a counterfactual "
+            "prompt (tracer.patch), whose clean top-1 is the default foil"
+        )
+    return context.foil_id
+
+
+BINDERS: dict[str, Callable[[MetricContext], BoundMetric]] = {
+    "prob": lambda context: BoundMetric("prob", prob, reads="prob"),
+    "log_prob": lambda context: BoundMetric("log_prob", log_prob, reads="log_prob"),
+    "logit_diff": lambda context: BoundMetric(
+        "logit_diff", logit_diff(_foil("logit_diff", context))
+    ),
+    "normalized_logit_diff": lambda context: BoundMetric(
+        "normalized_logit_diff",
+        logit_diff(_foil("normalized_logit_diff", context)),
+        normalized=True,
+    ),
+    "kl_div": lambda context: BoundMetric("kl_div", kl_div(context.clean_logits)),
+}
+"""How each named metric binds to a trace's :class:`MetricContext`: a metric that
+needs the foil or the clean run is one entry here, and every method gets it."""
+
+
+def bind_metric(metric: "str | PatchingMetric", context: MetricContext) -> BoundMetric:
+    """The metric ``metric`` names (or is), bound to a trace's context.
 
     Args:
         metric: A name of :data:`METRIC_NAMES`, a recorded ``"logit_diff(foil=N)"``,
             or a callable ``(logits, answer) -> per-copy scores``.
-        foil_id: The foil token of the logit-difference metrics.
-        clean_logits: The clean run's last-position logits (for ``"kl_div"``).
+        context: The trace's answer, foil and clean logits.
     """
     name, fn = resolve_metric(metric)
-    if name in FOIL_METRICS:
-        if foil_id is None:
-            raise InvalidInput(
-                f"metric {name!r} compares the answer with a foil token, and this trace has "
-                "none; pass foil=' Rome' (the competing answer), or use a counterfactual "
-                "prompt (tracer.patch), whose clean top-1 is the default foil"
-            )
-        return BoundMetric(name, logit_diff(foil_id), normalized=name == "normalized_logit_diff")
-    if name == "kl_div":
-        return BoundMetric(name, kl_div(clean_logits))
+    if isinstance(metric, str) and name in BINDERS:
+        return BINDERS[name](context)
     return BoundMetric(name, fn)
 
 

@@ -27,7 +27,7 @@ from lenscope.corruptions import (
 )
 from lenscope.hooks import n_layers
 from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
-from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
+from lenscope.sites import HEAD_KINDS, Site, site, site_from_dict, site_to_dict
 from lenscope.validation import (
     LAST,
     InvalidInput,
@@ -57,7 +57,9 @@ class TraceSettings:
     """The settings of one causal trace (several kinds on the same corrupted run).
 
     Attributes:
-        kinds: Hook-point types (site names) to trace, e.g. ``("mlp_out",)``.
+        kinds: Hook-point types to trace: site names, e.g. ``("mlp_out",)``, or
+            :class:`~lenscope.sites.Site` objects (a user's own site works end to
+            end); held as names, the objects kept in :attr:`custom_sites`.
         windows: Layers restored around each cell: one int for every kind, a
             ``{kind: int}`` mapping, or None for ROME's (1 for ``resid_*``, 10
             clipped to the depth for ``mlp_out``/``attn_out``).
@@ -85,9 +87,14 @@ class TraceSettings:
             ``"pattern"``) are traced: ``"head"`` (a head at every position,
             cells ``(layer, head)``; the default) or ``"head_pos"`` (cells
             ``(layer, head, pos)``). None for the residual-width kinds.
+        custom_sites: The kinds given as :class:`~lenscope.sites.Site`
+            objects (a user's own subclass, or a built-in site configured by
+            hand), kept by name: ``kinds`` holds every kind's name, and
+            :attr:`sites` gives these objects for their names and the
+            registry's site (:func:`lenscope.sites.site`) for the others.
     """
 
-    kinds: str | Sequence[str] = DEFAULT_KINDS
+    kinds: str | Site | Sequence[str | Site] = DEFAULT_KINDS
     windows: int | Mapping[str, int] | None = None
     corruption: Corruption = dataclasses.field(default_factory=GaussianNoise)
     metric: str | PatchingMetric | Sequence[str | PatchingMetric] | None = None
@@ -98,27 +105,39 @@ class TraceSettings:
     layers: int | Iterable[int] | None = None
     positions: str | Sequence[int | str] | torch.Tensor = "all"
     by: str | None = None
+    custom_sites: tuple[Site, ...] = ()
 
     def __post_init__(self) -> None:
         """Check everything that does not need the model."""
-        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
-        names = tuple(site(k).name for k in kinds)
-        sites = [site(k, self.by if k in HEAD_KINDS else None) for k in names]
-        if self.by is not None and not any(isinstance(s, HeadSite) for s in sites):
+        given = (self.kinds,) if isinstance(self.kinds, str | Site) else tuple(self.kinds)
+        # Sites given as objects are kept by name (through dataclasses.replace
+        # too); other names come from the registry.
+        objects = {s.name: s for s in self.custom_sites}
+        objects.update({v.name: v for v in given if isinstance(v, Site)})
+        for value in given:
+            if not (isinstance(value, str) and value in objects):
+                site(value)  # a known name or a Site, else a clear error
+        names = tuple(value if isinstance(value, str) else value.name for value in given)
+        if not names or len(set(names)) != len(names):
+            raise InvalidInput(f"kinds must be distinct and non-empty, got {names}")
+        object.__setattr__(self, "kinds", names)
+        object.__setattr__(self, "custom_sites", tuple(objects[n] for n in names if n in objects))
+        sites = self.sites
+        if self.by is not None and not any(
+            n not in objects and getattr(s, "by", None) is not None
+            for n, s in zip(names, sites, strict=True)
+        ):
             raise InvalidInput(
                 f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS}, got kinds "
                 f"{names}; leave by unset, or pass e.g. kind='z'"
             )
-        by_head = [s.name for s in sites if isinstance(s, HeadSite) and s.by == "head"]
-        if by_head and not (isinstance(self.positions, str) and self.positions == "all"):
+        every = [s.name for s in sites if not s.takes_positions]
+        if every and not (isinstance(self.positions, str) and self.positions == "all"):
             raise InvalidInput(
                 f"positions apply to by='head_pos': by='head' restores the heads of "
-                f"{by_head} at every position, got positions={self.positions!r}; pass "
+                f"{every} at every position, got positions={self.positions!r}; pass "
                 "by='head_pos' to trace single positions"
             )
-        if not names or len(set(names)) != len(names):
-            raise InvalidInput(f"kinds must be distinct and non-empty, got {names}")
-        object.__setattr__(self, "kinds", names)
         check_corruption(self.corruption)
         if (
             self.metric is not None
@@ -215,8 +234,12 @@ class TraceSettings:
 
     @property
     def sites(self) -> tuple[Site, ...]:
-        """The :class:`~lenscope.sites.Site` of each kind."""
-        return tuple(site(k, self.by if k in HEAD_KINDS else None) for k in self.kinds)
+        """Each kind's :class:`~lenscope.sites.Site`: as given, or the registry's for a name."""
+        objects = {s.name: s for s in self.custom_sites}
+        return tuple(
+            objects[k] if k in objects else site(k, self.by if k in HEAD_KINDS else None)
+            for k in self.kinds
+        )
 
     @property
     def metric_specs(self) -> tuple[str | PatchingMetric, ...]:
@@ -341,6 +364,8 @@ class TraceSettings:
         }
         if self.by is not None:
             out["by"] = self.by
+        if self.custom_sites:
+            out["sites"] = {where.name: site_to_dict(where) for where in self.custom_sites}
         # Recorded only when set, so that the records of earlier versions still match.
         if self.foil is not None:
             out["foil"] = self.foil
@@ -371,6 +396,7 @@ class TraceSettings:
         record = {k: v for k, v in data.items() if k not in own and k != "format"}
         return cls(
             kinds=tuple(data["kinds"]),
+            custom_sites=tuple(site_from_dict(d) for d in (data.get("sites") or {}).values()),
             windows=data.get("windows"),
             corruption=corruption_from_dict({**record, "name": data["corruption"]}),
             metric=_metric_from_record(data.get("metric", "prob")),

@@ -74,6 +74,11 @@ class Site:
         """Hook names at layers ``0 .. n_layer - 1``."""
         return tuple(self.hook_name(layer) for layer in range(n_layer))
 
+    @property
+    def takes_positions(self) -> bool:
+        """Whether a trace's ``positions`` choose what this site restores (true here)."""
+        return True
+
     def default_window(self, n_layer: int) -> int:
         """ROME's windows: 1 layer for the residual stream, 10 for MLP and attention outputs."""
         return 1 if self.name.startswith("resid") else min(10, n_layer)
@@ -198,6 +203,11 @@ class HeadSite(Site):
         """``("head",)`` or ``("head", "pos")``."""
         return ("head",) if self.by == "head" else ("head", "pos")
 
+    @property
+    def takes_positions(self) -> bool:
+        """Only ``by="head_pos"`` restores single positions."""
+        return self.by == "head_pos"
+
     def hook_name(self, layer: int) -> str:
         """``blocks.{layer}.attn.hook_{name}``."""
         return f"blocks.{layer}.attn.hook_{self.name}"
@@ -320,3 +330,42 @@ def site(value: "str | Site", by: str | None = None) -> Site:
             "restored position by position; leave by unset, or pass e.g. kind='z'"
         )
     return SITES[check_kind(value)]
+
+
+SITE_TYPES: dict[str, type[Site]] = {"Site": Site, "HeadSite": HeadSite}
+"""Site classes by name, so that settings and checkpoints holding site objects read back."""
+
+
+def register_site(cls: type[Site]) -> type[Site]:
+    """Make a :class:`Site` subclass readable from saved settings (use as a class decorator).
+
+    A site given to a trace as an object is recorded by its class name and
+    fields (:func:`site_to_dict`); reading it back (:func:`site_from_dict`)
+    needs the class registered under that name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Site) and dataclasses.is_dataclass(cls)):
+        raise InvalidInputType(
+            f"register_site takes a dataclass subclass of lenscope.sites.Site, got {cls!r}"
+        )
+    SITE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def site_to_dict(where: Site) -> dict[str, Any]:
+    """A site's JSON record: its class name (``"type"``) and its dataclass fields."""
+    return {"type": type(where).__name__, **dataclasses.asdict(where)}
+
+
+def site_from_dict(data: Any) -> Site:
+    """Inverse of :func:`site_to_dict` (the class must be registered: :func:`register_site`)."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise InvalidInput(
+            f"expected a site record written by site_to_dict (with 'type'), got {str(data)[:80]!r}"
+        )
+    cls = SITE_TYPES.get(data["type"])
+    if cls is None:
+        raise InvalidInput(
+            f"site type {data['type']!r} is not registered (known: {sorted(SITE_TYPES)}); "
+            f"decorate its class with @lenscope.sites.register_site before reading the file"
+        )
+    return cls(**{k: v for k, v in data.items() if k != "type"})

@@ -21,18 +21,18 @@ from torch import Tensor
 
 from lenscope import engine, metrics
 from lenscope.corruptions import CounterfactualPrompt, GaussianNoise
+from lenscope.experiment import Grid, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     check_hook_points,
     hook_name,
-    model_name,
     n_layers,
     preserved_model,
 )
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
 from lenscope.results import HeadTraceResult, TraceResult, interrupted_trace
-from lenscope.settings import DEFAULT_KINDS, TraceSettings, resolve_prompt
+from lenscope.settings import DEFAULT_KINDS, TraceSettings
 from lenscope.sites import HeadSite, Site
 from lenscope.tokens import (
     is_filler_token,
@@ -41,7 +41,6 @@ from lenscope.tokens import (
 )
 from lenscope.validation import (
     AnswerWarning,
-    InvalidInput,
     finite_number,
     optional_positive_int,
     warn,
@@ -106,7 +105,7 @@ class CausalTracer:
         prompt: str | Tensor | Sequence[int],
         subject: str | tuple[int, int] | None = None,
         *,
-        kind: str = "resid_post",
+        kind: str | Site = "resid_post",
         window: int | None = None,
         **options: Any,
     ) -> Any:
@@ -120,7 +119,8 @@ class CausalTracer:
                 ``attn_out``; or per attention head (``blocks.L.attn.hook_<kind>``)
                 ``z``, ``q``, ``k``, ``v`` or ``pattern``, with ``by="head"``
                 (cells ``(layer, head)``, the head restored at every position)
-                or ``by="head_pos"`` (cells ``(layer, head, pos)``).
+                or ``by="head_pos"`` (cells ``(layer, head, pos)``); or a
+                :class:`~lenscope.sites.Site` (a site of your own).
             window: Layers restored around each cell; default 1 for residual
                 and per-head kinds, 10 (clipped to the depth) for ``mlp_out``/``attn_out``.
             **options: As for :meth:`trace_kinds` (``by`` among them).
@@ -130,11 +130,12 @@ class CausalTracer:
             kind); with several metrics (``metrics=(...)``),
             ``{metric: TraceResult}``.
         """
-        windows = None if window is None else {kind: window}
+        name = kind.name if isinstance(kind, Site) else kind
+        windows = None if window is None else {name: window}
         out = self.trace_kinds(prompt, subject, kinds=(kind,), windows=windows, **options)
         if all(isinstance(v, TraceResult) for v in out.values()):
-            return out[kind]
-        return {metric: by_kind[kind] for metric, by_kind in out.items()}
+            return out[name]
+        return {metric: by_kind[name] for metric, by_kind in out.items()}
 
     def patch(
         self,
@@ -298,18 +299,11 @@ class CausalTracer:
     ) -> dict[str, dict[str, TraceResult]]:
         """``{metric name: {kind: TraceResult}}``: the one path every trace takes."""
         model = self.model
-        n_layer = n_layers(model)
-        sites = tuple(where.for_model(model) for where in settings.sites)
-        check_hook_points(model, [EMBED_HOOK] + [n for s in sites for n in s.hook_names(n_layer)])
-        resolved = resolve_prompt(model, prompt, subject, settings)
-        tokens, subject_range = resolved.tokens, resolved.subject_range
-        answer_id, foil_id = resolved.answer_id, resolved.foil_id
-        corruption = settings.corruption
-        settings = settings.for_model(model)
-        layer_list = list(settings.layers)
-        pos_list = settings.position_list(tokens.shape[0], subject_range)
-        cells = {where.name: where.cells(model, layer_list, pos_list) for where in sites}
-        top_k, noising = settings.top_k, settings.direction == "noise"
+        prepared = prepare(model, prompt, subject, settings)
+        settings = prepared.settings
+        noising = settings.direction == "noise"
+        cells = {where.name: prepared.cells(where) for where in prepared.sites}
+        names = list(prepared.names)
 
         interrupt = _KindsInterrupt()  # listed first: exits after the model is restored
         with (
@@ -319,14 +313,13 @@ class CausalTracer:
             torch.inference_mode(),
             contextlib.ExitStack() as stack,
         ):
-            corrupted = settings.corruption.bind(model, tokens, subject_range)
-            names = [name for s in sites for name in s.hook_names(n_layer)]
+            corrupted = prepared.bind()
             engine.check_memory(model, corrupted, len(names), self.strategy)
-            base = corrupted.clean_copies(tokens) if noising else corrupted
+            base = corrupted.clean_copies(prepared.tokens) if noising else corrupted
             meter = stack.enter_context(
                 engine.trace_meter(
                     model,
-                    sites,
+                    prepared.sites,
                     settings.windows,
                     _shared_cells(cells),
                     base,
@@ -337,62 +330,38 @@ class CausalTracer:
                     description="noise" if noising else "trace",
                 )
             )
-            clean = engine.clean_run(model, tokens, names)
-            meter.warmed_up(engine.run_units(model, tokens.shape[0], 1))
-            if answer_id is None:
-                answer_id = int(clean.logits.argmax())
+            clean = prepared.clean_run()
+            meter.warmed_up(engine.run_units(model, prepared.n_pos, 1))
             corrupted_state = engine.corrupted_run(
                 model,
                 corrupted,
                 keep_prefix_state=self.strategy == "prefix" and not noising,
                 capture=names if noising else (),
             )
-            meter.advance(engine.run_units(model, tokens.shape[0], corrupted.rows))
-            if foil_id is None and corruption.has_counterfactual_answer:
-                foil_id = int(softmax(corrupted_state.logits).mean(dim=0).argmax())
-                if foil_id == answer_id and settings.needs_foil:
-                    raise InvalidInput(
-                        f"the counterfactual prompt's top-1 token is the answer itself "
-                        f"({token_labels(model, [answer_id])[0]!r}), so the logit difference "
-                        "has no foil; pass foil=... (the counterfactual's answer), or a "
-                        "counterfactual that changes the answer"
-                    )
-            bound = [
-                metrics.bind_metric(spec, foil_id=foil_id, clean_logits=clean.logits)
-                for spec in settings.metric_specs
-            ]
-            fns = [m.fn for m in bound]
-            # Scored exactly like every patched cell (engine.score_copies).
-            clean_scores, clean_ids, clean_probs = engine.score_copies(
-                clean.logits[None], answer_id, fns, top_k
-            )
-            corrupted_scores, corrupted_ids, corrupted_probs = engine.score_copies(
-                corrupted_state.logits, answer_id, fns, top_k
-            )
-            for metric, clean_score, corrupted_score in zip(
-                bound, clean_scores, corrupted_scores, strict=True
-            ):
-                metrics.check_normalizable(metric, clean_score, corrupted_score)
+            meter.advance(engine.run_units(model, prepared.n_pos, corrupted.rows))
+            measure = prepared.measure(clean.logits, corrupted_state.logits)
+            baselines = measure.baselines(clean.logits, corrupted_state.logits, settings.top_k)
             if noising:
                 base_state = engine.corrupted_run(
                     model, base, keep_prefix_state=self.strategy == "prefix"
                 )
-                meter.advance(engine.run_units(model, tokens.shape[0], base.rows))
+                meter.advance(engine.run_units(model, prepared.n_pos, base.rows))
                 source = corrupted_state.activations
             else:
                 base_state = corrupted_state
                 source = {name: act[None] for name, act in clean.activations.items()}
             # Before the sweep, so that the warning comes before the long part.
+            answer_id = measure.answer_id
             prob_scores = (
                 engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
                 engine.score_copies(corrupted_state.logits, answer_id, [metrics.prob], 1)[0][0],
             )
             _check_answer(model, settings.answer, answer_id, clean.logits, prob_scores, "prob")
 
-            swept = {}
+            grids = {}
             interrupt.armed = True  # Ctrl-C from here on keeps the kinds already swept
-            for where in sites:
-                swept[where.name] = engine.sweep(
+            for where in prepared.sites:
+                out = engine.sweep(
                     model,
                     site=where,
                     window=settings.windows[where.name],
@@ -401,65 +370,20 @@ class CausalTracer:
                     base=base,
                     base_state=base_state,
                     answer_id=answer_id,
-                    metrics=fns,
-                    top_k=top_k,
+                    metrics=measure.metrics,
+                    top_k=settings.top_k,
                     strategy=self.strategy,
                     batch_size=batch_size,
                     progress=progress,
                     description=f"{'noise' if noising else 'trace'} {where.name}",
                     meter=meter,
                 )
+                grids[where.name] = Grid(out.scores, out.top_ids, out.top_probs)
 
-        extra = [] if foil_id is None else [foil_id]
-        ids_seen = {answer_id, *extra, *clean_ids.tolist(), *corrupted_ids.tolist()}
-        for out in swept.values():
-            ids_seen.update(out.top_ids[out.top_ids >= 0].unique().tolist())
-        vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
-        record = corrupted.record
-        by_name = {where.name: where for where in sites}
-        results: dict[str, dict[str, TraceResult]] = {}
-        for i, metric in enumerate(bound):
-            clean_score, corrupted_score = clean_scores[i], corrupted_scores[i]
-            results[metric.name] = {
-                kind: _result_class(by_name[kind])(
-                    **_head_fields(by_name[kind]),
-                    scores=metric.normalize(out.scores[i], clean_score, corrupted_score),
-                    clean_score=float(metric.normalize(clean_score, clean_score, corrupted_score)),
-                    corrupted_score=float(
-                        metric.normalize(corrupted_score, clean_score, corrupted_score)
-                    ),
-                    tokens=token_labels(model, tokens),
-                    token_ids=tokens.cpu(),
-                    subject_range=subject_range,
-                    answer=vocab[answer_id],
-                    answer_id=answer_id,
-                    kind=kind,
-                    hook_names=by_name[kind].hook_names(n_layer),
-                    window=settings.windows[kind],
-                    samples=corrupted.samples,
-                    noise_std=record.get("noise_std", 0.0),
-                    seed=record.get("seed"),
-                    model_name=model_name(model),
-                    metric=metric.name,
-                    top_ids=out.top_ids,
-                    top_probs=out.top_probs,
-                    clean_top_ids=clean_ids.cpu(),
-                    clean_top_probs=clean_probs.cpu(),
-                    corrupted_top_ids=corrupted_ids.cpu(),
-                    corrupted_top_probs=corrupted_probs.cpu(),
-                    vocab=vocab,
-                    prompt=prompt if isinstance(prompt, str) else None,
-                    corruption=dict(record),
-                    direction=settings.direction,
-                    foil=None if foil_id is None else vocab[foil_id],
-                    foil_id=foil_id,
-                    normalization=(clean_score, corrupted_score) if metric.normalized else None,
-                )
-                for kind, out in swept.items()
-            }
+        results = prepared.results(measure, baselines, grids, corrupted, _result)
         if interrupt.error is not None:
             shown = next(iter(results.values())) if len(results) == 1 else results
-            kinds = [where.name for where in sites]
+            kinds = [where.name for where in prepared.sites]
             raise interrupted_trace(interrupt.error, shown, kinds) from interrupt.error
         return results
 
@@ -493,16 +417,11 @@ def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
     return first if same else cells
 
 
-def _result_class(where: Site) -> type[TraceResult]:
-    """The result class of a site: :class:`HeadTraceResult` for heads."""
-    return HeadTraceResult if isinstance(where, HeadSite) else TraceResult
-
-
-def _head_fields(where: Site) -> dict[str, Any]:
-    """The fields only a :class:`HeadTraceResult` has."""
-    if not isinstance(where, HeadSite):
-        return {}
-    return {"by": where.by, "query_heads_per_head": where.group}
+def _result(where: Site, **fields: Any) -> TraceResult:
+    """The result of one site's sweep (a :class:`HeadTraceResult` for heads)."""
+    if isinstance(where, HeadSite):
+        return HeadTraceResult(by=where.by, query_heads_per_head=where.group, **fields)
+    return TraceResult(**fields)
 
 
 def _check_batch_size(batch_size: Any) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lenscope import engine, metrics
+from lenscope import engine
 from lenscope._version import __version__
 from lenscope.corruptions import Corruption, CounterfactualColumn, pack_inputs
 from lenscope.datasets.checkpoint import (
@@ -33,6 +33,7 @@ from lenscope.datasets.checkpoint import (
 from lenscope.datasets.executors import Executor, LocalExecutor
 from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
 from lenscope.datasets.summary import DatasetSummary, FactTrace
+from lenscope.experiment import prepare
 from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
 from lenscope.results import TraceInterrupted
@@ -688,30 +689,27 @@ def _packed_traces(
 ) -> list[FactTrace]:
     """The packed sweep of :func:`_trace_pack` (fact ids, prompts and times left blank)."""
     model, strategy = tracer.model, tracer.strategy
-    n_layer = n_layers(model)
-    sites = tuple(where.for_model(model) for where in settings.sites)
-    names = [name for where in sites for name in where.hook_names(n_layer)]
+    preps = [prepare(model, tokens, subject, own) for _, tokens, subject, own in ready]
+    names = list(preps[0].names)
     layers = list(settings.layers)
-    n_pos = int(ready[0][1].shape[0])
-    positions = [settings.position_list(n_pos, subject_range) for _, _, subject_range, _ in ready]
-    union = sorted(set().union(*positions))
+    union = sorted(set().union(*(p.positions for p in preps)))
     with (
         preserved_model(model),
         engine.matmul_friendly_weights(model),
         torch.inference_mode(),
     ):
-        bound = [s.corruption.bind(model, tokens, subject) for _, tokens, subject, s in ready]
-        base = pack_inputs(bound)
+        base = pack_inputs([p.bind() for p in preps])
         engine.check_memory(model, base, len(names), strategy)
-        cleans = [engine.clean_run(model, tokens, names) for _, tokens, _, _ in ready]
-        answers = [int(clean.logits.argmax()) for clean in cleans]
-        # prob and log_prob only (_pack_size): nothing fact-specific to bind.
-        fns = [
-            metrics.bind_metric(spec, foil_id=None, clean_logits=cleans[0].logits).fn
-            for spec in settings.metric_specs
-        ]
+        cleans = [p.clean_run() for p in preps]
         state = engine.corrupted_run(model, base, keep_prefix_state=strategy == "prefix")
         samples = base.samples
+        corrupted_logits = [
+            state.logits[k * samples : (k + 1) * samples] for k in range(len(preps))
+        ]
+        measures = [
+            p.measure(clean.logits, logits)
+            for p, clean, logits in zip(preps, cleans, corrupted_logits, strict=True)
+        ]
         source = {
             name: torch.cat(
                 [
@@ -730,26 +728,23 @@ def _packed_traces(
                 source=source,
                 base=base,
                 base_state=state,
-                answer_id=torch.tensor(answers),
-                metrics=fns,
+                answer_id=torch.tensor([m.answer_id for m in measures]),
+                # prob and log_prob only (_pack_size): bound alike for every fact.
+                metrics=measures[0].metrics,
                 top_k=1,
                 strategy=strategy,
                 batch_size=batch_size,
                 progress=False,
             ).scores[0]
-            for where in sites
+            for where in preps[0].sites
         }
         if base.prompts == 1:  # one fact of the pack left: the sweep's outputs have no prompt axis
             swept = {kind: grid[..., None] for kind, grid in swept.items()}
         traces = []
-        for k, ((_, tokens, subject_range, _), clean, answer) in enumerate(
-            zip(ready, cleans, answers, strict=True)
-        ):
-            corrupted_logits = state.logits[k * samples : (k + 1) * samples]
-            clean_score = engine.score_copies(clean.logits[None], answer, fns[:1], 1)[0][0]
-            corrupted_score = engine.score_copies(corrupted_logits, answer, fns[:1], 1)[0][0]
-            outside = torch.ones(n_pos, dtype=torch.bool)
-            outside[positions[k]] = False
+        for k, (prep, clean, measure) in enumerate(zip(preps, cleans, measures, strict=True)):
+            baselines = measure.baselines(clean.logits, corrupted_logits[k], 1)
+            outside = torch.ones(prep.n_pos, dtype=torch.bool)
+            outside[list(prep.positions)] = False
             scores = {}
             for kind, grid in swept.items():
                 grid = grid[..., k].clone()
@@ -760,12 +755,12 @@ def _packed_traces(
                     fact_id=0,
                     prompt="",
                     subject="",
-                    tokens=tuple(token_labels(model, tokens)),
-                    subject_range=subject_range,
-                    answer=token_labels(model, [answer])[0],
-                    answer_id=answer,
-                    clean_score=clean_score,
-                    corrupted_score=corrupted_score,
+                    tokens=tuple(token_labels(model, prep.tokens)),
+                    subject_range=prep.subject_range,
+                    answer=token_labels(model, [measure.answer_id])[0],
+                    answer_id=measure.answer_id,
+                    clean_score=baselines.clean_scores[0],
+                    corrupted_score=baselines.corrupted_scores[0],
                     scores=scores,
                 )
             )

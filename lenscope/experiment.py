@@ -1,0 +1,292 @@
+"""One prepared trace under every method: the stage between the settings and the engine.
+
+A causal trace, an attribution estimate, a packed dataset trace and the
+lens view of one cell all start the same way: resolve the prompt (tokens,
+subject span, the answer and foil the user named), fix the settings for
+the model (windows, layers, the noise std in sigmas), pick the sites and
+the cells, bind the corruption to the prompt, run the clean prompt, and,
+once the corrupted run's logits are known, settle the answer (the clean
+top-1 unless named), the foil (a counterfactual prompt's own top-1 unless
+named), bind the metrics to that context and score both baselines. They
+end the same way too: every kind's grid becomes a result that records the
+prompt, the answer, the corruption's own record and the baselines.
+
+:func:`prepare` does the first half once and returns a :class:`Prepared`;
+:meth:`Prepared.measure` settles answer, foil and metrics
+(:class:`Measure`); :meth:`Measure.baselines` scores the clean and
+corrupted runs exactly as the engine scores every cell (:class:`Baselines`);
+:meth:`Prepared.results` builds the results. The methods
+(:meth:`lenscope.CausalTracer.trace_kinds`, :func:`lenscope.attribution.attribute`,
+:func:`lenscope.trace_dataset`'s packing, :func:`lenscope.lens.lens_trace_cell`)
+are thin callers that differ only in how they run the corrupted copies and
+what they compute per cell, as TransformerLens ``patching.py``'s partials
+differ only in their setters.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lenscope import engine
+from lenscope.corruptions import CorruptedInput
+from lenscope.hooks import EMBED_HOOK, check_hook_points, model_name, n_layers
+from lenscope.metrics import BoundMetric, MetricContext, bind_metric, check_normalizable, softmax
+from lenscope.settings import TraceSettings, resolve_prompt
+from lenscope.sites import Site
+from lenscope.tokens import token_labels
+from lenscope.validation import InvalidInput
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A trace resolved against a model, before anything runs.
+
+    Attributes:
+        model: The model.
+        settings: The settings, fixed for the model (:meth:`TraceSettings.for_model`).
+        sites: Each kind's :class:`~lenscope.sites.Site`, filled in for the model.
+        prompt: The prompt as text (None when given as token ids).
+        tokens: The prompt's token ids.
+        subject_range: The subject's ``(start, end)`` token range (a
+            counterfactual prompt's: the tokens that differ).
+        answer_id: The answer the user named, or None (the clean top-1).
+        foil_id: The foil the user named, or None.
+        positions: The token positions traced.
+        names: Every hook name the sites restore, site by site, layer by layer.
+    """
+
+    model: torch.nn.Module
+    settings: TraceSettings
+    sites: tuple[Site, ...]
+    prompt: str | None
+    tokens: Int[Tensor, " pos"]
+    subject_range: tuple[int, int]
+    answer_id: int | None
+    foil_id: int | None
+    positions: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @property
+    def n_layer(self) -> int:
+        """Layers of the model."""
+        return n_layers(self.model)
+
+    @property
+    def n_pos(self) -> int:
+        """Tokens of the prompt."""
+        return int(self.tokens.shape[0])
+
+    def cells(self, where: Site) -> Int[Tensor, "cell axis"]:
+        """The cells ``where`` traces: rows of its index-axis coordinates."""
+        return where.cells(self.model, list(self.settings.layers), list(self.positions))
+
+    def bind(self) -> CorruptedInput:
+        """The corruption bound to this prompt (runs whatever the corruption needs)."""
+        return self.settings.corruption.bind(self.model, self.tokens, self.subject_range)
+
+    def clean_run(self) -> engine.CleanRun:
+        """The clean prompt's activations at :attr:`names` and its last-position logits."""
+        return engine.clean_run(self.model, self.tokens, list(self.names))
+
+    def measure(
+        self,
+        clean_logits: Float[Tensor, " d_vocab"],
+        corrupted_logits: Float[Tensor, "samples d_vocab"],
+    ) -> "Measure":
+        """Settle the answer and the foil and bind the metrics to them.
+
+        The answer is the one named, else the clean run's top-1 token; the
+        foil is the one named, else (for a corruption that answers a prompt
+        of its own) the corrupted run's top-1 token of its mean distribution.
+
+        Raises:
+            InvalidInput: A counterfactual whose top-1 token is the answer
+                itself while a metric needs a foil.
+        """
+        answer_id = self.answer_id
+        if answer_id is None:
+            answer_id = int(clean_logits.argmax())
+        foil_id = self.foil_id
+        if foil_id is None and self.settings.corruption.has_counterfactual_answer:
+            foil_id = int(softmax(corrupted_logits.detach()).mean(dim=0).argmax())
+            if foil_id == answer_id and self.settings.needs_foil:
+                raise InvalidInput(
+                    f"the counterfactual prompt's top-1 token is the answer itself "
+                    f"({token_labels(self.model, [answer_id])[0]!r}), so the logit difference "
+                    "has no foil; pass foil=... (the counterfactual's answer), or a "
+                    "counterfactual that changes the answer"
+                )
+        context = MetricContext(answer_id=answer_id, foil_id=foil_id, clean_logits=clean_logits)
+        bound = tuple(bind_metric(spec, context) for spec in self.settings.metric_specs)
+        return Measure(answer_id=answer_id, foil_id=foil_id, metrics=bound)
+
+    def results(
+        self,
+        measure: "Measure",
+        baselines: "Baselines",
+        grids: Mapping[str, "Grid"],
+        corrupted: CorruptedInput,
+        result_type: Callable[..., Any],
+        **extra: Any,
+    ) -> dict[str, dict[str, Any]]:
+        """``{metric name: {kind: result}}`` from each kind's raw grid.
+
+        Args:
+            measure: The answer, foil and metrics.
+            baselines: The clean and corrupted scores.
+            grids: Each kind's raw scores (one grid per metric) and top-k.
+            corrupted: The bound corruption (its record is the result's provenance).
+            result_type: The result class, or a callable ``(site, **fields)``
+                giving one (see :func:`result_class`).
+            **extra: Fields the method adds (e.g. attribution's passes and estimator).
+        """
+        model = self.model
+        answer_id, foil_id = measure.answer_id, measure.foil_id
+        ids_seen = {
+            answer_id,
+            *([] if foil_id is None else [foil_id]),
+            *baselines.clean_ids.tolist(),
+            *baselines.corrupted_ids.tolist(),
+        }
+        for grid in grids.values():
+            ids_seen.update(grid.top_ids[grid.top_ids >= 0].unique().tolist())
+        ordered = sorted(ids_seen)
+        vocab = dict(zip(ordered, token_labels(model, ordered), strict=True))
+        record = corrupted.record
+        by_name = {where.name: where for where in self.sites}
+        shared = dict(
+            tokens=token_labels(model, self.tokens),
+            token_ids=self.tokens.cpu(),
+            subject_range=self.subject_range,
+            answer=vocab[answer_id],
+            answer_id=answer_id,
+            samples=corrupted.samples,
+            noise_std=record.get("noise_std", 0.0),
+            seed=record.get("seed"),
+            model_name=model_name(model),
+            clean_top_ids=baselines.clean_ids.cpu(),
+            clean_top_probs=baselines.clean_probs.cpu(),
+            corrupted_top_ids=baselines.corrupted_ids.cpu(),
+            corrupted_top_probs=baselines.corrupted_probs.cpu(),
+            vocab=vocab,
+            prompt=self.prompt,
+            corruption=dict(record),
+            direction=self.settings.direction,
+            foil=None if foil_id is None else vocab[foil_id],
+            foil_id=foil_id,
+        )
+        results: dict[str, dict[str, Any]] = {}
+        for i, metric in enumerate(measure.metrics):
+            clean, corrupt = baselines.clean_scores[i], baselines.corrupted_scores[i]
+            results[metric.name] = {
+                kind: result_type(
+                    by_name[kind],
+                    scores=metric.normalize(grid.scores[i], clean, corrupt),
+                    clean_score=float(metric.normalize(clean, clean, corrupt)),
+                    corrupted_score=float(metric.normalize(corrupt, clean, corrupt)),
+                    kind=kind,
+                    hook_names=by_name[kind].hook_names(self.n_layer),
+                    window=self.settings.windows[kind],
+                    metric=metric.name,
+                    top_ids=grid.top_ids,
+                    top_probs=grid.top_probs,
+                    normalization=(clean, corrupt) if metric.normalized else None,
+                    **shared,
+                    **extra,
+                )
+                for kind, grid in grids.items()
+            }
+        return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """What a trace measures, settled: the answer, the foil and the bound metrics."""
+
+    answer_id: int
+    foil_id: int | None
+    metrics: tuple[BoundMetric, ...]
+
+    def baselines(
+        self,
+        clean_logits: Float[Tensor, " d_vocab"],
+        corrupted_logits: Float[Tensor, "samples d_vocab"],
+        top_k: int,
+    ) -> "Baselines":
+        """The clean and corrupted runs scored exactly as every patched cell is.
+
+        Raises:
+            InvalidInput: A normalised metric whose clean and corrupted values coincide.
+        """
+        clean = engine.score_copies(clean_logits[None], self.answer_id, self.metrics, top_k)
+        corrupted = engine.score_copies(corrupted_logits, self.answer_id, self.metrics, top_k)
+        for metric, clean_score, corrupted_score in zip(
+            self.metrics, clean[0], corrupted[0], strict=True
+        ):
+            check_normalizable(metric, clean_score, corrupted_score)
+        return Baselines(*clean, *corrupted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baselines:
+    """Each metric's clean and corrupted score (means over copies) and their top-k predictions."""
+
+    clean_scores: list[float]
+    clean_ids: Int[Tensor, " k"]
+    clean_probs: Float[Tensor, " k"]
+    corrupted_scores: list[float]
+    corrupted_ids: Int[Tensor, " k"]
+    corrupted_probs: Float[Tensor, " k"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """One kind's raw per-cell scores (one grid per metric, before normalising) and top-k."""
+
+    scores: Float[Tensor, "metric layer ..."] | Sequence[Tensor]
+    top_ids: Int[Tensor, "layer ... k"]
+    top_probs: Float[Tensor, "layer ... k"]
+
+
+def prepare(
+    model: torch.nn.Module,
+    prompt: Any,
+    subject: str | tuple[int, int] | None,
+    settings: TraceSettings,
+) -> Prepared:
+    """Resolve a trace against ``model`` once, for whichever method runs it.
+
+    Args:
+        model: A HookedTransformer or TransformerBridge.
+        prompt: Text, or 1-D token ids.
+        subject: The subject's text or ``(start, end)`` token range; None for
+            a corruption that knows what it changes (a counterfactual prompt).
+        settings: The trace's settings (not yet fixed for the model).
+
+    Raises:
+        InvalidInput: A hook point the model lacks, a subject not in the
+            prompt, a foil equal to the answer, or settings the model refuses.
+    """
+    n_layer = n_layers(model)
+    sites = tuple(where.for_model(model) for where in settings.sites)
+    names = tuple(name for where in sites for name in where.hook_names(n_layer))
+    check_hook_points(model, [EMBED_HOOK, *names])
+    resolved = resolve_prompt(model, prompt, subject, settings)
+    settings = settings.for_model(model)
+    positions = settings.position_list(int(resolved.tokens.shape[0]), resolved.subject_range)
+    return Prepared(
+        model=model,
+        settings=settings,
+        sites=sites,
+        prompt=prompt if isinstance(prompt, str) else None,
+        tokens=resolved.tokens,
+        subject_range=resolved.subject_range,
+        answer_id=resolved.answer_id,
+        foil_id=resolved.foil_id,
+        positions=tuple(positions),
+        names=names,
+    )
