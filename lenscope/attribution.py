@@ -63,6 +63,7 @@ from lenscope.hooks import (
     run_to_final_resid,
 )
 from lenscope.metrics import PatchingMetric, softmax
+from lenscope.names import KINDS
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings
 from lenscope.sites import HeadSite
@@ -79,7 +80,7 @@ __all__ = [
     "recheck_top",
 ]
 
-ATTRIBUTION_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+ATTRIBUTION_KINDS = KINDS
 """Kinds attribution patching estimates: the residual-width activations."""
 
 

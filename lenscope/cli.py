@@ -31,16 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from lenscope._version import __version__
+from lenscope.names import DEFAULT_KINDS, KINDS, METRIC_NAMES
 
 DEFAULT_PROMPT_HELP = '"The Eiffel Tower is located in the city of"'
-DEFAULT_KINDS = ("resid_post", "mlp_out", "attn_out")
-KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 # lenscope.settings.POSITION_NAMES, repeated so that parsing needs no torch.
 POSITION_NAMES = ("all", "subject", "from_subject", "last")
 ModelFactory = Callable[..., Any]
-# lenscope.metrics.METRIC_NAMES and the noise corruptions, repeated so that parsing
-# needs no torch (tests check that they agree).
-METRIC_NAMES = ("prob", "log_prob", "logit_diff", "normalized_logit_diff", "kl_div")
+# The noise corruptions, repeated so that parsing needs no torch (tests check that
+# they agree); kinds and metrics come from the torch-free lenscope.names.
 NOISE_KINDS = ("gaussian", "uniform", "student_t", "multivariate")
 DIRECTIONS = ("denoise", "noise")
 

@@ -18,10 +18,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lenscope.names import KINDS
 from lenscope.validation import InvalidInput, InvalidInputType
 
 Kind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
-KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 EMBED_HOOK = "hook_embed"
 
 HookFn = Callable[[Tensor, Any], Tensor | None]

@@ -13,6 +13,8 @@ ROME (Meng et al., 2022, arXiv 2202.05262) reports the answer's probability,
   metric Zhang & Nanda (2023, "Towards Best Practices of Activation
   Patching", arXiv 2309.16042) recommend; probability can hide negative
   components.
+* ``"normalized_prob"``: ``(p_patched - p_corrupted) / (p_clean - p_corrupted)``,
+  the fraction of the answer's probability a cell restores (0 corrupted, 1 clean).
 * ``"kl_div"``: KL divergence from the clean run's next-token distribution
   to the patched run's, ``sum p_clean (log p_clean - log p_patched)``
   (0 = the clean distribution restored): :func:`kl_div`.
@@ -29,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lenscope.names import METRIC_NAMES
 from lenscope.validation import InvalidInput, InvalidInputType
 
 PatchingMetric = Callable[[Float[Tensor, "batch d_vocab"], int], Float[Tensor, " batch"]]
@@ -129,12 +132,6 @@ def kl_div(clean_logits: Float[Tensor, " d_vocab"]) -> PatchingMetric:
 
 METRICS: dict[str, PatchingMetric] = {"prob": prob, "log_prob": log_prob}
 """Metrics that need nothing but the logits and the answer."""
-
-METRIC_NAMES = ("prob", "log_prob", "logit_diff", "normalized_logit_diff", "kl_div")
-"""Every metric a trace can name."""
-
-FOIL_METRICS = ("logit_diff", "normalized_logit_diff")
-"""Metrics that compare the answer with a foil token."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +242,9 @@ BINDERS: dict[str, Callable[[MetricContext], BoundMetric]] = {
         "normalized_logit_diff",
         logit_diff(_foil("normalized_logit_diff", context)),
         normalized=True,
+    ),
+    "normalized_prob": lambda context: BoundMetric(
+        "normalized_prob", prob, normalized=True, reads="prob"
     ),
     "kl_div": lambda context: BoundMetric("kl_div", kl_div(context.clean_logits)),
 }

@@ -26,7 +26,8 @@ from lenscope.corruptions import (
     corruption_from_dict,
 )
 from lenscope.hooks import n_layers
-from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
+from lenscope.metrics import PatchingMetric, metric_from_name, resolve_metric
+from lenscope.names import DEFAULT_KINDS, FOIL_METRICS
 from lenscope.sites import HEAD_KINDS, Site, site, site_from_dict, site_to_dict
 from lenscope.validation import (
     LAST,
@@ -35,9 +36,6 @@ from lenscope.validation import (
     distinct_indices,
     is_int,
 )
-
-DEFAULT_KINDS: tuple[str, ...] = ("resid_post", "mlp_out", "attn_out")
-"""The hook-point types of ROME's Figure 1."""
 
 POSITION_NAMES = ("all", "subject", "from_subject", LAST)
 """Named position sets; a list of positions may also hold negative ones (``-1``: the last

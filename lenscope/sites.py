@@ -32,7 +32,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lenscope.hooks import KINDS, check_kind, hook_name
+from lenscope.hooks import check_kind, hook_name
+from lenscope.names import HEAD_BY, HEAD_KINDS, KINDS
 from lenscope.validation import InvalidInput, InvalidInputType
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -162,13 +163,6 @@ def _product(*axes: "list[int] | range") -> Int[Tensor, "cell axis"]:
     return torch.cartesian_prod(*(torch.tensor(list(a), dtype=torch.long) for a in axes)).reshape(
         -1, len(axes)
     )
-
-
-HEAD_KINDS: tuple[str, ...] = ("z", "q", "k", "v", "pattern")
-"""Per-head activations (``blocks.L.attn.hook_<kind>``), named as ``get_act_name`` names them."""
-
-HEAD_BY: tuple[str, ...] = ("head", "head_pos")
-"""How a per-head kind is traced: a head at every position, or a head at one position."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -733,13 +733,19 @@ def test_local_tokenizer_never_downloads(monkeypatch):
     assert lenscope.loading.local_tokenizer("gemma-3-270m") is None
 
 
-def test_the_clis_kind_names_are_the_packages():
-    # cli.py keeps its own copy so that --help and parse errors need no torch import.
-    import lenscope.cli as cli
-    from lenscope.hooks import KINDS
-    from lenscope.settings import DEFAULT_KINDS
+def test_every_name_the_cli_offers_has_its_meaning_in_the_package():
+    # The names live once, in the torch-free lenscope.names; here: each one means something.
+    from lenscope import metrics, names, sites
 
-    assert cli.KINDS == KINDS and cli.DEFAULT_KINDS == DEFAULT_KINDS
+    assert set(metrics.BINDERS) == set(names.METRIC_NAMES)
+    assert set(names.FOIL_METRICS) <= set(names.METRIC_NAMES)
+    assert set(names.DEFAULT_KINDS) <= set(names.KINDS)
+    assert [sites.site(k).hook_name(3) for k in names.KINDS] == [
+        f"blocks.3.hook_{k}" for k in names.KINDS
+    ]
+    assert [sites.site(k).hook_name(3) for k in names.HEAD_KINDS] == [
+        f"blocks.3.attn.hook_{k}" for k in names.HEAD_KINDS
+    ]
 
 
 def test_patch_command_equals_the_python_api(run, tmp_path, tiny_model):
@@ -821,10 +827,9 @@ def test_trace_corruption_flag(run, tmp_path, flag, name):
     assert record["name"] == name and record["replace"] is True
 
 
-def test_cli_copies_of_metric_names_match_the_package():
-    from lenscope import cli, metrics, settings
+def test_cli_copies_of_direction_names_match_the_package():
+    from lenscope import cli, settings
 
-    assert cli.METRIC_NAMES == metrics.METRIC_NAMES
     assert cli.DIRECTIONS == settings.DIRECTIONS
 
 

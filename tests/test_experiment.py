@@ -250,3 +250,20 @@ def test_a_metric_that_needs_the_foil_says_so():
     bound = bind_metric("logit_diff", dataclasses.replace(context, foil_id=5))
     logits = torch.arange(8.0)[None]
     assert bound.fn(logits, 3).item() == -2.0 and bound.reads is None
+
+
+def test_a_new_metric_that_needs_the_trace_context_is_one_binder(peaked):
+    # normalized_prob is one entry of metrics.BINDERS: the fraction of the
+    # answer's probability each cell restores, from the same forward passes as prob.
+    tracer = CausalTracer(peaked, progress=False)
+    out = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="resid_post", samples=2, metrics=("prob", "normalized_prob")
+    )
+    prob, normalized = out["prob"], out["normalized_prob"]
+    clean, corrupted = prob.clean_score, prob.corrupted_score
+    assert abs(clean - corrupted) > 1e-3
+    torch.testing.assert_close(
+        normalized.scores, (prob.scores - corrupted) / (clean - corrupted), atol=1e-6, rtol=0
+    )
+    assert (normalized.clean_score, normalized.corrupted_score) == (1.0, 0.0)
+    assert normalized.normalization == pytest.approx((clean, corrupted))
