@@ -38,7 +38,7 @@ from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
 from lenscope.results import TraceInterrupted
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite
+from lenscope.sites import HeadSite, Site
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
 from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType, is_int
@@ -49,7 +49,7 @@ def trace_dataset(
     facts: Facts,
     settings: TraceSettings | None = None,
     *,
-    kinds: Sequence[str] | None = None,
+    kinds: Sequence[str | Site] | None = None,
     windows: int | Mapping[str, int] | None = None,
     samples: int | None = None,
     noise: float | None = None,
