@@ -16,7 +16,13 @@ and that resume over several sittings:
 * ``attr_noise`` and ``attr_str``: attribution patching of ``noise`` and
   ``str_nld`` (one forward and one backward pass per fact).
 * ``noise_w10``: ``noise`` for MLP and attention with ROME's literal window
-  of 10 layers (worked on last).
+  of 10 layers.
+* ``noise_seed1``, ``noise_seed2``: ``noise`` with noise seeds 1 and 2, and
+  ``noise_fp32``: ``noise`` with the model in float32 (a worker started with
+  ``--dtype float32`` does only this run, one with bfloat16 never does), each on
+  the same ``SUBSET`` facts: the first ``SUBSET`` known facts in a random order
+  of all 1,209 fact ids drawn with ``SUBSET_SEED``, so that two models share the
+  facts both know.
 
 ``prepare`` filters the known facts once (``known.json``: the model's own
 ``filter_known`` over the whole set, with the counterfactual pairs); ``work``
@@ -43,7 +49,22 @@ from pathlib import Path
 import torch
 
 KINDS = ("resid_post", "mlp_out", "attn_out")
-RUNS = ("noise", "str_prob", "str_nld", "attr_noise", "attr_str", "noise_w10")
+RUNS = (
+    "noise",
+    "str_prob",
+    "str_nld",
+    "attr_noise",
+    "attr_str",
+    "noise_w10",
+    "noise_seed1",
+    "noise_seed2",
+    "noise_fp32",
+)
+SUBSET_RUNS = ("noise_seed1", "noise_seed2", "noise_fp32")
+RUN_DTYPE = {"noise_fp32": "float32"}
+"""The dtype a run's worker loads the model in (default bfloat16)."""
+SUBSET = 60
+SUBSET_SEED = 2026
 ROME_LAYERS = 48
 
 
@@ -61,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sitting", default="0", help="claims are per sitting")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--window", default="scaled", choices=("scaled", "rome"))
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="first known fact traced (earlier ones come from a previous run's data)",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,7 +110,8 @@ def run_options(run: str, window: int) -> dict:
         options["corruption"] = lenscope.CounterfactualColumn()
         options["metric"] = "prob" if run == "str_prob" else "normalized_logit_diff"
     else:
-        options.update(samples=10, seed=0, noise_multiplier=3.0, metric="prob")
+        seed = int(run.removeprefix("noise_seed")) if run.startswith("noise_seed") else 0
+        options.update(samples=10, seed=seed, noise_multiplier=3.0, metric="prob")
     if run.startswith("attr_"):
         options["method"] = "attribution"
     return options
@@ -128,22 +156,51 @@ def prepare(args: argparse.Namespace) -> None:
     )
 
 
+def subset_order(n_facts: int = 1209) -> list[int]:
+    """ROME's fact ids (``known_id`` 0 .. n - 1) in the random order the subset runs take."""
+    import random
+
+    order = list(range(n_facts))
+    random.Random(SUBSET_SEED).shuffle(order)
+    return order
+
+
+def subset(known: list[dict]) -> list[dict]:
+    """The ``SUBSET`` known facts first in :func:`subset_order`, in known-file order."""
+    rank = {fact_id: i for i, fact_id in enumerate(subset_order())}
+    chosen = sorted(known, key=lambda f: rank.get(f["known_id"], len(rank)))[:SUBSET]
+    ids = {f["known_id"] for f in chosen}
+    return [f for f in known if f["known_id"] in ids]
+
+
 def selected(args: argparse.Namespace, run: str) -> list[dict]:
-    """The first ``--facts`` known facts; for STR runs, those of them with a partner."""
-    known = json.loads((args.dir / "known.json").read_text())["known"][: args.facts]
+    """The first ``--facts`` known facts; for STR runs, those of them with a partner.
+
+    The subset runs take :func:`subset` of all known facts instead.
+    """
+    known = json.loads((args.dir / "known.json").read_text())["known"]
+    if run in SUBSET_RUNS:
+        return subset(known)
+    known = known[: args.facts]
     if run in ("str_prob", "str_nld", "attr_str"):
         return [f for f in known if "counterfactual" in f]
     return known
 
 
 def chunks(args: argparse.Namespace, run: str) -> list[list[dict]]:
-    """The run's facts in chunks of ``--chunk`` (by position among all selected facts)."""
+    """The run's facts in chunks of ``--chunk`` (by position among all selected facts).
+
+    Chunks wholly before ``--start`` are empty (their facts were traced before).
+    """
+    if run in SUBSET_RUNS:
+        chosen = selected(args, run)
+        return [chosen[i : i + args.chunk] for i in range(0, len(chosen), args.chunk)]
     known = json.loads((args.dir / "known.json").read_text())["known"][: args.facts]
     chosen = {json.dumps(f["known_id"]) for f in selected(args, run)}
     out = []
     for start in range(0, len(known), args.chunk):
         part = [f for f in known[start : start + args.chunk] if json.dumps(f["known_id"]) in chosen]
-        out.append(part)
+        out.append(part if start + args.chunk > args.start else [])
     return out
 
 
@@ -168,6 +225,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
     runs = [r for r in first if r in RUNS] + [r for r in RUNS if r not in first]
     if args.only:
         runs = [r for r in runs if r in args.only.split(",")]
+    runs = [r for r in runs if RUN_DTYPE.get(r, "bfloat16") == args.dtype]
     order = []
     for run in runs:
         n = len(chunks(args, run))
