@@ -871,8 +871,13 @@ def _ablation_hook(
 
     def hook(act: Float[Tensor, "batch pos ..."], hook: Any) -> Tensor:
         fill = source_rows(value, act.shape[0]) if per_row else value
+        ablated = torch.where(mask, fill.to(act.dtype), act)
+        if act.requires_grad:
+            # A gradient run (attribution patching): autograd forbids writing
+            # into a hook point's output that carries a backward hook.
+            return ablated
         # In place, as lenscope.sites.Site.restore_hook explains (TransformerBridge).
-        return act.copy_(torch.where(mask, fill.to(act.dtype), act))
+        return act.copy_(ablated)
 
     return hook
 

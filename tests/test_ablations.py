@@ -240,6 +240,40 @@ def test_trace_equals_one_forward_pass_per_cell(model, site, kind):
                 assert (expected - first.corrupted_score).abs().max() > 20 * TOL, restored
 
 
+def test_attribution_patching_runs_with_an_ablation(model):
+    """AtP's gradient run carries backward hooks, where writing in place is forbidden: the
+    ablation hook returns its value there. The estimate follows the exact trace."""
+    tracer = lenscope.CausalTracer(model, progress=False)
+    corruption = ZeroAblation("mlp_out", layers=[1, 2])
+    options = {"kinds": ("mlp_out",), "windows": 1, "corruption": corruption}
+    estimate = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)["mlp_out"].scores
+    exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)["mlp_out"].scores
+    traced = ~exact.isnan()
+    assert torch.isfinite(estimate[traced]).all()
+    pair = torch.stack([estimate[traced], exact[traced]])
+    assert float(torch.corrcoef(pair)[0, 1]) > 0.8
+
+
+def test_an_ablation_needs_nothing_at_hook_embed(tiny_model, monkeypatch):
+    """No sigma is measured and no embedding caveat is consulted; no hook sits at hook_embed."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an ablation must not need hook_embed")
+
+    for name in ("embedding_sigma", "embedding_moments", "embed_hook_caveat"):
+        monkeypatch.setattr(corruptions, name, refuse)
+    monkeypatch.setattr(lenscope.noise, "embedding_sigma", refuse)
+    tokens = tiny_model.to_tokens(TINY_PROMPT)[0]
+    for kind in ("zero", "mean", "resample"):
+        corruption = ablation(kind, "mlp_out")
+        bound = corruption.bind(tiny_model, tokens, (1, 4))
+        assert "hook_embed" not in dict(bound.fwd_hooks)
+        settings = TraceSettings(kinds=("resid_post",), corruption=corruption)
+        tracer = lenscope.CausalTracer(tiny_model, progress=False)
+        result = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, settings)["resid_post"]
+        assert torch.isfinite(result.scores).all()
+
+
 # ------------------------------------------------------------------ records
 
 
