@@ -827,8 +827,13 @@ def _index_tuple(name: str, value: Any, fix: str) -> tuple[int, ...] | None:
     return tuple(int(v) for v in values)
 
 
-def _prompt_tuple(name: str, value: Any, example: str) -> tuple[str | tuple[int, ...], ...]:
-    """One prompt (text or token ids) or several, as a tuple of text or id tuples."""
+def _prompt_tuple(
+    name: str, value: Any, example: str, needed_by: str = ""
+) -> tuple[str | tuple[int, ...], ...]:
+    """One prompt (text or token ids) or several, as a tuple of text or id tuples.
+
+    With ``needed_by`` (what needs them, for the message), none is refused.
+    """
     if isinstance(value, Tensor):
         value = value.tolist()
     one = isinstance(value, str) or (
@@ -852,7 +857,14 @@ def _prompt_tuple(name: str, value: Any, example: str) -> tuple[str | tuple[int,
                 f"each of {name} must be non-empty text or token ids, got {item!r}; "
                 f"pass e.g. {name}={example!r}"
             )
+    if needed_by and not out:
+        raise InvalidInput(
+            f"{needed_by}, got {name}={value!r}; pass at least one, e.g. {name}={[example]!r}"
+        )
     return tuple(out)
+
+
+_EXAMPLE_PROMPT = "The Colosseum is located in the city of"
 
 
 def _jsonable(prompts: Sequence[str | tuple[int, ...]]) -> list[str | list[int]]:
@@ -1180,13 +1192,8 @@ class MeanAblation(SiteAblation):
     def __post_init__(self) -> None:
         """Check the prompts as well."""
         super().__post_init__()
-        example = ["The Colosseum is located in the city of"]
-        prompts = _prompt_tuple("prompts", self.prompts, example[0])
-        if not prompts:
-            raise InvalidInput(
-                f"MeanAblation averages the site over prompts, got prompts={self.prompts!r}; "
-                f"pass at least one, e.g. prompts={example!r}"
-            )
+        needed_by = "MeanAblation averages the site over prompts"
+        prompts = _prompt_tuple("prompts", self.prompts, _EXAMPLE_PROMPT, needed_by)
         object.__setattr__(self, "prompts", prompts)
 
     def values(
@@ -1237,13 +1244,8 @@ class ResampleAblation(SiteAblation):
     def __post_init__(self) -> None:
         """Check the source prompts as well."""
         super().__post_init__()
-        example = "The Colosseum is located in the city of"
-        sources = _prompt_tuple("source", self.source, example)
-        if not sources:
-            raise InvalidInput(
-                f"ResampleAblation needs a source prompt, got source={self.source!r}; pass "
-                f"e.g. source={example!r}"
-            )
+        needed_by = "ResampleAblation takes the activations of source prompts"
+        sources = _prompt_tuple("source", self.source, _EXAMPLE_PROMPT, needed_by)
         object.__setattr__(self, "source", sources)
 
     def values(

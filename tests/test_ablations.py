@@ -400,7 +400,7 @@ def test_packed_resample_equals_each_prompt_alone(tiny_model):
         (
             lambda: MeanAblation("mlp_out", prompts=[]),
             InvalidInput,
-            r"MeanAblation averages the site over prompts, got prompts=\[\]; pass at least one",
+            r"MeanAblation averages the site over prompts, got prompts=\[\]; pass at least one, e",
         ),
         (
             lambda: MeanAblation("mlp_out"),
@@ -415,7 +415,7 @@ def test_packed_resample_equals_each_prompt_alone(tiny_model):
         (
             lambda: ResampleAblation("mlp_out"),
             InvalidInput,
-            r"ResampleAblation needs a source prompt, got source=\(\)",
+            r"ResampleAblation takes the activations of source prompts, got source=\(\); pass at",
         ),
     ],
 )
