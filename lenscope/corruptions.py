@@ -1125,12 +1125,13 @@ def site_means(
 
     Prompts run right-padded in batches with an attention mask (as
     :func:`lenscope.collect.collect` runs them); the padding is left out of
-    the mean. Sums are float64. Cached per model, hook points and prompts.
+    the mean. Sums are float64. Cached per model (and its dtype and device),
+    hook points and prompts.
 
     Returns:
         ``{hook name: mean}``, ``[*unit]`` in the model's dtype.
     """
-    key = (tuple(names), tuple(prompts))
+    key = (tuple(names), tuple(prompts), str(model.cfg.dtype), str(model.cfg.device))
     cache = _MEANS_CACHE.setdefault(model, {})
     if key in cache:
         return cache[key]
