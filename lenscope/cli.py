@@ -41,6 +41,9 @@ ModelFactory = Callable[..., Any]
 # they agree); kinds and metrics come from the torch-free lenscope.names.
 NOISE_KINDS = ("gaussian", "uniform", "student_t", "multivariate")
 DIRECTIONS = ("denoise", "noise")
+# lenscope.corruptions.ABLATION_SITES, repeated for the same reason.
+ABLATION_KINDS = ("zero", "mean", "resample")
+ABLATION_SITES = (*KINDS, "z", "q", "k", "v")
 
 
 def _corruption_arg(text: str) -> tuple[str, float | None]:
@@ -57,6 +60,24 @@ def _corruption_arg(text: str) -> tuple[str, float | None]:
         f"expected one of gaussian, uniform, t<df> (Student-t, e.g. t3) or multivariate, "
         f"got {text!r}"
     )
+
+
+def _ablate_arg(text: str) -> tuple[str, str, tuple[int, ...] | None]:
+    """``KIND:SITE[@LAYERS]`` of ``--ablate``, e.g. ``zero:mlp_out@2-4`` (no layers: all)."""
+    found = re.fullmatch(r"\s*(\w+)\s*:\s*(\w+)\s*(?:@(.+))?", text)
+    layers = None
+    try:
+        if found is None or found[1] not in ABLATION_KINDS or found[2] not in ABLATION_SITES:
+            raise ValueError(text)
+        if found[3] is not None:
+            layers = _index_list(found[3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected KIND:SITE[@LAYERS] with KIND one of {', '.join(ABLATION_KINDS)} and "
+            f"SITE one of {', '.join(ABLATION_SITES)}, got {text!r}; pass e.g. "
+            "--ablate zero:mlp_out@2-4 (layers 2 to 4; without @ every layer)"
+        ) from None
+    return found[1], found[2], layers
 
 
 def _metric_arg(text: str) -> str:
@@ -253,6 +274,23 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="replace the subject's embeddings with the noise instead of adding it",
     )
+    parser.add_argument(
+        "--ablate",
+        type=_ablate_arg,
+        metavar="KIND:SITE[@LAYERS]",
+        help="corrupt by ablating a site at the subject's tokens instead of adding noise: "
+        f"KIND {'/'.join(ABLATION_KINDS)}, SITE {','.join(ABLATION_SITES)} (per-head sites: "
+        "every head), LAYERS such as 2-4 or 1,3 (default: every layer); e.g. "
+        "zero:mlp_out@2-4. mean averages over the --ablate-from prompts, resample takes "
+        "their activations (one sample each); the noise flags do not apply",
+    )
+    parser.add_argument(
+        "--ablate-from",
+        action="append",
+        metavar="PROMPT",
+        help="a prompt for --ablate mean (averaged over) or resample (as many tokens as the "
+        "traced prompt); repeat for several",
+    )
     add_patch_arguments(parser)
     parser.add_argument(
         "--batch-size", type=positive_int_arg, help="corrupted copies per forward pass"
@@ -335,6 +373,15 @@ def trace_options(args: argparse.Namespace) -> dict[str, Any]:
             replace=args.replace,
             **extra,
         )
+    if args.ablate is not None:
+        corruption = _ablation(args.ablate, args.ablate_from)
+    elif args.ablate_from:
+        from lenscope.validation import InvalidInput
+
+        raise InvalidInput(
+            "--ablate-from gives the prompts of --ablate mean or resample, got it without "
+            "--ablate; pass e.g. --ablate mean:mlp_out@2 --ablate-from 'The Colosseum is in'"
+        )
     options = {
         "kinds": args.kinds,
         "windows": args.window,
@@ -345,6 +392,30 @@ def trace_options(args: argparse.Namespace) -> dict[str, Any]:
         if name in args:
             options[name] = getattr(args, name)
     return options
+
+
+def _ablation(spec: tuple[str, str, tuple[int, ...] | None], prompts: list[str] | None) -> Any:
+    """The :class:`lenscope.corruptions.SiteAblation` of ``--ablate`` and ``--ablate-from``."""
+    from lenscope import corruptions
+    from lenscope.validation import InvalidInput
+
+    kind, site, layers = spec
+    if kind != "zero" and not prompts:
+        what = "averages over" if kind == "mean" else "takes the activations of"
+        raise InvalidInput(
+            f"--ablate {kind} {what} other prompts, got no --ablate-from; pass e.g. "
+            "--ablate-from 'The Space Needle is located in the city of' (repeat for several)"
+        )
+    if kind == "zero":
+        if prompts:
+            raise InvalidInput(
+                "--ablate zero sets the site to zero and takes no --ablate-from prompts, got "
+                f"{len(prompts)}; drop --ablate-from, or pass --ablate mean:... or resample:..."
+            )
+        return corruptions.ZeroAblation(site, layers=layers)
+    if kind == "mean":
+        return corruptions.MeanAblation(site, layers=layers, prompts=prompts)
+    return corruptions.ResampleAblation(site, layers=layers, source=prompts)
 
 
 def patch_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -1193,6 +1264,13 @@ def format_table(results: dict[str, Any]) -> str:
     record = first.corruption or {}
     if "counterfactual" in record:
         corrupted = f"counterfactual {record['counterfactual']!r}"
+    elif "site" in record:
+        layers = record["ablated_layers"]
+        corrupted = (
+            f"{record['name'].replace('_', ' ')} of {record['site']} at "
+            f"{'every layer' if layers is None else f'layers {layers}'}, "
+            f"{first.samples} sample{'s' if first.samples != 1 else ''}"
+        )
     else:
         corrupted = f"noise std {first.noise_std:.4g}, {first.samples} samples"
     if first.foil is not None:

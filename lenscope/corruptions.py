@@ -17,16 +17,26 @@ copies; sigma is measured at the hook (:func:`lenscope.noise.embedding_sigma`).
 
 import abc
 import dataclasses
+import hashlib
+import json
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lenscope.hooks import EMBED_HOOK, embed_hook_caveat, preserved_model
+from lenscope.hooks import (
+    EMBED_HOOK,
+    KINDS,
+    capture_forward,
+    check_hook_points,
+    embed_hook_caveat,
+    n_layers,
+    preserved_model,
+)
 from lenscope.noise import (
     DEFAULT_NOISE_MULTIPLIER,
     draw_noise,
@@ -35,16 +45,22 @@ from lenscope.noise import (
     embedding_moments,
     embedding_sigma,
 )
+from lenscope.sites import HEAD_KINDS, source_rows
+from lenscope.sites import site as _site
 from lenscope.tokens import prompt_tokens, token_labels
 from lenscope.validation import (
     InvalidInput,
     InvalidInputType,
+    distinct_indices,
     finite_number,
     is_int,
     warn,
 )
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
+
+PRE_BLOCK_HOOKS: tuple[str, ...] = (EMBED_HOOK, "hook_pos_embed")
+"""Hook points that act before the first block (a prefix-strategy stair never runs them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +79,13 @@ class CorruptedInput:
         first_changed: First token position whose activations can differ
             from the clean run's; restoring earlier positions is a no-op.
         record: The corruption's settings, as results and checkpoints keep them.
+        prompts: Prompts packed together (:func:`pack_inputs`).
+        suffix_hooks: ``suffix_hooks(pos)``: the hooks of a run that computes
+            only positions ``pos:`` from a block's input on (the prefix
+            strategy's stairs, :mod:`lenscope.engine`), with positions counted
+            from ``pos``. Needed by a corruption that acts inside the blocks
+            (an ablation at some layer); None where every hook acts before the
+            first block (``hook_embed``), which a stair never runs.
     """
 
     tokens: Int[Tensor, "row pos"]
@@ -70,6 +93,7 @@ class CorruptedInput:
     first_changed: int
     record: dict[str, Any]
     prompts: int = 1
+    suffix_hooks: Callable[[int], tuple[tuple[str, HookFn], ...]] | None = None
 
     @property
     def rows(self) -> int:
@@ -80,6 +104,28 @@ class CorruptedInput:
     def samples(self) -> int:
         """Corrupted samples of each prompt."""
         return self.rows // self.prompts
+
+    def stair_hooks(self, pos: int) -> tuple[tuple[str, HookFn], ...]:
+        """The hooks of a run of positions ``pos:`` that starts at a block's input.
+
+        Such a run starts from this input's own residual stream, so hooks
+        before the first block (:data:`PRE_BLOCK_HOOKS`) have acted already;
+        hooks inside the blocks come from :attr:`suffix_hooks`.
+
+        Raises:
+            InvalidInput: For hooks inside the blocks without ``suffix_hooks``.
+        """
+        if self.suffix_hooks is not None:
+            return tuple(self.suffix_hooks(pos))
+        inside = [name for name, _ in self.fwd_hooks if name not in PRE_BLOCK_HOOKS]
+        if inside:
+            raise InvalidInput(
+                f"the prefix strategy runs positions {pos}: of each block alone, so a "
+                f"corruption hooked inside the blocks ({inside}) must say how its hooks apply "
+                "there, but this CorruptedInput has no suffix_hooks; give it "
+                "suffix_hooks=lambda pos: ..., or trace with strategy='full'"
+            )
+        return ()
 
     def batch_tokens(self, copies: int) -> Int[Tensor, "row pos"]:
         """Token ids of ``copies`` copies of every row, copy-major."""
@@ -123,17 +169,30 @@ def pack_inputs(inputs: Sequence[CorruptedInput]) -> CorruptedInput:
         )
     if len(inputs) == 1:
         return inputs[0]
-    names = list(dict.fromkeys(name for x in inputs for name, _ in x.fwd_hooks))
-    hooks = tuple(
-        (name, _packed_hook([dict(x.fwd_hooks).get(name) for x in inputs], inputs[0].samples))
-        for name in names
-    )
+    samples = inputs[0].samples
+    suffix_hooks = None
+    if any(x.suffix_hooks is not None for x in inputs):
+
+        def suffix_hooks(pos: int) -> tuple[tuple[str, HookFn], ...]:
+            return _packed_hooks([x.stair_hooks(pos) for x in inputs], samples)
+
     return CorruptedInput(
         tokens=torch.cat([x.tokens for x in inputs]),
-        fwd_hooks=hooks,
+        fwd_hooks=_packed_hooks([x.fwd_hooks for x in inputs], samples),
         first_changed=min(x.first_changed for x in inputs),
         record=inputs[0].record,
         prompts=len(inputs),
+        suffix_hooks=suffix_hooks,
+    )
+
+
+def _packed_hooks(
+    hooks: Sequence[Sequence[tuple[str, HookFn]]], samples: int
+) -> tuple[tuple[str, HookFn], ...]:
+    """One hook per hook point applying each packed prompt's own hook to its rows."""
+    names = list(dict.fromkeys(name for own in hooks for name, _ in own))
+    return tuple(
+        (name, _packed_hook([dict(own).get(name) for own in hooks], samples)) for name in names
     )
 
 
@@ -745,6 +804,483 @@ class CounterfactualColumn(Corruption):
         return cls(data.get("counterfactual_column", "counterfactual"))
 
 
+ABLATION_SITES: tuple[str, ...] = (*KINDS, "z", "q", "k", "v")
+"""Sites an ablation can act at: the residual-width kinds and the per-head ``z``/``q``/``k``/``v``
+(``hook_pattern`` is a distribution over source positions, which zeroing or averaging breaks)."""
+
+ABLATION_POSITIONS: tuple[str, ...] = ("subject", "all")
+"""Named position sets of an ablation; a list of token positions also works."""
+
+
+def _index_tuple(name: str, value: Any, fix: str) -> tuple[int, ...] | None:
+    """None, or ``value`` (an int or a sequence of ints) as a tuple; refused otherwise."""
+    if value is None:
+        return None
+    values = value.flatten().tolist() if isinstance(value, Tensor) else value
+    values = [values] if is_int(values) else values
+    if isinstance(values, str) or not isinstance(values, Sequence | range):
+        raise InvalidInputType(f"{name} must be an integer or a list of them, got {value!r}; {fix}")
+    if not values or not all(is_int(v) for v in values):
+        raise InvalidInput(
+            f"{name} must be an integer or a non-empty list of them, got {value!r}; {fix}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _prompt_tuple(
+    name: str, value: Any, example: str, needed_by: str = ""
+) -> tuple[str | tuple[int, ...], ...]:
+    """One prompt (text or token ids) or several, as a tuple of text or id tuples.
+
+    With ``needed_by`` (what needs them, for the message), none is refused.
+    """
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    one = isinstance(value, str) or (
+        isinstance(value, Sequence) and bool(value) and all(is_int(i) for i in value)
+    )
+    items = [value] if one else value
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise InvalidInputType(
+            f"{name} must be text, token ids or a list of them, got {type(value).__name__}; "
+            f"pass e.g. {name}={example!r}"
+        )
+    out: list[str | tuple[int, ...]] = []
+    for item in items:
+        item = item.tolist() if isinstance(item, Tensor) else item
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif isinstance(item, Sequence) and item and all(is_int(i) for i in item):
+            out.append(tuple(int(i) for i in item))
+        else:
+            raise InvalidInput(
+                f"each of {name} must be non-empty text or token ids, got {item!r}; "
+                f"pass e.g. {name}={example!r}"
+            )
+    if needed_by and not out:
+        raise InvalidInput(
+            f"{needed_by}, got {name}={value!r}; pass at least one, e.g. {name}={[example]!r}"
+        )
+    return tuple(out)
+
+
+_EXAMPLE_PROMPT = "The Colosseum is located in the city of"
+
+
+def _jsonable(prompts: Sequence[str | tuple[int, ...]]) -> list[str | list[int]]:
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _ablation_hook(
+    value: Float[Tensor, "..."], mask: Bool[Tensor, "pos ..."], per_row: bool
+) -> HookFn:
+    """A hook writing ``value`` wherever ``mask`` is true, in place.
+
+    ``value`` broadcasts over ``[batch, pos, ...]`` (zero, a mean) or has one
+    row per sample (``per_row``: a resampled prompt's activations, repeated
+    over the copies of a batch as :func:`lenscope.sites.source_rows` does).
+    """
+
+    def hook(act: Float[Tensor, "batch pos ..."], hook: Any) -> Tensor:
+        fill = source_rows(value, act.shape[0]) if per_row else value
+        ablated = torch.where(mask, fill.to(act.dtype), act)
+        if act.requires_grad:
+            # A gradient run (attribution patching): autograd forbids writing
+            # into a hook point's output that carries a backward hook.
+            return ablated
+        # In place, as lenscope.sites.Site.restore_hook explains (TransformerBridge).
+        return act.copy_(ablated)
+
+    return hook
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SiteAblation(Corruption):
+    """Replace one site's activation at some layers and positions: the base of the ablations.
+
+    Where (a site, as :mod:`lenscope.sites` names it) is separate from what
+    replaces it (a subclass's :meth:`values`), as in pyvene. The corrupted run
+    is the clean prompt with the activation at
+    ``blocks.{layer}.hook_{site}`` (``blocks.{layer}.attn.hook_{site}`` for
+    ``z``/``q``/``k``/``v``) replaced at the ablated positions (and heads),
+    written in place so that a TransformerBridge's residual stream carries it.
+    Positions before the first ablated one are unchanged (causal attention),
+    so restoring them is skipped. Nothing is done at ``hook_embed``.
+
+    Args:
+        site: One of :data:`ABLATION_SITES` (``"mlp_out"``, ``"resid_post"``, ``"z"``, ...).
+        layers: The layers ablated: an int, a list, or None for every layer.
+        positions: ``"subject"`` (the trace's subject tokens, the default),
+            ``"all"``, or token positions (negative ones count from the end).
+        heads: For a per-head site, the heads ablated (an int or a list);
+            None for all of them. Key/value heads for ``k``/``v`` on a
+            grouped-query model.
+    """
+
+    site: str
+    layers: int | Sequence[int] | None = None
+    positions: str | Sequence[int] = "subject"
+    heads: int | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        """Check every setting that does not need the model."""
+        if not isinstance(self.site, str) or self.site not in ABLATION_SITES:
+            raise InvalidInput(
+                f"site must be one of {ABLATION_SITES} (blocks.L.hook_<site>, or "
+                f"blocks.L.attn.hook_<site> per head), got {self.site!r}; pass e.g. "
+                "site='mlp_out'"
+            )
+        fix = "pass e.g. layers=[2], layers=2, or layers=None for every layer"
+        object.__setattr__(self, "layers", _index_tuple("layers", self.layers, fix))
+        if isinstance(self.positions, str):
+            if self.positions not in ABLATION_POSITIONS:
+                raise InvalidInput(
+                    f"positions must be 'subject', 'all' or a list of token positions, got "
+                    f"{self.positions!r}; pass e.g. positions='subject'"
+                )
+        else:
+            fix = "pass 'subject', 'all' or token positions such as [1, 2]"
+            object.__setattr__(self, "positions", _index_tuple("positions", self.positions, fix))
+        if self.heads is not None and self.site not in HEAD_KINDS:
+            raise InvalidInput(
+                f"heads apply to the per-head sites ('z', 'q', 'k', 'v'), got heads="
+                f"{self.heads!r} for site {self.site!r}; leave heads unset, or pass e.g. site='z'"
+            )
+        fix = "pass e.g. heads=[0, 3], or heads=None for every head"
+        object.__setattr__(self, "heads", _index_tuple("heads", self.heads, fix))
+
+    def layer_list(self, model: torch.nn.Module) -> list[int]:
+        """The ablated layers, sorted, checked against ``model``'s depth."""
+        n_layer = n_layers(model)
+        if self.layers is None:
+            return list(range(n_layer))
+        fix = f"pass layers in range(0, {n_layer}), or None for every layer"
+        return distinct_indices("layers", "layer indices", self.layers, n_layer, fix)
+
+    def head_list(self, model: torch.nn.Module) -> list[int] | None:
+        """The ablated heads, checked against ``model`` (None for a residual-width site)."""
+        if self.site not in HEAD_KINDS:
+            return None
+        n_heads = _site(self.site).for_model(model).n_heads  # type: ignore[attr-defined]
+        if self.heads is None:
+            return list(range(n_heads))
+        fix = f"pass heads in range(0, {n_heads}), or None for every head"
+        return distinct_indices("heads", f"{self.site} head indices", self.heads, n_heads, fix)
+
+    def position_list(self, n_pos: int, subject_range: tuple[int, int]) -> list[int]:
+        """The ablated token positions, sorted."""
+        if self.positions == "subject":
+            return list(range(*subject_range))
+        if self.positions == "all":
+            return list(range(n_pos))
+        fix = "pass positions of the prompt's tokens, 'subject' or 'all'"
+        return distinct_indices(
+            "positions", "token positions", list(self.positions), n_pos, fix, count_back=True
+        )
+
+    def hook_names(self, model: torch.nn.Module) -> list[str]:
+        """The hook point of the site at each ablated layer."""
+        where = _site(self.site)
+        return [where.hook_name(layer) for layer in self.layer_list(model)]
+
+    def resolve(self, model: torch.nn.Module) -> "SiteAblation":
+        """Check the layers and heads against ``model`` (before any forward pass)."""
+        check_hook_points(model, self.hook_names(model))
+        self.head_list(model)
+        return self
+
+    @abc.abstractmethod
+    def values(
+        self, model: torch.nn.Module, tokens: Int[Tensor, " pos"], names: Sequence[str]
+    ) -> dict[str, Float[Tensor, "..."]]:
+        """What replaces each hook point's activation.
+
+        Returns:
+            ``{hook name: value}``: one value broadcast over every row and
+            position (``[*unit]``: ``[d_model]``, ``[head, d_head]``, or a
+            scalar), or, where :attr:`per_row`, ``[sample, pos, *unit]``.
+        """
+
+    per_row: ClassVar[bool] = False
+    """Whether :meth:`values` gives one row per sample (per position) instead of one value."""
+
+    def params(self) -> dict[str, Any]:
+        """The subclass's own settings, for the record."""
+        return {}
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        tokens: Int[Tensor, " pos"],
+        subject_range: tuple[int, int],
+    ) -> CorruptedInput:
+        """The clean prompt, with hooks replacing the site at the ablated layers and positions."""
+        self.resolve(model)
+        n_pos = int(tokens.shape[0])
+        positions = self.position_list(n_pos, subject_range)
+        if not positions:
+            raise InvalidInput(
+                f"an ablation needs at least one position to ablate, got none (positions="
+                f"{self.positions!r}, subject tokens {subject_range}); pass a subject or "
+                "positions='all'"
+            )
+        names = self.hook_names(model)
+        device = tokens.device
+        mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
+        mask[positions] = True
+        heads = self.head_list(model)
+        if heads is not None:
+            n_heads = _site(self.site).for_model(model).n_heads  # type: ignore[attr-defined]
+            on = torch.zeros(n_heads, dtype=torch.bool, device=device)
+            on[heads] = True
+            mask = einops.einsum(mask.long(), on.long(), "pos, head -> pos head") > 0
+        mask = mask[..., None]  # broadcast over d_model / d_head
+        values = {k: v.to(device) for k, v in self.values(model, tokens, names).items()}
+        per_row = self.per_row
+        samples = next(iter(values.values())).shape[0] if per_row else 1
+
+        def suffix_hooks(pos: int) -> tuple[tuple[str, HookFn], ...]:
+            return tuple(
+                (name, _ablation_hook(v[:, pos:] if per_row else v, mask[pos:], per_row))
+                for name, v in values.items()
+            )
+
+        return CorruptedInput(
+            tokens=einops.repeat(tokens, "pos -> sample pos", sample=samples),
+            fwd_hooks=suffix_hooks(0),
+            first_changed=positions[0],
+            record=self.to_dict(),
+            suffix_hooks=suffix_hooks,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record: the site, layers, positions, heads if set, and the statistics.
+
+        ``{"name", "site", "ablated_layers", "ablated_positions"}`` (names of
+        their own beside a trace's ``layers``/``positions``), ``heads``, and
+        :meth:`params`.
+        """
+        out: dict[str, Any] = {
+            "name": self.name,
+            "site": self.site,
+            "ablated_layers": None if self.layers is None else list(self.layers),
+            "ablated_positions": self.positions
+            if isinstance(self.positions, str)
+            else list(self.positions),
+        }
+        if self.heads is not None:
+            out["heads"] = list(self.heads)
+        return {**out, **self.params()}
+
+    @classmethod
+    def _common(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "site": data["site"],
+            "layers": data.get("ablated_layers"),
+            "positions": data.get("ablated_positions", "subject"),
+            "heads": data.get("heads"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SiteAblation":
+        """Rebuild from :meth:`to_dict`."""
+        return cls(**cls._common(data))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZeroAblation(SiteAblation):
+    """The site's activation set to zero at the ablated layers and positions.
+
+    Example:
+        >>> ZeroAblation("mlp_out", layers=[2]).to_dict()["ablated_layers"]
+        [2]
+    """
+
+    name: ClassVar[str] = "zero_ablation"
+
+    def values(
+        self, model: torch.nn.Module, tokens: Int[Tensor, " pos"], names: Sequence[str]
+    ) -> dict[str, Float[Tensor, ""]]:
+        """Zero, at every hook point."""
+        return {name: torch.zeros((), dtype=model.cfg.dtype) for name in names}
+
+
+_MEANS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, dict[str, Tensor]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+_MEAN_BATCH = 16
+"""Prompts per forward pass while measuring a mean."""
+
+
+def prompts_hash(prompts: Sequence[str | tuple[int, ...]]) -> str:
+    """A short SHA-256 of prompts (text or token ids), for records."""
+    return hashlib.sha256(json.dumps(_jsonable(prompts)).encode()).hexdigest()[:16]
+
+
+def site_means(
+    model: torch.nn.Module, prompts: Sequence[str | tuple[int, ...]], names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Mean activation at each hook point over every token of ``prompts`` but a leading BOS.
+
+    Prompts run right-padded in batches with an attention mask (as
+    :func:`lenscope.collect.collect` runs them); the padding is left out of
+    the mean. Sums are float64. Cached per model (and its dtype and device),
+    hook points and prompts.
+
+    Returns:
+        ``{hook name: mean}``, ``[*unit]`` in the model's dtype.
+    """
+    key = (tuple(names), tuple(prompts), str(model.cfg.dtype), str(model.cfg.device))
+    cache = _MEANS_CACHE.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    tokens = [prompt_tokens(model, p if isinstance(p, str) else list(p)) for p in prompts]
+    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    sums: dict[str, Tensor] = {}
+    count = 0
+    # Normal tensors even inside a trace's inference mode: the cache outlives it.
+    with preserved_model(model), torch.inference_mode(False), torch.no_grad():
+        for start in range(0, len(tokens), _MEAN_BATCH):
+            batch = tokens[start : start + _MEAN_BATCH]
+            width = max(len(t) for t in batch)
+            ids = torch.stack(
+                [torch.nn.functional.pad(t, (0, width - len(t)), value=int(t[-1])) for t in batch]
+            )
+            lengths = torch.tensor([len(t) for t in batch], device=ids.device)
+            real = torch.arange(width, device=ids.device)[None] < lengths[:, None]
+            store = capture_forward(model, ids, [], names, attention_mask=real.long())
+            counted = real.clone()
+            if bos is not None:
+                counted[:, 0] &= ids[:, 0] != bos
+            count += int(counted.sum())
+            for name in names:
+                total = store[name][counted].double().sum(0)
+                sums[name] = total if name not in sums else sums[name] + total
+    if count == 0:
+        raise InvalidInput(
+            f"a mean ablation averages over the prompts' tokens after BOS, but the "
+            f"{len(prompts)} prompt(s) have none; pass prompts with at least one token each"
+        )
+    means = {name: (sums[name] / count).to(model.cfg.dtype) for name in names}
+    cache[key] = means
+    return means
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MeanAblation(SiteAblation):
+    """The site's activation replaced by its mean over other prompts, per layer.
+
+    The mean is over every token position of every prompt (each token
+    weighted equally) except a leading BOS token: one vector per layer
+    (``[d_model]``, or ``[head, d_head]`` per head), the same at every
+    ablated position. Per-position means would need prompts of one length
+    and tie the statistic to the traced prompt's layout; BOS is left out
+    because its activations are an attention-sink outlier that would
+    dominate the mean of a residual stream, and an ablated position is never
+    BOS. Measured once per model, layers and prompts (cached), so a dataset
+    trace computes it once.
+
+    Args:
+        site, layers, positions, heads: As for :class:`SiteAblation`.
+        prompts: The prompts averaged over (text or token ids), at least one.
+    """
+
+    prompts: Sequence[str | Sequence[int]] = ()
+
+    name: ClassVar[str] = "mean_ablation"
+
+    def __post_init__(self) -> None:
+        """Check the prompts as well."""
+        super().__post_init__()
+        needed_by = "MeanAblation averages the site over prompts"
+        prompts = _prompt_tuple("prompts", self.prompts, _EXAMPLE_PROMPT, needed_by)
+        object.__setattr__(self, "prompts", prompts)
+
+    def values(
+        self, model: torch.nn.Module, tokens: Int[Tensor, " pos"], names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """The per-layer means (:func:`site_means`)."""
+        return site_means(model, self.prompts, names)  # type: ignore[arg-type]
+
+    def params(self) -> dict[str, Any]:
+        """The prompts, their count and a hash of them."""
+        return {
+            "mean_prompts": _jsonable(self.prompts),  # type: ignore[arg-type]
+            "mean_prompt_count": len(self.prompts),
+            "mean_prompts_sha256": prompts_hash(self.prompts),  # type: ignore[arg-type]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MeanAblation":
+        """Rebuild from :meth:`to_dict`, checking the prompts against their hash."""
+        prompts = _prompt_tuple("mean_prompts", data.get("mean_prompts") or [], "...")
+        stored = data.get("mean_prompts_sha256")
+        if stored is not None and stored != prompts_hash(prompts):
+            raise InvalidInput(
+                f"the record's mean_prompts do not match its mean_prompts_sha256 ({stored}, "
+                f"the prompts hash to {prompts_hash(prompts)}); pass the record as written"
+            )
+        return cls(**cls._common(data), prompts=prompts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResampleAblation(SiteAblation):
+    """The site's activation replaced by another prompt's at the same positions.
+
+    Each source prompt gives one corrupted sample (a row, as noise samples
+    are), and the trace averages over them. A source must have as many
+    tokens as the traced prompt.
+
+    Args:
+        site, layers, positions, heads: As for :class:`SiteAblation`.
+        source: The source prompt (text or token ids), or a list of them.
+    """
+
+    source: str | Sequence[int] | Sequence[str | Sequence[int]] = ()
+
+    name: ClassVar[str] = "resample_ablation"
+    per_row: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        """Check the source prompts as well."""
+        super().__post_init__()
+        needed_by = "ResampleAblation takes the activations of source prompts"
+        sources = _prompt_tuple("source", self.source, _EXAMPLE_PROMPT, needed_by)
+        object.__setattr__(self, "source", sources)
+
+    def values(
+        self, model: torch.nn.Module, tokens: Int[Tensor, " pos"], names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """Each source prompt's activations, ``[source, pos, *unit]``."""
+        sources = []
+        for item in self.source:  # type: ignore[union-attr]
+            other = prompt_tokens(model, item if isinstance(item, str) else list(item))
+            if other.shape[0] != tokens.shape[0]:
+                raise InvalidInput(
+                    "a resample source must tokenise to as many tokens as the traced prompt "
+                    "(its activations replace the prompt's position by position), got "
+                    f"{other.shape[0]} tokens {list(token_labels(model, other))} for "
+                    f"{tokens.shape[0]} tokens {list(token_labels(model, tokens))}; pass a "
+                    "source of the same length, e.g. one with another subject of as many tokens"
+                )
+            sources.append(other.to(tokens.device))
+        with preserved_model(model), torch.no_grad():
+            store = capture_forward(model, torch.stack(sources), [], names)
+        return {name: store[name] for name in names}
+
+    def params(self) -> dict[str, Any]:
+        """The source prompts and their count (the samples)."""
+        sources = _jsonable(self.source)  # type: ignore[arg-type]
+        return {"resample_sources": sources, "samples": len(sources)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ResampleAblation":
+        """Rebuild from :meth:`to_dict`."""
+        sources = [s if isinstance(s, str) else tuple(s) for s in data["resample_sources"]]
+        return cls(**cls._common(data), source=sources)
+
+
 CORRUPTIONS: dict[str, type[Corruption]] = {
     cls.name: cls
     for cls in (
@@ -754,6 +1290,9 @@ CORRUPTIONS: dict[str, type[Corruption]] = {
         MultivariateGaussianNoise,
         CounterfactualPrompt,
         CounterfactualColumn,
+        ZeroAblation,
+        MeanAblation,
+        ResampleAblation,
     )
 }
 """Corruption classes by :attr:`Corruption.name`, for :func:`corruption_from_dict`."""

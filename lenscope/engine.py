@@ -618,6 +618,7 @@ def _run_stair(
     base: CorruptedRun,
     samples: int,
     switches: Mapping[str, "_Switch"],
+    corruption_hooks: Sequence[tuple[str, HookFn]] = (),
 ) -> Float[Tensor, "row d_model"]:
     """Run the cells of one first position, each joining the batch at its entry layer.
 
@@ -627,7 +628,10 @@ def _run_stair(
     ones; one block at a time, the batch grows as cells join. Rows are
     ``(cell, sample)`` pairs, cell-major, in the order of ``entries``. The
     restoring hooks are the sweep's ``switches``, attached once per sweep
-    (:func:`_switchboard`): this stair only sets what they do.
+    (:func:`_switchboard`): this stair only sets what they do. A corruption
+    that acts inside the blocks (an ablation at a later layer) carries
+    ``corruption_hooks`` (:meth:`~lenscope.corruptions.CorruptedInput.stair_hooks`:
+    its hooks for positions ``pos:``), switched on before the restoring hooks.
     """
     if base.resid_pre is None or base.kv_cache is None:
         raise RuntimeError("the prefix strategy needs the base run's resid_pre and cache")
@@ -636,7 +640,7 @@ def _run_stair(
     names = site.hook_names(n_layer)
     masks = masks[:, pos:]
     joined = [int((entries <= layer).sum()) for layer in range(n_layer)]
-    hooks: list[tuple[str, HookFn]] = []
+    hooks: list[tuple[str, HookFn]] = list(corruption_hooks)
     for layer in range(int(entries[0]), n_layer):
         restore = windows[: joined[layer], layer]
         if not restore.any():
@@ -674,13 +678,23 @@ def _run_stair(
 
 
 class _Switch:
-    """A hook attached for a whole sweep; what it does (if anything) is set per stair."""
+    """A hook attached for a whole sweep; what it does (if anything) is set per stair.
+
+    It runs its functions in order, each on what the previous one returned (a
+    corruption's hook before the restoring hook of the same hook point, as
+    the full strategy attaches them).
+    """
 
     def __init__(self) -> None:
-        self.fn: HookFn | None = None
+        self.fns: tuple[HookFn, ...] = ()
 
     def __call__(self, act: Tensor, hook: Any) -> Tensor | None:
-        return None if self.fn is None else self.fn(act, hook)
+        result = None
+        for fn in self.fns:
+            out = fn(act, hook)
+            if out is not None:
+                act = result = out
+        return result
 
 
 @contextlib.contextmanager
@@ -706,11 +720,11 @@ def _switched(
     """Switch ``hooks`` on for the duration of the block; all switches idle afterwards."""
     try:
         for name, fn in hooks:
-            switches[name].fn = fn
+            switches[name].fns += (fn,)
         yield
     finally:
         for switch in switches.values():
-            switch.fn = None
+            switch.fns = ()
 
 
 def _per_cell(restore: Bool[Tensor, " cell"], ndim: int) -> Tensor:
@@ -889,7 +903,9 @@ def _sweep(
         finals.append(source_rows(final, rows).expand(rows, -1))
     entries, first_pos = plan.entries, plan.first_pos
     prefix = entries is not None and first_pos is not None
-    with _switchboard(model, site.hook_names(n_layer) if prefix else []) as switches:
+    corruption_names = [name for name, _ in base.stair_hooks(0)] if prefix else []
+    names = [*site.hook_names(n_layer), *corruption_names] if prefix else []
+    with _switchboard(model, names) as switches:
         for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
             if entries is None or first_pos is None:  # the full strategy
                 finals.append(
@@ -898,10 +914,11 @@ def _sweep(
                     ][:, -1]
                 )
             else:
+                pos = int(first_pos[members[0]])
                 finals.append(
                     _run_stair(
                         model,
-                        int(first_pos[members[0]]),
+                        pos,
                         entries[members],
                         windows[members],
                         masks[members],
@@ -910,6 +927,7 @@ def _sweep(
                         base_state,
                         samples,
                         switches,
+                        base.stair_hooks(pos),
                     )
                 )
             order.append(members)

@@ -1160,3 +1160,57 @@ def test_every_command_that_writes_html_offers_plotly_js(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["trace", "p", "--plotly-js", "web"])
     assert "invalid choice: 'web'" in capsys.readouterr().err
+
+
+def test_ablate_flag_traces_the_ablation_of_the_python_api(run, tmp_path, tiny_model):
+    from lenscope import CausalTracer, ZeroAblation
+
+    js = tmp_path / "a.json"
+    args = ("trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--kinds", "mlp_out")
+    code, out, err, _ = run(*args, "--ablate", "zero:mlp_out@1-2", "--json", str(js), "--quiet")
+    assert code == 0, err
+    assert "zero ablation of mlp_out at layers [1, 2], 1 sample" in out
+    saved = json.loads(js.read_text())["mlp_out"]
+    corruption = ZeroAblation("mlp_out", layers=[1, 2])
+    assert saved["corruption"] == corruption.to_dict()
+    expected = CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, "The Eiffel Tower", kind="mlp_out", corruption=corruption
+    )
+    assert saved["scores"] == json.loads(json.dumps(expected.to_dict()))["scores"]
+    source = "The Space Needle is located in the city of"
+    code, _, err, _ = run(
+        *args, "--ablate", "resample:z", "--ablate-from", source, "--json", str(js), "--quiet"
+    )
+    assert code == 0, err
+    record = json.loads(js.read_text())["mlp_out"]["corruption"]
+    assert record["resample_sources"] == [source] and record["ablated_layers"] is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--ablate", "zero:mlp"], r"expected KIND:SITE\[@LAYERS\] with KIND one of zero, mean"),
+        (["--ablate", "half:mlp_out@2"], r"got 'half:mlp_out@2'; pass e.g. --ablate zero:mlp_"),
+        (["--ablate", "zero:mlp_out@x"], r"got 'zero:mlp_out@x'"),
+        (["--ablate", "mean:mlp_out@2"], r"--ablate mean averages over other prompts, got no --a"),
+        (["--ablate-from", "x"], r"--ablate-from gives the prompts of --ablate mean or resample"),
+        (["--ablate", "zero:mlp_out@9"], r"layers must be distinct layer indices in \[0, 4\)"),
+    ],
+)
+def test_bad_ablate_flags_name_the_rule(run, capsys, flags, match):
+    import re
+
+    try:  # a malformed flag stops argparse (SystemExit), a bad value the command
+        code, _, err, _ = run("trace", TINY_PROMPT, "--subject", "The Eiffel Tower", *flags)
+    except SystemExit as exc:
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and re.search(match, err), err
+
+
+def test_cli_copies_of_ablation_names_match_the_package():
+    from lenscope import cli, corruptions
+
+    assert cli.ABLATION_SITES == corruptions.ABLATION_SITES
+    assert {f"{kind}_ablation" for kind in cli.ABLATION_KINDS} == {
+        name for name in corruptions.CORRUPTIONS if name.endswith("_ablation")
+    }
