@@ -31,9 +31,8 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
-from lenscope.results import HeadTraceResult, TraceResult, interrupted_trace
+from lenscope.results import TraceResult, interrupted_trace
 from lenscope.settings import DEFAULT_KINDS, TraceSettings, resolve_prompt
-from lenscope.sites import HeadSite, Site
 from lenscope.tokens import (
     is_filler_token,
     single_token_id,
@@ -126,9 +125,9 @@ class CausalTracer:
             **options: As for :meth:`trace_kinds` (``by`` among them).
 
         Returns:
-            The :class:`TraceResult` (a :class:`HeadTraceResult` for a per-head
-            kind); with several metrics (``metrics=(...)``),
-            ``{metric: TraceResult}``.
+            The :class:`TraceResult` (its ``axes`` ``("layer", "head")`` or
+            ``("layer", "head", "pos")`` for a per-head kind); with several
+            metrics (``metrics=(...)``), ``{metric: TraceResult}``.
         """
         windows = None if window is None else {kind: window}
         out = self.trace_kinds(prompt, subject, kinds=(kind,), windows=windows, **options)
@@ -421,8 +420,7 @@ class CausalTracer:
         for i, metric in enumerate(bound):
             clean_score, corrupted_score = clean_scores[i], corrupted_scores[i]
             results[metric.name] = {
-                kind: _result_class(by_name[kind])(
-                    **_head_fields(by_name[kind]),
+                kind: TraceResult(
                     scores=metric.normalize(out.scores[i], clean_score, corrupted_score),
                     clean_score=float(metric.normalize(clean_score, clean_score, corrupted_score)),
                     corrupted_score=float(
@@ -436,9 +434,6 @@ class CausalTracer:
                     kind=kind,
                     hook_names=by_name[kind].hook_names(n_layer),
                     window=settings.windows[kind],
-                    samples=corrupted.samples,
-                    noise_std=record.get("noise_std", 0.0),
-                    seed=record.get("seed"),
                     model_name=model_name(model),
                     metric=metric.name,
                     top_ids=out.top_ids,
@@ -454,6 +449,8 @@ class CausalTracer:
                     foil=None if foil_id is None else vocab[foil_id],
                     foil_id=foil_id,
                     normalization=(clean_score, corrupted_score) if metric.normalized else None,
+                    axes=by_name[kind].index_axes,
+                    units=by_name[kind].unit_info(),
                 )
                 for kind, out in swept.items()
             }
@@ -491,18 +488,6 @@ def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
     first = next(iter(cells.values()))
     same = all(c.shape == first.shape and torch.equal(c, first) for c in cells.values())
     return first if same else cells
-
-
-def _result_class(where: Site) -> type[TraceResult]:
-    """The result class of a site: :class:`HeadTraceResult` for heads."""
-    return HeadTraceResult if isinstance(where, HeadSite) else TraceResult
-
-
-def _head_fields(where: Site) -> dict[str, Any]:
-    """The fields only a :class:`HeadTraceResult` has."""
-    if not isinstance(where, HeadSite):
-        return {}
-    return {"by": where.by, "query_heads_per_head": where.group}
 
 
 def _check_batch_size(batch_size: Any) -> None:
