@@ -1194,7 +1194,7 @@ def format_table(results: dict[str, Any]) -> str:
 
     first = next(iter(results.values()))
     start, end = first.subject_range
-    corrupted = corruption_text(first.corruption)
+    corrupted = corruption_text(first.corruption, limit=200)
     if first.foil is not None:
         corrupted += f"; foil {first.foil!r}"
     if first.direction != "denoise":
