@@ -896,32 +896,36 @@ class TraceResult(NoiseProperties, GridResult):
         ``is_subject``; with ``units`` info for heads of a grouped-query
         model, ``query_heads`` lists the query heads sharing the row's head.
         """
+        import numpy as np
         import pandas as pd
 
-        normalized = self.normalized()
         start, end = self.subject_range
+        n_cells = self.scores.numel()
+        index = np.indices(tuple(self.scores.shape)).reshape(self.scores.ndim, n_cells)
+        columns: dict[str, Any] = {"kind": [self.kind] * n_cells}
+        columns |= {axis: index[i] for i, axis in enumerate(self.axes)}
         group = self.units.get("head", {}).get("query_heads_per_head")
-        cells = torch.cartesian_prod(*(torch.arange(n) for n in self.scores.shape)).reshape(
-            -1, self.scores.ndim
-        )
-        rows = []
-        for index in cells.tolist():
-            cell = tuple(index)
-            row: dict[str, Any] = {"kind": self.kind, **dict(zip(self.axes, index, strict=True))}
-            if group is not None:
-                head = row["head"]
-                row["query_heads"] = list(range(head * group, (head + 1) * group))
-            if "pos" in row:
-                row |= {"token": self.tokens[row["pos"]], "is_subject": start <= row["pos"] < end}
-            row |= {
-                "score": float(self.scores[cell]),
-                "indirect_effect": float(self.scores[cell] - self.corrupted_score),
-                "normalized": float(normalized[cell]),
-                "top1": self.vocab.get(int(self.top_ids[cell][0])),
-                "top1_prob": float(self.top_probs[cell][0]),
-            }
-            rows.append(row)
-        return pd.DataFrame(rows)
+        if group is not None:
+            heads = columns["head"].tolist()
+            columns["query_heads"] = [list(range(h * group, (h + 1) * group)) for h in heads]
+        if "pos" in columns:
+            pos = columns["pos"]
+            columns["token"] = [self.tokens[p] for p in pos.tolist()]
+            columns["is_subject"] = (start <= pos) & (pos < end)
+
+        def flat(values: Tensor) -> Any:
+            return values.detach().cpu().reshape(n_cells).double().numpy()
+
+        top1 = self.top_ids[..., 0].reshape(n_cells).tolist()
+        columns |= {
+            "score": flat(self.scores),
+            # In the scores' own precision, as (score - corrupted) of one cell is.
+            "indirect_effect": flat(self.scores - self.corrupted_score),
+            "normalized": flat(self.normalized()),
+            "top1": [self.vocab.get(int(i)) for i in top1],
+            "top1_prob": flat(self.top_probs[..., 0]),
+        }
+        return pd.DataFrame(columns)
 
     def plot(self, **kwargs: Any) -> Any:
         """A plotly heatmap of this trace, drawn for its axes.

@@ -278,6 +278,8 @@ def test_an_axis_lenscope_never_heard_of_is_a_plain_unit_index(axes, shape, tmp_
 
 
 def test_an_unknown_axis_plots_as_a_layer_by_unit_grid():
+    from lenscope.plotting._common import format_percent
+
     r = _grid(("layer", "neuron"), (3, 7))
     fig = r.plot()
     assert len(fig.data) == 1 and fig.layout.xaxis.title.text == "neuron"
@@ -288,6 +290,11 @@ def test_an_unknown_axis_plots_as_a_layer_by_unit_grid():
             assert (z[layer][neuron] is None) if math.isnan(value) else z[layer][neuron] == value
     cell = fig.data[0].customdata[2][5]  # layer 2, neuron 5
     assert (cell[0], cell[1]) == ("2", "5")
+    lines = [text for text in cell[5:] if text]  # the top-k rows after the header
+    expected = r.top_predictions(2, 5)
+    assert len(lines) == len(expected)
+    for line, (word, prob) in zip(lines, expected, strict=True):
+        assert html.escape(word.strip()) in line and format_percent(prob) in line
     assert "One neuron of hook_post" in fig.layout.title.text
     assert "std 0.25" in fig.layout.title.text and "3 samples" in fig.layout.title.text
     with_pos = _grid(("layer", "neuron", "pos"), (3, 4, 5))

@@ -124,6 +124,9 @@ def _plot_units(
     grid = np.transpose(colour.grid, order)
     scores = np.transpose(result.scores.detach().double().cpu().numpy(), order)
     normalized = np.transpose(result.normalized().detach().double().cpu().numpy(), order)
+    top_order = [*order, len(order)]
+    top_ids = np.transpose(result.top_ids.detach().cpu().numpy(), top_order)
+    top_probs = np.transpose(result.top_probs.detach().float().cpu().numpy(), top_order)
     sizes = [result.axis_size(a) for a in columns]
     n_columns = math.prod(sizes)
     positions: list[int | None] = [None]
@@ -163,8 +166,21 @@ def _plot_units(
         z = grid[at].reshape(result.n_layers, n_columns)
         cell_scores = scores[at].reshape(result.n_layers, n_columns)
         cell_normalized = normalized[at].reshape(result.n_layers, n_columns)
+        k = top_ids.shape[-1]
+        tops = (
+            top_ids[at].reshape(result.n_layers, n_columns, k).tolist(),
+            top_probs[at].reshape(result.n_layers, n_columns, k).tolist(),
+        )
         customdata, template = _hover(
-            result, colour, columns, units, cell_scores, cell_normalized, p, top_k, every_position
+            result,
+            colour,
+            columns,
+            units,
+            (cell_scores, cell_normalized),
+            tops,
+            p,
+            top_k,
+            every_position,
         )
         fig.add_trace(
             go.Heatmap(
@@ -281,8 +297,8 @@ def _hover(
     colour: Any,
     columns: list[str],
     units: list[tuple[int, ...]],
-    scores: np.ndarray,
-    normalized: np.ndarray,
+    values: tuple[np.ndarray, np.ndarray],
+    tops: tuple[list[Any], list[Any]],
     pos: int | None,
     top_k: int,
     every_position: bool,
@@ -291,7 +307,13 @@ def _hover(
 
     Fields: the cell's coordinates by axis (and its token), then
     :func:`~lenscope.plotting.trace.score_fields`' score, effect and top-k.
+    ``values`` are the ``[layer, column]`` scores and normalised scores,
+    ``tops`` the ``[layer, column, k]`` top-k ids and probabilities (id -1:
+    none decoded, as for attribution estimates).
     """
+    scores, normalized = values
+    ids, probs = tops
+    vocab = result.vocab
     labels = ["layer", *columns]
     if pos is not None or every_position:
         labels.append("token")
@@ -310,7 +332,6 @@ def _hover(
                 cell[i] = _coordinate_text(result, axis, index)
             if pos is not None or every_position:
                 cell[len(columns) + 1] = escape(token)
-            at = dict(zip(columns, unit, strict=True)) | ({} if pos is None else {"pos": pos})
             scratch[:] = ""
             score_fields(
                 scratch,
@@ -318,7 +339,9 @@ def _hover(
                 result,
                 float(scores[layer, column]),
                 float(normalized[layer, column]),
-                lambda layer=layer, at=at: result.top_predictions(layer=layer, **at),
+                lambda row=ids[layer][column], p=probs[layer][column]: [
+                    (vocab[i], q) for i, q in zip(row, p, strict=True) if i >= 0
+                ],
                 top_k,
             )
             cell[n_coords:] = scratch[3:]
