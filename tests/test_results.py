@@ -297,13 +297,18 @@ def test_an_unknown_axis_plots_as_a_layer_by_unit_grid():
         assert html.escape(word.strip()) in line and format_percent(prob) in line
     assert "One neuron of hook_post" in fig.layout.title.text
     assert "std 0.25" in fig.layout.title.text and "3 samples" in fig.layout.title.text
-    with_pos = _grid(("layer", "neuron", "pos"), (3, 4, 5))
-    fig = with_pos.plot()
+    with_pos = _grid(("layer", "neuron", "pos"), (3, 4, 5), k=3)  # k != n_pos
+    fig = with_pos.plot(top_k=3)
     # One grid per position (pos 0 is traced too), a slider; the last position shown.
     assert len(fig.data) == 5 and fig.layout.sliders[0].active == 4 and fig.data[4].visible
     assert fig.data[2].z[1][3] == float(with_pos.scores[1, 3, 2])
     cell = fig.data[2].customdata[1][3]  # pos 2, layer 1, neuron 3
     assert list(cell[:2]) == ["1", "3"] and cell[2].startswith("2 ") and "Eiffel" in cell[2]
+    lines = [text for text in cell[6:] if text]
+    expected = with_pos.top_predictions(layer=1, neuron=3, pos=2)
+    assert len(lines) == len(expected) == 3
+    for line, (word, prob) in zip(lines, expected, strict=True):
+        assert html.escape(word.strip()) in line and format_percent(prob) in line
     flat = _grid(("layer", "expert", "neuron"), (2, 3, 4))
     fig = flat.plot()
     assert fig.layout.xaxis.title.text == "expert, neuron"

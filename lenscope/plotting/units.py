@@ -168,8 +168,8 @@ def _plot_units(
         cell_normalized = normalized[at].reshape(result.n_layers, n_columns)
         k = top_ids.shape[-1]
         tops = (
-            top_ids[at].reshape(result.n_layers, n_columns, k).tolist(),
-            top_probs[at].reshape(result.n_layers, n_columns, k).tolist(),
+            top_ids[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
+            top_probs[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
         )
         customdata, template = _hover(
             result,
