@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "plot_lens_comparison": "lenscope.plotting",
     "plot_dataset": "lenscope.plotting",
     "plot_head_trace": "lenscope.plotting",
+    "plot_unit_trace": "lenscope.plotting",
     "plot_attention": "lenscope.plotting",
     "attention_patterns": "lenscope.attention",
     "AttentionPatterns": "lenscope.attention",

@@ -111,10 +111,9 @@ class AttributionResult(TraceResult):
     estimator: str = "atp"
     target: str = "metric"
 
-    def top_predictions(self, layer: int, pos: int) -> list[tuple[str, float]]:
+    def top_predictions(self, *coords: int, **named: int | None) -> list[tuple[str, float]]:
         """None: no restored run is decoded, so a cell has no top-k (an empty list)."""
-        if not (-self.n_layers <= layer < self.n_layers and -self.n_pos <= pos < self.n_pos):
-            return super().top_predictions(layer, pos)  # raises, with the usual message
+        self.cell(*coords, **named)  # raises for a cell outside the grid, with the usual message
         return []
 
 

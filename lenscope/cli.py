@@ -1259,20 +1259,11 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
 
 def format_table(results: dict[str, Any]) -> str:
     """The summary the command prints: answer, clean/corrupted scores, peak cell per kind."""
+    from lenscope.results import corruption_text
+
     first = next(iter(results.values()))
     start, end = first.subject_range
-    record = first.corruption or {}
-    if "counterfactual" in record:
-        corrupted = f"counterfactual {record['counterfactual']!r}"
-    elif "site" in record:
-        layers = record["ablated_layers"]
-        corrupted = (
-            f"{record['name'].replace('_', ' ')} of {record['site']} at "
-            f"{'every layer' if layers is None else f'layers {layers}'}, "
-            f"{first.samples} sample{'s' if first.samples != 1 else ''}"
-        )
-    else:
-        corrupted = f"noise std {first.noise_std:.4g}, {first.samples} samples"
+    corrupted = corruption_text(first.corruption, limit=200)
     if first.foil is not None:
         corrupted += f"; foil {first.foil!r}"
     if first.direction != "denoise":
@@ -1288,9 +1279,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"{'normalized':>12}",
     ]
     for kind, r in results.items():
-        layer, pos, score = r.peak()
-        normalized = float(r.normalized()[layer, pos])
-        token = f"{pos}:{r.tokens[pos]!r}"
+        *cell, score = r.peak()
+        layer, normalized = cell[0], float(r.normalized()[tuple(cell)])
+        token = ", ".join(
+            f"{i}:{r.tokens[i]!r}" if axis == "pos" else f"{axis} {i}"
+            for axis, i in zip(r.axes[1:], cell[1:], strict=True)
+        )
         lines.append(
             f"{kind:<11}{r.window:>6}  {layer:>10}  {token:<20}{score:>8.4f}{normalized:>11.1%}"
         )

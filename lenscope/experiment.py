@@ -164,9 +164,6 @@ class Prepared:
             subject_range=self.subject_range,
             answer=vocab[answer_id],
             answer_id=answer_id,
-            samples=corrupted.samples,
-            noise_std=record.get("noise_std", 0.0),
-            seed=record.get("seed"),
             model_name=model_name(model),
             clean_top_ids=baselines.clean_ids.cpu(),
             clean_top_probs=baselines.clean_probs.cpu(),
@@ -195,6 +192,8 @@ class Prepared:
                     top_ids=grid.top_ids,
                     top_probs=grid.top_probs,
                     normalization=(clean, corrupt) if metric.normalized else None,
+                    axes=by_name[kind].index_axes,
+                    units=by_name[kind].unit_info(),
                     **shared,
                     **extra,
                 )

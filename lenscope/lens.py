@@ -56,7 +56,15 @@ from lenscope.hooks import (
     preserved_model,
 )
 from lenscope.metrics import log_softmax
-from lenscope.results import GridResult, TraceResult, html_facts, short_text
+from lenscope.results import (
+    GridResult,
+    NoiseProperties,
+    TraceResult,
+    corruption_rows,
+    fold_noise_fields,
+    html_facts,
+    short_text,
+)
 from lenscope.settings import TraceSettings
 from lenscope.sites import site
 from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
@@ -77,7 +85,7 @@ STATISTICS: dict[str, tuple[str, str]] = {
 STATISTIC_ALIASES: dict[str, str] = {"kl": "kl_to_final", "rank": "answer_rank"}
 """Short names accepted wherever a statistic is named."""
 
-_FORMAT = "lenscope.LensTrajectory/1"
+_FORMAT = "lenscope.LensTrajectory/2"
 _STAT_FIELDS = tuple(STATISTICS)
 _TENSOR_FIELDS = {
     **{name: torch.float32 for name in _STAT_FIELDS},
@@ -188,7 +196,7 @@ def _decoder_name(decoder: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LensTrajectory(GridResult):
+class LensTrajectory(NoiseProperties, GridResult):
     """A prediction trajectory: per ``(layer, pos)`` statistics of the lens's next-token guess.
 
     Row ``layer`` holds what decoding ``hook_names[layer]`` predicts at each
@@ -230,8 +238,10 @@ class LensTrajectory(GridResult):
         label: Name of the run, used as a panel title (``"clean"``, ``"corrupted"``, ...).
         prompt: The prompt text, if it was given as text.
         subject_range: ``(start, end)`` token positions of the subject, if known.
-        noise_std: Std of the noise added at ``hook_embed`` (corrupted and restored runs).
-        seed: Seed of that noise.
+        corruption: The record of the corruption of the corrupted and
+            restored runs (:meth:`lenscope.corruptions.Corruption.to_dict`: the
+            trace's own, for :func:`lens_trace_cell`); None for a clean run.
+            :attr:`noise_std` and :attr:`seed` read it (None without noise).
         restored_hooks: Hook points restored to their clean activations.
         restored_pos: Token position restored at those hook points.
     """
@@ -258,6 +268,7 @@ class LensTrajectory(GridResult):
 
     _grid_field: ClassVar[str] = "entropy"
     _format: ClassVar[str] = _FORMAT
+    _old_formats: ClassVar[tuple[str, ...]] = ("lenscope.LensTrajectory/1",)
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
     _tuple_fields: ClassVar[tuple[str, ...]] = (
         "tokens",
@@ -266,8 +277,7 @@ class LensTrajectory(GridResult):
         "subject_range",
     )
     subject_range: tuple[int, int] | None = None
-    noise_std: float | None = None
-    seed: int | None = None
+    corruption: dict[str, Any] | None = None
     restored_hooks: tuple[str, ...] = ()
     restored_pos: int | None = None
 
@@ -292,6 +302,11 @@ class LensTrajectory(GridResult):
                 f"inconsistent LensTrajectory with entropy {(n_layer, n_pos)}: "
                 + "; ".join(problems)
             )
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A ``LensTrajectory/1`` record (noise std and seed as fields) in this format."""
+        return {**fold_noise_fields(data, samples=data.get("copies", 1)), "format": cls._format}
 
     @property
     def kind(self) -> str:
@@ -328,8 +343,8 @@ class LensTrajectory(GridResult):
             ("answer", f"{self.answer!r} (id {self.answer_id})"),
             ("at the last token", self._answer_text()),
         ]
-        if self.noise_std is not None:
-            rows.append(("noise", f"std {self.noise_std:.3g}, seed {self.seed}"))
+        if self.corruption is not None:
+            rows += corruption_rows(self.corruption)
         if self.restored_hooks:
             rows.append(
                 (
@@ -495,8 +510,9 @@ def lens_trace_cell(
 ) -> CellTrajectories:
     """One cell of a causal trace seen through the lens: clean, corrupted and restored runs.
 
-    The corrupted copies get exactly the trace's noise (regenerated from its
-    ``samples``, ``noise_std`` and ``seed`` with :func:`lenscope.noise.draw_noise`),
+    The corrupted copies get exactly the trace's corruption (rebuilt from its
+    record, ``result.corruption``: for noise, its ``samples``, ``noise_std``
+    and ``seed`` with :func:`lenscope.noise.draw_noise`),
     and the restored run puts the clean ``result.kind`` activation back at
     ``pos`` in the cell's window of layers (:func:`lenscope.engine.restore_windows`)
     with the engine's own hooks. So the restored trajectory's final answer
@@ -612,7 +628,7 @@ def lens_trace_cell(
     clean = _make_trajectory(
         model, stats["clean"], tokens, component, names, decoder, label="clean", **common
     )
-    noisy = dict(copies=samples, noise_std=result.noise_std, seed=result.seed, **common)
+    noisy = dict(copies=samples, corruption=dict(result.corruption), **common)
     corrupted = _make_trajectory(
         model, stats["corrupted"], tokens, component, names, decoder, label="corrupted", **noisy
     )
@@ -637,10 +653,7 @@ def _trace_corruption(result: TraceResult, noise_tensor: Tensor | None) -> Corru
     """The corruption ``result`` was traced with, rebuilt from its record."""
     if noise_tensor is not None:
         return GaussianNoise(samples=result.samples, noise_tensor=noise_tensor)
-    record = dict(result.corruption or {"name": GaussianNoise.name})
-    if record["name"] == GaussianNoise.name:  # the result's own fields are the truth
-        record.update(samples=result.samples, noise_std=result.noise_std, seed=result.seed)
-    return corruption_from_dict(record)
+    return corruption_from_dict(dict(result.corruption))
 
 
 def _check_top_k(top_k: Any, model: torch.nn.Module) -> None:

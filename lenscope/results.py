@@ -1,9 +1,12 @@
 """Result objects of a causal trace.
 
-A :class:`TraceResult` holds the ``(layer, pos)`` score grid of one trace
-(Meng et al., 2022, arXiv 2202.05262, Figure 1), the top-k predictions of
-every restored run (what the heatmap's hover shows), the token labels, and
-every setting needed to reproduce it. It is frozen: methods return new
+A :class:`TraceResult` holds the score grid of one trace over its named axes
+(``("layer", "pos")`` for Meng et al., 2022, arXiv 2202.05262, Figure 1;
+``("layer", "head")``, ``("layer", "neuron")``, ... for other sites, as
+TransformerLens's patching functions name their index axes), the top-k
+predictions of every restored run (what the heatmap's hover shows), the
+token labels, and every setting needed to reproduce it, the corruption as
+its own record. It is frozen: methods return new
 objects or plain arrays. ``save``/``load`` round-trip exactly through
 standard JSON (float32 values survive a trip through Python floats
 unchanged; cells not traced, NaN in memory, are ``null`` in the file). The
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from lenscope.validation import InvalidInput
 
-_FORMAT = "lenscope.TraceResult/1"
+_FORMAT = "lenscope.TraceResult/2"
 _TENSOR_FIELDS = {
     "scores": torch.float32,
     "token_ids": torch.int64,
@@ -256,8 +259,14 @@ class JsonRoundTrip:
     """
 
     _format: ClassVar[str]
+    _old_formats: ClassVar[tuple[str, ...]] = ()
     _tensor_fields: ClassVar[dict[str, torch.dtype]]
     _tuple_fields: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A record in one of ``_old_formats``, rewritten in ``_format``."""
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tensors as nested lists, NaN as ``null``)."""
@@ -268,7 +277,12 @@ class JsonRoundTrip:
 
     @classmethod
     def from_dict(cls, data: Any) -> Any:
-        """Inverse of :meth:`to_dict`; :class:`InvalidInput` for parsed JSON it did not write."""
+        """Inverse of :meth:`to_dict`; :class:`InvalidInput` for parsed JSON it did not write.
+
+        Records of the class's older formats (``_old_formats``) are read too.
+        """
+        if isinstance(data, Mapping) and data.get("format") in cls._old_formats:
+            data = cls._upgrade(dict(data))
         required = [
             f.name
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -365,13 +379,191 @@ class GridResult(JsonRoundTrip):
         return problems
 
 
+_NOISE_FIELDS = ("samples", "noise_std", "seed")
+"""Fields of ROME's Gaussian noise that results before 0.2 kept beside the corruption's record."""
+
+
+def fold_noise_fields(data: Mapping[str, Any], samples: int | None = None) -> dict[str, Any]:
+    """An old record, its top-level ``samples``/``noise_std``/``seed`` moved into ``corruption``.
+
+    Results written before named axes kept ROME's noise as their own fields
+    (1 sample and noise std 0 for a counterfactual prompt). The corruption's
+    record is the truth when the file has one; a file without one was traced
+    with Gaussian noise, whose record is rebuilt from those fields.
+
+    Args:
+        data: The parsed JSON of the old record.
+        samples: The sample count when the record has no ``samples`` field
+            (a lens trajectory keeps it as ``copies``).
+
+    Returns:
+        A copy of ``data`` without the three fields, with a ``corruption``
+        record (None only when the old record had no noise either).
+    """
+    out = dict(data)
+    old = {name: out.pop(name) for name in _NOISE_FIELDS if name in out}
+    if out.get("corruption") is None and old.get("noise_std") is not None:
+        out["corruption"] = {
+            "name": "gaussian_noise",
+            "samples": old.get("samples", samples if samples is not None else 1),
+            "noise_std": old["noise_std"],
+            "seed": old.get("seed"),
+        }
+    return out
+
+
+_CORRUPTION_FIELD_NAMES = {
+    "noise_std": "noise std",
+    "samples": "samples",
+    "seed": "seed",
+    "counterfactual": "counterfactual prompt",
+    "counterfactual_column": "counterfactual column",
+    "ridge": "ridge",
+    "replace": "replace subject embeddings",
+}
+
+
+def is_counterfactual(record: Mapping[str, Any]) -> bool:
+    """Whether a corruption record is a counterfactual prompt (STR) rather than noise."""
+    return "counterfactual" in record or "counterfactual_column" in record
+
+
+def _shorten(text: str, limit: int | None) -> str:
+    return text if limit is None or len(text) <= limit else text[: max(1, limit - 1)] + "…"
+
+
+def _record_value(key: str, value: Any, *, limit: int | None) -> str:
+    """One field of a corruption record as text; lists and dicts of any corruption shortened."""
+    if key == "counterfactual":
+        if isinstance(value, str):
+            return repr(_shorten(value, limit))
+        return f"token ids {list(value)}"
+    if key == "seed" and value is None:
+        return "none (an explicit noise tensor)"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return repr(_shorten(value, limit))
+    return _shorten(str(value), 120 if limit is None else limit)
+
+
+def corruption_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Settings-table rows of a corruption record: its name, then each of its own fields.
+
+    Nothing is assumed about the corruption: noise shows its std, samples and
+    seed because its record holds them, a counterfactual prompt its prompt,
+    any other corruption (an ablation's site, layers, statistics) each field
+    it records.
+    """
+    rows = [("corruption", str(record.get("name", "?")))]
+    rows += [
+        (
+            _CORRUPTION_FIELD_NAMES.get(key, key.replace("_", " ")),
+            _record_value(key, value, limit=None),
+        )
+        for key, value in record.items()
+        if key != "name"
+    ]
+    return rows
+
+
+def corruption_text(record: Mapping[str, Any], *, limit: int = 60) -> str:
+    """One line naming a corruption and its own fields, e.g. ``gaussian noise (std 0.13, ...)``.
+
+    Args:
+        record: The corruption's :meth:`~lenscope.corruptions.Corruption.to_dict`.
+        limit: Longest counterfactual prompt (or other text) before it is shortened.
+
+    Returns:
+        Plain (unescaped) text.
+    """
+    name = str(record.get("name", "corruption")).replace("_", " ")
+    if "counterfactual" in record:
+        prompt = _record_value("counterfactual", record["counterfactual"], limit=limit)
+        return f"counterfactual prompt {prompt}"
+    if "counterfactual_column" in record:
+        return f"counterfactual prompts from column {record['counterfactual_column']!r}"
+    parts = []
+    for key, value in record.items():
+        if key == "name":
+            continue
+        if key == "noise_std":
+            parts.append(f"std {value:.3g}")
+        elif key == "samples":
+            parts.append(f"{value} sample{'s' if value != 1 else ''}")
+        elif key == "seed":
+            parts.append("explicit noise tensor" if value is None else f"seed {value}")
+        else:
+            label = _CORRUPTION_FIELD_NAMES.get(key, key.replace("_", " "))
+            parts.append(f"{label} {_record_value(key, value, limit=limit)}")
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+class NoiseProperties:
+    """``samples``, ``noise_std`` and ``seed`` of a result, read from its corruption's record.
+
+    They were fields of results before the record was (ROME's Gaussian noise);
+    they stay readable so that code written then keeps working. A corruption
+    without them (a counterfactual prompt, an ablation) has one sample and no
+    noise std or seed.
+    """
+
+    corruption: dict[str, Any] | None
+
+    @property
+    def samples(self) -> int:
+        """Corrupted copies: the record's ``samples``, 1 when it has none."""
+        return int((self.corruption or {}).get("samples", 1))
+
+    @property
+    def noise_std(self) -> float | None:
+        """The noise's absolute std, or None when the corruption adds no noise."""
+        return (self.corruption or {}).get("noise_std")
+
+    @property
+    def seed(self) -> int | None:
+        """The noise's seed, or None when the corruption has none (or an explicit tensor)."""
+        return (self.corruption or {}).get("seed")
+
+
+_DEFAULT_AXES = ("layer", "pos")
+
+
+def _cell_text(axes: Sequence[str], cell: Sequence[int], tokens: Sequence[str]) -> str:
+    """``"layer 3, pos 5 ' Tower'"``: each coordinate after its axis, a position with its token."""
+    parts = []
+    for axis, index in zip(axes, cell, strict=True):
+        text = f"{axis} {index}"
+        if axis == "pos":
+            text += f" {short_text(tokens[index], 20)}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _units_text(units: Mapping[str, Mapping[str, Any]]) -> str:
+    return "; ".join(
+        f"{axis}: " + ", ".join(f"{k}={_short_value(v)}" for k, v in info.items())
+        for axis, info in units.items()
+        if info
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class TraceResult(GridResult):
-    """One causal trace: the metric with each ``(layer, pos)`` cell restored.
+class TraceResult(NoiseProperties, GridResult):
+    """One causal trace: the metric with each cell of a site's index space restored.
+
+    A cell is a point of ``axes``, as TransformerLens's patching functions
+    name their ``index_axis_names``: ``("layer", "pos")`` for the residual-width
+    kinds (Meng et al., 2022, Figure 1), ``("layer", "head")`` or
+    ``("layer", "head", "pos")`` for attention heads, and whatever a site
+    declares (:attr:`lenscope.sites.Site.index_axes`, e.g. ``("layer",
+    "neuron")``); every method is written over the axes, so an axis this
+    module has never heard of is a plain unit index. For ``kind="pattern"``
+    the ``pos`` axis is the destination position.
 
     Attributes:
         scores: Metric averaged over corrupted copies with that cell restored;
-            NaN where the cell was not traced.
+            NaN where the cell was not traced. One dimension per entry of ``axes``.
         clean_score: Metric on the clean prompt.
         corrupted_score: Metric averaged over the corrupted copies, nothing restored.
         tokens: Token labels of the prompt, as the tokenizer decodes each id.
@@ -382,21 +574,22 @@ class TraceResult(GridResult):
         kind: Hook-point type restored (``"mlp_out"`` etc.).
         hook_names: The hook name of ``kind`` at every layer (row of ``scores``).
         window: Number of consecutive layers restored around each cell's layer.
-        samples: Number of corrupted copies.
-        noise_std: Absolute standard deviation of the noise added at ``hook_embed``.
-        seed: Seed of the noise draws (None when an explicit noise tensor was given).
         model_name: The model's ``cfg.model_name``.
         metric: Name of the patching metric (``"prob"`` for ROME's score).
-        top_ids: Top-k next tokens of each restored run (probabilities averaged over copies).
+        top_ids: Top-k next tokens of each restored run (probabilities averaged
+            over copies): ``scores``' shape plus ``k``.
         top_probs: Their probabilities.
         clean_top_ids: Top-k of the clean run.
         clean_top_probs: Their probabilities.
         corrupted_top_ids: Top-k of the corrupted run (averaged over copies).
         corrupted_top_probs: Their probabilities.
         vocab: Text of every token id that appears above.
+        corruption: The corruption's own record
+            (:meth:`lenscope.corruptions.Corruption.to_dict`: ``name`` and its
+            settings, e.g. noise std, samples and seed for Gaussian noise, the
+            counterfactual prompt for STR). :attr:`samples`, :attr:`noise_std`
+            and :attr:`seed` read it.
         prompt: The prompt text, if it was given as text.
-        corruption: The corruption's settings record (its ``name`` and
-            parameters, :meth:`lenscope.corruptions.Corruption.to_dict`).
         direction: ``"denoise"`` (clean activations restored into the
             corrupted run: causal tracing) or ``"noise"`` (corrupted
             activations patched into the clean run).
@@ -405,9 +598,14 @@ class TraceResult(GridResult):
         foil_id: Its id.
         normalization: For a normalised metric, the raw ``(clean,
             corrupted)`` values it maps to 1 and 0; None otherwise.
+        axes: Names of the dimensions of ``scores``, ``"layer"`` first.
+        units: What the site says about its unit axes, per axis, e.g.
+            ``{"head": {"query_heads_per_head": 2}}`` for the key/value heads
+            of a grouped-query model (key/value head ``h`` serves query heads
+            ``h * 2`` and ``h * 2 + 1``).
     """
 
-    scores: Float[Tensor, "layer pos"]
+    scores: Float[Tensor, "layer ..."]
     clean_score: float
     corrupted_score: float
     tokens: tuple[str, ...]
@@ -418,44 +616,131 @@ class TraceResult(GridResult):
     kind: str
     hook_names: tuple[str, ...]
     window: int
-    samples: int
-    noise_std: float
-    seed: int | None
     model_name: str
     metric: str
-    top_ids: Int[Tensor, "layer pos k"]
-    top_probs: Float[Tensor, "layer pos k"]
+    top_ids: Int[Tensor, "layer ... k"]
+    top_probs: Float[Tensor, "layer ... k"]
     clean_top_ids: Int[Tensor, " k"]
     clean_top_probs: Float[Tensor, " k"]
     corrupted_top_ids: Int[Tensor, " k"]
     corrupted_top_probs: Float[Tensor, " k"]
     vocab: dict[int, str]
+    corruption: dict[str, Any]
     prompt: str | None = None
-    corruption: dict[str, Any] | None = None
     direction: str = "denoise"
     foil: str | None = None
     foil_id: int | None = None
     normalization: tuple[float, float] | None = None
+    axes: tuple[str, ...] = _DEFAULT_AXES
+    units: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
+    _old_formats: ClassVar[tuple[str, ...]] = (
+        "lenscope.TraceResult/1",
+        "lenscope.HeadTraceResult/1",
+    )
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = _TENSOR_FIELDS
     _tuple_fields: ClassVar[tuple[str, ...]] = (
         "tokens",
         "hook_names",
         "subject_range",
         "normalization",
+        "axes",
     )
 
     def __post_init__(self) -> None:
-        """Check that shapes agree with each other."""
-        problems = [] if self.scores.ndim == 2 else ["scores must be [layer, pos]"]
-        problems = problems or self._grid_problems()
+        """Check that the axes name the dimensions and that shapes agree with each other."""
+        problems = self._axes_problems() or self._shape_problems()
         if problems:
             raise InvalidInput(
-                f"inconsistent TraceResult with scores {tuple(self.scores.shape)}: "
-                + "; ".join(problems)
+                f"inconsistent {type(self).__name__} with scores {tuple(self.scores.shape)} "
+                f"and axes {self.axes}: " + "; ".join(problems)
             )
+
+    def _axes_problems(self) -> list[str]:
+        axes = self.axes
+        if not (isinstance(axes, tuple) and all(isinstance(a, str) for a in axes)):
+            return [f"axes must be a tuple of names, got {axes!r}"]
+        problems = []
+        if not axes or axes[0] != "layer":
+            problems.append("axes must start with 'layer'")
+        if len(set(axes)) != len(axes):
+            problems.append("axes must not repeat a name")
+        if self.scores.ndim != len(axes):
+            problems.append(f"scores must have one dimension per axis ({len(axes)})")
+        if not isinstance(self.corruption, Mapping):
+            problems.append(
+                f"corruption must be the corruption's record (corruption.to_dict()), got "
+                f"{self.corruption!r}"
+            )
+        unknown = [name for name in self.units if name not in axes]
+        if unknown:
+            problems.append(f"units describe axes {unknown} that scores does not have")
+        return problems
+
+    def _shape_problems(self) -> list[str]:
+        n_pos, n_layers = self.n_pos, self.n_layers
+        problems = []
+        if "pos" in self.axes and self.scores.shape[self.axes.index("pos")] != n_pos:
+            problems.append(f"the pos axis should have the {n_pos} token positions")
+        if self.token_ids.shape != (n_pos,):
+            problems.append(f"token_ids {tuple(self.token_ids.shape)} for {n_pos} tokens")
+        if len(self.hook_names) != n_layers:
+            problems.append(f"{len(self.hook_names)} hook_names for {n_layers} layers")
+        if self.top_ids.shape[:-1] != self.scores.shape or self.top_probs.shape != (
+            self.top_ids.shape
+        ):
+            problems.append(
+                f"top_ids {tuple(self.top_ids.shape)} and top_probs "
+                f"{tuple(self.top_probs.shape)} should be scores' shape plus k"
+            )
+        start, end = self.subject_range
+        if not 0 <= start < end <= n_pos:
+            problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
+        return problems
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A record of an older format (noise fields, a per-head subclass) in this format."""
+        out = fold_noise_fields(data)
+        if out.get("format") == "lenscope.HeadTraceResult/1":
+            by = out.pop("by", "head")
+            out["axes"] = ["layer", "head", *(["pos"] if by == "head_pos" else [])]
+            out["units"] = {"head": {"query_heads_per_head": out.pop("query_heads_per_head", 1)}}
+        out["format"] = cls._format
+        return out
+
+    @property
+    def n_pos(self) -> int:
+        """Number of token positions of the prompt."""
+        return len(self.tokens)
+
+    def axis_size(self, axis: str) -> int:
+        """The length of one axis of ``scores``, by name."""
+        if axis not in self.axes:
+            raise InvalidInput(
+                f"axis must be one of this result's axes {self.axes}, got {axis!r}; "
+                f"pass e.g. {self.axes[-1]!r}"
+            )
+        return int(self.scores.shape[self.axes.index(axis)])
+
+    @property
+    def n_heads(self) -> int:
+        """Number of heads (key/value heads for ``k``/``v`` on a grouped-query model)."""
+        return self.axis_size("head")
+
+    @property
+    def by(self) -> str | None:
+        """``"head"`` or ``"head_pos"`` for a per-head trace (its site's ``by``), else None."""
+        if "head" not in self.axes:
+            return None
+        return "head_pos" if "pos" in self.axes else "head"
+
+    @property
+    def query_heads_per_head(self) -> int:
+        """Query heads sharing each head of ``scores`` (1 unless k/v of a grouped-query model)."""
+        return int(self.units.get("head", {}).get("query_heads_per_head", 1))
 
     @property
     def indirect_effect(self) -> Float[Tensor, "layer ..."]:
@@ -474,29 +759,110 @@ class TraceResult(GridResult):
         half = self.window // 2
         return max(0, layer - half), min(self.n_layers, layer - half + self.window)
 
-    def peak(self) -> tuple[int, int, float]:
-        """``(layer, pos, score)`` of the highest traced cell."""
-        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
-        index = int(flat.argmax())
-        layer, pos = divmod(index, self.n_pos)
-        return layer, pos, float(self.scores[layer, pos])
+    def cell(self, *coords: int, **named: int | None) -> tuple[int, ...]:
+        """One cell's index into ``scores``, checked (negative coordinates count back).
+
+        Args:
+            coords: Coordinates in the order of ``axes``.
+            named: Or by axis name, e.g. ``layer=3, head=1``; a name given
+                None is ignored (``pos=None`` for a result without ``pos``).
+
+        Returns:
+            The coordinates, each in ``[0, size)``.
+        """
+        given = dict(zip(self.axes, coords, strict=False))
+        extra = [name for name, value in named.items() if value is not None]
+        unknown = [name for name in extra if name not in self.axes]
+        if len(coords) > len(self.axes) or unknown or set(given) & set(extra):
+            raise InvalidInput(
+                f"a cell of this result has one coordinate per axis {self.axes}, got "
+                f"{coords} and {named}; pass e.g. "
+                f"{', '.join(f'{a}=-1' for a in self.axes)}"
+            )
+        given |= {name: named[name] for name in extra}
+        missing = [name for name in self.axes if name not in given]
+        if missing:
+            raise InvalidInput(
+                f"a cell of this result needs a coordinate on every axis {self.axes}, got "
+                f"none for {missing}; pass e.g. {', '.join(f'{a}=-1' for a in missing)}"
+            )
+        out = []
+        for axis, size in zip(self.axes, self.scores.shape, strict=True):
+            value = given[axis]
+            if isinstance(value, bool) or not isinstance(value, int) or not -size <= value < size:
+                raise InvalidInput(
+                    f"{axis} must be an integer in [0, {size}) (or count back from the end), "
+                    f"got {axis}={value!r}; pass e.g. {axis}=-1"
+                )
+            out.append(value % size)
+        return tuple(out)
+
+    def top_predictions(  # type: ignore[override]
+        self, *coords: int, **named: int | None
+    ) -> list[tuple[str, float]]:
+        """The top-k ``(token, probability)`` of one cell, by coordinates along ``axes``.
+
+        ``result.top_predictions(-1, -1)`` on a ``("layer", "pos")`` trace is
+        the last layer at the last token; ``top_predictions(layer=3, head=1)``
+        names them.
+        """
+        index = self.cell(*coords, **named)
+        ids, probs = self.top_ids[index], self.top_probs[index]
+        return [(self.vocab[int(i)], float(p)) for i, p in zip(ids, probs, strict=True)]
+
+    def top_units(self, n: int = 5) -> list[tuple[Any, ...]]:
+        """The ``n`` traced cells with the highest scores, best first, as ``(*cell, score)``.
+
+        ``cell`` has one coordinate per axis (``("layer", "neuron")``: ``(layer,
+        neuron, score)``); untraced (NaN) cells are never listed.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidInput(f"n must be a positive integer, got {n!r}; pass e.g. n=5")
+        flat = torch.nan_to_num(self.scores.flatten().float(), nan=-math.inf)
+        traced = int((~self.scores.isnan()).sum())
+        best = flat.topk(min(n, traced)).indices if traced else torch.zeros(0, dtype=torch.long)
+        out = []
+        for i in best.tolist():
+            index = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), self.scores.shape))
+            out.append((*index, float(self.scores[index])))
+        return out
+
+    def top_heads(self, n: int = 5) -> list[tuple[Any, ...]]:
+        """:meth:`top_units`, under the name per-head traces had."""
+        return self.top_units(n)
+
+    def peak(self) -> tuple[Any, ...]:
+        """``(*cell, score)`` of the highest traced cell: ``(layer, pos, score)`` by default.
+
+        The score is NaN (at the first cell) when no cell was traced.
+        """
+        flat = torch.nan_to_num(self.scores.flatten().float(), nan=-math.inf)
+        index = tuple(int(i) for i in torch.unravel_index(flat.argmax(), self.scores.shape))
+        return (*index, float(self.scores[index]))
 
     def __repr__(self) -> str:
-        """One line: model, prompt, kind, window, answer, clean and corrupted scores, peak cell."""
+        """One line: model, prompt, kind, window, answer, scores, peak cell (and any other axes)."""
         prompt = "token ids" if self.prompt is None else short_text(self.prompt)
+        shape = ""
+        if self.axes != _DEFAULT_AXES:
+            sizes = "×".join(str(s) for s in self.scores.shape)
+            shape = f", axes={self.axes} ({sizes})"
+            units = _units_text(self.units)
+            shape += f", {units}" if units else ""
         return (
             f"{type(self).__name__}(model={short_text(self.model_name, 40)}, prompt={prompt} "
             f"({self.n_pos} tokens), kind={self.kind!r}, window={self.window}, "
             f"{'direction=noise, ' if self.direction == 'noise' else ''}"
             f"answer={short_text(self.answer, 30)}, {self.metric}: "
             f"clean={self.clean_score:.3g} corrupted={self.corrupted_score:.3g}, "
-            f"peak={self._peak_text()})"
+            f"peak={self._peak_text()}{shape})"
         )
 
     def _repr_html_(self) -> str:
-        """The facts of :meth:`__repr__` and the settings, as a small table (Jupyter)."""
+        """The facts of :meth:`__repr__`, the axes and the corruption's record (Jupyter)."""
         start, end = self.subject_range
-        record = self.corruption or {"samples": self.samples, "noise_std": self.noise_std}
+        sizes = ", ".join(f"{a} {s}" for a, s in zip(self.axes, self.scores.shape, strict=True))
+        units = _units_text(self.units)
         rows = [
             ("model", self.model_name),
             ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
@@ -505,6 +871,7 @@ class TraceResult(GridResult):
                 f"{self.n_pos}; subject {''.join(self.tokens[start:end])!r} at [{start}, {end})",
             ),
             ("kind", f"{self.kind} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
+            ("axes", sizes + (f" ({units})" if units else "")),
             ("window", f"{self.window} layer{'s' if self.window != 1 else ''}"),
             ("answer", f"{self.answer!r} (id {self.answer_id})"),
             *([("foil", f"{self.foil!r} (id {self.foil_id})")] if self.foil is not None else []),
@@ -512,214 +879,73 @@ class TraceResult(GridResult):
             (f"clean {self.metric}", f"{self.clean_score:.4g}"),
             (f"corrupted {self.metric}", f"{self.corrupted_score:.4g}"),
             ("peak", self._peak_text()),
-            ("corruption", ", ".join(f"{k}={_short_value(v)}" for k, v in record.items())),
+            *corruption_rows(self.corruption),
         ]
         return html_facts(type(self).__name__, rows)
-
-    def _peak_text(self) -> str:
-        layer, pos, score = self.peak()
-        if math.isnan(score):
-            return "no cell traced"
-        return f"{score:.3g} at layer {layer}, pos {pos} {short_text(self.tokens[pos], 20)}"
-
-    def to_dataframe(self) -> Any:
-        """A long table: one row per ``(layer, pos)`` cell with its token and effects."""
-        import pandas as pd
-
-        normalized = self.normalized()
-        start, end = self.subject_range
-        rows = [
-            {
-                "kind": self.kind,
-                "layer": layer,
-                "pos": pos,
-                "token": self.tokens[pos],
-                "is_subject": start <= pos < end,
-                "score": float(self.scores[layer, pos]),
-                "indirect_effect": float(self.scores[layer, pos] - self.corrupted_score),
-                "normalized": float(normalized[layer, pos]),
-                "top1": self.vocab[int(self.top_ids[layer, pos, 0])],
-                "top1_prob": float(self.top_probs[layer, pos, 0]),
-            }
-            for layer in range(self.n_layers)
-            for pos in range(self.n_pos)
-        ]
-        return pd.DataFrame(rows)
-
-    def plot(self, **kwargs: Any) -> Any:
-        """A plotly heatmap of this trace; see :func:`lenscope.plotting.plot_trace`."""
-        from lenscope.plotting import plot_trace
-
-        return plot_trace(self, **kwargs)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class HeadTraceResult(TraceResult):
-    """A per-head trace: the metric with one attention head restored (at every position or one).
-
-    Everything a :class:`TraceResult` holds, with a head axis: ``scores`` is
-    ``[layer, head]`` (``by="head"``: the head restored at every position) or
-    ``[layer, head, pos]`` (``by="head_pos"``; for ``kind="pattern"``, ``pos``
-    is the destination position), and ``top_ids``/``top_probs`` add the
-    top-k axis. For ``kind`` ``"k"`` or ``"v"`` on a grouped-query model the
-    heads are the key/value heads, each shared by ``query_heads_per_head``
-    query heads (key/value head ``h`` serves query heads ``h * group`` to
-    ``(h + 1) * group - 1``).
-
-    Attributes:
-        by: ``"head"`` or ``"head_pos"``.
-        query_heads_per_head: Query heads sharing each head of ``scores``.
-    """
-
-    scores: Float[Tensor, "layer head *dest"]
-    top_ids: Int[Tensor, "layer head *dest k"]
-    top_probs: Float[Tensor, "layer head *dest k"]
-    by: str = "head"
-    query_heads_per_head: int = 1
-
-    _format: ClassVar[str] = "lenscope.HeadTraceResult/1"
-
-    def __post_init__(self) -> None:
-        """Check that shapes agree with each other."""
-        n_pos = len(self.tokens)
-        expected = 2 if self.by == "head" else 3
-        problems = []
-        if self.by not in ("head", "head_pos"):
-            problems.append(f"by must be 'head' or 'head_pos', got {self.by!r}")
-        if self.scores.ndim != expected:
-            problems.append(f"scores must have {expected} axes for by={self.by!r}")
-        elif self.by == "head_pos" and self.scores.shape[2] != n_pos:
-            problems.append(f"scores' last axis should have the {n_pos} token positions")
-        if self.token_ids.shape != (n_pos,):
-            problems.append(f"token_ids {tuple(self.token_ids.shape)} for {n_pos} tokens")
-        if len(self.hook_names) != self.scores.shape[0]:
-            problems.append(f"{len(self.hook_names)} hook_names for {self.scores.shape[0]} layers")
-        top_shapes = (self.top_ids.shape[:-1], self.top_probs.shape)
-        if top_shapes != (self.scores.shape, self.top_ids.shape):
-            problems.append(
-                f"top_ids {tuple(self.top_ids.shape)} and top_probs {tuple(self.top_probs.shape)} "
-                f"should be scores' shape plus k"
-            )
-        start, end = self.subject_range
-        if not 0 <= start < end <= n_pos:
-            problems.append(f"subject_range {self.subject_range} outside 0..{n_pos}")
-        if problems:
-            raise InvalidInput(
-                f"inconsistent HeadTraceResult with scores {tuple(self.scores.shape)}: "
-                + "; ".join(problems)
-            )
-
-    @property
-    def n_pos(self) -> int:
-        """Number of token positions."""
-        return len(self.tokens)
-
-    @property
-    def n_heads(self) -> int:
-        """Number of heads (key/value heads for ``k``/``v`` on a grouped-query model)."""
-        return int(self.scores.shape[1])
-
-    def _check_cell(self, layer: int, head: int, pos: int | None) -> tuple[int, ...]:
-        bounds = [("layer", layer, self.n_layers), ("head", head, self.n_heads)]
-        if self.by == "head_pos":
-            if pos is None:
-                raise InvalidInput(
-                    "a by='head_pos' result needs a position, got pos=None; pass e.g. pos=-1"
-                )
-            bounds.append(("pos", pos, self.n_pos))
-        elif pos is not None:
-            raise InvalidInput(
-                f"a by='head' result restores every position, got pos={pos}; leave pos unset"
-            )
-        for name, value, size in bounds:
-            if not -size <= value < size:
-                raise InvalidInput(
-                    f"{name} must lie in [0, {size}) (or count back from the end), got "
-                    f"{name}={value}; pass e.g. {name}=-1"
-                )
-        return tuple(value for _, value, _ in bounds)
-
-    def top_predictions(  # type: ignore[override]
-        self, layer: int, head: int, pos: int | None = None
-    ) -> list[tuple[str, float]]:
-        """The top-k ``(token, probability)`` of one cell (negative indices count back)."""
-        index = self._check_cell(layer, head, pos)
-        ids, probs = self.top_ids[index], self.top_probs[index]
-        return [(self.vocab[int(i)], float(p)) for i, p in zip(ids, probs, strict=True)]
-
-    def peak(self) -> tuple[Any, ...]:  # type: ignore[override]
-        """``(layer, head, score)``, or ``(layer, head, pos, score)`` for ``by="head_pos"``."""
-        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
-        index = tuple(int(i) for i in torch.unravel_index(flat.argmax(), self.scores.shape))
-        return (*index, float(self.scores[index]))
-
-    def top_heads(self, n: int = 5) -> list[tuple[Any, ...]]:
-        """The ``n`` cells with the highest scores, best first, as ``(*cell, score)``."""
-        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
-        best = flat.topk(min(n, flat.numel())).indices
-        out = []
-        for i in best.tolist():
-            index = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), self.scores.shape))
-            if not math.isnan(float(self.scores[index])):
-                out.append((*index, float(self.scores[index])))
-        return out
-
-    def __repr__(self) -> str:
-        """As :class:`TraceResult`'s, with the head axis and its grouping."""
-        heads = f"{self.n_heads} heads"
-        if self.query_heads_per_head > 1:
-            heads = f"{self.n_heads} key/value heads, {self.query_heads_per_head} query heads each"
-        return f"{super().__repr__()[:-1]}, by={self.by!r}, {heads})"
 
     def _peak_text(self) -> str:
         *cell, score = self.peak()
         if math.isnan(score):
             return "no cell traced"
-        text = f"{score:.3g} at layer {cell[0]}, head {cell[1]}"
-        if self.by == "head_pos":
-            text += f", pos {cell[2]} {short_text(self.tokens[cell[2]], 20)}"
-        return text
+        return f"{score:.3g} at {_cell_text(self.axes, cell, self.tokens)}"
 
     def to_dataframe(self) -> Any:
-        """A long table: one row per ``(layer, head)`` or ``(layer, head, pos)`` cell."""
+        """A long table: one row per cell, a column per axis, then its token, effects and top-1.
+
+        With a ``pos`` axis the row has the position's ``token`` and
+        ``is_subject``; with ``units`` info for heads of a grouped-query
+        model, ``query_heads`` lists the query heads sharing the row's head.
+        """
+        import numpy as np
         import pandas as pd
 
-        normalized = self.normalized()
         start, end = self.subject_range
-        rows = []
-        for index in (
-            torch.cartesian_prod(*(torch.arange(n) for n in self.scores.shape))
-            .reshape(-1, self.scores.ndim)
-            .tolist()
-        ):
-            layer, head, *pos = index
-            cell = tuple(index)
-            row: dict[str, Any] = {
-                "kind": self.kind,
-                "layer": layer,
-                "head": head,
-                "query_heads": list(
-                    range(head * self.query_heads_per_head, (head + 1) * self.query_heads_per_head)
-                ),
-            }
-            if pos:
-                row |= {
-                    "pos": pos[0],
-                    "token": self.tokens[pos[0]],
-                    "is_subject": start <= pos[0] < end,
-                }
-            row |= {
-                "score": float(self.scores[cell]),
-                "indirect_effect": float(self.scores[cell] - self.corrupted_score),
-                "normalized": float(normalized[cell]),
-                "top1": self.vocab.get(int(self.top_ids[cell][0])),
-                "top1_prob": float(self.top_probs[cell][0]),
-            }
-            rows.append(row)
-        return pd.DataFrame(rows)
+        n_cells = self.scores.numel()
+        index = np.indices(tuple(self.scores.shape)).reshape(self.scores.ndim, n_cells)
+        columns: dict[str, Any] = {"kind": [self.kind] * n_cells}
+        columns |= {axis: index[i] for i, axis in enumerate(self.axes)}
+        group = self.units.get("head", {}).get("query_heads_per_head")
+        if group is not None:
+            heads = columns["head"].tolist()
+            columns["query_heads"] = [list(range(h * group, (h + 1) * group)) for h in heads]
+        if "pos" in columns:
+            pos = columns["pos"]
+            columns["token"] = [self.tokens[p] for p in pos.tolist()]
+            columns["is_subject"] = (start <= pos) & (pos < end)
+
+        def flat(values: Tensor) -> Any:
+            return values.detach().cpu().reshape(n_cells).double().numpy()
+
+        top1 = self.top_ids[..., 0].reshape(n_cells).tolist()
+        columns |= {
+            "score": flat(self.scores),
+            # In the scores' own precision, as (score - corrupted) of one cell is.
+            "indirect_effect": flat(self.scores - self.corrupted_score),
+            "normalized": flat(self.normalized()),
+            "top1": [self.vocab.get(int(i)) for i in top1],
+            "top1_prob": flat(self.top_probs[..., 0]),
+        }
+        return pd.DataFrame(columns)
 
     def plot(self, **kwargs: Any) -> Any:
-        """A plotly heatmap, layer x head; see :func:`lenscope.plotting.plot_head_trace`."""
-        from lenscope.plotting import plot_head_trace
+        """A plotly heatmap of this trace, drawn for its axes.
 
-        return plot_head_trace(self, **kwargs)
+        ``("layer", "pos")``: :func:`lenscope.plotting.plot_trace`; any other
+        axes: :func:`lenscope.plotting.plot_unit_trace` (layer × unit, a
+        slider over positions when the cells have one; per-head traces in
+        the attention colours of :func:`lenscope.plotting.plot_head_trace`).
+        """
+        from lenscope.plotting import plot_trace, plot_unit_trace
+
+        if self.axes == _DEFAULT_AXES:
+            return plot_trace(self, **kwargs)
+        return plot_unit_trace(self, **kwargs)
+
+
+HeadTraceResult = TraceResult
+"""The per-head trace's old name: a :class:`TraceResult` whose axes include ``"head"``.
+
+Kept so that code written for lenscope 0.1 (``isinstance(r, HeadTraceResult)``,
+``HeadTraceResult.load(path)``) keeps working; files saved as
+``lenscope.HeadTraceResult/1`` load as :class:`TraceResult`.
+"""

@@ -67,6 +67,13 @@ class Site:
         """Names of the axes of a cell: ``("layer", *unit_axes)``."""
         return ("layer", *self.unit_axes)
 
+    def unit_info(self) -> dict[str, dict[str, Any]]:
+        """What a result should know of the unit axes beyond their sizes, per axis (none here).
+
+        It becomes the result's ``units`` (:class:`lenscope.results.TraceResult`).
+        """
+        return {}
+
     def hook_name(self, layer: int) -> str:
         """The TransformerLens hook name of this activation at ``layer``."""
         return hook_name(self.name, layer)
@@ -201,6 +208,10 @@ class HeadSite(Site):
     def takes_positions(self) -> bool:
         """Only ``by="head_pos"`` restores single positions."""
         return self.by == "head_pos"
+
+    def unit_info(self) -> dict[str, dict[str, Any]]:
+        """The query heads sharing each head (``k``/``v`` of a grouped-query model: more than 1)."""
+        return {"head": {"query_heads_per_head": self.group}}
 
     def hook_name(self, layer: int) -> str:
         """``blocks.{layer}.attn.hook_{name}``."""

@@ -31,9 +31,9 @@ from lenscope.hooks import (
 )
 from lenscope.metrics import softmax
 from lenscope.noise import DEFAULT_NOISE_MULTIPLIER, embedding_sigma
-from lenscope.results import HeadTraceResult, TraceResult, interrupted_trace
+from lenscope.results import TraceResult, interrupted_trace
 from lenscope.settings import DEFAULT_KINDS, TraceSettings
-from lenscope.sites import HeadSite, Site
+from lenscope.sites import Site
 from lenscope.tokens import (
     is_filler_token,
     single_token_id,
@@ -126,9 +126,9 @@ class CausalTracer:
             **options: As for :meth:`trace_kinds` (``by`` among them).
 
         Returns:
-            The :class:`TraceResult` (a :class:`HeadTraceResult` for a per-head
-            kind); with several metrics (``metrics=(...)``),
-            ``{metric: TraceResult}``.
+            The :class:`TraceResult` (its ``axes`` ``("layer", "head")`` or
+            ``("layer", "head", "pos")`` for a per-head kind); with several
+            metrics (``metrics=(...)``), ``{metric: TraceResult}``.
         """
         name = kind.name if isinstance(kind, Site) else kind
         windows = None if window is None else {name: window}
@@ -380,7 +380,9 @@ class CausalTracer:
                 )
                 grids[where.name] = Grid(out.scores, out.top_ids, out.top_probs)
 
-        results = prepared.results(measure, baselines, grids, corrupted, _result)
+        results = prepared.results(
+            measure, baselines, grids, corrupted, lambda where, **fields: TraceResult(**fields)
+        )
         if interrupt.error is not None:
             shown = next(iter(results.values())) if len(results) == 1 else results
             kinds = [where.name for where in prepared.sites]
@@ -415,13 +417,6 @@ def _shared_cells(cells: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
     first = next(iter(cells.values()))
     same = all(c.shape == first.shape and torch.equal(c, first) for c in cells.values())
     return first if same else cells
-
-
-def _result(where: Site, **fields: Any) -> TraceResult:
-    """The result of one site's sweep (a :class:`HeadTraceResult` for heads)."""
-    if isinstance(where, HeadSite):
-        return HeadTraceResult(by=where.by, query_heads_per_head=where.group, **fields)
-    return TraceResult(**fields)
 
 
 def _check_batch_size(batch_size: Any) -> None:

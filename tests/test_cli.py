@@ -88,7 +88,8 @@ def test_trace_options_reach_the_tracer(run, tmp_path):
     )
     assert code == 0, err
     r = json.loads(js.read_text())["mlp_out"]
-    assert (r["window"], r["samples"], r["noise_std"], r["seed"], r["answer"]) == (
+    noise = r["corruption"]
+    assert (r["window"], noise["samples"], noise["noise_std"], noise["seed"], r["answer"]) == (
         2,
         3,
         0.5,
@@ -777,7 +778,8 @@ def test_patch_command_equals_the_python_api(run, tmp_path, tiny_model):
         TINY_PROMPT, counterfactual, answer=" paris", foil=" seattle", direction="noise"
     )
     assert data["scores"] == expected.scores.tolist()
-    assert f"counterfactual {counterfactual!r}; foil ' seattle'; direction noise" in out
+    assert f"prompt {counterfactual!r}; foil ' seattle'; direction noise" in out
+    assert "noise std" not in out and "samples" not in out
     assert "clean      normalized_logit_diff = 1.0000" in out
 
 

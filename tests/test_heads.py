@@ -223,8 +223,7 @@ def test_head_results_round_trip_and_tabulate(tiny_model, tmp_path):
             getattr(back, field), getattr(result, field), rtol=0, atol=0, equal_nan=True
         )
     assert (back.by, back.kind, back.to_dict()) == ("head_pos", "pattern", result.to_dict())
-    with pytest.raises(InvalidInput, match=r"load it with HeadTraceResult.load"):
-        lenscope.TraceResult.load(tmp_path / "heads.json")
+    assert back.axes == ("layer", "head", "pos") and HeadTraceResult is lenscope.TraceResult
     frame = result.to_dataframe()
     assert len(frame) == 4 * 4 * result.n_pos
     assert {"layer", "head", "pos", "token", "score", "normalized", "top1"} <= set(frame.columns)
@@ -235,10 +234,11 @@ def test_head_results_round_trip_and_tabulate(tiny_model, tmp_path):
         == result.vocab[int(result.top_ids[layer, head, pos, 0])]
     )
     assert result.top_heads(3)[0] == result.peak()
-    assert "head" in repr(result) and repr(result).startswith("HeadTraceResult(")
-    with pytest.raises(InvalidInput, match=r"a by='head_pos' result needs a position"):
+    assert repr(result).startswith("TraceResult(")
+    assert "axes=('layer', 'head', 'pos') (4×4×10)" in repr(result)
+    with pytest.raises(InvalidInput, match=r"needs a coordinate on every axis .* for \['pos'\]"):
         result.top_predictions(0, 0)
-    with pytest.raises(InvalidInput, match=r"head must lie in \[0, 4\)"):
+    with pytest.raises(InvalidInput, match=r"head must be an integer in \[0, 4\)"):
         result.top_predictions(0, 7, 1)
     by_head = _trace(tiny_model, "prefix", kind="z")
     assert not math.isnan(by_head.peak()[-1]) and len(by_head.to_dataframe()) == 16
@@ -256,7 +256,7 @@ def test_head_trace_plots_layer_by_head(tiny_gated_model):
     last = _trace(tiny_gated_model, "prefix", kind="z", by="head_pos", positions=[9])
     fig = last.plot()
     assert len(fig.data) == 1 and not fig.layout.sliders and "position 9" in fig.layout.title.text
-    with pytest.raises(InvalidInput, match=r"pos applies to by='head_pos' results"):
+    with pytest.raises(InvalidInput, match=r"pos picks the position of a trace with a pos axis"):
         _trace(tiny_gated_model, "prefix", kind="z").plot(pos=1)
     with pytest.raises(InvalidInput, match=r"top_k must be <= the 5 predictions"):
         result.plot(top_k=9)
@@ -268,7 +268,7 @@ def test_windows_over_layers_and_strategies_agree(tiny_gated_model, kind):
     prefix = _trace(tiny_gated_model, "prefix", **options)
     full = _trace(tiny_gated_model, "full", **options)
     torch.testing.assert_close(prefix.scores, full.scores, atol=1e-5, rtol=0)
-    assert prefix.window == 3 and "key/value heads" in repr(prefix) or kind == "z"
+    assert prefix.window == 3 and "query_heads_per_head=2" in repr(prefix) or kind == "z"
 
 
 def test_dataset_traces_refuse_per_head_kinds(tiny_model):

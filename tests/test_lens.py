@@ -445,7 +445,7 @@ def test_trace_cell_errors(tiny_model, mlp_trace):
     # Under --jaxtyping-packages the annotation refuses it first, also with a TypeError.
     with pytest.raises(TypeError, match=r"(result must be a TraceResult, got dict)|TraceResult"):
         lens_trace_cell(tiny_model, {}, 0, 0)
-    seedless = dataclasses.replace(mlp_trace, seed=None)
+    seedless = dataclasses.replace(mlp_trace, corruption={**mlp_trace.corruption, "seed": None})
     with pytest.raises(ValueError, match="noise cannot be regenerated; pass the same tensor"):
         lens_trace_cell(tiny_model, seedless, 0, 0)
     with pytest.raises(ValueError, match=r"noise_tensor must have shape .* = \(4, 3, 32\), got"):
@@ -460,7 +460,7 @@ def test_trace_cell_with_an_explicit_noise_tensor(tiny_model, mlp_trace):
 
     start, end = mlp_trace.subject_range
     noise = draw_noise(4, end - start, tiny_model.cfg.d_model, mlp_trace.noise_std, 3)
-    seedless = dataclasses.replace(mlp_trace, seed=None)
+    seedless = dataclasses.replace(mlp_trace, corruption={**mlp_trace.corruption, "seed": None})
     by_tensor = lens_trace_cell(tiny_model, seedless, 1, 3, noise_tensor=noise).restored
     by_seed = lens_trace_cell(tiny_model, mlp_trace, 1, 3).restored
     assert torch.equal(by_tensor.answer_prob, by_seed.answer_prob)

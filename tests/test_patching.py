@@ -98,7 +98,8 @@ def test_patch_is_a_trace_with_a_counterfactual_prompt(tiny_model):
     with torch.no_grad():
         cf_top = int(model(model.to_tokens(COUNTERFACTUAL))[0, -1].argmax())
     assert result.foil_id == cf_top
-    assert result.window == 1 and result.samples == 1 and result.noise_std == 0.0
+    assert result.window == 1 and result.samples == 1
+    assert result.noise_std is None and result.seed is None  # no noise, no "noise std 0"
     # The subject of a counterfactual is the span of tokens that differ.
     assert result.subject_range == (2, 4)
     assert result.corruption == {"name": "counterfactual_prompt", "counterfactual": COUNTERFACTUAL}

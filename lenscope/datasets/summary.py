@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import html
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ from torch import Tensor
 from lenscope.datasets.checkpoint import DATASET_TRACE_FIXED, checkpoint_header
 from lenscope.datasets.facts import SkippedFact
 from lenscope.results import (
+    NoiseProperties,
     check_record,
+    corruption_text,
+    fold_noise_fields,
     load_record,
     short_text,
     tensor_from_json,
@@ -58,7 +62,9 @@ BUCKET_LABELS: dict[str, str] = {
 CI_Z = 1.96
 """Normal quantile of the two-sided 95% confidence intervals."""
 
-_SUMMARY_FORMAT = "lenscope.DatasetSummary/1"
+_SUMMARY_FORMAT = "lenscope.DatasetSummary/2"
+_OLD_SUMMARY_FORMAT = "lenscope.DatasetSummary/1"
+"""Summaries with ``samples``/``noise_std``/``seed`` fields beside the corruption's record."""
 _FACT_FORMAT = "lenscope.FactTrace/1"
 
 
@@ -284,7 +290,7 @@ class WorkerStats:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DatasetSummary:
+class DatasetSummary(NoiseProperties):
     """Causal traces of many facts and their ROME-style averages.
 
     The per-fact results stay in :attr:`facts`; the aggregates are computed
@@ -302,14 +308,14 @@ class DatasetSummary:
         windows: Layers restored around each cell, per kind.
         n_layers: Number of layers of the model.
         model_name: The model's ``cfg.model_name``.
-        samples: Corrupted copies per fact.
-        noise_std: Absolute noise std added at ``hook_embed``.
-        seed: Seed of the noise (the same for every fact, as in ROME); None without noise.
+        corruption: The corruption's settings record
+            (:meth:`lenscope.corruptions.Corruption.to_dict`): for Gaussian
+            noise its samples, std and seed (the same for every fact, as in
+            ROME), for counterfactual prompts their column. :attr:`samples`,
+            :attr:`noise_std` and :attr:`seed` read it.
         metric: Patching metric (``"prob"``: ROME's probability of the answer).
         lenscope_version: Version that computed the traces.
         n_pending: Facts of the input not reached (a time budget ran out).
-        corruption: The corruption's settings record
-            (:meth:`lenscope.corruptions.Corruption.to_dict`).
         workers: Who traced the facts of this call, with each one's
             throughput and failure (:class:`WorkerStats`); empty when every
             fact came from a checkpoint.
@@ -321,13 +327,10 @@ class DatasetSummary:
     windows: dict[str, int]
     n_layers: int
     model_name: str
-    samples: int
-    noise_std: float
-    seed: int | None
+    corruption: dict[str, Any]
     metric: str
     lenscope_version: str
     n_pending: int = 0
-    corruption: dict[str, Any] | None = None
     workers: tuple[WorkerStats, ...] = ()
 
     def __post_init__(self) -> None:
@@ -370,12 +373,7 @@ class DatasetSummary:
 
     def trace_settings(self) -> dict[str, Any]:
         """The :meth:`lenscope.TraceSettings.to_dict` record every fact was traced with."""
-        record = self.corruption or {
-            "name": "gaussian_noise",
-            "samples": self.samples,
-            "noise_std": self.noise_std,
-            "seed": self.seed,
-        }
+        record = self.corruption
         return {
             "kinds": list(self.kinds),
             "windows": dict(self.windows),
@@ -521,7 +519,8 @@ class DatasetSummary:
         pending = f", {self.n_pending} pending" if self.n_pending else ""
         return (
             f"DatasetSummary(model={short_text(self.model_name, 40)}, {self.n_facts} facts, "
-            f"{self.n_skipped} skipped{pending}, kinds={self.kinds}, samples={self.samples}, "
+            f"{self.n_skipped} skipped{pending}, kinds={self.kinds}, "
+            f"corruption={short_text(corruption_text(self.corruption), 50)}, "
             f"metric={self.metric!r})"
         )
 
@@ -530,8 +529,8 @@ class DatasetSummary:
         pending = f", {self.n_pending} pending" if self.n_pending else ""
         head = (
             f"<p><b>DatasetSummary</b> of {html.escape(self.model_name)}: {self.n_facts} facts, "
-            f"{self.n_skipped} skipped{pending}; {self.samples} samples, noise std "
-            f"{self.noise_std:.3g}, seed {self.seed}, metric {html.escape(self.metric)}</p>"
+            f"{self.n_skipped} skipped{pending}; {html.escape(corruption_text(self.corruption))}, "
+            f"metric {html.escape(self.metric)}</p>"
         )
         return head + self.table().to_html(index=False, float_format=lambda x: f"{x:.3g}")
 
@@ -592,9 +591,6 @@ class DatasetSummary:
             "n_layers": self.n_layers,
             "kinds": list(self.kinds),
             "windows": dict(self.windows),
-            "samples": self.samples,
-            "noise_std": self.noise_std,
-            "seed": self.seed,
             "metric": self.metric,
             "corruption": self.corruption,
             "n_pending": self.n_pending,
@@ -606,6 +602,8 @@ class DatasetSummary:
     @classmethod
     def from_dict(cls, data: Any) -> "DatasetSummary":
         """Inverse of :meth:`to_dict`."""
+        if isinstance(data, Mapping) and data.get("format") == _OLD_SUMMARY_FORMAT:
+            data = {**fold_noise_fields(data), "format": _SUMMARY_FORMAT}
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         check_record(data, _SUMMARY_FORMAT, "DatasetSummary.to_dict", required)
         return cls(
@@ -615,13 +613,10 @@ class DatasetSummary:
             windows=dict(data["windows"]),
             n_layers=data["n_layers"],
             model_name=data["model_name"],
-            samples=data["samples"],
-            noise_std=data["noise_std"],
-            seed=data["seed"],
+            corruption=dict(data["corruption"]),
             metric=data["metric"],
             lenscope_version=data["lenscope_version"],
             n_pending=data.get("n_pending", 0),
-            corruption=data.get("corruption"),
             workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
         )
 

@@ -11,13 +11,17 @@ noise std, samples and seed for noise, the counterfactual prompt for STR).
 Compactly in the title, fully in the settings table
 :func:`~lenscope.plotting.save_html` writes under the figure. Nothing is
 computed here: these functions only format fields the results carry, and
-never print a field that the result's corruption does not have.
+never print a field that the result's corruption does not have (the
+record's text is :func:`lenscope.results.corruption_text` and
+:func:`~lenscope.results.corruption_rows`, which the results' own reprs
+and the command line use too).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lenscope.plotting._common import escape, shorten, visible
+from lenscope.results import corruption_rows, corruption_text, is_counterfactual
 
 DIRECTIONS = {
     "denoise": "restoring clean activations into the corrupted run",
@@ -33,16 +37,6 @@ _METRIC_NOTES = {
     "kl_div": "KL divergence from the clean run's next-token distribution",
 }
 
-_FIELD_NAMES = {
-    "noise_std": "noise std",
-    "samples": "samples",
-    "seed": "seed",
-    "counterfactual": "counterfactual prompt",
-    "counterfactual_column": "counterfactual column",
-    "ridge": "ridge",
-    "replace": "replace subject embeddings",
-}
-
 
 def direction_phrase(direction: str) -> str:
     """``"restoring clean activations into the corrupted run"`` or the noising phrase."""
@@ -50,75 +44,8 @@ def direction_phrase(direction: str) -> str:
 
 
 def corruption_record(result: Any) -> dict[str, Any]:
-    """The corruption's record a result carries (a pre-record result: its Gaussian noise)."""
-    record = getattr(result, "corruption", None)
-    if record:
-        return dict(record)
-    return {
-        "name": "gaussian_noise",
-        "samples": result.samples,
-        "noise_std": result.noise_std,
-        "seed": result.seed,
-    }
-
-
-def is_counterfactual(record: Mapping[str, Any]) -> bool:
-    """Whether the corruption is a counterfactual prompt (STR) rather than noise."""
-    return "counterfactual" in record or "counterfactual_column" in record
-
-
-def _value_text(key: str, value: Any, *, limit: int | None) -> str:
-    if key == "counterfactual":
-        if isinstance(value, str):
-            return repr(value if limit is None else shorten(value, limit))
-        return f"token ids {list(value)}"
-    if key == "seed" and value is None:
-        return "none (an explicit noise tensor)"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def corruption_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Settings-table rows of a corruption record: its name, then each of its own fields."""
-    rows = [("corruption", str(record.get("name", "?")))]
-    rows += [
-        (_FIELD_NAMES.get(key, key.replace("_", " ")), _value_text(key, value, limit=None))
-        for key, value in record.items()
-        if key != "name"
-    ]
-    return rows
-
-
-def corruption_text(record: Mapping[str, Any], *, limit: int = 60) -> str:
-    """One line naming a corruption and its own fields, e.g. ``gaussian noise std 0.13, 10 ...``.
-
-    Args:
-        record: The corruption's :meth:`~lenscope.corruptions.Corruption.to_dict`.
-        limit: Longest counterfactual prompt before it is shortened.
-
-    Returns:
-        Plain (unescaped) text.
-    """
-    name = str(record.get("name", "corruption")).replace("_", " ")
-    if "counterfactual" in record:
-        prompt = _value_text("counterfactual", record["counterfactual"], limit=limit)
-        return f"counterfactual prompt {prompt}"
-    if "counterfactual_column" in record:
-        return f"counterfactual prompts from column {record['counterfactual_column']!r}"
-    parts = []
-    for key, value in record.items():
-        if key == "name":
-            continue
-        if key == "noise_std":
-            parts.append(f"std {value:.3g}")
-        elif key == "samples":
-            parts.append(f"{value} sample{'s' if value != 1 else ''}")
-        elif key == "seed":
-            parts.append("explicit noise tensor" if value is None else f"seed {value}")
-        else:
-            parts.append(f"{_FIELD_NAMES.get(key, key)} {_value_text(key, value, limit=limit)}")
-    return f"{name} ({', '.join(parts)})" if parts else name
+    """The corruption's record a result carries (:attr:`~lenscope.TraceResult.corruption`)."""
+    return dict(result.corruption)
 
 
 def metric_note(metric: str) -> str:

@@ -175,15 +175,7 @@ def _percent(summary: DatasetSummary) -> bool:
 
 
 def _record(summary: DatasetSummary) -> dict[str, Any]:
-    return dict(
-        summary.corruption
-        or {
-            "name": "gaussian_noise",
-            "samples": summary.samples,
-            "noise_std": summary.noise_std,
-            "seed": summary.seed,
-        }
-    )
+    return dict(summary.corruption)
 
 
 def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:

@@ -315,12 +315,18 @@ def plot_traces(
 
 
 def _check_types(results: Sequence[Any]) -> None:
-    """Raise ``TypeError`` unless every item is a ``TraceResult``."""
+    """Raise ``TypeError`` unless every item is a ``TraceResult``; ``ValueError`` for other axes."""
     for index, result in enumerate(results):
         if not isinstance(result, TraceResult):
             raise InvalidInputType(
                 f"expected TraceResult objects; got {type(result).__name__} at "
                 f"index {index}; pass the results of CausalTracer.trace"
+            )
+        if result.axes != ("layer", "pos"):
+            raise InvalidInput(
+                f"plot_trace and plot_traces draw (layer, pos) traces, got axes {result.axes} "
+                f"at index {index}; draw it with result.plot() "
+                "(lenscope.plotting.plot_unit_trace)"
             )
 
 
