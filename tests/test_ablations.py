@@ -307,7 +307,7 @@ def test_saved_result_keeps_the_ablation(tiny_model, tmp_path):
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     corruption = ablation("resample", "mlp_out")
     result = tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", corruption=corruption)
-    assert result.samples == 2 and result.noise_std == 0.0 and result.seed is None
+    assert result.samples == 2 and result.noise_std is None and result.seed is None
     loaded = lenscope.TraceResult.load(result.save(tmp_path / "r.json"))
     assert loaded.corruption == corruption.to_dict()
     assert corruption_from_dict(loaded.corruption).to_dict() == corruption.to_dict()

@@ -1171,7 +1171,7 @@ def test_ablate_flag_traces_the_ablation_of_the_python_api(run, tmp_path, tiny_m
     args = ("trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--kinds", "mlp_out")
     code, out, err, _ = run(*args, "--ablate", "zero:mlp_out@1-2", "--json", str(js), "--quiet")
     assert code == 0, err
-    assert "zero ablation of mlp_out at layers [1, 2], 1 sample" in out
+    assert "zero ablation (site 'mlp_out', ablated layers [1, 2]" in out
     saved = json.loads(js.read_text())["mlp_out"]
     corruption = ZeroAblation("mlp_out", layers=[1, 2])
     assert saved["corruption"] == corruption.to_dict()
