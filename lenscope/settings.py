@@ -27,7 +27,7 @@ from lenscope.corruptions import (
 )
 from lenscope.hooks import n_layers
 from lenscope.metrics import FOIL_METRICS, PatchingMetric, metric_from_name, resolve_metric
-from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
+from lenscope.sites import BY_KINDS, HEAD_KINDS, NEURON_KINDS, HeadSite, Site, site
 from lenscope.validation import (
     LAST,
     InvalidInput,
@@ -103,11 +103,11 @@ class TraceSettings:
         """Check everything that does not need the model."""
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         names = tuple(site(k).name for k in kinds)
-        sites = [site(k, self.by if k in HEAD_KINDS else None) for k in names]
-        if self.by is not None and not any(isinstance(s, HeadSite) for s in sites):
+        sites = [site(k, self.by if k in BY_KINDS else None) for k in names]
+        if self.by is not None and not any(k in BY_KINDS for k in names):
             raise InvalidInput(
-                f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS}, got kinds "
-                f"{names}; leave by unset, or pass e.g. kind='z'"
+                f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS} and the per-neuron "
+                f"kinds {NEURON_KINDS}, got kinds {names}; leave by unset, or pass e.g. kind='z'"
             )
         by_head = [s.name for s in sites if isinstance(s, HeadSite) and s.by == "head"]
         if by_head and not (isinstance(self.positions, str) and self.positions == "all"):
@@ -216,7 +216,7 @@ class TraceSettings:
     @property
     def sites(self) -> tuple[Site, ...]:
         """The :class:`~lenscope.sites.Site` of each kind."""
-        return tuple(site(k, self.by if k in HEAD_KINDS else None) for k in self.kinds)
+        return tuple(site(k, self.by if k in BY_KINDS else None) for k in self.kinds)
 
     @property
     def metric_specs(self) -> tuple[str | PatchingMetric, ...]:

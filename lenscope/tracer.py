@@ -308,6 +308,7 @@ class CausalTracer:
         settings = settings.for_model(model)
         layer_list = list(settings.layers)
         pos_list = settings.position_list(tokens.shape[0], subject_range)
+        sites = tuple(where.at_positions(pos_list) for where in sites)
         cells = {where.name: where.cells(model, layer_list, pos_list) for where in sites}
         top_k, noising = settings.top_k, settings.direction == "noise"
 
@@ -321,7 +322,7 @@ class CausalTracer:
         ):
             corrupted = settings.corruption.bind(model, tokens, subject_range)
             names = [name for s in sites for name in s.hook_names(n_layer)]
-            engine.check_memory(model, corrupted, len(names), self.strategy)
+            engine.check_memory(model, corrupted, sites, self.strategy)
             base = corrupted.clean_copies(tokens) if noising else corrupted
             meter = stack.enter_context(
                 engine.trace_meter(

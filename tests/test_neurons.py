@@ -1,0 +1,259 @@
+"""Per-neuron sites (``mlp_post``: ``blocks.L.mlp.hook_post``), exact and by attribution.
+
+The engine's neuron sweep (both strategies, both directions, windows 1 and 2,
+``by="neuron"`` and ``by="neuron_pos"``) is checked against a plain loop of
+one TransformerLens forward pass per cell whose hook sets one neuron to its
+source value; neuron attribution patching against a plain
+``torch.autograd.grad`` of the metric with respect to ``hook_post``. Both
+run on the installed TransformerLens' default model class (a
+``TransformerBridge`` on 4.x, a ``HookedTransformer`` on 3.9: run this file
+in both virtual environments).
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_model
+
+from lenscope import engine, metrics
+from lenscope.noise import draw_noise
+from lenscope.settings import TraceSettings, resolve_prompt
+from lenscope.sites import NeuronSite, site
+from lenscope.validation import InvalidInput
+
+STRATEGIES = ("prefix", "full")
+SAMPLES, NOISE, SEED = 2, 0.5, 3
+# Positions a by="neuron" cell restores (the subject's last token and the
+# prompt's last), and the positions a by="neuron_pos" sweep traces.
+POSITIONS = [3, -1]
+# Every fifth neuron is checked against the plain loop (the engine sweeps them all).
+STRIDE = 5
+
+
+@pytest.fixture(scope="module")
+def peaked_models(tiny_tokenizer):
+    """The tiny plain and gated models with weights of std 0.2: at the default 0.02 a
+    random model's neurons move the answer's probability by about 1e-6, below the
+    tolerance, so a wrong restoration could pass."""
+    return {
+        "plain": make_tiny_model(tiny_tokenizer, init_range=0.2),
+        "gated": make_tiny_model(tiny_tokenizer, gated=True, seed=3, init_range=0.2),
+    }
+
+
+def _settings(**options):
+    return TraceSettings.from_options(
+        kinds=("mlp_post",), samples=SAMPLES, noise=NOISE, seed=SEED, metric="prob", **options
+    )
+
+
+def engine_trace(model, strategy, *, by, direction="denoise", window=1, positions=POSITIONS):
+    """The engine's neuron sweep as CausalTracer._trace runs it: ``[layer, neuron(, pos)]``."""
+    settings = _settings(by=by, direction=direction, windows=window, positions=positions)
+    resolved = resolve_prompt(model, TINY_PROMPT, TINY_SUBJECT, settings)
+    tokens, span = resolved.tokens, resolved.subject_range
+    settings = settings.for_model(model)
+    n_layer = model.cfg.n_layers
+    pos_list = settings.position_list(tokens.shape[0], span)
+    where = settings.sites[0].for_model(model).at_positions(pos_list)
+    cells = where.cells(model, list(settings.layers), pos_list)
+    noising = direction == "noise"
+    with torch.inference_mode():
+        corrupted = settings.corruption.bind(model, tokens, span)
+        engine.check_memory(model, corrupted, [where], strategy)
+        names = where.hook_names(n_layer)
+        clean = engine.clean_run(model, tokens, names)
+        answer = int(clean.logits.argmax())
+        state = engine.corrupted_run(
+            model,
+            corrupted,
+            keep_prefix_state=strategy == "prefix" and not noising,
+            capture=names if noising else (),
+        )
+        if noising:
+            base = corrupted.clean_copies(tokens)
+            base_state = engine.corrupted_run(
+                model, base, keep_prefix_state=strategy == "prefix"
+            )
+            source = state.activations
+        else:
+            base, base_state = corrupted, state
+            source = {name: act[None] for name, act in clean.activations.items()}
+        out = engine.sweep(
+            model,
+            site=where,
+            window=settings.windows["mlp_post"],
+            cells=cells,
+            source=source,
+            base=base,
+            base_state=base_state,
+            answer_id=answer,
+            metrics=[metrics.prob],
+            top_k=1,
+            strategy=strategy,
+            batch_size=None,
+            progress=False,
+        )
+    return out.scores[0], answer, span, pos_list
+
+
+def plain_neuron_trace(model, *, by, direction, window, answer, span, pos_list, neurons):
+    """One forward pass per cell: a plain hook on ``blocks.L.mlp.hook_post`` sets one neuron.
+
+    Denoising puts the clean value into the noised copies; noising puts each
+    noised copy's value into the clean run. Window ``w`` restores layers
+    ``[l - w // 2, l - w // 2 + w)`` clipped to the model (ROME's).
+    """
+    tokens = model.to_tokens(TINY_PROMPT)
+    n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
+    start, end = span
+    draws = draw_noise(SAMPLES, end - start, model.cfg.d_model, NOISE, SEED)
+    batch = tokens.repeat(SAMPLES, 1)
+
+    def add_noise(embed, hook):
+        embed = embed.clone()
+        embed[:, start:end] += draws.to(embed.dtype)
+        return embed
+
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+    _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    noisy_acts = {}
+    if direction == "noise":
+        def keep(act, hook):
+            noisy_acts[hook.name] = act.detach().clone()
+
+        model.run_with_hooks(
+            batch, fwd_hooks=[("hook_embed", add_noise), *((n, keep) for n in names)]
+        )
+    base_hooks = [] if direction == "noise" else [("hook_embed", add_noise)]
+    groups = [pos_list] if by == "neuron" else [[p] for p in pos_list]
+    out = {}
+    for layer in range(n_layers):
+        lo, hi = max(0, layer - window // 2), min(n_layers, layer - window // 2 + window)
+        for neuron in neurons:
+            for where in groups:
+
+                def restore(act, hook, neuron=neuron, where=where):
+                    act = act.clone()
+                    if direction == "noise":
+                        value = noisy_acts[hook.name][:, where, neuron]
+                    else:
+                        value = clean_cache[hook.name][0, where, neuron]
+                    act[:, where, neuron] = value
+                    return act
+
+                hooks = base_hooks + [(names[x], restore) for x in range(lo, hi)]
+                logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+                prob = torch.softmax(logits[:, -1].double(), -1)[:, answer].mean()
+                key = (layer, neuron) if by == "neuron" else (layer, neuron, where[0])
+                out[key] = float(prob)
+    return out
+
+
+@pytest.mark.parametrize("by", ["neuron", "neuron_pos"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("window", [1, 2])
+@pytest.mark.parametrize("which", ["plain", "gated"])
+def test_neuron_traces_equal_a_plain_hook_per_cell(
+    peaked_models, one_thread, which, window, direction, by
+):
+    model = peaked_models[which]
+    grids = {}
+    for strategy in STRATEGIES:
+        grids[strategy], answer, span, pos_list = engine_trace(
+            model, strategy, by=by, direction=direction, window=window
+        )
+    d_mlp = model.cfg.d_mlp
+    shape = (model.cfg.n_layers, d_mlp) + (() if by == "neuron" else (10,))
+    assert grids["prefix"].shape == shape
+    neurons = list(range(0, d_mlp, STRIDE))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransformerLens' deprecation notes
+        expected = plain_neuron_trace(
+            model,
+            by=by,
+            direction=direction,
+            window=window,
+            answer=answer,
+            span=span,
+            pos_list=pos_list,
+            neurons=neurons,
+        )
+    keys = list(expected)
+    want = torch.tensor([expected[k] for k in keys], dtype=torch.float64)
+    for strategy, grid in grids.items():
+        got = torch.stack([grid[k] for k in keys]).double()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=strategy)
+    # Not vacuous: some neuron moves the answer's probability.
+    assert (want - want.median()).abs().max() > 1e-3
+    if by == "neuron_pos":  # positions not traced stay NaN
+        untraced = [p for p in range(10) if p not in pos_list]
+        assert grids["full"][:, :, untraced].isnan().all()
+
+
+# ------------------------------------------------------------------ the site
+
+
+def test_the_neuron_site_knows_its_hook_shape_and_positions(tiny_gated_model):
+    model = tiny_gated_model
+    where = site("mlp_post").for_model(model)
+    assert isinstance(where, NeuronSite) and where.by == "neuron"
+    assert where.hook_name(2) == "blocks.2.mlp.hook_post"
+    assert where.index_axes == ("layer", "neuron")
+    assert where.width(model, 10) == model.cfg.d_mlp
+    assert where.unit_shape(model, 10) == (model.cfg.d_mlp,)
+    placed = where.at_positions([7, 3])
+    assert placed.positions == (3, 7)
+    units = torch.tensor([[5], [1]])
+    mask = placed.cell_mask(units, 10)
+    assert mask.shape == (2, 10, model.cfg.d_mlp)
+    assert mask.sum().item() == 4 and mask[0, 3, 5] and mask[0, 7, 5] and mask[1, 3, 1]
+    assert placed.first_position(units).tolist() == [3, 3]
+    assert placed.touched_positions(units, 10).equal(mask.any(-1))
+    by_pos = site("mlp_post", by="neuron_pos").for_model(model)
+    assert by_pos.at_positions([3]) is by_pos
+    assert by_pos.index_axes == ("layer", "neuron", "pos")
+    units = torch.tensor([[5, 2], [1, 8]])
+    assert by_pos.first_position(units).tolist() == [2, 8]
+    assert by_pos.cell_mask(units, 10).nonzero().tolist() == [[0, 2, 5], [1, 8, 1]]
+
+
+def test_the_hook_is_the_post_activation_after_the_gate(tiny_gated_model, tiny_model):
+    """``hook_post`` is what W_out reads: act(gate) * up (gated) or act(pre) (plain)."""
+    for model in (tiny_model, tiny_gated_model):
+        tokens = model.to_tokens(TINY_PROMPT)
+        block = model.blocks[1].mlp
+        outputs = []
+        handle = block.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(tokens)
+        finally:
+            handle.remove()
+        post = cache["blocks.1.mlp.hook_post"][0]
+        assert post.shape == (tokens.shape[1], model.cfg.d_mlp)
+        bias = 0.0 if block.b_out is None else block.b_out
+        out = post @ block.W_out + bias
+        torch.testing.assert_close(out, outputs[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_settings_accept_the_neuron_kind_and_refuse_bad_options():
+    settings = TraceSettings.from_options(kinds=("mlp_post", "resid_post"), by="neuron_pos", noise=0.5)
+    assert [s.index_axes for s in settings.sites] == [("layer", "neuron", "pos"), ("layer", "pos")]
+    assert TraceSettings.from_dict(settings.to_dict()).sites == settings.sites
+    with pytest.raises(InvalidInput, match=r"by must be one of \('neuron', 'neuron_pos'\).*'head'"):
+        TraceSettings(kinds=("mlp_post",), by="head")
+    with pytest.raises(InvalidInput, match=r"by='neuron' applies to the per-head kinds"):
+        TraceSettings(kinds=("mlp_out",), by="neuron")
+
+
+def test_memory_plans_count_the_neurons_width(tiny_model):
+    where = site("mlp_post").for_model(tiny_model)
+    cfg = tiny_model.cfg
+    residual = engine.memory_estimate(tiny_model, 10, [site("mlp_out")], "full")
+    neurons = engine.memory_estimate(tiny_model, 10, [where], "full")
+    assert residual.fixed == engine.memory_estimate(tiny_model, 10, cfg.n_layers, "full").fixed
+    assert neurons.fixed == 4 * 10 * cfg.n_layers * cfg.d_mlp
+    wider = engine.row_bytes(tiny_model, 10, width=cfg.d_mlp) - engine.row_bytes(tiny_model, 10)
+    assert wider == 4 * 10 * (cfg.d_mlp - cfg.d_model)
