@@ -65,7 +65,7 @@ from lenscope.hooks import (
 from lenscope.metrics import PatchingMetric, softmax
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings, resolve_prompt
-from lenscope.sites import HeadSite
+from lenscope.sites import HeadSite, NeuronSite, Site, site
 from lenscope.tokens import token_labels
 from lenscope.validation import InvalidInput, is_int
 
@@ -73,15 +73,17 @@ __all__ = [
     "AtP",
     "AttributionResult",
     "Comparison",
+    "AttributionGrid",
     "IntegratedGradients",
     "attribute",
+    "attribute_grids",
     "compare",
     "estimator_from_name",
     "recheck_top",
 ]
 
-ATTRIBUTION_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
-"""Kinds attribution patching estimates: the residual-width activations."""
+ATTRIBUTION_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out", "mlp_post")
+"""Kinds attribution patching estimates: the residual-width activations and MLP neurons."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,6 +216,184 @@ def attribute(
             estimator or target, or any input the exact trace refuses.
     """
     estimator = estimator_from_name(estimator)
+    neurons = [
+        w.name for w in tracer.settings(settings, **options).sites if isinstance(w, NeuronSite)
+    ]
+    if neurons:
+        # Until results hold grids with named axes: an AttributionResult is (layer, pos).
+        raise InvalidInput(
+            f"attribute returns (layer, pos) results, got the per-neuron kind(s) {neurons}; "
+            "pass them to lenscope.attribution.attribute_grids, which returns each kind's "
+            "(layer, neuron) grid"
+        )
+    est = _estimate(tracer, prompt, subject, settings, estimator, target, options)
+    model, settings, corrupted = est.model, est.settings, est.corrupted
+    tokens, answer_id, foil_id, bound = est.tokens, est.answer_id, est.foil_id, est.bound
+    clean_score, corrupted_score = est.clean_score, est.corrupted_score
+    (clean_ids, clean_probs), (corrupted_ids, corrupted_probs) = est.clean_top, est.corrupted_top
+    n_layer, top_k = n_layers(model), settings.top_k
+
+    ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
+    if foil_id is not None:
+        ids_seen.add(foil_id)
+    vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
+    record = corrupted.record
+    passes = {
+        "clean_forward": 1,
+        "corrupted_forward": 1,
+        "corrupted_backward": 1,
+        "corrupted_rows": corrupted.samples,
+        **est.extra_passes,
+    }
+    out = {}
+    for where in est.sites:
+        window = settings.windows[where.name]
+        raw = corrupted_score + est.traced(where)
+        out[where.name] = AttributionResult(
+            scores=bound.normalize(raw, clean_score, corrupted_score),
+            clean_score=float(bound.normalize(clean_score, clean_score, corrupted_score)),
+            corrupted_score=float(bound.normalize(corrupted_score, clean_score, corrupted_score)),
+            tokens=token_labels(model, tokens),
+            token_ids=tokens.cpu(),
+            subject_range=est.subject_range,
+            answer=vocab[answer_id],
+            answer_id=answer_id,
+            kind=where.name,
+            hook_names=where.hook_names(n_layer),
+            window=window,
+            samples=corrupted.samples,
+            noise_std=record.get("noise_std", 0.0),
+            seed=record.get("seed"),
+            model_name=model_name(model),
+            metric=bound.name,
+            top_ids=torch.full((*raw.shape, top_k), -1, dtype=torch.long),
+            top_probs=torch.full((*raw.shape, top_k), math.nan),
+            clean_top_ids=clean_ids.cpu(),
+            clean_top_probs=clean_probs.cpu(),
+            corrupted_top_ids=corrupted_ids.cpu(),
+            corrupted_top_probs=corrupted_probs.cpu(),
+            vocab=vocab,
+            prompt=prompt if isinstance(prompt, str) else None,
+            corruption=dict(record),
+            direction="denoise",
+            foil=None if foil_id is None else vocab[foil_id],
+            foil_id=foil_id,
+            normalization=(clean_score, corrupted_score) if bound.normalized else None,
+            passes=passes,
+            seconds=est.seconds,
+            estimator=estimator.name,
+            target=target,
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionGrid:
+    """One kind's attribution estimates over its site's index space (:func:`attribute_grids`).
+
+    Attributes:
+        kind: The kind (site name).
+        axes: The grid's axes, the site's ``index_axes`` (``("layer", "neuron")``, ...).
+        scores: The corrupted score plus each cell's estimated change, normalised
+            as the exact trace normalises (NaN where not traced).
+        clean_score: The clean run's score, normalised.
+        corrupted_score: The corrupted copies' mean score, normalised.
+        answer_id: The answer token.
+        seconds: Wall time of the whole estimate (all kinds).
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    scores: Float[Tensor, "layer ..."]
+    clean_score: float
+    corrupted_score: float
+    answer_id: int
+    seconds: float
+
+
+def attribute_grids(
+    tracer: Any,
+    prompt: str | Tensor | Sequence[int],
+    subject: str | tuple[int, int] | None = None,
+    settings: TraceSettings | None = None,
+    *,
+    estimator: "str | Estimator" = "atp",
+    target: str = "metric",
+    **options: Any,
+) -> dict[str, AttributionGrid]:
+    """:func:`attribute`'s estimates as bare grids over each site's index space.
+
+    The same computation and arguments as :func:`attribute` (one backward for
+    every cell of every kind); for the per-neuron kind ``"mlp_post"``
+    (``by="neuron"``: a ``[layer, neuron]`` grid, each neuron restored at
+    every traced position; ``by="neuron_pos"``: ``[layer, neuron, pos]``) as
+    for the residual-width kinds (``[layer, pos]``).
+
+    Returns:
+        ``{kind: AttributionGrid}`` in the order of ``kinds``.
+    """
+    est = _estimate(
+        tracer, prompt, subject, settings, estimator_from_name(estimator), target, options
+    )
+    bound, clean, corrupted = est.bound, est.clean_score, est.corrupted_score
+    return {
+        where.name: AttributionGrid(
+            kind=where.name,
+            axes=where.index_axes,
+            scores=bound.normalize(corrupted + est.traced(where), clean, corrupted),
+            clean_score=float(bound.normalize(clean, clean, corrupted)),
+            corrupted_score=float(bound.normalize(corrupted, clean, corrupted)),
+            answer_id=est.answer_id,
+            seconds=est.seconds,
+        )
+        for where in est.sites
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Estimate:
+    """What :func:`attribute` and :func:`attribute_grids` build their output from."""
+
+    model: torch.nn.Module
+    settings: TraceSettings
+    sites: tuple[Site, ...]
+    tokens: Tensor
+    subject_range: tuple[int, int]
+    pos_list: list[int]
+    corrupted: Any
+    corrupted_logits: Tensor
+    answer_id: int
+    foil_id: int | None
+    bound: metrics.BoundMetric
+    clean_score: float
+    corrupted_score: float
+    clean_top: tuple[Tensor, Tensor]
+    corrupted_top: tuple[Tensor, Tensor]
+    effects: dict[str, "Effects"]
+    extra_passes: dict[str, int]
+    answer_probs: Tensor | None
+    seconds: float
+
+    def traced(self, where: Site) -> Float[Tensor, "layer ..."]:
+        """``where``'s estimated metric change per cell (its index axes), NaN where not traced."""
+        window = self.settings.windows[where.name]
+        estimate = _combine(self.effects[where.name], window, self.answer_probs)
+        traced = torch.full_like(estimate, math.nan)
+        cells = where.cells(self.model, list(self.settings.layers), self.pos_list)
+        traced[tuple(cells.T)] = estimate[tuple(cells.T)]
+        return traced
+
+
+def _estimate(
+    tracer: Any,
+    prompt: str | Tensor | Sequence[int],
+    subject: str | tuple[int, int] | None,
+    settings: TraceSettings | None,
+    estimator: "Estimator",
+    target: str,
+    options: Mapping[str, Any],
+) -> _Estimate:
+    """The clean run, the corrupted copies' gradient run and the estimator's effects."""
     settings = tracer.settings(settings, **options)
     _check_supported(tracer.model, settings)
     check_target(target, settings)
@@ -229,6 +409,7 @@ def attribute(
     settings = settings.for_model(model)
     corruption = settings.corruption
     pos_list = settings.position_list(tokens.shape[0], subject_range)
+    sites = tuple(where.at_positions(pos_list) for where in sites)
     top_k = settings.top_k
 
     with preserved_model(model):
@@ -273,6 +454,7 @@ def attribute(
             target_fn=_log_prob if target == "log_prob" else differentiable(bound[0].fn),
             answer_id=answer_id,
             layers=tuple(settings.layers),
+            sites={where.name: where for where in sites},
         )
         effects, extra_passes = estimator.effects(inputs, groups)
     (bound,) = bound  # type: ignore[assignment]
@@ -286,67 +468,30 @@ def attribute(
     clean_score, corrupted_score = clean_scores[0], corrupted_scores[0]
     metrics.check_normalizable(bound, clean_score, corrupted_score)
     seconds = time.perf_counter() - started
-
-    ids_seen = {answer_id, *clean_ids.tolist(), *corrupted_ids.tolist()}
-    if foil_id is not None:
-        ids_seen.add(foil_id)
-    vocab = dict(zip(sorted(ids_seen), token_labels(model, sorted(ids_seen)), strict=True))
-    record = corrupted.record
-    passes = {
-        "clean_forward": 1,
-        "corrupted_forward": 1,
-        "corrupted_backward": 1,
-        "corrupted_rows": corrupted.samples,
-        **extra_passes,
-    }
-    # log_prob differentiated for a prob trace: each copy's log-probability
-    # change d is the probability change p (exp(d) - 1) of that copy.
     converts = target == "log_prob" and settings.metric_names[0] == "prob"
-    answer_probs = softmax(corrupted_logits)[:, answer_id] if converts else None
-    out = {}
-    for where in sites:
-        window = settings.windows[where.name]
-        estimate = _combine(effects[where.name], window, answer_probs)
-        traced = torch.full_like(estimate, math.nan)
-        cells = where.cells(model, list(settings.layers), pos_list)
-        traced[tuple(cells.T)] = estimate[tuple(cells.T)]
-        raw = corrupted_score + traced
-        out[where.name] = AttributionResult(
-            scores=bound.normalize(raw, clean_score, corrupted_score),
-            clean_score=float(bound.normalize(clean_score, clean_score, corrupted_score)),
-            corrupted_score=float(bound.normalize(corrupted_score, clean_score, corrupted_score)),
-            tokens=token_labels(model, tokens),
-            token_ids=tokens.cpu(),
-            subject_range=subject_range,
-            answer=vocab[answer_id],
-            answer_id=answer_id,
-            kind=where.name,
-            hook_names=where.hook_names(n_layer),
-            window=window,
-            samples=corrupted.samples,
-            noise_std=record.get("noise_std", 0.0),
-            seed=record.get("seed"),
-            model_name=model_name(model),
-            metric=bound.name,
-            top_ids=torch.full((*estimate.shape, top_k), -1, dtype=torch.long),
-            top_probs=torch.full((*estimate.shape, top_k), math.nan),
-            clean_top_ids=clean_ids.cpu(),
-            clean_top_probs=clean_probs.cpu(),
-            corrupted_top_ids=corrupted_ids.cpu(),
-            corrupted_top_probs=corrupted_probs.cpu(),
-            vocab=vocab,
-            prompt=prompt if isinstance(prompt, str) else None,
-            corruption=dict(record),
-            direction="denoise",
-            foil=None if foil_id is None else vocab[foil_id],
-            foil_id=foil_id,
-            normalization=(clean_score, corrupted_score) if bound.normalized else None,
-            passes=passes,
-            seconds=seconds,
-            estimator=estimator.name,
-            target=target,
-        )
-    return out
+    return _Estimate(
+        model=model,
+        settings=settings,
+        sites=sites,
+        tokens=tokens,
+        subject_range=subject_range,
+        pos_list=pos_list,
+        corrupted=corrupted,
+        corrupted_logits=corrupted_logits,
+        answer_id=answer_id,
+        foil_id=foil_id,
+        bound=bound,
+        clean_score=clean_score,
+        corrupted_score=corrupted_score,
+        clean_top=(clean_ids, clean_probs),
+        corrupted_top=(corrupted_ids, corrupted_probs),
+        effects=effects,
+        extra_passes=extra_passes,
+        # log_prob differentiated for a prob trace: each copy's log-probability
+        # change d is the probability change p (exp(d) - 1) of that copy.
+        answer_probs=softmax(corrupted_logits)[:, answer_id] if converts else None,
+        seconds=seconds,
+    )
 
 
 def recheck_top(
@@ -426,7 +571,7 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
     ]
     if heads:
         raise InvalidInput(
-            f"attribution estimates the residual-width kinds {ATTRIBUTION_KINDS}, got the "
+            f"attribution estimates the residual-width kinds and MLP neurons {ATTRIBUTION_KINDS}, got the "
             f"per-head kind(s) {heads}; pass kinds=('resid_post', 'mlp_out', 'attn_out'), or "
             "trace heads exactly (tracer.trace(kind='z', by='head'))"
         )
@@ -479,8 +624,8 @@ def differentiable(fn: PatchingMetric) -> PatchingMetric:
 class GradientRun:
     """The corrupted copies' activations and the metric's gradient at some hook points."""
 
-    activations: dict[str, Float[Tensor, "samples pos d_model"]]
-    gradients: dict[str, Float[Tensor, "samples pos d_model"]]
+    activations: dict[str, Float[Tensor, "samples pos ..."]]
+    gradients: dict[str, Float[Tensor, "samples pos ..."]]
     logits: Float[Tensor, "samples d_vocab"]
 
 
@@ -507,7 +652,8 @@ def corrupted_gradients(
     Args:
         model: The model (its parameters may all be frozen).
         corrupted: The bound corruption.
-        names: Hook points (residual-width) whose activations and gradients to keep.
+        names: Hook points whose activations and gradients to keep (any width:
+            residual-width, ``mlp.hook_post``).
         metric_for: Given the corrupted logits, the differentiable metric
             ``(logits, answer) -> per-copy scores`` to differentiate.
         answer_id: The answer token.
@@ -581,16 +727,17 @@ def cell_estimates(
     return torch.stack(rows).cpu()
 
 
-def window_sum(per_layer: Float[Tensor, "layer pos"], window: int) -> Float[Tensor, "layer pos"]:
+def window_sum(per_layer: Float[Tensor, "layer ..."], window: int) -> Float[Tensor, "layer ..."]:
     """Each cell's estimate of restoring its window: the sum over the window's layers.
 
     The layers of a window are those the exact trace restores
-    (:func:`lenscope.engine.restore_windows`, ROME's clipping).
+    (:func:`lenscope.engine.restore_windows`, ROME's clipping). Axes after
+    ``layer`` (positions, neurons, samples) are kept.
     """
     n_layer = per_layer.shape[0]
     cells = torch.stack([torch.arange(n_layer), torch.zeros(n_layer, dtype=torch.long)], dim=1)
     windows = engine.restore_windows(cells, window, n_layer).to(per_layer.dtype)
-    return windows @ per_layer
+    return (windows @ per_layer.flatten(1)).reshape(per_layer.shape)
 
 
 TARGETS = ("metric", "log_prob")
@@ -627,20 +774,30 @@ class EstimatorInputs:
     Attributes:
         model: The model (parameters frozen for the call).
         corrupted: The bound corruption (``samples`` copies per row block).
-        clean: The clean activation at every hook point of the kinds, ``[pos, d_model]``.
+        clean: The clean activation at every hook point of the kinds, ``[pos, ...]``
+            (``[pos, d_model]`` for the residual-width kinds, ``[pos, d_mlp]`` for neurons).
         run: The corrupted copies' activations and target gradients (:func:`corrupted_gradients`).
         target_fn: The differentiable ``(logits, answer) -> per-row scores`` differentiated.
         answer_id: The answer token.
         layers: The traced layers (the window centres whose estimates are needed).
+        sites: ``{kind: site}`` (with the trace's positions filled in): how a
+            layer's activation becomes its cells' estimates
+            (:meth:`~lenscope.sites.Site.cell_dot`); a kind not listed is the
+            residual-width site of that name.
     """
 
     model: torch.nn.Module
     corrupted: Any
-    clean: Mapping[str, Float[Tensor, "pos d_model"]]
+    clean: Mapping[str, Float[Tensor, "pos ..."]]
     run: "GradientRun"
     target_fn: PatchingMetric
     answer_id: int
     layers: tuple[int, ...]
+    sites: Mapping[str, Site] = dataclasses.field(default_factory=dict)
+
+    def site(self, kind: str) -> Site:
+        """The site of ``kind``."""
+        return self.sites.get(kind) or site(kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,12 +805,13 @@ class Effects:
     """One kind's estimated target changes per corrupted copy.
 
     Attributes:
-        per_sample: ``[layer, samples, pos]``: the change of each copy's target.
+        per_sample: ``[layer, samples, *unit]`` (``unit``: the site's unit axes,
+            ``pos`` for the residual-width kinds): the change of each copy's target.
         windowed: True when each row is already its window's estimate (a joint
             path); False when rows are single layers, summed over windows after.
     """
 
-    per_sample: Float[Tensor, "layer samples pos"]
+    per_sample: Float[Tensor, "layer samples ..."]
     windowed: bool
 
 
@@ -680,8 +838,9 @@ class AtP:
         """Per-layer, per-copy estimates of every kind (no further passes)."""
         out = {}
         for kind, (names, _) in groups.items():
+            where = inputs.site(kind)
             per_sample = [
-                _dot(inputs.clean[n], inputs.run.activations[n], inputs.run.gradients[n])
+                _dot(inputs.clean[n], inputs.run.activations[n], inputs.run.gradients[n], where)
                 for n in names
             ]
             out[kind] = Effects(torch.stack(per_sample), windowed=False)
@@ -741,7 +900,9 @@ class IntegratedGradients:
         cells = torch.stack([centres, torch.zeros_like(centres)], dim=1)
         paths: list[tuple[str, ...]] = []
         slots: dict[str, list[tuple[int, int]]] = {}  # kind -> (row of the result, path)
+        sites: dict[str, Site] = {}  # hook name -> its site
         for kind, (names, window) in groups.items():
+            sites.update(dict.fromkeys(names, inputs.site(kind)))
             restored = engine.restore_windows(cells, window, n_layer)
             if self.path == "window":
                 rows = [
@@ -755,11 +916,11 @@ class IntegratedGradients:
             for row, path in rows:
                 slots[kind].append((row, len(paths)))
                 paths.append(path)
-        totals, passes = interpolated_gradients(inputs, paths, self.steps)
-        samples, n_pos = inputs.corrupted.samples, totals.shape[-1]
+        totals, passes = interpolated_gradients(inputs, paths, self.steps, sites)
         out = {}
         for kind in groups:
-            per_sample = torch.zeros(n_layer, samples, n_pos)
+            shape = totals[slots[kind][0][1]].shape if slots[kind] else ()
+            per_sample = torch.zeros(n_layer, *shape)
             for row, index in slots[kind]:
                 per_sample[row] = totals[index]
             out[kind] = Effects(per_sample, windowed=self.path == "window")
@@ -794,8 +955,11 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
 
 
 def interpolated_gradients(
-    inputs: EstimatorInputs, paths: Sequence[Sequence[str]], steps: int
-) -> tuple[Float[Tensor, "path samples pos"], dict[str, int]]:
+    inputs: EstimatorInputs,
+    paths: Sequence[Sequence[str]],
+    steps: int,
+    sites: Mapping[str, Site] | None = None,
+) -> tuple[list[Float[Tensor, "samples ..."]], dict[str, int]]:
     """Each path's integrated gradients per corrupted copy and position, summed over its hooks.
 
     Rows are ``(path, step)`` copies of the corrupted samples (copy-major, as
@@ -808,18 +972,19 @@ def interpolated_gradients(
         inputs: The clean run, the corrupted copies' activations and the target.
         paths: Hook names interpolated together, one tuple per path.
         steps: Midpoints ``alpha = (k + 0.5) / steps`` per path.
+        sites: ``{hook name: site}``: how each hook's gradient becomes cell
+            estimates (:meth:`~lenscope.sites.Site.cell_dot`); default: residual width.
 
     Returns:
-        ``[path, samples, pos]`` estimates, and the passes they cost.
+        Each path's ``[samples, *unit]`` estimates, and the passes they cost.
     """
+    sites = {} if sites is None else sites
     model, corrupted = inputs.model, inputs.corrupted
     samples = corrupted.samples
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     copies = [(j, k) for j in range(len(paths)) for k in range(steps)]
     per_pass = max(1, IG_ROWS_PER_PASS // samples)
-    first = inputs.clean[paths[0][0]] if paths else None
-    n_pos = 0 if first is None else first.shape[0]
-    totals = torch.zeros(len(paths), samples, n_pos)
+    totals: list[Tensor | None] = [None] * len(paths)
     deltas = {
         name: inputs.clean[name][None].float() - inputs.run.activations[name].float()
         for name in dict.fromkeys(n for p in paths for n in p)
@@ -858,30 +1023,39 @@ def interpolated_gradients(
         n_passes += 1
         for name, grad in zip(leaves, grads, strict=True):
             grad = grad.float().unflatten(0, (len(members[name]), samples))
-            dots = einops.einsum(grad, deltas[name], "c s pos d, s pos d -> c s pos").cpu()
-            index = torch.tensor([chunk[c][0] for c in members[name]], dtype=torch.long)
-            totals.index_add_(0, index, dots / steps)
+            where = sites.get(name) or _RESIDUAL
+            dots = where.cell_dot(grad, deltas[name]).cpu() / steps
+            for c, member in enumerate(members[name]):
+                path = chunk[member][0]
+                # Summed as an index_add_ into zeros sums: 0 + x first, then in order.
+                total = totals[path]
+                totals[path] = (torch.zeros_like(dots[c]) if total is None else total) + dots[c]
     passes = {
         "interpolated_forward": n_passes,
         "interpolated_backward": n_passes,
         "interpolated_rows": len(copies) * samples,
     }
-    return totals, passes
+    return [t for t in totals if t is not None], passes  # every path has its steps
+
+
+_RESIDUAL = site("resid_post")
+"""The site of a residual-width hook point (all five contract the same way)."""
 
 
 def _dot(
-    clean: Float[Tensor, "pos d_model"],
-    corrupted: Float[Tensor, "samples pos d_model"],
-    gradient: Float[Tensor, "samples pos d_model"],
-) -> Float[Tensor, "samples pos"]:
-    """``(a_clean - a_corrupted) . grad`` per copy and position."""
+    clean: Float[Tensor, "pos ..."],
+    corrupted: Float[Tensor, "samples pos ..."],
+    gradient: Float[Tensor, "samples pos ..."],
+    where: Site = _RESIDUAL,
+) -> Float[Tensor, "samples ..."]:
+    """``(a_clean - a_corrupted) . grad`` per copy and cell of one layer of ``where``."""
     delta = clean[None].float() - corrupted.float()
-    return einops.einsum(delta, gradient.float(), "s pos d, s pos d -> s pos")
+    return where.cell_dot(delta, gradient.float())
 
 
 def _combine(
     effects: Effects, window: int, answer_probs: Float[Tensor, " samples"] | None
-) -> Float[Tensor, "layer pos"]:
+) -> Float[Tensor, "layer ..."]:
     """A kind's estimated metric change per cell: windows, conversion, mean over copies.
 
     Without conversion and for single-layer rows this is the historical
@@ -896,13 +1070,9 @@ def _combine(
         return window_sum(means.cpu(), window)
     per_sample = effects.per_sample.cpu()
     if not effects.windowed:
-        per_sample = einops.rearrange(
-            window_sum(einops.rearrange(per_sample, "layer s pos -> layer (s pos)"), window),
-            "layer (s pos) -> layer s pos",
-            s=per_sample.shape[1],
-        )
+        per_sample = window_sum(per_sample, window)
     if answer_probs is not None:
-        p = answer_probs.cpu()[None, :, None]
+        p = answer_probs.cpu().reshape(1, -1, *[1] * (per_sample.ndim - 2))
         # A restored probability lies in [0, 1]: the change in [-p, 1 - p].
         per_sample = torch.minimum(p * torch.expm1(per_sample), 1 - p)
     return per_sample.mean(dim=1)

@@ -918,9 +918,9 @@ def _sweep(
             if entries is None or first_pos is None:  # the full strategy
                 masks = site.cell_mask(cells[members, 1:], n_pos)
                 finals.append(
-                    forward_cells(model, base, site, windows[members], masks, source)[
-                        FINAL_RESID
-                    ][:, -1]
+                    forward_cells(model, base, site, windows[members], masks, source)[FINAL_RESID][
+                        :, -1
+                    ]
                 )
             else:
                 finals.append(

@@ -119,10 +119,28 @@ class Site:
         """
         return int(model.cfg.d_model)
 
-    def touched_positions(self, units: Int[Tensor, "cell unit"], n_pos: int) -> Bool[Tensor, "cell pos"]:
+    def touched_positions(
+        self, units: Int[Tensor, "cell unit"], n_pos: int
+    ) -> Bool[Tensor, "cell pos"]:
         """Token positions each cell restores at (:meth:`cell_mask` reduced to positions)."""
         mask = self.cell_mask(units, n_pos)
         return mask.flatten(2).any(-1) if mask.ndim > 2 else mask
+
+    def cell_dot(
+        self, x: Float[Tensor, "*lead s pos d"], y: Float[Tensor, "s pos d"]
+    ) -> Float[Tensor, "*lead s pos"]:
+        """``x . y`` summed over the values each cell of one layer restores (here: a position's).
+
+        Attribution patching's estimate of every cell of one layer at once,
+        with ``x`` and ``y`` the gradient and ``a_clean - a_corrupted`` (in
+        either order) of ``s`` corrupted copies; ``x`` may carry one more
+        leading axis (integrated gradients' path points).
+
+        Returns:
+            ``[*lead, s, *unit]``: one value per copy and cell of the layer.
+        """
+        lead = "c " if x.ndim == y.ndim + 1 else ""
+        return einops.einsum(x, y, f"{lead}s pos d, s pos d -> {lead}s pos")
 
     def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
         """The cells to trace: rows of :attr:`index_axes` coordinates (here ``(layer, pos)``).
@@ -407,6 +425,18 @@ class NeuronSite(Site):
         if self.by == "neuron":
             return einops.repeat(self._restored(n_pos), "pos -> cell pos", cell=len(units))
         return torch.nn.functional.one_hot(units[:, 1], n_pos).bool()
+
+    def cell_dot(
+        self, x: Float[Tensor, "*lead s pos d_mlp"], y: Float[Tensor, "s pos d_mlp"]
+    ) -> Float[Tensor, "..."]:
+        """``x . y`` per neuron: summed over the restored positions (``[*lead, s, neuron]``),
+        or per position (``by="neuron_pos"``: ``[*lead, s, neuron, pos]``)."""
+        if self.by == "neuron_pos":
+            return einops.rearrange(x * y, "... pos n -> ... n pos")
+        if self.positions is not None:
+            where = list(self.positions)
+            x, y = x[..., where, :], y[..., where, :]
+        return (x * y).sum(dim=-2)
 
     def first_position(self, units: Int[Tensor, "cell unit"]) -> Int[Tensor, " cell"]:
         """The first restored position: the first traced one (``by="neuron"``) or the cell's."""

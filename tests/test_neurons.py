@@ -27,6 +27,7 @@ SAMPLES, NOISE, SEED = 2, 0.5, 3
 # Positions a by="neuron" cell restores (the subject's last token and the
 # prompt's last), and the positions a by="neuron_pos" sweep traces.
 POSITIONS = [3, -1]
+POSITIONS_RESOLVED = [3, 9]  # in the 10-token tiny prompt
 # Every fifth neuron is checked against the plain loop (the engine sweeps them all).
 STRIDE = 5
 
@@ -73,9 +74,7 @@ def engine_trace(model, strategy, *, by, direction="denoise", window=1, position
         )
         if noising:
             base = corrupted.clean_copies(tokens)
-            base_state = engine.corrupted_run(
-                model, base, keep_prefix_state=strategy == "prefix"
-            )
+            base_state = engine.corrupted_run(model, base, keep_prefix_state=strategy == "prefix")
             source = state.activations
         else:
             base, base_state = corrupted, state
@@ -120,6 +119,7 @@ def plain_neuron_trace(model, *, by, direction, window, answer, span, pos_list, 
     _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     noisy_acts = {}
     if direction == "noise":
+
         def keep(act, hook):
             noisy_acts[hook.name] = act.detach().clone()
 
@@ -239,7 +239,9 @@ def test_the_hook_is_the_post_activation_after_the_gate(tiny_gated_model, tiny_m
 
 
 def test_settings_accept_the_neuron_kind_and_refuse_bad_options():
-    settings = TraceSettings.from_options(kinds=("mlp_post", "resid_post"), by="neuron_pos", noise=0.5)
+    settings = TraceSettings.from_options(
+        kinds=("mlp_post", "resid_post"), by="neuron_pos", noise=0.5
+    )
     assert [s.index_axes for s in settings.sites] == [("layer", "neuron", "pos"), ("layer", "pos")]
     assert TraceSettings.from_dict(settings.to_dict()).sites == settings.sites
     with pytest.raises(InvalidInput, match=r"by must be one of \('neuron', 'neuron_pos'\).*'head'"):
@@ -257,3 +259,83 @@ def test_memory_plans_count_the_neurons_width(tiny_model):
     assert neurons.fixed == 4 * 10 * cfg.n_layers * cfg.d_mlp
     wider = engine.row_bytes(tiny_model, 10, width=cfg.d_mlp) - engine.row_bytes(tiny_model, 10)
     assert wider == 4 * 10 * (cfg.d_mlp - cfg.d_model)
+
+
+# ------------------------------------------------------------------ attribution
+
+
+def plain_neuron_atp(model, *, by, answer, span, pos_list):
+    """AtP from a plain hooked forward: ``torch.autograd.grad`` of the summed probability
+    with respect to a zero added at every ``hook_post``, times ``clean - corrupted``."""
+    tokens = model.to_tokens(TINY_PROMPT)
+    n_layers = model.cfg.n_layers
+    start, end = span
+    draws = draw_noise(SAMPLES, end - start, model.cfg.d_model, NOISE, SEED)
+    batch = tokens.repeat(SAMPLES, 1)
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    zeros, seen = {}, {}
+
+    def add_noise(embed, hook):
+        embed = embed.clone()
+        embed[:, start:end] += draws.to(embed.dtype)
+        return embed
+
+    def tap(act, hook):
+        seen[hook.name] = act.detach().clone()
+        zeros[hook.name] = torch.zeros_like(act, requires_grad=True)
+        return act + zeros[hook.name]
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(
+            batch, fwd_hooks=[("hook_embed", add_noise), *((n, tap) for n in names)]
+        )
+        total = torch.softmax(logits[:, -1].float(), -1)[:, answer].sum()
+        grads = torch.autograd.grad(total, [zeros[n] for n in names])
+    rows = []
+    for name, grad in zip(names, grads, strict=True):
+        product = grad * (clean_cache[name] - seen[name])  # [sample, pos, neuron]
+        if by == "neuron":
+            rows.append(product[:, pos_list].sum(dim=1).mean(dim=0))
+        else:
+            rows.append(product.mean(dim=0).T)  # [neuron, pos]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("by", ["neuron", "neuron_pos"])
+@pytest.mark.parametrize("which", ["plain", "gated"])
+def test_neuron_attribution_equals_plain_autograd(peaked_models, one_thread, which, by):
+    import lenscope
+    from lenscope.attribution import attribute_grids
+
+    model = peaked_models[which]
+    tracer = lenscope.CausalTracer(model, progress=False)
+    (grid,) = attribute_grids(
+        tracer,
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        _settings(by=by, positions=POSITIONS),
+    ).values()
+    assert grid.axes == (("layer", "neuron") if by == "neuron" else ("layer", "neuron", "pos"))
+    with torch.no_grad():
+        answer = int(model(model.to_tokens(TINY_PROMPT))[0, -1].argmax())
+    assert grid.answer_id == answer
+    span = resolve_prompt(model, TINY_PROMPT, TINY_SUBJECT, _settings()).subject_range
+    expected = plain_neuron_atp(model, by=by, answer=answer, span=span, pos_list=POSITIONS_RESOLVED)
+    got = grid.scores - grid.corrupted_score
+    if by == "neuron_pos":
+        untraced = [p for p in range(expected.shape[-1]) if p not in POSITIONS_RESOLVED]
+        assert got[..., untraced].isnan().all()
+        got, expected = got[..., POSITIONS_RESOLVED], expected[..., POSITIONS_RESOLVED]
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    assert expected.abs().max() > 1e-3  # not vacuous
+
+
+def test_attribute_refuses_neurons_and_points_to_grids(peaked_models):
+    import lenscope
+
+    tracer = lenscope.CausalTracer(peaked_models["plain"], progress=False)
+    with pytest.raises(InvalidInput, match=r"per-neuron kind\(s\) \['mlp_post'\]; pass them to"):
+        tracer.attribute(TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_post",))
