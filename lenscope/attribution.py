@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -571,8 +570,9 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
     ]
     if heads:
         raise InvalidInput(
-            f"attribution estimates the residual-width kinds and MLP neurons {ATTRIBUTION_KINDS}, got the "
-            f"per-head kind(s) {heads}; pass kinds=('resid_post', 'mlp_out', 'attn_out'), or "
+            f"attribution estimates the residual-width kinds and MLP neurons "
+            f"{ATTRIBUTION_KINDS}, got the per-head kind(s) {heads}; pass "
+            "kinds=('resid_post', 'mlp_out', 'attn_out'), or "
             "trace heads exactly (tracer.trace(kind='z', by='head'))"
         )
     if settings.direction != "denoise":

@@ -301,7 +301,7 @@ def memory_estimate(
 
 
 def kept_width(model: torch.nn.Module, n_pos: int, hook_points: int | Sequence[Site]) -> int:
-    """Values per position of the clean activations kept at ``hook_points`` (all layers of each site)."""
+    """Values per position of the clean activations kept at ``hook_points`` (each site's layers)."""
     if isinstance(hook_points, int):
         return hook_points * int(model.cfg.d_model)
     return n_layers(model) * sum(where.width(model, n_pos) for where in hook_points)

@@ -322,7 +322,7 @@ class HeadSite(Site):
 
 
 NEURON_KINDS: tuple[str, ...] = ("mlp_post",)
-"""Per-neuron activations: ``mlp_post`` is ``blocks.L.mlp.hook_post`` (``get_act_name("post", L)``)."""
+"""Per-neuron activations: ``mlp_post`` is ``blocks.L.mlp.hook_post`` (``get_act_name("post")``)."""
 
 NEURON_BY: tuple[str, ...] = ("neuron", "neuron_pos")
 """How a per-neuron kind is traced: a neuron at every traced position, or at one position."""
@@ -429,8 +429,10 @@ class NeuronSite(Site):
     def cell_dot(
         self, x: Float[Tensor, "*lead s pos d_mlp"], y: Float[Tensor, "s pos d_mlp"]
     ) -> Float[Tensor, "..."]:
-        """``x . y`` per neuron: summed over the restored positions (``[*lead, s, neuron]``),
-        or per position (``by="neuron_pos"``: ``[*lead, s, neuron, pos]``)."""
+        """``x . y`` per neuron, summed over the positions a cell restores.
+
+        ``[*lead, s, neuron]``, or ``[*lead, s, neuron, pos]`` for ``by="neuron_pos"``.
+        """
         if self.by == "neuron_pos":
             return einops.rearrange(x * y, "... pos n -> ... n pos")
         if self.positions is not None:

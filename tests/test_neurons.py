@@ -105,7 +105,7 @@ def plain_neuron_trace(model, *, by, direction, window, answer, span, pos_list, 
     ``[l - w // 2, l - w // 2 + w)`` clipped to the model (ROME's).
     """
     tokens = model.to_tokens(TINY_PROMPT)
-    n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
+    n_layers = model.cfg.n_layers
     start, end = span
     draws = draw_noise(SAMPLES, end - start, model.cfg.d_model, NOISE, SEED)
     batch = tokens.repeat(SAMPLES, 1)
