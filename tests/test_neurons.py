@@ -44,28 +44,44 @@ def peaked_models(tiny_tokenizer):
 
 
 def _settings(**options):
-    return TraceSettings.from_options(
-        kinds=("mlp_post",), samples=SAMPLES, noise=NOISE, seed=SEED, metric="prob", **options
-    )
+    defaults = {"samples": SAMPLES, "noise": NOISE, "seed": SEED, "metric": "prob"}
+    return TraceSettings.from_options(kinds=("mlp_post",), **{**defaults, **options})
 
 
-def engine_trace(model, strategy, *, by, direction="denoise", window=1, positions=POSITIONS):
-    """The engine's neuron sweep as CausalTracer._trace runs it: ``[layer, neuron(, pos)]``."""
-    settings = _settings(by=by, direction=direction, windows=window, positions=positions)
-    resolved = resolve_prompt(model, TINY_PROMPT, TINY_SUBJECT, settings)
+def engine_trace(
+    model,
+    strategy,
+    *,
+    by,
+    direction="denoise",
+    window=1,
+    positions=POSITIONS,
+    prompt=TINY_PROMPT,
+    subject=TINY_SUBJECT,
+    neurons=None,
+    **options,
+):
+    """The engine's neuron sweep as CausalTracer._trace runs it: ``[layer, neuron(, pos)]``.
+
+    ``neurons`` restricts the cells to those neurons (default: all).
+    """
+    settings = _settings(by=by, direction=direction, windows=window, positions=positions, **options)
+    resolved = resolve_prompt(model, prompt, subject, settings)
     tokens, span = resolved.tokens, resolved.subject_range
     settings = settings.for_model(model)
     n_layer = model.cfg.n_layers
     pos_list = settings.position_list(tokens.shape[0], span)
     where = settings.sites[0].for_model(model).at_positions(pos_list)
     cells = where.cells(model, list(settings.layers), pos_list)
+    if neurons is not None:
+        cells = cells[torch.isin(cells[:, 1], torch.tensor(neurons))]
     noising = direction == "noise"
     with torch.inference_mode():
         corrupted = settings.corruption.bind(model, tokens, span)
         engine.check_memory(model, corrupted, [where], strategy)
         names = where.hook_names(n_layer)
         clean = engine.clean_run(model, tokens, names)
-        answer = int(clean.logits.argmax())
+        answer = int(clean.logits.argmax()) if resolved.answer_id is None else resolved.answer_id
         state = engine.corrupted_run(
             model,
             corrupted,
@@ -97,18 +113,32 @@ def engine_trace(model, strategy, *, by, direction="denoise", window=1, position
     return out.scores[0], answer, span, pos_list
 
 
-def plain_neuron_trace(model, *, by, direction, window, answer, span, pos_list, neurons):
+def plain_neuron_trace(
+    model,
+    *,
+    by,
+    direction,
+    window,
+    answer,
+    span,
+    pos_list,
+    neurons,
+    prompt=TINY_PROMPT,
+    layers=None,
+    std=NOISE,
+    samples=SAMPLES,
+):
     """One forward pass per cell: a plain hook on ``blocks.L.mlp.hook_post`` sets one neuron.
 
     Denoising puts the clean value into the noised copies; noising puts each
     noised copy's value into the clean run. Window ``w`` restores layers
     ``[l - w // 2, l - w // 2 + w)`` clipped to the model (ROME's).
     """
-    tokens = model.to_tokens(TINY_PROMPT)
+    tokens = model.to_tokens(prompt)
     n_layers = model.cfg.n_layers
     start, end = span
-    draws = draw_noise(SAMPLES, end - start, model.cfg.d_model, NOISE, SEED)
-    batch = tokens.repeat(SAMPLES, 1)
+    draws = draw_noise(samples, end - start, model.cfg.d_model, std, SEED)
+    batch = tokens.repeat(samples, 1)
 
     def add_noise(embed, hook):
         embed = embed.clone()
@@ -129,7 +159,7 @@ def plain_neuron_trace(model, *, by, direction, window, answer, span, pos_list, 
     base_hooks = [] if direction == "noise" else [("hook_embed", add_noise)]
     groups = [pos_list] if by == "neuron" else [[p] for p in pos_list]
     out = {}
-    for layer in range(n_layers):
+    for layer in range(n_layers) if layers is None else layers:
         lo, hi = max(0, layer - window // 2), min(n_layers, layer - window // 2 + window)
         for neuron in neurons:
             for where in groups:
@@ -339,3 +369,50 @@ def test_attribute_refuses_neurons_and_points_to_grids(peaked_models):
     tracer = lenscope.CausalTracer(peaked_models["plain"], progress=False)
     with pytest.raises(InvalidInput, match=r"per-neuron kind\(s\) \['mlp_post'\]; pass them to"):
         tracer.attribute(TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_post",))
+
+
+# ------------------------------------------------------------------ Gemma-3-270m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by", ["neuron", "neuron_pos"])
+def test_gemma_neurons_equal_a_plain_hook_per_cell(gemma, by):
+    """A few layers and neurons of the real model, ROME's noise (3 sigma), 10 copies."""
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    layers, neurons = [0, 8, 17], [0, 311, 1500]
+    positions = [3, -1]
+    got, answer, span, pos_list = engine_trace(
+        gemma,
+        "prefix",
+        by=by,
+        prompt=prompt,
+        subject=subject,
+        positions=positions,
+        layers=layers,
+        neurons=neurons,
+        answer=" Paris",
+        samples=10,
+        noise=None,
+        seed=SEED,
+    )
+    settings = _settings(samples=10, noise=None, seed=SEED).for_model(gemma)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = plain_neuron_trace(
+            gemma,
+            by=by,
+            direction="denoise",
+            window=1,
+            answer=answer,
+            span=span,
+            pos_list=pos_list,
+            neurons=neurons,
+            prompt=prompt,
+            layers=layers,
+            std=settings.corruption.noise,
+            samples=10,
+        )
+    keys = list(expected)
+    want = torch.tensor([expected[k] for k in keys], dtype=torch.float64)
+    got = torch.stack([got[k] for k in keys]).double()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
