@@ -416,3 +416,14 @@ def test_gemma_neurons_equal_a_plain_hook_per_cell(gemma, by):
     want = torch.tensor([expected[k] for k in keys], dtype=torch.float64)
     got = torch.stack([got[k] for k in keys]).double()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_dataset_traces_refuse_neurons(tiny_model):
+    import lenscope
+
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT}]
+    with pytest.raises(
+        InvalidInput, match=r"per-neuron kinds \['mlp_post'\] give \(layer, neuron\)"
+    ):
+        lenscope.trace_dataset(tracer, facts, kinds=("mlp_post",))

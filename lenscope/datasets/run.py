@@ -37,7 +37,7 @@ from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
 from lenscope.results import TraceInterrupted
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite
+from lenscope.sites import HeadSite, NeuronSite
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
 from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType, is_int
@@ -505,6 +505,13 @@ def dataset_settings(
             f"a dataset trace averages (layer, pos) grids over facts, but the per-head kinds "
             f"{heads} give (layer, head) grids; trace them one prompt at a time with "
             f"tracer.trace(prompt, subject, kind={heads[0]!r}, by='head')"
+        )
+    neurons = [where.name for where in chosen.sites if isinstance(where, NeuronSite)]
+    if neurons:
+        raise InvalidInput(
+            f"a dataset trace averages (layer, pos) grids over facts, but the per-neuron kinds "
+            f"{neurons} give (layer, neuron) grids; estimate them one prompt at a time with "
+            "lenscope.attribution.attribute_grids(tracer, prompt, subject, kinds=('mlp_post',))"
         )
     return tracer.settings(chosen, **DATASET_TRACE_FIXED).for_model(tracer.model)
 
