@@ -75,6 +75,10 @@ def main() -> None:
     parser.add_argument("--layers", default="auto", help="candidate layers, e.g. 0-5, or auto")
     parser.add_argument("--time-one-layer", type=int, default=None, metavar="LAYER")
     parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--target", default="metric", help="AtP target: metric or log_prob")
+    parser.add_argument(
+        "--exact-from", default=None, help="reuse the exact candidate grid a --save file holds"
+    )
     parser.add_argument("--save", default="neuron_recall.pt", help="grids and record (torch.save)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -103,12 +107,15 @@ def main() -> None:
 
     tracer = lenscope.CausalTracer(model, progress=False)
     t = time.perf_counter()
-    (grid,) = attribute_grids(tracer, PROMPT, SUBJECT, settings).values()
+    (grid,) = attribute_grids(tracer, PROMPT, SUBJECT, settings, target=args.target).values()
     atp_s = time.perf_counter() - t
     estimate = grid.scores  # [layer, neuron], prob scale (corrupted + estimated change)
 
     mlp_out = None
-    if args.layers == "auto":
+    saved = torch.load(args.exact_from) if args.exact_from else None
+    if saved is not None:
+        lo, hi = saved["record"]["candidate_layers"]
+    elif args.layers == "auto":
         t = time.perf_counter()
         trace = tracer.trace(
             PROMPT, SUBJECT, kind="mlp_out", window=1, positions=[span[1] - 1], answer=ANSWER
@@ -120,7 +127,10 @@ def main() -> None:
         lo, hi = (int(x) for x in args.layers.split("-"))
     candidates = torch.cartesian_prod(torch.arange(lo, hi + 1), torch.arange(d_mlp))
     t = time.perf_counter()
-    exact = exact_scores(model, settings, candidates, progress=True)
+    if saved is not None:
+        exact = saved["exact"]
+    else:
+        exact = exact_scores(model, settings, candidates, progress=True)
     exact_s = time.perf_counter() - t
 
     k = args.k
@@ -141,6 +151,7 @@ def main() -> None:
         "subject_last_pos": span[1] - 1,
         "clean_prob": grid.clean_score,
         "corrupted_prob": grid.corrupted_score,
+        "target": args.target,
         "candidate_layers": [lo, hi],
         "mlp_out_window1_at_subject_last": mlp_out,
         "candidate_cells": len(candidates),
