@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "LensEvaluation": "lenscope.tuned_lens",
     "LensTrajectory": "lenscope.lens",
     "LocalExecutor": "lenscope.datasets",
+    "NEURON_KINDS": "lenscope.sites",
+    "NeuronSite": "lenscope.sites",
     "LogitLens": "lenscope.lens",
     "RayExecutor": "lenscope.datasets",
     "SITES": "lenscope.sites",

@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -66,7 +65,7 @@ from lenscope.metrics import PatchingMetric, softmax
 from lenscope.names import KINDS
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite
+from lenscope.sites import HeadSite, Site, site
 from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
@@ -80,8 +79,8 @@ __all__ = [
     "recheck_top",
 ]
 
-ATTRIBUTION_KINDS = KINDS
-"""Kinds attribution patching estimates: the residual-width activations."""
+ATTRIBUTION_KINDS = (*KINDS, "mlp_post")
+"""Kinds attribution patching estimates: the residual-width activations and MLP neurons."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -253,6 +252,7 @@ def attribute(
             target_fn=target_fn(measure),
             answer_id=measure.answer_id,
             layers=tuple(settings.layers),
+            sites={where.name: where for where in prepared.sites},
         )
         effects, extra_passes = estimator.effects(inputs, groups)
     corrupted_logits = grads.logits
@@ -373,8 +373,9 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
     ]
     if heads:
         raise InvalidInput(
-            f"attribution estimates the residual-width kinds {ATTRIBUTION_KINDS}, got the "
-            f"per-head kind(s) {heads}; pass kinds=('resid_post', 'mlp_out', 'attn_out'), or "
+            f"attribution estimates the residual-width kinds and MLP neurons "
+            f"{ATTRIBUTION_KINDS}, got the per-head kind(s) {heads}; pass "
+            "kinds=('resid_post', 'mlp_out', 'attn_out'), or "
             "trace heads exactly (tracer.trace(kind='z', by='head'))"
         )
     if settings.direction != "denoise":
@@ -402,8 +403,8 @@ def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
 class GradientRun:
     """The corrupted copies' activations and the metric's gradient at some hook points."""
 
-    activations: dict[str, Float[Tensor, "samples pos d_model"]]
-    gradients: dict[str, Float[Tensor, "samples pos d_model"]]
+    activations: dict[str, Float[Tensor, "samples pos ..."]]
+    gradients: dict[str, Float[Tensor, "samples pos ..."]]
     logits: Float[Tensor, "samples d_vocab"]
 
 
@@ -429,7 +430,8 @@ def corrupted_gradients(
     Args:
         model: The model (its parameters may all be frozen).
         corrupted: The bound corruption.
-        names: Hook points (residual-width) whose activations and gradients to keep.
+        names: Hook points whose activations and gradients to keep (any width:
+            residual-width, ``mlp.hook_post``).
         scores_of: Given the corrupted logits, the per-copy scores to
             differentiate (the metric, differentiable, of the answer).
     """
@@ -502,16 +504,17 @@ def cell_estimates(
     return torch.stack(rows).cpu()
 
 
-def window_sum(per_layer: Float[Tensor, "layer pos"], window: int) -> Float[Tensor, "layer pos"]:
+def window_sum(per_layer: Float[Tensor, "layer ..."], window: int) -> Float[Tensor, "layer ..."]:
     """Each cell's estimate of restoring its window: the sum over the window's layers.
 
     The layers of a window are those the exact trace restores
-    (:func:`lenscope.engine.restore_windows`, ROME's clipping).
+    (:func:`lenscope.engine.restore_windows`, ROME's clipping). Axes after
+    ``layer`` (positions, neurons, samples) are kept.
     """
     n_layer = per_layer.shape[0]
     cells = torch.stack([torch.arange(n_layer), torch.zeros(n_layer, dtype=torch.long)], dim=1)
     windows = engine.restore_windows(cells, window, n_layer).to(per_layer.dtype)
-    return windows @ per_layer
+    return (windows @ per_layer.flatten(1)).reshape(per_layer.shape)
 
 
 TARGETS = ("metric", "log_prob")
@@ -548,20 +551,30 @@ class EstimatorInputs:
     Attributes:
         model: The model (parameters frozen for the call).
         corrupted: The bound corruption (``samples`` copies per row block).
-        clean: The clean activation at every hook point of the kinds, ``[pos, d_model]``.
+        clean: The clean activation at every hook point of the kinds, ``[pos, ...]``
+            (``[pos, d_model]`` for the residual-width kinds, ``[pos, d_mlp]`` for neurons).
         run: The corrupted copies' activations and target gradients (:func:`corrupted_gradients`).
         target_fn: The differentiable ``(logits, answer) -> per-row scores`` differentiated.
         answer_id: The answer token.
         layers: The traced layers (the window centres whose estimates are needed).
+        sites: ``{kind: site}`` (with the trace's positions filled in): how a
+            layer's activation becomes its cells' estimates
+            (:meth:`~lenscope.sites.Site.cell_dot`); a kind not listed is the
+            residual-width site of that name.
     """
 
     model: torch.nn.Module
     corrupted: Any
-    clean: Mapping[str, Float[Tensor, "pos d_model"]]
+    clean: Mapping[str, Float[Tensor, "pos ..."]]
     run: "GradientRun"
     target_fn: PatchingMetric
     answer_id: int
     layers: tuple[int, ...]
+    sites: Mapping[str, Site] = dataclasses.field(default_factory=dict)
+
+    def site(self, kind: str) -> Site:
+        """The site of ``kind``."""
+        return self.sites.get(kind) or site(kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,12 +582,13 @@ class Effects:
     """One kind's estimated target changes per corrupted copy.
 
     Attributes:
-        per_sample: ``[layer, samples, pos]``: the change of each copy's target.
+        per_sample: ``[layer, samples, *unit]`` (``unit``: the site's unit axes,
+            ``pos`` for the residual-width kinds): the change of each copy's target.
         windowed: True when each row is already its window's estimate (a joint
             path); False when rows are single layers, summed over windows after.
     """
 
-    per_sample: Float[Tensor, "layer samples pos"]
+    per_sample: Float[Tensor, "layer samples ..."]
     windowed: bool
 
 
@@ -601,8 +615,9 @@ class AtP:
         """Per-layer, per-copy estimates of every kind (no further passes)."""
         out = {}
         for kind, (names, _) in groups.items():
+            where = inputs.site(kind)
             per_sample = [
-                _dot(inputs.clean[n], inputs.run.activations[n], inputs.run.gradients[n])
+                _dot(inputs.clean[n], inputs.run.activations[n], inputs.run.gradients[n], where)
                 for n in names
             ]
             out[kind] = Effects(torch.stack(per_sample), windowed=False)
@@ -662,7 +677,9 @@ class IntegratedGradients:
         cells = torch.stack([centres, torch.zeros_like(centres)], dim=1)
         paths: list[tuple[str, ...]] = []
         slots: dict[str, list[tuple[int, int]]] = {}  # kind -> (row of the result, path)
+        sites: dict[str, Site] = {}  # hook name -> its site
         for kind, (names, window) in groups.items():
+            sites.update(dict.fromkeys(names, inputs.site(kind)))
             restored = engine.restore_windows(cells, window, n_layer)
             if self.path == "window":
                 rows = [
@@ -676,11 +693,11 @@ class IntegratedGradients:
             for row, path in rows:
                 slots[kind].append((row, len(paths)))
                 paths.append(path)
-        totals, passes = interpolated_gradients(inputs, paths, self.steps)
-        samples, n_pos = inputs.corrupted.samples, totals.shape[-1]
+        totals, passes = interpolated_gradients(inputs, paths, self.steps, sites)
         out = {}
         for kind in groups:
-            per_sample = torch.zeros(n_layer, samples, n_pos)
+            shape = totals[slots[kind][0][1]].shape if slots[kind] else ()
+            per_sample = torch.zeros(n_layer, *shape)
             for row, index in slots[kind]:
                 per_sample[row] = totals[index]
             out[kind] = Effects(per_sample, windowed=self.path == "window")
@@ -715,8 +732,11 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
 
 
 def interpolated_gradients(
-    inputs: EstimatorInputs, paths: Sequence[Sequence[str]], steps: int
-) -> tuple[Float[Tensor, "path samples pos"], dict[str, int]]:
+    inputs: EstimatorInputs,
+    paths: Sequence[Sequence[str]],
+    steps: int,
+    sites: Mapping[str, Site] | None = None,
+) -> tuple[list[Float[Tensor, "samples ..."]], dict[str, int]]:
     """Each path's integrated gradients per corrupted copy and position, summed over its hooks.
 
     Rows are ``(path, step)`` copies of the corrupted samples (copy-major, as
@@ -729,18 +749,19 @@ def interpolated_gradients(
         inputs: The clean run, the corrupted copies' activations and the target.
         paths: Hook names interpolated together, one tuple per path.
         steps: Midpoints ``alpha = (k + 0.5) / steps`` per path.
+        sites: ``{hook name: site}``: how each hook's gradient becomes cell
+            estimates (:meth:`~lenscope.sites.Site.cell_dot`); default: residual width.
 
     Returns:
-        ``[path, samples, pos]`` estimates, and the passes they cost.
+        Each path's ``[samples, *unit]`` estimates, and the passes they cost.
     """
+    sites = {} if sites is None else sites
     model, corrupted = inputs.model, inputs.corrupted
     samples = corrupted.samples
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     copies = [(j, k) for j in range(len(paths)) for k in range(steps)]
     per_pass = max(1, IG_ROWS_PER_PASS // samples)
-    first = inputs.clean[paths[0][0]] if paths else None
-    n_pos = 0 if first is None else first.shape[0]
-    totals = torch.zeros(len(paths), samples, n_pos)
+    totals: list[Tensor | None] = [None] * len(paths)
     deltas = {
         name: inputs.clean[name][None].float() - inputs.run.activations[name].float()
         for name in dict.fromkeys(n for p in paths for n in p)
@@ -779,30 +800,39 @@ def interpolated_gradients(
         n_passes += 1
         for name, grad in zip(leaves, grads, strict=True):
             grad = grad.float().unflatten(0, (len(members[name]), samples))
-            dots = einops.einsum(grad, deltas[name], "c s pos d, s pos d -> c s pos").cpu()
-            index = torch.tensor([chunk[c][0] for c in members[name]], dtype=torch.long)
-            totals.index_add_(0, index, dots / steps)
+            where = sites.get(name) or _RESIDUAL
+            dots = where.cell_dot(grad, deltas[name]).cpu() / steps
+            for c, member in enumerate(members[name]):
+                path = chunk[member][0]
+                # Summed as an index_add_ into zeros sums: 0 + x first, then in order.
+                total = totals[path]
+                totals[path] = (torch.zeros_like(dots[c]) if total is None else total) + dots[c]
     passes = {
         "interpolated_forward": n_passes,
         "interpolated_backward": n_passes,
         "interpolated_rows": len(copies) * samples,
     }
-    return totals, passes
+    return [t for t in totals if t is not None], passes  # every path has its steps
+
+
+_RESIDUAL = site("resid_post")
+"""The site of a residual-width hook point (all five contract the same way)."""
 
 
 def _dot(
-    clean: Float[Tensor, "pos d_model"],
-    corrupted: Float[Tensor, "samples pos d_model"],
-    gradient: Float[Tensor, "samples pos d_model"],
-) -> Float[Tensor, "samples pos"]:
-    """``(a_clean - a_corrupted) . grad`` per copy and position."""
+    clean: Float[Tensor, "pos ..."],
+    corrupted: Float[Tensor, "samples pos ..."],
+    gradient: Float[Tensor, "samples pos ..."],
+    where: Site = _RESIDUAL,
+) -> Float[Tensor, "samples ..."]:
+    """``(a_clean - a_corrupted) . grad`` per copy and cell of one layer of ``where``."""
     delta = clean[None].float() - corrupted.float()
-    return einops.einsum(delta, gradient.float(), "s pos d, s pos d -> s pos")
+    return where.cell_dot(delta, gradient.float())
 
 
 def _combine(
     effects: Effects, window: int, answer_probs: Float[Tensor, " samples"] | None
-) -> Float[Tensor, "layer pos"]:
+) -> Float[Tensor, "layer ..."]:
     """A kind's estimated metric change per cell: windows, conversion, mean over copies.
 
     Without conversion and for single-layer rows this is the historical
@@ -817,13 +847,9 @@ def _combine(
         return window_sum(means.cpu(), window)
     per_sample = effects.per_sample.cpu()
     if not effects.windowed:
-        per_sample = einops.rearrange(
-            window_sum(einops.rearrange(per_sample, "layer s pos -> layer (s pos)"), window),
-            "layer (s pos) -> layer s pos",
-            s=per_sample.shape[1],
-        )
+        per_sample = window_sum(per_sample, window)
     if answer_probs is not None:
-        p = answer_probs.cpu()[None, :, None]
+        p = answer_probs.cpu().reshape(1, -1, *[1] * (per_sample.ndim - 2))
         # A restored probability lies in [0, 1]: the change in [-p, 1 - p].
         per_sample = torch.minimum(p * torch.expm1(per_sample), 1 - p)
     return per_sample.mean(dim=1)

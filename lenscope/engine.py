@@ -178,10 +178,13 @@ def _value_bytes(model: torch.nn.Module) -> int:
     return torch.finfo(model.cfg.dtype).bits // 8
 
 
-def row_bytes(model: torch.nn.Module, n_query: int, n_key: int | None = None) -> int:
+def row_bytes(
+    model: torch.nn.Module, n_query: int, n_key: int | None = None, *, width: int | None = None
+) -> int:
     """Peak bytes one row (one corrupted copy) holds while a block runs ``n_query`` positions.
 
-    Counts a few residual-sized buffers and the MLP hidden layer per position,
+    Counts a few residual-sized buffers, the restored activation (``width``
+    values per position, the copy its restoring hook makes) and the MLP hidden layer per position,
     the attention scores and pattern ``[head, query, key]`` in float32 (as
     eager attention builds them, several alive at once), and a copy of every
     layer's keys and values of the ``n_key`` positions attended to (the
@@ -192,23 +195,31 @@ def row_bytes(model: torch.nn.Module, n_query: int, n_key: int | None = None) ->
         model: The model.
         n_query: Positions the row computes.
         n_key: Positions its attention reads; default ``n_query``.
+        width: Values per position of the restored activation
+            (:meth:`Site.width <lenscope.sites.Site.width>`); default ``d_model``.
 
     Returns:
         The bytes.
     """
     cfg = model.cfg
     n_key = n_query if n_key is None else n_key
+    width = cfg.d_model if width is None else width
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
     kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     value = _value_bytes(model)
-    per_query = value * (8 * cfg.d_model + 3 * d_mlp)
+    per_query = value * (7 * cfg.d_model + width + 3 * d_mlp)
     attention = 4 * _ATTENTION_BUFFERS * cfg.n_heads * n_query * n_key
     keys_values = value * 2 * n_layers(model) * kv_heads * cfg.d_head * n_key
     return n_query * per_query + attention + keys_values
 
 
 def auto_batch_size(
-    model: torch.nn.Module, n_pos: int, samples: int, *, n_key: int | None = None
+    model: torch.nn.Module,
+    n_pos: int,
+    samples: int,
+    *,
+    n_key: int | None = None,
+    width: int | None = None,
 ) -> int:
     """Rows (corrupted copies) per forward pass that keep activations near 1 GB.
 
@@ -224,6 +235,7 @@ def auto_batch_size(
         n_pos: Positions each row computes.
         samples: Corrupted copies per cell.
         n_key: Positions each row's attention reads; default ``n_pos``.
+        width: Values per position of the restored activation; default ``d_model``.
     """
     budget = _BATCH_BYTES
     device = _device(model)
@@ -231,7 +243,7 @@ def auto_batch_size(
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = (free + cached) // 4
-    rows = max(samples, budget // row_bytes(model, n_pos, n_key))
+    rows = max(samples, budget // row_bytes(model, n_pos, n_key, width=width))
     return int(min(rows, 4096))
 
 
@@ -263,15 +275,16 @@ class MemoryEstimate:
 
 
 def memory_estimate(
-    model: torch.nn.Module, n_pos: int, n_hook_points: int, strategy: str
+    model: torch.nn.Module, n_pos: int, hook_points: int | Sequence[Site], strategy: str
 ) -> MemoryEstimate:
     """What one cell of a trace of an ``n_pos``-token prompt holds (see :class:`MemoryEstimate`).
 
     Args:
         model: The model.
         n_pos: Tokens in the prompt.
-        n_hook_points: Hook points whose clean activations are kept (residual
-            width assumed).
+        hook_points: The sites whose clean activations are kept (at every
+            layer, each at its own :meth:`~lenscope.sites.Site.width`), or a
+            number of residual-width hook points.
         strategy: ``"prefix"`` or ``"full"``.
     """
     cfg = model.cfg
@@ -283,8 +296,15 @@ def memory_estimate(
     return MemoryEstimate(
         per_copy=row_bytes(model, n_pos) + 4 * cfg.d_vocab,
         kept_per_copy=kept,
-        fixed=value * n_hook_points * n_pos * cfg.d_model,
+        fixed=value * n_pos * kept_width(model, n_pos, hook_points),
     )
+
+
+def kept_width(model: torch.nn.Module, n_pos: int, hook_points: int | Sequence[Site]) -> int:
+    """Values per position of the clean activations kept at ``hook_points`` (each site's layers)."""
+    if isinstance(hook_points, int):
+        return hook_points * int(model.cfg.d_model)
+    return n_layers(model) * sum(where.width(model, n_pos) for where in hook_points)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -372,7 +392,10 @@ def _size(n_bytes: int) -> str:
 
 
 def check_memory(
-    model: torch.nn.Module, corrupted: CorruptedInput, n_hook_points: int, strategy: str
+    model: torch.nn.Module,
+    corrupted: CorruptedInput,
+    hook_points: int | Sequence[Site],
+    strategy: str,
 ) -> None:
     """Refuse, before any forward pass, a trace whose smallest batch would not fit in memory.
 
@@ -386,7 +409,8 @@ def check_memory(
     Args:
         model: The model.
         corrupted: The bound corruption (its tokens give the prompt length and samples).
-        n_hook_points: Hook points whose clean activations the trace keeps.
+        hook_points: The sites whose clean activations the trace keeps (at
+            every layer), or a number of residual-width hook points.
         strategy: ``"prefix"`` or ``"full"``.
 
     Raises:
@@ -397,7 +421,7 @@ def check_memory(
     if available is None:
         return
     n_pos, samples = int(corrupted.tokens.shape[1]), corrupted.rows
-    estimate = memory_estimate(model, n_pos, n_hook_points, strategy)
+    estimate = memory_estimate(model, n_pos, hook_points, strategy)
     needed = estimate.peak(samples)
     if needed <= available:
         return
@@ -548,8 +572,7 @@ def _touched_positions(
     site: Site, cells: Int[Tensor, "cell axis"], n_pos: int
 ) -> Bool[Tensor, "cell pos"]:
     """Token positions each cell restores at."""
-    mask = site.cell_mask(cells[:, 1:], n_pos)
-    return mask.flatten(2).any(-1) if mask.ndim > 2 else mask
+    return site.touched_positions(cells[:, 1:], n_pos)
 
 
 def effective_windows(
@@ -773,8 +796,10 @@ def _plan_sweep(
     active = windows.any(dim=1)
     traced = cells[active]
 
+    width = site.width(model, n_pos)
+
     def rows_for(length: int) -> int:
-        return batch_size or auto_batch_size(model, length, samples, n_key=n_pos)
+        return batch_size or auto_batch_size(model, length, samples, n_key=n_pos, width=width)
 
     if strategy == "full":
         per_batch = max(1, rows_for(n_pos) // samples)
@@ -892,7 +917,6 @@ def _sweep(
             top_probs.expand(n_unchanged, -1, -1),
         )
     cells, windows = cells[active], plan.windows[active]
-    masks = site.cell_mask(cells[:, 1:], n_pos)
 
     order: list[Tensor] = []
     finals: list[Tensor] = []
@@ -908,10 +932,11 @@ def _sweep(
     with _switchboard(model, names) as switches:
         for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
             if entries is None or first_pos is None:  # the full strategy
+                masks = site.cell_mask(cells[members, 1:], n_pos)
                 finals.append(
-                    forward_cells(model, base, site, windows[members], masks[members], source)[
-                        FINAL_RESID
-                    ][:, -1]
+                    forward_cells(model, base, site, windows[members], masks, source)[FINAL_RESID][
+                        :, -1
+                    ]
                 )
             else:
                 pos = int(first_pos[members[0]])
@@ -921,7 +946,8 @@ def _sweep(
                         pos,
                         entries[members],
                         windows[members],
-                        masks[members],
+                        # Built per batch: a per-unit mask of every cell at once can be large.
+                        site.cell_mask(cells[members, 1:], n_pos),
                         site,
                         source,
                         base_state,

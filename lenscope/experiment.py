@@ -280,7 +280,7 @@ def prepare(
     return Prepared(
         model=model,
         settings=settings,
-        sites=sites,
+        sites=tuple(where.at_positions(positions) for where in sites),
         prompt=prompt if isinstance(prompt, str) else None,
         tokens=resolved.tokens,
         subject_range=resolved.subject_range,

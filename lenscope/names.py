@@ -19,6 +19,12 @@ HEAD_KINDS: tuple[str, ...] = ("z", "q", "k", "v", "pattern")
 HEAD_BY: tuple[str, ...] = ("head", "head_pos")
 """How a per-head kind is traced: a head at every position, or a head at one position."""
 
+NEURON_KINDS: tuple[str, ...] = ("mlp_post",)
+"""Per-neuron activations: ``mlp_post`` is ``blocks.L.mlp.hook_post`` (``get_act_name("post")``)."""
+
+NEURON_BY: tuple[str, ...] = ("neuron", "neuron_pos")
+"""How a per-neuron kind is traced: a neuron at every traced position, or at one position."""
+
 METRIC_NAMES: tuple[str, ...] = (
     "prob",
     "log_prob",

@@ -28,7 +28,15 @@ from lenscope.corruptions import (
 from lenscope.hooks import n_layers
 from lenscope.metrics import PatchingMetric, metric_from_name, resolve_metric
 from lenscope.names import DEFAULT_KINDS, FOIL_METRICS
-from lenscope.sites import HEAD_KINDS, Site, site, site_from_dict, site_to_dict
+from lenscope.sites import (
+    BY_KINDS,
+    HEAD_KINDS,
+    NEURON_KINDS,
+    Site,
+    site,
+    site_from_dict,
+    site_to_dict,
+)
 from lenscope.validation import (
     LAST,
     InvalidInput,
@@ -126,8 +134,8 @@ class TraceSettings:
             for n, s in zip(names, sites, strict=True)
         ):
             raise InvalidInput(
-                f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS}, got kinds "
-                f"{names}; leave by unset, or pass e.g. kind='z'"
+                f"by={self.by!r} applies to the per-head kinds {HEAD_KINDS} and the per-neuron "
+                f"kinds {NEURON_KINDS}, got kinds {names}; leave by unset, or pass e.g. kind='z'"
             )
         every = [s.name for s in sites if not s.takes_positions]
         if every and not (isinstance(self.positions, str) and self.positions == "all"):
@@ -235,7 +243,7 @@ class TraceSettings:
         """Each kind's :class:`~lenscope.sites.Site`: as given, or the registry's for a name."""
         objects = {s.name: s for s in self.custom_sites}
         return tuple(
-            objects[k] if k in objects else site(k, self.by if k in HEAD_KINDS else None)
+            objects[k] if k in objects else site(k, self.by if k in BY_KINDS else None)
             for k in self.kinds
         )
 

@@ -20,11 +20,18 @@ grouped-query model the heads of ``k`` and ``v`` are the key/value heads
 (``n_key_value_heads`` of them), each shared by ``n_heads //
 n_key_value_heads`` query heads, because that is what ``hook_k`` and
 ``hook_v`` hold in both ``HookedTransformer`` and a ``TransformerBridge``
-in compatibility mode.
+in compatibility mode. :class:`NeuronSite` restores single MLP neurons at
+``blocks.{layer}.mlp.hook_post`` (``get_act_name("post", layer)``, the
+hidden activation after the non-linearity and, on a gated MLP, after the
+gate product), at every traced position (``by="neuron"``) or at one
+(``by="neuron_pos"``).
+
+Every site declares its activation's :meth:`~Site.width` (values per token
+position), which the engine's memory and batch planner reads.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import einops
@@ -33,7 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lenscope.hooks import check_kind, hook_name
-from lenscope.names import HEAD_BY, HEAD_KINDS, KINDS
+from lenscope.names import HEAD_BY, HEAD_KINDS, KINDS, NEURON_BY, NEURON_KINDS
 from lenscope.validation import InvalidInput, InvalidInputType
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -111,6 +118,42 @@ class Site:
     def for_model(self, model: torch.nn.Module) -> "Site":
         """This site with whatever it needs to know about ``model`` filled in (here: nothing)."""
         return self
+
+    def at_positions(self, positions: Sequence[int]) -> "Site":
+        """This site with the trace's positions filled in (here: nothing; cells name theirs)."""
+        return self
+
+    def width(self, model: torch.nn.Module, n_pos: int) -> int:
+        """Values of this activation per token position (here ``d_model``), for memory plans.
+
+        Args:
+            model: The model.
+            n_pos: Tokens in the prompt (an attention pattern's row is that long).
+        """
+        return int(model.cfg.d_model)
+
+    def touched_positions(
+        self, units: Int[Tensor, "cell unit"], n_pos: int
+    ) -> Bool[Tensor, "cell pos"]:
+        """Token positions each cell restores at (:meth:`cell_mask` reduced to positions)."""
+        mask = self.cell_mask(units, n_pos)
+        return mask.flatten(2).any(-1) if mask.ndim > 2 else mask
+
+    def cell_dot(
+        self, x: Float[Tensor, "*lead s pos d"], y: Float[Tensor, "s pos d"]
+    ) -> Float[Tensor, "*lead s pos"]:
+        """``x . y`` summed over the values each cell of one layer restores (here: a position's).
+
+        Attribution patching's estimate of every cell of one layer at once,
+        with ``x`` and ``y`` the gradient and ``a_clean - a_corrupted`` (in
+        either order) of ``s`` corrupted copies; ``x`` may carry one more
+        leading axis (integrated gradients' path points).
+
+        Returns:
+            ``[*lead, s, *unit]``: one value per copy and cell of the layer.
+        """
+        lead = "c " if x.ndim == y.ndim + 1 else ""
+        return einops.einsum(x, y, f"{lead}s pos d, s pos d -> {lead}s pos")
 
     def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
         """The cells to trace: rows of :attr:`index_axes` coordinates (here ``(layer, pos)``).
@@ -231,6 +274,12 @@ class HeadSite(Site):
             n_heads, group = int(kv_heads), int(cfg.n_heads) // int(kv_heads)
         return dataclasses.replace(self, n_heads=n_heads, group=group)
 
+    def width(self, model: torch.nn.Module, n_pos: int) -> int:
+        """``n_heads * d_head`` (``pattern``: ``n_heads * n_pos``, a row of keys per head)."""
+        where = self.for_model(model)
+        per_head = n_pos if self.name == "pattern" else model.cfg.d_head
+        return int(where.n_heads * per_head)
+
     def _heads(self) -> int:
         if self.n_heads < 1:
             raise RuntimeError(
@@ -287,6 +336,138 @@ class HeadSite(Site):
         return hook
 
 
+@dataclasses.dataclass(frozen=True)
+class NeuronSite(Site):
+    """The MLP neurons of ``blocks.{layer}.mlp.hook_post``, ``[batch, pos, d_mlp]``.
+
+    ``hook_post`` is the MLP's hidden activation after its non-linearity (on a
+    gated MLP, after the gate product ``act(gate) * up``), the input of the
+    output projection, in a ``HookedTransformer`` (``MLP``/``GatedMLP``) and in
+    a ``TransformerBridge`` in compatibility mode (an alias of the output
+    projection's ``hook_in``). A cell ``(layer, neuron)`` (``by="neuron"``)
+    restores one neuron at every position the trace traces (its
+    ``positions``, filled in by :meth:`at_positions`; all positions until
+    then); a cell ``(layer, neuron, pos)`` (``by="neuron_pos"``) at one
+    position. A neuron's value at one position is read by nothing else in its
+    block, so the site does not :attr:`~Site.feeds_attention`, and the prefix
+    strategy starts at the first restored position.
+
+    Attributes:
+        by: ``"neuron"`` or ``"neuron_pos"``.
+        d_mlp: Neurons per layer; filled in by :meth:`for_model`.
+        positions: The positions a ``by="neuron"`` cell restores (sorted), or
+            None for every position.
+    """
+
+    by: str = "neuron"
+    d_mlp: int = 0
+    positions: tuple[int, ...] | None = None
+
+    @property
+    def unit_axes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``("neuron",)`` or ``("neuron", "pos")``."""
+        return ("neuron",) if self.by == "neuron" else ("neuron", "pos")
+
+    def hook_name(self, layer: int) -> str:
+        """``blocks.{layer}.mlp.hook_post``."""
+        return f"blocks.{layer}.mlp.hook_post"
+
+    def default_window(self, n_layer: int) -> int:
+        """One layer, as a unit-level patch."""
+        return 1
+
+    def for_model(self, model: torch.nn.Module) -> "NeuronSite":
+        """This site with ``model``'s ``d_mlp`` filled in."""
+        return dataclasses.replace(self, d_mlp=int(model.cfg.d_mlp))
+
+    def at_positions(self, positions: Sequence[int]) -> "NeuronSite":
+        """For ``by="neuron"``: this site restoring at ``positions`` (the trace's positions)."""
+        if self.by != "neuron":
+            return self
+        return dataclasses.replace(self, positions=tuple(sorted(int(p) for p in positions)))
+
+    def width(self, model: torch.nn.Module, n_pos: int) -> int:
+        """``d_mlp``."""
+        return int(model.cfg.d_mlp)
+
+    def _neurons(self) -> int:
+        if self.d_mlp < 1:
+            raise RuntimeError(
+                f"NeuronSite {self.name!r} does not know the model's d_mlp; call .for_model(model)"
+            )
+        return self.d_mlp
+
+    def _restored(self, n_pos: int) -> Bool[Tensor, " pos"]:
+        """The positions a ``by="neuron"`` cell restores."""
+        where = torch.zeros(n_pos, dtype=torch.bool)
+        where[list(range(n_pos)) if self.positions is None else list(self.positions)] = True
+        return where
+
+    def unit_shape(self, model: torch.nn.Module, n_pos: int) -> tuple[int, ...]:
+        """``(d_mlp,)`` or ``(d_mlp, n_pos)``."""
+        d_mlp = int(model.cfg.d_mlp)
+        return (d_mlp,) if self.by == "neuron" else (d_mlp, n_pos)
+
+    def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
+        """``(layer, neuron)`` or ``(layer, neuron, pos)`` for every neuron of ``model``."""
+        neurons = range(int(model.cfg.d_mlp))
+        if self.by == "neuron":
+            return _product(layers, neurons)
+        return _product(layers, neurons, positions)
+
+    def cell_mask(
+        self, units: Int[Tensor, "cell unit"], n_pos: int
+    ) -> Bool[Tensor, "cell pos neuron"]:
+        """Where each cell restores, ``[cell, pos, neuron]``."""
+        neurons = torch.nn.functional.one_hot(units[:, 0], self._neurons()).bool()
+        if self.by == "neuron":
+            where = einops.repeat(self._restored(n_pos), "pos -> cell pos", cell=len(units))
+        else:
+            where = torch.nn.functional.one_hot(units[:, 1], n_pos).bool()
+        return where[:, :, None] & neurons[:, None, :]
+
+    def touched_positions(
+        self, units: Int[Tensor, "cell unit"], n_pos: int
+    ) -> Bool[Tensor, "cell pos"]:
+        """Positions each cell restores at, without building the ``[cell, pos, neuron]`` mask."""
+        if self.by == "neuron":
+            return einops.repeat(self._restored(n_pos), "pos -> cell pos", cell=len(units))
+        return torch.nn.functional.one_hot(units[:, 1], n_pos).bool()
+
+    def cell_dot(
+        self, x: Float[Tensor, "*lead s pos d_mlp"], y: Float[Tensor, "s pos d_mlp"]
+    ) -> Float[Tensor, "..."]:
+        """``x . y`` per neuron, summed over the positions a cell restores.
+
+        ``[*lead, s, neuron]``, or ``[*lead, s, neuron, pos]`` for ``by="neuron_pos"``.
+        """
+        if self.by == "neuron_pos":
+            return einops.rearrange(x * y, "... pos n -> ... n pos")
+        if self.positions is not None:
+            where = list(self.positions)
+            x, y = x[..., where, :], y[..., where, :]
+        return (x * y).sum(dim=-2)
+
+    def first_position(self, units: Int[Tensor, "cell unit"]) -> Int[Tensor, " cell"]:
+        """The first restored position: the first traced one (``by="neuron"``) or the cell's."""
+        if self.by == "neuron_pos":
+            return units[:, 1]
+        first = 0 if not self.positions else self.positions[0]
+        return torch.full_like(units[:, 0], first)
+
+    def restore_hook(
+        self, source: Float[Tensor, "src pos d_mlp"], restore: Bool[Tensor, "batch pos d_mlp"]
+    ) -> HookFn:
+        """A hook putting ``source``'s neurons wherever ``restore`` is true (in place)."""
+        value = source_rows(source, restore.shape[0])
+
+        def hook(act: Float[Tensor, "batch pos d_mlp"], hook: Any) -> Tensor:
+            # In place, as Site.restore_hook explains.
+            return act.copy_(torch.where(restore, value.to(act.dtype), act))
+
+        return hook
+
+
 SITES: dict[str, Site] = {
     name: Site(
         name,
@@ -303,9 +484,11 @@ def site(value: "str | Site", by: str | None = None) -> Site:
 
     Args:
         value: A residual-width kind (:data:`lenscope.KINDS`), a per-head kind
-            (:data:`HEAD_KINDS`), or a :class:`Site`.
-        by: For a per-head kind, ``"head"`` (default) or ``"head_pos"``; for
-            a residual kind, None or ``"pos"``.
+            (:data:`HEAD_KINDS`), a per-neuron kind (:data:`NEURON_KINDS`), or a
+            :class:`Site`.
+        by: For a per-head kind, ``"head"`` (default) or ``"head_pos"``; for a
+            per-neuron kind, ``"neuron"`` (default) or ``"neuron_pos"``; for a
+            residual kind, None or ``"pos"``.
     """
     if isinstance(value, Site):
         return value
@@ -314,6 +497,15 @@ def site(value: "str | Site", by: str | None = None) -> Site:
             f"kind must be a hook-point type name such as 'mlp_out' or a lenscope Site, "
             f"got {type(value).__name__}; pass e.g. kind='mlp_out'"
         )
+    if value in NEURON_KINDS:
+        by = "neuron" if by is None else by
+        if by not in NEURON_BY:
+            raise InvalidInput(
+                f"by must be one of {NEURON_BY} for the per-neuron kind {value!r}, got {by!r}; "
+                "pass by='neuron' (a neuron at every traced position) or by='neuron_pos' (a "
+                "neuron at one position)"
+            )
+        return NeuronSite(value, by=by)
     if value in HEAD_KINDS:
         by = "head" if by is None else by
         if by not in HEAD_BY:
@@ -326,18 +518,20 @@ def site(value: "str | Site", by: str | None = None) -> Site:
     if value not in SITES:
         raise InvalidInput(
             f"kind must be one of {KINDS} (the TransformerLens hook types blocks.L.hook_<kind>) "
-            f"or a per-head kind {HEAD_KINDS} (blocks.L.attn.hook_<kind>), got {value!r}; "
+            f"or a per-head kind {HEAD_KINDS} (blocks.L.attn.hook_<kind>) or a per-neuron kind "
+            f"{NEURON_KINDS} (blocks.L.mlp.hook_post), got {value!r}; "
             "pass e.g. kind='mlp_out'"
         )
     if by not in (None, "pos"):
         raise InvalidInput(
-            f"by={by!r} applies to the per-head kinds {HEAD_KINDS}, but kind {value!r} is "
+            f"by={by!r} applies to the per-head kinds {HEAD_KINDS} and the per-neuron kinds "
+            f"{NEURON_KINDS}, but kind {value!r} is "
             "restored position by position; leave by unset, or pass e.g. kind='z'"
         )
     return SITES[check_kind(value)]
 
 
-SITE_TYPES: dict[str, type[Site]] = {"Site": Site, "HeadSite": HeadSite}
+SITE_TYPES: dict[str, type[Site]] = {"Site": Site, "HeadSite": HeadSite, "NeuronSite": NeuronSite}
 """Site classes by name, so that settings and checkpoints holding site objects read back."""
 
 
@@ -374,3 +568,7 @@ def site_from_dict(data: Any) -> Site:
             f"decorate its class with @lenscope.sites.register_site before reading the file"
         )
     return cls(**{k: v for k, v in data.items() if k != "type"})
+
+
+BY_KINDS: tuple[str, ...] = HEAD_KINDS + NEURON_KINDS
+"""Kinds whose index space ``by`` chooses (the per-head and per-neuron kinds)."""

@@ -314,7 +314,7 @@ class CausalTracer:
             contextlib.ExitStack() as stack,
         ):
             corrupted = prepared.bind()
-            engine.check_memory(model, corrupted, len(names), self.strategy)
+            engine.check_memory(model, corrupted, prepared.sites, self.strategy)
             base = corrupted.clean_copies(prepared.tokens) if noising else corrupted
             meter = stack.enter_context(
                 engine.trace_meter(

@@ -38,7 +38,7 @@ from lenscope.hooks import model_name, n_layers, preserved_model
 from lenscope.metrics import PatchingMetric
 from lenscope.results import TraceInterrupted
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite, Site
+from lenscope.sites import Site
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.tracer import CausalTracer
 from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType, is_int
@@ -497,12 +497,13 @@ def dataset_settings(
     """
     options = {k: v for k, v in options.items() if v is not None}
     chosen = tracer.settings(settings, **options)
-    heads = [where.name for where in chosen.sites if isinstance(where, HeadSite)]
-    if heads:
+    other = [(w.name, w.index_axes) for w in chosen.sites if w.index_axes != ("layer", "pos")]
+    if other:
+        name, axes = other[0]
         raise InvalidInput(
-            f"a dataset trace averages (layer, pos) grids over facts, but the per-head kinds "
-            f"{heads} give (layer, head) grids; trace them one prompt at a time with "
-            f"tracer.trace(prompt, subject, kind={heads[0]!r}, by='head')"
+            f"a dataset trace averages (layer, pos) grids over facts by token bucket, but kind "
+            f"{name!r} gives {axes} grids; trace it one prompt at a time with "
+            f"tracer.trace(prompt, subject, kind={name!r}) (or tracer.attribute)"
         )
     return tracer.settings(chosen, **DATASET_TRACE_FIXED).for_model(tracer.model)
 
@@ -696,7 +697,7 @@ def _packed_traces(
         torch.inference_mode(),
     ):
         base = pack_inputs([p.bind() for p in preps])
-        engine.check_memory(model, base, len(names), strategy)
+        engine.check_memory(model, base, preps[0].sites, strategy)
         cleans = [p.clean_run() for p in preps]
         state = engine.corrupted_run(model, base, keep_prefix_state=strategy == "prefix")
         samples = base.samples
