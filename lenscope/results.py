@@ -405,6 +405,15 @@ class TraceResult(GridResult):
         foil_id: Its id.
         normalization: For a normalised metric, the raw ``(clean,
             corrupted)`` values it maps to 1 and 0; None otherwise.
+        answer_split: For an answer or foil of several tokens (scored by
+            teacher forcing; ``answer``/``foil`` are then their whole text,
+            ``answer_id``/``foil_id`` their first tokens), the per-token record:
+            ``answer_ids``, ``answer_tokens``, ``foil_ids``, ``log_probs``
+            (each answer token's log-probability per cell, ``[layer, *unit,
+            answer]``, means over copies, summing to the cell's ``log_prob``;
+            None for a one-token answer) and ``clean_log_probs`` /
+            ``corrupted_log_probs`` (``[answer]``). None otherwise (and then
+            left out of :meth:`to_dict`).
     """
 
     scores: Float[Tensor, "layer pos"]
@@ -436,6 +445,7 @@ class TraceResult(GridResult):
     foil: str | None = None
     foil_id: int | None = None
     normalization: tuple[float, float] | None = None
+    answer_split: dict[str, Any] | None = None
 
     _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
@@ -446,6 +456,25 @@ class TraceResult(GridResult):
         "subject_range",
         "normalization",
     )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`JsonRoundTrip.to_dict`; ``answer_split`` only when there is one."""
+        out = super().to_dict()
+        if self.answer_split is None:
+            del out["answer_split"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """As :meth:`JsonRoundTrip.from_dict`; ``answer_split``'s tensors read back as tensors."""
+        split = data.get("answer_split") if isinstance(data, Mapping) else None
+        if split is not None:
+            split = dict(split)
+            for name in ("log_probs", "clean_log_probs", "corrupted_log_probs"):
+                if split.get(name) is not None:
+                    split[name] = tensor_from_json(split[name], torch.float32)
+            data = {**data, "answer_split": split}
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""

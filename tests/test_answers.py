@@ -1,0 +1,284 @@
+"""Answers of several tokens, scored by teacher forcing, against a plain reference.
+
+The reference runs one forward pass per cell with plain TransformerLens hooks
+(``model.run_with_hooks``): the input is the prompt followed by the answer's
+first ``k - 1`` tokens, the corruption and the restoration act on the
+prompt's positions only, and each answer token's log-probability is read
+from ``torch.log_softmax`` at the position before it; the sum over tokens is
+the answer's log-probability. Nothing of lenscope's engine is used there.
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+from conftest import TINY_PROMPT, TINY_SUBJECT
+
+from lenscope import CausalTracer, HeadTraceResult, TraceResult
+from lenscope.validation import InvalidInput
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ANSWER = " paris france"
+FOIL = " rome italy"
+SAMPLES = 3
+TOL = 1e-5
+COUNTERFACTUAL = "The Space Needle is located in the city of"
+
+
+def _ids(model, text):
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _hook_name(kind, layer):
+    if kind == "z":
+        return f"blocks.{layer}.attn.hook_z"
+    return f"blocks.{layer}.hook_{kind}"
+
+
+def _window(layer, window, n_layer):
+    lo = max(0, layer - window // 2)
+    return range(lo, min(n_layer, layer - window // 2 + window))
+
+
+def _reference(model, prompt_ids, answer, kind, window, direction, corrupt):
+    """Per cell and sample, each answer token's log-probability: ``[layer, unit, sample, k]``.
+
+    ``corrupt(ids)`` gives the corrupted run's input and hooks for the prompt
+    followed by ``ids`` (a noise hook on the subject's embeddings, or the
+    counterfactual's tokens).
+    """
+    n_layer, n_prompt = model.cfg.n_layers, len(prompt_ids)
+    clean_ids = torch.tensor([*prompt_ids, *answer[:-1]])[None]
+    corrupted_ids, corrupt_hooks = corrupt(answer[:-1])
+    names = [_hook_name(kind, layer) for layer in range(n_layer)]
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean_ids, names_filter=lambda n: n in names)
+        with model.hooks(fwd_hooks=corrupt_hooks):
+            _, corrupted_cache = model.run_with_cache(
+                corrupted_ids, names_filter=lambda n: n in names
+            )
+    samples = corrupted_ids.shape[0]
+    units = range(model.cfg.n_heads) if kind == "z" else range(n_prompt)
+    out = torch.empty(n_layer, len(units), samples, len(answer))
+    for layer in range(n_layer):
+        for unit in units:
+
+            def restore(act, hook, unit=unit, name=None):
+                # Keyed by the name asked for: a TransformerBridge tells hooks its own names.
+                source = (clean_cache if direction == "denoise" else corrupted_cache)[name]
+                source = source.expand(act.shape[0], *source.shape[1:])
+                if kind == "z":  # the head at every prompt position
+                    act[:, :n_prompt, unit] = source[:, :n_prompt, unit]
+                else:
+                    act[:, unit] = source[:, unit]
+                return act
+
+            hooks = [
+                (names[lo], functools.partial(restore, name=names[lo]))
+                for lo in _window(layer, window, n_layer)
+            ]
+            if direction == "denoise":
+                inputs, hooks = corrupted_ids, [*corrupt_hooks, *hooks]
+            else:
+                inputs = clean_ids.expand(samples, -1)
+            with torch.no_grad():
+                logits = model.run_with_hooks(inputs, fwd_hooks=hooks)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for j, token in enumerate(answer):
+                out[layer, unit, :, j] = log_probs[:, n_prompt - 1 + j, token]
+    return out
+
+
+def _noise_corruption(model, prompt_ids, subject_range, noise):
+    start, end = subject_range
+
+    def add_noise(act, hook):
+        act = act.clone()
+        act[:, start:end] = act[:, start:end] + noise.to(act.dtype)
+        return act
+
+    def corrupt(continuation):
+        ids = torch.tensor([*prompt_ids, *continuation])[None].expand(noise.shape[0], -1)
+        return ids, [("hook_embed", add_noise)]
+
+    return corrupt
+
+
+def _counterfactual(model):
+    other = model.to_tokens(COUNTERFACTUAL)[0].tolist()
+
+    def corrupt(continuation):
+        return torch.tensor([*other, *continuation])[None], []
+
+    return corrupt
+
+
+KINDS = [("resid_post", 1, None), ("mlp_out", 2, None), ("attn_out", 4, None), ("z", 1, "head")]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "tiny_gated_model"])
+@pytest.mark.parametrize("strategy", ["prefix", "full"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("kind, window, by", KINDS, ids=[k[0] for k in KINDS])
+def test_teacher_forced_trace_matches_reference(
+    request, model_name, strategy, direction, kind, window, by
+):
+    model = request.getfixturevalue(model_name)
+    tracer = CausalTracer(model, strategy=strategy, progress=False)
+    noise = torch.randn(SAMPLES, 3, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    out = tracer.trace(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kind=kind,
+        window=window,
+        by=by,
+        answer=ANSWER,
+        foil=FOIL,
+        metric=("prob", "log_prob", "logit_diff"),
+        direction=direction,
+        noise_tensor=noise,
+    )
+    answer, foil = _ids(model, ANSWER), _ids(model, FOIL)
+    assert len(answer) == 2 and len(foil) == 2
+    result = out["log_prob"]
+    prompt_ids = result.token_ids.tolist()
+    corrupt = _noise_corruption(model, prompt_ids, result.subject_range, noise)
+    reference = _reference(model, prompt_ids, answer, kind, window, direction, corrupt)
+    foil_reference = _reference(model, prompt_ids, foil, kind, window, direction, corrupt)
+    summed, foil_summed = reference.sum(-1), foil_reference.sum(-1)
+
+    expected = {
+        "prob": summed.exp().mean(-1),
+        "log_prob": summed.mean(-1),
+        "logit_diff": summed.mean(-1) - foil_summed.mean(-1),
+    }
+    for name, grid in expected.items():
+        torch.testing.assert_close(out[name].scores, grid, atol=TOL, rtol=0, msg=name)
+    # The per-token split: each token's log-probability, summing to the cell's log_prob.
+    split = result.answer_split
+    assert split["answer_ids"] == answer and split["foil_ids"] == foil
+    torch.testing.assert_close(split["log_probs"], reference.mean(2), atol=TOL, rtol=0)
+    assert result.answer == ANSWER and result.foil == FOIL
+    assert result.scores.shape[1] == (model.cfg.n_heads if kind == "z" else len(prompt_ids))
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "tiny_gated_model"])
+@pytest.mark.parametrize("strategy", ["prefix", "full"])
+def test_baselines_are_the_unrestored_runs(request, model_name, strategy):
+    model = request.getfixturevalue(model_name)
+    tracer = CausalTracer(model, strategy=strategy, progress=False)
+    noise = torch.randn(SAMPLES, 3, model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    result = tracer.trace(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kind="resid_pre",
+        answer=ANSWER,
+        metric="log_prob",
+        noise_tensor=noise,
+    )
+    prompt_ids = result.token_ids.tolist()
+    answer = _ids(model, ANSWER)
+    clean = torch.tensor([*prompt_ids, *answer[:-1]])[None]
+    corrupted, hooks = _noise_corruption(model, prompt_ids, result.subject_range, noise)(
+        answer[:-1]
+    )
+    n = len(prompt_ids)
+    with torch.no_grad():
+        clean_lp = torch.log_softmax(model(clean).float(), -1)[0]
+        corrupted_lp = torch.log_softmax(
+            model.run_with_hooks(corrupted, fwd_hooks=hooks).float(), -1
+        )
+    clean_split = torch.stack([clean_lp[n - 1 + j, t] for j, t in enumerate(answer)])
+    corrupted_split = torch.stack(
+        [corrupted_lp[:, n - 1 + j, t] for j, t in enumerate(answer)], dim=-1
+    )
+    assert result.clean_score == pytest.approx(float(clean_split.sum()), abs=TOL)
+    assert result.corrupted_score == pytest.approx(float(corrupted_split.sum(-1).mean()), abs=TOL)
+    torch.testing.assert_close(
+        result.answer_split["clean_log_probs"], clean_split, atol=TOL, rtol=0
+    )
+    torch.testing.assert_close(
+        result.answer_split["corrupted_log_probs"], corrupted_split.mean(0), atol=TOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("strategy", ["prefix", "full"])
+def test_str_with_a_foil_of_several_tokens(tiny_model, strategy):
+    tracer = CausalTracer(tiny_model, strategy=strategy, progress=False)
+    out = tracer.patch(
+        TINY_PROMPT,
+        COUNTERFACTUAL,
+        kind="resid_pre",
+        answer=ANSWER,
+        foil=" seattle italy",
+        metric=("logit_diff", "normalized_logit_diff"),
+    )
+    answer, foil = _ids(tiny_model, ANSWER), _ids(tiny_model, " seattle italy")
+    raw = out["logit_diff"]
+    prompt_ids = raw.token_ids.tolist()
+    corrupt = _counterfactual(tiny_model)
+    lp = _reference(tiny_model, prompt_ids, answer, "resid_pre", 1, "denoise", corrupt)
+    lp_foil = _reference(tiny_model, prompt_ids, foil, "resid_pre", 1, "denoise", corrupt)
+    diff = lp.sum(-1).mean(-1) - lp_foil.sum(-1).mean(-1)
+    # Positions before the first changed token are not traced (the corrupted score).
+    first = raw.subject_range[0]
+    torch.testing.assert_close(raw.scores[:, first:], diff[:, first:], atol=TOL, rtol=0)
+    clean, corrupted = raw.clean_score, raw.corrupted_score
+    normalized = out["normalized_logit_diff"]
+    torch.testing.assert_close(
+        normalized.scores, (raw.scores - corrupted) / (clean - corrupted), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_answer_as_ids_equals_answer_as_text(tiny_model):
+    tracer = CausalTracer(tiny_model, progress=False)
+    ids = _ids(tiny_model, ANSWER)
+    by_text = tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", answer=ANSWER, samples=2)
+    by_ids = tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", answer=ids, samples=2)
+    assert torch.equal(by_text.scores, by_ids.scores)
+    assert by_ids.answer_split["answer_ids"] == ids
+
+
+def test_one_token_answer_as_a_list_is_the_one_token_trace(tiny_model):
+    tracer = CausalTracer(tiny_model, progress=False)
+    token = _ids(tiny_model, " paris")
+    as_list = tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer=token, samples=2)
+    as_int = tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer=token[0], samples=2)
+    assert torch.equal(as_list.scores, as_int.scores)
+    assert as_list.answer_split is None and "answer_split" not in as_list.to_dict()
+
+
+def test_result_with_a_split_round_trips_through_json(tiny_model, tmp_path):
+    tracer = CausalTracer(tiny_model, progress=False)
+    result = tracer.trace(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kind="z",
+        answer=ANSWER,
+        foil=FOIL,
+        metric="logit_diff",
+        samples=2,
+    )
+    loaded = HeadTraceResult.load(result.save(tmp_path / "r.json"))
+    assert json.dumps(loaded.to_dict()) == json.dumps(result.to_dict())
+    assert isinstance(loaded.answer_split["log_probs"], torch.Tensor)
+    assert loaded.answer_split["log_probs"].shape == (4, tiny_model.cfg.n_heads, 2)
+    position = tracer.trace(TINY_PROMPT, TINY_SUBJECT, answer=ANSWER, samples=2)
+    again = TraceResult.load(position.save(tmp_path / "p.json"))
+    assert json.dumps(again.to_dict()) == json.dumps(position.to_dict())
+    assert torch.equal(again.answer_split["log_probs"], position.answer_split["log_probs"])
+
+
+def test_methods_without_teacher_forcing_refuse_an_answer_of_several_tokens(tiny_model):
+    with pytest.raises(InvalidInput, match="answer must be a single token"):
+        CausalTracer(tiny_model, progress=False).attribute(
+            TINY_PROMPT, TINY_SUBJECT, answer=ANSWER, samples=2
+        )
+
+
+@pytest.mark.parametrize("bad", [[], [True]])
+def test_answer_ids_must_be_integers(tiny_model, bad):
+    with pytest.raises(TypeError, match="answer given as token ids must be a non-empty"):
+        CausalTracer(tiny_model, progress=False).trace(TINY_PROMPT, TINY_SUBJECT, answer=bad)
