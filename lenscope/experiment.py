@@ -376,9 +376,7 @@ class Grid:
     token_log_probs: Float[Tensor, "layer ... answer"] | None = None
 
 
-def continued(
-    tokens: Int[Tensor, " prompt"], continuation: Sequence[int]
-) -> Int[Tensor, " pos"]:
+def continued(tokens: Int[Tensor, " prompt"], continuation: Sequence[int]) -> Int[Tensor, " pos"]:
     """``tokens`` followed by ``continuation`` (an answer's first tokens: teacher forcing)."""
     if not continuation:
         return tokens
