@@ -282,3 +282,20 @@ def test_methods_without_teacher_forcing_refuse_an_answer_of_several_tokens(tiny
 def test_answer_ids_must_be_integers(tiny_model, bad):
     with pytest.raises(TypeError, match="answer given as token ids must be a non-empty"):
         CausalTracer(tiny_model, progress=False).trace(TINY_PROMPT, TINY_SUBJECT, answer=bad)
+
+
+def test_cli_traces_an_answer_of_several_tokens(tiny_model, tmp_path, capsys):
+    from lenscope.cli import main
+
+    js = tmp_path / "t.json"
+    argv = ["trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--answer", ANSWER]
+    argv += ["--samples", "2", "--out", str(tmp_path / "t.html"), "--json", str(js), "--quiet"]
+    assert main(argv, model_factory=lambda name, **kwargs: tiny_model) == 0, capsys.readouterr()
+    assert f"answer     {ANSWER!r}" in capsys.readouterr().out
+    data = json.loads(js.read_text())
+    from_cli = TraceResult.from_dict(data["mlp_out"])
+    direct = CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", answer=ANSWER, samples=2
+    )
+    assert torch.equal(from_cli.scores, direct.scores)
+    assert from_cli.answer_split["answer_ids"] == _ids(tiny_model, ANSWER)
