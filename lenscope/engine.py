@@ -1151,17 +1151,19 @@ def trace_meter(
         progress: Show the progress bar.
         description: The bar's label until the first sweep relabels it.
         decoded: Positions each row decodes (an answer's tokens, teacher-forced).
-        foil: A foil of several tokens, scored in sweeps of its own: their
-            base (ending with the foil's first tokens) and the foil's length.
-            Its runs are counted in ``runs`` as their rows; their length is the foil base's.
+        foil: A foil scored in runs and sweeps of its own (teacher-forced):
+            their base (ending with the foil's first tokens) and the foil's
+            length. Its whole-prompt runs have the rows of ``runs``.
     """
-    n_layer, n_pos = n_layers(model), int(base.tokens.shape[1])
-    weight = decode_weight(model, n_pos)
+    n_layer = n_layers(model)
     per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
+    units = 0.0
     for run_base, run_decoded in [(base, decoded), *([foil] if foil is not None else [])]:
+        n_pos = int(run_base.tokens.shape[1])
+        work = SweepEstimate(0, 0, 0)
         for where in sites:
-            total += estimate_sweep(
+            work += estimate_sweep(
                 model,
                 site=where,
                 window=windows[where.name],
@@ -1171,11 +1173,12 @@ def trace_meter(
                 batch_size=batch_size,
                 decoded=run_decoded,
             )
-    units = (
-        sum(run_units(model, n_pos, rows, decoded) for rows in runs)
-        + total.token_layers
-        + weight * total.decoded_rows
-    )
+        units += (
+            sum(run_units(model, n_pos, rows, run_decoded) for rows in runs)
+            + work.token_layers
+            + decode_weight(model, n_pos) * work.decoded_rows
+        )
+        total += work
     kinds = len(sites)
     plural = "s" if kinds != 1 else ""
     counted = (

@@ -341,7 +341,6 @@ class CausalTracer:
                 foil_base = self._base(
                     prepared, continued_input(bound, foil_continuation), foil_continuation, noising
                 )
-                runs += runs
             meter = stack.enter_context(
                 engine.trace_meter(
                     model,

@@ -299,3 +299,80 @@ def test_cli_traces_an_answer_of_several_tokens(tiny_model, tmp_path, capsys):
     )
     assert torch.equal(from_cli.scores, direct.scores)
     assert from_cli.answer_split["answer_ids"] == _ids(tiny_model, ANSWER)
+
+
+@pytest.mark.parametrize("strategy", ["prefix", "full"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"answer": " paris france italy"},
+        {"answer": " paris france italy", "foil": " rome", "metric": "logit_diff"},
+        {"answer": " paris", "foil": " rome italy", "metric": "logit_diff", "direction": "noise"},
+    ],
+    ids=["answer", "answer-and-foil", "foil-noise"],
+)
+def test_the_meter_counts_exactly_what_runs(tiny_model, monkeypatch, strategy, options):
+    import lenscope.engine
+
+    meters = []
+
+    class Recording(lenscope.engine.TraceMeter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            meters.append(self)
+
+    monkeypatch.setattr(lenscope.engine, "TraceMeter", Recording)
+    CausalTracer(tiny_model, strategy=strategy, progress=False).trace_kinds(
+        TINY_PROMPT, TINY_SUBJECT, samples=2, **options
+    )
+    (meter,) = meters
+    assert meter.done == pytest.approx(meter.total, rel=1e-9)
+
+
+def test_the_planner_counts_the_answer_positions(tiny_model):
+    from lenscope import engine
+    from lenscope.corruptions import GaussianNoise
+    from lenscope.sites import site
+    from lenscope.tracer import continued_input
+
+    tokens = tiny_model.to_tokens(TINY_PROMPT)[0]
+    n_prompt, n_layer, samples = len(tokens), tiny_model.cfg.n_layers, 2
+    bound = GaussianNoise(samples=samples, noise=0.1).bind(tiny_model, tokens, (1, 4))
+    cells = torch.cartesian_prod(torch.arange(n_layer), torch.arange(n_prompt))
+    for k in (1, 3):
+        base = continued_input(bound, [5] * (k - 1))
+        estimate = engine.estimate_sweep(
+            tiny_model,
+            site=site("mlp_out"),
+            window=1,
+            cells=cells,
+            corrupted=base,
+            strategy="full",
+            batch_size=None,
+            decoded=k,
+        )
+        # No-ops: positions before the subject (BOS), and in the last block an MLP output
+        # anywhere but the last prompt position (the answer's are never restored). The
+        # rest run whole, every row k - 1 positions longer, and decode k positions.
+        active = (n_layer - 1) * (n_prompt - 1) + 1
+        assert estimate.token_layers == active * samples * (n_prompt + k - 1) * n_layer
+        assert estimate.decoded_rows == active * samples * k
+
+
+def test_str_default_foil_with_an_answer_of_several_tokens(tiny_model):
+    """The counterfactual's top-1 token is the foil, teacher-forced as a one-token foil."""
+    tracer = CausalTracer(tiny_model, progress=False)
+    out = tracer.patch(TINY_PROMPT, COUNTERFACTUAL, answer=ANSWER, metric="logit_diff")
+    foil_id = out.foil_id
+    named = tracer.patch(
+        TINY_PROMPT, COUNTERFACTUAL, answer=ANSWER, foil=foil_id, metric="logit_diff"
+    )
+    torch.testing.assert_close(out.scores, named.scores, atol=0, rtol=0)
+    answer = _ids(tiny_model, ANSWER)
+    prompt_ids = out.token_ids.tolist()
+    corrupt = _counterfactual(tiny_model)
+    lp = _reference(tiny_model, prompt_ids, answer, "resid_pre", 1, "denoise", corrupt)
+    lp_foil = _reference(tiny_model, prompt_ids, [foil_id], "resid_pre", 1, "denoise", corrupt)
+    first = out.subject_range[0]
+    diff = lp.sum(-1).mean(-1) - lp_foil.sum(-1).mean(-1)
+    torch.testing.assert_close(out.scores[:, first:], diff[:, first:], atol=TOL, rtol=0)
