@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -429,3 +430,16 @@ def prepare(
         answer_ids=resolved.answer_ids,
         foil_ids=resolved.foil_ids,
     )
+
+
+def continued_input(corrupted: CorruptedInput, continuation: Sequence[int]) -> CorruptedInput:
+    """A bound corruption whose every row is followed by ``continuation`` (teacher forcing).
+
+    The corruption's hooks act on the prompt's positions (a subject's
+    embeddings), and its first changed position is unchanged.
+    """
+    if not continuation:
+        return corrupted
+    extra = torch.tensor(list(continuation), dtype=corrupted.tokens.dtype)
+    extra = einops.repeat(extra.to(corrupted.tokens.device), "k -> row k", row=corrupted.rows)
+    return dataclasses.replace(corrupted, tokens=torch.cat([corrupted.tokens, extra], dim=1))

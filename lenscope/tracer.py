@@ -16,14 +16,13 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from lenscope import engine, metrics
 from lenscope.corruptions import CorruptedInput, CounterfactualPrompt, GaussianNoise
-from lenscope.experiment import Grid, Prepared, continued, prepare
+from lenscope.experiment import Grid, Prepared, continued, continued_input, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     check_hook_points,
@@ -528,19 +527,6 @@ class _Runs:
             raise RuntimeError("a teacher-forced clean run lacks its answer logits (a bug)")
         corrupted = decode_resid(model, final.flatten(0, 1)).unflatten(0, tuple(final.shape[:2]))
         return self.clean.answer_logits, corrupted
-
-
-def continued_input(corrupted: CorruptedInput, continuation: Sequence[int]) -> CorruptedInput:
-    """A bound corruption whose every row is followed by ``continuation`` (teacher forcing).
-
-    The corruption's hooks act on the prompt's positions (a subject's
-    embeddings), and its first changed position is unchanged.
-    """
-    if not continuation:
-        return corrupted
-    extra = torch.tensor(list(continuation), dtype=corrupted.tokens.dtype)
-    extra = einops.repeat(extra.to(corrupted.tokens.device), "k -> row k", row=corrupted.rows)
-    return dataclasses.replace(corrupted, tokens=torch.cat([corrupted.tokens, extra], dim=1))
 
 
 def _mean_score(logits: Tensor, ids: Sequence[int], name: str) -> float:

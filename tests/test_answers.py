@@ -272,10 +272,15 @@ def test_result_with_a_split_round_trips_through_json(tiny_model, tmp_path):
 
 
 def test_methods_without_teacher_forcing_refuse_an_answer_of_several_tokens(tiny_model):
-    with pytest.raises(InvalidInput, match="answer must be a single token"):
-        CausalTracer(tiny_model, progress=False).attribute(
-            TINY_PROMPT, TINY_SUBJECT, answer=ANSWER, samples=2
-        )
+    """The prepared stage refuses it unless the method says it teacher-forces (datasets)."""
+    from lenscope.experiment import prepare
+    from lenscope.settings import TraceSettings
+
+    settings = TraceSettings(answer=ANSWER)
+    with pytest.raises(InvalidInput, match="answer must be a single token, but ' paris france'"):
+        prepare(tiny_model, TINY_PROMPT, TINY_SUBJECT, settings)
+    prepared = prepare(tiny_model, TINY_PROMPT, TINY_SUBJECT, settings, sequences=True)
+    assert prepared.answer_ids == tuple(_ids(tiny_model, ANSWER)) and prepared.answer_id is None
 
 
 @pytest.mark.parametrize("bad", [[], [True]])
@@ -332,8 +337,8 @@ def test_the_meter_counts_exactly_what_runs(tiny_model, monkeypatch, strategy, o
 def test_the_planner_counts_the_answer_positions(tiny_model):
     from lenscope import engine
     from lenscope.corruptions import GaussianNoise
+    from lenscope.experiment import continued_input
     from lenscope.sites import site
-    from lenscope.tracer import continued_input
 
     tokens = tiny_model.to_tokens(TINY_PROMPT)[0]
     n_prompt, n_layer, samples = len(tokens), tiny_model.cfg.n_layers, 2
@@ -376,3 +381,99 @@ def test_str_default_foil_with_an_answer_of_several_tokens(tiny_model):
     first = out.subject_range[0]
     diff = lp.sum(-1).mean(-1) - lp_foil.sum(-1).mean(-1)
     torch.testing.assert_close(out.scores[:, first:], diff[:, first:], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("metric", ["log_prob", "prob"])
+def test_attribution_of_an_answer_of_several_tokens_matches_autograd(tiny_model, metric):
+    """AtP of the whole answer: (a_clean - a_corrupted) . d(metric)/da, the metric teacher-forced."""
+    from lenscope.attribution import attribute
+
+    noise = torch.randn(
+        SAMPLES, 3, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(4)
+    )
+    tracer = CausalTracer(tiny_model, progress=False)
+    windows = {"resid_post": 1, "mlp_out": 2}
+    out = attribute(
+        tracer,
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=tuple(windows),
+        windows=windows,
+        answer=ANSWER,
+        metric=metric,
+        noise_tensor=noise,
+    )
+    answer = _ids(tiny_model, ANSWER)
+    prompt_ids = out["mlp_out"].token_ids.tolist()
+    n_prompt, n_layer = len(prompt_ids), tiny_model.cfg.n_layers
+    corrupted_ids, hooks = _noise_corruption(
+        tiny_model, prompt_ids, out["mlp_out"].subject_range, noise
+    )(answer[:-1])
+    clean_ids = torch.tensor([*prompt_ids, *answer[:-1]])[None]
+    for kind, window in windows.items():
+        names = [_hook_name(kind, layer) for layer in range(n_layer)]
+        with torch.no_grad():
+            _, clean_cache = tiny_model.run_with_cache(clean_ids, names_filter=names.__contains__)
+        acts, grads = {}, {}
+
+        def keep(act, hook, name=None):
+            acts[name] = act.detach().clone()
+
+        def grab(grad, hook, name=None):
+            grads[name] = grad.detach().clone()
+
+        fwd = [*hooks, *((n, functools.partial(keep, name=n)) for n in names)]
+        bwd = [(n, functools.partial(grab, name=n)) for n in names]
+        try:
+            with torch.enable_grad(), tiny_model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                logits = tiny_model(corrupted_ids)
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                per_copy = sum(
+                    log_probs[:, n_prompt - 1 + j, token] for j, token in enumerate(answer)
+                )
+                (per_copy.exp() if metric == "prob" else per_copy).sum().backward()
+        finally:
+            tiny_model.zero_grad(set_to_none=True)
+        per_layer = torch.stack(
+            [((clean_cache[n] - acts[n]) * grads[n]).sum(-1).mean(0)[:n_prompt] for n in names]
+        )
+        estimate = torch.stack(
+            [per_layer[list(_window(layer, window, n_layer))].sum(0) for layer in range(n_layer)]
+        )
+        corrupted_score = (per_copy.exp() if metric == "prob" else per_copy).detach().mean()
+        result = out[kind]
+        assert result.corrupted_score == pytest.approx(float(corrupted_score), abs=TOL)
+        traced = torch.isfinite(result.scores)
+        torch.testing.assert_close(
+            result.scores[traced], (corrupted_score + estimate)[traced].float(), atol=TOL, rtol=0
+        )
+        assert traced[:, 1:].all() and result.scores.shape == (n_layer, n_prompt)
+
+
+def test_attribution_refuses_a_logit_difference_of_several_tokens(tiny_model):
+    from lenscope.attribution import attribute
+
+    with pytest.raises(InvalidInput, match="attribution estimates an answer of several tokens"):
+        attribute(
+            CausalTracer(tiny_model, progress=False),
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            answer=ANSWER,
+            foil=FOIL,
+            metric="logit_diff",
+            samples=2,
+        )
+
+
+def test_attribution_of_several_tokens_takes_atp_only(tiny_model):
+    from lenscope.attribution import attribute
+
+    with pytest.raises(InvalidInput, match="estimated with estimator='atp' only, got 'ig:2'"):
+        attribute(
+            CausalTracer(tiny_model, progress=False),
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            answer=ANSWER,
+            estimator="ig:2",
+            samples=2,
+        )
