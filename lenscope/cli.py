@@ -939,8 +939,9 @@ def _not_written(target: str, error: OSError, kept: Path | None, what: str) -> O
 def _check_before_loading(args: argparse.Namespace, subject: str, *, local_tokenizer: bool) -> None:
     """Refuse, before the model loads, a subject absent from the prompt or a bad answer.
 
-    An answer of several tokens is refused for ``--method attribution`` only
-    (the exact trace scores it by teacher forcing). The subject test is on
+    An answer of several tokens is refused for ``--method attribution`` with
+    another estimator than ``atp`` (the exact trace and AtP score it by
+    teacher forcing). The subject test is on
     text alone (case-insensitive, so that no tokenizer could find it
     either); the answer is tokenised only when the model's
     tokenizer is already on this machine (:func:`lenscope.loading.local_tokenizer`).
@@ -954,7 +955,8 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
             "or pass --subject with text copied from the prompt"
         )
     attribution = getattr(args, "method", "exact") == "attribution"
-    if args.answer is None or not local_tokenizer or not attribution:
+    atp = getattr(args, "estimator", "atp") == "atp"
+    if args.answer is None or not local_tokenizer or not attribution or atp:
         return
     from lenscope.loading import local_tokenizer as find_tokenizer
 
@@ -965,9 +967,9 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise InvalidInput(
-            f"answer must be a single token for --method attribution, but {args.answer!r} "
-            f"tokenises as {pieces}; pass one token (mind the leading space, e.g. --answer "
-            '" Paris"), or leave --method out: the exact trace scores answers of several tokens'
+            f"an answer of several tokens is estimated with --estimator atp only, but "
+            f"{args.answer!r} tokenises as {pieces}; pass --estimator atp, or one token (mind "
+            'the leading space, e.g. --answer " Paris")'
         )
 
 
@@ -1253,6 +1255,7 @@ _CLI_FIXES: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
     (r"bridge=False", "--no-bridge"),
     (r"noise_multiplier=(\d+(?:\.\d+)?)", lambda m: f"--noise {m[1].removesuffix('.0')}s"),
     (r"e\.g\. ' Paris'\) or its id", "e.g. --answer ' Paris')"),
+    (r"estimator='([\w:]+)'", r"--estimator \1"),
     (r"max_seconds=1800 for half an hour", "--minutes 30 for half an hour"),
     (r"pass e\.g\. range\((\d+), (\d+)\)", lambda m: f"pass e.g. --layers {m[1]}-{int(m[2]) - 1}"),
     (r"layers=range\((\d+), (\d+)\)", lambda m: f"--layers {m[1]}-{int(m[2]) - 1}"),
