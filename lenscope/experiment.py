@@ -136,7 +136,7 @@ class Prepared:
             foil_id = foil_ids[0]
         elif foil_id is None and self.settings.corruption.has_counterfactual_answer:
             foil_id = int(softmax(corrupted_logits.detach()).mean(dim=0).argmax())
-            if foil_id == answer_id and self.settings.needs_foil:
+            if (foil_id,) == answer_ids and self.settings.needs_foil:
                 raise InvalidInput(
                     f"the counterfactual prompt's top-1 token is the answer itself "
                     f"({token_labels(self.model, [answer_id])[0]!r}), so the logit difference "

@@ -320,7 +320,7 @@ class CausalTracer:
         # A foil scored in runs of its own (known here unless it is the
         # counterfactual's top-1, which has one token).
         foil_planned = settings.needs_foil and (len(answer) > 1 or len(prepared.foil_ids or ()) > 1)
-        foil_continuation = (prepared.foil_ids or (0,))[:-1]
+        foil_continuation = (prepared.foil_ids or (0,))[:-1]  # unnamed: one token
 
         interrupt = _KindsInterrupt()  # listed first: exits after the model is restored
         with (
