@@ -1360,12 +1360,17 @@ def _token_log_probs(
     """Each position's log-probability of its answer token, as :func:`_score_rows` computes one.
 
     The same float32 arithmetic as :func:`lenscope.metrics.softmax_` (shift by
-    the maximum, exponentials clamped at ``EXP_FLOOR``), without overwriting ``logits``.
+    the maximum, exponentials clamped at ``EXP_FLOOR``), without overwriting
+    ``logits``; one position at a time, so that the scratch is ``1 / answer``
+    of the decoded chunk.
     """
-    top = logits.max(dim=-1, keepdim=True).values
-    total = (logits - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
-    picked = logits.gather(-1, ids.expand(logits.shape[0], -1)[..., None])[..., 0]
-    return picked - top[..., 0] - total.log()
+    out = []
+    for j in range(logits.shape[1]):
+        position = logits[:, j]
+        top = position.max(dim=-1, keepdim=True).values
+        total = (position - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
+        out.append(position[:, ids[j]] - top[:, 0] - total.log())
+    return torch.stack(out, dim=1)
 
 
 def _score_cells(
