@@ -50,7 +50,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lenscope import engine
-from lenscope.experiment import Grid, Measure, prepare
+from lenscope.experiment import Grid, Measure, continued_input, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     decode_resid,
@@ -217,28 +217,41 @@ def attribute(
     check_target(target, settings)
     started = time.perf_counter()
     model = tracer.model
-    prepared = prepare(model, prompt, subject, settings)
+    prepared = prepare(model, prompt, subject, settings, sequences=True)
     settings = prepared.settings
     names = list(prepared.names)
+    answer = prepared.answer_ids or ()
+    _check_sequence(prepared, estimator)
+    # An answer of k tokens: every run teacher-forced with its first k - 1
+    # (engine.sweep's scoring, differentiable: the sum of their log-probabilities).
+    continuation = answer[:-1]
+    decoded = len(continuation) + 1
 
     with preserved_model(model):
         for param in model.parameters():
             param.requires_grad_(False)
         with torch.no_grad():
-            corrupted = prepared.bind()
-            clean = prepared.clean_run()
+            bound = prepared.bind()
+            corrupted = continued_input(bound, continuation)
+            clean = prepared.clean_run(continuation)
         measured: list[Measure] = []
 
         def scores_of(logits: Tensor) -> Tensor:
             # Measured once the corrupted logits are known: a counterfactual
             # prompt's top-1 is the default foil, as in the exact trace.
-            measured.append(prepared.measure(clean.logits, logits))
-            return target_fn(measured[0])(logits, measured[0].answer_id)
+            first = logits if decoded == 1 else logits[:, 0]
+            measured.append(prepared.measure(clean.logits, first.detach()))
+            return target_fn(measured[0])(logits, scored(measured[0]))
 
         def target_fn(measure: Measure) -> PatchingMetric:
+            if decoded > 1:
+                return _sequence_target("log_prob" if target == "log_prob" else measure.metrics[0])
             return _log_prob if target == "log_prob" else measure.metrics[0].differentiable()
 
-        grads = corrupted_gradients(model, corrupted, names, scores_of)
+        def scored(measure: Measure) -> Any:
+            return measure.answer_ids if decoded > 1 else measure.answer_id
+
+        grads = corrupted_gradients(model, corrupted, names, scores_of, decoded=decoded)
         (measure,) = measured
         groups = {
             where.name: (where.hook_names(prepared.n_layer), settings.windows[where.name])
@@ -250,13 +263,14 @@ def attribute(
             clean=clean.activations,
             run=grads,
             target_fn=target_fn(measure),
-            answer_id=measure.answer_id,
+            answer_id=scored(measure),
             layers=tuple(settings.layers),
             sites={where.name: where for where in prepared.sites},
         )
         effects, extra_passes = estimator.effects(inputs, groups)
     corrupted_logits = grads.logits
-    baselines = measure.baselines(clean.logits, corrupted_logits, settings.top_k)
+    clean_logits = clean.logits if clean.answer_logits is None else clean.answer_logits
+    baselines = measure.baselines(clean_logits, corrupted_logits, settings.top_k)
     corrupted_score = baselines.corrupted_scores[0]
     seconds = time.perf_counter() - started
 
@@ -270,10 +284,18 @@ def attribute(
     # log_prob differentiated for a prob trace: each copy's log-probability
     # change d is the probability change p (exp(d) - 1) of that copy.
     converts = target == "log_prob" and settings.metric_names[0] == "prob"
-    answer_probs = softmax(corrupted_logits)[:, measure.answer_id] if converts else None
+    answer_probs = None
+    if converts:
+        answer_probs = (
+            softmax(corrupted_logits)[:, measure.answer_id]
+            if decoded == 1
+            else _sequence_log_prob(corrupted_logits, measure.answer_ids).exp()
+        )
     grids = {}
     for where in prepared.sites:
         estimate = _combine(effects[where.name], settings.windows[where.name], answer_probs)
+        # The grid keeps the prompt's positions (an answer's are never restored).
+        estimate = estimate[:, : prepared.n_pos]
         traced = torch.full_like(estimate, math.nan)
         cells = prepared.cells(where)
         traced[tuple(cells.T)] = estimate[tuple(cells.T)]
@@ -286,7 +308,7 @@ def attribute(
         measure,
         baselines,
         grids,
-        corrupted,
+        bound,
         lambda where, **fields: AttributionResult(**fields),
         passes=passes,
         seconds=seconds,
@@ -405,7 +427,61 @@ class GradientRun:
 
     activations: dict[str, Float[Tensor, "samples pos ..."]]
     gradients: dict[str, Float[Tensor, "samples pos ..."]]
-    logits: Float[Tensor, "samples d_vocab"]
+    logits: Float[Tensor, "samples *answer d_vocab"]
+
+
+def _decode_last(
+    model: torch.nn.Module, final: Float[Tensor, "batch pos d_model"], decoded: int
+) -> Float[Tensor, "batch *answer d_vocab"]:
+    """The last position's logits, or the last ``decoded`` positions' (``[batch, decoded, V]``)."""
+    if decoded == 1:
+        return decode_resid(model, final[:, -1])
+    last = final[:, -decoded:]
+    return decode_resid(model, last.flatten(0, 1)).unflatten(0, tuple(last.shape[:2]))
+
+
+def _sequence_log_prob(
+    logits: Float[Tensor, "batch answer d_vocab"], answer_ids: Sequence[int]
+) -> Float[Tensor, " batch"]:
+    """Each row's teacher-forced log-probability of the whole answer, differentiable."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(list(answer_ids), device=logits.device)
+    return log_probs.gather(-1, ids.expand(logits.shape[0], -1)[..., None])[..., 0].sum(-1)
+
+
+def _sequence_target(metric: Any) -> Callable[..., Tensor]:
+    """The differentiable ``log_prob`` or ``prob`` of an answer of several tokens.
+
+    Args:
+        metric: ``"log_prob"``, or the bound metric (``reads`` ``prob``/``log_prob``).
+    """
+    reads = metric if isinstance(metric, str) else metric.reads
+
+    def target(logits: Tensor, answer_ids: Sequence[int]) -> Tensor:
+        value = _sequence_log_prob(logits, answer_ids)
+        return value.exp() if reads == "prob" else value
+
+    return target
+
+
+def _check_sequence(prepared: Any, estimator: "Estimator") -> None:
+    """Refuse what attribution does not estimate for an answer or foil of several tokens."""
+    answer, foil = prepared.answer_ids or (), prepared.foil_ids or ()
+    if len(answer) <= 1 and len(foil) <= 1:
+        return
+    if not isinstance(estimator, AtP):
+        raise InvalidInput(
+            f"an answer of several tokens is estimated with estimator='atp' only, got "
+            f"{estimator.name!r} (answer {list(answer)}); pass estimator='atp', or trace it exactly"
+        )
+    metric = prepared.settings.metric_names[0]
+    if len(answer) <= 1 or metric not in ("prob", "log_prob", "normalized_prob"):
+        raise InvalidInput(
+            f"attribution estimates an answer of several tokens with the metrics 'prob' and "
+            f"'log_prob' (the whole answer's), got metric {metric!r} with answer "
+            f"{list(answer) or None} and foil {list(foil) or None}; pass metric='log_prob', "
+            "or trace the logit difference of several tokens exactly (tracer.trace_kinds)"
+        )
 
 
 class _Stop(Exception):
@@ -416,7 +492,9 @@ def corrupted_gradients(
     model: torch.nn.Module,
     corrupted: Any,
     names: Sequence[str],
-    scores_of: Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, " batch"]],
+    scores_of: Callable[[Float[Tensor, "batch *answer d_vocab"]], Float[Tensor, " batch"]],
+    *,
+    decoded: int = 1,
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -434,6 +512,9 @@ def corrupted_gradients(
             residual-width, ``mlp.hook_post``).
         scores_of: Given the corrupted logits, the per-copy scores to
             differentiate (the metric, differentiable, of the answer).
+        decoded: Positions decoded: the last one, or the last ``decoded``
+            (an answer of several tokens, teacher-forced: logits ``[batch,
+            decoded, d_vocab]``).
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -469,7 +550,7 @@ def corrupted_gradients(
             model(corrupted.batch_tokens(1))
         except _Stop:
             pass
-        logits = decode_resid(model, live[final_name][:, -1])
+        logits = _decode_last(model, live[final_name], decoded)
         total = scores_of(logits).sum()
         # The backward hooks fire on the way; hook points whose backward hook
         # does not (the final resid_post, where the pass stopped; a bridge's
@@ -555,7 +636,7 @@ class EstimatorInputs:
             (``[pos, d_model]`` for the residual-width kinds, ``[pos, d_mlp]`` for neurons).
         run: The corrupted copies' activations and target gradients (:func:`corrupted_gradients`).
         target_fn: The differentiable ``(logits, answer) -> per-row scores`` differentiated.
-        answer_id: The answer token.
+        answer_id: The answer token (the answer's tokens, for several).
         layers: The traced layers (the window centres whose estimates are needed).
         sites: ``{kind: site}`` (with the trace's positions filled in): how a
             layer's activation becomes its cells' estimates
@@ -567,8 +648,8 @@ class EstimatorInputs:
     corrupted: Any
     clean: Mapping[str, Float[Tensor, "pos ..."]]
     run: "GradientRun"
-    target_fn: PatchingMetric
-    answer_id: int
+    target_fn: Callable[..., Tensor]
+    answer_id: int | tuple[int, ...]
     layers: tuple[int, ...]
     sites: Mapping[str, Site] = dataclasses.field(default_factory=dict)
 

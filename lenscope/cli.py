@@ -675,7 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(trace)
     add_trace_arguments(trace)
     add_cell_arguments(trace)
-    trace.add_argument("--answer", help="answer token text (default: the clean top-1 token)")
+    trace.add_argument(
+        "--answer",
+        help="the answer's text, one token or several (e.g. ' New York City': the whole "
+        "answer is scored, teacher-forced); default: the clean top-1 token",
+    )
     trace.add_argument(
         "--out", type=output_path, default=Path("trace.html"), help="HTML file (default trace.html)"
     )
@@ -724,7 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_patch_arguments(patch)
     add_cell_arguments(patch)
-    patch.add_argument("--answer", help="answer token text (default: the clean top-1 token)")
+    patch.add_argument(
+        "--answer",
+        help="the answer's text, one token or several (teacher-forced); default: the clean "
+        "top-1 token",
+    )
     patch.add_argument(
         "--batch-size", type=positive_int_arg, help="corrupted copies per forward pass"
     )
@@ -1000,10 +1008,13 @@ def _not_written(target: str, error: OSError, kept: Path | None, what: str) -> O
 
 
 def _check_before_loading(args: argparse.Namespace, subject: str, *, local_tokenizer: bool) -> None:
-    """Refuse, before the model loads, a subject absent from the prompt or a multi-token answer.
+    """Refuse, before the model loads, a subject absent from the prompt or a bad answer.
 
-    The subject test is on text alone (case-insensitive, so that no tokenizer
-    could find it either); the answer is tokenised only when the model's
+    An answer of several tokens is refused for ``--method attribution`` with
+    another estimator than ``atp`` (the exact trace and AtP score it by
+    teacher forcing). The subject test is on
+    text alone (case-insensitive, so that no tokenizer could find it
+    either); the answer is tokenised only when the model's
     tokenizer is already on this machine (:func:`lenscope.loading.local_tokenizer`).
     The tracer checks both again, exactly, once the model is loaded.
     """
@@ -1014,7 +1025,9 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
             f"subject {subject!r} must occur in the prompt {args.prompt!r}; check spelling, "
             "or pass --subject with text copied from the prompt"
         )
-    if args.answer is None or not local_tokenizer:
+    attribution = getattr(args, "method", "exact") == "attribution"
+    atp = getattr(args, "estimator", "atp") == "atp"
+    if args.answer is None or not local_tokenizer or not attribution or atp:
         return
     from lenscope.loading import local_tokenizer as find_tokenizer
 
@@ -1025,8 +1038,9 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise InvalidInput(
-            f"answer must be a single token, but {args.answer!r} tokenises as {pieces}; pass "
-            'one token (mind the leading space, e.g. --answer " Paris")'
+            f"an answer of several tokens is estimated with --estimator atp only, but "
+            f"{args.answer!r} tokenises as {pieces}; pass --estimator atp, or one token (mind "
+            'the leading space, e.g. --answer " Paris")'
         )
 
 
@@ -1313,6 +1327,7 @@ _CLI_FIXES: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
     (r"bridge=False", "--no-bridge"),
     (r"noise_multiplier=(\d+(?:\.\d+)?)", lambda m: f"--noise {m[1].removesuffix('.0')}s"),
     (r"e\.g\. ' Paris'\) or its id", "e.g. --answer ' Paris')"),
+    (r"estimator='([\w:]+)'", r"--estimator \1"),
     (r"max_seconds=1800 for half an hour", "--minutes 30 for half an hour"),
     (r"pass e\.g\. range\((\d+), (\d+)\)", lambda m: f"pass e.g. --layers {m[1]}-{int(m[2]) - 1}"),
     (r"layers=range\((\d+), (\d+)\)", lambda m: f"--layers {m[1]}-{int(m[2]) - 1}"),

@@ -78,10 +78,18 @@ STRATEGIES = ("auto", "prefix", "full")
 
 @dataclasses.dataclass(frozen=True)
 class CleanRun:
-    """Clean activations of one prompt at the hook points a trace restores."""
+    """Clean activations of one prompt at the hook points a trace restores.
+
+    ``logits`` are the next-token logits after the prompt. For an answer of
+    ``k > 1`` tokens the run's input is the prompt followed by the answer's
+    first ``k - 1`` tokens (teacher forcing), and ``answer_logits`` holds the
+    logits of the ``k`` positions that predict the answer's tokens
+    (``logits`` is its first row).
+    """
 
     activations: dict[str, Float[Tensor, "pos ..."]]
     logits: Float[Tensor, " d_vocab"]
+    answer_logits: Float[Tensor, "k d_vocab"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +100,10 @@ class CorruptedRun:
     layer's keys and values, in the form the model's
     :class:`~lenscope._prefix.PrefixRunner` reads) are kept only for the
     prefix strategy; ``activations`` only when asked for (the source of a
-    noising sweep).
+    noising sweep). ``logits`` are the next-token logits after the prompt;
+    for an answer of ``k > 1`` tokens (teacher-forced, see :class:`CleanRun`)
+    ``final_resid`` holds the final residuals of the ``k`` positions that
+    predict them.
     """
 
     logits: Float[Tensor, "samples d_vocab"]
@@ -101,6 +112,7 @@ class CorruptedRun:
     activations: dict[str, Float[Tensor, "samples pos ..."]] = dataclasses.field(
         default_factory=dict
     )
+    final_resid: Float[Tensor, "samples k d_model"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,21 @@ class SweepOutput:
     scores: Float[Tensor, "metric layer ..."]
     top_ids: Int[Tensor, "layer *unit k"]
     top_probs: Float[Tensor, "layer *unit k"]
+    token_log_probs: Float[Tensor, "layer *unit answer"] | None = None
+
+
+def answer_length(answer_id: int | Tensor | Sequence[int]) -> int:
+    """Positions a sweep decodes per row: the tokens of an answer given as a sequence, else 1."""
+    if isinstance(answer_id, int | Tensor):
+        return 1
+    return len(answer_id)
+
+
+def _single(answer_id: int | Tensor | Sequence[int]) -> int | Tensor | tuple[int, ...]:
+    """A one-token answer as the engine's single-token form (an int), else as it is."""
+    if isinstance(answer_id, int | Tensor):
+        return answer_id
+    return int(answer_id[0]) if len(answer_id) == 1 else tuple(answer_id)
 
 
 def prefix_unsupported(model: torch.nn.Module) -> str | None:
@@ -506,14 +533,27 @@ def _capture_hook(store: dict[str, Tensor], name: str) -> Callable[[Tensor, Any]
 
 
 def clean_run(
-    model: torch.nn.Module, tokens: Int[Tensor, " pos"], hook_names: Sequence[str]
+    model: torch.nn.Module,
+    tokens: Int[Tensor, " pos"],
+    hook_names: Sequence[str],
+    *,
+    decoded: int = 1,
 ) -> CleanRun:
-    """Run the clean prompt once, keeping ``hook_names`` and the last-position logits."""
+    """Run the clean prompt once, keeping ``hook_names`` and the logits of the last positions.
+
+    Args:
+        model: The model.
+        tokens: The prompt, followed by an answer's first ``decoded - 1`` tokens.
+        hook_names: Hook points whose activations to keep.
+        decoded: Positions to decode (the answer's tokens): the last ``decoded``.
+    """
     store = capture_forward(model, tokens[None], [], hook_names)
-    resid = store.pop(FINAL_RESID)[:, -1]
+    final = store.pop(FINAL_RESID)
     activations = {name: store[name][0] for name in hook_names}
-    logits = decode_resid(model, resid)[0]
-    return CleanRun(activations=activations, logits=logits)
+    if decoded == 1:
+        return CleanRun(activations=activations, logits=decode_resid(model, final[:, -1])[0])
+    answer_logits = decode_resid(model, final[0, -decoded:])
+    return CleanRun(activations=activations, logits=answer_logits[0], answer_logits=answer_logits)
 
 
 def corrupted_run(
@@ -522,6 +562,7 @@ def corrupted_run(
     *,
     keep_prefix_state: bool,
     capture: Sequence[str] = (),
+    decoded: int = 1,
 ) -> CorruptedRun:
     """Run the corrupted samples once; keep what the prefix strategy starts from.
 
@@ -530,28 +571,35 @@ def corrupted_run(
         corrupted: The bound corruption (or the clean copies of a noising sweep).
         keep_prefix_state: Keep every layer's ``resid_pre`` and keys and values.
         capture: Hook points whose activations to keep (``[samples, pos, ...]``).
+        decoded: Positions a sweep decodes (an answer's tokens, teacher-forced):
+            for more than one, their final residuals are kept too.
     """
     batch = corrupted.tokens
     hooks = list(corrupted.fwd_hooks)
     if not keep_prefix_state:
         store = capture_forward(model, batch, hooks, capture)
-        logits = decode_resid(model, store.pop(FINAL_RESID)[:, -1])
+        final = store.pop(FINAL_RESID)
         return CorruptedRun(
-            logits=logits,
+            logits=decode_resid(model, final[:, -decoded]),
             resid_pre=None,
             kv_cache=None,
             activations={name: store[name] for name in capture},
+            final_resid=final[:, -decoded:] if decoded > 1 else None,
         )
 
     store = {}
     names = [hook_name("resid_pre", layer) for layer in range(n_layers(model))]
-    hooks += [(name, _capture_hook(store, name)) for name in dict.fromkeys([*names, *capture])]
+    last = hook_name("resid_post", n_layers(model) - 1)
+    wanted = [*names, *capture, *([last] if decoded > 1 else [])]
+    hooks += [(name, _capture_hook(store, name)) for name in dict.fromkeys(wanted)]
     resid, kv_cache = prefix_runner(model).corrupted_forward(batch, hooks)
+    final = store[last][:, -decoded:] if decoded > 1 else None
     return CorruptedRun(
-        logits=decode_resid(model, resid),
+        logits=decode_resid(model, resid if final is None else final[:, 0]),
         resid_pre=[store[name] for name in names],
         kv_cache=kv_cache,
         activations={name: store[name] for name in capture},
+        final_resid=final,
     )
 
 
@@ -581,8 +629,13 @@ def effective_windows(
     site: Site,
     first_changed: int,
     n_pos: int,
+    decoded: int = 1,
 ) -> Bool[Tensor, "cell layer"]:
-    """Drop the restorations that provably change nothing at the last position.
+    """Drop the restorations that provably change nothing at the decoded positions.
+
+    The decoded positions are the last ``decoded`` (an answer of several
+    tokens, teacher-forced: the last prompt position and the answer's);
+    cells restore prompt positions only, all at or before the first of them.
 
     Positions before the corruption's first changed position never see it
     (causal attention), so their clean and corrupted activations are equal
@@ -593,10 +646,21 @@ def effective_windows(
     cell left with no layer to restore scores exactly like the corrupted run.
     """
     touched = _touched_positions(site, cells, n_pos)
+    if decoded > 1:
+        touched = touched & _prompt_positions(n_pos, decoded)
     keep = windows & touched[:, first_changed:].any(dim=1)[:, None]
     if not site.feeds_attention:
-        keep[:, -1] &= touched[:, -1]
+        keep[:, -1] &= touched[:, -1] if decoded == 1 else touched[:, -decoded:].any(dim=1)
     return keep
+
+
+def _prompt_positions(n_pos: int, decoded: int) -> Bool[Tensor, " pos"]:
+    """The prompt's positions of an input that ends with an answer's first ``decoded - 1`` tokens.
+
+    Restoration and corruption act on the prompt only: the answer's tokens
+    are what the run is scored on, never restored.
+    """
+    return torch.arange(n_pos) < n_pos - decoded + 1
 
 
 def _entry_layers(windows: Bool[Tensor, "cell layer"], site: Site) -> Int[Tensor, " cell"]:
@@ -642,8 +706,12 @@ def _run_stair(
     samples: int,
     switches: Mapping[str, "_Switch"],
     corruption_hooks: Sequence[tuple[str, HookFn]] = (),
-) -> Float[Tensor, "row d_model"]:
+    decoded: int = 1,
+) -> Float[Tensor, "row d_model"] | Float[Tensor, "row decoded d_model"]:
     """Run the cells of one first position, each joining the batch at its entry layer.
+
+    Returns the final residuals of the last position (of the last
+    ``decoded`` positions, an answer's, for ``decoded > 1``).
 
     Every row runs positions ``pos:`` only (the base run's keys and values of
     earlier positions come from a frozen cache) and only the blocks from its
@@ -697,7 +765,27 @@ def _run_stair(
                     new = torch.where(before[..., None], value.to(new.dtype), new)
                 resid = new if resid is None else torch.cat([resid, new])
             resid = run_block(resid, layer)
-    return resid[:, -1]
+    return _last(resid, decoded)
+
+
+def _cell_masks(
+    site: Site, units: Int[Tensor, "cell unit"], n_pos: int, decoded: int
+) -> Bool[Tensor, "cell pos ..."]:
+    """Where each cell restores, cut to the prompt's positions when an answer follows it.
+
+    A per-head site's "every position" then means every prompt position: the
+    ``decoded - 1`` teacher-forced answer positions are never restored.
+    """
+    masks = site.cell_mask(units, n_pos)
+    if decoded > 1:
+        keep = _prompt_positions(n_pos, decoded).to(masks.device)
+        masks = masks & keep.reshape(1, n_pos, *([1] * (masks.ndim - 2)))
+    return masks
+
+
+def _last(resid: Float[Tensor, "row pos d_model"], decoded: int) -> Tensor:
+    """The final residuals a sweep decodes: the last position's, or the last ``decoded``."""
+    return resid[:, -1] if decoded == 1 else resid[:, -decoded:]
 
 
 class _Switch:
@@ -787,11 +875,17 @@ def _plan_sweep(
     corrupted: CorruptedInput,
     strategy: str,
     batch_size: int | None,
+    decoded: int = 1,
 ) -> _SweepPlan:
     n_layer, n_pos = n_layers(model), corrupted.tokens.shape[1]
     samples = corrupted.rows
     windows = effective_windows(
-        restore_windows(cells, window, n_layer), cells, site, corrupted.first_changed, n_pos
+        restore_windows(cells, window, n_layer),
+        cells,
+        site,
+        corrupted.first_changed,
+        n_pos,
+        decoded,
     )
     active = windows.any(dim=1)
     traced = cells[active]
@@ -835,7 +929,7 @@ def sweep(
     source: Mapping[str, Float[Tensor, "src ..."]],
     base: CorruptedInput,
     base_state: CorruptedRun,
-    answer_id: int | Int[Tensor, " prompt"],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
     metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     strategy: str,
@@ -868,17 +962,27 @@ def sweep(
     and :func:`~lenscope.metrics.log_prob` read it per row); the outputs gain
     a last axis, ``prompt`` (``scores``: ``[metric, layer, *unit, prompt]``).
 
+    An answer of ``k > 1`` tokens (``answer_id`` a sequence of ids) is
+    scored by teacher forcing: ``base``'s tokens end with its first ``k - 1``
+    tokens, cells restore prompt positions only, and the final residuals
+    of the last ``k`` positions are decoded; ``prob``/``log_prob`` are the
+    whole answer's, and ``token_log_probs`` (``[layer, *unit, k]``, means over
+    samples) splits ``log_prob`` by token. A ``k``-token answer adds ``k - 1``
+    positions to every row, not forward passes.
+
     Each forward pass and decoded chunk advances ``meter`` (the trace's
     :class:`~lenscope.progress.TraceMeter`, see :func:`trace_meter`);
     without one, ``progress=True`` shows this sweep's own.
     """
     n_pos, samples = base.tokens.shape[1], base.rows
-    plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size)
+    answer_id = _single(answer_id)
+    decoded = answer_length(answer_id)
+    plan = _plan_sweep(model, site, window, cells, base, strategy, batch_size, decoded)
     label = description or "trace"
     with contextlib.ExitStack() as stack:
         if meter is None:
             weight = decode_weight(model, n_pos)
-            total = plan.token_layers + weight * int(plan.active.sum()) * samples
+            total = plan.token_layers + weight * int(plan.active.sum()) * samples * decoded
             meter = stack.enter_context(TraceMeter(total, progress=progress, description=label))
         meter.describe(label)
         return _sweep(
@@ -894,7 +998,7 @@ def _sweep(
     source: Mapping[str, Float[Tensor, "src ..."]],
     base: CorruptedInput,
     base_state: CorruptedRun,
-    answer_id: int | Int[Tensor, " prompt"],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
     metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     meter: TraceMeter,
@@ -902,29 +1006,46 @@ def _sweep(
     """:func:`sweep` after planning."""
     n_layer, n_pos = n_layers(model), base.tokens.shape[1]
     samples, prompts = base.rows, base.prompts
+    decoded = answer_length(answer_id)
     weight = decode_weight(model, n_pos)
     active = plan.active
-    out = _empty_output(len(metrics), (n_layer, *site.unit_shape(model, n_pos), prompts), top_k)
+    # The grid keeps the prompt's positions (the answer's are never restored).
+    unit_shape = site.unit_shape(model, n_pos - decoded + 1)
+    out = _empty_output(len(metrics), (n_layer, *unit_shape, prompts), top_k, decoded)
     if not active.all():
-        unchanged = _score_cells(base_state.logits.float().clone(), base, answer_id, metrics, top_k)
+        if decoded == 1:
+            unchanged = _score_cells(
+                base_state.logits.float().clone(), base, answer_id, metrics, top_k
+            )
+        else:
+            unchanged = _decode_cells(
+                model, _base_finals(base_state), base, answer_id, metrics, top_k
+            )
         n_unchanged = int((~active).sum())
-        scores, top_ids, top_probs = unchanged
         _fill_cells(
             out,
             cells[~active],
-            scores.expand(-1, n_unchanged, -1),
-            top_ids.expand(n_unchanged, -1, -1),
-            top_probs.expand(n_unchanged, -1, -1),
+            *(part.expand(-1, n_unchanged, *part.shape[2:]) for part in unchanged[:1]),
+            *(part.expand(n_unchanged, *part.shape[1:]) for part in unchanged[1:]),
         )
     cells, windows = cells[active], plan.windows[active]
 
     order: list[Tensor] = []
     finals: list[Tensor] = []
     if plan.done is not None and plan.done.any():
-        final = source[site.hook_name(n_layer - 1)][:, -1]
-        rows = int(plan.done.sum()) * samples
+        final = source[site.hook_name(n_layer - 1)][:, n_pos - decoded]
+        done = int(plan.done.sum())
+        rows = done * samples
         order.append(torch.nonzero(plan.done).flatten())
-        finals.append(source_rows(final, rows).expand(rows, -1))
+        restored = source_rows(final, rows).expand(rows, -1)
+        if decoded > 1:
+            # Restoring the last block's output at the last prompt position leaves
+            # the answer positions' final residuals as the base run's.
+            after = einops.repeat(_base_finals(base_state)[:, 1:], "s k d -> (c s) k d", c=done).to(
+                restored.dtype
+            )
+            restored = torch.cat([restored[:, None], after], dim=1)
+        finals.append(restored)
     entries, first_pos = plan.entries, plan.first_pos
     prefix = entries is not None and first_pos is not None
     corruption_names = [name for name, _ in base.stair_hooks(0)] if prefix else []
@@ -932,11 +1053,14 @@ def _sweep(
     with _switchboard(model, names) as switches:
         for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
             if entries is None or first_pos is None:  # the full strategy
-                masks = site.cell_mask(cells[members, 1:], n_pos)
+                masks = _cell_masks(site, cells[members, 1:], n_pos, decoded)
                 finals.append(
-                    forward_cells(model, base, site, windows[members], masks, source)[FINAL_RESID][
-                        :, -1
-                    ]
+                    _last(
+                        forward_cells(model, base, site, windows[members], masks, source)[
+                            FINAL_RESID
+                        ],
+                        decoded,
+                    )
                 )
             else:
                 pos = int(first_pos[members[0]])
@@ -947,31 +1071,46 @@ def _sweep(
                         entries[members],
                         windows[members],
                         # Built per batch: a per-unit mask of every cell at once can be large.
-                        site.cell_mask(cells[members, 1:], n_pos),
+                        _cell_masks(site, cells[members, 1:], n_pos, decoded),
                         site,
                         source,
                         base_state,
                         samples,
                         switches,
                         base.stair_hooks(pos),
+                        decoded,
                     )
                 )
             order.append(members)
             meter.advance(work, decides=True)
     if order:
-        decoded = _decode_cells(
+        decoded_cells = _decode_cells(
             model,
             torch.cat(finals),
             base,
             answer_id,
             metrics,
             top_k,
-            on_chunk=lambda rows: meter.advance(weight * rows),
+            on_chunk=lambda rows: meter.advance(weight * rows * decoded),
         )
-        _fill_cells(out, cells[torch.cat(order)], *decoded)
+        _fill_cells(out, cells[torch.cat(order)], *decoded_cells)
     if prompts == 1:
-        return SweepOutput(out.scores[..., 0], out.top_ids[..., 0, :], out.top_probs[..., 0, :])
+        return SweepOutput(
+            out.scores[..., 0],
+            out.top_ids[..., 0, :],
+            out.top_probs[..., 0, :],
+            None if out.token_log_probs is None else out.token_log_probs[..., 0, :],
+        )
     return out
+
+
+def _base_finals(state: CorruptedRun) -> Float[Tensor, "samples k d_model"]:
+    if state.final_resid is None:
+        raise RuntimeError(
+            "a sweep of an answer of several tokens needs the base run's final residuals "
+            "(corrupted_run(..., decoded=k)); this is a bug in lenscope"
+        )
+    return state.final_resid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1010,22 +1149,24 @@ def estimate_sweep(
     corrupted: CorruptedInput,
     strategy: str,
     batch_size: int | None,
+    decoded: int = 1,
 ) -> SweepEstimate:
     """Count the forward passes and token-layers :func:`sweep` would run, without running them.
 
-    Same arguments as :func:`sweep`; the batches are planned by the same code.
+    Same arguments as :func:`sweep` (``decoded``: the answer's tokens, each
+    a decoded row); the batches are planned by the same code.
     """
-    plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size)
-    decoded = int(plan.active.sum()) * corrupted.rows
-    return SweepEstimate(len(cells), len(plan.batches), plan.token_layers, decoded)
+    plan = _plan_sweep(model, site, window, cells, corrupted, strategy, batch_size, decoded)
+    rows = int(plan.active.sum()) * corrupted.rows * decoded
+    return SweepEstimate(len(cells), len(plan.batches), plan.token_layers, rows)
 
 
-def run_units(model: torch.nn.Module, n_pos: int, rows: int) -> float:
+def run_units(model: torch.nn.Module, n_pos: int, rows: int, decoded: int = 1) -> float:
     """Units (:mod:`lenscope.progress`) of ``rows`` copies of an ``n_pos``-token prompt run whole.
 
-    Each copy's last position is decoded.
+    Each copy's last ``decoded`` positions are decoded (1: the last one).
     """
-    return rows * (n_pos * n_layers(model) + decode_weight(model, n_pos))
+    return rows * (n_pos * n_layers(model) + decoded * decode_weight(model, n_pos))
 
 
 def trace_meter(
@@ -1040,6 +1181,8 @@ def trace_meter(
     batch_size: int | None,
     progress: bool,
     description: str = "trace",
+    decoded: int = 1,
+    foil: tuple[CorruptedInput, int] | None = None,
 ) -> TraceMeter:
     """The :class:`~lenscope.progress.TraceMeter` of a trace: all its work, counted in advance.
 
@@ -1062,26 +1205,35 @@ def trace_meter(
         batch_size: Rows per forward pass, or None for automatic.
         progress: Show the progress bar.
         description: The bar's label until the first sweep relabels it.
+        decoded: Positions each row decodes (an answer's tokens, teacher-forced).
+        foil: A foil scored in runs and sweeps of its own (teacher-forced):
+            their base (ending with the foil's first tokens) and the foil's
+            length. Its whole-prompt runs have the rows of ``runs``.
     """
-    n_layer, n_pos = n_layers(model), int(base.tokens.shape[1])
-    weight = decode_weight(model, n_pos)
+    n_layer = n_layers(model)
     per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
-    for where in sites:
-        total += estimate_sweep(
-            model,
-            site=where,
-            window=windows[where.name],
-            cells=per_site[where.name],
-            corrupted=base,
-            strategy=strategy,
-            batch_size=batch_size,
+    units = 0.0
+    for run_base, run_decoded in [(base, decoded), *([foil] if foil is not None else [])]:
+        n_pos = int(run_base.tokens.shape[1])
+        work = SweepEstimate(0, 0, 0)
+        for where in sites:
+            work += estimate_sweep(
+                model,
+                site=where,
+                window=windows[where.name],
+                cells=per_site[where.name],
+                corrupted=run_base,
+                strategy=strategy,
+                batch_size=batch_size,
+                decoded=run_decoded,
+            )
+        units += (
+            sum(run_units(model, n_pos, rows, run_decoded) for rows in runs)
+            + work.token_layers
+            + decode_weight(model, n_pos) * work.decoded_rows
         )
-    units = (
-        sum(run_units(model, n_pos, rows) for rows in runs)
-        + total.token_layers
-        + weight * total.decoded_rows
-    )
+        total += work
     kinds = len(sites)
     plural = "s" if kinds != 1 else ""
     counted = (
@@ -1152,11 +1304,14 @@ def forward_cells(
     return capture_forward(model, inputs, hooks, capture, clone=clone)
 
 
-def _empty_output(n_metrics: int, shape: tuple[int, ...], top_k: int) -> SweepOutput:
+def _empty_output(
+    n_metrics: int, shape: tuple[int, ...], top_k: int, decoded: int = 1
+) -> SweepOutput:
     return SweepOutput(
         scores=torch.full((n_metrics, *shape), float("nan")),
         top_ids=torch.full((*shape, top_k), -1, dtype=torch.long),
         top_probs=torch.full((*shape, top_k), float("nan")),
+        token_log_probs=None if decoded == 1 else torch.full((*shape, decoded), float("nan")),
     )
 
 
@@ -1166,12 +1321,15 @@ def _fill_cells(
     scores: Float[Tensor, "metric cell prompt"],
     top_ids: Int[Tensor, "cell prompt k"],
     top_probs: Float[Tensor, "cell prompt k"],
+    token_log_probs: Float[Tensor, "cell prompt answer"] | None = None,
 ) -> None:
     """Write per-cell results into ``out`` (cells index its leading axes)."""
     index = tuple(cells.T)
     out.scores[(slice(None), *index)] = scores.cpu()
     out.top_ids[index] = top_ids.cpu()
     out.top_probs[index] = top_probs.cpu()
+    if out.token_log_probs is not None and token_log_probs is not None:
+        out.token_log_probs[index] = token_log_probs.cpu()
 
 
 # Float32 logits decoded at once: large enough for an efficient unembedding
@@ -1181,30 +1339,93 @@ _DECODE_BYTES = 1 << 30
 
 def _decode_cells(
     model: torch.nn.Module,
-    finals: Float[Tensor, "row d_model"],
+    finals: Float[Tensor, "row d_model"] | Float[Tensor, "row answer d_model"],
     base: CorruptedInput,
-    answer_id: int | Int[Tensor, " prompt"],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
     metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     on_chunk: Callable[[int], None] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """Decode final residuals (``base.rows`` rows per cell) in chunks of whole cells.
 
+    For an answer of several tokens each row holds the final residuals of
+    its decoded positions, and a fourth tensor, each token's log-probability
+    (``[cell, prompt, answer]``, means over samples), comes back too.
     ``on_chunk(rows)`` is called after each chunk (progress).
     """
     rows = base.rows
-    most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * rows))
+    decoded = answer_length(answer_id)
+    most_cells = max(1, _DECODE_BYTES // (4 * model.cfg.d_vocab * rows * decoded))
     n_cells = finals.shape[0] // rows
     n_chunks = -(-n_cells // most_cells)
     chunk_rows = rows * -(-n_cells // n_chunks)  # equal chunks: no small, slow last one
     parts = []
     for i in range(0, finals.shape[0], chunk_rows):
         chunk = finals[i : i + chunk_rows]
-        parts.append(_score_cells(decode_resid(model, chunk), base, answer_id, metrics_, top_k))
+        if decoded == 1:
+            parts.append(_score_cells(decode_resid(model, chunk), base, answer_id, metrics_, top_k))
+        else:
+            logits = decode_resid(model, chunk.flatten(0, 1)).unflatten(0, (-1, decoded))
+            parts.append(
+                tuple(
+                    x[:, None] if j else x[:, :, None]
+                    for j, x in enumerate(
+                        _score_sequence(logits, base.samples, answer_id, metrics_, top_k)  # type: ignore[arg-type]
+                    )
+                )
+            )
         if on_chunk is not None:
             on_chunk(chunk.shape[0])
-    scores, top_ids, top_probs = zip(*parts, strict=True)
-    return torch.cat(scores, dim=1), torch.cat(top_ids), torch.cat(top_probs)
+    joined = zip(*parts, strict=True)
+    return (torch.cat(next(joined), dim=1), *(torch.cat(part) for part in joined))
+
+
+def _score_sequence(
+    logits: Float[Tensor, "row answer d_vocab"],
+    samples: int,
+    answer_ids: Sequence[int],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
+    top_k: int,
+) -> tuple[
+    Float[Tensor, "metric cell"],
+    Int[Tensor, "cell k"],
+    Float[Tensor, "cell k"],
+    Float[Tensor, "cell answer"],
+]:
+    """:func:`_score_rows` of an answer of several tokens, teacher-forced.
+
+    ``logits[:, j]`` predicts the answer's token ``j``. ``prob`` and
+    ``log_prob`` are the whole answer's (``log_prob`` the sum over its
+    tokens); metrics the engine calls, and the top-k, see the first position
+    (the next-token distribution after the prompt). Also returns each
+    token's log-probability, averaged over samples. ``logits`` is overwritten.
+    """
+    ids = torch.tensor(list(answer_ids), device=logits.device)
+    per_token = _token_log_probs(logits, ids)
+    scores, top_ids, top_probs = _score_rows(
+        logits[:, 0], samples, int(ids[0]), metrics_, top_k, sequence_log_prob=per_token.sum(1)
+    )
+    split = einops.reduce(per_token, "(cell sample) k -> cell k", "mean", sample=samples)
+    return scores, top_ids, top_probs, split
+
+
+def _token_log_probs(
+    logits: Float[Tensor, "row answer d_vocab"], ids: Int[Tensor, " answer"]
+) -> Float[Tensor, "row answer"]:
+    """Each position's log-probability of its answer token, as :func:`_score_rows` computes one.
+
+    The same float32 arithmetic as :func:`lenscope.metrics.softmax_` (shift by
+    the maximum, exponentials clamped at ``EXP_FLOOR``), without overwriting
+    ``logits``; one position at a time, so that the scratch is ``1 / answer``
+    of the decoded chunk.
+    """
+    out = []
+    for j in range(logits.shape[1]):
+        position = logits[:, j]
+        top = position.max(dim=-1, keepdim=True).values
+        total = (position - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
+        out.append(position[:, ids[j]] - top[:, 0] - total.log())
+    return torch.stack(out, dim=1)
 
 
 def _score_cells(
@@ -1256,12 +1477,30 @@ def score_copies(
     return scores[:, 0].tolist(), top_ids[0], top_probs[0]
 
 
+def score_sequence_copies(
+    logits: Float[Tensor, "samples answer d_vocab"],
+    answer_ids: Sequence[int],
+    metrics_: Sequence[BoundMetric | PatchingMetric],
+    top_k: int,
+) -> tuple[list[float], Int[Tensor, " k"], Float[Tensor, " k"], Float[Tensor, " answer"]]:
+    """:func:`score_copies` of an answer of several tokens, teacher-forced.
+
+    ``logits[:, j]`` predicts the answer's token ``j``; also returns each
+    token's log-probability, averaged over copies.
+    """
+    scores, top_ids, top_probs, split = _score_sequence(
+        logits.float().clone(), logits.shape[0], answer_ids, metrics_, top_k
+    )
+    return scores[:, 0].tolist(), top_ids[0], top_probs[0], split[0]
+
+
 def _score_rows(
     logits: Float[Tensor, "row d_vocab"],
     samples: int,
     answer_id: int | Int[Tensor, " row"],
     metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
+    sequence_log_prob: Float[Tensor, " row"] | None = None,
 ) -> tuple[Float[Tensor, "metric cell"], Int[Tensor, "cell k"], Float[Tensor, "cell k"]]:
     """Per-cell metrics (means over samples) and top-k of the mean next-token distribution.
 
@@ -1269,6 +1508,8 @@ def _score_rows(
     one softmax, computed in place, serves the probability metrics and the
     top-k; every other metric reads the logits before it. ``answer_id`` is
     one token, or one per row (packed prompts; probability metrics only).
+    ``sequence_log_prob``: each row's log-probability of a whole answer of
+    several tokens, which ``prob`` and ``log_prob`` then report.
     """
     per_copy: dict[int, Tensor] = {}
     per_row = isinstance(answer_id, Tensor)
@@ -1288,9 +1529,17 @@ def _score_rows(
     probs, top, total = metrics.softmax_(logits)
     for i, metric in enumerate(bound):
         if metric.reads == "prob":
-            per_copy[i] = _answer_column(probs, answer_id)
+            per_copy[i] = (
+                _answer_column(probs, answer_id)
+                if sequence_log_prob is None
+                else sequence_log_prob.exp()
+            )
         elif metric.reads == "log_prob":
-            per_copy[i] = answer_logit - top[:, 0] - total[:, 0].log()
+            per_copy[i] = (
+                answer_logit - top[:, 0] - total[:, 0].log()
+                if sequence_log_prob is None
+                else sequence_log_prob
+            )
     stacked = torch.stack([per_copy[i] for i in range(len(bound))])
     scores = einops.reduce(stacked, "metric (cell sample) -> metric cell", "mean", sample=samples)
     mean_probs = einops.reduce(probs, "(cell sample) v -> cell v", "mean", sample=samples)

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -53,10 +54,13 @@ class Prepared:
         tokens: The prompt's token ids.
         subject_range: The subject's ``(start, end)`` token range (a
             counterfactual prompt's: the tokens that differ).
-        answer_id: The answer the user named, or None (the clean top-1).
+        answer_id: The answer the user named, or None (the clean top-1, or an
+            answer of several tokens: see ``answer_ids``).
         foil_id: The foil the user named, or None.
         positions: The token positions traced.
         names: Every hook name the sites restore, site by site, layer by layer.
+        answer_ids: Every token of the answer the user named (None: the clean top-1).
+        foil_ids: Every token of the foil the user named (None: none named).
     """
 
     model: torch.nn.Module
@@ -69,6 +73,8 @@ class Prepared:
     foil_id: int | None
     positions: tuple[int, ...]
     names: tuple[str, ...]
+    answer_ids: tuple[int, ...] | None = None
+    foil_ids: tuple[int, ...] | None = None
 
     @property
     def n_layer(self) -> int:
@@ -88,9 +94,20 @@ class Prepared:
         """The corruption bound to this prompt (runs whatever the corruption needs)."""
         return self.settings.corruption.bind(self.model, self.tokens, self.subject_range)
 
-    def clean_run(self) -> engine.CleanRun:
-        """The clean prompt's activations at :attr:`names` and its last-position logits."""
-        return engine.clean_run(self.model, self.tokens, list(self.names))
+    def clean_run(self, continuation: Sequence[int] = ()) -> engine.CleanRun:
+        """The clean prompt's activations at :attr:`names` and its last-position logits.
+
+        Args:
+            continuation: Tokens appended to the prompt (an answer's first
+                ``k - 1`` tokens, teacher forcing); the logits of the last
+                ``len(continuation) + 1`` positions are decoded.
+        """
+        return engine.clean_run(
+            self.model,
+            continued(self.tokens, continuation),
+            list(self.names),
+            decoded=len(continuation) + 1,
+        )
 
     def measure(
         self,
@@ -107,22 +124,44 @@ class Prepared:
             InvalidInput: A counterfactual whose top-1 token is the answer
                 itself while a metric needs a foil.
         """
+        answer_ids = self.answer_ids
         answer_id = self.answer_id
-        if answer_id is None:
-            answer_id = int(clean_logits.argmax())
+        if answer_ids is None:
+            answer_id = int(clean_logits.argmax()) if answer_id is None else answer_id
+            answer_ids = (answer_id,)
+        answer_id = answer_ids[0]
         foil_id = self.foil_id
-        if foil_id is None and self.settings.corruption.has_counterfactual_answer:
+        foil_ids = self.foil_ids
+        if foil_ids is not None:
+            foil_id = foil_ids[0]
+        elif foil_id is None and self.settings.corruption.has_counterfactual_answer:
             foil_id = int(softmax(corrupted_logits.detach()).mean(dim=0).argmax())
-            if foil_id == answer_id and self.settings.needs_foil:
+            if (foil_id,) == answer_ids and self.settings.needs_foil:
                 raise InvalidInput(
                     f"the counterfactual prompt's top-1 token is the answer itself "
                     f"({token_labels(self.model, [answer_id])[0]!r}), so the logit difference "
                     "has no foil; pass foil=... (the counterfactual's answer), or a "
                     "counterfactual that changes the answer"
                 )
-        context = MetricContext(answer_id=answer_id, foil_id=foil_id, clean_logits=clean_logits)
+        if foil_id is not None and foil_ids is None:
+            foil_ids = (foil_id,)
+        context = MetricContext(
+            answer_id=answer_id,
+            foil_id=foil_id,
+            clean_logits=clean_logits,
+            answer_ids=answer_ids,
+            foil_ids=foil_ids,
+        )
         bound = tuple(bind_metric(spec, context) for spec in self.settings.metric_specs)
-        return Measure(answer_id=answer_id, foil_id=foil_id, metrics=bound)
+        if len(answer_ids) == 1 and not context.sequence:
+            return Measure(answer_id=answer_id, foil_id=foil_id, metrics=bound)
+        return Measure(
+            answer_id=answer_id,
+            foil_id=foil_id,
+            metrics=bound,
+            answer_ids=answer_ids,
+            foil_ids=foil_ids,
+        )
 
     def results(
         self,
@@ -149,6 +188,8 @@ class Prepared:
         ids_seen = {
             answer_id,
             *([] if foil_id is None else [foil_id]),
+            *measure.answer_ids,
+            *(measure.foil_ids or ()),
             *baselines.clean_ids.tolist(),
             *baselines.corrupted_ids.tolist(),
         }
@@ -156,13 +197,17 @@ class Prepared:
             ids_seen.update(grid.top_ids[grid.top_ids >= 0].unique().tolist())
         ordered = sorted(ids_seen)
         vocab = dict(zip(ordered, token_labels(model, ordered), strict=True))
+
+        def text(ids: tuple[int, ...]) -> str:
+            return "".join(vocab[i] for i in ids)
+
         record = corrupted.record
         by_name = {where.name: where for where in self.sites}
         shared = dict(
             tokens=token_labels(model, self.tokens),
             token_ids=self.tokens.cpu(),
             subject_range=self.subject_range,
-            answer=vocab[answer_id],
+            answer=text(measure.answer_ids),
             answer_id=answer_id,
             model_name=model_name(model),
             clean_top_ids=baselines.clean_ids.cpu(),
@@ -173,9 +218,25 @@ class Prepared:
             prompt=self.prompt,
             corruption=dict(record),
             direction=self.settings.direction,
-            foil=None if foil_id is None else vocab[foil_id],
+            foil=None if measure.foil_ids is None else text(measure.foil_ids),
             foil_id=foil_id,
         )
+
+        def split(grid: Grid) -> dict[str, Any]:
+            # Only for an answer or foil of several tokens (one optional field).
+            if not measure.sequence:
+                return {}
+            return {
+                "answer_split": {
+                    "answer_ids": list(measure.answer_ids),
+                    "answer_tokens": [vocab[i] for i in measure.answer_ids],
+                    "foil_ids": None if measure.foil_ids is None else list(measure.foil_ids),
+                    "log_probs": grid.token_log_probs,
+                    "clean_log_probs": baselines.clean_split,
+                    "corrupted_log_probs": baselines.corrupted_split,
+                }
+            }
+
         results: dict[str, dict[str, Any]] = {}
         for i, metric in enumerate(measure.metrics):
             clean, corrupt = baselines.clean_scores[i], baselines.corrupted_scores[i]
@@ -195,6 +256,7 @@ class Prepared:
                     axes=by_name[kind].index_axes,
                     units=by_name[kind].unit_info(),
                     **shared,
+                    **split(grid),
                     **extra,
                 )
                 for kind, grid in grids.items()
@@ -204,35 +266,91 @@ class Prepared:
 
 @dataclasses.dataclass(frozen=True)
 class Measure:
-    """What a trace measures, settled: the answer, the foil and the bound metrics."""
+    """What a trace measures, settled: the answer, the foil and the bound metrics.
+
+    ``answer_ids``/``foil_ids`` hold every token of an answer or foil of
+    several tokens (default: the one token); such a trace is scored by
+    teacher forcing (:attr:`sequence`).
+    """
 
     answer_id: int
     foil_id: int | None
     metrics: tuple[BoundMetric, ...]
+    answer_ids: tuple[int, ...] = ()
+    foil_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Fill in the one-token sequences."""
+        if not self.answer_ids:
+            object.__setattr__(self, "answer_ids", (self.answer_id,))
+        if self.foil_ids is None and self.foil_id is not None:
+            object.__setattr__(self, "foil_ids", (self.foil_id,))
+
+    @property
+    def sequence(self) -> bool:
+        """Whether the answer or the foil has several tokens."""
+        return len(self.answer_ids) > 1 or len(self.foil_ids or ()) > 1
+
+    @property
+    def foil_run(self) -> bool:
+        """Whether a metric needs the foil scored in runs of its own (``less_foil``)."""
+        return any(metric.less_foil for metric in self.metrics)
 
     def baselines(
         self,
-        clean_logits: Float[Tensor, " d_vocab"],
-        corrupted_logits: Float[Tensor, "samples d_vocab"],
+        clean_logits: Float[Tensor, " d_vocab"] | Float[Tensor, "answer d_vocab"],
+        corrupted_logits: Float[Tensor, "samples d_vocab"]
+        | Float[Tensor, "samples answer d_vocab"],
         top_k: int,
+        *,
+        foil_log_probs: tuple[float, float] | None = None,
     ) -> "Baselines":
         """The clean and corrupted runs scored exactly as every patched cell is.
+
+        Args:
+            clean_logits: The clean run's next-token logits; for an answer of
+                several tokens, the logits of each position predicting one of
+                them (teacher-forced).
+            corrupted_logits: The corrupted copies' logits, likewise.
+            top_k: Predictions kept.
+            foil_log_probs: The foil's clean and corrupted log-probability
+                (teacher-forced in runs of its own), subtracted from each
+                ``less_foil`` metric.
 
         Raises:
             InvalidInput: A normalised metric whose clean and corrupted values coincide.
         """
-        clean = engine.score_copies(clean_logits[None], self.answer_id, self.metrics, top_k)
-        corrupted = engine.score_copies(corrupted_logits, self.answer_id, self.metrics, top_k)
+        if clean_logits.ndim == 1:
+            clean = engine.score_copies(clean_logits[None], self.answer_id, self.metrics, top_k)
+            corrupted = engine.score_copies(corrupted_logits, self.answer_id, self.metrics, top_k)
+            splits: tuple[Tensor | None, Tensor | None] = (None, None)
+        else:
+            *clean, clean_split = engine.score_sequence_copies(
+                clean_logits[None], self.answer_ids, self.metrics, top_k
+            )
+            *corrupted, corrupted_split = engine.score_sequence_copies(
+                corrupted_logits, self.answer_ids, self.metrics, top_k
+            )
+            splits = (clean_split, corrupted_split)
+        if foil_log_probs is not None:
+            for scores, foil in zip((clean[0], corrupted[0]), foil_log_probs, strict=True):
+                for i, metric in enumerate(self.metrics):
+                    if metric.less_foil:
+                        scores[i] -= foil
         for metric, clean_score, corrupted_score in zip(
             self.metrics, clean[0], corrupted[0], strict=True
         ):
             check_normalizable(metric, clean_score, corrupted_score)
-        return Baselines(*clean, *corrupted)
+        return Baselines(*clean, *corrupted, *splits)
 
 
 @dataclasses.dataclass(frozen=True)
 class Baselines:
-    """Each metric's clean and corrupted score (means over copies) and their top-k predictions."""
+    """Each metric's clean and corrupted score (means over copies) and their top-k predictions.
+
+    For an answer of several tokens, ``clean_split``/``corrupted_split`` hold
+    each token's log-probability (teacher-forced; means over copies).
+    """
 
     clean_scores: list[float]
     clean_ids: Int[Tensor, " k"]
@@ -240,15 +358,30 @@ class Baselines:
     corrupted_scores: list[float]
     corrupted_ids: Int[Tensor, " k"]
     corrupted_probs: Float[Tensor, " k"]
+    clean_split: Float[Tensor, " answer"] | None = None
+    corrupted_split: Float[Tensor, " answer"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """One kind's raw per-cell scores (one grid per metric, before normalising) and top-k."""
+    """One kind's raw per-cell scores (one grid per metric, before normalising) and top-k.
+
+    ``token_log_probs``: for an answer of several tokens, each token's
+    log-probability per cell (``[layer, ..., answer]``).
+    """
 
     scores: Float[Tensor, "metric layer ..."] | Sequence[Tensor]
     top_ids: Int[Tensor, "layer ... k"]
     top_probs: Float[Tensor, "layer ... k"]
+    token_log_probs: Float[Tensor, "layer ... answer"] | None = None
+
+
+def continued(tokens: Int[Tensor, " prompt"], continuation: Sequence[int]) -> Int[Tensor, " pos"]:
+    """``tokens`` followed by ``continuation`` (an answer's first tokens: teacher forcing)."""
+    if not continuation:
+        return tokens
+    extra = torch.tensor(list(continuation), dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([tokens, extra])
 
 
 def prepare(
@@ -256,6 +389,8 @@ def prepare(
     prompt: Any,
     subject: str | tuple[int, int] | None,
     settings: TraceSettings,
+    *,
+    sequences: bool = False,
 ) -> Prepared:
     """Resolve a trace against ``model`` once, for whichever method runs it.
 
@@ -265,6 +400,9 @@ def prepare(
         subject: The subject's text or ``(start, end)`` token range; None for
             a corruption that knows what it changes (a counterfactual prompt).
         settings: The trace's settings (not yet fixed for the model).
+        sequences: Whether the method scores answers and foils of several
+            tokens by teacher forcing (the exact trace); if not, such an
+            answer is refused.
 
     Raises:
         InvalidInput: A hook point the model lacks, a subject not in the
@@ -274,7 +412,7 @@ def prepare(
     sites = tuple(where.for_model(model) for where in settings.sites)
     names = tuple(name for where in sites for name in where.hook_names(n_layer))
     check_hook_points(model, [EMBED_HOOK, *names])
-    resolved = resolve_prompt(model, prompt, subject, settings)
+    resolved = resolve_prompt(model, prompt, subject, settings, sequences=sequences)
     settings = settings.for_model(model)
     positions = settings.position_list(int(resolved.tokens.shape[0]), resolved.subject_range)
     return Prepared(
@@ -288,4 +426,19 @@ def prepare(
         foil_id=resolved.foil_id,
         positions=tuple(positions),
         names=names,
+        answer_ids=resolved.answer_ids,
+        foil_ids=resolved.foil_ids,
     )
+
+
+def continued_input(corrupted: CorruptedInput, continuation: Sequence[int]) -> CorruptedInput:
+    """A bound corruption whose every row is followed by ``continuation`` (teacher forcing).
+
+    The corruption's hooks act on the prompt's positions (a subject's
+    embeddings), and its first changed position is unchanged.
+    """
+    if not continuation:
+        return corrupted
+    extra = torch.tensor(list(continuation), dtype=corrupted.tokens.dtype)
+    extra = einops.repeat(extra.to(corrupted.tokens.device), "k -> row k", row=corrupted.rows)
+    return dataclasses.replace(corrupted, tokens=torch.cat([corrupted.tokens, extra], dim=1))

@@ -139,14 +139,30 @@ class MetricContext:
     """What a trace knows once its clean and corrupted runs are done, for metrics that need it.
 
     Attributes:
-        answer_id: The answer token.
+        answer_id: The answer token (the first, for an answer of several tokens).
         foil_id: The foil token of the logit-difference metrics (None: no foil).
         clean_logits: The clean run's last-position logits.
+        answer_ids: Every token of the answer (default: ``(answer_id,)``).
+        foil_ids: Every token of the foil (default: ``(foil_id,)``, or None).
     """
 
     answer_id: int
     foil_id: int | None
     clean_logits: Float[Tensor, " d_vocab"]
+    answer_ids: tuple[int, ...] = ()
+    foil_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Fill in the one-token sequences."""
+        if not self.answer_ids:
+            object.__setattr__(self, "answer_ids", (self.answer_id,))
+        if self.foil_ids is None and self.foil_id is not None:
+            object.__setattr__(self, "foil_ids", (self.foil_id,))
+
+    @property
+    def sequence(self) -> bool:
+        """Whether the answer or the foil has several tokens (scored by teacher forcing)."""
+        return len(self.answer_ids) > 1 or len(self.foil_ids or ()) > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +179,21 @@ class BoundMetric:
         normalized: Whether :meth:`normalize` rescales it.
         reads: ``"prob"`` or ``"log_prob"`` for a metric the engine reads
             off the one softmax it computes for the top-k anyway (no second
-            pass over the vocabulary); None for one it calls.
+            pass over the vocabulary); None for one it calls. For an answer
+            of several tokens these are the whole answer's (teacher-forced)
+            probability and log-probability; a metric the engine calls sees
+            the first answer position (the next-token distribution).
+        less_foil: The metric is ``log p(answer) - log p(foil)`` with an
+            answer or foil of several tokens, each teacher-forced in a run of
+            its own: the engine scores the answer's run (``reads="log_prob"``)
+            and the trace subtracts the foil's run's log-probability.
     """
 
     name: str
     fn: PatchingMetric
     normalized: bool = False
     reads: str | None = None
+    less_foil: bool = False
 
     def normalize(self, value: Tensor | float, clean: float, corrupted: float) -> Tensor | float:
         """``value`` on the normalised scale (unchanged for a plain metric)."""
@@ -232,16 +256,25 @@ def _foil(name: str, context: MetricContext) -> int:
     return context.foil_id
 
 
+def _logit_diff(name: str, context: MetricContext, normalized: bool) -> BoundMetric:
+    """The logit difference; with an answer or foil of several tokens, of log-probabilities.
+
+    For one token each, ``logit[answer] - logit[foil]`` equals ``log p(answer) -
+    log p(foil)`` (the softmax's normaliser cancels); with several tokens the
+    latter, each sequence teacher-forced, is the generalisation.
+    """
+    foil = _foil(name, context)
+    if context.sequence:
+        return BoundMetric(name, log_prob, normalized=normalized, reads="log_prob", less_foil=True)
+    return BoundMetric(name, logit_diff(foil), normalized=normalized)
+
+
 BINDERS: dict[str, Callable[[MetricContext], BoundMetric]] = {
     "prob": lambda context: BoundMetric("prob", prob, reads="prob"),
     "log_prob": lambda context: BoundMetric("log_prob", log_prob, reads="log_prob"),
-    "logit_diff": lambda context: BoundMetric(
-        "logit_diff", logit_diff(_foil("logit_diff", context))
-    ),
-    "normalized_logit_diff": lambda context: BoundMetric(
-        "normalized_logit_diff",
-        logit_diff(_foil("normalized_logit_diff", context)),
-        normalized=True,
+    "logit_diff": lambda context: _logit_diff("logit_diff", context, normalized=False),
+    "normalized_logit_diff": lambda context: _logit_diff(
+        "normalized_logit_diff", context, normalized=True
     ),
     "normalized_prob": lambda context: BoundMetric(
         "normalized_prob", prob, normalized=True, reads="prob"

@@ -603,6 +603,15 @@ class TraceResult(NoiseProperties, GridResult):
             ``{"head": {"query_heads_per_head": 2}}`` for the key/value heads
             of a grouped-query model (key/value head ``h`` serves query heads
             ``h * 2`` and ``h * 2 + 1``).
+        answer_split: For an answer or foil of several tokens (scored by
+            teacher forcing; ``answer``/``foil`` are then their whole text,
+            ``answer_id``/``foil_id`` their first tokens), the per-token record:
+            ``answer_ids``, ``answer_tokens``, ``foil_ids``, ``log_probs``
+            (each answer token's log-probability per cell, ``[layer, *unit,
+            answer]``, means over copies, summing to the cell's ``log_prob``;
+            None for a one-token answer) and ``clean_log_probs`` /
+            ``corrupted_log_probs`` (``[answer]``). None otherwise (and then
+            left out of :meth:`to_dict`).
     """
 
     scores: Float[Tensor, "layer ..."]
@@ -633,6 +642,7 @@ class TraceResult(NoiseProperties, GridResult):
     normalization: tuple[float, float] | None = None
     axes: tuple[str, ...] = _DEFAULT_AXES
     units: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    answer_split: dict[str, Any] | None = None
 
     _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
@@ -648,6 +658,25 @@ class TraceResult(NoiseProperties, GridResult):
         "normalization",
         "axes",
     )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`JsonRoundTrip.to_dict`; ``answer_split`` only when there is one."""
+        out = super().to_dict()
+        if self.answer_split is None:
+            del out["answer_split"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """As :meth:`JsonRoundTrip.from_dict`; ``answer_split``'s tensors read back as tensors."""
+        split = data.get("answer_split") if isinstance(data, Mapping) else None
+        if split is not None:
+            split = dict(split)
+            for name in ("log_probs", "clean_log_probs", "corrupted_log_probs"):
+                if split.get(name) is not None:
+                    split[name] = tensor_from_json(split[name], torch.float32)
+            data = {**data, "answer_split": split}
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         """Check that the axes name the dimensions and that shapes agree with each other."""

@@ -76,9 +76,13 @@ class TraceSettings:
             sequence of them (one result per metric from the same forward
             passes); None = the corruption's default (``"prob"`` for noise,
             ROME; ``"normalized_logit_diff"`` for a counterfactual prompt).
-        answer: Answer token (text or id); None = the clean run's top-1 token.
-        foil: The competing token of the logit-difference metrics; None = the
-            counterfactual prompt's clean top-1 token (when there is one).
+        answer: The answer: text, a token id, or token ids; None = the clean
+            run's top-1 token. Text that encodes to several tokens (or several
+            ids) is an answer of several tokens, scored by teacher forcing
+            (the exact trace; other methods take one token).
+        foil: The competing answer of the logit-difference metrics (the same
+            forms); None = the counterfactual prompt's clean top-1 token (when
+            there is one).
         direction: ``"denoise"`` (restore clean activations into the corrupted
             run: causal tracing) or ``"noise"`` (patch corrupted activations
             into the clean run); see :data:`DIRECTIONS`.
@@ -104,8 +108,8 @@ class TraceSettings:
     windows: int | Mapping[str, int] | None = None
     corruption: Corruption = dataclasses.field(default_factory=GaussianNoise)
     metric: str | PatchingMetric | Sequence[str | PatchingMetric] | None = None
-    answer: str | int | None = None
-    foil: str | int | None = None
+    answer: str | int | Sequence[int] | None = None
+    foil: str | int | Sequence[int] | None = None
     direction: str = "denoise"
     top_k: int = 5
     layers: int | Iterable[int] | None = None
@@ -167,9 +171,21 @@ class TraceSettings:
             )
         for which in ("answer", "foil"):
             value = getattr(self, which)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            if isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str):
+                # Token ids of an answer of several tokens (scored by teacher forcing).
+                ids = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+                if not ids or not all(is_int(i) for i in ids):
+                    raise InvalidInputType(
+                        f"{which} given as token ids must be a non-empty sequence of "
+                        f"integers, got {value!r}; pass e.g. {which}=[1234, 5678]"
+                    )
+                object.__setattr__(self, which, tuple(int(i) for i in ids))
+            elif value is not None and (
+                isinstance(value, bool) or not isinstance(value, str | int)
+            ):
                 raise InvalidInputType(
-                    f"{which} must be text or a token id, got {type(value).__name__}"
+                    f"{which} must be text, a token id or a sequence of token ids, "
+                    f"got {type(value).__name__}"
                 )
         if self.foil is not None and self.foil == self.answer:
             raise InvalidInput(
@@ -361,7 +377,7 @@ class TraceSettings:
             "kinds": list(self.kinds),
             "windows": dict(self.windows) if isinstance(self.windows, Mapping) else self.windows,
             "metric": names[0] if len(names) == 1 else list(names),
-            "answer": self.answer,
+            "answer": list(self.answer) if isinstance(self.answer, tuple) else self.answer,
             "top_k": self.top_k,
             "layers": None if layers is None else (layers if is_int(layers) else list(layers)),
             "positions": self.positions
@@ -374,7 +390,7 @@ class TraceSettings:
             out["sites"] = {where.name: site_to_dict(where) for where in self.custom_sites}
         # Recorded only when set, so that the records of earlier versions still match.
         if self.foil is not None:
-            out["foil"] = self.foil
+            out["foil"] = list(self.foil) if isinstance(self.foil, tuple) else self.foil
         if self.direction != "denoise":
             out["direction"] = self.direction
         record = self.corruption.to_dict()
@@ -433,14 +449,20 @@ class ResolvedPrompt:
         tokens: The prompt's token ids.
         subject_range: The subject's ``(start, end)`` token range (a
             counterfactual prompt's: the tokens that differ).
-        answer_id: The answer token, or None for the clean top-1.
-        foil_id: The foil token, or None (a counterfactual's top-1, or none).
+        answer_id: The answer token, or None for the clean top-1 (or for an
+            answer of several tokens).
+        foil_id: The foil token, or None (a counterfactual's top-1, or none;
+            or a foil of several tokens).
+        answer_ids: The answer's tokens, however many (None: the clean top-1).
+        foil_ids: The foil's tokens (None: none named).
     """
 
     tokens: Any
     subject_range: tuple[int, int]
     answer_id: int | None
     foil_id: int | None
+    answer_ids: tuple[int, ...] | None = None
+    foil_ids: tuple[int, ...] | None = None
 
 
 def resolve_prompt(
@@ -448,6 +470,8 @@ def resolve_prompt(
     prompt: Any,
     subject: str | tuple[int, int] | None,
     settings: TraceSettings,
+    *,
+    sequences: bool = False,
 ) -> ResolvedPrompt:
     """Tokens, subject range, answer and foil of a trace, checked (one place for every method).
 
@@ -457,12 +481,14 @@ def resolve_prompt(
         subject: The subject's text or token range; None for a corruption
             that knows what it changes (a counterfactual prompt).
         settings: The trace's settings (their corruption, answer and foil).
+        sequences: Whether the method scores answers and foils of several
+            tokens (teacher forcing); if not, such an answer is refused.
 
     Raises:
-        InvalidInput: No subject for a corruption that needs one, or a foil
-            equal to the answer.
+        InvalidInput: No subject for a corruption that needs one, a foil
+            equal to the answer, or (``sequences=False``) an answer of several tokens.
     """
-    from lenscope.tokens import answer_token, find_subject, prompt_tokens
+    from lenscope.tokens import answer_token, answer_tokens, find_subject, prompt_tokens
 
     tokens = prompt_tokens(model, prompt)
     corruption = settings.corruption
@@ -476,11 +502,33 @@ def resolve_prompt(
             )
     else:
         subject_range = find_subject(model, tokens, subject)
-    answer_id = None if settings.answer is None else answer_token(model, settings.answer)
-    foil_id = None if settings.foil is None else answer_token(model, settings.foil)
-    if foil_id is not None and foil_id == answer_id:
+    if not sequences:
+        answer_id = None if settings.answer is None else answer_token(model, settings.answer)
+        foil_id = None if settings.foil is None else answer_token(model, settings.foil)
+        if foil_id is not None and foil_id == answer_id:
+            raise InvalidInput(
+                f"the foil must differ from the answer, got token {foil_id} for both "
+                f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
+            )
+        return ResolvedPrompt(
+            tokens,
+            subject_range,
+            answer_id,
+            foil_id,
+            None if answer_id is None else (answer_id,),
+            None if foil_id is None else (foil_id,),
+        )
+    answer_ids = None if settings.answer is None else answer_tokens(model, settings.answer)
+    foil_ids = None if settings.foil is None else answer_tokens(model, settings.foil)
+    if foil_ids is not None and foil_ids == answer_ids:
         raise InvalidInput(
-            f"the foil must differ from the answer, got token {foil_id} for both "
+            f"the foil must differ from the answer, got tokens {list(foil_ids)} for both "
             f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
         )
-    return ResolvedPrompt(tokens, subject_range, answer_id, foil_id)
+
+    def single(ids: tuple[int, ...] | None) -> int | None:
+        return ids[0] if ids is not None and len(ids) == 1 else None
+
+    return ResolvedPrompt(
+        tokens, subject_range, single(answer_ids), single(foil_ids), answer_ids, foil_ids
+    )

@@ -163,6 +163,47 @@ def answer_token(model: torch.nn.Module, answer: str | int) -> int:
     return int(ids[0])
 
 
+def answer_tokens(model: torch.nn.Module, answer: "str | int | Sequence[int]") -> tuple[int, ...]:
+    """The token ids of an answer of any length: text (every token it encodes to), an id, or ids.
+
+    Args:
+        model: Supplies the tokenizer and the vocabulary size.
+        answer: Text such as ``" New York City"``, one token id, or a
+            non-empty sequence of token ids.
+
+    Returns:
+        The answer's ids, in order (one for a single-token answer).
+    """
+    if isinstance(answer, str | int) and not isinstance(answer, bool):
+        if isinstance(answer, int):
+            return (answer_token(model, answer),)
+        tokenizer = _tokenizer(model)
+        if tokenizer is None:
+            raise InvalidInput(
+                f"model has no tokenizer, so the answer must be token ids, got {answer!r}"
+            )
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidInput(
+                f"answer must encode to at least one token, got {answer!r}; pass e.g. ' Paris'"
+            )
+        return tuple(int(i) for i in ids)
+    if isinstance(answer, Sequence | Tensor) and len(answer) > 0:
+        return tuple(answer_token(model, int(i)) for i in _int_ids(answer))
+    raise InvalidInputType(
+        f"answer must be text, a token id or a non-empty sequence of token ids, got {answer!r}"
+    )
+
+
+def _int_ids(ids: "Sequence[int] | Tensor") -> list[int]:
+    values = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InvalidInputType(
+            f"an answer given as token ids must hold integers only, got {values!r}"
+        )
+    return values
+
+
 def single_token_id(model: torch.nn.Module, text: str) -> int | None:
     """The id of ``text`` if the model's tokenizer encodes it as exactly one token, else None."""
     tokenizer = _tokenizer(model)

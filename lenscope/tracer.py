@@ -11,6 +11,7 @@ probability comes back. Everything goes through hook names, so a
 """
 
 import contextlib
+import dataclasses
 import shlex
 from collections.abc import Sequence
 from typing import Any
@@ -20,11 +21,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lenscope import engine, metrics
-from lenscope.corruptions import CounterfactualPrompt, GaussianNoise
-from lenscope.experiment import Grid, prepare
+from lenscope.corruptions import CorruptedInput, CounterfactualPrompt, GaussianNoise
+from lenscope.experiment import Grid, Prepared, continued, continued_input, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     check_hook_points,
+    decode_resid,
     hook_name,
     n_layers,
     preserved_model,
@@ -297,13 +299,27 @@ class CausalTracer:
         batch_size: int | None,
         progress: bool,
     ) -> dict[str, dict[str, TraceResult]]:
-        """``{metric name: {kind: TraceResult}}``: the one path every trace takes."""
+        """``{metric name: {kind: TraceResult}}``: the one path every trace takes.
+
+        An answer of ``k`` tokens is scored by teacher forcing: every run's
+        input is the prompt followed by the answer's first ``k - 1`` tokens
+        (:func:`~lenscope.experiment.continued`), the corruption and the
+        restorations act on the prompt's positions only, and the ``k``
+        positions predicting the answer are decoded. A logit difference with
+        an answer or foil of several tokens scores the foil the same way, in
+        runs and sweeps of its own (about twice the work).
+        """
         model = self.model
-        prepared = prepare(model, prompt, subject, settings)
+        prepared = prepare(model, prompt, subject, settings, sequences=True)
         settings = prepared.settings
         noising = settings.direction == "noise"
         cells = {where.name: prepared.cells(where) for where in prepared.sites}
-        names = list(prepared.names)
+        answer = prepared.answer_ids or ()
+        continuation = answer[:-1]
+        # A foil scored in runs of its own (known here unless it is the
+        # counterfactual's top-1, which has one token).
+        foil_planned = settings.needs_foil and (len(answer) > 1 or len(prepared.foil_ids or ()) > 1)
+        foil_continuation = (prepared.foil_ids or (0,))[:-1]  # unnamed: one token
 
         interrupt = _KindsInterrupt()  # listed first: exits after the model is restored
         with (
@@ -313,9 +329,16 @@ class CausalTracer:
             torch.inference_mode(),
             contextlib.ExitStack() as stack,
         ):
-            corrupted = prepared.bind()
+            bound = prepared.bind()
+            corrupted = continued_input(bound, continuation)
             engine.check_memory(model, corrupted, prepared.sites, self.strategy)
-            base = corrupted.clean_copies(prepared.tokens) if noising else corrupted
+            base = self._base(prepared, corrupted, continuation, noising)
+            runs = [1, corrupted.rows, *([base.rows] if noising else [])]
+            foil_base = None
+            if foil_planned:
+                foil_base = self._base(
+                    prepared, continued_input(bound, foil_continuation), foil_continuation, noising
+                )
             meter = stack.enter_context(
                 engine.trace_meter(
                     model,
@@ -323,71 +346,200 @@ class CausalTracer:
                     settings.windows,
                     _shared_cells(cells),
                     base,
-                    [1, corrupted.rows, *([base.rows] if noising else [])],
+                    runs,
                     strategy=self.strategy,
                     batch_size=batch_size,
                     progress=progress,
                     description="noise" if noising else "trace",
+                    decoded=len(continuation) + 1,
+                    foil=None if foil_base is None else (foil_base, len(foil_continuation) + 1),
                 )
             )
-            clean = prepared.clean_run()
-            meter.warmed_up(engine.run_units(model, prepared.n_pos, 1))
-            corrupted_state = engine.corrupted_run(
-                model,
-                corrupted,
-                keep_prefix_state=self.strategy == "prefix" and not noising,
-                capture=names if noising else (),
-            )
-            meter.advance(engine.run_units(model, prepared.n_pos, corrupted.rows))
+            answer_runs = self._runs(prepared, bound, continuation, noising, meter, warm_up=True)
+            clean, corrupted_state = answer_runs.clean, answer_runs.corrupted_state
             measure = prepared.measure(clean.logits, corrupted_state.logits)
-            baselines = measure.baselines(clean.logits, corrupted_state.logits, settings.top_k)
-            if noising:
-                base_state = engine.corrupted_run(
-                    model, base, keep_prefix_state=self.strategy == "prefix"
+            foil_runs = None
+            foil_log_probs = None
+            if measure.foil_run:
+                foil_runs = self._runs(
+                    prepared, bound, measure.foil_ids[:-1], noising, meter, warm_up=False
                 )
-                meter.advance(engine.run_units(model, prepared.n_pos, base.rows))
-                source = corrupted_state.activations
-            else:
-                base_state = corrupted_state
-                source = {name: act[None] for name, act in clean.activations.items()}
+                foil_clean, foil_corrupted = foil_runs.logits(model, sequence=True)
+                foil_log_probs = (
+                    _mean_score(foil_clean[None], measure.foil_ids, "log_prob"),
+                    _mean_score(foil_corrupted, measure.foil_ids, "log_prob"),
+                )
+            clean_logits, corrupted_logits = answer_runs.logits(model, sequence=False)
+            baselines = measure.baselines(
+                clean_logits, corrupted_logits, settings.top_k, foil_log_probs=foil_log_probs
+            )
             # Before the sweep, so that the warning comes before the long part.
             answer_id = measure.answer_id
-            prob_scores = (
-                engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
-                engine.score_copies(corrupted_state.logits, answer_id, [metrics.prob], 1)[0][0],
-            )
+            if len(measure.answer_ids) == 1:
+                prob_scores = (
+                    engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
+                    engine.score_copies(corrupted_state.logits, answer_id, [metrics.prob], 1)[0][0],
+                )
+            else:
+                prob_scores = (
+                    _mean_score(clean_logits[None], measure.answer_ids, "prob"),
+                    _mean_score(corrupted_logits, measure.answer_ids, "prob"),
+                )
             _check_answer(model, settings.answer, answer_id, clean.logits, prob_scores, "prob")
+            scored = measure.answer_ids if measure.sequence else answer_id
 
             grids = {}
             interrupt.armed = True  # Ctrl-C from here on keeps the kinds already swept
             for where in prepared.sites:
+                label = f"{'noise' if noising else 'trace'} {where.name}"
                 out = engine.sweep(
                     model,
                     site=where,
                     window=settings.windows[where.name],
                     cells=cells[where.name],
-                    source=source,
-                    base=base,
-                    base_state=base_state,
-                    answer_id=answer_id,
+                    source=answer_runs.source,
+                    base=answer_runs.base,
+                    base_state=answer_runs.base_state,
+                    answer_id=scored,
                     metrics=measure.metrics,
                     top_k=settings.top_k,
                     strategy=self.strategy,
                     batch_size=batch_size,
                     progress=progress,
-                    description=f"{'noise' if noising else 'trace'} {where.name}",
+                    description=label,
                     meter=meter,
                 )
-                grids[where.name] = Grid(out.scores, out.top_ids, out.top_probs)
+                scores = out.scores
+                if foil_runs is not None:
+                    foil_out = engine.sweep(
+                        model,
+                        site=where,
+                        window=settings.windows[where.name],
+                        cells=cells[where.name],
+                        source=foil_runs.source,
+                        base=foil_runs.base,
+                        base_state=foil_runs.base_state,
+                        answer_id=measure.foil_ids,
+                        metrics=[metrics.BINDERS["log_prob"](None)],  # type: ignore[arg-type]
+                        top_k=1,
+                        strategy=self.strategy,
+                        batch_size=batch_size,
+                        progress=progress,
+                        description=f"{label} (foil)",
+                        meter=meter,
+                    )
+                    less = torch.tensor([m.less_foil for m in measure.metrics])
+                    less = less.reshape(-1, *([1] * (scores.ndim - 1)))
+                    scores = torch.where(less, scores - foil_out.scores[:1], scores)
+                grids[where.name] = Grid(scores, out.top_ids, out.top_probs, out.token_log_probs)
 
         results = prepared.results(
-            measure, baselines, grids, corrupted, lambda where, **fields: TraceResult(**fields)
+            measure, baselines, grids, bound, lambda where, **fields: TraceResult(**fields)
         )
         if interrupt.error is not None:
             shown = next(iter(results.values())) if len(results) == 1 else results
             kinds = [where.name for where in prepared.sites]
             raise interrupted_trace(interrupt.error, shown, kinds) from interrupt.error
         return results
+
+    def _base(
+        self,
+        prepared: Prepared,
+        corrupted: CorruptedInput,
+        continuation: tuple[int, ...],
+        noising: bool,
+    ) -> CorruptedInput:
+        """The run a sweep patches: the corrupted copies, or (noising) clean copies."""
+        if not noising:
+            return corrupted
+        return corrupted.clean_copies(continued(prepared.tokens, continuation))
+
+    def _runs(
+        self,
+        prepared: Prepared,
+        bound: CorruptedInput,
+        continuation: tuple[int, ...],
+        noising: bool,
+        meter: Any,
+        *,
+        warm_up: bool,
+    ) -> "_Runs":
+        """The clean and corrupted runs of the prompt followed by ``continuation``, and the base.
+
+        ``continuation`` is an answer's (or a foil's) first tokens: every run
+        is teacher-forced with them, and decodes the positions predicting the
+        answer. The sweep patches ``source`` into ``base``, whose state is
+        ``base_state``.
+        """
+        model = self.model
+        prefix = self.strategy == "prefix"
+        decoded = len(continuation) + 1
+        names = list(prepared.names)
+        corrupted = continued_input(bound, continuation)
+        n_pos = int(corrupted.tokens.shape[1])
+        clean = prepared.clean_run(continuation)
+        if warm_up:
+            meter.warmed_up(engine.run_units(model, n_pos, 1, decoded))
+        else:
+            meter.advance(engine.run_units(model, n_pos, 1, decoded))
+        corrupted_state = engine.corrupted_run(
+            model,
+            corrupted,
+            keep_prefix_state=prefix and not noising,
+            capture=names if noising else (),
+            decoded=decoded,
+        )
+        meter.advance(engine.run_units(model, n_pos, corrupted.rows, decoded))
+        base = self._base(prepared, corrupted, continuation, noising)
+        if noising:
+            base_state = engine.corrupted_run(
+                model, base, keep_prefix_state=prefix, decoded=decoded
+            )
+            meter.advance(engine.run_units(model, n_pos, base.rows, decoded))
+            source = corrupted_state.activations
+        else:
+            base_state = corrupted_state
+            source = {name: act[None] for name, act in clean.activations.items()}
+        return _Runs(clean, corrupted_state, base, base_state, source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """One teacher-forced continuation's clean and corrupted runs, and what its sweeps patch."""
+
+    clean: engine.CleanRun
+    corrupted_state: engine.CorruptedRun
+    base: CorruptedInput
+    base_state: engine.CorruptedRun
+    source: dict[str, Tensor]
+
+    def logits(self, model: torch.nn.Module, *, sequence: bool) -> tuple[Tensor, Tensor]:
+        """The clean and corrupted logits of the decoded positions.
+
+        ``[k, d_vocab]`` and ``[samples, k, d_vocab]`` for ``k`` decoded
+        positions; for one, ``[d_vocab]`` and ``[samples, d_vocab]`` unless
+        ``sequence`` asks for the ``k = 1`` axis.
+        """
+        final = self.corrupted_state.final_resid
+        if final is None:
+            clean, corrupted = self.clean.logits, self.corrupted_state.logits
+            return (clean[None], corrupted[:, None]) if sequence else (clean, corrupted)
+        if self.clean.answer_logits is None:
+            raise RuntimeError("a teacher-forced clean run lacks its answer logits (a bug)")
+        corrupted = decode_resid(model, final.flatten(0, 1)).unflatten(0, tuple(final.shape[:2]))
+        return self.clean.answer_logits, corrupted
+
+
+def _mean_score(logits: Tensor, ids: Sequence[int], name: str) -> float:
+    """Mean over copies of the teacher-forced ``prob`` or ``log_prob`` of ``ids``.
+
+    Args:
+        logits: ``[copies, k, d_vocab]``, position ``j`` predicting ``ids[j]``.
+        ids: The answer's (or foil's) tokens.
+        name: ``"prob"`` or ``"log_prob"``.
+    """
+    bound = metrics.BINDERS[name](None)  # type: ignore[arg-type]
+    return engine.score_sequence_copies(logits, ids, [bound], 1)[0][0]
 
 
 class _KindsInterrupt:
@@ -436,7 +588,7 @@ _SAME_SCORE = 1e-5
 
 def _check_answer(
     model: torch.nn.Module,
-    given: str | int | None,
+    given: str | int | Sequence[int] | None,
     answer_id: int,
     clean_logits: Float[Tensor, " d_vocab"],
     scores: tuple[float, float],
@@ -447,9 +599,9 @@ def _check_answer(
     Args:
         model: Supplies the tokenizer.
         given: The answer as the user passed it (None: the clean top-1).
-        answer_id: The answer token traced.
+        answer_id: The answer token traced (the first of several).
         clean_logits: The clean run's next-token logits.
-        scores: The clean and the corrupted score of the answer.
+        scores: The clean and the corrupted score of the answer (the whole answer's).
         metric_name: Name of the patching metric, for the message.
     """
     probs = softmax(clean_logits)

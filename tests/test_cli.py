@@ -118,8 +118,9 @@ def test_missing_subject_is_guessed(run, tmp_path):
             "window must be an integer from 1 to n_layers=4",
         ),
         (
-            ["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"],
-            "answer must be a single token",
+            ["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"]
+            + ["--method", "attribution", "--estimator", "ig:2"],
+            "an answer of several tokens is estimated with --estimator atp only, got 'ig:2'",
         ),
         (["trace", "all lower case", "--quiet"], "could not guess a subject"),
     ],
@@ -484,7 +485,11 @@ def test_dataset_summary_is_kept_when_the_report_cannot_be_written(run, tmp_path
             ["--subject", "The", "--positions", "3,40"],
             "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
         ),
-        (["--subject", "The", "--answer", " paris rome"], "(mind the leading space, e.g. --answer"),
+        (
+            ["--subject", "The", "--answer", " paris rome", "--method", "attribution"]
+            + ["--estimator", "ig:2"],
+            "pass --estimator atp, or trace it exactly",
+        ),
         (
             ["--subject", "The", "--positions", "-1,last"],
             "positions must be distinct token positions in [0, 10) (or counted back from the "
@@ -720,9 +725,10 @@ def test_subject_and_answer_are_checked_before_the_model_loads(monkeypatch, caps
 
     monkeypatch.setattr(lenscope.loading, "local_tokenizer", lambda name: WordTokenizer())
     args = ["trace", TINY_PROMPT, "--subject", "Eiffel", "--answer", " paris rome", *out]
-    assert main(args) == 2
+    assert main([*args, "--method", "attribution", "--estimator", "ig:2"]) == 2
     assert (
-        "answer must be a single token, but ' paris rome' tokenises as" in capsys.readouterr().err
+        "an answer of several tokens is estimated with --estimator atp only, but ' paris rome' "
+        "tokenises as" in capsys.readouterr().err
     )
 
 
