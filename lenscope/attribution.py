@@ -294,8 +294,9 @@ def attribute(
     grids = {}
     for where in prepared.sites:
         estimate = _combine(effects[where.name], settings.windows[where.name], answer_probs)
-        # The grid keeps the prompt's positions (an answer's are never restored).
-        estimate = estimate[:, : prepared.n_pos]
+        if "pos" in where.index_axes:
+            # The grid keeps the prompt's positions (an answer's are never restored).
+            estimate = estimate.narrow(where.index_axes.index("pos"), 0, prepared.n_pos)
         traced = torch.full_like(estimate, math.nan)
         cells = prepared.cells(where)
         traced[tuple(cells.T)] = estimate[tuple(cells.T)]

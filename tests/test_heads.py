@@ -274,7 +274,9 @@ def test_windows_over_layers_and_strategies_agree(tiny_gated_model, kind):
 def test_dataset_traces_refuse_per_head_kinds(tiny_model):
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT}]
-    with pytest.raises(InvalidInput, match=r"per-head kinds \['z'\] give \(layer, head\) grids"):
+    with pytest.raises(
+        InvalidInput, match=r"kind 'z' gives \('layer', 'head'\) grids; trace it one"
+    ):
         lenscope.trace_dataset(tracer, facts, kinds=("z",))
 
 
