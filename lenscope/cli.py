@@ -1287,7 +1287,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"subject    {''.join(first.tokens[start:end])!r} (tokens {start}..{end - 1})",
         f"answer     {first.answer!r}",
         f"clean      {first.metric} = {first.clean_score:.4f}",
-        f"corrupted  {first.metric} = {first.corrupted_score:.4f}   ({corrupted})",
+        f"corrupted  {first.metric} = {first.corrupted_score:.4f}   by {corrupted}",
         "",
         f"{'kind':<11}{'window':>6}  {'peak layer':>10}  {'peak token':<20}{'score':>8}"
         f"{'normalized':>12}",

@@ -183,7 +183,9 @@ class TraceMeter:
         left = self.remaining()
         left_text = "?" if left is None else _clock(left)
         self._bar.set_postfix_str(f"time left {left_text}", refresh=False)
-        self._bar.update(units)
+        # Float sums of the units can pass the total by a rounding error, which
+        # tqdm would warn about ("clamping frac"): the bar stops at its total.
+        self._bar.update(min(units, max(self._bar.total - self._bar.n, 0)))
 
     def close(self) -> None:
         """Close the progress bar."""
