@@ -157,9 +157,7 @@ def test_a_users_corruption_and_site_run_through_attribution_against_autograd(ti
         acts[hook.name] = act
         return act
 
-    with torch.enable_grad():
-        for p in model.parameters():
-            p.requires_grad_(False)
+    with torch.enable_grad():  # the parameters keep their flags: other tests share the model
         embed_leaf = {}
 
         def leaf(embed, hook):
