@@ -153,15 +153,7 @@ class Prepared:
             foil_ids=foil_ids,
         )
         bound = tuple(bind_metric(spec, context) for spec in self.settings.metric_specs)
-        if len(answer_ids) == 1 and not context.sequence:
-            return Measure(answer_id=answer_id, foil_id=foil_id, metrics=bound)
-        return Measure(
-            answer_id=answer_id,
-            foil_id=foil_id,
-            metrics=bound,
-            answer_ids=answer_ids,
-            foil_ids=foil_ids,
-        )
+        return Measure(context=context, metrics=bound)
 
     def results(
         self,
@@ -273,23 +265,33 @@ class Measure:
     teacher forcing (:attr:`sequence`).
     """
 
-    answer_id: int
-    foil_id: int | None
+    context: MetricContext
     metrics: tuple[BoundMetric, ...]
-    answer_ids: tuple[int, ...] = ()
-    foil_ids: tuple[int, ...] | None = None
 
-    def __post_init__(self) -> None:
-        """Fill in the one-token sequences."""
-        if not self.answer_ids:
-            object.__setattr__(self, "answer_ids", (self.answer_id,))
-        if self.foil_ids is None and self.foil_id is not None:
-            object.__setattr__(self, "foil_ids", (self.foil_id,))
+    @property
+    def answer_id(self) -> int:
+        """The answer (its first token)."""
+        return self.context.answer_id
+
+    @property
+    def foil_id(self) -> int | None:
+        """The foil (its first token), or None."""
+        return self.context.foil_id
+
+    @property
+    def answer_ids(self) -> tuple[int, ...]:
+        """Every token of the answer."""
+        return self.context.answer_ids
+
+    @property
+    def foil_ids(self) -> tuple[int, ...] | None:
+        """Every token of the foil, or None."""
+        return self.context.foil_ids
 
     @property
     def sequence(self) -> bool:
         """Whether the answer or the foil has several tokens."""
-        return len(self.answer_ids) > 1 or len(self.foil_ids or ()) > 1
+        return self.context.sequence
 
     @property
     def foil_run(self) -> bool:
