@@ -455,6 +455,13 @@ def add_dataset_arguments(
         help="trace the facts as given, without keeping only the known ones",
     )
     parser.add_argument(
+        "--answers",
+        choices=("top1", "attribute"),
+        default="top1",
+        help="score each fact's clean top-1 token (default, as in ROME) or its whole attribute "
+        "(teacher-forced; the filter then asks for the whole attribute by greedy decoding)",
+    )
+    parser.add_argument(
         "--out",
         type=output_path,
         default=Path("report.html"),
@@ -1220,13 +1227,18 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
 
         options["corruption"] = CounterfactualColumn()
     settings = dataset_settings(tracer, **options)
+    answers = getattr(args, "answers", "top1")
     if args.checkpoint is not None:
-        Checkpoint.check(args.checkpoint, dataset_header(tracer, settings))
+        header = dataset_header(tracer, settings)
+        Checkpoint.check(
+            args.checkpoint, header if answers == "top1" else {**header, "answers": answers}
+        )
     facts = load_facts(args.facts) if args.facts else known_facts()
     if args.no_filter:
         chosen = facts[: args.limit] if args.limit else facts
     else:
-        chosen = filter_known(tracer, facts, limit=args.limit)
+        by = "attribute" if answers == "attribute" else "first_token"
+        chosen = filter_known(tracer, facts, limit=args.limit, by=by)
         print(f"{len(chosen)} facts known to {model_name(model)} selected", file=sys.stderr)
     if args.counterfactuals:
         from lenscope.datasets import pair_counterfactuals
@@ -1247,6 +1259,7 @@ def run_dataset(args: argparse.Namespace, model_factory: ModelFactory | None = N
             max_seconds=None if args.minutes is None else args.minutes * 60,
             executor=executor,
             prompts_per_batch=args.prompts_per_batch,
+            answers=answers,
         )
     print(summary.table().to_string(index=False))
     if executor is not None and summary.workers:

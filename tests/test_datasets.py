@@ -7,6 +7,7 @@ by its own top-1 where a test needs known facts).
 
 import json
 import math
+import re
 import warnings
 
 import pandas as pd
@@ -844,3 +845,121 @@ def test_trace_dataset_with_a_counterfactual_column_equals_patching_each_fact(ti
             metric="prob",
         )
         torch.testing.assert_close(traced.scores["mlp_out"], alone.scores, equal_nan=True)
+
+
+# ------------------------------------------------------------------ whole attributes as answers
+
+
+def _greedy(model, tokens, n):
+    """Plain greedy generation: one full forward per new token (the reference)."""
+    ids = list(tokens.tolist())
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(tokens) :]
+
+
+def _attribute_facts(model, n_tokens=3):
+    """FACTS whose attribute is the tiny model's greedy continuation of ``n_tokens`` tokens."""
+    tokenizer = model.tokenizer
+    facts = []
+    for fact in FACTS[:3]:
+        generated = _greedy(model, prompt_tokens(model, fact["prompt"]), n_tokens)
+        facts.append({**fact, "attribute": tokenizer.decode(generated).strip()})
+    return facts
+
+
+def test_filter_known_by_attribute_is_greedy_generation(tracer, tiny_model):
+    facts = _attribute_facts(tiny_model)
+    for fact in facts:  # the attribute round-trips through the tokenizer as the trace reads it
+        assert len(lenscope.tokens.answer_tokens(tiny_model, " " + fact["attribute"])) == 3
+    wrong_last = {**facts[1], "attribute": facts[1]["attribute"].rsplit(" ", 1)[0] + " zzz"}
+    facts = [facts[0], wrong_last, facts[2], {"known_id": 99, "prompt": "x"}]
+    known, rejected = ds.filter_known(
+        tracer, facts, by="attribute", batch_size=2, return_rejected=True
+    )
+    assert [f["known_id"] for f in known] == [10, 12]
+    for fact in known:  # the teacher-forced probability, recomputed with a plain forward
+        prompt = prompt_tokens(tiny_model, fact["prompt"])
+        answer = lenscope.tokens.answer_tokens(tiny_model, " " + fact["attribute"])
+        ids = torch.cat([prompt, torch.tensor(answer)])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(tiny_model(ids[None])[0].double(), dim=-1)
+        expected = sum(log_probs[len(prompt) - 1 + i, t] for i, t in enumerate(answer)).exp()
+        assert fact["attribute_prob"] == pytest.approx(float(expected), rel=1e-5)
+        assert fact["attribute_tokens"] == list(token_labels(tiny_model, answer))
+    assert [r.fact_id for r in rejected] == [11, 99]
+    assert re.search(r"but after \[.*\] the top-1 token is '.*', not '<unk>'$", rejected[0].reason)
+    # The first-token test keeps the fact whose attribute goes wrong after its first token.
+    assert [f["known_id"] for f in ds.filter_known(tracer, facts[:3])] == [10, 11, 12]
+    with pytest.raises(ValueError, match=r"by must be one of .* got 'whole'; pass by='attribute'"):
+        ds.filter_known(tracer, facts, by="whole")
+
+
+def test_trace_dataset_scores_the_whole_attribute(tracer, tiny_model, tmp_path):
+    facts = _attribute_facts(tiny_model) + [
+        {"known_id": 98, "prompt": "Paris is", "subject": "Paris"}
+    ]
+    path = tmp_path / "attribute.jsonl"
+    summary = ds.trace_dataset(tracer, facts, samples=SAMPLES, answers="attribute", checkpoint=path)
+    assert summary.answers == "attribute" and len(summary.facts) == 3
+    assert summary.skipped[0].reason.startswith("missing field 'attribute'")
+    for fact, trace in zip(facts, summary.facts, strict=False):
+        answer = lenscope.tokens.answer_tokens(tiny_model, " " + fact["attribute"])
+        assert trace.answer_ids == answer and trace.answer_id == answer[0]
+        # The clean score is the whole attribute's probability (plain teacher forcing).
+        prompt = prompt_tokens(tiny_model, fact["prompt"])
+        ids = torch.cat([prompt, torch.tensor(answer)])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(tiny_model(ids[None])[0].double(), dim=-1)
+        expected = sum(log_probs[len(prompt) - 1 + i, t] for i, t in enumerate(answer)).exp()
+        assert trace.clean_score == pytest.approx(float(expected), rel=1e-5)
+        # Every cell as a one-prompt trace of that answer gives it.
+        one = tracer.trace_kinds(
+            fact["prompt"],
+            fact["subject"],
+            tracer.settings(
+                samples=SAMPLES, answer=" " + fact["attribute"], positions="from_subject"
+            ),
+            progress=False,
+        )
+        for kind in KINDS:
+            torch.testing.assert_close(trace.scores[kind], one[kind].scores, equal_nan=True)
+    again = ds.DatasetSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    assert again.answers == "attribute" and again.facts[0].answer_ids == summary.facts[0].answer_ids
+    # A checkpoint never mixes the two kinds of answer, either way round.
+    with pytest.raises(
+        ValueError, match=r"scored answers='attribute', so its facts cannot be mixed"
+    ):
+        ds.trace_dataset(tracer, facts, samples=SAMPLES, checkpoint=path)
+    top1 = tmp_path / "top1.jsonl"
+    ds.trace_dataset(tracer, facts[:1], samples=SAMPLES, checkpoint=top1)
+    with pytest.raises(ValueError, match=r"scored answers='top1'.* pass answers='top1' to resume"):
+        ds.trace_dataset(tracer, facts[:1], samples=SAMPLES, checkpoint=top1, answers="attribute")
+    with pytest.raises(ValueError, match=r"answers must be one of .* got 'all'; pass 'attribute'"):
+        ds.trace_dataset(tracer, facts, answers="all")
+    with pytest.raises(ValueError, match=r"packed into one batch only .* answers 'attribute'"):
+        ds.trace_dataset(tracer, facts, answers="attribute", prompts_per_batch=2)
+
+
+def test_cli_answers_attribute_filters_and_scores_the_whole_attribute(tiny_model, tmp_path):
+    import argparse
+
+    facts = _attribute_facts(tiny_model, n_tokens=2)
+    facts[1] = {**facts[1], "attribute": facts[1]["attribute"].split(" ")[0] + " zzz"}
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(f) for f in facts))
+    parser = cli.add_dataset_arguments(argparse.ArgumentParser(), model_arguments=True)
+    common = ["--model", "tiny", "--facts", str(path), "--samples", "2", "--kinds", "mlp_out"]
+    args = parser.parse_args(
+        [*common, "--answers", "attribute", "--summary", str(tmp_path / "s.json"), "--quiet"]
+        + ["--out", str(tmp_path / "r.html"), "--checkpoint", str(tmp_path / "c.jsonl")]
+    )
+    assert cli.run_dataset(args, lambda name, **kwargs: tiny_model) == 0
+    summary = ds.DatasetSummary.load(tmp_path / "s.json")
+    assert summary.answers == "attribute"
+    assert [f.fact_id for f in summary.facts] == [10, 12]  # 11's second token is not greedy
+    assert all(len(f.answer_ids) == 2 for f in summary.facts)
+    args = parser.parse_args([*common, "--checkpoint", str(tmp_path / "c.jsonl"), "--quiet"])
+    with pytest.raises(ValueError, match="answers"):  # the top-1 run refuses the checkpoint
+        cli.run_dataset(args, lambda name, **kwargs: tiny_model)

@@ -23,9 +23,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lenscope._data import known_records
-from lenscope.hooks import decode_resid, preserved_model, run_to_final_resid
+from lenscope.hooks import FINAL_RESID, capture_forward, decode_resid, preserved_model
 from lenscope.metrics import softmax
-from lenscope.tokens import prompt_tokens, token_labels
+from lenscope.tokens import answer_tokens, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput, InvalidInputType, optional_positive_int
 
 if TYPE_CHECKING:
@@ -173,6 +173,15 @@ def starts_attribute(prediction: str, attribute: str) -> bool:
     return bool(token) and attribute.strip().startswith(token)
 
 
+def attribute_answer(attribute: str) -> str:
+    """A fact's attribute as answer text: ``"Paris"`` -> ``" Paris"`` (the prompt precedes it)."""
+    return " " + attribute.strip()
+
+
+KNOWN_BY = ("first_token", "attribute")
+"""What :func:`filter_known` checks (``by=``)."""
+
+
 def filter_known(
     tracer: "CausalTracer",
     facts: Facts,
@@ -181,14 +190,21 @@ def filter_known(
     batch_size: int = 64,
     progress: bool | None = None,
     return_rejected: bool = False,
+    by: str = "first_token",
 ) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list["SkippedFact"]]:
-    """Keep the facts whose clean top-1 next token starts the attribute (ROME's filter).
+    """Keep the facts the model knows: its top-1 next token starts the attribute (ROME's filter).
 
-    One clean forward pass per fact, batched over prompts of equal token
-    length (no padding, so no position or BOS subtleties); only the last
-    position's logits are decoded (:func:`lenscope.hooks.run_to_final_resid`),
-    never the full ``[batch, pos, d_vocab]`` logits. See
-    :func:`starts_attribute` for the exact test.
+    One clean forward pass per fact, batched over inputs of equal token
+    length (no padding, so no position or BOS subtleties); only the
+    positions the test reads are decoded, never the full
+    ``[batch, pos, d_vocab]`` logits.
+
+    ``by="first_token"`` (default) is ROME's test (:func:`starts_attribute`).
+    ``by="attribute"`` asks for the whole attribute: the prompt is followed by
+    the attribute's tokens (:func:`attribute_answer`, tokenised as
+    ``trace_dataset(answers="attribute")`` scores them) and each of them must
+    be the model's top-1 given the ones before it, which is exactly "greedy
+    generation produces the attribute's tokens".
 
     Args:
         tracer: The tracer whose model is checked.
@@ -197,16 +213,26 @@ def filter_known(
         batch_size: Prompts per forward pass.
         progress: Show a progress bar; default the tracer's setting.
         return_rejected: Also return the facts left out, with the reason.
+        by: ``"first_token"`` or ``"attribute"`` (above).
 
     Returns:
         Copies of the known facts, each with ``top1_token`` and ``top1_prob``
-        added; with ``return_rejected``, the pair ``(known, rejected)``.
+        (the first next token) added, and with ``by="attribute"`` also
+        ``attribute_tokens`` (its token labels) and ``attribute_prob`` (its
+        teacher-forced probability); with ``return_rejected``, the pair
+        ``(known, rejected)``.
 
     Raises:
-        ValueError: ``limit`` or ``batch_size`` is not a positive integer.
+        ValueError: ``limit`` or ``batch_size`` is not a positive integer, or
+            ``by`` is not one of :data:`KNOWN_BY`.
     """
     optional_positive_int("limit", limit, "pass e.g. limit=100")
     optional_positive_int("batch_size", batch_size, "pass e.g. batch_size=64")
+    if by not in KNOWN_BY:
+        raise InvalidInput(
+            f"by must be one of {KNOWN_BY}, got {by!r}; pass by='attribute' to ask for the "
+            "whole attribute, or leave it out for ROME's first-token test"
+        )
     model = tracer.model
     show = tracer.progress if progress is None else progress
     pairs = _prepared(facts)
@@ -219,7 +245,7 @@ def filter_known(
     bar = tqdm(total=len(pairs), desc="filter known", unit="fact", disable=not show)
     with bar, preserved_model(model), torch.inference_mode():
         for chunk_start in range(0, len(pairs), chunk_size):
-            by_length: dict[int, list[tuple[int, dict[str, Any], Tensor]]] = {}
+            by_length: dict[tuple[int, int], list[tuple[int, dict[str, Any], Tensor]]] = {}
             for order in range(chunk_start, min(chunk_start + chunk_size, len(pairs))):
                 fact_id, fact = pairs[order]
                 problem = _fact_problem(fact, ("prompt", "attribute"))
@@ -227,31 +253,34 @@ def filter_known(
                 if problem is None:
                     try:
                         tokens = prompt_tokens(model, fact["prompt"])
+                        n_prompt = int(tokens.shape[0])
+                        if by == "attribute":
+                            answer = answer_tokens(model, attribute_answer(fact["attribute"]))
+                            tokens = torch.cat([tokens, torch.tensor(answer, dtype=tokens.dtype)])
                     except (ValueError, TypeError) as e:
                         problem = str(e)
                 if problem is not None:
                     rejected.append((order, SkippedFact(fact_id, problem)))
                     continue
-                by_length.setdefault(int(tokens.shape[0]), []).append((order, fact, tokens))
-            for group in by_length.values():
+                key = (int(tokens.shape[0]), n_prompt)
+                by_length.setdefault(key, []).append((order, fact, tokens))
+            for (n_tokens, n_prompt), group in by_length.items():
                 for start in range(0, len(group), batch_size):
                     batch = group[start : start + batch_size]
                     ids = torch.stack([tokens for _, _, tokens in batch])
-                    logits = decode_resid(model, run_to_final_resid(model, ids, []))
-                    probs = softmax(logits)
-                    top_prob, top_id = probs.max(dim=-1)
-                    labels = token_labels(model, top_id.tolist())
-                    for (order, fact, _), label, p in zip(batch, labels, top_prob, strict=True):
-                        if starts_attribute(label, fact["attribute"]):
-                            known.append(
-                                (order, {**fact, "top1_token": label, "top1_prob": float(p)})
-                            )
+                    # The next-token logits after the prompt and after each
+                    # attribute token but the last: [batch, answer, vocab].
+                    resid = capture_forward(model, ids, [])[FINAL_RESID][
+                        :, n_prompt - 1 : max(n_tokens - 1, n_prompt)
+                    ]
+                    logits = decode_resid(model, resid.reshape(-1, resid.shape[-1]))
+                    rows = logits.view(len(batch), -1, logits.shape[-1])
+                    for (order, fact, tokens), row in zip(batch, rows, strict=True):
+                        verdict = _known_verdict(model, fact, tokens[n_prompt:], row, by)
+                        if isinstance(verdict, str):
+                            rejected.append((order, SkippedFact(pairs[order][0], verdict)))
                         else:
-                            reason = (
-                                f"not known: top-1 token {label!r} does not start the "
-                                f"attribute {fact['attribute']!r}"
-                            )
-                            rejected.append((order, SkippedFact(pairs[order][0], reason)))
+                            known.append((order, {**fact, **verdict}))
             bar.update(min(chunk_start + chunk_size, len(pairs)) - chunk_start)
             if limit is not None and len(known) >= limit:
                 break
@@ -265,6 +294,41 @@ def filter_known(
     if return_rejected:
         return kept, [skip for _, skip in rejected]
     return kept
+
+
+def _known_verdict(
+    model: torch.nn.Module,
+    fact: Mapping[str, Any],
+    answer: Tensor,
+    logits: Tensor,
+    by: str,
+) -> dict[str, Any] | str:
+    """The fields a known fact gets, or why it is not known.
+
+    ``answer`` holds the attribute's tokens (none with ``by="first_token"``)
+    and ``logits`` the next-token logits after the prompt and after each of
+    them but the last (``[max(1, len(answer)), vocab]``).
+    """
+    top_prob, top_id = softmax(logits[0]).max(dim=-1)
+    first = token_labels(model, [int(top_id)])[0]
+    fields: dict[str, Any] = {"top1_token": first, "top1_prob": float(top_prob)}
+    if by == "first_token":
+        if starts_attribute(first, fact["attribute"]):
+            return fields
+        attribute = fact["attribute"]
+        return f"not known: top-1 token {first!r} does not start the attribute {attribute!r}"
+    wanted = answer.tolist()
+    labels = list(token_labels(model, wanted))
+    log_probs = torch.log_softmax(logits, dim=-1)
+    for i, (got, want) in enumerate(zip(log_probs.argmax(dim=-1).tolist(), wanted, strict=True)):
+        if got != want:
+            return (
+                f"not known: the attribute {fact['attribute']!r} is {labels}, but after "
+                f"{labels[:i]} the top-1 token is {token_labels(model, [got])[0]!r}, not "
+                f"{labels[i]!r}"
+            )
+    sequence_log_prob = log_probs.gather(-1, answer[:, None].long()).sum()
+    return fields | {"attribute_tokens": labels, "attribute_prob": float(sequence_log_prob.exp())}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,13 @@ from lenscope.datasets.checkpoint import (
     settings_differences,
 )
 from lenscope.datasets.executors import Executor, LocalExecutor
-from lenscope.datasets.facts import Facts, SkippedFact, _fact_problem, _prepared
+from lenscope.datasets.facts import (
+    Facts,
+    SkippedFact,
+    _fact_problem,
+    _prepared,
+    attribute_answer,
+)
 from lenscope.datasets.summary import DatasetSummary, FactTrace
 from lenscope.experiment import prepare
 from lenscope.hooks import model_name, n_layers, preserved_model
@@ -67,6 +73,7 @@ def trace_dataset(
     recheck: int = 0,
     estimator: Any = "atp",
     target: str = "metric",
+    answers: str = "top1",
 ) -> DatasetSummary:
     """Trace every fact and average the effects per ROME token bucket and layer.
 
@@ -149,6 +156,15 @@ def trace_dataset(
             checkpoint header, so a checkpoint never mixes two estimators.
         target: With ``method="attribution"``, ``"metric"`` (default) or
             ``"log_prob"`` (see :func:`lenscope.attribution.attribute`).
+        answers: What each fact is scored on: ``"top1"`` (default, ROME's
+            choice: the model's clean top-1 next token) or ``"attribute"``
+            (the fact's whole ``attribute``, with a leading space, as an
+            answer of however many tokens it encodes to, scored by teacher
+            forcing: ``prob`` is the whole attribute's probability; see
+            docs/answers.md). A fact without an attribute is skipped with the
+            reason. Filter with ``filter_known(..., by="attribute")`` first so
+            that the model's greedy continuation is the attribute. Recorded
+            in the checkpoint header, so a checkpoint never mixes the two.
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
@@ -188,9 +204,12 @@ def trace_dataset(
             "trace in this process"
         )
     _check_method(method, recheck)
+    _check_answers(answers)
     estimator, target = _check_estimator(method, estimator, target, settings)
-    pack_size = _pack_size(tracer, settings, prompts_per_batch, method)
+    pack_size = _pack_size(tracer, settings, prompts_per_batch, method, answers)
     header = dataset_header(tracer, settings)
+    if answers != "top1":  # top-1 checkpoints predate the key
+        header = {**header, "answers": answers}
     if method != "exact":  # a checkpoint of estimates never resumes an exact run
         header = {
             **header,
@@ -199,8 +218,8 @@ def trace_dataset(
             "estimator": estimator,
             "target": target,
         }
-    elif checkpoint is not None:
-        _check_exact_checkpoint(checkpoint)
+    if checkpoint is not None:
+        _check_checkpoint_kind(checkpoint, method, answers)
     pairs = _prepared(facts)
     store = Checkpoint(checkpoint, header) if checkpoint is not None else None
     records: dict[str, dict[str, Any]] = dict(store.records) if store else {}
@@ -242,6 +261,7 @@ def trace_dataset(
         recheck=recheck,
         estimator=estimator,
         target=target,
+        answers=answers,
     )
     bar = tqdm(
         total=len(pairs),
@@ -315,6 +335,7 @@ def _summary(
         n_pending=sum(r is None for r in records),
         corruption=dict(corruption),
         workers=workers,
+        answers=header.get("answers", "top1"),
     )
 
 
@@ -322,7 +343,7 @@ def _summary(
 # TraceSettings' fields (as TraceSettings.from_dict splits them), the method's.
 _HEADER_KEYS = frozenset(
     {*checkpoint_header("", 0, "", {}), *(f.name for f in dataclasses.fields(TraceSettings))}
-    | {"method", "recheck", "estimator", "target"}
+    | {"method", "recheck", "estimator", "target", "answers"}
 )
 
 
@@ -412,11 +433,16 @@ PROMPTS_PER_BATCH = 8
 
 
 def _pack_size(
-    tracer: CausalTracer, settings: TraceSettings, prompts_per_batch: int | None, method: str
+    tracer: CausalTracer,
+    settings: TraceSettings,
+    prompts_per_batch: int | None,
+    method: str,
+    answers: str = "top1",
 ) -> int:
     """Facts per pack: checked, or the default where the settings and the device call for it."""
     packable = (
         method == "exact"
+        and answers == "top1"
         and settings.direction == "denoise"
         and all(name in ("prob", "log_prob") for name in settings.metric_names)
     )
@@ -430,9 +456,10 @@ def _pack_size(
         )
     if prompts_per_batch > 1 and not packable:
         raise InvalidInput(
-            f"facts are packed into one batch only in exact traces (method 'exact') restoring "
-            f"clean activations (direction 'denoise') and scoring prob or log_prob, got method "
-            f"{method!r}, direction {settings.direction!r} and metric {settings.metric_name!r}; "
+            f"facts are packed into one batch only in exact traces (method 'exact') of the top-1 "
+            f"answer (answers 'top1') restoring clean activations (direction 'denoise') and "
+            f"scoring prob or log_prob, got method {method!r}, answers {answers!r}, direction "
+            f"{settings.direction!r} and metric {settings.metric_name!r}; "
             "pass prompts_per_batch=1 (or leave it out)"
         )
     return int(prompts_per_batch)
@@ -544,23 +571,27 @@ def _trace_job(
     recheck: int = 0,
     estimator: str = "atp",
     target: str = "metric",
+    answers: str = "top1",
 ) -> dict[str, Any]:
     """One fact's record; for a pack (tuples of ids and facts) ``{"status": "pack", "records"}``."""
     if isinstance(fact_id, tuple):
         records = _trace_pack(tracer, fact_id, fact, settings, batch_size)
         return {"status": "pack", "records": records}
     return _trace_one(
-        tracer, fact_id, fact, settings, batch_size, method, recheck, estimator, target
+        tracer, fact_id, fact, settings, batch_size, method, recheck, estimator, target, answers
     )
 
 
 def _fact_input(
-    tracer: CausalTracer, fact: Any, settings: TraceSettings
+    tracer: CausalTracer, fact: Any, settings: TraceSettings, answers: str = "top1"
 ) -> tuple[Tensor, tuple[int, int], TraceSettings] | str:
-    """A fact's tokens, subject range and settings (own counterfactual), or why it is skipped."""
+    """A fact's tokens, subject range and settings (own counterfactual and answer), or why not."""
     corruption = settings.corruption
     column = corruption.column if isinstance(corruption, CounterfactualColumn) else None
-    problem = _fact_problem(fact, ("prompt", "subject", *([column] if column else [])))
+    fields = ("prompt", "subject", *([column] if column else []))
+    if answers == "attribute":
+        fields = (*fields, "attribute")
+    problem = _fact_problem(fact, fields)
     if problem is None and fact["subject"].strip() not in fact["prompt"]:
         problem = f"subject {fact['subject']!r} does not occur in the prompt {fact['prompt']!r}"
     if problem is not None:
@@ -576,6 +607,8 @@ def _fact_input(
             settings.corruption.tokens(tracer.model, tokens)
         except (ValueError, TypeError) as e:
             return f"counterfactual {fact.get(column)!r}: {e}"
+    if answers == "attribute":
+        settings = dataclasses.replace(settings, answer=attribute_answer(fact["attribute"]))
     return tokens, subject_range, settings
 
 
@@ -589,9 +622,10 @@ def _trace_one(
     recheck: int = 0,
     estimator: str = "atp",
     target: str = "metric",
+    answers: str = "top1",
 ) -> dict[str, Any]:
     """Trace one fact; a checkpoint record (``done`` or ``skipped`` with the reason)."""
-    prepared = _fact_input(tracer, fact, settings)
+    prepared = _fact_input(tracer, fact, settings, answers)
     if isinstance(prepared, str):
         return _skip_record(fact_id, fact, prepared)
     tokens, subject_range, settings = prepared
@@ -628,6 +662,9 @@ def _trace_one(
         scores={kind: result.scores for kind, result in results.items()},
         attribute=_attribute(fact),
         seconds=float(time.perf_counter() - started),
+        answer_ids=(
+            tuple(first.answer_split["answer_ids"]) if first.answer_split is not None else None
+        ),
     )
     return {"id": fact_id, "status": "done", "fact": trace.to_dict()}
 
@@ -821,20 +858,41 @@ def _attribute_one(
     return results
 
 
-def _check_exact_checkpoint(path: str | Path) -> None:
-    """Refuse to resume an exact run from a checkpoint of attribution estimates.
+ANSWERS = ("top1", "attribute")
+"""What :func:`trace_dataset` scores each fact on (``answers=``)."""
 
-    Exact checkpoints carry no ``method`` key (they predate it), so the
-    header comparison, which asks for this call's keys, would not see it.
+
+def _check_answers(answers: Any) -> None:
+    if answers not in ANSWERS:
+        raise InvalidInput(
+            f"answers must be one of {ANSWERS}, got {answers!r}; pass 'attribute' to score "
+            "each fact's whole attribute, or 'top1' (ROME's choice) for the model's top-1 token"
+        )
+
+
+def _check_checkpoint_kind(path: str | Path, method: str, answers: str) -> None:
+    """Refuse to resume from a checkpoint of another method or other answers.
+
+    Checkpoints of exact top-1 traces carry neither a ``method`` nor an
+    ``answers`` key (they predate both), so the header comparison, which asks
+    for this call's keys, would not see them.
     """
     try:
         with Path(path).open() as f:
             header = json.loads(f.readline() or "null")
     except (OSError, ValueError):
         return  # a missing or unreadable file is the checkpoint's own business
-    if isinstance(header, dict) and header.get("method", "exact") != "exact":
+    if not isinstance(header, dict):
+        return
+    if method == "exact" and header.get("method", "exact") != "exact":
         raise InvalidInput(
             f"checkpoint {str(path)!r} holds attribution estimates "
             f"(method={header['method']!r}), so its facts cannot be mixed with an exact run; "
             "pass method='attribution' to resume it, or a new checkpoint path"
+        )
+    if header.get("answers", "top1") != answers:
+        raise InvalidInput(
+            f"checkpoint {str(path)!r} scored answers={header.get('answers', 'top1')!r}, so its "
+            f"facts cannot be mixed with a run of answers={answers!r}; pass "
+            f"answers={header.get('answers', 'top1')!r} to resume it, or a new checkpoint path"
         )

@@ -192,6 +192,9 @@ class FactTrace:
             traced (those before the subject, which no bucket uses).
         attribute: The fact's expected attribute, if given.
         seconds: Wall-clock time the trace took.
+        answer_ids: Every token of an answer of several tokens (a trace with
+            ``answers="attribute"``: ``answer`` is then its whole text and
+            ``answer_id`` its first token); None for a one-token answer.
     """
 
     fact_id: int | str
@@ -206,6 +209,7 @@ class FactTrace:
     scores: dict[str, Float[Tensor, "layer pos"]]
     attribute: str | None = None
     seconds: float = 0.0
+    answer_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         """Check that every score grid has one column per token."""
@@ -244,6 +248,7 @@ class FactTrace:
             "scores": {kind: to_json_value(grid) for kind, grid in self.scores.items()},
             "attribute": self.attribute,
             "seconds": self.seconds,
+            **({} if self.answer_ids is None else {"answer_ids": list(self.answer_ids)}),
         }
 
     @classmethod
@@ -254,6 +259,8 @@ class FactTrace:
         kwargs = {k: v for k, v in data.items() if k != "format"}
         kwargs["tokens"] = tuple(kwargs["tokens"])
         kwargs["subject_range"] = tuple(kwargs["subject_range"])
+        if kwargs.get("answer_ids") is not None:
+            kwargs["answer_ids"] = tuple(kwargs["answer_ids"])
         kwargs["scores"] = {
             kind: tensor_from_json(grid, torch.float32) for kind, grid in kwargs["scores"].items()
         }
@@ -319,6 +326,9 @@ class DatasetSummary(NoiseProperties):
         workers: Who traced the facts of this call, with each one's
             throughput and failure (:class:`WorkerStats`); empty when every
             fact came from a checkpoint.
+        answers: What each fact was scored on: ``"top1"`` (the clean top-1
+            token, as in ROME) or ``"attribute"`` (the whole attribute,
+            teacher-forced; ``trace_dataset(answers=...)``).
     """
 
     facts: tuple[FactTrace, ...]
@@ -332,6 +342,7 @@ class DatasetSummary(NoiseProperties):
     lenscope_version: str
     n_pending: int = 0
     workers: tuple[WorkerStats, ...] = ()
+    answers: str = "top1"
 
     def __post_init__(self) -> None:
         """Check that every fact was traced for every kind at every layer."""
@@ -597,6 +608,7 @@ class DatasetSummary(NoiseProperties):
             "facts": [fact.to_dict() for fact in self.facts],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "workers": [dataclasses.asdict(w) for w in self.workers],
+            **({} if self.answers == "top1" else {"answers": self.answers}),
         }
 
     @classmethod
@@ -618,6 +630,7 @@ class DatasetSummary(NoiseProperties):
             lenscope_version=data["lenscope_version"],
             n_pending=data.get("n_pending", 0),
             workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
+            answers=data.get("answers", "top1"),
         )
 
     def save(self, path: str | Path) -> Path:
