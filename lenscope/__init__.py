@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "guess_subject": "lenscope.tokens",
     "hook_name": "lenscope.hooks",
     "known_facts": "lenscope.datasets",
+    "long_answer_facts": "lenscope.datasets",
     "known_subjects": "lenscope.noise",
     "lens_trace_cell": "lenscope.lens",
     "lens_trajectory": "lenscope.lens",

@@ -17,6 +17,10 @@ and that resume over several sittings:
   ``str_nld`` (one forward and one backward pass per fact).
 * ``noise_w10``: ``noise`` for MLP and attention with ROME's literal window
   of 10 layers.
+* ``noise_attribute``: ``noise`` scoring each fact's whole attribute
+  (``answers="attribute"``) instead of the top-1 token; with ``prepare
+  --fact-file lenscope/data/long_answers.json --known-by attribute`` (answers of
+  several tokens; ROME's attributes are one token on large vocabularies).
 * ``noise_seed1``, ``noise_seed2``: ``noise`` with noise seeds 1 and 2, and
   ``noise_fp32``: ``noise`` with the model in float32 (a worker started with
   ``--dtype float32`` does only this run, one with bfloat16 never does), each on
@@ -59,6 +63,7 @@ RUNS = (
     "noise_seed1",
     "noise_seed2",
     "noise_fp32",
+    "noise_attribute",
 )
 SUBSET_RUNS = ("noise_seed1", "noise_seed2", "noise_fp32")
 RUN_DTYPE = {"noise_fp32": "float32"}
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sitting", default="0", help="claims are per sitting")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--window", default="scaled", choices=("scaled", "rome"))
+    parser.add_argument("--fact-file", default=None, help="prepare: facts (default ROME's known)")
+    parser.add_argument("--known-by", default="first_token", choices=("first_token", "attribute"))
     parser.add_argument(
         "--start",
         type=int,
@@ -114,6 +121,8 @@ def run_options(run: str, window: int) -> dict:
         options.update(samples=10, seed=seed, noise_multiplier=3.0, metric="prob")
     if run.startswith("attr_"):
         options["method"] = "attribution"
+    if run == "noise_attribute":
+        options["answers"] = "attribute"
     return options
 
 
@@ -127,12 +136,12 @@ def load(args: argparse.Namespace):
 
 def prepare(args: argparse.Namespace) -> None:
     """Filter the known facts and pair them for STR; write ``known.json``."""
-    from lenscope.datasets import filter_known, known_facts, pair_counterfactuals
+    from lenscope.datasets import filter_known, known_facts, load_facts, pair_counterfactuals
 
     model, tracer = load(args)
-    facts = known_facts()
+    facts = load_facts(args.fact_file) if args.fact_file else known_facts()
     started = time.perf_counter()
-    known, rejected = filter_known(tracer, facts, return_rejected=True)
+    known, rejected = filter_known(tracer, facts, return_rejected=True, by=args.known_by)
     filter_seconds = time.perf_counter() - started
     pairs = pair_counterfactuals(model, known, seed=0)
     counterfactual = {json.dumps(f["known_id"]): f for f in pairs.facts}
@@ -140,6 +149,8 @@ def prepare(args: argparse.Namespace) -> None:
     out = {
         "model": args.model,
         "dtype": args.dtype,
+        "fact_file": args.fact_file,
+        "known_by": args.known_by,
         "n_checked": len(facts),
         "n_known": len(known),
         "filter_seconds": filter_seconds,

@@ -653,6 +653,23 @@ def test_known_facts_ship_with_the_package():
     assert ds.known_facts()[0]["subject"] == "Vinson Massif"  # fresh copies
 
 
+def test_long_answer_facts_are_the_scripts_output_and_well_formed():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "make_long_answers.py"
+    spec = importlib.util.spec_from_file_location("make_long_answers", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    facts = ds.long_answer_facts()
+    assert facts == module.records() and len(facts) == 424
+    assert [f["known_id"] for f in facts] == list(range(len(facts)))
+    assert all(f["prompt"] == f["template"].format(f["subject"]) for f in facts)
+    assert len({(f["prompt"], f["attribute"]) for f in facts}) == len(facts)  # no duplicates
+    facts[0]["subject"] = "changed"
+    assert ds.long_answer_facts()[0]["subject"] == "Argentina"  # fresh copies
+
+
 @pytest.mark.parametrize(
     ("prediction", "attribute", "known"),
     [

@@ -35,6 +35,7 @@ from lenscope.datasets.facts import (
     filter_known,
     known_facts,
     load_facts,
+    long_answer_facts,
     pair_counterfactuals,
     starts_attribute,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "filter_known",
     "attribute_answer",
     "known_facts",
+    "long_answer_facts",
     "load_facts",
     "merge_checkpoints",
     "mean_ci",

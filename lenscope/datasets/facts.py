@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lenscope._data import known_records
+from lenscope._data import known_records, long_answer_records
 from lenscope.hooks import FINAL_RESID, capture_forward, decode_resid, preserved_model
 from lenscope.metrics import softmax
 from lenscope.tokens import answer_tokens, prompt_tokens, token_labels
@@ -47,6 +47,26 @@ def known_facts() -> list[dict[str, Any]]:
         A fresh list of fresh dicts (safe to modify).
     """
     return [dict(record) for record in known_records()]
+
+
+def long_answer_facts() -> list[dict[str, Any]]:
+    """Facts whose answers are names of several words (424 records, shipped with lenscope).
+
+    ROME's known facts have one-word attributes (on Gemma-3-270m's vocabulary
+    1 of 1,209 encodes to more than one token), so they cannot show what
+    scoring a whole answer changes. These were written for lenscope from
+    general knowledge: capitals ("The capital of Argentina is" -> "Buenos
+    Aires"), the cities of landmarks, authors, painters, composers, founders,
+    discoverers and inventors (``scripts/make_long_answers.py``). Records
+    have ROME's fields (``known_id``, ``subject``, ``attribute``,
+    ``template``, ``prompt``, ``relation_id``, the relation in words). Keep
+    what your model knows with ``filter_known(..., by="attribute")`` and trace
+    with ``trace_dataset(..., answers="attribute")``.
+
+    Returns:
+        A fresh list of fresh dicts (safe to modify).
+    """
+    return [dict(record) for record in long_answer_records()]
 
 
 def load_facts(facts: Facts) -> list[Any]:
