@@ -11,6 +11,9 @@ asked to download anything)::
     python scripts/screenshot.py                 # docs/trace_eiffel.{html,png}
     python scripts/screenshot.py --hover mlp_out # with the hover table of the peak MLP cell
     python scripts/screenshot.py --results /tmp/eiffel  # keep the traces for a re-run
+    python scripts/screenshot.py --prompt "The Statue of Liberty is located in the city of" \
+        --subject "The Statue of Liberty" --answer " New York City" --hover mlp_out \
+        --out docs/trace_statue                   # an answer of three tokens, teacher-forced
 """
 
 import argparse
@@ -24,7 +27,13 @@ KINDS = ("resid_post", "mlp_out", "attn_out")
 
 
 def trace(
-    model_name: str, prompt: str, subject: str, samples: int, seed: int, cache: Path | None = None
+    model_name: str,
+    prompt: str,
+    subject: str,
+    samples: int,
+    seed: int,
+    cache: Path | None = None,
+    answer: str | None = None,
 ):
     """``{kind: TraceResult}`` of ``prompt`` on ``model_name``, reusing ``cache`` if it exists.
 
@@ -41,12 +50,15 @@ def trace(
             len(settings) == 1
             and next(iter(settings))[2:] == (samples, seed)
             and next(iter(settings))[1] == prompt
+            and (answer is None or all(r.answer == answer for r in results.values()))
         ):
             print(f"reusing the traces saved in {cache}")
             return results
     model = load_model(model_name, device="cpu")
     tracer = lenscope.CausalTracer(model, progress=True)
-    results = tracer.trace_kinds(prompt, subject=subject, kinds=KINDS, samples=samples, seed=seed)
+    results = tracer.trace_kinds(
+        prompt, subject=subject, kinds=KINDS, samples=samples, seed=seed, answer=answer
+    )
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for kind, result in results.items():
@@ -160,6 +172,7 @@ def main() -> None:
     parser.add_argument("--subject", default="The Eiffel Tower")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer", default=None, help="default: the clean top-1 token")
     parser.add_argument(
         "--out",
         type=Path,
@@ -183,7 +196,9 @@ def main() -> None:
 
     from lenscope.plotting import plot_traces, save_html
 
-    results = trace(args.model, args.prompt, args.subject, args.samples, args.seed, args.results)
+    results = trace(
+        args.model, args.prompt, args.subject, args.samples, args.seed, args.results, args.answer
+    )
     for kind, result in results.items():
         layer, pos, score = result.peak()
         print(
