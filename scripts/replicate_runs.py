@@ -76,7 +76,7 @@ ROME_LAYERS = 48
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("prepare", "work", "status"))
+    parser.add_argument("command", choices=("prepare", "work", "status", "import"))
     parser.add_argument("--dir", type=Path, default=Path("runs/replication"))
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -88,6 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--window", default="scaled", choices=("scaled", "rome"))
     parser.add_argument("--fact-file", default=None, help="prepare: facts (default ROME's known)")
+    parser.add_argument(
+        "--order",
+        default="file",
+        choices=("file", "random"),
+        help="the --facts traced: the first known in file order, or in the random order of "
+        "subset_order (SUBSET_SEED)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="import: a folder of committed DatasetSummary files (<run>.json.gz) to reuse",
+    )
     parser.add_argument("--known-by", default="first_token", choices=("first_token", "attribute"))
     parser.add_argument(
         "--start",
@@ -184,6 +198,30 @@ def subset(known: list[dict]) -> list[dict]:
     return [f for f in known if f["known_id"] in ids]
 
 
+def first_known(args: argparse.Namespace, known: list[dict]) -> list[dict]:
+    """The ``--facts`` known facts traced: the first in file order, or (``--order random``)
+    the first in :func:`subset_order`'s random order, kept in file order."""
+    if getattr(args, "order", "file") == "file":
+        return known[: args.facts]
+    rank = {fact_id: i for i, fact_id in enumerate(subset_order())}
+    chosen = sorted(known, key=lambda f: rank.get(f["known_id"], len(rank)))[: args.facts]
+    ids = {f["known_id"] for f in chosen}
+    return [f for f in known if f["known_id"] in ids]
+
+
+def imported_path(args: argparse.Namespace, run: str) -> Path:
+    """The checkpoint of a run's facts imported from committed data (``import``)."""
+    return args.dir / run / "imported.jsonl"
+
+
+def imported_ids(args: argparse.Namespace, run: str) -> set[str]:
+    """The fact ids (``json.dumps``) of the run's imported checkpoint."""
+    from lenscope.datasets.checkpoint import Checkpoint
+
+    path = imported_path(args, run)
+    return set(Checkpoint.read(path)[1]) if path.exists() else set()
+
+
 def selected(args: argparse.Namespace, run: str) -> list[dict]:
     """The first ``--facts`` known facts; for STR runs, those of them with a partner.
 
@@ -192,7 +230,7 @@ def selected(args: argparse.Namespace, run: str) -> list[dict]:
     known = json.loads((args.dir / "known.json").read_text())["known"]
     if run in SUBSET_RUNS:
         return subset(known)
-    known = known[: args.facts]
+    known = first_known(args, known)
     if run in ("str_prob", "str_nld", "attr_str"):
         return [f for f in known if "counterfactual" in f]
     return known
@@ -206,8 +244,8 @@ def chunks(args: argparse.Namespace, run: str) -> list[list[dict]]:
     if run in SUBSET_RUNS:
         chosen = selected(args, run)
         return [chosen[i : i + args.chunk] for i in range(0, len(chosen), args.chunk)]
-    known = json.loads((args.dir / "known.json").read_text())["known"][: args.facts]
-    chosen = {json.dumps(f["known_id"]) for f in selected(args, run)}
+    known = first_known(args, json.loads((args.dir / "known.json").read_text())["known"])
+    chosen = {json.dumps(f["known_id"]) for f in selected(args, run)} - imported_ids(args, run)
     out = []
     for start in range(0, len(known), args.chunk):
         part = [f for f in known[start : start + args.chunk] if json.dumps(f["known_id"]) in chosen]
@@ -280,10 +318,47 @@ def work(args: argparse.Namespace) -> None:
         )
 
 
+def import_runs(args: argparse.Namespace) -> None:
+    """Write each committed run's facts that this selection traces as the run's imported
+    checkpoint, with the header ``trace_dataset`` writes for the run's settings (so the
+    settings are checked, and ``work`` traces only the facts not imported)."""
+    import gzip
+
+    from lenscope.datasets import DatasetSummary
+    from lenscope.datasets.checkpoint import Checkpoint
+    from lenscope.datasets.run import dataset_header, dataset_settings
+
+    model, tracer = load(args)
+    window = window_of(model.cfg.n_layers, args.window)
+    for run in RUNS:
+        source = args.source / f"{run}.json.gz"
+        if not source.exists() or run in SUBSET_RUNS:
+            continue
+        summary = DatasetSummary.from_dict(json.loads(gzip.decompress(source.read_bytes())))
+        options = run_options(run, window)
+        method = {k: options.pop(k) for k in ("method",) if k in options}
+        settings = dataset_settings(tracer, **options)
+        header = dataset_header(tracer, settings)
+        if method:
+            header |= {"method": "attribution", "recheck": 0, "estimator": "atp"}
+            header |= {"target": "metric"}
+        wanted = {json.dumps(f["known_id"]) for f in selected(args, run)}
+        facts = [f for f in summary.facts if json.dumps(f.fact_id) in wanted]
+        path = imported_path(args, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        store = Checkpoint(path, header)
+        for fact in facts:
+            store.append({"id": fact.fact_id, "status": "done", "fact": fact.to_dict()})
+        store.close()
+        print(f"{run}: {len(facts)} of {len(wanted)} facts imported from {source}", file=sys.stderr)
+
+
 def status(args: argparse.Namespace) -> None:
     """Facts done per run."""
     for run in RUNS:
-        done = total = 0
+        done = len(imported_ids(args, run)) if run not in SUBSET_RUNS else 0
+        total = done
         for index, facts in enumerate(chunks(args, run)):
             path = checkpoint_path(args, run, index)
             total += len(facts)
@@ -297,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"prepare": prepare, "work": work, "status": status}[args.command](args)
+    commands = {"prepare": prepare, "work": work, "status": status, "import": import_runs}
+    commands[args.command](args)
     return 0
 
 
