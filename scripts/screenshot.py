@@ -11,7 +11,7 @@ asked to download anything)::
     python scripts/screenshot.py                 # docs/trace_eiffel.{html,png}
     python scripts/screenshot.py --hover mlp_out # with the hover table of the peak MLP cell
     python scripts/screenshot.py --results /tmp/eiffel  # keep the traces for a re-run
-    python scripts/screenshot.py --prompt "The Statue of Liberty is located in the city of" \
+    python scripts/screenshot.py --prompt "The Statue of Liberty is located in" \
         --subject "The Statue of Liberty" --answer " New York City" --hover mlp_out \
         --out docs/trace_statue                   # an answer of three tokens, teacher-forced
 """

@@ -980,3 +980,89 @@ def test_cli_answers_attribute_filters_and_scores_the_whole_attribute(tiny_model
     args = parser.parse_args([*common, "--checkpoint", str(tmp_path / "c.jsonl"), "--quiet"])
     with pytest.raises(ValueError, match="answers"):  # the top-1 run refuses the checkpoint
         cli.run_dataset(args, lambda name, **kwargs: tiny_model)
+
+
+# ------------------------------------------------------------------ plateaus and shares of the ATE
+
+
+def _summary_from(effects, totals):
+    """A DatasetSummary whose per-fact last-subject MLP effects and totals are given (lists)."""
+    n_layers = len(effects[0])
+    facts = []
+    for i, (row, total) in enumerate(zip(effects, totals, strict=True)):
+        # tokens: BOS, subject (1 token), one more, last; the subject is the last_subject bucket
+        scores = torch.full((n_layers, 4), 0.0)
+        scores[:, 1] = torch.tensor(row, dtype=torch.float32) + 0.125
+        facts.append(
+            ds.FactTrace(
+                fact_id=i,
+                prompt="p",
+                subject="s",
+                tokens=("<bos>", " s", " x", " y"),
+                subject_range=(1, 2),
+                answer=" a",
+                answer_id=0,
+                clean_score=0.125 + total,
+                corrupted_score=0.125,
+                scores={"mlp_out": scores},
+            )
+        )
+    return ds.DatasetSummary(
+        facts=tuple(facts),
+        skipped=(),
+        kinds=("mlp_out",),
+        windows={"mlp_out": 1},
+        n_layers=n_layers,
+        model_name="m",
+        corruption={"name": "gaussian_noise"},
+        metric="prob",
+        lenscope_version="0",
+    )
+
+
+def test_plateau_compares_every_layer_with_the_peak_paired_over_facts():
+    # Layer 2 peaks; layer 1 is within noise of it, layer 3 clearly lower, layer 0 lower.
+    effects = [
+        [0.00, 0.30, 0.33, 0.10],
+        [0.02, 0.36, 0.34, 0.12],
+        [0.01, 0.25, 0.30, 0.08],
+        [0.00, 0.33, 0.31, 0.11],
+    ]
+    summary = _summary_from(effects, [0.5, 0.6, 0.4, 0.5])
+    found = summary.plateau("mlp_out", "last_subject")
+    column = list(zip(*effects, strict=True))
+    means = [sum(c) / len(c) for c in column]
+    assert found.layer == max(range(4), key=means.__getitem__) == 2
+    for other in (0, 1, 3):
+        diffs = [a - b for a, b in zip(column[2], column[other], strict=True)]
+        mean = sum(diffs) / 4
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+        assert found.differences[other][0] == pytest.approx(mean, abs=1e-6)
+        assert found.differences[other][1] == pytest.approx(1.96 * std / 2, abs=1e-6)
+    # 2 - 1 = (0.03, -0.02, 0.05, -0.02): its CI contains zero; 2 - 3 and 2 - 0 do not.
+    assert found.layers == (1, 2) and found.is_plateau and found.tied == (1,)
+    assert found.describe() == "a plateau over layers 1-2 (peak 2)"
+    # A layer tied with the peak but not next to it is named apart from the run.
+    gap = [[0.30, 0.10, 0.27, 0.0], [0.36, 0.12, 0.37, 0.0], [0.25, 0.08, 0.22, 0.0]]
+    gap = _summary_from([*gap, [0.33, 0.11, 0.34, 0.0]], [0.5, 0.6, 0.4, 0.5])
+    found = gap.plateau("mlp_out", "last_subject")
+    assert (found.layer, found.layers, found.tied) == (0, (0,), (2,))
+    assert found.describe() == "layer 0 (layer 2 within the CI)"
+    assert summary.plateau("mlp_out", "last_subject", layer=3).layers == (3,)
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 4\), got 7"):
+        summary.plateau("mlp_out", "last_subject", layer=7)
+
+
+def test_share_of_ate_is_the_ratio_of_means_with_a_delta_method_ci():
+    effects = [[0.1, 0.2], [0.3, 0.1], [0.2, 0.25], [0.15, 0.05], [0.4, 0.3]]
+    totals = [0.5, 0.8, 0.45, 0.3, 0.9]
+    summary = _summary_from(effects, totals)
+    share, half, n = summary.share_of_ate("mlp_out", "last_subject", 0)
+    e = [row[0] for row in effects]
+    ratio = (sum(e) / 5) / (sum(totals) / 5)
+    residual = [x - ratio * t for x, t in zip(e, totals, strict=True)]
+    mean = sum(residual) / 5
+    std = math.sqrt(sum((r - mean) ** 2 for r in residual) / 4)
+    assert n == 5
+    assert share == pytest.approx(ratio, rel=1e-6)
+    assert half == pytest.approx(1.96 * std / (math.sqrt(5) * sum(totals) / 5), rel=1e-5)

@@ -268,6 +268,65 @@ class FactTrace:
 
 
 @dataclasses.dataclass(frozen=True)
+class Plateau:
+    """A peak of a dataset's AIE and the layers it cannot be told apart from.
+
+    See :meth:`DatasetSummary.plateau`.
+
+    Attributes:
+        kind: The kind.
+        bucket: The token bucket.
+        layer: The peak's layer.
+        aie: The AIE there.
+        ci: Its 95% CI half-width.
+        n: Facts that have the bucket.
+        layers: The adjacent layers (peak included, ascending) whose paired
+            difference from the peak has a 95% CI containing zero.
+        differences: ``{layer: (mean, half_width, n)}`` of the per-fact
+            difference peak - layer, for every other layer.
+    """
+
+    kind: str
+    bucket: str
+    layer: int
+    aie: float
+    ci: float
+    n: int
+    layers: tuple[int, ...]
+    differences: dict[int, tuple[float, float, int]]
+
+    @property
+    def is_plateau(self) -> bool:
+        """Whether a neighbouring layer cannot be told apart from the peak."""
+        return len(self.layers) > 1
+
+    @property
+    def tied(self) -> tuple[int, ...]:
+        """Every other layer, adjacent or not, whose difference's 95% CI contains zero."""
+        return tuple(
+            layer
+            for layer, (mean, half, _) in sorted(self.differences.items())
+            if not (mean - half > 0 or mean + half < 0)
+        )
+
+    def describe(self) -> str:
+        """In words: ``"layer 5"`` or ``"a plateau over layers 3-5 (peak 5)"``.
+
+        Other layers that cannot be told apart are added: ``"layer 3 (layer 1 within the CI)"``.
+        """
+        text = (
+            f"a plateau over layers {self.layers[0]}-{self.layers[-1]} (peak {self.layer})"
+            if self.is_plateau
+            else f"layer {self.layer}"
+        )
+        others = [layer for layer in self.tied if layer not in self.layers]
+        if others:
+            names = ", ".join(str(layer) for layer in others)
+            text += f" ({'layer' if len(others) == 1 else 'layers'} {names} within the CI)"
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerStats:
     """One worker's share of a dataset trace (:mod:`lenscope.datasets.executors`).
 
@@ -457,6 +516,102 @@ class DatasetSummary(NoiseProperties):
         paired = effects[:, BUCKETS.index(bucket)] - effects[:, BUCKETS.index(other)]
         mean, half, n = mean_ci(paired)
         return float(mean), float(half), int(n)
+
+    def plateau(self, kind: str, bucket: str, layer: int | None = None) -> "Plateau":
+        """The peak of ``kind`` in ``bucket`` and the layers it cannot be told apart from.
+
+        A peak is the layer of the largest AIE (or ``layer``). Each other
+        layer is compared with it *paired over facts*: per fact, the effect
+        at the peak minus the effect there (:func:`mean_ci` of those
+        differences). The plateau is the run of adjacent layers around the
+        peak whose difference's 95% CI contains zero:
+        "the peak is at layer 5" only when that run is the peak alone, else
+        "a plateau over layers 3-5". Every layer's difference is kept in
+        :attr:`Plateau.differences`.
+
+        Args:
+            kind: A traced kind.
+            bucket: A bucket of :data:`BUCKETS`.
+            layer: The layer to compare with (default: the peak's).
+
+        Returns:
+            The :class:`Plateau`.
+        """
+        _check_bucket("bucket", bucket)
+        effects = self.effects(kind)[:, BUCKETS.index(bucket)]
+        if layer is None:
+            layer = self.best(kind, bucket=bucket)[1]
+        elif (
+            isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers
+        ):
+            raise InvalidInput(
+                f"layer must be an integer in [0, {self.n_layers}), got {layer!r}; pass e.g. "
+                f"the layer of summary.best({kind!r}, bucket={bucket!r}), or leave it out"
+            )
+        if layer < 0:
+            raise InvalidInput(
+                f"no fact has bucket {bucket!r}, so it has no peak; pick another bucket"
+            )
+        mean, half, n = mean_ci(effects[:, layer])
+        differences = {}
+        for other in range(self.n_layers):
+            if other != layer:
+                d_mean, d_half, d_n = mean_ci(effects[:, layer] - effects[:, other])
+                differences[other] = (float(d_mean), float(d_half), int(d_n))
+
+        def tied(other: int) -> bool:
+            d_mean, d_half, _ = differences[other]
+            # NaN half-width (n < 2): cannot be told apart
+            return not (d_mean - d_half > 0 or d_mean + d_half < 0)
+
+        low = layer
+        while low > 0 and tied(low - 1):
+            low -= 1
+        high = layer
+        while high < self.n_layers - 1 and tied(high + 1):
+            high += 1
+        return Plateau(
+            kind=kind,
+            bucket=bucket,
+            layer=layer,
+            aie=float(mean),
+            ci=float(half),
+            n=int(n),
+            layers=tuple(range(low, high + 1)),
+            differences=differences,
+        )
+
+    def share_of_ate(self, kind: str, bucket: str, layer: int) -> tuple[float, float, int]:
+        """The AIE of a cell as a share of the ATE, with a 95% CI (ratio estimator).
+
+        ``R = mean(e) / mean(t)`` over the facts that have ``bucket``, with
+        ``e`` a fact's indirect effect there and ``t`` its total effect
+        (clean - corrupted). The CI is the delta method's normal approximation
+        for a ratio of means of paired values: ``1.96 * std(e - R t) /
+        (sqrt(n) * |mean(t)|)``, so the facts' shared variation cancels.
+
+        Returns:
+            ``(share, half_width, n)``; NaN half-width for ``n < 2``.
+        """
+        _check_bucket("bucket", bucket)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InvalidInput(
+                f"layer must be an integer in [0, {self.n_layers}), got {layer!r}; pass e.g. "
+                f"the layer of summary.best({kind!r}, bucket={bucket!r})"
+            )
+        effect = self.effects(kind)[:, BUCKETS.index(bucket), layer]
+        total = self.clean_scores - self.corrupted_scores
+        keep = ~torch.isnan(effect)
+        effect, total = effect[keep], total[keep]
+        n = int(keep.sum())
+        if n == 0:
+            return math.nan, math.nan, 0
+        ratio = float(effect.mean() / total.mean())
+        if n < 2:
+            return ratio, math.nan, n
+        residual = effect - ratio * total
+        half = CI_Z * float(residual.std()) / (math.sqrt(n) * abs(float(total.mean())))
+        return ratio, half, n
 
     def subset(self, fact_ids: Any) -> "DatasetSummary":
         """The summary of only the facts whose ids are in ``fact_ids`` (their order kept).
