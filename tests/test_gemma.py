@@ -251,3 +251,16 @@ def test_str_matches_transformer_lens_patching_on_gemma(gemma):
         gemma, prompt, COLOSSEUM, first.answer_id, first.foil_id, "resid_pre", "noise", layers
     )
     torch.testing.assert_close(noised.scores[layers], expected.float(), atol=1e-5, rtol=0)
+
+
+def test_rome_attributes_are_one_token_and_long_answers_are_not(gemma):
+    """The README's count: ROME's known facts cannot show whole answers on Gemma's vocabulary."""
+    import lenscope
+    from lenscope.tokens import answer_tokens
+
+    def n_tokens(fact):
+        return len(answer_tokens(gemma, lenscope.datasets.attribute_answer(fact["attribute"])))
+
+    assert sum(n_tokens(f) > 1 for f in lenscope.known_facts()) == 1
+    long = [n_tokens(f) for f in lenscope.long_answer_facts()]
+    assert sum(n > 1 for n in long) > len(long) // 2
