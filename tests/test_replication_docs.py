@@ -82,3 +82,91 @@ def test_aggregates_are_the_average_of_the_committed_facts(run, aggregates):
                     cells = [float(fact.scores[kind][layer, p]) for p in positions]
                     values.append(sum(cells) / len(cells) - fact.corrupted_score)
             assert saved[layer] == pytest.approx(sum(values) / len(values), abs=1e-3)
+
+
+def _effects(summary: DatasetSummary, kind: str, bucket: str) -> list[list[float | None]]:
+    """Per fact and layer: mean restored score over the bucket's tokens minus corrupted."""
+    out = []
+    for fact in summary.facts:
+        positions = fact.buckets()[bucket]
+        row = []
+        for layer in range(summary.n_layers):
+            if positions:
+                cells = [float(fact.scores[kind][layer, p]) for p in positions]
+                row.append(sum(cells) / len(cells) - fact.corrupted_score)
+            else:
+                row.append(None)
+        out.append(row)
+    return out
+
+
+def _where(effects: list[list[float | None]], n_layers: int) -> tuple[int, str]:
+    """The peak layer and the page's words for it, by the plateau rule written out."""
+    facts = [row for row in effects if row[0] is not None]
+    means = [sum(row[layer] for row in facts) / len(facts) for layer in range(n_layers)]
+    peak = max(range(n_layers), key=means.__getitem__)
+
+    def tied(other: int) -> bool:
+        mean, half = _mean_ci([row[peak] - row[other] for row in facts])
+        return mean - half <= 0 <= mean + half
+
+    low = peak
+    while low > 0 and tied(low - 1):
+        low -= 1
+    high = peak
+    while high < n_layers - 1 and tied(high + 1):
+        high += 1
+    notes = [f"{100 * peak / (n_layers - 1):.0f}% depth"]
+    if high > low:
+        notes.append(f"plateau over layers {low}-{high}")
+    others = [o for o in range(n_layers) if o != peak and not low <= o <= high and tied(o)]
+    if others:
+        notes.append(
+            f"layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
+        )
+    return peak, f"layer {peak} of {n_layers} ({'; '.join(notes)})"
+
+
+@pytest.mark.parametrize(
+    ("kind", "bucket", "words"),
+    [
+        ("mlp_out", "last_subject", "MLP AIE at the last subject token peaks at "),
+        ("attn_out", "last", "attention AIE at the last token peaks at "),
+        ("resid_post", "last_subject", "hidden-state AIE at the last subject token peaks at "),
+    ],
+)
+def test_peaks_plateaus_and_shares_of_ate_are_recomputed(report, kind, bucket, words):
+    summary = _load("noise")
+    effects = _effects(summary, kind, bucket)
+    peak, where = _where(effects, summary.n_layers)
+    assert words + where in report
+    # The share of the ATE at the peak: a ratio of means, delta-method 95% CI.
+    pairs = [
+        (row[peak], f.clean_score - f.corrupted_score)
+        for row, f in zip(effects, summary.facts, strict=True)
+        if row[peak] is not None
+    ]
+    n = len(pairs)
+    ratio = (sum(e for e, _ in pairs) / n) / (sum(t for _, t in pairs) / n)
+    residual = [e - ratio * t for e, t in pairs]
+    mean = sum(residual) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in residual) / (n - 1))
+    half = 1.96 * std / (math.sqrt(n) * abs(sum(t for _, t in pairs) / n))
+    assert f"({_pct(ratio)} ± {_pct(half)} of the ATE) at {where}" in report
+
+
+def test_the_page_is_redrawn_byte_identically_from_the_committed_data(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS / "replication", docs / "replication")
+    scripts = DOCS.parent / "scripts"
+    subprocess.run(
+        [sys.executable, "replicate.py", "--from-docs", "--no-screenshot", "--docs", str(docs)],
+        check=True,
+        capture_output=True,
+        cwd=scripts,
+    )
+    assert (docs / "replication.md").read_text() == (DOCS / "replication.md").read_text()
