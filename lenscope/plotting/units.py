@@ -127,6 +127,14 @@ def _plot_units(
     top_order = [*order, len(order)]
     top_ids = np.transpose(result.top_ids.detach().cpu().numpy(), top_order)
     top_probs = np.transpose(result.top_probs.detach().float().cpu().numpy(), top_order)
+    split = result.answer_split or {}
+    log_probs = split.get("log_probs")
+    # An answer of several tokens: each token's log-probability per cell, [layer, ..., answer].
+    token_log_probs = (
+        None
+        if log_probs is None
+        else np.transpose(np.asarray(log_probs, dtype=np.float64), top_order)
+    )
     sizes = [result.axis_size(a) for a in columns]
     n_columns = math.prod(sizes)
     positions: list[int | None] = [None]
@@ -171,6 +179,11 @@ def _plot_units(
             top_ids[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
             top_probs[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
         )
+        split_cells = (
+            None
+            if token_log_probs is None
+            else token_log_probs[(*at, slice(None))].reshape(result.n_layers, n_columns, -1)
+        )
         customdata, template = _hover(
             result,
             colour,
@@ -181,6 +194,7 @@ def _plot_units(
             p,
             top_k,
             every_position,
+            split_cells,
         )
         fig.add_trace(
             go.Heatmap(
@@ -302,6 +316,7 @@ def _hover(
     pos: int | None,
     top_k: int,
     every_position: bool,
+    split: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
     """``customdata`` ``[layer, column, field]`` and the ``hovertemplate`` laying it out.
 
@@ -309,7 +324,8 @@ def _hover(
     :func:`~lenscope.plotting.trace.score_fields`' score, effect and top-k.
     ``values`` are the ``[layer, column]`` scores and normalised scores,
     ``tops`` the ``[layer, column, k]`` top-k ids and probabilities (id -1:
-    none decoded, as for attribution estimates).
+    none decoded, as for attribution estimates), ``split`` an answer of
+    several tokens' ``[layer, column, answer]`` log-probabilities (or None).
     """
     scores, normalized = values
     ids, probs = tops
@@ -343,6 +359,7 @@ def _hover(
                     (vocab[i], q) for i, q in zip(row, p, strict=True) if i >= 0
                 ],
                 top_k,
+                None if split is None else lambda row=split[layer, column]: row,
             )
             cell[n_coords:] = scratch[3:]
     template = "<br>".join(
