@@ -1005,3 +1005,31 @@ def test_settings_name_the_tokens_of_an_answer(several_tokens, tmp_path):
     one_token = lp.plot_trace(make_result())
     assert "each answer token" not in hover_text(one_token.data[0], 2, 3)
     assert "teacher-forced" not in one_token.layout.title.text
+
+
+def test_notebook_02_legend_names_the_colours_its_difference_draws(traces):
+    """Notebook 02's prose says which colour means which kind; the figure must draw that."""
+    import json
+    from pathlib import Path
+
+    cells = json.loads(
+        (Path(__file__).parents[1] / "notebooks" / "02_compare_kinds.ipynb").read_text("utf-8")
+    )["cells"]
+    prose = " ".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "Green: the MLP carries more of the answer there; red: attention does." in prose
+    runs = traces["noise"]
+    fig = lp.plot_traces(
+        {"mlp_out": runs["mlp_out"], "attn_out": runs["attn_out"]},
+        value="normalized",
+        mode="difference",
+    )
+    (trace,) = figure_json(fig)
+    low, high = trace["colorscale"][0][1], trace["colorscale"][-1][1]
+
+    def hue(hex_colour):
+        red, green = int(hex_colour[1:3], 16), int(hex_colour[3:5], 16)
+        return "green" if green > red else "red"
+
+    # MLP minus attention: above zero (MLP larger) green, below zero (attention larger) red.
+    assert (hue(high), hue(low)) == ("green", "red")
+    assert "MLP output colour where A is larger" in fig.layout.title.text
