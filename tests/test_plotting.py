@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import numpy as np
 import plotly.graph_objects as go
@@ -601,8 +602,8 @@ def summaries(tiny_model, one_thread):
     """Dataset traces of the tiny model: Gaussian noise and counterfactual prompts (STR)."""
     from conftest import TINY_PROMPT
 
-    from lenscope import CausalTracer, pair_counterfactuals
-    from lenscope.corruptions import CounterfactualColumn
+    from lenscope import CausalTracer, TraceSettings, pair_counterfactuals
+    from lenscope.corruptions import CounterfactualColumn, GaussianNoise
     from lenscope.datasets import trace_dataset
 
     facts = [
@@ -617,8 +618,10 @@ def summaries(tiny_model, one_thread):
     facts = [{**fact, "relation_id": "P131"} for fact in facts]
     tracer = CausalTracer(tiny_model, progress=False)
     kinds = ("mlp_out", "attn_out")
+    noising = TraceSettings(kinds=kinds, corruption=GaussianNoise(samples=2), direction="noise")
     return {
         "noise": trace_dataset(tracer, facts, samples=2, kinds=kinds),
+        "noising": trace_dataset(tracer, facts, settings=noising),
         # The tiny model answers every counterfactual as its fact (' of'), which leaves a
         # logit difference no foil: STR with the answer's probability.
         "str": trace_dataset(
@@ -1033,3 +1036,42 @@ def test_notebook_02_legend_names_the_colours_its_difference_draws(traces):
     # MLP minus attention: above zero (MLP larger) green, below zero (attention larger) red.
     assert (hue(high), hue(low)) == ("green", "red")
     assert "MLP output colour where A is larger" in fig.layout.title.text
+
+
+def test_noising_dataset_figure_says_so_and_draws_the_drop_below_clean(summaries, tmp_path):
+    noising, noise = summaries["noising"], summaries["noise"]
+    assert noising.direction == "noise" and noise.direction == "denoise"
+    again = type(noising).from_dict(noising.to_dict())
+    assert again.direction == "noise" and again.settings()["direction"] == "noise"
+    assert "direction" not in noise.to_dict()  # denoising files stay as they were
+    fig = lp.plot_dataset(noising)
+    title = _flat(fig.layout.title.text)
+    assert "patching corrupted activations into the clean run" in title
+    assert "restoring" not in title and "2 samples" in title and "prob: clean" in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>direction</th><td[^>]*>noise: patching corrupted", table)
+    assert re.search(r"<th>metric</th><td[^>]*>prob", table)
+    assert re.search(r"<th>corruption</th><td[^>]*>gaussian_noise", table)
+    # Drawn: each fact's (clean - corrupted) - (score - corrupted), averaged over facts.
+    for trace, kind in zip(fig.data, noising.kinds, strict=True):
+        effects = noising.effects(kind).numpy()
+        gap = (noising.clean_scores - noising.corrupted_scores).numpy()
+        drops = gap[:, None, None] - effects
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # buckets no fact has
+            expected = np.nanmean(drops, axis=0)
+        np.testing.assert_allclose(z_of(trace), expected, rtol=1e-9, atol=1e-12)
+        assert trace.colorbar.title.text == "drop" and trace.zmid == 0
+    denoise_title = _flat(lp.plot_dataset(noise).layout.title.text)
+    assert "restoring clean activations into the corrupted run" in denoise_title
+    _, denoise_table = page_of(lp.plot_dataset(noise), tmp_path, "d.html")
+    assert re.search(r"<th>direction</th><td[^>]*>denoise: restoring", denoise_table)
+
+
+def test_normalised_dataset_title_is_no_tautology(summaries):
+    import dataclasses
+
+    normalised = dataclasses.replace(summaries["str"], metric="normalized_logit_diff")
+    title = _flat(lp.plot_dataset(normalised).layout.title.text)
+    assert "clean run = 100%, corrupted run = 0%" in title and "ATE" not in title
+    assert "counterfactual prompts from column" in title

@@ -315,6 +315,7 @@ def _summary(
         n_pending=sum(r is None for r in records),
         corruption=dict(corruption),
         workers=workers,
+        direction=header.get("direction", "denoise"),
     )
 
 

@@ -319,6 +319,10 @@ class DatasetSummary(NoiseProperties):
         workers: Who traced the facts of this call, with each one's
             throughput and failure (:class:`WorkerStats`); empty when every
             fact came from a checkpoint.
+        direction: ``"denoise"`` (clean activations restored into the
+            corrupted run, ROME's) or ``"noise"`` (corrupted activations
+            patched into the clean run), as :class:`lenscope.TraceSettings`
+            records it.
     """
 
     facts: tuple[FactTrace, ...]
@@ -332,6 +336,7 @@ class DatasetSummary(NoiseProperties):
     lenscope_version: str
     n_pending: int = 0
     workers: tuple[WorkerStats, ...] = ()
+    direction: str = "denoise"
 
     def __post_init__(self) -> None:
         """Check that every fact was traced for every kind at every layer."""
@@ -381,6 +386,8 @@ class DatasetSummary(NoiseProperties):
             **DATASET_TRACE_FIXED,
             "corruption": record["name"],
             **{k: v for k, v in record.items() if k != "name"},
+            # As TraceSettings.to_dict: the direction only when it is not the default.
+            **({} if self.direction == "denoise" else {"direction": self.direction}),
         }
 
     @property
@@ -597,6 +604,7 @@ class DatasetSummary(NoiseProperties):
             "facts": [fact.to_dict() for fact in self.facts],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "workers": [dataclasses.asdict(w) for w in self.workers],
+            **({} if self.direction == "denoise" else {"direction": self.direction}),
         }
 
     @classmethod
@@ -618,6 +626,7 @@ class DatasetSummary(NoiseProperties):
             lenscope_version=data["lenscope_version"],
             n_pending=data.get("n_pending", 0),
             workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
+            direction=data.get("direction", "denoise"),
         )
 
     def save(self, path: str | Path) -> Path:

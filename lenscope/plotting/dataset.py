@@ -10,7 +10,11 @@ every panel, since an AIE can be negative). ``style="lines"`` draws the same
 numbers as one line per bucket with its 95% confidence band, which shows how
 much the averages can be trusted. The subtitle names the corruption from
 the summary's own record (noise std, samples and seed for noise; the
-counterfactual column for symmetric token replacement) and the metric.
+counterfactual column for symmetric token replacement), the direction and
+the metric. A noising trace (corrupted activations patched into the clean
+run) is drawn as each cell's average drop below the clean score, the
+fact's clean − corrupted gap minus its indirect effect, so that a cell
+that matters takes the kind's colour in both directions.
 :func:`save_dataset_report` writes an HTML page with both figures, the
 summary table, the settings and the skipped facts (plotly.js embedded by
 default, so it works offline). Computation stays in the summary object;
@@ -44,7 +48,12 @@ from lenscope.plotting._common import (
     symmetric_range,
     width_fraction,
 )
-from lenscope.plotting._provenance import corruption_rows, corruption_text, layer_axis_title
+from lenscope.plotting._provenance import (
+    corruption_rows,
+    corruption_text,
+    direction_phrase,
+    layer_axis_title,
+)
 from lenscope.validation import InvalidInputType
 
 STYLES = ("heatmap", "lines")
@@ -127,7 +136,7 @@ def plot_dataset(
         horizontal_spacing=width_fraction(gap, default_width - margins, margins) if n > 1 else 0.0,
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
     )
-    stats = [mean_ci(summary.effects(kind)) for kind in kinds]
+    stats = [mean_ci(_effects(summary, kind)) for kind in kinds]
     # Every panel shows the AIE of one metric: one symmetric range, white at zero.
     span = symmetric_range([mean.numpy() for mean, _, _ in stats])
     percent = _percent(summary)
@@ -153,7 +162,7 @@ def plot_dataset(
         fig.update_yaxes(
             tickformat=".1%" if percent else None, zeroline=True, zerolinecolor="#999999"
         )
-        fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
+        fig.update_yaxes(title_text=_quantity(summary)[1], row=1, col=1)
     text = title if title is not None else _title(summary)
     fig.update_layout(
         title={"text": text, "x": 0.01, "xanchor": "left"},
@@ -164,9 +173,34 @@ def plot_dataset(
         plot_bgcolor="white" if style == "lines" else "#e6e6e6",
         legend={"title": {"text": "token bucket"}},
     )
-    heading = f"Average indirect effect: {summary.model_name}, {summary.n_facts} facts"
+    heading = (
+        f"{_quantity(summary)[1].capitalize()}, {direction_phrase(summary.direction)}: "
+        f"{summary.model_name}, {summary.n_facts} facts"
+    )
     set_page_info(fig, heading, [""], [(k, [v]) for k, v in _settings_rows(summary)])
     return fig
+
+
+def _effects(summary: DatasetSummary, kind: str) -> Any:
+    """``[fact, bucket, layer]`` values drawn: indirect effects, or a noising trace's drops.
+
+    Denoising: the summary's indirect effects (score − corrupted). Noising:
+    the drop below the clean score, (clean − corrupted) − (score − corrupted)
+    per fact, so that large means "patching this cell breaks the answer" in
+    both directions.
+    """
+    effects = summary.effects(kind)
+    if summary.direction != "noise":
+        return effects
+    gap = summary.clean_scores - summary.corrupted_scores
+    return gap[:, None, None] - effects
+
+
+def _quantity(summary: DatasetSummary) -> tuple[str, str]:
+    """Short and long name of what the colour shows: ``("AIE", "average indirect effect")``."""
+    if summary.direction == "noise":
+        return "drop", "average drop below clean"
+    return "AIE", "average indirect effect"
 
 
 def _percent(summary: DatasetSummary) -> bool:
@@ -188,6 +222,7 @@ def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
             f"{summary.n_pending} not reached",
         ),
         ("metric", summary.metric),
+        ("direction", f"{summary.direction}: {direction_phrase(summary.direction)}"),
         ("kinds", ", ".join(summary.kinds)),
         ("windows", ", ".join(f"{k} {w}" for k, w in summary.windows.items())),
         *corruption_rows(_record(summary)),
@@ -208,12 +243,26 @@ def _title(summary: DatasetSummary) -> str:
     ate, ate_ci = summary.ate()
     skipped = f", {summary.n_skipped} skipped" if summary.n_skipped else ""
     value = functools.partial(_format, percent=_percent(summary))
+    short, long = _quantity(summary)
+    metric = html.escape(summary.metric)
+    if summary.metric.startswith("normalized"):
+        # Normalised per fact: clean 1 and corrupted 0 by definition, not a finding.
+        scores = f"{metric} (each fact's clean run = 100%, corrupted run = 0%)"
+    else:
+        scores = (
+            f"{metric}: clean {value(clean)}, corrupted {value(corrupted)}, "
+            f"ATE {value(ate)} \u00b1 {value(ate_ci)} (95% CI)"
+        )
+    colour = "colour: AIE, white at 0"
+    if summary.direction == "noise":
+        colour = (
+            "colour: drop below clean = clean − corrupted − AIE, white at 0 "
+            "(the kind's colour: patching the cell breaks the answer)"
+        )
     return (
-        f"Average indirect effect: {html.escape(summary.model_name)}, "
-        f"{summary.n_facts} facts{skipped}<br><sup>{html.escape(summary.metric)}: clean "
-        f"{value(clean)}, corrupted {value(corrupted)}, ATE {value(ate)} \u00b1 "
-        f"{value(ate_ci)} (95% CI); {html.escape(corruption_text(_record(summary)))}; "
-        "colour: AIE, white at 0</sup>"
+        f"{long.capitalize()}, {html.escape(direction_phrase(summary.direction))}: "
+        f"{html.escape(summary.model_name)}, {summary.n_facts} facts{skipped}"
+        f"<br><sup>{scores}; {html.escape(corruption_text(_record(summary)))}; {colour}</sup>"
     )
 
 
@@ -243,11 +292,13 @@ def _cells(
     return z, customdata
 
 
-_HOVER = (
-    "%{customdata[0]}<br>layer %{customdata[1]}<br>"
-    "AIE %{customdata[2]} \u00b1 %{customdata[3]} (95% CI)<br>"
-    "facts %{customdata[4]}<extra>%{fullData.name}</extra>"
-)
+def _hover(summary: DatasetSummary) -> str:
+    """Hover template of a cell: bucket, layer, the drawn mean with its CI, fact count."""
+    return (
+        "%{customdata[0]}<br>layer %{customdata[1]}<br>"
+        f"{_quantity(summary)[0]} %{{customdata[2]}} \u00b1 %{{customdata[3]}} (95% CI)<br>"
+        "facts %{customdata[4]}<extra>%{fullData.name}</extra>"
+    )
 
 
 def _add_heatmap(
@@ -277,11 +328,11 @@ def _add_heatmap(
             zmid=0.0,
             colorscale=KIND_DIVERGING.get(kind, DEFAULT_DIVERGING),
             customdata=customdata,
-            hovertemplate=_HOVER,
+            hovertemplate=_hover(summary),
             hoverongaps=False,
             name=KIND_LABELS.get(kind, kind),
             colorbar={
-                "title": {"text": "AIE", "side": "right"},
+                "title": {"text": _quantity(summary)[0], "side": "right"},
                 "x": domain_end + offset,
                 "xanchor": "left",
                 "thickness": 12,
@@ -342,7 +393,7 @@ def _add_lines(
                 legendgroup=bucket,
                 showlegend=legend,
                 customdata=customdata[b],
-                hovertemplate=_HOVER,
+                hovertemplate=_hover(summary),
             ),
             row=1,
             col=col,
@@ -407,6 +458,7 @@ def save_dataset_report(
     for column in ("clean", "corrupted", "ate", "ate_ci", "best_aie", "best_aie_ci"):
         table[column] = table[column].map(functools.partial(_format, percent=percent))
     settings = {k: v for k, v in summary.settings().items() if k != "format"}
+    settings.setdefault("direction", summary.direction)
     settings["n_pending"] = summary.n_pending
     settings["trace seconds (sum over facts)"] = round(summary.seconds, 1)
     settings_rows = "".join(
