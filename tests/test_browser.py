@@ -259,7 +259,7 @@ def test_subject_and_title_render(browser, traces, tmp_path):
     assert [i for i, t in enumerate(ticks) if t.endswith("*")] == list(range(start, end))
     title = browser.execute_script("return document.querySelector('.gtitle').textContent")
     assert visible(result.answer) in title
-    assert f"{result.corrupted_score:.3g}" in title
+    assert f"corrupted {result.corrupted_score * 100:.3g}%" in title  # percent, as its bar
     assert torch.isfinite(result.scores).all()
 
 
@@ -404,9 +404,32 @@ def long_traces(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def layout_pages(traces, long_traces, tiny_model, tmp_path_factory):
+def summary(tiny_model):
+    """A dataset trace of three facts: ROME's Figure 2 for MLP and attention."""
+    from lenscope.datasets import trace_dataset
+
+    facts = [
+        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT, "attribute": "Paris"},
+        {"prompt": "Big Ben is located in the city of", "subject": "Big Ben"},
+        {"prompt": "The Space Needle is located in the city of", "subject": "The Space Needle"},
+    ]
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    return trace_dataset(tracer, facts, samples=2, kinds=("mlp_out", "attn_out"))
+
+
+@pytest.fixture(scope="module")
+def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
     """The figures whose layout is checked, saved as pages sharing one plotly.js file."""
-    from lenscope.plotting import plot_attention
+    from lenscope.plotting import plot_attention, plot_dataset
+
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    noising = tracer.patch(
+        TINY_PROMPT,
+        "The Space Needle is located in the city of",
+        kind="mlp_out",
+        answer=" paris france",
+        direction="noise",
+    )
 
     folder = tmp_path_factory.mktemp("layout")
     figures = {
@@ -418,6 +441,10 @@ def layout_pages(traces, long_traces, tiny_model, tmp_path_factory):
         "difference": plot_traces(
             [traces["mlp_out"], traces["attn_out"]], mode="difference", allow_mismatch=True
         ),
+        "STR noising, two-token answer": noising.plot(),
+        "mismatched panels": plot_traces([traces["mlp_out"], noising], allow_mismatch=True),
+        "dataset heatmap": plot_dataset(summary),
+        "dataset lines": plot_dataset(summary, style="lines"),
     }
     return {
         name: save_html(fig, folder / f"{i}.html", plotly_js="file")
@@ -438,4 +465,4 @@ def test_figures_fit_577_to_1600_pixels_without_collisions(browser, layout_pages
                     failures[f"{name} at {width}px"] = problems[:6]
     finally:
         browser.set_window_size(size["width"], size["height"])
-    assert not failures, failures
+    assert not failures, "\n".join(f"{name}: {problems}" for name, problems in failures.items())

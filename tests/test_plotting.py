@@ -1075,3 +1075,18 @@ def test_normalised_dataset_title_is_no_tautology(summaries):
     title = _flat(lp.plot_dataset(normalised).layout.title.text)
     assert "clean run = 100%, corrupted run = 0%" in title and "ATE" not in title
     assert "counterfactual prompts from column" in title
+
+
+def test_dataset_figures_are_laid_out_for_their_width(summaries):
+    summary = summaries["noise"]
+    narrow = lp.plot_dataset(summary)  # a 577-pixel output area: one panel per row
+    assert narrow.layout.yaxis2.domain[1] < narrow.layout.yaxis.domain[0]
+    wide = lp.plot_dataset(summary, width=1600)  # side by side, each with its colour bar
+    assert wide.layout.yaxis2.domain == wide.layout.yaxis.domain
+    assert wide.layout.xaxis.domain[1] < wide.data[0].colorbar.x < wide.layout.xaxis2.domain[0]
+    for fig in (narrow, wide):
+        for trace in fig.data:
+            assert trace.colorbar.tickformat == "+.2~p"  # distinct labels on a small range
+    lines = lp.plot_dataset(summary, style="lines")
+    assert lines.layout.yaxis2.matches == "y"  # one metric: one y range
+    assert lines.layout.legend.orientation == "h"  # under the panels, not beside them

@@ -46,7 +46,13 @@ from lenscope.plotting._common import (
     plotly_js_source,
     set_page_info,
     symmetric_range,
-    width_fraction,
+)
+from lenscope.plotting._layout import (
+    BAR_GAP,
+    TOOLBAR_BAND,
+    layout_width,
+    plan_grid,
+    wrap_title,
 )
 from lenscope.plotting._provenance import (
     corruption_rows,
@@ -113,42 +119,66 @@ def plot_dataset(
     for kind in kinds:
         check_choice("kind", kind, summary.kinds)
     n = len(kinds)
-    per_panel = max(260, min(520, 22 * summary.n_layers + 60))
-    default_width = (
-        90
-        + n * (per_panel + (110 if style == "heatmap" else 30))
-        + (170 if style == "heatmap" else 200)
+    heatmap = style == "heatmap"
+    lw = layout_width(width)
+    # Laid out for the width it is seen at (see lenscope.plotting._layout): panels side by
+    # side while each keeps MIN_PANEL pixels (and a colour bar's gap), else in rows.
+    grid = plan_grid(
+        n,
+        summary.n_layers,
+        len(BUCKETS) if heatmap else 1,
+        width=lw,
+        tick_px=20 + 22,  # layer numbers and the layer-axis title
+        panel_title_px=22,
+        left=150 if heatmap else 70,
+        bar_gap=BAR_GAP if heatmap else 60,
+        row_px=30 if heatmap else 280,
     )
-    default_height = 430 if style == "heatmap" else 460
-    margin = {
-        "l": 150 if style == "heatmap" else 70,
-        "r": 60 if style == "heatmap" else 20,
-        "t": 90,
-        "b": 60,
-    }
-    margins = margin["l"] + margin["r"]
-    # Pixels between panels: a colour bar, or the next panel's y tick labels.
-    gap = 110 if style == "heatmap" else 60
+    text = title if title is not None else _title(summary)
+    wrapped, title_px = wrap_title(text, lw)
+    margin = dict(grid.margin)
+    margin["t"] += TOOLBAR_BAND + title_px + 10
+    legend_px = 0
+    if not heatmap:
+        # The legend under the panels, wrapped to the width: nothing beside them takes room.
+        item_px = 7 * max(len(label) for label in BUCKET_LABELS.values()) + 40
+        legend_px = 24 * math.ceil(len(BUCKETS) / max(1, (lw - 20) // item_px)) + 24
+        margin["b"] += legend_px
     fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=style == "heatmap",
-        horizontal_spacing=width_fraction(gap, default_width - margins, margins) if n > 1 else 0.0,
+        rows=grid.rows,
+        cols=grid.cols,
+        specs=[
+            [{} if r * grid.cols + c < n else None for c in range(grid.cols)]
+            for r in range(grid.rows)
+        ],
+        # One metric in every panel: one y range (lines), one bucket axis (heatmaps).
+        shared_yaxes="all",
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
+        **grid.spacing(),
     )
     stats = [mean_ci(_effects(summary, kind)) for kind in kinds]
     # Every panel shows the AIE of one metric: one symmetric range, white at zero.
     span = symmetric_range([mean.numpy() for mean, _, _ in stats])
     percent = _percent(summary)
-    for col, (kind, (mean, half, count)) in enumerate(zip(kinds, stats, strict=True), start=1):
-        if style == "heatmap":
-            offset = width_fraction(4, default_width - margins, margins)
-            _add_heatmap(fig, summary, kind, mean, half, count, col, offset, span)
+    inner_w = grid.cols * grid.panel_w + (grid.cols - 1) * grid.hgap
+    for index, (kind, (mean, half, count)) in enumerate(zip(kinds, stats, strict=True)):
+        row, col = grid.position(index)
+        if heatmap:
+            _add_heatmap(fig, summary, kind, mean, half, count, (row, col), 8 / inner_w, span)
         else:
-            _add_lines(fig, summary, kind, mean, half, count, col, legend=col == 1)
-        fig.update_xaxes(title_text=layer_axis_title(summary.windows[kind]), row=1, col=col)
-    fig.update_xaxes(showgrid=style == "lines", zeroline=False)
-    if style == "heatmap":
+            _add_lines(fig, summary, kind, mean, half, count, (row, col), legend=index == 0)
+        fig.update_xaxes(
+            title_text=layer_axis_title(summary.windows[kind]), title_standoff=4, row=row, col=col
+        )
+    # Whole layers only, thinned to keep about 28 pixels per label.
+    fig.update_xaxes(
+        showgrid=not heatmap,
+        zeroline=False,
+        tickmode="linear",
+        tick0=0,
+        dtick=max(1, math.ceil(summary.n_layers * 28 / grid.panel_w)),
+    )
+    if heatmap:
         fig.update_yaxes(
             tickmode="array",
             tickvals=list(range(len(BUCKETS))),
@@ -160,18 +190,40 @@ def plot_dataset(
         )
     else:
         fig.update_yaxes(
-            tickformat=".1%" if percent else None, zeroline=True, zerolinecolor="#999999"
+            tickformat=".2~p" if percent else None, zeroline=True, zerolinecolor="#999999"
         )
-        fig.update_yaxes(title_text=_quantity(summary)[1], row=1, col=1)
-    text = title if title is not None else _title(summary)
+        for index in range(n):
+            row, col = grid.position(index)
+            if col == 1:
+                fig.update_yaxes(title_text=_quantity(summary)[1], row=row, col=col)
+    fig_height = height or grid.height + legend_px + TOOLBAR_BAND + title_px + 10
     fig.update_layout(
-        title={"text": text, "x": 0.01, "xanchor": "left"},
-        **fit_width(width, default_width),
-        height=height or default_height,
+        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
+        title={
+            "text": wrapped,
+            "x": 0,
+            "xanchor": "left",
+            "xref": "container",
+            "pad": {"l": 12},
+            "y": 1 - TOOLBAR_BAND / fig_height,
+            "yanchor": "top",
+            "yref": "container",
+        },
+        **fit_width(width, max(lw, natural_dataset_width(summary, n, heatmap))),
+        height=fig_height,
         margin=margin,
         hoverlabel={"font": HOVER_FONT, "align": "left"},
-        plot_bgcolor="white" if style == "lines" else "#e6e6e6",
-        legend={"title": {"text": "token bucket"}},
+        plot_bgcolor="white" if not heatmap else "#e6e6e6",
+        font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
+        legend={
+            "title": {"text": "token bucket"},
+            "orientation": "h",
+            "x": 0,
+            "xanchor": "left",
+            "y": 0,
+            "yanchor": "bottom",
+            "yref": "container",
+        },
     )
     heading = (
         f"{_quantity(summary)[1].capitalize()}, {direction_phrase(summary.direction)}: "
@@ -179,6 +231,12 @@ def plot_dataset(
     )
     set_page_info(fig, heading, [""], [(k, [v]) for k, v in _settings_rows(summary)])
     return fig
+
+
+def natural_dataset_width(summary: DatasetSummary, n: int, heatmap: bool) -> int:
+    """Width for static images: every panel side by side, 22 pixels per layer."""
+    per_panel = max(260, min(520, 22 * summary.n_layers + 60))
+    return 90 + n * (per_panel + (BAR_GAP if heatmap else 60)) + (150 if heatmap else 0)
 
 
 def _effects(summary: DatasetSummary, kind: str) -> Any:
@@ -259,10 +317,11 @@ def _title(summary: DatasetSummary) -> str:
             "colour: drop below clean = clean − corrupted − AIE, white at 0 "
             "(the kind's colour: patching the cell breaks the answer)"
         )
+    lines = [scores, html.escape(corruption_text(_record(summary))), colour]
     return (
-        f"{long.capitalize()}, {html.escape(direction_phrase(summary.direction))}: "
-        f"{html.escape(summary.model_name)}, {summary.n_facts} facts{skipped}"
-        f"<br><sup>{scores}; {html.escape(corruption_text(_record(summary)))}; {colour}</sup>"
+        f"<b>{long.capitalize()}, {html.escape(direction_phrase(summary.direction))}</b> · "
+        f"{html.escape(summary.model_name)}, {summary.n_facts} facts{skipped}<br>"
+        f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
 
 
@@ -308,16 +367,17 @@ def _add_heatmap(
     mean: Any,
     half: Any,
     count: Any,
-    col: int,
+    cell: tuple[int, int],
     offset: float,
     span: tuple[float, float],
 ) -> None:
-    """Panel ``col``: the AIE heatmap, its colour bar ``offset`` (a width fraction) to the right."""
+    """Panel ``cell``: the AIE heatmap, its colour bar ``offset`` (width fraction) to the right."""
     percent = _percent(summary)
     z, customdata = _cells(mean, half, count, percent)
     low, high = span
-    suffix = "" if col == 1 else str(col)
-    domain_end = fig.layout[f"xaxis{suffix}"].domain[1]
+    row, col = cell
+    axes = fig.get_subplot(row, col)
+    y_domain = axes.yaxis.domain
     fig.add_trace(
         go.Heatmap(
             z=z,
@@ -333,15 +393,20 @@ def _add_heatmap(
             name=KIND_LABELS.get(kind, kind),
             colorbar={
                 "title": {"text": _quantity(summary)[0], "side": "right"},
-                "x": domain_end + offset,
+                "x": axes.xaxis.domain[1] + offset,
                 "xanchor": "left",
+                "y": (y_domain[0] + y_domain[1]) / 2,
+                "yanchor": "middle",
                 "thickness": 12,
                 "xpad": 4,
-                "len": 1.0,
-                "tickformat": "+.1%" if percent else None,
+                "ypad": 0,
+                "len": y_domain[1] - y_domain[0],
+                # Two significant digits: a range of a few tenths of a percent keeps
+                # distinct tick labels (".1%" printed -0.0% three times).
+                "tickformat": "+.2~p" if percent else None,
             },
         ),
-        row=1,
+        row=row,
         col=col,
     )
 
@@ -353,7 +418,7 @@ def _add_lines(
     mean: Any,
     half: Any,
     count: Any,
-    col: int,
+    cell: tuple[int, int],
     *,
     legend: bool,
 ) -> None:
@@ -379,8 +444,8 @@ def _add_lines(
                 showlegend=False,
                 legendgroup=bucket,
             ),
-            row=1,
-            col=col,
+            row=cell[0],
+            col=cell[1],
         )
         fig.add_trace(
             go.Scatter(
@@ -395,8 +460,8 @@ def _add_lines(
                 customdata=customdata[b],
                 hovertemplate=_hover(summary),
             ),
-            row=1,
-            col=col,
+            row=cell[0],
+            col=cell[1],
         )
 
 
