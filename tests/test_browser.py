@@ -198,6 +198,24 @@ def test_hover_label_shows_token_layer_and_top1(browser, traces, tmp_path):
     assert visible(top_token) in first_row and f"{top_prob:.1%}" in first_row
 
 
+def test_hover_splits_an_answer_of_several_tokens(browser, tiny_model, tmp_path):
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    result = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", window=1, samples=2, answer=" paris france"
+    )
+    path = save_html(result.plot(), tmp_path / "split.html")
+    _open(browser, path)
+
+    (label,) = _hover(browser, 0, 3, 2)
+
+    lines = label.split("\n")
+    header = lines.index("each answer token: log p, own gap restored")
+    rows = [line.replace(NBSP, " ").split() for line in lines[header + 1 : header + 3]]
+    assert [row[0] for row in rows] == [visible(" paris"), visible(" france")]
+    split = result.answer_split["log_probs"][2, 3]
+    assert [float(row[1]) for row in rows] == pytest.approx(split.tolist(), abs=5e-4)
+
+
 def test_untraced_cell_is_blank_and_says_so(browser, traces, tmp_path):
     result = traces["resid_post"]
     scores = result.scores.clone()
