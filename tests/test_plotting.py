@@ -1090,3 +1090,22 @@ def test_dataset_figures_are_laid_out_for_their_width(summaries):
     lines = lp.plot_dataset(summary, style="lines")
     assert lines.layout.yaxis2.matches == "y"  # one metric: one y range
     assert lines.layout.legend.orientation == "h"  # under the panels, not beside them
+
+
+def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.lens import lens_trace_cell
+
+    trace = CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2, seed=4
+    )
+    clean, corrupted, restored = lens_trace_cell(tiny_model, trace, 1, 3)
+    fig = lp.plot_lens(clean, corrupted, restored, statistic="answer_prob")
+    std = f"{trace.corruption['noise_std']:.3g}"
+    assert f"gaussian noise (2 samples, std {std}, seed 4)" in _flat(fig.layout.title.text)
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>seed</th><td[^>]*>—</td><td[^>]*>4</td><td[^>]*>4</td>", table)
+    assert re.search(r"<th>run</th><td[^>]*>clean \(1 copy\)</td>", table)
+    assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text

@@ -35,6 +35,7 @@ from lenscope.plotting._common import (
     figure_margins,
     fit_width,
     format_percent,
+    set_page_info,
     shorten,
     stride_keep_last,
     token_labels,
@@ -43,6 +44,7 @@ from lenscope.plotting._common import (
     visible,
     width_fraction,
 )
+from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInput, InvalidInputType
 
 MODES = ("side_by_side", "difference")
@@ -341,7 +343,28 @@ def plot_lens(
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
+    _page(fig, items)
     return fig
+
+
+def _page(fig: go.Figure, items: Sequence[LensTrajectory]) -> None:
+    """The saved page's ``<title>`` and settings table: every panel's run, from its own record."""
+    rows: dict[str, list[str]] = {}
+    for index, traj in enumerate(items):
+        cells = [
+            ("run", f"{traj.label} ({traj.copies} cop{'y' if traj.copies == 1 else 'ies'})"),
+            ("model", traj.model_name),
+            ("decoder", traj.decoder),
+            ("component", f"{traj.component} ({traj.hook_names[0]} ... {traj.hook_names[-1]})"),
+            ("prompt", "(token ids)" if traj.prompt is None else repr(traj.prompt)),
+            ("answer", f"{traj.answer!r} (id {traj.answer_id})"),
+            *(corruption_rows(traj.corruption) if traj.corruption is not None else []),
+        ]
+        for name, text in cells:
+            rows.setdefault(name, ["—"] * len(items))[index] = text
+    first = items[0]
+    heading = f"{first.decoder} · {first.component} · {first.model_name}"
+    set_page_info(fig, heading, [t.label for t in items], list(rows.items()))
 
 
 def _flatten(trajectories: Sequence[Any]) -> list[LensTrajectory]:
@@ -523,6 +546,9 @@ def _title(
     copies = max(t.copies for t in items)
     if copies > 1:
         notes.append(f"noisy runs: mean distribution of {copies} copies")
+    records = list(dict.fromkeys(corruption_text(t.corruption) for t in items if t.corruption))
+    if records:
+        notes.append("corrupted by " + escape("; ".join(records)))
     if cell_text:
         notes.append("cell text: top-1 token")
     if first.subject_range is not None:
