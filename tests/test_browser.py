@@ -461,6 +461,12 @@ def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
         ),
         "STR noising, two-token answer": noising.plot(),
         "mismatched panels": plot_traces([traces["mlp_out"], noising], allow_mismatch=True),
+        "heads at one position": tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind="z", by="head_pos", samples=2
+        ).plot(),
+        "neurons, noising": tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind="mlp_post", by="neuron", samples=2, direction="noise"
+        ).plot(),
         "dataset heatmap": plot_dataset(summary),
         "dataset lines": plot_dataset(summary, style="lines"),
     }

@@ -32,7 +32,7 @@ from lenscope.plotting._common import (
     set_page_info,
     visible,
 )
-from lenscope.plotting._layout import TOOLBAR_BAND
+from lenscope.plotting._layout import TOOLBAR_BAND, layout_width, wrap_title
 from lenscope.plotting._provenance import direction_phrase, trace_rows, trace_subtitle
 from lenscope.plotting.trace import (
     _check_options,
@@ -254,15 +254,20 @@ def _plot_units(
             ]
         )
     natural_width = min(1400, max(420, 140 + 36 * n_columns))
-    default_height = 220 + TOOLBAR_BAND + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
-    height = layout["height"]
     text = layout["title"]
     if text is None:
         text = _title(result, columns, pos, len(positions) > 1, colour.note, every_position)
+    # Wrapped to the width the figure is laid out for (see lenscope.plotting._layout).
+    wrapped, title_px = wrap_title(text, layout_width(layout["width"]))
+    top = max(150, title_px + 30)
+    default_height = (
+        70 + top + TOOLBAR_BAND + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    )
+    height = layout["height"]
     fig.update_layout(
         # Title below the band plotly's toolbar shows in.
         title={
-            "text": text,
+            "text": wrapped,
             "x": 0,
             "y": 1 - TOOLBAR_BAND / (height or default_height),
             "yanchor": "top",
@@ -275,7 +280,7 @@ def _plot_units(
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
-        margin={"l": 60, "r": 20, "t": 150 + TOOLBAR_BAND, "b": 60},
+        margin={"l": 60, "r": 20, "t": top + TOOLBAR_BAND, "b": 60},
     )
     rows = trace_rows(result)
     shape = ", ".join(f"{a} {s}" for a, s in zip(result.axes, result.scores.shape, strict=True))
