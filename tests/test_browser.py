@@ -438,6 +438,7 @@ def summary(tiny_model):
 @pytest.fixture(scope="module")
 def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
     """The figures whose layout is checked, saved as pages sharing one plotly.js file."""
+    from lenscope.lens import lens_trace_cell
     from lenscope.plotting import plot_attention, plot_dataset
 
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
@@ -467,6 +468,9 @@ def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
         "neurons, noising": tracer.trace(
             TINY_PROMPT, TINY_SUBJECT, kind="mlp_post", by="neuron", samples=2, direction="noise"
         ).plot(),
+        "lens: clean, corrupted, restored": lenscope.plot_lens(
+            *lens_trace_cell(tiny_model, traces["mlp_out"], 1, 3), statistic="answer_prob"
+        ),
         "dataset heatmap": plot_dataset(summary),
         "dataset lines": plot_dataset(summary, style="lines"),
     }

@@ -1109,3 +1109,22 @@ def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
     assert re.search(r"<th>seed</th><td[^>]*>—</td><td[^>]*>4</td><td[^>]*>4</td>", table)
     assert re.search(r"<th>run</th><td[^>]*>clean \(1 copy\)</td>", table)
     assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text
+
+
+def test_lens_cell_text_fits_its_columns(tiny_model):
+    from conftest import TINY_PROMPT
+
+    from lenscope.lens import lens_trajectory
+
+    traj = lens_trajectory(tiny_model, TINY_PROMPT)
+    narrow = lp.plot_lens(traj, statistic="entropy")  # 540 px: ten 35-pixel columns
+    import html
+
+    def longest(fig):
+        return max(len(html.unescape(t)) for row in fig.data[0].text for t in row)
+
+    assert longest(narrow) == 5
+    assert lp.plot_lens(traj, width=260).data[0].text is None  # under three characters
+    assert "top-1 token in the hover" in lp.plot_lens(traj, width=260).layout.title.text
+    wide = lp.plot_lens(traj, statistic="entropy", width=1200)
+    assert longest(wide) == 6
