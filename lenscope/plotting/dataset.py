@@ -52,6 +52,7 @@ from lenscope.plotting._layout import (
     TOOLBAR_BAND,
     layout_width,
     plan_grid,
+    toolbar_title,
     wrap_title,
 )
 from lenscope.plotting._provenance import (
@@ -147,10 +148,7 @@ def plot_dataset(
     fig = make_subplots(
         rows=grid.rows,
         cols=grid.cols,
-        specs=[
-            [{} if r * grid.cols + c < n else None for c in range(grid.cols)]
-            for r in range(grid.rows)
-        ],
+        specs=grid.specs(n),
         # One metric in every panel: one y range (lines), one bucket axis (heatmaps).
         shared_yaxes="all",
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
@@ -198,17 +196,7 @@ def plot_dataset(
                 fig.update_yaxes(title_text=_quantity(summary)[1], row=row, col=col)
     fig_height = height or grid.height + legend_px + TOOLBAR_BAND + title_px + 10
     fig.update_layout(
-        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
-        title={
-            "text": wrapped,
-            "x": 0,
-            "xanchor": "left",
-            "xref": "container",
-            "pad": {"l": 12},
-            "y": 1 - TOOLBAR_BAND / fig_height,
-            "yanchor": "top",
-            "yref": "container",
-        },
+        title=toolbar_title(wrapped, fig_height),
         **fit_width(width, max(lw, natural_dataset_width(summary, n, heatmap))),
         height=fig_height,
         margin=margin,

@@ -46,6 +46,7 @@ from lenscope.plotting._layout import (
     layout_width,
     plan_grid,
     token_ticks,
+    toolbar_title,
     wrap_title,
 )
 from lenscope.results import corruption_rows, corruption_text
@@ -313,10 +314,7 @@ def plot_lens(
     fig = make_subplots(
         rows=grid.rows,
         cols=grid.cols,
-        specs=[
-            [{} if r * grid.cols + c < n else None for c in range(grid.cols)]
-            for r in range(grid.rows)
-        ],
+        specs=grid.specs(n),
         shared_yaxes="all",
         subplot_titles=names if n > 1 else None,
         **grid.spacing(),
@@ -370,17 +368,7 @@ def plot_lens(
             fig.update_yaxes(title_text=f"layer ({escape(first.component)})", row=row, col=col)
     fig_height = height or grid.height
     fig.update_layout(
-        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
-        title={
-            "text": wrapped,
-            "x": 0,
-            "xanchor": "left",
-            "xref": "container",
-            "pad": {"l": 12},
-            "y": 1 - TOOLBAR_BAND / fig_height,
-            "yanchor": "top",
-            "yref": "container",
-        },
+        title=toolbar_title(wrapped, fig_height),
         coloraxis=view.coloraxis(),
         **fit_width(width, max(lw, _natural_width(n, n_cols))),
         height=fig_height,

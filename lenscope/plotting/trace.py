@@ -68,6 +68,7 @@ from lenscope.plotting._layout import (
     layout_width,
     plan_grid,
     token_ticks,
+    toolbar_title,
     wrap_axis_title,
     wrap_title,
 )
@@ -1001,14 +1002,10 @@ class _Frame:
 
     def subplots(self, panel_titles: Sequence[str]) -> go.Figure:
         g = self.grid
-        specs = [[{} for _ in range(g.cols)] for _ in range(g.rows)]
-        for empty in range(self.n_panels, g.rows * g.cols):
-            row, col = g.position(empty)
-            specs[row - 1][col - 1] = None
         fig = make_subplots(
             rows=g.rows,
             cols=g.cols,
-            specs=specs,
+            specs=g.specs(self.n_panels),
             subplot_titles=list(panel_titles) if self.n_panels > 1 else None,
             **g.spacing(),
         )
@@ -1187,17 +1184,7 @@ def _layout(fig: go.Figure, frame: _Frame, width: int | None, height: int | None
     grid = frame.grid
     fig_height = height or grid.height
     fig.update_layout(
-        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
-        title={
-            "text": frame.title,
-            "x": 0,
-            "xanchor": "left",
-            "xref": "container",
-            "pad": {"l": 12},
-            "y": 1 - TOOLBAR_BAND / fig_height,
-            "yanchor": "top",
-            "yref": "container",
-        },
+        title=toolbar_title(frame.title, fig_height),
         **fit_width(width, max(grid.width, natural_trace_width(frame))),
         height=fig_height,
         margin=grid.margin,
