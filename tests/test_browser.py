@@ -423,13 +423,12 @@ def long_traces(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def summary(tiny_model):
-    """A dataset trace of three facts: ROME's Figure 2 for MLP and attention."""
+    """A dataset trace of two facts: ROME's Figure 2 for MLP and attention."""
     from lenscope.datasets import trace_dataset
 
     facts = [
-        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT, "attribute": "Paris"},
+        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
         {"prompt": "Big Ben is located in the city of", "subject": "Big Ben"},
-        {"prompt": "The Space Needle is located in the city of", "subject": "The Space Needle"},
     ]
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     return trace_dataset(tracer, facts, samples=2, kinds=("mlp_out", "attn_out"))
@@ -460,19 +459,23 @@ def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
         "difference": plot_traces(
             [traces["mlp_out"], traces["attn_out"]], mode="difference", allow_mismatch=True
         ),
-        "STR noising, two-token answer": noising.plot(),
         "mismatched panels": plot_traces([traces["mlp_out"], noising], allow_mismatch=True),
         "heads at one position": tracer.trace(
             TINY_PROMPT, TINY_SUBJECT, kind="z", by="head_pos", samples=2
         ).plot(),
         "neurons, noising": tracer.trace(
-            TINY_PROMPT, TINY_SUBJECT, kind="mlp_post", by="neuron", samples=2, direction="noise"
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kind="mlp_post",
+            by="neuron",
+            samples=2,
+            direction="noise",
+            layers=[2, 3],
         ).plot(),
         "lens: clean, corrupted, restored": lenscope.plot_lens(
             *lens_trace_cell(tiny_model, traces["mlp_out"], 1, 3), statistic="answer_prob"
         ),
         "dataset heatmap": plot_dataset(summary),
-        "dataset lines": plot_dataset(summary, style="lines"),
     }
     return {
         name: save_html(fig, folder / f"{i}.html", plotly_js="file")
