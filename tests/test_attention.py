@@ -68,3 +68,24 @@ def test_patterns_round_trip_and_plot(tiny_model, tmp_path):
 def test_bad_pattern_options_name_the_rule(tiny_model, options, match):
     with pytest.raises(InvalidInput, match=match):
         attention_patterns(tiny_model, TINY_PROMPT, **options)
+
+
+def test_attention_figure_names_prompt_subject_and_corruption(tiny_model, tmp_path):
+    import re
+
+    from lenscope.plotting import plot_attention, save_html
+
+    corruption = GaussianNoise(samples=3, seed=5)
+    fig = plot_attention(
+        tiny_model, TINY_PROMPT, layer=1, heads=[0], subject=TINY_SUBJECT, corruption=corruption
+    )
+    title = fig.layout.title.text.replace("<br>", " ")
+    assert "The Eiffel Tower is located in the city of" in title
+    assert "subject <i>The␣Eiffel␣Tower</i>" in title
+    assert "gaussian noise (3 samples, std" in title and "seed 5" in title
+    page = save_html(fig, tmp_path / "a.html").read_text(encoding="utf-8")
+    table = re.search(r'<table class="lenscope-settings">(.*?)</table>', page, re.S).group(1)
+    for name, value in [("samples", "3"), ("seed", "5"), ("heads", "0"), ("corruption", "gauss")]:
+        assert re.search(rf"<th>{name}</th><td[^>]*>{value}", table), name
+    clean_only = plot_attention(tiny_model, TINY_PROMPT, layer=1, heads=[0])
+    assert "corrupted" not in clean_only.layout.title.text

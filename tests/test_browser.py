@@ -198,6 +198,24 @@ def test_hover_label_shows_token_layer_and_top1(browser, traces, tmp_path):
     assert visible(top_token) in first_row and f"{top_prob:.1%}" in first_row
 
 
+def test_hover_splits_an_answer_of_several_tokens(browser, tiny_model, tmp_path):
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    result = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", window=1, samples=2, answer=" paris france"
+    )
+    path = save_html(result.plot(), tmp_path / "split.html")
+    _open(browser, path)
+
+    (label,) = _hover(browser, 0, 3, 2)
+
+    lines = label.split("\n")
+    header = lines.index("each answer token: log p, own gap restored")
+    rows = [line.replace(NBSP, " ").split() for line in lines[header + 1 : header + 3]]
+    assert [row[0] for row in rows] == [visible(" paris"), visible(" france")]
+    split = result.answer_split["log_probs"][2, 3]
+    assert [float(row[1]) for row in rows] == pytest.approx(split.tolist(), abs=5e-4)
+
+
 def test_untraced_cell_is_blank_and_says_so(browser, traces, tmp_path):
     result = traces["resid_post"]
     scores = result.scores.clone()
@@ -259,7 +277,7 @@ def test_subject_and_title_render(browser, traces, tmp_path):
     assert [i for i, t in enumerate(ticks) if t.endswith("*")] == list(range(start, end))
     title = browser.execute_script("return document.querySelector('.gtitle').textContent")
     assert visible(result.answer) in title
-    assert f"{result.corrupted_score:.3g}" in title
+    assert f"corrupted {result.corrupted_score * 100:.3g}%" in title  # percent, as its bar
     assert torch.isfinite(result.scores).all()
 
 
@@ -404,9 +422,32 @@ def long_traces(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def layout_pages(traces, long_traces, tiny_model, tmp_path_factory):
+def summary(tiny_model):
+    """A dataset trace of two facts: ROME's Figure 2 for MLP and attention."""
+    from lenscope.datasets import trace_dataset
+
+    facts = [
+        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"prompt": "Big Ben is located in the city of", "subject": "Big Ben"},
+    ]
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    return trace_dataset(tracer, facts, samples=2, kinds=("mlp_out", "attn_out"))
+
+
+@pytest.fixture(scope="module")
+def layout_pages(traces, long_traces, summary, tiny_model, tmp_path_factory):
     """The figures whose layout is checked, saved as pages sharing one plotly.js file."""
-    from lenscope.plotting import plot_attention
+    from lenscope.lens import lens_trace_cell
+    from lenscope.plotting import plot_attention, plot_dataset
+
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    noising = tracer.patch(
+        TINY_PROMPT,
+        "The Space Needle is located in the city of",
+        kind="mlp_out",
+        answer=" paris france",
+        direction="noise",
+    )
 
     folder = tmp_path_factory.mktemp("layout")
     figures = {
@@ -418,6 +459,23 @@ def layout_pages(traces, long_traces, tiny_model, tmp_path_factory):
         "difference": plot_traces(
             [traces["mlp_out"], traces["attn_out"]], mode="difference", allow_mismatch=True
         ),
+        "mismatched panels": plot_traces([traces["mlp_out"], noising], allow_mismatch=True),
+        "heads at one position": tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind="z", by="head_pos", samples=2
+        ).plot(),
+        "neurons, noising": tracer.trace(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kind="mlp_post",
+            by="neuron",
+            samples=2,
+            direction="noise",
+            layers=[2, 3],
+        ).plot(),
+        "lens: clean, corrupted, restored": lenscope.plot_lens(
+            *lens_trace_cell(tiny_model, traces["mlp_out"], 1, 3), statistic="answer_prob"
+        ),
+        "dataset heatmap": plot_dataset(summary),
     }
     return {
         name: save_html(fig, folder / f"{i}.html", plotly_js="file")
@@ -438,4 +496,4 @@ def test_figures_fit_577_to_1600_pixels_without_collisions(browser, layout_pages
                     failures[f"{name} at {width}px"] = problems[:6]
     finally:
         browser.set_window_size(size["width"], size["height"])
-    assert not failures, failures
+    assert not failures, "\n".join(f"{name}: {problems}" for name, problems in failures.items())

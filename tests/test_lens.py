@@ -493,7 +493,8 @@ def test_lens_trajectory_errors(tiny_model):
 
 
 def test_hover_tables_hold_the_right_tokens(clean_traj):
-    fig = clean_traj.plot(statistic="entropy")
+    # Laid out 1200 px wide: columns hold the cell text's six characters.
+    fig = clean_traj.plot(statistic="entropy", width=1200)
     (heatmap,) = fig.data
     assert list(heatmap.y) == [0, 1, 2, 3]  # layer 0 first, drawn at the bottom
     custom = np.asarray(heatmap.customdata)

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import numpy as np
 import plotly.graph_objects as go
@@ -171,7 +172,8 @@ def test_subject_marked_in_labels_and_box():
 
 def test_title_has_answer_and_scores():
     title = make_result().plot().layout.title.text
-    assert "\u2423Paris" in title and "0.8" in title and "0.1" in title
+    # Probabilities in percent, as the colour bar and the hover show them.
+    assert "\u2423Paris" in title and "clean 80% · corrupted 10%" in title
     assert make_result().plot(title="mine").layout.title.text == "mine"
 
 
@@ -600,8 +602,8 @@ def summaries(tiny_model, one_thread):
     """Dataset traces of the tiny model: Gaussian noise and counterfactual prompts (STR)."""
     from conftest import TINY_PROMPT
 
-    from lenscope import CausalTracer, pair_counterfactuals
-    from lenscope.corruptions import CounterfactualColumn
+    from lenscope import CausalTracer, TraceSettings, pair_counterfactuals
+    from lenscope.corruptions import CounterfactualColumn, GaussianNoise
     from lenscope.datasets import trace_dataset
 
     facts = [
@@ -616,8 +618,10 @@ def summaries(tiny_model, one_thread):
     facts = [{**fact, "relation_id": "P131"} for fact in facts]
     tracer = CausalTracer(tiny_model, progress=False)
     kinds = ("mlp_out", "attn_out")
+    noising = TraceSettings(kinds=kinds, corruption=GaussianNoise(samples=2), direction="noise")
     return {
         "noise": trace_dataset(tracer, facts, samples=2, kinds=kinds),
+        "noising": trace_dataset(tracer, facts, settings=noising),
         # The tiny model answers every counterfactual as its fact (' of'), which leaves a
         # logit difference no foil: STR with the answer's probability.
         "str": trace_dataset(
@@ -841,3 +845,286 @@ def test_plotly_js_inline_file_and_cdn(tmp_path):
     assert sizes["cdn"] < sizes["inline"] - js + 10_000
     with pytest.raises(ValueError, match=r"plotly_js must be one of 'inline', 'file', 'cdn'; got"):
         lp.save_html(fig, tmp_path / "x.html", plotly_js="web")
+
+
+# -- every metric, both directions: title and settings table name the experiment --------
+
+METRICS = ("prob", "log_prob", "logit_diff", "normalized_logit_diff", "kl_div")
+
+
+@pytest.fixture(scope="module")
+def metric_traces(tiny_model, one_thread):
+    """One tiny-model trace per metric and direction (one sweep per direction)."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+
+    tracer = CausalTracer(tiny_model, progress=False)
+    return {
+        direction: tracer.trace(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kind="mlp_out",
+            window=1,
+            answer=" paris",
+            foil=" rome",
+            metric=METRICS,
+            samples=2,
+            seed=7,
+            direction=direction,
+        )
+        for direction in ("denoise", "noise")
+    }
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_metric_and_direction_names_corruption_direction_and_metric(
+    metric_traces, tmp_path, metric, direction
+):
+    result = metric_traces[direction][metric]
+    assert result.metric == metric and result.direction == direction
+    fig = lp.plot_trace(result)
+    title = _flat(fig.layout.title.text)
+    phrase = {
+        "denoise": "restoring clean activations into the corrupted run",
+        "noise": "patching corrupted activations into the clean run",
+    }[direction]
+    other = "restoring" if direction == "noise" else "patching corrupted"
+    std = f"{result.corruption['noise_std']:.3g}"
+    assert phrase in title and other not in title
+    assert f"gaussian noise (2 samples, std {std}, seed 7)" in title
+    assert f"{metric} clean" in title or f"({metric}: 1 and 0)" in title
+    page_title, table = page_of(fig, tmp_path)
+    assert phrase in page_title
+    for name, value in [
+        ("corruption", "gaussian_noise"),
+        ("noise std", f"{result.corruption['noise_std']:.4g}"),
+        ("samples", "2"),
+        ("seed", "7"),
+        ("metric", metric),
+        ("direction", f"{direction}: {phrase}"),
+        ("window", "1 layer"),
+        ("model", result.model_name),
+        ("foil", "&#x27; rome&#x27;"),
+    ]:
+        assert re.search(rf"<th>{name}</th><td[^>]*>{re.escape(value)}", table), name
+    assert "counterfactual" not in table and "counterfactual" not in title
+
+
+def test_noising_logit_difference_names_the_side_its_reversed_scale_colours(metric_traces):
+    trace = lp.plot_trace(metric_traces["noise"]["logit_diff"]).data[0]
+    title = _flat(lp.plot_trace(metric_traces["noise"]["logit_diff"]).layout.title.text)
+    # Reversed about zero, the kind's colour is on the foil's side; the note says so, and no
+    # longer also says it is on the answer's side.
+    assert trace.reversescale is True and trace.zmid == 0
+    assert "the kind's colour toward the foil ␣rome" in title
+    assert "the kind's colour toward the answer" not in title
+    denoise = _flat(lp.plot_trace(metric_traces["denoise"]["logit_diff"]).layout.title.text)
+    assert "the kind's colour toward the answer" in denoise
+
+
+def test_small_probabilities_are_not_shown_as_zero_percent():
+    from lenscope.plotting.trace import format_value
+
+    assert format_value(1.37e-4, percent=True) == "0.014%"
+    assert format_value(-1.37e-4, percent=True, signed=True) == "-0.014%"
+    assert format_value(0.4321, percent=True) == "43.2%"
+    assert format_value(0.0, percent=True) == "0.0%"
+
+
+# -- an answer of several tokens: which token a cell brings back --------------------------
+
+SEVERAL = " paris france"
+
+
+@pytest.fixture(scope="module")
+def several_tokens(tiny_model, one_thread):
+    """Traces of a two-token answer (teacher-forced): positions and heads, both directions."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+
+    tracer = CausalTracer(tiny_model, progress=False)
+    common = dict(answer=SEVERAL, samples=2, metric="log_prob", window=1)
+    return {
+        "denoise": tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", **common),
+        "noise": tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", direction="noise", **common
+        ),
+        "heads": tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="z", by="head", **common),
+    }
+
+
+def split_rows(text):
+    """``[(token, log p, share)]`` of the per-token lines of a hover label."""
+    lines = text.replace(_common.NBSP, " ").split("<br>")
+    start = next(i for i, line in enumerate(lines) if line.startswith("each answer token"))
+    rows = []
+    for line in lines[start + 1 :]:
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].endswith("%"):
+            break
+        rows.append((parts[0], float(parts[1]), float(parts[2][:-1]) / 100))
+    return lines[start], rows
+
+
+@pytest.mark.parametrize("which", ["denoise", "noise", "heads"])
+def test_hover_splits_an_answer_of_several_tokens(several_tokens, which):
+    result = several_tokens[which]
+    split = result.answer_split
+    assert split["answer_tokens"] == [" paris", " france"]
+    fig = lp.plot_head_trace(result) if which == "heads" else lp.plot_trace(result)
+    trace = fig.data[0]
+    per_token = split["log_probs"].double().numpy()
+    clean = split["clean_log_probs"].double().numpy()
+    corrupted = split["corrupted_log_probs"].double().numpy()
+    for layer, column in [(0, 1), (2, 3), (3, 2)]:
+        header, rows = split_rows(hover_text(trace, layer, column))
+        assert header.endswith("lost" if which == "noise" else "restored")
+        assert [token for token, _, _ in rows] == ["␣paris", "␣france"]
+        values = per_token[layer, column]
+        for (_, shown, share), value, c, k in zip(rows, values, clean, corrupted, strict=True):
+            assert shown == pytest.approx(value, abs=5e-4)
+            # Share of this token's own clean - corrupted gap that the patch moves.
+            moved = c - value if which == "noise" else value - k
+            assert share == pytest.approx(moved / (c - k), abs=5e-4)
+        # Teacher forcing: the tokens' log-probabilities add up to the cell's log_prob.
+        assert sum(v for _, v, _ in rows) == pytest.approx(
+            float(result.scores[layer, column]), abs=2e-3
+        )
+
+
+def test_settings_name_the_tokens_of_an_answer(several_tokens, tmp_path):
+    result = several_tokens["denoise"]
+    fig = lp.plot_trace(result)
+    assert "answer <b>␣paris␣france</b> (2 tokens, teacher-forced)" in _flat(fig.layout.title.text)
+    _, table = page_of(fig, tmp_path)
+    ids = ", ".join(str(i) for i in result.answer_split["answer_ids"])
+    assert re.search(
+        rf"<th>answer tokens</th><td[^>]*>&#x27; paris&#x27; &#x27; france&#x27; \(ids {ids};",
+        table,
+    )
+    one_token = lp.plot_trace(make_result())
+    assert "each answer token" not in hover_text(one_token.data[0], 2, 3)
+    assert "teacher-forced" not in one_token.layout.title.text
+
+
+def test_notebook_02_legend_names_the_colours_its_difference_draws(traces):
+    """Notebook 02's prose says which colour means which kind; the figure must draw that."""
+    import json
+    from pathlib import Path
+
+    cells = json.loads(
+        (Path(__file__).parents[1] / "notebooks" / "02_compare_kinds.ipynb").read_text("utf-8")
+    )["cells"]
+    prose = " ".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "Green: the MLP carries more of the answer there; red: attention does." in prose
+    runs = traces["noise"]
+    fig = lp.plot_traces(
+        {"mlp_out": runs["mlp_out"], "attn_out": runs["attn_out"]},
+        value="normalized",
+        mode="difference",
+    )
+    (trace,) = figure_json(fig)
+    low, high = trace["colorscale"][0][1], trace["colorscale"][-1][1]
+
+    def hue(hex_colour):
+        red, green = int(hex_colour[1:3], 16), int(hex_colour[3:5], 16)
+        return "green" if green > red else "red"
+
+    # MLP minus attention: above zero (MLP larger) green, below zero (attention larger) red.
+    assert (hue(high), hue(low)) == ("green", "red")
+    assert "MLP output colour where A is larger" in fig.layout.title.text
+
+
+def test_noising_dataset_figure_says_so_and_draws_the_drop_below_clean(summaries, tmp_path):
+    noising, noise = summaries["noising"], summaries["noise"]
+    assert noising.direction == "noise" and noise.direction == "denoise"
+    again = type(noising).from_dict(noising.to_dict())
+    assert again.direction == "noise" and again.settings()["direction"] == "noise"
+    assert "direction" not in noise.to_dict()  # denoising files stay as they were
+    fig = lp.plot_dataset(noising)
+    title = _flat(fig.layout.title.text)
+    assert "patching corrupted activations into the clean run" in title
+    assert "restoring" not in title and "2 samples" in title and "prob: clean" in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>direction</th><td[^>]*>noise: patching corrupted", table)
+    assert re.search(r"<th>metric</th><td[^>]*>prob", table)
+    assert re.search(r"<th>corruption</th><td[^>]*>gaussian_noise", table)
+    # Drawn: each fact's (clean - corrupted) - (score - corrupted), averaged over facts.
+    for trace, kind in zip(fig.data, noising.kinds, strict=True):
+        effects = noising.effects(kind).numpy()
+        gap = (noising.clean_scores - noising.corrupted_scores).numpy()
+        drops = gap[:, None, None] - effects
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # buckets no fact has
+            expected = np.nanmean(drops, axis=0)
+        np.testing.assert_allclose(z_of(trace), expected, rtol=1e-9, atol=1e-12)
+        assert trace.colorbar.title.text == "drop" and trace.zmid == 0
+    denoise_title = _flat(lp.plot_dataset(noise).layout.title.text)
+    assert "restoring clean activations into the corrupted run" in denoise_title
+    _, denoise_table = page_of(lp.plot_dataset(noise), tmp_path, "d.html")
+    assert re.search(r"<th>direction</th><td[^>]*>denoise: restoring", denoise_table)
+
+
+def test_normalised_dataset_title_is_no_tautology(summaries):
+    import dataclasses
+
+    normalised = dataclasses.replace(summaries["str"], metric="normalized_logit_diff")
+    title = _flat(lp.plot_dataset(normalised).layout.title.text)
+    assert "clean run = 100%, corrupted run = 0%" in title and "ATE" not in title
+    assert "counterfactual prompts from column" in title
+
+
+def test_dataset_figures_are_laid_out_for_their_width(summaries):
+    summary = summaries["noise"]
+    narrow = lp.plot_dataset(summary)  # a 577-pixel output area: one panel per row
+    assert narrow.layout.yaxis2.domain[1] < narrow.layout.yaxis.domain[0]
+    wide = lp.plot_dataset(summary, width=1600)  # side by side, each with its colour bar
+    assert wide.layout.yaxis2.domain == wide.layout.yaxis.domain
+    assert wide.layout.xaxis.domain[1] < wide.data[0].colorbar.x < wide.layout.xaxis2.domain[0]
+    for fig in (narrow, wide):
+        for trace in fig.data:
+            assert trace.colorbar.tickformat == "+.2~p"  # distinct labels on a small range
+    lines = lp.plot_dataset(summary, style="lines")
+    assert lines.layout.yaxis2.matches == "y"  # one metric: one y range
+    assert lines.layout.legend.orientation == "h"  # under the panels, not beside them
+
+
+def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.lens import lens_trace_cell
+
+    trace = CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2, seed=4
+    )
+    clean, corrupted, restored = lens_trace_cell(tiny_model, trace, 1, 3)
+    fig = lp.plot_lens(clean, corrupted, restored, statistic="answer_prob")
+    std = f"{trace.corruption['noise_std']:.3g}"
+    assert f"gaussian noise (2 samples, std {std}, seed 4)" in _flat(fig.layout.title.text)
+    _, table = page_of(fig, tmp_path)
+    assert re.search(r"<th>seed</th><td[^>]*>—</td><td[^>]*>4</td><td[^>]*>4</td>", table)
+    assert re.search(r"<th>run</th><td[^>]*>clean \(1 copy\)</td>", table)
+    assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text
+
+
+def test_lens_cell_text_fits_its_columns(tiny_model):
+    from conftest import TINY_PROMPT
+
+    from lenscope.lens import lens_trajectory
+
+    traj = lens_trajectory(tiny_model, TINY_PROMPT)
+    narrow = lp.plot_lens(traj, statistic="entropy")  # 540 px: ten 35-pixel columns
+    import html
+
+    def longest(fig):
+        return max(len(html.unescape(t)) for row in fig.data[0].text for t in row)
+
+    assert longest(narrow) == 5
+    assert lp.plot_lens(traj, width=260).data[0].text is None  # under three characters
+    assert "top-1 token in the hover" in lp.plot_lens(traj, width=260).layout.title.text
+    wide = lp.plot_lens(traj, statistic="entropy", width=1200)
+    assert longest(wide) == 6

@@ -336,6 +336,7 @@ def _summary(
         corruption=dict(corruption),
         workers=workers,
         answers=header.get("answers", "top1"),
+        direction=header.get("direction", "denoise"),
     )
 
 

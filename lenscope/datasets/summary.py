@@ -388,6 +388,10 @@ class DatasetSummary(NoiseProperties):
         answers: What each fact was scored on: ``"top1"`` (the clean top-1
             token, as in ROME) or ``"attribute"`` (the whole attribute,
             teacher-forced; ``trace_dataset(answers=...)``).
+        direction: ``"denoise"`` (clean activations restored into the
+            corrupted run, ROME's) or ``"noise"`` (corrupted activations
+            patched into the clean run), as :class:`lenscope.TraceSettings`
+            records it.
     """
 
     facts: tuple[FactTrace, ...]
@@ -402,6 +406,7 @@ class DatasetSummary(NoiseProperties):
     n_pending: int = 0
     workers: tuple[WorkerStats, ...] = ()
     answers: str = "top1"
+    direction: str = "denoise"
 
     def __post_init__(self) -> None:
         """Check that every fact was traced for every kind at every layer."""
@@ -451,6 +456,8 @@ class DatasetSummary(NoiseProperties):
             **DATASET_TRACE_FIXED,
             "corruption": record["name"],
             **{k: v for k, v in record.items() if k != "name"},
+            # As TraceSettings.to_dict: the direction only when it is not the default.
+            **({} if self.direction == "denoise" else {"direction": self.direction}),
         }
 
     @property
@@ -764,6 +771,7 @@ class DatasetSummary(NoiseProperties):
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "workers": [dataclasses.asdict(w) for w in self.workers],
             **({} if self.answers == "top1" else {"answers": self.answers}),
+            **({} if self.direction == "denoise" else {"direction": self.direction}),
         }
 
     @classmethod
@@ -786,6 +794,7 @@ class DatasetSummary(NoiseProperties):
             n_pending=data.get("n_pending", 0),
             workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
             answers=data.get("answers", "top1"),
+            direction=data.get("direction", "denoise"),
         )
 
     def save(self, path: str | Path) -> Path:

@@ -333,24 +333,6 @@ squeeze the gaps as well as the panels.
 """
 
 
-def width_fraction(pixels: int, natural_inner: int, margins: int) -> float:
-    """``pixels`` as a fraction of the plotting area, sized for :data:`FIT_WIDTH`.
-
-    Args:
-        pixels: A horizontal distance in pixels (a gap between panels, a
-            colour bar's offset).
-        natural_inner: Width of the plotting area (all panels and the gaps
-            between them) at the figure's natural width.
-        margins: Left plus right layout margin in pixels.
-
-    Returns:
-        The fraction of the plotting area that is ``pixels`` wide when the
-        figure is :data:`FIT_WIDTH` pixels wide, or its natural width if that
-        is smaller.
-    """
-    return pixels / max(1.0, min(natural_inner, FIT_WIDTH - margins))
-
-
 def fit_width(width: int | None, natural_width: int) -> dict[str, Any]:
     """Layout entries that make a figure as wide as its container unless ``width`` fixes it.
 
@@ -471,28 +453,6 @@ panels' values beside it. Pass it to
 in a classic notebook (the default JupyterLab mimetype renderer runs no
 scripts, so there each panel hovers on its own).
 """
-
-
-def token_xaxis(
-    fig: go.Figure, n_pos: int, labels: Sequence[str], *, col: int, linked: bool
-) -> None:
-    """Token labels on panel ``col``'s x axis, one tick per position (duplicates stay distinct).
-
-    ``linked`` makes the axis zoom with the first panel's.
-    """
-    fig.update_xaxes(
-        tickmode="array",
-        tickvals=list(range(n_pos)),
-        ticktext=list(labels),
-        tickangle=-50,
-        showgrid=False,
-        zeroline=False,
-        ticks="",
-        range=[-0.5, n_pos - 0.5],
-        matches="x" if col > 1 and linked else None,
-        row=1,
-        col=col,
-    )
 
 
 def symmetric_range(grids: Iterable[Any]) -> tuple[float, float]:

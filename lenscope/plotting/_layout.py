@@ -101,6 +101,13 @@ class Grid:
             "vertical_spacing": self.vgap / inner_h if self.rows > 1 else 0.0,
         }
 
+    def specs(self, n_panels: int) -> list[list[dict[str, object] | None]]:
+        """``make_subplots`` specs: a cell for each of ``n_panels``, none for the empty rest."""
+        return [
+            [{} if r * self.cols + c < n_panels else None for c in range(self.cols)]
+            for r in range(self.rows)
+        ]
+
     def position(self, index: int) -> tuple[int, int]:
         """1-based ``(row, col)`` of panel ``index``, left to right, top to bottom."""
         return index // self.cols + 1, index % self.cols + 1
@@ -199,6 +206,20 @@ def wrap_axis_title(text: str, length_px: float | int) -> tuple[str, int]:
     """An axis title broken into lines no longer than ``length_px``, and its line count."""
     lines = wrap_markup(text, max(8, int(length_px / CHAR_PX)))
     return "<br>".join(lines), len(lines)
+
+
+def toolbar_title(text: str, fig_height: int) -> dict[str, object]:
+    """``layout.title`` of a wrapped title: left-aligned, below the band the toolbar shows in."""
+    return {
+        "text": text,
+        "x": 0,
+        "xanchor": "left",
+        "xref": "container",
+        "pad": {"l": 12},
+        "y": 1 - TOOLBAR_BAND / fig_height,
+        "yanchor": "top",
+        "yref": "container",
+    }
 
 
 def wrap_title(text: str, width: int) -> tuple[str, int]:

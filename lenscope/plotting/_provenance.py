@@ -80,6 +80,27 @@ def raw_scores_text(result: Any) -> str | None:
     return f"{raw}: clean {clean:.4g}, corrupted {corrupted:.4g}"
 
 
+def answer_tokens_text(result: Any) -> str | None:
+    """For an answer of several tokens: its tokens, ids and per-token clean/corrupted log p."""
+    split = getattr(result, "answer_split", None)
+    if not split:
+        return None
+    tokens = " ".join(repr(t) for t in split["answer_tokens"])
+    text = f"{tokens} (ids {', '.join(str(i) for i in split['answer_ids'])}; teacher-forced)"
+    for name in ("clean", "corrupted"):
+        values = split.get(f"{name}_log_probs")
+        if values is not None:
+            text += f"; {name} log p " + ", ".join(f"{float(v):.4g}" for v in values)
+    return text
+
+
+def score_text(result: Any, value: float) -> str:
+    """A clean or corrupted score as the colour bar shows it: percent for probabilities."""
+    if result.metric == "prob":
+        return f"{value:.3g}" if value == 0 else f"{value * 100:.3g}%"
+    return f"{value:.3g}"
+
+
 def trace_rows(result: Any) -> list[tuple[str, str]]:
     """Every setting of a trace result, as rows of the page's settings table."""
     record = corruption_record(result)
@@ -91,6 +112,10 @@ def trace_rows(result: Any) -> list[tuple[str, str]]:
         (label, subject),
         ("answer", f"{result.answer!r} (id {result.answer_id})"),
     ]
+    split = answer_tokens_text(result)
+    if split is not None:
+        rows[-1] = ("answer", repr(result.answer))
+        rows.append(("answer tokens", split))
     if result.foil is not None:
         rows.append(("foil", f"{result.foil!r} (id {result.foil_id})"))
     rows += [
@@ -118,6 +143,9 @@ def trace_subtitle(result: Any) -> list[str]:
     marked = escape(visible("".join(result.tokens[start:end]).strip() or "∅"))
     prompt = "token ids" if result.prompt is None else escape(repr(shorten(result.prompt, 60)))
     answer = f"answer <b>{escape(visible(result.answer))}</b>"
+    split = getattr(result, "answer_split", None)
+    if split:
+        answer += f" ({len(split['answer_ids'])} tokens, teacher-forced)"
     if result.foil is not None:
         answer += f" vs foil <b>{escape(visible(result.foil))}</b>"
     if result.normalization is not None:
@@ -129,8 +157,8 @@ def trace_subtitle(result: Any) -> list[str]:
         )
     else:
         scores = (
-            f"{escape(result.metric)} clean {result.clean_score:.3g} · "
-            f"corrupted {result.corrupted_score:.3g}"
+            f"{escape(result.metric)} clean {score_text(result, result.clean_score)} · "
+            f"corrupted {score_text(result, result.corrupted_score)}"
         )
     first = f"prompt {prompt} · {label} <i>{marked}</i> marked *"
     second = f"{answer} · {scores}"

@@ -23,10 +23,13 @@ from lenscope.plotting._common import (
     escape,
     figure_margins,
     fit_width,
+    set_page_info,
+    shorten,
     token_labels,
     visible,
 )
-from lenscope.plotting._layout import TOOLBAR_BAND
+from lenscope.plotting._layout import TOOLBAR_BAND, layout_width, wrap_title
+from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInputType
 
 
@@ -137,22 +140,30 @@ def _plot(
     panel = panel_h
     margin = figure_margins(max(len(visible(t)) for t in patterns.tokens))
     natural_width = margin["l"] + margin["r"] + n_cols * panel + 80
+    # Wrapped to the width the figure is laid out for (see lenscope.plotting._layout).
+    text, title_px = wrap_title(
+        title if title is not None else _title(patterns), layout_width(width)
+    )
+    top = max(110, title_px + 38)
+    fig_height = height or 150 + (top - 110) + n_rows * (panel + label_px + 40)
     fig.update_layout(
         title={
-            "text": title if title is not None else _title(patterns),
+            "text": text,
             "x": 0,
-            "y": 1 - TOOLBAR_BAND / (height or 150 + n_rows * (panel + label_px + 40)),
+            "y": 1 - TOOLBAR_BAND / fig_height,
             "yanchor": "top",
             "yref": "container",
         },
         **fit_width(width, natural_width),
-        height=height or 150 + n_rows * (panel + label_px + 40),
-        margin={**margin, "t": 110 + TOOLBAR_BAND},
+        height=fig_height,
+        margin={**margin, "t": top + TOOLBAR_BAND},
         paper_bgcolor="white",
         plot_bgcolor="white",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
+    heading = f"Attention of layer {patterns.layer} · {patterns.model_name}"
+    set_page_info(fig, heading, [""], _rows(patterns))
     return fig
 
 
@@ -171,9 +182,35 @@ def _hover(full: Sequence[str], clean: np.ndarray, corrupted: np.ndarray | None)
 
 def _title(patterns: AttentionPatterns) -> str:
     what = "clean and corrupted" if patterns.corrupted is not None else "clean"
+    prompt = escape(repr(shorten("".join(patterns.tokens), 60)))
+    subject = ""
+    if patterns.subject_range:
+        start, end = patterns.subject_range
+        marked = escape(visible("".join(patterns.tokens[start:end]).strip() or "∅"))
+        subject = f" · subject <i>{marked}</i> marked *"
+    lines = [f"{escape(patterns.hook_name)} · prompt {prompt}{subject}"]
+    if patterns.corrupted is not None and patterns.corruption:
+        lines.append(f"corrupted: {escape(corruption_text(patterns.corruption))}, averaged")
     return (
         f"<b>Attention of layer {patterns.layer}, {what}</b> · "
         f"{escape(patterns.model_name)}<br>"
-        f'<span style="font-size:13px">{escape(patterns.hook_name)}'
-        f"{' · subject marked *' if patterns.subject_range else ''}</span>"
+        f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
+
+
+def _rows(patterns: AttentionPatterns) -> list[tuple[str, list[str]]]:
+    """The settings table of the saved page, from the patterns' own record."""
+    rows = [
+        ("model", patterns.model_name),
+        ("prompt", repr("".join(patterns.tokens))),
+        ("tokens", str(len(patterns.tokens))),
+        ("hook", patterns.hook_name),
+        ("heads", ", ".join(str(h) for h in patterns.heads)),
+    ]
+    if patterns.subject_range:
+        start, end = patterns.subject_range
+        subject = "".join(patterns.tokens[start:end])
+        rows.append(("subject", f"{subject!r} (tokens {start}..{end - 1})"))
+    if patterns.corruption:
+        rows += corruption_rows(patterns.corruption)
+    return [(name, [text]) for name, text in rows]

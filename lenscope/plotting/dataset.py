@@ -10,7 +10,11 @@ every panel, since an AIE can be negative). ``style="lines"`` draws the same
 numbers as one line per bucket with its 95% confidence band, which shows how
 much the averages can be trusted. The subtitle names the corruption from
 the summary's own record (noise std, samples and seed for noise; the
-counterfactual column for symmetric token replacement) and the metric.
+counterfactual column for symmetric token replacement), the direction and
+the metric. A noising trace (corrupted activations patched into the clean
+run) is drawn as each cell's average drop below the clean score, the
+fact's clean − corrupted gap minus its indirect effect, so that a cell
+that matters takes the kind's colour in both directions.
 :func:`save_dataset_report` writes an HTML page with both figures, the
 summary table, the settings and the skipped facts (plotly.js embedded by
 default, so it works offline). Computation stays in the summary object;
@@ -42,9 +46,21 @@ from lenscope.plotting._common import (
     plotly_js_source,
     set_page_info,
     symmetric_range,
-    width_fraction,
 )
-from lenscope.plotting._provenance import corruption_rows, corruption_text, layer_axis_title
+from lenscope.plotting._layout import (
+    BAR_GAP,
+    TOOLBAR_BAND,
+    layout_width,
+    plan_grid,
+    toolbar_title,
+    wrap_title,
+)
+from lenscope.plotting._provenance import (
+    corruption_rows,
+    corruption_text,
+    direction_phrase,
+    layer_axis_title,
+)
 from lenscope.validation import InvalidInputType
 
 STYLES = ("heatmap", "lines")
@@ -104,42 +120,63 @@ def plot_dataset(
     for kind in kinds:
         check_choice("kind", kind, summary.kinds)
     n = len(kinds)
-    per_panel = max(260, min(520, 22 * summary.n_layers + 60))
-    default_width = (
-        90
-        + n * (per_panel + (110 if style == "heatmap" else 30))
-        + (170 if style == "heatmap" else 200)
+    heatmap = style == "heatmap"
+    lw = layout_width(width)
+    # Laid out for the width it is seen at (see lenscope.plotting._layout): panels side by
+    # side while each keeps MIN_PANEL pixels (and a colour bar's gap), else in rows.
+    grid = plan_grid(
+        n,
+        summary.n_layers,
+        len(BUCKETS) if heatmap else 1,
+        width=lw,
+        tick_px=20 + 22,  # layer numbers and the layer-axis title
+        panel_title_px=22,
+        left=150 if heatmap else 70,
+        bar_gap=BAR_GAP if heatmap else 60,
+        row_px=30 if heatmap else 280,
     )
-    default_height = 430 if style == "heatmap" else 460
-    margin = {
-        "l": 150 if style == "heatmap" else 70,
-        "r": 60 if style == "heatmap" else 20,
-        "t": 90,
-        "b": 60,
-    }
-    margins = margin["l"] + margin["r"]
-    # Pixels between panels: a colour bar, or the next panel's y tick labels.
-    gap = 110 if style == "heatmap" else 60
+    text = title if title is not None else _title(summary)
+    wrapped, title_px = wrap_title(text, lw)
+    margin = dict(grid.margin)
+    margin["t"] += TOOLBAR_BAND + title_px + 10
+    legend_px = 0
+    if not heatmap:
+        # The legend under the panels, wrapped to the width: nothing beside them takes room.
+        item_px = 7 * max(len(label) for label in BUCKET_LABELS.values()) + 40
+        legend_px = 24 * math.ceil(len(BUCKETS) / max(1, (lw - 20) // item_px)) + 24
+        margin["b"] += legend_px
     fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=style == "heatmap",
-        horizontal_spacing=width_fraction(gap, default_width - margins, margins) if n > 1 else 0.0,
+        rows=grid.rows,
+        cols=grid.cols,
+        specs=grid.specs(n),
+        # One metric in every panel: one y range (lines), one bucket axis (heatmaps).
+        shared_yaxes="all",
         subplot_titles=[_panel_title(summary, kind) for kind in kinds],
+        **grid.spacing(),
     )
-    stats = [mean_ci(summary.effects(kind)) for kind in kinds]
+    stats = [mean_ci(_effects(summary, kind)) for kind in kinds]
     # Every panel shows the AIE of one metric: one symmetric range, white at zero.
     span = symmetric_range([mean.numpy() for mean, _, _ in stats])
     percent = _percent(summary)
-    for col, (kind, (mean, half, count)) in enumerate(zip(kinds, stats, strict=True), start=1):
-        if style == "heatmap":
-            offset = width_fraction(4, default_width - margins, margins)
-            _add_heatmap(fig, summary, kind, mean, half, count, col, offset, span)
+    inner_w = grid.cols * grid.panel_w + (grid.cols - 1) * grid.hgap
+    for index, (kind, (mean, half, count)) in enumerate(zip(kinds, stats, strict=True)):
+        row, col = grid.position(index)
+        if heatmap:
+            _add_heatmap(fig, summary, kind, mean, half, count, (row, col), 8 / inner_w, span)
         else:
-            _add_lines(fig, summary, kind, mean, half, count, col, legend=col == 1)
-        fig.update_xaxes(title_text=layer_axis_title(summary.windows[kind]), row=1, col=col)
-    fig.update_xaxes(showgrid=style == "lines", zeroline=False)
-    if style == "heatmap":
+            _add_lines(fig, summary, kind, mean, half, count, (row, col), legend=index == 0)
+        fig.update_xaxes(
+            title_text=layer_axis_title(summary.windows[kind]), title_standoff=4, row=row, col=col
+        )
+    # Whole layers only, thinned to keep about 28 pixels per label.
+    fig.update_xaxes(
+        showgrid=not heatmap,
+        zeroline=False,
+        tickmode="linear",
+        tick0=0,
+        dtick=max(1, math.ceil(summary.n_layers * 28 / grid.panel_w)),
+    )
+    if heatmap:
         fig.update_yaxes(
             tickmode="array",
             tickvals=list(range(len(BUCKETS))),
@@ -151,22 +188,65 @@ def plot_dataset(
         )
     else:
         fig.update_yaxes(
-            tickformat=".1%" if percent else None, zeroline=True, zerolinecolor="#999999"
+            tickformat=".2~p" if percent else None, zeroline=True, zerolinecolor="#999999"
         )
-        fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
-    text = title if title is not None else _title(summary)
+        for index in range(n):
+            row, col = grid.position(index)
+            if col == 1:
+                fig.update_yaxes(title_text=_quantity(summary)[1], row=row, col=col)
+    fig_height = height or grid.height + legend_px + TOOLBAR_BAND + title_px + 10
     fig.update_layout(
-        title={"text": text, "x": 0.01, "xanchor": "left"},
-        **fit_width(width, default_width),
-        height=height or default_height,
+        title=toolbar_title(wrapped, fig_height),
+        **fit_width(width, max(lw, natural_dataset_width(summary, n, heatmap))),
+        height=fig_height,
         margin=margin,
         hoverlabel={"font": HOVER_FONT, "align": "left"},
-        plot_bgcolor="white" if style == "lines" else "#e6e6e6",
-        legend={"title": {"text": "token bucket"}},
+        plot_bgcolor="white" if not heatmap else "#e6e6e6",
+        font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
+        legend={
+            "title": {"text": "token bucket"},
+            "orientation": "h",
+            "x": 0,
+            "xanchor": "left",
+            "y": 0,
+            "yanchor": "bottom",
+            "yref": "container",
+        },
     )
-    heading = f"Average indirect effect: {summary.model_name}, {summary.n_facts} facts"
+    heading = (
+        f"{_quantity(summary)[1].capitalize()}, {direction_phrase(summary.direction)}: "
+        f"{summary.model_name}, {summary.n_facts} facts"
+    )
     set_page_info(fig, heading, [""], [(k, [v]) for k, v in _settings_rows(summary)])
     return fig
+
+
+def natural_dataset_width(summary: DatasetSummary, n: int, heatmap: bool) -> int:
+    """Width for static images: every panel side by side, 22 pixels per layer."""
+    per_panel = max(260, min(520, 22 * summary.n_layers + 60))
+    return 90 + n * (per_panel + (BAR_GAP if heatmap else 60)) + (150 if heatmap else 0)
+
+
+def _effects(summary: DatasetSummary, kind: str) -> Any:
+    """``[fact, bucket, layer]`` values drawn: indirect effects, or a noising trace's drops.
+
+    Denoising: the summary's indirect effects (score − corrupted). Noising:
+    the drop below the clean score, (clean − corrupted) − (score − corrupted)
+    per fact, so that large means "patching this cell breaks the answer" in
+    both directions.
+    """
+    effects = summary.effects(kind)
+    if summary.direction != "noise":
+        return effects
+    gap = summary.clean_scores - summary.corrupted_scores
+    return gap[:, None, None] - effects
+
+
+def _quantity(summary: DatasetSummary) -> tuple[str, str]:
+    """Short and long name of what the colour shows: ``("AIE", "average indirect effect")``."""
+    if summary.direction == "noise":
+        return "drop", "average drop below clean"
+    return "AIE", "average indirect effect"
 
 
 def _percent(summary: DatasetSummary) -> bool:
@@ -188,6 +268,7 @@ def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
             f"{summary.n_pending} not reached",
         ),
         ("metric", summary.metric),
+        ("direction", f"{summary.direction}: {direction_phrase(summary.direction)}"),
         ("kinds", ", ".join(summary.kinds)),
         ("windows", ", ".join(f"{k} {w}" for k, w in summary.windows.items())),
         *corruption_rows(_record(summary)),
@@ -208,12 +289,27 @@ def _title(summary: DatasetSummary) -> str:
     ate, ate_ci = summary.ate()
     skipped = f", {summary.n_skipped} skipped" if summary.n_skipped else ""
     value = functools.partial(_format, percent=_percent(summary))
+    short, long = _quantity(summary)
+    metric = html.escape(summary.metric)
+    if summary.metric.startswith("normalized"):
+        # Normalised per fact: clean 1 and corrupted 0 by definition, not a finding.
+        scores = f"{metric} (each fact's clean run = 100%, corrupted run = 0%)"
+    else:
+        scores = (
+            f"{metric}: clean {value(clean)}, corrupted {value(corrupted)}, "
+            f"ATE {value(ate)} \u00b1 {value(ate_ci)} (95% CI)"
+        )
+    colour = "colour: AIE, white at 0"
+    if summary.direction == "noise":
+        colour = (
+            "colour: drop below clean = clean − corrupted − AIE, white at 0 "
+            "(the kind's colour: patching the cell breaks the answer)"
+        )
+    lines = [scores, html.escape(corruption_text(_record(summary))), colour]
     return (
-        f"Average indirect effect: {html.escape(summary.model_name)}, "
-        f"{summary.n_facts} facts{skipped}<br><sup>{html.escape(summary.metric)}: clean "
-        f"{value(clean)}, corrupted {value(corrupted)}, ATE {value(ate)} \u00b1 "
-        f"{value(ate_ci)} (95% CI); {html.escape(corruption_text(_record(summary)))}; "
-        "colour: AIE, white at 0</sup>"
+        f"<b>{long.capitalize()}, {html.escape(direction_phrase(summary.direction))}</b> · "
+        f"{html.escape(summary.model_name)}, {summary.n_facts} facts{skipped}<br>"
+        f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
 
 
@@ -243,11 +339,13 @@ def _cells(
     return z, customdata
 
 
-_HOVER = (
-    "%{customdata[0]}<br>layer %{customdata[1]}<br>"
-    "AIE %{customdata[2]} \u00b1 %{customdata[3]} (95% CI)<br>"
-    "facts %{customdata[4]}<extra>%{fullData.name}</extra>"
-)
+def _hover(summary: DatasetSummary) -> str:
+    """Hover template of a cell: bucket, layer, the drawn mean with its CI, fact count."""
+    return (
+        "%{customdata[0]}<br>layer %{customdata[1]}<br>"
+        f"{_quantity(summary)[0]} %{{customdata[2]}} \u00b1 %{{customdata[3]}} (95% CI)<br>"
+        "facts %{customdata[4]}<extra>%{fullData.name}</extra>"
+    )
 
 
 def _add_heatmap(
@@ -257,16 +355,17 @@ def _add_heatmap(
     mean: Any,
     half: Any,
     count: Any,
-    col: int,
+    cell: tuple[int, int],
     offset: float,
     span: tuple[float, float],
 ) -> None:
-    """Panel ``col``: the AIE heatmap, its colour bar ``offset`` (a width fraction) to the right."""
+    """Panel ``cell``: the AIE heatmap, its colour bar ``offset`` (width fraction) to the right."""
     percent = _percent(summary)
     z, customdata = _cells(mean, half, count, percent)
     low, high = span
-    suffix = "" if col == 1 else str(col)
-    domain_end = fig.layout[f"xaxis{suffix}"].domain[1]
+    row, col = cell
+    axes = fig.get_subplot(row, col)
+    y_domain = axes.yaxis.domain
     fig.add_trace(
         go.Heatmap(
             z=z,
@@ -277,20 +376,25 @@ def _add_heatmap(
             zmid=0.0,
             colorscale=KIND_DIVERGING.get(kind, DEFAULT_DIVERGING),
             customdata=customdata,
-            hovertemplate=_HOVER,
+            hovertemplate=_hover(summary),
             hoverongaps=False,
             name=KIND_LABELS.get(kind, kind),
             colorbar={
-                "title": {"text": "AIE", "side": "right"},
-                "x": domain_end + offset,
+                "title": {"text": _quantity(summary)[0], "side": "right"},
+                "x": axes.xaxis.domain[1] + offset,
                 "xanchor": "left",
+                "y": (y_domain[0] + y_domain[1]) / 2,
+                "yanchor": "middle",
                 "thickness": 12,
                 "xpad": 4,
-                "len": 1.0,
-                "tickformat": "+.1%" if percent else None,
+                "ypad": 0,
+                "len": y_domain[1] - y_domain[0],
+                # Two significant digits: a range of a few tenths of a percent keeps
+                # distinct tick labels (".1%" printed -0.0% three times).
+                "tickformat": "+.2~p" if percent else None,
             },
         ),
-        row=1,
+        row=row,
         col=col,
     )
 
@@ -302,7 +406,7 @@ def _add_lines(
     mean: Any,
     half: Any,
     count: Any,
-    col: int,
+    cell: tuple[int, int],
     *,
     legend: bool,
 ) -> None:
@@ -328,8 +432,8 @@ def _add_lines(
                 showlegend=False,
                 legendgroup=bucket,
             ),
-            row=1,
-            col=col,
+            row=cell[0],
+            col=cell[1],
         )
         fig.add_trace(
             go.Scatter(
@@ -342,10 +446,10 @@ def _add_lines(
                 legendgroup=bucket,
                 showlegend=legend,
                 customdata=customdata[b],
-                hovertemplate=_HOVER,
+                hovertemplate=_hover(summary),
             ),
-            row=1,
-            col=col,
+            row=cell[0],
+            col=cell[1],
         )
 
 
@@ -407,6 +511,7 @@ def save_dataset_report(
     for column in ("clean", "corrupted", "ate", "ate_ci", "best_aie", "best_aie_ci"):
         table[column] = table[column].map(functools.partial(_format, percent=percent))
     settings = {k: v for k, v in summary.settings().items() if k != "format"}
+    settings.setdefault("direction", summary.direction)
     settings["n_pending"] = summary.n_pending
     settings["trace seconds (sum over facts)"] = round(summary.seconds, 1)
     settings_rows = "".join(

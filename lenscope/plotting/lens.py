@@ -32,17 +32,24 @@ from lenscope.plotting._common import (
     check_choice,
     check_positive_int,
     escape,
-    figure_margins,
     fit_width,
     format_percent,
+    set_page_info,
     shorten,
     stride_keep_last,
     token_labels,
-    token_xaxis,
     topk_lines,
     visible,
-    width_fraction,
 )
+from lenscope.plotting._layout import (
+    TOOLBAR_BAND,
+    layout_width,
+    plan_grid,
+    token_ticks,
+    toolbar_title,
+    wrap_title,
+)
+from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInput, InvalidInputType
 
 MODES = ("side_by_side", "difference")
@@ -60,6 +67,10 @@ _BAR_TITLES = {
     "top1_prob": "top-1 p",
 }
 _CELL_TEXT_CHARS = 6
+_CELL_CHAR_PX = 6.2
+"""Width of one character of the cells' 10-pixel text."""
+_BAR_MARGIN = 120
+"""Pixels right of each panel: the shared colour bar (rightmost) or the gap to the next."""
 _N_FIXED_FIELDS = 9  # token, pos, layer, 5 statistics, top-k header
 
 
@@ -279,43 +290,70 @@ def plot_lens(
         for t in panels
     ]
     n, n_cols = len(panels), max(t.n_pos for t in panels)
-    longest = max(len(visible(tok)) for t in panels for tok in t.tokens)
-    plot_w, plot_h = _panel_size(n_cols, len(rows), cell_text)
-    gap = 40
-    margin = figure_margins(longest)
-    margin["r"] = 120
-    if n > 1:
-        margin["t"] += 20  # room for the panel titles under the two-line title
-    inner = n * plot_w + (n - 1) * gap
-    margins = margin["l"] + margin["r"]
+    # Laid out for the width it is seen at (see lenscope.plotting._layout): panels in rows
+    # below the width where each keeps its columns; the shared colour bar in the right margin.
+    lw = layout_width(width)
+    plan = dict(width=lw, panel_title_px=22, left=70, bar_gap=_BAR_MARGIN, row_px=26)
+    grid = plan_grid(n, n_cols, len(rows), tick_px=0, **plan)
+    column_px = grid.panel_w / n_cols
+    # The top-1 token in each cell, cut to the characters its column holds (at most six);
+    # under three, only the hover has it.
+    text_chars = min(_CELL_TEXT_CHARS, int((column_px - 4) / _CELL_CHAR_PX))
+    text_hidden = cell_text and text_chars < 3
+    cell_text = cell_text and not text_hidden
+    ticks = []
+    for traj in panels:
+        labels, _ = token_labels(traj.tokens, marked=_subject(traj))
+        ticks.append(token_ticks(labels, column_px, [*_subject(traj), traj.n_pos - 1]))
+    grid = plan_grid(n, n_cols, len(rows), tick_px=max(t.height for t in ticks), **plan)
+    text_title = title
+    if text_title is None:
+        text_title = _title(items, view, mode, cell_text, text_hidden)
+    wrapped, title_px = wrap_title(text_title, lw)
+    grid.margin["t"] += TOOLBAR_BAND + title_px + 10
     fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=True,
-        horizontal_spacing=width_fraction(gap, inner, margins) if n > 1 else 0.0,
+        rows=grid.rows,
+        cols=grid.cols,
+        specs=grid.specs(n),
+        shared_yaxes="all",
         subplot_titles=names if n > 1 else None,
+        **grid.spacing(),
     )
     same_tokens = all(_same_tokens(first, t) for t in panels)
-    for col, traj in enumerate(panels, start=1):
+    for index, traj in enumerate(panels):
+        row, col = grid.position(index)
         reference = first if difference else None
-        labels, full = token_labels(traj.tokens, marked=_subject(traj))
+        _, full = token_labels(traj.tokens, marked=_subject(traj))
         customdata, template = _hover(traj, rows, full, top_k, name, reference)
-        text = _cell_text(traj, rows) if cell_text else None
+        text = _cell_text(traj, rows, text_chars) if cell_text else None
         fig.add_trace(
             view.heatmap(
-                col - 1,
+                index,
                 x=range(traj.n_pos),
                 y=rows,
                 text=text,
                 customdata=customdata,
                 hovertemplate=template,
-                name=names[col - 1],
+                name=names[index],
             ),
-            row=1,
+            row=row,
             col=col,
         )
-        token_xaxis(fig, traj.n_pos, labels, col=col, linked=same_tokens)
-        _mark_restored(fig, traj, rows, "" if col == 1 else str(col))
+        fig.update_xaxes(
+            tickmode="array",
+            tickvals=ticks[index].tickvals,
+            ticktext=ticks[index].ticktext,
+            tickangle=ticks[index].angle,
+            showgrid=False,
+            zeroline=False,
+            ticks="",
+            range=[-0.5, traj.n_pos - 0.5],
+            matches="x" if index > 0 and same_tokens else None,
+            row=row,
+            col=col,
+        )
+        fig.update_yaxes(showticklabels=col == 1, row=row, col=col)
+        _mark_restored(fig, traj, rows, "" if index == 0 else str(index + 1))
     fig.update_yaxes(
         autorange="reversed" if layer_order == "top_down" else True,
         showgrid=False,
@@ -324,24 +362,45 @@ def plot_lens(
         tickmode="array" if len(rows) <= 40 else "auto",
         tickvals=list(rows) if len(rows) <= 40 else None,
     )
-    fig.update_yaxes(title_text=f"layer ({escape(first.component)})", row=1, col=1)
+    for index in range(n):
+        row, col = grid.position(index)
+        if col == 1:
+            fig.update_yaxes(title_text=f"layer ({escape(first.component)})", row=row, col=col)
+    fig_height = height or grid.height
     fig.update_layout(
-        title={
-            "text": title if title is not None else _title(items, view, mode, cell_text),
-            "x": 0.01,
-            "xanchor": "left",
-        },
+        title=toolbar_title(wrapped, fig_height),
         coloraxis=view.coloraxis(),
-        **fit_width(width, int(margins + inner)),
-        height=height or int(margin["t"] + margin["b"] + plot_h),
-        margin=margin,
+        **fit_width(width, max(lw, _natural_width(n, n_cols))),
+        height=fig_height,
+        margin=grid.margin,
         plot_bgcolor=NAN_COLOR,
         paper_bgcolor="white",
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
+    _page(fig, items)
     return fig
+
+
+def _page(fig: go.Figure, items: Sequence[LensTrajectory]) -> None:
+    """The saved page's ``<title>`` and settings table: every panel's run, from its own record."""
+    rows: dict[str, list[str]] = {}
+    for index, traj in enumerate(items):
+        cells = [
+            ("run", f"{traj.label} ({traj.copies} cop{'y' if traj.copies == 1 else 'ies'})"),
+            ("model", traj.model_name),
+            ("decoder", traj.decoder),
+            ("component", f"{traj.component} ({traj.hook_names[0]} ... {traj.hook_names[-1]})"),
+            ("prompt", "(token ids)" if traj.prompt is None else repr(traj.prompt)),
+            ("answer", f"{traj.answer!r} (id {traj.answer_id})"),
+            *(corruption_rows(traj.corruption) if traj.corruption is not None else []),
+        ]
+        for name, text in cells:
+            rows.setdefault(name, ["—"] * len(items))[index] = text
+    first = items[0]
+    heading = f"{first.decoder} · {first.component} · {first.model_name}"
+    set_page_info(fig, heading, [t.label for t in items], list(rows.items()))
 
 
 def _flatten(trajectories: Sequence[Any]) -> list[LensTrajectory]:
@@ -424,17 +483,17 @@ def _subject(traj: LensTrajectory) -> range:
     return range(*traj.subject_range) if traj.subject_range is not None else range(0)
 
 
-def _panel_size(n_cols: int, n_rows: int, cell_text: bool) -> tuple[int, int]:
-    """Plot-area pixels: wide enough cells for a short top-1 token when ``cell_text``."""
-    per_col = 58 if cell_text else 34
-    return min(1600, max(240, per_col * n_cols)), min(900, max(180, 26 * n_rows))
+def _natural_width(n: int, n_cols: int) -> int:
+    """Width for static images: every panel side by side, cells wide enough for their text."""
+    plot_w = min(1600, max(240, 58 * n_cols))
+    return 70 + n * (plot_w + _BAR_MARGIN)
 
 
-def _cell_text(traj: LensTrajectory, rows: Sequence[int]) -> np.ndarray:
+def _cell_text(traj: LensTrajectory, rows: Sequence[int], chars: int) -> np.ndarray:
     """The top-1 token of each shown cell, whitespace visible and shortened."""
     ids = traj.top_ids[list(rows), :, 0].tolist()
     return np.array(
-        [[escape(shorten(visible(traj.vocab[i]), _CELL_TEXT_CHARS)) for i in row] for row in ids],
+        [[escape(shorten(visible(traj.vocab[i]), chars)) for i in row] for row in ids],
         dtype=object,
     )
 
@@ -508,7 +567,11 @@ def _hover(
 
 
 def _title(
-    items: Sequence[LensTrajectory], view: _StatisticView, mode: str, cell_text: bool
+    items: Sequence[LensTrajectory],
+    view: _StatisticView,
+    mode: str,
+    cell_text: bool,
+    text_hidden: bool = False,
 ) -> str:
     """Default title: lens, component, model; then statistic, answer and reading notes."""
     first = items[0]
@@ -523,8 +586,13 @@ def _title(
     copies = max(t.copies for t in items)
     if copies > 1:
         notes.append(f"noisy runs: mean distribution of {copies} copies")
+    records = list(dict.fromkeys(corruption_text(t.corruption) for t in items if t.corruption))
+    if records:
+        notes.append("corrupted by " + escape("; ".join(records)))
     if cell_text:
         notes.append("cell text: top-1 token")
+    elif text_hidden:
+        notes.append("top-1 token in the hover (cells too narrow for it; pass a larger width=)")
     if first.subject_range is not None:
         notes.append("subject marked *")
     return (

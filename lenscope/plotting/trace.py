@@ -45,6 +45,7 @@ from lenscope.plotting._common import (
     escape,
     fit_width,
     format_percent,
+    pad,
     set_page_info,
     shorten,
     stride_keep_last,
@@ -67,6 +68,7 @@ from lenscope.plotting._layout import (
     layout_width,
     plan_grid,
     token_ticks,
+    toolbar_title,
     wrap_axis_title,
     wrap_title,
 )
@@ -77,6 +79,7 @@ from lenscope.plotting._provenance import (
     direction_phrase,
     is_counterfactual,
     layer_axis_title,
+    score_text,
     subject_text,
     trace_rows,
     trace_subtitle,
@@ -438,9 +441,15 @@ class Colour:
 
 
 def format_value(value: float, *, percent: bool, signed: bool = False) -> str:
-    """A value as the hover shows it: percent with one decimal, or four significant digits."""
+    """A value as the hover shows it: percent with one decimal, or four significant digits.
+
+    A percentage below 0.05% keeps two significant digits (``0.013%``), so
+    that a small probability (an answer of several tokens) is not shown as 0.
+    """
     if not math.isfinite(value):
         return "n/a"
+    if percent and value != 0 and abs(value) < 5e-4:
+        return f"{value * 100:{'+' if signed else ''}.2g}%"
     if percent:
         return format_percent(value, signed=signed)
     return f"{value:+.4g}" if signed else f"{value:.4g}"
@@ -534,13 +543,22 @@ def colour_of(result: TraceResult, value: str) -> Colour:
     # KL from the clean run falls when a restored cell matters: its scale runs the other way.
     reverse = noising != (result.metric == "kl_div")
     floor = None if diverging else (lowest if result.metric == "log_prob" else 0.0)
-    if diverging:
+    if diverging and reverse:
+        # Reversed about 0: the kind's colour is on the foil's side, where the answer is lost.
+        toward = "below 0"
+        if result.foil is not None:
+            toward = f"toward the foil {escape(visible(result.foil))}"
+        note = (
+            f"colour: {metric}, white at 0; scale reversed: the kind's colour {toward} "
+            "(patching the cell breaks the answer), the other toward the answer"
+        )
+    elif diverging:
         note = f"colour: {metric}, white at 0, the kind's colour toward the answer"
         if result.foil is not None:
             note += f", the other toward the foil {escape(visible(result.foil))}"
     else:
         note = f"colour: {metric}, from {'its lowest value' if floor else '0'}"
-    if reverse:
+    if reverse and not diverging:
         note += (
             "; scale reversed: the kind's colour marks low scores (patching the cell breaks the "
             "answer)"
@@ -630,6 +648,45 @@ def effect_text(colour: Colour, result: TraceResult, score: float, normalized: f
     return f"{format_percent(normalized)} of clean − corrupted"
 
 
+def split_text(result: TraceResult, log_probs: np.ndarray) -> str:
+    """Hover lines of an answer of several tokens: what the patch does to each token.
+
+    One line per answer token (scored by teacher forcing, so the tokens'
+    log-probabilities sum to the cell's ``log_prob``): its log-probability in
+    the patched run and the share of that token's own clean − corrupted gap
+    the patch restores (noising: takes away), read from the result's
+    :attr:`~lenscope.TraceResult.answer_split`. It shows which token of
+    e.g. " New York City" a cell brings back.
+
+    Args:
+        result: A trace whose ``answer_split`` has per-cell ``log_probs``.
+        log_probs: The cell's per-token log-probabilities, ``[answer]``.
+
+    Returns:
+        Escaped hover text starting with ``<br>``, or ``""`` when the
+        result has no per-token record.
+    """
+    split = result.answer_split
+    if not split or split.get("log_probs") is None:
+        return ""
+    tokens = [shorten(visible(t), 14) for t in split["answer_tokens"]]
+    clean = np.asarray(split["clean_log_probs"], dtype=np.float64)
+    corrupted = np.asarray(split["corrupted_log_probs"], dtype=np.float64)
+    noising = result.direction == "noise"
+    width = max(len(t) for t in tokens) + 1
+    share = "lost" if noising else "restored"
+    lines = [f"<br>each answer token: log p, own gap {share}"]
+    for token, value, c, k in zip(tokens, log_probs.tolist(), clean, corrupted, strict=True):
+        gap = c - k
+        moved = (c - value) if noising else (value - k)
+        part = format_percent(moved / gap) if gap != 0 and math.isfinite(value) else "n/a"
+        lines.append(
+            f"<br>{NBSP}{pad(token, width)}{pad(f'{value:.3f}', 8, align='right')}"
+            f"{pad(part, 8, align='right')}"
+        )
+    return "".join(lines)
+
+
 def score_fields(
     cell: np.ndarray,
     colour: Colour,
@@ -638,11 +695,14 @@ def score_fields(
     normalized: float,
     predictions: Callable[[], Sequence[tuple[str, float]]],
     top_k: int,
+    split: Callable[[], np.ndarray] | None = None,
 ) -> None:
     """Fill a hover cell's fields 3 on: score, effect, top-k header and rows.
 
     The score is in the metric's unit (the colour bar's when it colours by
-    score), the effect in the colour bar's unit. An untraced cell (NaN
+    score), the effect in the colour bar's unit, followed, for an answer of
+    several tokens, by :func:`split_text`'s line per token (``split``
+    gives the cell's per-token log-probabilities). An untraced cell (NaN
     score) gets only its score field, "not traced".
     """
     if math.isnan(score):
@@ -650,6 +710,8 @@ def score_fields(
         return
     cell[3] = format_value(score, percent=result.metric in _PERCENT_METRICS)
     cell[4] = effect_text(colour, result, score, normalized)
+    if split is not None:
+        cell[4] += split_text(result, split())
     if top_k:
         verb = "patching" if result.direction == "noise" else "restoring"
         cell[5] = f"<br>top-{top_k} after {verb}"
@@ -671,6 +733,7 @@ def _hover(
     normalized = result.normalized().detach().double().cpu().numpy()
     data = np.full((len(rows), result.n_pos, _N_FIXED_FIELDS + top_k), "", dtype=object)
     marked = subject_text(result)[0].split()[0]  # "subject" or "tokens"
+    token_log_probs = _split_log_probs(result, rows)
     for i, layer in enumerate(rows):
         lo, hi = result.window_layers(layer)
         verb = "restores" if result.direction != "noise" else "patches"
@@ -689,6 +752,7 @@ def _hover(
                 float(normalized[layer, pos]),
                 lambda layer=layer, pos=pos: result.top_predictions(layer, pos),
                 top_k,
+                None if token_log_probs is None else lambda i=i, pos=pos: token_log_probs[i, pos],
             )
     labels = ("token", "pos", "layer", "score", "effect")
     template = "<br>".join(
@@ -697,6 +761,14 @@ def _hover(
     )
     template += "".join(f"%{{customdata[{index}]}}" for index in range(len(labels), data.shape[-1]))
     return data, template + "<extra></extra>"
+
+
+def _split_log_probs(result: TraceResult, rows: Sequence[int]) -> np.ndarray | None:
+    """The per-token log-probabilities ``[row, ..., answer]`` of the shown rows, or None."""
+    split = result.answer_split
+    if not split or split.get("log_probs") is None:
+        return None
+    return np.asarray(split["log_probs"], dtype=np.float64)[list(rows)]
 
 
 _PROVENANCE_FIELDS = (
@@ -778,12 +850,13 @@ def _panel_title(result: TraceResult, base: str, fields: Sequence[str], max_char
         answer += f" vs {escape(visible(result.foil))}"
     bits.append(answer)
     bits.append(
-        f"{escape(result.metric)} clean {result.clean_score:.3g} · "
-        f"corrupted {result.corrupted_score:.3g}"
+        f"{escape(result.metric)} clean {score_text(result, result.clean_score)} · "
+        f"corrupted {score_text(result, result.corrupted_score)}"
     )
     lines = [" · ".join(bits[:2]), " · ".join(bits[2:])]
     # The bits are escaped already: cut on their shown text, then escape again.
-    cut = [escape(shorten(html.unescape(line), int(max_chars * 1.3))) for line in lines]
+    # A <sup> character is about 0.9 of a 12-pixel one: keep the lines inside the panel.
+    cut = [escape(shorten(html.unescape(line), int(max_chars * 1.05))) for line in lines]
     return f"{escape(shorten(base, max_chars))}<br><sup>{cut[0]}<br>{cut[1]}</sup>"
 
 
@@ -929,14 +1002,10 @@ class _Frame:
 
     def subplots(self, panel_titles: Sequence[str]) -> go.Figure:
         g = self.grid
-        specs = [[{} for _ in range(g.cols)] for _ in range(g.rows)]
-        for empty in range(self.n_panels, g.rows * g.cols):
-            row, col = g.position(empty)
-            specs[row - 1][col - 1] = None
         fig = make_subplots(
             rows=g.rows,
             cols=g.cols,
-            specs=specs,
+            specs=g.specs(self.n_panels),
             subplot_titles=list(panel_titles) if self.n_panels > 1 else None,
             **g.spacing(),
         )
@@ -1115,17 +1184,7 @@ def _layout(fig: go.Figure, frame: _Frame, width: int | None, height: int | None
     grid = frame.grid
     fig_height = height or grid.height
     fig.update_layout(
-        # Title below the band plotly's toolbar shows in, wrapped to the layout width.
-        title={
-            "text": frame.title,
-            "x": 0,
-            "xanchor": "left",
-            "xref": "container",
-            "pad": {"l": 12},
-            "y": 1 - TOOLBAR_BAND / fig_height,
-            "yanchor": "top",
-            "yref": "container",
-        },
+        title=toolbar_title(frame.title, fig_height),
         **fit_width(width, max(grid.width, natural_trace_width(frame))),
         height=fig_height,
         margin=grid.margin,

@@ -32,7 +32,7 @@ from lenscope.plotting._common import (
     set_page_info,
     visible,
 )
-from lenscope.plotting._layout import TOOLBAR_BAND
+from lenscope.plotting._layout import TOOLBAR_BAND, layout_width, wrap_title
 from lenscope.plotting._provenance import direction_phrase, trace_rows, trace_subtitle
 from lenscope.plotting.trace import (
     _check_options,
@@ -127,6 +127,14 @@ def _plot_units(
     top_order = [*order, len(order)]
     top_ids = np.transpose(result.top_ids.detach().cpu().numpy(), top_order)
     top_probs = np.transpose(result.top_probs.detach().float().cpu().numpy(), top_order)
+    split = result.answer_split or {}
+    log_probs = split.get("log_probs")
+    # An answer of several tokens: each token's log-probability per cell, [layer, ..., answer].
+    token_log_probs = (
+        None
+        if log_probs is None
+        else np.transpose(np.asarray(log_probs, dtype=np.float64), top_order)
+    )
     sizes = [result.axis_size(a) for a in columns]
     n_columns = math.prod(sizes)
     positions: list[int | None] = [None]
@@ -171,6 +179,11 @@ def _plot_units(
             top_ids[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
             top_probs[(*at, slice(None))].reshape(result.n_layers, n_columns, k).tolist(),
         )
+        split_cells = (
+            None
+            if token_log_probs is None
+            else token_log_probs[(*at, slice(None))].reshape(result.n_layers, n_columns, -1)
+        )
         customdata, template = _hover(
             result,
             colour,
@@ -181,6 +194,7 @@ def _plot_units(
             p,
             top_k,
             every_position,
+            split_cells,
         )
         fig.add_trace(
             go.Heatmap(
@@ -240,15 +254,20 @@ def _plot_units(
             ]
         )
     natural_width = min(1400, max(420, 140 + 36 * n_columns))
-    default_height = 220 + TOOLBAR_BAND + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
-    height = layout["height"]
     text = layout["title"]
     if text is None:
         text = _title(result, columns, pos, len(positions) > 1, colour.note, every_position)
+    # Wrapped to the width the figure is laid out for (see lenscope.plotting._layout).
+    wrapped, title_px = wrap_title(text, layout_width(layout["width"]))
+    top = max(150, title_px + 30)
+    default_height = (
+        70 + top + TOOLBAR_BAND + 22 * result.n_layers + (90 if len(positions) > 1 else 0)
+    )
+    height = layout["height"]
     fig.update_layout(
         # Title below the band plotly's toolbar shows in.
         title={
-            "text": text,
+            "text": wrapped,
             "x": 0,
             "y": 1 - TOOLBAR_BAND / (height or default_height),
             "yanchor": "top",
@@ -261,7 +280,7 @@ def _plot_units(
         hovermode="closest",
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
-        margin={"l": 60, "r": 20, "t": 150 + TOOLBAR_BAND, "b": 60},
+        margin={"l": 60, "r": 20, "t": top + TOOLBAR_BAND, "b": 60},
     )
     rows = trace_rows(result)
     shape = ", ".join(f"{a} {s}" for a, s in zip(result.axes, result.scores.shape, strict=True))
@@ -302,6 +321,7 @@ def _hover(
     pos: int | None,
     top_k: int,
     every_position: bool,
+    split: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
     """``customdata`` ``[layer, column, field]`` and the ``hovertemplate`` laying it out.
 
@@ -309,7 +329,8 @@ def _hover(
     :func:`~lenscope.plotting.trace.score_fields`' score, effect and top-k.
     ``values`` are the ``[layer, column]`` scores and normalised scores,
     ``tops`` the ``[layer, column, k]`` top-k ids and probabilities (id -1:
-    none decoded, as for attribution estimates).
+    none decoded, as for attribution estimates), ``split`` an answer of
+    several tokens' ``[layer, column, answer]`` log-probabilities (or None).
     """
     scores, normalized = values
     ids, probs = tops
@@ -343,6 +364,7 @@ def _hover(
                     (vocab[i], q) for i, q in zip(row, p, strict=True) if i >= 0
                 ],
                 top_k,
+                None if split is None else lambda row=split[layer, column]: row,
             )
             cell[n_coords:] = scratch[3:]
     template = "<br>".join(
