@@ -35,6 +35,7 @@ from torch import Tensor
 from lenscope import engine
 from lenscope.corruptions import CorruptedInput
 from lenscope.hooks import EMBED_HOOK, check_hook_points, model_name, n_layers
+from lenscope.loading import weights_description
 from lenscope.metrics import BoundMetric, MetricContext, bind_metric, check_normalizable, softmax
 from lenscope.settings import TraceSettings, resolve_prompt
 from lenscope.sites import Site
@@ -212,6 +213,7 @@ class Prepared:
             direction=self.settings.direction,
             foil=None if measure.foil_ids is None else text(measure.foil_ids),
             foil_id=foil_id,
+            weights=weights_description(model),
         )
 
         def split(grid: Grid) -> dict[str, Any]:

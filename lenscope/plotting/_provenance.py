@@ -101,12 +101,34 @@ def score_text(result: Any, value: float) -> str:
     return f"{value:.3g}"
 
 
+def weights_short(weights: str | None) -> str | None:
+    """A title's note on the weights: ``"Q4_K_M 4-bit weights, float32"`` (None if unknown).
+
+    ``weights`` is :func:`lenscope.loading.weights_description`'s text.
+    """
+    if not weights:
+        return None
+    origin, _, dtype = weights.rpartition("; ")
+    if " GGUF (" in origin:
+        quantisation = origin.split(" GGUF (", 1)[0]
+        bits = origin.split(" GGUF (", 1)[1].split("-bit", 1)[0]
+        return f"{quantisation} {bits}-bit weights, {dtype}"
+    return f"{dtype} weights" if not origin.startswith("GGUF file") else f"GGUF weights, {dtype}"
+
+
+def model_text(result: Any) -> str:
+    """The model's name and, where known, its weights' note (escaped for a title)."""
+    note = weights_short(getattr(result, "weights", None))
+    return escape(result.model_name) + ("" if note is None else f" ({escape(note)})")
+
+
 def trace_rows(result: Any) -> list[tuple[str, str]]:
     """Every setting of a trace result, as rows of the page's settings table."""
     record = corruption_record(result)
     label, subject = subject_text(result)
     rows = [
         ("model", result.model_name),
+        *([("weights", result.weights)] if getattr(result, "weights", None) is not None else []),
         ("prompt", "(token ids)" if result.prompt is None else repr(result.prompt)),
         ("tokens", str(result.n_pos)),
         (label, subject),

@@ -79,6 +79,7 @@ from lenscope.plotting._provenance import (
     direction_phrase,
     is_counterfactual,
     layer_axis_title,
+    model_text,
     score_text,
     subject_text,
     trace_rows,
@@ -803,7 +804,7 @@ def _title(results: Sequence[TraceResult], names: Sequence[str], colours: Sequen
     lines.append("; ".join(notes))
     subtitle = "<br>".join(lines)
     return (
-        f"<b>{what}: {direction_phrase(first.direction)}</b> · {escape(first.model_name)}<br>"
+        f"<b>{what}: {direction_phrase(first.direction)}</b> · {model_text(first)}<br>"
         f'<span style="font-size:12px">{subtitle}</span>'
     )
 
@@ -1400,6 +1401,6 @@ def _combined_title(
     ]
     return (
         f"<b>{what} of {escape(names[0])} {op} {escape(names[1])}</b> · "
-        f"{escape(a.model_name)}<br>"
+        f"{model_text(a)}<br>"
         f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
