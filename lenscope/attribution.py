@@ -39,10 +39,12 @@ a ``TransformerBridge`` hands some forward hooks a reshaped view that its
 forward pass never consumes.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +75,7 @@ __all__ = [
     "AttributionResult",
     "Comparison",
     "IntegratedGradients",
+    "RelP",
     "attribute",
     "compare",
     "estimator_from_name",
@@ -251,7 +254,9 @@ def attribute(
         def scored(measure: Measure) -> Any:
             return measure.answer_ids if decoded > 1 else measure.answer_id
 
-        grads = corrupted_gradients(model, corrupted, names, scores_of, decoded=decoded)
+        grads = corrupted_gradients(
+            model, corrupted, names, scores_of, decoded=decoded, rules=estimator.rules(model)
+        )
         (measure,) = measured
         groups = {
             where.name: (where.hook_names(prepared.n_layer), settings.windows[where.name])
@@ -472,8 +477,9 @@ def _check_sequence(prepared: Any, estimator: "Estimator") -> None:
         return
     if not isinstance(estimator, AtP):
         raise InvalidInput(
-            f"an answer of several tokens is estimated with estimator='atp' only, got "
-            f"{estimator.name!r} (answer {list(answer)}); pass estimator='atp', or trace it exactly"
+            "an answer of several tokens is estimated with estimator='atp' or estimator='relp' "
+            f"only, got {estimator.name!r} (answer {list(answer)}); pass estimator='atp', or "
+            "trace it exactly"
         )
     metric = prepared.settings.metric_names[0]
     if len(answer) <= 1 or metric not in ("prob", "log_prob", "normalized_prob"):
@@ -496,6 +502,7 @@ def corrupted_gradients(
     scores_of: Callable[[Float[Tensor, "batch *answer d_vocab"]], Float[Tensor, " batch"]],
     *,
     decoded: int = 1,
+    rules: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -516,6 +523,9 @@ def corrupted_gradients(
         decoded: Positions decoded: the last one, or the last ``decoded``
             (an answer of several tokens, teacher-forced: logits ``[batch,
             decoded, d_vocab]``).
+        rules: Forward hooks, added after the others, that change how the
+            backward pass propagates without changing the forward values
+            (:meth:`RelP.rules`); none for plain gradients.
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -544,9 +554,10 @@ def corrupted_gradients(
         raise _Stop
 
     fwd = [*corrupted.fwd_hooks, (EMBED_HOOK, leaf), *((n, keep(n)) for n in names)]
+    fwd.extend(rules)
     fwd.append((final_name, stop))
     bwd = [(n, grab(n)) for n in names if n != final_name]
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd), _quiet_rules(rules):
         try:
             model(corrupted.batch_tokens(1))
         except _Stop:
@@ -691,6 +702,10 @@ class AtP:
         """``"atp"``."""
         return "atp"
 
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients: no forward hook changes the backward pass."""
+        return []
+
     def effects(
         self, inputs: EstimatorInputs, groups: Groups
     ) -> tuple[dict[str, Effects], dict[str, int]]:
@@ -749,6 +764,10 @@ class IntegratedGradients:
         """``"ig:M"`` (window path) or ``"ig:M:layer"``."""
         return f"ig:{self.steps}" + (":layer" if self.path == "layer" else "")
 
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients at the corrupted run (its own passes interpolate)."""
+        return []
+
     def effects(
         self, inputs: EstimatorInputs, groups: Groups
     ) -> tuple[dict[str, Effects], dict[str, int]]:
@@ -786,12 +805,133 @@ class IntegratedGradients:
         return out, passes
 
 
+@dataclasses.dataclass(frozen=True)
+class RelP(AtP):
+    """Relevance patching (Rezaei Jafari et al. 2025, arXiv 2508.21258).
+
+    AtP's product ``(a_clean - a_corrupted) . g`` with ``g`` the
+    layer-wise relevance propagation (LRP) coefficients in place of the
+    gradient: one forward and one backward pass of the corrupted copies, as
+    AtP, whose backward follows the rules of :func:`relevance_rules` (the
+    forward values are unchanged). A window is the sum of its layers' estimates.
+    """
+
+    @property
+    def name(self) -> str:
+        """``"relp"``."""
+        return "relp"
+
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """The LRP rules as forward hooks (:func:`relevance_rules`)."""
+        return relevance_rules(model)
+
+
+def relevance_rules(model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks whose backward pass is RelP's LRP rules; the forward values are kept.
+
+    Each hook returns a tensor equal to its input (up to float rounding) in
+    which the factor an LRP rule holds fixed is detached:
+
+    - LayerNorm / RMSNorm (LN-rule): every norm's ``hook_scale`` is detached,
+      so a norm is the linear map ``x -> (x - mean) / s * w + b`` with ``s`` fixed.
+    - Attention (AH-rule, CP-LRP): ``attn.hook_pattern`` is detached; the
+      head is linear in its values, queries and keys receive nothing.
+    - The MLP activation (identity rule): ``post = pre * [act(pre) / pre]``
+      with the bracket detached (0 where ``pre`` is exactly 0).
+    - A gated MLP's product ``act(gate) * linear`` (uniform or half rule, as
+      AttnLRP's ``mul2``): half of the relevance to each factor,
+      ``0.5 act(gate) linear~ + 0.5 act(gate)~ linear`` (``~`` detached), and
+      the gate's activation by the identity rule.
+
+    Args:
+        model: A HookedTransformer or TransformerBridge (compatibility mode).
+
+    Returns:
+        ``[(hook name, forward hook)]`` for one forward pass.
+
+    Raises:
+        InvalidInput: If a block lacks a hook point the rules need.
+    """
+    available = set(model.hook_dict)
+    gated = bool(getattr(model.cfg, "gated_mlp", False))
+    parts = ("attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post")
+    parts = (*parts, "mlp.hook_pre_linear") if gated else parts
+    layers = range(n_layers(model))
+    missing = [
+        f"blocks.{x}.{p}" for x in layers for p in parts if f"blocks.{x}.{p}" not in available
+    ]
+    if missing:
+        raise InvalidInput(
+            f"estimator='relp' needs the hook points {list(parts)} in every block, got "
+            f"{model_name(model)!r} without {missing[:3]}; pass estimator='atp' or 'ig:16'"
+        )
+    live: dict[tuple[str, int], Tensor] = {}
+
+    def detached(act: Tensor, hook: Any) -> Tensor:
+        return act.detach()
+
+    def keep(key: tuple[str, int]) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            live[key] = act
+
+        return hook
+
+    def identity_rule(layer: int) -> Callable[..., Tensor]:
+        def hook(post: Tensor, hook: Any) -> Tensor:
+            pre = live.pop(("pre", layer))
+            return pre * (post / _nonzero(pre)).detach()
+
+        return hook
+
+    def half_rule(layer: int) -> Callable[..., Tensor]:
+        def hook(post: Tensor, hook: Any) -> Tensor:
+            gate, linear = live.pop(("pre", layer)), live.pop(("linear", layer))
+            activation = (post / _nonzero(linear)).detach()
+            through_gate = gate * (activation / _nonzero(gate)).detach()
+            return 0.5 * through_gate * linear.detach() + 0.5 * activation * linear
+
+        return hook
+
+    hooks: list[tuple[str, Callable[..., Any]]] = [
+        (name, detached) for name in sorted(available) if name.endswith("hook_scale")
+    ]
+    for x in layers:
+        hooks.append((f"blocks.{x}.attn.hook_pattern", detached))
+        hooks.append((f"blocks.{x}.mlp.hook_pre", keep(("pre", x))))
+        if gated:
+            hooks.append((f"blocks.{x}.mlp.hook_pre_linear", keep(("linear", x))))
+        hooks.append((f"blocks.{x}.mlp.hook_post", (half_rule if gated else identity_rule)(x)))
+    return hooks
+
+
+def _nonzero(x: Tensor) -> Tensor:
+    """``x`` with exact zeros replaced by 1 (a divisor; the quotient's numerator is 0 there)."""
+    return torch.where(x == 0, torch.ones_like(x), x)
+
+
+NATIVE_NORM_EDIT = "A forward hook edited hook_scale"
+"""The start of TransformerLens 4's warning when a hook edits a norm's ``hook_scale``."""
+
+
+@contextlib.contextmanager
+def _quiet_rules(rules: Sequence[Any]) -> Iterator[None]:
+    """Silence TL4's warning that a norm reconstructs its output from an edited scale.
+
+    RelP detaches ``hook_scale`` on purpose; the reconstruction differs from
+    the native norm at float rounding only.
+    """
+    with warnings.catch_warnings():
+        if rules:
+            warnings.filterwarnings("ignore", message=NATIVE_NORM_EDIT)
+        yield
+
+
 Estimator = AtP | IntegratedGradients
 """An estimator object (:func:`estimator_from_name` makes one from its name)."""
 
 
 def estimator_from_name(spec: "str | Estimator") -> "Estimator":
-    """The estimator that ``spec`` names: ``"atp"``, ``"ig:M"`` or ``"ig:M:layer"``.
+    """The estimator that ``spec`` names: ``"atp"``, ``"relp"``, ``"ig:M"`` or ``"ig:M:layer"``.
 
     Args:
         spec: A name, or an estimator object (returned as it is).
@@ -804,12 +944,14 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
     parts = spec.split(":") if isinstance(spec, str) else []
     if parts == ["atp"]:
         return AtP()
+    if parts == ["relp"]:
+        return RelP()
     if len(parts) in (2, 3) and parts[0] == "ig" and parts[1].isdigit() and int(parts[1]) >= 1:
         if len(parts) == 2 or parts[2] in ("layer", "window"):
             return IntegratedGradients(int(parts[1]), parts[2] if len(parts) == 3 else "window")
     raise InvalidInput(
-        f"estimator must be 'atp', 'ig:M' or 'ig:M:layer' (M points on the path, >= 1), got "
-        f"{spec!r}; pass e.g. estimator='ig:16'"
+        "estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer' (M points on the path, >= 1), "
+        f"got {spec!r}; pass e.g. estimator='ig:16'"
     )
 
 

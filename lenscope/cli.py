@@ -696,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator",
         default="atp",
         help="with --method attribution: atp (default: the gradient at the corrupted run), "
+        "relp (relevance patching: AtP with LRP rules in the backward pass, same cost), "
         "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
     )
     trace.set_defaults(run=run_trace)
@@ -1011,7 +1012,7 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     """Refuse, before the model loads, a subject absent from the prompt or a bad answer.
 
     An answer of several tokens is refused for ``--method attribution`` with
-    another estimator than ``atp`` (the exact trace and AtP score it by
+    another estimator than ``atp`` or ``relp`` (the exact trace and AtP score it by
     teacher forcing). The subject test is on
     text alone (case-insensitive, so that no tokenizer could find it
     either); the answer is tokenised only when the model's
@@ -1026,7 +1027,7 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
             "or pass --subject with text copied from the prompt"
         )
     attribution = getattr(args, "method", "exact") == "attribution"
-    atp = getattr(args, "estimator", "atp") == "atp"
+    atp = getattr(args, "estimator", "atp") in ("atp", "relp")
     if args.answer is None or not local_tokenizer or not attribution or atp:
         return
     from lenscope.loading import local_tokenizer as find_tokenizer
@@ -1038,9 +1039,9 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise InvalidInput(
-            f"an answer of several tokens is estimated with --estimator atp only, but "
-            f"{args.answer!r} tokenises as {pieces}; pass --estimator atp, or one token (mind "
-            'the leading space, e.g. --answer " Paris")'
+            "an answer of several tokens is estimated with --estimator atp or --estimator relp "
+            f"only, but {args.answer!r} tokenises as {pieces}; pass --estimator atp, or one "
+            'token (mind the leading space, e.g. --answer " Paris")'
         )
 
 

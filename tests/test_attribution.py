@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge
+from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge, make_tiny_model
 
 import lenscope
 from lenscope.attribution import AttributionResult, compare, window_sum
@@ -375,7 +375,10 @@ def test_atp_is_the_default_and_unchanged(gpt2):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(estimator="ig:0"), r"estimator must be 'atp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'"),
+        (
+            dict(estimator="ig:0"),
+            r"estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'",
+        ),
         (dict(estimator="eap"), r"got 'eap'; pass e.g. estimator='ig:16'"),
         (dict(estimator="ig:4:joint"), r"got 'ig:4:joint'"),
         (dict(target="logit"), r"target must be one of \('metric', 'log_prob'\), got 'logit'"),
@@ -583,9 +586,12 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
     def failing(logits, answer):
         raise RuntimeError("metric failed")
 
-    with pytest.raises(RuntimeError, match="metric failed"):
-        tracer.attribute(TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2)
-    assert _state(model) == before
+    for estimator in ("atp", "relp"):
+        with pytest.raises(RuntimeError, match="metric failed"):
+            tracer.attribute(
+                TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2, estimator=estimator
+            )
+        assert _state(model) == before
 
     def failing_on_the_path(logits, answer):
         if logits.shape[0] > 2:  # an interpolated pass (more rows than the 2 copies)
@@ -778,3 +784,139 @@ def test_gemma_equals_transformer_lens_node_attribution(gemma_bridge):
     assert scale > 0.1
     torch.testing.assert_close(ours["mlp_out"], mlp, atol=1e-3 * scale, rtol=1e-3)
     torch.testing.assert_close(ours["resid_pre"][0], embed, atol=1e-3 * scale, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- relevance patching
+
+
+_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
+def _lrp_forward(model, resid, patterns):
+    """The model's residual stream from ``resid`` (resid_pre of layer 0), written in plain
+    torch from its weights, with the LRP rules of RelP written out as detaches: each norm's
+    scale, the attention pattern (given: it is a constant of the backward), act(x)/x of
+    the MLP activation, and half of a gated MLP's product through each factor. Returns the
+    logits and {hook name: the tensor at that hook point}."""
+    cfg = model.cfg
+    act_fn = _ACTIVATIONS[cfg.act_fn]
+
+    def norm(module, x):
+        weight = module.w + 1 if getattr(module, "uses_weight_offset", False) else module.w
+        centred = x if cfg.normalization_type.startswith("RMS") else x - x.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+        out = centred / scale.detach() * weight
+        bias = getattr(module, "b", None)
+        return out if bias is None or cfg.normalization_type.startswith("RMS") else out + bias
+
+    def identity_rule(x):
+        return x * (act_fn(x) / x).detach()
+
+    nodes = {}
+    for layer, block in enumerate(model.blocks):
+        nodes[hook_name("resid_pre", layer)] = resid
+        attn, mlp = block.attn, block.mlp
+        x = norm(block.ln1, resid)
+        w_v = attn.W_V
+        if w_v.shape[0] != cfg.n_heads:  # grouped-query attention
+            w_v = w_v.repeat_interleave(cfg.n_heads // w_v.shape[0], dim=0)
+        v = torch.einsum("bpm,hmd->bphd", x, w_v)
+        if getattr(attn, "b_V", None) is not None:
+            b_v = attn.b_V
+            v = v + b_v.repeat_interleave(cfg.n_heads // b_v.shape[0], dim=0)
+        z = torch.einsum("bhqk,bkhd->bqhd", patterns[layer], v)
+        attn_out = torch.einsum("bqhd,hdm->bqm", z, attn.W_O)
+        if getattr(attn, "b_O", None) is not None:
+            attn_out = attn_out + attn.b_O
+        if hasattr(block, "ln1_post"):
+            attn_out = norm(block.ln1_post, attn_out)
+        nodes[hook_name("attn_out", layer)] = attn_out
+        mid = resid + attn_out
+        x = norm(block.ln2, mid)
+        linear = x @ mlp.W_in + (mlp.b_in if getattr(mlp, "b_in", None) is not None else 0)
+        if cfg.gated_mlp:
+            gate = x @ mlp.W_gate
+            post = (
+                0.5 * identity_rule(gate) * linear.detach() + 0.5 * act_fn(gate).detach() * linear
+            )
+        else:
+            post = identity_rule(linear)
+        mlp_out = post @ mlp.W_out + (mlp.b_out if getattr(mlp, "b_out", None) is not None else 0)
+        if hasattr(block, "ln2_post"):
+            mlp_out = norm(block.ln2_post, mlp_out)
+        nodes[hook_name("mlp_out", layer)] = mlp_out
+        resid = mid + mlp_out
+        nodes[hook_name("resid_post", layer)] = resid
+    logits = norm(model.ln_final, resid) @ model.W_U + model.b_U
+    return logits, nodes
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gelu", "gated"])
+def two_layer(request, tiny_tokenizer):
+    """A 2-layer tiny model of the installed TransformerLens' default class (a GPT-2 or
+    Gemma-3 TransformerBridge on 4.x, a rotary HookedTransformer on 3.9)."""
+    seed = 6 if request.param else 3  # seeds whose answer the noise moves
+    return make_tiny_model(
+        tiny_tokenizer, n_layers=2, gated=request.param, init_range=0.5, seed=seed
+    )
+
+
+def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
+    """estimator='relp': every cell of every kind is (clean - corrupted) . the LRP
+    coefficients of a plain-torch forward of the same weights whose rules are written out
+    (_lrp_forward) of log p(answer), summed over d_model, averaged over the noise samples;
+    the plain forward
+    reproduces the model's logits, and the rules matter (RelP differs from AtP)."""
+    model = two_layer
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2, kinds=KINDS, windows=1, metric="log_prob")
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, estimator="relp", **options)
+    atp = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+    assert est["mlp_out"].estimator == "relp"
+    n_layer = model.cfg.n_layers
+    names = [hook_name(k, x) for k in KINDS for x in range(n_layer)]
+    patterns = [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+    settings = tracer.settings(samples=3, seed=2).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in names])
+        corr_logits = model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in names + patterns)],
+        )
+    with torch.enable_grad():
+        logits, nodes = _lrp_forward(
+            model,
+            corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
+            [corr[n] for n in patterns],
+        )
+        torch.testing.assert_close(logits, corr_logits.float(), atol=1e-4, rtol=1e-4)
+        answer = est["mlp_out"].answer_id
+        total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
+        grads = torch.autograd.grad(total, [nodes[n] for n in names])
+    for kind in KINDS:
+        expected = torch.stack(
+            [
+                ((clean[n] - corr[n]) * grads[names.index(n)]).sum(-1).mean(0)
+                for n in (hook_name(kind, x) for x in range(n_layer))
+            ]
+        )
+        effect = est[kind].scores - est[kind].corrupted_score
+        assert float(expected.abs().max()) > 1e-3
+        torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    gap = (est["mlp_out"].scores - atp["mlp_out"].scores).abs().max()
+    assert float(gap) > 1e-3  # the rules change the coefficients

@@ -120,7 +120,7 @@ def test_missing_subject_is_guessed(run, tmp_path):
         (
             ["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"]
             + ["--method", "attribution", "--estimator", "ig:2"],
-            "an answer of several tokens is estimated with --estimator atp only, got 'ig:2'",
+            "an answer of several tokens is estimated with --estimator atp or --estimator relp only, got 'ig:2'",
         ),
         (["trace", "all lower case", "--quiet"], "could not guess a subject"),
     ],
@@ -727,7 +727,7 @@ def test_subject_and_answer_are_checked_before_the_model_loads(monkeypatch, caps
     args = ["trace", TINY_PROMPT, "--subject", "Eiffel", "--answer", " paris rome", *out]
     assert main([*args, "--method", "attribution", "--estimator", "ig:2"]) == 2
     assert (
-        "an answer of several tokens is estimated with --estimator atp only, but ' paris rome' "
+        "an answer of several tokens is estimated with --estimator atp or --estimator relp only, but ' paris rome' "
         "tokenises as" in capsys.readouterr().err
     )
 
@@ -953,7 +953,7 @@ def test_trace_estimator(run, tiny_model, tmp_path):
     code, _, err, _ = run(
         "trace", *common, "--method", "attribution", "--estimator", "ig", *outputs
     )
-    assert code != 0 and "estimator must be 'atp', 'ig:M' or 'ig:M:layer'" in err
+    assert code != 0 and "estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer'" in err
 
 
 def _interrupt_second_sweep(monkeypatch):
