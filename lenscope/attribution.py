@@ -67,7 +67,7 @@ from lenscope.metrics import PatchingMetric, softmax
 from lenscope.names import KINDS
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite, Site, site
+from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
 from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
@@ -82,8 +82,11 @@ __all__ = [
     "recheck_top",
 ]
 
-ATTRIBUTION_KINDS = (*KINDS, "mlp_post")
-"""Kinds attribution patching estimates: the residual-width activations and MLP neurons."""
+ATTRIBUTION_KINDS = (*KINDS, "mlp_post", *HEAD_KINDS)
+"""Kinds attribution patching estimates: residual-width activations, MLP neurons and heads."""
+
+RELP_NO_RELEVANCE = ("q", "k", "pattern")
+"""Head kinds that RelP's fixed attention patterns give no relevance (refused for ``relp``)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -216,7 +219,7 @@ def attribute(
     """
     estimator = estimator_from_name(estimator)
     settings = tracer.settings(settings, **options)
-    _check_supported(tracer.model, settings)
+    _check_supported(tracer.model, settings, estimator)
     check_target(target, settings)
     started = time.perf_counter()
     model = tracer.model
@@ -254,8 +257,20 @@ def attribute(
         def scored(measure: Measure) -> Any:
             return measure.answer_ids if decoded > 1 else measure.answer_id
 
+        probed = [
+            name
+            for where in prepared.sites
+            if isinstance(where, HeadSite)
+            for name in where.hook_names(prepared.n_layer)
+        ]
         grads = corrupted_gradients(
-            model, corrupted, names, scores_of, decoded=decoded, rules=estimator.rules(model)
+            model,
+            corrupted,
+            names,
+            scores_of,
+            decoded=decoded,
+            rules=estimator.rules(model),
+            probed=probed,
         )
         (measure,) = measured
         groups = {
@@ -394,17 +409,16 @@ def _top_cells(scores: Float[Tensor, "layer pos"], k: int) -> Tensor:
     return torch.stack([index // scores.shape[1], index % scores.shape[1]], dim=1)
 
 
-def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
+def _check_supported(
+    model: torch.nn.Module, settings: TraceSettings, estimator: "Estimator | None" = None
+) -> None:
     """Refuse what attribution patching here does not estimate, saying what to do instead."""
-    heads = [
-        k for k, s in zip(settings.kinds, settings.sites, strict=True) if isinstance(s, HeadSite)
-    ]
-    if heads:
+    fixed = [k for k in settings.kinds if k in RELP_NO_RELEVANCE]
+    if isinstance(estimator, RelP) and fixed:
         raise InvalidInput(
-            f"attribution estimates the residual-width kinds and MLP neurons "
-            f"{ATTRIBUTION_KINDS}, got the per-head kind(s) {heads}; pass "
-            "kinds=('resid_post', 'mlp_out', 'attn_out'), or "
-            "trace heads exactly (tracer.trace(kind='z', by='head'))"
+            f"estimator='relp' holds every attention pattern fixed (the AH-rule), so queries, "
+            f"keys and patterns receive no relevance, got kinds {fixed}; pass estimator='atp' "
+            "or 'ig:16' for them, or kinds 'z' / 'v' (the heads' outputs and values)"
         )
     if settings.direction != "denoise":
         raise InvalidInput(
@@ -503,6 +517,7 @@ def corrupted_gradients(
     *,
     decoded: int = 1,
     rules: Sequence[tuple[str, Callable[..., Any]]] = (),
+    probed: Sequence[str] = (),
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -526,6 +541,12 @@ def corrupted_gradients(
         rules: Forward hooks, added after the others, that change how the
             backward pass propagates without changing the forward values
             (:meth:`RelP.rules`); none for plain gradients.
+        probed: Hook points (among ``names``) whose gradient is read from a
+            zero "probe" added in place to the activation their forward hook
+            sees, not from a backward hook: a TransformerBridge's per-head hook
+            points (``attn.hook_z``, ``hook_q``, ...) hand their hooks a
+            reshaped view whose backward hook never fires, but an in-place
+            change of the view reaches the tensor the forward pass consumes.
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -538,8 +559,13 @@ def corrupted_gradients(
 
     def keep(name: str) -> Any:
         def hook(act: Tensor, hook: Any) -> None:
-            live[name] = act
             activations[name] = act.detach().clone()
+            if name in probed:
+                probe = torch.zeros_like(act, requires_grad=True)
+                act.add_(probe)
+                live[name] = probe
+            else:
+                live[name] = act
 
         return hook
 
@@ -556,7 +582,7 @@ def corrupted_gradients(
     fwd = [*corrupted.fwd_hooks, (EMBED_HOOK, leaf), *((n, keep(n)) for n in names)]
     fwd.extend(rules)
     fwd.append((final_name, stop))
-    bwd = [(n, grab(n)) for n in names if n != final_name]
+    bwd = [(n, grab(n)) for n in names if n != final_name and n not in probed]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd), _quiet_rules(rules):
         try:
             model(corrupted.batch_tokens(1))
@@ -1001,7 +1027,8 @@ def interpolated_gradients(
                 continue
             alpha = alphas[[chunk[c][1] for c in members[name]]].float()
             corrupted_act = inputs.run.activations[name].float()
-            value = corrupted_act[None] + alpha[:, None, None, None] * deltas[name][None]
+            alpha = alpha.reshape(-1, *[1] * corrupted_act.ndim)
+            value = corrupted_act[None] + alpha * deltas[name][None]
             leaves[name] = value.flatten(0, 1).requires_grad_(True)
 
         def setter(name: str) -> Any:

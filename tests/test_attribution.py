@@ -544,8 +544,8 @@ def test_compare_refuses_mismatches():
     ("options", "message"),
     [
         (
-            dict(kinds=("z",), by="head"),
-            r"residual-width kinds .* got the per-head kind\(s\) \['z'\]",
+            dict(kinds=("z", "q"), by="head", estimator="relp"),
+            r"relp' holds every attention pattern fixed .* got kinds \['q'\]; pass",
         ),
         (dict(direction="noise"), r"estimates denoising .* got direction='noise'; pass"),
         (dict(metrics=("prob", "log_prob")), r"one metric per call, got 2"),
@@ -822,14 +822,14 @@ def _lrp_forward(model, resid, patterns):
         nodes[hook_name("resid_pre", layer)] = resid
         attn, mlp = block.attn, block.mlp
         x = norm(block.ln1, resid)
-        w_v = attn.W_V
-        if w_v.shape[0] != cfg.n_heads:  # grouped-query attention
-            w_v = w_v.repeat_interleave(cfg.n_heads // w_v.shape[0], dim=0)
-        v = torch.einsum("bpm,hmd->bphd", x, w_v)
-        if getattr(attn, "b_V", None) is not None:
-            b_v = attn.b_V
-            v = v + b_v.repeat_interleave(cfg.n_heads // b_v.shape[0], dim=0)
+        v = torch.einsum("bpm,hmd->bphd", x, getattr(attn, "_W_V", attn.W_V))
+        b_v = getattr(attn, "_b_V", getattr(attn, "b_V", None))
+        if b_v is not None:
+            v = v + b_v
+        nodes[f"blocks.{layer}.attn.hook_v"] = v  # key/value heads (grouped-query: fewer)
+        v = v.repeat_interleave(cfg.n_heads // v.shape[2], dim=2)
         z = torch.einsum("bhqk,bkhd->bqhd", patterns[layer], v)
+        nodes[f"blocks.{layer}.attn.hook_z"] = z
         attn_out = torch.einsum("bqhd,hdm->bqm", z, attn.W_O)
         if getattr(attn, "b_O", None) is not None:
             attn_out = attn_out + attn.b_O
@@ -871,7 +871,8 @@ def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
     coefficients of a plain-torch forward of the same weights whose rules are written out
     (_lrp_forward) of log p(answer), summed over d_model, averaged over the noise samples;
     the plain forward
-    reproduces the model's logits, and the rules matter (RelP differs from AtP)."""
+    reproduces the model's logits, and the rules matter (RelP differs from AtP). The same for
+    the heads' outputs and values (hook_z, hook_v, by='head_pos')."""
     model = two_layer
     tracer = _tracer(model)
     options = dict(samples=3, seed=2, kinds=KINDS, windows=1, metric="log_prob")
@@ -920,3 +921,121 @@ def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
         torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
     gap = (est["mlp_out"].scores - atp["mlp_out"].scores).abs().max()
     assert float(gap) > 1e-3  # the rules change the coefficients
+    heads = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        estimator="relp",
+        **{**options, "kinds": ("z", "v")},
+        by="head_pos",
+    )
+    for kind in ("z", "v"):
+        hooks = [f"blocks.{x}.attn.hook_{kind}" for x in range(n_layer)]
+        head_clean, head_corr = {}, {}
+        with torch.no_grad():
+            model.run_with_hooks(
+                tokens[None], fwd_hooks=[(n, keeper(head_clean, n)) for n in hooks]
+            )
+            model.run_with_hooks(
+                corrupted.tokens,
+                fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(head_corr, n)) for n in hooks)],
+            )
+        with torch.enable_grad():
+            logits, nodes = _lrp_forward(
+                model,
+                corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
+                [corr[n] for n in patterns],
+            )
+            total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
+            grads = torch.autograd.grad(total, [nodes[n] for n in hooks])
+        expected = torch.stack(
+            [
+                ((head_clean[n] - head_corr[n]) * g).sum(-1).mean(0).T
+                for n, g in zip(hooks, grads, strict=True)
+            ]
+        )  # [layer, head, pos]
+        effect = heads[kind].scores - heads[kind].corrupted_score
+        assert float(expected.abs().max()) > 1e-4
+        torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- per-head sites
+
+
+def _head_derivatives(model, tracer, options, kind, alphas):
+    """Per layer: d mean-over-samples(log p) / d t at t = 0, where t (one per head and
+    position; for ``pattern`` per head and destination) adds t (clean - corrupted) to that
+    head at that position, on top of the layer's activation set to corrupted + alpha
+    (clean - corrupted); averaged over ``alphas`` (AtP: alpha = 0). Plain hooks, written
+    in place as the exact engine writes heads; ``[layer, head, pos]``."""
+    settings = tracer.settings(**options).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    names = [f"blocks.{x}.attn.hook_{kind}" for x in range(model.cfg.n_layers)]
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        clean_logits = model.run_with_hooks(
+            tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in names]
+        )[0, -1]
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in names)],
+        )
+    answer = int(clean_logits.argmax())
+    out = []
+    for name in names:
+        delta = clean[name] - corr[name]
+        # [samples, pos, head, d] -> t [pos, head]; pattern [samples, head, dest, src] -> [head, dest]
+        unit = delta.shape[1:3]
+        total = torch.zeros(unit)
+        for alpha in alphas:
+            t = torch.zeros(unit, requires_grad=True)
+
+            def patch(act, hook, t=t, alpha=alpha, name=name, delta=delta):
+                value = corr[name] + alpha * delta + t[None, :, :, None] * delta
+                return act.copy_(value.to(act.dtype))
+
+            with torch.enable_grad():
+                logits = model.run_with_hooks(
+                    corrupted.tokens, fwd_hooks=[*corrupted.fwd_hooks, (name, patch)]
+                )[:, -1].float()
+                score = torch.log_softmax(logits, -1)[:, answer].mean()
+                (grad,) = torch.autograd.grad(score, [t])
+            total = total + grad / len(alphas)
+        out.append(total if kind == "pattern" else total.T)  # [head, pos]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("estimator", ["atp", "ig:2"])
+@pytest.mark.parametrize("kind", ["z", "q", "k", "v", "pattern"])
+def test_head_sites_equal_autograd_on_the_patch(two_layer, kind, estimator):
+    """Every estimator on per-head sites: the estimate of head h at position p (by='head_pos')
+    is the derivative of the mean log-probability along (clean - corrupted) of that head at
+    that position, by autograd through a plain patch hook (at the corrupted run for atp; for
+    ig:2 on top of the layer interpolated at the 2 midpoints, averaged); by='head' is the sum
+    over positions. On TransformerBridge the heads' backward hooks never fire: the gradient
+    comes from a zero probe added in place to the hook's view."""
+    model = two_layer
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    per_pos = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by="head_pos", estimator=estimator, **options
+    )[kind]
+    per_head = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by="head", estimator=estimator, **options
+    )[kind]
+    alphas = [0.0] if estimator == "atp" else _midpoints(2)
+    expected = _head_derivatives(model, tracer, options, kind, alphas)
+    effect = per_pos.scores - per_pos.corrupted_score
+    assert effect.shape == expected.shape
+    if kind != "q" or not model.cfg.gated_mlp:  # the tiny Gemma-3's queries move nothing
+        assert float(expected.abs().max()) > 1e-4
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    summed = per_head.scores - per_head.corrupted_score
+    torch.testing.assert_close(summed, expected.sum(-1), atol=1e-5, rtol=0)
