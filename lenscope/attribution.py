@@ -47,6 +47,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -55,6 +56,7 @@ from lenscope import engine
 from lenscope.experiment import Grid, Measure, continued_input, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
+    capture_forward,
     decode_resid,
     hook_name,
     is_bridge,
@@ -72,6 +74,7 @@ from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
     "AtP",
+    "AtPStar",
     "AttributionResult",
     "Comparison",
     "IntegratedGradients",
@@ -518,6 +521,7 @@ def corrupted_gradients(
     decoded: int = 1,
     rules: Sequence[tuple[str, Callable[..., Any]]] = (),
     probed: Sequence[str] = (),
+    copies: int = 1,
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -542,11 +546,14 @@ def corrupted_gradients(
             backward pass propagates without changing the forward values
             (:meth:`RelP.rules`); none for plain gradients.
         probed: Hook points (among ``names``) whose gradient is read from a
-            zero "probe" added in place to the activation their forward hook
-            sees, not from a backward hook: a TransformerBridge's per-head hook
-            points (``attn.hook_z``, ``hook_q``, ...) hand their hooks a
-            reshaped view whose backward hook never fires, but an in-place
-            change of the view reaches the tensor the forward pass consumes.
+            zero "probe" added to the activation by their forward hook (the
+            hook returns ``act + probe``), not from a backward hook: a
+            TransformerBridge's per-head hook points (``attn.hook_z``,
+            ``hook_q``, ...) convert the tensor for their hooks and never fire
+            a backward hook, but the tensor a hook returns is converted back
+            and consumed.
+        copies: Copies of the corrupted rows in the batch (copy-major), for
+            ``rules`` that treat the copies differently (:class:`AtPStar`'s GradDrop).
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -558,14 +565,13 @@ def corrupted_gradients(
         return live[EMBED_HOOK]
 
     def keep(name: str) -> Any:
-        def hook(act: Tensor, hook: Any) -> None:
+        def hook(act: Tensor, hook: Any) -> Tensor | None:
             activations[name] = act.detach().clone()
-            if name in probed:
-                probe = torch.zeros_like(act, requires_grad=True)
-                act.add_(probe)
-                live[name] = probe
-            else:
+            if name not in probed:
                 live[name] = act
+                return None
+            live[name] = torch.zeros_like(act, requires_grad=True)
+            return act + live[name]
 
         return hook
 
@@ -585,7 +591,7 @@ def corrupted_gradients(
     bwd = [(n, grab(n)) for n in names if n != final_name and n not in probed]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd), _quiet_rules(rules):
         try:
-            model(corrupted.batch_tokens(1))
+            model(corrupted.batch_tokens(copies))
         except _Stop:
             pass
         logits = _decode_last(model, live[final_name], decoded)
@@ -952,12 +958,209 @@ def _quiet_rules(rules: Sequence[Any]) -> Iterator[None]:
         yield
 
 
-Estimator = AtP | IntegratedGradients
+@dataclasses.dataclass(frozen=True)
+class AtPStar:
+    """AtP* (Kramar et al. 2024, arXiv 2403.00745): GradDrop, and the QK fix for queries and keys.
+
+    GradDrop: for each layer ``l``, the AtP estimate of every cell with the
+    gradient that flows back through layer ``l``'s attention and MLP outputs
+    (``hook_attn_out``, ``hook_mlp_out``) dropped, the residual path kept:
+    ``c_l``. A cell of layer ``n`` gets ``1 / (L - 1) sum_{l != n} |c_l|``,
+    per corrupted copy, then the copies' mean (each copy is its own
+    clean/corrupted pair, as AtP* defines it for one pair). All ``L`` dropped
+    copies ride in one batched forward and backward pass.
+
+    QK fix (kinds ``q`` and ``k``): a query's or key's effect goes to the
+    output through its layer's attention pattern; the pattern the patch
+    gives is computed exactly (a softmax of the patched scores: one forward
+    of copies with a layer's queries, or keys, set to their clean values,
+    every head and position at once, reading ``hook_attn_scores``), and only
+    the rest is linear: ``c = sum (A_patched - A_corrupted) . dM/dA``, with
+    ``dM/dA`` from the GradDrop pass. For one key position ``s`` the
+    patched row is the corrupted row with that one score changed, softmaxed
+    again. Other kinds: GradDrop of the AtP estimate.
+
+    The estimates are magnitudes (>= 0), as AtP* ranks nodes by ``|effect|``.
+    """
+
+    @property
+    def name(self) -> str:
+        """``"atp-star"``."""
+        return "atp-star"
+
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients at the corrupted run (its own passes drop layers)."""
+        return []
+
+    def effects(
+        self, inputs: EstimatorInputs, groups: Groups
+    ) -> tuple[dict[str, Effects], dict[str, int]]:
+        """GradDrop (and the QK fix) per layer and copy of every kind."""
+        model, corrupted = inputs.model, inputs.corrupted
+        n_layer, samples = n_layers(model), corrupted.samples
+        patterns = {
+            kind: [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+            for kind in groups
+            if kind in ("q", "k")
+        }
+        names = list(dict.fromkeys(n for names, _ in groups.values() for n in names))
+        names += [n for group in patterns.values() for n in group if n not in names]
+        probed = [n for n in names if ".attn.hook_" in n]
+        dropped = corrupted_gradients(
+            model,
+            corrupted,
+            names,
+            lambda logits: inputs.target_fn(logits, inputs.answer_id),
+            rules=_drop_rules(n_layer, samples),
+            probed=probed,
+            copies=n_layer,
+        )
+        passes = {
+            "graddrop_forward": 1,
+            "graddrop_backward": 1,
+            "graddrop_rows": n_layer * samples,
+        }
+        scores = _patched_scores(inputs, tuple(patterns)) if patterns else {}
+        if patterns:
+            passes |= {"qk_forward": 1, "qk_rows": (len(patterns) * n_layer + 1) * samples}
+        out = {}
+        for kind, (hooks, _) in groups.items():
+            where = inputs.site(kind)
+            rows = []
+            for layer, name in enumerate(hooks):
+                grad = dropped.gradients[name if kind not in patterns else patterns[kind][layer]]
+                grad = grad.float().unflatten(0, (n_layer, samples))  # [dropped layer, s, ...]
+                if kind in patterns:
+                    per_drop = _qk_fixed(where, kind, layer, scores, grad)
+                else:
+                    delta = inputs.clean[name][None].float() - inputs.run.activations[name].float()
+                    per_drop = where.cell_dot(grad, delta)
+                others = [x for x in range(n_layer) if x != layer]
+                rows.append(per_drop[others].abs().sum(0) / max(1, n_layer - 1))
+            out[kind] = Effects(torch.stack(rows), windowed=False)
+        return out, passes
+
+
+def _drop_rules(n_layer: int, samples: int) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks zeroing, in copy ``l``, the gradient through layer ``l``'s outputs."""
+
+    def drop(layer: int) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            keep = torch.ones(act.shape[0], *[1] * (act.ndim - 1), dtype=act.dtype)
+            keep[layer * samples : (layer + 1) * samples] = 0
+            act.register_hook(lambda grad: grad * keep.to(grad.device))
+
+        return hook
+
+    return [
+        (hook_name(kind, layer), drop(layer))
+        for layer in range(n_layer)
+        for kind in ("attn_out", "mlp_out")
+    ]
+
+
+def _patched_scores(inputs: EstimatorInputs, kinds: Sequence[str]) -> dict[str, Tensor]:
+    """Attention scores of the corrupted copies, and with one layer's ``q`` or ``k`` clean.
+
+    One forward without gradients of ``(kinds x L + 1) x samples`` rows: copy
+    ``(kind, l)`` sets layer ``l``'s queries (or keys) to the clean ones at
+    every head and position; the last copy is unpatched.
+
+    Returns:
+        ``{"corrupted": [L, s, head, dest, src], "q": ..., "k": ...}``.
+    """
+    model, corrupted = inputs.model, inputs.corrupted
+    n_layer, samples = n_layers(model), corrupted.samples
+    copies = [(kind, x) for kind in kinds for x in range(n_layer)] + [("corrupted", -1)]
+
+    def setter(kind: str, layer: int) -> Callable[..., Tensor]:
+        rows = torch.tensor(
+            [
+                c * samples + i
+                for c, (k, x) in enumerate(copies)
+                if (k, x) == (kind, layer)
+                for i in range(samples)
+            ]
+        )
+        clean = inputs.clean[f"blocks.{layer}.attn.hook_{kind}"]
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            new = act.index_put(
+                (rows.to(act.device),), clean.to(act)[None].expand(len(rows), *clean.shape)
+            )
+            return act.copy_(new)
+
+        return hook
+
+    hooks = [
+        (f"blocks.{x}.attn.hook_{kind}", setter(kind, x)) for kind in kinds for x in range(n_layer)
+    ]
+    capture = [f"blocks.{x}.attn.hook_attn_scores" for x in range(n_layer)]
+    with torch.no_grad():
+        store = capture_forward(
+            model,
+            corrupted.batch_tokens(len(copies)),
+            [*corrupted.fwd_hooks, *hooks],
+            capture,
+            clone=True,
+        )
+    per_copy = torch.stack([store[n].float() for n in capture])  # [L, copies*s, h, d, s]
+    per_copy = per_copy.unflatten(1, (len(copies), samples))
+    out = {"corrupted": per_copy[:, -1]}
+    for kind in kinds:
+        index = [c for c, (k, _) in enumerate(copies) if k == kind]
+        out[kind] = per_copy[torch.arange(n_layer), torch.tensor(index)]
+    return out
+
+
+def _qk_fixed(
+    where: Site, kind: str, layer: int, scores: Mapping[str, Tensor], grad: Tensor
+) -> Float[Tensor, "drop samples ..."]:
+    """The QK fix of layer ``layer``'s queries or keys, per dropped layer: ``(A' - A) . dM/dA``.
+
+    Args:
+        where: The head site (``by`` and the key/value grouping).
+        kind: ``"q"`` or ``"k"``.
+        layer: The layer of the queries or keys.
+        scores: :func:`_patched_scores`.
+        grad: ``dM/dA`` of that layer's pattern per dropped layer, ``[drop, s, head, dest, src]``.
+
+    Returns:
+        ``[drop, s, head]`` or ``[drop, s, head, pos]`` (``pos``: the query's
+        or the key's position).
+    """
+    before, after = scores["corrupted"][layer], scores[kind][layer]  # [s, head, dest, src]
+    pattern = torch.softmax(before, dim=-1)
+    baseline = (pattern * grad).sum(-1)  # [drop, s, head, dest]
+    group = getattr(where, "group", 1)
+    if kind == "q" or where.by == "head":
+        # Every changed row at once is exact (rows are independent): for "q" by
+        # position each row is its own query's, and by head the rows add up.
+        patched = torch.softmax(after, dim=-1)
+        per_row = (patched * grad).sum(-1) - baseline  # [drop, s, head, dest]
+        if kind == "q":
+            return per_row.sum(-1) if where.by == "head" else per_row
+        per_head = per_row.sum(-1)  # [drop, s, head]
+        return per_head.unflatten(-1, (-1, group)).sum(-1)
+    # One key position changed in every row: the row's scores with that one entry
+    # patched, for every key position at once ([s, head, dest, key, src]), softmaxed.
+    n_pos = before.shape[-1]
+    one = torch.eye(n_pos, dtype=torch.bool, device=before.device)  # [key, src]
+    rows = torch.where(one, after[..., :, None, :], before[..., :, None, :])
+    patched = torch.softmax(rows, dim=-1)
+    new = einops.einsum(
+        patched, grad, "s head dest key src, drop s head dest src -> drop s head dest key"
+    )
+    change = (new - baseline[..., None]).sum(-2)  # over query rows: [drop, s, head, key]
+    return change.unflatten(-2, (-1, group)).sum(-2)
+
+
+Estimator = AtP | IntegratedGradients | AtPStar
 """An estimator object (:func:`estimator_from_name` makes one from its name)."""
 
 
 def estimator_from_name(spec: "str | Estimator") -> "Estimator":
-    """The estimator that ``spec`` names: ``"atp"``, ``"relp"``, ``"ig:M"`` or ``"ig:M:layer"``.
+    """The estimator ``spec`` names: ``"atp"``, ``"atp-star"``, ``"relp"``, ``"ig:M[:layer]"``.
 
     Args:
         spec: A name, or an estimator object (returned as it is).
@@ -965,18 +1168,21 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
     Raises:
         InvalidInput: For any other name.
     """
-    if isinstance(spec, AtP | IntegratedGradients):
+    if isinstance(spec, AtP | IntegratedGradients | AtPStar):
         return spec
     parts = spec.split(":") if isinstance(spec, str) else []
     if parts == ["atp"]:
         return AtP()
     if parts == ["relp"]:
         return RelP()
+    if spec == "atp-star":
+        return AtPStar()
     if len(parts) in (2, 3) and parts[0] == "ig" and parts[1].isdigit() and int(parts[1]) >= 1:
         if len(parts) == 2 or parts[2] in ("layer", "window"):
             return IntegratedGradients(int(parts[1]), parts[2] if len(parts) == 3 else "window")
     raise InvalidInput(
-        "estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer' (M points on the path, >= 1), "
+        "estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer' (M points on the "
+        "path, >= 1), "
         f"got {spec!r}; pass e.g. estimator='ig:16'"
     )
 

@@ -697,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="atp",
         help="with --method attribution: atp (default: the gradient at the corrupted run), "
         "relp (relevance patching: AtP with LRP rules in the backward pass, same cost), "
+        "atp-star (AtP*: GradDrop, and the QK fix for q/k heads), "
         "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
     )
     trace.set_defaults(run=run_trace)

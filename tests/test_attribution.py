@@ -377,7 +377,7 @@ def test_atp_is_the_default_and_unchanged(gpt2):
     [
         (
             dict(estimator="ig:0"),
-            r"estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'",
+            r"estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'",
         ),
         (dict(estimator="eap"), r"got 'eap'; pass e.g. estimator='ig:16'"),
         (dict(estimator="ig:4:joint"), r"got 'ig:4:joint'"),
@@ -586,7 +586,7 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
     def failing(logits, answer):
         raise RuntimeError("metric failed")
 
-    for estimator in ("atp", "relp"):
+    for estimator in ("atp", "relp", "atp-star"):
         with pytest.raises(RuntimeError, match="metric failed"):
             tracer.attribute(
                 TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2, estimator=estimator
@@ -594,15 +594,22 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
         assert _state(model) == before
 
     def failing_on_the_path(logits, answer):
-        if logits.shape[0] > 2:  # an interpolated pass (more rows than the 2 copies)
+        if logits.shape[0] > 2:  # a pass of more rows than the 2 copies
             raise RuntimeError("path metric failed")
         return torch.softmax(logits.float(), -1)[:, answer]
 
-    with pytest.raises(RuntimeError, match="path metric failed"):
-        tracer.attribute(
-            TINY_PROMPT, TINY_SUBJECT, metric=failing_on_the_path, samples=2, estimator="ig:2"
-        )
-    assert _state(model) == before
+    # inside the interpolated pass, or AtP*'s GradDrop pass (probing the heads' patterns)
+    for estimator, extra in (("ig:2", {}), ("atp-star", dict(kinds=("k",), by="head"))):
+        with pytest.raises(RuntimeError, match="path metric failed"):
+            tracer.attribute(
+                TINY_PROMPT,
+                TINY_SUBJECT,
+                metric=failing_on_the_path,
+                samples=2,
+                estimator=estimator,
+                **extra,
+            )
+        assert _state(model) == before
     tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=2)
     assert _state(model) == before
     assert all(p.grad is None for p in model.parameters())
@@ -1039,3 +1046,161 @@ def test_head_sites_equal_autograd_on_the_patch(two_layer, kind, estimator):
     torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
     summed = per_head.scores - per_head.corrupted_score
     torch.testing.assert_close(summed, expected.sum(-1), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- AtP*
+
+
+def _atp_star_parts(model, tracer, options, names):
+    """AtP*'s ingredients written plainly: the clean and corrupted activations at ``names``
+    and every layer's pattern, and per dropped layer l the gradient of the summed log
+    p(answer) at ``names`` and the patterns, with layer l's hook_attn_out and hook_mlp_out
+    returning detached tensors (so nothing flows back through them) and a zero probe
+    added at each name."""
+    settings = tracer.settings(**options).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    n_layer = model.cfg.n_layers
+    patterns = [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+    watched = list(dict.fromkeys([*names, *patterns]))
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        clean_logits = model.run_with_hooks(
+            tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in watched]
+        )[0, -1]
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in watched)],
+        )
+    answer = int(clean_logits.argmax())
+    dropped = []
+    for layer in range(n_layer):
+        probes = {n: torch.zeros_like(corr[n], requires_grad=True) for n in watched}
+
+        def probe(name, probes=probes):
+            def hook(act, hook):
+                return act + probes[name].to(act.dtype)
+
+            return hook
+
+        def detach(act, hook):
+            return act.detach()
+
+        hooks = [*corrupted.fwd_hooks, *((n, probe(n)) for n in watched)]
+        hooks += [(hook_name("attn_out", layer), detach), (hook_name("mlp_out", layer), detach)]
+        with torch.enable_grad():
+            logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=hooks)[:, -1].float()
+            total = torch.log_softmax(logits, -1)[:, answer].sum()
+            grads = torch.autograd.grad(total, list(probes.values()), allow_unused=True)
+        dropped.append(
+            {n: torch.zeros_like(corr[n]) if g is None else g for n, g in zip(probes, grads)}
+        )
+    return corrupted, clean, corr, dropped
+
+
+def _graddrop(per_drop, layer):
+    """1 / (L - 1) sum over dropped layers l != layer of |c_l|, per copy; then the mean."""
+    others = [x for x in range(len(per_drop)) if x != layer]
+    return (sum(per_drop[x].abs() for x in others) / len(others)).mean(0)
+
+
+@pytest.mark.parametrize(("kind", "by"), [("mlp_out", None), ("resid_pre", None), ("z", "head")])
+def test_atp_star_graddrop_equals_its_definition(peaked, kind, by):
+    """estimator='atp-star' on kinds without queries or keys is GradDrop: per copy and dropped
+    layer l, AtP's (clean - corrupted) . gradient with nothing flowing back through layer l's
+    attention and MLP outputs (plain detaching hooks here, tensor hooks in lenscope), the
+    absolute values averaged over the layers other than the cell's own, then over copies."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    extra = {} if by is None else {"by": by}
+    est = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=(kind,),
+        windows=1,
+        estimator="atp-star",
+        **options,
+        **extra,
+    )[kind]
+    assert est.estimator == "atp-star" and est.passes["graddrop_rows"] == 2 * model.cfg.n_layers
+    n_layer = model.cfg.n_layers
+    names = [
+        f"blocks.{x}.attn.hook_z" if kind == "z" else hook_name(kind, x) for x in range(n_layer)
+    ]
+    _, clean, corr, dropped = _atp_star_parts(model, tracer, options, names)
+    rows = []
+    for layer, name in enumerate(names):
+        delta = clean[name] - corr[name]
+        per_drop = [(d[name] * delta).sum(-1) for d in dropped]  # [s, pos] or [s, pos, head]
+        if kind == "z":
+            per_drop = [c.sum(1) for c in per_drop]  # by head: every position
+        rows.append(_graddrop(per_drop, layer))
+    expected = torch.stack(rows)
+    effect = est.scores - est.corrupted_score
+    assert float(expected.abs().max()) > 1e-3
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    plain = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), windows=1, **options, **extra
+    )[kind]
+    assert float((plain.scores - est.scores).abs().max()) > 1e-3  # not AtP
+
+
+@pytest.mark.parametrize("kind", ["q", "k"])
+@pytest.mark.parametrize("by", ["head", "head_pos"])
+def test_atp_star_qk_fix_equals_its_definition(peaked, kind, by):
+    """The QK fix: a query or key cell's estimate is (A' - A) . dM/dA of its layer's pattern,
+    with A' the pattern of a plain forward in which only that cell's queries or keys are
+    clean (one run per cell here) and dM/dA with each other layer dropped in turn (GradDrop);
+    absolute values averaged over the other layers, then over copies."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    est = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by=by, estimator="atp-star", **options
+    )[kind]
+    assert est.passes["qk_rows"] == (model.cfg.n_layers + 1) * 2
+    n_layer = model.cfg.n_layers
+    names = [f"blocks.{x}.attn.hook_{kind}" for x in range(n_layer)]
+    corrupted, clean, corr, dropped = _atp_star_parts(model, tracer, options, names)
+    rows = []
+    for layer, name in enumerate(names):
+        pattern = f"blocks.{layer}.attn.hook_pattern"
+        n_pos, n_heads = corr[name].shape[1], corr[name].shape[2]
+        cells = [(h, [p]) for h in range(n_heads) for p in range(n_pos)]
+        if by == "head":
+            cells = [(h, list(range(n_pos))) for h in range(n_heads)]
+        per_drop = [torch.zeros(2, len(cells)) for _ in range(n_layer)]
+        for c, (head, positions) in enumerate(cells):
+            seen = {}
+
+            def patch(act, hook, head=head, positions=positions, name=name):
+                new = act.clone()
+                new[:, positions, head] = clean[name][0, positions, head].to(act.dtype)
+                return act.copy_(new)
+
+            with torch.no_grad():
+                model.run_with_hooks(
+                    corrupted.tokens,
+                    fwd_hooks=[
+                        *corrupted.fwd_hooks,
+                        (name, patch),
+                        (pattern, lambda act, hook, seen=seen: seen.update(a=act.float().clone())),
+                    ],
+                )
+            change = seen["a"] - corr[pattern]  # [s, head, dest, src]
+            for x in range(n_layer):
+                per_drop[x][:, c] = (change * dropped[x][pattern]).sum((1, 2, 3))
+        estimate = _graddrop(per_drop, layer)
+        rows.append(estimate if by == "head" else estimate.reshape(n_heads, n_pos))
+    expected = torch.stack(rows)
+    effect = est.scores - est.corrupted_score
+    assert float(expected.abs().max()) > 1e-4
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)

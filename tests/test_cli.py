@@ -953,7 +953,9 @@ def test_trace_estimator(run, tiny_model, tmp_path):
     code, _, err, _ = run(
         "trace", *common, "--method", "attribution", "--estimator", "ig", *outputs
     )
-    assert code != 0 and "estimator must be 'atp', 'relp', 'ig:M' or 'ig:M:layer'" in err
+    assert (
+        code != 0 and "estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer'" in err
+    )
 
 
 def _interrupt_second_sweep(monkeypatch):
