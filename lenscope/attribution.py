@@ -18,17 +18,19 @@ score and normalised as the exact trace normalises, so an
 side (``lenscope.plot_traces``) and compare cell by cell (:func:`compare`).
 
 How a cell is estimated is an estimator (``estimator=``): :class:`AtP`, the
-above (default), or :class:`IntegratedGradients` (``"ig:M"``: the gradient
-averaged over ``M`` points of the path from corrupted to clean activations);
-``target="log_prob"`` differentiates the log-probability and converts it to
-the trace's probability scale.
+above (default); :class:`RelP` (``"relp"``: the same product with the
+coefficients of layer-wise relevance propagation instead of the gradient);
+:class:`AtPStar` (``"atp-star"``: GradDrop, and the QK fix for queries and
+keys); or :class:`IntegratedGradients` (``"ig:M"``: the gradient averaged
+over ``M`` points of the path from corrupted to clean activations).
+``target="log_prob"`` differentiates the log-probability and
+``target="logit_diff"`` the answer's logit minus the foil's; each is converted
+to the trace's scale.
 
-Cost of AtP: one clean forward pass, and one forward and one backward pass of the
-corrupted copies (``samples`` rows), for all kinds together. No AtP*
-refinement is implemented: AtP*'s attention-saturation fix recomputes
-attention patterns of query/key nodes, and GradDrop targets the gradient
-through single residual paths; neither applies to restoring whole
-residual-width activations, which is what causal tracing restores.
+Cost of AtP (and RelP): one clean forward pass, and one forward and one
+backward pass of the corrupted copies (``samples`` rows), for all kinds
+together; AtP* adds one forward and backward pass of ``n_layers x samples``
+rows (and, for ``q``/``k``, one forward of ``n_layers + 1`` copies).
 
 The model is left exactly as it was (:func:`lenscope.hooks.preserved_model`):
 parameters' ``requires_grad`` flags and every module's training mode are
@@ -107,10 +109,11 @@ class AttributionResult(TraceResult):
             together: ``{"clean_forward": 1, "corrupted_forward": 1,
             "corrupted_backward": 1, "corrupted_rows": samples}``.
         seconds: Wall time of the whole estimate (all kinds).
-        estimator: The estimator's name (:func:`estimator_from_name`): ``"atp"``
-            or ``"ig:M"`` / ``"ig:M:layer"``.
-        target: The quantity differentiated: ``"metric"`` (the trace's own) or
-            ``"log_prob"`` (converted to the trace's scale, see :func:`attribute`).
+        estimator: The estimator's name (:func:`estimator_from_name`): ``"atp"``,
+            ``"relp"``, ``"atp-star"``, ``"ig:M"`` or ``"ig:M:layer"``.
+        target: The quantity differentiated: ``"metric"`` (the trace's own),
+            ``"log_prob"`` or ``"logit_diff"`` (converted to the trace's scale,
+            see :func:`attribute`).
     """
 
     method: str = "attribution"
@@ -197,7 +200,8 @@ def attribute(
         subject: The subject's text or token range; None with a counterfactual prompt.
         settings: A :class:`TraceSettings`; ``options`` change single fields of it.
         estimator: How a cell's effect is estimated (:func:`estimator_from_name`):
-            ``"atp"`` (default: one gradient at the corrupted run),
+            ``"atp"`` (default: one gradient at the corrupted run), ``"relp"``
+            (relevance patching, :class:`RelP`), ``"atp-star"`` (:class:`AtPStar`),
             ``"ig:M"`` (integrated gradients, ``M`` points on the path from
             the corrupted to the clean activations of a window's layers,
             interpolated together) or ``"ig:M:layer"`` (each layer on its own
@@ -209,6 +213,12 @@ def attribute(
             ``prob``, each corrupted copy's estimated log-probability change
             ``d`` becomes the probability change ``p (exp(d) - 1)`` (exact
             when ``d`` is; at most ``1 - p``), so the result keeps the trace's scale.
+            ``"logit_diff"``: the answer's logit minus the foil's (needs a
+            foil; a counterfactual prompt's top token by default), allowed
+            for the metrics ``prob``, ``log_prob``, ``normalized_prob``,
+            ``logit_diff`` and ``normalized_logit_diff``; for the probability
+            metrics each copy's change ``d`` is converted as if only the
+            answer's logit moved by ``d`` (``p' = p e^d / (1 - p + p e^d)``).
         **options: As for ``trace_kinds`` (``kinds``, ``windows``, ``corruption``,
             ``metric``, ``answer``, ``foil``, ``samples``, ``seed``, ...).
 
@@ -216,8 +226,8 @@ def attribute(
         ``{kind: AttributionResult}`` in the order of ``kinds``.
 
     Raises:
-        InvalidInput: For a per-head kind, ``direction="noise"``, several
-            metrics, ``resid_mid`` on a TransformerBridge, an unknown
+        InvalidInput: For ``q``/``k``/``pattern`` with ``relp``,
+            ``direction="noise"``, several metrics, ``resid_mid`` on a TransformerBridge, an unknown
             estimator or target, or any input the exact trace refuses.
     """
     estimator = estimator_from_name(estimator)
@@ -231,6 +241,14 @@ def attribute(
     names = list(prepared.names)
     answer = prepared.answer_ids or ()
     _check_sequence(prepared, estimator)
+    if target == "logit_diff" and (
+        len(prepared.answer_ids or ()) > 1 or len(prepared.foil_ids or ()) > 1
+    ):
+        raise InvalidInput(
+            f"target='logit_diff' differentiates one answer token against one foil token, got "
+            f"answer {list(prepared.answer_ids or ())} and foil {list(prepared.foil_ids or ())}; "
+            "pass target='metric' (the sequence's log-probability), or tokens of one piece"
+        )
     # An answer of k tokens: every run teacher-forced with its first k - 1
     # (engine.sweep's scoring, differentiable: the sum of their log-probabilities).
     continuation = answer[:-1]
@@ -255,6 +273,8 @@ def attribute(
         def target_fn(measure: Measure) -> PatchingMetric:
             if decoded > 1:
                 return _sequence_target("log_prob" if target == "log_prob" else measure.metrics[0])
+            if target == "logit_diff":
+                return _logit_diff_target(measure.foil_id)
             return _log_prob if target == "log_prob" else measure.metrics[0].differentiable()
 
         def scored(measure: Measure) -> Any:
@@ -304,11 +324,11 @@ def attribute(
         "corrupted_rows": corrupted.samples,
         **extra_passes,
     }
-    # log_prob differentiated for a prob trace: each copy's log-probability
-    # change d is the probability change p (exp(d) - 1) of that copy.
-    converts = target == "log_prob" and settings.metric_names[0] == "prob"
+    # A target other than the metric: each copy's estimated change of the
+    # target becomes the change of the trace's metric (_CONVERSIONS).
+    convert = _CONVERSIONS.get((target, settings.metric_names[0]))
     answer_probs = None
-    if converts:
+    if convert is not None:
         answer_probs = (
             softmax(corrupted_logits)[:, measure.answer_id]
             if decoded == 1
@@ -316,7 +336,9 @@ def attribute(
         )
     grids = {}
     for where in prepared.sites:
-        estimate = _combine(effects[where.name], settings.windows[where.name], answer_probs)
+        estimate = _combine(
+            effects[where.name], settings.windows[where.name], answer_probs, convert
+        )
         if "pos" in where.index_axes:
             # The grid keeps the prompt's positions (an answer's are never restored).
             estimate = estimate.narrow(where.index_axes.index("pos"), 0, prepared.n_pos)
@@ -642,8 +664,9 @@ def window_sum(per_layer: Float[Tensor, "layer ..."], window: int) -> Float[Tens
     return (windows @ per_layer.flatten(1)).reshape(per_layer.shape)
 
 
-TARGETS = ("metric", "log_prob")
-"""What an estimator differentiates: the trace's metric, or the answer's log-probability."""
+TARGETS = ("metric", "log_prob", "logit_diff")
+"""What an estimator differentiates: the trace's metric, the answer's
+log-probability, or its logit minus the foil's."""
 
 IG_ROWS_PER_PASS = 256
 """Rows (path points x corrupted samples) of one integrated-gradients pass: the memory chunk."""
@@ -654,6 +677,20 @@ def _log_prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tens
     return torch.log_softmax(logits.float(), dim=-1)[:, answer]
 
 
+def _logit_diff_target(foil: int | None) -> Callable[..., Tensor]:
+    """``logit[answer] - logit[foil]`` per row, float32, differentiable."""
+    if foil is None:
+        raise InvalidInput(
+            "target='logit_diff' differentiates the answer's logit minus a foil's, got no foil; "
+            "pass foil=' Rome' (or a counterfactual prompt, whose top token is the foil)"
+        )
+
+    def target(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+        return logits[:, answer].float() - logits[:, foil].float()
+
+    return target
+
+
 def check_target(target: Any, settings: TraceSettings) -> None:
     """Refuse a target that is not one of :data:`TARGETS`, or that the metric cannot convert."""
     if target not in TARGETS:
@@ -661,11 +698,19 @@ def check_target(target: Any, settings: TraceSettings) -> None:
             f"target must be one of {TARGETS}, got {target!r}; pass target='log_prob' to "
             "differentiate the answer's log-probability, or leave it out for the trace's metric"
         )
-    if target == "log_prob" and settings.metric_names[0] not in ("prob", "log_prob"):
+    metric = settings.metric_names[0]
+    if target == "log_prob" and metric not in ("prob", "log_prob"):
         raise InvalidInput(
             f"target='log_prob' is converted to the trace's scale only for the metrics 'prob' "
-            f"and 'log_prob', got metric {settings.metric_names[0]!r}; pass target='metric', or "
+            f"and 'log_prob', got metric {metric!r}; pass target='metric', or "
             "metric='prob'"
+        )
+    logit_diff_metrics = ("prob", "log_prob", "normalized_prob", "logit_diff")
+    if target == "logit_diff" and metric not in (*logit_diff_metrics, "normalized_logit_diff"):
+        raise InvalidInput(
+            f"target='logit_diff' is converted to the trace's scale only for the metrics "
+            f"{(*logit_diff_metrics, 'normalized_logit_diff')}, got metric {metric!r}; pass "
+            "target='metric'"
         )
 
 
@@ -1288,28 +1333,68 @@ def _dot(
 
 
 def _combine(
-    effects: Effects, window: int, answer_probs: Float[Tensor, " samples"] | None
+    effects: Effects,
+    window: int,
+    answer_probs: Float[Tensor, " samples"] | None,
+    convert: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "layer ..."]:
     """A kind's estimated metric change per cell: windows, conversion, mean over copies.
 
     Without conversion and for single-layer rows this is the historical
     order (mean over copies, then window sums; bit for bit AtP's numbers).
-    With ``answer_probs`` (log_prob differentiated for a prob trace) each
-    copy's windowed log-probability change ``d`` becomes ``p (exp(d) - 1)``
-    before the mean, at most ``1 - p`` (``exp`` turns an overestimate of a
-    few nats into a probability above 1; ``-p`` needs no bound, ``expm1 > -1``).
+    With ``convert`` (a target other than the metric, :data:`_CONVERSIONS`)
+    each copy's windowed target change ``d`` becomes ``convert(d, p)``, with
+    ``p`` that copy's corrupted answer probability, before the mean.
     """
-    if answer_probs is None and not effects.windowed:
+    if convert is None and not effects.windowed:
         means = torch.stack([row.mean(dim=0) for row in effects.per_sample])
         return window_sum(means.cpu(), window)
     per_sample = effects.per_sample.cpu()
     if not effects.windowed:
         per_sample = window_sum(per_sample, window)
-    if answer_probs is not None:
+    if convert is not None and answer_probs is not None:
         p = answer_probs.cpu().reshape(1, -1, *[1] * (per_sample.ndim - 2))
-        # A restored probability lies in [0, 1]: the change in [-p, 1 - p].
-        per_sample = torch.minimum(p * torch.expm1(per_sample), 1 - p)
+        per_sample = convert(per_sample, p)
     return per_sample.mean(dim=1)
+
+
+def _log_prob_to_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A log-probability change ``d`` as the probability change ``p (exp(d) - 1)`` (<= ``1 - p``).
+
+    A restored probability lies in [0, 1]: ``exp`` turns an overestimate of
+    a few nats into a probability above 1 (``-p`` needs no bound, ``expm1 > -1``).
+    """
+    return torch.minimum(p * torch.expm1(d), 1 - p)
+
+
+def _logit_diff_to_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A logit-difference change ``d`` as a probability change: as if only the answer's moved.
+
+    ``p' = p e^d / (1 - p + p e^d)``, so ``p' - p = p (1 - p) (e^d - 1) / (1 + p (e^d - 1))``
+    (in ``[-p, 1 - p]``; ``d`` clipped to 50 nats against overflow).
+    """
+    grow = torch.expm1(d.clamp(max=50.0))
+    return p * (1 - p) * grow / (1 + p * grow)
+
+
+def _logit_diff_to_log_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A logit-difference change ``d`` as ``log p' - log p = d - log(1 + p (e^d - 1))``."""
+    d = d.clamp(max=50.0)
+    return d - torch.log1p(p * torch.expm1(d))
+
+
+_CONVERSIONS: dict[tuple[str, str], Callable[[Tensor, Tensor], Tensor]] = {
+    ("log_prob", "prob"): _log_prob_to_prob,
+    ("logit_diff", "prob"): _logit_diff_to_prob,
+    ("logit_diff", "normalized_prob"): _logit_diff_to_prob,
+    ("logit_diff", "log_prob"): _logit_diff_to_log_prob,
+}
+"""``(target, metric) -> convert(d, p)``: a copy's target change as its metric change.
+
+A target equal to the metric's own quantity (``log_prob`` for ``log_prob``,
+``logit_diff`` for ``logit_diff`` and ``normalized_logit_diff``, which the
+trace normalises afterwards as it normalises the metric) needs none.
+"""
 
 
 def compare(

@@ -700,6 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
         "atp-star (AtP*: GradDrop, and the QK fix for q/k heads), "
         "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
     )
+    trace.add_argument(
+        "--target",
+        choices=("metric", "log_prob", "logit_diff"),
+        default="metric",
+        help="with --method attribution: what the estimator differentiates: the trace's metric "
+        "(default), the answer's log-probability, or its logit minus the foil's (--foil; a "
+        "counterfactual's top token by default), converted to the metric's scale",
+    )
     trace.set_defaults(run=run_trace)
 
     patch = sub.add_parser(
@@ -1087,17 +1095,28 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     from lenscope.validation import InvalidInput
 
     estimator = getattr(args, "estimator", "atp")
+    target = getattr(args, "target", "metric")
     if estimator != "atp" and getattr(args, "method", "exact") != "attribution":
         raise InvalidInput(
             f"--estimator chooses how attribution estimates cells, got --estimator {estimator} "
             "without --method attribution; add --method attribution, or leave --estimator out"
+        )
+    if target != "metric" and getattr(args, "method", "exact") != "attribution":
+        raise InvalidInput(
+            f"--target chooses what attribution differentiates, got --target {target} "
+            "without --method attribution; add --method attribution, or leave --target out"
         )
     estimator_from_name(estimator)  # a bad name is refused before the model loads
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     if getattr(args, "method", "exact") == "attribution":
         results = tracer.attribute(
-            args.prompt, subject, answer=args.answer, estimator=estimator, **trace_options(args)
+            args.prompt,
+            subject,
+            answer=args.answer,
+            estimator=estimator,
+            target=target,
+            **trace_options(args),
         )
         passes = next(iter(results.values())).passes
         print(

@@ -205,7 +205,7 @@ def test_converges_to_the_exact_effect_of_a_small_patch(gpt2):
 # ---------------------------------------------------------------- estimators and targets
 
 
-def _plain_path(model, tracer, options, paths, alphas, log_prob=False):
+def _plain_path(model, tracer, options, paths, alphas, log_prob=False, foil=None):
     """Per path, sample and position: the mean over ``alphas`` of grad . (clean - corrupted),
     summed over the path's hook names, with every position of each name set to
     corrupted + alpha (clean - corrupted) in place, one plain autograd pass per alpha; and
@@ -251,7 +251,10 @@ def _plain_path(model, tracer, options, paths, alphas, log_prob=False):
                     fwd_hooks=[*corrupted.fwd_hooks, *((n, setter(n)) for n in path)],
                 )[:, -1].float()
                 score = torch.log_softmax(logits, -1) if log_prob else torch.softmax(logits, -1)
-                grads = torch.autograd.grad(score[:, answer].sum(), [leaves[n] for n in path])
+                score = score[:, answer]
+                if foil is not None:  # the logit difference
+                    score = logits[:, answer] - logits[:, foil]
+                grads = torch.autograd.grad(score.sum(), [leaves[n] for n in path])
             for name, grad in zip(path, grads, strict=True):
                 total = total + (grad * (clean[name] - corr[name])).sum(-1)
         out.append(total / len(alphas))
@@ -331,6 +334,54 @@ def test_log_prob_target_converts_each_copy_to_probability(peaked, estimator):
     torch.testing.assert_close(est.scores - est.corrupted_score, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("metric", ["prob", "log_prob", "logit_diff"])
+@pytest.mark.parametrize("estimator", ["atp", "relp"])
+def test_logit_diff_target_converts_each_copy_to_the_metric(peaked, metric, estimator):
+    """target='logit_diff': each copy's estimated change d of logit[answer] - logit[foil]
+    (the gradient of that difference, autograd through plain hooks) becomes, as if only the
+    answer's logit moved by d, p' - p with p' = p e^d / (1 - p + p e^d) for prob,
+    log p' - log p for log_prob, and d itself for logit_diff; then the mean over copies.
+    (relp: its coefficients are checked elsewhere; here the same target and conversion.)"""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2)
+    est = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=("mlp_out",),
+        windows=1,
+        target="logit_diff",
+        metric=metric,
+        foil=" rome",
+        estimator=estimator,
+        **options,
+    )["mlp_out"]
+    assert est.target == "logit_diff" and est.metric == metric
+    if estimator == "relp":  # the conversion is the same; the coefficients differ from autograd
+        atp = tracer.attribute(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kinds=("mlp_out",),
+            windows=1,
+            target="logit_diff",
+            metric=metric,
+            foil=" rome",
+            **options,
+        )["mlp_out"]
+        assert float((atp.scores - est.scores).abs().max()) > 1e-4
+        return
+    foil = model.to_single_token(" rome")
+    paths = [(hook_name("mlp_out", x),) for x in range(model.cfg.n_layers)]
+    d, p = _plain_path(model, tracer, options, paths, [0.0], foil=foil)
+    p = p[None, :, None].double()
+    d = d.double()
+    patched = p * d.exp() / (1 - p + p * d.exp())
+    change = {"prob": patched - p, "log_prob": patched.log() - p.log(), "logit_diff": d}[metric]
+    expected = change.mean(dim=1).float()
+    assert float(d.abs().max()) > 1e-2
+    torch.testing.assert_close(est.scores - est.corrupted_score, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
 def test_integrated_gradients_are_complete_on_the_whole_residual(peaked, kind):
     """Restoring every position of a layer's residual stream is the clean run, so the sum
@@ -381,7 +432,15 @@ def test_atp_is_the_default_and_unchanged(gpt2):
         ),
         (dict(estimator="eap"), r"got 'eap'; pass e.g. estimator='ig:16'"),
         (dict(estimator="ig:4:joint"), r"got 'ig:4:joint'"),
-        (dict(target="logit"), r"target must be one of \('metric', 'log_prob'\), got 'logit'"),
+        (
+            dict(target="logit"),
+            r"target must be one of \('metric', 'log_prob', 'logit_diff'\), got 'logit'",
+        ),
+        (dict(target="logit_diff"), r"target='logit_diff' .* got no foil; pass foil="),
+        (
+            dict(target="logit_diff", metric="kl_div"),
+            r"target='logit_diff' is converted .* got metric 'kl_div'",
+        ),
         (
             dict(target="log_prob", metric="logit_diff", foil=" the"),
             r"only for the metrics 'prob' and 'log_prob', got metric 'logit_diff'",

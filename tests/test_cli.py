@@ -958,6 +958,35 @@ def test_trace_estimator(run, tiny_model, tmp_path):
     )
 
 
+def test_trace_target_and_relp(run, tiny_model, tmp_path):
+    """--estimator relp --target log_prob gives tracer.attribute(estimator='relp',
+    target='log_prob'); --target without --method attribution is refused."""
+    import torch
+
+    import lenscope
+
+    js = tmp_path / "a.json"
+    common = (TINY_PROMPT, "--subject", "The Eiffel Tower", "--samples", "2", "--kinds", "mlp_out")
+    outputs = ("--out", str(tmp_path / "a.html"), "--json", str(js), "--quiet")
+    options = ("--method", "attribution", "--estimator", "relp", "--target", "log_prob")
+    code, _, err, _ = run("trace", *common, *options, *outputs)
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    expected = lenscope.CausalTracer(tiny_model, progress=False).attribute(
+        TINY_PROMPT,
+        "The Eiffel Tower",
+        kinds=("mlp_out",),
+        samples=2,
+        seed=0,
+        estimator="relp",
+        target="log_prob",
+    )["mlp_out"]
+    assert data["mlp_out"]["estimator"] == "relp" and data["mlp_out"]["target"] == "log_prob"
+    torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)
+    code, _, err, _ = run("trace", *common, "--target", "log_prob", *outputs)
+    assert code != 0 and "--target log_prob without --method attribution" in err
+
+
 def _interrupt_second_sweep(monkeypatch):
     """Ctrl-C as the second kind's sweep starts."""
     import lenscope.engine
