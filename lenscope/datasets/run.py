@@ -144,11 +144,11 @@ def trace_dataset(
         recheck: With ``method="attribution"``, trace each fact's ``recheck``
             highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
         estimator: With ``method="attribution"``, how cells are estimated:
-            ``"atp"`` (default), ``"ig:M"`` or ``"ig:M:layer"``
+            ``"atp"`` (default), ``"relp"``, ``"atp-star"``, ``"ig:M"`` or ``"ig:M:layer"``
             (:func:`lenscope.attribution.estimator_from_name`); recorded in the
             checkpoint header, so a checkpoint never mixes two estimators.
-        target: With ``method="attribution"``, ``"metric"`` (default) or
-            ``"log_prob"`` (see :func:`lenscope.attribution.attribute`).
+        target: With ``method="attribution"``, ``"metric"`` (default),
+            ``"log_prob"`` or ``"logit_diff"`` (see :func:`lenscope.attribution.attribute`).
 
     Returns:
         The :class:`DatasetSummary` of the facts in ``facts`` (in their order;
