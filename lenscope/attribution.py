@@ -1289,6 +1289,10 @@ def interpolated_gradients(
 
             def hook(act: Tensor, hook: Any) -> Tensor:
                 new = act.index_put((rows.to(act.device),), leaves[name].to(act))
+                if ".attn.hook_" in name:
+                    # A head's hook point consumes the returned tensor (an in-place
+                    # write would change softmax's saved output, a pattern).
+                    return new
                 return act.copy_(new)
 
             return hook

@@ -1086,8 +1086,18 @@ def test_head_sites_equal_autograd_on_the_patch(two_layer, kind, estimator):
     that position, by autograd through a plain patch hook (at the corrupted run for atp; for
     ig:2 on top of the layer interpolated at the 2 midpoints, averaged); by='head' is the sum
     over positions. On TransformerBridge the heads' backward hooks never fire: the gradient
-    comes from a zero probe added in place to the hook's view."""
-    model = two_layer
+    comes from a zero probe the hook adds and returns."""
+    _check_heads(two_layer, kind, estimator)
+
+
+@pytest.mark.parametrize("estimator", ["atp", "ig:2"])
+def test_head_patterns_on_a_bridge(peaked, estimator):
+    """The same on the TransformerBridge of either TransformerLens (on 3.9 its pattern is
+    softmax's own saved output, which no hook may change in place)."""
+    _check_heads(peaked, "pattern", estimator)
+
+
+def _check_heads(model, kind, estimator):
     tracer = _tracer(model)
     options = dict(samples=2, seed=2, metric="log_prob")
     per_pos = tracer.attribute(
