@@ -18,17 +18,19 @@ score and normalised as the exact trace normalises, so an
 side (``lenscope.plot_traces``) and compare cell by cell (:func:`compare`).
 
 How a cell is estimated is an estimator (``estimator=``): :class:`AtP`, the
-above (default), or :class:`IntegratedGradients` (``"ig:M"``: the gradient
-averaged over ``M`` points of the path from corrupted to clean activations);
-``target="log_prob"`` differentiates the log-probability and converts it to
-the trace's probability scale.
+above (default); :class:`RelP` (``"relp"``: the same product with the
+coefficients of layer-wise relevance propagation instead of the gradient);
+:class:`AtPStar` (``"atp-star"``: GradDrop, and the QK fix for queries and
+keys); or :class:`IntegratedGradients` (``"ig:M"``: the gradient averaged
+over ``M`` points of the path from corrupted to clean activations).
+``target="log_prob"`` differentiates the log-probability and
+``target="logit_diff"`` the answer's logit minus the foil's; each is converted
+to the trace's scale.
 
-Cost of AtP: one clean forward pass, and one forward and one backward pass of the
-corrupted copies (``samples`` rows), for all kinds together. No AtP*
-refinement is implemented: AtP*'s attention-saturation fix recomputes
-attention patterns of query/key nodes, and GradDrop targets the gradient
-through single residual paths; neither applies to restoring whole
-residual-width activations, which is what causal tracing restores.
+Cost of AtP (and RelP): one clean forward pass, and one forward and one
+backward pass of the corrupted copies (``samples`` rows), for all kinds
+together; AtP* adds one forward and backward pass of ``n_layers x samples``
+rows (and, for ``q``/``k``, one forward of ``n_layers + 1`` copies).
 
 The model is left exactly as it was (:func:`lenscope.hooks.preserved_model`):
 parameters' ``requires_grad`` flags and every module's training mode are
@@ -39,12 +41,15 @@ a ``TransformerBridge`` hands some forward hooks a reshaped view that its
 forward pass never consumes.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -53,6 +58,7 @@ from lenscope import engine
 from lenscope.experiment import Grid, Measure, continued_input, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
+    capture_forward,
     decode_resid,
     hook_name,
     is_bridge,
@@ -65,22 +71,27 @@ from lenscope.metrics import PatchingMetric, softmax
 from lenscope.names import KINDS
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings
-from lenscope.sites import HeadSite, Site, site
+from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
 from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
     "AtP",
+    "AtPStar",
     "AttributionResult",
     "Comparison",
     "IntegratedGradients",
+    "RelP",
     "attribute",
     "compare",
     "estimator_from_name",
     "recheck_top",
 ]
 
-ATTRIBUTION_KINDS = (*KINDS, "mlp_post")
-"""Kinds attribution patching estimates: the residual-width activations and MLP neurons."""
+ATTRIBUTION_KINDS = (*KINDS, "mlp_post", *HEAD_KINDS)
+"""Kinds attribution patching estimates: residual-width activations, MLP neurons and heads."""
+
+RELP_NO_RELEVANCE = ("q", "k", "pattern")
+"""Head kinds that RelP's fixed attention patterns give no relevance (refused for ``relp``)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,10 +109,11 @@ class AttributionResult(TraceResult):
             together: ``{"clean_forward": 1, "corrupted_forward": 1,
             "corrupted_backward": 1, "corrupted_rows": samples}``.
         seconds: Wall time of the whole estimate (all kinds).
-        estimator: The estimator's name (:func:`estimator_from_name`): ``"atp"``
-            or ``"ig:M"`` / ``"ig:M:layer"``.
-        target: The quantity differentiated: ``"metric"`` (the trace's own) or
-            ``"log_prob"`` (converted to the trace's scale, see :func:`attribute`).
+        estimator: The estimator's name (:func:`estimator_from_name`): ``"atp"``,
+            ``"relp"``, ``"atp-star"``, ``"ig:M"`` or ``"ig:M:layer"``.
+        target: The quantity differentiated: ``"metric"`` (the trace's own),
+            ``"log_prob"`` or ``"logit_diff"`` (converted to the trace's scale,
+            see :func:`attribute`).
     """
 
     method: str = "attribution"
@@ -188,7 +200,8 @@ def attribute(
         subject: The subject's text or token range; None with a counterfactual prompt.
         settings: A :class:`TraceSettings`; ``options`` change single fields of it.
         estimator: How a cell's effect is estimated (:func:`estimator_from_name`):
-            ``"atp"`` (default: one gradient at the corrupted run),
+            ``"atp"`` (default: one gradient at the corrupted run), ``"relp"``
+            (relevance patching, :class:`RelP`), ``"atp-star"`` (:class:`AtPStar`),
             ``"ig:M"`` (integrated gradients, ``M`` points on the path from
             the corrupted to the clean activations of a window's layers,
             interpolated together) or ``"ig:M:layer"`` (each layer on its own
@@ -200,6 +213,12 @@ def attribute(
             ``prob``, each corrupted copy's estimated log-probability change
             ``d`` becomes the probability change ``p (exp(d) - 1)`` (exact
             when ``d`` is; at most ``1 - p``), so the result keeps the trace's scale.
+            ``"logit_diff"``: the answer's logit minus the foil's (needs a
+            foil; a counterfactual prompt's top token by default), allowed
+            for the metrics ``prob``, ``log_prob``, ``normalized_prob``,
+            ``logit_diff`` and ``normalized_logit_diff``; for the probability
+            metrics each copy's change ``d`` is converted as if only the
+            answer's logit moved by ``d`` (``p' = p e^d / (1 - p + p e^d)``).
         **options: As for ``trace_kinds`` (``kinds``, ``windows``, ``corruption``,
             ``metric``, ``answer``, ``foil``, ``samples``, ``seed``, ...).
 
@@ -207,13 +226,13 @@ def attribute(
         ``{kind: AttributionResult}`` in the order of ``kinds``.
 
     Raises:
-        InvalidInput: For a per-head kind, ``direction="noise"``, several
-            metrics, ``resid_mid`` on a TransformerBridge, an unknown
+        InvalidInput: For ``q``/``k``/``pattern`` with ``relp``,
+            ``direction="noise"``, several metrics, ``resid_mid`` on a TransformerBridge, an unknown
             estimator or target, or any input the exact trace refuses.
     """
     estimator = estimator_from_name(estimator)
     settings = tracer.settings(settings, **options)
-    _check_supported(tracer.model, settings)
+    _check_supported(tracer.model, settings, estimator)
     check_target(target, settings)
     started = time.perf_counter()
     model = tracer.model
@@ -222,6 +241,14 @@ def attribute(
     names = list(prepared.names)
     answer = prepared.answer_ids or ()
     _check_sequence(prepared, estimator)
+    if target == "logit_diff" and (
+        len(prepared.answer_ids or ()) > 1 or len(prepared.foil_ids or ()) > 1
+    ):
+        raise InvalidInput(
+            f"target='logit_diff' differentiates one answer token against one foil token, got "
+            f"answer {list(prepared.answer_ids or ())} and foil {list(prepared.foil_ids or ())}; "
+            "pass target='metric' (the sequence's log-probability), or tokens of one piece"
+        )
     # An answer of k tokens: every run teacher-forced with its first k - 1
     # (engine.sweep's scoring, differentiable: the sum of their log-probabilities).
     continuation = answer[:-1]
@@ -246,12 +273,28 @@ def attribute(
         def target_fn(measure: Measure) -> PatchingMetric:
             if decoded > 1:
                 return _sequence_target("log_prob" if target == "log_prob" else measure.metrics[0])
+            if target == "logit_diff":
+                return _logit_diff_target(measure.foil_id)
             return _log_prob if target == "log_prob" else measure.metrics[0].differentiable()
 
         def scored(measure: Measure) -> Any:
             return measure.answer_ids if decoded > 1 else measure.answer_id
 
-        grads = corrupted_gradients(model, corrupted, names, scores_of, decoded=decoded)
+        probed = [
+            name
+            for where in prepared.sites
+            if isinstance(where, HeadSite)
+            for name in where.hook_names(prepared.n_layer)
+        ]
+        grads = corrupted_gradients(
+            model,
+            corrupted,
+            names,
+            scores_of,
+            decoded=decoded,
+            rules=estimator.rules(model),
+            probed=probed,
+        )
         (measure,) = measured
         groups = {
             where.name: (where.hook_names(prepared.n_layer), settings.windows[where.name])
@@ -281,11 +324,11 @@ def attribute(
         "corrupted_rows": corrupted.samples,
         **extra_passes,
     }
-    # log_prob differentiated for a prob trace: each copy's log-probability
-    # change d is the probability change p (exp(d) - 1) of that copy.
-    converts = target == "log_prob" and settings.metric_names[0] == "prob"
+    # A target other than the metric: each copy's estimated change of the
+    # target becomes the change of the trace's metric (_CONVERSIONS).
+    convert = _CONVERSIONS.get((target, settings.metric_names[0]))
     answer_probs = None
-    if converts:
+    if convert is not None:
         answer_probs = (
             softmax(corrupted_logits)[:, measure.answer_id]
             if decoded == 1
@@ -293,7 +336,9 @@ def attribute(
         )
     grids = {}
     for where in prepared.sites:
-        estimate = _combine(effects[where.name], settings.windows[where.name], answer_probs)
+        estimate = _combine(
+            effects[where.name], settings.windows[where.name], answer_probs, convert
+        )
         if "pos" in where.index_axes:
             # The grid keeps the prompt's positions (an answer's are never restored).
             estimate = estimate.narrow(where.index_axes.index("pos"), 0, prepared.n_pos)
@@ -389,17 +434,16 @@ def _top_cells(scores: Float[Tensor, "layer pos"], k: int) -> Tensor:
     return torch.stack([index // scores.shape[1], index % scores.shape[1]], dim=1)
 
 
-def _check_supported(model: torch.nn.Module, settings: TraceSettings) -> None:
+def _check_supported(
+    model: torch.nn.Module, settings: TraceSettings, estimator: "Estimator | None" = None
+) -> None:
     """Refuse what attribution patching here does not estimate, saying what to do instead."""
-    heads = [
-        k for k, s in zip(settings.kinds, settings.sites, strict=True) if isinstance(s, HeadSite)
-    ]
-    if heads:
+    fixed = [k for k in settings.kinds if k in RELP_NO_RELEVANCE]
+    if isinstance(estimator, RelP) and fixed:
         raise InvalidInput(
-            f"attribution estimates the residual-width kinds and MLP neurons "
-            f"{ATTRIBUTION_KINDS}, got the per-head kind(s) {heads}; pass "
-            "kinds=('resid_post', 'mlp_out', 'attn_out'), or "
-            "trace heads exactly (tracer.trace(kind='z', by='head'))"
+            f"estimator='relp' holds every attention pattern fixed (the AH-rule), so queries, "
+            f"keys and patterns receive no relevance, got kinds {fixed}; pass estimator='atp' "
+            "or 'ig:16' for them, or kinds 'z' / 'v' (the heads' outputs and values)"
         )
     if settings.direction != "denoise":
         raise InvalidInput(
@@ -472,8 +516,9 @@ def _check_sequence(prepared: Any, estimator: "Estimator") -> None:
         return
     if not isinstance(estimator, AtP):
         raise InvalidInput(
-            f"an answer of several tokens is estimated with estimator='atp' only, got "
-            f"{estimator.name!r} (answer {list(answer)}); pass estimator='atp', or trace it exactly"
+            "an answer of several tokens is estimated with estimator='atp' or estimator='relp' "
+            f"only, got {estimator.name!r} (answer {list(answer)}); pass estimator='atp', or "
+            "trace it exactly"
         )
     metric = prepared.settings.metric_names[0]
     if len(answer) <= 1 or metric not in ("prob", "log_prob", "normalized_prob"):
@@ -496,6 +541,9 @@ def corrupted_gradients(
     scores_of: Callable[[Float[Tensor, "batch *answer d_vocab"]], Float[Tensor, " batch"]],
     *,
     decoded: int = 1,
+    rules: Sequence[tuple[str, Callable[..., Any]]] = (),
+    probed: Sequence[str] = (),
+    copies: int = 1,
 ) -> GradientRun:
     """One forward and one backward pass of the corrupted copies.
 
@@ -516,6 +564,18 @@ def corrupted_gradients(
         decoded: Positions decoded: the last one, or the last ``decoded``
             (an answer of several tokens, teacher-forced: logits ``[batch,
             decoded, d_vocab]``).
+        rules: Forward hooks, added after the others, that change how the
+            backward pass propagates without changing the forward values
+            (:meth:`RelP.rules`); none for plain gradients.
+        probed: Hook points (among ``names``) whose gradient is read from a
+            zero "probe" added to the activation by their forward hook (the
+            hook returns ``act + probe``), not from a backward hook: a
+            TransformerBridge's per-head hook points (``attn.hook_z``,
+            ``hook_q``, ...) convert the tensor for their hooks and never fire
+            a backward hook, but the tensor a hook returns is converted back
+            and consumed.
+        copies: Copies of the corrupted rows in the batch (copy-major), for
+            ``rules`` that treat the copies differently (:class:`AtPStar`'s GradDrop).
     """
     final_name = hook_name("resid_post", n_layers(model) - 1)
     activations: dict[str, Tensor] = {}
@@ -527,9 +587,13 @@ def corrupted_gradients(
         return live[EMBED_HOOK]
 
     def keep(name: str) -> Any:
-        def hook(act: Tensor, hook: Any) -> None:
-            live[name] = act
+        def hook(act: Tensor, hook: Any) -> Tensor | None:
             activations[name] = act.detach().clone()
+            if name not in probed:
+                live[name] = act
+                return None
+            live[name] = torch.zeros_like(act, requires_grad=True)
+            return act + live[name]
 
         return hook
 
@@ -544,11 +608,12 @@ def corrupted_gradients(
         raise _Stop
 
     fwd = [*corrupted.fwd_hooks, (EMBED_HOOK, leaf), *((n, keep(n)) for n in names)]
+    fwd.extend(rules)
     fwd.append((final_name, stop))
-    bwd = [(n, grab(n)) for n in names if n != final_name]
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+    bwd = [(n, grab(n)) for n in names if n != final_name and n not in probed]
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd), _quiet_rules(rules):
         try:
-            model(corrupted.batch_tokens(1))
+            model(corrupted.batch_tokens(copies))
         except _Stop:
             pass
         logits = _decode_last(model, live[final_name], decoded)
@@ -599,8 +664,9 @@ def window_sum(per_layer: Float[Tensor, "layer ..."], window: int) -> Float[Tens
     return (windows @ per_layer.flatten(1)).reshape(per_layer.shape)
 
 
-TARGETS = ("metric", "log_prob")
-"""What an estimator differentiates: the trace's metric, or the answer's log-probability."""
+TARGETS = ("metric", "log_prob", "logit_diff")
+"""What an estimator differentiates: the trace's metric, the answer's
+log-probability, or its logit minus the foil's."""
 
 IG_ROWS_PER_PASS = 256
 """Rows (path points x corrupted samples) of one integrated-gradients pass: the memory chunk."""
@@ -611,6 +677,20 @@ def _log_prob(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tens
     return torch.log_softmax(logits.float(), dim=-1)[:, answer]
 
 
+def _logit_diff_target(foil: int | None) -> Callable[..., Tensor]:
+    """``logit[answer] - logit[foil]`` per row, float32, differentiable."""
+    if foil is None:
+        raise InvalidInput(
+            "target='logit_diff' differentiates the answer's logit minus a foil's, got no foil; "
+            "pass foil=' Rome' (or a counterfactual prompt, whose top token is the foil)"
+        )
+
+    def target(logits: Float[Tensor, "batch d_vocab"], answer: int) -> Float[Tensor, " batch"]:
+        return logits[:, answer].float() - logits[:, foil].float()
+
+    return target
+
+
 def check_target(target: Any, settings: TraceSettings) -> None:
     """Refuse a target that is not one of :data:`TARGETS`, or that the metric cannot convert."""
     if target not in TARGETS:
@@ -618,11 +698,19 @@ def check_target(target: Any, settings: TraceSettings) -> None:
             f"target must be one of {TARGETS}, got {target!r}; pass target='log_prob' to "
             "differentiate the answer's log-probability, or leave it out for the trace's metric"
         )
-    if target == "log_prob" and settings.metric_names[0] not in ("prob", "log_prob"):
+    metric = settings.metric_names[0]
+    if target == "log_prob" and metric not in ("prob", "log_prob"):
         raise InvalidInput(
             f"target='log_prob' is converted to the trace's scale only for the metrics 'prob' "
-            f"and 'log_prob', got metric {settings.metric_names[0]!r}; pass target='metric', or "
+            f"and 'log_prob', got metric {metric!r}; pass target='metric', or "
             "metric='prob'"
+        )
+    logit_diff_metrics = ("prob", "log_prob", "normalized_prob", "logit_diff")
+    if target == "logit_diff" and metric not in (*logit_diff_metrics, "normalized_logit_diff"):
+        raise InvalidInput(
+            f"target='logit_diff' is converted to the trace's scale only for the metrics "
+            f"{(*logit_diff_metrics, 'normalized_logit_diff')}, got metric {metric!r}; pass "
+            "target='metric'"
         )
 
 
@@ -691,6 +779,10 @@ class AtP:
         """``"atp"``."""
         return "atp"
 
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients: no forward hook changes the backward pass."""
+        return []
+
     def effects(
         self, inputs: EstimatorInputs, groups: Groups
     ) -> tuple[dict[str, Effects], dict[str, int]]:
@@ -749,6 +841,10 @@ class IntegratedGradients:
         """``"ig:M"`` (window path) or ``"ig:M:layer"``."""
         return f"ig:{self.steps}" + (":layer" if self.path == "layer" else "")
 
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients at the corrupted run (its own passes interpolate)."""
+        return []
+
     def effects(
         self, inputs: EstimatorInputs, groups: Groups
     ) -> tuple[dict[str, Effects], dict[str, int]]:
@@ -786,12 +882,330 @@ class IntegratedGradients:
         return out, passes
 
 
-Estimator = AtP | IntegratedGradients
+@dataclasses.dataclass(frozen=True)
+class RelP(AtP):
+    """Relevance patching (Rezaei Jafari et al. 2025, arXiv 2508.21258).
+
+    AtP's product ``(a_clean - a_corrupted) . g`` with ``g`` the
+    layer-wise relevance propagation (LRP) coefficients in place of the
+    gradient: one forward and one backward pass of the corrupted copies, as
+    AtP, whose backward follows the rules of :func:`relevance_rules` (the
+    forward values are unchanged). A window is the sum of its layers' estimates.
+    """
+
+    @property
+    def name(self) -> str:
+        """``"relp"``."""
+        return "relp"
+
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """The LRP rules as forward hooks (:func:`relevance_rules`)."""
+        return relevance_rules(model)
+
+
+def relevance_rules(model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks whose backward pass is RelP's LRP rules; the forward values are kept.
+
+    Each hook returns a tensor equal to its input (up to float rounding) in
+    which the factor an LRP rule holds fixed is detached:
+
+    - LayerNorm / RMSNorm (LN-rule): every norm's ``hook_scale`` is detached,
+      so a norm is the linear map ``x -> (x - mean) / s * w + b`` with ``s`` fixed.
+    - Attention (AH-rule, CP-LRP): ``attn.hook_pattern`` is detached; the
+      head is linear in its values, queries and keys receive nothing.
+    - The MLP activation (identity rule): ``post = pre * [act(pre) / pre]``
+      with the bracket detached (0 where ``pre`` is exactly 0).
+    - A gated MLP's product ``act(gate) * linear`` (uniform or half rule, as
+      AttnLRP's ``mul2``): half of the relevance to each factor,
+      ``0.5 act(gate) linear~ + 0.5 act(gate)~ linear`` (``~`` detached), and
+      the gate's activation by the identity rule.
+
+    Args:
+        model: A HookedTransformer or TransformerBridge (compatibility mode).
+
+    Returns:
+        ``[(hook name, forward hook)]`` for one forward pass.
+
+    Raises:
+        InvalidInput: If a block lacks a hook point the rules need.
+    """
+    available = set(model.hook_dict)
+    gated = bool(getattr(model.cfg, "gated_mlp", False))
+    parts = ("attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post")
+    parts = (*parts, "mlp.hook_pre_linear") if gated else parts
+    layers = range(n_layers(model))
+    missing = [
+        f"blocks.{x}.{p}" for x in layers for p in parts if f"blocks.{x}.{p}" not in available
+    ]
+    if missing:
+        raise InvalidInput(
+            f"estimator='relp' needs the hook points {list(parts)} in every block, got "
+            f"{model_name(model)!r} without {missing[:3]}; pass estimator='atp' or 'ig:16'"
+        )
+    live: dict[tuple[str, int], Tensor] = {}
+
+    def detached(act: Tensor, hook: Any) -> Tensor:
+        return act.detach()
+
+    def keep(key: tuple[str, int]) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            live[key] = act
+
+        return hook
+
+    def identity_rule(layer: int) -> Callable[..., Tensor]:
+        def hook(post: Tensor, hook: Any) -> Tensor:
+            pre = live.pop(("pre", layer))
+            return pre * (post / _nonzero(pre)).detach()
+
+        return hook
+
+    def half_rule(layer: int) -> Callable[..., Tensor]:
+        def hook(post: Tensor, hook: Any) -> Tensor:
+            gate, linear = live.pop(("pre", layer)), live.pop(("linear", layer))
+            activation = (post / _nonzero(linear)).detach()
+            through_gate = gate * (activation / _nonzero(gate)).detach()
+            return 0.5 * through_gate * linear.detach() + 0.5 * activation * linear
+
+        return hook
+
+    hooks: list[tuple[str, Callable[..., Any]]] = [
+        (name, detached) for name in sorted(available) if name.endswith("hook_scale")
+    ]
+    for x in layers:
+        hooks.append((f"blocks.{x}.attn.hook_pattern", detached))
+        hooks.append((f"blocks.{x}.mlp.hook_pre", keep(("pre", x))))
+        if gated:
+            hooks.append((f"blocks.{x}.mlp.hook_pre_linear", keep(("linear", x))))
+        hooks.append((f"blocks.{x}.mlp.hook_post", (half_rule if gated else identity_rule)(x)))
+    return hooks
+
+
+def _nonzero(x: Tensor) -> Tensor:
+    """``x`` with exact zeros replaced by 1 (a divisor; the quotient's numerator is 0 there)."""
+    return torch.where(x == 0, torch.ones_like(x), x)
+
+
+NATIVE_NORM_EDIT = "A forward hook edited hook_scale"
+"""The start of TransformerLens 4's warning when a hook edits a norm's ``hook_scale``."""
+
+
+@contextlib.contextmanager
+def _quiet_rules(rules: Sequence[Any]) -> Iterator[None]:
+    """Silence TL4's warning that a norm reconstructs its output from an edited scale.
+
+    RelP detaches ``hook_scale`` on purpose; the reconstruction differs from
+    the native norm at float rounding only.
+    """
+    with warnings.catch_warnings():
+        if rules:
+            warnings.filterwarnings("ignore", message=NATIVE_NORM_EDIT)
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class AtPStar:
+    """AtP* (Kramar et al. 2024, arXiv 2403.00745): GradDrop, and the QK fix for queries and keys.
+
+    GradDrop: for each layer ``l``, the AtP estimate of every cell with the
+    gradient that flows back through layer ``l``'s attention and MLP outputs
+    (``hook_attn_out``, ``hook_mlp_out``) dropped, the residual path kept:
+    ``c_l``. A cell of layer ``n`` gets ``1 / (L - 1) sum_{l != n} |c_l|``,
+    per corrupted copy, then the copies' mean (each copy is its own
+    clean/corrupted pair, as AtP* defines it for one pair). All ``L`` dropped
+    copies ride in one batched forward and backward pass.
+
+    QK fix (kinds ``q`` and ``k``): a query's or key's effect goes to the
+    output through its layer's attention pattern; the pattern the patch
+    gives is computed exactly (a softmax of the patched scores: one forward
+    of copies with a layer's queries, or keys, set to their clean values,
+    every head and position at once, reading ``hook_attn_scores``), and only
+    the rest is linear: ``c = sum (A_patched - A_corrupted) . dM/dA``, with
+    ``dM/dA`` from the GradDrop pass. For one key position ``s`` the
+    patched row is the corrupted row with that one score changed, softmaxed
+    again. Other kinds: GradDrop of the AtP estimate.
+
+    The estimates are magnitudes (>= 0), as AtP* ranks nodes by ``|effect|``.
+    """
+
+    @property
+    def name(self) -> str:
+        """``"atp-star"``."""
+        return "atp-star"
+
+    def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
+        """Plain gradients at the corrupted run (its own passes drop layers)."""
+        return []
+
+    def effects(
+        self, inputs: EstimatorInputs, groups: Groups
+    ) -> tuple[dict[str, Effects], dict[str, int]]:
+        """GradDrop (and the QK fix) per layer and copy of every kind."""
+        model, corrupted = inputs.model, inputs.corrupted
+        n_layer, samples = n_layers(model), corrupted.samples
+        patterns = {
+            kind: [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+            for kind in groups
+            if kind in ("q", "k")
+        }
+        names = list(dict.fromkeys(n for names, _ in groups.values() for n in names))
+        names += [n for group in patterns.values() for n in group if n not in names]
+        probed = [n for n in names if ".attn.hook_" in n]
+        dropped = corrupted_gradients(
+            model,
+            corrupted,
+            names,
+            lambda logits: inputs.target_fn(logits, inputs.answer_id),
+            rules=_drop_rules(n_layer, samples),
+            probed=probed,
+            copies=n_layer,
+        )
+        passes = {
+            "graddrop_forward": 1,
+            "graddrop_backward": 1,
+            "graddrop_rows": n_layer * samples,
+        }
+        scores = _patched_scores(inputs, tuple(patterns)) if patterns else {}
+        if patterns:
+            passes |= {"qk_forward": 1, "qk_rows": (len(patterns) * n_layer + 1) * samples}
+        out = {}
+        for kind, (hooks, _) in groups.items():
+            where = inputs.site(kind)
+            rows = []
+            for layer, name in enumerate(hooks):
+                grad = dropped.gradients[name if kind not in patterns else patterns[kind][layer]]
+                grad = grad.float().unflatten(0, (n_layer, samples))  # [dropped layer, s, ...]
+                if kind in patterns:
+                    per_drop = _qk_fixed(where, kind, layer, scores, grad)
+                else:
+                    delta = inputs.clean[name][None].float() - inputs.run.activations[name].float()
+                    per_drop = where.cell_dot(grad, delta)
+                others = [x for x in range(n_layer) if x != layer]
+                rows.append(per_drop[others].abs().sum(0) / max(1, n_layer - 1))
+            out[kind] = Effects(torch.stack(rows), windowed=False)
+        return out, passes
+
+
+def _drop_rules(n_layer: int, samples: int) -> list[tuple[str, Callable[..., Any]]]:
+    """Forward hooks zeroing, in copy ``l``, the gradient through layer ``l``'s outputs."""
+
+    def drop(layer: int) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            keep = torch.ones(act.shape[0], *[1] * (act.ndim - 1), dtype=act.dtype)
+            keep[layer * samples : (layer + 1) * samples] = 0
+            act.register_hook(lambda grad: grad * keep.to(grad.device))
+
+        return hook
+
+    return [
+        (hook_name(kind, layer), drop(layer))
+        for layer in range(n_layer)
+        for kind in ("attn_out", "mlp_out")
+    ]
+
+
+def _patched_scores(inputs: EstimatorInputs, kinds: Sequence[str]) -> dict[str, Tensor]:
+    """Attention scores of the corrupted copies, and with one layer's ``q`` or ``k`` clean.
+
+    One forward without gradients of ``(kinds x L + 1) x samples`` rows: copy
+    ``(kind, l)`` sets layer ``l``'s queries (or keys) to the clean ones at
+    every head and position; the last copy is unpatched.
+
+    Returns:
+        ``{"corrupted": [L, s, head, dest, src], "q": ..., "k": ...}``.
+    """
+    model, corrupted = inputs.model, inputs.corrupted
+    n_layer, samples = n_layers(model), corrupted.samples
+    copies = [(kind, x) for kind in kinds for x in range(n_layer)] + [("corrupted", -1)]
+
+    def setter(kind: str, layer: int) -> Callable[..., Tensor]:
+        rows = torch.tensor(
+            [
+                c * samples + i
+                for c, (k, x) in enumerate(copies)
+                if (k, x) == (kind, layer)
+                for i in range(samples)
+            ]
+        )
+        clean = inputs.clean[f"blocks.{layer}.attn.hook_{kind}"]
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            new = act.index_put(
+                (rows.to(act.device),), clean.to(act)[None].expand(len(rows), *clean.shape)
+            )
+            return act.copy_(new)
+
+        return hook
+
+    hooks = [
+        (f"blocks.{x}.attn.hook_{kind}", setter(kind, x)) for kind in kinds for x in range(n_layer)
+    ]
+    capture = [f"blocks.{x}.attn.hook_attn_scores" for x in range(n_layer)]
+    with torch.no_grad():
+        store = capture_forward(
+            model,
+            corrupted.batch_tokens(len(copies)),
+            [*corrupted.fwd_hooks, *hooks],
+            capture,
+            clone=True,
+        )
+    per_copy = torch.stack([store[n].float() for n in capture])  # [L, copies*s, h, d, s]
+    per_copy = per_copy.unflatten(1, (len(copies), samples))
+    out = {"corrupted": per_copy[:, -1]}
+    for kind in kinds:
+        index = [c for c, (k, _) in enumerate(copies) if k == kind]
+        out[kind] = per_copy[torch.arange(n_layer), torch.tensor(index)]
+    return out
+
+
+def _qk_fixed(
+    where: Site, kind: str, layer: int, scores: Mapping[str, Tensor], grad: Tensor
+) -> Float[Tensor, "drop samples ..."]:
+    """The QK fix of layer ``layer``'s queries or keys, per dropped layer: ``(A' - A) . dM/dA``.
+
+    Args:
+        where: The head site (``by`` and the key/value grouping).
+        kind: ``"q"`` or ``"k"``.
+        layer: The layer of the queries or keys.
+        scores: :func:`_patched_scores`.
+        grad: ``dM/dA`` of that layer's pattern per dropped layer, ``[drop, s, head, dest, src]``.
+
+    Returns:
+        ``[drop, s, head]`` or ``[drop, s, head, pos]`` (``pos``: the query's
+        or the key's position).
+    """
+    before, after = scores["corrupted"][layer], scores[kind][layer]  # [s, head, dest, src]
+    pattern = torch.softmax(before, dim=-1)
+    baseline = (pattern * grad).sum(-1)  # [drop, s, head, dest]
+    group = getattr(where, "group", 1)
+    if kind == "q" or where.by == "head":
+        # Every changed row at once is exact (rows are independent): for "q" by
+        # position each row is its own query's, and by head the rows add up.
+        patched = torch.softmax(after, dim=-1)
+        per_row = (patched * grad).sum(-1) - baseline  # [drop, s, head, dest]
+        if kind == "q":
+            return per_row.sum(-1) if where.by == "head" else per_row
+        per_head = per_row.sum(-1)  # [drop, s, head]
+        return per_head.unflatten(-1, (-1, group)).sum(-1)
+    # One key position changed in every row: the row's scores with that one entry
+    # patched, for every key position at once ([s, head, dest, key, src]), softmaxed.
+    n_pos = before.shape[-1]
+    one = torch.eye(n_pos, dtype=torch.bool, device=before.device)  # [key, src]
+    rows = torch.where(one, after[..., :, None, :], before[..., :, None, :])
+    patched = torch.softmax(rows, dim=-1)
+    new = einops.einsum(
+        patched, grad, "s head dest key src, drop s head dest src -> drop s head dest key"
+    )
+    change = (new - baseline[..., None]).sum(-2)  # over query rows: [drop, s, head, key]
+    return change.unflatten(-2, (-1, group)).sum(-2)
+
+
+Estimator = AtP | IntegratedGradients | AtPStar
 """An estimator object (:func:`estimator_from_name` makes one from its name)."""
 
 
 def estimator_from_name(spec: "str | Estimator") -> "Estimator":
-    """The estimator that ``spec`` names: ``"atp"``, ``"ig:M"`` or ``"ig:M:layer"``.
+    """The estimator ``spec`` names: ``"atp"``, ``"atp-star"``, ``"relp"``, ``"ig:M[:layer]"``.
 
     Args:
         spec: A name, or an estimator object (returned as it is).
@@ -799,17 +1213,22 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
     Raises:
         InvalidInput: For any other name.
     """
-    if isinstance(spec, AtP | IntegratedGradients):
+    if isinstance(spec, AtP | IntegratedGradients | AtPStar):
         return spec
     parts = spec.split(":") if isinstance(spec, str) else []
     if parts == ["atp"]:
         return AtP()
+    if parts == ["relp"]:
+        return RelP()
+    if spec == "atp-star":
+        return AtPStar()
     if len(parts) in (2, 3) and parts[0] == "ig" and parts[1].isdigit() and int(parts[1]) >= 1:
         if len(parts) == 2 or parts[2] in ("layer", "window"):
             return IntegratedGradients(int(parts[1]), parts[2] if len(parts) == 3 else "window")
     raise InvalidInput(
-        f"estimator must be 'atp', 'ig:M' or 'ig:M:layer' (M points on the path, >= 1), got "
-        f"{spec!r}; pass e.g. estimator='ig:16'"
+        "estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer' (M points on the "
+        "path, >= 1), "
+        f"got {spec!r}; pass e.g. estimator='ig:16'"
     )
 
 
@@ -859,7 +1278,8 @@ def interpolated_gradients(
                 continue
             alpha = alphas[[chunk[c][1] for c in members[name]]].float()
             corrupted_act = inputs.run.activations[name].float()
-            value = corrupted_act[None] + alpha[:, None, None, None] * deltas[name][None]
+            alpha = alpha.reshape(-1, *[1] * corrupted_act.ndim)
+            value = corrupted_act[None] + alpha * deltas[name][None]
             leaves[name] = value.flatten(0, 1).requires_grad_(True)
 
         def setter(name: str) -> Any:
@@ -869,6 +1289,10 @@ def interpolated_gradients(
 
             def hook(act: Tensor, hook: Any) -> Tensor:
                 new = act.index_put((rows.to(act.device),), leaves[name].to(act))
+                if ".attn.hook_" in name:
+                    # A head's hook point consumes the returned tensor (an in-place
+                    # write would change softmax's saved output, a pattern).
+                    return new
                 return act.copy_(new)
 
             return hook
@@ -913,28 +1337,68 @@ def _dot(
 
 
 def _combine(
-    effects: Effects, window: int, answer_probs: Float[Tensor, " samples"] | None
+    effects: Effects,
+    window: int,
+    answer_probs: Float[Tensor, " samples"] | None,
+    convert: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "layer ..."]:
     """A kind's estimated metric change per cell: windows, conversion, mean over copies.
 
     Without conversion and for single-layer rows this is the historical
     order (mean over copies, then window sums; bit for bit AtP's numbers).
-    With ``answer_probs`` (log_prob differentiated for a prob trace) each
-    copy's windowed log-probability change ``d`` becomes ``p (exp(d) - 1)``
-    before the mean, at most ``1 - p`` (``exp`` turns an overestimate of a
-    few nats into a probability above 1; ``-p`` needs no bound, ``expm1 > -1``).
+    With ``convert`` (a target other than the metric, :data:`_CONVERSIONS`)
+    each copy's windowed target change ``d`` becomes ``convert(d, p)``, with
+    ``p`` that copy's corrupted answer probability, before the mean.
     """
-    if answer_probs is None and not effects.windowed:
+    if convert is None and not effects.windowed:
         means = torch.stack([row.mean(dim=0) for row in effects.per_sample])
         return window_sum(means.cpu(), window)
     per_sample = effects.per_sample.cpu()
     if not effects.windowed:
         per_sample = window_sum(per_sample, window)
-    if answer_probs is not None:
+    if convert is not None and answer_probs is not None:
         p = answer_probs.cpu().reshape(1, -1, *[1] * (per_sample.ndim - 2))
-        # A restored probability lies in [0, 1]: the change in [-p, 1 - p].
-        per_sample = torch.minimum(p * torch.expm1(per_sample), 1 - p)
+        per_sample = convert(per_sample, p)
     return per_sample.mean(dim=1)
+
+
+def _log_prob_to_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A log-probability change ``d`` as the probability change ``p (exp(d) - 1)`` (<= ``1 - p``).
+
+    A restored probability lies in [0, 1]: ``exp`` turns an overestimate of
+    a few nats into a probability above 1 (``-p`` needs no bound, ``expm1 > -1``).
+    """
+    return torch.minimum(p * torch.expm1(d), 1 - p)
+
+
+def _logit_diff_to_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A logit-difference change ``d`` as a probability change: as if only the answer's moved.
+
+    ``p' = p e^d / (1 - p + p e^d)``, so ``p' - p = p (1 - p) (e^d - 1) / (1 + p (e^d - 1))``
+    (in ``[-p, 1 - p]``; ``d`` clipped to 50 nats against overflow).
+    """
+    grow = torch.expm1(d.clamp(max=50.0))
+    return p * (1 - p) * grow / (1 + p * grow)
+
+
+def _logit_diff_to_log_prob(d: Tensor, p: Tensor) -> Tensor:
+    """A logit-difference change ``d`` as ``log p' - log p = d - log(1 + p (e^d - 1))``."""
+    d = d.clamp(max=50.0)
+    return d - torch.log1p(p * torch.expm1(d))
+
+
+_CONVERSIONS: dict[tuple[str, str], Callable[[Tensor, Tensor], Tensor]] = {
+    ("log_prob", "prob"): _log_prob_to_prob,
+    ("logit_diff", "prob"): _logit_diff_to_prob,
+    ("logit_diff", "normalized_prob"): _logit_diff_to_prob,
+    ("logit_diff", "log_prob"): _logit_diff_to_log_prob,
+}
+"""``(target, metric) -> convert(d, p)``: a copy's target change as its metric change.
+
+A target equal to the metric's own quantity (``log_prob`` for ``log_prob``,
+``logit_diff`` for ``logit_diff`` and ``normalized_logit_diff``, which the
+trace normalises afterwards as it normalises the metric) needs none.
+"""
 
 
 def compare(

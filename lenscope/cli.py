@@ -703,7 +703,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator",
         default="atp",
         help="with --method attribution: atp (default: the gradient at the corrupted run), "
+        "relp (relevance patching: AtP with LRP rules in the backward pass, same cost), "
+        "atp-star (AtP*: GradDrop, and the QK fix for q/k heads), "
         "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
+    )
+    trace.add_argument(
+        "--target",
+        choices=("metric", "log_prob", "logit_diff"),
+        default="metric",
+        help="with --method attribution: what the estimator differentiates: the trace's metric "
+        "(default), the answer's log-probability, or its logit minus the foil's (--foil; a "
+        "counterfactual's top token by default), converted to the metric's scale",
     )
     trace.set_defaults(run=run_trace)
 
@@ -1018,7 +1028,7 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     """Refuse, before the model loads, a subject absent from the prompt or a bad answer.
 
     An answer of several tokens is refused for ``--method attribution`` with
-    another estimator than ``atp`` (the exact trace and AtP score it by
+    another estimator than ``atp`` or ``relp`` (the exact trace and AtP score it by
     teacher forcing). The subject test is on
     text alone (case-insensitive, so that no tokenizer could find it
     either); the answer is tokenised only when the model's
@@ -1033,7 +1043,7 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
             "or pass --subject with text copied from the prompt"
         )
     attribution = getattr(args, "method", "exact") == "attribution"
-    atp = getattr(args, "estimator", "atp") == "atp"
+    atp = getattr(args, "estimator", "atp") in ("atp", "relp")
     if args.answer is None or not local_tokenizer or not attribution or atp:
         return
     from lenscope.loading import local_tokenizer as find_tokenizer
@@ -1045,9 +1055,9 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise InvalidInput(
-            f"an answer of several tokens is estimated with --estimator atp only, but "
-            f"{args.answer!r} tokenises as {pieces}; pass --estimator atp, or one token (mind "
-            'the leading space, e.g. --answer " Paris")'
+            "an answer of several tokens is estimated with --estimator atp or --estimator relp "
+            f"only, but {args.answer!r} tokenises as {pieces}; pass --estimator atp, or one "
+            'token (mind the leading space, e.g. --answer " Paris")'
         )
 
 
@@ -1092,17 +1102,28 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     from lenscope.validation import InvalidInput
 
     estimator = getattr(args, "estimator", "atp")
+    target = getattr(args, "target", "metric")
     if estimator != "atp" and getattr(args, "method", "exact") != "attribution":
         raise InvalidInput(
             f"--estimator chooses how attribution estimates cells, got --estimator {estimator} "
             "without --method attribution; add --method attribution, or leave --estimator out"
+        )
+    if target != "metric" and getattr(args, "method", "exact") != "attribution":
+        raise InvalidInput(
+            f"--target chooses what attribution differentiates, got --target {target} "
+            "without --method attribution; add --method attribution, or leave --target out"
         )
     estimator_from_name(estimator)  # a bad name is refused before the model loads
     model = _load(args, model_factory)
     tracer = lenscope.CausalTracer(model, batch_size=args.batch_size, progress=not args.quiet)
     if getattr(args, "method", "exact") == "attribution":
         results = tracer.attribute(
-            args.prompt, subject, answer=args.answer, estimator=estimator, **trace_options(args)
+            args.prompt,
+            subject,
+            answer=args.answer,
+            estimator=estimator,
+            target=target,
+            **trace_options(args),
         )
         passes = next(iter(results.values())).passes
         print(

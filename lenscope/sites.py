@@ -315,6 +315,19 @@ class HeadSite(Site):
         """Positions ``pos:`` (``pattern``, ``[src, head, dest, key]``: destinations ``pos:``)."""
         return clean[:, :, pos:] if self.name == "pattern" else clean[:, pos:]
 
+    def cell_dot(self, x: Float[Tensor, "..."], y: Float[Tensor, "s ..."]) -> Tensor:
+        """``x . y`` per head, summed over the values each cell restores.
+
+        ``hook_z``/``q``/``k``/``v`` are ``[*lead, s, pos, head, d_head]``,
+        ``hook_pattern`` ``[*lead, s, head, dest, src]``; the result is
+        ``[*lead, s, head]`` (``by="head"``) or ``[*lead, s, head, pos]``
+        (``by="head_pos"``; for ``pattern`` the destination position).
+        """
+        per_pos = (x * y).sum(dim=-1)  # [..., pos, head], or [..., head, dest] for pattern
+        if self.name != "pattern":
+            per_pos = per_pos.transpose(-1, -2)
+        return per_pos.sum(dim=-1) if self.by == "head" else per_pos
+
     def restore_hook(
         self, clean: Float[Tensor, "..."], restore: Bool[Tensor, "batch pos head"]
     ) -> HookFn:

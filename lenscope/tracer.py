@@ -198,8 +198,8 @@ class CausalTracer:
         """Estimate every cell of :meth:`trace_kinds` by attribution patching (one backward).
 
         See :func:`lenscope.attribution.attribute` (``estimator``: ``"atp"``,
-        ``"ig:M"``, ``"ig:M:layer"``; ``target``: ``"metric"`` or
-        ``"log_prob"``); options as for :meth:`trace_kinds`.
+        ``"relp"``, ``"atp-star"``, ``"ig:M"``, ``"ig:M:layer"``; ``target``:
+        ``"metric"``, ``"log_prob"`` or ``"logit_diff"``); options as for :meth:`trace_kinds`.
 
         Returns:
             ``{kind: AttributionResult}``, each on the scale of the exact trace.

@@ -473,7 +473,9 @@ def test_attribution_refuses_a_logit_difference_of_several_tokens(tiny_model):
 def test_attribution_of_several_tokens_takes_atp_only(tiny_model):
     from lenscope.attribution import attribute
 
-    with pytest.raises(InvalidInput, match="estimated with estimator='atp' only, got 'ig:2'"):
+    with pytest.raises(
+        InvalidInput, match="estimated with estimator='atp' or estimator='relp' only, got 'ig:2'"
+    ):
         attribute(
             CausalTracer(tiny_model, progress=False),
             TINY_PROMPT,

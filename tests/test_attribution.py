@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge
+from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge, make_tiny_model
 
 import lenscope
 from lenscope.attribution import AttributionResult, compare, window_sum
@@ -205,7 +205,7 @@ def test_converges_to_the_exact_effect_of_a_small_patch(gpt2):
 # ---------------------------------------------------------------- estimators and targets
 
 
-def _plain_path(model, tracer, options, paths, alphas, log_prob=False):
+def _plain_path(model, tracer, options, paths, alphas, log_prob=False, foil=None):
     """Per path, sample and position: the mean over ``alphas`` of grad . (clean - corrupted),
     summed over the path's hook names, with every position of each name set to
     corrupted + alpha (clean - corrupted) in place, one plain autograd pass per alpha; and
@@ -251,7 +251,10 @@ def _plain_path(model, tracer, options, paths, alphas, log_prob=False):
                     fwd_hooks=[*corrupted.fwd_hooks, *((n, setter(n)) for n in path)],
                 )[:, -1].float()
                 score = torch.log_softmax(logits, -1) if log_prob else torch.softmax(logits, -1)
-                grads = torch.autograd.grad(score[:, answer].sum(), [leaves[n] for n in path])
+                score = score[:, answer]
+                if foil is not None:  # the logit difference
+                    score = logits[:, answer] - logits[:, foil]
+                grads = torch.autograd.grad(score.sum(), [leaves[n] for n in path])
             for name, grad in zip(path, grads, strict=True):
                 total = total + (grad * (clean[name] - corr[name])).sum(-1)
         out.append(total / len(alphas))
@@ -331,6 +334,54 @@ def test_log_prob_target_converts_each_copy_to_probability(peaked, estimator):
     torch.testing.assert_close(est.scores - est.corrupted_score, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("metric", ["prob", "log_prob", "logit_diff"])
+@pytest.mark.parametrize("estimator", ["atp", "relp"])
+def test_logit_diff_target_converts_each_copy_to_the_metric(peaked, metric, estimator):
+    """target='logit_diff': each copy's estimated change d of logit[answer] - logit[foil]
+    (the gradient of that difference, autograd through plain hooks) becomes, as if only the
+    answer's logit moved by d, p' - p with p' = p e^d / (1 - p + p e^d) for prob,
+    log p' - log p for log_prob, and d itself for logit_diff; then the mean over copies.
+    (relp: its coefficients are checked elsewhere; here the same target and conversion.)"""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2)
+    est = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=("mlp_out",),
+        windows=1,
+        target="logit_diff",
+        metric=metric,
+        foil=" rome",
+        estimator=estimator,
+        **options,
+    )["mlp_out"]
+    assert est.target == "logit_diff" and est.metric == metric
+    if estimator == "relp":  # the conversion is the same; the coefficients differ from autograd
+        atp = tracer.attribute(
+            TINY_PROMPT,
+            TINY_SUBJECT,
+            kinds=("mlp_out",),
+            windows=1,
+            target="logit_diff",
+            metric=metric,
+            foil=" rome",
+            **options,
+        )["mlp_out"]
+        assert float((atp.scores - est.scores).abs().max()) > 1e-4
+        return
+    foil = model.to_single_token(" rome")
+    paths = [(hook_name("mlp_out", x),) for x in range(model.cfg.n_layers)]
+    d, p = _plain_path(model, tracer, options, paths, [0.0], foil=foil)
+    p = p[None, :, None].double()
+    d = d.double()
+    patched = p * d.exp() / (1 - p + p * d.exp())
+    change = {"prob": patched - p, "log_prob": patched.log() - p.log(), "logit_diff": d}[metric]
+    expected = change.mean(dim=1).float()
+    assert float(d.abs().max()) > 1e-2
+    torch.testing.assert_close(est.scores - est.corrupted_score, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
 def test_integrated_gradients_are_complete_on_the_whole_residual(peaked, kind):
     """Restoring every position of a layer's residual stream is the clean run, so the sum
@@ -375,10 +426,21 @@ def test_atp_is_the_default_and_unchanged(gpt2):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(estimator="ig:0"), r"estimator must be 'atp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'"),
+        (
+            dict(estimator="ig:0"),
+            r"estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer' .* got 'ig:0'",
+        ),
         (dict(estimator="eap"), r"got 'eap'; pass e.g. estimator='ig:16'"),
         (dict(estimator="ig:4:joint"), r"got 'ig:4:joint'"),
-        (dict(target="logit"), r"target must be one of \('metric', 'log_prob'\), got 'logit'"),
+        (
+            dict(target="logit"),
+            r"target must be one of \('metric', 'log_prob', 'logit_diff'\), got 'logit'",
+        ),
+        (dict(target="logit_diff"), r"target='logit_diff' .* got no foil; pass foil="),
+        (
+            dict(target="logit_diff", metric="kl_div"),
+            r"target='logit_diff' is converted .* got metric 'kl_div'",
+        ),
         (
             dict(target="log_prob", metric="logit_diff", foil=" the"),
             r"only for the metrics 'prob' and 'log_prob', got metric 'logit_diff'",
@@ -541,8 +603,8 @@ def test_compare_refuses_mismatches():
     ("options", "message"),
     [
         (
-            dict(kinds=("z",), by="head"),
-            r"residual-width kinds .* got the per-head kind\(s\) \['z'\]",
+            dict(kinds=("z", "q"), by="head", estimator="relp"),
+            r"relp' holds every attention pattern fixed .* got kinds \['q'\]; pass",
         ),
         (dict(direction="noise"), r"estimates denoising .* got direction='noise'; pass"),
         (dict(metrics=("prob", "log_prob")), r"one metric per call, got 2"),
@@ -583,20 +645,30 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
     def failing(logits, answer):
         raise RuntimeError("metric failed")
 
-    with pytest.raises(RuntimeError, match="metric failed"):
-        tracer.attribute(TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2)
-    assert _state(model) == before
+    for estimator in ("atp", "relp", "atp-star"):
+        with pytest.raises(RuntimeError, match="metric failed"):
+            tracer.attribute(
+                TINY_PROMPT, TINY_SUBJECT, metric=failing, samples=2, estimator=estimator
+            )
+        assert _state(model) == before
 
     def failing_on_the_path(logits, answer):
-        if logits.shape[0] > 2:  # an interpolated pass (more rows than the 2 copies)
+        if logits.shape[0] > 2:  # a pass of more rows than the 2 copies
             raise RuntimeError("path metric failed")
         return torch.softmax(logits.float(), -1)[:, answer]
 
-    with pytest.raises(RuntimeError, match="path metric failed"):
-        tracer.attribute(
-            TINY_PROMPT, TINY_SUBJECT, metric=failing_on_the_path, samples=2, estimator="ig:2"
-        )
-    assert _state(model) == before
+    # inside the interpolated pass, or AtP*'s GradDrop pass (probing the heads' patterns)
+    for estimator, extra in (("ig:2", {}), ("atp-star", dict(kinds=("k",), by="head"))):
+        with pytest.raises(RuntimeError, match="path metric failed"):
+            tracer.attribute(
+                TINY_PROMPT,
+                TINY_SUBJECT,
+                metric=failing_on_the_path,
+                samples=2,
+                estimator=estimator,
+                **extra,
+            )
+        assert _state(model) == before
     tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=2)
     assert _state(model) == before
     assert all(p.grad is None for p in model.parameters())
@@ -778,3 +850,426 @@ def test_gemma_equals_transformer_lens_node_attribution(gemma_bridge):
     assert scale > 0.1
     torch.testing.assert_close(ours["mlp_out"], mlp, atol=1e-3 * scale, rtol=1e-3)
     torch.testing.assert_close(ours["resid_pre"][0], embed, atol=1e-3 * scale, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- relevance patching
+
+
+_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
+def _lrp_forward(model, resid, patterns):
+    """The model's residual stream from ``resid`` (resid_pre of layer 0), written in plain
+    torch from its weights, with the LRP rules of RelP written out as detaches: each norm's
+    scale, the attention pattern (given: it is a constant of the backward), act(x)/x of
+    the MLP activation, and half of a gated MLP's product through each factor. Returns the
+    logits and {hook name: the tensor at that hook point}."""
+    cfg = model.cfg
+    act_fn = _ACTIVATIONS[cfg.act_fn]
+
+    def norm(module, x):
+        weight = module.w + 1 if getattr(module, "uses_weight_offset", False) else module.w
+        centred = x if cfg.normalization_type.startswith("RMS") else x - x.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+        out = centred / scale.detach() * weight
+        bias = getattr(module, "b", None)
+        return out if bias is None or cfg.normalization_type.startswith("RMS") else out + bias
+
+    def identity_rule(x):
+        return x * (act_fn(x) / x).detach()
+
+    nodes = {}
+    for layer, block in enumerate(model.blocks):
+        nodes[hook_name("resid_pre", layer)] = resid
+        attn, mlp = block.attn, block.mlp
+        x = norm(block.ln1, resid)
+        v = torch.einsum("bpm,hmd->bphd", x, getattr(attn, "_W_V", attn.W_V))
+        b_v = getattr(attn, "_b_V", getattr(attn, "b_V", None))
+        if b_v is not None:
+            v = v + b_v
+        nodes[f"blocks.{layer}.attn.hook_v"] = v  # key/value heads (grouped-query: fewer)
+        v = v.repeat_interleave(cfg.n_heads // v.shape[2], dim=2)
+        z = torch.einsum("bhqk,bkhd->bqhd", patterns[layer], v)
+        nodes[f"blocks.{layer}.attn.hook_z"] = z
+        attn_out = torch.einsum("bqhd,hdm->bqm", z, attn.W_O)
+        if getattr(attn, "b_O", None) is not None:
+            attn_out = attn_out + attn.b_O
+        if hasattr(block, "ln1_post"):
+            attn_out = norm(block.ln1_post, attn_out)
+        nodes[hook_name("attn_out", layer)] = attn_out
+        mid = resid + attn_out
+        x = norm(block.ln2, mid)
+        linear = x @ mlp.W_in + (mlp.b_in if getattr(mlp, "b_in", None) is not None else 0)
+        if cfg.gated_mlp:
+            gate = x @ mlp.W_gate
+            post = (
+                0.5 * identity_rule(gate) * linear.detach() + 0.5 * act_fn(gate).detach() * linear
+            )
+        else:
+            post = identity_rule(linear)
+        mlp_out = post @ mlp.W_out + (mlp.b_out if getattr(mlp, "b_out", None) is not None else 0)
+        if hasattr(block, "ln2_post"):
+            mlp_out = norm(block.ln2_post, mlp_out)
+        nodes[hook_name("mlp_out", layer)] = mlp_out
+        resid = mid + mlp_out
+        nodes[hook_name("resid_post", layer)] = resid
+    logits = norm(model.ln_final, resid) @ model.W_U + model.b_U
+    return logits, nodes
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gelu", "gated"])
+def two_layer(request, tiny_tokenizer):
+    """A 2-layer tiny model of the installed TransformerLens' default class (a GPT-2 or
+    Gemma-3 TransformerBridge on 4.x, a rotary HookedTransformer on 3.9)."""
+    seed = 6 if request.param else 3  # seeds whose answer the noise moves
+    return make_tiny_model(
+        tiny_tokenizer, n_layers=2, gated=request.param, init_range=0.5, seed=seed
+    )
+
+
+def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
+    """estimator='relp': every cell of every kind is (clean - corrupted) . the LRP
+    coefficients of a plain-torch forward of the same weights whose rules are written out
+    (_lrp_forward) of log p(answer), summed over d_model, averaged over the noise samples;
+    the plain forward
+    reproduces the model's logits, and the rules matter (RelP differs from AtP). The same for
+    the heads' outputs and values (hook_z, hook_v, by='head_pos')."""
+    model = two_layer
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2, kinds=KINDS, windows=1, metric="log_prob")
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, estimator="relp", **options)
+    atp = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+    assert est["mlp_out"].estimator == "relp"
+    n_layer = model.cfg.n_layers
+    names = [hook_name(k, x) for k in KINDS for x in range(n_layer)]
+    patterns = [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+    settings = tracer.settings(samples=3, seed=2).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in names])
+        corr_logits = model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in names + patterns)],
+        )
+    with torch.enable_grad():
+        logits, nodes = _lrp_forward(
+            model,
+            corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
+            [corr[n] for n in patterns],
+        )
+        torch.testing.assert_close(logits, corr_logits.float(), atol=1e-4, rtol=1e-4)
+        answer = est["mlp_out"].answer_id
+        total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
+        grads = torch.autograd.grad(total, [nodes[n] for n in names])
+    for kind in KINDS:
+        expected = torch.stack(
+            [
+                ((clean[n] - corr[n]) * grads[names.index(n)]).sum(-1).mean(0)
+                for n in (hook_name(kind, x) for x in range(n_layer))
+            ]
+        )
+        effect = est[kind].scores - est[kind].corrupted_score
+        assert float(expected.abs().max()) > 1e-3
+        torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    gap = (est["mlp_out"].scores - atp["mlp_out"].scores).abs().max()
+    assert float(gap) > 1e-3  # the rules change the coefficients
+    heads = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        estimator="relp",
+        **{**options, "kinds": ("z", "v")},
+        by="head_pos",
+    )
+    for kind in ("z", "v"):
+        hooks = [f"blocks.{x}.attn.hook_{kind}" for x in range(n_layer)]
+        head_clean, head_corr = {}, {}
+        with torch.no_grad():
+            model.run_with_hooks(
+                tokens[None], fwd_hooks=[(n, keeper(head_clean, n)) for n in hooks]
+            )
+            model.run_with_hooks(
+                corrupted.tokens,
+                fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(head_corr, n)) for n in hooks)],
+            )
+        with torch.enable_grad():
+            logits, nodes = _lrp_forward(
+                model,
+                corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
+                [corr[n] for n in patterns],
+            )
+            total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
+            grads = torch.autograd.grad(total, [nodes[n] for n in hooks])
+        expected = torch.stack(
+            [
+                ((head_clean[n] - head_corr[n]) * g).sum(-1).mean(0).T
+                for n, g in zip(hooks, grads, strict=True)
+            ]
+        )  # [layer, head, pos]
+        effect = heads[kind].scores - heads[kind].corrupted_score
+        assert float(expected.abs().max()) > 1e-4
+        torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- per-head sites
+
+
+def _head_derivatives(model, tracer, options, kind, alphas):
+    """Per layer: d mean-over-samples(log p) / d t at t = 0, where t (one per head and
+    position; for ``pattern`` per head and destination) adds t (clean - corrupted) to that
+    head at that position, on top of the layer's activation set to corrupted + alpha
+    (clean - corrupted); averaged over ``alphas`` (AtP: alpha = 0). Plain hooks, written
+    in place as the exact engine writes heads; ``[layer, head, pos]``."""
+    settings = tracer.settings(**options).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    names = [f"blocks.{x}.attn.hook_{kind}" for x in range(model.cfg.n_layers)]
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        clean_logits = model.run_with_hooks(
+            tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in names]
+        )[0, -1]
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in names)],
+        )
+    answer = int(clean_logits.argmax())
+    out = []
+    for name in names:
+        delta = clean[name] - corr[name]
+        # [samples, pos, head, d] -> t [pos, head]; pattern [samples, head, dest, src] -> [head, dest]
+        unit = delta.shape[1:3]
+        total = torch.zeros(unit)
+        for alpha in alphas:
+            t = torch.zeros(unit, requires_grad=True)
+
+            def patch(act, hook, t=t, alpha=alpha, name=name, delta=delta):
+                value = corr[name] + alpha * delta + t[None, :, :, None] * delta
+                return act.copy_(value.to(act.dtype))
+
+            with torch.enable_grad():
+                logits = model.run_with_hooks(
+                    corrupted.tokens, fwd_hooks=[*corrupted.fwd_hooks, (name, patch)]
+                )[:, -1].float()
+                score = torch.log_softmax(logits, -1)[:, answer].mean()
+                (grad,) = torch.autograd.grad(score, [t])
+            total = total + grad / len(alphas)
+        out.append(total if kind == "pattern" else total.T)  # [head, pos]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("estimator", ["atp", "ig:2"])
+@pytest.mark.parametrize("kind", ["z", "q", "k", "v", "pattern"])
+def test_head_sites_equal_autograd_on_the_patch(two_layer, kind, estimator):
+    """Every estimator on per-head sites: the estimate of head h at position p (by='head_pos')
+    is the derivative of the mean log-probability along (clean - corrupted) of that head at
+    that position, by autograd through a plain patch hook (at the corrupted run for atp; for
+    ig:2 on top of the layer interpolated at the 2 midpoints, averaged); by='head' is the sum
+    over positions. On TransformerBridge the heads' backward hooks never fire: the gradient
+    comes from a zero probe the hook adds and returns."""
+    _check_heads(two_layer, kind, estimator)
+
+
+@pytest.mark.parametrize("estimator", ["atp", "ig:2"])
+def test_head_patterns_on_a_bridge(peaked, estimator):
+    """The same on the TransformerBridge of either TransformerLens (on 3.9 its pattern is
+    softmax's own saved output, which no hook may change in place)."""
+    _check_heads(peaked, "pattern", estimator)
+
+
+def _check_heads(model, kind, estimator):
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    per_pos = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by="head_pos", estimator=estimator, **options
+    )[kind]
+    per_head = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by="head", estimator=estimator, **options
+    )[kind]
+    alphas = [0.0] if estimator == "atp" else _midpoints(2)
+    expected = _head_derivatives(model, tracer, options, kind, alphas)
+    effect = per_pos.scores - per_pos.corrupted_score
+    assert effect.shape == expected.shape
+    if kind != "q" or not model.cfg.gated_mlp:  # the tiny Gemma-3's queries move nothing
+        assert float(expected.abs().max()) > 1e-4
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    summed = per_head.scores - per_head.corrupted_score
+    torch.testing.assert_close(summed, expected.sum(-1), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- AtP*
+
+
+def _atp_star_parts(model, tracer, options, names):
+    """AtP*'s ingredients written plainly: the clean and corrupted activations at ``names``
+    and every layer's pattern, and per dropped layer l the gradient of the summed log
+    p(answer) at ``names`` and the patterns, with layer l's hook_attn_out and hook_mlp_out
+    returning detached tensors (so nothing flows back through them) and a zero probe
+    added at each name."""
+    settings = tracer.settings(**options).for_model(model)
+    tokens = model.to_tokens(TINY_PROMPT)[0]
+    corrupted = settings.corruption.bind(model, tokens, (1, 4))
+    n_layer = model.cfg.n_layers
+    patterns = [f"blocks.{x}.attn.hook_pattern" for x in range(n_layer)]
+    watched = list(dict.fromkeys([*names, *patterns]))
+    clean, corr = {}, {}
+
+    def keeper(store, name):
+        def hook(act, hook):
+            store[name] = act.detach().clone().float()
+
+        return hook
+
+    with torch.no_grad():
+        clean_logits = model.run_with_hooks(
+            tokens[None], fwd_hooks=[(n, keeper(clean, n)) for n in watched]
+        )[0, -1]
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(corr, n)) for n in watched)],
+        )
+    answer = int(clean_logits.argmax())
+    dropped = []
+    for layer in range(n_layer):
+        probes = {n: torch.zeros_like(corr[n], requires_grad=True) for n in watched}
+
+        def probe(name, probes=probes):
+            def hook(act, hook):
+                return act + probes[name].to(act.dtype)
+
+            return hook
+
+        def detach(act, hook):
+            return act.detach()
+
+        hooks = [*corrupted.fwd_hooks, *((n, probe(n)) for n in watched)]
+        hooks += [(hook_name("attn_out", layer), detach), (hook_name("mlp_out", layer), detach)]
+        with torch.enable_grad():
+            logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=hooks)[:, -1].float()
+            total = torch.log_softmax(logits, -1)[:, answer].sum()
+            grads = torch.autograd.grad(total, list(probes.values()), allow_unused=True)
+        dropped.append(
+            {n: torch.zeros_like(corr[n]) if g is None else g for n, g in zip(probes, grads)}
+        )
+    return corrupted, clean, corr, dropped
+
+
+def _graddrop(per_drop, layer):
+    """1 / (L - 1) sum over dropped layers l != layer of |c_l|, per copy; then the mean."""
+    others = [x for x in range(len(per_drop)) if x != layer]
+    return (sum(per_drop[x].abs() for x in others) / len(others)).mean(0)
+
+
+@pytest.mark.parametrize(("kind", "by"), [("mlp_out", None), ("resid_pre", None), ("z", "head")])
+def test_atp_star_graddrop_equals_its_definition(peaked, kind, by):
+    """estimator='atp-star' on kinds without queries or keys is GradDrop: per copy and dropped
+    layer l, AtP's (clean - corrupted) . gradient with nothing flowing back through layer l's
+    attention and MLP outputs (plain detaching hooks here, tensor hooks in lenscope), the
+    absolute values averaged over the layers other than the cell's own, then over copies."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    extra = {} if by is None else {"by": by}
+    est = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=(kind,),
+        windows=1,
+        estimator="atp-star",
+        **options,
+        **extra,
+    )[kind]
+    assert est.estimator == "atp-star" and est.passes["graddrop_rows"] == 2 * model.cfg.n_layers
+    n_layer = model.cfg.n_layers
+    names = [
+        f"blocks.{x}.attn.hook_z" if kind == "z" else hook_name(kind, x) for x in range(n_layer)
+    ]
+    _, clean, corr, dropped = _atp_star_parts(model, tracer, options, names)
+    rows = []
+    for layer, name in enumerate(names):
+        delta = clean[name] - corr[name]
+        per_drop = [(d[name] * delta).sum(-1) for d in dropped]  # [s, pos] or [s, pos, head]
+        if kind == "z":
+            per_drop = [c.sum(1) for c in per_drop]  # by head: every position
+        rows.append(_graddrop(per_drop, layer))
+    expected = torch.stack(rows)
+    effect = est.scores - est.corrupted_score
+    assert float(expected.abs().max()) > 1e-3
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    plain = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), windows=1, **options, **extra
+    )[kind]
+    assert float((plain.scores - est.scores).abs().max()) > 1e-3  # not AtP
+
+
+@pytest.mark.parametrize("kind", ["q", "k"])
+@pytest.mark.parametrize("by", ["head", "head_pos"])
+def test_atp_star_qk_fix_equals_its_definition(peaked, kind, by):
+    """The QK fix: a query or key cell's estimate is (A' - A) . dM/dA of its layer's pattern,
+    with A' the pattern of a plain forward in which only that cell's queries or keys are
+    clean (one run per cell here) and dM/dA with each other layer dropped in turn (GradDrop);
+    absolute values averaged over the other layers, then over copies."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=2, seed=2, metric="log_prob")
+    est = tracer.attribute(
+        TINY_PROMPT, TINY_SUBJECT, kinds=(kind,), by=by, estimator="atp-star", **options
+    )[kind]
+    assert est.passes["qk_rows"] == (model.cfg.n_layers + 1) * 2
+    n_layer = model.cfg.n_layers
+    names = [f"blocks.{x}.attn.hook_{kind}" for x in range(n_layer)]
+    corrupted, clean, corr, dropped = _atp_star_parts(model, tracer, options, names)
+    rows = []
+    for layer, name in enumerate(names):
+        pattern = f"blocks.{layer}.attn.hook_pattern"
+        n_pos, n_heads = corr[name].shape[1], corr[name].shape[2]
+        cells = [(h, [p]) for h in range(n_heads) for p in range(n_pos)]
+        if by == "head":
+            cells = [(h, list(range(n_pos))) for h in range(n_heads)]
+        per_drop = [torch.zeros(2, len(cells)) for _ in range(n_layer)]
+        for c, (head, positions) in enumerate(cells):
+            seen = {}
+
+            def patch(act, hook, head=head, positions=positions, name=name):
+                new = act.clone()
+                new[:, positions, head] = clean[name][0, positions, head].to(act.dtype)
+                return act.copy_(new)
+
+            with torch.no_grad():
+                model.run_with_hooks(
+                    corrupted.tokens,
+                    fwd_hooks=[
+                        *corrupted.fwd_hooks,
+                        (name, patch),
+                        (pattern, lambda act, hook, seen=seen: seen.update(a=act.float().clone())),
+                    ],
+                )
+            change = seen["a"] - corr[pattern]  # [s, head, dest, src]
+            for x in range(n_layer):
+                per_drop[x][:, c] = (change * dropped[x][pattern]).sum((1, 2, 3))
+        estimate = _graddrop(per_drop, layer)
+        rows.append(estimate if by == "head" else estimate.reshape(n_heads, n_pos))
+    expected = torch.stack(rows)
+    effect = est.scores - est.corrupted_score
+    assert float(expected.abs().max()) > 1e-4
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)

@@ -120,7 +120,7 @@ def test_missing_subject_is_guessed(run, tmp_path):
         (
             ["trace", TINY_PROMPT, "--subject", "The", "--answer", " paris rome"]
             + ["--method", "attribution", "--estimator", "ig:2"],
-            "an answer of several tokens is estimated with --estimator atp only, got 'ig:2'",
+            "an answer of several tokens is estimated with --estimator atp or --estimator relp only, got 'ig:2'",
         ),
         (["trace", "all lower case", "--quiet"], "could not guess a subject"),
     ],
@@ -727,7 +727,7 @@ def test_subject_and_answer_are_checked_before_the_model_loads(monkeypatch, caps
     args = ["trace", TINY_PROMPT, "--subject", "Eiffel", "--answer", " paris rome", *out]
     assert main([*args, "--method", "attribution", "--estimator", "ig:2"]) == 2
     assert (
-        "an answer of several tokens is estimated with --estimator atp only, but ' paris rome' "
+        "an answer of several tokens is estimated with --estimator atp or --estimator relp only, but ' paris rome' "
         "tokenises as" in capsys.readouterr().err
     )
 
@@ -953,7 +953,38 @@ def test_trace_estimator(run, tiny_model, tmp_path):
     code, _, err, _ = run(
         "trace", *common, "--method", "attribution", "--estimator", "ig", *outputs
     )
-    assert code != 0 and "estimator must be 'atp', 'ig:M' or 'ig:M:layer'" in err
+    assert (
+        code != 0 and "estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer'" in err
+    )
+
+
+def test_trace_target_and_relp(run, tiny_model, tmp_path):
+    """--estimator relp --target log_prob gives tracer.attribute(estimator='relp',
+    target='log_prob'); --target without --method attribution is refused."""
+    import torch
+
+    import lenscope
+
+    js = tmp_path / "a.json"
+    common = (TINY_PROMPT, "--subject", "The Eiffel Tower", "--samples", "2", "--kinds", "mlp_out")
+    outputs = ("--out", str(tmp_path / "a.html"), "--json", str(js), "--quiet")
+    options = ("--method", "attribution", "--estimator", "relp", "--target", "log_prob")
+    code, _, err, _ = run("trace", *common, *options, *outputs)
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    expected = lenscope.CausalTracer(tiny_model, progress=False).attribute(
+        TINY_PROMPT,
+        "The Eiffel Tower",
+        kinds=("mlp_out",),
+        samples=2,
+        seed=0,
+        estimator="relp",
+        target="log_prob",
+    )["mlp_out"]
+    assert data["mlp_out"]["estimator"] == "relp" and data["mlp_out"]["target"] == "log_prob"
+    torch.testing.assert_close(torch.tensor(data["mlp_out"]["scores"]), expected.scores)
+    code, _, err, _ = run("trace", *common, "--target", "log_prob", *outputs)
+    assert code != 0 and "--target log_prob without --method attribution" in err
 
 
 def _interrupt_second_sweep(monkeypatch):

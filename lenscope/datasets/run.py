@@ -151,11 +151,11 @@ def trace_dataset(
         recheck: With ``method="attribution"``, trace each fact's ``recheck``
             highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
         estimator: With ``method="attribution"``, how cells are estimated:
-            ``"atp"`` (default), ``"ig:M"`` or ``"ig:M:layer"``
+            ``"atp"`` (default), ``"relp"``, ``"atp-star"``, ``"ig:M"`` or ``"ig:M:layer"``
             (:func:`lenscope.attribution.estimator_from_name`); recorded in the
             checkpoint header, so a checkpoint never mixes two estimators.
-        target: With ``method="attribution"``, ``"metric"`` (default) or
-            ``"log_prob"`` (see :func:`lenscope.attribution.attribute`).
+        target: With ``method="attribution"``, ``"metric"`` (default),
+            ``"log_prob"`` or ``"logit_diff"`` (see :func:`lenscope.attribution.attribute`).
         answers: What each fact is scored on: ``"top1"`` (default, ROME's
             choice: the model's clean top-1 next token) or ``"attribute"``
             (the fact's whole ``attribute``, with a leading space, as an
