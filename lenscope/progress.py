@@ -14,7 +14,7 @@ one-time costs) was wrong by up to 5x either way on a shared 2-core machine;
 this one is made from the trace's own batched work, once the first sweep batch
 has finished, and the progress bar's remaining time is refreshed from it after
 every step. Code that runs a trace for someone else (the notebook explorer,
-:mod:`lenscope.explore`) watches every meter created inside
+:mod:`lenscope.explorer`) watches every meter created inside
 :func:`watching`: its callback sees the meter after each step, and may raise to
 stop the trace there (the trace then leaves the model as it was, as after any error).
 """

@@ -1,7 +1,7 @@
 // The front end of lenscope.explore(): controls, token chips, heatmaps drawn as
 // grids of elements (each cell carries data-layer, data-pos and data-score), the
 // clicked cell's top-k and lens trajectory, the run history and a comparison.
-// Every computation happens in the kernel (lenscope/explore.py); this file only
+// Every computation happens in the kernel (lenscope/explorer.py); this file only
 // draws traits and sets the ones a user changes.
 
 const KINDS = ["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"];

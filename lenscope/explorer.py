@@ -21,7 +21,7 @@ the restored run's top-k (the trace's own) and the cell through the lens
 draws two of them side by side or as a difference
 (:func:`lenscope.plotting.plot_traces`).
 
-The front end (``explore.js``) draws the heatmaps itself, as a grid of
+The front end (``explorer.js``) draws the heatmaps itself, as a grid of
 elements (no plotly.js in the notebook: the widget stays small, works
 offline, and every cell can be read from the page); the HTML and JSON
 exports use lenscope's plotly figures and result records.
@@ -174,7 +174,7 @@ def explorer_class() -> type:
 def __getattr__(name: str) -> Any:
     if name == "Explorer":
         return explorer_class()
-    raise AttributeError(f"module 'lenscope.explore' has no attribute {name!r}")
+    raise AttributeError(f"module 'lenscope.explorer' has no attribute {name!r}")
 
 
 def _import_anywidget() -> Any:
@@ -182,7 +182,7 @@ def _import_anywidget() -> Any:
         import anywidget
     except ImportError as e:
         raise ImportError(
-            f"lenscope.explore needs anywidget, which is not installed: {EXPLORE_INSTALL_HINT} "
+            f"lenscope.explore() needs anywidget, which is not installed: {EXPLORE_INSTALL_HINT} "
             "(or pip install anywidget); the rest of lenscope works without it"
         ) from e
     return anywidget
@@ -268,8 +268,8 @@ def _define_explorer() -> type:
         ``history`` and ``comparison``.
         """
 
-        _esm = here / "explore.js"
-        _css = here / "explore.css"
+        _esm = here / "explorer.js"
+        _css = here / "explorer.css"
 
         prompt = traitlets.Unicode("").tag(sync=True)
         tokens = traitlets.List(traitlets.Unicode()).tag(sync=True)
@@ -317,7 +317,7 @@ def _define_explorer() -> type:
             super().__init__(**traits)
             self.on_msg(self._on_front_end_message)
             if self.prompt and not self.tokens:
-                self._prompt_changed()
+                self._new_prompt()
             self._keep_subject = False
 
         # --- what the front end asks for -------------------------------------
@@ -333,7 +333,7 @@ def _define_explorer() -> type:
 
         @traitlets.observe("prompt")
         def _on_prompt(self, change: Any) -> None:
-            self._prompt_changed()
+            self._new_prompt()
 
         @traitlets.observe("answer")
         def _on_answer(self, change: Any) -> None:
@@ -344,7 +344,7 @@ def _define_explorer() -> type:
             if change["new"]:
                 self._show_cell(change["new"])
 
-        def _prompt_changed(self) -> None:
+        def _new_prompt(self) -> None:
             """Tokens, lenscope's guess of the subject, and the answer's clean probability."""
             model = self.tracer.model
             self.subject_note = ""
@@ -610,7 +610,7 @@ def _define_explorer() -> type:
             info = {
                 **dict(cell),
                 "run": index,
-                "score": _json_float(result.scores[coords]),
+                "score": _json_float(float(result.scores[coords])),
                 "top": [[token, float(p)] for token, p in top],
                 "lens": None,
                 "lens_note": "computing the lens view",
