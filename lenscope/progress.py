@@ -42,8 +42,8 @@ _WATCHERS: contextvars.ContextVar[tuple[Callable[["TraceMeter"], None], ...]] = 
 def watching(callback: Callable[["TraceMeter"], None]) -> Iterator[None]:
     """Call ``callback(meter)`` after every step of each :class:`TraceMeter` made inside.
 
-    The watch holds in the current thread (a context variable), so a trace
-    run in a worker thread is watched by what that thread set up. The
+    The watch is a context variable: a trace run in a worker thread is
+    watched by what that thread set up, as the explorer does. The
     callback may raise: the step that called it raises, and the trace stops
     there.
 
