@@ -86,8 +86,23 @@ function heatmap(model, map, clickable) {
   ]);
 }
 
+function onEnter(input, commit) {
+  // A text box commits on Enter and when it loses focus (the "change" event).
+  input.addEventListener("change", commit);
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      commit();
+    }
+  });
+}
+
 function render({ model, el: root }) {
   root.classList.add("lenscope-explorer");
+  // Keys typed in the widget are the widget's: JupyterLab's notebook shortcuts (Enter, a, b,
+  // d d, ...) must not act on them.
+  root.dataset.lmSuppressShortcuts = "true";
+  root.addEventListener("keydown", (event) => event.stopPropagation());
   const set = (name, value) => {
     model.set(name, value);
     model.save_changes();
@@ -95,12 +110,12 @@ function render({ model, el: root }) {
   const send = (content) => model.send(content);
 
   // Prompt, tokens, answer.
-  const prompt = el("input", { class: "ls-prompt", type: "text", placeholder: "prompt" });
-  prompt.addEventListener("change", () => set("prompt", prompt.value));
+  const prompt = el("input", { class: "ls-prompt", type: "text", placeholder: "prompt (Enter)" });
+  onEnter(prompt, () => set("prompt", prompt.value));
   const chips = el("div", { class: "ls-chips" });
   const note = el("div", { class: "ls-note" });
   const answer = el("input", { class: "ls-answer", type: "text", placeholder: "answer (blank: top-1)" });
-  answer.addEventListener("change", () => set("answer", answer.value));
+  onEnter(answer, () => set("answer", answer.value));
   const answerInfo = el("span", { class: "ls-answer-info" });
   const answerWarning = el("div", { class: "ls-warning" });
 
@@ -118,20 +133,18 @@ function render({ model, el: root }) {
     KINDS.map((kind, i) => el("label", {}, [kindBoxes[i], kind])),
   );
   const window_ = el("input", { type: "number", min: "1", placeholder: "ROME", class: "ls-window" });
-  window_.addEventListener("change", () =>
-    set("window", window_.value === "" ? null : parseInt(window_.value, 10)),
-  );
+  onEnter(window_, () => set("window", window_.value === "" ? null : parseInt(window_.value, 10)));
   const corruption = el("select", { class: "ls-corruption" }, [
     el("option", { value: "noise", text: "noise" }),
     el("option", { value: "counterfactual", text: "counterfactual (STR)" }),
   ]);
   corruption.addEventListener("change", () => set("corruption", corruption.value));
   const noise = el("input", { type: "number", step: "0.5", min: "0", class: "ls-noise" });
-  noise.addEventListener("change", () => set("noise_multiplier", parseFloat(noise.value)));
+  onEnter(noise, () => set("noise_multiplier", parseFloat(noise.value)));
   const samples = el("input", { type: "number", min: "1", class: "ls-samples" });
-  samples.addEventListener("change", () => set("samples", parseInt(samples.value, 10)));
+  onEnter(samples, () => set("samples", parseInt(samples.value, 10)));
   const counterfactual = el("input", { type: "text", class: "ls-counterfactual", placeholder: "counterfactual prompt" });
-  counterfactual.addEventListener("change", () => set("counterfactual", counterfactual.value));
+  onEnter(counterfactual, () => set("counterfactual", counterfactual.value));
   const direction = el("select", { class: "ls-direction" }, [
     el("option", { value: "denoise", text: "denoise" }),
     el("option", { value: "noise", text: "noise" }),
