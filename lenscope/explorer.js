@@ -44,7 +44,10 @@ function fmt(value) {
 function heatmap(model, map, clickable) {
   const rows = map.scores.length;
   const cols = map.columns.length;
-  const grid = el("div", { class: "ls-grid", "data-kind": map.kind });
+  const grid = el("div", {
+    class: "ls-grid" + (map.estimate ? " ls-estimate" : ""),
+    "data-kind": map.kind,
+  });
   grid.style.gridTemplateColumns = `3em repeat(${cols}, minmax(1.6em, 1fr))`;
   // Layer 0 at the bottom, as ROME draws it.
   for (let layer = rows - 1; layer >= 0; layer--) {
@@ -256,7 +259,8 @@ function render({ model, el: root }) {
   }
 
   function drawMaps() {
-    maps.replaceChildren(...model.get("heatmaps").map((map) => heatmap(model, map, true)));
+    // An attribution estimate is drawn, but only an exact kind's cells open.
+    maps.replaceChildren(...model.get("heatmaps").map((map) => heatmap(model, map, !map.estimate)));
   }
 
   function drawCell() {

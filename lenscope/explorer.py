@@ -258,7 +258,9 @@ def _define_explorer() -> type:
         ``window`` (None: ROME's per kind), ``corruption`` (``"noise"`` or
         ``"counterfactual"``), ``noise_multiplier``, ``samples``,
         ``counterfactual`` (the counterfactual prompt), ``direction``,
-        ``metric`` (``""``: the corruption's default) and ``cell``
+        ``metric`` (``""``: the corruption's default), ``preview`` (first show
+        every kind's attribution estimate, one backward pass, each replaced by
+        its exact sweep when that finishes) and ``cell``
         (``{"run", "kind", "layer", "pos"}``: a clicked cell). Traits set
         here: ``tokens``, ``subject_note``, ``answer_info``,
         ``answer_warning``, ``status`` (``idle``, ``running``,
@@ -286,6 +288,7 @@ def _define_explorer() -> type:
         counterfactual = traitlets.Unicode("").tag(sync=True)
         direction = traitlets.Unicode("denoise").tag(sync=True)
         metric = traitlets.Unicode("").tag(sync=True)
+        preview = traitlets.Bool(True).tag(sync=True)
         status = traitlets.Unicode("idle").tag(sync=True)
         progress = traitlets.Float(0.0).tag(sync=True)
         progress_text = traitlets.Unicode("").tag(sync=True)
@@ -413,6 +416,7 @@ def _define_explorer() -> type:
                 "counterfactual": self.counterfactual,
                 "direction": self.direction,
                 "metric": self.metric,
+                "preview": self.preview,
             }
 
         def trace_options(self, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -517,6 +521,8 @@ def _define_explorer() -> type:
             cancelled = False
             index = len(self.results)
             try:
+                if settings.get("preview"):
+                    self._estimate(call, index)
                 for done, kind in enumerate(kinds):
                     if self._cancel.is_set():
                         cancelled = True
@@ -527,11 +533,12 @@ def _define_explorer() -> type:
                             call["prompt"], call["subject"], one, progress=False
                         )
                     finished[kind] = out[kind]
-                    self._partial = dict(finished)
-                    self.heatmaps = [
-                        *self.heatmaps,
-                        {**heatmap_data(out[kind], title=kind), "run": index},
-                    ]
+                    self._partial = dict(finished)  # before the heatmap: its cells open
+                    exact = {**heatmap_data(out[kind], title=kind), "run": index}
+                    if any(m["kind"] == kind for m in self.heatmaps):  # its estimate
+                        self.heatmaps = [exact if m["kind"] == kind else m for m in self.heatmaps]
+                    else:
+                        self.heatmaps = [*self.heatmaps, exact]
                     self.progress = (done + 1) / len(kinds)
             except TraceCancelled:
                 cancelled = True
@@ -546,6 +553,30 @@ def _define_explorer() -> type:
             self._running = False
             self.progress_text = f"{len(finished)} of {len(kinds)} kinds in {seconds:.1f} s"
             self.status = "error" if self.error else "cancelled" if cancelled else "done"
+
+        def _estimate(self, call: dict[str, Any], index: int) -> None:
+            """Attribution estimates of every kind (one backward pass), shown until refined.
+
+            Attribution patching (:func:`lenscope.attribution.attribute`) takes
+            one forward and one backward pass of the corrupted copies for all
+            kinds; each estimate is replaced by its kind's exact sweep as soon as
+            that finishes. Settings attribution does not take (an answer of
+            several tokens for some estimators, say) skip the estimate.
+            """
+            self.progress_text = "attribution estimate"
+            try:
+                estimates = self.tracer.attribute(call["prompt"], call["subject"], call["settings"])
+            except (InvalidInput, InvalidInputType) as e:
+                self.progress_text = f"no attribution estimate: {e}"
+                return
+            self.heatmaps = [
+                {
+                    **heatmap_data(result, title=f"{kind} (attribution estimate)"),
+                    "run": index,
+                    "estimate": True,
+                }
+                for kind, result in estimates.items()
+            ]
 
         def _watcher(self, kind: str, done: int, total: int) -> Callable[[TraceMeter], None]:
             def watch(meter: TraceMeter) -> None:

@@ -124,17 +124,42 @@ def test_counterfactual_run_equals_patch(make_explorer, tiny_model):
     assert run.settings["counterfactual"] == counterfactual
 
 
-def test_partial_results_arrive_in_order(make_explorer):
+def test_partial_results_arrive_in_order(make_explorer, tiny_model):
     explorer = make_explorer()
     seen, progress, statuses = [], [], []
-    explorer.observe(lambda c: seen.append([m["kind"] for m in c["new"]]), "heatmaps")
+    explorer.observe(lambda c: seen.append(c["new"]), "heatmaps")
     explorer.observe(lambda c: progress.append(c["new"]), "progress")
     explorer.observe(lambda c: statuses.append(c["new"]), "status")
-    explorer.run(wait=True)
-    assert seen == [["resid_post"], ["resid_post", "mlp_out"], list(ROME_KINDS)]
+    run = explorer.run(wait=True)
+    # First every kind's attribution estimate, then each replaced by its exact sweep, in order.
+    steps = [[(m["kind"], m.get("estimate", False)) for m in maps] for maps in seen]
+    r, m, a = ROME_KINDS
+    assert steps == [
+        [(r, True), (m, True), (a, True)],
+        [(r, False), (m, True), (a, True)],
+        [(r, False), (m, False), (a, True)],
+        [(r, False), (m, False), (a, False)],
+    ]
+    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    estimates = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=3)
+    for drawn in seen[0]:
+        assert torch.equal(torch.tensor(drawn["scores"]), estimates[drawn["kind"]].scores)
+    for drawn in seen[-1]:
+        assert torch.equal(torch.tensor(drawn["scores"]), run.results[drawn["kind"]].scores)
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert len(progress) > 6  # the meters' steps inside each kind, not only the kinds
     assert statuses == ["running", "done"]
+
+    explorer.preview = False
+    seen.clear()
+    explorer.run(wait=True)
+    steps = [[(m["kind"], m.get("estimate", False)) for m in maps] for maps in seen]
+    assert steps == [
+        [],
+        [(r, False)],
+        [(r, False), (m, False)],
+        [(r, False), (m, False), (a, False)],
+    ]
 
 
 def _state(model):
@@ -168,7 +193,7 @@ def test_cancel_mid_sweep_leaves_the_model_and_keeps_finished_kinds(tiny_tokeniz
         model(model.to_tokens(TINY_PROMPT))
     before = _state(model)
     assert any(before[2]) and not all(before[2]) and any(before[3]) and not all(before[3])
-    explorer = make_explorer(model, batch=2)
+    explorer = make_explorer(model, batch=2, preview=False)
     cancelled_at = []
 
     def cancel_inside_second_kind(change):
@@ -293,7 +318,7 @@ def test_bad_input_sets_the_error_trait(make_explorer, traits, message):
 
 
 def test_history_compare_and_export(make_explorer, tmp_path):
-    explorer = make_explorer(kinds=["resid_post", "mlp_out"])
+    explorer = make_explorer(kinds=["resid_post", "mlp_out"], preview=False)
     first = explorer.run(wait=True)
     explorer.noise_multiplier = 5.0
     second = explorer.run(wait=True)

@@ -4,8 +4,8 @@ The page renders the widget with anywidget's model interface (``get``, ``set``,
 ``on``, ``save_changes``, ``send``) played by a small JavaScript object holding
 the state of a real :class:`Explorer` after a run on the tiny model: what is drawn
 is read from the DOM, and what a click sets or sends is recorded and fed back to
-the kernel side. (The JupyterLab test of issue 32, with a notebook in a real
-server, is still to come.)
+the kernel side, in a few seconds; tests/test_explorer_jupyterlab.py runs the
+widget in a real JupyterLab.
 """
 
 import json
