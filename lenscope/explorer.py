@@ -238,6 +238,20 @@ def heatmap_data(result: TraceResult, *, title: str, scores: torch.Tensor | None
     }
 
 
+def shared_vocab(results: Mapping[str, TraceResult]) -> dict[str, TraceResult]:
+    """The results with one ``vocab``: the text of every token id any of them shows.
+
+    A joint :meth:`~lenscope.tracer.CausalTracer.trace_kinds` gives every
+    kind the vocabulary of all of them (sorted ids); kinds traced one at a
+    time each know only their own, so the explorer merges them.
+    """
+    union: dict[int, str] = {}
+    for result in results.values():
+        union.update(result.vocab)
+    vocab = {i: union[i] for i in sorted(union)}
+    return {kind: dataclasses.replace(result, vocab=vocab) for kind, result in results.items()}
+
+
 def _json_float(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -546,6 +560,7 @@ def _define_explorer() -> type:
                 self.error = _message(e)
             seconds = time.perf_counter() - started
             if finished:
+                finished = shared_vocab(finished)
                 run = ExplorerRun(settings, finished, not cancelled and not self.error, seconds)
                 self.results.append(run)
                 self.history = [*self.history, _summary(index, run)]

@@ -34,6 +34,12 @@ def make_explorer(tiny_model):
         explorer.close()
 
 
+@pytest.fixture(scope="module")
+def peaked_model(tiny_tokenizer):
+    """A tiny model whose restored runs disagree on their top tokens from kind to kind."""
+    return make_tiny_model(tiny_tokenizer, init_range=0.2)
+
+
 def _same(a, b):
     assert a.to_dict() == b.to_dict()
 
@@ -87,15 +93,15 @@ def test_tokens_subject_guess_and_answer_preview(make_explorer, tiny_model):
         ),
     ],
 )
-def test_run_equals_trace_kinds(make_explorer, tiny_model, traits, options):
-    explorer = make_explorer(subject=[2, 4], noise_multiplier=2.0, **traits)
+def test_run_equals_trace_kinds(make_explorer, peaked_model, traits, options):
+    explorer = make_explorer(peaked_model, subject=[2, 4], noise_multiplier=2.0, **traits)
     run = explorer.run(wait=True)
     assert explorer.status == "done" and explorer.error == ""
-    tracer = lenscope.CausalTracer(tiny_model, progress=False)
+    tracer = lenscope.CausalTracer(peaked_model, progress=False)
     expected = tracer.trace_kinds(TINY_PROMPT, (2, 4), samples=3, noise_multiplier=2.0, **options)
     assert list(run.results) == list(expected) and run.complete
     for kind, result in expected.items():
-        _same(run.results[kind], result)
+        _same(run.results[kind], result)  # vocab included: the kinds' shared one
     assert explorer.results == [run]
     # What the front end draws is the result's grid.
     assert [m["kind"] for m in explorer.heatmaps] == list(expected)
@@ -103,6 +109,19 @@ def test_run_equals_trace_kinds(make_explorer, tiny_model, traits, options):
         grid = expected[drawn["kind"]].scores
         assert torch.equal(torch.tensor(drawn["scores"]), grid)
         assert drawn["zmin"] == float(grid.min()) and drawn["zmax"] == float(grid.max())
+
+
+def test_shared_vocab_is_the_joint_traces(peaked_model):
+    # Kinds traced one at a time know only their own tokens; a run merges them as trace_kinds does.
+    tracer = lenscope.CausalTracer(peaked_model, progress=False)
+    joint = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=3)
+    alone = {
+        k: tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=3, kinds=(k,))[k] for k in joint
+    }
+    assert any(alone[k].vocab != joint[k].vocab for k in joint)  # the case this is about
+    merged = explorer_module.shared_vocab(alone)
+    for kind, result in joint.items():
+        _same(merged[kind], result)
 
 
 def test_counterfactual_run_equals_patch(make_explorer, tiny_model):
