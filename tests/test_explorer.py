@@ -94,11 +94,11 @@ def test_tokens_subject_guess_and_answer_preview(make_explorer, tiny_model):
     ],
 )
 def test_run_equals_trace_kinds(make_explorer, peaked_model, traits, options):
-    explorer = make_explorer(peaked_model, subject=[2, 4], noise_multiplier=2.0, **traits)
+    explorer = make_explorer(peaked_model, subject=[1, 4], noise_multiplier=3.5, **traits)
     run = explorer.run(wait=True)
     assert explorer.status == "done" and explorer.error == ""
     tracer = lenscope.CausalTracer(peaked_model, progress=False)
-    expected = tracer.trace_kinds(TINY_PROMPT, (2, 4), samples=3, noise_multiplier=2.0, **options)
+    expected = tracer.trace_kinds(TINY_PROMPT, (1, 4), samples=3, noise_multiplier=3.5, **options)
     assert list(run.results) == list(expected) and run.complete
     for kind, result in expected.items():
         _same(run.results[kind], result)  # vocab included: the kinds' shared one
