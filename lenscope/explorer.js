@@ -111,6 +111,8 @@ function render({ model, el: root }) {
     model.save_changes();
   };
   const send = (content) => model.send(content);
+  // A box being edited (empty, or "-") holds no number yet: nothing is sent.
+  const setNumber = (name, value) => Number.isFinite(value) && set(name, value);
 
   // Prompt, tokens, answer.
   const prompt = el("input", { class: "ls-prompt", type: "text", placeholder: "prompt (Enter)" });
@@ -136,16 +138,18 @@ function render({ model, el: root }) {
     KINDS.map((kind, i) => el("label", {}, [kindBoxes[i], kind])),
   );
   const window_ = el("input", { type: "number", min: "1", placeholder: "ROME", class: "ls-window" });
-  onEnter(window_, () => set("window", window_.value === "" ? null : parseInt(window_.value, 10)));
+  onEnter(window_, () =>
+    window_.value === "" ? set("window", null) : setNumber("window", parseInt(window_.value, 10)),
+  );
   const corruption = el("select", { class: "ls-corruption" }, [
     el("option", { value: "noise", text: "noise" }),
     el("option", { value: "counterfactual", text: "counterfactual (STR)" }),
   ]);
   corruption.addEventListener("change", () => set("corruption", corruption.value));
   const noise = el("input", { type: "number", step: "0.5", min: "0", class: "ls-noise" });
-  onEnter(noise, () => set("noise_multiplier", parseFloat(noise.value)));
+  onEnter(noise, () => setNumber("noise_multiplier", parseFloat(noise.value)));
   const samples = el("input", { type: "number", min: "1", class: "ls-samples" });
-  onEnter(samples, () => set("samples", parseInt(samples.value, 10)));
+  onEnter(samples, () => setNumber("samples", parseInt(samples.value, 10)));
   const counterfactual = el("input", { type: "text", class: "ls-counterfactual", placeholder: "counterfactual prompt" });
   onEnter(counterfactual, () => set("counterfactual", counterfactual.value));
   const direction = el("select", { class: "ls-direction" }, [

@@ -147,6 +147,19 @@ def _wait(driver, script, what, timeout=120.0, *args):
         time.sleep(0.1)
 
 
+def _click(driver, css, index=0):
+    """Click the ``index``-th element matching ``css``, found again if the widget redrew it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(5):
+        try:
+            driver.find_elements("css selector", css)[index].click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.2)
+    raise AssertionError(f"{css} [{index}] kept being redrawn")
+
+
 def _shot(driver, name):
     folder = os.environ.get("LENSCOPE_SCREENSHOTS")
     if folder:
@@ -191,7 +204,7 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
         browser, "return document.querySelectorAll('.ls-chip.ls-subject').length === 3", "the guess"
     )
     # Mark the subject " Eiffel Tower" (tokens 2 and 3) by clicking its tokens.
-    browser.find_elements(By.CSS_SELECTOR, ".ls-chip")[2].click()
+    _click(browser, ".ls-chip", 2)
     _wait(
         browser, "return document.querySelectorAll('.ls-chip.ls-subject').length === 1", "one chip"
     )
@@ -205,7 +218,7 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
 
     # Run: the heatmaps fill in, kind by kind.
     started = time.monotonic()
-    browser.find_element(By.CSS_SELECTOR, ".ls-run").click()
+    _click(browser, ".ls-run")
     _wait(browser, "return document.querySelectorAll('.ls-maps .ls-grid').length >= 1", "a heatmap")
     first = time.monotonic() - started  # the attribution estimates
     _wait(
@@ -244,18 +257,17 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
             assert float(score) == pytest.approx(float(scores[layer, pos]), rel=1e-6, abs=1e-9)
 
     # Click a cell: its top-k (the restored run's) and the lens table appear.
-    browser.find_element(
-        By.CSS_SELECTOR,
-        '.ls-body .ls-grid[data-kind="mlp_out"] .ls-cell[data-layer="1"][data-pos="3"]',
-    ).click()
+    _click(browser, '.ls-body .ls-grid[data-kind="mlp_out"] .ls-cell[data-layer="1"][data-pos="3"]')
     _wait(
         browser,
         "return document.querySelectorAll('.ls-cell-info .ls-top li').length > 0",
         "the top-k",
     )
-    shown = [
-        li.text.rsplit(" ", 1)[0] for li in browser.find_elements(By.CSS_SELECTOR, ".ls-top li")
-    ]
+    # (The panel is drawn again when the lens view arrives: read it in one script.)
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.ls-top li')).map(li => li.textContent)"
+    )
+    shown = [text.rsplit(" ", 1)[0] for text in shown]
     assert shown == [json.dumps(t) for t, _ in expected["mlp_out"].top_predictions(1, 3)]
     _wait(
         browser,
@@ -268,17 +280,17 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
     noise = browser.find_element(By.CSS_SELECTOR, ".ls-noise")
     noise.clear()
     noise.send_keys("6" + Keys.ENTER)
-    browser.find_element(By.CSS_SELECTOR, ".ls-run").click()
+    _click(browser, ".ls-run")
     _wait(
         browser,
         "return document.querySelectorAll('.ls-run-entry').length === 2",
         "the second run",
         180,
     )
-    for box in browser.find_elements(By.CSS_SELECTOR, ".ls-run-entry input"):
-        box.click()
-    browser.find_element(By.CSS_SELECTOR, ".ls-compare-mode option[value='difference']").click()
-    browser.find_element(By.CSS_SELECTOR, ".ls-compare").click()
+    _click(browser, ".ls-run-entry input", 0)
+    _click(browser, ".ls-run-entry input", 1)
+    _click(browser, ".ls-compare-mode option[value='difference']")
+    _click(browser, ".ls-compare")
     _wait(
         browser,
         "return document.querySelectorAll('.ls-comparison .ls-grid').length === 3",
@@ -286,4 +298,19 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
     )
     title = browser.find_element(By.CSS_SELECTOR, ".ls-comparison .ls-title").text
     assert title == "runs 0 and 1: difference"
+    entries = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".ls-run-entry")]
+    assert "noise 3σ × 3" in entries[0] and "noise 6σ × 3" in entries[1]
+    # The difference is run 0 minus run 1, cell by cell (not all zero: the noise differs).
+    second = lenscope.CausalTracer(model, progress=False).trace_kinds(
+        TINY_PROMPT, (2, 4), samples=3, noise_multiplier=6.0
+    )
+    drawn = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.ls-comparison .ls-grid')).map(g => [g.dataset.kind,"
+        " Array.from(g.querySelectorAll('.ls-cell')).map(c => [+c.dataset.layer, +c.dataset.pos, c.dataset.score])])"
+    )
+    for kind, cells in drawn:
+        diff = expected[kind].scores - second[kind].scores
+        assert diff.abs().max() > 0
+        for layer, pos, score in cells:
+            assert float(score) == pytest.approx(float(diff[layer, pos]), rel=1e-6, abs=1e-9)
     _shot(browser, "explorer_compare")
