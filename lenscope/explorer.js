@@ -164,6 +164,10 @@ function render({ model, el: root }) {
     ),
   ]);
   metric.addEventListener("change", () => set("metric", metric.value));
+  const lens = el("input", { type: "checkbox", class: "ls-lens-on" });
+  lens.addEventListener("change", () => set("lens", lens.checked));
+  const preview = el("input", { type: "checkbox", class: "ls-preview-on" });
+  preview.addEventListener("change", () => set("preview", preview.checked));
   const runButton = el("button", { class: "ls-run", text: "Run", onclick: () => send({ action: "run" }) });
   const cancelButton = el("button", { class: "ls-cancel", text: "Cancel", onclick: () => send({ action: "cancel" }) });
   const bar = el("progress", { class: "ls-progress", max: "1", value: "0" });
@@ -190,6 +194,10 @@ function render({ model, el: root }) {
       counterfactual,
       direction,
       metric,
+    ]),
+    el("div", { class: "ls-row" }, [
+      el("label", {}, [preview, " attribution estimates first"]),
+      el("label", {}, [lens, " lens view of a clicked cell"]),
     ]),
     el("div", { class: "ls-row" }, [runButton, cancelButton, bar, status]),
     error,
@@ -245,6 +253,8 @@ function render({ model, el: root }) {
     counterfactual.value = model.get("counterfactual");
     direction.value = model.get("direction");
     metric.value = model.get("metric");
+    lens.checked = model.get("lens");
+    preview.checked = model.get("preview");
     const str = model.get("corruption") === "counterfactual";
     counterfactual.style.display = str ? "" : "none";
     noise.parentElement.style.display = str ? "none" : "";
@@ -379,7 +389,7 @@ function render({ model, el: root }) {
   for (const name of ["status", "progress", "progress_text", "error", "subject_note"]) {
     model.on(`change:${name}`, drawStatus);
   }
-  for (const name of ["prompt", "answer", "kinds", "window", "corruption", "noise_multiplier", "samples", "counterfactual", "direction", "metric"]) {
+  for (const name of ["prompt", "answer", "kinds", "window", "corruption", "noise_multiplier", "samples", "counterfactual", "direction", "metric", "lens", "preview"]) {
     model.on(`change:${name}`, drawControls);
   }
   drawControls();

@@ -281,7 +281,11 @@ def _define_explorer() -> type:
         ``cancelling``, ``done``, ``cancelled``, ``error``), ``progress``
         (0 to 1), ``progress_text``, ``error`` (lenscope's message),
         ``heatmaps`` (the shown run's kinds, as they finish), ``cell_info``,
-        ``history`` and ``comparison``.
+        ``history`` and ``comparison``. ``lens`` (default True) computes the
+        clicked cell's lens view (:func:`~lenscope.lens.lens_trace_cell`), which
+        decodes every layer and position of three runs: minutes on a large
+        vocabulary on a CPU, during which the next run waits; a new click or a
+        run drops a lens view still queued.
         """
 
         _esm = here / "explorer.js"
@@ -303,6 +307,7 @@ def _define_explorer() -> type:
         direction = traitlets.Unicode("denoise").tag(sync=True)
         metric = traitlets.Unicode("").tag(sync=True)
         preview = traitlets.Bool(True).tag(sync=True)
+        lens = traitlets.Bool(True).tag(sync=True)
         status = traitlets.Unicode("idle").tag(sync=True)
         progress = traitlets.Float(0.0).tag(sync=True)
         progress_text = traitlets.Unicode("").tag(sync=True)
@@ -328,6 +333,7 @@ def _define_explorer() -> type:
             self._partial: dict[str, TraceResult] = {}
             self._running = False
             self._cell_clicks = 0
+            self._lens_job: Future | None = None
             # A subject given with the prompt is kept; a prompt typed later gets a guess.
             self._keep_subject = "subject" in traits
             traits.setdefault("noise_multiplier", tracer.noise_multiplier)
@@ -507,6 +513,8 @@ def _define_explorer() -> type:
                 self.status, self.error = "error", str(e)
                 return None
             self._running = True
+            if self._lens_job is not None:
+                self._lens_job.cancel()  # a queued lens view would hold the run back
             self._cancel.clear()
             self._partial = {}
             self.heatmaps, self.cell_info, self.comparison = [], {}, {}
@@ -662,13 +670,20 @@ def _define_explorer() -> type:
                 "lens_note": "computing the lens view",
             }
             self.cell_info = info
+            if not self.lens:
+                self.cell_info = {**info, "lens_note": ""}
+                return
             if result.direction != "denoise" or result.axes[:2] != ("layer", "pos"):
                 self.cell_info = {
                     **info,
                     "lens_note": "the lens view needs a denoising (layer, pos) trace",
                 }
                 return
-            self._submit(lambda: self._lens(index, result, coords, info, click), "lens view")
+            if self._lens_job is not None:
+                self._lens_job.cancel()  # a lens view still queued is no longer wanted
+            self._lens_job = self._submit(
+                lambda: self._lens(index, result, coords, info, click), "lens view"
+            )
 
         def _lens(
             self, index: int, result: TraceResult, coords: tuple, info: dict, click: int

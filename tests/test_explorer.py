@@ -241,6 +241,7 @@ def test_cancel_mid_sweep_leaves_the_model_and_keeps_finished_kinds(tiny_tokeniz
     expected = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=3)["resid_post"]
     _same(run.results["resid_post"], expected)
     explorer.unobserve_all("progress")
+    explorer.kinds = ["attn_out"]
     again = explorer.run(wait=True)
     assert again.complete and len(explorer.results) == 2
     model.reset_hooks(including_permanent=True)
@@ -290,6 +291,11 @@ def test_cell_click_gives_the_restored_top_k_and_lens(make_explorer, tiny_model)
     # The lens: the restored run's last layer at the last position is the trace's score.
     assert info["lens"]["restored"]["answer_prob"][-1] == pytest.approx(info["score"], abs=1e-5)
     assert (0, "resid_post", layer, pos) in explorer.cell_views
+    explorer.lens = False  # the top-k alone
+    explorer.cell = {"run": 0, "kind": "resid_post", "layer": 2, "pos": 1}
+    explorer.wait()
+    assert explorer.cell_info["lens"] is None and explorer.cell_info["top"]
+    assert (0, "resid_post", 2, 1) not in explorer.cell_views
     explorer.cell = {"run": 0, "kind": "attn_out", "layer": 0, "pos": 0}
     assert (
         "kind 'attn_out' is not among the run's finished kinds ['resid_post']"
