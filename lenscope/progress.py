@@ -13,12 +13,17 @@ anything ran (from a model's size, or from the first forward pass, which pays
 one-time costs) was wrong by up to 5x either way on a shared 2-core machine;
 this one is made from the trace's own batched work, once the first sweep batch
 has finished, and the progress bar's remaining time is refreshed from it after
-every step.
+every step. Code that runs a trace for someone else (the notebook explorer,
+:mod:`lenscope.explorer`) watches every meter created inside
+:func:`watching`: its callback sees the meter after each step, and may raise to
+stop the trace there (the trace then leaves the model as it was, as after any error).
 """
 
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +32,31 @@ LONG_TRACE_SECONDS = 600.0
 """A trace whose measured estimate exceeds this says so (a ``UserWarning``)."""
 
 _LOG = logging.getLogger("lenscope.progress")
+
+_WATCHERS: contextvars.ContextVar[tuple[Callable[["TraceMeter"], None], ...]] = (
+    contextvars.ContextVar("lenscope_meter_watchers", default=())
+)
+
+
+@contextlib.contextmanager
+def watching(callback: Callable[["TraceMeter"], None]) -> Iterator[None]:
+    """Call ``callback(meter)`` after every step of each :class:`TraceMeter` made inside.
+
+    The watch is a context variable: a trace run in a worker thread is
+    watched by what that thread set up, as the explorer does. The
+    callback may raise: the step that called it raises, and the trace stops
+    there.
+
+    Args:
+        callback: Called with the meter after each :meth:`TraceMeter.advance`
+            and :meth:`TraceMeter.warmed_up` (``meter.done``, ``meter.total``,
+            ``meter.description``, :meth:`TraceMeter.remaining`).
+    """
+    token = _WATCHERS.set((*_WATCHERS.get(), callback))
+    try:
+        yield
+    finally:
+        _WATCHERS.reset(token)
 
 
 def decode_weight(model: torch.nn.Module, n_key: int) -> float:
@@ -109,6 +139,9 @@ class TraceMeter:
         self.decided = False
         self.first_estimate: float | None = None
         """The estimated total seconds at the decision (None before it)."""
+        self.description = description
+        """The label of the work in progress (e.g. the kind being traced)."""
+        self._watchers = _WATCHERS.get()
         self._bar = (
             tqdm(
                 total=self.total,
@@ -122,6 +155,7 @@ class TraceMeter:
 
     def describe(self, description: str) -> None:
         """Relabel the progress bar (e.g. the kind being traced)."""
+        self.description = description
         if self._bar is not None:
             self._bar.set_description_str(description, refresh=False)
 
@@ -130,6 +164,7 @@ class TraceMeter:
         self.done += units
         self.work_started = self.clock()
         self._refresh(units)
+        self._notify()
 
     def advance(self, units: float | int, *, decides: bool = False) -> None:
         """Count ``units`` of timed work that just finished.
@@ -158,6 +193,11 @@ class TraceMeter:
                 if estimate > LONG_TRACE_SECONDS and self.on_long is not None:
                     self.on_long(estimate)
         self._refresh(units)
+        self._notify()
+
+    def _notify(self) -> None:
+        for callback in self._watchers:
+            callback(self)
 
     def seconds_per_unit(self) -> float | None:
         """The measured speed of the work steps, or None before one has run."""

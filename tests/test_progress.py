@@ -106,3 +106,26 @@ def test_decode_weight_is_the_ratio_of_multiply_adds():
 )
 def test_duration(seconds, text):
     assert progress.duration(seconds) == text
+
+
+def test_watching_sees_every_step_of_meters_made_inside_and_can_stop_them():
+    seen = []
+    outside = progress.TraceMeter(10)
+    with progress.watching(lambda m: seen.append((m.description, m.done))):
+        meter = progress.TraceMeter(10, description="trace")
+        meter.warmed_up(2)
+        meter.describe("trace mlp_out")
+        meter.advance(3)
+        outside.advance(1)  # made before the watch: not watched
+    meter.advance(1)  # the meter keeps its watchers
+    after = progress.TraceMeter(10)
+    after.advance(1)  # made after the watch ended: not watched
+    assert seen == [("trace", 2.0), ("trace mlp_out", 5.0), ("trace mlp_out", 6.0)]
+
+    def stop(meter):
+        raise RuntimeError("stop here")
+
+    with progress.watching(stop):
+        meter = progress.TraceMeter(10)
+    with pytest.raises(RuntimeError, match="stop here"):
+        meter.advance(1)

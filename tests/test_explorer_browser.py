@@ -1,0 +1,125 @@
+"""The explorer's front end (lenscope/explorer.js) in a real headless Chromium, without Jupyter.
+
+The page renders the widget with anywidget's model interface (``get``, ``set``,
+``on``, ``save_changes``, ``send``) played by a small JavaScript object holding
+the state of a real :class:`Explorer` after a run on the tiny model: what is drawn
+is read from the DOM, and what a click sets or sends is recorded and fed back to
+the kernel side, in a few seconds; tests/test_explorer_jupyterlab.py runs the
+widget in a real JupyterLab.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_PROMPT
+from test_browser import browser  # noqa: F401  (the headless Chromium fixture)
+
+import lenscope
+
+pytestmark = pytest.mark.browser
+pytest.importorskip("anywidget")
+
+JS = Path(lenscope.__file__).parent / "explorer.js"
+CSS = Path(lenscope.__file__).parent / "explorer.css"
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
+<div id="root"></div>
+<script id="state" type="application/json">{state}</script>
+<script type="module">
+{js}
+const state = JSON.parse(document.getElementById("state").textContent);
+const listeners = {{}};
+window.sets = []; window.sent = [];
+window.model = {{
+  get: (name) => state[name],
+  set: (name, value) => {{
+    state[name] = value; window.sets.push([name, value]);
+    (listeners["change:" + name] || []).forEach((f) => f());
+  }},
+  on: (event, f) => (listeners[event] = listeners[event] || []).push(f),
+  save_changes: () => {{}},
+  send: (content) => window.sent.push(content),
+}};
+render({{ model: window.model, el: document.getElementById("root") }});
+window.ready = true;
+</script></body></html>"""
+
+
+def _page(tmp_path, explorer) -> Path:
+    state = {k: v for k, v in explorer.get_state().items() if not k.startswith("_")}
+    js = JS.read_text().replace("export default { render };", "")
+    text = PAGE.format(css=CSS.read_text(), state=json.dumps(state).replace("</", "<\\/"), js=js)
+    path = tmp_path / "explorer.html"
+    path.write_text(text)
+    return path
+
+
+def test_front_end_draws_the_run_and_sends_clicks(browser, tiny_model, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    explorer = lenscope.explore(tiny_model, prompt=TINY_PROMPT, samples=3)
+    try:
+        run = explorer.run(wait=True)
+        browser.get(_page(tmp_path, explorer).as_uri())
+        assert browser.execute_script("return window.ready === true")
+
+        # Tokens as chips, the guessed subject marked.
+        chips = browser.find_elements(By.CSS_SELECTOR, ".ls-chip")
+        assert [c.get_attribute("textContent") for c in chips] == explorer.tokens
+        marked = [
+            int(c.get_attribute("data-pos"))
+            for c in chips
+            if "ls-subject" in c.get_attribute("class")
+        ]
+        assert marked == list(range(*explorer.subject))
+        # One grid per kind; every cell's score is the result's.
+        grids = browser.find_elements(By.CSS_SELECTOR, ".ls-grid")
+        assert [g.get_attribute("data-kind") for g in grids] == list(run.results)
+        for grid in grids:
+            result = run.results[grid.get_attribute("data-kind")]
+            cells = grid.find_elements(By.CSS_SELECTOR, ".ls-cell")
+            assert len(cells) == result.scores.numel()
+            for cell in cells[:: max(1, len(cells) // 7)]:
+                layer, pos = (
+                    int(cell.get_attribute("data-layer")),
+                    int(cell.get_attribute("data-pos")),
+                )
+                assert float(cell.get_attribute("data-score")) == float(result.scores[layer, pos])
+
+        # Click a cell: the front end sets the cell trait; the kernel answers with its top-k.
+        target = browser.find_element(
+            By.CSS_SELECTOR, '.ls-grid[data-kind="mlp_out"] .ls-cell[data-layer="2"][data-pos="3"]'
+        )
+        target.click()
+        cell = browser.execute_script("return window.sets.filter(s => s[0] === 'cell').pop()[1]")
+        assert cell == {"run": 0, "kind": "mlp_out", "layer": 2, "pos": 3}
+        explorer.cell = cell
+        explorer.wait()
+        browser.execute_script("window.model.set('cell_info', arguments[0])", explorer.cell_info)
+        shown = [li.text for li in browser.find_elements(By.CSS_SELECTOR, ".ls-top li")]
+        top = run.results["mlp_out"].top_predictions(2, 3)
+        assert [s.rsplit(" ", 1)[0] for s in shown] == [json.dumps(t) for t, _ in top]
+        assert (
+            len(browser.find_elements(By.CSS_SELECTOR, ".ls-lens tr"))
+            == tiny_model.cfg.n_layers + 1
+        )
+
+        # Mark a subject: click a chip, shift-click another.
+        chips[2].click()
+        chips = browser.find_elements(By.CSS_SELECTOR, ".ls-chip")  # drawn again
+        ActionChains(browser).key_down(Keys.SHIFT).click(chips[5]).key_up(Keys.SHIFT).perform()
+        subject = browser.execute_script(
+            "return window.sets.filter(s => s[0] === 'subject').pop()[1]"
+        )
+        assert subject == [2, 6]
+        marked = browser.find_elements(By.CSS_SELECTOR, ".ls-chip.ls-subject")
+        assert [int(c.get_attribute("data-pos")) for c in marked] == [2, 3, 4, 5]
+
+        # Run and Cancel are messages to the kernel.
+        browser.find_element(By.CSS_SELECTOR, ".ls-run").click()
+        assert browser.execute_script("return window.sent") == [{"action": "run"}]
+    finally:
+        explorer.close()
