@@ -186,6 +186,7 @@ def main() -> None:
         help="folder to save the traces in and reuse them from on a re-run",
     )
     parser.add_argument("--scale", type=float, default=2.0, help="device pixel ratio of the PNG")
+    parser.add_argument("--width", type=int, default=1100, help="the figure's width in pixels")
     parser.add_argument(
         "--hover",
         choices=KINDS,
@@ -205,7 +206,7 @@ def main() -> None:
             f"{kind:>10}: peak {score:.3f} at layer {layer}, token {result.tokens[pos]!r} "
             f"(clean {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f})"
         )
-    fig = plot_traces(results)
+    fig = plot_traces(results, width=args.width)
     html = save_html(fig, args.out.with_suffix(".html"))
     hover = None
     if args.hover is not None:
