@@ -71,3 +71,17 @@ def test_progress_bar_in_a_kernel_is_a_widget_without_warning():
         o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
     ]
     assert widgets, f"no progress widget among the outputs: {outputs}"
+
+
+def test_notebooks_are_committed_with_their_figures_also_as_png():
+    """GitHub shows saved outputs but not plotly's: every saved figure has a static PNG beside
+    it (``python scripts/execute_notebooks.py`` executes and saves them)."""
+    import json
+
+    for path in sorted((PYPROJECT.parent / "notebooks").glob("*.ipynb")):
+        outputs = [o for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+        figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+        assert figures, f"{path.name} is committed without its figures' outputs"
+        assert all("image/png" in o["data"] for o in figures), (
+            f"{path.name}: a figure lacks its PNG"
+        )
