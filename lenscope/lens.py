@@ -296,6 +296,14 @@ class LensTrajectory(NoiseProperties, GridResult):
     answer_ids: tuple[int, ...] = ()
     answer_log_prob: tuple[float, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`JsonRoundTrip.to_dict`; the answer's tokens and score only for several."""
+        out = super().to_dict()
+        for name in ("answer_ids", "answer_log_prob"):
+            if not getattr(self, name):
+                del out[name]
+        return out
+
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
         if self.component not in COMPONENTS:

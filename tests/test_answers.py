@@ -301,7 +301,8 @@ def test_cli_traces_an_answer_of_several_tokens(tiny_model, tmp_path, capsys):
     argv = ["trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--answer", ANSWER]
     argv += ["--samples", "2", "--out", str(tmp_path / "t.html"), "--json", str(js), "--quiet"]
     assert main(argv, model_factory=lambda name, **kwargs: tiny_model) == 0, capsys.readouterr()
-    assert f"answer     {ANSWER!r}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"answer     {ANSWER!r}" in out
     data = json.loads(js.read_text())
     from_cli = TraceResult.from_dict(data["mlp_out"])
     direct = CausalTracer(tiny_model, progress=False).trace(
@@ -309,6 +310,44 @@ def test_cli_traces_an_answer_of_several_tokens(tiny_model, tmp_path, capsys):
     )
     assert torch.equal(from_cli.scores, direct.scores)
     assert from_cli.answer_split["answer_ids"] == _ids(tiny_model, ANSWER)
+    # The per-token split: clean, corrupted and the first kind's peak cell, per token.
+    first = TraceResult.from_dict(next(iter(data.values())))
+    *cell, _ = first.peak()
+    split = first.answer_split
+    rows = [line.split() for line in out.splitlines() if line.startswith(" " * 11 + "' ")]
+    assert [" ".join(row[:-3]) for row in rows] == ["' paris'", "' france'"]
+    values = torch.tensor([[float(x) for x in row[-3:]] for row in rows])
+    expected = torch.stack(
+        [split["clean_log_probs"], split["corrupted_log_probs"], split["log_probs"][tuple(cell)]],
+        dim=1,
+    )
+    torch.testing.assert_close(values, expected, atol=1e-4, rtol=0)
+    assert f"restored: {first.kind} peak" in out
+
+
+def test_cli_estimates_an_answer_of_several_tokens_with_integrated_gradients(tiny_model, tmp_path):
+    from lenscope.attribution import AttributionResult, attribute
+    from lenscope.cli import main
+
+    js = tmp_path / "a.json"
+    argv = ["trace", TINY_PROMPT, "--subject", "The Eiffel Tower", "--answer", ANSWER, "--quiet"]
+    argv += ["--method", "attribution", "--estimator", "ig:2", "--metric", "log_prob"]
+    argv += ["--samples", "2", "--kind", "mlp_out", "--out", str(tmp_path / "a.html")]
+    assert main([*argv, "--json", str(js)], model_factory=lambda name, **kw: tiny_model) == 0
+    data = json.loads(js.read_text())
+    from_cli = AttributionResult.from_dict(data.get("mlp_out", data))
+    direct = attribute(
+        CausalTracer(tiny_model, progress=False),
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        kinds=("mlp_out",),
+        answer=ANSWER,
+        metric="log_prob",
+        estimator="ig:2",
+        samples=2,
+    )["mlp_out"]
+    torch.testing.assert_close(from_cli.scores, direct.scores, atol=0, rtol=0, equal_nan=True)
+    assert from_cli.estimator == "ig:2" and from_cli.answer == ANSWER
 
 
 @pytest.mark.parametrize("strategy", ["prefix", "full"])
