@@ -332,7 +332,9 @@ class CausalTracer:
             continuation = groups[0][0]
         # A foil scored in runs of its own (known here unless it is the
         # counterfactual's top-1, which has one token).
-        foil_planned = settings.needs_foil and (len(answer) > 1 or len(prepared.foil_ids or ()) > 1)
+        foil_planned = settings.needs_foil and (
+            len(answer) > 1 or len(prepared.foil_ids or ()) > 1 or bool(groups)
+        )
         foil_continuation = (prepared.foil_ids or (0,))[:-1]  # unnamed: one token
 
         interrupt = _KindsInterrupt()  # listed first: exits after the model is restored

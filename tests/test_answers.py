@@ -687,7 +687,15 @@ def test_str_with_an_answer_set(tiny_model):
     torch.testing.assert_close(out.scores[:, first:], diff[:, first:], atol=TOL, rtol=0)
 
 
-def test_answer_set_meter_counts_exactly_what_runs(tiny_model, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"answer": MEMBERS},
+        {"answer": [" paris", " Paris"], "metric": "logit_diff", "counterfactual": True},
+    ],
+    ids=["two-runs", "one-run-str-default-foil"],
+)
+def test_answer_set_meter_counts_exactly_what_runs(tiny_model, monkeypatch, options):
     import lenscope.engine
     from lenscope import AnswerSet
 
@@ -699,9 +707,13 @@ def test_answer_set_meter_counts_exactly_what_runs(tiny_model, monkeypatch):
             meters.append(self)
 
     monkeypatch.setattr(lenscope.engine, "TraceMeter", Recording)
-    CausalTracer(tiny_model, progress=False).trace_kinds(
-        TINY_PROMPT, TINY_SUBJECT, samples=2, answer=AnswerSet(MEMBERS)
-    )
+    tracer = CausalTracer(tiny_model, progress=False)
+    options = dict(options)
+    answer = AnswerSet(options.pop("answer"))
+    if options.pop("counterfactual", False):
+        tracer.patch(TINY_PROMPT, COUNTERFACTUAL, answer=answer, **options)
+    else:
+        tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, samples=2, answer=answer, **options)
     (meter,) = meters
     assert meter.done == pytest.approx(meter.total, rel=1e-9)
 
