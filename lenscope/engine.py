@@ -1502,19 +1502,37 @@ def member_log_probs(
     Member ``m``'s token ``j`` is read at position ``j``; the logits are not
     overwritten, and each position's normaliser is computed once.
     """
-    norms = []
-    for j in range(logits.shape[1]):
-        position = logits[:, j]
-        top = position.max(dim=-1, keepdim=True).values
-        total = (position - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
-        norms.append(top[:, 0] + total.log())
+    top, log_total = _normalizers(logits)
     out = []
     for member in members:
         value = torch.zeros(logits.shape[0], device=logits.device)
         for j, token in enumerate(member):
-            value = value + (logits[:, j, token] - norms[j])
+            value = value + (logits[:, j, token] - top[:, j] - log_total[:, j])
         out.append(value)
     return torch.stack(out, dim=1)
+
+
+def _normalizers(
+    logits: Float[Tensor, "row answer d_vocab"],
+) -> tuple[Float[Tensor, "row answer"], Float[Tensor, "row answer"]]:
+    """Each position's maximum logit and log of its sum of ``exp(logit - maximum)``.
+
+    The float32 arithmetic of :func:`lenscope.metrics.softmax_` (exponentials
+    clamped at ``EXP_FLOOR``), so that ``logit - top - log_total`` is the
+    log-probability :func:`_score_rows` computes; the logits are not
+    overwritten. One position at a time in one scratch buffer: ``1 / answer``
+    of the decoded chunk, allocated once (fresh memory per position cost as
+    much as the arithmetic).
+    """
+    scratch = torch.empty_like(logits[:, 0])
+    tops, totals = [], []
+    for j in range(logits.shape[1]):
+        position = logits[:, j]
+        top = position.max(dim=-1, keepdim=True).values
+        torch.sub(position, top, out=scratch).clamp_(min=metrics.EXP_FLOOR).exp_()
+        tops.append(top[:, 0])
+        totals.append(scratch.sum(dim=-1).log())
+    return torch.stack(tops, dim=1), torch.stack(totals, dim=1)
 
 
 def _token_log_probs(
@@ -1522,18 +1540,11 @@ def _token_log_probs(
 ) -> Float[Tensor, "row answer"]:
     """Each position's log-probability of its answer token, as :func:`_score_rows` computes one.
 
-    The same float32 arithmetic as :func:`lenscope.metrics.softmax_` (shift by
-    the maximum, exponentials clamped at ``EXP_FLOOR``), without overwriting
-    ``logits``; one position at a time, so that the scratch is ``1 / answer``
-    of the decoded chunk.
+    See :func:`_normalizers`; the logits are not overwritten.
     """
-    out = []
-    for j in range(logits.shape[1]):
-        position = logits[:, j]
-        top = position.max(dim=-1, keepdim=True).values
-        total = (position - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
-        out.append(position[:, ids[j]] - top[:, 0] - total.log())
-    return torch.stack(out, dim=1)
+    top, log_total = _normalizers(logits)
+    picked = logits.gather(2, ids.expand(logits.shape[0], -1)[..., None])[..., 0]
+    return picked - top - log_total
 
 
 def _score_cells(

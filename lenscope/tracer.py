@@ -351,8 +351,8 @@ class CausalTracer:
             base = self._base(prepared, corrupted, continuation, noising)
             runs = [1, corrupted.rows, *([base.rows] if noising else [])]
             more = [
-                (self._base(prepared, continued_input(bound, more), more, noising), len(more) + 1)
-                for more, _ in groups[1:]
+                (self._base(prepared, continued_input(bound, tail), tail, noising), len(tail) + 1)
+                for tail, _ in groups[1:]
             ]
             foil_base = None
             if foil_planned:
@@ -391,8 +391,8 @@ class CausalTracer:
                     _mean_score(foil_corrupted, measure.foil_ids, "log_prob"),
                 )
             group_runs = [answer_runs] + [
-                self._runs(prepared, bound, more, noising, meter, warm_up=False)
-                for more, _ in groups[1:]
+                self._runs(prepared, bound, tail, noising, meter, warm_up=False)
+                for tail, _ in groups[1:]
             ]
             clean_logits, corrupted_logits = answer_runs.logits(model, sequence=False)
             if groups:
