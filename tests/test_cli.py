@@ -481,9 +481,8 @@ def test_dataset_summary_is_kept_when_the_report_cannot_be_written(run, tmp_path
             "pass --positions with positions of the prompt's tokens (e.g. 2-6), or --positions all",
         ),
         (
-            ["--subject", "The", "--answer", " paris rome", "--method", "attribution"]
-            + ["--estimator", "ig:2"],
-            "pass --estimator atp, or trace it exactly",
+            ["--subject", "The", "--method", "attribution", "--estimator", "ig:0"],
+            "pass e.g. --estimator ig:16",
         ),
         (
             ["--subject", "The", "--positions", "-1,last"],
