@@ -572,9 +572,13 @@ def _set_reference(model, prompt_ids, members, kind, window, direction, corrupt)
     return per_member, torch.logsumexp(per_member.double(), dim=-1).float()
 
 
+# attn_out takes mlp_out's path (a block output with a window): left out for CI's time.
+SET_KINDS = [kind for kind in KINDS if kind[0] != "attn_out"]
+
+
 @pytest.mark.parametrize("strategy", ["prefix", "full"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("kind, window, by", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("kind, window, by", SET_KINDS, ids=[k[0] for k in SET_KINDS])
 def test_answer_set_matches_reference(tiny_model, strategy, direction, kind, window, by):
     from lenscope import AnswerSet
 
