@@ -17,6 +17,7 @@ from lenscope._version import __version__
 _EXPORTS: dict[str, str] = {
     "AnswerWarning": "lenscope.validation",
     "AttributionResult": "lenscope.attribution",
+    "AnswerSet": "lenscope.tokens",
     "Comparison": "lenscope.attribution",
     "compare": "lenscope.attribution",
     "DEFAULT_KINDS": "lenscope.settings",

@@ -55,9 +55,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lenscope import engine
-from lenscope.experiment import Grid, Measure, continued_input, prepare
+from lenscope.experiment import Grid, Measure, continued_input, member_groups, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
+    FINAL_RESID,
     capture_forward,
     decode_resid,
     hook_name,
@@ -250,8 +251,11 @@ def attribute(
             "pass target='metric' (the sequence's log-probability), or tokens of one piece"
         )
     # An answer of k tokens: every run teacher-forced with its first k - 1
-    # (engine.sweep's scoring, differentiable: the sum of their log-probabilities).
+    # (engine.sweep's scoring, differentiable: the sum of their log-probabilities);
+    # an answer set: with its longest member's (one run scores them all).
     continuation = answer[:-1]
+    if prepared.answer_set is not None:
+        ((continuation, _),) = member_groups(prepared.answer_set)
     decoded = len(continuation) + 1
 
     with preserved_model(model):
@@ -271,6 +275,8 @@ def attribute(
             return target_fn(measured[0])(logits, scored(measured[0]))
 
         def target_fn(measure: Measure) -> PatchingMetric:
+            if measure.members is not None:
+                return _members_target("log_prob" if target == "log_prob" else measure.metrics[0])
             if decoded > 1:
                 return _sequence_target("log_prob" if target == "log_prob" else measure.metrics[0])
             if target == "logit_diff":
@@ -278,6 +284,8 @@ def attribute(
             return _log_prob if target == "log_prob" else measure.metrics[0].differentiable()
 
         def scored(measure: Measure) -> Any:
+            if measure.members is not None:
+                return engine.Members(measure.members)
             return measure.answer_ids if decoded > 1 else measure.answer_id
 
         probed = [
@@ -313,7 +321,18 @@ def attribute(
         effects, extra_passes = estimator.effects(inputs, groups)
     corrupted_logits = grads.logits
     clean_logits = clean.logits if clean.answer_logits is None else clean.answer_logits
-    baselines = measure.baselines(clean_logits, corrupted_logits, settings.top_k)
+    if measure.members is None:
+        baselines = measure.baselines(clean_logits, corrupted_logits, settings.top_k)
+    else:
+        clean_members = _members_log_prob(clean_logits[None], measure.members, each=True)
+        corrupted_members = _members_log_prob(corrupted_logits, measure.members, each=True)
+        baselines = measure.set_baselines(
+            clean.logits,
+            corrupted_logits if decoded == 1 else corrupted_logits[:, 0],
+            clean_members,
+            corrupted_members,
+            settings.top_k,
+        )
     corrupted_score = baselines.corrupted_scores[0]
     seconds = time.perf_counter() - started
 
@@ -330,7 +349,9 @@ def attribute(
     answer_probs = None
     if convert is not None:
         answer_probs = (
-            softmax(corrupted_logits)[:, measure.answer_id]
+            _members_log_prob(corrupted_logits, measure.members).exp()
+            if measure.members is not None
+            else softmax(corrupted_logits)[:, measure.answer_id]
             if decoded == 1
             else _sequence_log_prob(corrupted_logits, measure.answer_ids).exp()
         )
@@ -509,19 +530,70 @@ def _sequence_target(metric: Any) -> Callable[..., Tensor]:
     return target
 
 
+def _members_log_prob(
+    logits: Float[Tensor, "batch d_vocab"] | Float[Tensor, "batch answer d_vocab"],
+    members: Sequence[Sequence[int]],
+    *,
+    each: bool = False,
+) -> Float[Tensor, " batch"] | Float[Tensor, "batch member"]:
+    """Each row's log-probability of an answer set (log-sum-exp of its members'), differentiable.
+
+    Member ``m``'s token ``j`` is read at decoded position ``j`` (one
+    teacher-forced run scores every member); ``each``: every member's instead.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    if log_probs.ndim == 2:
+        log_probs = log_probs[:, None]
+    per_member = torch.stack(
+        [sum(log_probs[:, j, token] for j, token in enumerate(member)) for member in members],
+        dim=-1,
+    )
+    return per_member if each else torch.logsumexp(per_member, dim=-1)
+
+
+def _members_target(metric: Any) -> Callable[..., Tensor]:
+    """The differentiable ``log_prob`` or ``prob`` of an answer set (:func:`_sequence_target`)."""
+    reads = metric if isinstance(metric, str) else metric.reads
+
+    def target(logits: Tensor, members: engine.Members) -> Tensor:
+        value = _members_log_prob(logits, members.ids)
+        return value.exp() if reads == "prob" else value
+
+    return target
+
+
 def _check_sequence(prepared: Any, estimator: "Estimator") -> None:
-    """Refuse what attribution does not estimate for an answer or foil of several tokens."""
+    """Refuse what attribution does not estimate for an answer or foil of several tokens.
+
+    Every estimator but AtP* takes an answer of several tokens (its teacher-forced
+    log-probability, or probability, is the target) and an answer set whose
+    members one run scores; a logit difference of several tokens, and a set
+    needing several runs, are traced exactly.
+    """
     answer, foil = prepared.answer_ids or (), prepared.foil_ids or ()
-    if len(answer) <= 1 and len(foil) <= 1:
+    members = prepared.answer_set
+    if len(answer) <= 1 and len(foil) <= 1 and members is None:
         return
-    if not isinstance(estimator, AtP):
+    if isinstance(estimator, AtPStar):
         raise InvalidInput(
-            "an answer of several tokens is estimated with estimator='atp' or estimator='relp' "
-            f"only, got {estimator.name!r} (answer {list(answer)}); pass estimator='atp', or "
-            "trace it exactly"
+            f"estimator='atp-star' estimates an answer of one token (its GradDrop and QK "
+            f"passes decode the last position only), got answer {list(answer)}"
+            + ("" if members is None else f" (an answer set {[list(m) for m in members]})")
+            + "; pass estimator='atp', 'relp' or 'ig:16', or trace it exactly"
+        )
+    if members is not None and len(member_groups(members)) > 1:
+        raise InvalidInput(
+            f"attribution estimates an answer set whose members are scored by one "
+            f"teacher-forced run (each member's first tokens begin the longest's), got "
+            f"{[list(m) for m in members]}; trace it exactly (tracer.trace_kinds), or "
+            "pass members that share their first tokens"
         )
     metric = prepared.settings.metric_names[0]
-    if len(answer) <= 1 or metric not in ("prob", "log_prob", "normalized_prob"):
+    if (len(answer) <= 1 and members is None) or metric not in (
+        "prob",
+        "log_prob",
+        "normalized_prob",
+    ):
         raise InvalidInput(
             f"attribution estimates an answer of several tokens with the metrics 'prob' and "
             f"'log_prob' (the whole answer's), got metric {metric!r} with answer "
@@ -738,7 +810,7 @@ class EstimatorInputs:
     clean: Mapping[str, Float[Tensor, "pos ..."]]
     run: "GradientRun"
     target_fn: Callable[..., Tensor]
-    answer_id: int | tuple[int, ...]
+    answer_id: int | tuple[int, ...] | engine.Members
     layers: tuple[int, ...]
     sites: Mapping[str, Site] = dataclasses.field(default_factory=dict)
 
@@ -1267,6 +1339,22 @@ def interpolated_gradients(
         name: inputs.clean[name][None].float() - inputs.run.activations[name].float()
         for name in dict.fromkeys(n for p in paths for n in p)
     }
+    decoded = engine.answer_length(inputs.answer_id)
+    # Teacher forcing: an answer's positions are never restored, so the path
+    # moves the prompt's positions only (the exact trace's cells) and the
+    # answer's stay live. None: every position (one decoded position).
+    n_prompt = None
+    if decoded > 1:
+        patterns = [name for name in deltas if name.endswith("hook_pattern")]
+        if patterns:
+            raise InvalidInput(
+                f"integrated gradients of an answer of several tokens move the prompt's "
+                f"positions only, which an attention pattern's (head, query, key) grid does not "
+                f"keep apart, got {patterns[0]!r}; pass estimator='atp' for kind 'pattern', or "
+                "an answer of one token"
+            )
+        n_prompt = int(corrupted.tokens.shape[1]) - decoded + 1
+        deltas = {name: delta[:, :n_prompt] for name, delta in deltas.items()}
     n_passes = 0
     for start in range(0, len(copies), per_pass):
         chunk = copies[start : start + per_pass]
@@ -1277,7 +1365,7 @@ def interpolated_gradients(
             if not members[name]:
                 continue
             alpha = alphas[[chunk[c][1] for c in members[name]]].float()
-            corrupted_act = inputs.run.activations[name].float()
+            corrupted_act = inputs.run.activations[name].float()[:, :n_prompt]
             alpha = alpha.reshape(-1, *[1] * corrupted_act.ndim)
             value = corrupted_act[None] + alpha * deltas[name][None]
             leaves[name] = value.flatten(0, 1).requires_grad_(True)
@@ -1288,19 +1376,27 @@ def interpolated_gradients(
             )
 
             def hook(act: Tensor, hook: Any) -> Tensor:
+                # A head's hook point consumes the returned tensor (an in-place write
+                # would change softmax's saved output, a pattern): write into a copy.
+                head = ".attn.hook_" in name
+                if n_prompt is not None:
+                    target = act.clone() if head else act
+                    moved = target[:, :n_prompt]
+                    moved.copy_(moved.index_put((rows.to(act.device),), leaves[name].to(act)))
+                    return target
                 new = act.index_put((rows.to(act.device),), leaves[name].to(act))
-                if ".attn.hook_" in name:
-                    # A head's hook point consumes the returned tensor (an in-place
-                    # write would change softmax's saved output, a pattern).
-                    return new
-                return act.copy_(new)
+                return new if head else act.copy_(new)
 
             return hook
 
         hooks = [*corrupted.fwd_hooks, *((name, setter(name)) for name in leaves)]
         with torch.enable_grad():
-            resid = run_to_final_resid(model, corrupted.batch_tokens(len(chunk)), hooks)
-            logits = decode_resid(model, resid)
+            if decoded == 1:
+                resid = run_to_final_resid(model, corrupted.batch_tokens(len(chunk)), hooks)
+                logits = decode_resid(model, resid)
+            else:
+                final = capture_forward(model, corrupted.batch_tokens(len(chunk)), hooks)
+                logits = _decode_last(model, final[FINAL_RESID], decoded)
             total = inputs.target_fn(logits, inputs.answer_id).sum()
             grads = torch.autograd.grad(total, list(leaves.values()))
         n_passes += 1

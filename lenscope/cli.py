@@ -1024,16 +1024,13 @@ def _not_written(target: str, error: OSError, kept: Path | None, what: str) -> O
     )
 
 
-def _check_before_loading(args: argparse.Namespace, subject: str, *, local_tokenizer: bool) -> None:
-    """Refuse, before the model loads, a subject absent from the prompt or a bad answer.
+def _check_before_loading(args: argparse.Namespace, subject: str) -> None:
+    """Refuse, before the model loads, a subject absent from the prompt.
 
-    An answer of several tokens is refused for ``--method attribution`` with
-    another estimator than ``atp`` or ``relp`` (the exact trace and AtP score it by
-    teacher forcing). The subject test is on
-    text alone (case-insensitive, so that no tokenizer could find it
-    either); the answer is tokenised only when the model's
-    tokenizer is already on this machine (:func:`lenscope.loading.local_tokenizer`).
-    The tracer checks both again, exactly, once the model is loaded.
+    The test is on text alone (case-insensitive, so that no tokenizer could
+    find it either); the tracer checks it again, exactly, once the model is
+    loaded. Answers of any length are taken by every method (teacher forcing),
+    so an answer needs no check here.
     """
     from lenscope.validation import InvalidInput
 
@@ -1041,23 +1038,6 @@ def _check_before_loading(args: argparse.Namespace, subject: str, *, local_token
         raise InvalidInput(
             f"subject {subject!r} must occur in the prompt {args.prompt!r}; check spelling, "
             "or pass --subject with text copied from the prompt"
-        )
-    attribution = getattr(args, "method", "exact") == "attribution"
-    atp = getattr(args, "estimator", "atp") in ("atp", "relp")
-    if args.answer is None or not local_tokenizer or not attribution or atp:
-        return
-    from lenscope.loading import local_tokenizer as find_tokenizer
-
-    tokenizer = find_tokenizer(args.model)
-    if tokenizer is None:
-        return
-    ids = tokenizer(args.answer, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = [tokenizer.decode([i]) for i in ids]
-        raise InvalidInput(
-            "an answer of several tokens is estimated with --estimator atp or --estimator relp "
-            f"only, but {args.answer!r} tokenises as {pieces}; pass --estimator atp, or one "
-            'token (mind the leading space, e.g. --answer " Paris")'
         )
 
 
@@ -1097,7 +1077,7 @@ def run_trace(args: argparse.Namespace, model_factory: ModelFactory | None = Non
     if subject is None:
         subject = lenscope.guess_subject(args.prompt)
         print(f"guessed subject: {subject!r} (pass --subject to choose)", file=sys.stderr)
-    _check_before_loading(args, subject, local_tokenizer=model_factory is None)
+    _check_before_loading(args, subject)
     from lenscope.attribution import estimator_from_name
     from lenscope.validation import InvalidInput
 
@@ -1322,6 +1302,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"answer     {first.answer!r}",
         f"clean      {first.metric} = {first.clean_score:.4f}",
         f"corrupted  {first.metric} = {first.corrupted_score:.4f}   by {corrupted}",
+        *_split_lines(first),
         "",
         f"{'kind':<11}{'window':>6}  {'peak layer':>10}  {'peak token':<20}{'score':>8}"
         f"{'normalized':>12}",
@@ -1337,6 +1318,34 @@ def format_table(results: dict[str, Any]) -> str:
             f"{kind:<11}{r.window:>6}  {layer:>10}  {token:<20}{score:>8.4f}{normalized:>11.1%}"
         )
     return "\n".join(lines)
+
+
+def _split_lines(result: Any) -> list[str]:
+    """The per-token split of an answer of several tokens (per member, of an answer set).
+
+    Each token's log-probability in the clean run, the corrupted run and
+    (for an exact trace) the restored run of the first kind's peak cell: which
+    token the restoration brings back. Nothing for a one-token answer.
+    """
+    from lenscope.results import short_text
+
+    split = result.answer_split
+    if split is None:
+        return []
+    unit = "member" if split.get("members") is not None else "token"
+    header = f"{'per ' + unit:<11}{'':<22}{'log p clean':>12}{'corrupted':>11}"
+    columns = [split["clean_log_probs"].tolist(), split["corrupted_log_probs"].tolist()]
+    if split.get("log_probs") is not None:  # an exact trace's cells (not an estimate's)
+        *cell, _ = result.peak()
+        where = ", ".join(f"{axis} {i}" for axis, i in zip(result.axes, cell, strict=True))
+        header += f"{'restored':>10}   (restored: {result.kind} peak, {where})"
+        columns.append(split["log_probs"][tuple(cell)].tolist())
+    lines = [header]
+    for label, *values in zip(split["answer_tokens"], *columns, strict=True):
+        widths = (12, 11, 10)
+        numbers = "".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=False))
+        lines.append(f"{'':<11}{short_text(label, 20):<22}{numbers}")
+    return lines
 
 
 # Fixes that lenscope's messages state in Python terms, as a command-line user

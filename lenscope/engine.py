@@ -129,16 +129,44 @@ class SweepOutput:
     token_log_probs: Float[Tensor, "layer *unit answer"] | None = None
 
 
-def answer_length(answer_id: int | Tensor | Sequence[int]) -> int:
+@dataclasses.dataclass(frozen=True)
+class Members:
+    """Members of an answer set scored from one teacher-forced run (a sweep's ``answer_id``).
+
+    Every member but its last token is a beginning of the run's continuation
+    (the longest member's first tokens), so that one run decodes them all:
+    member ``m``'s token ``j`` is read at decoded position ``j``. A sweep of
+    members reports ``prob``/``log_prob`` of the log-sum-exp of their
+    teacher-forced log-probabilities, and in ``token_log_probs`` each row's
+    log-probability of each member (``[..., sample * member]``, not averaged),
+    so that members decoded in other runs can be added to them per copy.
+
+    Attributes:
+        ids: Each member's token ids.
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def decoded(self) -> int:
+        """Positions a row decodes: the longest member's tokens."""
+        return max(len(member) for member in self.ids)
+
+
+def answer_length(answer_id: int | Tensor | Sequence[int] | Members) -> int:
     """Positions a sweep decodes per row: the tokens of an answer given as a sequence, else 1."""
+    if isinstance(answer_id, Members):
+        return answer_id.decoded
     if isinstance(answer_id, int | Tensor):
         return 1
     return len(answer_id)
 
 
-def _single(answer_id: int | Tensor | Sequence[int]) -> int | Tensor | tuple[int, ...]:
+def _single(
+    answer_id: int | Tensor | Sequence[int] | Members,
+) -> "int | Tensor | tuple[int, ...] | Members":
     """A one-token answer as the engine's single-token form (an int), else as it is."""
-    if isinstance(answer_id, int | Tensor):
+    if isinstance(answer_id, int | Tensor | Members):
         return answer_id
     return int(answer_id[0]) if len(answer_id) == 1 else tuple(answer_id)
 
@@ -929,7 +957,7 @@ def sweep(
     source: Mapping[str, Float[Tensor, "src ..."]],
     base: CorruptedInput,
     base_state: CorruptedRun,
-    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int] | Members,
     metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     strategy: str,
@@ -998,7 +1026,7 @@ def _sweep(
     source: Mapping[str, Float[Tensor, "src ..."]],
     base: CorruptedInput,
     base_state: CorruptedRun,
-    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int] | Members,
     metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     meter: TraceMeter,
@@ -1011,9 +1039,17 @@ def _sweep(
     active = plan.active
     # The grid keeps the prompt's positions (the answer's are never restored).
     unit_shape = site.unit_shape(model, n_pos - decoded + 1)
-    out = _empty_output(len(metrics), (n_layer, *unit_shape, prompts), top_k, decoded)
+    split = None if decoded == 1 else decoded  # token_log_probs' width
+    if isinstance(answer_id, Members):
+        split = samples * len(answer_id.ids)
+    out = _empty_output(len(metrics), (n_layer, *unit_shape, prompts), top_k, split)
     if not active.all():
-        if decoded == 1:
+        if isinstance(answer_id, Members):
+            unchanged = _score_members(
+                _base_logits(model, base_state, decoded), samples, answer_id, metrics, top_k
+            )
+            unchanged = (unchanged[0][:, :, None], *(x[:, None] for x in unchanged[1:]))
+        elif decoded == 1:
             unchanged = _score_cells(
                 base_state.logits.float().clone(), base, answer_id, metrics, top_k
             )
@@ -1104,6 +1140,16 @@ def _sweep(
     return out
 
 
+def _base_logits(
+    model: torch.nn.Module, state: CorruptedRun, decoded: int
+) -> Float[Tensor, "samples k d_vocab"]:
+    """The base run's float32 logits of its ``decoded`` positions (a copy)."""
+    if decoded == 1:
+        return state.logits.float()[:, None].clone()
+    final = _base_finals(state)
+    return decode_resid(model, final.flatten(0, 1)).unflatten(0, tuple(final.shape[:2])).float()
+
+
 def _base_finals(state: CorruptedRun) -> Float[Tensor, "samples k d_model"]:
     if state.final_resid is None:
         raise RuntimeError(
@@ -1183,6 +1229,7 @@ def trace_meter(
     description: str = "trace",
     decoded: int = 1,
     foil: tuple[CorruptedInput, int] | None = None,
+    more: Sequence[tuple[CorruptedInput, int]] = (),
 ) -> TraceMeter:
     """The :class:`~lenscope.progress.TraceMeter` of a trace: all its work, counted in advance.
 
@@ -1209,12 +1256,14 @@ def trace_meter(
         foil: A foil scored in runs and sweeps of its own (teacher-forced):
             their base (ending with the foil's first tokens) and the foil's
             length. Its whole-prompt runs have the rows of ``runs``.
+        more: Further runs and sweeps of their own, as ``foil`` (an answer
+            set's groups of members after the first).
     """
     n_layer = n_layers(model)
     per_site = cells if isinstance(cells, Mapping) else {where.name: cells for where in sites}
     total = SweepEstimate(0, 0, 0)
     units = 0.0
-    for run_base, run_decoded in [(base, decoded), *([foil] if foil is not None else [])]:
+    for run_base, run_decoded in [(base, decoded), *([foil] if foil is not None else []), *more]:
         n_pos = int(run_base.tokens.shape[1])
         work = SweepEstimate(0, 0, 0)
         for where in sites:
@@ -1305,13 +1354,14 @@ def forward_cells(
 
 
 def _empty_output(
-    n_metrics: int, shape: tuple[int, ...], top_k: int, decoded: int = 1
+    n_metrics: int, shape: tuple[int, ...], top_k: int, split: int | None = None
 ) -> SweepOutput:
+    """NaN-filled outputs; ``split``: the width of ``token_log_probs`` (None: none)."""
     return SweepOutput(
         scores=torch.full((n_metrics, *shape), float("nan")),
         top_ids=torch.full((*shape, top_k), -1, dtype=torch.long),
         top_probs=torch.full((*shape, top_k), float("nan")),
-        token_log_probs=None if decoded == 1 else torch.full((*shape, decoded), float("nan")),
+        token_log_probs=None if split is None else torch.full((*shape, split), float("nan")),
     )
 
 
@@ -1341,7 +1391,7 @@ def _decode_cells(
     model: torch.nn.Module,
     finals: Float[Tensor, "row d_model"] | Float[Tensor, "row answer d_model"],
     base: CorruptedInput,
-    answer_id: int | Int[Tensor, " prompt"] | Sequence[int],
+    answer_id: int | Int[Tensor, " prompt"] | Sequence[int] | Members,
     metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     on_chunk: Callable[[int], None] | None = None,
@@ -1362,10 +1412,11 @@ def _decode_cells(
     parts = []
     for i in range(0, finals.shape[0], chunk_rows):
         chunk = finals[i : i + chunk_rows]
-        if decoded == 1:
+        if decoded == 1 and not isinstance(answer_id, Members):
             parts.append(_score_cells(decode_resid(model, chunk), base, answer_id, metrics_, top_k))
         else:
-            logits = decode_resid(model, chunk.flatten(0, 1)).unflatten(0, (-1, decoded))
+            flat = chunk.reshape(-1, chunk.shape[-1])
+            logits = decode_resid(model, flat).unflatten(0, (-1, decoded))
             parts.append(
                 tuple(
                     x[:, None] if j else x[:, :, None]
@@ -1383,14 +1434,14 @@ def _decode_cells(
 def _score_sequence(
     logits: Float[Tensor, "row answer d_vocab"],
     samples: int,
-    answer_ids: Sequence[int],
+    answer_ids: Sequence[int] | Members,
     metrics_: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
 ) -> tuple[
     Float[Tensor, "metric cell"],
     Int[Tensor, "cell k"],
     Float[Tensor, "cell k"],
-    Float[Tensor, "cell answer"],
+    Float[Tensor, "cell split"],
 ]:
     """:func:`_score_rows` of an answer of several tokens, teacher-forced.
 
@@ -1400,6 +1451,8 @@ def _score_sequence(
     (the next-token distribution after the prompt). Also returns each
     token's log-probability, averaged over samples. ``logits`` is overwritten.
     """
+    if isinstance(answer_ids, Members):
+        return _score_members(logits, samples, answer_ids, metrics_, top_k)
     ids = torch.tensor(list(answer_ids), device=logits.device)
     per_token = _token_log_probs(logits, ids)
     scores, top_ids, top_probs = _score_rows(
@@ -1409,23 +1462,89 @@ def _score_sequence(
     return scores, top_ids, top_probs, split
 
 
+def _score_members(
+    logits: Float[Tensor, "row answer d_vocab"],
+    samples: int,
+    members: Members,
+    metrics_: Sequence[BoundMetric | PatchingMetric],
+    top_k: int,
+) -> tuple[
+    Float[Tensor, "metric cell"],
+    Int[Tensor, "cell k"],
+    Float[Tensor, "cell k"],
+    Float[Tensor, "cell split"],
+]:
+    """:func:`_score_rows` of an answer set's members decoded from one run.
+
+    ``prob``/``log_prob`` are the set's: the log-sum-exp of the members'
+    teacher-forced log-probabilities, per row. The fourth tensor holds each
+    row's log-probability of each member (``[cell, sample * member]``).
+    ``logits`` is overwritten.
+    """
+    per_member = member_log_probs(logits, members.ids)
+    scores, top_ids, top_probs = _score_rows(
+        logits[:, 0],
+        samples,
+        members.ids[0][0],
+        metrics_,
+        top_k,
+        sequence_log_prob=torch.logsumexp(per_member, dim=1),
+    )
+    rows = einops.rearrange(per_member, "(cell sample) m -> cell (sample m)", sample=samples)
+    return scores, top_ids, top_probs, rows
+
+
+def member_log_probs(
+    logits: Float[Tensor, "row answer d_vocab"], members: Sequence[Sequence[int]]
+) -> Float[Tensor, "row member"]:
+    """Each row's teacher-forced log-probability of each member (:func:`_token_log_probs`'s sums).
+
+    Member ``m``'s token ``j`` is read at position ``j``; the logits are not
+    overwritten, and each position's normaliser is computed once.
+    """
+    top, log_total = _normalizers(logits)
+    out = []
+    for member in members:
+        value = torch.zeros(logits.shape[0], device=logits.device)
+        for j, token in enumerate(member):
+            value = value + (logits[:, j, token] - top[:, j] - log_total[:, j])
+        out.append(value)
+    return torch.stack(out, dim=1)
+
+
+def _normalizers(
+    logits: Float[Tensor, "row answer d_vocab"],
+) -> tuple[Float[Tensor, "row answer"], Float[Tensor, "row answer"]]:
+    """Each position's maximum logit and log of its sum of ``exp(logit - maximum)``.
+
+    The float32 arithmetic of :func:`lenscope.metrics.softmax_` (exponentials
+    clamped at ``EXP_FLOOR``), so that ``logit - top - log_total`` is the
+    log-probability :func:`_score_rows` computes; the logits are not
+    overwritten. One position at a time in one scratch buffer: ``1 / answer``
+    of the decoded chunk, allocated once (fresh memory per position cost as
+    much as the arithmetic).
+    """
+    scratch = torch.empty_like(logits[:, 0])
+    tops, totals = [], []
+    for j in range(logits.shape[1]):
+        position = logits[:, j]
+        top = position.max(dim=-1, keepdim=True).values
+        torch.sub(position, top, out=scratch).clamp_(min=metrics.EXP_FLOOR).exp_()
+        tops.append(top[:, 0])
+        totals.append(scratch.sum(dim=-1).log())
+    return torch.stack(tops, dim=1), torch.stack(totals, dim=1)
+
+
 def _token_log_probs(
     logits: Float[Tensor, "row answer d_vocab"], ids: Int[Tensor, " answer"]
 ) -> Float[Tensor, "row answer"]:
     """Each position's log-probability of its answer token, as :func:`_score_rows` computes one.
 
-    The same float32 arithmetic as :func:`lenscope.metrics.softmax_` (shift by
-    the maximum, exponentials clamped at ``EXP_FLOOR``), without overwriting
-    ``logits``; one position at a time, so that the scratch is ``1 / answer``
-    of the decoded chunk.
+    See :func:`_normalizers`; the logits are not overwritten.
     """
-    out = []
-    for j in range(logits.shape[1]):
-        position = logits[:, j]
-        top = position.max(dim=-1, keepdim=True).values
-        total = (position - top).clamp_(min=metrics.EXP_FLOOR).exp_().sum(dim=-1)
-        out.append(position[:, ids[j]] - top[:, 0] - total.log())
-    return torch.stack(out, dim=1)
+    top, log_total = _normalizers(logits)
+    picked = logits.gather(2, ids.expand(logits.shape[0], -1)[..., None])[..., 0]
+    return picked - top - log_total
 
 
 def _score_cells(

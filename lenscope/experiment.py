@@ -62,6 +62,8 @@ class Prepared:
         names: Every hook name the sites restore, site by site, layer by layer.
         answer_ids: Every token of the answer the user named (None: the clean top-1).
         foil_ids: Every token of the foil the user named (None: none named).
+        answer_set: Each member's tokens, for an answer set (``answer_ids``
+            is then the first member's).
     """
 
     model: torch.nn.Module
@@ -76,6 +78,7 @@ class Prepared:
     names: tuple[str, ...]
     answer_ids: tuple[int, ...] | None = None
     foil_ids: tuple[int, ...] | None = None
+    answer_set: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def n_layer(self) -> int:
@@ -137,7 +140,9 @@ class Prepared:
             foil_id = foil_ids[0]
         elif foil_id is None and self.settings.corruption.has_counterfactual_answer:
             foil_id = int(softmax(corrupted_logits.detach()).mean(dim=0).argmax())
-            if (foil_id,) == answer_ids and self.settings.needs_foil:
+            if (
+                (foil_id,) == answer_ids or (foil_id,) in (self.answer_set or ())
+            ) and self.settings.needs_foil:
                 raise InvalidInput(
                     f"the counterfactual prompt's top-1 token is the answer itself "
                     f"({token_labels(self.model, [answer_id])[0]!r}), so the logit difference "
@@ -152,6 +157,7 @@ class Prepared:
             clean_logits=clean_logits,
             answer_ids=answer_ids,
             foil_ids=foil_ids,
+            members=self.answer_set,
         )
         bound = tuple(bind_metric(spec, context) for spec in self.settings.metric_specs)
         return Measure(context=context, metrics=bound)
@@ -182,6 +188,7 @@ class Prepared:
             answer_id,
             *([] if foil_id is None else [foil_id]),
             *measure.answer_ids,
+            *(i for member in measure.members or () for i in member),
             *(measure.foil_ids or ()),
             *baselines.clean_ids.tolist(),
             *baselines.corrupted_ids.tolist(),
@@ -200,7 +207,9 @@ class Prepared:
             tokens=token_labels(model, self.tokens),
             token_ids=self.tokens.cpu(),
             subject_range=self.subject_range,
-            answer=text(measure.answer_ids),
+            answer=text(measure.answer_ids)
+            if measure.members is None
+            else " | ".join(repr(text(member)) for member in measure.members),
             answer_id=answer_id,
             model_name=model_name(model),
             clean_top_ids=baselines.clean_ids.cpu(),
@@ -220,6 +229,20 @@ class Prepared:
             # Only for an answer or foil of several tokens (one optional field).
             if not measure.sequence:
                 return {}
+            if measure.members is not None:
+                # An answer set: the split is by member (each one's teacher-forced
+                # log-probability), the cell's log_prob their log-sum-exp.
+                return {
+                    "answer_split": {
+                        "members": [list(member) for member in measure.members],
+                        "answer_ids": None,
+                        "answer_tokens": [text(member) for member in measure.members],
+                        "foil_ids": None if measure.foil_ids is None else list(measure.foil_ids),
+                        "log_probs": grid.token_log_probs,
+                        "clean_log_probs": baselines.clean_split,
+                        "corrupted_log_probs": baselines.corrupted_split,
+                    }
+                }
             return {
                 "answer_split": {
                     "answer_ids": list(measure.answer_ids),
@@ -291,8 +314,13 @@ class Measure:
         return self.context.foil_ids
 
     @property
+    def members(self) -> tuple[tuple[int, ...], ...] | None:
+        """Each member's tokens, for an answer set; None otherwise."""
+        return self.context.members
+
+    @property
     def sequence(self) -> bool:
-        """Whether the answer or the foil has several tokens."""
+        """Whether the answer or the foil has several tokens (or the answer is a set)."""
         return self.context.sequence
 
     @property
@@ -347,6 +375,58 @@ class Measure:
             check_normalizable(metric, clean_score, corrupted_score)
         return Baselines(*clean, *corrupted, *splits)
 
+    def set_baselines(
+        self,
+        clean_logits: Float[Tensor, " d_vocab"],
+        corrupted_logits: Float[Tensor, "samples d_vocab"],
+        clean_members: Float[Tensor, "1 member"],
+        corrupted_members: Float[Tensor, "samples member"],
+        top_k: int,
+        *,
+        foil_log_probs: tuple[float, float] | None = None,
+    ) -> "Baselines":
+        """:meth:`baselines` of an answer set, scored as every patched cell of it is.
+
+        ``prob``/``log_prob`` read each copy's log-sum-exp of the members'
+        teacher-forced log-probabilities (``clean_members``,
+        ``corrupted_members``); the other metrics and the top-k read the
+        next-token logits (``clean_logits``, ``corrupted_logits``). The split
+        holds each member's mean log-probability.
+        """
+        scored = []
+        for logits, per_member in (
+            (clean_logits[None], clean_members),
+            (corrupted_logits, corrupted_members),
+        ):
+            scores, top_ids, top_probs = engine.score_copies(
+                logits, self.answer_id, self.metrics, top_k
+            )
+            per_copy = torch.logsumexp(per_member, dim=-1)
+            for i, metric in enumerate(self.metrics):
+                if metric.reads == "prob":
+                    scores[i] = float(per_copy.exp().mean())
+                elif metric.reads == "log_prob":
+                    scores[i] = float(per_copy.mean())
+            scored.append([scores, top_ids, top_probs])
+        if foil_log_probs is not None:
+            for (scores, *_), foil in zip(scored, foil_log_probs, strict=True):
+                for i, metric in enumerate(self.metrics):
+                    if metric.less_foil:
+                        scores[i] -= foil
+        (clean, *clean_top), (corrupted, *corrupted_top) = scored
+        for metric, clean_score, corrupted_score in zip(
+            self.metrics, clean, corrupted, strict=True
+        ):
+            check_normalizable(metric, clean_score, corrupted_score)
+        return Baselines(
+            clean,
+            *clean_top,
+            corrupted,
+            *corrupted_top,
+            clean_members.mean(0),
+            corrupted_members.mean(0),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Baselines:
@@ -386,6 +466,30 @@ def continued(tokens: Int[Tensor, " prompt"], continuation: Sequence[int]) -> In
         return tokens
     extra = torch.tensor(list(continuation), dtype=tokens.dtype, device=tokens.device)
     return torch.cat([tokens, extra])
+
+
+def member_groups(
+    members: Sequence[tuple[int, ...]],
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The answer set's members grouped by the teacher-forced run that scores them.
+
+    A member of ``k`` tokens is scored by a run continued with tokens that
+    begin with its first ``k - 1``; taken longest first, each member joins
+    the first group whose continuation does, else starts one with its own.
+
+    Returns:
+        ``[(continuation, member indices)]``, the longest member's group first.
+    """
+    groups: list[tuple[tuple[int, ...], list[int]]] = []
+    for i in sorted(range(len(members)), key=lambda i: -len(members[i])):
+        head = members[i][:-1]
+        for continuation, indices in groups:
+            if continuation[: len(head)] == head:
+                indices.append(i)
+                break
+        else:
+            groups.append((head, [i]))
+    return [(continuation, tuple(indices)) for continuation, indices in groups]
 
 
 def prepare(
@@ -432,6 +536,7 @@ def prepare(
         names=names,
         answer_ids=resolved.answer_ids,
         foil_ids=resolved.foil_ids,
+        answer_set=resolved.answer_set,
     )
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lenscope import engine
 from lenscope.corruptions import Corruption, GaussianNoise, corruption_from_dict
-from lenscope.experiment import prepare
+from lenscope.experiment import continued, prepare
 from lenscope.hooks import (
     EMBED_HOOK,
     FINAL_RESID,
@@ -67,7 +67,7 @@ from lenscope.results import (
 )
 from lenscope.settings import TraceSettings
 from lenscope.sites import site
-from lenscope.tokens import answer_token, find_subject, prompt_tokens, token_labels
+from lenscope.tokens import answer_tokens, find_subject, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput, InvalidInputType, warn
 
 COMPONENTS: tuple[str, ...] = KINDS
@@ -244,6 +244,17 @@ class LensTrajectory(NoiseProperties, GridResult):
             :attr:`noise_std` and :attr:`seed` read it (None without noise).
         restored_hooks: Hook points restored to their clean activations.
         restored_pos: Token position restored at those hook points.
+        answer_ids: For an answer of several tokens, all of them (``answer_id``
+            is the first, whose probability and rank the grids track; ``answer``
+            the whole text); empty for one token.
+        answer_log_prob: For an answer of several tokens, the whole answer's
+            teacher-forced log-probability through the lens, per layer: the run
+            is the prompt followed by the answer's first ``k - 1`` tokens, and
+            row ``layer`` decodes that layer at the last prompt position and at
+            each answer position, summing the log-probabilities of the tokens
+            they predict. Only the last prompt position predicts the answer's
+            first token, so the whole answer has one score per layer, not a
+            grid. Empty for one token.
     """
 
     component: str
@@ -275,11 +286,23 @@ class LensTrajectory(NoiseProperties, GridResult):
         "hook_names",
         "restored_hooks",
         "subject_range",
+        "answer_ids",
+        "answer_log_prob",
     )
     subject_range: tuple[int, int] | None = None
     corruption: dict[str, Any] | None = None
     restored_hooks: tuple[str, ...] = ()
     restored_pos: int | None = None
+    answer_ids: tuple[int, ...] = ()
+    answer_log_prob: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`JsonRoundTrip.to_dict`; the answer's tokens and score only for several."""
+        out = super().to_dict()
+        for name in ("answer_ids", "answer_log_prob"):
+            if not getattr(self, name):
+                del out[name]
+        return out
 
     def __post_init__(self) -> None:
         """Check that shapes agree with each other."""
@@ -297,6 +320,10 @@ class LensTrajectory(NoiseProperties, GridResult):
         problems += self._grid_problems()
         if self.answer_id not in self.vocab:
             problems.append(f"answer_id {self.answer_id} missing from vocab")
+        if self.answer_log_prob and len(self.answer_log_prob) != n_layer:
+            problems.append(
+                f"answer_log_prob has {len(self.answer_log_prob)} layers, should have {n_layer}"
+            )
         if problems:
             raise InvalidInput(
                 f"inconsistent LensTrajectory with entropy {(n_layer, n_pos)}: "
@@ -428,7 +455,7 @@ def lens_trajectory(
     *,
     kind: str | None = None,
     component: str | None = None,
-    answer: str | int | None = None,
+    answer: str | int | Sequence[int] | None = None,
     subject: str | tuple[int, int] | None = None,
     decoder: LensDecoder | None = None,
     top_k: int = 10,
@@ -453,8 +480,11 @@ def lens_trajectory(
         kind: Hook-point type decoded at every layer (default ``resid_post``); see the
             module docstring for how ``attn_out`` and ``mlp_out`` are read.
         component: The older name of ``kind``.
-        answer: Token whose probability and rank are tracked (text or id);
-            default the model's top-1 prediction at the last position.
+        answer: Token whose probability and rank are tracked (text, an id or
+            ids); default the model's top-1 prediction at the last position.
+            An answer of several tokens: the grids track its first token, and
+            ``answer_log_prob`` holds the whole answer's teacher-forced
+            log-probability per layer (see :class:`LensTrajectory`).
         subject: The subject's text or token range, only to mark it in plots.
         decoder: Lens that turns hidden states into logits; default :class:`LogitLens`.
         top_k: Predictions kept per cell (for hover tables and cell text).
@@ -473,14 +503,36 @@ def lens_trajectory(
     final_name = hook_name("resid_post", n_layer - 1)
     check_hook_points(model, [*names, final_name])
     tokens = prompt_tokens(model, prompt)
-    answer_id = None if answer is None else answer_token(model, answer)
+    answer_ids = None if answer is None else answer_tokens(model, answer)
+    answer_id = None if answer_ids is None else answer_ids[0]
     subject_range = None if subject is None else find_subject(model, tokens, subject)
     decoder = LogitLens(model) if decoder is None else _check_decoder(decoder, model, component)
+    several = answer_ids is not None and len(answer_ids) > 1
+    extra: dict[str, Any] = {}
 
     with preserved_model(model), torch.inference_mode():
-        store = capture_forward(model, tokens[None], [], names, clone=True)
-        hidden = torch.stack([store[name] for name in names])
-        final = store[FINAL_RESID]
+        if several:
+            # Teacher forcing: the prompt's positions are the grid, the answer's
+            # first k - 1 tokens follow them (a causal model's prompt positions
+            # do not see them).
+            n_pos = int(tokens.shape[0])
+            store = capture_forward(
+                model, continued(tokens, answer_ids[:-1])[None], [], names, clone=True
+            )
+            hidden = torch.stack([store[name] for name in names])
+            extra = dict(
+                answer_ids=tuple(answer_ids),
+                answer_log_prob=tuple(
+                    _answer_log_prob(
+                        decoder, hidden[:, :, n_pos - 1 :], answer_ids, int(model.cfg.d_vocab)
+                    ).tolist()
+                ),
+            )
+            hidden, final = hidden[:, :, :n_pos], store[FINAL_RESID][:, :n_pos]
+        else:
+            store = capture_forward(model, tokens[None], [], names, clone=True)
+            hidden = torch.stack([store[name] for name in names])
+            final = store[FINAL_RESID]
         stats = _statistics(model, decoder, hidden, final, answer_id, top_k, layer_chunk)
     return _make_trajectory(
         model,
@@ -492,7 +544,28 @@ def lens_trajectory(
         label=label,
         prompt=prompt if isinstance(prompt, str) else None,
         subject_range=subject_range,
+        **extra,
     )
+
+
+def _answer_log_prob(
+    decoder: LensDecoder,
+    hidden: Float[Tensor, "layer batch answer d_model"],
+    answer_ids: Sequence[int],
+    d_vocab: int,
+) -> Float[Tensor, " layer"]:
+    """Each layer's teacher-forced log-probability of the whole answer through the lens.
+
+    ``hidden[:, :, j]`` is the position predicting answer token ``j``; with
+    several copies, the mean over copies of each copy's log-probability.
+    """
+    ids = torch.tensor(list(answer_ids), device=hidden.device)
+    out = []
+    for layer, h in enumerate(hidden):
+        log_probs = log_softmax(_decode(decoder, h, layer, d_vocab))
+        picked = log_probs.gather(-1, ids.expand(h.shape[0], -1)[..., None])[..., 0]
+        out.append(picked.double().sum(-1).mean())
+    return torch.stack(out).float().cpu()
 
 
 def lens_trace_cell(
@@ -846,13 +919,14 @@ def _make_trajectory(
     answer_id = stats["answer_id"]
     ids = sorted({answer_id, *stats["top_ids"].unique().tolist()})
     vocab = dict(zip(ids, token_labels(model, ids), strict=True))
+    several = fields.get("answer_ids", ())
     return LensTrajectory(
         component=component,
         hook_names=tuple(names),
         tokens=tokens_labels if tokens_labels is not None else token_labels(model, tokens),
         token_ids=tokens.cpu(),
         model_name=model_name(model),
-        answer=vocab[answer_id],
+        answer="".join(token_labels(model, list(several))) if several else vocab[answer_id],
         answer_id=answer_id,
         entropy=stats["entropy"],
         answer_prob=stats["answer_prob"],

@@ -144,6 +144,8 @@ class MetricContext:
         clean_logits: The clean run's last-position logits.
         answer_ids: Every token of the answer (default: ``(answer_id,)``).
         foil_ids: Every token of the foil (default: ``(foil_id,)``, or None).
+        members: For an answer set, each member's tokens (``answer_ids`` is
+            the first's); scored as the log of the members' summed probability.
     """
 
     answer_id: int
@@ -151,6 +153,7 @@ class MetricContext:
     clean_logits: Float[Tensor, " d_vocab"]
     answer_ids: tuple[int, ...] = ()
     foil_ids: tuple[int, ...] | None = None
+    members: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         """Fill in the one-token sequences."""
@@ -161,8 +164,11 @@ class MetricContext:
 
     @property
     def sequence(self) -> bool:
-        """Whether the answer or the foil has several tokens (scored by teacher forcing)."""
-        return len(self.answer_ids) > 1 or len(self.foil_ids or ()) > 1
+        """Whether the answer or the foil has several tokens (scored by teacher forcing).
+
+        An answer set counts as one too: its score is not one token's logit.
+        """
+        return len(self.answer_ids) > 1 or len(self.foil_ids or ()) > 1 or self.members is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -610,7 +610,12 @@ class TraceResult(NoiseProperties, GridResult):
             (each answer token's log-probability per cell, ``[layer, *unit,
             answer]``, means over copies, summing to the cell's ``log_prob``;
             None for a one-token answer) and ``clean_log_probs`` /
-            ``corrupted_log_probs`` (``[answer]``). None otherwise (and then
+            ``corrupted_log_probs`` (``[answer]``). For an answer set
+            (:class:`~lenscope.tokens.AnswerSet`) the record is by member:
+            ``members`` (each one's ids), ``answer_tokens`` (each one's text),
+            ``answer_ids`` None, and the last axis of the log-probabilities is
+            the member (each member's whole teacher-forced log-probability; the
+            cell's ``log_prob`` is their log-sum-exp). None otherwise (and then
             left out of :meth:`to_dict`).
         weights: Where the model's weights came from and the precision it
             ran in (:func:`lenscope.loading.weights_description`), e.g.

@@ -37,6 +37,7 @@ from lenscope.sites import (
     site_from_dict,
     site_to_dict,
 )
+from lenscope.tokens import AnswerSet
 from lenscope.validation import (
     LAST,
     InvalidInput,
@@ -79,7 +80,9 @@ class TraceSettings:
         answer: The answer: text, a token id, or token ids; None = the clean
             run's top-1 token. Text that encodes to several tokens (or several
             ids) is an answer of several tokens, scored by teacher forcing
-            (the exact trace; other methods take one token).
+            (the exact trace; other methods take one token). Several
+            acceptable answers: a :class:`~lenscope.tokens.AnswerSet`, scored
+            as the log of their summed (teacher-forced) probability.
         foil: The competing answer of the logit-difference metrics (the same
             forms); None = the counterfactual prompt's clean top-1 token (when
             there is one).
@@ -108,7 +111,7 @@ class TraceSettings:
     windows: int | Mapping[str, int] | None = None
     corruption: Corruption = dataclasses.field(default_factory=GaussianNoise)
     metric: str | PatchingMetric | Sequence[str | PatchingMetric] | None = None
-    answer: str | int | Sequence[int] | None = None
+    answer: str | int | Sequence[int] | AnswerSet | None = None
     foil: str | int | Sequence[int] | None = None
     direction: str = "denoise"
     top_k: int = 5
@@ -170,23 +173,7 @@ class TraceSettings:
                 "patches corrupted activations into the clean run"
             )
         for which in ("answer", "foil"):
-            value = getattr(self, which)
-            if isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str):
-                # Token ids of an answer of several tokens (scored by teacher forcing).
-                ids = value.tolist() if isinstance(value, torch.Tensor) else list(value)
-                if not ids or not all(is_int(i) for i in ids):
-                    raise InvalidInputType(
-                        f"{which} given as token ids must be a non-empty sequence of "
-                        f"integers, got {value!r}; pass e.g. {which}=[1234, 5678]"
-                    )
-                object.__setattr__(self, which, tuple(int(i) for i in ids))
-            elif value is not None and (
-                isinstance(value, bool) or not isinstance(value, str | int)
-            ):
-                raise InvalidInputType(
-                    f"{which} must be text, a token id or a sequence of token ids, "
-                    f"got {type(value).__name__}"
-                )
+            object.__setattr__(self, which, check_answer(which, getattr(self, which)))
         if self.foil is not None and self.foil == self.answer:
             raise InvalidInput(
                 f"the foil must differ from the answer, got {self.foil!r} for both; pass the "
@@ -377,7 +364,11 @@ class TraceSettings:
             "kinds": list(self.kinds),
             "windows": dict(self.windows) if isinstance(self.windows, Mapping) else self.windows,
             "metric": names[0] if len(names) == 1 else list(names),
-            "answer": list(self.answer) if isinstance(self.answer, tuple) else self.answer,
+            "answer": list(self.answer)
+            if isinstance(self.answer, tuple)
+            else self.answer.to_json()
+            if isinstance(self.answer, AnswerSet)
+            else self.answer,
             "top_k": self.top_k,
             "layers": None if layers is None else (layers if is_int(layers) else list(layers)),
             "positions": self.positions
@@ -422,7 +413,9 @@ class TraceSettings:
             windows=data.get("windows"),
             corruption=corruption_from_dict({**record, "name": data["corruption"]}),
             metric=_metric_from_record(data.get("metric", "prob")),
-            answer=data.get("answer"),
+            answer=AnswerSet.from_json(data["answer"])
+            if isinstance(data.get("answer"), Mapping)
+            else data.get("answer"),
             foil=data.get("foil"),
             direction=data.get("direction", "denoise"),
             top_k=data.get("top_k", 5),
@@ -430,6 +423,47 @@ class TraceSettings:
             positions=data.get("positions", "all"),
             by=data.get("by"),
         )
+
+
+def check_answer(which: str, value: Any) -> Any:
+    """An answer or foil as settings keep it (token ids as a tuple), checked.
+
+    Args:
+        which: ``"answer"`` or ``"foil"`` (only an answer may be an :class:`AnswerSet`).
+        value: Text, a token id, token ids, an answer set, or None.
+
+    Raises:
+        InvalidInputType: Anything else, e.g. a list of texts (several answers
+            are an :class:`AnswerSet`) or a Python set.
+    """
+    if which == "answer" and isinstance(value, AnswerSet):
+        return value
+    if isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str):
+        if which == "answer" and any(isinstance(i, str) for i in value):
+            raise InvalidInputType(
+                f"answer given as a list must hold the token ids of one answer, got "
+                f"{value!r}; pass several acceptable answers as "
+                f"lenscope.AnswerSet({list(value)!r})"
+            )
+        # Token ids of an answer of several tokens (scored by teacher forcing).
+        ids = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+        if not ids or not all(is_int(i) for i in ids):
+            raise InvalidInputType(
+                f"{which} given as token ids must be a non-empty sequence of "
+                f"integers, got {value!r}; pass e.g. {which}=[1234, 5678]"
+            )
+        return tuple(int(i) for i in ids)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+        hint = (
+            "; pass several acceptable answers as lenscope.AnswerSet([...])"
+            if which == "answer" and isinstance(value, set | frozenset)
+            else ""
+        )
+        raise InvalidInputType(
+            f"{which} must be text, a token id or a sequence of token ids, "
+            f"got {type(value).__name__}{hint}"
+        )
+    return value
 
 
 def _metric_from_record(value: str | list[str]) -> Any:
@@ -453,8 +487,10 @@ class ResolvedPrompt:
             answer of several tokens).
         foil_id: The foil token, or None (a counterfactual's top-1, or none;
             or a foil of several tokens).
-        answer_ids: The answer's tokens, however many (None: the clean top-1).
+        answer_ids: The answer's tokens, however many (None: the clean top-1;
+            for an answer set, its first member's).
         foil_ids: The foil's tokens (None: none named).
+        answer_set: Each member's tokens, for an :class:`~lenscope.tokens.AnswerSet`.
     """
 
     tokens: Any
@@ -463,6 +499,7 @@ class ResolvedPrompt:
     foil_id: int | None
     answer_ids: tuple[int, ...] | None = None
     foil_ids: tuple[int, ...] | None = None
+    answer_set: tuple[tuple[int, ...], ...] | None = None
 
 
 def resolve_prompt(
@@ -488,7 +525,13 @@ def resolve_prompt(
         InvalidInput: No subject for a corruption that needs one, a foil
             equal to the answer, or (``sequences=False``) an answer of several tokens.
     """
-    from lenscope.tokens import answer_token, answer_tokens, find_subject, prompt_tokens
+    from lenscope.tokens import (
+        answer_set_tokens,
+        answer_token,
+        answer_tokens,
+        find_subject,
+        prompt_tokens,
+    )
 
     tokens = prompt_tokens(model, prompt)
     corruption = settings.corruption
@@ -503,6 +546,11 @@ def resolve_prompt(
     else:
         subject_range = find_subject(model, tokens, subject)
     if not sequences:
+        if isinstance(settings.answer, AnswerSet):
+            raise InvalidInput(
+                f"an AnswerSet is scored by the exact trace (tracer.trace, tracer.patch) "
+                f"and by attribution, got {settings.answer!r} here; pass one answer"
+            )
         answer_id = None if settings.answer is None else answer_token(model, settings.answer)
         foil_id = None if settings.foil is None else answer_token(model, settings.foil)
         if foil_id is not None and foil_id == answer_id:
@@ -518,9 +566,14 @@ def resolve_prompt(
             None if answer_id is None else (answer_id,),
             None if foil_id is None else (foil_id,),
         )
-    answer_ids = None if settings.answer is None else answer_tokens(model, settings.answer)
+    answer_set = None
+    if isinstance(settings.answer, AnswerSet):
+        answer_set = answer_set_tokens(model, settings.answer)
+        answer_ids: tuple[int, ...] | None = answer_set[0]
+    else:
+        answer_ids = None if settings.answer is None else answer_tokens(model, settings.answer)
     foil_ids = None if settings.foil is None else answer_tokens(model, settings.foil)
-    if foil_ids is not None and foil_ids == answer_ids:
+    if foil_ids is not None and (foil_ids == answer_ids or foil_ids in (answer_set or ())):
         raise InvalidInput(
             f"the foil must differ from the answer, got tokens {list(foil_ids)} for both "
             f"({settings.answer!r}, {settings.foil!r}); pass the competing answer as foil"
@@ -530,5 +583,11 @@ def resolve_prompt(
         return ids[0] if ids is not None and len(ids) == 1 else None
 
     return ResolvedPrompt(
-        tokens, subject_range, single(answer_ids), single(foil_ids), answer_ids, foil_ids
+        tokens,
+        subject_range,
+        None if answer_set else single(answer_ids),
+        single(foil_ids),
+        answer_ids,
+        foil_ids,
+        answer_set,
     )

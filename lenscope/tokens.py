@@ -7,9 +7,11 @@ subject's token range is found on the decoded text, so it works for any
 tokenizer, including SentencePiece ones whose pieces carry their own spaces.
 """
 
+import dataclasses
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -193,6 +195,84 @@ def answer_tokens(model: torch.nn.Module, answer: "str | int | Sequence[int]") -
     raise InvalidInputType(
         f"answer must be text, a token id or a non-empty sequence of token ids, got {answer!r}"
     )
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class AnswerSet:
+    """Several acceptable answers, scored together: the log of their summed probability.
+
+    ``AnswerSet([" Paris", " paris"])`` scores ``log(p(" Paris") + p(" paris"))``
+    in every cell; each member is text (every token it encodes to), a token
+    id, or token ids, and a member of several tokens is teacher-forced as an
+    answer of several tokens is. A plain list stays what it was (the token
+    ids of one answer), so a set of answers is always spelled ``AnswerSet``.
+
+    Attributes:
+        members: The members as given (text, an id, or a tuple of ids), in order.
+    """
+
+    members: tuple[str | int | tuple[int, ...], ...]
+
+    def __init__(self, members: Sequence[Any]) -> None:
+        """Check and keep the members (at least one; text, a token id, or token ids)."""
+        if isinstance(members, str | int | AnswerSet) or not isinstance(members, Sequence):
+            raise InvalidInputType(
+                f"AnswerSet takes a list of answers, got {members!r}; pass e.g. "
+                "AnswerSet([' Paris', ' paris'])"
+            )
+        kept: list[str | int | tuple[int, ...]] = []
+        for member in members:
+            if isinstance(member, str) or (
+                isinstance(member, int) and not isinstance(member, bool)
+            ):
+                kept.append(member)
+            elif isinstance(member, Sequence | Tensor) and len(member) > 0:
+                kept.append(tuple(_int_ids(member)))
+            else:
+                raise InvalidInputType(
+                    f"each answer of an AnswerSet must be text, a token id or a non-empty "
+                    f"sequence of token ids, got {member!r}; pass e.g. "
+                    "AnswerSet([' Paris', ' paris'])"
+                )
+        if not kept:
+            raise InvalidInput(
+                "an AnswerSet needs at least one answer, got none; pass e.g. "
+                "AnswerSet([' Paris', ' paris'])"
+            )
+        object.__setattr__(self, "members", tuple(kept))
+
+    def to_json(self) -> dict[str, list[Any]]:
+        """``{"any_of": [...]}``: how settings and results record the set."""
+        return {"any_of": [list(m) if isinstance(m, tuple) else m for m in self.members]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "AnswerSet":
+        """Inverse of :meth:`to_json`."""
+        return cls(data["any_of"])
+
+
+def answer_set_tokens(model: torch.nn.Module, answers: AnswerSet) -> tuple[tuple[int, ...], ...]:
+    """Each member's token ids, checked: distinct, and none the beginning of another.
+
+    A member that begins another (``" New"`` and ``" New York"``) would count
+    the longer one's probability twice, since every continuation of ``" New"``
+    is part of ``p(" New")``.
+
+    Raises:
+        InvalidInput: Two members with the same tokens, or one beginning another.
+    """
+    ids = [answer_tokens(model, member) for member in answers.members]
+    for i, first in enumerate(ids):
+        for j, second in enumerate(ids):
+            if i != j and second[: len(first)] == first:
+                what = "are the same tokens" if first == second else "begins the other"
+                raise InvalidInput(
+                    f"the answers of an AnswerSet must be distinct token sequences, none the "
+                    f"beginning of another (its probability would count twice), but "
+                    f"{answers.members[i]!r} ({list(first)}) {what} "
+                    f"{answers.members[j]!r} ({list(second)}); drop one of them"
+                )
+    return tuple(ids)
 
 
 def _int_ids(ids: "Sequence[int] | Tensor") -> list[int]:

@@ -22,7 +22,14 @@ from torch import Tensor
 
 from lenscope import engine, metrics
 from lenscope.corruptions import CorruptedInput, CounterfactualPrompt, GaussianNoise
-from lenscope.experiment import Grid, Prepared, continued, continued_input, prepare
+from lenscope.experiment import (
+    Grid,
+    Prepared,
+    continued,
+    continued_input,
+    member_groups,
+    prepare,
+)
 from lenscope.hooks import (
     EMBED_HOOK,
     check_hook_points,
@@ -37,6 +44,7 @@ from lenscope.results import TraceResult, interrupted_trace
 from lenscope.settings import DEFAULT_KINDS, TraceSettings
 from lenscope.sites import Site
 from lenscope.tokens import (
+    AnswerSet,
     is_filler_token,
     single_token_id,
     token_labels,
@@ -316,9 +324,17 @@ class CausalTracer:
         cells = {where.name: prepared.cells(where) for where in prepared.sites}
         answer = prepared.answer_ids or ()
         continuation = answer[:-1]
+        # An answer set: one teacher-forced run (and sweep) per group of
+        # members that share their first tokens; the first group's run is the
+        # answer's run, the others are scored like a foil's.
+        groups = member_groups(prepared.answer_set or ())
+        if groups:
+            continuation = groups[0][0]
         # A foil scored in runs of its own (known here unless it is the
         # counterfactual's top-1, which has one token).
-        foil_planned = settings.needs_foil and (len(answer) > 1 or len(prepared.foil_ids or ()) > 1)
+        foil_planned = settings.needs_foil and (
+            len(answer) > 1 or len(prepared.foil_ids or ()) > 1 or bool(groups)
+        )
         foil_continuation = (prepared.foil_ids or (0,))[:-1]  # unnamed: one token
 
         interrupt = _KindsInterrupt()  # listed first: exits after the model is restored
@@ -334,6 +350,10 @@ class CausalTracer:
             engine.check_memory(model, corrupted, prepared.sites, self.strategy)
             base = self._base(prepared, corrupted, continuation, noising)
             runs = [1, corrupted.rows, *([base.rows] if noising else [])]
+            more = [
+                (self._base(prepared, continued_input(bound, tail), tail, noising), len(tail) + 1)
+                for tail, _ in groups[1:]
+            ]
             foil_base = None
             if foil_planned:
                 foil_base = self._base(
@@ -353,6 +373,7 @@ class CausalTracer:
                     description="noise" if noising else "trace",
                     decoded=len(continuation) + 1,
                     foil=None if foil_base is None else (foil_base, len(foil_continuation) + 1),
+                    more=more,
                 )
             )
             answer_runs = self._runs(prepared, bound, continuation, noising, meter, warm_up=True)
@@ -369,13 +390,35 @@ class CausalTracer:
                     _mean_score(foil_clean[None], measure.foil_ids, "log_prob"),
                     _mean_score(foil_corrupted, measure.foil_ids, "log_prob"),
                 )
+            group_runs = [answer_runs] + [
+                self._runs(prepared, bound, tail, noising, meter, warm_up=False)
+                for tail, _ in groups[1:]
+            ]
             clean_logits, corrupted_logits = answer_runs.logits(model, sequence=False)
-            baselines = measure.baselines(
-                clean_logits, corrupted_logits, settings.top_k, foil_log_probs=foil_log_probs
-            )
+            if groups:
+                clean_members, corrupted_members = _member_log_probs(
+                    model, group_runs, [g for _, g in groups], measure.members
+                )
+                baselines = measure.set_baselines(
+                    clean.logits,
+                    corrupted_state.logits,
+                    clean_members,
+                    corrupted_members,
+                    settings.top_k,
+                    foil_log_probs=foil_log_probs,
+                )
+            else:
+                baselines = measure.baselines(
+                    clean_logits, corrupted_logits, settings.top_k, foil_log_probs=foil_log_probs
+                )
             # Before the sweep, so that the warning comes before the long part.
             answer_id = measure.answer_id
-            if len(measure.answer_ids) == 1:
+            if groups:
+                prob_scores = (
+                    float(torch.logsumexp(clean_members, -1).exp().mean()),
+                    float(torch.logsumexp(corrupted_members, -1).exp().mean()),
+                )
+            elif len(measure.answer_ids) == 1:
                 prob_scores = (
                     engine.score_copies(clean.logits[None], answer_id, [metrics.prob], 1)[0][0],
                     engine.score_copies(corrupted_state.logits, answer_id, [metrics.prob], 1)[0][0],
@@ -392,23 +435,33 @@ class CausalTracer:
             interrupt.armed = True  # Ctrl-C from here on keeps the kinds already swept
             for where in prepared.sites:
                 label = f"{'noise' if noising else 'trace'} {where.name}"
-                out = engine.sweep(
-                    model,
-                    site=where,
-                    window=settings.windows[where.name],
-                    cells=cells[where.name],
-                    source=answer_runs.source,
-                    base=answer_runs.base,
-                    base_state=answer_runs.base_state,
-                    answer_id=scored,
-                    metrics=measure.metrics,
-                    top_k=settings.top_k,
-                    strategy=self.strategy,
-                    batch_size=batch_size,
-                    progress=progress,
-                    description=label,
-                    meter=meter,
-                )
+                outs = [
+                    engine.sweep(
+                        model,
+                        site=where,
+                        window=settings.windows[where.name],
+                        cells=cells[where.name],
+                        source=runs.source,
+                        base=runs.base,
+                        base_state=runs.base_state,
+                        answer_id=engine.Members(tuple(measure.members[i] for i in group))
+                        if groups
+                        else scored,
+                        metrics=measure.metrics,
+                        top_k=settings.top_k,
+                        strategy=self.strategy,
+                        batch_size=batch_size,
+                        progress=progress,
+                        description=label if not j else f"{label} (answers {j + 1})",
+                        meter=meter,
+                    )
+                    for j, (runs, group) in enumerate(
+                        zip(group_runs, [g for _, g in groups] or [()], strict=True)
+                    )
+                ]
+                out = outs[0]
+                if groups:
+                    out = _combine_members(out, outs, [g for _, g in groups], measure.metrics)
                 scores = out.scores
                 if foil_runs is not None:
                     foil_out = engine.sweep(
@@ -530,6 +583,59 @@ class _Runs:
         return self.clean.answer_logits, corrupted
 
 
+def _member_log_probs(
+    model: torch.nn.Module,
+    group_runs: Sequence["_Runs"],
+    groups: Sequence[tuple[int, ...]],
+    members: Sequence[tuple[int, ...]],
+) -> tuple[Float[Tensor, "1 member"], Float[Tensor, "samples member"]]:
+    """Each member's teacher-forced log-probability in the clean run and each corrupted copy."""
+    clean: list[Tensor | None] = [None] * len(members)
+    corrupted: list[Tensor | None] = [None] * len(members)
+    for runs, group in zip(group_runs, groups, strict=True):
+        clean_logits, corrupted_logits = runs.logits(model, sequence=True)
+        ids = [members[i] for i in group]
+        clean_lp = engine.member_log_probs(clean_logits[None].float(), ids)
+        corrupted_lp = engine.member_log_probs(corrupted_logits.float(), ids)
+        for j, i in enumerate(group):
+            clean[i], corrupted[i] = clean_lp[:, j], corrupted_lp[:, j]
+    return torch.stack(clean, dim=-1), torch.stack(corrupted, dim=-1)  # type: ignore[arg-type]
+
+
+def _combine_members(
+    first: engine.SweepOutput,
+    outs: Sequence[engine.SweepOutput],
+    groups: Sequence[tuple[int, ...]],
+    bound: Sequence[metrics.BoundMetric],
+) -> engine.SweepOutput:
+    """One sweep output of an answer set from its groups' sweeps (same cells).
+
+    Each copy's log-probability of the set is the log-sum-exp over members of
+    their teacher-forced log-probabilities (each group's ``token_log_probs``,
+    ``[..., sample * member]``); ``prob``/``log_prob`` are its exponential and
+    itself averaged over copies. Metrics the engine calls, and the top-k, read
+    the first decoded position, the same in every group's run: the first's.
+    ``token_log_probs`` becomes each member's mean log-probability ``[..., member]``.
+    """
+    n = sum(len(group) for group in groups)
+    parts: list[Tensor | None] = [None] * n
+    for out, group in zip(outs, groups, strict=True):
+        if out.token_log_probs is None:
+            raise RuntimeError("a sweep of an answer set lacks its members' scores (a bug)")
+        rows = out.token_log_probs.unflatten(-1, (-1, len(group)))
+        for j, i in enumerate(group):
+            parts[i] = rows[..., j]
+    per_member = torch.stack(parts, dim=-1)  # type: ignore[arg-type]
+    per_copy = torch.logsumexp(per_member, dim=-1)
+    scores = first.scores.clone()
+    for i, metric in enumerate(bound):
+        if metric.reads == "prob":
+            scores[i] = per_copy.exp().mean(-1)
+        elif metric.reads == "log_prob":
+            scores[i] = per_copy.mean(-1)
+    return engine.SweepOutput(scores, first.top_ids, first.top_probs, per_member.mean(-2))
+
+
 def _mean_score(logits: Tensor, ids: Sequence[int], name: str) -> float:
     """Mean over copies of the teacher-forced ``prob`` or ``log_prob`` of ``ids``.
 
@@ -588,7 +694,7 @@ _SAME_SCORE = 1e-5
 
 def _check_answer(
     model: torch.nn.Module,
-    given: str | int | Sequence[int] | None,
+    given: str | int | Sequence[int] | AnswerSet | None,
     answer_id: int,
     clean_logits: Float[Tensor, " d_vocab"],
     scores: tuple[float, float],

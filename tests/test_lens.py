@@ -644,3 +644,58 @@ def test_gemma_statistics_are_exact_to_float64(gemma):
         )
     entropy, kl = _float64_stats(logits.float(), logits[-1].float())
     _assert_exact(traj, entropy, kl)
+
+
+# ------------------------------------------------- answers of several tokens
+
+
+@pytest.mark.parametrize("component", ["resid_post", "mlp_out"])
+def test_an_answer_of_several_tokens_through_the_lens(tiny_model, component, tmp_path):
+    """The grids track the first token (as a one-token trajectory of it does); the whole
+    answer's teacher-forced log-probability per layer is the plain float64 reference's:
+    each layer decoded at the last prompt position and the answer's positions."""
+    answer = " paris france italy"
+    ids = tiny_model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3
+    traj = lens_trajectory(tiny_model, TINY_PROMPT, component=component, answer=answer)
+    first = lens_trajectory(tiny_model, TINY_PROMPT, component=component, answer=ids[0])
+    assert traj.answer == answer and traj.answer_id == ids[0] and traj.answer_ids == tuple(ids)
+    for name in STATS:
+        torch.testing.assert_close(traj.statistic(name), first.statistic(name), atol=1e-6, rtol=0)
+    assert first.answer_ids == () and first.answer_log_prob == ()
+
+    prompt = tiny_model.to_tokens(TINY_PROMPT)
+    n = prompt.shape[1]
+    hidden, final = _hidden(tiny_model, torch.cat([prompt, torch.tensor([ids[:-1]])], 1), component)
+    logp = _np_log_softmax(_np_head(tiny_model, hidden[:, 0, n - 1 :]))  # [layer, k, vocab]
+    expected = logp[:, np.arange(3), ids].sum(-1)
+    np.testing.assert_allclose(np.array(traj.answer_log_prob), expected, atol=1e-5, rtol=0)
+    if component == "resid_post":  # the last layer is the model's own teacher-forced score
+        own = _np_log_softmax(_np_head(tiny_model, final[0, n - 1 :]))[np.arange(3), ids].sum()
+        assert traj.answer_log_prob[-1] == pytest.approx(own, abs=1e-5)
+    back = LensTrajectory.load(traj.save(tmp_path / "t.json"))
+    assert back.answer_ids == traj.answer_ids and back.answer_log_prob == traj.answer_log_prob
+
+
+def test_a_tuned_decoder_scores_the_answer_positions_with_its_layer(tiny_model):
+    """A per-layer translator decodes every answer position of a layer with that layer's."""
+
+    class ScaledLens:
+        name = "scaled lens"
+
+        def __init__(self):
+            self.lens = LogitLens(tiny_model)
+
+        def forward(self, hidden, layer):
+            return self.lens.forward(hidden * (layer + 1) + layer, layer)
+
+    answer = " paris france"
+    ids = tiny_model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    traj = lens_trajectory(tiny_model, TINY_PROMPT, answer=answer, decoder=ScaledLens())
+    prompt = tiny_model.to_tokens(TINY_PROMPT)
+    n = prompt.shape[1]
+    hidden, _ = _hidden(tiny_model, torch.cat([prompt, torch.tensor([ids[:-1]])], 1), "resid_post")
+    layers = np.arange(hidden.shape[0])[:, None, None]
+    moved = hidden[:, 0, n - 1 :] * (layers + 1) + layers
+    expected = _np_log_softmax(_np_head(tiny_model, moved))[:, np.arange(2), ids].sum(-1)
+    np.testing.assert_allclose(np.array(traj.answer_log_prob), expected, atol=1e-5, rtol=0)

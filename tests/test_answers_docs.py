@@ -1,0 +1,169 @@
+"""docs/answers.md agrees with the two runs committed beside it (docs/answers/).
+
+``scripts/answers_report.py`` writes the page and each run's ``DatasetSummary``
+(the first-token run and the whole-attribute run of the same facts). These tests
+recompute every number of the page from the per-fact records in plain Python
+(lists and ``math``, not lenscope's aggregation), so a page edited by hand, or
+page and data from different runs, fail here.
+"""
+
+import gzip
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DATA = DOCS / "answers"
+BUCKETS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+
+pytestmark = pytest.mark.skipif(
+    not (DATA / "noise_attribute.json.gz").exists(), reason="docs/answers/ not committed yet"
+)
+
+
+def _load(run: str) -> dict:
+    return json.loads(gzip.decompress((DATA / f"{run}.json.gz").read_bytes()))
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, 1.96 * std / math.sqrt(n)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _ci(pair: tuple[float, float]) -> str:
+    return f"{_pct(pair[0])} ± {_pct(pair[1])}"
+
+
+def _buckets(start: int, end: int, n_pos: int) -> dict[str, list[int]]:
+    """ROME's token buckets, written out: disjoint, the last token always ``last``, a
+    one-token subject its ``last_subject`` (lenscope.datasets.token_buckets' documented rule)."""
+    last = n_pos - 1
+    return {
+        "first_subject": [start] if start not in (end - 1, last) else [],
+        "middle_subject": list(range(start + 1, end - 1)),
+        "last_subject": [end - 1] if end - 1 != last else [],
+        "first_subsequent": [end] if end < last else [],
+        "further": list(range(end + 1, last)),
+        "last": [last],
+    }
+
+
+def _effect(fact: dict, kind: str, bucket: str, layer: int) -> float | None:
+    start, end = fact["subject_range"]
+    positions = _buckets(start, end, len(fact["tokens"]))[bucket]
+    if not positions:
+        return None
+    row = fact["scores"][kind][layer]
+    return sum(row[p] for p in positions) / len(positions) - fact["corrupted_score"]
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return (DOCS / "answers.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    return {run: _load(run) for run in ("noise", "noise_attribute")}
+
+
+def test_both_runs_hold_the_same_facts_and_at_least_100(runs, page):
+    top, whole = runs["noise"], runs["noise_attribute"]
+    assert [f["fact_id"] for f in top["facts"]] == [f["fact_id"] for f in whole["facts"]]
+    assert len(top["facts"]) >= 100
+    assert whole.get("answers") == "attribute" and "answers" not in top
+    for a, b in zip(top["facts"], whole["facts"], strict=True):
+        assert len(b["answer_ids"]) >= 2 and a["answer_id"] == b["answer_ids"][0]
+    assert f"# Scoring the whole answer: {len(top['facts'])} facts" in page
+
+
+def test_total_effects_and_ratios_are_recomputed(runs, page):
+    top, whole = runs["noise"]["facts"], runs["noise_attribute"]["facts"]
+    for facts in (top, whole):
+        clean = [f["clean_score"] for f in facts]
+        corrupted = [f["corrupted_score"] for f in facts]
+        ate = [c - k for c, k in zip(clean, corrupted, strict=True)]
+        assert f"{_ci(_mean_ci(clean))} | {_ci(_mean_ci(corrupted))} | {_ci(_mean_ci(ate))}" in page
+    for field in ("clean_score", "corrupted_score"):
+        ratio = [b[field] / a[field] for a, b in zip(top, whole, strict=True)]
+        assert _ci(_mean_ci(ratio)) in page
+
+
+def test_every_site_row_is_recomputed(runs, page):
+    top, whole = runs["noise"], runs["noise_attribute"]
+    n_layers = top["n_layers"]
+    for kind, bucket in (
+        ("resid_post", "last_subject"),
+        ("mlp_out", "last_subject"),
+        ("attn_out", "last"),
+        ("resid_post", "last"),
+    ):
+        peaks = []
+        for run in (top, whole):
+            aie = []
+            for layer in range(n_layers):
+                values = [_effect(f, kind, bucket, layer) for f in run["facts"]]
+                aie.append(_mean_ci([v for v in values if v is not None]))
+            layer = max(range(n_layers), key=lambda i: aie[i][0])
+            peaks.append((layer, aie[layer]))
+        layer = peaks[0][0]
+        diffs = [
+            _effect(b, kind, bucket, layer) - _effect(a, kind, bucket, layer)
+            for a, b in zip(top["facts"], whole["facts"], strict=True)
+            if _effect(a, kind, bucket, layer) is not None
+        ]
+        ates = [
+            statistics.fmean(f["clean_score"] - f["corrupted_score"] for f in run["facts"])
+            for run in (top, whole)
+        ]
+        depth = [f"{p[0]} of {n_layers} ({100 * p[0] / (n_layers - 1):.0f}% depth)" for p in peaks]
+        assert (
+            f"| {depth[0]}: {_ci(peaks[0][1])} | {depth[1]}: {_ci(peaks[1][1])} | "
+            f"{_ci(_mean_ci(diffs))} | {_pct(peaks[0][1][0] / ates[0])} / "
+            f"{_pct(peaks[1][1][0] / ates[1])} |"
+        ) in page
+
+
+def test_per_fact_correlations_are_recomputed(runs, page):
+    names = {"resid_post": "hidden state", "mlp_out": "MLP", "attn_out": "attention"}
+    for kind, name in names.items():
+        values = []
+        for a, b in zip(runs["noise"]["facts"], runs["noise_attribute"]["facts"], strict=True):
+            pairs = [
+                (x, y)
+                for row_a, row_b in zip(a["scores"][kind], b["scores"][kind], strict=True)
+                for x, y in zip(row_a, row_b, strict=True)
+                if x is not None and y is not None
+            ]
+            values.append(statistics.correlation([p[0] for p in pairs], [p[1] for p in pairs]))
+        row = (
+            f"| {name} | {statistics.fmean(values):.3f} | {statistics.median(values):.3f} | "
+            f"{sum(v < 0.9 for v in values)} |"
+        )
+        assert row in page
+
+
+def test_the_page_is_redrawn_from_the_committed_data(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    docs = tmp_path / "docs"
+    shutil.copytree(DATA, docs / "answers")
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    subprocess.run(
+        [sys.executable, str(scripts / "answers_report.py"), "--from-docs", "--docs", str(docs)],
+        check=True,
+        capture_output=True,
+        cwd=scripts,
+    )
+    assert (docs / "answers.md").read_text() == (DOCS / "answers.md").read_text()
