@@ -34,8 +34,13 @@ from torch import Tensor
 
 from lenscope import engine
 from lenscope.corruptions import CorruptedInput
-from lenscope.hooks import EMBED_HOOK, check_hook_points, model_name, n_layers
-from lenscope.loading import weights_description
+from lenscope.hooks import (
+    EMBED_HOOK,
+    check_hook_points,
+    model_name,
+    n_layers,
+    weights_description,
+)
 from lenscope.metrics import BoundMetric, MetricContext, bind_metric, check_normalizable, softmax
 from lenscope.settings import TraceSettings, resolve_prompt
 from lenscope.sites import Site

