@@ -660,8 +660,10 @@ def test_an_answer_of_several_tokens_through_the_lens(tiny_model, component, tmp
     traj = lens_trajectory(tiny_model, TINY_PROMPT, component=component, answer=answer)
     first = lens_trajectory(tiny_model, TINY_PROMPT, component=component, answer=ids[0])
     assert traj.answer == answer and traj.answer_id == ids[0] and traj.answer_ids == tuple(ids)
-    for name in STATS:
-        torch.testing.assert_close(traj.statistic(name), first.statistic(name), atol=1e-6, rtol=0)
+    for name in STATS:  # inputs of other lengths: equal to float32 rounding (1.4e-6 seen)
+        torch.testing.assert_close(
+            traj.statistic(name), first.statistic(name), atol=1e-5, rtol=1e-5
+        )
     assert first.answer_ids == () and first.answer_log_prob == ()
 
     prompt = tiny_model.to_tokens(TINY_PROMPT)
