@@ -50,7 +50,9 @@ def test_results_and_figures_state_the_weights(eiffel, tmp_path):
     assert result.weights == weights
     assert lenscope.TraceResult.from_dict(result.to_dict()).weights == weights
     fig = lenscope.plot_traces(eiffel)
-    assert "google/gemma-3-270m (Q4_K_M 4-bit weights, float32)" in fig.layout.title.text
+    # (the model's name is TransformerLens' own: "google/gemma-3-270m" on a bridge)
+    title = fig.layout.title.text.replace("<br>", " ")  # wrapped to the layout's width
+    assert f"{result.model_name} (Q4_K_M 4-bit weights, float32)" in title
     page = lenscope.save_html(fig, tmp_path / "trace.html").read_text()
     assert weights in page
     assert loading.weights_description(torch.nn.Linear(1, 1)) is None  # not built by load_model
