@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 from replicate import _rounded, ci, depth, paired, pct, row
-from replicate_runs import checkpoint_path, chunks, selected
+from replicate_runs import merged_run
 
 RUNS = {"noise": "first token (top-1)", "noise_attribute": "whole attribute"}
 SITES = (  # (kind, bucket): ROME's early and late sites and the hidden state's hand-off
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
     """``{run: DatasetSummary}`` of both runs on the facts both finished, and the metadata."""
-    from lenscope.datasets import DatasetSummary, merge_checkpoints
+    from lenscope.datasets import DatasetSummary
 
     out_dir = args.docs / "answers"
     if args.from_docs:
@@ -63,14 +63,9 @@ def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
         return runs, meta
     options = SimpleNamespace(dir=args.dir, facts=1000, chunk=10, start=0)
     known = json.loads((args.dir / "known.json").read_text())
-    runs = {}
-    for run in RUNS:
-        paths = [
-            checkpoint_path(options, run, i)
-            for i in range(len(chunks(options, run)))
-            if checkpoint_path(options, run, i).exists()
-        ]
-        runs[run] = merge_checkpoints(paths, selected(options, run))
+    runs = {run: merged_run(options, run) for run in RUNS}
+    if any(summary is None for summary in runs.values()):
+        sys.exit(f"no checkpoint of {list(RUNS)} under {args.dir} yet")
     both = {f.fact_id for f in runs["noise"].facts} & {
         f.fact_id for f in runs["noise_attribute"].facts
     }

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from replicate_runs import RUNS, checkpoint_path, chunks, selected
+from replicate_runs import RUNS, merged_run, selected
 
 CHROMIUM = "/usr/bin/chromium"
 KINDS = ("resid_post", "mlp_out", "attn_out")
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=Path("runs/replication"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--facts", type=int, default=300)
+    parser.add_argument("--order", default="file", choices=("file", "random"))
+    parser.add_argument("--start", type=int, default=0, help="as replicate_runs.py's")
     parser.add_argument("--chunk", type=int, default=10)
     parser.add_argument("--from-docs", action="store_true", help="redraw from docs/replication")
     parser.add_argument("--no-screenshot", action="store_true")
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
     """``{run: DatasetSummary}`` and the facts file's metadata."""
-    from lenscope.datasets import DatasetSummary, merge_checkpoints
+    from lenscope.datasets import DatasetSummary
 
     out_dir = args.docs / "replication"
     if args.from_docs:
@@ -99,13 +101,9 @@ def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
     ]
     runs = {}
     for run in RUNS:
-        paths = [
-            checkpoint_path(args, run, i)
-            for i in range(len(chunks(args, run)))
-            if checkpoint_path(args, run, i).exists()
-        ]
-        if paths:
-            runs[run] = merge_checkpoints(paths, selected(args, run))
+        summary = merged_run(args, run)
+        if summary is not None:
+            runs[run] = summary
     return runs, meta
 
 

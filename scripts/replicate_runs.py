@@ -354,6 +354,21 @@ def import_runs(args: argparse.Namespace) -> None:
         print(f"{run}: {len(facts)} of {len(wanted)} facts imported from {source}", file=sys.stderr)
 
 
+def merged_run(args: argparse.Namespace, run: str):
+    """The run's summary over its selected facts, from its chunk checkpoints and any imported
+    one (:func:`import_runs`); None before any checkpoint exists."""
+    from lenscope.datasets import merge_checkpoints
+
+    paths = [
+        checkpoint_path(args, run, i)
+        for i in range(len(chunks(args, run)))
+        if checkpoint_path(args, run, i).exists()
+    ]
+    if run not in SUBSET_RUNS and imported_path(args, run).exists():
+        paths.append(imported_path(args, run))
+    return merge_checkpoints(paths, selected(args, run)) if paths else None
+
+
 def status(args: argparse.Namespace) -> None:
     """Facts done per run."""
     for run in RUNS:
