@@ -358,18 +358,24 @@ class LensTrajectory(NoiseProperties, GridResult):
             f"answer={short_text(self.answer, 30)}: {self._answer_text()})"
         )
 
-    def _repr_html_(self) -> str:
-        """The facts of :meth:`__repr__` and the run's settings, as a small table (Jupyter)."""
-        rows = [
+    def settings_rows(self, *, tokens: bool = False) -> list[tuple[str, str]]:
+        """The run's settings as ``(name, text)`` rows, for settings tables.
+
+        Run, model, decoder, component, prompt (and with ``tokens`` its length), answer.
+        """
+        return [
             ("run", f"{self.label} ({self.copies} cop{'y' if self.copies == 1 else 'ies'})"),
             ("model", self.model_name),
             ("decoder", self.decoder),
             ("component", f"{self.component} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
             ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
-            ("tokens", str(self.n_pos)),
+            *([("tokens", str(self.n_pos))] if tokens else []),
             ("answer", f"{self.answer!r} (id {self.answer_id})"),
-            ("at the last token", self._answer_text()),
         ]
+
+    def _repr_html_(self) -> str:
+        """The facts of :meth:`__repr__` and the run's settings, as a small table (Jupyter)."""
+        rows = [*self.settings_rows(tokens=True), ("at the last token", self._answer_text())]
         if self.corruption is not None:
             rows += corruption_rows(self.corruption)
         if self.restored_hooks:

@@ -388,12 +388,7 @@ def _page(fig: go.Figure, items: Sequence[LensTrajectory]) -> None:
     rows: dict[str, list[str]] = {}
     for index, traj in enumerate(items):
         cells = [
-            ("run", f"{traj.label} ({traj.copies} cop{'y' if traj.copies == 1 else 'ies'})"),
-            ("model", traj.model_name),
-            ("decoder", traj.decoder),
-            ("component", f"{traj.component} ({traj.hook_names[0]} ... {traj.hook_names[-1]})"),
-            ("prompt", "(token ids)" if traj.prompt is None else repr(traj.prompt)),
-            ("answer", f"{traj.answer!r} (id {traj.answer_id})"),
+            *traj.settings_rows(),
             *(corruption_rows(traj.corruption) if traj.corruption is not None else []),
         ]
         for name, text in cells:
