@@ -161,7 +161,7 @@ def trace_dataset(
             (the fact's whole ``attribute``, with a leading space, as an
             answer of however many tokens it encodes to, scored by teacher
             forcing: ``prob`` is the whole attribute's probability; see
-            docs/answers.md). A fact without an attribute is skipped with the
+            the README's "Many facts"). A fact without an attribute is skipped with the
             reason. Filter with ``filter_known(..., by="attribute")`` first so
             that the model's greedy continuation is the attribute. Recorded
             in the checkpoint header, so a checkpoint never mixes the two.
