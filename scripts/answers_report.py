@@ -21,12 +21,13 @@ Gaussian-noise settings twice (``scripts/replicate_runs.py`` runs ``noise`` and
 import argparse
 import gzip
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from replicate import _rounded, ci, depth, paired, pct, row
+from replicate import _rounded, at, ci, paired, peak, row, share
 from replicate_runs import merged_run
 
 RUNS = {"noise": "first token (top-1)", "noise_attribute": "whole attribute"}
@@ -99,6 +100,92 @@ def fact_pearson(a, b, kind: str) -> list[float]:
         u, v = u[keep] - u[keep].mean(), v[keep] - v[keep].mean()
         out.append(float((u * v).sum() / (u.norm() * v.norm())))
     return out
+
+
+def share_difference(top, whole, kind: str, b: int, layer: int) -> tuple[float, float, int]:
+    """Whole-attribute share of ATE minus first-token share at one cell, paired over facts.
+
+    ``D = mean(e2) / mean(t2) - mean(e1) / mean(t1)`` over the facts with bucket ``b``
+    (``e`` a fact's indirect effect at the cell, ``t`` its total effect), with the delta
+    method's 95% CI: each fact's influence is ``(e2 - R2 t2) / mean(t2) - (e1 - R1 t1) /
+    mean(t1)``, so what the two runs share per fact cancels.
+    """
+    from lenscope.datasets import CI_Z
+
+    parts = []
+    for summary in (top, whole):
+        effect = summary.effects(kind)[:, b, layer].double()
+        total = (summary.clean_scores - summary.corrupted_scores).double()
+        parts.append((effect, total))
+    keep = ~torch.isnan(parts[0][0]) & ~torch.isnan(parts[1][0])
+    influence, difference = 0, 0.0
+    for sign, (effect, total) in zip((-1, 1), parts, strict=True):
+        effect, total = effect[keep], total[keep]
+        ratio = effect.mean() / total.mean()
+        difference += sign * float(ratio)
+        influence = influence + sign * (effect - ratio * total) / total.mean()
+    n = int(keep.sum())
+    return difference, CI_Z * float(influence.std()) / math.sqrt(n), n
+
+
+def findings(differences: dict, rest_clean: tuple, rest_corrupted: tuple) -> list[str]:
+    """What changes at each site when the whole attribute is scored, in words from the numbers.
+
+    ``differences``: ``{(kind, bucket): ([first-token peak, whole peak], paired AIE
+    difference, paired share difference)}`` as the site table computed them; ``rest_*``:
+    the later tokens' probability given the first, clean and with the subject corrupted.
+    """
+    from lenscope.datasets import BUCKET_LABELS
+
+    names = {"resid_post": "hidden state", "mlp_out": "MLP", "attn_out": "attention"}
+    lines = [
+        "",
+        "What changes, site by site. The two runs score different things (the whole attribute's",
+        "probability is the first token's times the rest's), so the raw AIEs differ in scale;",
+        "the share of each run's ATE at the same cell does not, and its paired difference",
+        "(95% CI) is the comparison:",
+        "",
+    ]
+    lower_last = []
+    for (kind, bucket), (peaks, _, (mean, half, _)) in differences.items():
+        first, whole = peaks
+        plateau = first.get("plateau")
+        if whole["layer"] == first["layer"]:
+            moved = f"peaks at the same layer ({first['layer']})"
+        elif plateau is not None and whole["layer"] in (*plateau.layers, *plateau.tied):
+            moved = (
+                f"peaks at layer {whole['layer']}, which the first-token run cannot tell apart "
+                f"from its own peak ({first['layer']})"
+            )
+        else:
+            moved = f"peaks at layer {whole['layer']} instead of {first['layer']}"
+        if mean + half < 0:
+            change = f"smaller by {ci(-mean, half, 'prob')} (points)"
+            if bucket == "last":
+                lower_last.append(names[kind])
+        elif mean - half > 0:
+            change = f"larger by {ci(mean, half, 'prob')} (points)"
+        else:
+            change = f"the same within its CI ({ci(mean, half, 'prob')}, points)"
+        lines.append(
+            f"- {names[kind]}, {BUCKET_LABELS[bucket]}: the whole attribute {moved}; its share "
+            f"of the ATE at the first-token peak is {change}."
+        )
+    if lower_last:
+        lines += [
+            "",
+            f"An interpretation of the last token's rows ({', '.join(lower_last)}), not tested",
+            "separately: a restoration acts on the prompt's positions only. Restoring what",
+            "reaches the last prompt token brings back the attribute's first token, but its",
+            "later tokens are predicted at",
+            "the attribute's own positions, which stay in the corrupted run and read the",
+            "corrupted subject through attention; with the subject corrupted, the later tokens'",
+            f"probability given the first is {ci(*rest_corrupted[:2], 'prob')} against "
+            f"{ci(*rest_clean[:2], 'prob')} clean (above). Sites that",
+            "act before the information has left the subject (its hidden state and MLPs) restore",
+            "what every later position reads, and change less.",
+        ]
+    return lines
 
 
 def report(runs: dict, meta: dict) -> str:
@@ -178,37 +265,46 @@ def report(runs: dict, meta: dict) -> str:
         "",
         "## Where the answer comes back",
         "",
-        "The largest average indirect effect (AIE) of each site, in each run, with the paired",
-        "difference of the two runs at the same cell and the AIE as a share of the run's ATE:",
+        "The largest average indirect effect (AIE) of each site in each run, where it is (a",
+        "plateau names the adjacent layers whose paired difference from the peak has a 95% CI",
+        "containing zero; a tied layer further away is named too), its share of the run's ATE",
+        "(a ratio of means over the same facts, delta-method 95% CI), and the paired",
+        "difference of the two runs at the first-token run's peak cell:",
         "",
         row(
             "site",
-            "first token: peak layer, AIE",
-            "whole attribute: peak layer, AIE",
-            "whole - first at the first's peak",
-            "share of ATE (first / whole)",
+            "first token: peak",
+            "AIE (share of ATE)",
+            "whole attribute: peak",
+            "AIE (share of ATE)",
+            "whole - first at the first's peak: AIE; share of ATE",
         ),
-        row("---", "---", "---", "---:", "---:"),
+        row("---", "---", "---:", "---", "---:", "---:"),
     ]
     names = {"resid_post": "hidden state", "mlp_out": "MLP", "attn_out": "attention"}
+    differences = {}
     for kind, bucket in SITES:
         b = BUCKETS.index(bucket)
-        cells = []
-        for summary in (top, whole):
-            aie, layer, _ = summary.best(kind, bucket=bucket)
-            half = float(summary.aie_ci(kind)[b, layer])
-            cells.append((aie, half, layer))
-        layer = cells[0][2]
+        peaks = [peak(summary, kind, bucket) for summary in (top, whole)]
+        layer = peaks[0]["layer"]
         diff = paired(whole.effects(kind)[:, b, layer] - top.effects(kind)[:, b, layer])
+        shares = share_difference(top, whole, kind, b, layer)
+        differences[kind, bucket] = (peaks, diff, shares)
         lines.append(
             row(
-                f"{names[kind]}, {BUCKET_LABELS[b]}",
-                f"{depth(cells[0][2], n_layers)}: {ci(cells[0][0], cells[0][1], 'prob')}",
-                f"{depth(cells[1][2], n_layers)}: {ci(cells[1][0], cells[1][1], 'prob')}",
-                ci(*diff[:2], "prob"),
-                f"{pct(cells[0][0] / top.ate()[0])} / {pct(cells[1][0] / whole.ate()[0])}",
+                f"{names[kind]}, {BUCKET_LABELS[bucket]}",
+                *(
+                    cell
+                    for p in peaks
+                    for cell in (
+                        at(p, n_layers),
+                        f"{ci(p['aie'], p['ci'], 'prob')} ({share(p)})",
+                    )
+                ),
+                f"{ci(*diff[:2], 'prob')}; {ci(*shares[:2], 'prob')}",
             )
         )
+    lines += findings(differences, rest_clean, rest_corrupted)
     lines += [
         "",
         "Per fact, the two runs' grids agree at a Pearson correlation of (mean, median over",

@@ -9,11 +9,13 @@ page and data from different runs, fail here.
 
 import gzip
 import json
-import math
 import statistics
 from pathlib import Path
 
 import pytest
+from plain_stats import mean_ci as _mean_ci
+from plain_stats import pct as _pct
+from plain_stats import share_of_total, where
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DATA = DOCS / "answers"
@@ -26,17 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 def _load(run: str) -> dict:
     return json.loads(gzip.decompress((DATA / f"{run}.json.gz").read_bytes()))
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, 1.96 * std / math.sqrt(n)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def _ci(pair: tuple[float, float]) -> str:
@@ -98,39 +89,68 @@ def test_total_effects_and_ratios_are_recomputed(runs, page):
         assert _ci(_mean_ci(ratio)) in page
 
 
-def test_every_site_row_is_recomputed(runs, page):
+SITES = (
+    ("resid_post", "last_subject", "hidden state, last subject token"),
+    ("mlp_out", "last_subject", "MLP, last subject token"),
+    ("attn_out", "last", "attention, last token"),
+    ("resid_post", "last", "hidden state, last token"),
+)
+
+
+@pytest.mark.parametrize(("kind", "bucket", "label"), SITES)
+def test_every_site_row_and_its_finding_are_recomputed(runs, page, kind, bucket, label):
     top, whole = runs["noise"], runs["noise_attribute"]
     n_layers = top["n_layers"]
-    for kind, bucket in (
-        ("resid_post", "last_subject"),
-        ("mlp_out", "last_subject"),
-        ("attn_out", "last"),
-        ("resid_post", "last"),
-    ):
-        peaks = []
-        for run in (top, whole):
-            aie = []
-            for layer in range(n_layers):
-                values = [_effect(f, kind, bucket, layer) for f in run["facts"]]
-                aie.append(_mean_ci([v for v in values if v is not None]))
-            layer = max(range(n_layers), key=lambda i: aie[i][0])
-            peaks.append((layer, aie[layer]))
-        layer = peaks[0][0]
-        diffs = [
-            _effect(b, kind, bucket, layer) - _effect(a, kind, bucket, layer)
-            for a, b in zip(top["facts"], whole["facts"], strict=True)
-            if _effect(a, kind, bucket, layer) is not None
+    cells, peaks, influences = [], [], []
+    for run in (top, whole):
+        effects = [
+            [_effect(f, kind, bucket, layer) for layer in range(n_layers)] for f in run["facts"]
         ]
-        ates = [
-            statistics.fmean(f["clean_score"] - f["corrupted_score"] for f in run["facts"])
-            for run in (top, whole)
-        ]
-        depth = [f"{p[0]} of {n_layers} ({100 * p[0] / (n_layers - 1):.0f}% depth)" for p in peaks]
-        assert (
-            f"| {depth[0]}: {_ci(peaks[0][1])} | {depth[1]}: {_ci(peaks[1][1])} | "
-            f"{_ci(_mean_ci(diffs))} | {_pct(peaks[0][1][0] / ates[0])} / "
-            f"{_pct(peaks[1][1][0] / ates[1])} |"
-        ) in page
+        peak, words = where(effects, n_layers)
+        peaks.append((peak, words))
+        aie = _mean_ci([row[peak] for row in effects if row[peak] is not None])
+        ratio, half, _ = share_of_total(
+            [
+                (row[peak], f["clean_score"] - f["corrupted_score"])
+                for row, f in zip(effects, run["facts"], strict=True)
+                if row[peak] is not None
+            ]
+        )
+        cells.append(f"{words} | {_ci(aie)} ({_pct(ratio)} ± {_pct(half)} of the ATE)")
+    # The paired differences at the first-token run's peak: raw AIE, and share of ATE by the
+    # delta method (each fact's influence on the whole run's share minus the first's).
+    layer = peaks[0][0]
+    pairs = [
+        (_effect(a, kind, bucket, layer), _effect(b, kind, bucket, layer), a, b)
+        for a, b in zip(top["facts"], whole["facts"], strict=True)
+        if _effect(a, kind, bucket, layer) is not None
+    ]
+    raw = _mean_ci([e2 - e1 for e1, e2, _, _ in pairs])
+    shares = []
+    for i, run_facts in ((0, [p[2] for p in pairs]), (1, [p[3] for p in pairs])):
+        ratio, _, influence = share_of_total(
+            [(p[i], f["clean_score"] - f["corrupted_score"]) for p, f in zip(pairs, run_facts)]
+        )
+        shares.append(ratio)
+        influences.append(influence)
+    spread = _mean_ci([w - f for f, w in zip(*influences, strict=True)])[1]
+    difference = (shares[1] - shares[0], spread)
+    assert f"| {label} | {cells[0]} | {cells[1]} | {_ci(raw)}; {_ci(difference)} |" in page
+    # The finding's words follow from the same numbers.
+    mean, half = difference
+    if mean + half < 0:
+        change = f"smaller by {_pct(-mean)} ± {_pct(half)} (points)"
+    elif mean - half > 0:
+        change = f"larger by {_ci(difference)} (points)"
+    else:
+        change = f"the same within its CI ({_ci(difference)}, points)"
+    assert f"- {label}: the whole attribute " in page
+    bullet = page.split(f"- {label}: the whole attribute ")[1].split("\n- ")[0]
+    if peaks[1][0] == peaks[0][0]:
+        assert bullet.startswith(f"peaks at the same layer ({layer});")
+    else:
+        assert f"peaks at layer {peaks[1][0]}" in bullet
+    assert f"its share of the ATE at the first-token peak is {change}." in bullet
 
 
 def test_per_fact_correlations_are_recomputed(runs, page):

@@ -9,10 +9,12 @@ report from different runs, fail here.
 
 import gzip
 import json
-import math
 from pathlib import Path
 
 import pytest
+from plain_stats import mean_ci as _mean_ci
+from plain_stats import pct as _pct
+from plain_stats import share_of_total, where
 
 from lenscope.datasets import BUCKETS, DatasetSummary
 
@@ -23,17 +25,6 @@ RUNS = sorted(p.name.removesuffix(".json.gz") for p in (DOCS / "replication").gl
 def _load(run: str) -> DatasetSummary:
     raw = gzip.decompress((DOCS / "replication" / f"{run}.json.gz").read_bytes())
     return DatasetSummary.from_dict(json.loads(raw))
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, 1.96 * std / math.sqrt(n)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 @pytest.fixture(scope="module")
@@ -100,33 +91,6 @@ def _effects(summary: DatasetSummary, kind: str, bucket: str) -> list[list[float
     return out
 
 
-def _where(effects: list[list[float | None]], n_layers: int) -> tuple[int, str]:
-    """The peak layer and the page's words for it, by the plateau rule written out."""
-    facts = [row for row in effects if row[0] is not None]
-    means = [sum(row[layer] for row in facts) / len(facts) for layer in range(n_layers)]
-    peak = max(range(n_layers), key=means.__getitem__)
-
-    def tied(other: int) -> bool:
-        mean, half = _mean_ci([row[peak] - row[other] for row in facts])
-        return mean - half <= 0 <= mean + half
-
-    low = peak
-    while low > 0 and tied(low - 1):
-        low -= 1
-    high = peak
-    while high < n_layers - 1 and tied(high + 1):
-        high += 1
-    notes = [f"{100 * peak / (n_layers - 1):.0f}% depth"]
-    if high > low:
-        notes.append(f"plateau over layers {low}-{high}")
-    others = [o for o in range(n_layers) if o != peak and not low <= o <= high and tied(o)]
-    if others:
-        notes.append(
-            f"layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
-        )
-    return peak, f"layer {peak} of {n_layers} ({'; '.join(notes)})"
-
-
 @pytest.mark.parametrize(
     ("kind", "bucket", "words"),
     [
@@ -138,21 +102,17 @@ def _where(effects: list[list[float | None]], n_layers: int) -> tuple[int, str]:
 def test_peaks_plateaus_and_shares_of_ate_are_recomputed(report, kind, bucket, words):
     summary = _load("noise")
     effects = _effects(summary, kind, bucket)
-    peak, where = _where(effects, summary.n_layers)
-    assert words + where in report
+    peak, words_at = where(effects, summary.n_layers)
+    assert words + words_at in report
     # The share of the ATE at the peak: a ratio of means, delta-method 95% CI.
-    pairs = [
-        (row[peak], f.clean_score - f.corrupted_score)
-        for row, f in zip(effects, summary.facts, strict=True)
-        if row[peak] is not None
-    ]
-    n = len(pairs)
-    ratio = (sum(e for e, _ in pairs) / n) / (sum(t for _, t in pairs) / n)
-    residual = [e - ratio * t for e, t in pairs]
-    mean = sum(residual) / n
-    std = math.sqrt(sum((r - mean) ** 2 for r in residual) / (n - 1))
-    half = 1.96 * std / (math.sqrt(n) * abs(sum(t for _, t in pairs) / n))
-    assert f"({_pct(ratio)} ± {_pct(half)} of the ATE) at {where}" in report
+    ratio, half, _ = share_of_total(
+        [
+            (row[peak], f.clean_score - f.corrupted_score)
+            for row, f in zip(effects, summary.facts, strict=True)
+            if row[peak] is not None
+        ]
+    )
+    assert f"({_pct(ratio)} ± {_pct(half)} of the ATE) at {words_at}" in report
 
 
 def test_the_page_is_redrawn_byte_identically_from_the_committed_data(tmp_path):
