@@ -249,8 +249,10 @@ def test_linked_hover_outlines_the_cell_in_every_panel(browser, traces, tmp_path
     assert all((s[1], s[2]) == (pos - 0.5, pos + 0.5) and s[3] < layer < s[4] for s in shapes)
     expected = {"x": traces["resid_post"], "x3": traces["attn_out"]}
     assert {n[0] for n in notes} == set(expected)
-    for axis, text in notes:
-        assert float(text) == pytest.approx(float(expected[axis].scores[layer, pos]), rel=1e-3)
+    # Each value as the hover and the colour bar show it: percent (issue 31: not 0.09492).
+    assert {axis: text for axis, text in notes} == {
+        axis: f"{float(result.scores[layer, pos]):.1%}" for axis, result in expected.items()
+    }
 
     _unhover(browser)
     assert browser.execute_script(LINKED_JS) == [[], []]

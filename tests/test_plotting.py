@@ -345,6 +345,30 @@ def test_plot_traces_per_panel_scales():
     assert len({t.zmax for t in fig.data}) == 3
 
 
+def _linked_label(trace, row_value, col):
+    """What linked hover writes beside a sibling cell: the customdata field named in meta."""
+    field = trace.meta[_common.LINKED_FIELD]
+    return trace.customdata[list(trace.y).index(row_value)][col][field]
+
+
+def test_linked_hover_labels_are_in_the_colour_bars_unit():
+    """Sibling panels' values read as their hover's score: percent for a probability (issue 31)."""
+    kinds = ("resid_post", "mlp_out", "attn_out")
+    results = {k: make_result(kind=k, seed=i) for i, k in enumerate(kinds)}
+    fig = lp.plot_traces(results)
+    for trace, result in zip(fig.data, results.values(), strict=True):
+        assert list(trace.x) == list(range(result.n_pos))  # no fold: x is the position
+        assert trace.colorbar.tickformat.endswith("%") or "p" in trace.colorbar.tickformat
+        for layer, pos in ((2, 5), (4, 1), (0, 3)):
+            assert _linked_label(trace, layer, pos) == f"{float(result.scores[layer, pos]):.1%}"
+        assert _linked_label(trace, 0, 0) == "not traced"
+    a, b = results["mlp_out"], results["attn_out"]
+    (diff,) = lp.plot_traces([a, b], mode="difference", allow_mismatch=True).data
+    for layer, pos in ((2, 5), (4, 1)):
+        value = float(a.scores[layer, pos] - b.scores[layer, pos])
+        assert _linked_label(diff, layer, pos) == f"{value:+.1%}"
+
+
 def test_plot_traces_accepts_a_sequence():
     fig = lp.plot_traces(list(three_kinds().values()))
     assert len(fig.data) == 3
@@ -664,6 +688,20 @@ def test_dataset_figures_name_their_corruption_and_centre_at_zero(summaries, tmp
     )
     report = lp.save_dataset_report(str_, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<title>" in report and "noise std" not in report
+
+
+def test_dataset_linked_hover_labels_show_percent(summaries):
+    """The dataset heatmaps link hover too; a sibling's label is its signed mean in percent."""
+    summary = summaries["str"]
+    fig = lp.plot_dataset(summary)
+    for trace, kind in zip(fig.data, summary.kinds, strict=True):
+        mean = mean_ci(summary.effects(kind))[0].numpy()
+        field = trace.meta[_common.LINKED_FIELD]
+        for bucket in range(mean.shape[0]):
+            for layer in range(mean.shape[1]):
+                if np.isfinite(mean[bucket, layer]):
+                    expected = f"{float(mean[bucket, layer]):+.1%}"
+                    assert trace.customdata[bucket][layer][field] == expected
 
 
 def mean_ci(effects):

@@ -36,6 +36,7 @@ from lenscope.plotting._common import (
     HOVER_FONT,
     KIND_DIVERGING,
     KIND_LABELS,
+    LINKED_FIELD,
     PAGE_CONFIG,
     PLOTLY_JS,
     check_choice,
@@ -378,6 +379,7 @@ def _add_heatmap(
             customdata=customdata,
             hovertemplate=_hover(summary),
             hoverongaps=False,
+            meta={LINKED_FIELD: 2},  # the mean, as the hover writes it
             name=KIND_LABELS.get(kind, kind),
             colorbar={
                 "title": {"text": _quantity(summary)[0], "side": "right"},
