@@ -1166,3 +1166,107 @@ def test_lens_cell_text_fits_its_columns(tiny_model):
     assert "top-1 token in the hover" in lp.plot_lens(traj, width=260).layout.title.text
     wide = lp.plot_lens(traj, statistic="entropy", width=1200)
     assert longest(wide) == 6
+
+
+# -- every figure kind names the weights' precision (issue 31) ---------------------------
+
+WEIGHTS_ORIGIN = "Q4_K_M GGUF (4-bit, a test file), dequantised"
+"""What load_model would record for a 4-bit GGUF; the tiny model runs in float32."""
+WEIGHTS_NOTE = "tiny-gpt2-4l (Q4_K_M 4-bit weights, float32)"
+WEIGHTS_ROW = rf"<th>weights</th><td[^>]*>{re.escape(WEIGHTS_ORIGIN)}; float32</td>"
+
+
+@pytest.fixture
+def weighed_model(tiny_model):
+    """The tiny model with a weights record, as if load_model had built it (removed after)."""
+    from lenscope import hooks
+
+    hooks.record_weights(tiny_model, WEIGHTS_ORIGIN)
+    try:
+        yield tiny_model
+    finally:
+        del hooks._WEIGHTS_ORIGIN[tiny_model]
+
+
+def _weights_named(fig, tmp_path, result):
+    """The title and page title name the model with its weights; the table gives them whole."""
+    assert WEIGHTS_NOTE in _flat(fig.layout.title.text)
+    title, table = page_of(fig, tmp_path)
+    assert WEIGHTS_NOTE in title
+    assert re.search(WEIGHTS_ROW, table)
+    assert type(result).from_dict(result.to_dict()).weights == f"{WEIGHTS_ORIGIN}; float32"
+
+
+def test_lens_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT
+
+    from lenscope.lens import lens_trajectory
+
+    trajectory = lens_trajectory(weighed_model, TINY_PROMPT)
+    _weights_named(lp.plot_lens(trajectory, statistic="answer_prob"), tmp_path, trajectory)
+
+
+def test_attention_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope.attention import attention_patterns
+
+    patterns = attention_patterns(
+        weighed_model, TINY_PROMPT, layer=1, heads=[0, 2], subject=TINY_SUBJECT
+    )
+    _weights_named(patterns.plot(), tmp_path, patterns)
+
+
+def test_dataset_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.datasets import trace_dataset
+
+    facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT, "attribute": "Paris"}]
+    tracer = CausalTracer(weighed_model, progress=False)
+    summary = trace_dataset(tracer, facts, samples=2, kinds=("mlp_out",), progress=False)
+    _weights_named(lp.plot_dataset(summary), tmp_path, summary)
+
+
+def test_figures_without_a_weights_record_name_only_the_model(summaries, tmp_path):
+    fig = lp.plot_dataset(summaries["noise"])
+    assert "weights" not in fig.layout.title.text
+    assert "<th>weights</th>" not in page_of(fig, tmp_path)[1]
+    assert "weights" not in summaries["noise"].to_dict()
+
+
+def test_normalised_dataset_figure_gives_the_raw_values(tiny_model, tmp_path):
+    """Normalised, every fact's clean and corrupted runs are 1 and 0: the title gives the raw."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.datasets import DatasetSummary, trace_dataset
+    from lenscope.tokens import prompt_tokens
+
+    facts = [
+        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"prompt": COUNTERFACTUAL, "subject": "The Space Needle"},
+    ]
+    tracer = CausalTracer(tiny_model, progress=False)
+    summary = trace_dataset(
+        tracer, facts, samples=2, kinds=("mlp_out",), metric="normalized_prob", progress=False
+    )
+    assert len(summary.facts) == 2
+    for fact in summary.facts:
+        # The raw clean value is the answer's probability in a plain forward pass.
+        tokens = prompt_tokens(tiny_model, fact.prompt)
+        with torch.no_grad():
+            probs = tiny_model(tokens[None])[0, -1].double().softmax(-1)
+        assert fact.normalization[0] == pytest.approx(float(probs[fact.answer_id]), rel=1e-4)
+        assert (fact.clean_score, fact.corrupted_score) == pytest.approx((1.0, 0.0))
+    clean = np.mean([f.normalization[0] for f in summary.facts])
+    corrupted = np.mean([f.normalization[1] for f in summary.facts])
+    fig = lp.plot_dataset(summary)
+    title = _flat(fig.layout.title.text)
+    assert f"raw value: clean {clean:.3g} \u00b1 " in title
+    assert f"corrupted {corrupted:.3g} \u00b1 " in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(rf"<th>raw values</th><td[^>]*>clean {clean:.4g} \u00b1 ", table)
+    back = DatasetSummary.from_dict(summary.to_dict())
+    assert [f.normalization for f in back.facts] == [f.normalization for f in summary.facts]

@@ -116,10 +116,25 @@ def weights_short(weights: str | None) -> str | None:
     return f"{dtype} weights" if not origin.startswith("GGUF file") else f"GGUF weights, {dtype}"
 
 
-def model_text(result: Any) -> str:
-    """The model's name and, where known, its weights' note (escaped for a title)."""
+def model_label(result: Any) -> str:
+    """The model's name and, where known, its weights' note, as plain text (a page title).
+
+    ``result`` is any result that records ``model_name`` and ``weights``
+    (traces, lens trajectories, attention patterns, dataset summaries).
+    """
     note = weights_short(getattr(result, "weights", None))
-    return escape(result.model_name) + ("" if note is None else f" ({escape(note)})")
+    return result.model_name + ("" if note is None else f" ({note})")
+
+
+def model_text(result: Any) -> str:
+    """:func:`model_label`, escaped for a figure title."""
+    return escape(model_label(result))
+
+
+def model_rows(result: Any) -> list[tuple[str, str]]:
+    """The settings-table rows of the model: its name, and its weights where known."""
+    weights = getattr(result, "weights", None)
+    return [("model", result.model_name), *([("weights", weights)] if weights else [])]
 
 
 def trace_rows(result: Any) -> list[tuple[str, str]]:
@@ -127,8 +142,7 @@ def trace_rows(result: Any) -> list[tuple[str, str]]:
     record = corruption_record(result)
     label, subject = subject_text(result)
     rows = [
-        ("model", result.model_name),
-        *([("weights", result.weights)] if getattr(result, "weights", None) is not None else []),
+        *model_rows(result),
         ("prompt", "(token ids)" if result.prompt is None else repr(result.prompt)),
         ("tokens", str(result.n_pos)),
         (label, subject),

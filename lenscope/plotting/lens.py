@@ -49,6 +49,7 @@ from lenscope.plotting._layout import (
     toolbar_title,
     wrap_title,
 )
+from lenscope.plotting._provenance import model_label, model_text
 from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInput, InvalidInputType
 
@@ -394,7 +395,7 @@ def _page(fig: go.Figure, items: Sequence[LensTrajectory]) -> None:
         for name, text in cells:
             rows.setdefault(name, ["—"] * len(items))[index] = text
     first = items[0]
-    heading = f"{first.decoder} · {first.component} · {first.model_name}"
+    heading = f"{first.decoder} · {first.component} · {model_label(first)}"
     set_page_info(fig, heading, [t.label for t in items], list(rows.items()))
 
 
@@ -591,6 +592,6 @@ def _title(
     if first.subject_range is not None:
         notes.append("subject marked *")
     return (
-        f"<b>{lens} · {escape(what)}</b> · {escape(first.model_name)}<br>"
+        f"<b>{lens} · {escape(what)}</b> · {model_text(first)}<br>"
         f'<span style="font-size:13px">{" · ".join(notes)}</span>'
     )
