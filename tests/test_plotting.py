@@ -621,6 +621,15 @@ def test_head_trace_names_its_experiment(traces, tmp_path):
     assert "counterfactual" not in table and "counterfactual" not in title
 
 
+def test_few_head_columns_stay_cells(traces):
+    """Four heads are cells at most twice as wide as tall, not 270 x 22 px bars (issue 31)."""
+    fig = lp.plot_head_trace(traces["heads"])
+    assert len(fig.data[0].x) == 4
+    # Plotly keeps one x unit (a head) exactly scaleratio y units (a layer) wide.
+    assert (fig.layout.xaxis.scaleanchor, fig.layout.xaxis.scaleratio) == ("y", 2.0)
+    assert fig.layout.xaxis.constrain == "domain"  # narrows the plot area, not the cells
+
+
 @pytest.fixture(scope="module")
 def summaries(tiny_model, one_thread):
     """Dataset traces of the tiny model: Gaussian noise and counterfactual prompts (STR)."""
