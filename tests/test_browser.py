@@ -258,6 +258,28 @@ def test_linked_hover_outlines_the_cell_in_every_panel(browser, traces, tmp_path
     assert browser.execute_script(LINKED_JS) == [[], []]
 
 
+def test_linked_hover_without_a_hover_field_writes_percent_as_the_colour_bar(
+    browser, traces, tiny_model, tmp_path
+):
+    """A lens difference panel names no hover field: its label is its colour, in percent."""
+    from lenscope.lens import lens_trace_cell
+
+    clean, corrupted, restored = lens_trace_cell(tiny_model, traces["mlp_out"], 1, 3)
+    fig = lenscope.plot_lens(clean, corrupted, restored, statistic="answer_prob", mode="difference")
+    assert fig.layout.coloraxis.colorbar.tickformat.endswith("%")
+    _open(browser, save_html(fig, tmp_path / "lens.html"))
+    layer, pos = 2, 5
+    _hover(browser, 0, pos, layer)  # corrupted − clean
+    time.sleep(0.3)
+    shapes, notes = browser.execute_script(LINKED_JS)
+    assert sorted(s[0] for s in shapes) == ["x", "x2"]
+    ((axis, text),) = notes
+    value = float(restored.answer_prob[layer, pos] - clean.answer_prob[layer, pos])
+    assert axis == "x2" and text.endswith("%") and text.startswith("+" if value > 0 else "-")
+    assert float(text[:-1]) / 100 == pytest.approx(value, abs=5e-4)
+    _unhover(browser)
+
+
 def test_exported_page_loads_nothing_from_the_network(browser, traces, tmp_path):
     path = save_html(plot_traces(traces), tmp_path / "offline.html")
     _open(browser, path)

@@ -1158,6 +1158,31 @@ def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
     assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text
 
 
+def test_lens_linked_hover_labels_are_the_hovers_values(tiny_model):
+    """A lens panel's linked-hover label is its hover's value of the statistic drawn."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.lens import lens_trace_cell
+
+    trace = CausalTracer(tiny_model, progress=False).trace(
+        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2, seed=4
+    )
+    runs = lens_trace_cell(tiny_model, trace, 1, 3)
+    fig = lp.plot_lens(*runs, statistic="answer_prob")
+    ranks = lp.plot_lens(*runs, statistic="answer_rank")
+    for prob, rank, traj in zip(fig.data, ranks.data, runs, strict=True):
+        for layer, pos in ((0, 2), (3, 5), (2, 0)):
+            p = float(traj.answer_prob[layer, pos])
+            assert _linked_label(prob, layer, pos) == (
+                f"{p:.1%}" if not 0 < p < 1e-3 else f"{p:.1e}"
+            )
+            assert _linked_label(rank, layer, pos) == f"{int(traj.answer_rank[layer, pos]):,}"
+    # A difference panel's hover holds both runs' values: its label is the colour's value.
+    difference = lp.plot_lens(*runs, statistic="answer_prob", mode="difference")
+    assert all(t.meta is None for t in difference.data)
+
+
 def test_lens_cell_text_fits_its_columns(tiny_model):
     from conftest import TINY_PROMPT
 

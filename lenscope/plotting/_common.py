@@ -393,8 +393,8 @@ function (gd, Plotly) {
      layout shapes and annotations through Plotly.relayout. Offline: it only
      uses the plotly.js already in the page. A sibling panel's value is the
      text of its own hover's score field (trace meta lenscope_linked_field,
-     an index into customdata), so it reads in the hover's unit: percent
-     where the colour bar shows percent. */
+     an index into customdata), so it reads in the hover's unit; without
+     one, the colour's value, in percent where the colour bar shows percent. */
   if (!gd || !gd.on || !Plotly) { return; }
   var TAG = 'lenscope-linked-hover';
   function own(items) {
@@ -414,7 +414,14 @@ function (gd, Plotly) {
       return String(cells[row][col][field]);
     }
     var z = t.z[row][col];
-    return (z === null || z === undefined || isNaN(z)) ? 'not traced' : Number(z).toPrecision(4);
+    if (z === null || z === undefined || isNaN(z)) { return 'not traced'; }
+    /* No hover field named: the colour's value, in percent where its colour bar is. */
+    var bar = t.coloraxis ? (gd._fullLayout[t.coloraxis] || {}).colorbar : t.colorbar;
+    var format = (bar && bar.tickformat) || '', type = format.slice(-1);
+    if (type === '%' || type === 'p') {
+      return (format.charAt(0) === '+' && z > 0 ? '+' : '') + (100 * z).toFixed(1) + '%';
+    }
+    return Number(z).toPrecision(4);
   }
   var current = null;
   gd.on('plotly_hover', function (event) {
