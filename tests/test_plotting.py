@@ -579,6 +579,27 @@ def test_str_patch_names_counterfactual_foil_and_raw_logit_differences(traces, t
         assert f"<th>{field}</th>" not in table
 
 
+def test_a_long_counterfactual_prompt_is_cut_where_it_differs(tmp_path):
+    """A long counterfactual shares its start with the prompt: the title shows where it differs."""
+    import dataclasses
+
+    shared = "Big Ben is located in the city of London and the Space Needle is in Seattle. "
+    counterfactual = shared + "The Colosseum is located in the city of"
+    result = dataclasses.replace(
+        make_result(),
+        prompt=shared + "The Eiffel Tower is located in the city of",
+        corruption={"name": "counterfactual_prompt", "counterfactual": counterfactual},
+    )
+    fig = lp.plot_trace(result)
+    shown = re.search(r"counterfactual prompt '(.*?)'", _flat(fig.layout.title.text)).group(1)
+    assert "The Colosseum is located in the city of" in shown
+    assert shown.startswith("…") and len(shown) <= 60
+    assert counterfactual.endswith(shown[1:])
+    # The settings table keeps it whole.
+    _, table = page_of(fig, tmp_path)
+    assert "Big Ben is located in the city of London" in table
+
+
 @pytest.mark.parametrize("which", ["str_noise", "noise_noising"])
 def test_noising_figures_say_so_and_keep_matters_the_same(traces, tmp_path, which):
     result = traces[which]
