@@ -1179,17 +1179,11 @@ def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
     assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text
 
 
-def test_lens_linked_hover_labels_are_the_hovers_values(tiny_model):
+def test_lens_linked_hover_labels_are_the_hovers_values(tiny_model, traces):
     """A lens panel's linked-hover label is its hover's value of the statistic drawn."""
-    from conftest import TINY_PROMPT, TINY_SUBJECT
-
-    from lenscope import CausalTracer
     from lenscope.lens import lens_trace_cell
 
-    trace = CausalTracer(tiny_model, progress=False).trace(
-        TINY_PROMPT, TINY_SUBJECT, kind="mlp_out", samples=2, seed=4
-    )
-    runs = lens_trace_cell(tiny_model, trace, 1, 3)
+    runs = lens_trace_cell(tiny_model, traces["noise"]["mlp_out"], 1, 3)
     fig = lp.plot_lens(*runs, statistic="answer_prob")
     ranks = lp.plot_lens(*runs, statistic="answer_rank")
     for prob, rank, traj in zip(fig.data, ranks.data, runs, strict=True):

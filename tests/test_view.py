@@ -60,3 +60,17 @@ def test_show_refuses_what_is_not_a_figure():
 
     with pytest.raises(TypeError, match=r"show expects a plotly Figure; got dict; pass the figure"):
         unchecked(show)({"data": []})
+
+
+def test_show_without_anywidget_says_how_to_install(monkeypatch):
+    import sys
+
+    from lenscope.plotting import view
+
+    monkeypatch.setitem(sys.modules, "anywidget", None)  # import anywidget raises ImportError
+    monkeypatch.setattr(view, "_CLASS", [])
+    with pytest.raises(
+        ImportError,
+        match=r'lenscope.show\(\) needs anywidget, which is not installed: pip install "lenscope\[',
+    ):
+        show(_figure())
