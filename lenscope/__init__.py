@@ -84,6 +84,7 @@ _EXPORTS: dict[str, str] = {
     "CollectedActivations": "lenscope.collect",
     "save_html": "lenscope.plotting",
     "save_image": "lenscope.plotting",
+    "show": "lenscope.plotting",
 }
 _SUBMODULES = ("datasets", "metrics", "corruptions", "sites", "settings", "validation")
 

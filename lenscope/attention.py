@@ -21,7 +21,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenscope.corruptions import Corruption, GaussianNoise, check_corruption
-from lenscope.hooks import capture_forward, check_hook_points, model_name, preserved_model
+from lenscope.hooks import (
+    capture_forward,
+    check_hook_points,
+    model_name,
+    preserved_model,
+    weights_description,
+)
 from lenscope.results import JsonRoundTrip
 from lenscope.tokens import find_subject, prompt_tokens, token_labels
 from lenscope.validation import InvalidInput, distinct_indices, is_int
@@ -42,6 +48,9 @@ class AttentionPatterns(JsonRoundTrip):
         hook_name: ``blocks.{layer}.attn.hook_pattern``.
         model_name: The model's ``cfg.model_name``.
         corruption: The corruption's settings record, or None.
+        weights: Where the model's weights came from and the precision it
+            ran in (:func:`lenscope.loading.weights_description`); None for a
+            model :func:`lenscope.load_model` did not build.
     """
 
     clean: Float[Tensor, "head dest src"]
@@ -54,6 +63,7 @@ class AttentionPatterns(JsonRoundTrip):
     hook_name: str
     model_name: str
     corruption: dict[str, Any] | None = None
+    weights: str | None = None
 
     _format: ClassVar[str] = "lenscope.AttentionPatterns/1"
     _tensor_fields: ClassVar[dict[str, torch.dtype]] = {
@@ -75,6 +85,13 @@ class AttentionPatterns(JsonRoundTrip):
                 f"inconsistent AttentionPatterns: patterns {shapes} should be {expected} "
                 f"({len(self.heads)} heads, {n_pos} tokens)"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`JsonRoundTrip.to_dict`; ``weights`` only when known."""
+        out = super().to_dict()
+        if out["weights"] is None:
+            del out["weights"]
+        return out
 
     def plot(self, **kwargs: Any) -> Any:
         """Heatmaps of these patterns, clean beside corrupted (:func:`lenscope.plot_attention`)."""
@@ -155,4 +172,5 @@ def attention_patterns(
         hook_name=name,
         model_name=model_name(model),
         corruption=record,
+        weights=weights_description(model),
     )

@@ -54,6 +54,7 @@ from lenscope.hooks import (
     model_name,
     n_layers,
     preserved_model,
+    weights_description,
 )
 from lenscope.metrics import log_softmax
 from lenscope.results import (
@@ -255,6 +256,9 @@ class LensTrajectory(NoiseProperties, GridResult):
             they predict. Only the last prompt position predicts the answer's
             first token, so the whole answer has one score per layer, not a
             grid. Empty for one token.
+        weights: Where the model's weights came from and the precision it
+            ran in (:func:`lenscope.loading.weights_description`); None for a
+            model :func:`lenscope.load_model` did not build.
     """
 
     component: str
@@ -295,11 +299,12 @@ class LensTrajectory(NoiseProperties, GridResult):
     restored_pos: int | None = None
     answer_ids: tuple[int, ...] = ()
     answer_log_prob: tuple[float, ...] = ()
+    weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`JsonRoundTrip.to_dict`; the answer's tokens and score only for several."""
+        """As :meth:`JsonRoundTrip.to_dict`; answer tokens and weights only when there are some."""
         out = super().to_dict()
-        for name in ("answer_ids", "answer_log_prob"):
+        for name in ("answer_ids", "answer_log_prob", "weights"):
             if not getattr(self, name):
                 del out[name]
         return out
@@ -361,11 +366,13 @@ class LensTrajectory(NoiseProperties, GridResult):
     def settings_rows(self, *, tokens: bool = False) -> list[tuple[str, str]]:
         """The run's settings as ``(name, text)`` rows, for settings tables.
 
-        Run, model, decoder, component, prompt (and with ``tokens`` its length), answer.
+        Run, model (and its weights, where known), decoder, component, prompt (and
+        with ``tokens`` its length), answer.
         """
         return [
             ("run", f"{self.label} ({self.copies} cop{'y' if self.copies == 1 else 'ies'})"),
             ("model", self.model_name),
+            *([("weights", self.weights)] if self.weights else []),
             ("decoder", self.decoder),
             ("component", f"{self.component} ({self.hook_names[0]} ... {self.hook_names[-1]})"),
             ("prompt", "(token ids)" if self.prompt is None else repr(self.prompt)),
@@ -944,5 +951,6 @@ def _make_trajectory(
         vocab=vocab,
         decoder=_decoder_name(decoder),
         label=label,
+        weights=weights_description(model),
         **fields,
     )

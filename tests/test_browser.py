@@ -249,11 +249,35 @@ def test_linked_hover_outlines_the_cell_in_every_panel(browser, traces, tmp_path
     assert all((s[1], s[2]) == (pos - 0.5, pos + 0.5) and s[3] < layer < s[4] for s in shapes)
     expected = {"x": traces["resid_post"], "x3": traces["attn_out"]}
     assert {n[0] for n in notes} == set(expected)
-    for axis, text in notes:
-        assert float(text) == pytest.approx(float(expected[axis].scores[layer, pos]), rel=1e-3)
+    # Each value as the hover and the colour bar show it: percent (issue 31: not 0.09492).
+    assert {axis: text for axis, text in notes} == {
+        axis: f"{float(result.scores[layer, pos]):.1%}" for axis, result in expected.items()
+    }
 
     _unhover(browser)
     assert browser.execute_script(LINKED_JS) == [[], []]
+
+
+def test_linked_hover_without_a_hover_field_writes_percent_as_the_colour_bar(
+    browser, traces, tiny_model, tmp_path
+):
+    """A lens difference panel names no hover field: its label is its colour, in percent."""
+    from lenscope.lens import lens_trace_cell
+
+    clean, corrupted, restored = lens_trace_cell(tiny_model, traces["mlp_out"], 1, 3)
+    fig = lenscope.plot_lens(clean, corrupted, restored, statistic="answer_prob", mode="difference")
+    assert fig.layout.coloraxis.colorbar.tickformat.endswith("%")
+    _open(browser, save_html(fig, tmp_path / "lens.html"))
+    layer, pos = 2, 5
+    _hover(browser, 0, pos, layer)  # corrupted − clean
+    time.sleep(0.3)
+    shapes, notes = browser.execute_script(LINKED_JS)
+    assert sorted(s[0] for s in shapes) == ["x", "x2"]
+    ((axis, text),) = notes
+    value = float(restored.answer_prob[layer, pos] - clean.answer_prob[layer, pos])
+    assert axis == "x2" and text.endswith("%") and text.startswith("+" if value > 0 else "-")
+    assert float(text[:-1]) / 100 == pytest.approx(value, abs=5e-4)
+    _unhover(browser)
 
 
 def test_exported_page_loads_nothing_from_the_network(browser, traces, tmp_path):

@@ -12,15 +12,12 @@ printed (``-s``); screenshots go to ``$LENSCOPE_SCREENSHOTS`` when it is set.
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import TINY_PROMPT, make_tiny_model
+from lab_helpers import SETUP, open_and_run, running_lab, wait
 from test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 
 import lenscope
@@ -28,123 +25,17 @@ import lenscope
 pytestmark = pytest.mark.browser
 pytest.importorskip("anywidget")
 
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "lenscope-test"
-
-SETUP = f"""import sys
-sys.path.insert(0, {str(REPO / "tests")!r})
-import tempfile
-import lenscope
-from conftest import make_tiny_model, make_tiny_tokenizer
-
-model = make_tiny_model(make_tiny_tokenizer(tempfile.mkdtemp()))
-explorer = lenscope.explore(model, samples=3)
-explorer"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on a free port; yields its URL."""
-    if (
-        shutil.which("jupyter-lab") is None
-        and not (Path(sys.executable).parent / "jupyter-lab").exists()
-    ):
-        message = 'JupyterLab is not installed; pip install -e ".[test]"'
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("lab")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            f"--port={port}",
-            "--ip=127.0.0.1",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={root}",
-            "--allow-root",
-            "--ServerApp.terminals_enabled=False",
-            "--LabApp.extension_manager=readonly",
-            "--LabApp.expose_app_in_browser=True",
-            "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    import urllib.request
-
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.terminate()
-                log.close()
-                raise AssertionError(
-                    f"JupyterLab did not start: {(root / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-    notebook = {
-        "cells": [
-            {
-                "cell_type": "code",
-                "execution_count": None,
-                "id": "setup",
-                "metadata": {},
-                "outputs": [],
-                "source": SETUP,
-            }
-        ],
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    (root / "explorer.ipynb").write_text(json.dumps(notebook))
-    try:
+    """A JupyterLab server on a free port serving explorer.ipynb; yields its URL."""
+    source = SETUP + "explorer = lenscope.explore(model, samples=3)\nexplorer"
+    with running_lab(tmp_path_factory.mktemp("lab"), {"explorer.ipynb": source}) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def _wait(driver, script, what, timeout=120.0, *args):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = driver.execute_script(script, *args)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            shown = driver.execute_script(
-                "const w = document.querySelector('.lenscope-explorer');"
-                "return w ? w.innerText : document.body.innerText.slice(0, 2000)"
-            )
-            raise AssertionError(f"timed out waiting for {what}; the page shows: {shown}")
-        time.sleep(0.1)
+    return wait(driver, script, what, timeout, *args, shown=".lenscope-explorer")
 
 
 def _click(driver, css, index=0):
@@ -174,21 +65,7 @@ def test_explorer_in_jupyterlab(browser, lab, tiny_tokenizer):  # noqa: F811
     from selenium.webdriver.common.keys import Keys
 
     browser.set_window_size(1800, 1400)
-    browser.get(f"{lab}/lab/tree/explorer.ipynb?token={TOKEN}")
-    _wait(
-        browser,
-        "return !!(window.jupyterapp && document.querySelector('.jp-Notebook'))",
-        "JupyterLab",
-    )
-    # Run the cell once the kernel is up.
-    _wait(
-        browser,
-        "const w = window.jupyterapp.shell.currentWidget;"
-        "return !!(w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-        " && w.sessionContext.session.kernel.connectionStatus === 'connected')",
-        "the kernel",
-    )
-    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    open_and_run(browser, lab, "explorer.ipynb")
     _wait(
         browser,
         "return !!document.querySelector('.lenscope-explorer .ls-prompt')",

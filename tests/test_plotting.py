@@ -345,6 +345,30 @@ def test_plot_traces_per_panel_scales():
     assert len({t.zmax for t in fig.data}) == 3
 
 
+def _linked_label(trace, row_value, col):
+    """What linked hover writes beside a sibling cell: the customdata field named in meta."""
+    field = trace.meta[_common.LINKED_FIELD]
+    return trace.customdata[list(trace.y).index(row_value)][col][field]
+
+
+def test_linked_hover_labels_are_in_the_colour_bars_unit():
+    """Sibling panels' values read as their hover's score: percent for a probability (issue 31)."""
+    kinds = ("resid_post", "mlp_out", "attn_out")
+    results = {k: make_result(kind=k, seed=i) for i, k in enumerate(kinds)}
+    fig = lp.plot_traces(results)
+    for trace, result in zip(fig.data, results.values(), strict=True):
+        assert list(trace.x) == list(range(result.n_pos))  # no fold: x is the position
+        assert trace.colorbar.tickformat.endswith("%") or "p" in trace.colorbar.tickformat
+        for layer, pos in ((2, 5), (4, 1), (0, 3)):
+            assert _linked_label(trace, layer, pos) == f"{float(result.scores[layer, pos]):.1%}"
+        assert _linked_label(trace, 0, 0) == "not traced"
+    a, b = results["mlp_out"], results["attn_out"]
+    (diff,) = lp.plot_traces([a, b], mode="difference", allow_mismatch=True).data
+    for layer, pos in ((2, 5), (4, 1)):
+        value = float(a.scores[layer, pos] - b.scores[layer, pos])
+        assert _linked_label(diff, layer, pos) == f"{value:+.1%}"
+
+
 def test_plot_traces_accepts_a_sequence():
     fig = lp.plot_traces(list(three_kinds().values()))
     assert len(fig.data) == 3
@@ -555,6 +579,27 @@ def test_str_patch_names_counterfactual_foil_and_raw_logit_differences(traces, t
         assert f"<th>{field}</th>" not in table
 
 
+def test_a_long_counterfactual_prompt_is_cut_where_it_differs(tmp_path):
+    """A long counterfactual shares its start with the prompt: the title shows where it differs."""
+    import dataclasses
+
+    shared = "Big Ben is located in the city of London and the Space Needle is in Seattle. "
+    counterfactual = shared + "The Colosseum is located in the city of"
+    result = dataclasses.replace(
+        make_result(),
+        prompt=shared + "The Eiffel Tower is located in the city of",
+        corruption={"name": "counterfactual_prompt", "counterfactual": counterfactual},
+    )
+    fig = lp.plot_trace(result)
+    shown = re.search(r"counterfactual prompt '(.*?)'", _flat(fig.layout.title.text)).group(1)
+    assert "The Colosseum is located in the city of" in shown
+    assert shown.startswith("…") and len(shown) <= 60
+    assert counterfactual.endswith(shown[1:])
+    # The settings table keeps it whole.
+    _, table = page_of(fig, tmp_path)
+    assert "Big Ben is located in the city of London" in table
+
+
 @pytest.mark.parametrize("which", ["str_noise", "noise_noising"])
 def test_noising_figures_say_so_and_keep_matters_the_same(traces, tmp_path, which):
     result = traces[which]
@@ -595,6 +640,15 @@ def test_head_trace_names_its_experiment(traces, tmp_path):
     assert re.search(r"<th>corruption</th><td[^>]*>gaussian_noise", table)
     assert re.search(r"<th>metric</th><td[^>]*>prob", table)
     assert "counterfactual" not in table and "counterfactual" not in title
+
+
+def test_few_head_columns_stay_cells(traces):
+    """Four heads are cells at most twice as wide as tall, not 270 x 22 px bars (issue 31)."""
+    fig = lp.plot_head_trace(traces["heads"])
+    assert len(fig.data[0].x) == 4
+    # Plotly keeps one x unit (a head) exactly scaleratio y units (a layer) wide.
+    assert (fig.layout.xaxis.scaleanchor, fig.layout.xaxis.scaleratio) == ("y", 2.0)
+    assert fig.layout.xaxis.constrain == "domain"  # narrows the plot area, not the cells
 
 
 @pytest.fixture(scope="module")
@@ -664,6 +718,20 @@ def test_dataset_figures_name_their_corruption_and_centre_at_zero(summaries, tmp
     )
     report = lp.save_dataset_report(str_, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<title>" in report and "noise std" not in report
+
+
+def test_dataset_linked_hover_labels_show_percent(summaries):
+    """The dataset heatmaps link hover too; a sibling's label is its signed mean in percent."""
+    summary = summaries["str"]
+    fig = lp.plot_dataset(summary)
+    for trace, kind in zip(fig.data, summary.kinds, strict=True):
+        mean = mean_ci(summary.effects(kind))[0].numpy()
+        field = trace.meta[_common.LINKED_FIELD]
+        for bucket in range(mean.shape[0]):
+            for layer in range(mean.shape[1]):
+                if np.isfinite(mean[bucket, layer]):
+                    expected = f"{float(mean[bucket, layer]):+.1%}"
+                    assert trace.customdata[bucket][layer][field] == expected
 
 
 def mean_ci(effects):
@@ -1111,6 +1179,25 @@ def test_lens_figure_names_the_corruption_of_its_runs(tiny_model, tmp_path):
     assert "corrupted by" not in lp.plot_lens(clean, statistic="answer_prob").layout.title.text
 
 
+def test_lens_linked_hover_labels_are_the_hovers_values(tiny_model, traces):
+    """A lens panel's linked-hover label is its hover's value of the statistic drawn."""
+    from lenscope.lens import lens_trace_cell
+
+    runs = lens_trace_cell(tiny_model, traces["noise"]["mlp_out"], 1, 3)
+    fig = lp.plot_lens(*runs, statistic="answer_prob")
+    ranks = lp.plot_lens(*runs, statistic="answer_rank")
+    for prob, rank, traj in zip(fig.data, ranks.data, runs, strict=True):
+        for layer, pos in ((0, 2), (3, 5), (2, 0)):
+            p = float(traj.answer_prob[layer, pos])
+            assert _linked_label(prob, layer, pos) == (
+                f"{p:.1%}" if not 0 < p < 1e-3 else f"{p:.1e}"
+            )
+            assert _linked_label(rank, layer, pos) == f"{int(traj.answer_rank[layer, pos]):,}"
+    # A difference panel's hover holds both runs' values: its label is the colour's value.
+    difference = lp.plot_lens(*runs, statistic="answer_prob", mode="difference")
+    assert all(t.meta is None for t in difference.data)
+
+
 def test_lens_cell_text_fits_its_columns(tiny_model):
     from conftest import TINY_PROMPT
 
@@ -1128,3 +1215,107 @@ def test_lens_cell_text_fits_its_columns(tiny_model):
     assert "top-1 token in the hover" in lp.plot_lens(traj, width=260).layout.title.text
     wide = lp.plot_lens(traj, statistic="entropy", width=1200)
     assert longest(wide) == 6
+
+
+# -- every figure kind names the weights' precision (issue 31) ---------------------------
+
+WEIGHTS_ORIGIN = "Q4_K_M GGUF (4-bit, a test file), dequantised"
+"""What load_model would record for a 4-bit GGUF; the tiny model runs in float32."""
+WEIGHTS_NOTE = "tiny-gpt2-4l (Q4_K_M 4-bit weights, float32)"
+WEIGHTS_ROW = rf"<th>weights</th><td[^>]*>{re.escape(WEIGHTS_ORIGIN)}; float32</td>"
+
+
+@pytest.fixture
+def weighed_model(tiny_model):
+    """The tiny model with a weights record, as if load_model had built it (removed after)."""
+    from lenscope import hooks
+
+    hooks.record_weights(tiny_model, WEIGHTS_ORIGIN)
+    try:
+        yield tiny_model
+    finally:
+        del hooks._WEIGHTS_ORIGIN[tiny_model]
+
+
+def _weights_named(fig, tmp_path, result):
+    """The title and page title name the model with its weights; the table gives them whole."""
+    assert WEIGHTS_NOTE in _flat(fig.layout.title.text)
+    title, table = page_of(fig, tmp_path)
+    assert WEIGHTS_NOTE in title
+    assert re.search(WEIGHTS_ROW, table)
+    assert type(result).from_dict(result.to_dict()).weights == f"{WEIGHTS_ORIGIN}; float32"
+
+
+def test_lens_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT
+
+    from lenscope.lens import lens_trajectory
+
+    trajectory = lens_trajectory(weighed_model, TINY_PROMPT)
+    _weights_named(lp.plot_lens(trajectory, statistic="answer_prob"), tmp_path, trajectory)
+
+
+def test_attention_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope.attention import attention_patterns
+
+    patterns = attention_patterns(
+        weighed_model, TINY_PROMPT, layer=1, heads=[0, 2], subject=TINY_SUBJECT
+    )
+    _weights_named(patterns.plot(), tmp_path, patterns)
+
+
+def test_dataset_figure_names_the_weights(weighed_model, tmp_path):
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.datasets import trace_dataset
+
+    facts = [{"prompt": TINY_PROMPT, "subject": TINY_SUBJECT, "attribute": "Paris"}]
+    tracer = CausalTracer(weighed_model, progress=False)
+    summary = trace_dataset(tracer, facts, samples=2, kinds=("mlp_out",), progress=False)
+    _weights_named(lp.plot_dataset(summary), tmp_path, summary)
+
+
+def test_figures_without_a_weights_record_name_only_the_model(summaries, tmp_path):
+    fig = lp.plot_dataset(summaries["noise"])
+    assert "weights" not in fig.layout.title.text
+    assert "<th>weights</th>" not in page_of(fig, tmp_path)[1]
+    assert "weights" not in summaries["noise"].to_dict()
+
+
+def test_normalised_dataset_figure_gives_the_raw_values(tiny_model, tmp_path):
+    """Normalised, every fact's clean and corrupted runs are 1 and 0: the title gives the raw."""
+    from conftest import TINY_PROMPT, TINY_SUBJECT
+
+    from lenscope import CausalTracer
+    from lenscope.datasets import DatasetSummary, trace_dataset
+    from lenscope.tokens import prompt_tokens
+
+    facts = [
+        {"prompt": TINY_PROMPT, "subject": TINY_SUBJECT},
+        {"prompt": COUNTERFACTUAL, "subject": "The Space Needle"},
+    ]
+    tracer = CausalTracer(tiny_model, progress=False)
+    summary = trace_dataset(
+        tracer, facts, samples=2, kinds=("mlp_out",), metric="normalized_prob", progress=False
+    )
+    assert len(summary.facts) == 2
+    for fact in summary.facts:
+        # The raw clean value is the answer's probability in a plain forward pass.
+        tokens = prompt_tokens(tiny_model, fact.prompt)
+        with torch.no_grad():
+            probs = tiny_model(tokens[None])[0, -1].double().softmax(-1)
+        assert fact.normalization[0] == pytest.approx(float(probs[fact.answer_id]), rel=1e-4)
+        assert (fact.clean_score, fact.corrupted_score) == pytest.approx((1.0, 0.0))
+    clean = np.mean([f.normalization[0] for f in summary.facts])
+    corrupted = np.mean([f.normalization[1] for f in summary.facts])
+    fig = lp.plot_dataset(summary)
+    title = _flat(fig.layout.title.text)
+    assert f"raw value: clean {clean:.3g} \u00b1 " in title
+    assert f"corrupted {corrupted:.3g} \u00b1 " in title
+    _, table = page_of(fig, tmp_path)
+    assert re.search(rf"<th>raw values</th><td[^>]*>clean {clean:.4g} \u00b1 ", table)
+    back = DatasetSummary.from_dict(summary.to_dict())
+    assert [f.normalization for f in back.facts] == [f.normalization for f in summary.facts]

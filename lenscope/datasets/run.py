@@ -40,7 +40,7 @@ from lenscope.datasets.facts import (
 )
 from lenscope.datasets.summary import DatasetSummary, FactTrace
 from lenscope.experiment import prepare
-from lenscope.hooks import model_name, n_layers, preserved_model
+from lenscope.hooks import model_name, n_layers, preserved_model, weights_description
 from lenscope.metrics import PatchingMetric
 from lenscope.results import TraceInterrupted
 from lenscope.settings import TraceSettings
@@ -284,11 +284,16 @@ def trace_dataset(
                     order_records[index] = record
                     bar.update(1)
     except KeyboardInterrupt as e:
-        raise _interrupted(e, order_records, header, settings, checkpoint) from e
+        raise _interrupted(
+            e, order_records, header, settings, checkpoint, weights_description(tracer.model)
+        ) from e
     finally:
         if store is not None:
             store.close()
-    return _summary(order_records, header, settings.corruption.to_dict(), workers.stats())
+    return dataclasses.replace(
+        _summary(order_records, header, settings.corruption.to_dict(), workers.stats()),
+        weights=weights_description(tracer.model),
+    )
 
 
 def _interrupted(
@@ -297,9 +302,11 @@ def _interrupted(
     header: Mapping[str, Any],
     settings: TraceSettings,
     checkpoint: str | Path | None,
+    weights: str | None,
 ) -> TraceInterrupted:
     """The :class:`TraceInterrupted` of a dataset trace: the summary of the facts finished."""
     summary = _summary(records, header, settings.corruption.to_dict())
+    summary = dataclasses.replace(summary, weights=weights)
     done = len(records) - summary.n_pending
     kept = (
         ""
@@ -666,6 +673,7 @@ def _trace_one(
         answer_ids=(
             tuple(first.answer_split["answer_ids"]) if first.answer_split is not None else None
         ),
+        normalization=first.normalization,
     )
     return {"id": fact_id, "status": "done", "fact": trace.to_dict()}
 

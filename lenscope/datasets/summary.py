@@ -195,6 +195,9 @@ class FactTrace:
         answer_ids: Every token of an answer of several tokens (a trace with
             ``answers="attribute"``: ``answer`` is then its whole text and
             ``answer_id`` its first token); None for a one-token answer.
+        normalization: For a normalised metric (``normalized_logit_diff``),
+            the fact's raw clean and corrupted values (its logit differences),
+            as :attr:`lenscope.TraceResult.normalization`; None otherwise.
     """
 
     fact_id: int | str
@@ -210,6 +213,7 @@ class FactTrace:
     attribute: str | None = None
     seconds: float = 0.0
     answer_ids: tuple[int, ...] | None = None
+    normalization: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         """Check that every score grid has one column per token."""
@@ -249,6 +253,7 @@ class FactTrace:
             "attribute": self.attribute,
             "seconds": self.seconds,
             **({} if self.answer_ids is None else {"answer_ids": list(self.answer_ids)}),
+            **({} if self.normalization is None else {"normalization": list(self.normalization)}),
         }
 
     @classmethod
@@ -259,8 +264,9 @@ class FactTrace:
         kwargs = {k: v for k, v in data.items() if k != "format"}
         kwargs["tokens"] = tuple(kwargs["tokens"])
         kwargs["subject_range"] = tuple(kwargs["subject_range"])
-        if kwargs.get("answer_ids") is not None:
-            kwargs["answer_ids"] = tuple(kwargs["answer_ids"])
+        for name in ("answer_ids", "normalization"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = tuple(kwargs[name])
         kwargs["scores"] = {
             kind: tensor_from_json(grid, torch.float32) for kind, grid in kwargs["scores"].items()
         }
@@ -392,6 +398,11 @@ class DatasetSummary(NoiseProperties):
             corrupted run, ROME's) or ``"noise"`` (corrupted activations
             patched into the clean run), as :class:`lenscope.TraceSettings`
             records it.
+        weights: Where the model's weights came from and the precision it
+            ran in (:func:`lenscope.loading.weights_description`), as the
+            traced model reported it; None for a model
+            :func:`lenscope.load_model` did not build and for a summary
+            merged from checkpoints alone (they do not record it).
     """
 
     facts: tuple[FactTrace, ...]
@@ -407,6 +418,7 @@ class DatasetSummary(NoiseProperties):
     workers: tuple[WorkerStats, ...] = ()
     answers: str = "top1"
     direction: str = "denoise"
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         """Check that every fact was traced for every kind at every layer."""
@@ -477,6 +489,24 @@ class DatasetSummary(NoiseProperties):
     def corrupted_mean(self) -> tuple[float, float]:
         """Mean corrupted score and the half-width of its 95% CI."""
         return _scalar_ci(self.corrupted_scores)
+
+    def raw_means(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """For a normalised metric, the mean raw clean and corrupted values, each with its CI.
+
+        The raw values are each fact's :attr:`FactTrace.normalization` (its
+        logit differences for ``normalized_logit_diff``), whose normalised
+        clean and corrupted scores are 1 and 0 by definition.
+
+        Returns:
+            ``((clean mean, CI half-width), (corrupted mean, CI half-width))``,
+            or None when a fact does not record its raw values (another
+            metric, or a summary written before they were recorded).
+        """
+        raw = [f.normalization for f in self.facts]
+        if not raw or any(r is None for r in raw):
+            return None
+        values = torch.tensor(raw, dtype=torch.float64)
+        return _scalar_ci(values[:, 0]), _scalar_ci(values[:, 1])
 
     def ate(self) -> tuple[float, float]:
         """Average total effect ``mean(clean - corrupted)`` and its 95% CI half-width."""
@@ -772,6 +802,7 @@ class DatasetSummary(NoiseProperties):
             "workers": [dataclasses.asdict(w) for w in self.workers],
             **({} if self.answers == "top1" else {"answers": self.answers}),
             **({} if self.direction == "denoise" else {"direction": self.direction}),
+            **({} if self.weights is None else {"weights": self.weights}),
         }
 
     @classmethod
@@ -795,6 +826,7 @@ class DatasetSummary(NoiseProperties):
             workers=tuple(WorkerStats(**w) for w in data.get("workers", ())),
             answers=data.get("answers", "top1"),
             direction=data.get("direction", "denoise"),
+            weights=data.get("weights"),
         )
 
     def save(self, path: str | Path) -> Path:

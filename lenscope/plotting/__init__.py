@@ -12,7 +12,8 @@ and :func:`plot_unit_trace` any trace whose cells are units of a layer
 :func:`plot_lens_comparison` draws a tuned lens's per-layer quality against
 the logit lens, and
 :func:`save_html` / :func:`save_image` export figures for use outside
-Jupyter (offline HTML with linked hover; static images through kaleido).
+Jupyter (offline HTML with linked hover; static images through kaleido),
+and :func:`show` draws a figure in Jupyter with the same linked hover.
 """
 
 from lenscope.plotting._common import LINKED_HOVER_JS, save_html, save_image
@@ -23,6 +24,7 @@ from lenscope.plotting.lens import plot_lens
 from lenscope.plotting.trace import plot_trace, plot_traces
 from lenscope.plotting.tuned import plot_lens_comparison
 from lenscope.plotting.units import plot_unit_trace
+from lenscope.plotting.view import show
 
 __all__ = [
     "LINKED_HOVER_JS",
@@ -37,4 +39,5 @@ __all__ = [
     "save_dataset_report",
     "save_html",
     "save_image",
+    "show",
 ]

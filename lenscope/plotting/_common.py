@@ -383,17 +383,19 @@ def figure_margins(label_chars: int = 8) -> dict[str, int]:
     return {"l": 70, "r": 30, "t": 80, "b": 40 + 7 * min(label_chars, 16)}
 
 
-LINKED_HOVER_JS = r"""
-(function () {
+LINK_HOVER_FUNCTION = r"""
+function (gd, Plotly) {
   /* lenscope linked hover: when a cell of one heatmap panel is hovered, the
      same (token, layer) cell is outlined in every panel, with its value
      written beside it, while the hovered panel shows its full hover table.
      Plotly has no cross-subplot hover link (and Fx.hover draws one label
      per call across subplots), so this listens to plotly_hover and adds
      layout shapes and annotations through Plotly.relayout. Offline: it only
-     uses the plotly.js embedded in the page. */
-  var gd = document.getElementById('{plot_id}');
-  if (!gd || !gd.on || !window.Plotly) { return; }
+     uses the plotly.js already in the page. A sibling panel's value is the
+     text of its own hover's score field (trace meta lenscope_linked_field,
+     an index into customdata), so it reads in the hover's unit; without
+     one, the colour's value, in percent where the colour bar shows percent. */
+  if (!gd || !gd.on || !Plotly) { return; }
   var TAG = 'lenscope-linked-hover';
   function own(items) {
     return (items || []).filter(function (item) { return item.name !== TAG; });
@@ -404,6 +406,22 @@ LINKED_HOVER_JS = r"""
     var below = k > 0 ? values[k] - values[k - 1] : (n > 1 ? values[1] - values[0] : 1);
     var above = k < n - 1 ? values[k + 1] - values[k] : (n > 1 ? values[n - 1] - values[n - 2] : 1);
     return [values[k] - below / 2, values[k] + above / 2];
+  }
+  function label(i, t, row, col) {
+    var input = gd.data[i] || {}, meta = input.meta || {};
+    var field = meta.lenscope_linked_field, cells = input.customdata;
+    if (field !== undefined && cells && cells[row] && cells[row][col]) {
+      return String(cells[row][col][field]);
+    }
+    var z = t.z[row][col];
+    if (z === null || z === undefined || isNaN(z)) { return 'not traced'; }
+    /* No hover field named: the colour's value, in percent where its colour bar is. */
+    var bar = t.coloraxis ? (gd._fullLayout[t.coloraxis] || {}).colorbar : t.colorbar;
+    var format = (bar && bar.tickformat) || '', type = format.slice(-1);
+    if (type === '%' || type === 'p') {
+      return (format.charAt(0) === '+' && z > 0 ? '+' : '') + (100 * z).toFixed(1) + '%';
+    }
+    return Number(z).toPrecision(4);
   }
   var current = null;
   gd.on('plotly_hover', function (event) {
@@ -424,13 +442,11 @@ LINKED_HOVER_JS = r"""
                    x0: point.x - 0.5, x1: point.x + 0.5, y0: ys[0], y1: ys[1],
                    line: {color: '#000000', width: 2.5}, layer: 'above'});
       if (i !== point.curveNumber) {
-        var z = t.z[row][col];
         notes.push({name: TAG, xref: t.xaxis, yref: t.yaxis, x: point.x + 0.5, y: point.y,
                     xanchor: 'left', showarrow: false, bgcolor: 'rgba(255,255,255,0.9)',
                     bordercolor: '#000000', borderwidth: 1,
                     font: {family: 'DejaVu Sans Mono, Menlo, Consolas, monospace', size: 11},
-                    text: (z === null || z === undefined || isNaN(z))
-                      ? 'not traced' : Number(z).toPrecision(4)});
+                    text: label(i, t, row, col)});
       }
     });
     if (panels > 1) { Plotly.relayout(gd, {shapes: shapes, annotations: notes}); }
@@ -442,16 +458,27 @@ LINKED_HOVER_JS = r"""
       Plotly.relayout(gd, {shapes: own(shapes), annotations: own(notes)});
     }
   });
-})();
+}
 """
+"""The linked-hover JavaScript: a function of a plotly div and ``Plotly``.
+
+:data:`LINKED_HOVER_JS` (saved pages) and :func:`~lenscope.plotting.show`
+(Jupyter) both call it, so the two link hover the same way.
+"""
+
+LINKED_FIELD = "lenscope_linked_field"
+"""Key of a heatmap trace's ``meta``: the ``customdata`` field linked hover writes beside a cell."""
+
+LINKED_HOVER_JS = (
+    "(" + LINK_HOVER_FUNCTION.strip() + ")(document.getElementById('{plot_id}'), window.Plotly);"
+)
 """Post-script of :func:`save_html` that links hover across heatmap panels.
 
 Hovering a cell outlines the same ``(token, layer)`` cell in every panel of
 a :func:`~lenscope.plotting.plot_traces` figure and writes the sibling
-panels' values beside it. Pass it to
-``fig.show(renderer="notebook", post_script=LINKED_HOVER_JS)`` for the same
-in a classic notebook (the default JupyterLab mimetype renderer runs no
-scripts, so there each panel hovers on its own).
+panels' values beside it (their hover's score text). In JupyterLab, whose
+output area runs no scripts, :func:`~lenscope.plotting.show` draws the
+figure in a small widget that runs the same code.
 """
 
 

@@ -116,10 +116,25 @@ def weights_short(weights: str | None) -> str | None:
     return f"{dtype} weights" if not origin.startswith("GGUF file") else f"GGUF weights, {dtype}"
 
 
-def model_text(result: Any) -> str:
-    """The model's name and, where known, its weights' note (escaped for a title)."""
+def model_label(result: Any) -> str:
+    """The model's name and, where known, its weights' note, as plain text (a page title).
+
+    ``result`` is any result that records ``model_name`` and ``weights``
+    (traces, lens trajectories, attention patterns, dataset summaries).
+    """
     note = weights_short(getattr(result, "weights", None))
-    return escape(result.model_name) + ("" if note is None else f" ({escape(note)})")
+    return result.model_name + ("" if note is None else f" ({note})")
+
+
+def model_text(result: Any) -> str:
+    """:func:`model_label`, escaped for a figure title."""
+    return escape(model_label(result))
+
+
+def model_rows(result: Any) -> list[tuple[str, str]]:
+    """The settings-table rows of the model: its name, and its weights where known."""
+    weights = getattr(result, "weights", None)
+    return [("model", result.model_name), *([("weights", weights)] if weights else [])]
 
 
 def trace_rows(result: Any) -> list[tuple[str, str]]:
@@ -127,8 +142,7 @@ def trace_rows(result: Any) -> list[tuple[str, str]]:
     record = corruption_record(result)
     label, subject = subject_text(result)
     rows = [
-        ("model", result.model_name),
-        *([("weights", result.weights)] if getattr(result, "weights", None) is not None else []),
+        *model_rows(result),
         ("prompt", "(token ids)" if result.prompt is None else repr(result.prompt)),
         ("tokens", str(result.n_pos)),
         (label, subject),
@@ -185,7 +199,46 @@ def trace_subtitle(result: Any) -> list[str]:
     first = f"prompt {prompt} · {label} <i>{marked}</i> marked *"
     second = f"{answer} · {scores}"
     third = escape(corruption_text(record))
+    counterfactual = record.get("counterfactual")
+    if isinstance(counterfactual, str) and isinstance(result.prompt, str):
+        if len(counterfactual) > _PROMPT_CHARS:
+            # Cut where it differs from the prompt, not at its start (which the prompt shares).
+            shown = excerpt_of_difference(result.prompt, counterfactual, _PROMPT_CHARS)
+            third = escape(f"counterfactual prompt {shown!r}")
     return [first, second, third]
+
+
+_PROMPT_CHARS = 60
+"""Longest prompt text a title shows before it is shortened."""
+
+
+def excerpt_of_difference(prompt: str, other: str, limit: int) -> str:
+    """``other`` cut to ``limit`` characters around where it differs from ``prompt``.
+
+    A counterfactual prompt shares most of its text with the prompt; cut at
+    its end, a long one would hide the very words that differ.
+
+    Args:
+        prompt: The clean prompt.
+        other: The counterfactual prompt.
+        limit: Longest excerpt, ``…`` marks included.
+
+    Returns:
+        ``other`` itself if it fits, else a window of it that starts a few
+        characters before the first difference, with ``…`` where text is left out.
+    """
+    if len(other) <= limit:
+        return other
+    same = 0
+    for a, b in zip(prompt, other, strict=False):
+        if a != b:
+            break
+        same += 1
+    start = max(0, min(same - 12, len(other) - (limit - 1)))
+    end = start + (limit - 1 if start > 0 else limit)  # room for a leading ellipsis
+    if end < len(other):
+        end -= 1  # the trailing ellipsis
+    return ("…" if start > 0 else "") + other[start:end] + ("…" if end < len(other) else "")
 
 
 def differing(results: Sequence[Any], fields: Sequence[str]) -> list[str]:

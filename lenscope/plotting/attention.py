@@ -29,6 +29,7 @@ from lenscope.plotting._common import (
     visible,
 )
 from lenscope.plotting._layout import TOOLBAR_BAND, layout_width, wrap_title
+from lenscope.plotting._provenance import model_label, model_rows, model_text
 from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInputType
 
@@ -162,7 +163,7 @@ def _plot(
         hoverlabel={"font": HOVER_FONT, "bgcolor": "white", "align": "left"},
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 12},
     )
-    heading = f"Attention of layer {patterns.layer} · {patterns.model_name}"
+    heading = f"Attention of layer {patterns.layer} · {model_label(patterns)}"
     set_page_info(fig, heading, [""], _rows(patterns))
     return fig
 
@@ -193,7 +194,7 @@ def _title(patterns: AttentionPatterns) -> str:
         lines.append(f"corrupted: {escape(corruption_text(patterns.corruption))}, averaged")
     return (
         f"<b>Attention of layer {patterns.layer}, {what}</b> · "
-        f"{escape(patterns.model_name)}<br>"
+        f"{model_text(patterns)}<br>"
         f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
 
@@ -201,7 +202,7 @@ def _title(patterns: AttentionPatterns) -> str:
 def _rows(patterns: AttentionPatterns) -> list[tuple[str, list[str]]]:
     """The settings table of the saved page, from the patterns' own record."""
     rows = [
-        ("model", patterns.model_name),
+        *model_rows(patterns),
         ("prompt", repr("".join(patterns.tokens))),
         ("tokens", str(len(patterns.tokens))),
         ("hook", patterns.hook_name),

@@ -36,6 +36,7 @@ from lenscope.plotting._common import (
     HOVER_FONT,
     KIND_DIVERGING,
     KIND_LABELS,
+    LINKED_FIELD,
     PAGE_CONFIG,
     PLOTLY_JS,
     check_choice,
@@ -60,6 +61,9 @@ from lenscope.plotting._provenance import (
     corruption_text,
     direction_phrase,
     layer_axis_title,
+    model_label,
+    model_rows,
+    model_text,
 )
 from lenscope.validation import InvalidInputType
 
@@ -215,7 +219,7 @@ def plot_dataset(
     )
     heading = (
         f"{_quantity(summary)[1].capitalize()}, {direction_phrase(summary.direction)}: "
-        f"{summary.model_name}, {summary.n_facts} facts"
+        f"{model_label(summary)}, {summary.n_facts} facts"
     )
     set_page_info(fig, heading, [""], [(k, [v]) for k, v in _settings_rows(summary)])
     return fig
@@ -261,13 +265,14 @@ def _record(summary: DatasetSummary) -> dict[str, Any]:
 def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
     """Every setting of the dataset trace, from the summary's own record."""
     rows = [
-        ("model", summary.model_name),
+        *model_rows(summary),
         (
             "facts",
             f"{summary.n_facts} traced, {summary.n_skipped} skipped, "
             f"{summary.n_pending} not reached",
         ),
         ("metric", summary.metric),
+        *_raw_rows(summary),
         ("direction", f"{summary.direction}: {direction_phrase(summary.direction)}"),
         ("kinds", ", ".join(summary.kinds)),
         ("windows", ", ".join(f"{k} {w}" for k, w in summary.windows.items())),
@@ -275,6 +280,21 @@ def _settings_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
         ("lenscope", summary.lenscope_version),
     ]
     return rows
+
+
+def _raw_rows(summary: DatasetSummary) -> list[tuple[str, str]]:
+    """The raw clean and corrupted means of a normalised metric, as a settings row."""
+    raw = summary.raw_means()
+    if raw is None:
+        return []
+    (clean, clean_ci), (corrupted, corrupted_ci) = raw
+    return [
+        (
+            "raw values",
+            f"clean {clean:.4g} \u00b1 {clean_ci:.2g}, corrupted {corrupted:.4g} "
+            f"\u00b1 {corrupted_ci:.2g} (means over facts, 95% CI)",
+        )
+    ]
 
 
 def _panel_title(summary: DatasetSummary, kind: str) -> str:
@@ -292,8 +312,18 @@ def _title(summary: DatasetSummary) -> str:
     short, long = _quantity(summary)
     metric = html.escape(summary.metric)
     if summary.metric.startswith("normalized"):
-        # Normalised per fact: clean 1 and corrupted 0 by definition, not a finding.
+        # Normalised per fact: clean 1 and corrupted 0 by definition, not a finding;
+        # the raw values they were normalised from are.
         scores = f"{metric} (each fact's clean run = 100%, corrupted run = 0%)"
+        raw = summary.raw_means()
+        if raw is not None:
+            (clean_raw, clean_ci), (corrupted_raw, corrupted_ci) = raw
+            what = "logit difference" if "logit_diff" in summary.metric else "raw value"
+            scores += (
+                f"<br>{what}: clean {clean_raw:.3g} \u00b1 {clean_ci:.2g}, "
+                f"corrupted {corrupted_raw:.3g} \u00b1 {corrupted_ci:.2g} "
+                "(means over facts, 95% CI)"
+            )
     else:
         scores = (
             f"{metric}: clean {value(clean)}, corrupted {value(corrupted)}, "
@@ -308,7 +338,7 @@ def _title(summary: DatasetSummary) -> str:
     lines = [scores, html.escape(corruption_text(_record(summary))), colour]
     return (
         f"<b>{long.capitalize()}, {html.escape(direction_phrase(summary.direction))}</b> · "
-        f"{html.escape(summary.model_name)}, {summary.n_facts} facts{skipped}<br>"
+        f"{model_text(summary)}, {summary.n_facts} facts{skipped}<br>"
         f'<span style="font-size:12px">{"<br>".join(lines)}</span>'
     )
 
@@ -378,6 +408,7 @@ def _add_heatmap(
             customdata=customdata,
             hovertemplate=_hover(summary),
             hoverongaps=False,
+            meta={LINKED_FIELD: 2},  # the mean, as the hover writes it
             name=KIND_LABELS.get(kind, kind),
             colorbar={
                 "title": {"text": _quantity(summary)[0], "side": "right"},
@@ -491,7 +522,7 @@ def save_dataset_report(
     check_choice("plotly_js", plotly_js, PLOTLY_JS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    heading = title or f"Causal tracing over known facts: {summary.model_name}"
+    heading = title or f"Causal tracing over known facts: {model_label(summary)}"
     figures = [
         plot_dataset(summary, style="heatmap").to_html(
             full_html=False,

@@ -27,6 +27,7 @@ from lenscope.plotting._common import (
     HOVER_FONT,
     KIND_COLORSCALES,
     KIND_LABELS,
+    LINKED_FIELD,
     NAN_COLOR,
     NBSP,
     check_choice,
@@ -49,6 +50,7 @@ from lenscope.plotting._layout import (
     toolbar_title,
     wrap_title,
 )
+from lenscope.plotting._provenance import model_label, model_text
 from lenscope.results import corruption_rows, corruption_text
 from lenscope.validation import InvalidInput, InvalidInputType
 
@@ -180,8 +182,14 @@ class _StatisticView:
         customdata: np.ndarray,
         hovertemplate: str,
         name: str,
+        linked_field: int | None = None,
     ) -> go.Heatmap:
-        """Panel ``index`` as a ``go.Heatmap`` on the shared colour axis."""
+        """Panel ``index`` as a ``go.Heatmap`` on the shared colour axis.
+
+        ``linked_field`` is the ``customdata`` field that linked hover writes
+        beside this panel's cell when another panel is hovered (None: the
+        colour's value in the colour bar's unit).
+        """
         grid = self.grids[index]
         return go.Heatmap(
             z=[[None if not math.isfinite(v) else v for v in row] for row in grid.tolist()],
@@ -194,6 +202,7 @@ class _StatisticView:
             customdata=customdata,
             hovertemplate=hovertemplate,
             hoverongaps=False,
+            meta=None if linked_field is None else {LINKED_FIELD: linked_field},
             name=name,
             xgap=1,
             ygap=1,
@@ -335,6 +344,8 @@ def plot_lens(
                 customdata=customdata,
                 hovertemplate=template,
                 name=names[index],
+                # A difference panel's hover gives both runs' values; its label, the difference.
+                linked_field=None if difference else _PLOTTED_FIELD[name],
             ),
             row=row,
             col=col,
@@ -394,7 +405,7 @@ def _page(fig: go.Figure, items: Sequence[LensTrajectory]) -> None:
         for name, text in cells:
             rows.setdefault(name, ["—"] * len(items))[index] = text
     first = items[0]
-    heading = f"{first.decoder} · {first.component} · {first.model_name}"
+    heading = f"{first.decoder} · {first.component} · {model_label(first)}"
     set_page_info(fig, heading, [t.label for t in items], list(rows.items()))
 
 
@@ -509,6 +520,16 @@ def _stat_lines(traj: LensTrajectory, layer: int, pos: int) -> list[str]:
     ]
 
 
+_PLOTTED_FIELD = {
+    "entropy": 3,
+    "kl_to_final": 4,
+    "answer_prob": 5,
+    "answer_rank": 6,
+    "top1_prob": 7,
+}
+"""The hover field (``customdata`` index) of each statistic a lens figure can colour by."""
+
+
 def _hover(
     traj: LensTrajectory,
     rows: Sequence[int],
@@ -545,9 +566,7 @@ def _hover(
                 lines = topk_lines(traj.top_predictions(layer, pos)[:top_k])
                 cell[_N_FIXED_FIELDS:] = [f"<br>{line}" for line in lines]
     names = ["token", "pos", "layer", "entropy", "KL", f"p({answer})", "rank", "top-1 p"]
-    plotted = {"entropy": 3, "kl_to_final": 4, "answer_prob": 5, "answer_rank": 6, "top1_prob": 7}[
-        statistic
-    ]
+    plotted = _PLOTTED_FIELD[statistic]
     lines = []
     for index, label in enumerate(names):
         value = f"%{{customdata[{index}]}}"
@@ -591,6 +610,6 @@ def _title(
     if first.subject_range is not None:
         notes.append("subject marked *")
     return (
-        f"<b>{lens} · {escape(what)}</b> · {escape(first.model_name)}<br>"
+        f"<b>{lens} · {escape(what)}</b> · {model_text(first)}<br>"
         f'<span style="font-size:13px">{" · ".join(notes)}</span>'
     )

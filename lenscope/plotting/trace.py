@@ -38,6 +38,7 @@ from lenscope.plotting._common import (
     KIND_COLORSCALES,
     KIND_DIVERGING,
     KIND_LABELS,
+    LINKED_FIELD,
     NAN_COLOR,
     NBSP,
     check_choice,
@@ -213,9 +214,9 @@ def plot_traces(
     :func:`~lenscope.plotting.save_html` carries a small script
     (:data:`~lenscope.plotting.LINKED_HOVER_JS`) that outlines the hovered
     ``(token, layer)`` cell in every panel and writes the other panels'
-    values beside it. In a classic notebook
-    ``fig.show(renderer="notebook", post_script=LINKED_HOVER_JS)`` does the
-    same; elsewhere each panel hovers on its own.
+    values beside it. In Jupyter, :func:`~lenscope.plotting.show` draws the
+    figure in a small widget that runs the same script (``fig.show()`` and
+    the plain display hover each panel on its own).
 
     ``mode="difference"`` draws two runs of one prompt (two results, or two
     ``{kind: result}`` dicts from ``trace_kinds``) as their cell-by-cell
@@ -951,6 +952,7 @@ def _plot(
                 customdata=customdata,
                 hovertemplate=template,
                 hoverongaps=True,
+                meta={LINKED_FIELD: 3},  # the score: linked hover writes it
                 name=base_names[index],
                 colorbar={
                     **frame.colorbar(fig, index),
@@ -1356,6 +1358,7 @@ def _plot_combined(
                 customdata=data,
                 hovertemplate=template + "<extra></extra>",
                 hoverongaps=True,
+                meta={LINKED_FIELD: 5},  # A − B (or A + B), signed
                 name=panel_names[index],
                 colorbar={
                     **frame.colorbar(fig, index),
