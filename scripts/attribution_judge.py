@@ -26,6 +26,7 @@ the committed one (``FactTrace.seconds``).
 """
 
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -52,7 +53,7 @@ EXACT = {"noise": "noise", "str": "str_nld"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("work", "report", "tiny", "recheck"))
+    parser.add_argument("command", choices=("work", "report", "tiny", "recheck", "committed"))
     parser.add_argument("--run", choices=tuple(EXACT), default="noise")
     parser.add_argument("--facts", type=int, default=30, help="first N facts of the exact run")
     parser.add_argument(
@@ -232,6 +233,45 @@ def recheck(args: argparse.Namespace) -> None:
         print(json.dumps(record), file=sys.stderr, flush=True)
 
 
+def committed(args: argparse.Namespace) -> None:
+    """Records of ``atp`` from the committed attribution runs, without running a model.
+
+    The replication estimated every fact with AtP (``docs/replication/attr_noise``,
+    ``attr_str``: the same settings as the exact runs, their own seconds); each
+    fact's grids are judged against the exact run's as ``work`` judges its own,
+    one record per fact marked with its ``"source"``, appended to ``--out``
+    unless that (run, estimator, target, fact) is there already.
+    """
+    import lenscope
+    from lenscope.attribution import _top_cells
+    from lenscope.datasets import DatasetSummary
+
+    seen = done_keys(args.out)
+    for run in EXACT:
+        path = ROOT / "docs" / "replication" / f"attr_{run}.json.gz"
+        estimates = DatasetSummary.from_dict(json.loads(gzip.decompress(path.read_bytes())))
+        exact = {json.dumps(f.fact_id): f for f in exact_summary(run).facts}
+        for estimate in estimates.facts:
+            truth = exact.get(json.dumps(estimate.fact_id))
+            if truth is None or (run, "atp", "metric", json.dumps(estimate.fact_id)) in seen:
+                continue
+            comparison = lenscope.compare(
+                {k: SimpleNamespace(scores=estimate.scores[k]) for k in KINDS},
+                {k: SimpleNamespace(scores=truth.scores[k]) for k in KINDS},
+            )
+            record = {"run": run, "estimator": "atp", "target": "metric"}
+            record |= {
+                "fact_id": estimate.fact_id,
+                "kinds": comparison.to_dict(),
+                "top": {k: _top_cells(estimate.scores[k], RECHECK).tolist() for k in KINDS},
+                "seconds": estimate.seconds,
+                "exact_seconds": truth.seconds,
+                "source": f"docs/replication/attr_{run}.json.gz",
+            }
+            with args.out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def read_records(path: Path) -> list[dict]:
     """The judge's records (a ``.jsonl`` or ``.jsonl.gz`` file), in file order."""
     raw = path.read_bytes()
@@ -263,6 +303,7 @@ def exact_rows(record: dict, samples: int) -> int:
     return 1 + samples + samples * sum(k["cells"] for k in record["kinds"].values())
 
 
+@functools.cache
 def exact_tops(run: str) -> dict[str, dict[str, list[tuple[int, int]]]]:
     """Per fact (``json.dumps(fact_id)``) and kind, the exact trace's 5 highest cells.
 
@@ -342,7 +383,7 @@ def report(args: argparse.Namespace) -> None:
     """
     records = read_records(args.records)
     groups = group_records(records)
-    full = {run: max(len(rs) for (r, *_), rs in groups.items() if r == run) for run in EXACT}
+    full = {run: len(exact_tops(run)) for run in EXACT}  # the facts of the committed exact run
 
     def order(key: tuple) -> tuple:
         return (key[0], key[1] != "atp", key[1], key[2] != "metric")
@@ -473,4 +514,10 @@ def tiny(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    {"work": work, "report": report, "tiny": tiny, "recheck": recheck}[arguments.command](arguments)
+    {
+        "work": work,
+        "report": report,
+        "tiny": tiny,
+        "recheck": recheck,
+        "committed": committed,
+    }[arguments.command](arguments)
