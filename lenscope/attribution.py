@@ -78,6 +78,7 @@ from lenscope.validation import InvalidInput, is_int
 __all__ = [
     "AtP",
     "AtPStar",
+    "JointAtP",
     "AttributionResult",
     "Comparison",
     "IntegratedGradients",
@@ -913,6 +914,11 @@ class IntegratedGradients:
         """``"ig:M"`` (window path) or ``"ig:M:layer"``."""
         return f"ig:{self.steps}" + (":layer" if self.path == "layer" else "")
 
+    @property
+    def alphas(self) -> tuple[float, ...] | None:
+        """The points on the path: None, the ``steps`` midpoints."""
+        return None
+
     def rules(self, model: torch.nn.Module) -> list[tuple[str, Callable[..., Any]]]:
         """Plain gradients at the corrupted run (its own passes interpolate)."""
         return []
@@ -943,7 +949,7 @@ class IntegratedGradients:
             for row, path in rows:
                 slots[kind].append((row, len(paths)))
                 paths.append(path)
-        totals, passes = interpolated_gradients(inputs, paths, self.steps, sites)
+        totals, passes = interpolated_gradients(inputs, paths, self.steps, sites, self.alphas)
         out = {}
         for kind in groups:
             shape = totals[slots[kind][0][1]].shape if slots[kind] else ()
@@ -952,6 +958,43 @@ class IntegratedGradients:
                 per_sample[row] = totals[index]
             out[kind] = Effects(per_sample, windowed=self.path == "window")
         return out, passes
+
+
+@dataclasses.dataclass(frozen=True)
+class JointAtP(IntegratedGradients):
+    """AtP of a window restored as one joint patch: ``"atp:window"``.
+
+    Plain AtP sums a window's single-layer steps, each gradient taken with the
+    window's other layers live (a restored layer also changes what the next
+    one receives). Restoring a window sets all its layers at once, so its
+    first-order term is the gradient with the window's layers held at their
+    corrupted values, dotted with ``a_clean - a_corrupted`` at each: the
+    integrated-gradients window path at the single point ``alpha = 0``. With
+    window 1 it is plain AtP. Cost: a window's layers are held per path, so
+    one row per (traced layer, sample, kind), as ``ig:1``.
+    """
+
+    steps: int = 1
+    path: str = "window"
+
+    def __post_init__(self) -> None:
+        """Refuse anything but one point on the window path."""
+        if (self.steps, self.path) != (1, "window"):
+            raise InvalidInput(
+                f"the joint-window AtP takes one point on the window path, got steps="
+                f"{self.steps!r}, path={self.path!r}; pass estimator='atp:window', or 'ig:M' "
+                "for more points"
+            )
+
+    @property
+    def name(self) -> str:
+        """``"atp:window"``."""
+        return "atp:window"
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """The corrupted run: ``alpha = 0``."""
+        return (0.0,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1277,7 +1320,10 @@ Estimator = AtP | IntegratedGradients | AtPStar
 
 
 def estimator_from_name(spec: "str | Estimator") -> "Estimator":
-    """The estimator ``spec`` names: ``"atp"``, ``"atp-star"``, ``"relp"``, ``"ig:M[:layer]"``.
+    """The estimator a name such as ``"atp"``, ``"relp"`` or ``"ig:16"`` names.
+
+    Names: ``"atp"``, ``"atp:window"``, ``"atp-star"``, ``"relp"``, ``"ig:M"`` and
+    ``"ig:M:layer"``.
 
     Args:
         spec: A name, or an estimator object (returned as it is).
@@ -1292,6 +1338,8 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
         return AtP()
     if parts == ["relp"]:
         return RelP()
+    if parts == ["atp", "window"]:
+        return JointAtP()
     if spec == "atp-star":
         return AtPStar()
     if len(parts) in (2, 3) and parts[0] == "ig" and parts[1].isdigit() and int(parts[1]) >= 1:
@@ -1299,7 +1347,7 @@ def estimator_from_name(spec: "str | Estimator") -> "Estimator":
             return IntegratedGradients(int(parts[1]), parts[2] if len(parts) == 3 else "window")
     raise InvalidInput(
         "estimator must be 'atp', 'atp-star', 'relp', 'ig:M' or 'ig:M:layer' (M points on the "
-        "path, >= 1), "
+        "path, >= 1), or 'atp:window' (AtP of each window as one joint patch), "
         f"got {spec!r}; pass e.g. estimator='ig:16'"
     )
 
@@ -1309,6 +1357,7 @@ def interpolated_gradients(
     paths: Sequence[Sequence[str]],
     steps: int,
     sites: Mapping[str, Site] | None = None,
+    alphas: Sequence[float] | None = None,
 ) -> tuple[list[Float[Tensor, "samples ..."]], dict[str, int]]:
     """Each path's integrated gradients per corrupted copy and position, summed over its hooks.
 
@@ -1324,6 +1373,8 @@ def interpolated_gradients(
         steps: Midpoints ``alpha = (k + 0.5) / steps`` per path.
         sites: ``{hook name: site}``: how each hook's gradient becomes cell
             estimates (:meth:`~lenscope.sites.Site.cell_dot`); default: residual width.
+        alphas: The ``steps`` points on the path, each in ``[0, 1]``; default the
+            midpoints. ``[0.0]`` is the joint patch's gradient at the corrupted run.
 
     Returns:
         Each path's ``[samples, *unit]`` estimates, and the passes they cost.
@@ -1331,7 +1382,15 @@ def interpolated_gradients(
     sites = {} if sites is None else sites
     model, corrupted = inputs.model, inputs.corrupted
     samples = corrupted.samples
-    alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    if alphas is None:
+        alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    else:
+        alphas = torch.tensor(alphas, dtype=torch.float64)
+        if alphas.shape != (steps,):
+            raise InvalidInput(
+                f"interpolated_gradients needs one point per step, got {steps} steps and "
+                f"points {alphas.tolist()}; pass alphas of length steps"
+            )
     copies = [(j, k) for j in range(len(paths)) for k in range(steps)]
     per_pass = max(1, IG_ROWS_PER_PASS // samples)
     totals: list[Tensor | None] = [None] * len(paths)

@@ -705,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --method attribution: atp (default: the gradient at the corrupted run), "
         "relp (relevance patching: AtP with LRP rules in the backward pass, same cost), "
         "atp-star (AtP*: GradDrop, and the QK fix for q/k heads), "
-        "ig:M (integrated gradients, M points on the path of each window's layers) or ig:M:layer",
+        "ig:M (integrated gradients, M points on the path of each window's layers), ig:M:layer, "
+        "or atp:window (AtP of each window restored as one joint patch)",
     )
     trace.add_argument(
         "--target",

@@ -17,7 +17,13 @@ import torch
 from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge, make_tiny_model
 
 import lenscope
-from lenscope.attribution import AttributionResult, compare, window_sum
+from lenscope.attribution import (
+    AttributionResult,
+    JointAtP,
+    compare,
+    estimator_from_name,
+    window_sum,
+)
 from lenscope.hooks import hook_name
 from lenscope.validation import InvalidInput
 
@@ -1273,3 +1279,40 @@ def test_atp_star_qk_fix_equals_its_definition(peaked, kind, by):
     effect = est.scores - est.corrupted_score
     assert float(expected.abs().max()) > 1e-4
     torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_joint_window_atp_is_autograd_of_the_joint_patch(peaked, window):
+    """atp:window: restoring a window sets its layers together, so the first-order term is
+    the gradient at the corrupted run with every layer of the window held (written in place
+    as a leaf, a plain loop over the windows here), dotted with a_clean - a_corr at each
+    layer; plain AtP sums single-layer gradients taken with the other layers live. With
+    window 1 the two are the same."""
+    model = peaked
+    tracer = _tracer(model)
+    options = dict(samples=3, seed=2)
+    est, atp = (
+        tracer.attribute(
+            TINY_PROMPT, TINY_SUBJECT, kinds=("mlp_out",), windows=window, estimator=e, **options
+        )["mlp_out"]
+        for e in ("atp:window", "atp")
+    )
+    assert est.estimator == "atp:window" and est.passes["interpolated_rows"] > 0
+    paths = [
+        tuple(hook_name("mlp_out", x) for x in range(*est.window_layers(layer)))
+        for layer in range(model.cfg.n_layers)
+    ]
+    dots, _ = _plain_path(model, tracer, options, paths, [0.0])
+    effect = est.scores - est.corrupted_score
+    assert float(dots.abs().max()) > 1e-3
+    torch.testing.assert_close(effect, dots.mean(dim=1), atol=1e-5, rtol=0)
+    gap = float((est.scores - atp.scores).abs().max())
+    assert gap < 1e-5 if window == 1 else gap > 1e-4
+
+
+def test_joint_window_atp_takes_one_point_on_the_window_path():
+    with pytest.raises(InvalidInput, match=r"one point on the window path, got steps=2"):
+        JointAtP(steps=2)
+    assert estimator_from_name("atp:window") == JointAtP()
+    with pytest.raises(InvalidInput, match=r"or 'atp:window' .* got 'atp:layer'"):
+        estimator_from_name("atp:layer")

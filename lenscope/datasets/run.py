@@ -151,7 +151,8 @@ def trace_dataset(
         recheck: With ``method="attribution"``, trace each fact's ``recheck``
             highest cells per kind exactly (:func:`lenscope.attribution.recheck_top`).
         estimator: With ``method="attribution"``, how cells are estimated:
-            ``"atp"`` (default), ``"relp"``, ``"atp-star"``, ``"ig:M"`` or ``"ig:M:layer"``
+            ``"atp"`` (default), ``"atp:window"``, ``"relp"``, ``"atp-star"``, ``"ig:M"`` or
+            ``"ig:M:layer"``
             (:func:`lenscope.attribution.estimator_from_name`); recorded in the
             checkpoint header, so a checkpoint never mixes two estimators.
         target: With ``method="attribution"``, ``"metric"`` (default),
