@@ -401,11 +401,15 @@ def recheck_top(
     A fast first pass that keeps what matters most exact: the estimate ranks
     the cells, and one exact trace (:meth:`CausalTracer.trace_kinds
     <lenscope.tracer.CausalTracer.trace_kinds>`, same settings) restores the
-    layers and positions of every kind's top ``k`` cells (their product: at
-    most ``k * k`` cells per kind). Those top cells then carry the exact
-    score; every other cell keeps its estimate. Cells the estimate ranks low
-    but that matter are not found this way (the estimate's failure mode on
-    ``mlp_out`` windows: see docs/attribution.md).
+    layers and positions of every kind's top ``k`` cells, for all kinds
+    together (their product: the union of the kinds' top layers times the
+    union of their top positions). Every cell that trace restored then
+    carries its exact score, the top ``k`` and the rest of the product alike
+    (they cost nothing more, and on ROME's facts they find the exact top 5
+    far more often than the top ``k`` alone: docs/attribution.md); every other
+    cell keeps its estimate. Cells the estimate ranks low at layers and
+    positions outside the product are not found this way (the estimate's
+    failure mode on ``mlp_out`` windows).
 
     Args:
         tracer: The :class:`~lenscope.tracer.CausalTracer`.
@@ -418,7 +422,8 @@ def recheck_top(
 
     Returns:
         ``{kind: AttributionResult}`` with ``method="attribution+exact_top_k"``
-        and ``passes["exact_cells"]``, the cells the exact trace restored.
+        and ``passes["exact_cells"]``, the cells per kind the exact trace
+        restored (each now carries its exact score).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"k must be a positive integer, got {k!r}; pass e.g. k=5")
@@ -435,10 +440,10 @@ def recheck_top(
         progress=False,
     )
     out = {}
+    grid = torch.tensor(layers)[:, None], torch.tensor(positions)[None, :]
     for kind, r in estimates.items():
         scores = r.scores.clone()
-        index = tuple(tops[kind].T)
-        scores[index] = exact[kind].scores[index]
+        scores[grid] = exact[kind].scores[grid]
         out[kind] = dataclasses.replace(
             r,
             scores=scores,

@@ -417,7 +417,7 @@ def report(args: argparse.Namespace) -> None:
     print()
     print(
         "| corruption | estimator | k | N | exact top 5 among the top k: `resid_post` | `mlp_out` "
-        "| `attn_out` | all three | all three, had every re-traced cell been kept | "
+        "| `attn_out` | all three | all three, every re-traced cell kept (what recheck_top does) | "
         "re-traced cells / exact cells, median (max) | k cells per kind / exact cells, median |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

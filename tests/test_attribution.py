@@ -685,8 +685,8 @@ def test_model_state_is_restored_also_after_an_exception(tiny_tokenizer):
 
 
 def test_recheck_top_cells_carry_the_exact_scores(gpt2):
-    """The k highest estimated cells per kind take the full exact trace's values there; every
-    other cell keeps its estimate."""
+    """Every cell of the product of the top cells' layers and positions (all kinds' top k
+    together) takes the full exact trace's value there; every other cell keeps its estimate."""
     from lenscope.attribution import recheck_top
 
     tracer = _tracer(gpt2)
@@ -694,15 +694,23 @@ def test_recheck_top_cells_carry_the_exact_scores(gpt2):
     est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
     checked = recheck_top(tracer, TINY_PROMPT, TINY_SUBJECT, est, k=3, **options)
     exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)
+    layers, positions = set(), set()
+    for r in est.values():
+        n_pos = r.scores.shape[1]
+        for i in r.scores.flatten().topk(3).indices.tolist():
+            layers.add(i // n_pos)
+            positions.add(i % n_pos)
     for kind, r in checked.items():
-        flat = est[kind].scores.flatten()
-        top = set(flat.topk(3).indices.tolist())
-        for i in range(flat.numel()):
-            got = float(r.scores.flatten()[i])
-            want = exact[kind].scores.flatten()[i] if i in top else flat[i]
-            assert got == pytest.approx(float(want), abs=1e-6), (kind, i)
+        n_layers, n_pos = r.scores.shape
+        for layer in range(n_layers):
+            for pos in range(n_pos):
+                source = exact if layer in layers and pos in positions else est
+                want = float(source[kind].scores[layer, pos])
+                got = float(r.scores[layer, pos])
+                assert got == pytest.approx(want, abs=1e-6), (kind, layer, pos)
         assert r.method == "attribution+exact_top_k"
-        assert 3 <= r.passes["exact_cells"] <= 9 * 3
+        assert r.passes["exact_cells"] == len(layers) * len(positions)
+        assert len(layers) * len(positions) < n_layers * n_pos  # some cells stay estimates
 
 
 def test_trace_dataset_by_attribution(gpt2, tmp_path):
