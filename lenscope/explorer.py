@@ -54,7 +54,7 @@ from lenscope.tokens import (
     token_labels,
 )
 from lenscope.tracer import CausalTracer, _check_answer
-from lenscope.validation import InvalidInput, InvalidInputType
+from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType
 
 __all__ = [
     "EXPLORE_INSTALL_HINT",
@@ -238,6 +238,72 @@ def heatmap_data(result: TraceResult, *, title: str, scores: torch.Tensor | None
     }
 
 
+def partial_heatmap(
+    kind: str,
+    scores: torch.Tensor,
+    *,
+    index: int,
+    tokens: list[str],
+    subject: Any = None,
+    estimate: list[list[float | None]] | None = None,
+    like: Mapping[str, Any] | None = None,
+) -> dict | None:
+    """What the front end draws of a kind while its sweep streams: exact cells so far.
+
+    Args:
+        kind: The kind being swept.
+        scores: The grid so far (``[layer, unit]``, NaN: not yet traced), on
+            the result's scale (:attr:`TraceMeter.cells`).
+        index: The run's index.
+        tokens: The prompt's token labels (the columns when there is no
+            earlier map of the kind).
+        subject: The subject's ``[start, end)``.
+        estimate: The kind's attribution estimate (drawn, faded, in the cells
+            still to come).
+        like: The kind's earlier map (its estimate or a partial one): its
+            columns and labels are kept.
+
+    Returns:
+        The map (``partial`` True), or None for a grid that is not
+        ``(layer, unit)`` with a known column for each unit.
+    """
+    if scores.ndim != 2:
+        return None
+    if like is not None:
+        columns, axis, subject = like["columns"], like["axis"], like["subject"]
+    elif scores.shape[1] == len(tokens):
+        columns, axis = list(tokens), "pos"
+    else:
+        return None
+    if len(columns) != scores.shape[1]:
+        return None
+    grid = scores.float()
+    done = torch.isfinite(grid)
+    seen = grid[done].tolist()
+    if estimate is not None:
+        seen += [v for row in estimate for v in row if v is not None]
+    low, high = (min(seen), max(seen)) if seen else (0.0, 1.0)
+    n_done, n_cells = int(done.sum()), grid.numel()
+    return {
+        "kind": kind,
+        "title": f"{kind} (exact: {n_done} of {n_cells} cells"
+        + (", the rest estimated)" if estimate is not None else ")"),
+        "axis": axis,
+        "columns": columns,
+        "subject": None if subject is None or axis != "pos" else list(subject),
+        "scores": [[_json_float(v) for v in row] for row in grid.tolist()],
+        "estimate_scores": estimate,
+        "zmin": low,
+        "zmax": high,
+        "diverging": False,
+        "colour": kind_colour(kind),
+        "run": index,
+        "partial": True,
+        "done": n_done,
+        "cells": n_cells,
+    }
+
+
 def shared_vocab(results: Mapping[str, TraceResult]) -> dict[str, TraceResult]:
     """The results with one ``vocab``: the text of every token id any of them shows.
 
@@ -328,6 +394,9 @@ def _define_explorer() -> type:
             """Every finished (or cancelled, with finished kinds) run, oldest first."""
             self.cell_views: dict[tuple[int, str, int, int], Any] = {}
             """The lens views of clicked cells: ``{(run, kind, layer, pos): CellTrajectories}``."""
+            self.head_views: dict[tuple[int, str, int, int], TraceResult] = {}
+            """Per-head breakdowns asked for: ``{(run, kind, layer, pos): TraceResult}``."""
+            self._run_settings: dict[str, Any] = {}
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="lenscope-explore")
             self._cancel = threading.Event()
             self._partial: dict[str, TraceResult] = {}
@@ -351,6 +420,9 @@ def _define_explorer() -> type:
                 self.run()
             elif action == "cancel":
                 self.cancel()
+            elif action == "heads":
+                cell = {k: content.get(k) for k in ("run", "kind", "layer", "pos")}
+                self._submit(lambda: self._show_heads(cell), "per-head breakdown")
             elif action == "compare":
                 self.compare(int(content["a"]), int(content["b"]), mode=content.get("mode", "side"))
 
@@ -520,6 +592,7 @@ def _define_explorer() -> type:
             self.heatmaps, self.cell_info, self.comparison = [], {}, {}
             self.status, self.progress, self.progress_text = "running", 0.0, "starting"
             settings = self.run_settings()
+            self._run_settings = settings
             future = self._submit(lambda: self._run(settings, call), "run")
             if not wait:
                 return None
@@ -549,7 +622,8 @@ def _define_explorer() -> type:
                     if self._cancel.is_set():
                         cancelled = True
                         break
-                    with watching(self._watcher(kind, done, len(kinds))):
+                    watcher = self._watcher(kind, done, len(kinds), index, settings)
+                    with watching(watcher, cells=bool(settings.get("preview"))):
                         one = dataclasses.replace(call["settings"], kinds=(kind,))
                         out = self.tracer.trace_kinds(
                             call["prompt"], call["subject"], one, progress=False
@@ -601,10 +675,17 @@ def _define_explorer() -> type:
                 for kind, result in estimates.items()
             ]
 
-        def _watcher(self, kind: str, done: int, total: int) -> Callable[[TraceMeter], None]:
+        def _watcher(
+            self, kind: str, done: int, total: int, index: int, settings: Mapping[str, Any]
+        ) -> Callable[[TraceMeter], None]:
+            shown: list[Any] = [None]
+
             def watch(meter: TraceMeter) -> None:
                 if self._cancel.is_set():
                     raise TraceCancelled(f"cancelled during {kind}")
+                if meter.cells is not None and meter.cells is not shown[0]:
+                    shown[0] = meter.cells
+                    self._show_partial(kind, meter.cells[1], index, settings)
                 part = meter.done / meter.total if meter.total else 1.0
                 self.progress = (done + min(part, 1.0)) / total
                 left = meter.remaining()
@@ -613,6 +694,36 @@ def _define_explorer() -> type:
                 )
 
             return watch
+
+        def _show_partial(
+            self, kind: str, scores: torch.Tensor, index: int, settings: Mapping[str, Any]
+        ) -> None:
+            """A kind's exact cells so far, over its estimate where there is one.
+
+            Drawn until the kind's sweep finishes and its result replaces it;
+            like an estimate, not clickable.
+            """
+            earlier = next((m for m in self.heatmaps if m["kind"] == kind), None)
+            estimate = None
+            if earlier is not None and earlier.get("partial"):
+                estimate = earlier["estimate_scores"]
+            elif earlier is not None and earlier.get("estimate"):
+                estimate = earlier["scores"]
+            map_ = partial_heatmap(
+                kind,
+                scores,
+                index=index,
+                tokens=self.tokens,
+                subject=settings.get("subject"),
+                estimate=estimate,
+                like=earlier,
+            )
+            if map_ is None:
+                return
+            if earlier is not None:
+                self.heatmaps = [map_ if m["kind"] == kind else m for m in self.heatmaps]
+            else:
+                self.heatmaps = [*self.heatmaps, map_]
 
         def _submit(self, job: Callable[[], None], what: str) -> Future:
             def guarded() -> None:
@@ -704,6 +815,83 @@ def _define_explorer() -> type:
                 }
             if click == self._cell_clicks:  # the latest click: show it
                 self.cell_info = {**info, "lens": lens, "lens_note": ""}
+
+        def heads(
+            self, layer: int, pos: int, *, kind: str = "attn_out", run: int | None = None
+        ) -> TraceResult:
+            """The per-head breakdown of an attention cell: each head restored alone.
+
+            An ``attn_out`` cell restores the attention output at position
+            ``pos`` in the layers of its window; the breakdown restores one
+            head's output (its ``hook_z``: ``attn_out`` is the sum of the heads'
+            ``z @ W_O``) at ``pos`` in the same layers, with the run's
+            corruption, answer and metric: ``tracer.trace_kinds`` of kind
+            ``"z"``, ``by="head_pos"``, ``layers=[layer]``, ``positions=[pos]``
+            and the cell's window. The heads' effects need not add up to the
+            cell's (the model is not linear in them).
+
+            Args:
+                layer: The cell's layer.
+                pos: The cell's position.
+                kind: An attention kind of the run (``attn_out``).
+                run: The run's index in :attr:`results` (None: the one shown).
+
+            Returns:
+                The trace (axes ``("layer", "head", "pos")``; the cell's column
+                is ``result.scores[layer, :, pos]``), also kept in
+                :attr:`head_views`.
+
+            Raises:
+                InvalidInput: A kind that is not an attention kind, a run or
+                    kind that has not finished, a layer or position outside the grid.
+            """
+            if not str(kind).startswith("attn"):
+                raise InvalidInput(
+                    f"the per-head breakdown is of an attention cell (kind 'attn_out'), got "
+                    f"kind {kind!r}; click a cell of the attn_out heatmap"
+                )
+            index, result = self._result(run, kind)
+            n_layer, n_pos = result.scores.shape[:2]
+            if not (0 <= layer < n_layer and 0 <= pos < n_pos):
+                raise InvalidInput(
+                    f"the cell must lie in the {kind} grid (layers 0 to {n_layer - 1}, positions "
+                    f"0 to {n_pos - 1}), got layer {layer!r}, pos {pos!r}; click a cell"
+                )
+            settings = (
+                self.results[index].settings if index < len(self.results) else self._run_settings
+            )
+            call = self.trace_options(settings)
+            per_head = self.tracer.settings(
+                call["settings"],
+                kinds=("z",),
+                by="head_pos",
+                layers=[layer],
+                positions=[pos],
+                windows=result.window,
+            )
+            with warnings.catch_warnings():
+                # The run already showed its answer warnings.
+                warnings.simplefilter("ignore", AnswerWarning)
+                out = self.tracer.trace_kinds(
+                    call["prompt"], call["subject"], per_head, progress=False
+                )["z"]
+            self.head_views[(index, kind, layer, pos)] = out
+            return out
+
+        def _show_heads(self, cell: Mapping[str, Any]) -> None:
+            """The per-head breakdown of the clicked cell, into ``cell_info`` (worker thread)."""
+            key = {k: cell.get(k) for k in ("run", "kind", "layer", "pos")}
+            try:
+                run = None if key["run"] is None else int(key["run"])
+                layer, pos = int(key["layer"]), int(key["pos"])
+                result = self.heads(layer, pos, kind=str(key["kind"]), run=run)
+                heads = [_json_float(v) for v in result.scores[layer, :, pos].tolist()]
+                shown = {"heads": heads, "heads_note": ""}
+            except (InvalidInput, InvalidInputType, TypeError, ValueError) as e:
+                shown = {"heads": None, "heads_note": _message(e)}
+            info = self.cell_info
+            if all(info.get(k) == key[k] for k in ("kind", "layer", "pos")):
+                self.cell_info = {**info, **shown}
 
         # --- history and export -------------------------------------------------
 

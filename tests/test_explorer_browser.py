@@ -16,6 +16,7 @@ from conftest import TINY_PROMPT
 from test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 
 import lenscope
+from lenscope import explorer as explorer_module
 
 pytestmark = pytest.mark.browser
 pytest.importorskip("anywidget")
@@ -106,6 +107,61 @@ def test_front_end_draws_the_run_and_sends_clicks(browser, tiny_model, tmp_path)
             len(browser.find_elements(By.CSS_SELECTOR, ".ls-lens tr"))
             == tiny_model.cfg.n_layers + 1
         )
+
+        # Linked hover: the same cell is outlined in the other kinds' heatmaps, until the
+        # pointer leaves.
+        def linked():
+            return [
+                (
+                    c.find_element(By.XPATH, "..").get_attribute("data-kind"),
+                    c.get_attribute("data-layer"),
+                    c.get_attribute("data-pos"),
+                )
+                for c in browser.find_elements(By.CSS_SELECTOR, ".ls-maps .ls-cell.ls-linked")
+            ]
+
+        hovered = browser.find_element(
+            By.CSS_SELECTOR, '.ls-grid[data-kind="mlp_out"] .ls-cell[data-layer="1"][data-pos="4"]'
+        )
+        ActionChains(browser).move_to_element(hovered).perform()
+        assert sorted(linked()) == [("attn_out", "1", "4"), ("resid_post", "1", "4")]
+        ActionChains(browser).move_to_element(chips[0]).perform()
+        assert linked() == []
+
+        # An attention cell: the per-head breakdown is asked for, then drawn.
+        explorer.cell = {"run": 0, "kind": "attn_out", "layer": 1, "pos": 4}
+        explorer.wait()
+        browser.execute_script("window.model.set('cell_info', arguments[0])", explorer.cell_info)
+        browser.find_element(By.CSS_SELECTOR, ".ls-heads-button").click()
+        asked = browser.execute_script("return window.sent.pop()")
+        assert asked == {"action": "heads", "run": 0, "kind": "attn_out", "layer": 1, "pos": 4}
+        explorer._on_front_end_message(None, asked)
+        explorer.wait()
+        browser.execute_script("window.model.set('cell_info', arguments[0])", explorer.cell_info)
+        heads = browser.find_elements(By.CSS_SELECTOR, ".ls-heads .ls-head")
+        expected = explorer.head_views[(0, "attn_out", 1, 4)].scores[1, :, 4].tolist()
+        assert [float(h.get_attribute("data-score")) for h in heads] == expected
+
+        # A kind still streaming: its exact cells so far, the others its estimate, faded,
+        # none clickable.
+        grid = run.results["mlp_out"].scores.clone()
+        grid[:2] = float("nan")
+        partial = explorer_module.partial_heatmap(
+            "mlp_out",
+            grid,
+            index=1,
+            tokens=explorer.tokens,
+            subject=explorer.subject,
+            estimate=[[0.5] * grid.shape[1]] * grid.shape[0],
+        )
+        browser.execute_script("window.model.set('heatmaps', [arguments[0]])", partial)
+        pending = browser.find_elements(By.CSS_SELECTOR, ".ls-grid.ls-partial .ls-cell.ls-pending")
+        assert {c.get_attribute("data-layer") for c in pending} == {"0", "1"}
+        assert len(pending) == 2 * grid.shape[1]
+        before = browser.execute_script("return window.sets.length")
+        pending[0].click()
+        browser.find_element(By.CSS_SELECTOR, '.ls-partial .ls-cell[data-layer="3"]').click()
+        assert browser.execute_script("return window.sets.length") == before
 
         # Mark a subject: click a chip, shift-click another.
         chips[2].click()
