@@ -188,6 +188,12 @@ function render({ model, el: root }) {
   preview.addEventListener("change", () => set("preview", preview.checked));
   const runButton = el("button", { class: "ls-run", text: "Run", onclick: () => send({ action: "run" }) });
   const cancelButton = el("button", { class: "ls-cancel", text: "Cancel", onclick: () => send({ action: "cancel" }) });
+  // Export the current view (the comparison if one is shown, else the run) from the kernel.
+  const exportName = el("input", { type: "text", class: "ls-export-name", value: "explorer-view" });
+  const exportAs = (suffix) => send({ action: "export", path: `${exportName.value || "explorer-view"}${suffix}` });
+  const exportPng = el("button", { class: "ls-export-png", text: "Export PNG", onclick: () => exportAs(".png") });
+  const exportHtml = el("button", { class: "ls-export-html", text: "Export HTML", onclick: () => exportAs(".html") });
+  const exported = el("span", { class: "ls-exported" });
   const bar = el("progress", { class: "ls-progress", max: "1", value: "0" });
   const status = el("span", { class: "ls-status" });
   const error = el("div", { class: "ls-error" });
@@ -222,6 +228,7 @@ function render({ model, el: root }) {
     el("div", { class: "ls-body" }, [maps, cellInfo]),
     history,
     comparison,
+    el("div", { class: "ls-row" }, [el("label", {}, ["view ", exportName]), exportPng, exportHtml, exported]),
   );
 
   // Token chips: click the subject's first token, then shift-click (or click) its last.
@@ -288,6 +295,7 @@ function render({ model, el: root }) {
     cancelButton.disabled = !runButton.disabled;
     error.textContent = model.get("error");
     note.textContent = model.get("subject_note");
+    exported.textContent = model.get("exported") ? `wrote ${model.get("exported")}` : "";
   }
 
   function drawMaps() {
@@ -437,7 +445,7 @@ function render({ model, el: root }) {
     comparison: drawComparison,
   };
   for (const [name, draw] of Object.entries(draws)) model.on(`change:${name}`, draw);
-  for (const name of ["status", "progress", "progress_text", "error", "subject_note"]) {
+  for (const name of ["status", "progress", "progress_text", "error", "subject_note", "exported"]) {
     model.on(`change:${name}`, drawStatus);
   }
   for (const name of ["prompt", "answer", "kinds", "window", "corruption", "noise_multiplier", "samples", "counterfactual", "direction", "metric", "lens", "preview"]) {

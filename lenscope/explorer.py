@@ -72,6 +72,9 @@ CORRUPTION_CHOICES = ("noise", "counterfactual")
 
 _FORMAT = "lenscope.ExplorerRun/1"
 
+_EXPORT_SUFFIXES = (".html", ".png", ".svg", ".pdf")
+"""What :meth:`Explorer.export` writes: a page, or an image through kaleido."""
+
 _KIND_COLOURS = {"resid": "#6a3d9a", "mlp": "#1b7837", "attn": "#b2182b"}
 """ROME's colours: purple for the residual stream, green for MLPs, red for attention."""
 
@@ -347,7 +350,8 @@ def _define_explorer() -> type:
         ``cancelling``, ``done``, ``cancelled``, ``error``), ``progress``
         (0 to 1), ``progress_text``, ``error`` (lenscope's message),
         ``heatmaps`` (the shown run's kinds, as they finish), ``cell_info``,
-        ``history`` and ``comparison``. ``lens`` (default True) computes the
+        ``history``, ``comparison`` and ``exported`` (the path the last
+        export wrote). ``lens`` (default True) computes the
         clicked cell's lens view (:func:`~lenscope.lens.lens_trace_cell`), which
         decodes every layer and position of three runs: minutes on a large
         vocabulary on a CPU, during which the next run waits; a new click or a
@@ -383,6 +387,7 @@ def _define_explorer() -> type:
         cell_info = traitlets.Dict().tag(sync=True)
         history = traitlets.List(traitlets.Dict()).tag(sync=True)
         comparison = traitlets.Dict().tag(sync=True)
+        exported = traitlets.Unicode("").tag(sync=True)
 
         def __init__(self, model_or_tracer: Any, **traits: Any) -> None:
             if isinstance(model_or_tracer, CausalTracer):
@@ -423,6 +428,9 @@ def _define_explorer() -> type:
             elif action == "heads":
                 cell = {k: content.get(k) for k in ("run", "kind", "layer", "pos")}
                 self._submit(lambda: self._show_heads(cell), "per-head breakdown")
+            elif action == "export":
+                path = content.get("path", "")
+                self._submit(lambda: self._export(path), "export")
             elif action == "compare":
                 self.compare(int(content["a"]), int(content["b"]), mode=content.get("mode", "side"))
 
@@ -905,6 +913,12 @@ def _define_explorer() -> type:
                 InvalidInput: An index outside :attr:`results`, an unknown mode,
                     or (difference) runs of other tokens, grids or metrics.
             """
+            fig, maps = self._comparison(i, j, mode)
+            self.comparison = {"mode": mode, "runs": [i, j], "heatmaps": maps}
+            return fig
+
+        def _comparison(self, i: int, j: int, mode: str) -> tuple[Any, list[dict]]:
+            """The figure and the front end's maps of :meth:`compare`."""
             from lenscope.plotting import plot_traces
 
             modes = ("side", "difference")
@@ -933,8 +947,7 @@ def _define_explorer() -> type:
                 }
                 fig = plot_traces(panels, allow_mismatch=True)
                 maps = [heatmap_data(res, title=name) for name, res in panels.items()]
-            self.comparison = {"mode": mode, "runs": [i, j], "heatmaps": maps}
-            return fig
+            return fig, maps
 
         def figure(self, run: int = -1) -> Any:
             """The plotly figure of a run's kinds (default the last run)."""
@@ -947,6 +960,62 @@ def _define_explorer() -> type:
             from lenscope.plotting import save_html
 
             return save_html(self.figure(run), path, **options)
+
+        def view_figure(self) -> Any:
+            """The plotly figure of what the widget shows now.
+
+            The comparison when one is shown (:meth:`compare`, side by side or
+            the difference), else the last run's kinds (:meth:`figure`).
+            """
+            view = self.comparison
+            if view and view.get("runs"):
+                return self._comparison(*view["runs"], view["mode"])[0]
+            return self.figure()
+
+        def export(self, path: str | Path, **options: Any) -> Path:
+            """Write the current view (:meth:`view_figure`) as a page or an image.
+
+            The widget's Export buttons call it with the name typed beside
+            them (relative to the kernel's working folder) and show the path
+            written in ``exported``.
+
+            Args:
+                path: ``.html`` (:func:`lenscope.plotting.save_html`: offline,
+                    with linked hover and the settings table) or ``.png``,
+                    ``.svg``, ``.pdf`` (:func:`lenscope.plotting.save_image`,
+                    through kaleido).
+                **options: Passed on to ``save_html`` or ``save_image``.
+
+            Returns:
+                The path written.
+
+            Raises:
+                InvalidInput: Another suffix, or no run finished yet.
+                ImportError: An image without kaleido installed.
+            """
+            from lenscope.plotting import save_html, save_image
+
+            path = Path(path)
+            suffix = path.suffix.lower()
+            if suffix not in _EXPORT_SUFFIXES:
+                raise InvalidInput(
+                    f"export path must end in one of {_EXPORT_SUFFIXES}, got {str(path)!r}; "
+                    "e.g. explorer.export('view.png') or explorer.export('view.html')"
+                )
+            fig = self.view_figure()
+            written = save_html(fig, path, **options) if suffix == ".html" else None
+            if written is None:
+                written = save_image(fig, path, **options)
+            self.exported = str(written)
+            return written
+
+        def _export(self, path: Any) -> None:
+            """The front end's Export: the path written, or the reason, in the widget."""
+            try:
+                self.export(str(path))
+                self.error = ""
+            except (InvalidInput, InvalidInputType, ImportError) as e:
+                self.exported, self.error = "", str(e)
 
         def save_json(self, path: str | Path) -> Path:
             """Write every run (:meth:`ExplorerRun.to_dict`) as one JSON list."""

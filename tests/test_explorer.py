@@ -448,6 +448,49 @@ def test_history_compare_and_export(make_explorer, tmp_path):
     assert "resid_post" in page.read_text()
 
 
+def _panels(fig):
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_export_writes_the_current_view(make_explorer, tmp_path, monkeypatch):
+    import types
+
+    import plotly.graph_objects as go
+
+    from lenscope.plotting import plot_traces
+
+    with pytest.raises(InvalidInput, match="no run has finished yet; press Run"):
+        make_explorer().export(tmp_path / "nothing.png")
+    explorer = make_explorer(kinds=["resid_post"], preview=False, samples=2)
+    first = explorer.run(wait=True)
+    explorer.noise_multiplier = 5.0
+    second = explorer.run(wait=True)
+    images = []
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
+    monkeypatch.setattr(go.Figure, "write_image", lambda fig, path, **kw: images.append(fig))
+
+    # Before a comparison the view is the last run's kinds ...
+    written = explorer.export(tmp_path / "run.png")
+    assert written == tmp_path / "run.png" and explorer.exported == str(written)
+    assert images[-1].to_json() == plot_traces(second.results).to_json()
+    # ... then the comparison shown (the figure plot_traces draws of the two runs).
+    explorer.compare(0, 1, mode="difference")
+    explorer._on_front_end_message(None, {"action": "export", "path": str(tmp_path / "d.png")})
+    explorer.wait()
+    expected = plot_traces({"run 0": first.results, "run 1": second.results}, mode="difference")
+    assert images[-1].to_json() == expected.to_json()
+    assert explorer.exported == str(tmp_path / "d.png") and explorer.error == ""
+    page = explorer.export(tmp_path / "d.html", plotly_js="cdn").read_text()
+    assert _panels(expected) and all(text in page for text in _panels(expected))
+    assert "Settings" in page
+    explorer._on_front_end_message(None, {"action": "export", "path": "view.txt"})
+    explorer.wait()
+    assert explorer.exported == ""
+    assert explorer.error.startswith(
+        "export path must end in one of ('.html', '.png', '.svg', '.pdf'), got 'view.txt'"
+    )
+
+
 def test_front_end_messages_run_and_cancel(make_explorer):
     explorer = make_explorer(kinds=["resid_post"])
     explorer._on_front_end_message(explorer, {"action": "run"})

@@ -174,8 +174,19 @@ def test_front_end_draws_the_run_and_sends_clicks(browser, tiny_model, tmp_path)
         marked = browser.find_elements(By.CSS_SELECTOR, ".ls-chip.ls-subject")
         assert [int(c.get_attribute("data-pos")) for c in marked] == [2, 3, 4, 5]
 
-        # Run and Cancel are messages to the kernel.
+        # Run, Cancel and Export are messages to the kernel.
         browser.find_element(By.CSS_SELECTOR, ".ls-run").click()
         assert browser.execute_script("return window.sent") == [{"action": "run"}]
+        name = browser.find_element(By.CSS_SELECTOR, ".ls-export-name")
+        name.clear()
+        name.send_keys("eiffel")
+        browser.find_element(By.CSS_SELECTOR, ".ls-export-png").click()
+        browser.find_element(By.CSS_SELECTOR, ".ls-export-html").click()
+        assert browser.execute_script("return window.sent.slice(1)") == [
+            {"action": "export", "path": "eiffel.png"},
+            {"action": "export", "path": "eiffel.html"},
+        ]
+        browser.execute_script("window.model.set('exported', 'eiffel.png')")
+        assert browser.find_element(By.CSS_SELECTOR, ".ls-exported").text == "wrote eiffel.png"
     finally:
         explorer.close()
