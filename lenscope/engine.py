@@ -1012,7 +1012,8 @@ def sweep(
     remainder smaller than :data:`STREAM_ROWS` is decoded with rows
     already decoded before it), so the final outputs equal the
     unstreamed sweep's (tested); the unembedding is read once per decode
-    instead of a few times per trace.
+    instead of a few times per trace. The prefix strategy's stairs then run
+    cheapest first (the last positions'), so that the first cells show soonest.
     """
     n_pos, samples = base.tokens.shape[1], base.rows
     answer_id = _single(answer_id)
@@ -1140,8 +1141,13 @@ def _sweep(
     prefix = entries is not None and first_pos is not None
     corruption_names = [name for name, _ in base.stair_hooks(0)] if prefix else []
     names = [*site.hook_names(n_layer), *corruption_names] if prefix else []
+    batches = list(zip(plan.batches, plan.batch_token_layers, strict=True))
+    if on_cells is not None and prefix:
+        # Streamed, the cheap stairs (late positions: few positions per row) go first,
+        # so that the first cells show soonest; batches are independent.
+        batches.reverse()
     with _switchboard(model, names) as switches:
-        for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
+        for members, work in batches:
             if entries is None or first_pos is None:  # the full strategy
                 masks = _cell_masks(site, cells[members, 1:], n_pos, decoded)
                 finals.append(

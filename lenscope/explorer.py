@@ -28,6 +28,7 @@ exports use lenscope's plotly figures and result records.
 """
 
 import dataclasses
+import json
 import math
 import threading
 import time
@@ -1029,6 +1030,45 @@ def _define_explorer() -> type:
 
     Explorer.__module__ = __name__
     return Explorer
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
+<div id="root"></div>
+<script id="state" type="application/json">{state}</script>
+<script type="module">
+{js}
+const state = JSON.parse(document.getElementById("state").textContent);
+const listeners = {{}};
+window.sets = []; window.sent = [];
+window.model = {{
+  get: (name) => state[name],
+  set: (name, value) => {{
+    state[name] = value; window.sets.push([name, value]);
+    (listeners["change:" + name] || []).forEach((f) => f());
+  }},
+  on: (event, f) => (listeners[event] = listeners[event] || []).push(f),
+  save_changes: () => {{}},
+  send: (content) => window.sent.push(content),
+}};
+render({{ model: window.model, el: document.getElementById("root") }});
+window.ready = true;
+</script></body></html>"""
+
+
+def widget_page(state: Mapping[str, Any]) -> str:
+    """The widget's front end drawn from a snapshot of its state, without a kernel.
+
+    A stand-in for anywidget's model (``get``, ``set``, ``on``,
+    ``save_changes``, ``send``) holds ``state`` (``explorer.get_state()``)
+    and records what the page sets and sends (``window.sets``,
+    ``window.sent``): the browser test drives it, and
+    ``scripts/explorer_screenshots.py`` takes the README's pictures of it.
+    """
+    here = Path(__file__).parent
+    shown = {k: v for k, v in state.items() if not k.startswith("_")}
+    js = (here / "explorer.js").read_text().replace("export default { render };", "")
+    text = json.dumps(shown).replace("</", "<\\/")
+    return _PAGE.format(css=(here / "explorer.css").read_text(), state=text, js=js)
 
 
 def load_runs(path: str | Path) -> list[ExplorerRun]:

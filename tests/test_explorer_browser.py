@@ -21,38 +21,10 @@ from lenscope import explorer as explorer_module
 pytestmark = pytest.mark.browser
 pytest.importorskip("anywidget")
 
-JS = Path(lenscope.__file__).parent / "explorer.js"
-CSS = Path(lenscope.__file__).parent / "explorer.css"
-
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
-<div id="root"></div>
-<script id="state" type="application/json">{state}</script>
-<script type="module">
-{js}
-const state = JSON.parse(document.getElementById("state").textContent);
-const listeners = {{}};
-window.sets = []; window.sent = [];
-window.model = {{
-  get: (name) => state[name],
-  set: (name, value) => {{
-    state[name] = value; window.sets.push([name, value]);
-    (listeners["change:" + name] || []).forEach((f) => f());
-  }},
-  on: (event, f) => (listeners[event] = listeners[event] || []).push(f),
-  save_changes: () => {{}},
-  send: (content) => window.sent.push(content),
-}};
-render({{ model: window.model, el: document.getElementById("root") }});
-window.ready = true;
-</script></body></html>"""
-
 
 def _page(tmp_path, explorer) -> Path:
-    state = {k: v for k, v in explorer.get_state().items() if not k.startswith("_")}
-    js = JS.read_text().replace("export default { render };", "")
-    text = PAGE.format(css=CSS.read_text(), state=json.dumps(state).replace("</", "<\\/"), js=js)
     path = tmp_path / "explorer.html"
-    path.write_text(text)
+    path.write_text(explorer_module.widget_page(explorer.get_state()))
     return path
 
 
