@@ -10,21 +10,26 @@ direction and the metric. A run traces in a worker thread, one kind after the
 other with :meth:`~lenscope.tracer.CausalTracer.trace_kinds` and the same
 settings (the noise is seeded, so each kind is the one a single
 ``trace_kinds`` call of every kind gives), so the kernel stays responsive and
-each kind's heatmap reaches the front end as soon as it is finished. Progress
-comes from the engine's own :class:`~lenscope.progress.TraceMeter`
-(:func:`lenscope.progress.watching`), which is also where a cancel stops the
-sweep: the trace then leaves the model as it was (hooks, parameters, grad
-flags, modes), and the kinds already finished are kept. Clicking a cell shows
+each kind's heatmap reaches the front end as soon as it is finished. Before
+that, every kind's attribution estimate is shown (one forward and one
+backward pass), and each kind's exact cells stream in over it as the sweep's
+batches finish. Progress and those cells come from the engine's own
+:class:`~lenscope.progress.TraceMeter` (:func:`lenscope.progress.watching`),
+which is also where a cancel stops the sweep: the trace then leaves the model
+as it was (hooks, parameters, grad flags, modes), and the kinds already
+finished are kept. Clicking a cell shows
 the restored run's top-k (the trace's own) and the cell through the lens
-(:func:`~lenscope.lens.lens_trace_cell`). Every finished run is kept in
+(:func:`~lenscope.lens.lens_trace_cell`), and for an attention cell, on demand,
+each head restored alone (:meth:`Explorer.heads`). Every finished run is kept in
 :attr:`Explorer.results` as an :class:`ExplorerRun`; :meth:`Explorer.compare`
 draws two of them side by side or as a difference
 (:func:`lenscope.plotting.plot_traces`).
 
 The front end (``explorer.js``) draws the heatmaps itself, as a grid of
 elements (no plotly.js in the notebook: the widget stays small, works
-offline, and every cell can be read from the page); the HTML and JSON
-exports use lenscope's plotly figures and result records.
+offline, and every cell can be read from the page); the exports of the
+current view (HTML, PNG: :meth:`Explorer.export`) and of the runs (JSON) use
+lenscope's plotly figures and result records.
 """
 
 import dataclasses
@@ -343,8 +348,9 @@ def _define_explorer() -> type:
         ``"counterfactual"``), ``noise_multiplier``, ``samples``,
         ``counterfactual`` (the counterfactual prompt), ``direction``,
         ``metric`` (``""``: the corruption's default), ``preview`` (first show
-        every kind's attribution estimate, one backward pass, each replaced by
-        its exact sweep when that finishes) and ``cell``
+        every kind's attribution estimate, one backward pass; then stream each
+        kind's exact cells over it as the sweep's batches finish, and show the
+        kind's result when its sweep is done) and ``cell``
         (``{"run", "kind", "layer", "pos"}``: a clicked cell). Traits set
         here: ``tokens``, ``subject_note``, ``answer_info``,
         ``answer_warning``, ``status`` (``idle``, ``running``,
