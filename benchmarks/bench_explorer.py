@@ -52,13 +52,13 @@ def main() -> None:
 
     explorer.observe(seen, "heatmaps")
     load = os.getloadavg()[0]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run = explorer.run(wait=True)
-    full = time.perf_counter() - start
+    full, full_cpu = time.perf_counter() - start, time.process_time() - cpu
     tracer = lenscope.CausalTracer(model, progress=False)
-    begun = time.perf_counter()
+    begun, cpu = time.perf_counter(), time.process_time()
     expected = tracer.trace_kinds(PROMPT, tuple(explorer.subject), samples=args.samples)
-    cli = time.perf_counter() - begun
+    cli, cli_cpu = time.perf_counter() - begun, time.process_time() - cpu
     load = max(load, os.getloadavg()[0])
     same = all(run.results[k].to_dict() == r.to_dict() for k, r in expected.items())
     rows = [(key, at - start) for at, key in events]
@@ -68,6 +68,9 @@ def main() -> None:
     for key, seconds in rows:
         print(f"{key:<40} {seconds:>18.1f}")
     print(f"explorer results equal trace_kinds': {same}")
+    # On a shared machine the wall times swing with the load; CPU seconds (all threads)
+    # compare the work.
+    print(f"CPU seconds: explorer {full_cpu:.1f}, trace_kinds {cli_cpu:.1f}")
     if args.lens:
         layer, pos, _ = run.results["mlp_out"].peak()
         begun = time.perf_counter()
