@@ -965,6 +965,7 @@ def sweep(
     progress: bool,
     description: str = "",
     meter: TraceMeter | None = None,
+    on_cells: Callable[[SweepOutput], None] | None = None,
 ) -> SweepOutput:
     """Patch every cell of ``cells`` (rows of ``site.index_axes`` coordinates) and score it.
 
@@ -1001,6 +1002,18 @@ def sweep(
     Each forward pass and decoded chunk advances ``meter`` (the trace's
     :class:`~lenscope.progress.TraceMeter`, see :func:`trace_meter`);
     without one, ``progress=True`` shows this sweep's own.
+
+    ``on_cells(output)`` (optional) streams the sweep: the finished forward
+    passes are decoded as soon as they hold at least :data:`STREAM_ROWS`
+    rows (whole cells), not all together at the end, and ``on_cells`` gets
+    the outputs so far (cells not yet decoded are NaN / -1) after each
+    decode. The per-cell arithmetic is the same, and the CPU matmul's rows
+    do not depend on how many rows it multiplies once there are several (a
+    remainder smaller than :data:`STREAM_ROWS` is decoded with rows
+    already decoded before it), so the final outputs equal the
+    unstreamed sweep's (tested); the unembedding is read once per decode
+    instead of a few times per trace. The prefix strategy's stairs then run
+    cheapest first (the last positions'), so that the first cells show soonest.
     """
     n_pos, samples = base.tokens.shape[1], base.rows
     answer_id = _single(answer_id)
@@ -1014,7 +1027,18 @@ def sweep(
             meter = stack.enter_context(TraceMeter(total, progress=progress, description=label))
         meter.describe(label)
         return _sweep(
-            model, plan, site, cells, source, base, base_state, answer_id, metrics, top_k, meter
+            model,
+            plan,
+            site,
+            cells,
+            source,
+            base,
+            base_state,
+            answer_id,
+            metrics,
+            top_k,
+            meter,
+            on_cells,
         )
 
 
@@ -1030,6 +1054,7 @@ def _sweep(
     metrics: Sequence[BoundMetric | PatchingMetric],
     top_k: int,
     meter: TraceMeter,
+    on_cells: Callable[[SweepOutput], None] | None = None,
 ) -> SweepOutput:
     """:func:`sweep` after planning."""
     n_layer, n_pos = n_layers(model), base.tokens.shape[1]
@@ -1082,12 +1107,47 @@ def _sweep(
             )
             restored = torch.cat([restored[:, None], after], dim=1)
         finals.append(restored)
+    # Streaming: finals[:streamed] are decoded and in ``out``.
+    streamed = 0
+    least = base.rows * -(-STREAM_ROWS // base.rows)  # whole cells
+
+    def stream(last: bool) -> None:
+        nonlocal streamed
+        new = torch.cat(finals[streamed:]) if finals[streamed:] else None
+        if on_cells is None or new is None or (not last and new.shape[0] < least):
+            return
+        # A small remainder is decoded with rows decoded before it, so that no
+        # matmul has fewer than ``least`` rows (one row takes another kernel).
+        pad = 0
+        if streamed and new.shape[0] < least:
+            before = torch.cat(finals[:streamed])
+            pad = min(least - new.shape[0], before.shape[0])
+            new = torch.cat([before[before.shape[0] - pad :], new])
+        skip = [pad]
+
+        def advance(rows: int) -> None:
+            counted = max(rows - skip[0], 0)
+            skip[0] = max(skip[0] - rows, 0)
+            meter.advance(weight * counted * decoded)
+
+        parts = _decode_cells(model, new, base, answer_id, metrics, top_k, on_chunk=advance)
+        pad_cells = pad // base.rows
+        parts = (parts[0][:, pad_cells:], *(part[pad_cells:] for part in parts[1:]))
+        _fill_cells(out, cells[torch.cat(order[streamed:])], *parts)
+        streamed = len(finals)
+        on_cells(_one_prompt(out, prompts))
+
     entries, first_pos = plan.entries, plan.first_pos
     prefix = entries is not None and first_pos is not None
     corruption_names = [name for name, _ in base.stair_hooks(0)] if prefix else []
     names = [*site.hook_names(n_layer), *corruption_names] if prefix else []
+    batches = list(zip(plan.batches, plan.batch_token_layers, strict=True))
+    if on_cells is not None and prefix:
+        # Streamed, the cheap stairs (late positions: few positions per row) go first,
+        # so that the first cells show soonest; batches are independent.
+        batches.reverse()
     with _switchboard(model, names) as switches:
-        for members, work in zip(plan.batches, plan.batch_token_layers, strict=True):
+        for members, work in batches:
             if entries is None or first_pos is None:  # the full strategy
                 masks = _cell_masks(site, cells[members, 1:], n_pos, decoded)
                 finals.append(
@@ -1119,7 +1179,10 @@ def _sweep(
                 )
             order.append(members)
             meter.advance(work, decides=True)
-    if order:
+            stream(last=False)
+    if on_cells is not None:
+        stream(last=True)
+    elif order:
         decoded_cells = _decode_cells(
             model,
             torch.cat(finals),
@@ -1130,14 +1193,19 @@ def _sweep(
             on_chunk=lambda rows: meter.advance(weight * rows * decoded),
         )
         _fill_cells(out, cells[torch.cat(order)], *decoded_cells)
-    if prompts == 1:
-        return SweepOutput(
-            out.scores[..., 0],
-            out.top_ids[..., 0, :],
-            out.top_probs[..., 0, :],
-            None if out.token_log_probs is None else out.token_log_probs[..., 0, :],
-        )
-    return out
+    return _one_prompt(out, prompts)
+
+
+def _one_prompt(out: SweepOutput, prompts: int) -> SweepOutput:
+    """The outputs without their ``prompt`` axis when one prompt was swept."""
+    if prompts != 1:
+        return out
+    return SweepOutput(
+        out.scores[..., 0],
+        out.top_ids[..., 0, :],
+        out.top_probs[..., 0, :],
+        None if out.token_log_probs is None else out.token_log_probs[..., 0, :],
+    )
 
 
 def _base_logits(
@@ -1381,6 +1449,9 @@ def _fill_cells(
     if out.token_log_probs is not None and token_log_probs is not None:
         out.token_log_probs[index] = token_log_probs.cpu()
 
+
+STREAM_ROWS = 32
+"""A streamed sweep (``sweep(on_cells=...)``) decodes once this many rows have finished."""
 
 # Float32 logits decoded at once: large enough for an efficient unembedding
 # matmul, small enough to stay well inside the memory budget.

@@ -41,11 +41,22 @@ function fmt(value) {
   return Math.abs(value) >= 0.01 || value === 0 ? value.toFixed(3) : value.toExponential(2);
 }
 
+function link(grid, layer, pos, on) {
+  // Linked hover: the same (layer, pos) cell is outlined in the other heatmaps beside this one.
+  const maps = grid.closest(".ls-maps");
+  if (!maps) return;
+  for (const other of maps.querySelectorAll(".ls-grid")) {
+    if (other === grid) continue;
+    const twin = other.querySelector(`.ls-cell[data-layer="${layer}"][data-pos="${pos}"]`);
+    if (twin) twin.classList.toggle("ls-linked", on);
+  }
+}
+
 function heatmap(model, map, clickable) {
   const rows = map.scores.length;
   const cols = map.columns.length;
   const grid = el("div", {
-    class: "ls-grid" + (map.estimate ? " ls-estimate" : ""),
+    class: "ls-grid" + (map.estimate ? " ls-estimate" : "") + (map.partial ? " ls-partial" : ""),
     "data-kind": map.kind,
   });
   grid.style.gridTemplateColumns = `3em repeat(${cols}, minmax(1.6em, 1fr))`;
@@ -54,14 +65,21 @@ function heatmap(model, map, clickable) {
     grid.append(el("div", { class: "ls-layer", text: String(layer) }));
     for (let pos = 0; pos < cols; pos++) {
       const value = map.scores[layer][pos];
+      // A streaming kind: a cell still to come shows its estimate, faded.
+      const guess = value === null && map.estimate_scores ? map.estimate_scores[layer][pos] : null;
+      const pending = map.partial && value === null;
       const cell = el("div", {
-        class: "ls-cell",
+        class: "ls-cell" + (pending ? " ls-pending" : ""),
         "data-layer": String(layer),
         "data-pos": String(pos),
         "data-score": value === null ? "" : String(value),
-        title: `layer ${layer}, ${map.columns[pos]}: ${fmt(value)}`,
+        title:
+          `layer ${layer}, ${map.columns[pos]}: ` +
+          (pending ? `estimate ${fmt(guess)}, exact value to come` : fmt(value)),
       });
-      cell.style.background = cellColour(map, value);
+      cell.style.background = cellColour(map, pending ? guess : value);
+      cell.addEventListener("mouseenter", () => link(grid, layer, pos, true));
+      cell.addEventListener("mouseleave", () => link(grid, layer, pos, false));
       if (clickable) {
         cell.addEventListener("click", () => {
           model.set("cell", { run: map.run, kind: map.kind, layer, pos });
@@ -170,6 +188,12 @@ function render({ model, el: root }) {
   preview.addEventListener("change", () => set("preview", preview.checked));
   const runButton = el("button", { class: "ls-run", text: "Run", onclick: () => send({ action: "run" }) });
   const cancelButton = el("button", { class: "ls-cancel", text: "Cancel", onclick: () => send({ action: "cancel" }) });
+  // Export the current view (the comparison if one is shown, else the run) from the kernel.
+  const exportName = el("input", { type: "text", class: "ls-export-name", value: "explorer-view" });
+  const exportAs = (suffix) => send({ action: "export", path: `${exportName.value || "explorer-view"}${suffix}` });
+  const exportPng = el("button", { class: "ls-export-png", text: "Export PNG", onclick: () => exportAs(".png") });
+  const exportHtml = el("button", { class: "ls-export-html", text: "Export HTML", onclick: () => exportAs(".html") });
+  const exported = el("span", { class: "ls-exported" });
   const bar = el("progress", { class: "ls-progress", max: "1", value: "0" });
   const status = el("span", { class: "ls-status" });
   const error = el("div", { class: "ls-error" });
@@ -204,6 +228,7 @@ function render({ model, el: root }) {
     el("div", { class: "ls-body" }, [maps, cellInfo]),
     history,
     comparison,
+    el("div", { class: "ls-row" }, [el("label", {}, ["view ", exportName]), exportPng, exportHtml, exported]),
   );
 
   // Token chips: click the subject's first token, then shift-click (or click) its last.
@@ -270,11 +295,15 @@ function render({ model, el: root }) {
     cancelButton.disabled = !runButton.disabled;
     error.textContent = model.get("error");
     note.textContent = model.get("subject_note");
+    exported.textContent = model.get("exported") ? `wrote ${model.get("exported")}` : "";
   }
 
   function drawMaps() {
-    // An attribution estimate is drawn, but only an exact kind's cells open.
-    maps.replaceChildren(...model.get("heatmaps").map((map) => heatmap(model, map, !map.estimate)));
+    // An attribution estimate or a kind still streaming is drawn, but only a finished
+    // kind's cells open.
+    maps.replaceChildren(
+      ...model.get("heatmaps").map((map) => heatmap(model, map, !map.estimate && !map.partial)),
+    );
   }
 
   function drawCell() {
@@ -300,6 +329,36 @@ function render({ model, el: root }) {
       el("div", { text: "restored run's top-k:" }),
       top,
     ];
+    if (info.kind && info.kind.startsWith("attn")) {
+      if (info.heads) {
+        // Each head restored alone (its hook_z, the cell's window): one bar per head.
+        const high = Math.max(...info.heads.map((v) => Math.abs(v ?? 0)), 1e-12);
+        const rows = info.heads.map((value, head) => {
+          const bar = el("span", { class: "ls-head-bar" });
+          bar.style.width = `${(8 * Math.abs(value ?? 0)) / high}em`;
+          return el("div", { class: "ls-head", "data-head": String(head), "data-score": String(value) }, [
+            `head ${head} `,
+            bar,
+            ` ${fmt(value)}`,
+          ]);
+        });
+        parts.push(el("div", { class: "ls-heads" }, [el("div", { text: "each head restored alone:" }), ...rows]));
+      } else if (info.heads_note) {
+        parts.push(el("div", { class: "ls-error", text: info.heads_note }));
+      } else {
+        parts.push(
+          el("button", {
+            class: "ls-heads-button",
+            text: "per-head breakdown",
+            onclick: (event) => {
+              event.target.disabled = true;
+              event.target.textContent = "tracing each head…";
+              send({ action: "heads", run: info.run, kind: info.kind, layer: info.layer, pos: info.pos });
+            },
+          }),
+        );
+      }
+    }
     if (info.lens) {
       const table = el("table", { class: "ls-lens" });
       const runs = ["clean", "corrupted", "restored"];
@@ -386,7 +445,7 @@ function render({ model, el: root }) {
     comparison: drawComparison,
   };
   for (const [name, draw] of Object.entries(draws)) model.on(`change:${name}`, draw);
-  for (const name of ["status", "progress", "progress_text", "error", "subject_note"]) {
+  for (const name of ["status", "progress", "progress_text", "error", "subject_note", "exported"]) {
     model.on(`change:${name}`, drawStatus);
   }
   for (const name of ["prompt", "answer", "kinds", "window", "corruption", "noise_multiplier", "samples", "counterfactual", "direction", "metric", "lens", "preview"]) {

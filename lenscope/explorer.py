@@ -10,24 +10,30 @@ direction and the metric. A run traces in a worker thread, one kind after the
 other with :meth:`~lenscope.tracer.CausalTracer.trace_kinds` and the same
 settings (the noise is seeded, so each kind is the one a single
 ``trace_kinds`` call of every kind gives), so the kernel stays responsive and
-each kind's heatmap reaches the front end as soon as it is finished. Progress
-comes from the engine's own :class:`~lenscope.progress.TraceMeter`
-(:func:`lenscope.progress.watching`), which is also where a cancel stops the
-sweep: the trace then leaves the model as it was (hooks, parameters, grad
-flags, modes), and the kinds already finished are kept. Clicking a cell shows
+each kind's heatmap reaches the front end as soon as it is finished. Before
+that, every kind's attribution estimate is shown (one forward and one
+backward pass), and each kind's exact cells stream in over it as the sweep's
+batches finish. Progress and those cells come from the engine's own
+:class:`~lenscope.progress.TraceMeter` (:func:`lenscope.progress.watching`),
+which is also where a cancel stops the sweep: the trace then leaves the model
+as it was (hooks, parameters, grad flags, modes), and the kinds already
+finished are kept. Clicking a cell shows
 the restored run's top-k (the trace's own) and the cell through the lens
-(:func:`~lenscope.lens.lens_trace_cell`). Every finished run is kept in
+(:func:`~lenscope.lens.lens_trace_cell`), and for an attention cell, on demand,
+each head restored alone (:meth:`Explorer.heads`). Every finished run is kept in
 :attr:`Explorer.results` as an :class:`ExplorerRun`; :meth:`Explorer.compare`
 draws two of them side by side or as a difference
 (:func:`lenscope.plotting.plot_traces`).
 
 The front end (``explorer.js``) draws the heatmaps itself, as a grid of
 elements (no plotly.js in the notebook: the widget stays small, works
-offline, and every cell can be read from the page); the HTML and JSON
-exports use lenscope's plotly figures and result records.
+offline, and every cell can be read from the page); the exports of the
+current view (HTML, PNG: :meth:`Explorer.export`) and of the runs (JSON) use
+lenscope's plotly figures and result records.
 """
 
 import dataclasses
+import json
 import math
 import threading
 import time
@@ -54,7 +60,7 @@ from lenscope.tokens import (
     token_labels,
 )
 from lenscope.tracer import CausalTracer, _check_answer
-from lenscope.validation import InvalidInput, InvalidInputType
+from lenscope.validation import AnswerWarning, InvalidInput, InvalidInputType
 
 __all__ = [
     "EXPLORE_INSTALL_HINT",
@@ -71,6 +77,9 @@ CORRUPTION_CHOICES = ("noise", "counterfactual")
 """What the explorer's ``corruption`` trait may say: ROME's noise, or a counterfactual prompt."""
 
 _FORMAT = "lenscope.ExplorerRun/1"
+
+_EXPORT_SUFFIXES = (".html", ".png", ".svg", ".pdf")
+"""What :meth:`Explorer.export` writes: a page, or an image through kaleido."""
 
 _KIND_COLOURS = {"resid": "#6a3d9a", "mlp": "#1b7837", "attn": "#b2182b"}
 """ROME's colours: purple for the residual stream, green for MLPs, red for attention."""
@@ -238,6 +247,72 @@ def heatmap_data(result: TraceResult, *, title: str, scores: torch.Tensor | None
     }
 
 
+def partial_heatmap(
+    kind: str,
+    scores: torch.Tensor,
+    *,
+    index: int,
+    tokens: list[str],
+    subject: Any = None,
+    estimate: list[list[float | None]] | None = None,
+    like: Mapping[str, Any] | None = None,
+) -> dict | None:
+    """What the front end draws of a kind while its sweep streams: exact cells so far.
+
+    Args:
+        kind: The kind being swept.
+        scores: The grid so far (``[layer, unit]``, NaN: not yet traced), on
+            the result's scale (:attr:`TraceMeter.cells`).
+        index: The run's index.
+        tokens: The prompt's token labels (the columns when there is no
+            earlier map of the kind).
+        subject: The subject's ``[start, end)``.
+        estimate: The kind's attribution estimate (drawn, faded, in the cells
+            still to come).
+        like: The kind's earlier map (its estimate or a partial one): its
+            columns and labels are kept.
+
+    Returns:
+        The map (``partial`` True), or None for a grid that is not
+        ``(layer, unit)`` with a known column for each unit.
+    """
+    if scores.ndim != 2:
+        return None
+    if like is not None:
+        columns, axis, subject = like["columns"], like["axis"], like["subject"]
+    elif scores.shape[1] == len(tokens):
+        columns, axis = list(tokens), "pos"
+    else:
+        return None
+    if len(columns) != scores.shape[1]:
+        return None
+    grid = scores.float()
+    done = torch.isfinite(grid)
+    seen = grid[done].tolist()
+    if estimate is not None:
+        seen += [v for row in estimate for v in row if v is not None]
+    low, high = (min(seen), max(seen)) if seen else (0.0, 1.0)
+    n_done, n_cells = int(done.sum()), grid.numel()
+    return {
+        "kind": kind,
+        "title": f"{kind} (exact: {n_done} of {n_cells} cells"
+        + (", the rest estimated)" if estimate is not None else ")"),
+        "axis": axis,
+        "columns": columns,
+        "subject": None if subject is None or axis != "pos" else list(subject),
+        "scores": [[_json_float(v) for v in row] for row in grid.tolist()],
+        "estimate_scores": estimate,
+        "zmin": low,
+        "zmax": high,
+        "diverging": False,
+        "colour": kind_colour(kind),
+        "run": index,
+        "partial": True,
+        "done": n_done,
+        "cells": n_cells,
+    }
+
+
 def shared_vocab(results: Mapping[str, TraceResult]) -> dict[str, TraceResult]:
     """The results with one ``vocab``: the text of every token id any of them shows.
 
@@ -273,15 +348,17 @@ def _define_explorer() -> type:
         ``"counterfactual"``), ``noise_multiplier``, ``samples``,
         ``counterfactual`` (the counterfactual prompt), ``direction``,
         ``metric`` (``""``: the corruption's default), ``preview`` (first show
-        every kind's attribution estimate, one backward pass, each replaced by
-        its exact sweep when that finishes) and ``cell``
+        every kind's attribution estimate, one backward pass; then stream each
+        kind's exact cells over it as the sweep's batches finish, and show the
+        kind's result when its sweep is done) and ``cell``
         (``{"run", "kind", "layer", "pos"}``: a clicked cell). Traits set
         here: ``tokens``, ``subject_note``, ``answer_info``,
         ``answer_warning``, ``status`` (``idle``, ``running``,
         ``cancelling``, ``done``, ``cancelled``, ``error``), ``progress``
         (0 to 1), ``progress_text``, ``error`` (lenscope's message),
         ``heatmaps`` (the shown run's kinds, as they finish), ``cell_info``,
-        ``history`` and ``comparison``. ``lens`` (default True) computes the
+        ``history``, ``comparison`` and ``exported`` (the path the last
+        export wrote). ``lens`` (default True) computes the
         clicked cell's lens view (:func:`~lenscope.lens.lens_trace_cell`), which
         decodes every layer and position of three runs: minutes on a large
         vocabulary on a CPU, during which the next run waits; a new click or a
@@ -317,6 +394,7 @@ def _define_explorer() -> type:
         cell_info = traitlets.Dict().tag(sync=True)
         history = traitlets.List(traitlets.Dict()).tag(sync=True)
         comparison = traitlets.Dict().tag(sync=True)
+        exported = traitlets.Unicode("").tag(sync=True)
 
         def __init__(self, model_or_tracer: Any, **traits: Any) -> None:
             if isinstance(model_or_tracer, CausalTracer):
@@ -328,6 +406,9 @@ def _define_explorer() -> type:
             """Every finished (or cancelled, with finished kinds) run, oldest first."""
             self.cell_views: dict[tuple[int, str, int, int], Any] = {}
             """The lens views of clicked cells: ``{(run, kind, layer, pos): CellTrajectories}``."""
+            self.head_views: dict[tuple[int, str, int, int], TraceResult] = {}
+            """Per-head breakdowns asked for: ``{(run, kind, layer, pos): TraceResult}``."""
+            self._run_settings: dict[str, Any] = {}
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="lenscope-explore")
             self._cancel = threading.Event()
             self._partial: dict[str, TraceResult] = {}
@@ -351,6 +432,12 @@ def _define_explorer() -> type:
                 self.run()
             elif action == "cancel":
                 self.cancel()
+            elif action == "heads":
+                cell = {k: content.get(k) for k in ("run", "kind", "layer", "pos")}
+                self._submit(lambda: self._show_heads(cell), "per-head breakdown")
+            elif action == "export":
+                path = content.get("path", "")
+                self._submit(lambda: self._export(path), "export")
             elif action == "compare":
                 self.compare(int(content["a"]), int(content["b"]), mode=content.get("mode", "side"))
 
@@ -520,6 +607,7 @@ def _define_explorer() -> type:
             self.heatmaps, self.cell_info, self.comparison = [], {}, {}
             self.status, self.progress, self.progress_text = "running", 0.0, "starting"
             settings = self.run_settings()
+            self._run_settings = settings
             future = self._submit(lambda: self._run(settings, call), "run")
             if not wait:
                 return None
@@ -549,7 +637,8 @@ def _define_explorer() -> type:
                     if self._cancel.is_set():
                         cancelled = True
                         break
-                    with watching(self._watcher(kind, done, len(kinds))):
+                    watcher = self._watcher(kind, done, len(kinds), index, settings)
+                    with watching(watcher, cells=bool(settings.get("preview"))):
                         one = dataclasses.replace(call["settings"], kinds=(kind,))
                         out = self.tracer.trace_kinds(
                             call["prompt"], call["subject"], one, progress=False
@@ -601,10 +690,17 @@ def _define_explorer() -> type:
                 for kind, result in estimates.items()
             ]
 
-        def _watcher(self, kind: str, done: int, total: int) -> Callable[[TraceMeter], None]:
+        def _watcher(
+            self, kind: str, done: int, total: int, index: int, settings: Mapping[str, Any]
+        ) -> Callable[[TraceMeter], None]:
+            shown: list[Any] = [None]
+
             def watch(meter: TraceMeter) -> None:
                 if self._cancel.is_set():
                     raise TraceCancelled(f"cancelled during {kind}")
+                if meter.cells is not None and meter.cells is not shown[0]:
+                    shown[0] = meter.cells
+                    self._show_partial(kind, meter.cells[1], index, settings)
                 part = meter.done / meter.total if meter.total else 1.0
                 self.progress = (done + min(part, 1.0)) / total
                 left = meter.remaining()
@@ -613,6 +709,36 @@ def _define_explorer() -> type:
                 )
 
             return watch
+
+        def _show_partial(
+            self, kind: str, scores: torch.Tensor, index: int, settings: Mapping[str, Any]
+        ) -> None:
+            """A kind's exact cells so far, over its estimate where there is one.
+
+            Drawn until the kind's sweep finishes and its result replaces it;
+            like an estimate, not clickable.
+            """
+            earlier = next((m for m in self.heatmaps if m["kind"] == kind), None)
+            estimate = None
+            if earlier is not None and earlier.get("partial"):
+                estimate = earlier["estimate_scores"]
+            elif earlier is not None and earlier.get("estimate"):
+                estimate = earlier["scores"]
+            map_ = partial_heatmap(
+                kind,
+                scores,
+                index=index,
+                tokens=self.tokens,
+                subject=settings.get("subject"),
+                estimate=estimate,
+                like=earlier,
+            )
+            if map_ is None:
+                return
+            if earlier is not None:
+                self.heatmaps = [map_ if m["kind"] == kind else m for m in self.heatmaps]
+            else:
+                self.heatmaps = [*self.heatmaps, map_]
 
         def _submit(self, job: Callable[[], None], what: str) -> Future:
             def guarded() -> None:
@@ -705,6 +831,83 @@ def _define_explorer() -> type:
             if click == self._cell_clicks:  # the latest click: show it
                 self.cell_info = {**info, "lens": lens, "lens_note": ""}
 
+        def heads(
+            self, layer: int, pos: int, *, kind: str = "attn_out", run: int | None = None
+        ) -> TraceResult:
+            """The per-head breakdown of an attention cell: each head restored alone.
+
+            An ``attn_out`` cell restores the attention output at position
+            ``pos`` in the layers of its window; the breakdown restores one
+            head's output (its ``hook_z``: ``attn_out`` is the sum of the heads'
+            ``z @ W_O``) at ``pos`` in the same layers, with the run's
+            corruption, answer and metric: ``tracer.trace_kinds`` of kind
+            ``"z"``, ``by="head_pos"``, ``layers=[layer]``, ``positions=[pos]``
+            and the cell's window. The heads' effects need not add up to the
+            cell's (the model is not linear in them).
+
+            Args:
+                layer: The cell's layer.
+                pos: The cell's position.
+                kind: An attention kind of the run (``attn_out``).
+                run: The run's index in :attr:`results` (None: the one shown).
+
+            Returns:
+                The trace (axes ``("layer", "head", "pos")``; the cell's column
+                is ``result.scores[layer, :, pos]``), also kept in
+                :attr:`head_views`.
+
+            Raises:
+                InvalidInput: A kind that is not an attention kind, a run or
+                    kind that has not finished, a layer or position outside the grid.
+            """
+            if not str(kind).startswith("attn"):
+                raise InvalidInput(
+                    f"the per-head breakdown is of an attention cell (kind 'attn_out'), got "
+                    f"kind {kind!r}; click a cell of the attn_out heatmap"
+                )
+            index, result = self._result(run, kind)
+            n_layer, n_pos = result.scores.shape[:2]
+            if not (0 <= layer < n_layer and 0 <= pos < n_pos):
+                raise InvalidInput(
+                    f"the cell must lie in the {kind} grid (layers 0 to {n_layer - 1}, positions "
+                    f"0 to {n_pos - 1}), got layer {layer!r}, pos {pos!r}; click a cell"
+                )
+            settings = (
+                self.results[index].settings if index < len(self.results) else self._run_settings
+            )
+            call = self.trace_options(settings)
+            per_head = self.tracer.settings(
+                call["settings"],
+                kinds=("z",),
+                by="head_pos",
+                layers=[layer],
+                positions=[pos],
+                windows=result.window,
+            )
+            with warnings.catch_warnings():
+                # The run already showed its answer warnings.
+                warnings.simplefilter("ignore", AnswerWarning)
+                out = self.tracer.trace_kinds(
+                    call["prompt"], call["subject"], per_head, progress=False
+                )["z"]
+            self.head_views[(index, kind, layer, pos)] = out
+            return out
+
+        def _show_heads(self, cell: Mapping[str, Any]) -> None:
+            """The per-head breakdown of the clicked cell, into ``cell_info`` (worker thread)."""
+            key = {k: cell.get(k) for k in ("run", "kind", "layer", "pos")}
+            try:
+                run = None if key["run"] is None else int(key["run"])
+                layer, pos = int(key["layer"]), int(key["pos"])
+                result = self.heads(layer, pos, kind=str(key["kind"]), run=run)
+                heads = [_json_float(v) for v in result.scores[layer, :, pos].tolist()]
+                shown = {"heads": heads, "heads_note": ""}
+            except (InvalidInput, InvalidInputType, TypeError, ValueError) as e:
+                shown = {"heads": None, "heads_note": _message(e)}
+            info = self.cell_info
+            if all(info.get(k) == key[k] for k in ("kind", "layer", "pos")):
+                self.cell_info = {**info, **shown}
+
         # --- history and export -------------------------------------------------
 
         def compare(self, i: int, j: int, *, mode: str = "side") -> Any:
@@ -717,6 +920,12 @@ def _define_explorer() -> type:
                 InvalidInput: An index outside :attr:`results`, an unknown mode,
                     or (difference) runs of other tokens, grids or metrics.
             """
+            fig, maps = self._comparison(i, j, mode)
+            self.comparison = {"mode": mode, "runs": [i, j], "heatmaps": maps}
+            return fig
+
+        def _comparison(self, i: int, j: int, mode: str) -> tuple[Any, list[dict]]:
+            """The figure and the front end's maps of :meth:`compare`."""
             from lenscope.plotting import plot_traces
 
             modes = ("side", "difference")
@@ -745,8 +954,7 @@ def _define_explorer() -> type:
                 }
                 fig = plot_traces(panels, allow_mismatch=True)
                 maps = [heatmap_data(res, title=name) for name, res in panels.items()]
-            self.comparison = {"mode": mode, "runs": [i, j], "heatmaps": maps}
-            return fig
+            return fig, maps
 
         def figure(self, run: int = -1) -> Any:
             """The plotly figure of a run's kinds (default the last run)."""
@@ -760,6 +968,62 @@ def _define_explorer() -> type:
 
             return save_html(self.figure(run), path, **options)
 
+        def view_figure(self) -> Any:
+            """The plotly figure of what the widget shows now.
+
+            The comparison when one is shown (:meth:`compare`, side by side or
+            the difference), else the last run's kinds (:meth:`figure`).
+            """
+            view = self.comparison
+            if view and view.get("runs"):
+                return self._comparison(*view["runs"], view["mode"])[0]
+            return self.figure()
+
+        def export(self, path: str | Path, **options: Any) -> Path:
+            """Write the current view (:meth:`view_figure`) as a page or an image.
+
+            The widget's Export buttons call it with the name typed beside
+            them (relative to the kernel's working folder) and show the path
+            written in ``exported``.
+
+            Args:
+                path: ``.html`` (:func:`lenscope.plotting.save_html`: offline,
+                    with linked hover and the settings table) or ``.png``,
+                    ``.svg``, ``.pdf`` (:func:`lenscope.plotting.save_image`,
+                    through kaleido).
+                **options: Passed on to ``save_html`` or ``save_image``.
+
+            Returns:
+                The path written.
+
+            Raises:
+                InvalidInput: Another suffix, or no run finished yet.
+                ImportError: An image without kaleido installed.
+            """
+            from lenscope.plotting import save_html, save_image
+
+            path = Path(path)
+            suffix = path.suffix.lower()
+            if suffix not in _EXPORT_SUFFIXES:
+                raise InvalidInput(
+                    f"export path must end in one of {_EXPORT_SUFFIXES}, got {str(path)!r}; "
+                    "e.g. explorer.export('view.png') or explorer.export('view.html')"
+                )
+            fig = self.view_figure()
+            written = save_html(fig, path, **options) if suffix == ".html" else None
+            if written is None:
+                written = save_image(fig, path, **options)
+            self.exported = str(written)
+            return written
+
+        def _export(self, path: Any) -> None:
+            """The front end's Export: the path written, or the reason, in the widget."""
+            try:
+                self.export(str(path))
+                self.error = ""
+            except (InvalidInput, InvalidInputType, ImportError) as e:
+                self.exported, self.error = "", str(e)
+
         def save_json(self, path: str | Path) -> Path:
             """Write every run (:meth:`ExplorerRun.to_dict`) as one JSON list."""
             return write_json([run.to_dict() for run in self.results], path)
@@ -772,6 +1036,45 @@ def _define_explorer() -> type:
 
     Explorer.__module__ = __name__
     return Explorer
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
+<div id="root"></div>
+<script id="state" type="application/json">{state}</script>
+<script type="module">
+{js}
+const state = JSON.parse(document.getElementById("state").textContent);
+const listeners = {{}};
+window.sets = []; window.sent = [];
+window.model = {{
+  get: (name) => state[name],
+  set: (name, value) => {{
+    state[name] = value; window.sets.push([name, value]);
+    (listeners["change:" + name] || []).forEach((f) => f());
+  }},
+  on: (event, f) => (listeners[event] = listeners[event] || []).push(f),
+  save_changes: () => {{}},
+  send: (content) => window.sent.push(content),
+}};
+render({{ model: window.model, el: document.getElementById("root") }});
+window.ready = true;
+</script></body></html>"""
+
+
+def widget_page(state: Mapping[str, Any]) -> str:
+    """The widget's front end drawn from a snapshot of its state, without a kernel.
+
+    A stand-in for anywidget's model (``get``, ``set``, ``on``,
+    ``save_changes``, ``send``) holds ``state`` (``explorer.get_state()``)
+    and records what the page sets and sends (``window.sets``,
+    ``window.sent``): the browser test drives it, and
+    ``scripts/explorer_screenshots.py`` takes the README's pictures of it.
+    """
+    here = Path(__file__).parent
+    shown = {k: v for k, v in state.items() if not k.startswith("_")}
+    js = (here / "explorer.js").read_text().replace("export default { render };", "")
+    text = json.dumps(shown).replace("</", "<\\/")
+    return _PAGE.format(css=(here / "explorer.css").read_text(), state=text, js=js)
 
 
 def load_runs(path: str | Path) -> list[ExplorerRun]:

@@ -17,6 +17,9 @@ every step. Code that runs a trace for someone else (the notebook explorer,
 :mod:`lenscope.explorer`) watches every meter created inside
 :func:`watching`: its callback sees the meter after each step, and may raise to
 stop the trace there (the trace then leaves the model as it was, as after any error).
+A watch with ``cells=True`` also streams the trace: each kind's sweep decodes
+its cells as their forward passes finish, and the meter's :attr:`TraceMeter.cells`
+holds the kind's grid so far (NaN where a cell is still to come).
 """
 
 import contextlib
@@ -26,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 LONG_TRACE_SECONDS = 600.0
@@ -36,10 +40,11 @@ _LOG = logging.getLogger("lenscope.progress")
 _WATCHERS: contextvars.ContextVar[tuple[Callable[["TraceMeter"], None], ...]] = (
     contextvars.ContextVar("lenscope_meter_watchers", default=())
 )
+_CELLS: contextvars.ContextVar[bool] = contextvars.ContextVar("lenscope_meter_cells", default=False)
 
 
 @contextlib.contextmanager
-def watching(callback: Callable[["TraceMeter"], None]) -> Iterator[None]:
+def watching(callback: Callable[["TraceMeter"], None], *, cells: bool = False) -> Iterator[None]:
     """Call ``callback(meter)`` after every step of each :class:`TraceMeter` made inside.
 
     The watch is a context variable: a trace run in a worker thread is
@@ -50,12 +55,18 @@ def watching(callback: Callable[["TraceMeter"], None]) -> Iterator[None]:
     Args:
         callback: Called with the meter after each :meth:`TraceMeter.advance`
             and :meth:`TraceMeter.warmed_up` (``meter.done``, ``meter.total``,
-            ``meter.description``, :meth:`TraceMeter.remaining`).
+            ``meter.description``, :meth:`TraceMeter.remaining`), and with
+            ``cells``, after each :meth:`TraceMeter.show_cells`.
+        cells: Stream the traces made inside: their sweeps decode cells as
+            they finish and show them (:attr:`TraceMeter.cells`). The results
+            are the same; the unembedding is read once per decoded batch.
     """
     token = _WATCHERS.set((*_WATCHERS.get(), callback))
+    cells_token = _CELLS.set(_CELLS.get() or cells)
     try:
         yield
     finally:
+        _CELLS.reset(cells_token)
         _WATCHERS.reset(token)
 
 
@@ -142,6 +153,10 @@ class TraceMeter:
         self.description = description
         """The label of the work in progress (e.g. the kind being traced)."""
         self._watchers = _WATCHERS.get()
+        self.streams = _CELLS.get()
+        """Someone watches cells (``watching(..., cells=True)``): sweeps should stream."""
+        self.cells: tuple[str, Float[torch.Tensor, "layer ..."]] | None = None
+        """The latest :meth:`show_cells`: ``(kind, scores so far)``."""
         self._bar = (
             tqdm(
                 total=self.total,
@@ -193,6 +208,11 @@ class TraceMeter:
                 if estimate > LONG_TRACE_SECONDS and self.on_long is not None:
                     self.on_long(estimate)
         self._refresh(units)
+        self._notify()
+
+    def show_cells(self, kind: str, scores: Float[torch.Tensor, "layer ..."]) -> None:
+        """Show a kind's cells so far (NaN: still to come) to the watchers."""
+        self.cells = (kind, scores)
         self._notify()
 
     def _notify(self) -> None:

@@ -13,7 +13,7 @@ probability comes back. Everything goes through hook names, so a
 import contextlib
 import dataclasses
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -435,6 +435,13 @@ class CausalTracer:
             interrupt.armed = True  # Ctrl-C from here on keeps the kinds already swept
             for where in prepared.sites:
                 label = f"{'noise' if noising else 'trace'} {where.name}"
+                # A watcher of cells (the explorer) sees the first metric's grid
+                # fill in, where one sweep gives it (no answer set, no foil sweep).
+                on_cells = (
+                    _shown_cells(meter, where.name, measure.metrics[0], baselines)
+                    if meter.streams and not groups and foil_runs is None
+                    else None
+                )
                 outs = [
                     engine.sweep(
                         model,
@@ -454,6 +461,7 @@ class CausalTracer:
                         progress=progress,
                         description=label if not j else f"{label} (answers {j + 1})",
                         meter=meter,
+                        on_cells=on_cells,
                     )
                     for j, (runs, group) in enumerate(
                         zip(group_runs, [g for _, g in groups] or [()], strict=True)
@@ -634,6 +642,18 @@ def _combine_members(
         elif metric.reads == "log_prob":
             scores[i] = per_copy.mean(-1)
     return engine.SweepOutput(scores, first.top_ids, first.top_probs, per_member.mean(-2))
+
+
+def _shown_cells(
+    meter: Any, kind: str, metric: metrics.BoundMetric, baselines: Any
+) -> Callable[[engine.SweepOutput], None]:
+    """A sweep's ``on_cells``: the first metric's grid so far, as results normalise it, shown."""
+    clean, corrupted = baselines.clean_scores[0], baselines.corrupted_scores[0]
+
+    def show(out: engine.SweepOutput) -> None:
+        meter.show_cells(kind, metric.normalize(out.scores[0].clone(), clean, corrupted))
+
+    return show
 
 
 def _mean_score(logits: Tensor, ids: Sequence[int], name: str) -> float:

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_PROMPT
 
 import lenscope
+from lenscope import engine, progress
 
 SAMPLES = 3
 
@@ -554,3 +555,52 @@ def test_result_window_layers_agree_with_the_engines_windows(tiny_model):
         for layer in range(n_layers):
             lo, hi = r.window_layers(layer)
             assert rows[layer].nonzero().flatten().tolist() == list(range(lo, hi))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ("prefix", {"samples": 3, "kinds": ("resid_post", "mlp_out")}),
+        ("full", {"samples": 3, "metric": "normalized_prob", "kinds": ("resid_pre", "mlp_out")}),
+        ("prefix", {"corruption": "counterfactual", "metric": "log_prob", "kinds": ("attn_out",)}),
+        ("prefix", {"samples": 2, "answer": " city of", "kinds": ("mlp_out",)}),
+    ],
+)
+def test_a_streamed_trace_equals_the_trace_and_shows_each_batch(
+    tiny_model, monkeypatch, strategy, options
+):
+    # progress.watching(..., cells=True) makes each sweep decode its batches as they
+    # finish (sweep(on_cells=...)) and show the first metric's grid so far.
+    monkeypatch.setattr(engine, "STREAM_ROWS", 4)  # a tiny grid: decode often
+    options = dict(options)
+    subject = "The Eiffel Tower"
+    if options.pop("corruption", None):
+        options["corruption"] = lenscope.CounterfactualPrompt(
+            "The Space Needle is located in the city of"
+        )
+        subject = None
+    # Two copies per forward pass: many small batches, remainders smaller than STREAM_ROWS.
+    tracer = lenscope.CausalTracer(tiny_model, progress=False, strategy=strategy, batch_size=2)
+    plain = tracer.trace_kinds(TINY_PROMPT, subject, **options)
+    plain = plain if isinstance(plain, dict) else {plain.kind: plain}
+    shown = []
+
+    def watch(meter):
+        if meter.cells is not None and (not shown or meter.cells is not shown[-1][2]):
+            shown.append((meter.cells[0], meter.cells[1].clone(), meter.cells))
+
+    with progress.watching(watch, cells=True):
+        streamed = tracer.trace_kinds(TINY_PROMPT, subject, **options)
+    streamed = streamed if isinstance(streamed, dict) else {streamed.kind: streamed}
+    for kind, result in plain.items():
+        assert streamed[kind].to_dict() == result.to_dict()  # exactly
+        grids = [grid for shown_kind, grid, _ in shown if shown_kind == kind]
+        assert len(grids) >= 3, "the kind's cells were not shown batch by batch"
+        counts = [int(torch.isfinite(grid).sum()) for grid in grids]
+        assert counts == sorted(counts) and counts[0] < counts[-1] == result.scores.numel()
+        for grid in grids:  # every cell shown is the result's, on its scale
+            done = torch.isfinite(grid)
+            assert torch.equal(grid[done], result.scores[done])
+    assert [kind for kind, _, _ in shown] == sorted(
+        (kind for kind, _, _ in shown), key=list(plain).index
+    )

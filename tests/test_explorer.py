@@ -1,5 +1,6 @@
 """lenscope.explore(): the explorer widget's kernel side (traits in, results out), no browser."""
 
+import math
 import re
 import sys
 
@@ -10,6 +11,7 @@ from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_model
 import lenscope
 from lenscope import explorer as explorer_module
 from lenscope.noise import draw_noise
+from lenscope.validation import InvalidInput
 
 pytest.importorskip("anywidget")
 
@@ -150,14 +152,20 @@ def test_partial_results_arrive_in_order(make_explorer, tiny_model):
     explorer.observe(lambda c: progress.append(c["new"]), "progress")
     explorer.observe(lambda c: statuses.append(c["new"]), "status")
     run = explorer.run(wait=True)
-    # First every kind's attribution estimate, then each replaced by its exact sweep, in order.
-    steps = [[(m["kind"], m.get("estimate", False)) for m in maps] for maps in seen]
+    # First every kind's attribution estimate; then, kind by kind, its exact cells as its
+    # batches finish (over the estimate), then its exact sweep's result.
+    steps = [[(m["kind"], _state_of(m)) for m in maps] for maps in seen]
+    steps = [step for i, step in enumerate(steps) if not i or step != steps[i - 1]]
     r, m, a = ROME_KINDS
+    e, p, x = "estimate", "partial", "exact"
     assert steps == [
-        [(r, True), (m, True), (a, True)],
-        [(r, False), (m, True), (a, True)],
-        [(r, False), (m, False), (a, True)],
-        [(r, False), (m, False), (a, False)],
+        [(r, e), (m, e), (a, e)],
+        [(r, p), (m, e), (a, e)],
+        [(r, x), (m, e), (a, e)],
+        [(r, x), (m, p), (a, e)],
+        [(r, x), (m, x), (a, e)],
+        [(r, x), (m, x), (a, p)],
+        [(r, x), (m, x), (a, x)],
     ]
     tracer = lenscope.CausalTracer(tiny_model, progress=False)
     estimates = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, samples=3)
@@ -165,6 +173,18 @@ def test_partial_results_arrive_in_order(make_explorer, tiny_model):
         assert torch.equal(torch.tensor(drawn["scores"]), estimates[drawn["kind"]].scores)
     for drawn in seen[-1]:
         assert torch.equal(torch.tensor(drawn["scores"]), run.results[drawn["kind"]].scores)
+    partial = [d for maps in seen for d in maps if d.get("partial")]
+    counts = {}
+    for drawn in partial:  # exact cells so far, the estimate kept for the others
+        exact = torch.tensor(
+            [[math.nan if v is None else v for v in row] for row in drawn["scores"]]
+        )
+        done = torch.isfinite(exact)
+        assert torch.equal(exact[done], run.results[drawn["kind"]].scores[done])
+        assert drawn["estimate_scores"] == seen[0][ROME_KINDS.index(drawn["kind"])]["scores"]
+        assert drawn["done"] == int(done.sum()) and f"exact: {drawn['done']} of" in drawn["title"]
+        counts.setdefault(drawn["kind"], []).append(drawn["done"])
+    assert all(len(c) >= 2 and c == sorted(c) for c in counts.values()), counts
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert len(progress) > 6  # the meters' steps inside each kind, not only the kinds
     assert statuses == ["running", "done"]
@@ -179,6 +199,10 @@ def test_partial_results_arrive_in_order(make_explorer, tiny_model):
         [(r, False), (m, False)],
         [(r, False), (m, False), (a, False)],
     ]
+
+
+def _state_of(drawn):
+    return "estimate" if drawn.get("estimate") else "partial" if drawn.get("partial") else "exact"
 
 
 def _state(model):
@@ -198,7 +222,10 @@ def _state(model):
     )
 
 
-def test_cancel_mid_sweep_leaves_the_model_and_keeps_finished_kinds(tiny_tokenizer, make_explorer):
+@pytest.mark.parametrize("preview", [False, True])  # True: estimates, then a streamed sweep
+def test_cancel_mid_sweep_leaves_the_model_and_keeps_finished_kinds(
+    tiny_tokenizer, make_explorer, preview
+):
     model = make_tiny_model(tiny_tokenizer)
     calls = []
     model.blocks[0].hook_resid_pre.add_hook(lambda act, hook: calls.append(1), is_permanent=True)
@@ -212,7 +239,7 @@ def test_cancel_mid_sweep_leaves_the_model_and_keeps_finished_kinds(tiny_tokeniz
         model(model.to_tokens(TINY_PROMPT))
     before = _state(model)
     assert any(before[2]) and not all(before[2]) and any(before[3]) and not all(before[3])
-    explorer = make_explorer(model, batch=2, preview=False)
+    explorer = make_explorer(model, batch=2, preview=preview)
     cancelled_at = []
 
     def cancel_inside_second_kind(change):
@@ -303,6 +330,56 @@ def test_cell_click_gives_the_restored_top_k_and_lens(make_explorer, tiny_model)
     )
 
 
+@torch.no_grad()
+def test_per_head_breakdown_of_an_attention_cell(make_explorer, tiny_model):
+    explorer = make_explorer(kinds=["attn_out", "mlp_out"], window=2, preview=False)
+    run = explorer.run(wait=True)
+    cell = run.results["attn_out"]
+    layer, pos = 2, 5
+    explorer.cell = {"run": 0, "kind": "attn_out", "layer": layer, "pos": pos}
+    explorer._on_front_end_message(None, {**explorer.cell, "action": "heads"})  # the button
+    explorer.wait()
+    shown = explorer.cell_info["heads"]
+    assert explorer.cell_info["heads_note"] == ""
+    assert (0, "attn_out", layer, pos) in explorer.head_views
+
+    # Independent: the noised subject, one head's clean hook_z put back at pos in the
+    # cell's window (layers 1 and 2 for layer 2, window 2), p(answer) averaged over copies.
+    tokens = tiny_model.to_tokens(TINY_PROMPT)
+    window = range(max(0, layer - 1), min(tiny_model.cfg.n_layers, layer + 1))
+    _, cache = tiny_model.run_with_cache(tokens)
+    start, end = cell.subject_range
+    noise = draw_noise(3, end - start, tiny_model.cfg.d_model, cell.noise_std, cell.seed)
+
+    def add_noise(act, hook):
+        act = act.clone()
+        act[:, start:end] += noise.to(act.dtype)
+        return act
+
+    expected = []
+    for head in range(tiny_model.cfg.n_heads):
+
+        def restore(act, hook, head=head):
+            act = act.clone()
+            act[:, pos, head] = cache[hook.name][0, pos, head]
+            return act
+
+        logits = tiny_model.run_with_hooks(
+            tokens.repeat(3, 1),
+            fwd_hooks=[("hook_embed", add_noise)]
+            + [(f"blocks.{i}.attn.hook_z", restore) for i in window],
+        )
+        probs = torch.softmax(logits[:, -1].float(), -1)[:, cell.answer_id]
+        expected.append(float(probs.mean()))
+    assert shown == pytest.approx(expected, abs=1e-6)
+    assert len(set(shown)) > 1  # the heads differ: a breakdown, not one number repeated
+
+    with pytest.raises(InvalidInput, match="per-head breakdown is of an attention cell"):
+        explorer.heads(layer, pos, kind="mlp_out")
+    with pytest.raises(InvalidInput, match=r"the cell must lie in the attn_out grid"):
+        explorer.heads(7, pos)
+
+
 @pytest.mark.parametrize(
     ("traits", "message"),
     [
@@ -369,6 +446,44 @@ def test_history_compare_and_export(make_explorer, tmp_path):
     assert lenscope.ExplorerRun.load(one).to_dict() == first.to_dict()
     page = explorer.save_html(tmp_path / "run.html", plotly_js="cdn")
     assert "resid_post" in page.read_text()
+
+
+def test_export_writes_the_current_view(make_explorer, tmp_path, monkeypatch):
+    import types
+
+    import plotly.graph_objects as go
+
+    from lenscope.plotting import plot_traces
+
+    with pytest.raises(InvalidInput, match="no run has finished yet; press Run"):
+        make_explorer().export(tmp_path / "nothing.png")
+    explorer = make_explorer(kinds=["resid_post"], preview=False, samples=2)
+    first = explorer.run(wait=True)
+    explorer.noise_multiplier = 5.0
+    second = explorer.run(wait=True)
+    images = []
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
+    monkeypatch.setattr(go.Figure, "write_image", lambda fig, path, **kw: images.append(fig))
+
+    # Before a comparison the view is the last run's kinds ...
+    written = explorer.export(tmp_path / "run.png")
+    assert written == tmp_path / "run.png" and explorer.exported == str(written)
+    assert images[-1].to_json() == plot_traces(second.results).to_json()
+    # ... then the comparison shown (the figure plot_traces draws of the two runs).
+    explorer.compare(0, 1, mode="difference")
+    explorer._on_front_end_message(None, {"action": "export", "path": str(tmp_path / "d.png")})
+    explorer.wait()
+    expected = plot_traces({"run 0": first.results, "run 1": second.results}, mode="difference")
+    assert images[-1].to_json() == expected.to_json()
+    assert explorer.exported == str(tmp_path / "d.png") and explorer.error == ""
+    page = explorer.export(tmp_path / "d.html", plotly_js="cdn").read_text()
+    assert "run 0 minus run 1" in page and "Settings" in page  # the difference's page
+    explorer._on_front_end_message(None, {"action": "export", "path": "view.txt"})
+    explorer.wait()
+    assert explorer.exported == ""
+    assert explorer.error.startswith(
+        "export path must end in one of ('.html', '.png', '.svg', '.pdf'), got 'view.txt'"
+    )
 
 
 def test_front_end_messages_run_and_cancel(make_explorer):

@@ -16,42 +16,15 @@ from conftest import TINY_PROMPT
 from test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 
 import lenscope
+from lenscope import explorer as explorer_module
 
 pytestmark = pytest.mark.browser
 pytest.importorskip("anywidget")
 
-JS = Path(lenscope.__file__).parent / "explorer.js"
-CSS = Path(lenscope.__file__).parent / "explorer.css"
-
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
-<div id="root"></div>
-<script id="state" type="application/json">{state}</script>
-<script type="module">
-{js}
-const state = JSON.parse(document.getElementById("state").textContent);
-const listeners = {{}};
-window.sets = []; window.sent = [];
-window.model = {{
-  get: (name) => state[name],
-  set: (name, value) => {{
-    state[name] = value; window.sets.push([name, value]);
-    (listeners["change:" + name] || []).forEach((f) => f());
-  }},
-  on: (event, f) => (listeners[event] = listeners[event] || []).push(f),
-  save_changes: () => {{}},
-  send: (content) => window.sent.push(content),
-}};
-render({{ model: window.model, el: document.getElementById("root") }});
-window.ready = true;
-</script></body></html>"""
-
 
 def _page(tmp_path, explorer) -> Path:
-    state = {k: v for k, v in explorer.get_state().items() if not k.startswith("_")}
-    js = JS.read_text().replace("export default { render };", "")
-    text = PAGE.format(css=CSS.read_text(), state=json.dumps(state).replace("</", "<\\/"), js=js)
     path = tmp_path / "explorer.html"
-    path.write_text(text)
+    path.write_text(explorer_module.widget_page(explorer.get_state()))
     return path
 
 
@@ -107,6 +80,61 @@ def test_front_end_draws_the_run_and_sends_clicks(browser, tiny_model, tmp_path)
             == tiny_model.cfg.n_layers + 1
         )
 
+        # Linked hover: the same cell is outlined in the other kinds' heatmaps, until the
+        # pointer leaves.
+        def linked():
+            return [
+                (
+                    c.find_element(By.XPATH, "..").get_attribute("data-kind"),
+                    c.get_attribute("data-layer"),
+                    c.get_attribute("data-pos"),
+                )
+                for c in browser.find_elements(By.CSS_SELECTOR, ".ls-maps .ls-cell.ls-linked")
+            ]
+
+        hovered = browser.find_element(
+            By.CSS_SELECTOR, '.ls-grid[data-kind="mlp_out"] .ls-cell[data-layer="1"][data-pos="4"]'
+        )
+        ActionChains(browser).move_to_element(hovered).perform()
+        assert sorted(linked()) == [("attn_out", "1", "4"), ("resid_post", "1", "4")]
+        ActionChains(browser).move_to_element(chips[0]).perform()
+        assert linked() == []
+
+        # An attention cell: the per-head breakdown is asked for, then drawn.
+        explorer.cell = {"run": 0, "kind": "attn_out", "layer": 1, "pos": 4}
+        explorer.wait()
+        browser.execute_script("window.model.set('cell_info', arguments[0])", explorer.cell_info)
+        browser.find_element(By.CSS_SELECTOR, ".ls-heads-button").click()
+        asked = browser.execute_script("return window.sent.pop()")
+        assert asked == {"action": "heads", "run": 0, "kind": "attn_out", "layer": 1, "pos": 4}
+        explorer._on_front_end_message(None, asked)
+        explorer.wait()
+        browser.execute_script("window.model.set('cell_info', arguments[0])", explorer.cell_info)
+        heads = browser.find_elements(By.CSS_SELECTOR, ".ls-heads .ls-head")
+        expected = explorer.head_views[(0, "attn_out", 1, 4)].scores[1, :, 4].tolist()
+        assert [float(h.get_attribute("data-score")) for h in heads] == expected
+
+        # A kind still streaming: its exact cells so far, the others its estimate, faded,
+        # none clickable.
+        grid = run.results["mlp_out"].scores.clone()
+        grid[:2] = float("nan")
+        partial = explorer_module.partial_heatmap(
+            "mlp_out",
+            grid,
+            index=1,
+            tokens=explorer.tokens,
+            subject=explorer.subject,
+            estimate=[[0.5] * grid.shape[1]] * grid.shape[0],
+        )
+        browser.execute_script("window.model.set('heatmaps', [arguments[0]])", partial)
+        pending = browser.find_elements(By.CSS_SELECTOR, ".ls-grid.ls-partial .ls-cell.ls-pending")
+        assert {c.get_attribute("data-layer") for c in pending} == {"0", "1"}
+        assert len(pending) == 2 * grid.shape[1]
+        before = browser.execute_script("return window.sets.length")
+        pending[0].click()
+        browser.find_element(By.CSS_SELECTOR, '.ls-partial .ls-cell[data-layer="3"]').click()
+        assert browser.execute_script("return window.sets.length") == before
+
         # Mark a subject: click a chip, shift-click another.
         chips[2].click()
         chips = browser.find_elements(By.CSS_SELECTOR, ".ls-chip")  # drawn again
@@ -118,8 +146,19 @@ def test_front_end_draws_the_run_and_sends_clicks(browser, tiny_model, tmp_path)
         marked = browser.find_elements(By.CSS_SELECTOR, ".ls-chip.ls-subject")
         assert [int(c.get_attribute("data-pos")) for c in marked] == [2, 3, 4, 5]
 
-        # Run and Cancel are messages to the kernel.
+        # Run, Cancel and Export are messages to the kernel.
         browser.find_element(By.CSS_SELECTOR, ".ls-run").click()
         assert browser.execute_script("return window.sent") == [{"action": "run"}]
+        name = browser.find_element(By.CSS_SELECTOR, ".ls-export-name")
+        name.clear()
+        name.send_keys("eiffel")
+        browser.find_element(By.CSS_SELECTOR, ".ls-export-png").click()
+        browser.find_element(By.CSS_SELECTOR, ".ls-export-html").click()
+        assert browser.execute_script("return window.sent.slice(1)") == [
+            {"action": "export", "path": "eiffel.png"},
+            {"action": "export", "path": "eiffel.html"},
+        ]
+        browser.execute_script("window.model.set('exported', 'eiffel.png')")
+        assert browser.find_element(By.CSS_SELECTOR, ".ls-exported").text == "wrote eiffel.png"
     finally:
         explorer.close()
