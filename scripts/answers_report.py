@@ -10,8 +10,8 @@ Gaussian-noise settings twice (``scripts/replicate_runs.py`` runs ``noise`` and
 ``docs/answers/``, from which it can redraw the page without tracing::
 
     python scripts/replicate_runs.py prepare --dir runs/answers \\
-        --fact-file lenscope/data/long_answers.json --known-by attribute
-    # keep the facts whose attribute is several tokens (known.json), then:
+        --fact-file lenscope/data/long_answers.json --known-by attribute \\
+        --min-answer-tokens 2
     python scripts/replicate_runs.py work --dir runs/answers --facts 1000 \\
         --only noise_attribute,noise
     python scripts/answers_report.py --dir runs/answers
@@ -333,10 +333,14 @@ def report(runs: dict, meta: dict) -> str:
         "",
         "## Cost",
         "",
-        f"Mean seconds per fact (three kinds, one CPU thread on a shared 2-core machine): "
-        f"{seconds[0]:.1f} for the first token, {seconds[1]:.1f} for the whole attribute "
-        f"({seconds[1] / seconds[0]:.2f}x; a k-token answer adds k-1 positions to each",
-        "restored copy, not k forward passes).",
+        "Mean seconds per fact (three kinds, one CPU thread on a 2-core machine shared with",
+        f"other work): {seconds[0]:.1f} for the first token, {seconds[1]:.1f} for the whole",
+        "attribute. The two runs ran at different times under different loads, so their ratio",
+        f"({seconds[1] / seconds[0]:.2f}x) is not a measurement of the cost; "
+        "`benchmarks/bench_answers.py`",
+        "times a 3-token answer against a 1-token answer in one process (docs/benchmarks.md: a",
+        "k-token answer adds k-1 positions to each restored copy, not k forward passes, and",
+        "k-1 more decodings through the unembedding).",
         "",
         "## Reproduce",
         "",

@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="import: a folder of committed DatasetSummary files (<run>.json.gz) to reuse",
     )
+    parser.add_argument(
+        "--min-answer-tokens",
+        type=int,
+        default=1,
+        help="prepare: keep the known facts whose attribute is at least this many tokens",
+    )
     parser.add_argument("--known-by", default="first_token", choices=("first_token", "attribute"))
     parser.add_argument(
         "--start",
@@ -157,6 +163,9 @@ def prepare(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     known, rejected = filter_known(tracer, facts, return_rejected=True, by=args.known_by)
     filter_seconds = time.perf_counter() - started
+    n_known = len(known)
+    if args.min_answer_tokens > 1:  # whole answers: the facts whose attribute is several tokens
+        known = [f for f in known if len(f["attribute_tokens"]) >= args.min_answer_tokens]
     pairs = pair_counterfactuals(model, known, seed=0)
     counterfactual = {json.dumps(f["known_id"]): f for f in pairs.facts}
     rows = [counterfactual.get(json.dumps(f["known_id"]), f) for f in known]
@@ -166,12 +175,15 @@ def prepare(args: argparse.Namespace) -> None:
         "fact_file": args.fact_file,
         "known_by": args.known_by,
         "n_checked": len(facts),
-        "n_known": len(known),
+        "n_known": n_known,
         "filter_seconds": filter_seconds,
         "sigma": tracer.sigma,
         "known": rows,
         "unpaired": [[s.fact_id, s.reason] for s in pairs.unpaired],
     }
+    if args.min_answer_tokens > 1:
+        out["n_known_multi_token"] = len(known)
+        out["note"] = "facts known by attribute whose attribute is several tokens"
     args.dir.mkdir(parents=True, exist_ok=True)
     (args.dir / "known.json").write_text(json.dumps(out, indent=0))
     print(

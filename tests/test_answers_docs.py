@@ -187,3 +187,18 @@ def test_the_page_is_redrawn_from_the_committed_data(tmp_path):
         cwd=scripts,
     )
     assert (docs / "answers.md").read_text() == (DOCS / "answers.md").read_text()
+
+
+def test_the_readme_quotes_the_page(page):
+    """Every number of the README's paragraph on docs/answers.md is one the page states (the
+    page's own numbers are recomputed above)."""
+    import re
+
+    readme = (DOCS.parent / "README.md").read_text()
+    paragraph = readme.split("**What changes when the whole answer is scored**")[1].split("\n\n")[0]
+    quoted = re.findall(r"\d+\.\d+% ± \d+\.\d+%", paragraph)
+    assert len(quoted) >= 6
+    for value in quoted:
+        assert value in page, value
+    n_facts = int(re.search(r"\): (\d+) of those facts", paragraph).group(1))
+    assert f"# Scoring the whole answer: {n_facts} facts" in page
