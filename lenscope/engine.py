@@ -1011,7 +1011,9 @@ def sweep(
     do not depend on how many rows it multiplies once there are several (a
     remainder smaller than :data:`STREAM_ROWS` is decoded with rows
     already decoded before it), so the final outputs equal the
-    unstreamed sweep's (tested); the unembedding is read once per decode
+    unstreamed sweep's, bit for bit on one thread; with several threads
+    the matmul may split the rows otherwise and round one by a float32
+    ulp (tested to 1e-6); the unembedding is read once per decode
     instead of a few times per trace. The prefix strategy's stairs then run
     cheapest first (the last positions'), so that the first cells show soonest.
     """
