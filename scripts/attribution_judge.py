@@ -111,12 +111,10 @@ def done_keys(path: Path) -> set[tuple]:
     return keys
 
 
-def work(args: argparse.Namespace) -> None:
-    """Estimate the facts with each estimator and record the agreement per fact."""
-    torch.set_num_threads(args.threads)
+def judged_facts(args: argparse.Namespace) -> tuple:
+    """Gemma-3-270m as the replication ran it, the facts of ``args.run`` to judge, the
+    committed exact grids by fact id, and the attribution run's options (method left out)."""
     import lenscope
-    from lenscope.attribution import _top_cells, estimator_from_name
-    from lenscope.datasets import trace_dataset
 
     model = lenscope.load_model("gemma-3-270m", device="cpu", dtype=torch.bfloat16)
     tracer = lenscope.CausalTracer(model, progress=False)
@@ -127,6 +125,17 @@ def work(args: argparse.Namespace) -> None:
         "attr_noise" if args.run == "noise" else "attr_str", window_of(18, "scaled")
     )
     options.pop("method")
+    return tracer, rows, exact, options
+
+
+def work(args: argparse.Namespace) -> None:
+    """Estimate the facts with each estimator and record the agreement per fact."""
+    torch.set_num_threads(args.threads)
+    import lenscope
+    from lenscope.attribution import _top_cells, estimator_from_name
+    from lenscope.datasets import trace_dataset
+
+    tracer, rows, exact, options = judged_facts(args)
     seen = done_keys(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.estimators.split(","):
@@ -189,19 +198,10 @@ def recheck(args: argparse.Namespace) -> None:
     trace's. One JSON line per fact, ``"recheck"`` set, in ``--out``.
     """
     torch.set_num_threads(args.threads)
-    import lenscope
     from lenscope.attribution import _top_cells
     from lenscope.datasets import trace_dataset
 
-    model = lenscope.load_model("gemma-3-270m", device="cpu", dtype=torch.bfloat16)
-    tracer = lenscope.CausalTracer(model, progress=False)
-    summary = exact_summary(args.run)
-    rows = fact_rows(args.run, summary, args.facts, model, tracer)
-    exact = {json.dumps(f.fact_id): f for f in summary.facts}
-    options = run_options(
-        "attr_noise" if args.run == "noise" else "attr_str", window_of(18, "scaled")
-    )
-    options.pop("method")
+    tracer, rows, exact, options = judged_facts(args)
     (estimator,) = args.estimators.split(",")
     for row in rows:
         plain, checked = (

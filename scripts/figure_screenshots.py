@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from screenshot import chromium, trace
+from screenshot import chromium, hover_cell, trace
 
 WIDTH = 577
 """The window's width in CSS pixels."""
@@ -68,7 +68,6 @@ def shot(fig, out: Path, *, hover: tuple[int, int, int] | None = None) -> Path:
     Returns:
         The PNG's path.
     """
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.by import By
 
     from lenscope.plotting import save_html
@@ -91,21 +90,7 @@ def shot(fig, out: Path, *, hover: tuple[int, int, int] | None = None) -> Path:
             time.sleep(0.1)
         time.sleep(0.5)  # plotly follows the viewport's width
         if hover is not None:
-            x, y = driver.execute_script(
-                """const gd = document.querySelector('.js-plotly-plot');
-                const t = gd._fullData[arguments[0]];
-                const xa = gd._fullLayout[t.xaxis.replace('x', 'xaxis')];
-                const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
-                const box = gd.getBoundingClientRect();
-                return [box.left + xa._offset + xa.l2p(arguments[1]),
-                        box.top + ya._offset + ya.l2p(arguments[2])];""",
-                *hover,
-            )
-            for nudge in (0, 1):
-                action = ActionBuilder(driver)
-                action.pointer_action.move_to_location(int(x) + nudge, int(y))
-                action.perform()
-                time.sleep(0.5)
+            hover_cell(driver, hover)
         png = out.with_suffix(".png")
         driver.find_element(By.CSS_SELECTOR, ".js-plotly-plot").screenshot(str(png))
     finally:

@@ -91,6 +91,30 @@ def chromium(width: int, height: int, scale: float):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def hover_cell(driver, hover: tuple[int, int, int]) -> None:
+    """Move the pointer onto cell ``(layer, pos)`` of trace ``hover[0]`` of the page's figure
+    (twice, a pixel apart: plotly shows a hover on a move, not on a jump)."""
+    import time
+
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    x, y = driver.execute_script(
+        """const gd = document.querySelector('.js-plotly-plot');
+        const t = gd._fullData[arguments[0]];
+        const xa = gd._fullLayout[t.xaxis.replace('x', 'xaxis')];
+        const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
+        const box = gd.getBoundingClientRect();
+        return [box.left + xa._offset + xa.l2p(arguments[1]),
+                box.top + ya._offset + ya.l2p(arguments[2])];""",
+        *hover,
+    )
+    for nudge in (0, 1):
+        action = ActionBuilder(driver)
+        action.pointer_action.move_to_location(int(x) + nudge, int(y))
+        action.perform()
+        time.sleep(0.5)
+
+
 def screenshot(
     html: Path,
     png: Path,
@@ -113,7 +137,6 @@ def screenshot(
     Returns:
         ``png``.
     """
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.by import By
 
     driver = chromium(width + 40, height + 40, scale)
@@ -142,21 +165,7 @@ def screenshot(
             "document.head.appendChild(s);"
         )
         if hover is not None:
-            x, y = driver.execute_script(
-                """const gd = document.querySelector('.js-plotly-plot');
-                const t = gd._fullData[arguments[0]];
-                const xa = gd._fullLayout[t.xaxis.replace('x', 'xaxis')];
-                const ya = gd._fullLayout[t.yaxis.replace('y', 'yaxis')];
-                const box = gd.getBoundingClientRect();
-                return [box.left + xa._offset + xa.l2p(arguments[1]),
-                        box.top + ya._offset + ya.l2p(arguments[2])];""",
-                *hover,
-            )
-            for nudge in (0, 1):
-                action = ActionBuilder(driver)
-                action.pointer_action.move_to_location(int(x) + nudge, int(y))
-                action.perform()
-                time.sleep(0.5)
+            hover_cell(driver, hover)
         png.parent.mkdir(parents=True, exist_ok=True)
         driver.find_element(By.CSS_SELECTOR, ".js-plotly-plot").screenshot(str(png))
     finally:
