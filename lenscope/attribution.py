@@ -51,7 +51,7 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenscope import engine
@@ -72,7 +72,7 @@ from lenscope.metrics import PatchingMetric, softmax
 from lenscope.names import KINDS
 from lenscope.results import TraceResult
 from lenscope.settings import TraceSettings
-from lenscope.sites import HEAD_KINDS, HeadSite, Site, site
+from lenscope.sites import HEAD_KINDS, HeadSite, NeuronSite, Site, site
 from lenscope.validation import InvalidInput, is_int
 
 __all__ = [
@@ -409,7 +409,11 @@ def recheck_top(
     far more often than the top ``k`` alone: docs/attribution.md); every other
     cell keeps its estimate. Cells the estimate ranks low at layers and
     positions outside the product are not found this way (the estimate's
-    failure mode on ``mlp_out`` windows).
+    failure mode on ``mlp_out`` windows). On a per-neuron kind the product is
+    of the top cells' layers and neurons (not all ``d_mlp`` neurons of a
+    layer). Positions are narrowed only when every kind's cells name one (a
+    cell of ``by="neuron"`` or ``by="head"`` restores at every traced
+    position, so with those the trace keeps the settings' positions).
 
     Args:
         tracer: The :class:`~lenscope.tracer.CausalTracer`.
@@ -427,38 +431,47 @@ def recheck_top(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"k must be a positive integer, got {k!r}; pass e.g. k=5")
+    settings = tracer.settings(settings, **options)
     tops = {kind: _top_cells(r.scores, k) for kind, r in estimates.items()}
     layers = sorted({int(c[0]) for cells in tops.values() for c in cells})
-    positions = sorted({int(c[1]) for cells in tops.values() for c in cells})
-    exact = tracer.trace_kinds(
-        prompt,
-        subject,
-        tracer.settings(settings, **options),
-        kinds=tuple(estimates),
-        layers=layers,
-        positions=positions,
-        progress=False,
-    )
-    out = {}
-    grid = torch.tensor(layers)[:, None], torch.tensor(positions)[None, :]
+    narrowed: dict[str, Any] = {"layers": layers}
+    # Positions narrow only when every kind's cells name one: a cell of
+    # by="neuron" or by="head" restores at every position the trace traces.
+    if all(r.axes[-1] == "pos" for r in estimates.values()):
+        narrowed["positions"] = sorted({int(c[-1]) for cells in tops.values() for c in cells})
+    sites = {s.name: s for s in settings.sites}
+    kinds = []
     for kind, r in estimates.items():
+        where = sites[kind]
+        if isinstance(where, NeuronSite):  # the top neurons, not all d_mlp of each layer
+            where = where.only_neurons([int(c[1]) for c in tops[kind]])
+        kinds.append(where)
+    # The sites carry their own `by`; the settings' would name kinds they no longer hold.
+    settings = dataclasses.replace(settings, kinds=tuple(kinds), by=None)
+    exact = tracer.trace_kinds(prompt, subject, settings, progress=False, **narrowed)
+    out = {}
+    for kind, r in estimates.items():
+        traced = torch.isfinite(exact[kind].scores)
         scores = r.scores.clone()
-        scores[grid] = exact[kind].scores[grid]
+        scores[traced] = exact[kind].scores[traced]
         out[kind] = dataclasses.replace(
             r,
             scores=scores,
             method="attribution+exact_top_k",
-            passes={**r.passes, "exact_cells": len(layers) * len(positions)},
+            passes={**r.passes, "exact_cells": int(traced.sum())},
         )
     return out
 
 
-def _top_cells(scores: Float[Tensor, "layer pos"], k: int) -> Tensor:
-    """``(layer, pos)`` of the ``k`` highest finite cells."""
+def _top_cells(scores: Float[Tensor, "..."], k: int) -> Int[Tensor, "cell axis"]:
+    """The ``k`` highest finite cells, highest first.
+
+    One row per cell, one column per axis: ``(layer, pos)``, ``(layer, neuron)``, ...
+    """
     flat = torch.nan_to_num(scores.float(), nan=-math.inf).flatten()
     n = min(k, int(torch.isfinite(scores).sum()))
     index = flat.topk(n).indices
-    return torch.stack([index // scores.shape[1], index % scores.shape[1]], dim=1)
+    return torch.stack(torch.unravel_index(index, scores.shape), dim=1)
 
 
 def _check_supported(
@@ -685,8 +698,11 @@ def corrupted_gradients(
         live[final_name] = act
         raise _Stop
 
-    fwd = [*corrupted.fwd_hooks, (EMBED_HOOK, leaf), *((n, keep(n)) for n in names)]
-    fwd.extend(rules)
+    # The rules first: a rule that rebuilds its hook point's value (RelP's at
+    # mlp.hook_post) must run before the hook that reads the gradient there,
+    # or the gradient site would sit on the tensor the rule replaced.
+    fwd = [*corrupted.fwd_hooks, (EMBED_HOOK, leaf), *rules]
+    fwd.extend((n, keep(n)) for n in names)
     fwd.append((final_name, stop))
     bwd = [(n, grab(n)) for n in names if n != final_name and n not in probed]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd), _quiet_rules(rules):

@@ -370,11 +370,15 @@ class NeuronSite(Site):
         d_mlp: Neurons per layer; filled in by :meth:`for_model`.
         positions: The positions a ``by="neuron"`` cell restores (sorted), or
             None for every position.
+        neurons: The neurons traced (sorted), or None for every neuron: a
+            trace of a few neurons of many layers (what
+            :func:`~lenscope.attribution.recheck_top` re-traces).
     """
 
     by: str = "neuron"
     d_mlp: int = 0
     positions: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
 
     @property
     def unit_axes(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -421,9 +425,20 @@ class NeuronSite(Site):
         d_mlp = int(model.cfg.d_mlp)
         return (d_mlp,) if self.by == "neuron" else (d_mlp, n_pos)
 
+    def only_neurons(self, neurons: Sequence[int]) -> "NeuronSite":
+        """This site tracing only ``neurons`` (the other cells of its grid stay NaN)."""
+        return dataclasses.replace(self, neurons=tuple(sorted({int(n) for n in neurons})))
+
     def cells(self, model: torch.nn.Module, layers: list[int], positions: list[int]) -> Tensor:
-        """``(layer, neuron)`` or ``(layer, neuron, pos)`` for every neuron of ``model``."""
-        neurons = range(int(model.cfg.d_mlp))
+        """``(layer, neuron)`` or ``(layer, neuron, pos)``: every neuron, or :attr:`neurons`."""
+        d_mlp = int(model.cfg.d_mlp)
+        neurons = range(d_mlp) if self.neurons is None else list(self.neurons)
+        wrong = [n for n in neurons if not 0 <= n < d_mlp]
+        if wrong:
+            raise InvalidInput(
+                f"neurons must be in [0, d_mlp) = [0, {d_mlp}), got {wrong[:5]}; pass neuron "
+                "indices of this model's MLP"
+            )
         if self.by == "neuron":
             return _product(layers, neurons)
         return _product(layers, neurons, positions)

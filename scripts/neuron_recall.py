@@ -1,193 +1,266 @@
-"""How well neuron attribution patching finds the neurons an exact trace finds (Gemma-3-270m).
+"""How well neuron attribution finds the neurons an exact trace finds (Gemma-3-270m).
 
-Prompt "The Eiffel Tower is located in the city of", subject "The Eiffel
-Tower", answer " Paris", ROME's Gaussian noise (10 samples, seed 0), metric
-``prob``, window 1. Neuron AtP (``tracer.attribute``, ``kinds=("mlp_post",)``,
-``by="neuron"``) estimates every neuron of every layer restored at the last
-subject token from one backward; the exact engine sweep restores
+Two measurements, one record (a JSON line) per prompt, in ``--out``:
 
-* the top 20 neurons by attribution, and
-* every neuron of the candidate layers at the last subject token
-  (``--layers``: e.g. ``0-5``; default ``auto``, the one layer whose
-  ``mlp_out`` restored alone (exact, window 1) at the last subject token
-  restores the most of " Paris", a choice that does not look at the
-  estimate),
+* ``eiffel``: "The Eiffel Tower is located in the city of" -> " Paris",
+  ROME's Gaussian noise (10 samples, 3 sigma, seed 0), metric ``prob``.
+* ``facts``: the first ``--facts`` facts of the committed STR run
+  (docs/replication/str_nld.json.gz, the facts docs/attribution.md's 30-fact
+  table judges), each with its counterfactual subject (paired as
+  ``replicate_runs.py prepare`` paired them), metric ``normalized_logit_diff``.
+  STR needs one corrupted run instead of ten noised copies, which is what makes
+  an exact sweep of 2,048 neurons affordable on 30 prompts.
 
-and the script reports, on the candidate set, recall@20 (the exact top 20
-among the estimate's top 20), Pearson and Spearman correlation, the exact
-scores of the estimate's top 20, and the times. ``--time-one-layer`` only
-times the exact sweep of one layer.
+For each prompt, in float32 (one neuron moves a metric by about 1e-4 of its
+range, under bfloat16's rounding), every neuron restored (window 1) at the last
+subject token (``kinds=("mlp_post",)``, ``by="neuron"``):
 
-Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD python scripts/neuron_recall.py``.
+1. the candidate layer: the one whose ``mlp_out`` restored alone (exact,
+   window 1) at the last subject token restores the most, a choice that does
+   not look at any estimate;
+2. the exact trace of that layer's ``d_mlp`` neurons (``tracer.trace``);
+3. per estimator (``--estimators``), the estimate of every neuron of every
+   layer (``tracer.attribute``), and its 20 highest neurons over all layers
+   re-traced exactly (``lenscope.attribution.recheck_top``, ``k=20``: the
+   product of their layers and neurons).
+
+``report`` prints docs/attribution.md's neuron table from the committed
+records (``docs/neuron_recall.jsonl.gz``); tests/test_attribution_docs.py
+recomputes it. Run::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python scripts/neuron_recall.py eiffel
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python scripts/neuron_recall.py facts --facts 30
+    python scripts/neuron_recall.py report
 """
 
 import argparse
+import gzip
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-
-import lenscope
-from lenscope import engine, metrics
-from lenscope.attribution import _pearson, _ranks
-from lenscope.settings import TraceSettings, resolve_prompt
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
 ANSWER = " Paris"
+K = 20
+"""Neurons per estimate re-traced over all layers, and the k of recall@k."""
+RECORDS = ROOT / "docs" / "neuron_recall.jsonl.gz"
 
 
-def exact_scores(model, settings, cells, strategy="prefix", progress=False):
-    """The engine's exact sweep of ``cells`` (``(layer, neuron)``), the ``prob`` of each."""
-    resolved = resolve_prompt(model, PROMPT, SUBJECT, settings)
-    tokens, span = resolved.tokens, resolved.subject_range
-    settings = settings.for_model(model)
-    pos_list = settings.position_list(tokens.shape[0], span)
-    where = settings.sites[0].for_model(model).at_positions(pos_list)
-    n_layer = model.cfg.n_layers
-    with torch.inference_mode(), engine.matmul_friendly_weights(model):
-        corrupted = settings.corruption.bind(model, tokens, span)
-        engine.check_memory(model, corrupted, [where], strategy)
-        names = where.hook_names(n_layer)
-        clean = engine.clean_run(model, tokens, names)
-        state = engine.corrupted_run(model, corrupted, keep_prefix_state=strategy == "prefix")
-        out = engine.sweep(
-            model,
-            site=where,
-            window=1,
-            cells=cells,
-            source={name: act[None] for name, act in clean.activations.items()},
-            base=corrupted,
-            base_state=state,
-            answer_id=int(resolved.answer_id),
-            metrics=[metrics.prob],
-            top_k=1,
-            strategy=strategy,
-            batch_size=None,
-            progress=progress,
-        )
-    return out.scores[0]
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("eiffel", "facts", "report"))
+    parser.add_argument("--facts", type=int, default=30, help="first N facts of the STR run")
+    parser.add_argument("--estimators", default="atp,relp,ig:4")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "neuron_recall.jsonl")
+    parser.add_argument("--records", type=Path, default=RECORDS, help="what report reads")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    """Measure and print one JSON record."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="auto", help="candidate layers, e.g. 0-5, or auto")
-    parser.add_argument("--time-one-layer", type=int, default=None, metavar="LAYER")
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--target", default="metric", help="AtP target: metric or log_prob")
-    parser.add_argument(
-        "--exact-from", default=None, help="reuse the exact candidate grid a --save file holds"
-    )
-    parser.add_argument("--save", default="neuron_recall.pt", help="grids and record (torch.save)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+def rounded(values) -> list[float]:
+    """Scores as committed: 6 significant digits (the report reads these)."""
+    return [float(f"{float(v):.6g}") for v in values]
+
+
+def measure(tracer, prompt, subject, options: dict, estimators: list[str], record: dict) -> dict:
+    """Steps 1-3 of the module docstring for one prompt; ``record`` gains the results."""
+    import torch
+
+    from lenscope.attribution import recheck_top
+    from lenscope.settings import resolve_prompt
+
     started = time.perf_counter()
-    model = lenscope.load_model("gemma-3-270m", device="cpu")
-    load_s = time.perf_counter() - started
-    base = TraceSettings.from_options(kinds=("mlp_post",), by="neuron", answer=ANSWER, windows=1)
-    span = resolve_prompt(model, PROMPT, SUBJECT, base).subject_range
-    settings = TraceSettings.from_options(base, positions=[span[1] - 1])
-    n_layer, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-
-    if args.time_one_layer is not None:
-        cells = torch.cartesian_prod(torch.tensor([args.time_one_layer]), torch.arange(d_mlp))
-        t = time.perf_counter()
-        exact_scores(model, settings, cells)
-        print(
-            json.dumps(
-                {
-                    "layer": args.time_one_layer,
-                    "cells": d_mlp,
-                    "exact_s": round(time.perf_counter() - t, 1),
-                }
-            )
-        )
-        return
-
-    tracer = lenscope.CausalTracer(model, progress=False)
+    settings = tracer.settings(None, **options)
+    last = resolve_prompt(tracer.model, prompt, subject, settings).subject_range[1] - 1
+    mlp_out = tracer.trace(prompt, subject, kind="mlp_out", window=1, positions=[last], **options)
+    column = mlp_out.scores[:, last]
+    layer = int(column.argmax())
+    neuron = dict(options, kinds=("mlp_post",), by="neuron", positions=[last], windows=1)
     t = time.perf_counter()
-    (grid,) = tracer.attribute(PROMPT, SUBJECT, settings, target=args.target).values()
-    atp_s = time.perf_counter() - t
-    estimate = grid.scores  # [layer, neuron], prob scale (corrupted + estimated change)
-
-    mlp_out = None
-    saved = torch.load(args.exact_from) if args.exact_from else None
-    if saved is not None:
-        lo, hi = saved["record"]["candidate_layers"]
-    elif args.layers == "auto":
-        t = time.perf_counter()
-        trace = tracer.trace(
-            PROMPT, SUBJECT, kind="mlp_out", window=1, positions=[span[1] - 1], answer=ANSWER
-        )
-        mlp_out = [round(float(v), 4) for v in trace.scores[:, span[1] - 1]]
-        lo = hi = int(trace.scores[:, span[1] - 1].argmax())
-        mlp_out_s = time.perf_counter() - t
-    else:
-        lo, hi = (int(x) for x in args.layers.split("-"))
-    candidates = torch.cartesian_prod(torch.arange(lo, hi + 1), torch.arange(d_mlp))
-    t = time.perf_counter()
-    if saved is not None:
-        exact = saved["exact"]
-    else:
-        exact = exact_scores(model, settings, candidates, progress=True)
-    exact_s = time.perf_counter() - t
-
-    k = args.k
-    flat = estimate.flatten()
-    top_all = flat.topk(k).indices
-    top_cells = torch.stack([top_all // d_mlp, top_all % d_mlp], dim=1)
-    t = time.perf_counter()
-    top_exact = exact_scores(model, settings, top_cells)
-    top_s = time.perf_counter() - t
-
-    x = estimate[lo : hi + 1].flatten().double()
-    y = exact[lo : hi + 1].flatten().double()
-    best_x = set(x.topk(k).indices.tolist())
-    best_y = set(y.topk(k).indices.tolist())
-    record = {
-        "model": "gemma-3-270m",
-        "layers_x_d_mlp": [n_layer, d_mlp],
-        "subject_last_pos": span[1] - 1,
-        "clean_prob": grid.clean_score,
-        "corrupted_prob": grid.corrupted_score,
-        "target": args.target,
-        "candidate_layers": [lo, hi],
-        "mlp_out_window1_at_subject_last": mlp_out,
-        "candidate_cells": len(candidates),
-        f"recall_at_{k}": len(best_x & best_y) / k,
-        "pearson": _pearson(x, y),
-        "spearman": _pearson(_ranks(x), _ranks(y)),
-        "atp_top": [
-            {
-                "layer": int(c[0]),
-                "neuron": int(c[1]),
-                "atp": round(float(estimate[c[0], c[1]]), 5),
-                "exact": round(float(top_exact[c[0], c[1]]), 5),
-            }
-            for c in top_cells
-        ],
-        "exact_top_in_candidates": [
-            {
-                "layer": lo + i // d_mlp,
-                "neuron": i % d_mlp,
-                "exact": round(float(y[i]), 5),
-                "atp": round(float(x[i]), 5),
-            }
-            for i in y.topk(k).indices.tolist()
-        ],
-        "seconds": {
-            "load": round(load_s, 1),
-            "atp_all_layers": round(atp_s, 1),
-            "mlp_out_trace": round(mlp_out_s, 1) if mlp_out else None,
-            "exact_candidates": round(exact_s, 1),
-            f"exact_atp_top_{k}": round(top_s, 1),
-        },
-        "torch_threads": torch.get_num_threads(),
+    exact = tracer.trace_kinds(prompt, subject, layers=[layer], **neuron)["mlp_post"]
+    record |= {
+        "subject_last_pos": last,
+        "clean": exact.clean_score,
+        "corrupted": exact.corrupted_score,
+        "mlp_out_window1": rounded(column),
+        "layer": layer,
+        "exact": rounded(exact.scores[layer]),
+        "seconds": {"exact_layer": round(time.perf_counter() - t, 1)},
+        "estimates": {},
     }
-    print(json.dumps(record, indent=1))
-    torch.save({"estimate": estimate, "exact": exact, "record": record}, args.save)
+    for name in estimators:
+        t = time.perf_counter()
+        estimate = tracer.attribute(prompt, subject, estimator=name, **neuron)
+        estimate_s = time.perf_counter() - t
+        t = time.perf_counter()
+        checked = recheck_top(tracer, prompt, subject, estimate, k=K, **neuron)["mlp_post"]
+        recheck_s = time.perf_counter() - t
+        scores = estimate["mlp_post"].scores
+        top = torch.nan_to_num(scores, nan=-torch.inf).flatten().topk(K).indices
+        record["estimates"][name] = {
+            "layer_scores": rounded(scores[layer]),
+            "top": [
+                [int(i // scores.shape[1]), int(i % scores.shape[1])]
+                + rounded([scores.flatten()[i], checked.scores.flatten()[i]])
+                for i in top.tolist()
+            ],
+            "exact_cells": checked.passes["exact_cells"],
+            "seconds": round(estimate_s, 2),
+            "recheck_seconds": round(recheck_s, 1),
+        }
+    record["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def done(path: Path) -> set[str]:
+    """Fact ids already measured."""
+    if not path.exists():
+        return set()
+    return {json.dumps(json.loads(line)["fact_id"]) for line in path.read_text().splitlines()}
+
+
+def run(args: argparse.Namespace) -> None:
+    """``eiffel`` or ``facts``: measure and append one record per prompt."""
+    import torch
+
+    import lenscope
+
+    torch.set_num_threads(args.threads)
+    model = lenscope.load_model("gemma-3-270m", device="cpu", dtype=torch.float32)
+    tracer = lenscope.CausalTracer(model, progress=False)
+    estimators = args.estimators.split(",")
+    if args.command == "eiffel":
+        prompts = [(PROMPT, SUBJECT, {"fact_id": "eiffel", "answer": ANSWER})]
+        options = dict(answer=ANSWER, samples=10, seed=0, noise_multiplier=3.0, metric="prob")
+    else:
+        from attribution_judge import exact_summary, fact_rows
+
+        rows = fact_rows("str", exact_summary("str"), args.facts, model, tracer)
+        prompts = [
+            (
+                r["prompt"],
+                r["subject"],
+                {"fact_id": r["known_id"], "counterfactual": r["counterfactual"]},
+            )
+            for r in rows
+        ]
+        options = dict(metric="normalized_logit_diff")
+    seen = done(args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for prompt, subject, record in prompts:
+        if json.dumps(record["fact_id"]) in seen:
+            continue
+        extra = {}
+        if "counterfactual" in record:
+            extra["corruption"] = lenscope.CounterfactualPrompt(record["counterfactual"])
+        record = {"prompt": prompt, "subject": subject} | record
+        record["metric"] = options["metric"]
+        record = measure(tracer, prompt, subject, options | extra, estimators, record)
+        with args.out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(record["fact_id"], record["layer"], record["seconds"], file=sys.stderr, flush=True)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of ``path`` (gzip if it ends in .gz)."""
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share theirs), for Spearman's correlation."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            out[order[m]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson's correlation."""
+    return statistics.correlation(x, y)
+
+
+def top(values: list[float], k: int) -> set[int]:
+    """Indices of the ``k`` highest values (ties broken by index)."""
+    return set(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+
+def agreement(record: dict, name: str) -> dict:
+    """One estimator's agreement with the exact layer, and its re-traced top 20."""
+    x, y = record["estimates"][name]["layer_scores"], record["exact"]
+    best = record["estimates"][name]["top"]
+    return {
+        "recall10": len(top(x, 10) & top(y, 10)) / 10,
+        "recall20": len(top(x, K) & top(y, K)) / K,
+        "top10_in_50": len(top(y, 10) & top(x, 50)) / 10,
+        "pearson": pearson(x, y),
+        "spearman": pearson(ranks(x), ranks(y)),
+        # the re-traced top 20 over all layers: how many restore at least as much as the
+        # exact layer's 20th best neuron
+        "found": sum(c[3] >= sorted(y)[-K] for c in best),
+        "outside": sum(c[0] != record["layer"] for c in best),
+    }
+
+
+def report(args: argparse.Namespace) -> None:
+    """docs/attribution.md's neuron table: one row per (prompts, estimator)."""
+    records = read_records(args.records)
+    print(
+        "| prompts | estimator | N | recall@10 | recall@20 | exact top 10 in the estimate's "
+        "top 50 | Pearson | Spearman | of the estimate's top 20 over all layers: at least the "
+        "exact layer's 20th best (outside that layer) | s / prompt: estimate, recheck=20 "
+        "(exact layer) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    groups = {
+        "Eiffel Tower, noise, `prob`": [r for r in records if r["fact_id"] == "eiffel"],
+        "STR facts, `normalized_logit_diff`": [r for r in records if r["fact_id"] != "eiffel"],
+    }
+    for label, group in groups.items():
+        if not group:
+            continue
+        for name in group[0]["estimates"]:
+            rows = [agreement(r, name) for r in group]
+
+            def mean(key: str, rows=rows) -> float:
+                return statistics.fmean(row[key] for row in rows)
+
+            seconds = [
+                statistics.median(r["estimates"][name][key] for r in group)
+                for key in ("seconds", "recheck_seconds")
+            ]
+            exact_s = statistics.median(r["seconds"]["exact_layer"] for r in group)
+            print(
+                f"| {label} | `{name}` | {len(group)} | {mean('recall10'):.2f} | "
+                f"{mean('recall20'):.2f} | {mean('top10_in_50'):.2f} | {mean('pearson'):.3f} | "
+                f"{mean('spearman'):.3f} | {mean('found'):.1f} of 20 ({mean('outside'):.1f}) | "
+                f"{seconds[0]:.1f}, {seconds[1]:.0f} ({exact_s:.0f}) |"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch."""
+    args = parse_args(argv)
+    if args.command == "report":
+        report(args)
+    else:
+        run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

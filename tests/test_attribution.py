@@ -713,6 +713,49 @@ def test_recheck_top_cells_carry_the_exact_scores(gpt2):
         assert len(layers) * len(positions) < n_layers * n_pos  # some cells stay estimates
 
 
+@pytest.mark.parametrize(
+    ("kinds", "by"),
+    [
+        (("mlp_post",), "neuron"),
+        (("mlp_post",), "neuron_pos"),
+        (("z",), "head"),
+        (("z",), "head_pos"),
+    ],
+)
+def test_recheck_top_of_neurons_and_heads(gpt2, kinds, by):
+    """Per-neuron and per-head estimates: the product of the top cells' layers and units (and
+    positions, where a cell names one) carries the full exact trace's values, every other cell
+    its estimate; a neuron trace re-traces the top neurons, not every neuron of those layers."""
+    from lenscope.attribution import recheck_top
+
+    tracer = _tracer(gpt2)
+    options = dict(samples=2, seed=0, kinds=kinds, by=by)
+    if by != "head":  # by="head" restores at every position
+        options["positions"] = [2, 3, 9]
+    est = tracer.attribute(TINY_PROMPT, TINY_SUBJECT, **options)
+    checked = recheck_top(tracer, TINY_PROMPT, TINY_SUBJECT, est, k=4, **options)
+    exact = tracer.trace_kinds(TINY_PROMPT, TINY_SUBJECT, **options)
+    (kind,) = kinds
+    e, x, c = est[kind].scores, exact[kind].scores, checked[kind].scores
+    finite = torch.isfinite(e)
+    top = torch.nan_to_num(e, nan=-torch.inf).flatten().topk(4).indices
+    top = torch.stack(torch.unravel_index(top, e.shape), dim=1).tolist()
+    product = torch.ones_like(finite)
+    for axis in range(e.ndim):  # the cells whose every coordinate is some top cell's
+        keep = torch.zeros(e.shape[axis], dtype=torch.bool)
+        keep[[t[axis] for t in top]] = True
+        shape = [1] * e.ndim
+        shape[axis] = -1
+        product = product & keep.view(shape)
+    if e.ndim == 2 and kind == "z":  # by="head": every head of the top layers is traced
+        product = torch.zeros_like(finite)
+        product[[t[0] for t in top]] = True
+    assert torch.allclose(c[product], x[product], atol=1e-6)
+    assert torch.equal(c[finite & ~product], e[finite & ~product])
+    assert checked[kind].passes["exact_cells"] == int(product.sum())
+    assert int(product.sum()) < int(finite.sum())  # some cells stay estimates
+
+
 def test_trace_dataset_by_attribution(gpt2, tmp_path):
     """Each fact's grids are tracer.attribute's with the dataset's settings (positions from
     the subject on), and a checkpoint of estimates does not resume an exact run."""
@@ -926,6 +969,7 @@ def _lrp_forward(model, resid, patterns):
             )
         else:
             post = identity_rule(linear)
+        nodes[f"blocks.{layer}.mlp.hook_post"] = post
         mlp_out = post @ mlp.W_out + (mlp.b_out if getattr(mlp, "b_out", None) is not None else 0)
         if hasattr(block, "ln2_post"):
             mlp_out = norm(block.ln2_post, mlp_out)
@@ -1036,6 +1080,36 @@ def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
         effect = heads[kind].scores - heads[kind].corrupted_score
         assert float(expected.abs().max()) > 1e-4
         torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
+    # MLP neurons (hook_post, the rule's own output): one cell per neuron and position
+    neurons = tracer.attribute(
+        TINY_PROMPT,
+        TINY_SUBJECT,
+        estimator="relp",
+        **{**options, "kinds": ("mlp_post",)},
+        by="neuron_pos",
+    )
+    hooks = [f"blocks.{x}.mlp.hook_post" for x in range(n_layer)]
+    post_clean, post_corr = {}, {}
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(n, keeper(post_clean, n)) for n in hooks])
+        model.run_with_hooks(
+            corrupted.tokens,
+            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(post_corr, n)) for n in hooks)],
+        )
+    with torch.enable_grad():
+        logits, nodes = _lrp_forward(
+            model,
+            corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
+            [corr[n] for n in patterns],
+        )
+        total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
+        grads = torch.autograd.grad(total, [nodes[n] for n in hooks])
+    expected = torch.stack(
+        [((post_clean[n] - post_corr[n]) * g).mean(0).T for n, g in zip(hooks, grads, strict=True)]
+    )  # [layer, neuron, pos]
+    effect = neurons["mlp_post"].scores - neurons["mlp_post"].corrupted_score
+    assert float(expected.abs().max()) > 1e-4
+    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- per-head sites
