@@ -214,3 +214,4 @@ def test_the_recheck_runs_are_recomputed_from_their_records(page):
         plain = statistics.median(c["estimate_seconds"] for c in group)
         truth = statistics.median(c["exact_seconds"] for c in group)
         assert seconds == f"{own:.1f} ({plain:.1f}; {truth:.1f})"
+
