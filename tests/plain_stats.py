@@ -64,3 +64,98 @@ def share_of_total(pairs: list[tuple[float, float]]) -> tuple[float, float, list
     mean = sum(influence) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in influence) / (n - 1))
     return ratio, Z * std / math.sqrt(n), influence
+
+
+def buckets(subject_range: tuple[int, int], n_pos: int) -> dict[str, list[int]]:
+    """ROME's six token buckets of a prompt, written out: the last token is ``last``; a
+    one-token subject is ``last_subject`` only; positions before the subject are in none."""
+    start, end = subject_range
+    last = n_pos - 1
+    out = {
+        "first_subject": [start] if start not in (end - 1, last) else [],
+        "middle_subject": list(range(start + 1, end - 1)),
+        "last_subject": [end - 1] if end - 1 != last else [],
+        "first_subsequent": [end] if end < last else [],
+        "further": list(range(end + 1, last)),
+        "last": [last],
+    }
+    return out
+
+
+def bucket_effects(fact: dict, kind: str, bucket: str, n_layers: int) -> list[float] | None:
+    """A fact's effect per layer in a bucket (mean restored score over the bucket's tokens
+    minus the corrupted score), from its ``FactTrace`` record; None without that bucket."""
+    positions = buckets(tuple(fact["subject_range"]), len(fact["tokens"]))[bucket]
+    if not positions:
+        return None
+    grid = fact["scores"][kind]
+    return [
+        sum(grid[layer][p] for p in positions) / len(positions) - fact["corrupted_score"]
+        for layer in range(n_layers)
+    ]
+
+
+def plateau(effects: list[list[float | None]], n_layers: int, layer: int | None = None) -> dict:
+    """The peak of per-fact effects (or ``layer``) with its mean, CI and N, each other layer's
+    paired difference from it, the plateau of adjacent tied layers and every tied layer."""
+    facts = [row for row in effects if row is not None]
+    means = [sum(row[i] for row in facts) / len(facts) for i in range(n_layers)]
+    if layer is None:
+        layer = max(range(n_layers), key=means.__getitem__)
+    mean, half = mean_ci([row[layer] for row in facts])
+    differences = {
+        other: mean_ci([row[layer] - row[other] for row in facts])
+        for other in range(n_layers)
+        if other != layer
+    }
+
+    def tied(other: int) -> bool:
+        d, h = differences[other]
+        return d - h <= 0 <= d + h
+
+    low = layer
+    while low > 0 and tied(low - 1):
+        low -= 1
+    high = layer
+    while high < n_layers - 1 and tied(high + 1):
+        high += 1
+    return {
+        "layer": layer,
+        "mean": mean,
+        "half": half,
+        "n": len(facts),
+        "low": low,
+        "high": high,
+        "tied": [o for o in differences if tied(o)],
+        "differences": differences,
+        "means": means,
+    }
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson's correlation (NaN when either is constant)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    syy = math.sqrt(sum((b - my) ** 2 for b in y))
+    return sxy / (sxx * syy) if sxx * syy > 0 else math.nan
+
+
+def ranks(x: list[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(x)), key=x.__getitem__)
+    out = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def top_k(x: list[float], k: int) -> set[int]:
+    """Indices of the ``k`` largest values, ties broken by index."""
+    return set(sorted(range(len(x)), key=lambda i: (-x[i], i))[:k])
