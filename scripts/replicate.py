@@ -448,7 +448,7 @@ LINE_STYLES = {  # bucket -> (dash, marker): told apart without colour, in print
 def figure_title(summary, run: str, meta: dict) -> str:
     """A figure's title: the model with its weights, the run, N, and the ATE where it is one."""
     title = (
-        f"{label(meta)} ({weights(meta['model'], meta['dtype'])}), {TITLES[run]}: "
+        f"{weights(meta['model'], meta['dtype']).replace('`', '')}; {TITLES[run]}: "
         f"{summary.n_facts} known facts"
     )
     if summary.metric == "prob":  # a normalised metric's ATE is 1 by construction
@@ -740,13 +740,13 @@ def summary_section(runs: dict, meta: dict) -> list[str]:
     for finding in dict.fromkeys([*held, *failed]):
         yes, no = held.get(finding, []), failed.get(finding, [])
         if yes and not no:
-            out.append(f"- **{finding}: holds** with {', '.join(yes)}.")
+            out.append(f"- **{finding}: holds** with {'; '.join(yes)}.")
         elif no and not yes:
-            out.append(f"- **{finding}: does not hold** with {', '.join(no)}.")
+            out.append(f"- **{finding}: does not hold** with {'; '.join(no)}.")
         else:
             out.append(
-                f"- **{finding}: holds** with {', '.join(yes)}; **does not hold** with "
-                f"{', '.join(no)}."
+                f"- **{finding}: holds** with {'; '.join(yes)}; **does not hold** with "
+                f"{'; '.join(no)}."
             )
     out += differences(runs, meta)
     out += [

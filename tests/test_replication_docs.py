@@ -405,14 +405,22 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
         if run in rs:
             note = planned_note(model, run, rs[run], full=False)
             out.append(f"{rs[run].n} with {TITLES[run]}" + (f" ({note})" if note else ""))
-    held: dict[str, list[str]] = {}
+    held: dict[str, list[tuple[str, bool]]] = {}
     for run in ("noise", "str_prob", "str_nld"):
         if run in rs:
             for finding, holds, _ in verdicts(rs[run]):
-                held.setdefault(finding, []).append(TITLES[run] if holds else "")
+                held.setdefault(finding, []).append((TITLES[run], holds))
     for finding, titles in held.items():
-        if all(titles):
-            out.append(f"- **{finding}: holds** with {', '.join(titles)}.")
+        yes, no = [t for t in titles if t[1]], [t for t in titles if not t[1]]
+        if not no:
+            out.append(f"- **{finding}: holds** with {'; '.join(t[0] for t in yes)}.")
+        elif not yes:
+            out.append(f"- **{finding}: does not hold** with {'; '.join(t[0] for t in no)}.")
+        else:
+            out.append(
+                f"- **{finding}: holds** with {'; '.join(t[0] for t in yes)}; **does not hold** "
+                f"with {'; '.join(t[0] for t in no)}."
+            )
     resid, mlp = noise.peak("resid_post", "last_subject"), noise.peak("mlp_out", "last_subject")
     out += [
         f"helps most at {at(resid, n)} ({pct(resid['mean'])}); in GPT-2 XL at 32% depth.",
