@@ -167,6 +167,8 @@ def load_runs(model: str, args: argparse.Namespace) -> tuple[dict, dict]:
     meta["unpaired_in_selection"] = [
         reason for fact_id, reason in known["unpaired"] if fact_id in chosen
     ]
+    meta["known_ids"] = [f["known_id"] for f in known["known"]]
+    meta["paired_ids"] = [f["known_id"] for f in known["known"] if "counterfactual" in f]
     meta["planned"] = {run: len(selected(options, run)) for run in PAGE_RUNS}
     meta["imported"] = {run: len(imported_ids(options, run)) for run in PAGE_RUNS}
     meta["generated"] = date.today().isoformat()

@@ -26,32 +26,25 @@ def pct(value: float) -> str:
 
 def where(effects: list[list[float | None]], n_layers: int) -> tuple[int, str]:
     """The peak layer of per-fact effects (None: a fact without the bucket) and the pages'
-    words for it, by the plateau rule written out: adjacent layers whose paired difference
-    from the peak has a 95% CI containing zero extend the plateau; a tied layer further away
-    is named."""
-    facts = [row for row in effects if row[0] is not None]
-    means = [sum(row[layer] for row in facts) / len(facts) for layer in range(n_layers)]
-    peak = max(range(n_layers), key=means.__getitem__)
+    words for it, by the plateau rule written out (:func:`plateau`): adjacent layers whose
+    paired difference from the peak has a 95% CI containing zero extend the plateau; a tied
+    layer further away is named."""
+    p = plateau(effects, n_layers)
+    return p["layer"], words(p, n_layers)
 
-    def tied(other: int) -> bool:
-        mean, half = mean_ci([row[peak] - row[other] for row in facts])
-        return mean - half <= 0 <= mean + half
 
-    low = peak
-    while low > 0 and tied(low - 1):
-        low -= 1
-    high = peak
-    while high < n_layers - 1 and tied(high + 1):
-        high += 1
-    notes = [f"{100 * peak / (n_layers - 1):.0f}% depth"]
-    if high > low:
-        notes.append(f"plateau over layers {low}-{high}")
-    others = [o for o in range(n_layers) if o != peak and not low <= o <= high and tied(o)]
+def words(p: dict, n_layers: int) -> str:
+    """The pages' words for a :func:`plateau`: ``layer 5 of 18 (29% depth; plateau over
+    layers 3-5; layer 1 within the CI)``."""
+    notes = [f"{100 * p['layer'] / (n_layers - 1):.0f}% depth"]
+    if p["high"] > p["low"]:
+        notes.append(f"plateau over layers {p['low']}-{p['high']}")
+    others = [o for o in p["tied"] if not p["low"] <= o <= p["high"]]
     if others:
         notes.append(
             f"layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
         )
-    return peak, f"layer {peak} of {n_layers} ({'; '.join(notes)})"
+    return f"layer {p['layer']} of {n_layers} ({'; '.join(notes)})"
 
 
 def share_of_total(pairs: list[tuple[float, float]]) -> tuple[float, float, list[float]]:
@@ -98,7 +91,7 @@ def bucket_effects(fact: dict, kind: str, bucket: str, n_layers: int) -> list[fl
 def plateau(effects: list[list[float | None]], n_layers: int, layer: int | None = None) -> dict:
     """The peak of per-fact effects (or ``layer``) with its mean, CI and N, each other layer's
     paired difference from it, the plateau of adjacent tied layers and every tied layer."""
-    facts = [row for row in effects if row is not None]
+    facts = [row for row in effects if row is not None and row[0] is not None]
     means = [sum(row[i] for row in facts) / len(facts) for i in range(n_layers)]
     if layer is None:
         layer = max(range(n_layers), key=means.__getitem__)

