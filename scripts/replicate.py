@@ -562,6 +562,18 @@ def state(meta: dict, runs: dict, run: str) -> str:
     return "partial" if progress(meta, run, runs[run]) else "complete"
 
 
+def partial_runs(meta: dict, runs: dict, names: tuple[str, ...]) -> list[str]:
+    """A line naming those of ``names`` still being traced, with how far each is."""
+    notes = [
+        f"`{run}` {progress(meta, run, runs[run], full=False)}"
+        for run in names
+        if run in runs and progress(meta, run, runs[run])
+    ]
+    if not notes:
+        return []
+    return ["", "Still being traced: " + ", ".join(notes) + REGENERATED + "."]
+
+
 def with_progress(text: str, meta: dict, run: str, summary, *, full: bool = True) -> str:
     """``text`` followed by the run's progress note in parentheses, if it is partial."""
     note = progress(meta, run, summary, full=full)
@@ -594,12 +606,16 @@ def report(runs: dict, meta: dict) -> str:
     window = noise.windows["mlp_out"]
     name = label(meta)
     spec = MODELS[meta["model"]]
-    order = (
-        "in a random order of ROME's 1,209 fact ids (`replicate_runs.subset_order`, seed "
-        "`SUBSET_SEED` = 2026, the same order for every model)"
-        if meta["order"] == "random"
-        else "in dataset order (every known fact)"
-    )
+    if meta["order"] == "random":
+        chosen = (
+            f"The first **{meta['n_selected']}** of them in a random order of ROME's 1,209 fact "
+            "ids (`replicate_runs.subset_order`, seed `SUBSET_SEED` = 2026, the same order for "
+            "every model) are selected."
+        )
+    elif meta["n_selected"] == meta["n_known"]:
+        chosen = f"All **{meta['n_selected']}** of them are selected, in dataset order."
+    else:
+        chosen = f"The first **{meta['n_selected']}** of them in dataset order are selected."
     lines = [
         f"# ROME's causal tracing on {name}",
         "",
@@ -618,8 +634,8 @@ def report(runs: dict, meta: dict) -> str:
         "",
         f"- **Facts.** ROME's known-facts set ships with lenscope ({meta['n_checked']} facts).",
         f"  {meta['n_known']} are *known* to the model: its clean top-1 token, stripped, is a",
-        "  non-empty prefix of the attribute (ROME's test, `filter_known`). The first",
-        f"  **{meta['n_selected']}** of them {order} are selected.",
+        "  non-empty prefix of the attribute (ROME's test, `filter_known`).",
+        f"  {chosen}",
         "- **Gaussian noise (ROME's corruption).** Noise is added at `hook_embed` on the subject",
         f"  tokens, std {noise.noise_std:.3f}: 3 × the embedding sigma measured at that hook over",
         f"  the known subjects ({meta['sigma']:.3f}{spec['embedding']}). {noise.samples} samples",
@@ -927,6 +943,7 @@ def neighbours_section(runs: dict, meta: dict) -> list[str]:
                     reading,
                 )
             )
+    out += partial_runs(meta, runs, ("noise", "str_prob", "str_nld"))
     out.append("")
     return out
 
@@ -1116,6 +1133,7 @@ def str_section(runs: dict, meta: dict) -> list[str]:
             f"there: {str_nld.n_skipped} so far) the same sites stand out; its peaks are in the",
             "per-bucket table above.",
         ]
+    out += partial_runs(meta, runs, ("noise", "str_prob", "str_nld"))
     out.append("")
     return out
 
@@ -1201,6 +1219,7 @@ def attribution_section(runs: dict, meta: dict) -> list[str]:
                 )
             )
     if out:
+        out += partial_runs(meta, runs, ("attr_noise", "noise", "attr_str", "str_nld"))
         out.append("")
     return out
 

@@ -153,6 +153,15 @@ def planned_note(model: str, run: str, r: Run, full: bool = True) -> str:
     return f"{r.n} of {planned} facts traced" + (REGENERATED if full else "")
 
 
+def partial_runs(model: str, names: tuple[str, ...]) -> str:
+    notes = [
+        f"`{run}` {planned_note(model, run, runs(model)[run], full=False)}"
+        for run in names
+        if run in runs(model) and planned_note(model, run, runs(model)[run])
+    ]
+    return "Still being traced: " + ", ".join(notes) + REGENERATED + "." if notes else ""
+
+
 def paired(a: Run, b: Run, kind: str, bucket: str, layer: int) -> tuple[float, float, int]:
     """``b``'s effect minus ``a``'s at one cell, paired over their (same) facts."""
     values = [
@@ -485,6 +494,14 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             "~8.0% (43.2% of ATE) at layer ~32 of 48 (68% depth)",
             f"{pct(attn['mean'])} ({share(attn)}) at {at(attn, n)}",
         ),
+    ]
+    out += [
+        line
+        for line in (
+            partial_runs(model, ("noise", "str_prob", "str_nld")),
+            partial_runs(model, ("attr_noise", "noise", "attr_str", "str_nld")),
+        )
+        if line
     ]
     out += str_fragments(rs)
     out += window_fragments(rs, model)
