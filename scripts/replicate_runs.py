@@ -1,4 +1,4 @@
-"""Compute the traces behind ``docs/replication.md``: ROME's known facts on Gemma-3-270m.
+"""Compute the traces behind ``docs/replication.md``: ROME's known facts on a built-in model.
 
 The replication (``scripts/replicate.py`` writes the report) needs four
 dataset traces of the same facts, each hours of CPU time, so this script
@@ -34,10 +34,14 @@ loops over the (run, chunk) jobs in its priority order, claiming each with an
 exclusive file so that workers never duplicate a chunk; each chunk is its own
 ``trace_dataset`` checkpoint, so a killed worker loses at most one fact::
 
-    python scripts/replicate_runs.py prepare
-    python scripts/replicate_runs.py work --first noise --threads 1 &   # one per core
-    python scripts/replicate_runs.py work --first str_prob --threads 1 &
-    python scripts/replicate_runs.py status
+    python scripts/replicate_runs.py prepare --dir runs/smollm2 --model smollm2-135m --facts 1209
+    python scripts/replicate_runs.py work --dir runs/smollm2 --model smollm2-135m --facts 1209 \
+        --threads 1 &   # one per core
+    python scripts/replicate_runs.py status --dir runs/smollm2 --model smollm2-135m --facts 1209
+
+The pages' runs: Gemma-3-270m with ``--dir runs/gemma --model gemma-3-270m --facts 300
+--order random``, SmolLM2-135M-Instruct with ``--dir runs/smollm2 --model smollm2-135m
+--facts 1209`` (every known fact); ``scripts/replicate.py`` reads both (``MODELS``).
 
 A new sitting reuses the finished checkpoints; pass a new ``--sitting`` name
 (claims are per sitting) so that chunks a killed worker had claimed are free.

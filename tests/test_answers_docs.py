@@ -13,9 +13,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+from plain_stats import buckets, share_of_total, where
 from plain_stats import mean_ci as _mean_ci
 from plain_stats import pct as _pct
-from plain_stats import share_of_total, where
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DATA = DOCS / "answers"
@@ -34,23 +34,9 @@ def _ci(pair: tuple[float, float]) -> str:
     return f"{_pct(pair[0])} ± {_pct(pair[1])}"
 
 
-def _buckets(start: int, end: int, n_pos: int) -> dict[str, list[int]]:
-    """ROME's token buckets, written out: disjoint, the last token always ``last``, a
-    one-token subject its ``last_subject`` (lenscope.datasets.token_buckets' documented rule)."""
-    last = n_pos - 1
-    return {
-        "first_subject": [start] if start not in (end - 1, last) else [],
-        "middle_subject": list(range(start + 1, end - 1)),
-        "last_subject": [end - 1] if end - 1 != last else [],
-        "first_subsequent": [end] if end < last else [],
-        "further": list(range(end + 1, last)),
-        "last": [last],
-    }
-
-
 def _effect(fact: dict, kind: str, bucket: str, layer: int) -> float | None:
     start, end = fact["subject_range"]
-    positions = _buckets(start, end, len(fact["tokens"]))[bucket]
+    positions = buckets((start, end), len(fact["tokens"]))[bucket]
     if not positions:
         return None
     row = fact["scores"][kind][layer]
