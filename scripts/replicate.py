@@ -1361,8 +1361,8 @@ def compute_section(runs: dict, meta: dict) -> list[str]:
         "## Compute",
         "",
         f"On {platform.machine()} CPU, no GPU: worker processes of one torch thread each, side",
-        f"by side, {meta['dtype']}; so one worker's wall time is one core's time. Known-fact",
-        f"filter over all {meta['n_checked']} facts: {meta['filter_seconds']:.0f} s.",
+        f"by side, {meta['dtype']}.",
+        f"Known-fact filter over all {meta['n_checked']} facts: {meta['filter_seconds']:.0f} s.",
         "",
         row("run", "facts traced", "skipped", "total", "per fact"),
         row("---", "---", "---", "---", "---"),
@@ -1379,10 +1379,12 @@ def compute_section(runs: dict, meta: dict) -> list[str]:
             )
         )
     out += [
-        row("**all so far**", "", "", f"**{core_hours(runs):.2f} core-hours**", ""),
+        row("**all so far**", "", "", f"**{core_hours(runs):.2f} worker-hours**", ""),
         "",
-        "Times are per-fact wall clock of one thread while other workers shared the machine;",
-        "a quiet machine with both threads on one trace is about 2× faster per fact.",
+        "Times are each worker's wall clock. At times more one-thread processes ran than the",
+        "machine's cores (other runs, tests), and a worker then got a fraction of a core, so",
+        "a run's time per fact depends on its sittings by several times. So the total is",
+        "worker-hours, an upper bound on the core-hours used.",
         "",
     ]
     return out
@@ -1589,10 +1591,11 @@ def overview(models: dict, docs: Path) -> str:
         *sources_section(),
         "## Compute",
         "",
-        "Wall time of worker processes of one torch thread each (one core each), summed over",
-        "the facts traced so far:",
+        "Wall time of worker processes of one torch thread each, summed over the facts traced",
+        "so far: worker-hours, an upper bound on the core-hours (at times more workers ran",
+        "than the machine's cores; each model's page says more):",
         "",
-        row("model", "core-hours"),
+        row("model", "worker-hours"),
         row("---", "---"),
     ]
     total = 0.0

@@ -522,7 +522,7 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             )
         )
     hours = sum(r.seconds() for r in rs.values()) / 3600
-    out.append(row("**all so far**", "", "", f"**{hours:.2f} core-hours**", ""))
+    out.append(row("**all so far**", "", "", f"**{hours:.2f} worker-hours**", ""))
     return out
 
 
