@@ -470,8 +470,15 @@ def _top_cells(scores: Float[Tensor, "..."], k: int) -> Int[Tensor, "cell axis"]
     """
     flat = torch.nan_to_num(scores.float(), nan=-math.inf).flatten()
     n = min(k, int(torch.isfinite(scores).sum()))
-    index = flat.topk(n).indices
-    return torch.stack(torch.unravel_index(index, scores.shape), dim=1)
+    return torch.stack(torch.unravel_index(_highest(flat, n), scores.shape), dim=1)
+
+
+def _highest(values: Float[Tensor, " n"], k: int) -> Int[Tensor, " k"]:
+    """Indices of the ``k`` highest values, highest first, ties to the lower index.
+
+    (``torch.topk`` breaks ties as its kernel happens to.)
+    """
+    return torch.sort(values, descending=True, stable=True).indices[:k]
 
 
 def _check_supported(
@@ -1620,8 +1627,7 @@ def compare(
         both = torch.isfinite(a) & torch.isfinite(e)
         x, y = a[both].double(), e[both].double()
         top = min(k, int(both.sum()))
-        best_a = set(torch.topk(x, top).indices.tolist())
-        best_e = set(torch.topk(y, top).indices.tolist())
+        best_a, best_e = set(_highest(x, top).tolist()), set(_highest(y, top).tolist())
         out[kind] = KindComparison(
             kind=kind,
             pearson=_pearson(x, y),

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_PROMPT, TINY_SUBJECT, make_tiny_bridge, make_tiny_model
+from plain_stats import pearson, ranks
 
 import lenscope
 from lenscope.attribution import (
@@ -551,29 +552,6 @@ class _Fake:
         self.kind = kind
 
 
-def _plain_ranks(values):
-    """1-based ranks, ties given their mean rank, by a plain loop."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for m in range(i, j + 1):
-            ranks[order[m]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def _plain_pearson(x, y):
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy)
-
-
 def test_compare_against_plain_statistics():
     """Pearson and Spearman (ties averaged) equal plain-Python formulas; recall counts the
     shared top cells; untraced (NaN) cells are left out."""
@@ -586,11 +564,25 @@ def test_compare_against_plain_statistics():
     keep = torch.isfinite(exact)
     x, y = est[keep].double().tolist(), exact[keep].double().tolist()
     assert cmp.cells == 41
-    assert cmp.pearson == pytest.approx(_plain_pearson(x, y), abs=1e-9)
-    assert cmp.spearman == pytest.approx(_plain_pearson(_plain_ranks(x), _plain_ranks(y)), abs=1e-9)
+    assert cmp.pearson == pytest.approx(pearson(x, y), abs=1e-9)
+    assert cmp.spearman == pytest.approx(pearson(ranks(x), ranks(y)), abs=1e-9)
     top_x = set(sorted(range(41), key=lambda i: -x[i])[:5])
     top_y = set(sorted(range(41), key=lambda i: -y[i])[:5])
     assert cmp.top_k_recall == len(top_x & top_y) / 5
+
+
+def test_compare_and_top_cells_break_ties_by_position():
+    """Cells tied across the top-k boundary: the lower grid positions are taken, so recall and
+    the cells recheck_top re-traces do not depend on the sort kernel."""
+    from lenscope.attribution import _top_cells
+
+    est = torch.zeros(3, 4)
+    est[2, 3] = est[0, 2] = est[1, 1] = est[0, 0] = 1.0  # four tied cells, k = 3
+    exact = torch.arange(12.0).flip(0).reshape(3, 4)  # 0, 1, 2, ... highest first
+    exact[0, 0] = -1.0  # position 0 is not among the exact top 3: (0, 1), (0, 2), (0, 3)
+    cmp = compare({"mlp_out": _Fake(est)}, {"mlp_out": _Fake(exact)}, k=3)["mlp_out"]
+    assert cmp.top_k_recall == pytest.approx(1 / 3)  # est's top 3: (0, 0), (0, 2), (1, 1)
+    assert _top_cells(est, 3).tolist() == [[0, 0], [0, 2], [1, 1]]
 
 
 def test_compare_refuses_mismatches():

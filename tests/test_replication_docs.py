@@ -272,7 +272,8 @@ def agreement(estimate: Run, exact: Run, kind: str) -> dict:
                     x.append(va)
                     y.append(vb)
         k = min(5, len(x))
-        rows.append((pearson(x, y), pearson(ranks(x), ranks(y)), *recall_range(x, y, k)))
+        recall = len(_top_k(x, k) & _top_k(y, k)) / k  # ties to the lower grid position
+        rows.append((pearson(x, y), pearson(ranks(x), ranks(y)), recall))
     finite = sorted(r[0] for r in rows if not math.isnan(r[0]))
     return {
         "n": len(rows),
@@ -280,33 +281,9 @@ def agreement(estimate: Run, exact: Run, kind: str) -> dict:
         "median": finite[(len(finite) - 1) // 2],  # torch's nanmedian: the lower middle
         "spearman": sum(r[1] for r in rows if not math.isnan(r[1]))
         / sum(not math.isnan(r[1]) for r in rows),
-        "recall": (sum(r[2] for r in rows) / len(rows), sum(r[3] for r in rows) / len(rows)),
-        "zero": (sum(r[3] == 0 for r in rows), sum(r[2] == 0 for r in rows)),
+        "recall": sum(r[2] for r in rows) / len(rows),
+        "zero": sum(r[2] == 0 for r in rows),
     }
-
-
-def recall_range(x: list[float], y: list[float], k: int) -> tuple[float, float]:
-    """The least and the largest top-``k`` recall of ``y``'s top cells among ``x``'s, over
-    every way of breaking ties at the k-th value (``lenscope.compare`` takes
-    ``torch.topk``'s, which is arbitrary among equal cells)."""
-    if len(set(x)) == len(x) and len(set(y)) == len(y):
-        return (len(_top_k(x, k) & _top_k(y, k)) / k,) * 2
-
-    def split(values):
-        kth = sorted(values, reverse=True)[k - 1]
-        above = {i for i, v in enumerate(values) if v > kth}
-        return above, {i for i, v in enumerate(values) if v == kth}, k - len(above)
-
-    a, ta, na = split(x)
-    b, tb, nb = split(y)
-    p, q, r = len(a & tb), len(ta & b), len(ta & tb)
-    b1, a1 = min(nb, p), min(na, q)
-    most = len(a & b) + b1 + a1 + min(na - a1, nb - b1, r)
-    b_forced, a_forced = max(0, nb - (len(tb) - p)), max(0, na - (len(ta) - q))
-    fx = max(0, (na - a_forced) - (len(ta) - q - r))
-    fy = max(0, (nb - b_forced) - (len(tb) - p - r))
-    least = len(a & b) + b_forced + a_forced + max(0, fx + fy - r)
-    return least / k, most / k
 
 
 def tied_depth(p: dict, n_layers: int) -> str:
@@ -610,12 +587,10 @@ def attribution_fragments(rs: dict, model: str) -> list[str]:
                 f"{f['spearman']:.2f}",
                 "",
             )[:-2]
-            # Top-5 recall depends on how ties are broken: the page's must lie in the range.
             found = re.search(re.escape(start) + r"(\S+) \| (\d+) \| (\S+) \|", page(model))
             assert found, start
-            recall, zero = float(found[1]), int(found[2])
-            assert round(f["recall"][0], 2) <= recall <= round(f["recall"][1], 2), (kind, f)
-            assert f["zero"][0] <= zero <= f["zero"][1], (kind, f)
+            assert found[1] == f"{f['recall']:.2f}", (kind, f)
+            assert int(found[2]) == f["zero"], (kind, f)
             assert found[3] == f"{map_correlation(a, b, kind):.2f}"
             out.append(found[0])
     return out
