@@ -377,6 +377,30 @@ def test_neuron_traces_and_estimates_are_results_with_named_axes(peaked_models, 
     assert loaded.axes == exact.axes and exact.plot() is not None
 
 
+def test_a_trace_of_chosen_neurons_equals_the_full_trace_there(peaked_models):
+    """site('mlp_post').only_neurons(...) traces those neurons of every traced layer: the same
+    values as the trace of every neuron, NaN at the others; neurons outside d_mlp are refused
+    with the rule, the value and the fix."""
+    import lenscope
+    from lenscope.sites import site
+
+    tracer = lenscope.CausalTracer(peaked_models["gated"], progress=False)
+    options = dict(positions=[3], samples=2, layers=[1, 3])
+    full = tracer.trace(TINY_PROMPT, TINY_SUBJECT, kind="mlp_post", **options)
+    chosen = [40, 7, 61]
+    some = tracer.trace(
+        TINY_PROMPT, TINY_SUBJECT, kind=site("mlp_post").only_neurons(chosen), **options
+    )
+    traced = torch.isfinite(some.scores)
+    assert traced.nonzero().tolist() == [[x, n] for x in (1, 3) for n in sorted(chosen)]
+    torch.testing.assert_close(some.scores[traced], full.scores[traced], atol=1e-7, rtol=0)
+    d_mlp = peaked_models["gated"].cfg.d_mlp
+    with pytest.raises(InvalidInput, match=rf"neurons must be in \[0, d_mlp\) = \[0, {d_mlp}\)"):
+        tracer.trace(
+            TINY_PROMPT, TINY_SUBJECT, kind=site("mlp_post").only_neurons([d_mlp]), **options
+        )
+
+
 # ------------------------------------------------------------------ Gemma-3-270m
 
 
