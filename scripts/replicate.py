@@ -594,6 +594,11 @@ def neighbours(p: dict, metric: str) -> tuple[str, str, str]:
         reading = f"plateau over layers {plateau.layers[0]}-{plateau.layers[-1]}"
     else:
         reading = "peak"
+    others = [layer for layer in plateau.tied if layer not in plateau.layers]
+    if others:  # a tied layer further away: the peak is not told apart from it
+        reading += (
+            f"; layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} within the CI"
+        )
     return cells[0], cells[1], reading
 
 

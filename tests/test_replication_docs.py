@@ -424,6 +424,12 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             reading = (
                 f"plateau over layers {p['low']}-{p['high']}" if p["high"] > p["low"] else "peak"
             )
+            others = [o for o in p["tied"] if not p["low"] <= o <= p["high"]]
+            if others:  # tied layers further away are named, as words() names them
+                reading += (
+                    f"; layer{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} "
+                    "within the CI"
+                )
             largest = f"{ci(p['mean'], p['half'], m)} at layer {p['layer']}"
             out.append(row(TITLES[run], site, largest, *sides, reading))
         total = (
