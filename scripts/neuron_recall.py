@@ -226,13 +226,7 @@ def report(args: argparse.Namespace) -> None:
         "(exact layer) |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    groups = {
-        "Eiffel Tower, noise, `prob`": [r for r in records if r["fact_id"] == "eiffel"],
-        "STR facts, `normalized_logit_diff`": [r for r in records if r["fact_id"] != "eiffel"],
-    }
-    for label, group in groups.items():
-        if not group:
-            continue
+    for label, group in groups(records).items():
         for name in group[0]["estimates"]:
             rows = [agreement(r, name) for r in group]
 
@@ -250,6 +244,35 @@ def report(args: argparse.Namespace) -> None:
                 f"{mean('spearman'):.3f} | {mean('found'):.1f} of 20 ({mean('outside'):.1f}) | "
                 f"{seconds[0]:.1f}, {seconds[1]:.0f} ({exact_s:.0f}) |"
             )
+    print()
+    size_table(records)
+
+
+def size_table(records: list[dict]) -> None:
+    """How large single neurons' effects are: the best of the exact layer, and the best of
+    AtP's top 20 over all layers (re-traced), median and max over the prompts."""
+    print(
+        "| prompts | N | candidate layer (median) | best neuron of the exact layer: median "
+        "(max) | best of `atp`'s top 20 over all layers, re-traced: median (max) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, group in groups(records).items():
+        layer = [max(r["exact"]) for r in group]
+        anywhere = [max(c[3] for c in r["estimates"]["atp"]["top"]) for r in group]
+        print(
+            f"| {label} | {len(group)} | {statistics.median(r['layer'] for r in group):g} | "
+            f"{statistics.median(layer):.4f} ({max(layer):.4f}) | "
+            f"{statistics.median(anywhere):.4f} ({max(anywhere):.4f}) |"
+        )
+
+
+def groups(records: list[dict]) -> dict[str, list[dict]]:
+    """The Eiffel Tower and the STR facts, each labelled as the tables label them."""
+    out = {
+        "Eiffel Tower, noise, `prob`": [r for r in records if r["fact_id"] == "eiffel"],
+        "STR facts, `normalized_logit_diff`": [r for r in records if r["fact_id"] != "eiffel"],
+    }
+    return {label: group for label, group in out.items() if group}
 
 
 def main(argv: list[str] | None = None) -> int:

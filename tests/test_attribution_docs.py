@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_PROMPT, TINY_SUBJECT
+from plain_stats import pearson, ranks, top_k
 
 import lenscope
 
@@ -215,3 +216,94 @@ def test_the_recheck_runs_are_recomputed_from_their_records(page):
         truth = statistics.median(c["exact_seconds"] for c in group)
         assert seconds == f"{own:.1f} ({plain:.1f}; {truth:.1f})"
 
+
+# ---------------------------------------------------------------- neurons
+
+NEURONS = "| prompts | estimator | N | recall@10 | recall@20 |"
+
+
+@pytest.fixture(scope="module")
+def neuron_records() -> list[dict]:
+    text = gzip.decompress((DOCS / "neuron_recall.jsonl.gz").read_bytes()).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_the_neuron_table_is_recomputed_from_the_records(neuron_records, page):
+    """Each row: recall of the exact layer's top 10 / 20 neurons among the estimate's top 10 /
+    20 (and the top 10 among its top 50), Pearson and Spearman over that layer's neurons, and
+    how many of the estimate's top 20 over all layers, re-traced, restore at least as much as
+    the exact layer's 20th best neuron, averaged over the prompts."""
+    table = _table(page, NEURONS)
+    assert len(table) >= 6
+    groups = {
+        "Eiffel": [r for r in neuron_records if r["fact_id"] == "eiffel"],
+        "STR": [r for r in neuron_records if r["fact_id"] != "eiffel"],
+    }
+    assert len(groups["Eiffel"]) == 1 and len(groups["STR"]) >= 30
+    for row in table:
+        group = groups["Eiffel" if row[0].startswith("Eiffel") else "STR"]
+        name = row[1].strip("`")
+        assert int(row[2]) == len(group)
+        stats: dict[str, list[float]] = {}
+        for r in group:
+            x, y = r["estimates"][name]["layer_scores"], r["exact"]
+            twentieth = sorted(y)[-20]
+            top = r["estimates"][name]["top"]
+            for key, value in (
+                ("r10", len(top_k(x, 10) & top_k(y, 10)) / 10),
+                ("r20", len(top_k(x, 20) & top_k(y, 20)) / 20),
+                ("in50", len(top_k(y, 10) & top_k(x, 50)) / 10),
+                ("p", pearson(x, y)),
+                ("s", pearson(ranks(x), ranks(y))),
+                ("found", sum(c[3] >= twentieth for c in top)),
+                ("outside", sum(c[0] != r["layer"] for c in top)),
+            ):
+                stats.setdefault(key, []).append(value)
+        m = {key: sum(v) / len(v) for key, v in stats.items()}
+        assert row[3:9] == [
+            f"{m['r10']:.2f}",
+            f"{m['r20']:.2f}",
+            f"{m['in50']:.2f}",
+            f"{m['p']:.3f}",
+            f"{m['s']:.3f}",
+            f"{m['found']:.1f} of 20 ({m['outside']:.1f})",
+        ]
+
+
+def test_the_neuron_rechecks_agree_with_the_exact_layer(neuron_records):
+    """Two exact computations in each record: the candidate layer's sweep of every neuron and
+    recheck_top's re-trace of the estimate's top 20; where both traced a neuron, they agree.
+    The estimates' top 20 are the highest estimates of the layer's scores committed."""
+    checked = 0
+    for r in neuron_records:
+        for name, e in r["estimates"].items():
+            for layer, neuron, estimate, exact in e["top"]:
+                if layer == r["layer"]:
+                    assert exact == pytest.approx(r["exact"][neuron], abs=1e-6)
+                    assert estimate == e["layer_scores"][neuron]
+                    checked += 1
+            assert [c[2] for c in e["top"]] == sorted((c[2] for c in e["top"]), reverse=True)
+    assert checked >= 20
+
+
+def test_the_neuron_size_table_is_recomputed_from_the_records(neuron_records, page):
+    """The median candidate layer, and the largest single-neuron effects: the exact layer's
+    best and the best of AtP's re-traced top 20 (median and max over the prompts)."""
+    table = _table(page, "| prompts | N | candidate layer (median) |")
+    assert len(table) == 2
+    for row in table:
+        eiffel = row[0].startswith("Eiffel")
+        group = [r for r in neuron_records if (r["fact_id"] == "eiffel") == eiffel]
+        layer = sorted(max(r["exact"]) for r in group)
+        anywhere = sorted(max(c[3] for c in r["estimates"]["atp"]["top"]) for r in group)
+
+        def median(values: list[float]) -> float:
+            n = len(values)
+            return (values[(n - 1) // 2] + values[n // 2]) / 2
+
+        assert row[1:] == [
+            str(len(group)),
+            f"{median(sorted(r['layer'] for r in group)):g}",
+            f"{median(layer):.4f} ({layer[-1]:.4f})",
+            f"{median(anywhere):.4f} ({anywhere[-1]:.4f})",
+        ]
