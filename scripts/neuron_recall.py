@@ -174,24 +174,24 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Average ranks (ties share theirs), for Spearman's correlation."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for m in range(i, j + 1):
-            out[order[m]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
 def pearson(x: list[float], y: list[float]) -> float:
-    """Pearson's correlation."""
-    return statistics.correlation(x, y)
+    """Pearson's correlation (lenscope's, as ``compare`` computes it; the tests recompute the
+    tables with plain Python)."""
+    import torch
+
+    from lenscope.attribution import _pearson
+
+    return _pearson(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's correlation: Pearson's of the ranks, ties averaged (lenscope's ``_ranks``)."""
+    import torch
+
+    from lenscope.attribution import _pearson, _ranks
+
+    a, b = (torch.tensor(v, dtype=torch.float64) for v in (x, y))
+    return _pearson(_ranks(a), _ranks(b))
 
 
 def top(values: list[float], k: int) -> set[int]:
@@ -208,7 +208,7 @@ def agreement(record: dict, name: str) -> dict:
         "recall20": len(top(x, K) & top(y, K)) / K,
         "top10_in_50": len(top(y, 10) & top(x, 50)) / 10,
         "pearson": pearson(x, y),
-        "spearman": pearson(ranks(x), ranks(y)),
+        "spearman": spearman(x, y),
         # the re-traced top 20 over all layers: how many restore at least as much as the
         # exact layer's 20th best neuron
         "found": sum(c[3] >= sorted(y)[-K] for c in best),

@@ -1037,23 +1037,25 @@ def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
         torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
     gap = (est["mlp_out"].scores - atp["mlp_out"].scores).abs().max()
     assert float(gap) > 1e-3  # the rules change the coefficients
-    heads = tracer.attribute(
-        TINY_PROMPT,
-        TINY_SUBJECT,
-        estimator="relp",
-        **{**options, "kinds": ("z", "v")},
-        by="head_pos",
-    )
-    for kind in ("z", "v"):
-        hooks = [f"blocks.{x}.attn.hook_{kind}" for x in range(n_layer)]
-        head_clean, head_corr = {}, {}
+    # Heads' outputs and values, and MLP neurons (hook_post, a RelP rule's own output), one
+    # cell per unit and position; per_unit sums a head's d_head.
+    for kind, by, hook, per_unit in (
+        ("z", "head_pos", "attn.hook_z", lambda d: d.sum(-1)),
+        ("v", "head_pos", "attn.hook_v", lambda d: d.sum(-1)),
+        ("mlp_post", "neuron_pos", "mlp.hook_post", lambda d: d),
+    ):
+        units = tracer.attribute(
+            TINY_PROMPT, TINY_SUBJECT, estimator="relp", **{**options, "kinds": (kind,)}, by=by
+        )[kind]
+        hooks = [f"blocks.{x}.{hook}" for x in range(n_layer)]
+        unit_clean, unit_corr = {}, {}
         with torch.no_grad():
             model.run_with_hooks(
-                tokens[None], fwd_hooks=[(n, keeper(head_clean, n)) for n in hooks]
+                tokens[None], fwd_hooks=[(n, keeper(unit_clean, n)) for n in hooks]
             )
             model.run_with_hooks(
                 corrupted.tokens,
-                fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(head_corr, n)) for n in hooks)],
+                fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(unit_corr, n)) for n in hooks)],
             )
         with torch.enable_grad():
             logits, nodes = _lrp_forward(
@@ -1065,43 +1067,13 @@ def test_relevance_patching_equals_a_hand_written_lrp_backward(two_layer):
             grads = torch.autograd.grad(total, [nodes[n] for n in hooks])
         expected = torch.stack(
             [
-                ((head_clean[n] - head_corr[n]) * g).sum(-1).mean(0).T
+                per_unit((unit_clean[n] - unit_corr[n]) * g).mean(0).T
                 for n, g in zip(hooks, grads, strict=True)
             ]
-        )  # [layer, head, pos]
-        effect = heads[kind].scores - heads[kind].corrupted_score
+        )  # [layer, unit, pos]
+        effect = units.scores - units.corrupted_score
         assert float(expected.abs().max()) > 1e-4
         torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
-    # MLP neurons (hook_post, the rule's own output): one cell per neuron and position
-    neurons = tracer.attribute(
-        TINY_PROMPT,
-        TINY_SUBJECT,
-        estimator="relp",
-        **{**options, "kinds": ("mlp_post",)},
-        by="neuron_pos",
-    )
-    hooks = [f"blocks.{x}.mlp.hook_post" for x in range(n_layer)]
-    post_clean, post_corr = {}, {}
-    with torch.no_grad():
-        model.run_with_hooks(tokens[None], fwd_hooks=[(n, keeper(post_clean, n)) for n in hooks])
-        model.run_with_hooks(
-            corrupted.tokens,
-            fwd_hooks=[*corrupted.fwd_hooks, *((n, keeper(post_corr, n)) for n in hooks)],
-        )
-    with torch.enable_grad():
-        logits, nodes = _lrp_forward(
-            model,
-            corr[hook_name("resid_pre", 0)].clone().requires_grad_(True),
-            [corr[n] for n in patterns],
-        )
-        total = torch.log_softmax(logits[:, -1], -1)[:, answer].sum()
-        grads = torch.autograd.grad(total, [nodes[n] for n in hooks])
-    expected = torch.stack(
-        [((post_clean[n] - post_corr[n]) * g).mean(0).T for n, g in zip(hooks, grads, strict=True)]
-    )  # [layer, neuron, pos]
-    effect = neurons["mlp_post"].scores - neurons["mlp_post"].corrupted_score
-    assert float(expected.abs().max()) > 1e-4
-    torch.testing.assert_close(effect, expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- per-head sites
