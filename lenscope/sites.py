@@ -433,7 +433,7 @@ class NeuronSite(Site):
         """``(layer, neuron)`` or ``(layer, neuron, pos)``: every neuron, or :attr:`neurons`."""
         d_mlp = int(model.cfg.d_mlp)
         neurons = range(d_mlp) if self.neurons is None else list(self.neurons)
-        wrong = [n for n in neurons if not 0 <= n < d_mlp]
+        wrong = [n for n in self.neurons or () if not 0 <= n < d_mlp]
         if wrong:
             raise InvalidInput(
                 f"neurons must be in [0, d_mlp) = [0, {d_mlp}), got {wrong[:5]}; pass neuron "

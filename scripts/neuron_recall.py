@@ -34,7 +34,6 @@ recomputes it. Run::
 """
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -71,9 +70,7 @@ def rounded(values) -> list[float]:
 
 def measure(tracer, prompt, subject, options: dict, estimators: list[str], record: dict) -> dict:
     """Steps 1-3 of the module docstring for one prompt; ``record`` gains the results."""
-    import torch
-
-    from lenscope.attribution import recheck_top
+    from lenscope.attribution import _top_cells, recheck_top
     from lenscope.settings import resolve_prompt
 
     started = time.perf_counter()
@@ -103,13 +100,11 @@ def measure(tracer, prompt, subject, options: dict, estimators: list[str], recor
         checked = recheck_top(tracer, prompt, subject, estimate, k=K, **neuron)["mlp_post"]
         recheck_s = time.perf_counter() - t
         scores = estimate["mlp_post"].scores
-        top = torch.nan_to_num(scores, nan=-torch.inf).flatten().topk(K).indices
         record["estimates"][name] = {
             "layer_scores": rounded(scores[layer]),
-            "top": [
-                [int(i // scores.shape[1]), int(i % scores.shape[1])]
-                + rounded([scores.flatten()[i], checked.scores.flatten()[i]])
-                for i in top.tolist()
+            "top": [  # the cells recheck_top re-traced first: (layer, neuron, estimate, exact)
+                [x, n] + rounded([scores[x, n], checked.scores[x, n]])
+                for x, n in _top_cells(scores, K).tolist()
             ],
             "exact_cells": checked.passes["exact_cells"],
             "seconds": round(estimate_s, 2),
@@ -168,12 +163,6 @@ def run(args: argparse.Namespace) -> None:
         print(record["fact_id"], record["layer"], record["seconds"], file=sys.stderr, flush=True)
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of ``path`` (gzip if it ends in .gz)."""
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    return [json.loads(line) for line in text.splitlines()]
-
-
 def pearson(x: list[float], y: list[float]) -> float:
     """Pearson's correlation (lenscope's, as ``compare`` computes it; the tests recompute the
     tables with plain Python)."""
@@ -218,6 +207,8 @@ def agreement(record: dict, name: str) -> dict:
 
 def report(args: argparse.Namespace) -> None:
     """docs/attribution.md's neuron table: one row per (prompts, estimator)."""
+    from attribution_judge import read_records
+
     records = read_records(args.records)
     print(
         "| prompts | estimator | N | recall@10 | recall@20 | exact top 10 in the estimate's "
