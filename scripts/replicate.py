@@ -1168,7 +1168,7 @@ def window_section(runs: dict, meta: dict) -> list[str]:
         cells = []
         for s in (narrow, wide):
             p = peak(s, kind, bucket)
-            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} at {at(p, n)}")
+            cells.append(f"{ci(p['aie'], p['ci'], 'prob')} = {share(p)}, at {at(p, n)}")
         out.append(row(site, *cells))
     out += ["", row("finding", "verdict with window 10", "evidence"), row("---", "---", "---")]
     for v in verdicts(wide):

@@ -16,7 +16,7 @@ and that resume over several sittings:
 * ``attr_noise`` and ``attr_str``: attribution patching of ``noise`` and
   ``str_nld`` (one forward and one backward pass per fact).
 * ``noise_w10``: ``noise`` for MLP and attention with ROME's literal window
-  of 10 layers.
+  of 10 layers, on the first ``RUN_FACTS["noise_w10"]`` (100) of the selected facts.
 * ``noise_attribute``: ``noise`` scoring each fact's whole attribute
   (``answers="attribute"``) instead of the top-1 token; with ``prepare
   --fact-file lenscope/data/long_answers.json --known-by attribute`` (answers of
@@ -70,6 +70,8 @@ RUNS = (
     "noise_attribute",
 )
 SUBSET_RUNS = ("noise_seed1", "noise_seed2", "noise_fp32")
+RUN_FACTS = {"noise_w10": 100}
+"""Runs that trace only the first this many of the selected facts."""
 RUN_DTYPE = {"noise_fp32": "float32"}
 """The dtype a run's worker loads the model in (default bfloat16)."""
 SUBSET = 60
@@ -239,7 +241,8 @@ def imported_ids(args: argparse.Namespace, run: str) -> set[str]:
 
 
 def selected(args: argparse.Namespace, run: str) -> list[dict]:
-    """The first ``--facts`` known facts; for STR runs, those of them with a partner.
+    """The first ``--facts`` known facts; for STR runs, those of them with a partner;
+    for a run in ``RUN_FACTS``, its first that many.
 
     The subset runs take :func:`subset` of all known facts instead.
     """
@@ -249,7 +252,7 @@ def selected(args: argparse.Namespace, run: str) -> list[dict]:
     known = first_known(args, known)
     if run in ("str_prob", "str_nld", "attr_str"):
         return [f for f in known if "counterfactual" in f]
-    return known
+    return known[: RUN_FACTS.get(run)]
 
 
 def chunks(args: argparse.Namespace, run: str) -> list[list[dict]]:

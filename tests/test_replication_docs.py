@@ -569,7 +569,7 @@ def window_fragments(rs: dict, model: str) -> list[str]:
         cells = []
         for r in (narrow, wide):
             p = r.peak(kind, bucket)
-            cells.append(f"{ci(p['mean'], p['half'])} at {at(p, n)}")
+            cells.append(f"{ci(p['mean'], p['half'])} = {share(p)}, at {at(p, n)}")
         out.append(row(site, *cells))
     for finding, holds, evidence in verdicts(wide):
         out.append(row(finding, "**holds**" if holds else "**does not hold**", evidence))
@@ -922,6 +922,9 @@ def test_the_runs_trace_the_facts_their_selection_draws(model):
     allowed = {"noise_seed1": set(by_rank[:60]), "noise_seed2": set(by_rank[:60])}
     allowed |= {"noise_fp32": set(by_rank[:60])}
     allowed |= {r: paired for r in ("str_prob", "str_nld", "attr_str")}
+    in_file_order = [fact_id for fact_id in known if fact_id in selected]
+    allowed["noise_w10"] = set(in_file_order[:100])  # ROME's window: the first 100
+    assert mt["planned"]["noise_w10"] == min(100, len(selected))
     for run, r in rs.items():
         ids = [f["fact_id"] for f in r.facts]
         assert len(set(ids)) == len(ids) and set(ids) <= allowed.get(run, selected), run
