@@ -782,6 +782,8 @@ def summary_section(runs: dict, meta: dict) -> list[str]:
 
 def differences(runs: dict, meta: dict) -> list[str]:
     """Bullets on what differs from GPT-2 XL and from Zhang & Nanda, from the numbers."""
+    from lenscope.datasets import BUCKETS
+
     noise = runs["noise"]
     n = noise.n_layers
     name = label(meta)
@@ -808,11 +810,16 @@ def differences(runs: dict, meta: dict) -> list[str]:
         f"{pct(ROME['ate'] / ROME['clean'])} in GPT-2 XL.{literal}",
     ]
     late_mlp = peak(noise, "mlp_out", "last")
+    effects = noise.effects("mlp_out")
+    d = paired(
+        effects[:, BUCKETS.index("last"), late_mlp["layer"]]
+        - effects[:, BUCKETS.index("last_subject"), mlp["layer"]]
+    )
+    size = "larger than" if d[0] - d[1] > 0 else "smaller than" if d[0] + d[1] < 0 else "as large as"
     out.append(
         f"- **The MLPs at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
-        f" at {at(late_mlp, n)}, "
-        + ("as large as" if late_mlp["aie"] + late_mlp["ci"] >= mlp["aie"] else "smaller than")
-        + f" the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}); ROME's account of GPT-2 XL "
+        f" at {at(late_mlp, n)}, {size} the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}; "
+        f"difference {ci(d[0], d[1], 'prob')}, paired over facts); ROME's account of GPT-2 XL "
         "centres on the early site."
     )
     str_prob = runs.get("str_prob")

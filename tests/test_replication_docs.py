@@ -375,10 +375,19 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             f"{at(w, n)})."
         )
     late = noise.peak("mlp_out", "last")
-    size = "as large as" if late["mean"] + late["half"] >= mlp["mean"] else "smaller than"
+    d = mean_ci(
+        [
+            x[late["layer"]] - y[mlp["layer"]]
+            for x, y in zip(
+                noise.effects("mlp_out", "last"), noise.effects("mlp_out", "last_subject"), strict=True
+            )
+            if x is not None and y is not None
+        ]
+    )
+    size = "larger than" if d[0] > d[1] else "smaller than" if d[0] < -d[1] else "as large as"
     out.append(
         f"{ci(late['mean'], late['half'])} at {at(late, n)}, {size} the early site "
-        f"({ci(mlp['mean'], mlp['half'])})"
+        f"({ci(mlp['mean'], mlp['half'])}; difference {ci(*d)}, paired over facts)"
     )
     if "str_prob" in rs:
         d = str_against_noise(noise, rs["str_prob"])
