@@ -825,10 +825,17 @@ def differences(runs: dict, meta: dict) -> list[str]:
     str_prob = runs.get("str_prob")
     if str_prob is not None:
         d = str_against_noise(noise, str_prob)
-        if d["str"][0] > d["noise"][0]:
+        mean, half = d["difference"][:2]
+        if mean - half > 0:
             head = (
                 f"- **Differs on {name} from Zhang & Nanda's GPT-2 XL result (2023):** STR "
                 "does not weaken the early MLP site here, it strengthens it"
+            )
+        elif mean + half >= 0:
+            head = (
+                f"- **Differs on {name} from Zhang & Nanda's GPT-2 XL result (2023):** STR "
+                "does not weaken the early MLP site here; its share of the ATE under the two "
+                "corruptions cannot be told apart"
             )
         else:
             head = "- **As Zhang & Nanda (2023) found on GPT-2 XL,** STR weakens the early MLP site"
@@ -1075,7 +1082,7 @@ def str_section(runs: dict, meta: dict) -> list[str]:
     out = [
         "## Gaussian noise against STR",
         "",
-        f"On the {len(ids)} facts traced both ways so far, with the probability metric (so both",
+        f"On the {len(ids)} facts traced both ways, with the probability metric (so both",
         "share one scale). Peaks are also given as a share of each corruption's own ATE, since",
         "STR and noise remove different amounts of the answer:",
         "",
@@ -1111,8 +1118,11 @@ def str_section(runs: dict, meta: dict) -> list[str]:
         "",
         f"At the noise trace's early-site peak (MLP, last subject token, layer {layer}),",
         f"STR's AIE minus noise's, paired over facts: {ci(*diff[:2], 'prob')} (N = {diff[2]}):",
-        f"STR's early MLP site is {stronger} than noise's"
-        + ("" if significant else " but the difference is within the 95% CI")
+        (
+            f"STR's early MLP site is {stronger} than noise's"
+            if significant
+            else "STR's early MLP site cannot be told apart from noise's (the CI contains zero)"
+        )
         + ". Zhang & Nanda (2023, Figure 2) found it much weaker under STR on GPT-2 XL"
         + (
             f"; {label(meta)} differs (another model, not a failed reproduction)."
@@ -1142,7 +1152,7 @@ def str_section(runs: dict, meta: dict) -> list[str]:
             "",
             f"With the normalised logit difference (N = {str_nld.n_facts}; a fact whose",
             "counterfactual answers the same token has no logit difference and is skipped",
-            f"there: {str_nld.n_skipped} so far) the same sites stand out; its peaks are in the",
+            f"there: {str_nld.n_skipped}) the same sites stand out; its peaks are in the",
             "per-bucket table above.",
         ]
     out += partial_runs(meta, runs, ("noise", "str_prob", "str_nld"))

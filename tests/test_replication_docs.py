@@ -391,6 +391,14 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
     )
     if "str_prob" in rs:
         d = str_against_noise(noise, rs["str_prob"])
+        mean, half = d["difference"]
+        out.append(
+            "here, it strengthens it ("
+            if mean > half
+            else "corruptions cannot be told apart ("
+            if mean >= -half
+            else "found on GPT-2 XL,** STR weakens the early MLP site ("
+        )
         out.append(
             f"({pct(d['str'])} of STR's ATE against {pct(d['noise'])} of noise's, difference "
             f"{ci(*d['difference'])} paired over the same {d['n']} facts"
@@ -524,7 +532,7 @@ def str_fragments(rs: dict) -> list[str]:
     ids = rs["noise"].ids() & rs["str_prob"].ids()
     a, b = rs["noise"].subset(ids), rs["str_prob"].subset(ids)
     out = [
-        f"On the {len(ids)} facts traced both ways so far",
+        f"On the {len(ids)} facts traced both ways,",
         row("ATE", ci(*a.ate()), ci(*b.ate())),
     ]
     for kind, bucket, site in SITES:
@@ -557,7 +565,7 @@ def str_fragments(rs: dict) -> list[str]:
         )
     if "str_nld" in rs:
         out.append(f"(N = {rs['str_nld'].n}; a fact whose")
-        out.append(f"there: {rs['str_nld'].n_skipped} so far)")
+        out.append(f"there: {rs['str_nld'].n_skipped})")
     return out
 
 
