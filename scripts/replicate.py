@@ -815,7 +815,9 @@ def differences(runs: dict, meta: dict) -> list[str]:
         effects[:, BUCKETS.index("last"), late_mlp["layer"]]
         - effects[:, BUCKETS.index("last_subject"), mlp["layer"]]
     )
-    size = "larger than" if d[0] - d[1] > 0 else "smaller than" if d[0] + d[1] < 0 else "as large as"
+    size = (
+        "larger than" if d[0] - d[1] > 0 else "smaller than" if d[0] + d[1] < 0 else "as large as"
+    )
     out.append(
         f"- **The MLPs at the last token:** {ci(late_mlp['aie'], late_mlp['ci'], 'prob')}"
         f" at {at(late_mlp, n)}, {size} the early site ({ci(mlp['aie'], mlp['ci'], 'prob')}; "

@@ -379,7 +379,9 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
         [
             x[late["layer"]] - y[mlp["layer"]]
             for x, y in zip(
-                noise.effects("mlp_out", "last"), noise.effects("mlp_out", "last_subject"), strict=True
+                noise.effects("mlp_out", "last"),
+                noise.effects("mlp_out", "last_subject"),
+                strict=True,
             )
             if x is not None and y is not None
         ]
@@ -553,6 +555,11 @@ def str_fragments(rs: dict) -> list[str]:
     out.append(
         f"(MLP, last subject token, layer {layer}),\nSTR's AIE minus noise's, paired over facts: "
         f"{ci(d[0], d[1])} (N = {d[2]})"
+    )
+    out.append(
+        ("STR's early MLP site is stronger" if d[0] > 0 else "STR's early MLP site is weaker")
+        if abs(d[0]) > d[1]
+        else "STR's early MLP site cannot be told apart from noise's"
     )
     for kind in ("resid_post", "mlp_out", "attn_out"):
         f = agreement(b, a, kind)
