@@ -170,7 +170,12 @@ def load_runs(model: str, args: argparse.Namespace) -> tuple[dict, dict]:
     meta["known_ids"] = [f["known_id"] for f in known["known"]]
     meta["paired_ids"] = [f["known_id"] for f in known["known"] if "counterfactual" in f]
     meta["planned"] = {run: len(selected(options, run)) for run in PAGE_RUNS}
-    meta["imported"] = {run: len(imported_ids(options, run)) for run in PAGE_RUNS}
+    reused = options.dir / "reused.json"  # resumed from the page's data: its record stands
+    meta["imported"] = (
+        json.loads(reused.read_text())
+        if reused.exists()
+        else {run: len(imported_ids(options, run)) for run in PAGE_RUNS}
+    )
     meta["generated"] = date.today().isoformat()
     runs = {}
     for run in PAGE_RUNS:

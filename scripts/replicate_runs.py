@@ -45,6 +45,15 @@ The pages' runs: Gemma-3-270m with ``--dir runs/gemma --model gemma-3-270m --fac
 
 A new sitting reuses the finished checkpoints; pass a new ``--sitting`` name
 (claims are per sitting) so that chunks a killed worker had claimed are free.
+
+The run folders are not committed; the pages' data is. On a new machine, resume from it
+(the known facts as committed, then every committed fact of every run, bfloat16 and
+float32), and ``work`` traces only what is missing::
+
+    python scripts/replicate_runs.py prepare --dir runs/smollm2 --model smollm2-135m \
+        --facts 1209 --from docs/replication/smollm2-135m
+    python scripts/replicate_runs.py import --dir runs/smollm2 --model smollm2-135m \
+        --facts 1209 --from docs/replication/smollm2-135m            # and --dtype float32
 """
 
 import argparse
@@ -106,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="source",
         type=Path,
         default=None,
-        help="import: a folder of committed DatasetSummary files (<run>.json.gz) to reuse",
+        help="import: a folder of committed DatasetSummary files (<run>.json.gz) to reuse; "
+        "prepare: the folder whose meta.json fixes the known facts",
     )
     parser.add_argument(
         "--min-answer-tokens",
@@ -161,15 +171,29 @@ def load(args: argparse.Namespace):
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """Filter the known facts and pair them for STR; write ``known.json``."""
+    """Filter the known facts and pair them for STR; write ``known.json``.
+
+    With ``--from`` (a model's ``docs/replication/<model>`` folder) the known facts are
+    the committed ones (``meta.json``'s ``known_ids``) instead of a new filter: the
+    filter's top-1 check runs in bfloat16, where a few facts near the threshold flip with
+    the number of threads or the library versions (on 2026-12-05 a new machine kept 482
+    of Gemma's facts where the committed runs kept 486, and 284 or 281 of SmolLM2's, with
+    one or two threads, where they kept 278), and a resumed run must trace the facts its
+    committed part was drawn from. The pairing for STR is recomputed; it depends on the
+    known facts and the tokenizer only."""
     from lenscope.datasets import filter_known, known_facts, load_facts, pair_counterfactuals
 
     model, tracer = load(args)
     facts = load_facts(args.fact_file) if args.fact_file else known_facts()
     started = time.perf_counter()
-    known, rejected = filter_known(tracer, facts, return_rejected=True, by=args.known_by)
-    filter_seconds = time.perf_counter() - started
-    n_known = len(known)
+    if args.source is None:
+        known, rejected = filter_known(tracer, facts, return_rejected=True, by=args.known_by)
+        filter_seconds, n_known = time.perf_counter() - started, len(known)
+    else:  # the committed selection, not a new filter (see the docstring)
+        committed = json.loads((args.source / "meta.json").read_text())
+        by_id = {json.dumps(f["known_id"]): f for f in facts}
+        known = [dict(by_id[json.dumps(i)]) for i in committed["known_ids"]]
+        filter_seconds, n_known = committed["filter_seconds"], committed["n_known"]
     if args.min_answer_tokens > 1:  # whole answers: the facts whose attribute is several tokens
         known = [f for f in known if len(f["attribute_tokens"]) >= args.min_answer_tokens]
     pairs = pair_counterfactuals(model, known, seed=0)
@@ -261,7 +285,8 @@ def chunks(args: argparse.Namespace, run: str) -> list[list[dict]]:
     Chunks wholly before ``--start`` are empty (their facts were traced before).
     """
     if run in SUBSET_RUNS:
-        chosen = selected(args, run)
+        done = imported_ids(args, run)
+        chosen = [f for f in selected(args, run) if json.dumps(f["known_id"]) not in done]
         return [chosen[i : i + args.chunk] for i in range(0, len(chosen), args.chunk)]
     known = first_known(args, json.loads((args.dir / "known.json").read_text())["known"])
     chosen = {json.dumps(f["known_id"]) for f in selected(args, run)} - imported_ids(args, run)
@@ -340,7 +365,14 @@ def work(args: argparse.Namespace) -> None:
 def import_runs(args: argparse.Namespace) -> None:
     """Write each committed run's facts that this selection traces as the run's imported
     checkpoint, with the header ``trace_dataset`` writes for the run's settings (so the
-    settings are checked, and ``work`` traces only the facts not imported)."""
+    settings are checked, and ``work`` traces only the facts not imported).
+
+    Only the runs computed in this call's ``--dtype`` are imported (``noise_fp32`` needs a
+    call with ``--dtype float32``): a new machine resumes every run from the committed
+    data with two calls. Importing a page's own folder (``docs/replication/<model>``)
+    also copies its record of the facts it had reused from the earlier file-order trace
+    (``meta.json``'s ``imported``) to ``reused.json``, which ``replicate.py`` reports
+    instead of counting the resumed facts as reused."""
     import gzip
 
     from lenscope.datasets import DatasetSummary
@@ -349,10 +381,14 @@ def import_runs(args: argparse.Namespace) -> None:
 
     model, tracer = load(args)
     window = window_of(model.cfg.n_layers, args.window)
+    page_meta = args.source / "meta.json"
+    if page_meta.exists():  # a page's own folder: keep its record of what it reused
+        reused = json.loads(page_meta.read_text()).get("imported", {})
+        (args.dir / "reused.json").write_text(json.dumps(reused, indent=1) + "\n")
     for run in RUNS:
         source = args.source / f"{run}.json.gz"
-        if not source.exists() or run in SUBSET_RUNS:
-            continue
+        if not source.exists() or RUN_DTYPE.get(run, "bfloat16") != args.dtype:
+            continue  # a run in another dtype is imported by a call with that --dtype
         summary = DatasetSummary.from_dict(json.loads(gzip.decompress(source.read_bytes())))
         options = run_options(run, window)
         method = {k: options.pop(k) for k in ("method",) if k in options}
@@ -361,16 +397,25 @@ def import_runs(args: argparse.Namespace) -> None:
         if method:
             header |= {"method": "attribution", "recheck": 0, "estimator": "atp"}
             header |= {"target": "metric"}
-        wanted = {json.dumps(f["known_id"]) for f in selected(args, run)}
+        wanted = {json.dumps(f["known_id"]): f for f in selected(args, run)}
         facts = [f for f in summary.facts if json.dumps(f.fact_id) in wanted]
+        skipped = [s for s in summary.skipped if json.dumps(s.fact_id) in wanted]
         path = imported_path(args, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         store = Checkpoint(path, header)
         for fact in facts:
             store.append({"id": fact.fact_id, "status": "done", "fact": fact.to_dict()})
+        for skip in skipped:  # with the fact's prompt and subject, as trace_dataset writes it
+            known = wanted[json.dumps(skip.fact_id)]
+            record = {"id": skip.fact_id, "status": "skipped", "reason": skip.reason}
+            store.append(record | {"prompt": known["prompt"], "subject": known["subject"]})
         store.close()
-        print(f"{run}: {len(facts)} of {len(wanted)} facts imported from {source}", file=sys.stderr)
+        print(
+            f"{run}: {len(facts)} traced and {len(skipped)} skipped of {len(wanted)} facts "
+            f"imported from {source}",
+            file=sys.stderr,
+        )
 
 
 def merged_run(args: argparse.Namespace, run: str):
@@ -383,7 +428,7 @@ def merged_run(args: argparse.Namespace, run: str):
         for i in range(len(chunks(args, run)))
         if checkpoint_path(args, run, i).exists()
     ]
-    if run not in SUBSET_RUNS and imported_path(args, run).exists():
+    if imported_path(args, run).exists():
         paths.append(imported_path(args, run))
     return merge_checkpoints(paths, selected(args, run)) if paths else None
 
@@ -391,7 +436,7 @@ def merged_run(args: argparse.Namespace, run: str):
 def status(args: argparse.Namespace) -> None:
     """Facts done per run."""
     for run in RUNS:
-        done = len(imported_ids(args, run)) if run not in SUBSET_RUNS else 0
+        done = len(imported_ids(args, run))
         total = done
         for index, facts in enumerate(chunks(args, run)):
             path = checkpoint_path(args, run, index)

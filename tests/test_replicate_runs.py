@@ -1,0 +1,89 @@
+"""Resuming the replication's runs on a new machine from the committed page data (slow:
+loads Gemma-3-270m in bfloat16, as the runs did; traces nothing)."""
+
+import gzip
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from lenscope.datasets import DatasetSummary, trace_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import replicate_runs as rr  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PAGE = ROOT / "docs" / "replication" / "gemma-3-270m"
+GEMMA = ["--model", "gemma-3-270m", "--facts", "300", "--order", "random"]
+DROPPED_RUN = "noise_seed1"
+
+
+def committed(folder: Path, run: str) -> DatasetSummary:
+    return DatasetSummary.from_dict(json.loads(gzip.decompress((folder / run).read_bytes())))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """Gemma-3-270m in bfloat16 and its tracer, as ``replicate_runs.load`` gives the workers."""
+    return rr.load(rr.parse_args(["work", *GEMMA]))
+
+
+def test_a_new_machine_resumes_every_run_from_the_committed_page(tmp_path, monkeypatch, loaded):
+    """prepare --from keeps the committed known facts and pairs; import brings every
+    committed fact and skip of every bfloat16 run, with the header a worker's checkpoint
+    has (resuming on it traces nothing and gives the committed run back), leaves the
+    float32 run to a float32 call, keeps the page's record of reused facts, and leaves
+    exactly the facts missing from the committed data to ``work``."""
+    page = tmp_path / "page"
+    shutil.copytree(PAGE, page)
+    data = json.loads(gzip.decompress((page / f"{DROPPED_RUN}.json.gz").read_bytes()))
+    dropped = [f["fact_id"] for f in data["facts"][-3:]]  # as if these were never traced
+    data["facts"] = data["facts"][:-3]
+    (page / f"{DROPPED_RUN}.json.gz").write_bytes(gzip.compress(json.dumps(data).encode()))
+    monkeypatch.setattr(rr, "load", lambda args: loaded)
+    runs = tmp_path / "runs"
+    args = rr.parse_args(["prepare", "--dir", str(runs), *GEMMA, "--from", str(page)])
+    rr.prepare(args)
+
+    meta = json.loads((PAGE / "meta.json").read_text())
+    known = json.loads((runs / "known.json").read_text())
+    assert [f["known_id"] for f in known["known"]] == meta["known_ids"]
+    assert [f["known_id"] for f in known["known"] if "counterfactual" in f] == meta["paired_ids"]
+    assert known["n_known"] == meta["n_known"] and known["sigma"] == meta["sigma"]
+
+    rr.import_runs(args)
+    assert json.loads((runs / "reused.json").read_text()) == meta["imported"]
+    model, tracer = loaded
+    window = rr.window_of(model.cfg.n_layers, "scaled")
+    seen = set()
+    for path in sorted(PAGE.glob("*.json.gz")):
+        run = path.name.removesuffix(".json.gz")
+        seen.add(run)
+        left = [f["known_id"] for chunk in rr.chunks(args, run) for f in chunk]
+        if run == "noise_fp32":  # a float32 run: imported by a call with --dtype float32
+            assert not rr.imported_path(args, run).exists()
+            assert len(left) == meta["planned"][run]
+            continue
+        want = committed(PAGE, path.name)
+        if run == DROPPED_RUN:
+            assert left == dropped
+            kept = [f for f in want.facts if f.fact_id not in dropped]
+            assert [f.to_dict() for f in rr.merged_run(args, run).facts] == [
+                f.to_dict() for f in kept
+            ]
+            continue
+        assert left == [], run
+        facts = rr.selected(args, run)
+        resumed = trace_dataset(  # a worker resuming on the imported checkpoint
+            tracer,
+            facts,
+            checkpoint=rr.imported_path(args, run),
+            progress=False,
+            **rr.run_options(run, window),
+        )
+        assert [f.to_dict() for f in resumed.facts] == [f.to_dict() for f in want.facts], run
+        assert resumed.skipped == want.skipped and resumed.n_pending == 0, run
+    assert {"noise", "str_nld", "attr_str", "noise_fp32", DROPPED_RUN} <= seen
