@@ -99,6 +99,21 @@ MODELS = {
 (``replicate_runs.py --facts/--order``), and what the pages say about it."""
 
 
+def refilter_lines(meta: dict) -> list[str]:
+    """What the known-fact filter kept when the runs were resumed on another machine."""
+    again = meta.get("refilter")
+    if again is None:
+        return []
+    threads = f"{again['threads']} thread{'s' if again['threads'] != 1 else ''}"
+    return [
+        "  The check runs in bfloat16, where a fact whose top two tokens nearly tie can flip",
+        f"  with the machine: run again ({threads}, torch {again['torch']}, transformers",
+        f"  {again['transformers']}) it kept {again['n_known']} facts, {again['n_kept']} of "
+        f"these {meta['n_known']}.",
+        "  The runs keep the set they were drawn from (`replicate_runs.py prepare --from`).",
+    ]
+
+
 def weights(model: str, dtype: str) -> str:
     """The model's weights and precision, as every mention of the model names them."""
     built_in = BUILT_IN_MODELS[model]
@@ -645,6 +660,7 @@ def report(runs: dict, meta: dict) -> str:
         f"- **Facts.** ROME's known-facts set ships with lenscope ({meta['n_checked']} facts).",
         f"  {meta['n_known']} are *known* to the model: its clean top-1 token, stripped, is a",
         "  non-empty prefix of the attribute (ROME's test, `filter_known`).",
+        *refilter_lines(meta),
         f"  {chosen}",
         "- **Gaussian noise (ROME's corruption).** Noise is added at `hook_embed` on the subject",
         f"  tokens, std {noise.noise_std:.3f}: 3 × the embedding sigma measured at that hook over",

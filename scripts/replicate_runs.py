@@ -180,7 +180,10 @@ def prepare(args: argparse.Namespace) -> None:
     of Gemma's facts where the committed runs kept 486, and 284 or 281 of SmolLM2's, with
     one or two threads, where they kept 278), and a resumed run must trace the facts its
     committed part was drawn from. The pairing for STR is recomputed; it depends on the
-    known facts and the tokenizer only."""
+    known facts and the tokenizer only. The new filter still runs, and what it keeps is
+    recorded (``refilter``) for the page."""
+    from importlib.metadata import version
+
     from lenscope.datasets import filter_known, known_facts, load_facts, pair_counterfactuals
 
     model, tracer = load(args)
@@ -194,6 +197,14 @@ def prepare(args: argparse.Namespace) -> None:
         by_id = {json.dumps(f["known_id"]): f for f in facts}
         known = [dict(by_id[json.dumps(i)]) for i in committed["known_ids"]]
         filter_seconds, n_known = committed["filter_seconds"], committed["n_known"]
+        fresh = {json.dumps(f["known_id"]) for f in filter_known(tracer, facts, by=args.known_by)}
+        refilter = {  # what the filter keeps on this machine, for the page to report
+            "n_known": len(fresh),
+            "n_kept": len(fresh & {json.dumps(i) for i in committed["known_ids"]}),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": version("transformers"),
+        }
     if args.min_answer_tokens > 1:  # whole answers: the facts whose attribute is several tokens
         known = [f for f in known if len(f["attribute_tokens"]) >= args.min_answer_tokens]
     pairs = pair_counterfactuals(model, known, seed=0)
@@ -211,11 +222,15 @@ def prepare(args: argparse.Namespace) -> None:
         "known": rows,
         "unpaired": [[s.fact_id, s.reason] for s in pairs.unpaired],
     }
+    if args.source is not None:
+        out["refilter"] = refilter
     if args.min_answer_tokens > 1:
         out["n_known_multi_token"] = len(known)
         out["note"] = "facts known by attribute whose attribute is several tokens"
     args.dir.mkdir(parents=True, exist_ok=True)
-    (args.dir / "known.json").write_text(json.dumps(out, indent=0))
+    partial = args.dir / "known.json.partial"  # replaced at once: workers may be reading it
+    partial.write_text(json.dumps(out, indent=0))
+    os.replace(partial, args.dir / "known.json")
     print(
         f"{len(known)} of {len(facts)} facts known ({filter_seconds:.0f} s); "
         f"{len(pairs.facts)} paired for STR",
