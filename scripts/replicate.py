@@ -1196,8 +1196,8 @@ def window_section(runs: dict, meta: dict) -> list[str]:
         "",
         "ROME restores 10 layers around each MLP and attention cell of GPT-2 XL's 48; on",
         f"{label(meta)}'s {n} that is {100 * 10 / n:.0f}% of the model. The same noise trace",
-        f"with that window on {len(ids)} facts "
-        + with_progress("", meta, "noise_w10", runs["noise_w10"]).strip()
+        f"with that window on {len(ids)} facts"
+        + with_progress("", meta, "noise_w10", runs["noise_w10"])
         + ", beside the",
         f"scaled window ({narrow.windows['mlp_out']} layers) on the same facts:",
         "",
@@ -1269,6 +1269,29 @@ def attribution_section(runs: dict, meta: dict) -> list[str]:
     return out
 
 
+def precision_differences(bf16, fp32) -> dict:
+    """Float32 minus bfloat16 paired over the facts both traced: the clean probability, the
+    ATE and each site's AIE at the bfloat16 peak, each ``(mean, half-width, N)``; and the
+    largest change of an AIE cell (``"largest cell"``)."""
+    from lenscope.datasets import BUCKETS
+
+    ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
+    a, b = bf16.subset(ids), fp32.subset(ids)
+    out = {
+        "clean probability": paired(b.clean_scores - a.clean_scores),
+        "ATE": paired(
+            (b.clean_scores - b.corrupted_scores) - (a.clean_scores - a.corrupted_scores)
+        ),
+    }
+    for kind, bucket, site in SITES:
+        layer, i = peak(a, kind, bucket)["layer"], BUCKETS.index(bucket)
+        out[site] = paired(b.effects(kind)[:, i, layer] - a.effects(kind)[:, i, layer])
+    out["largest cell"] = max(
+        float((b.aie(k) - a.aie(k)).abs().nan_to_num(nan=0.0).max()) for k in a.kinds
+    )
+    return out
+
+
 def precision_section(runs: dict, meta: dict) -> list[str]:
     """Float32 against bfloat16 on the same facts: AIE maps and peaks, paired over facts."""
     fp32, bf16 = runs.get("noise_fp32"), runs.get("noise")
@@ -1278,8 +1301,7 @@ def precision_section(runs: dict, meta: dict) -> list[str]:
     ids = {f.fact_id for f in fp32.facts} & {f.fact_id for f in bf16.facts}
     a, b = bf16.subset(ids), fp32.subset(ids)
     n = a.n_layers
-    from lenscope.datasets import BUCKETS
-
+    d = precision_differences(bf16, fp32)
     out += [
         f"The noise trace in float32 against bfloat16 on the same {len(ids)} facts (the random",
         "subset of [Seeds](#seeds); "
@@ -1293,37 +1315,31 @@ def precision_section(runs: dict, meta: dict) -> list[str]:
             "clean probability",
             ci(*a.clean_mean(), "prob"),
             ci(*b.clean_mean(), "prob"),
-            ci(*paired(b.clean_scores - a.clean_scores)[:2], "prob"),
+            ci(*d["clean probability"][:2], "prob"),
         ),
-        row(
-            "ATE",
-            ci(*a.ate(), "prob"),
-            ci(*b.ate(), "prob"),
-            ci(
-                *paired(
-                    (b.clean_scores - b.corrupted_scores) - (a.clean_scores - a.corrupted_scores)
-                )[:2],
-                "prob",
-            ),
-        ),
+        row("ATE", ci(*a.ate(), "prob"), ci(*b.ate(), "prob"), ci(*d["ATE"][:2], "prob")),
     ]
     for kind, bucket, site in SITES:
         pa, pb = peak(a, kind, bucket), peak(b, kind, bucket)
-        i = BUCKETS.index(bucket)
-        d = paired(b.effects(kind)[:, i, pa["layer"]] - a.effects(kind)[:, i, pa["layer"]])
         out.append(
             row(
                 site,
                 f"{ci(pa['aie'], pa['ci'], 'prob')} at {at(pa, n)}",
                 f"{ci(pb['aie'], pb['ci'], 'prob')} at {at(pb, n)}",
-                ci(*d[:2], "prob"),
+                ci(*d[site][:2], "prob"),
             )
         )
-    largest = max(float((b.aie(k) - a.aie(k)).abs().nan_to_num(nan=0.0).max()) for k in a.kinds)
+    excluding = [
+        f"{name} ({ci(*value[:2], 'prob')})"
+        for name, value in d.items()
+        if name != "largest cell" and abs(value[0]) > value[1]
+    ]
     out += [
         "",
         f"The largest change of an AIE cell (bucket × layer, mean over the {len(ids)} facts)",
-        f"is {pct(largest)}.",
+        f"is {pct(d['largest cell'])}. Paired differences whose 95% CI excludes zero: "
+        + (", ".join(excluding) if excluding else "none")
+        + ".",
         "",
     ]
     return out
@@ -1337,12 +1353,10 @@ def seeds_section(runs: dict, meta: dict) -> list[str]:
     note = f" (`{'`, `'.join(missing)}`: not yet run)" if missing else ""
     if len(names) < 2:
         return [*out, f"Other noise seeds than 0{note}: not yet run.", ""]
-    ids = set.intersection(*({f.fact_id for f in runs[r].facts} for r in names))
-    parts = [runs[r].subset(ids) for r in names]
+    parts = seed_parts(runs)
+    ids = {f.fact_id for f in parts[0].facts}
     seeds = [0] + [int(r.removeprefix("noise_seed")) for r in names[1:]]
     n = parts[0].n_layers
-    from lenscope.datasets import BUCKETS
-
     partial = [progress(meta, r, runs[r], full=False) for r in names[1:]]
     out += [
         f"The noise trace with noise seeds {', '.join(map(str, seeds))} on the same {len(ids)}"
@@ -1356,17 +1370,47 @@ def seeds_section(runs: dict, meta: dict) -> list[str]:
         row("site", *(f"seed {s}" for s in seeds), "SD across seeds", "CI over facts"),
         row("---", *("---:" for _ in seeds), "---:", "---:"),
     ]
+    rows = seed_rows(parts)
+    for site, layer, values, sd, half in rows:
+        out.append(
+            row(f"{site} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(half))
+        )
+    sd, half = max(r[3] for r in rows), min(r[4] for r in rows)
+    verdict = (
+        "every peak's spread across the seeds is smaller than every CI over facts"
+        if sd < half
+        else "a peak's spread across the seeds is as large as a CI over facts"
+    )
+    out += [
+        "",
+        f"The largest SD across seeds is {pct(sd)}, the smallest CI over facts {pct(half)}:",
+        f"{verdict}.",
+        "",
+    ]
+    return out
+
+
+def seed_rows(parts: list) -> list[tuple[str, int, list[float], float, float]]:
+    """Per site, at seed 0's peak: the AIE under each seed (``parts``: the seeds' runs on
+    their common facts), the SD across the seeds and seed 0's CI half-width over facts."""
+    from lenscope.datasets import BUCKETS
+
+    out = []
     for kind, bucket, site in SITES:
         p0 = peak(parts[0], kind, bucket)
         i, layer = BUCKETS.index(bucket), p0["layer"]
         values = [float(s.aie(kind)[i, layer]) for s in parts]
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        out.append(
-            row(f"{site} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(p0["ci"]))
-        )
-    out.append("")
+        out.append((site, layer, values, sd, p0["ci"]))
     return out
+
+
+def seed_parts(runs: dict) -> list:
+    """The noise runs of seeds 0, 1, 2 that exist, on the facts they all traced."""
+    names = ["noise"] + [r for r in ("noise_seed1", "noise_seed2") if r in runs]
+    ids = set.intersection(*({f.fact_id for f in runs[r].facts} for r in names))
+    return [runs[r].subset(ids) for r in names]
 
 
 SITES = (
@@ -1445,6 +1489,7 @@ def runs_command(model: str) -> str:
 def reproduce_section(meta: dict) -> list[str]:
     """The commands."""
     options = runs_command(meta["model"])
+    source = f"--from docs/replication/{meta['model']}"
     return [
         "## Reproduce",
         "",
@@ -1456,6 +1501,17 @@ def reproduce_section(meta: dict) -> list[str]:
         f"python scripts/replicate_runs.py status {options}   # rerun work: it resumes",
         f"python scripts/replicate.py --runs runs --model {meta['model']}   # pages, figures, data",
         "python scripts/replicate.py --from-docs --no-screenshot   # redraw from the data",
+        "```",
+        "",
+        "The run folders are not committed. To go on from the committed data instead (on a",
+        "new machine, or to finish a partial run), `prepare` and `import` from it; `work`",
+        "then traces only the facts it lacks:",
+        "",
+        '<!--pytest.mark.skip(reason="loads the model; tests/test_replicate_runs.py runs it")-->',
+        "```bash",
+        f"python scripts/replicate_runs.py prepare {options} {source}",
+        f"python scripts/replicate_runs.py import {options} {source}",
+        f"python scripts/replicate_runs.py import {options} {source} --dtype float32",
         "```",
         "",
         f"`docs/replication/{meta['model']}/<run>.json.gz` is each run's `DatasetSummary`",
@@ -1540,6 +1596,27 @@ def cross_model(models: dict) -> list[str]:
             noise_vs_str_cell,
         )
     )
+    rows += [
+        (
+            "ATE, float32 minus bfloat16 (same facts)",
+            "-",
+            "normal approximation, paired over facts",
+            lambda r, m: precision_cell(r, "ATE"),
+        ),
+        (
+            "largest change of an AIE cell, float32 minus bfloat16",
+            "-",
+            "",
+            lambda r, m: precision_cell(r, "largest cell"),
+        ),
+        (
+            "noise seeds 0, 1, 2: largest SD across seeds at the four peaks / smallest CI "
+            "over facts",
+            "-",
+            "SD of the seeds' AIE; normal approximation over facts",
+            seeds_cell,
+        ),
+    ]
     out = [
         row("quantity", "GPT-2 XL (ROME)", *names, "95% CI: method"),
         row("---", "---", *("---" for _ in names), "---"),
@@ -1559,6 +1636,26 @@ def progress_cell(runs: dict, meta: dict, run: str) -> str:
     """``n of N`` facts of a run."""
     done = runs[run].n_facts if run in runs else 0
     return f"{done} of {meta['planned'][run]}"
+
+
+def precision_cell(runs: dict, name: str) -> str:
+    """Float32 minus bfloat16: the ATE's paired difference, or the largest AIE cell change."""
+    if "noise_fp32" not in runs:
+        return "float32 not yet run"
+    d = precision_differences(runs["noise"], runs["noise_fp32"])
+    if name == "largest cell":
+        return pct(d[name])
+    return f"{pct_ci(d[name])} (N = {d[name][2]})"
+
+
+def seeds_cell(runs: dict, meta: dict) -> str:
+    """The largest SD across the noise seeds at the peaks and the smallest CI over facts."""
+    parts = seed_parts(runs)
+    if len(parts) < 3:
+        return "seeds not yet run"
+    rows = seed_rows(parts)
+    sd, half = max(r[3] for r in rows), min(r[4] for r in rows)
+    return f"{pct(sd)} / {pct(half)} (N = {parts[0].n_facts})"
 
 
 def noise_vs_str_cell(runs: dict, meta: dict) -> str:
@@ -1665,7 +1762,8 @@ def overview(models: dict, docs: Path) -> str:
         "python scripts/replicate.py --from-docs --no-screenshot   # the pages from the data",
         "```",
         "",
-        "Each model's page lists its `prepare`, `work` and `status` commands.",
+        "Each model's page lists its `prepare`, `work` and `status` commands, and how to go on",
+        "from the committed data (`prepare --from`, `import`).",
     ]
     return "\n".join(lines) + "\n"
 

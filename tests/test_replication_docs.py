@@ -593,7 +593,7 @@ def window_fragments(rs: dict, model: str) -> list[str]:
     note = planned_note(model, "noise_w10", rs["noise_w10"])
     out = [
         f"{NAMES[model]}'s {n} that is {100 * 10 / n:.0f}% of the model.",
-        f"with that window on {len(ids)} facts {('(' + note + ')') if note else ''}, beside the",
+        f"with that window on {len(ids)} facts{(' (' + note + ')') if note else ''}, beside the",
         f"scaled window ({narrow.windows['mlp_out']} layers) on the same facts:",
         row("peak", f"window {narrow.windows['mlp_out']}", "window 10"),
     ]
@@ -634,30 +634,41 @@ def attribution_fragments(rs: dict, model: str) -> list[str]:
     return out
 
 
+def precision_differences(rs: dict):
+    """float32 minus bfloat16 paired over their common facts: the clean probability, the ATE
+    and each site's AIE at the bfloat16 peak, each ``(mean, half-width, N)``."""
+    ids = rs["noise_fp32"].ids() & rs["noise"].ids()
+    a, b = rs["noise"].subset(ids), rs["noise_fp32"].subset(ids)
+    pairs = list(zip(a.facts, b.facts, strict=True))
+    clean = [y["clean_score"] - x["clean_score"] for x, y in pairs]
+    ate = [
+        (y["clean_score"] - y["corrupted_score"]) - (x["clean_score"] - x["corrupted_score"])
+        for x, y in pairs
+    ]
+    out = {
+        "clean probability": (*mean_ci(clean), len(clean)),
+        "ATE": (*mean_ci(ate), len(ate)),
+    }
+    for kind, bucket, site in SITES:
+        out[site] = paired(a, b, kind, bucket, a.peak(kind, bucket)["layer"])
+    return ids, a, b, out
+
+
 def precision_fragments(rs: dict, model: str) -> list[str]:
     if "noise_fp32" not in rs:
         return ["Float32 against bfloat16 (`noise_fp32`): not yet run."]
-    ids = rs["noise_fp32"].ids() & rs["noise"].ids()
-    a, b = rs["noise"].subset(ids), rs["noise_fp32"].subset(ids)
+    ids, a, b, differences = precision_differences(rs)
     n = a.n_layers
     note = planned_note(model, "noise_fp32", rs["noise_fp32"]) or "complete"
-    clean = mean_ci(
-        [y["clean_score"] - x["clean_score"] for x, y in zip(a.facts, b.facts, strict=True)]
-    )
-    ate = mean_ci(
-        [
-            (y["clean_score"] - y["corrupted_score"]) - (x["clean_score"] - x["corrupted_score"])
-            for x, y in zip(a.facts, b.facts, strict=True)
-        ]
-    )
+    clean, ate = differences["clean probability"], differences["ATE"]
     out = [
         f"on the same {len(ids)} facts (the random\nsubset of [Seeds](#seeds); {note})",
-        row("clean probability", ci(*a.clean()), ci(*b.clean()), ci(*clean)),
-        row("ATE", ci(*a.ate()), ci(*b.ate()), ci(*ate)),
+        row("clean probability", ci(*a.clean()), ci(*b.clean()), ci(*clean[:2])),
+        row("ATE", ci(*a.ate()), ci(*b.ate()), ci(*ate[:2])),
     ]
     for kind, bucket, site in SITES:
         pa, pb = a.peak(kind, bucket), b.peak(kind, bucket)
-        d = paired(a, b, kind, bucket, pa["layer"])
+        d = differences[site]
         out.append(
             row(
                 site,
@@ -666,15 +677,23 @@ def precision_fragments(rs: dict, model: str) -> list[str]:
                 ci(d[0], d[1]),
             )
         )
-    largest = max(
+    excluding = [f"{name} ({ci(*d[:2])})" for name, d in differences.items() if abs(d[0]) > d[1]]
+    out.append(
+        f"mean over the {len(ids)} facts)\nis {pct(largest_cell_change(a, b))}. Paired "
+        f"differences whose 95% CI excludes zero: {', '.join(excluding) or 'none'}."
+    )
+    return out
+
+
+def largest_cell_change(a: Run, b: Run) -> float:
+    """The largest |float32 - bfloat16| of an AIE cell (bucket x layer)."""
+    return max(
         abs(y - x)
         for kind in a.kinds
         for ra, rb in zip(a.aie(kind), b.aie(kind), strict=True)
         for x, y in zip(ra, rb, strict=True)
         if x is not None
     )
-    out.append(f"mean over the {len(ids)} facts)\nis {pct(largest)}.")
-    return out
 
 
 def seeds_fragments(rs: dict, model: str) -> list[str]:
@@ -694,20 +713,51 @@ def seeds_fragments(rs: dict, model: str) -> list[str]:
         + (f" ({'; '.join(x for x in notes if x)}{REGENERATED})" if any(notes) else "")
         + ".",
     ]
+    for site, layer, values, sd, half in seed_rows(parts):
+        out.append(
+            row(
+                f"{site} (layer {layer} of {parts[0].n_layers})",
+                *(pct(v) for v in values),
+                pct(sd),
+                pct(half),
+            )
+        )
+    sd, half = seed_extremes(parts)
+    verdict = (
+        "every peak's spread across the seeds is smaller than every CI over facts"
+        if sd < half
+        else "a peak's spread across the seeds is as large as a CI over facts"
+    )
+    out.append(
+        f"The largest SD across seeds is {pct(sd)}, the smallest CI over facts {pct(half)}:\n"
+        f"{verdict}."
+    )
+    return out
+
+
+def seed_parts(rs: dict) -> list[Run]:
+    names = ["noise"] + [r for r in ("noise_seed1", "noise_seed2") if r in rs]
+    ids = set.intersection(*(rs[r].ids() for r in names))
+    return [rs[r].subset(ids) for r in names]
+
+
+def seed_extremes(parts: list[Run]) -> tuple[float, float]:
+    """The largest SD across seeds at the peaks and the smallest CI over facts there."""
+    rows = seed_rows(parts)
+    return max(r[3] for r in rows), min(r[4] for r in rows)
+
+
+def seed_rows(parts: list[Run]) -> list[tuple[str, int, list[float], float, float]]:
+    """Per site, at seed 0's peak: the AIE under each seed (``parts``: the runs on their
+    common facts), the SD across the seeds and seed 0's CI half-width over facts."""
+    out = []
     for kind, bucket, site in SITES:
         p0 = parts[0].peak(kind, bucket)
         i, layer = BUCKETS.index(bucket), p0["layer"]
         values = [r.aie(kind)[i][layer] for r in parts]
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        out.append(
-            row(
-                f"{site} (layer {layer} of {parts[0].n_layers})",
-                *(pct(v) for v in values),
-                pct(sd),
-                pct(p0["half"]),
-            )
-        )
+        out.append((site, layer, values, sd, p0["half"]))
     return out
 
 
@@ -787,6 +837,39 @@ def overview_fragments() -> list[str]:
             "delta method, paired over facts",
         )
     )
+    ate, largest, seeds = [], [], []
+    for model in MODELS:
+        rs = runs(model)
+        if "noise_fp32" in rs:
+            _, a, b, differences = precision_differences(rs)
+            d = differences["ATE"]
+            ate.append(f"{ci(*d[:2])} (N = {d[2]})")
+            largest.append(pct(largest_cell_change(a, b)))
+        else:
+            ate.append("float32 not yet run")
+            largest.append("float32 not yet run")
+        parts = seed_parts(rs)
+        if len(parts) == 3:
+            sd, half = seed_extremes(parts)
+            seeds.append(f"{pct(sd)} / {pct(half)} (N = {parts[0].n})")
+        else:
+            seeds.append("seeds not yet run")
+    out += [
+        row(
+            "ATE, float32 minus bfloat16 (same facts)",
+            "-",
+            *ate,
+            "normal approximation, paired over facts",
+        ),
+        row("largest change of an AIE cell, float32 minus bfloat16", "-", *largest, "-"),
+        row(
+            "noise seeds 0, 1, 2: largest SD across seeds at the four peaks / smallest CI over "
+            "facts",
+            "-",
+            *seeds,
+            "SD of the seeds' AIE; normal approximation over facts",
+        ),
+    ]
     file_order = json.loads((DOCS / "replication" / "meta.json").read_text())
     out.append(f"are the first {file_order['n_selected']} known")
     total = 0.0
@@ -1010,3 +1093,38 @@ def test_the_pages_are_redrawn_byte_identically_from_the_committed_data(tmp_path
     assert (docs / "replication.md").read_text() == page()
     for model in MODELS:
         assert (docs / "replication" / f"{model}.md").read_text() == page(model)
+
+
+def test_the_readme_quotes_the_pages():
+    """Every number of the README's paragraph on the replication is one the pages state (their
+    own numbers are recomputed above): each value with its CI, each attribution Pearson, the
+    facts per model and the compute."""
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme.split("**ROME's Figure 2 on two models**")[1].split("\n\n")[0]
+    pages = page() + "".join(page(m) for m in MODELS)
+    quoted = re.findall(r"-?\d+\.\d+% ± \d+\.\d+%", paragraph)
+    assert len(quoted) >= 8
+    for value in quoted:
+        assert value in pages, value
+    pearsons = re.findall(r"(\d\.\d\d) and\s+(\d\.\d\d) \(([\w ]+)\)", paragraph)
+    kinds = {"hidden state": "resid_post", "MLP": "mlp_out", "attention": "attn_out"}
+    assert [kind for _, _, kind in pearsons] == list(kinds)
+    for gemma, smol, kind in pearsons:
+        cell = f"| Gaussian noise, probability | `{kinds[kind]}` |"
+        for model, value in zip(MODELS, (gemma, smol), strict=True):
+            assert re.search(re.escape(cell) + r" \d+ \| " + value + " ", page(model)), kind
+    hours = re.search(r"(\d+\.\d\d) worker-hours", paragraph).group(1)
+    assert f"| **all** | **{hours}** |" in page()
+    assert f"{meta('gemma-3-270m')['n_selected']} known facts drawn at random" in paragraph
+    precision = [precision_differences(runs(m)) for m in MODELS]
+    n_facts = re.search(r"the same (\d+) random facts per model", paragraph)[1]
+    assert all(len(ids) == int(n_facts) for ids, *_ in precision)
+    largest = max(largest_cell_change(a, b) for _, a, b, _ in precision)
+    assert f"no AIE cell by more than {pct(largest)};" in paragraph
+    extremes = [seed_extremes(seed_parts(runs(m))) for m in MODELS]
+    assert all(len(seed_parts(runs(m))) == 3 for m in MODELS)  # "three noise seeds"
+    assert all(sd < half for sd, half in extremes)  # "smaller than every CI over facts"
+    sds, halves = (" and ".join(pct(e[i]) for e in extremes) for i in (0, 1))
+    assert re.search(rf"largest SD {sds}\)", paragraph), sds
+    assert re.search(rf"\(smallest\s+{halves}\)", paragraph), halves
+    assert f"all {meta('smollm2-135m')['n_known']} facts it knows" in paragraph
