@@ -1101,6 +1101,7 @@ def test_the_readme_quotes_the_pages():
     facts per model and the compute."""
     readme = (ROOT / "README.md").read_text()
     paragraph = readme.split("**ROME's Figure 2 on two models**")[1].split("\n\n")[0]
+    paragraph = " ".join(paragraph.split())  # the lines joined
     pages = page() + "".join(page(m) for m in MODELS)
     quoted = re.findall(r"-?\d+\.\d+% ± \d+\.\d+%", paragraph)
     assert len(quoted) >= 8
@@ -1116,6 +1117,22 @@ def test_the_readme_quotes_the_pages():
     hours = re.search(r"(\d+\.\d\d) worker-hours", paragraph).group(1)
     assert f"| **all** | **{hours}** |" in page()
     assert f"{meta('gemma-3-270m')['n_selected']} known facts drawn at random" in paragraph
+    # its words: attention's share above GPT-2 XL's (~43.2%), the early MLP's below (~35.5%),
+    # and with ROME's window of 10 layers the MLP's intervals holding GPT-2 XL's
+    shares = {
+        kind: [runs(m)["noise"].peak(kind, bucket)["share"] for m in MODELS]
+        for kind, bucket in (("attn_out", "last"), ("mlp_out", "last_subject"))
+    }
+    assert "the late attention site carries far more of the total effect" in paragraph
+    assert all(mean - half > 0.432 for mean, half in shares["attn_out"])
+    assert "and the early MLP site less" in paragraph
+    assert all(mean + half < 0.355 for mean, half in shares["mlp_out"])
+    window = re.search(
+        r"literal window of 10 layers ([^,]+) and ([^,]+), intervals that hold", paragraph
+    )
+    for value in window.groups():
+        mean, half = (float(x) for x in re.findall(r"\d+\.\d", value))
+        assert mean - half <= 35.5 <= mean + half, value
     precision = [precision_differences(runs(m)) for m in MODELS]
     n_facts = re.search(r"the same (\d+) random facts per model", paragraph)[1]
     assert all(len(ids) == int(n_facts) for ids, *_ in precision)
