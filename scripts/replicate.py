@@ -732,7 +732,14 @@ def runs_section(runs: dict, meta: dict) -> list[str]:
             )
         )
     imported = {r: k for r, k in meta.get("imported", {}).items() if k}
-    out += ["", "Partial runs: the numbers are of the facts traced so far" + REGENERATED + ".", ""]
+    complete = all(state(meta, runs, run) == "complete" for run in PAGE_RUNS)
+    out += [
+        "",
+        "Every run is complete."
+        if complete
+        else "Partial runs: the numbers are of the facts traced so far" + REGENERATED + ".",
+        "",
+    ]
     if imported:
         out += [
             "Reused: "
@@ -741,11 +748,12 @@ def runs_section(runs: dict, meta: dict) -> list[str]:
             "and are taken from it, not traced again.",
             "",
         ]
-    out += [
-        "Each section whose run is partial says so next to its numbers; a run not yet run has",
-        "no section yet.",
-        "",
-    ]
+    if not complete:
+        out += [
+            "Each section whose run is partial says so next to its numbers; a run not yet run",
+            "has no section yet.",
+            "",
+        ]
     return out
 
 
@@ -1468,7 +1476,7 @@ def compute_section(runs: dict, meta: dict) -> list[str]:
             )
         )
     out += [
-        row("**all so far**", "", "", f"**{core_hours(runs):.2f} worker-hours**", ""),
+        row("**all**", "", "", f"**{core_hours(runs):.2f} worker-hours**", ""),
         "",
         "Times are each worker's wall clock. At times more one-thread processes ran than the",
         "machine's cores (other runs, tests), and a worker then got a fraction of a core, so",
@@ -1692,8 +1700,17 @@ def overview(models: dict, docs: Path) -> str:
         "",
         "## State of the runs",
         "",
-        "Facts traced of each run's planned facts. A partial run's numbers are those of the",
-        "facts traced so far; this page is regenerated when the runs finish.",
+        "Facts traced of each run's planned facts."
+        + (
+            " Every run is complete."
+            if all(
+                state(meta, runs, run) == "complete"
+                for runs, meta in models.values()
+                for run in PAGE_RUNS
+            )
+            else " A partial run's numbers are those of the facts traced so far; this page is"
+            " regenerated when the runs finish."
+        ),
         "",
         row("run", "what", *(label(meta) for _, meta in models.values())),
         row("---", "---", *("---" for _ in models)),
@@ -1733,8 +1750,8 @@ def overview(models: dict, docs: Path) -> str:
         *sources_section(),
         "## Compute",
         "",
-        "Wall time of worker processes of one torch thread each, summed over the facts traced",
-        "so far: worker-hours, an upper bound on the core-hours (at times more workers ran",
+        "Wall time of worker processes of one torch thread each, summed over the facts traced:",
+        "worker-hours, an upper bound on the core-hours (at times more workers ran",
         "than the machine's cores; each model's page says more):",
         "",
         row("model", "worker-hours"),

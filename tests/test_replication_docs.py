@@ -339,6 +339,8 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             "not yet run" if r is None else "partial" if planned_note(model, run, r) else "complete"
         )
         out.append(row(f"`{run}`", TITLES[run], f"{done} of {mt['planned'][run]}", state))
+    complete = all(run in rs and not planned_note(model, run, rs[run]) for run in RUNS)
+    out.append("\nEvery run is complete.\n" if complete else "\nPartial runs: the numbers are")
     imported = {r: k for r, k in mt["imported"].items() if k}
     if imported:
         out.append("Reused: " + ", ".join(f"{k} facts of `{r}`" for r, k in imported.items()))
@@ -532,7 +534,7 @@ def model_fragments(model: str) -> list[str]:  # noqa: C901 (the page, section b
             )
         )
     hours = sum(r.seconds() for r in rs.values()) / 3600
-    out.append(row("**all so far**", "", "", f"**{hours:.2f} worker-hours**", ""))
+    out.append(row("**all**", "", "", f"**{hours:.2f} worker-hours**", ""))
     return out
 
 
