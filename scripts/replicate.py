@@ -582,6 +582,11 @@ def state(meta: dict, runs: dict, run: str) -> str:
     return "partial" if progress(meta, run, runs[run]) else "complete"
 
 
+def all_complete(runs: dict, meta: dict) -> bool:
+    """Whether every run of the page has traced all its planned facts."""
+    return all(state(meta, runs, run) == "complete" for run in PAGE_RUNS)
+
+
 def partial_runs(meta: dict, runs: dict, names: tuple[str, ...]) -> list[str]:
     """A line naming those of ``names`` still being traced, with how far each is."""
     notes = [
@@ -732,7 +737,7 @@ def runs_section(runs: dict, meta: dict) -> list[str]:
             )
         )
     imported = {r: k for r, k in meta.get("imported", {}).items() if k}
-    complete = all(state(meta, runs, run) == "complete" for run in PAGE_RUNS)
+    complete = all_complete(runs, meta)
     out += [
         "",
         "Every run is complete."
@@ -1383,7 +1388,7 @@ def seeds_section(runs: dict, meta: dict) -> list[str]:
         out.append(
             row(f"{site} (layer {layer} of {n})", *(pct(v) for v in values), pct(sd), pct(half))
         )
-    sd, half = max(r[3] for r in rows), min(r[4] for r in rows)
+    sd, half = seed_extremes(rows)
     verdict = (
         "every peak's spread across the seeds is smaller than every CI over facts"
         if sd < half
@@ -1412,6 +1417,11 @@ def seed_rows(parts: list) -> list[tuple[str, int, list[float], float, float]]:
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         out.append((site, layer, values, sd, p0["ci"]))
     return out
+
+
+def seed_extremes(rows: list) -> tuple[float, float]:
+    """The largest SD across seeds and the smallest CI over facts among :func:`seed_rows`."""
+    return max(r[3] for r in rows), min(r[4] for r in rows)
 
 
 def seed_parts(runs: dict) -> list:
@@ -1661,8 +1671,7 @@ def seeds_cell(runs: dict, meta: dict) -> str:
     parts = seed_parts(runs)
     if len(parts) < 3:
         return "seeds not yet run"
-    rows = seed_rows(parts)
-    sd, half = max(r[3] for r in rows), min(r[4] for r in rows)
+    sd, half = seed_extremes(seed_rows(parts))
     return f"{pct(sd)} / {pct(half)} (N = {parts[0].n_facts})"
 
 
@@ -1703,11 +1712,7 @@ def overview(models: dict, docs: Path) -> str:
         "Facts traced of each run's planned facts."
         + (
             " Every run is complete."
-            if all(
-                state(meta, runs, run) == "complete"
-                for runs, meta in models.values()
-                for run in PAGE_RUNS
-            )
+            if all(all_complete(runs, meta) for runs, meta in models.values())
             else " A partial run's numbers are those of the facts traced so far; this page is"
             " regenerated when the runs finish."
         ),

@@ -189,22 +189,21 @@ def prepare(args: argparse.Namespace) -> None:
     model, tracer = load(args)
     facts = load_facts(args.fact_file) if args.fact_file else known_facts()
     started = time.perf_counter()
-    if args.source is None:
-        known, rejected = filter_known(tracer, facts, return_rejected=True, by=args.known_by)
-        filter_seconds, n_known = time.perf_counter() - started, len(known)
-    else:  # the committed selection, not a new filter (see the docstring)
+    known = filter_known(tracer, facts, by=args.known_by)
+    filter_seconds, n_known = time.perf_counter() - started, len(known)
+    if args.source is not None:  # the committed selection, not this filter's (see above)
         committed = json.loads((args.source / "meta.json").read_text())
-        by_id = {json.dumps(f["known_id"]): f for f in facts}
-        known = [dict(by_id[json.dumps(i)]) for i in committed["known_ids"]]
-        filter_seconds, n_known = committed["filter_seconds"], committed["n_known"]
-        fresh = {json.dumps(f["known_id"]) for f in filter_known(tracer, facts, by=args.known_by)}
+        fresh = {json.dumps(f["known_id"]) for f in known}
         refilter = {  # what the filter keeps on this machine, for the page to report
-            "n_known": len(fresh),
+            "n_known": len(known),
             "n_kept": len(fresh & {json.dumps(i) for i in committed["known_ids"]}),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": version("transformers"),
         }
+        by_id = {json.dumps(f["known_id"]): f for f in facts}
+        known = [dict(by_id[json.dumps(i)]) for i in committed["known_ids"]]
+        filter_seconds, n_known = committed["filter_seconds"], committed["n_known"]
     if args.min_answer_tokens > 1:  # whole answers: the facts whose attribute is several tokens
         known = [f for f in known if len(f["attribute_tokens"]) >= args.min_answer_tokens]
     pairs = pair_counterfactuals(model, known, seed=0)
