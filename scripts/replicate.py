@@ -1743,6 +1743,10 @@ def overview(models: dict, docs: Path) -> str:
         "tested, noise against STR, ROME's literal window, precision and seeds: the model's",
         "page.",
         "",
+        "These pages score the answer's first token, as ROME does. [docs/answers.md](answers.md)",
+        "traces each model's facts with answers of several tokens twice with the same noise,",
+        "scoring the first token and the whole attribute.",
+        "",
         "## The earlier file-order trace of Gemma-3-270m",
         "",
         f"`docs/replication/*.json.gz` (directly in that folder) are the first "

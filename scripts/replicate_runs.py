@@ -432,32 +432,32 @@ def import_runs(args: argparse.Namespace) -> None:
         )
 
 
+def run_checkpoints(args: argparse.Namespace, run: str) -> list[Path]:
+    """Every checkpoint of the run: its chunks', whatever ``--chunk`` the workers split it
+    by, and any imported one (:func:`import_runs`)."""
+    paths = sorted((args.dir / run).glob("chunk*.jsonl"))
+    return [*paths, imported_path(args, run)] if imported_path(args, run).exists() else paths
+
+
 def merged_run(args: argparse.Namespace, run: str):
-    """The run's summary over its selected facts, from its chunk checkpoints and any imported
-    one (:func:`import_runs`); None before any checkpoint exists."""
+    """The run's summary over its selected facts, from its checkpoints
+    (:func:`run_checkpoints`); None before any checkpoint exists."""
     from lenscope.datasets import merge_checkpoints
 
-    paths = [
-        checkpoint_path(args, run, i)
-        for i in range(len(chunks(args, run)))
-        if checkpoint_path(args, run, i).exists()
-    ]
-    if imported_path(args, run).exists():
-        paths.append(imported_path(args, run))
+    paths = run_checkpoints(args, run)
     return merge_checkpoints(paths, selected(args, run)) if paths else None
 
 
 def status(args: argparse.Namespace) -> None:
-    """Facts done per run."""
+    """Facts done (traced or skipped) of each run's selected facts."""
+    from lenscope.datasets.checkpoint import Checkpoint
+
     for run in RUNS:
-        done = len(imported_ids(args, run))
-        total = done
-        for index, facts in enumerate(chunks(args, run)):
-            path = checkpoint_path(args, run, index)
-            total += len(facts)
-            if path.exists():
-                done += max(0, len(path.read_text().splitlines()) - 1)
-        print(f"{run:11s} {done:4d} / {total}")
+        wanted = {json.dumps(f["known_id"]) for f in selected(args, run)}
+        done = set()
+        for path in run_checkpoints(args, run):
+            done |= wanted & set(Checkpoint.read(path)[1])
+        print(f"{run:11s} {len(done):4d} / {len(wanted)}")
 
 
 def main(argv: list[str] | None = None) -> int:

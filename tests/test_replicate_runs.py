@@ -1,5 +1,6 @@
-"""Resuming the replication's runs on a new machine from the committed page data (slow:
-loads Gemma-3-270m in bfloat16, as the runs did; traces nothing)."""
+"""scripts/replicate_runs.py: reading a run back whatever its chunks, and resuming the
+replication's runs on a new machine from the committed page data (slow: loads Gemma-3-270m
+in bfloat16, as the runs did; traces nothing)."""
 
 import gzip
 import json
@@ -15,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import replicate_runs as rr  # noqa: E402
 
-pytestmark = pytest.mark.slow
 PAGE = ROOT / "docs" / "replication" / "gemma-3-270m"
 GEMMA = ["--model", "gemma-3-270m", "--facts", "300", "--order", "random"]
 DROPPED_RUN = "noise_seed1"
@@ -31,6 +31,50 @@ def loaded():
     return rr.load(rr.parse_args(["work", *GEMMA]))
 
 
+def test_a_run_reads_back_whole_whatever_chunk_size_its_workers_used(tmp_path, tiny_model, capsys):
+    """Workers split a run by ``--chunk``; the report and ``status`` must read every chunk
+    checkpoint, not the chunks of the reader's own ``--chunk`` (with the default 10 they
+    read the first 4 checkpoints of workers that split 10 facts by 2, and lost 6 facts)."""
+    from types import SimpleNamespace
+
+    from lenscope.datasets import merge_checkpoints
+    from lenscope.tracer import CausalTracer
+
+    facts = [
+        {"known_id": i, "prompt": prompt, "subject": subject, "attribute": attribute}
+        for i, (prompt, subject, attribute) in enumerate(
+            [
+                ("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Paris"),
+                ("Paris is the capital of", "Paris", "France"),
+                ("In the city of Big Ben and", "Big Ben", "London"),
+                ("The Space Needle is located in", "The Space Needle", "Seattle"),
+                ("The capital of France is Paris", "Paris", "France"),
+            ]
+            * 2
+        )
+    ]
+    (tmp_path / "known.json").write_text(json.dumps({"known": facts}))
+    (tmp_path / "noise").mkdir()
+    tracer = CausalTracer(tiny_model, progress=False)
+    for index in range(5):  # what workers with --chunk 2 leave
+        trace_dataset(
+            tracer,
+            facts[2 * index : 2 * index + 2],
+            samples=2,
+            checkpoint=tmp_path / "noise" / f"chunk{index:03d}.jsonl",
+            progress=False,
+        )
+    args = SimpleNamespace(dir=tmp_path, facts=1000, chunk=10, start=0, order="file")
+    merged = rr.merged_run(args, "noise")
+    paths = [tmp_path / "noise" / f"chunk{i:03d}.jsonl" for i in range(5)]
+    want = merge_checkpoints(paths, facts)
+    assert merged.n_facts == 10 and merged.n_pending == 0
+    assert [f.to_dict() for f in merged.facts] == [f.to_dict() for f in want.facts]
+    rr.status(args)
+    assert "noise 10 / 10" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
 def test_a_new_machine_resumes_every_run_from_the_committed_page(tmp_path, monkeypatch, loaded):
     """prepare --from keeps the committed known facts and pairs; import brings every
     committed fact and skip of every bfloat16 run, with the header a worker's checkpoint
