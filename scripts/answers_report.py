@@ -24,6 +24,7 @@ import argparse
 import gzip
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,7 +76,7 @@ def rome_multi_token(model: str) -> dict:
 def load_runs(args: argparse.Namespace) -> tuple[dict, dict]:
     """``{run: DatasetSummary}`` of both runs on the facts both finished under ``--dir``,
     and the metadata."""
-    options = SimpleNamespace(dir=args.dir, facts=1000, chunk=10, start=0)
+    options = SimpleNamespace(dir=args.dir, facts=1000)
     known = json.loads((args.dir / "known.json").read_text())
     if known["model"] != args.model:
         sys.exit(f"{args.dir} holds runs of {known['model']}, not --model {args.model}")
@@ -119,7 +120,8 @@ def comparable(runs: dict) -> tuple[dict, list]:
     left_out = [
         a for a, b in zip(top.facts, whole.facts, strict=True) if a.answer_id != b.answer_ids[0]
     ]
-    keep = [f.fact_id for f in top.facts if f not in left_out]
+    dropped = {f.fact_id for f in left_out}
+    keep = [f.fact_id for f in top.facts if f.fact_id not in dropped]
     return {run: summary.subset(keep) for run, summary in runs.items()}, left_out
 
 
@@ -173,13 +175,17 @@ def share_difference(top, whole, kind: str, b: int, layer: int) -> tuple[float, 
     return difference, CI_Z * float(influence.std()) / math.sqrt(n), n
 
 
+def direction(mean: float, half: float) -> str:
+    """``"smaller"``, ``"larger"`` or ``"the same"``: a paired difference by its 95% CI."""
+    return "smaller" if mean + half < 0 else "larger" if mean - half > 0 else "the same"
+
+
 def verdict(mean: float, half: float) -> str:
     """A paired share difference (whole attribute minus first token) in words."""
-    if mean + half < 0:
-        return f"smaller by {ci(-mean, half, 'prob')} (points)"
-    if mean - half > 0:
-        return f"larger by {ci(mean, half, 'prob')} (points)"
-    return f"the same within its CI ({ci(mean, half, 'prob')}, points)"
+    word = direction(mean, half)
+    if word == "the same":
+        return f"the same within its CI ({ci(mean, half, 'prob')}, points)"
+    return f"{word} by {ci(abs(mean), half, 'prob')} (points)"
 
 
 def rest_ratios(top, whole) -> tuple[tuple, tuple]:
@@ -212,12 +218,11 @@ def correlations(top, whole) -> dict:
     out = {}
     for kind in top.kinds:
         values = fact_pearson(top, whole, kind)
-        ordered = sorted(values)
-        middle = len(ordered) // 2
-        median = (
-            ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        out[kind] = (
+            sum(values) / len(values),
+            statistics.median(values),
+            sum(v < 0.9 for v in values),
         )
-        out[kind] = (sum(values) / len(values), median, sum(v < 0.9 for v in values))
     return out
 
 
@@ -468,6 +473,11 @@ def overview(models: dict) -> str:
     from lenscope.datasets import BUCKET_LABELS
 
     labels = [MODELS[model]["label"] for model in models]
+    compared = {model: comparable(runs)[0] for model, (runs, _) in models.items()}
+    differences = {
+        model: site_differences(runs["noise"], runs["noise_attribute"])
+        for model, runs in compared.items()
+    }
     lines = [
         f"# Scoring the whole answer on {COUNTS.get(len(models), len(models))} models",
         "",
@@ -478,7 +488,7 @@ def overview(models: dict) -> str:
     for model, (runs, meta) in models.items():
         lines.append(
             f"- [{MODELS[model]['label']}](answers/{model}.md): {weights(model, meta['dtype'])}; "
-            f"{comparable(runs)[0]['noise'].n_facts} facts."
+            f"{compared[model]['noise'].n_facts} facts."
         )
     lines += [
         "",
@@ -496,10 +506,10 @@ def overview(models: dict) -> str:
     def add(label: str, value: str) -> None:
         cells.setdefault(label, []).append(value)
 
-    for runs, meta in models.values():
+    for model, (saved, meta) in models.items():
         add(f"facts known by the whole attribute (of {meta['n_checked']})", str(meta["n_known"]))
-        add("of them with answers of several tokens, traced", str(runs["noise"].n_facts))
-        runs, _ = comparable(runs)
+        add("of them with answers of several tokens, traced", str(saved["noise"].n_facts))
+        runs = compared[model]
         top, whole = runs["noise"], runs["noise_attribute"]
         counts = answer_lengths(runs, meta)
         add("compared (the top-1 run's answer is the attribute's first token)", str(top.n_facts))
@@ -509,7 +519,7 @@ def overview(models: dict) -> str:
         rest_clean, rest_corrupted = rest_ratios(top, whole)
         add("later tokens given the first, clean", ci(*rest_clean[:2], "prob"))
         add("later tokens given the first, subject corrupted", ci(*rest_corrupted[:2], "prob"))
-        for (kind, bucket), (peaks, _, (mean, half, _)) in site_differences(top, whole).items():
+        for (kind, bucket), (peaks, _, (mean, half, _)) in differences[model].items():
             add(
                 f"share difference, {NAMES[kind]}, {BUCKET_LABELS[bucket]}",
                 f"layer {peaks[0]['layer']}: {ci(mean, half, 'prob')}",
@@ -519,7 +529,7 @@ def overview(models: dict) -> str:
             " / ".join(f"{c[0]:.3f}" for c in correlations(top, whole).values()),
         )
     lines += [row(label, *values) for label, values in cells.items()]
-    lines += ["", *site_verdicts(models)]
+    lines += ["", *site_verdicts(differences)]
     lines += [
         "",
         "## Reproduce",
@@ -531,20 +541,18 @@ def overview(models: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def site_verdicts(models: dict) -> list[str]:
-    """In words: at which sites the whole attribute's share of the ATE is smaller (by its
-    paired 95% CI) on every model, and how each other site differs per model."""
+def site_verdicts(differences: dict) -> list[str]:
+    """In words, from ``{model: site_differences(...)}``: at which sites the whole
+    attribute's share of the ATE is smaller (by its paired 95% CI) on every model, and how
+    each other site differs per model."""
     from lenscope.datasets import BUCKET_LABELS
 
     verdicts: dict[str, list[str]] = {}
     drops: dict[str, list[float]] = {"last_subject": [], "last": []}
-    for runs, _ in models.values():
-        runs, _ = comparable(runs)
-        for (kind, bucket), (_, _, (mean, half, _)) in site_differences(
-            runs["noise"], runs["noise_attribute"]
-        ).items():
-            word = "smaller" if mean + half < 0 else "larger" if mean - half > 0 else "the same"
-            verdicts.setdefault(f"{NAMES[kind]}, {BUCKET_LABELS[bucket]}", []).append(word)
+    for sites in differences.values():
+        for (kind, bucket), (_, _, (mean, half, _)) in sites.items():
+            site = f"{NAMES[kind]}, {BUCKET_LABELS[bucket]}"
+            verdicts.setdefault(site, []).append(direction(mean, half))
             drops[bucket].append(-mean)
     everywhere = [site for site, words in verdicts.items() if set(words) == {"smaller"}]
     lines = [
@@ -553,7 +561,7 @@ def site_verdicts(models: dict) -> list[str]:
         + (f"{len(everywhere)} of the {len(verdicts)} sites:" if everywhere else "no site."),
         *(f"- {site}" for site in everywhere),
     ]
-    labels = [MODELS[model]["label"] for model in models]
+    labels = [MODELS[model]["label"] for model in differences]
     for site, words in verdicts.items():
         if site not in everywhere:
             lines.append(

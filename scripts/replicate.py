@@ -153,8 +153,6 @@ def run_args(model: str, runs: Path) -> argparse.Namespace:
         model=model,
         facts=spec["facts"],
         order=spec["order"],
-        chunk=10,
-        start=0,
     )
 
 
